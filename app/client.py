@@ -1,0 +1,154 @@
+"""The daemons' client of pipeline-apid.
+
+Every transition is idempotent on the server, so a call whose answer was lost can simply be
+sent again; `PipelineClient` does that, backing off while the API or its database is down.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+log = logging.getLogger("pipeline-client")
+
+
+class ApiError(Exception):
+    """A 4xx answer: the request itself was refused (conflict, validation, unknown task)."""
+
+    def __init__(self, status: int, body: Any):
+        self.status, self.body = status, body
+        message = body.get("error") if isinstance(body, dict) else body
+        super().__init__(f"HTTP {status}: {message}")
+
+
+class ApiUnavailable(Exception):
+    """The API could not be reached before the caller gave up (or was asked to stop)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    filename: str
+    shard: int
+    attempts: int = 0
+    resumed: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.filename, self.shard
+
+
+class PipelineClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0,
+                 stop: threading.Event | None = None, max_wait: float | None = None):
+        """`max_wait`: give up after this many seconds of failures (None: until `stop` is set)."""
+        self.base = base_url.rstrip("/")
+        self.timeout = timeout
+        self.stop = stop
+        self.max_wait = max_wait
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def call(self, method: str, path: str, body: dict | None = None, params: dict | None = None,
+             max_wait: float | None = -1.0) -> Any:
+        max_wait = self.max_wait if max_wait == -1.0 else max_wait
+        deadline = None if max_wait is None else time.monotonic() + max_wait
+        delay = 0.1
+        while True:
+            try:
+                resp = self.session.request(method, self.base + path, json=body, params=params,
+                                            timeout=self.timeout)
+                if resp.status_code < 500:
+                    data = resp.json() if resp.content else None
+                    if resp.status_code >= 400:
+                        raise ApiError(resp.status_code, data)
+                    return data
+                problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise ApiUnavailable(f"{method} {path}: {problem}")
+            if self.stop is not None and self.stop.is_set() and max_wait is None:
+                raise ApiUnavailable(f"{method} {path}: {problem} (stopping)")
+            log.warning("pipeline-apid unavailable (%s); retrying in %.1fs", problem, delay)
+            if self.stop is not None:
+                self.stop.wait(delay)
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _transition(self, stage: str, action: str, filename: str, shard: int, **extra: Any) -> dict:
+        body = {"filename": filename, "shard": shard, **{k: v for k, v in extra.items() if v is not None}}
+        return self.call("POST", f"/stages/{stage}/{action}", body)
+
+    # -- the API -----------------------------------------------------------------------------------
+
+    def register(self, filename: str, shards: list[int] | None = None) -> dict:
+        body: dict[str, Any] = {"filename": filename}
+        if shards is not None:
+            body["shards"] = shards
+        return self.call("POST", "/files/register", body)
+
+    def ingest_done(self, filename: str, events: int | None = None, worker: str | None = None) -> dict:
+        body = {"filename": filename, "events": events, "worker": worker}
+        return self.call("POST", "/stages/event-ingest/done", {k: v for k, v in body.items() if v is not None})
+
+    def claim(self, stage: str, worker: str, limit: int = 1, shard: int | None = None) -> list[Task]:
+        body: dict[str, Any] = {"limit": limit, "worker": worker}
+        if shard is not None:
+            body["shard"] = shard
+        items = self.call("POST", f"/queues/{stage}/claim", body)["items"]
+        return [Task(i["filename"], i["shard"], i.get("attempts", 0), i.get("resumed", False)) for i in items]
+
+    def start(self, stage: str, filename: str, shard: int, worker: str | None = None) -> dict:
+        return self._transition(stage, "start", filename, shard, worker=worker)
+
+    def done(self, stage: str, filename: str, shard: int, worker: str | None = None,
+             events: int | None = None, stats: dict | None = None) -> dict:
+        return self._transition(stage, "done", filename, shard, worker=worker, events=events, stats=stats)
+
+    def fail(self, stage: str, filename: str, shard: int, error: str, worker: str | None = None,
+             stats: dict | None = None) -> dict:
+        return self._transition(stage, "fail", filename, shard, worker=worker, error=error, stats=stats)
+
+    def release(self, stage: str, filename: str, shard: int, worker: str, reason: str | None = None) -> dict:
+        return self._transition(stage, "release", filename, shard, worker=worker, error=reason)
+
+    def rewind(self, stage: str, filename: str, shard: int, worker: str, reason: str) -> dict:
+        return self._transition(stage, "rewind", filename, shard, worker=worker, error=reason)
+
+    def retry(self, stage: str, filename: str, shard: int) -> dict:
+        return self._transition(stage, "retry", filename, shard)
+
+    def retry_all(self, stage: str, shard: int | None = None) -> dict:
+        body: dict[str, Any] = {"all": True}
+        if shard is not None:
+            body["shard"] = shard
+        return self.call("POST", f"/stages/{stage}/retry", body)
+
+    def heartbeat(self, stage: str, filename: str, shard: int, worker: str) -> dict:
+        return self._transition(stage, "heartbeat", filename, shard, worker=worker)
+
+    def queue(self, stage: str, limit: int = 100, offset: int = 0, shard: int | None = None) -> dict:
+        params = {"limit": limit, "offset": offset, **({"shard": shard} if shard is not None else {})}
+        return self.call("GET", f"/queues/{stage}", params=params)
+
+    def tasks(self, stage: str, status: str, limit: int = 100, offset: int = 0, shard: int | None = None) -> dict:
+        params = {"status": status, "limit": limit, "offset": offset,
+                  **({"shard": shard} if shard is not None else {})}
+        return self.call("GET", f"/tasks/{stage}", params=params)
+
+    def file(self, filename: str) -> dict:
+        return self.call("GET", f"/files/{filename}")
+
+    def summary(self) -> dict:
+        return self.call("GET", "/metrics/summary")
+
+    def throughput(self, minutes: int = 15) -> dict:
+        return self.call("GET", "/metrics/throughput", params={"minutes": minutes})

@@ -1,0 +1,226 @@
+"""Every setting the services read, from environment variables, validated in one place.
+
+A malformed value stops the service at start with one line naming the variable
+(`ConfigError`), instead of failing later somewhere far from the cause.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import unquote, urlsplit
+
+STAGES = ("event-ingest", "shard-splitter", "shard-worker", "mysql-sender")
+
+
+class ConfigError(SystemExit):
+    """Raised for a bad setting; as a SystemExit it prints one line and exits 2."""
+
+    def __init__(self, variable: str, problem: str):
+        self.variable = variable
+        super().__init__(f"config error: {variable}: {problem}")
+        self.code = f"config error: {variable}: {problem}"
+
+
+@dataclass(frozen=True)
+class MySQLURL:
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+
+    @classmethod
+    def parse(cls, variable: str, url: str) -> "MySQLURL":
+        parts = urlsplit(url)
+        if parts.scheme not in ("mysql", "mariadb", "mysql+pymysql"):
+            raise ConfigError(variable, f"expected mysql://user:password@host:port/database, got {url!r}")
+        try:
+            port = parts.port or 3306
+        except ValueError:
+            raise ConfigError(variable, f"port is not a number in {url!r}") from None
+        database = parts.path.lstrip("/")
+        if not parts.hostname or not re.fullmatch(r"[0-9A-Za-z_$]{1,64}", database):
+            raise ConfigError(variable, f"needs a host and a database name (letters, digits, _), got {url!r}")
+        return cls(parts.hostname, port, unquote(parts.username or "root"),
+                   unquote(parts.password or ""), database)
+
+    def with_database(self, database: str) -> "MySQLURL":
+        return MySQLURL(self.host, self.port, self.user, self.password, database)
+
+    def __str__(self) -> str:
+        return f"mysql://{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be an integer, got {raw!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(name, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a number, got {raw!r}") from None
+    if value < lo or value != value:
+        raise ConfigError(name, f"must be at least {lo}, got {raw!r}")
+    return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(env: Mapping[str, str], name: str, default: float) -> float:
+    """Seconds, or a number with a unit: `30`, `30s`, `5m`, `12h`, `7d`."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    m = _DURATION.match(raw)
+    if not m:
+        raise ConfigError(name, f"must be a duration such as 30, 30s, 5m, 12h or 7d, got {raw!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"must be true or false, got {raw!r}")
+
+
+def _decimal(env: Mapping[str, str], name: str, default: str) -> Decimal:
+    raw = env.get(name) or default
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ConfigError(name, f"must be a decimal amount such as 1000.00, got {raw!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ConfigError(name, f"must be a non-negative amount, got {raw!r}")
+    return value.quantize(Decimal("0.01"))
+
+
+def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name) or default
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, f"must be an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Business-rule switches of the shard worker (see docs/business-rules.md)."""
+
+    dedup: bool = True
+    balance: bool = True
+    stock: bool = True
+    shop_active: bool = True
+    positive_price: bool = True
+    purchase_takes_stock: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    pipeline_db: MySQLURL
+    shard_count: int
+    shard_dbs: tuple[MySQLURL, ...]
+    shared_dir: Path
+    pipeline_url: str
+    api_host: str
+    api_port: int
+    api_token: str | None
+    api_workers: int
+    api_threads: int
+    lease_seconds: float
+    max_attempts: int
+    reap_interval: float
+    poll_min: float
+    poll_max: float
+    claim_limit: int
+    ingest_interval: float
+    events_per_file: int
+    dedup_window: float
+    opening_balance: Decimal
+    hold_seconds: float
+    hold_wall_cap: float
+    rules: Rules = field(default_factory=Rules)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        shard_count = _int(env, "SHARD_COUNT", 2, 1, 64)
+        pipeline_db = MySQLURL.parse(
+            "MYSQL_PIPELINE_URL", env.get("MYSQL_PIPELINE_URL") or "mysql://root:@127.0.0.1:3306/pipeline_db")
+        shard_dbs = tuple(
+            MySQLURL.parse(f"MYSQL_SHARD_{n}_URL",
+                           env.get(f"MYSQL_SHARD_{n}_URL") or f"mysql://root:@127.0.0.1:3306/shop_shard_{n}")
+            for n in range(shard_count))
+        lease = _duration(env, "LEASE_SECONDS", 60.0)
+        poll_min = _duration(env, "POLL_MIN_SECONDS", 0.02)
+        poll_max = _duration(env, "POLL_MAX_SECONDS", 0.2)
+        if poll_max < poll_min:
+            raise ConfigError("POLL_MAX_SECONDS", f"must be at least POLL_MIN_SECONDS ({poll_min})")
+        return cls(
+            pipeline_db=pipeline_db,
+            shard_count=shard_count,
+            shard_dbs=shard_dbs,
+            shared_dir=Path(env.get("SHARED_DIR") or "/shared"),
+            pipeline_url=_http_url(env, "PIPELINE_URL", "http://127.0.0.1:8082/api/v1/pipeline"),
+            api_host=env.get("PIPELINE_API_HOST") or "127.0.0.1",
+            api_port=_int(env, "PIPELINE_API_PORT", 8082, 0, 65535),
+            api_token=env.get("PIPELINE_API_TOKEN") or None,
+            api_workers=_int(env, "API_WORKERS", 2, 1, 64),
+            api_threads=_int(env, "API_THREADS", 4, 1, 256),
+            lease_seconds=lease if lease > 0 else 60.0,
+            max_attempts=_int(env, "MAX_ATTEMPTS", 5, 1, 1000),
+            reap_interval=_duration(env, "REAP_INTERVAL", 5.0),
+            poll_min=poll_min,
+            poll_max=poll_max,
+            claim_limit=_int(env, "CLAIM_LIMIT", 4, 1, 1000),
+            ingest_interval=_duration(env, "INGEST_INTERVAL", 10.0),
+            events_per_file=_int(env, "EVENTS_PER_FILE", 500, 1, 10_000_000),
+            dedup_window=_duration(env, "DEDUP_WINDOW", 7 * 86400.0),
+            opening_balance=_decimal(env, "OPENING_BALANCE", "1000.00"),
+            hold_seconds=_duration(env, "HOLD_SECONDS", 30.0),
+            hold_wall_cap=_duration(env, "HOLD_WALL_CAP_SECONDS", 120.0),
+            rules=Rules(
+                dedup=_bool(env, "RULE_DEDUP", True),
+                balance=_bool(env, "RULE_BALANCE", True),
+                stock=_bool(env, "RULE_STOCK", True),
+                shop_active=_bool(env, "RULE_SHOP_ACTIVE", True),
+                positive_price=_bool(env, "RULE_POSITIVE_PRICE", True),
+                purchase_takes_stock=_bool(env, "PURCHASE_TAKES_STOCK", False),
+            ),
+        )
+
+
+def shard_arg(env: Mapping[str, str] | None, argv_shard: int | None, shard_count: int) -> int:
+    """The shard of a per-shard daemon: `--shard N` wins over `SHARD_ID`."""
+    env = os.environ if env is None else env
+    if argv_shard is None:
+        if not env.get("SHARD_ID"):
+            raise ConfigError("SHARD_ID", "a per-shard service needs --shard N or SHARD_ID")
+        argv_shard = _int(env, "SHARD_ID", 0)
+    if not 0 <= argv_shard < shard_count:
+        raise ConfigError("SHARD_ID", f"must be in [0, {shard_count}), got {argv_shard}")
+    return argv_shard

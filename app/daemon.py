@@ -1,0 +1,298 @@
+"""The loop every stage daemon runs: claim, work, report, heartbeat, clean up.
+
+A stage supplies only what differs (`Stage.process`); this module owns polling with backoff,
+leases, signals and the promise that a stopped daemon leaves no task `started` and its folder
+empty.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import TMP_MARK
+from .client import ApiError, ApiUnavailable, PipelineClient, Task
+from .config import Settings
+from .logs import ACTIVITY_LOG, setup_logging
+
+
+class StopRequested(Exception):
+    """Raised inside `process` when the daemon is asked to stop: the task is handed back."""
+
+
+class InputMissing(Exception):
+    """The stage's input file is gone: send the task back to the stage that produces it."""
+
+
+class TaskFailed(Exception):
+    """The task cannot succeed as it is (bad input, wrong shard): mark it failed with the reason."""
+
+
+class Retryable(Exception):
+    """A passing outside fault (a database down): hand the task back and back off."""
+
+
+@dataclass
+class Done:
+    events: int | None = None
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Failed:
+    reason: str
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Rewind:
+    reason: str
+
+
+Outcome = Done | Failed | Rewind
+
+
+class Context:
+    """What `process` may ask of the loop."""
+
+    def __init__(self, stop: threading.Event, log: logging.Logger):
+        self._stop = stop
+        self.log = log
+
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def check(self) -> None:
+        if self._stop.is_set():
+            raise StopRequested()
+
+
+class Stage(ABC):
+    """One stage's part. `process` gets tasks of one group and returns an outcome per task
+    (same order), or raises one of the exceptions above for the whole group."""
+
+    name: str            # the tracking stage, e.g. "shard-worker"
+    service: str         # the process name, e.g. "shard-worker-0"
+    shard: int | None    # claim only this shard's tasks
+    folder: Path         # this daemon's own folder, emptied when it stops
+    claim_limit: int = 4
+
+    def group(self, tasks: list[Task]) -> list[list[Task]]:
+        return [[t] for t in tasks]
+
+    def setup(self, ctx: Context) -> None:
+        """Called once before the loop (open connections, apply DDL)."""
+
+    def teardown(self) -> None:
+        """Called once after the loop."""
+
+    @abstractmethod
+    def process(self, tasks: list[Task], ctx: Context) -> list[Outcome]:
+        ...
+
+
+def worker_id(service: str) -> str:
+    """Stable across restarts on one host, so a restarted daemon gets its own tasks back."""
+    return os.environ.get("WORKER_ID") or f"{socket.gethostname()}/{service}"
+
+
+def _written_by_live_other(path: Path) -> bool:
+    """A temporary file another running replica is still writing (`*.tmp-<pid>`)."""
+    if TMP_MARK not in path.name:
+        return False
+    try:
+        pid = int(path.name.rsplit(TMP_MARK, 1)[1])
+        if pid == os.getpid():
+            return False
+        os.kill(pid, 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def empty_folder(folder: Path) -> None:
+    """Remove everything in `folder` but the activity log and another live replica's
+    unfinished temporary files."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name == ACTIVITY_LOG or _written_by_live_other(entry):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+class Daemon:
+    def __init__(self, stage: Stage, settings: Settings, client: PipelineClient | None = None,
+                 worker: str | None = None):
+        self.stage = stage
+        self.settings = settings
+        self.stop = threading.Event()
+        self.worker = worker or worker_id(stage.service)
+        self.client = client or PipelineClient(settings.pipeline_url, settings.api_token, stop=self.stop)
+        self.log = logging.getLogger(stage.service)
+        self.held: dict[tuple[str, int], Task] = {}
+        self._held_lock = threading.Lock()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        def on_signal(signum, _frame):
+            self.log.info("%s received: finishing or handing back the current task",
+                          signal.Signals(signum).name)
+            self.stop.set()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def run(self) -> None:
+        stage = self.stage
+        stage.folder.mkdir(parents=True, exist_ok=True)
+        empty_folder(stage.folder)  # what a killed predecessor left is not trusted
+        ctx = Context(self.stop, self.log)
+        self.log.info("%s starting as %r (shard %s)", stage.service, self.worker, stage.shard)
+        heart = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        heart.start()
+        try:
+            stage.setup(ctx)
+            self._loop(ctx)
+        finally:
+            self._release_all("daemon stopping")
+            try:
+                stage.teardown()
+            finally:
+                empty_folder(stage.folder)
+                self.log.info("%s stopped; %s emptied", stage.service, stage.folder)
+
+    def _loop(self, ctx: Context) -> None:
+        s = self.settings
+        idle = s.poll_min
+        backoff = 0.0
+        while not self.stop.is_set():
+            try:
+                tasks = self.client.claim(self.stage.name, self.worker, self.stage.claim_limit, self.stage.shard)
+            except ApiUnavailable:
+                continue
+            except ApiError as exc:
+                self.log.error("claim refused: %s", exc)
+                self.stop.wait(s.poll_max)
+                continue
+            if not tasks:
+                self.stop.wait(idle)
+                idle = min(idle * 2, s.poll_max)
+                continue
+            idle = s.poll_min
+            with self._held_lock:
+                self.held.update({t.key: t for t in tasks})
+            for group in self.stage.group(tasks):
+                if self.stop.is_set():
+                    break
+                if self._work(group, ctx):
+                    backoff = 0.0
+                else:
+                    backoff = min(max(backoff * 2, 0.5), 30.0)
+                    self.log.warning("backing off %.1fs before the next claim", backoff)
+                    self._release_all("outside fault; backing off")
+                    self.stop.wait(backoff)
+                    break
+
+    def _work(self, group: list[Task], ctx: Context) -> bool:
+        """Process one group and report each task; False when the stage asked to back off."""
+        names = ", ".join(f"{t.filename}/{t.shard}" for t in group)
+        started = time.monotonic()
+        try:
+            outcomes = self.stage.process(group, ctx)
+        except StopRequested:
+            self._release(group, "daemon stopping")
+            return True
+        except InputMissing as exc:
+            outcomes = [Rewind(str(exc))] * len(group)
+        except TaskFailed as exc:
+            outcomes = [Failed(str(exc))] * len(group)
+        except Retryable as exc:
+            self.log.warning("%s: %s", names, exc)
+            self._release(group, f"retryable: {exc}")
+            return False
+        except Exception as exc:
+            self.log.error("%s failed unexpectedly:\n%s", names, traceback.format_exc())
+            outcomes = [Failed(f"{type(exc).__name__}: {exc}")] * len(group)
+        for task, outcome in zip(group, outcomes):
+            self._report(task, outcome, time.monotonic() - started)
+        return True
+
+    def _report(self, task: Task, outcome: Outcome, seconds: float) -> None:
+        c, stage = self.client, self.stage.name
+        try:
+            if isinstance(outcome, Done):
+                c.done(stage, task.filename, task.shard, self.worker, outcome.events, outcome.stats or None)
+                self.log.info("done %s shard %s in %.3fs: %s", task.filename, task.shard, seconds,
+                              outcome.stats or outcome.events)
+            elif isinstance(outcome, Failed):
+                c.fail(stage, task.filename, task.shard, outcome.reason, self.worker, outcome.stats or None)
+                self.log.error("failed %s shard %s: %s", task.filename, task.shard, outcome.reason)
+            else:
+                result = c.rewind(stage, task.filename, task.shard, self.worker, outcome.reason)
+                self.log.warning("input of %s shard %s missing (%s): sent back to %s", task.filename,
+                                 task.shard, outcome.reason, result.get("rewound_to") or result.get("status"))
+        except ApiError as exc:
+            # The lease was lost (reaped and maybe taken by another worker): our result is void.
+            self.log.error("could not report %s shard %s: %s", task.filename, task.shard, exc)
+        except ApiUnavailable as exc:
+            self.log.error("could not report %s shard %s (stopping): %s", task.filename, task.shard, exc)
+            return  # still held: the lease expires and the reaper hands it back
+        with self._held_lock:
+            self.held.pop(task.key, None)
+
+    def _release(self, tasks: list[Task], reason: str) -> None:
+        for task in tasks:
+            try:
+                self.client.call("POST", f"/stages/{self.stage.name}/release",
+                                 {"filename": task.filename, "shard": task.shard, "worker": self.worker,
+                                  "error": reason}, max_wait=10.0)
+            except ApiError as exc:
+                self.log.warning("release of %s shard %s refused: %s", task.filename, task.shard, exc)
+            except ApiUnavailable as exc:
+                self.log.error("could not hand back %s shard %s: %s (its lease will expire)",
+                               task.filename, task.shard, exc)
+                continue
+            with self._held_lock:
+                self.held.pop(task.key, None)
+
+    def _release_all(self, reason: str) -> None:
+        with self._held_lock:
+            tasks = list(self.held.values())
+        if tasks:
+            self._release(tasks, reason)
+
+    def _heartbeats(self) -> None:
+        interval = max(self.settings.lease_seconds / 3, 0.2)
+        client = PipelineClient(self.settings.pipeline_url, self.settings.api_token, max_wait=interval)
+        while not self.stop.wait(interval):
+            with self._held_lock:
+                tasks = list(self.held.values())
+            for task in tasks:
+                try:
+                    client.heartbeat(self.stage.name, task.filename, task.shard, self.worker)
+                except ApiError as exc:
+                    self.log.warning("lease of %s shard %s lost: %s", task.filename, task.shard, exc)
+                except ApiUnavailable:
+                    pass
+
+
+def run_stage(stage: Stage, settings: Settings) -> None:
+    """Entry point of a stage daemon: logging, signals, the loop."""
+    setup_logging(stage.service, stage.folder)
+    daemon = Daemon(stage, settings)
+    daemon.install_signals()
+    daemon.run()
