@@ -214,6 +214,42 @@ class Settings:
         )
 
 
+@dataclass(frozen=True)
+class Supervision:
+    """How supervisord runs the process group (app/supervise.py, app/local_run.py)."""
+
+    run_dir: Path         # rendered supervisord.conf, its unix socket, pid file and log
+    exit_on_fatal: bool   # a program gone FATAL ends supervisord non-zero (containers)
+    stop_wait: int        # stopwaitsecs: a stop that takes longer is a SIGKILL
+    start_secs: int       # a program must stay up this long to count as started
+    start_retries: int    # failed starts before a program is FATAL
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "supervisor.sock"
+
+    @property
+    def config_file(self) -> Path:
+        return self.run_dir / "supervisord.conf"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Supervision":
+        env = os.environ if env is None else env
+        return cls(
+            run_dir=Path(env.get("PIPELINE_RUN_DIR") or "/tmp/event-pipeline").absolute(),
+            exit_on_fatal=_bool(env, "PIPELINE_EXIT_ON_FATAL", False),
+            stop_wait=_int(env, "STOP_WAIT_SECONDS", 30, 1, 3600),
+            start_secs=_int(env, "SUPERVISOR_STARTSECS", 3, 0, 600),
+            start_retries=_int(env, "SUPERVISOR_STARTRETRIES", 3, 0, 100),
+        )
+
+
+def database_urls_configured(env: Mapping[str, str] | None = None) -> bool:
+    """Whether any MYSQL_*_URL is set: if none is, a local run starts its own MariaDB."""
+    env = os.environ if env is None else env
+    return any(env.get(k) for k in env if k == "MYSQL_PIPELINE_URL" or re.fullmatch(r"MYSQL_SHARD_\d+_URL", k))
+
+
 def shard_arg(env: Mapping[str, str] | None, argv_shard: int | None, shard_count: int) -> int:
     """The shard of a per-shard daemon: `--shard N` wins over `SHARD_ID`."""
     env = os.environ if env is None else env
