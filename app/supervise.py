@@ -1,0 +1,74 @@
+"""supervisord for the whole process group, its config rendered from SHARD_COUNT.
+
+`python -m app.supervise` renders `supervisord.conf.template` into $PIPELINE_RUN_DIR and runs
+supervisord's own main loop in this process, in the foreground. It is the container's
+entrypoint, what `bin/pipeline start` launches and what the tests start, so all three run the
+same config. Running supervisord in-process (not exec) is what lets a FATAL program end it with
+a non-zero exit: supervisord itself always exits 0 after a shutdown.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from string import Template
+
+from .config import Settings, Supervision
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "supervisord.conf.template"
+FATAL_MARKER = "fatal"
+_SECTION = re.compile(r"^\[(?P<name>[^\]]+)\]", re.M)
+
+
+def render(settings: Settings, sup: Supervision, python: str | None = None) -> str:
+    """The config text: sections naming ${shard} once per shard, every placeholder filled."""
+    text = TEMPLATE.read_text()
+    values = {"python": python or sys.executable, "root": str(ROOT), "run_dir": str(sup.run_dir),
+              "stop_wait": str(sup.stop_wait), "start_secs": str(sup.start_secs),
+              "start_retries": str(sup.start_retries)}
+    starts = [m.start() for m in _SECTION.finditer(text)]
+    blocks = [text[:starts[0]]] + [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+    out = []
+    for block in blocks:
+        header = _SECTION.match(block)
+        if header and "${shard}" in header.group("name"):
+            out.extend(Template(block).substitute(values, shard=n) for n in range(settings.shard_count))
+        else:
+            out.append(Template(block).substitute(values))
+    return "".join(out)
+
+
+def program_names(shard_count: int) -> list[str]:
+    """Every program of the group, as supervisorctl names them, in start order."""
+    return (["pipeline-apid"] + [f"mysql-sender-{n}" for n in range(shard_count)]
+            + [f"shard-worker-{n}" for n in range(shard_count)] + ["shard-splitter", "event-ingest"])
+
+
+def write_config(settings: Settings, sup: Supervision) -> Path:
+    sup.run_dir.mkdir(parents=True, exist_ok=True)
+    target = sup.config_file
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(render(settings, sup))
+    tmp.replace(target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    from supervisor import supervisord
+
+    settings = Settings.from_env()  # a bad setting stops here, once, not in every program
+    sup = Supervision.from_env()
+    config = write_config(settings, sup)
+    marker = sup.run_dir / FATAL_MARKER
+    marker.unlink(missing_ok=True)
+    supervisord.main(["-n", "-c", str(config), *(argv or [])])
+    if marker.exists():
+        print(f"supervisord stopped because a program is FATAL: {marker.read_text().strip()}",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
