@@ -164,8 +164,9 @@ class Settings:
     hold_seconds: float
     hold_wall_cap: float
     rules: Rules = field(default_factory=Rules)
-    # supervisord's XML-RPC unix socket, for the monitor's process panel.
-    supervisor_socket: str = "./var/supervisor.sock"
+    # supervisord's XML-RPC unix socket, for the monitor's process panel (default: the one
+    # Supervision renders into supervisord.conf).
+    supervisor_socket: str = "/tmp/event-pipeline/supervisor.sock"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -213,7 +214,7 @@ class Settings:
                 positive_price=_bool(env, "RULE_POSITIVE_PRICE", True),
                 purchase_takes_stock=_bool(env, "PURCHASE_TAKES_STOCK", False),
             ),
-            supervisor_socket=env.get("SUPERVISOR_SOCKET") or "./var/supervisor.sock",
+            supervisor_socket=env.get("SUPERVISOR_SOCKET") or str(Supervision.from_env(env).socket),
         )
 
 
