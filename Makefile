@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run stop test bench
+.PHONY: install run stop status test bench
 
 install: $(VENV)/.installed
 
@@ -12,8 +12,15 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
+# run/stop/status: the whole process group in the background (app/local_run.py, docs/operations.md).
 run: install
-	$(PY) -m app.apid
+	VENV=$(VENV) bin/pipeline start
+
+stop:
+	VENV=$(VENV) bin/pipeline stop
+
+status:
+	VENV=$(VENV) bin/pipeline status
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,291 @@
+"""The local run behind `bin/pipeline` / `make run`: start, stop, status, ctl, monitor.
+
+`start` brings up, in the background, everything a fresh checkout needs: the private MariaDB
+(when no MYSQL_*_URL is set) with the pipeline and shard databases, then `python -m
+app.supervise` with all programs, and waits until every program is RUNNING. Everything it owns
+lives under ./var: var/mariadb (database), var/shared (SHARED_DIR unless set), var/run
+(rendered config, supervisorctl socket, pipeline.env) and var/log/pipeline.log (all output).
+`stop` ends supervisord (each program hands back its work), then the private MariaDB, and makes
+sure no process of the run is left.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from contextlib import contextmanager
+from pathlib import Path
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from . import db
+from .config import ConfigError, Settings, Supervision, database_urls_configured
+from .embedded_mariadb import INSTALL_HINT, EmbeddedMariaDB, pid_alive
+from .supervise import ROOT, program_names
+
+VAR = ROOT / "var"
+LOG = VAR / "log" / "pipeline.log"
+ENV_FILE = "pipeline.env"
+START_TIMEOUT = 90.0
+
+
+def local_env() -> dict[str, str]:
+    """The environment of the run: the caller's, with the project's folders as defaults."""
+    env = dict(os.environ)
+    env.setdefault("SHARED_DIR", str(VAR / "shared"))
+    env.setdefault("PIPELINE_RUN_DIR", str(VAR / "run"))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def rpc(sup: Supervision) -> xmlrpc.client.ServerProxy:
+    transport = SupervisorTransport(None, None, f"unix://{sup.socket}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
+def running_pid(sup: Supervision) -> int | None:
+    """supervisord's pid when it answers on the run's socket."""
+    if not sup.socket.exists():
+        return None
+    try:
+        return int(rpc(sup).supervisor.getPID())
+    except (OSError, xmlrpc.client.Error):
+        return None
+
+
+def process_infos(sup: Supervision) -> list[dict]:
+    try:
+        return rpc(sup).supervisor.getAllProcessInfo()
+    except (OSError, xmlrpc.client.Error):
+        return []
+
+
+@contextmanager
+def run_lock(sup: Supervision):
+    """One start or stop at a time."""
+    sup.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(sup.run_dir / "lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _write_env_file(sup: Supervision, env: dict[str, str], settings: Settings) -> Path:
+    """What a shell or the dashboard needs to talk to this run (`bin/pipeline monitor` reads it)."""
+    keys = ["SHARD_COUNT", "MYSQL_PIPELINE_URL", *[f"MYSQL_SHARD_{n}_URL" for n in range(settings.shard_count)],
+            "SHARED_DIR", "PIPELINE_URL", "PIPELINE_API_TOKEN", "PIPELINE_RUN_DIR"]
+    path = sup.run_dir / ENV_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        for key in keys:
+            if env.get(key):
+                out.write(f"{key}={env[key]}\n")
+    return path
+
+
+def _wait_all_running(sup: Supervision, proc: subprocess.Popen, expected: list[str]) -> str | None:
+    """None once every program is RUNNING, else what went wrong."""
+    deadline = time.monotonic() + START_TIMEOUT + sup.start_secs
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"supervisord exited with status {proc.returncode}"
+        states = {i["name"]: i["statename"] for i in process_infos(sup)}
+        fatal = sorted(n for n, s in states.items() if s == "FATAL")
+        if fatal:
+            return f"program(s) {', '.join(fatal)} keep crashing (FATAL)"
+        if states and all(states.get(n) == "RUNNING" for n in expected):
+            return None
+        time.sleep(0.2)
+    waiting = sorted(n for n in expected if states.get(n) != "RUNNING")
+    return f"not RUNNING after {START_TIMEOUT:.0f}s: {', '.join(waiting) or 'supervisord socket'}"
+
+
+def start() -> int:
+    env = local_env()
+    try:
+        sup = Supervision.from_env(env)
+    except ConfigError as exc:
+        print(exc.code, file=sys.stderr)
+        return 2
+    with run_lock(sup):
+        pid = running_pid(sup)
+        if pid:
+            print(f"the pipeline is already running (supervisord pid {pid}); "
+                  f"`bin/pipeline status` shows it, `make stop` stops it")
+            return 0
+        mariadb = None
+        if not database_urls_configured(env):
+            mariadb = EmbeddedMariaDB(VAR / "mariadb")
+            if not mariadb.available:
+                print(INSTALL_HINT, file=sys.stderr)
+                return 1
+        try:
+            shard_count = Settings.from_env(env).shard_count
+            if mariadb:
+                mariadb.start()
+                env["MYSQL_PIPELINE_URL"] = _url_text(mariadb.url("pipeline_db"))
+                for n in range(shard_count):
+                    env[f"MYSQL_SHARD_{n}_URL"] = _url_text(mariadb.url(f"shop_shard_{n}"))
+            settings = Settings.from_env(env)
+            if mariadb:
+                for url in (settings.pipeline_db, *settings.shard_dbs):
+                    db.ensure_database(url)
+        except ConfigError as exc:
+            print(exc.code, file=sys.stderr)
+            return 2
+        except (RuntimeError, *db.UNAVAILABLE) as exc:
+            print(f"could not start the private MariaDB: {exc}", file=sys.stderr)
+            if mariadb:
+                mariadb.stop()
+            return 1
+        Path(env["SHARED_DIR"]).mkdir(parents=True, exist_ok=True)
+        env_file = _write_env_file(sup, env, settings)
+        LOG.parent.mkdir(parents=True, exist_ok=True)
+        with open(LOG, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "app.supervise"], cwd=ROOT, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        problem = _wait_all_running(sup, proc, program_names(settings.shard_count))
+        if problem:
+            print(f"the pipeline did not come up: {problem}\n--- last lines of {_rel(LOG)} ---\n"
+                  f"{_tail(LOG)}\n---", file=sys.stderr)
+            _stop_locked(sup, quiet=True)
+            return 1
+    if mariadb:
+        databases = f"private MariaDB on 127.0.0.1:{mariadb.port} (data in {_rel(mariadb.datadir)})"
+    else:
+        databases = f"{settings.pipeline_db} and {len(settings.shard_dbs)} shard server(s)"
+    print(f"""event pipeline running: {settings.shard_count} shards, supervisord pid {proc.pid}
+  API        {settings.pipeline_url}
+  databases  {databases}
+  files      {_rel(settings.shared_dir)}
+  dashboard  bin/pipeline monitor   (= python -m monitor with the settings in {_rel(env_file)})
+  status     bin/pipeline status    (control: bin/pipeline ctl stop|start|restart <program>)
+  logs       tail -f {_rel(LOG)}   (per daemon: {_rel(settings.shared_dir)}/<service>/activity.log)
+  stop       make stop              (or bin/pipeline stop)""")
+    return 0
+
+
+def _url_text(url) -> str:
+    return f"mysql://{url.user}:{url.password}@{url.host}:{url.port}/{url.database}"
+
+
+def _stop_locked(sup: Supervision, quiet: bool = False) -> list[str]:
+    """Stop supervisord and its programs, then the private MariaDB; what was stopped."""
+    stopped = []
+    sup_pid = running_pid(sup)
+    child_pids = [int(i["pid"]) for i in process_infos(sup) if i.get("pid")]
+    if sup_pid:
+        n_programs = len(child_pids) + 1
+        try:
+            rpc(sup).supervisor.shutdown()
+        except (OSError, xmlrpc.client.Error):
+            os.kill(sup_pid, signal.SIGTERM)
+        deadline = time.monotonic() + sup.stop_wait * n_programs + 10
+        while pid_alive(sup_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(sup_pid):
+            print(f"supervisord (pid {sup_pid}) did not stop in time: killing it", file=sys.stderr)
+            os.kill(sup_pid, signal.SIGKILL)
+        stopped.append(f"supervisord (pid {sup_pid}) and {len(child_pids)} program(s)")
+    for pid in child_pids:
+        if pid_alive(pid):
+            print(f"program pid {pid} outlived supervisord: killing its process group", file=sys.stderr)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    mariadb = EmbeddedMariaDB(VAR / "mariadb")
+    if mariadb.stop():
+        stopped.append(f"private MariaDB (port {mariadb.port})")
+    if not quiet:
+        print("stopped: " + ", ".join(stopped) if stopped else "the pipeline was not running")
+    return stopped
+
+
+def stop() -> int:
+    sup = Supervision.from_env(local_env())
+    with run_lock(sup):
+        _stop_locked(sup)
+    return 0
+
+
+def status() -> int:
+    sup = Supervision.from_env(local_env())
+    mariadb = EmbeddedMariaDB(VAR / "mariadb")
+    db_line = (f"private MariaDB: running on 127.0.0.1:{mariadb.port} (pid {mariadb.pid()})" if mariadb.pid()
+               else "private MariaDB: not running")
+    pid = running_pid(sup)
+    if not pid:
+        print(f"the pipeline is not running\n{db_line}")
+        return 3
+    print(f"supervisord pid {pid} ({sup.config_file})")
+    for info in process_infos(sup):
+        print(f"  {info['name']:<20} {info['statename']:<9} {info['description']}")
+    print(db_line)
+    return 0
+
+
+def ctl(args: list[str]) -> int:
+    sup = Supervision.from_env(local_env())
+    supervisorctl = str(Path(sys.executable).parent / "supervisorctl")
+    os.execv(supervisorctl, [supervisorctl, "-c", str(sup.config_file), *args])
+    return 1  # not reached
+
+
+def monitor(args: list[str]) -> int:
+    env = local_env()
+    sup = Supervision.from_env(env)
+    env_file = sup.run_dir / ENV_FILE
+    if env_file.exists():
+        for line in env_file.read_text().splitlines():
+            key, _, value = line.partition("=")
+            env[key] = value
+    os.execve(sys.executable, [sys.executable, "-m", "monitor", *args], env)
+    return 1  # not reached
+
+
+USAGE = """usage: bin/pipeline start|stop|status|monitor|ctl <supervisorctl arguments>
+  start    create what is missing (private MariaDB, databases) and start every program
+  stop     stop every program (each hands back its work), supervisord and the private MariaDB
+  status   each program's state
+  monitor  the dashboard (python -m monitor) pointed at this run
+  ctl      supervisorctl on this run, e.g. `bin/pipeline ctl restart shard-worker-0`"""
+
+
+def main(argv: list[str]) -> int:
+    command, args = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "start":
+        return start()
+    if command == "stop":
+        return stop()
+    if command == "status":
+        return status()
+    if command == "ctl":
+        return ctl(args)
+    if command == "monitor":
+        return monitor(args)
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
