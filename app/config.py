@@ -137,6 +137,7 @@ class Rules:
     shop_active: bool = True
     positive_price: bool = True
     purchase_takes_stock: bool = False
+    refund_limit: bool = True
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,8 @@ class Settings:
     # supervisord's XML-RPC unix socket, for the monitor's process panel (default: the one
     # Supervision renders into supervisord.conf).
     supervisor_socket: str = "/tmp/event-pipeline/supervisor.sock"
+    # Lines the shard worker decides per transaction (its state and decisions commit together).
+    worker_batch_lines: int = 4000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -213,7 +216,9 @@ class Settings:
                 shop_active=_bool(env, "RULE_SHOP_ACTIVE", True),
                 positive_price=_bool(env, "RULE_POSITIVE_PRICE", True),
                 purchase_takes_stock=_bool(env, "PURCHASE_TAKES_STOCK", False),
+                refund_limit=_bool(env, "RULE_REFUND_LIMIT", True),
             ),
+            worker_batch_lines=_int(env, "WORKER_BATCH_LINES", 4000, 1, 100_000),
             supervisor_socket=env.get("SUPERVISOR_SOCKET") or str(Supervision.from_env(env).socket),
         )
 
