@@ -94,6 +94,9 @@ class Stage(ABC):
     def teardown(self) -> None:
         """Called once after the loop."""
 
+    def idle(self, ctx: Context) -> None:
+        """Called when a claim found no work (time-based upkeep: expiring, pruning)."""
+
     @abstractmethod
     def process(self, tasks: list[Task], ctx: Context) -> list[Outcome]:
         ...
@@ -189,6 +192,7 @@ class Daemon:
                 self.stop.wait(s.poll_max)
                 continue
             if not tasks:
+                self.stage.idle(ctx)
                 self.stop.wait(idle)
                 idle = min(idle * 2, s.poll_max)
                 continue
