@@ -232,6 +232,8 @@ class Supervision:
     stop_wait: int        # stopwaitsecs: a stop that takes longer is a SIGKILL
     start_secs: int       # a program must stay up this long to count as started
     start_retries: int    # failed starts before a program is FATAL
+    splitter_replicas: int = 1  # shard-splitter processes (claims are atomic: any number is safe)
+    sender_replicas: int = 1    # mysql-sender processes per shard (loads are exactly-once)
 
     @property
     def socket(self) -> Path:
@@ -250,6 +252,8 @@ class Supervision:
             stop_wait=_int(env, "STOP_WAIT_SECONDS", 30, 1, 3600),
             start_secs=_int(env, "SUPERVISOR_STARTSECS", 3, 0, 600),
             start_retries=_int(env, "SUPERVISOR_STARTRETRIES", 3, 0, 100),
+            splitter_replicas=_int(env, "SPLITTER_REPLICAS", 1, 1, 32),
+            sender_replicas=_int(env, "SENDER_REPLICAS", 1, 1, 32),
         )
 
 

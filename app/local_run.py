@@ -163,7 +163,7 @@ def start() -> int:
             proc = subprocess.Popen([sys.executable, "-m", "app.supervise"], cwd=ROOT, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        problem = _wait_all_running(sup, proc, program_names(settings.shard_count))
+        problem = _wait_all_running(sup, proc, program_names(settings.shard_count, sup))
         if problem:
             print(f"the pipeline did not come up: {problem}\n--- last lines of {_rel(LOG)} ---\n"
                   f"{_tail(LOG)}\n---", file=sys.stderr)

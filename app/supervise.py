@@ -8,6 +8,7 @@ a non-zero exit: supervisord itself always exits 0 after a shutdown.
 """
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -21,28 +22,38 @@ FATAL_MARKER = "fatal"
 _SECTION = re.compile(r"^\[(?P<name>[^\]]+)\]", re.M)
 
 
+def _replica_suffixes(count: int) -> list[str]:
+    return [""] + [f"-r{n}" for n in range(2, count + 1)]
+
+
 def render(settings: Settings, sup: Supervision, python: str | None = None) -> str:
-    """The config text: sections naming ${shard} once per shard, every placeholder filled."""
+    """The config text: a section naming ${shard} or a replica placeholder once per value,
+    every placeholder filled."""
     text = TEMPLATE.read_text()
     values = {"python": python or sys.executable, "root": str(ROOT), "run_dir": str(sup.run_dir),
               "stop_wait": str(sup.stop_wait), "start_secs": str(sup.start_secs),
               "start_retries": str(sup.start_retries)}
+    repeats = {"shard": list(range(settings.shard_count)),
+               "splitter_replica": _replica_suffixes(sup.splitter_replicas),
+               "sender_replica": _replica_suffixes(sup.sender_replicas)}
     starts = [m.start() for m in _SECTION.finditer(text)]
     blocks = [text[:starts[0]]] + [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
     out = []
     for block in blocks:
         header = _SECTION.match(block)
-        if header and "${shard}" in header.group("name"):
-            out.extend(Template(block).substitute(values, shard=n) for n in range(settings.shard_count))
-        else:
-            out.append(Template(block).substitute(values))
+        keys = [k for k in repeats if header and "${%s}" % k in header.group("name")]
+        for combo in itertools.product(*(repeats[k] for k in keys)):
+            out.append(Template(block).substitute(values, **dict(zip(keys, combo))))
     return "".join(out)
 
 
-def program_names(shard_count: int) -> list[str]:
+def program_names(shard_count: int, sup: Supervision | None = None) -> list[str]:
     """Every program of the group, as supervisorctl names them, in start order."""
-    return (["pipeline-apid"] + [f"mysql-sender-{n}" for n in range(shard_count)]
-            + [f"shard-worker-{n}" for n in range(shard_count)] + ["shard-splitter", "event-ingest"])
+    splitters = _replica_suffixes(sup.splitter_replicas if sup else 1)
+    senders = _replica_suffixes(sup.sender_replicas if sup else 1)
+    return (["pipeline-apid"] + [f"mysql-sender-{n}{r}" for n in range(shard_count) for r in senders]
+            + [f"shard-worker-{n}" for n in range(shard_count)] + [f"shard-splitter{r}" for r in splitters]
+            + ["event-ingest"])
 
 
 def write_config(settings: Settings, sup: Supervision) -> Path:

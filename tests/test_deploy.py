@@ -158,9 +158,11 @@ def test_compose_app_waits_for_three_healthy_mysql_servers_with_their_ddl():
 
 # -- the rendered supervisord.conf, parsed by supervisor itself -----------------------------------
 
-@pytest.mark.parametrize("shards", [1, 3])
-def test_rendered_config_has_every_program_once_with_bounded_graceful_stops(tmp_path, shards):
-    env = {"SHARD_COUNT": str(shards), "PIPELINE_RUN_DIR": str(tmp_path), "STOP_WAIT_SECONDS": "17"}
+@pytest.mark.parametrize("shards, splitters, senders", [(1, 1, 1), (3, 2, 3)])
+def test_rendered_config_has_every_program_once_with_bounded_graceful_stops(tmp_path, shards, splitters,
+                                                                             senders):
+    env = {"SHARD_COUNT": str(shards), "PIPELINE_RUN_DIR": str(tmp_path), "STOP_WAIT_SECONDS": "17",
+           "SPLITTER_REPLICAS": str(splitters), "SENDER_REPLICAS": str(senders)}
     settings, sup = Settings.from_env(env), Supervision.from_env(env)
     path = supervise.write_config(settings, sup)
     options = ServerOptions()
@@ -173,15 +175,20 @@ def test_rendered_config_has_every_program_once_with_bounded_graceful_stops(tmp_
         [process] = group.process_configs
         assert process.name == group.name, "programs are top-level: supervisorctl takes the bare name"
         (listeners if hasattr(group, "pool_events") else programs)[process.name] = (group, process)
-    assert sorted(programs) == sorted(supervise.program_names(shards))
+    assert sorted(programs) == sorted(supervise.program_names(shards, sup))
+    assert len(programs) == 2 + shards * (1 + senders) + splitters
+    assert "shard-splitter" in programs and "mysql-sender-0" in programs
+    assert (f"shard-splitter-r{splitters}" in programs) == (splitters > 1)
     for name, (_, p) in programs.items():
         assert p.stopsignal == signal.SIGTERM and p.stopasgroup and p.killasgroup, name
         assert p.stopwaitsecs == 17, name
         assert p.stdout_logfile == "/dev/stdout" and p.stdout_logfile_maxbytes == 0 and p.redirect_stderr, name
         assert p.autorestart and p.directory == str(ROOT)
-        shard = re.search(r"-(\d+)$", name)
+        shard = re.search(r"-(\d+)(-r\d+)?$", name)
         if shard:
             assert p.command.endswith(f"--shard {shard.group(1)}"), p.command
+        if name != "pipeline-apid":  # each daemon owns its claims under its own name
+            assert p.environment["WORKER_ID"].endswith(f"/{name}"), (name, p.environment)
     # The API starts first and stops last: daemons hand their tasks back through it.
     api_priority = programs["pipeline-apid"][1].priority
     assert all(p.priority > api_priority for n, (_, p) in programs.items() if n != "pipeline-apid")

@@ -1,0 +1,110 @@
+"""The README's start command from a clean checkout: `make run` creates the venv, starts a
+private MariaDB under ./var and every program; a generated file reaches the shard databases;
+a second start says so; `make stop` leaves no process behind."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests import servers
+from tests.test_supervisor import processes_mentioning, require_modules
+
+ROOT = servers.ROOT
+
+
+def clean_checkout() -> Path:
+    """A clone of the repository plus the working tree's uncommitted changes (in CI there are
+    none), without any .venv or var/: what a fresh machine gets."""
+    dest = Path(tempfile.mkdtemp(prefix="pl-"))  # short: unix socket paths live under it
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True, capture_output=True)
+
+    def listed(*flags: str) -> list[str]:
+        out = subprocess.run(["git", "ls-files", "-z", *flags], cwd=ROOT, check=True, capture_output=True)
+        return [p for p in out.stdout.decode().split("\0") if p]
+
+    deleted = set(listed("-d"))
+    for rel in listed("-m", "-o", "--exclude-standard"):
+        if rel in deleted:
+            (dest / rel).unlink(missing_ok=True)
+        elif (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def query(port: int, database: str, sql: str, args=()) -> list[tuple]:
+    conn = servers.admin_connect("127.0.0.1", port, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def checkout():
+    require_modules()
+    dest = clean_checkout()
+    yield dest
+    leftovers = processes_mentioning(str(dest))
+    for line in leftovers:
+        try:
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(dest, ignore_errors=True)
+    assert not leftovers, f"processes outlived `make stop`: {leftovers}"
+
+
+def test_make_run_from_a_clean_checkout_processes_a_file_and_make_stop_leaves_nothing(checkout):
+    assert not (checkout / ".venv").exists() and not (checkout / "var").exists()
+    port = servers.free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MYSQL_", "PIPELINE_", "SHARD_", "SUPERVISOR_", "VIRTUAL_ENV"))
+           and k not in ("SHARED_DIR", "VENV")}
+    env.update({"PIPELINE_API_PORT": str(port), "PIPELINE_URL": f"http://127.0.0.1:{port}/api/v1/pipeline",
+                "SUPERVISOR_STARTSECS": "1", "LEASE_SECONDS": "2", "API_WORKERS": "1",
+                "INGEST_INTERVAL": "1", "EVENTS_PER_FILE": "50", "HOLD_SECONDS": "1"})
+
+    started = run(["make", "run"], checkout, env, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "event pipeline running" in started.stdout
+    assert "bin/pipeline monitor" in started.stdout and "make stop" in started.stdout
+    assert (checkout / ".venv" / "bin" / "python").exists()
+    db_port = int((checkout / "var" / "mariadb" / "port").read_text())
+    assert f"private MariaDB on 127.0.0.1:{db_port}" in started.stdout
+
+    # The event-ingest program generates files; one of them goes all the way to the shards.
+    def a_file_loaded():
+        return query(db_port, "pipeline_db",
+                     "SELECT filename FROM pipeline_tracking GROUP BY filename "
+                     "HAVING SUM(mysql_sender_status='done') = COUNT(*) LIMIT 1")
+    [(filename,)] = servers.wait_until(a_file_loaded, 90, 0.5, what="a generated file loaded")
+    loaded = sum(query(db_port, f"shop_shard_{n}", "SELECT COUNT(*) FROM events WHERE source_file=%s",
+                       (filename,))[0][0] for n in range(2))
+    assert loaded > 0
+    assert list((checkout / "var" / "shared" / "events").glob(f"{filename}.event-ingest.txt"))
+
+    again = run(["make", "run"], checkout, env)
+    assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
+    status = run(["bin/pipeline", "status"], checkout, env)
+    assert status.returncode == 0 and status.stdout.count("RUNNING") == 8, status.stdout
+
+    stopped = run(["make", "stop"], checkout, env, timeout=300)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "supervisord" in stopped.stdout and "private MariaDB" in stopped.stdout, stopped.stdout
+    assert processes_mentioning(str(checkout)) == []
+    status = run(["bin/pipeline", "status"], checkout, env)
+    assert status.returncode == 3 and "not running" in status.stdout, status.stdout
+    assert "not running" in run(["make", "stop"], checkout, env).stdout
