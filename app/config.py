@@ -127,6 +127,13 @@ def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw.rstrip("/")
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = (env.get(name) or default).strip().lower()
+    if raw not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Rules:
     """Business-rule switches of the shard worker (see docs/business-rules.md)."""
@@ -170,6 +177,10 @@ class Settings:
     supervisor_socket: str = "/tmp/event-pipeline/supervisor.sock"
     # Lines the shard worker decides per transaction (its state and decisions commit together).
     worker_batch_lines: int = 4000
+    # mysql-sender's bulk method (load_data: LOAD DATA LOCAL INFILE, falls back to insert when the
+    # server refuses LOCAL; insert: multi-row INSERT) and rows per LOAD DATA chunk (docs/sender.md).
+    sender_method: str = "load_data"
+    sender_chunk_rows: int = 10_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -219,6 +230,8 @@ class Settings:
                 refund_limit=_bool(env, "RULE_REFUND_LIMIT", True),
             ),
             worker_batch_lines=_int(env, "WORKER_BATCH_LINES", 4000, 1, 100_000),
+            sender_method=_choice(env, "SENDER_METHOD", "load_data", ("load_data", "insert")),
+            sender_chunk_rows=_int(env, "SENDER_CHUNK_ROWS", 10_000, 100, 1_000_000),
             supervisor_socket=env.get("SUPERVISOR_SOCKET") or str(Supervision.from_env(env).socket),
         )
 
