@@ -148,7 +148,12 @@ def test_compose_app_waits_for_three_healthy_mysql_servers_with_their_ddl():
             assert (ROOT / src).is_file(), f"{url.host} mounts {src}, which does not exist"
     assert "./db/ddl.sql" in [m.split(":")[0] for m in services["mysql-pipeline"]["volumes"]]
     for shard in ("mysql-shard-0", "mysql-shard-1"):
-        assert "./db/shard_ddl.sql" in [m.split(":")[0] for m in services[shard]["volumes"]]
+        assert [m.split(":")[0] for m in services[shard]["volumes"] if m.startswith("./")] == ["./db/shard_ddl.sql"]
+    # Every DDL file of the project is applied at init, on the pipeline server unless it is the shards'.
+    pipeline_mounts = {m.split(":")[0] for m in services["mysql-pipeline"]["volumes"]}
+    for ddl_file in sorted((ROOT / "db").glob("*.sql")):
+        if ddl_file.name != "shard_ddl.sql":
+            assert f"./db/{ddl_file.name}" in pipeline_mounts, f"db/{ddl_file.name} is not applied at init"
     # /shared is a named volume; the API answers on the contract's port.
     shared = [m for m in app["volumes"] if m.split(":")[1] == "/shared"]
     assert shared and shared[0].split(":")[0] in doc["volumes"]
