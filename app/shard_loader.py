@@ -1,0 +1,472 @@
+"""Loading one prepared file into its shard database, exactly once.
+
+The whole file goes in ONE transaction together with its row in `loaded_files`; that row is
+inserted first, so a second loader of the same file waits on its lock and then finds it
+loaded, and a load cut short anywhere (kill, lost connection, server restart) leaves nothing.
+`events.event_key` is unique, so an event that reaches the shard twice (in two files, or twice
+in one) is an explicit no-op, never a second row and never a silenced error.
+
+Two bulk methods, same result (bench/load.py measures both):
+- `load_data`: the file's rows as TSV chunks in the sender's folder, each sent with
+  `LOAD DATA LOCAL INFILE`. LOCAL loads turn errors into warnings, so a chunk is accepted
+  only with zero warnings and every row inserted; otherwise the transaction is rolled back
+  and the file is loaded again with `insert`, which skips duplicates explicitly.
+- `insert`: multi-row `INSERT ... ON DUPLICATE KEY UPDATE id = id`.
+A thread parses and checks the next chunk while the server stores the current one.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+import orjson
+import pymysql
+from pymysql.converters import escape_string
+
+from . import db
+from .atomic import TMP_MARK
+from .config import MySQLURL
+from .events import EVENT_TYPES
+
+log = logging.getLogger("shard-loader")
+
+DDL = Path(__file__).resolve().parent.parent / "db" / "shard_ddl.sql"
+METHODS = ("load_data", "insert")
+INSERT_ROWS = 2000          # rows per INSERT statement (~0.7 MB, far below max_allowed_packet)
+READ_BLOCK = 1 << 22
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
+INT32 = (-(1 << 31), (1 << 31) - 1)
+_KEY = re.compile(r"[0-9A-Za-z:._+/=\-]{1,64}").fullmatch
+_AMOUNT = re.compile(r"-?\d{1,16}(?:\.\d{1,2})?").fullmatch
+_EVENT_COLUMNS = {"event_key", "event_type", "shop_id", "user_id", "timestamp", "shard", "created_at",
+                  "source_file", "order_id", "good_id", "qty", "amount", "payload"}
+# Server refused LOCAL INFILE (MariaDB, MySQL 8 with local_infile=OFF, client side).
+LOCAL_INFILE_REFUSED = {1148, 3948, 4166}
+WRONG_OBJECT = 1347         # CREATE OR REPLACE VIEW over an existing base table
+_N = "\\N"                   # NULL in LOAD DATA's default format
+
+_LOAD_DATA = ("LOAD DATA LOCAL INFILE %s INTO TABLE events CHARACTER SET utf8mb4 "
+              # the default field format: tab-separated, backslash escapes, \N for NULL
+              "(event_key, event_type, shop_id, user_id, `timestamp`, order_id, good_id, qty, amount, payload) "
+              "SET shard = %s, source_file = %s")
+_INSERT = ("INSERT INTO events (event_key, event_type, shop_id, user_id, `timestamp`, order_id, good_id, qty, "
+           "amount, payload, shard, source_file) VALUES {} ON DUPLICATE KEY UPDATE id = id")
+_CLAIM = ("INSERT INTO loaded_files (source_file, shard, line_count, loaded_count, duplicate_count, checksum, "
+          "method) VALUES (%s, %s, 0, 0, 0, '', '') ON DUPLICATE KEY UPDATE source_file = source_file")
+_RECORD = ("UPDATE loaded_files SET line_count=%s, loaded_count=%s, duplicate_count=%s, checksum=%s, method=%s, "
+           "seconds=%s, loaded_at=CURRENT_TIMESTAMP(3) WHERE source_file=%s")
+_RECORDED = ("SELECT line_count, loaded_count, duplicate_count, checksum, method FROM loaded_files "
+             "WHERE source_file=%s")
+
+
+class BadLine(ValueError):
+    """A prepared line that cannot be loaded; the file is refused whole."""
+
+    def __init__(self, line_no: int, problem: str):
+        super().__init__(f"malformed prepared line {line_no}: {problem}")
+        self.line_no = line_no
+
+
+class WrongShard(BadLine):
+    def __init__(self, line_no: int, problem: str):
+        ValueError.__init__(self, f"wrong shard: prepared line {line_no}: {problem}")
+        self.line_no = line_no
+
+
+class PreparedMissing(FileNotFoundError):
+    """The prepared file is not there (and the file was never loaded)."""
+
+
+class SchemaMismatch(RuntimeError):
+    """The shard database holds an `events` table this sender cannot load into."""
+
+
+class RowsRefused(RuntimeError):
+    """The server stored fewer rows than sent, or warned, with no duplicate to explain it."""
+
+
+@dataclass
+class LoadResult:
+    source_file: str
+    lines: int              # rows in the prepared file
+    loaded: int             # rows this file put into `events`
+    duplicates: int         # rows skipped because their event_key was already there
+    method: str
+    seconds: float
+    checksum: str
+    already_loaded: bool = False
+    local_infile_refused: bool = False
+
+    def stats(self) -> dict:
+        out = {"rows": self.lines, "loaded": self.loaded, "duplicates": self.duplicates,
+               "method": self.method, "seconds": round(self.seconds, 3)}
+        if self.already_loaded:
+            out["already_loaded"] = True
+        return out
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+def prepare_database(url: MySQLURL) -> None:
+    """Create the shard database and its schema if missing (idempotent)."""
+    db.ensure_database(url)
+    conn = db.connect(url)
+    try:
+        apply_schema(conn, url.database)
+    finally:
+        conn.close()
+
+
+def apply_schema(conn, database: str) -> None:
+    """Run db/shard_ddl.sql under a named lock, so senders starting together do not race.
+    An original deployment's `purchase_history`/`order_return` table is kept, not replaced."""
+    lock = f"shard-ddl:{database}"[:64]
+    with conn.cursor() as cur:
+        cur.execute("SELECT GET_LOCK(%s, 60)", (lock,))
+        if cur.fetchone()[0] != 1:
+            raise SchemaMismatch(f"could not take the schema lock {lock!r} within 60 s")
+        try:
+            cur.execute("SELECT COLUMN_NAME FROM information_schema.COLUMNS "
+                        "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'events'")
+            present = {r[0].lower() for r in cur.fetchall()}
+            if present and _EVENT_COLUMNS - present:
+                raise SchemaMismatch(
+                    f"{database}.events predates the sender's schema (missing "
+                    f"{', '.join(sorted(_EVENT_COLUMNS - present))}): rename it and restart the sender, "
+                    f"which creates db/shard_ddl.sql's table")
+            for stmt in db.split_sql(DDL.read_text()):
+                try:
+                    cur.execute(stmt)
+                except pymysql.err.MySQLError as exc:
+                    if exc.args[0] != WRONG_OBJECT or not stmt.upper().startswith("CREATE OR REPLACE VIEW"):
+                        raise
+                    log.info("%s: keeping the existing table (%s)", database, exc.args[1])
+        finally:
+            cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
+    if not conn.get_autocommit():
+        conn.commit()
+
+
+# -- reading and checking prepared lines --------------------------------------------------
+
+def _lines(f, hasher) -> Iterator[bytes]:
+    rest = b""
+    while block := f.read(READ_BLOCK):
+        hasher.update(block)
+        parts = block.split(b"\n")
+        parts[0] = rest + parts[0]
+        rest = parts.pop()
+        yield from parts
+    if rest:
+        yield rest
+
+
+def _opt_int(ev: dict, name: str, line_no: int, bounds=INT64):
+    value = ev.get(name)
+    if value is None:
+        return None
+    if type(value) is not int or not bounds[0] <= value <= bounds[1]:
+        raise BadLine(line_no, f"{name} must be an integer or null, got {value!r}"[:300])
+    return value
+
+
+def check_line(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int) -> tuple:
+    """The loadable fields of one prepared line, or BadLine/WrongShard naming the problem."""
+    try:
+        ev = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise BadLine(line_no, f"not JSON ({exc})") from None
+    if type(ev) is not dict:
+        raise BadLine(line_no, "not a JSON object")
+    key = ev.get("event_key")
+    if type(key) is not str or not _KEY(key):
+        raise BadLine(line_no, f"event_key must be 1-64 characters of [0-9A-Za-z:._+/=-], got {key!r}"[:300])
+    etype = ev.get("event_type")
+    if type(etype) is not int or etype not in EVENT_TYPES:
+        raise BadLine(line_no, f"event_type must be one of {sorted(EVENT_TYPES)}, got {etype!r}"[:300])
+    shop = ev.get("shop_id")
+    if type(shop) is not int or not INT64[0] <= shop <= INT64[1]:
+        raise BadLine(line_no, f"shop_id must be an integer, got {shop!r}"[:300])
+    if shop % shard_count != shard:
+        raise WrongShard(line_no, f"shop_id {shop} belongs to shard {shop % shard_count} "
+                                  f"(shop_id % {shard_count}), not to shard {shard}")
+    line_shard = ev.get("shard")
+    if type(line_shard) is not int or line_shard != shard:
+        raise WrongShard(line_no, f"the line says shard {line_shard!r}, this is shard {shard}"[:300])
+    ts = ev.get("timestamp")
+    if type(ts) is not str or len(ts) != 23 or ts[19] != "." or ts[10] != " " or ts < "1000":
+        raise BadLine(line_no, f"timestamp must be 'YYYY-MM-DD HH:MM:SS.mmm' (UTC), got {ts!r}"[:300])
+    try:
+        datetime.fromisoformat(ts)
+    except ValueError:
+        raise BadLine(line_no, f"timestamp is not a valid time: {ts!r}") from None
+    amount = ev.get("amount")
+    if amount is not None and (type(amount) is not str or not _AMOUNT(amount)):
+        raise BadLine(line_no, f"amount must be a decimal string such as \"123.45\" (at most 16 digits "
+                               f"before the point, 2 after) or null, got {amount!r}"[:300])
+    if ev.get("source_file") != source_file:
+        raise BadLine(line_no, f"source_file is {ev.get('source_file')!r}, but the line is in "
+                               f"{source_file!r}'s prepared file"[:300])
+    payload = ev.get("payload")
+    if type(payload) is not dict:
+        raise BadLine(line_no, "payload must be a JSON object")
+    return (key, etype, shop, _opt_int(ev, "user_id", line_no), ts, _opt_int(ev, "order_id", line_no),
+            _opt_int(ev, "good_id", line_no), _opt_int(ev, "qty", line_no, INT32), amount,
+            orjson.dumps(payload).decode())
+
+
+def _tsv(fields: tuple) -> str:
+    key, etype, shop, user, ts, order, good, qty, amount, payload = fields
+    if "\\" in payload:
+        payload = payload.replace("\\", "\\\\")
+    return (f"{key}\t{etype}\t{shop}\t{_N if user is None else user}\t{ts}\t"
+            f"{_N if order is None else order}\t{_N if good is None else good}\t"
+            f"{_N if qty is None else qty}\t{_N if amount is None else amount}\t{payload}\n")
+
+
+def _sql_row(fields: tuple, tail: str) -> str:
+    key, etype, shop, user, ts, order, good, qty, amount, payload = fields
+    return (f"('{key}',{etype},{shop},{'NULL' if user is None else user},'{ts}',"
+            f"{'NULL' if order is None else order},{'NULL' if good is None else good},"
+            f"{'NULL' if qty is None else qty},{'NULL' if amount is None else amount},"
+            f"'{escape_string(payload)}',{tail})")
+
+
+class _Reading:
+    """What the reading thread learns about the whole file, read by the loader at the end."""
+
+    def __init__(self):
+        self.rows = 0
+        self.hasher = hashlib.blake2b(digest_size=16)
+
+
+def _checked_rows(f, reading: _Reading, source_file: str, shard: int, shard_count: int) -> Iterator[tuple]:
+    for line_no, line in enumerate(_lines(f, reading.hasher), 1):
+        if not line or line.isspace():
+            continue
+        yield check_line(line, line_no, source_file, shard, shard_count)
+        reading.rows += 1
+
+
+def chunk_name(work_dir: Path, source_file: str, index: int) -> Path:
+    """A chunk's TSV in the sender's folder; the `.tmp-<pid>` mark keeps a live replica's chunk
+    from being swept when another sender starts."""
+    return work_dir / f"{source_file}.chunk-{index:05d}.tsv{TMP_MARK}{os.getpid()}"
+
+
+def _tsv_chunks(rows: Iterator[tuple], work_dir: Path, source_file: str, chunk_rows: int) -> Iterator[tuple]:
+    buf: list[str] = []
+    index = 0
+
+    def flush():
+        path = chunk_name(work_dir, source_file, index)
+        with open(path, "w", encoding="utf-8", newline="\n") as out:
+            out.write("".join(buf))
+        return path, len(buf)
+
+    for fields in rows:
+        buf.append(_tsv(fields))
+        if len(buf) >= chunk_rows:
+            yield flush()
+            buf, index = [], index + 1
+    if buf:
+        yield flush()
+
+
+def _insert_statements(rows: Iterator[tuple], shard: int, source_file: str) -> Iterator[tuple]:
+    tail = f"{shard},'{escape_string(source_file)}'"
+    buf: list[str] = []
+    for fields in rows:
+        buf.append(_sql_row(fields, tail))
+        if len(buf) >= INSERT_ROWS:
+            yield _INSERT.format(",".join(buf)), len(buf)
+            buf = []
+    if buf:
+        yield _INSERT.format(",".join(buf)), len(buf)
+
+
+class _Prefetch:
+    """Runs an iterator one item ahead in a thread, so parsing overlaps the server's work
+    (the main thread waits on the socket with the GIL released)."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator, depth: int = 1):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name="prepared-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put((True, item)):
+                    return
+            self._put((True, self._END))
+        except BaseException as exc:
+            self._put((False, exc))
+
+    def _put(self, message) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        while True:
+            ok, value = self._queue.get()
+            if not ok:
+                raise value
+            if value is self._END:
+                return
+            yield value
+
+    def close(self) -> None:
+        self._closed.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
+class _FallBack(Exception):
+    """LOAD DATA could not prove every row went in exactly as sent: redo the file with INSERT."""
+
+    def __init__(self, why: str, refused: bool = False):
+        super().__init__(why)
+        self.refused = refused
+
+
+def _warnings(cur) -> str:
+    cur.execute("SHOW WARNINGS LIMIT 3")
+    return "; ".join(f"{r[1]} {r[2]}" for r in cur.fetchall())
+
+
+def _by_load_data(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check) -> int:
+    rows = _checked_rows(f, reading, source_file, shard, shard_count)
+    chunks = _Prefetch(_tsv_chunks(rows, work_dir, source_file, chunk_rows))
+    loaded = 0
+    try:
+        for path, count in chunks:
+            if check:
+                check()
+            try:
+                stored = cur.execute(_LOAD_DATA, (str(path), shard, source_file))
+            except pymysql.err.MySQLError as exc:
+                if exc.args and exc.args[0] in LOCAL_INFILE_REFUSED:
+                    raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
+                raise
+            finally:
+                path.unlink(missing_ok=True)
+            if cur.warning_count or stored != count:
+                raise _FallBack(f"{path.name}: {stored} of {count} rows stored, {cur.warning_count} warnings "
+                                f"({_warnings(cur)})")
+            loaded += stored
+    finally:
+        chunks.close()
+        for leftover in work_dir.glob(f"{source_file}.chunk-*{TMP_MARK}{os.getpid()}"):
+            leftover.unlink(missing_ok=True)
+    return loaded
+
+
+def _by_insert(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check) -> int:
+    rows = _checked_rows(f, reading, source_file, shard, shard_count)
+    statements = _Prefetch(_insert_statements(rows, shard, source_file), depth=4)
+    loaded = 0
+    try:
+        for sql, _count in statements:
+            if check:
+                check()
+            loaded += cur.execute(sql)
+            if cur.warning_count:
+                raise RowsRefused(f"the server warned while storing {source_file}: {_warnings(cur)}")
+    finally:
+        statements.close()
+    return loaded
+
+
+_METHOD = {"load_data": _by_load_data, "insert": _by_insert}
+
+
+def _rollback(conn) -> None:
+    try:
+        conn.rollback()
+    except Exception:  # the connection is gone: the server rolls back on its own
+        pass
+
+
+def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, work_dir: Path, *,
+              method: str = "load_data", chunk_rows: int = 10_000,
+              check: Callable[[], None] | None = None) -> LoadResult:
+    """Load `path` (the prepared file of `source_file`) into the shard `conn` is connected to
+    (autocommit off, local_infile on), all of it or nothing, once.
+
+    Raises PreparedMissing, BadLine/WrongShard (nothing loaded), RowsRefused, a pymysql error
+    when the server fails (nothing loaded, or everything if the commit went through: the next
+    call tells which), or whatever `check` raises between chunks (nothing loaded).
+    """
+    if method not in _METHOD:
+        raise ValueError(f"unknown load method {method!r}; expected one of {METHODS}")
+    started = time.monotonic()
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        f = None
+    plan = [method] if method == "insert" else [method, "insert"]
+    refused = False
+    try:
+        with conn.cursor() as cur:
+            for attempt in plan:
+                conn.begin()
+                try:
+                    if cur.execute(_CLAIM, (source_file, shard)) == 0:
+                        cur.execute(_RECORDED, (source_file,))
+                        lines, loaded, duplicates, checksum, used = cur.fetchone()
+                        conn.rollback()
+                        return LoadResult(source_file, lines, loaded, duplicates, used,
+                                          time.monotonic() - started, checksum, already_loaded=True)
+                    if f is None:
+                        conn.rollback()
+                        raise PreparedMissing(f"prepared file {path} is missing")
+                    f.seek(0)
+                    reading = _Reading()
+                    try:
+                        loaded = _METHOD[attempt](cur, f, reading, source_file, shard, shard_count, work_dir,
+                                                  chunk_rows, check)
+                    except _FallBack as why:
+                        conn.rollback()
+                        refused = refused or why.refused
+                        log.warning("%s: %s; loading it again with INSERT", source_file, why)
+                        continue
+                    seconds = time.monotonic() - started
+                    checksum = reading.hasher.hexdigest()
+                    used = attempt if attempt == method else f"{method}>{attempt}"
+                    cur.execute(_RECORD, (reading.rows, loaded, reading.rows - loaded, checksum, used,
+                                          round(seconds, 3), source_file))
+                    if check:
+                        check()
+                    conn.commit()
+                    return LoadResult(source_file, reading.rows, loaded, reading.rows - loaded, used,
+                                      time.monotonic() - started, checksum, local_infile_refused=refused)
+                except BaseException:
+                    _rollback(conn)
+                    raise
+        raise AssertionError("unreachable: the INSERT method never falls back")
+    finally:
+        if f is not None:
+            f.close()

@@ -1,0 +1,59 @@
+-- Schema of a shard database (shop_shard_<N>), owned by mysql-sender (app/shard_loader.py).
+-- Applied by every sender at start, idempotently, under a named lock. Runs on MariaDB 10.11
+-- and MySQL 8.0. The worker's state (balances, stock, seen keys) lives in the pipeline
+-- database, not here: a shard server holds only what the sender loads.
+
+-- One row per accepted event. The contract's columns come first (timestamp now keeps
+-- milliseconds, UTC); event_key makes a second load of an event a no-op, source_file says
+-- which prepared file put it here.
+CREATE TABLE IF NOT EXISTS events (
+    id          BIGINT NOT NULL AUTO_INCREMENT,
+    event_type  TINYINT NOT NULL,
+    shop_id     BIGINT NULL,
+    user_id     BIGINT NULL,
+    `timestamp` DATETIME(3) NOT NULL,
+    shard       TINYINT NOT NULL,
+    created_at  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    event_key   VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    source_file VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    order_id    BIGINT NULL,
+    good_id     BIGINT NULL,
+    qty         INT NULL,
+    amount      DECIMAL(18,2) NULL,
+    payload     JSON NOT NULL,
+    PRIMARY KEY (id),
+    UNIQUE KEY uq_events_event_key (event_key),
+    KEY ix_events_shop_time (shop_id, `timestamp`),
+    KEY ix_events_user_time (user_id, `timestamp`),
+    KEY ix_events_type_time (event_type, `timestamp`),
+    KEY ix_events_order (order_id),
+    KEY ix_events_source_file (source_file)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- One row per prepared file loaded, written in the same transaction as its events: a file
+-- whose row is here is never loaded again, whatever happened after the commit.
+CREATE TABLE IF NOT EXISTS loaded_files (
+    source_file     VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    shard           TINYINT NOT NULL,
+    line_count      INT NOT NULL,
+    loaded_count    INT NOT NULL,
+    duplicate_count INT NOT NULL,
+    checksum        CHAR(32) CHARACTER SET ascii NOT NULL,
+    method          VARCHAR(32) CHARACTER SET ascii NOT NULL,
+    seconds         DECIMAL(10,3) NULL,
+    loaded_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    PRIMARY KEY (source_file)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Read-only views with the original deployment's purchase and return tables' columns, so
+-- a reader of those tables keeps working; they cost nothing at load time. Where an original
+-- table of that name already exists the sender leaves it alone (see shard_loader).
+CREATE OR REPLACE VIEW purchase_history AS
+    SELECT order_id, user_id, good_id, shop_id, qty, amount AS price_at_order,
+           `timestamp`, event_key, source_file
+    FROM events WHERE event_type = 1;
+
+CREATE OR REPLACE VIEW order_return AS
+    SELECT order_id, user_id, good_id, shop_id, qty, amount,
+           `timestamp`, event_key, source_file
+    FROM events WHERE event_type = 3;

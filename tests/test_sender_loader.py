@@ -1,0 +1,218 @@
+"""shard_loader on the real MariaDB: exact values, exactly once, whole files refused whole."""
+from __future__ import annotations
+
+import hashlib
+from decimal import Decimal
+
+import orjson
+import pytest
+
+from app import db, shard_loader
+from tests import servers
+
+SOURCE = "20250102030405"
+OTHER = "20250102030406"
+
+
+def line(key: str, shop: int = 4, *, etype: int = 1, source: str = SOURCE, shard: int = 0, **over) -> dict:
+    row = {"event_key": key, "event_type": etype, "shop_id": shop, "user_id": 7,
+           "timestamp": "2026-11-26 22:15:20.002", "shard": shard, "order_id": None, "good_id": 3, "qty": 2,
+           "amount": "199.99", "source_file": source, "payload": {"shop_id": shop, "good_id": 3}}
+    row.update(over)
+    return row
+
+
+def write(path, rows) -> bytes:
+    data = b"".join(r if isinstance(r, bytes) else orjson.dumps(r) + b"\n" for r in rows)
+    path.write_bytes(data)
+    return data
+
+
+def many(n: int, prefix: str = "k", source: str = SOURCE) -> list[dict]:
+    return [line(f"0:{prefix}{i}", 2 * (i % 50), etype=0, source=source, amount=None) for i in range(n)]
+
+
+@pytest.fixture
+def shard(make_database):
+    url = make_database("shard")
+    shard_loader.prepare_database(url)
+    conn = db.connect(url, autocommit=False, local_infile=True)
+    yield url, conn
+    conn.close()
+
+
+def query(url, sql, args=()):
+    conn = db.connect(url)
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        rows = cur.fetchall()
+    conn.close()
+    return rows
+
+
+def counts(url) -> tuple[int, int]:
+    return query(url, "SELECT (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM loaded_files)")[0]
+
+
+@pytest.mark.parametrize("method", shard_loader.METHODS)
+def test_rows_land_with_exact_values(shard, tmp_path, method):
+    url, conn = shard
+    payload = {"order_id": 8674665223082153551, "user_id": 2, "shop_id": 3, "good_id": 2, "qty": 2,
+               "price_at_order": 199.99, "note": "tab\there \"quoted\" back\\slash\nnew line 'single' магазин 🛒 %s"}
+    rows = [
+        line("1:8674665223082153551", 4, order_id=8674665223082153551, payload=payload),
+        line("1:9223372036854775807", 6, order_id=(1 << 63) - 1, user_id=(1 << 63) - 1,
+             timestamp="1999-12-31 23:59:59.999", amount="9999999999999.99"),
+        line("3:-9223372036854775808", -2, etype=3, order_id=-(1 << 63), amount="0.01",
+             timestamp="2026-01-01 00:00:00.000"),
+        line("4:h00ff", 8, etype=4, user_id=None, good_id=None, qty=None, amount=None,
+             payload={"shop_id": 8, "active": False}),
+        line("2:hbeef", 10, etype=2, user_id=None, qty=None, amount="-0.50"),
+    ]
+    data = write(tmp_path / "p.txt", rows)
+    result = shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method)
+    assert (result.lines, result.loaded, result.duplicates, result.method) == (5, 5, 0, method)
+    assert result.checksum == hashlib.blake2b(data, digest_size=16).hexdigest()
+    got = query(url, "SELECT event_key, event_type, shop_id, user_id, DATE_FORMAT(`timestamp`, '%%Y-%%m-%%d %%H:%%i:%%s.%%f'),"
+                     " shard, order_id, good_id, qty, amount, source_file, payload FROM events ORDER BY id")
+    assert len(got) == 5
+    for row, (key, etype, shop, user, ts, shard_no, order, good, qty, amount, source, stored) in zip(rows, got):
+        assert (key, etype, shop, user, ts[:23], shard_no, order, good, qty, source) == (
+            row["event_key"], row["event_type"], row["shop_id"], row["user_id"], row["timestamp"], 0,
+            row["order_id"], row["good_id"], row["qty"], SOURCE)
+        assert ts.endswith("000")  # milliseconds exactly, nothing below them
+        assert amount == (None if row["amount"] is None else Decimal(row["amount"]))
+        assert orjson.loads(stored) == row["payload"]
+    assert got[0][6] == 8674665223082153551 and orjson.loads(got[0][11])["order_id"] == 8674665223082153551
+    record = query(url, "SELECT source_file, shard, line_count, loaded_count, duplicate_count, checksum, method "
+                        "FROM loaded_files")
+    assert record == ((SOURCE, 0, 5, 5, 0, result.checksum, method),)
+    assert query(url, "SELECT order_id, price_at_order FROM purchase_history ORDER BY order_id") == (
+        (8674665223082153551, Decimal("199.99")), ((1 << 63) - 1, Decimal("9999999999999.99")))
+    assert [p.name for p in tmp_path.iterdir()] == ["p.txt"]  # chunk files are gone
+
+
+@pytest.mark.parametrize("method", shard_loader.METHODS)
+def test_a_file_loaded_twice_adds_nothing(shard, tmp_path, method):
+    url, conn = shard
+    write(tmp_path / "p.txt", many(1200))
+    first = shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=500)
+    assert (first.loaded, first.already_loaded) == (1200, False)
+    for again in shard_loader.METHODS:
+        second = shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=again)
+        assert (second.loaded, second.lines, second.already_loaded) == (1200, 1200, True)
+        assert second.stats()["already_loaded"] is True
+    (tmp_path / "p.txt").unlink()  # once loaded, the prepared file is no longer needed
+    assert shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path).already_loaded
+    assert counts(url) == (1200, 1)
+
+
+@pytest.mark.parametrize("method", shard_loader.METHODS)
+def test_an_event_already_loaded_is_an_explicit_no_op(shard, tmp_path, method):
+    url, conn = shard
+    write(tmp_path / "a.txt", many(300))
+    shard_loader.load_file(conn, tmp_path / "a.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=100)
+    # the second file repeats 100 keys of the first, and one of its own twice
+    rows = many(300, source=OTHER)[200:] + many(150, prefix="new", source=OTHER) + [many(1, "new", OTHER)[0]]
+    write(tmp_path / "b.txt", rows)
+    result = shard_loader.load_file(conn, tmp_path / "b.txt", OTHER, 0, 2, tmp_path, method=method, chunk_rows=100)
+    assert (result.lines, result.loaded, result.duplicates) == (251, 150, 101)
+    assert result.method == ("insert" if method == "insert" else "load_data>insert")
+    assert counts(url) == (450, 2)
+    assert query(url, "SELECT source_file, COUNT(*) FROM events GROUP BY source_file ORDER BY 1") == (
+        (SOURCE, 300), (OTHER, 150))
+
+
+BAD_LINES = {
+    "not JSON": (b'{"event_key": "0:x", \n', "malformed prepared line 251: not JSON"),
+    "no key": (line("", 4), "malformed prepared line 251: event_key"),
+    "no milliseconds": (line("0:x", 4, timestamp="2026-11-26 22:15:20"), "malformed prepared line 251: timestamp"),
+    "bad date": (line("0:x", 4, timestamp="2026-02-30 22:15:20.000"), "malformed prepared line 251: timestamp"),
+    "float amount": (line("0:x", 4, amount=199.99), "malformed prepared line 251: amount"),
+    "3 decimals": (line("0:x", 4, amount="1.005"), "malformed prepared line 251: amount"),
+    "float order": (line("0:x", 4, order_id=1.5), "malformed prepared line 251: order_id"),
+    "order > 64 bit": (line("0:x", 4, order_id=1 << 63), "malformed prepared line 251: order_id"),
+    "other file": (line("0:x", 4, source=OTHER), "malformed prepared line 251: source_file"),
+    "no payload": (line("0:x", 4, payload=None), "malformed prepared line 251: payload"),
+    "unknown type": (line("0:x", 4, etype=9), "malformed prepared line 251: event_type"),
+    "wrong shard": (line("0:x", 5), "wrong shard: prepared line 251: shop_id 5 belongs to shard 1"),
+    "shard field": (line("0:x", 4, shard=1), "wrong shard: prepared line 251: the line says shard 1"),
+}
+
+
+@pytest.mark.parametrize("method", shard_loader.METHODS)
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_a_bad_line_refuses_the_whole_file(shard, tmp_path, method, case):
+    url, conn = shard
+    bad, message = BAD_LINES[case]
+    write(tmp_path / "p.txt", many(250) + [bad] + many(100, prefix="after"))
+    expected = shard_loader.WrongShard if message.startswith("wrong shard") else shard_loader.BadLine
+    with pytest.raises(expected) as info:  # after two chunks of 100 rows went to the server
+        shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=100)
+    assert str(info.value).startswith(message), str(info.value)
+    assert counts(url) == (0, 0)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.txt"]
+
+
+def test_missing_file_is_reported_and_nothing_is_recorded(shard, tmp_path):
+    url, conn = shard
+    with pytest.raises(shard_loader.PreparedMissing, match="is missing"):
+        shard_loader.load_file(conn, tmp_path / "absent.txt", SOURCE, 0, 2, tmp_path)
+    assert counts(url) == (0, 0)
+
+
+def test_check_between_chunks_rolls_back(shard, tmp_path):
+    url, conn = shard
+    write(tmp_path / "p.txt", many(1000))
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        calls.append(1)
+        if len(calls) == 4:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100, check=check)
+    assert counts(url) == (0, 0)
+    assert shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100).loaded == 1000
+
+
+def test_schema_is_idempotent_and_keeps_original_tables(make_database):
+    url = make_database("orig")
+    conn = servers.admin_connect(database=url.database)
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE purchase_history (order_id BIGINT UNIQUE, user_id BIGINT, good_id BIGINT, "
+                    "shop_id BIGINT, qty INT, price_at_order DECIMAL(18,2))")
+        cur.execute("INSERT INTO purchase_history VALUES (1, 2, 3, 4, 5, 6.00)")
+    conn.close()
+    for _ in range(2):
+        shard_loader.prepare_database(url)
+    assert query(url, "SELECT * FROM purchase_history") == ((1, 2, 3, 4, 5, Decimal("6.00")),)
+    assert query(url, "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES WHERE TABLE_SCHEMA=%s "
+                      "ORDER BY 1", (url.database,)) == (
+        ("events", "BASE TABLE"), ("loaded_files", "BASE TABLE"), ("order_return", "VIEW"),
+        ("purchase_history", "BASE TABLE"))
+
+
+def test_an_original_events_table_is_named_not_loaded_into(make_database):
+    url = make_database("old")
+    conn = servers.admin_connect(database=url.database)
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE events (id BIGINT AUTO_INCREMENT PRIMARY KEY, event_type TINYINT, "
+                    "shop_id BIGINT NULL, user_id BIGINT NULL, timestamp DATETIME, shard TINYINT, created_at DATETIME)")
+    conn.close()
+    with pytest.raises(shard_loader.SchemaMismatch, match=r"events predates .*missing .*event_key"):
+        shard_loader.prepare_database(url)
+
+
+def test_prepare_creates_the_database(make_database):
+    url = make_database("gone")
+    conn = servers.admin_connect()
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE `{url.database}`")
+    conn.close()
+    shard_loader.prepare_database(url)
+    assert counts(url) == (0, 0)
