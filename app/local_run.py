@@ -57,6 +57,17 @@ def running_pid(sup: Supervision) -> int | None:
         return None
 
 
+def pidfile_pid(sup: Supervision) -> int | None:
+    """supervisord's pid from its pid file, when that process is still our supervisord (a hung
+    one does not answer on the socket, but must still be stopped)."""
+    try:
+        pid = int((sup.run_dir / "supervisord.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"app.supervise" in cmdline and pid_alive(pid) else None
+
+
 def process_infos(sup: Supervision) -> list[dict]:
     try:
         return rpc(sup).supervisor.getAllProcessInfo()
@@ -126,7 +137,7 @@ def start() -> int:
         print(exc.code, file=sys.stderr)
         return 2
     with run_lock(sup):
-        pid = running_pid(sup)
+        pid = running_pid(sup) or pidfile_pid(sup)
         if pid:
             print(f"the pipeline is already running (supervisord pid {pid}); "
                   f"`bin/pipeline status` shows it, `make stop` stops it")
@@ -191,7 +202,7 @@ def _url_text(url) -> str:
 def _stop_locked(sup: Supervision, quiet: bool = False) -> list[str]:
     """Stop supervisord and its programs, then the private MariaDB; what was stopped."""
     stopped = []
-    sup_pid = running_pid(sup)
+    sup_pid = running_pid(sup) or pidfile_pid(sup)
     child_pids = [int(i["pid"]) for i in process_infos(sup) if i.get("pid")]
     if sup_pid:
         n_programs = len(child_pids) + 1
