@@ -23,6 +23,7 @@ from .logs import setup_logging
 
 BASE = "/api/v1/pipeline"
 MAX_BODY = 64 * 1024
+MAX_STATS = 32 * 1024  # pipeline_transitions.stats is a TEXT (64 KiB)
 FILENAME = re.compile(r"^[0-9A-Za-z_.-]{1,64}$")
 log = logging.getLogger("pipeline-apid")
 
@@ -82,10 +83,13 @@ def _query_int(name: str, default: int | None, lo: int, hi: int) -> int | None:
 
 
 def _body() -> dict:
+    """The JSON object of a POST. Read straight from the server's input stream with a cap
+    (bottle's `request.body` would first spool any size of chunked body to a file)."""
     length = bottle.request.content_length
     if length > MAX_BODY:
         raise HttpError(413, f"request body is larger than {MAX_BODY} bytes")
-    raw = bottle.request.body.read(MAX_BODY + 1)
+    stream = bottle.request.environ["wsgi.input"]
+    raw = stream.read(length) if length >= 0 else stream.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise HttpError(413, f"request body is larger than {MAX_BODY} bytes")
     if not raw.strip():
@@ -100,9 +104,24 @@ def _body() -> dict:
 
 
 def _required(data: dict, field: str) -> Any:
-    if field not in data:
+    if data.get(field) is None:
         raise BadRequest(f"'{field}' is required", field)
     return data[field]
+
+
+def _stats(value: Any) -> dict | None:
+    """Per-file counts: a JSON object that fits the history column once re-encoded."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest("'stats' must be a JSON object", "stats")
+    try:
+        size = len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        raise BadRequest("'stats' is nested too deeply", "stats") from None
+    if size > MAX_STATS:
+        raise BadRequest(f"'stats' is larger than {MAX_STATS} bytes once encoded", "stats")
+    return value
 
 
 # -- the application ----------------------------------------------------------------------
@@ -168,7 +187,15 @@ class Api:
                 return self._respond(exc.status, exc.body)
             except tracking.TaskError as exc:
                 return self._respond(exc.http_status, exc.body)
+            except tracking.SchemaMissing as exc:
+                self._schema_ready = False
+                log.warning("tracking schema missing (%s); it is installed again on the next request", exc)
+                return self._respond(503, {"error": f"tracking schema missing: {exc}; reinstalling", "retry": True})
             except db.UNAVAILABLE as exc:
+                code = exc.args[0] if exc.args else None
+                if code in db.DEADLOCK_CODES:
+                    return self._respond(503, {"error": f"database busy (lock contention: {exc}); retry",
+                                               "retry": True})
                 self.conns.discard()
                 log.warning("database unavailable: %s", exc)
                 return self._respond(503, {"error": f"database unavailable: {exc}", "retry": True})
@@ -218,7 +245,7 @@ class Api:
         except db.UNAVAILABLE as exc:
             self.conns.discard()
             return 503, {"status": "unavailable", "error": f"database unreachable: {exc}"}
-        if len(tables) < 2:
+        if len(tables) < 3:
             return 503, {"status": "unavailable", "error": "schema missing", "tables": tables}
         return 200, {"status": "ready", "database": str(self.settings.pipeline_db)}
 
@@ -232,7 +259,10 @@ class Api:
         return 200, self.tracker.register(filename, shards)
 
     def stage_action(self, stage: str, action: str):
-        if stage == "event-ingest" and action == "done":
+        if stage == "event-ingest" and action != "done":
+            raise HttpError(404, f"event-ingest has no transition {action[:40]!r}: it is started by "
+                                 f"POST {BASE}/files/register and finished by .../stages/event-ingest/done")
+        if stage == "event-ingest":
             data = _body()
             events = data.get("events")
             return 200, self.tracker.ingest_done(
@@ -253,9 +283,7 @@ class Api:
         if action == "heartbeat":
             worker = _text(_required(data, "worker"), "worker", 128, required=True)
             return 200, self.tracker.heartbeat(stage, filename, shard, worker)
-        stats = data.get("stats")
-        if stats is not None and not isinstance(stats, dict):
-            raise BadRequest("'stats' must be a JSON object", "stats")
+        stats = _stats(data.get("stats"))
         events = data.get("events")
         error = data.get("error")
         if error is not None and not isinstance(error, str):
@@ -263,7 +291,7 @@ class Api:
         outcome = self.tracker.transition(
             stage, action, filename, shard,
             worker=_text(data.get("worker"), "worker", 128),
-            error=None if error is None else error[:2000],
+            error=None if error is None else error[:tracking.ERROR_MAX],
             events=None if events is None else _int(events, "events", 0, 2**31 - 1),
             stats=stats)
         return 200, outcome.as_dict()
@@ -338,8 +366,12 @@ def create_app(settings: Settings | None = None, reaper: bool = True) -> bottle.
     return api.app
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, app_factory=None) -> None:
+    """Run gunicorn (gthread) with the production options; `app_factory(settings)` builds the
+    WSGI app in each worker after fork (the benchmark's floor endpoint reuses these options)."""
     from gunicorn.app.base import BaseApplication
+
+    factory = app_factory or create_app
 
     class Server(BaseApplication):
         def load_config(self):
@@ -362,7 +394,7 @@ def serve(settings: Settings) -> None:
 
         def load(self):
             # Runs in each worker after fork: connections and the reaper thread are per process.
-            return create_app(settings)
+            return factory(settings)
 
     Server().run()
 

@@ -1,13 +1,21 @@
 """The task state machine over `pipeline_tracking`: the only code that writes it.
 
-A task is one (filename, shard) row; each stage has its own status column. Every change runs
-in one short transaction that locks the row (or claims rows with SKIP LOCKED), checks the rule,
-updates, and appends a row to `pipeline_transitions`.
+A task is one (filename, shard) row; each stage has its own status column. Every change is one
+short transaction that appends its row to `pipeline_transitions` in the same commit.
+
+Sessions run at READ COMMITTED: every rule is checked either by a conditional UPDATE (the
+status it requires is in its WHERE; `rowcount` says whether it won) or under a row lock
+(`FOR UPDATE`, `SKIP LOCKED` for claims), so the snapshot of REPEATABLE READ buys nothing,
+while its gap locks on the many secondary indexes made concurrent claims deadlock.
 """
 from __future__ import annotations
 
+import re
 import statistics
+import threading
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +35,9 @@ PREVIOUS = {"shard-splitter": "event-ingest", "shard-worker": "shard-splitter", 
 ORDERED = {"shard-worker"}
 ACTIONS = ("start", "done", "fail", "retry", "release", "rewind")
 STATUSES = ("new", "started", "done", "failed")
+ERROR_MAX = 2000
+# /metrics/summary scans the whole table; when that gets slow its answer is reused for a while.
+SUMMARY_SLOW_SECONDS = 0.1
 
 
 class TaskError(Exception):
@@ -43,6 +54,10 @@ class NotFound(TaskError):
 
 class Conflict(TaskError):
     http_status = 409
+
+
+class SchemaMissing(Exception):
+    """A tracking table vanished under a running API (dropped by hand): install it again."""
 
 
 @dataclass
@@ -68,6 +83,72 @@ def _attempts_col(stage: str) -> str:
     return f"{COLUMN[stage]}_attempts"
 
 
+# -- the queue queries ----------------------------------------------------------------------------
+# Each names its index: with LIMIT and ORDER BY id the optimizers (MariaDB and MySQL alike)
+# otherwise like to walk the primary key "until enough rows match", which is fast while the
+# queue is most of the table and a scan of all finished history once it is not. Reading the
+# ready index is right at every size: it holds exactly the ready rows, already in id order.
+SHORT = {"shard-splitter": "splitter", "shard-worker": "worker", "mysql-sender": "sender"}
+HINTED_INDEXES = {f"ix_{name}_ready{sfx}" for name in SHORT.values() for sfx in ("", "_shard")} | {"ix_lease"}
+
+
+def ready_index(stage: str, sharded: bool) -> str:
+    return f"ix_{SHORT[stage]}_ready{'_shard' if sharded else ''}"
+
+
+def sql_ready(stage: str, sharded: bool, columns: str, tail: str, extra: str = "") -> str:
+    """Ready tasks of a stage, oldest first: `%s` for the shard when `sharded`, then `tail`'s."""
+    shard = " AND shard=%s" if sharded else ""
+    return (f"SELECT {columns} FROM pipeline_tracking FORCE INDEX ({ready_index(stage, sharded)}) "
+            f"WHERE {_status_col(PREVIOUS[stage])}='done' AND {_status_col(stage)}='new'{shard}{extra} "
+            f"ORDER BY id {tail}")
+
+
+def sql_held(stage: str) -> str:
+    """What a worker holds (owner is set only on started tasks: ix_owner stays tiny)."""
+    return f"SELECT id, {_status_col(stage)} AS status, shard FROM pipeline_tracking WHERE owner=%s ORDER BY id LIMIT 1000"
+
+
+def sql_shard_busy(stage: str) -> str:
+    """Another worker holds a started task of this shard (args: shard, worker)."""
+    return (f"SELECT 1 FROM pipeline_tracking FORCE INDEX ({ready_index(stage, True)}) "
+            f"WHERE {_status_col(PREVIOUS[stage])} IN ('new','started','done','failed') "
+            f"AND {_status_col(stage)}='started' AND shard=%s AND NOT (owner <=> %s) LIMIT 1")
+
+
+def sql_shard_blocker(stage: str) -> str:
+    """The shard's oldest file still waiting for the previous stage (args: shard)."""
+    return (f"SELECT MIN(id) AS id FROM pipeline_tracking FORCE INDEX ({ready_index(stage, True)}) "
+            f"WHERE {_status_col(PREVIOUS[stage])} IN ('new','started') AND {_status_col(stage)}='new' "
+            f"AND shard=%s AND event_ingest_status='done'")
+
+
+SQL_EXPIRED = ("SELECT id, filename, shard, owner, shard_splitter_status, shard_worker_status, mysql_sender_status,"
+               " shard_splitter_attempts, shard_worker_attempts, mysql_sender_attempts,"
+               " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000 AS ran_ms"
+               " FROM pipeline_tracking FORCE INDEX (ix_lease) WHERE lease_expires_at < NOW(3)"
+               " ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED")
+
+
+def queue_queries(shard_count: int = 2) -> list[tuple[str, str, tuple]]:
+    """Every queue and claim query with sample arguments, for the EXPLAIN test and docs."""
+    cols = "id, filename, shard, created_at"
+    out = []
+    for stage in WORK_STAGES:
+        out += [(f"queue {stage}", sql_ready(stage, False, cols, "LIMIT %s OFFSET %s"), (100, 0)),
+                (f"queue {stage} shard", sql_ready(stage, True, cols, "LIMIT %s OFFSET %s"), (1, 100, 0)),
+                (f"claim {stage}", sql_ready(stage, False, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"), (4,)),
+                (f"claim {stage} shard", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"), (1, 4)),
+                (f"held {stage}", sql_held(stage), ("host/worker",))]
+    for stage in ORDERED:
+        out += [(f"ordered busy {stage}", sql_shard_busy(stage), (1, "host/worker")),
+                (f"ordered blocker {stage}", sql_shard_blocker(stage), (1,)),
+                (f"ordered claim {stage}", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", " AND id < %s"),
+                 (1, 10**9, 4))]
+    out.append(("reap", SQL_EXPIRED, (500,)))
+    return out
+
+
 def _iso(value) -> str | None:
     return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -77,80 +158,121 @@ def _iso_s(value) -> str | None:
     return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-# Columns an original-shaped table lacks, with how to add them (the upgrade path of ddl.sql).
-UPGRADE_COLUMNS = [
-    ("owner", "VARCHAR(128) NULL"),
-    ("started_at", "DATETIME(3) NULL"),
-    ("lease_expires_at", "DATETIME(3) NULL"),
-    ("shard_splitter_attempts", "SMALLINT UNSIGNED NOT NULL DEFAULT 0"),
-    ("shard_worker_attempts", "SMALLINT UNSIGNED NOT NULL DEFAULT 0"),
-    ("mysql_sender_attempts", "SMALLINT UNSIGNED NOT NULL DEFAULT 0"),
-    ("last_error", "VARCHAR(2000) NULL"),
-]
-UPGRADE_INDEXES = [
-    ("uq_filename_shard", "UNIQUE KEY uq_filename_shard (filename, shard)"),
-    ("ix_splitter_ready", "KEY ix_splitter_ready (event_ingest_status, shard_splitter_status)"),
-    ("ix_splitter_ready_shard", "KEY ix_splitter_ready_shard (event_ingest_status, shard_splitter_status, shard)"),
-    ("ix_worker_ready", "KEY ix_worker_ready (shard_splitter_status, shard_worker_status)"),
-    ("ix_worker_ready_shard", "KEY ix_worker_ready_shard (shard_splitter_status, shard_worker_status, shard)"),
-    ("ix_sender_ready", "KEY ix_sender_ready (shard_worker_status, mysql_sender_status)"),
-    ("ix_sender_ready_shard", "KEY ix_sender_ready_shard (shard_worker_status, mysql_sender_status, shard)"),
-    ("ix_worker_order", "KEY ix_worker_order (shard, shard_worker_status)"),
-    ("ix_lease", "KEY ix_lease (lease_expires_at)"),
-    ("ix_owner", "KEY ix_owner (owner)"),
-]
+# -- schema -----------------------------------------------------------------------------------------
+
+@dataclass
+class TableShape:
+    """What ddl.sql declares for one table, read from the file itself so that the upgrade
+    can never drift from a fresh install."""
+
+    name: str
+    columns: list[tuple[str, str]]               # (name, definition)
+    indexes: list[tuple[str, bool, tuple, str]]  # (name, unique, columns, definition)
+
+
+_CREATE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+)\s*\((.*)\)[^)]*$", re.S | re.I)
+_INDEX = re.compile(r"(UNIQUE\s+)?(?:KEY|INDEX)\s+(\w+)\s*\(([^)]*)\)", re.I)
+
+
+def ddl_statements() -> list[str]:
+    """ddl.sql without CREATE DATABASE / USE (the API works in MYSQL_PIPELINE_URL's database)."""
+    return [s for s in db.split_sql(DDL_PATH.read_text())
+            if not s.upper().startswith(("CREATE DATABASE", "USE "))]
+
+
+def table_shapes() -> dict[str, TableShape]:
+    shapes = {}
+    for stmt in ddl_statements():
+        m = _CREATE.match(stmt)
+        if not m:
+            continue
+        shape = TableShape(m.group(1), [], [])
+        for line in m.group(2).splitlines():
+            line = line.strip().rstrip(",")
+            if not line:
+                continue
+            head = line.split()[0].upper()
+            index = _INDEX.match(line)
+            if index:
+                cols = tuple(c.strip().split("(")[0].strip("` ").lower() for c in index.group(3).split(","))
+                shape.indexes.append((index.group(2), bool(index.group(1)), cols, line))
+            elif head not in ("PRIMARY", "CONSTRAINT", "FOREIGN", "CHECK"):
+                name, definition = line.split(None, 1)
+                shape.columns.append((name.strip("`").lower(), definition))
+        shapes[shape.name] = shape
+    return shapes
 
 
 def install_schema(conn) -> None:
-    """Create the tracking tables, or upgrade an original-shaped `pipeline_tracking` in place.
+    """Create the tracking tables, or upgrade existing (e.g. original-shaped) ones in place.
 
-    Idempotent and serialised by a named lock, so two API instances may start together.
+    Idempotent and serialised by a named lock per database, so two API instances may start
+    together. An upgrade only adds or widens: it never drops a column, an index or a row.
     """
-    statements = [s for s in db.split_sql(DDL_PATH.read_text())
-                  if not s.upper().startswith(("CREATE DATABASE", "USE "))]
     with conn.cursor() as cur:
-        cur.execute("SELECT GET_LOCK('pipeline_tracking_ddl', 60)")
+        cur.execute("SELECT DATABASE()")
+        schema = cur.fetchone()[0]
+        lock = f"pipeline_ddl.{schema}"[:64]
+        cur.execute("SELECT GET_LOCK(%s, 120)", (lock,))
+        if cur.fetchone()[0] != 1:
+            raise pymysql.err.OperationalError(1205, f"could not take the DDL lock {lock!r} in 120 s")
         try:
-            cur.execute("SELECT DATABASE()")
-            schema = cur.fetchone()[0]
-            cur.execute("SELECT COUNT(*) FROM information_schema.tables "
-                        "WHERE table_schema=%s AND table_name='pipeline_tracking'", (schema,))
-            existed = cur.fetchone()[0] > 0
-            for stmt in statements:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema=%s", (schema,))
+            existed = {r[0].lower() for r in cur.fetchall()}
+            for stmt in ddl_statements():
                 cur.execute(stmt)
-            if existed:
-                _upgrade(cur, schema)
+            for shape in table_shapes().values():
+                if shape.name.lower() in existed:
+                    _upgrade(cur, schema, shape)
         finally:
-            cur.execute("SELECT RELEASE_LOCK('pipeline_tracking_ddl')")
+            cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
 
 
-def _upgrade(cur, schema: str) -> None:
-    cur.execute("SELECT column_name FROM information_schema.columns "
-                "WHERE table_schema=%s AND table_name='pipeline_tracking'", (schema,))
-    have = {r[0].lower() for r in cur.fetchall()}
-    for name, definition in UPGRADE_COLUMNS:
+def _upgrade(cur, schema: str, shape: TableShape) -> None:
+    """One ALTER TABLE (one pass over a big table) adding what `shape` has and the table lacks."""
+    cur.execute("SELECT column_name, is_nullable, data_type, datetime_precision FROM information_schema.columns "
+                "WHERE table_schema=%s AND table_name=%s", (schema, shape.name))
+    have = {r[0].lower(): r[1:] for r in cur.fetchall()}
+    cur.execute("SELECT index_name, non_unique, column_name FROM information_schema.statistics "
+                "WHERE table_schema=%s AND table_name=%s ORDER BY index_name, seq_in_index", (schema, shape.name))
+    indexes: dict[str, tuple[bool, list]] = {}
+    for name, non_unique, column in cur.fetchall():
+        indexes.setdefault(name.lower(), (not int(non_unique), []))[1].append(column.lower())
+    have_idx = {(unique, tuple(cols)) for unique, cols in indexes.values()}
+    changes, fixes = [], []
+    for name, definition in shape.columns:
         if name not in have:
-            cur.execute(f"ALTER TABLE pipeline_tracking ADD COLUMN {name} {definition}")
-    cur.execute("SELECT DISTINCT index_name FROM information_schema.statistics "
-                "WHERE table_schema=%s AND table_name='pipeline_tracking'", (schema,))
-    have_idx = {r[0].lower() for r in cur.fetchall()}
-    cur.execute("SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema=%s "
-                "AND table_name='pipeline_tracking' AND non_unique=0 AND index_name<>'PRIMARY'", (schema,))
-    has_unique = cur.fetchone()[0] > 0
-    for name, definition in UPGRADE_INDEXES:
-        if name in have_idx or (name == "uq_filename_shard" and has_unique):
+            changes.append(f"ADD COLUMN {name} {definition}")
             continue
-        cur.execute(f"ALTER TABLE pipeline_tracking ADD {definition}")
-    # The original's created_at/updated_at may lack milliseconds; widening loses nothing.
-    cur.execute("SELECT column_name, datetime_precision FROM information_schema.columns "
-                "WHERE table_schema=%s AND table_name='pipeline_tracking' "
-                "AND column_name IN ('created_at','updated_at')", (schema,))
-    for name, precision in cur.fetchall():
-        if not precision:
-            extra = " ON UPDATE CURRENT_TIMESTAMP(3)" if name.lower() == "updated_at" else ""
-            cur.execute(f"ALTER TABLE pipeline_tracking MODIFY {name} DATETIME(3) NOT NULL "
-                        f"DEFAULT CURRENT_TIMESTAMP(3){extra}")
+        nullable, data_type, precision = have[name]
+        wants_not_null = "NOT NULL" in definition.upper()
+        if wants_not_null and nullable == "YES":
+            default = re.search(r"DEFAULT\s+('[^']*'|\S+)", definition, re.I)
+            if default and "ENUM" in definition.upper():
+                fixes.append((f"UPDATE {shape.name} SET {name}={default.group(1)} WHERE {name} IS NULL", ()))
+            elif default and "CURRENT_TIMESTAMP" in default.group(1).upper():
+                fixes.append((f"UPDATE {shape.name} SET {name}=NOW(3) WHERE {name} IS NULL", ()))
+            else:
+                continue  # no safe value for old NULLs: leave the column as it is
+            changes.append(f"MODIFY {name} {definition}")
+        elif definition.upper().startswith("DATETIME(3)") and (data_type.lower() != "datetime" or precision != 3):
+            # The original's TIMESTAMP / DATETIME columns without milliseconds: widening loses
+            # nothing (the session runs in UTC, so TIMESTAMP values keep their instant).
+            fixes.append((f"UPDATE {shape.name} SET {name}=NOW(3) WHERE {name} IS NULL", ()))
+            changes.append(f"MODIFY {name} {definition}")
+    for name, unique, cols, definition in shape.indexes:
+        if name.lower() in indexes:
+            continue
+        if name not in HINTED_INDEXES and ((unique, cols) in have_idx or (not unique and (True, cols) in have_idx)):
+            continue  # the original's own index on the same columns serves (queries name only ours)
+        changes.append(f"ADD {definition}")
+    for sql, args in fixes:
+        cur.execute(sql, args)
+    if changes:
+        cur.execute(f"ALTER TABLE {shape.name} " + ", ".join(changes))
 
+
+# -- the state machine ----------------------------------------------------------------------------
 
 class Tracker:
     """Task operations. `conns` hands out this thread's connection (`db.ThreadConnections`)."""
@@ -158,25 +280,44 @@ class Tracker:
     def __init__(self, conns, shard_count: int, lease_seconds: float, max_attempts: int):
         self.conns = conns
         self.shard_count = shard_count
-        self.lease_ms = int(lease_seconds * 1000)
+        self.lease_seconds = lease_seconds
+        self.lease_us = int(lease_seconds * 1_000_000)
         self.max_attempts = max_attempts
+        self._summary: tuple[float, dict] | None = None
+        self._summary_lock = threading.Lock()
 
     # -- transactions ---------------------------------------------------------------------
 
-    def _tx(self, fn: Callable[[Any], Any]):
-        """Run fn(cursor) in a transaction; retried on deadlock or lock-wait timeout."""
+    def _conn(self):
         conn = self.conns.get()
+        if not getattr(conn, "pipeline_read_committed", False):
+            with conn.cursor() as cur:
+                cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            conn.pipeline_read_committed = True
+        return conn
+
+    def _tx(self, fn: Callable[[Any], Any]):
+        """Run fn(cursor) in a transaction; retried on deadlock or lock-wait timeout.
+        A result of exactly False rolls back what fn did (a guarded write that lost)."""
+        conn = self._conn()
         for attempt in range(6):
             try:
                 conn.begin()
                 with conn.cursor(pymysql.cursors.DictCursor) as cur:
                     result = fn(cur)
-                conn.commit()
+                if result is False:
+                    conn.rollback()
+                else:
+                    conn.commit()
                 return result
-            except pymysql.err.OperationalError as exc:
+            except pymysql.err.MySQLError as exc:
                 self._rollback(conn)
-                if exc.args and exc.args[0] in db.DEADLOCK_CODES and attempt < 5:
+                code = exc.args[0] if exc.args else None
+                if code in db.DEADLOCK_CODES and attempt < 5:
+                    time.sleep(0.002 * (attempt + 1))
                     continue
+                if code == 1146:
+                    raise SchemaMissing(str(exc)) from exc
                 raise
             except BaseException:
                 self._rollback(conn)
@@ -190,10 +331,15 @@ class Tracker:
             pass
 
     def _read(self, sql: str, args=()) -> list[dict]:
-        conn = self.conns.get()
-        with conn.cursor(pymysql.cursors.DictCursor) as cur:
-            cur.execute(sql, args)
-            return list(cur.fetchall())
+        conn = self._conn()
+        try:
+            with conn.cursor(pymysql.cursors.DictCursor) as cur:
+                cur.execute(sql, args)
+                return list(cur.fetchall())
+        except pymysql.err.ProgrammingError as exc:
+            if exc.args and exc.args[0] == 1146:
+                raise SchemaMissing(str(exc)) from exc
+            raise
 
     @staticmethod
     def _log(cur, rows: list[tuple]) -> None:
@@ -205,22 +351,27 @@ class Tracker:
                 " to_status, action, actor, error, duration_ms, events, stats)"
                 " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", rows)
 
+    def _lease_until(self) -> str:
+        """The lease end a heartbeat just set, as the API host's clock sees it."""
+        return _iso(datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=self.lease_seconds))
+
     # -- registration ---------------------------------------------------------------------
 
     def register(self, filename: str, shards: list[int]) -> dict:
         def tx(cur):
-            cur.execute("SELECT shard FROM pipeline_tracking WHERE filename=%s FOR UPDATE", (filename,))
+            created = []
+            for shard in shards:
+                # A unique key with an explicit no-op: concurrent registrations of one file
+                # cannot both insert, and neither fails.
+                cur.execute("INSERT INTO pipeline_tracking (filename, shard, event_ingest_status) "
+                            "VALUES (%s,%s,'started') ON DUPLICATE KEY UPDATE id=id", (filename, shard))
+                if cur.rowcount == 1:
+                    created.append((cur.lastrowid, shard))
+            self._log(cur, [(tid, filename, s, "event-ingest", None, "started", "register",
+                             None, None, None, None, None) for tid, s in created])
+            cur.execute("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,))
             existing = {r["shard"] for r in cur.fetchall()}
-            missing = [s for s in shards if s not in existing]
-            if missing:
-                cur.executemany(
-                    "INSERT INTO pipeline_tracking (filename, shard, event_ingest_status) VALUES (%s,%s,'started')",
-                    [(filename, s) for s in missing])
-                cur.execute("SELECT id, shard FROM pipeline_tracking WHERE filename=%s", (filename,))
-                ids = {r["shard"]: r["id"] for r in cur.fetchall()}
-                self._log(cur, [(ids[s], filename, s, "event-ingest", None, "started", "register",
-                                 None, None, None, None, None) for s in missing])
-            return {"filename": filename, "shards": sorted(set(shards) | existing), "created": bool(missing)}
+            return {"filename": filename, "shards": sorted(set(shards) | existing), "created": bool(created)}
         return self._tx(tx)
 
     def ingest_done(self, filename: str, actor: str | None = None, events: int | None = None) -> dict:
@@ -247,6 +398,8 @@ class Tracker:
 
     def transition(self, stage: str, action: str, filename: str, shard: int, worker: str | None = None,
                    error: str | None = None, events: int | None = None, stats: dict | None = None) -> Outcome:
+        if action == "done":
+            return self._done_fast(stage, filename, shard, worker, events, stats)
         status_col, prev_col, att_col = _status_col(stage), _status_col(PREVIOUS[stage]), _attempts_col(stage)
 
         def tx(cur):
@@ -256,12 +409,69 @@ class Tracker:
             row = cur.fetchone()
             if row is None:
                 raise NotFound(f"no task ({filename!r}, shard {shard})", filename=filename, shard=shard)
+            row.update(filename=filename, shard=shard)
             handler = getattr(self, f"_{action}")
-            return handler(cur, stage, row, filename, shard, worker, error, events, stats)
+            return handler(cur, stage, row, worker, error, events, stats)
         return self._tx(tx)
 
-    def _conflict(self, stage, row, filename, shard, why):
-        return Conflict(why, filename=filename, shard=shard, stage=stage, status=row["status"],
+    def _done_fast(self, stage, filename, shard, worker, events, stats) -> Outcome:
+        """`done`, the hottest transition, in four round trips: the log row is copied from the
+        task only while the task is `started` by this worker, and the guarded UPDATE that
+        follows decides; if it does not match (a race, or a repeat), both are rolled back."""
+        status_col, att_col = _status_col(stage), _attempts_col(stage)
+        owner_ok, owner_args = ("", ()) if worker is None else (" AND (owner IS NULL OR owner=%s)", (worker,))
+        stats_text = orjson.dumps(stats).decode() if stats else None
+
+        def tx(cur):
+            cur.execute(
+                "INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
+                " action, actor, duration_ms, events, stats)"
+                f" SELECT id, filename, shard, %s, 'started', 'done', 'done', COALESCE(%s, owner),"
+                f" TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
+                f" WHERE filename=%s AND shard=%s AND {status_col}='started'{owner_ok}",
+                (stage, worker, events, stats_text, filename, shard, *owner_args))
+            if cur.rowcount == 1:
+                # LAST_INSERT_ID(x) hands the attempt count back in the UPDATE's own reply
+                # (cursor.lastrowid) instead of costing another SELECT.
+                cur.execute(f"UPDATE pipeline_tracking SET {status_col}='done', owner=NULL, lease_expires_at=NULL,"
+                            f" {att_col}=LAST_INSERT_ID({att_col})"
+                            f" WHERE filename=%s AND shard=%s AND {status_col}='started'{owner_ok}",
+                            (filename, shard, *owner_args))
+                if cur.rowcount == 1:
+                    return cur.lastrowid or 0
+            return False
+        attempts = self._tx(tx)
+        if attempts is not False:
+            return Outcome(filename, shard, stage, "done", True, attempts)
+        return self._explain_done(stage, filename, shard, worker)
+
+    def _explain_done(self, stage, filename, shard, worker) -> Outcome:
+        """Why `done` did not apply: a repeat of a done that took effect (200, unchanged) or a 409."""
+        status_col, prev_col, att_col = _status_col(stage), _status_col(PREVIOUS[stage]), _attempts_col(stage)
+        rows = self._read(f"SELECT id, {prev_col} AS prev, {status_col} AS status, owner, {att_col} AS attempts "
+                          f"FROM pipeline_tracking WHERE filename=%s AND shard=%s", (filename, shard))
+        if not rows:
+            raise NotFound(f"no task ({filename!r}, shard {shard})", filename=filename, shard=shard)
+        row = {**rows[0], "filename": filename, "shard": shard}
+        if row["status"] == "done":
+            by = self._last(row["id"], stage, "done")
+            if worker and by and by["actor"] and by["actor"] != worker:
+                raise self._conflict(stage, row, f"{stage} was finished by {by['actor']!r}, not {worker!r} "
+                                                 f"(its lease was lost and the task taken over)")
+            return self._outcome(stage, row, "done", False)
+        if row["status"] == "started":
+            self._check_owner(stage, row, worker)
+        raise self._conflict(stage, row, f"{stage} can be done only from 'started'")
+
+    def _last(self, tracking_id: int, stage: str, action: str | None = None) -> dict | None:
+        rows = self._read("SELECT action, actor, to_status FROM pipeline_transitions WHERE tracking_id=%s "
+                          "AND stage=%s ORDER BY id DESC LIMIT 1", (tracking_id, stage))
+        if not rows or (action is not None and rows[0]["to_status"] != action):
+            return None
+        return rows[0]
+
+    def _conflict(self, stage, row, why):
+        return Conflict(why, filename=row["filename"], shard=row["shard"], stage=stage, status=row["status"],
                         previous_status=row["prev"], owner=row["owner"])
 
     def _set(self, cur, stage, row, to, action, worker, error=None, events=None, stats=None,
@@ -277,47 +487,35 @@ class Tracker:
         return Outcome(row["filename"], row["shard"], stage, status, changed,
                        row["attempts"] if attempts is None else attempts, extra)
 
-    def _start(self, cur, stage, row, filename, shard, worker, error, events, stats):
-        row.update(filename=filename, shard=shard)
+    def _start(self, cur, stage, row, worker, error, events, stats):
         if row["status"] == "started" and worker and row["owner"] == worker:
             cur.execute("UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
-                        "WHERE id=%s", (self.lease_ms * 1000, row["id"]))
+                        "WHERE id=%s", (self.lease_us, row["id"]))
             return self._outcome(stage, row, "started", False)
         if row["status"] != "new":
-            raise self._conflict(stage, row, filename, shard, f"{stage} can start only from 'new'")
+            raise self._conflict(stage, row, f"{stage} can start only from 'new'")
         if row["prev"] != "done":
-            raise self._conflict(stage, row, filename, shard,
-                                 f"{PREVIOUS[stage]} is {row['prev']!r}; {stage} starts only after it is done")
+            raise self._conflict(stage, row, f"{PREVIOUS[stage]} is {row['prev']!r}; "
+                                             f"{stage} starts only after it is done")
+        att = _attempts_col(stage)
         self._set(cur, stage, row, "started", "start", worker,
                   sql_extra=f", owner=%s, started_at=NOW(3), lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND,"
-                            f" {_attempts_col(stage)}={_attempts_col(stage)}+1",
-                  args_extra=(worker, self.lease_ms * 1000))
+                            f" {att}={att}+1",
+                  args_extra=(worker, self.lease_us))
         return self._outcome(stage, row, "started", True, row["attempts"] + 1)
 
-    def _check_owner(self, stage, row, filename, shard, worker):
+    def _check_owner(self, stage, row, worker):
         if worker and row["owner"] and row["owner"] != worker:
-            raise self._conflict(stage, row, filename, shard,
-                                 f"task is held by {row['owner']!r}, not {worker!r} (its lease was lost)")
+            raise self._conflict(stage, row, f"task is held by {row['owner']!r}, not {worker!r} "
+                                             f"(its lease was lost)")
 
-    def _done(self, cur, stage, row, filename, shard, worker, error, events, stats):
-        row.update(filename=filename, shard=shard)
-        if row["status"] == "done":
-            return self._outcome(stage, row, "done", False)
-        if row["status"] != "started":
-            raise self._conflict(stage, row, filename, shard, f"{stage} can be done only from 'started'")
-        self._check_owner(stage, row, filename, shard, worker)
-        self._set(cur, stage, row, "done", "done", worker or row["owner"], events=events, stats=stats,
-                  sql_extra=", owner=NULL, lease_expires_at=NULL", duration=True)
-        return self._outcome(stage, row, "done", True)
-
-    def _fail(self, cur, stage, row, filename, shard, worker, error, events, stats):
-        row.update(filename=filename, shard=shard)
+    def _fail(self, cur, stage, row, worker, error, events, stats):
         if row["status"] == "failed":
             return self._outcome(stage, row, "failed", False)
         if row["status"] not in ("new", "started"):
-            raise self._conflict(stage, row, filename, shard, f"{stage} can fail only from 'new' or 'started'")
+            raise self._conflict(stage, row, f"{stage} can fail only from 'new' or 'started'")
         if row["status"] == "started":
-            self._check_owner(stage, row, filename, shard, worker)
+            self._check_owner(stage, row, worker)
         self._set(cur, stage, row, "failed", "fail", worker or row["owner"], error=error, events=events,
                   stats=stats, sql_extra=", owner=NULL, lease_expires_at=NULL, last_error=%s",
                   args_extra=(error,), duration=row["status"] == "started")
@@ -329,73 +527,71 @@ class Tracker:
         last = cur.fetchone()
         return last["action"] if last else None
 
-    def _retry(self, cur, stage, row, filename, shard, worker, error, events, stats):
-        row.update(filename=filename, shard=shard)
+    def _retry(self, cur, stage, row, worker, error, events, stats):
         if row["status"] == "new" and self._last_action(cur, row, stage) == "retry":
             return self._outcome(stage, row, "new", False)
         if row["status"] != "failed":
-            raise self._conflict(stage, row, filename, shard, f"{stage} can be retried only from 'failed'")
+            raise self._conflict(stage, row, f"{stage} can be retried only from 'failed'")
         self._set(cur, stage, row, "new", "retry", worker, sql_extra=f", {_attempts_col(stage)}=0")
         return self._outcome(stage, row, "new", True, 0)
 
-    def _release(self, cur, stage, row, filename, shard, worker, error, events, stats):
+    def _release(self, cur, stage, row, worker, error, events, stats):
         """A daemon hands a task back unfinished (clean shutdown): no attempt is spent."""
-        row.update(filename=filename, shard=shard)
         if row["status"] == "new" and self._last_action(cur, row, stage) == "release":
             return self._outcome(stage, row, "new", False)
         if row["status"] != "started":
-            raise self._conflict(stage, row, filename, shard, f"{stage} can be released only from 'started'")
-        self._check_owner(stage, row, filename, shard, worker)
+            raise self._conflict(stage, row, f"{stage} can be released only from 'started'")
+        self._check_owner(stage, row, worker)
         att = _attempts_col(stage)
         self._set(cur, stage, row, "new", "release", worker or row["owner"], error=error,
                   sql_extra=f", owner=NULL, lease_expires_at=NULL, {att}=GREATEST({att}-1, 0)")
         return self._outcome(stage, row, "new", True, max(row["attempts"] - 1, 0))
 
-    def _rewind(self, cur, stage, row, filename, shard, worker, error, events, stats):
+    def _rewind(self, cur, stage, row, worker, error, events, stats):
         """The stage's input file is missing: send the task back to the stage that produces it."""
-        row.update(filename=filename, shard=shard)
         upstream = PREVIOUS[stage]
         if upstream == "event-ingest":
-            raise self._conflict(stage, row, filename, shard,
-                                 "shard-splitter reads the registered source file; nothing upstream can "
-                                 "rebuild it: fail the task instead")
+            raise self._conflict(stage, row, "shard-splitter reads the registered source file; nothing "
+                                             "upstream can rebuild it: fail the task instead")
         if row["status"] == "new" and row["prev"] == "new" and self._last_action(cur, row, stage) == "rewind":
             return self._outcome(stage, row, "new", False, rewound_to=upstream)
         if row["status"] not in ("new", "started"):
-            raise self._conflict(stage, row, filename, shard, f"{stage} can be rewound only from 'new' or 'started'")
+            raise self._conflict(stage, row, f"{stage} can be rewound only from 'new' or 'started'")
         if row["status"] == "started":
-            self._check_owner(stage, row, filename, shard, worker)
+            self._check_owner(stage, row, worker)
         if row["attempts"] >= self.max_attempts:
             reason = f"input missing after {row['attempts']} attempts: {error or 'no reason given'}"
-            return self._fail(cur, stage, row, filename, shard, worker, reason, None, None)
-        reason = f"input missing, rebuilt by {upstream}: {error or 'no reason given'}"
+            return self._fail(cur, stage, row, worker, reason[:ERROR_MAX], None, None)
+        reason = f"input missing, rebuilt by {upstream}: {error or 'no reason given'}"[:ERROR_MAX]
         self._set(cur, stage, row, "new", "rewind", worker or row["owner"], error=reason,
                   sql_extra=f", {_status_col(upstream)}='new', owner=NULL, lease_expires_at=NULL, last_error=%s",
                   args_extra=(reason,))
-        self._log(cur, [(row["id"], filename, shard, upstream, row["prev"], "new", "rewind", worker, reason,
-                         None, None, None)])
+        self._log(cur, [(row["id"], row["filename"], row["shard"], upstream, row["prev"], "new", "rewind",
+                         worker, reason, None, None, None)])
         return self._outcome(stage, row, "new", True, rewound_to=upstream)
 
     def heartbeat(self, stage: str, filename: str, shard: int, worker: str) -> dict:
+        """One autocommitted UPDATE: extends the lease only while `worker` holds the task."""
         status_col = _status_col(stage)
-
-        def tx(cur):
+        conn = self._conn()
+        with conn.cursor() as cur:
             cur.execute(f"UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
                         f"WHERE filename=%s AND shard=%s AND {status_col}='started' AND owner=%s",
-                        (self.lease_ms * 1000, filename, shard, worker))
-            if cur.rowcount:
-                cur.execute("SELECT lease_expires_at FROM pipeline_tracking WHERE filename=%s AND shard=%s",
-                            (filename, shard))
-                return {"filename": filename, "shard": shard, "stage": stage, "status": "started",
-                        "worker": worker, "lease_expires_at": _iso(cur.fetchone()["lease_expires_at"])}
-            cur.execute(f"SELECT {status_col} AS status, owner FROM pipeline_tracking WHERE filename=%s AND shard=%s",
-                        (filename, shard))
-            row = cur.fetchone()
-            if row is None:
-                raise NotFound(f"no task ({filename!r}, shard {shard})", filename=filename, shard=shard)
-            raise Conflict(f"{worker!r} does not hold this task (lease lost or task finished)",
-                           filename=filename, shard=shard, stage=stage, status=row["status"], owner=row["owner"])
-        return self._tx(tx)
+                        (self.lease_us, filename, shard, worker))
+            extended = cur.rowcount == 1
+        body = {"filename": filename, "shard": shard, "stage": stage, "status": "started", "worker": worker,
+                "lease_seconds": self.lease_seconds, "lease_expires_at": self._lease_until()}
+        if extended:
+            return body
+        rows = self._read(f"SELECT {status_col} AS status, owner FROM pipeline_tracking WHERE filename=%s "
+                          f"AND shard=%s", (filename, shard))
+        if not rows:
+            raise NotFound(f"no task ({filename!r}, shard {shard})", filename=filename, shard=shard)
+        if rows[0]["status"] == "started" and rows[0]["owner"] == worker:
+            return body  # two heartbeats in one millisecond: the second changed nothing
+        raise Conflict(f"{worker!r} does not hold this task (lease lost or task finished)",
+                       filename=filename, shard=shard, stage=stage, status=rows[0]["status"],
+                       owner=rows[0]["owner"])
 
     def retry_all(self, stage: str, shard: int | None, actor: str | None) -> dict:
         status_col, att = _status_col(stage), _attempts_col(stage)
@@ -404,15 +600,16 @@ class Tracker:
             where, args = where + " AND shard=%s", [shard]
 
         def tx(cur):
-            cur.execute(f"SELECT id, filename, shard FROM pipeline_tracking WHERE "
-                        f"{_prev_any(stage)} AND {where} ORDER BY id FOR UPDATE", args)
+            cur.execute(f"SELECT id, filename, shard FROM pipeline_tracking WHERE {where} ORDER BY id FOR UPDATE",
+                        args)
             rows = cur.fetchall()
-            if rows:
-                ids = [r["id"] for r in rows]
-                marks = ",".join(["%s"] * len(ids))
-                cur.execute(f"UPDATE pipeline_tracking SET {status_col}='new', {att}=0 WHERE id IN ({marks})", ids)
+            for start in range(0, len(rows), 1000):
+                chunk = rows[start:start + 1000]
+                marks = ",".join(["%s"] * len(chunk))
+                cur.execute(f"UPDATE pipeline_tracking SET {status_col}='new', {att}=0 WHERE id IN ({marks})",
+                            [r["id"] for r in chunk])
                 self._log(cur, [(r["id"], r["filename"], r["shard"], stage, "failed", "new", "retry", actor,
-                                 None, None, None, None) for r in rows])
+                                 None, None, None, None) for r in chunk])
             return {"stage": stage, "shard": shard, "retried": len(rows),
                     "items": [{"filename": r["filename"], "shard": r["shard"]} for r in rows[:1000]]}
         return self._tx(tx)
@@ -422,26 +619,33 @@ class Tracker:
     def claim(self, stage: str, limit: int, shard: int | None, worker: str) -> list[dict]:
         """Up to `limit` tasks for `worker`: first those it already holds (a restarted daemon
         resumes its own work), then ready ones, oldest first, each won by exactly one caller."""
-        status_col, prev_col, att = _status_col(stage), _status_col(PREVIOUS[stage]), _attempts_col(stage)
-        shard_sql, shard_args = ("AND shard=%s", (shard,)) if shard is not None else ("", ())
+        status_col, att = _status_col(stage), _attempts_col(stage)
+        shard_args = (shard,) if shard is not None else ()
         cols = f"id, filename, shard, created_at, {att} AS attempts"
 
         def tx(cur):
-            cur.execute(f"SELECT {cols} FROM pipeline_tracking WHERE owner=%s AND {status_col}='started' "
-                        f"{shard_sql} ORDER BY id LIMIT %s FOR UPDATE", (worker, *shard_args, limit))
-            mine = cur.fetchall()
+            # Usually the caller holds nothing: look without locking (a locking scan would wait
+            # on every row other workers are finishing), then lock and re-check what was found.
+            cur.execute(sql_held(stage), (worker,))
+            held = [r["id"] for r in cur.fetchall()
+                    if r["status"] == "started" and (shard is None or r["shard"] == shard)][:limit]
+            mine: list[dict] = []
+            if held:
+                marks = ",".join(["%s"] * len(held))
+                cur.execute(f"SELECT {cols} FROM pipeline_tracking WHERE id IN ({marks}) AND owner=%s "
+                            f"AND {status_col}='started' ORDER BY id FOR UPDATE", (*held, worker))
+                mine = cur.fetchall()
             if mine:
                 marks = ",".join(["%s"] * len(mine))
                 cur.execute(f"UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
-                            f"WHERE id IN ({marks})", (self.lease_ms * 1000, *[r["id"] for r in mine]))
+                            f"WHERE id IN ({marks})", (self.lease_us, *[r["id"] for r in mine]))
             want = limit - len(mine)
             fresh: list[dict] = []
             if want > 0:
                 if stage in ORDERED and shard is not None:
                     fresh = self._ordered_candidates(cur, stage, shard, worker, want, cols)
                 else:
-                    cur.execute(f"SELECT {cols} FROM pipeline_tracking WHERE {prev_col}='done' AND "
-                                f"{status_col}='new' {shard_sql} ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+                    cur.execute(sql_ready(stage, shard is not None, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"),
                                 (*shard_args, want))
                     fresh = cur.fetchall()
             if fresh:
@@ -449,51 +653,47 @@ class Tracker:
                 marks = ",".join(["%s"] * len(ids))
                 cur.execute(f"UPDATE pipeline_tracking SET {status_col}='started', owner=%s, started_at=NOW(3),"
                             f" lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1"
-                            f" WHERE id IN ({marks})", (worker, self.lease_ms * 1000, *ids))
+                            f" WHERE id IN ({marks})", (worker, self.lease_us, *ids))
                 self._log(cur, [(r["id"], r["filename"], r["shard"], stage, "new", "started", "claim", worker,
                                  None, None, None, None) for r in fresh])
-                for r in fresh:
-                    r["attempts"] += 1
-            return [{"filename": r["filename"], "shard": r["shard"], "created_at": _iso_s(r["created_at"]),
-                     "attempts": r["attempts"], "resumed": r in mine} for r in [*mine, *fresh]]
+            return ([self._claimed(r, r["attempts"], True) for r in mine]
+                    + [self._claimed(r, r["attempts"] + 1, False) for r in fresh])
         return self._tx(tx)
+
+    @staticmethod
+    def _claimed(r: dict, attempts: int, resumed: bool) -> dict:
+        return {"filename": r["filename"], "shard": r["shard"], "created_at": _iso_s(r["created_at"]),
+                "attempts": attempts, "resumed": resumed}
 
     def _ordered_candidates(self, cur, stage, shard, worker, want, cols) -> list[dict]:
         """Oldest ready tasks of one shard, never past an earlier task that is still pending.
 
-        A row of the claim-lock table serialises claims of (stage, shard), so two replicas cannot
-        take consecutive files of one shard at once. Files whose ingest is not done, or whose
-        splitter failed, are not in the shard's stream yet and do not block it.
+        The shard's row in pipeline_claim_lock serialises its claims, so two replicas cannot
+        take consecutive files at once; while another worker holds one of the shard's files,
+        nobody else gets any. Pending = the previous stage has not finished yet (new/started)
+        although ingest is done; files still being written (ingest not done) and files the
+        previous stage failed are not in the shard's stream and block nothing.
         """
-        status_col, prev_col = _status_col(stage), _status_col(PREVIOUS[stage])
-        cur.execute("INSERT INTO pipeline_claim_lock (stage, shard) VALUES (%s,%s) "
-                    "ON DUPLICATE KEY UPDATE shard=shard", (stage, shard))
         cur.execute("SELECT stage FROM pipeline_claim_lock WHERE stage=%s AND shard=%s FOR UPDATE", (stage, shard))
-        cur.execute(f"SELECT 1 FROM pipeline_tracking WHERE shard=%s AND {status_col}='started' "
-                    f"AND NOT (owner <=> %s) LIMIT 1", (shard, worker))
+        if cur.fetchone() is None:
+            cur.execute("INSERT INTO pipeline_claim_lock (stage, shard) VALUES (%s,%s) "
+                        "ON DUPLICATE KEY UPDATE shard=shard", (stage, shard))
+            cur.execute("SELECT stage FROM pipeline_claim_lock WHERE stage=%s AND shard=%s FOR UPDATE",
+                        (stage, shard))
+        cur.execute(sql_shard_busy(stage), (shard, worker))
         if cur.fetchone():
             return []
-        cur.execute(f"SELECT {cols}, {prev_col} AS prev, event_ingest_status AS ingest FROM pipeline_tracking "
-                    f"WHERE shard=%s AND {status_col}='new' ORDER BY id LIMIT %s FOR UPDATE",
-                    (shard, want + 64))
-        picked = []
-        for r in cur.fetchall():
-            if r["ingest"] != "done" or r["prev"] == "failed":
-                continue
-            if r["prev"] != "done" or len(picked) == want:
-                break
-            picked.append(r)
-        return picked
+        cur.execute(sql_shard_blocker(stage), (shard,))
+        blocker = cur.fetchone()["id"]
+        before, args = (" AND id < %s", (blocker,)) if blocker is not None else ("", ())
+        cur.execute(sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", before), (shard, *args, want))
+        return cur.fetchall()
 
     def reap(self, limit: int = 500) -> list[dict]:
         """Return tasks whose lease expired to `new` (attempt counted) or, after `max_attempts`,
         to `failed` with the reason."""
         def tx(cur):
-            cur.execute("SELECT id, filename, shard, owner, shard_splitter_status, shard_worker_status, "
-                        "mysql_sender_status, shard_splitter_attempts, shard_worker_attempts, mysql_sender_attempts,"
-                        " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000 AS ran_ms "
-                        "FROM pipeline_tracking WHERE lease_expires_at < NOW(3) ORDER BY lease_expires_at "
-                        "LIMIT %s FOR UPDATE SKIP LOCKED", (limit,))
+            cur.execute(SQL_EXPIRED, (limit,))
             reaped = []
             for r in cur.fetchall():
                 stage = next((s for s in WORK_STAGES if r[_status_col(s)] == "started"), None)
@@ -503,22 +703,23 @@ class Tracker:
                     continue
                 attempts = r[_attempts_col(stage)]
                 to = "failed" if attempts >= self.max_attempts else "new"
-                error = f"lease of {r['owner']!r} expired (attempt {attempts} of {self.max_attempts})"
+                holder = "a worker that gave no id" if r["owner"] is None else repr(r["owner"])
+                error = (f"lease of {holder} expired (attempt {attempts} of {self.max_attempts})"
+                         + ("; attempts exhausted" if to == "failed" else ""))
                 cur.execute(f"UPDATE pipeline_tracking SET {_status_col(stage)}=%s, owner=NULL, "
                             f"lease_expires_at=NULL, last_error=%s WHERE id=%s", (to, error, r["id"]))
                 self._log(cur, [(r["id"], r["filename"], r["shard"], stage, "started", to, "reap", r["owner"],
                                  error, r["ran_ms"], None, None)])
-                reaped.append({"filename": r["filename"], "shard": r["shard"], "stage": stage, "status": to})
+                reaped.append({"filename": r["filename"], "shard": r["shard"], "stage": stage, "status": to,
+                               "error": error})
             return reaped
         return self._tx(tx)
 
     # -- reads ---------------------------------------------------------------------------------
 
     def queue(self, stage: str, limit: int, offset: int, shard: int | None) -> dict:
-        status_col, prev_col = _status_col(stage), _status_col(PREVIOUS[stage])
-        shard_sql, args = ("AND shard=%s", [shard]) if shard is not None else ("", [])
-        rows = self._read(f"SELECT filename, shard, created_at FROM pipeline_tracking WHERE {prev_col}='done' "
-                          f"AND {status_col}='new' {shard_sql} ORDER BY id LIMIT %s OFFSET %s",
+        args = [shard] if shard is not None else []
+        rows = self._read(sql_ready(stage, shard is not None, "filename, shard, created_at", "LIMIT %s OFFSET %s"),
                           (*args, limit, offset))
         return {"stage": stage, "limit": limit, "offset": offset,
                 "items": [{"filename": r["filename"], "shard": r["shard"], "created_at": _iso_s(r["created_at"])}
@@ -527,8 +728,7 @@ class Tracker:
     def tasks(self, stage: str, status: str, shard: int | None, limit: int, offset: int) -> dict:
         """Tasks of one stage in one status, with owner, lease, attempts and last error."""
         status_col = _status_col(stage)
-        where = f"{_prev_any(stage)} AND {status_col}=%s"
-        args: list = [status]
+        where, args = f"{status_col}=%s", [status]
         if shard is not None:
             where += " AND shard=%s"
             args.append(shard)
@@ -550,30 +750,57 @@ class Tracker:
         rows = self._read("SELECT * FROM pipeline_tracking WHERE filename=%s ORDER BY shard", (filename,))
         if not rows:
             raise NotFound(f"file {filename!r} is not registered", filename=filename)
-        history = self._read("SELECT tracking_id, stage, from_status, to_status, action, at, actor, error, "
-                             "duration_ms, events, stats FROM pipeline_transitions WHERE filename=%s ORDER BY id",
-                             (filename,))
+        marks = ",".join(["%s"] * len(rows))
+        history = self._read("SELECT id, tracking_id, stage, from_status, to_status, action, at, actor, error, "
+                             f"duration_ms, events, stats FROM pipeline_transitions WHERE tracking_id IN ({marks})",
+                             [r["id"] for r in rows])
+        history.sort(key=lambda h: h["id"])
         shards = []
         for r in rows:
             entry = {"shard": r["shard"], **{_status_col(s): r[_status_col(s)] for s in STAGES},
                      "updated_at": _iso_s(r["updated_at"]), "created_at": _iso_s(r["created_at"]),
-                     "attempts": {s: r[_attempts_col(s)] for s in WORK_STAGES},
-                     "last_error": r["last_error"], "owner": r["owner"],
-                     "lease_expires_at": _iso(r["lease_expires_at"]), "stats": {}, "history": []}
+                     "attempts": {s: r.get(_attempts_col(s), 0) for s in WORK_STAGES},
+                     "last_error": r.get("last_error"), "owner": r.get("owner"),
+                     "lease_expires_at": _iso(r.get("lease_expires_at")), "stats": {}, "history": []}
             for h in history:
                 if h["tracking_id"] != r["id"]:
                     continue
-                stats = orjson.loads(h["stats"]) if h["stats"] else None
+                try:
+                    stats = orjson.loads(h["stats"]) if h["stats"] else None
+                except orjson.JSONDecodeError:
+                    stats = {"unreadable": h["stats"][:200]}
                 entry["history"].append({"stage": h["stage"], "from": h["from_status"], "to": h["to_status"],
                                          "action": h["action"], "at": _iso(h["at"]), "by": h["actor"],
                                          "error": h["error"], "duration_ms": h["duration_ms"],
                                          "events": h["events"], "stats": stats})
                 if h["to_status"] == "done" and (stats or h["events"] is not None):
-                    entry["stats"][h["stage"]] = {"events": h["events"], **(stats or {})}
+                    entry["stats"][h["stage"]] = {"events": h["events"], **(stats if isinstance(stats, dict) else {})}
             shards.append(entry)
         return {"filename": filename, "shards": shards}
 
     def summary(self) -> dict:
+        """The contract's counts plus per-stage queue metrics.
+
+        The counts need a scan of the whole table (about a second per million rows); once a
+        scan takes longer than SUMMARY_SLOW_SECONDS its answer is served for five times as long
+        as it took (`as_of` says when it was computed), so pollers cannot pile scans up.
+        """
+        cached = self._summary
+        if cached is not None and time.monotonic() < cached[0]:
+            return cached[1]
+        with self._summary_lock:
+            cached = self._summary
+            if cached is not None and time.monotonic() < cached[0]:
+                return cached[1]
+            began = time.monotonic()
+            result = self._compute_summary()
+            took = time.monotonic() - began
+            result["as_of"] = _iso(datetime.now(timezone.utc).replace(tzinfo=None))
+            result["took_ms"] = round(took * 1000, 1)
+            self._summary = (began + 5 * took, result) if took > SUMMARY_SLOW_SECONDS else None
+            return result
+
+    def _compute_summary(self) -> dict:
         rows = self._read("SELECT shard, event_ingest_status a, shard_splitter_status b, shard_worker_status c, "
                           "mysql_sender_status d, COUNT(*) n FROM pipeline_tracking GROUP BY shard, a, b, c, d")
         by_stage = {COLUMN[s]: dict.fromkeys(STATUSES, 0) for s in STAGES}
@@ -582,23 +809,28 @@ class Tracker:
         for r in rows:
             total += r["n"]
             for key, stage in zip("abcd", STAGES):
-                by_stage[COLUMN[stage]][r[key]] += r["n"]
+                if r[key] in STATUSES:
+                    by_stage[COLUMN[stage]][r[key]] += r["n"]
             sh = by_shard.setdefault(r["shard"], {"shard": r["shard"], "total": 0, **dict.fromkeys(STATUSES, 0)})
             sh["total"] += r["n"]
-            sh[r["d"]] += r["n"]
+            if r["d"] in STATUSES:
+                sh[r["d"]] += r["n"]
         stage_metrics = {}
         for stage in WORK_STAGES:
             status_col, prev_col = _status_col(stage), _status_col(PREVIOUS[stage])
-            ready = self._read(f"SELECT COUNT(*) n, TIMESTAMPDIFF(MICROSECOND, MIN(created_at), NOW(3)) DIV 1000 age "
-                               f"FROM pipeline_tracking WHERE {prev_col}='done' AND {status_col}='new'")[0]
+            ready = self._read(f"SELECT COUNT(*) n FROM pipeline_tracking WHERE {prev_col}='done' "
+                               f"AND {status_col}='new'")[0]["n"]
+            oldest = self._read(sql_ready(stage, False, "TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) DIV 1000 age",
+                                          "LIMIT 1"))
             recent = self._read("SELECT COUNT(*) n, COALESCE(SUM(events), 0) ev FROM pipeline_transitions "
                                 "WHERE stage=%s AND to_status='done' AND at > NOW(3) - INTERVAL 60 SECOND", (stage,))[0]
             runs = [r["duration_ms"] for r in self._read(
                 "SELECT duration_ms FROM pipeline_transitions WHERE stage=%s AND to_status='done' "
                 "AND duration_ms IS NOT NULL ORDER BY at DESC LIMIT 500", (stage,))]
             stage_metrics[COLUMN[stage]] = {
-                "ready": ready["n"],
-                "oldest_ready_age_seconds": None if ready["age"] is None else ready["age"] / 1000,
+                "ready": ready,
+                "oldest_ready_age_seconds": oldest[0]["age"] / 1000 if oldest and oldest[0]["age"] is not None
+                else None,
                 "done_last_minute": recent["n"], "events_last_minute": int(recent["ev"]),
                 "median_run_ms": statistics.median(runs) if runs else None,
             }
@@ -624,13 +856,6 @@ class Tracker:
         return {"minutes": minutes, "stages": out}
 
     def ready(self) -> dict:
-        rows = self._read("SELECT table_name FROM information_schema.tables WHERE table_schema=DATABASE() "
-                          "AND table_name IN ('pipeline_tracking','pipeline_transitions')")
-        return {"tables": sorted(r["table_name"] for r in rows)}
-
-
-def _prev_any(stage: str) -> str:
-    """A predicate that lets a status lookup use the (previous, current) ready index."""
-    if stage == "event-ingest":
-        return "1=1"
-    return f"{_status_col(PREVIOUS[stage])} IN ('new','started','done','failed')"
+        rows = self._read("SELECT table_name AS t FROM information_schema.tables WHERE table_schema=DATABASE() "
+                          "AND table_name IN ('pipeline_tracking','pipeline_transitions','pipeline_claim_lock')")
+        return {"tables": sorted(r["t"] for r in rows)}
