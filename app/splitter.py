@@ -1,0 +1,294 @@
+"""shard-splitter: each source file's lines, byte for byte and in order, into one file per shard.
+
+`python -m app.splitter` runs the stage under the shared daemon loop (app/daemon.py). A source
+file is read once for all of its claimed shards; only the shard files of the tasks held are
+written (atomically). Every line ends in exactly one shard file or in the file's rejected
+file, with its reason. See docs/splitter.md.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import msgspec
+import orjson
+import pymysql
+
+from . import layout, routing
+from .atomic import atomic_write
+from .client import ApiError, ApiUnavailable, PipelineClient, Task
+from .config import Settings
+from .daemon import Context, Done, Failed, Outcome, Retryable, Stage, run_stage
+from .db import UNAVAILABLE
+from .order_index import FileRouting, OrderIndex
+
+SOURCE_MISSING = "source missing"
+CHECK_EVERY = 1 << 15     # lines between stop checks
+BUFFER_LINES = 16384      # lines held back while shop-less returns wait for one lookup
+READ_BUFFER = 1 << 20
+
+log = logging.getLogger("shard-splitter")
+
+
+class _Payload(msgspec.Struct):
+    shop_id: Any = None
+    order_id: Any = None
+
+
+class _Event(msgspec.Struct):
+    """The only fields routing reads; the rest of the line is validated, not built."""
+    event_type: Any = None
+    payload: _Payload | None = None
+
+
+_DECODER = msgspec.json.Decoder(_Event)
+
+
+@dataclass
+class SplitResult:
+    lines_in: int = 0
+    per_shard: list[int] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)
+    routed_by_order: int = 0
+    purchases: int = 0
+
+    def stats(self) -> dict:
+        return {"lines_in": self.lines_in,
+                "lines_by_shard": {str(s): n for s, n in enumerate(self.per_shard)},
+                "rejected": dict(sorted(self.rejected.items())),
+                "rejected_total": sum(self.rejected.values()),
+                "returns_routed_by_order": self.routed_by_order}
+
+
+def _rejected_record(line_no: int, line: bytes, reason: str) -> bytes:
+    raw = line[:-1] if line.endswith(b"\n") else line
+    record: dict = {"line_no": line_no, "reason": reason}
+    try:
+        record["line"] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        record["line"] = raw.decode("utf-8", "replace")
+        record["line_base64"] = base64.b64encode(raw).decode("ascii")
+    return orjson.dumps(record) + b"\n"
+
+
+def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[bytes], object] | None],
+                 registered: list[bool], file_routing: FileRouting,
+                 rejected_out: Callable[[bytes], object] | None = None,
+                 check: Callable[[], None] = lambda: None) -> SplitResult:
+    """Route every line of `source`; write those of the shards in `outputs` (None: count only)
+    and, with `rejected_out`, one record per rejected line. Memory stays flat: lines are
+    held back only while shop-less returns wait for a lookup (at most BUFFER_LINES)."""
+    event_types, max_id = routing.EVENT_TYPES, routing.MAX_ID
+    add_purchase, local = file_routing.add_purchase, file_routing.local
+    counts = [0] * shard_count
+    rejected: dict[str, int] = {}
+    result = SplitResult(per_shard=counts, rejected=rejected)
+    pending: list[tuple[int, int]] = []
+    held: list[bytes] | None = None       # lines held back, from line number held_from on
+    held_dest: list[int | str] = []
+    held_from = 0
+
+    def reject(n: int, line: bytes, reason: str) -> None:
+        rejected[reason] = rejected.get(reason, 0) + 1
+        if rejected_out is not None:
+            rejected_out(_rejected_record(n, line, reason))
+
+    def emit(n: int, line: bytes, dest: int | str) -> None:
+        if type(dest) is int:
+            if registered[dest]:
+                counts[dest] += 1
+                out = outputs[dest]
+                if out is not None:
+                    out(line)
+            else:
+                reject(n, line, routing.UNREGISTERED_SHARD)
+        else:
+            reject(n, line, dest)
+
+    def release() -> None:
+        shops = file_routing.lookup(pending)
+        for i, line in enumerate(held):
+            dest = held_dest[i]
+            if type(dest) is int and dest < 0:
+                shop = shops[-1 - dest]
+                if shop is None:
+                    dest = routing.UNROUTABLE
+                else:
+                    dest = shop % shard_count
+                    result.routed_by_order += 1
+            emit(held_from + i, line, dest)
+        pending.clear()
+        held_dest.clear()
+
+    decode, decode_error = _DECODER.decode, msgspec.DecodeError
+    n = 0
+    for line in source:
+        n += 1
+        if not n % CHECK_EVERY:
+            check()
+        if line[-1] != 10:
+            line += b"\n"
+        try:
+            event = decode(line)
+            if not line.isascii():
+                line.decode("utf-8")
+        except (decode_error, UnicodeDecodeError):
+            dest = routing.EMPTY_LINE if not line.strip() else routing.MALFORMED_JSON
+        else:
+            payload = event.payload
+            etype = event.event_type
+            if payload is None:
+                dest = routing.MALFORMED_JSON
+            elif type(etype) is not int or etype not in event_types:
+                dest = routing.UNKNOWN_EVENT_TYPE
+            else:
+                shop = payload.shop_id
+                if type(shop) is int:
+                    if 0 <= shop <= max_id:
+                        dest = shop % shard_count
+                        if etype == 1:
+                            order = payload.order_id
+                            if type(order) is int and -max_id - 1 <= order <= max_id:
+                                add_purchase(order, shop, n)
+                    else:
+                        dest = routing.SHOP_ID_OUT_OF_RANGE
+                elif shop is None and etype == 3:
+                    order = payload.order_id
+                    if type(order) is not int or not -max_id - 1 <= order <= max_id:
+                        dest = routing.UNROUTABLE
+                    else:
+                        shop = local(order)
+                        if shop is not None:
+                            dest = shop % shard_count
+                            result.routed_by_order += 1
+                        else:
+                            dest = -1 - len(pending)
+                            pending.append((order, n))
+                elif shop is None:
+                    dest = routing.MISSING_SHOP_ID
+                else:
+                    dest = routing.NON_INTEGER_SHOP_ID
+        if held is not None:
+            held.append(line)
+            held_dest.append(dest)
+            if len(held) >= BUFFER_LINES:
+                release()
+                held = None
+        elif type(dest) is int:
+            if dest >= 0 and registered[dest]:
+                counts[dest] += 1
+                out = outputs[dest]
+                if out is not None:
+                    out(line)
+            elif dest >= 0:
+                reject(n, line, routing.UNREGISTERED_SHARD)
+            else:
+                held, held_from = [line], n
+                held_dest.append(dest)
+        else:
+            reject(n, line, dest)
+    if held is not None:
+        release()
+    result.lines_in = n
+    result.purchases = file_routing.purchases
+    return result
+
+
+def split_file(source: Path, filename: str, shared: Path, shard_count: int, shards: list[int],
+               registered: list[int], index: OrderIndex, write_rejected: bool,
+               check: Callable[[], None] = lambda: None) -> SplitResult:
+    """Split one source file, writing the shard files of `shards` (and the rejected file when
+    asked); nothing is published unless the whole file went through."""
+    with open(source, "rb", buffering=READ_BUFFER) as src:
+        file_routing = index.open_file(filename)
+        try:
+            with ExitStack() as stack:
+                outputs: list = [None] * shard_count
+                for s in shards:
+                    outputs[s] = stack.enter_context(atomic_write(layout.splitter_output(shared, filename, s))).write
+                rejected_out = None
+                if write_rejected:
+                    rejected_out = stack.enter_context(atomic_write(layout.splitter_rejected(shared, filename))).write
+                reg = [s in registered for s in range(shard_count)]
+                result = split_stream(src, shard_count, outputs, reg, file_routing, rejected_out, check)
+                file_routing.finish()
+        except BaseException:
+            file_routing.abort()
+            raise
+    return result
+
+
+class Splitter(Stage):
+    name = "shard-splitter"
+    service = "shard-splitter"
+    shard = None
+
+    def __init__(self, settings: Settings, index: OrderIndex | None = None, client: PipelineClient | None = None):
+        self.settings = settings
+        self.shared = settings.shared_dir
+        self.folder = layout.splitter_dir(settings.shared_dir)
+        # Claim whole files where possible: a file's shard rows are registered together.
+        self.claim_limit = max(settings.claim_limit, settings.shard_count)
+        self.index = index or OrderIndex(settings.pipeline_db, self.folder)
+        self.client = client or PipelineClient(settings.pipeline_url, settings.api_token, max_wait=30.0)
+
+    def group(self, tasks: list[Task]) -> list[list[Task]]:
+        groups: dict[str, list[Task]] = {}
+        for task in tasks:
+            groups.setdefault(task.filename, []).append(task)
+        return list(groups.values())
+
+    def setup(self, ctx: Context) -> None:
+        try:
+            self.index.ensure_schema()
+        except UNAVAILABLE as exc:
+            ctx.log.warning("pipeline database unavailable at start (%s); will retry with the first task", exc)
+            self.index.reset()
+
+    def teardown(self) -> None:
+        self.index.close()
+
+    def process(self, tasks: list[Task], ctx: Context) -> list[Outcome]:
+        filename = tasks[0].filename
+        source = layout.source_file(self.shared, filename)
+        if not source.is_file():
+            return [Failed(SOURCE_MISSING)] * len(tasks)
+        try:
+            registered = sorted(s["shard"] for s in self.client.file(filename)["shards"])
+        except ApiUnavailable as exc:
+            raise Retryable(f"pipeline-apid unavailable: {exc}") from None
+        except ApiError as exc:
+            return [Failed(f"cannot read the file's registration: {exc}")] * len(tasks)
+        shards = sorted(t.shard for t in tasks)
+        # One task per file writes the rejected file: the one of the lowest registered shard.
+        writes_rejected = bool(registered) and registered[0] in shards
+        try:
+            result = split_file(source, filename, self.shared, self.settings.shard_count, shards, registered,
+                                self.index, writes_rejected, ctx.check)
+        except FileNotFoundError:
+            return [Failed(SOURCE_MISSING)] * len(tasks)
+        except (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError) as exc:
+            self.index.reset()
+            raise Retryable(f"pipeline database unavailable: {exc}") from None
+        except (IsADirectoryError, PermissionError) as exc:
+            return [Failed(f"source unreadable: {exc}")] * len(tasks)
+        except OSError as exc:
+            raise Retryable(f"file system error: {exc}") from None
+        stats = result.stats()
+        ctx.log.info("split %s: %s", filename, stats)
+        return [Done(events=result.per_shard[t.shard],
+                     stats={**stats, "rejected_file_written": writes_rejected and t.shard == registered[0]})
+                for t in tasks]
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    run_stage(Splitter(settings), settings)
+
+
+if __name__ == "__main__":
+    main()
