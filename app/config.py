@@ -119,6 +119,18 @@ def _decimal(env: Mapping[str, str], name: str, default: str) -> Decimal:
     return value.quantize(Decimal("0.01"))
 
 
+def _ingest_rates(env: Mapping[str, str]) -> tuple[tuple[str, float], ...]:
+    """INGEST_RATE_<NAME>=0.01 for each injected case; the generator checks the names."""
+    rates = []
+    for name in sorted(k for k in env if k.startswith("INGEST_RATE_")):
+        if env[name] != "":
+            value = _float(env, name, 0.0)
+            if value >= 1:
+                raise ConfigError(name, f"must be a probability below 1, got {env[name]!r}")
+            rates.append((name[len("INGEST_RATE_"):].lower(), value))
+    return tuple(rates)
+
+
 def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name) or default
     parts = urlsplit(raw)
@@ -181,6 +193,13 @@ class Settings:
     # server refuses LOCAL; insert: multi-row INSERT) and rows per LOAD DATA chunk (docs/sender.md).
     sender_method: str = "load_data"
     sender_chunk_rows: int = 10_000
+    # event-ingest's generator (docs/ingest.md): seed (None: a random one), injection rates by
+    # name from INGEST_RATE_<NAME>, and the size of its world.
+    ingest_seed: int | None = None
+    ingest_rates: tuple[tuple[str, float], ...] = ()
+    ingest_shops: int = 20
+    ingest_goods: int = 10
+    ingest_users: int = 200
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -232,6 +251,11 @@ class Settings:
             worker_batch_lines=_int(env, "WORKER_BATCH_LINES", 4000, 1, 100_000),
             sender_method=_choice(env, "SENDER_METHOD", "load_data", ("load_data", "insert")),
             sender_chunk_rows=_int(env, "SENDER_CHUNK_ROWS", 10_000, 100, 1_000_000),
+            ingest_seed=_int(env, "INGEST_SEED", None, 0, 2**63 - 1),
+            ingest_rates=_ingest_rates(env),
+            ingest_shops=_int(env, "INGEST_SHOPS", 20, 1, 1_000_000),
+            ingest_goods=_int(env, "INGEST_GOODS", 10, 1, 1_000_000),
+            ingest_users=_int(env, "INGEST_USERS", 200, 1, 100_000_000),
             supervisor_socket=env.get("SUPERVISOR_SOCKET") or str(Supervision.from_env(env).socket),
         )
 
