@@ -16,6 +16,7 @@ from typing import Any
 
 import bottle
 import orjson
+import pymysql
 
 from . import db, tracking
 from .config import Settings
@@ -342,7 +343,12 @@ class Api:
         now = time.monotonic()
         if now - self._last_reap >= 1.0:
             self._last_reap = now
-            self.tracker.reap()
+            try:
+                self.tracker.reap()
+            except pymysql.err.OperationalError as exc:
+                if not exc.args or exc.args[0] not in db.DEADLOCK_CODES:
+                    raise
+                log.info("reaping skipped (lock contention); the reaper thread will do it")
 
     def start_reaper(self) -> None:
         def loop():
