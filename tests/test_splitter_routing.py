@@ -1,0 +1,179 @@
+"""The splitter's routing on the real MariaDB, without the daemon: reasons, byte-for-byte
+output, and the order index rule for returns without shop_id (deterministic on re-split)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from app import layout, order_index
+from app.order_index import OrderIndex
+from app.splitter import split_file
+from tests import servers
+
+FIXTURE = Path("/work/shared/fixtures/original-generator/20261126221520.event-ingest.txt")
+if not FIXTURE.exists():
+    FIXTURE = servers.ROOT.parent / "shared" / "fixtures" / "original-generator" / "20261126221520.event-ingest.txt"
+
+
+def ev(etype, ts="2026-01-01 00:00:00.001", **payload) -> bytes:
+    return orjson.dumps({"event_type": etype, "payload": payload, "saved_at": "2026-01-01 00:00:00.000",
+                         "timestamp": ts}) + b"\n"
+
+
+@pytest.fixture
+def index(pipeline_db, shared_dir):
+    folder = layout.splitter_dir(shared_dir)
+    folder.mkdir(parents=True)
+    idx = OrderIndex(pipeline_db, folder)
+    yield idx
+    idx.close()
+
+
+def write_source(shared: Path, name: str, lines: list[bytes]) -> Path:
+    path = layout.source_file(shared, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def split(shared, index, name, shards=(0, 1), shard_count=2, registered=(0, 1), rejected=True):
+    result = split_file(layout.source_file(shared, name), name, shared, shard_count, list(shards),
+                        list(registered), index, rejected)
+    outputs = {s: layout.splitter_output(shared, name, s).read_bytes() for s in shards}
+    rej = layout.splitter_rejected(shared, name)
+    records = [orjson.loads(x) for x in rej.read_bytes().splitlines()] if rejected and rej.exists() else []
+    return result, outputs, records
+
+
+def test_fixture_every_line_in_one_place(shared_dir, index):
+    lines = FIXTURE.read_bytes().splitlines(keepends=True)
+    write_source(shared_dir, "20261126221520", lines)
+    result, outputs, records = split(shared_dir, index, "20261126221520")
+    expected = {0: b"", 1: b""}
+    for line in lines:
+        shop = orjson.loads(line)["payload"].get("shop_id")
+        if shop is not None:
+            expected[shop % 2] += line
+    assert outputs == expected
+    assert [r["line_no"] for r in records] == [i + 1 for i, ln in enumerate(lines) if b'"shop_id"' not in ln]
+    assert {r["reason"] for r in records} == {"unroutable"}
+    assert [r["line"].encode() + b"\n" for r in records] == [ln for ln in lines if b'"shop_id"' not in ln]
+    assert result.lines_in == len(lines) == sum(result.per_shard) + sum(result.rejected.values())
+
+
+def test_every_reason_and_byte_for_byte(shared_dir, index):
+    good = ev(0, shop_id=4, good_id=1, delta_count=2)
+    lines = [
+        good,
+        b"\n",                                                   # empty_line
+        b"not json\n",                                           # malformed_json
+        b"[1,2]\n",                                              # malformed_json
+        b'{"event_type":1,"payload":"x"}\n',                     # malformed_json
+        b'{"event_type":1}\n',                                   # malformed_json (no payload)
+        b'{"event_type":0,"payload":{"shop_id":1,"r":"\xff"}}\n',  # malformed_json (bad UTF-8)
+        ev("1", shop_id=3),                                      # unknown_event_type
+        ev(True, shop_id=3),                                     # unknown_event_type
+        ev(7, shop_id=3),                                        # unknown_event_type
+        ev(2, good_id=1, new_price=1.5),                         # missing_shop_id
+        ev(2, shop_id=None, good_id=1, new_price=1.5),           # missing_shop_id
+        ev(2, shop_id="3", good_id=1),                           # non_integer_shop_id
+        ev(2, shop_id=3.0, good_id=1),                           # non_integer_shop_id
+        ev(2, shop_id=-1, good_id=1),                            # shop_id_out_of_range
+        b'{"event_type":2,"payload":{"shop_id":9223372036854775808}}\n',  # shop_id_out_of_range
+        ev(1, order_id=2**62 + 5, user_id=1, shop_id=7, good_id=1, qty=1, price_at_order=9.99),
+        ev(3, order_id=2**62 + 5, user_id=1, good_id=1, qty=1, refund_amount=9.99),   # routed to 7 % 2
+        ev(3, order_id=2**62 + 6, user_id=1, good_id=1, qty=1, refund_amount=9.99),   # unroutable (after)
+        ev(1, order_id=2**62 + 6, user_id=1, shop_id=8, good_id=1, qty=1, price_at_order=9.99),
+        ev(3, order_id="x", user_id=1, good_id=1, qty=1, refund_amount=9.99),         # unroutable
+        ev(3, order_id=2**62 + 6, user_id=1, shop_id=5, good_id=1, qty=1, refund_amount=9.99),
+        b'{"event_type":4,"payload":{"shop_id":10,"active":true}}\r\n',
+        b'{"event_type":4,"payload":{"shop_id":11,"active":false}}',  # no newline at the end
+    ]
+    write_source(shared_dir, "20260101000000", lines)
+    result, outputs, records = split(shared_dir, index, "20260101000000")
+    assert outputs[0] == lines[0] + lines[19] + lines[22]
+    assert outputs[1] == lines[16] + lines[17] + lines[21] + lines[23] + b"\n"
+    reasons = [(r["line_no"], r["reason"]) for r in records]
+    assert reasons == [(2, "empty_line"), (3, "malformed_json"), (4, "malformed_json"), (5, "malformed_json"),
+                       (6, "malformed_json"), (7, "malformed_json"), (8, "unknown_event_type"),
+                       (9, "unknown_event_type"), (10, "unknown_event_type"), (11, "missing_shop_id"),
+                       (12, "missing_shop_id"), (13, "non_integer_shop_id"), (14, "non_integer_shop_id"),
+                       (15, "shop_id_out_of_range"), (16, "shop_id_out_of_range"), (19, "unroutable"),
+                       (21, "unroutable")]
+    assert records[5]["line_base64"]          # the invalid UTF-8 line is kept exactly
+    assert result.stats()["rejected_total"] == 17
+    assert result.routed_by_order == 1
+    assert result.lines_in == 24 == sum(result.per_shard) + result.stats()["rejected_total"]
+
+
+def test_only_held_shards_written_and_rejected_once(shared_dir, index):
+    lines = [ev(0, shop_id=s, good_id=1, delta_count=1) for s in range(6)] + [b"bad\n"]
+    write_source(shared_dir, "20260101000001", lines)
+    result, outputs, records = split(shared_dir, index, "20260101000001", shards=(1,), rejected=False)
+    assert outputs == {1: lines[1] + lines[3] + lines[5]}
+    assert not layout.splitter_output(shared_dir, "20260101000001", 0).exists()
+    assert not layout.splitter_rejected(shared_dir, "20260101000001").exists()
+    assert result.per_shard == [3, 3] and result.rejected == {"malformed_json": 1}
+    # A file registered without shard 1: its lines have no task to go to.
+    result, outputs, records = split(shared_dir, index, "20260101000001", shards=(0,), registered=(0,))
+    assert [r["reason"] for r in records] == ["unregistered_shard"] * 3 + ["malformed_json"]
+
+
+def test_returns_route_by_orders_of_earlier_files_deterministically(shared_dir, index):
+    x, y, z = 2**60 + 1, 2**60 + 2, 2**60 + 3
+    ret = lambda order: ev(3, order_id=order, user_id=1, good_id=1, qty=1, refund_amount=1.0)  # noqa: E731
+    buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
+                                 price_at_order=1.0)
+    write_source(shared_dir, "20260101000010", [buy(x, 3), buy(y, 4)])
+    write_source(shared_dir, "20260101000011", [ret(x), ret(y), ret(z)])
+    write_source(shared_dir, "20260101000012", [buy(z, 5)])
+    write_source(shared_dir, "20260101000013", [ret(z), ret(x)])
+
+    split(shared_dir, index, "20260101000010")
+    _, out_b, rec_b = split(shared_dir, index, "20260101000011")
+    assert out_b == {0: ret(y), 1: ret(x)} and [r["line_no"] for r in rec_b] == [3]
+
+    # File 13 is first split before file 12's purchases are indexed: z stays unroutable there,
+    # even when 13 is split again after 12 (its horizon is fixed at its first split).
+    _, out_d, rec_d = split(shared_dir, index, "20260101000013")
+    assert out_d == {0: b"", 1: ret(x)} and [r["reason"] for r in rec_d] == ["unroutable"]
+    split(shared_dir, index, "20260101000012")
+    assert split(shared_dir, index, "20260101000013")[1:] == (out_d, rec_d)
+    assert split(shared_dir, index, "20260101000011")[1:] == (out_b, rec_b)
+
+
+def test_same_file_routing_beyond_memory_and_resplit(shared_dir, index, monkeypatch):
+    """With tiny chunks the file's early purchases leave memory: they are found in the
+    database, the same way on a first split (loader running) and on a re-split (indexed)."""
+    monkeypatch.setattr(order_index, "CHUNK", 4)
+    monkeypatch.setattr(order_index, "MAX_INFLIGHT", 1)
+    lines = [ev(1, order_id=2**61 + i, user_id=1, shop_id=i, good_id=1, qty=1, price_at_order=1.0)
+             for i in range(40)]
+    lines += [ev(3, order_id=2**61 + i, user_id=1, good_id=1, qty=1, refund_amount=1.0) for i in range(45)]
+    write_source(shared_dir, "20260101000020", lines)
+    first = split(shared_dir, index, "20260101000020")
+    assert first[0].routed_by_order == 40
+    assert [r["line_no"] for r in first[2]] == list(range(81, 86))
+    second = split(shared_dir, index, "20260101000020")
+    assert second[1:] == first[1:]
+    assert not list(layout.splitter_dir(shared_dir).glob("*.tsv*"))
+
+
+def test_insert_fallback_gives_the_same_routing(shared_dir, pipeline_db):
+    folder = layout.splitter_dir(shared_dir)
+    folder.mkdir(parents=True)
+    lines = [ev(1, order_id=2**61 + i, user_id=1, shop_id=i, good_id=1, qty=1, price_at_order=1.0)
+             for i in range(20)]
+    write_source(shared_dir, "20260101000030", lines)
+    write_source(shared_dir, "20260101000031",
+                 [ev(3, order_id=2**61 + i, user_id=1, good_id=1, qty=1, refund_amount=1.0) for i in range(22)])
+    idx = OrderIndex(pipeline_db, folder, use_infile=False)
+    try:
+        split(shared_dir, idx, "20260101000030")
+        result, outputs, records = split(shared_dir, idx, "20260101000031")
+    finally:
+        idx.close()
+    assert result.routed_by_order == 20 and len(records) == 2
+    assert result.per_shard == [10, 10]
