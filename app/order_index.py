@@ -28,8 +28,8 @@ from .config import MySQLURL
 DDL_PATH = Path(__file__).resolve().parent.parent / "db" / "splitter_ddl.sql"
 DDL_LOCK = "shard_splitter_ddl"
 INT64_MAX = 2**63 - 1
-CHUNK = 8192          # purchases per TSV chunk handed to the loader
-MAX_INFLIGHT = 3      # chunks loaded concurrently with the split before it waits
+CHUNK = 4096          # purchases per TSV chunk handed to the loader
+MAX_INFLIGHT = 2      # chunks loaded concurrently with the split before it waits
 LOOKUP_BATCH = 1000   # order ids per lookup query
 # LOAD DATA LOCAL refused (MySQL 8.0 ships with local_infile=OFF): fall back to INSERTs.
 INFILE_REFUSED = {1148, 3948, 2068}

@@ -28,7 +28,8 @@ from .order_index import FileRouting, OrderIndex
 
 SOURCE_MISSING = "source missing"
 CHECK_EVERY = 1 << 15     # lines between stop checks
-BUFFER_LINES = 16384      # lines held back while shop-less returns wait for one lookup
+BUFFER_LINES = 8192       # lines held back while shop-less returns wait for one lookup
+BUFFER_BYTES = 1 << 21    # ... and at most this many bytes of them
 READ_BUFFER = 1 << 20
 
 log = logging.getLogger("shard-splitter")
@@ -81,7 +82,7 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
                  check: Callable[[], None] = lambda: None) -> SplitResult:
     """Route every line of `source`; write those of the shards in `outputs` (None: count only)
     and, with `rejected_out`, one record per rejected line. Memory stays flat: lines are
-    held back only while shop-less returns wait for a lookup (at most BUFFER_LINES)."""
+    held back only while shop-less returns wait for a lookup (BUFFER_LINES, BUFFER_BYTES)."""
     event_types, max_id = routing.EVENT_TYPES, routing.MAX_ID
     add_purchase, local = file_routing.add_purchase, file_routing.local
     counts = [0] * shard_count
@@ -91,6 +92,7 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
     held: list[bytes] | None = None       # lines held back, from line number held_from on
     held_dest: list[int | str] = []
     held_from = 0
+    held_bytes = 0
 
     def reject(n: int, line: bytes, reason: str) -> None:
         rejected[reason] = rejected.get(reason, 0) + 1
@@ -175,9 +177,10 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
         if held is not None:
             held.append(line)
             held_dest.append(dest)
-            if len(held) >= BUFFER_LINES:
+            held_bytes += len(line)
+            if len(held) >= BUFFER_LINES or held_bytes >= BUFFER_BYTES:
                 release()
-                held = None
+                held, held_bytes = None, 0
         elif type(dest) is int:
             if dest >= 0 and registered[dest]:
                 counts[dest] += 1
