@@ -222,7 +222,7 @@ class MonitorApp(App):
     def render_status(self) -> None:
         now = self.clock()
         status = self.query_one("#status", Static)
-        parts: list = [("pipeline-monitor ", "bold")]
+        parts: list = []
         if self.api_error is None and self.last_ok is not None:
             parts.append(("● API ok", "bold green"))
         elif self.api_error is None:
@@ -233,6 +233,12 @@ class MonitorApp(App):
         parts.append(f" · updated {ago} · every {fmt.seconds(self.interval)}")
         if self.snapshot is not None:
             parts.append(f" · {fmt.count(self.snapshot.summary.get('total', 0))} tasks")
+        if self.supervisor_error is not None:
+            parts.append((" · supervisord unreachable", "bold yellow"))
+        elif self.processes is not None:
+            up = sum(p.statename == "RUNNING" for p in self.processes)
+            parts.append((f" · {up}/{len(self.processes)} processes up",
+                          "" if up == len(self.processes) else "bold yellow"))
         if self.api_since is not None and now - self.api_since >= max(2 * self.interval, 2.0):
             parts.append((f" · waiting for API {fmt.seconds(now - self.api_since)}", "bold yellow"))
         status.update(Text.assemble(*parts))
@@ -240,8 +246,8 @@ class MonitorApp(App):
         if self.api_error is None:
             banner.say(None)
         else:
-            held = "" if self.snapshot is None else f"; showing data from {ago}"
-            banner.say(f"⚠ pipeline-apid unreachable at {self.api_label} — {self.api_error}{held}; "
+            held = "" if self.snapshot is None else f" · showing data from {ago}"
+            banner.say(f"⚠ pipeline-apid unreachable ({self.api_label}): {self.api_error}{held} · "
                        f"retrying every {fmt.seconds(self.interval)}")
 
     # -- actions ----------------------------------------------------------------------------------

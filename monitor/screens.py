@@ -79,10 +79,10 @@ class FileScreen(Screen):
 
     def on_mount(self) -> None:
         shards = self.query_one("#file-shards", DataTable)
-        shards.add_columns("shard", *STAGES, "attempts s/w/m", "owner", "updated", "last error")
+        shards.add_columns("shard", *STAGES, "last error", "attempts s/w/m", "owner", "updated")
         history = self.query_one("#file-history", DataTable)
-        history.add_columns("at (UTC)", "shard", "stage", "from → to", "action", "by", "took", "events",
-                            "error")
+        history.add_columns("at (UTC)", "shard", "stage", "from → to", "error", "action", "by", "took",
+                            "events")
         self.action_reload()
 
     def action_reload(self) -> None:
@@ -110,9 +110,9 @@ class FileScreen(Screen):
             statuses = [Text(s.get(f"{key(stage)}_status") or "—",
                              style=STATUS_STYLE.get(s.get(f"{key(stage)}_status"), "")) for stage in STAGES]
             shards.add_row(
-                str(s["shard"]), *statuses,
+                str(s["shard"]), *statuses, Text(fmt.clip(s.get("last_error"), 120) or "—", style="red"),
                 "/".join(str(att.get(st, 0)) for st in STAGES[1:]), s.get("owner") or "—",
-                fmt.stamp(s.get("updated_at")), Text(fmt.clip(s.get("last_error"), 120), style="red"))
+                fmt.stamp(s.get("updated_at")))
             events += [(h, s["shard"]) for h in s.get("history") or []]
         events.sort(key=lambda e: e[0].get("at") or "")
         for h, shard in events:
@@ -120,9 +120,9 @@ class FileScreen(Screen):
                 fmt.stamp(h.get("at")), str(shard), h.get("stage") or "",
                 Text.assemble((h.get("from") or "·", STATUS_STYLE.get(h.get("from"), "")), " → ",
                               (h.get("to") or "", STATUS_STYLE.get(h.get("to"), ""))),
+                Text(fmt.clip(h.get("error"), 160), style="red"),
                 h.get("action") or "", fmt.clip(h.get("by"), 30) or "—", fmt.millis(h.get("duration_ms")),
-                "—" if h.get("events") is None else str(h["events"]),
-                Text(fmt.clip(h.get("error"), 160), style="red"))
+                "—" if h.get("events") is None else str(h["events"]))
         n = len(detail.get("shards") or [])
         title.update(Text.assemble(("File ", ""), (self.filename, "bold"),
                                    (f" — {n} shard{'s' if n != 1 else ''}, {len(events)} transitions", "")))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import formatting as fmt
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -36,9 +38,10 @@ class Thresholds:
     def task_reason(self, task: dict, median_ms: float | None) -> str | None:
         """Why a started task (an item of /tasks/{stage}?status=started) is stuck, or None."""
         if task.get("lease_expired"):
-            return f"lease of {task.get('owner') or 'its worker'} expired"
+            return "lease expired"
         running = task.get("running_ms")
         if running is not None and running > self.run_limit_ms(median_ms):
-            basis = f"{self.factor:g}x median" if median_ms is not None else "limit"
-            return f"running {running / 1000:.0f}s > {basis} {self.run_limit_ms(median_ms) / 1000:.0f}s"
+            if median_ms is None:
+                return f"running over {self.stuck_after:g}s"
+            return f"far past median {fmt.millis(median_ms)}"
         return None

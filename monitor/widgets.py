@@ -34,6 +34,13 @@ class SyncTable(DataTable):
 
     def __init__(self, **kwargs):
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.show_cursor = False
+
+    def on_focus(self) -> None:
+        self.show_cursor = True
+
+    def on_blur(self) -> None:
+        self.show_cursor = False
 
     def on_mount(self) -> None:
         for col_key, label in self.COLUMNS:

@@ -247,13 +247,15 @@ def test_banner_while_the_api_is_down_and_recovery(api_factory, api_env):
             text = str(banner.render())
             assert "unreachable" in text and str(api.port) in text
             assert "API down" in str(app.query_one("#status").render())
-            assert app.query_one(PipelineTable).row_count == 4  # the last data stays on screen
+            assert app.query_one(PipelineTable).row_count == 4  # the last data stays on screen, dimmed
+            assert app.screen.has_class("-stale")
             await pilot.press("plus")  # still responsive
             assert app.interval == 0.5
             restarted = api_factory(api.process.env)
             assert restarted.port == api.port
             await until(pilot, lambda: not banner.display, timeout=20, what="banner cleared")
             assert "API ok" in str(app.query_one("#status").render())
+            assert not app.screen.has_class("-stale")
     asyncio.run(scenario())
 
 
