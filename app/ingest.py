@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import random
 import re
 import signal
@@ -110,24 +111,38 @@ class Ingest:
     # -- modes ------------------------------------------------------------------------------
 
     def run_forever(self, generator: Generator) -> None:
-        """A file every INGEST_INTERVAL seconds, aligned to the interval, 1..EVENTS_PER_FILE lines."""
+        """A file every INGEST_INTERVAL seconds, aligned to the interval, 1..EVENTS_PER_FILE lines.
+        Files are registered by a second thread, in order, so writing goes on while the API is
+        down; what is still unregistered at exit is registered by the next start."""
         s = self.settings
         interval = max(s.ingest_interval, 0.001)
         counts = _count_rng(generator.seed)
         last = (existing_ticks(self.events) or [None])[-1]
+        written_files: queue.Queue[tuple[str, int] | None] = queue.Queue()
+        registrar = threading.Thread(target=self._registrar, args=(written_files,), name="registrar", daemon=True)
+        registrar.start()
+        try:
+            while not self.stop.is_set():
+                now = time.time()
+                due = (now // interval + 1) * interval
+                if self.stop.wait(due - now):
+                    break
+                lines = counts.randint(1, s.events_per_file)
+                tick = generator.next_tick(last, datetime.fromtimestamp(due, timezone.utc))
+                path, written = write_event_file(generator, self.events, tick, lines)
+                last = tick
+                log.info("wrote %s (%d lines)", path.name, written)
+                written_files.put((tick, written))
+        finally:
+            written_files.put(None)
+            registrar.join(60)
+
+    def _registrar(self, written_files: "queue.Queue[tuple[str, int] | None]") -> None:
+        self.recover()
         next_scan = time.monotonic() + RESCAN_SECONDS
-        while not self.stop.is_set():
-            now = time.time()
-            due = (now // interval + 1) * interval
-            if self.stop.wait(due - now):
-                break
-            lines = counts.randint(1, s.events_per_file)
-            tick = generator.next_tick(last, datetime.fromtimestamp(due, timezone.utc))
-            path, written = write_event_file(generator, self.events, tick, lines)
-            last = tick
-            log.info("wrote %s (%d lines)", path.name, written)
-            self.announce(tick, written)
-            if time.monotonic() > next_scan:
+        while (item := written_files.get()) is not None:
+            self.announce(*item)
+            if time.monotonic() > next_scan and not self.stop.is_set():
                 self.recover()
                 next_scan = time.monotonic() + RESCAN_SECONDS
 
@@ -271,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ingest = Ingest(settings, stop, register=not args.no_register)
     try:
-        ingest.recover()
+        if args.imports or args.files is not None:
+            ingest.recover()
         if args.imports:
             names = ingest.import_files(args.imports)
             log.info("imported %d file(s)", len(names))
