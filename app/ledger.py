@@ -1,0 +1,76 @@
+"""Money of the shard workers: one balance per user across all shards, debits and credits
+keyed by order (see docs/business-rules.md).
+
+A batch locks the balances it may touch (ascending user_id, so two shard workers wait for each
+other instead of deadlocking), decides in memory, and writes the new balances with its orders
+in the same transaction. One `worker_orders` row per order makes every money movement
+idempotent; a concurrent writer of the same order or user is detected and the batch is
+decided again.
+"""
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pymysql
+
+from .rules import Order
+
+DUPLICATE_KEY = 1062
+
+
+class LedgerConflict(Exception):
+    """Another worker wrote one of this batch's orders or users first: decide again."""
+
+
+class Ledger:
+    def __init__(self, opening_balance: Decimal):
+        self.opening = opening_balance
+
+    @staticmethod
+    def orders(cur, order_ids) -> dict[int, Order]:
+        if not order_ids:
+            return {}
+        cur.execute("SELECT order_id, user_id, shop_id, good_id, qty, amount, debited, credit FROM worker_orders "
+                    "WHERE order_id IN %s", (list(order_ids),))
+        return {r[0]: Order(r[0], r[1], r[5], r[2], r[3], r[4], bool(r[6]), r[7]) for r in cur.fetchall()}
+
+    def lock_balances(self, cur, users) -> dict[int, Decimal]:
+        """Balances of `users`, locked until the transaction ends; a user never seen starts
+        with OPENING_BALANCE."""
+        if not users:
+            return {}
+        ordered = sorted(users)
+        cur.execute("SELECT user_id, balance FROM worker_balances WHERE user_id IN %s "
+                    "ORDER BY user_id FOR UPDATE", (ordered,))
+        balances = dict(cur.fetchall())
+        missing = [u for u in ordered if u not in balances]
+        if missing:
+            try:
+                cur.executemany("INSERT INTO worker_balances (user_id, balance) VALUES (%s,%s)",
+                                [(u, self.opening) for u in missing])
+            except pymysql.err.IntegrityError as exc:
+                if exc.args and exc.args[0] == DUPLICATE_KEY:
+                    raise LedgerConflict("a new user was created by another worker meanwhile") from exc
+                raise
+            balances.update((u, self.opening) for u in missing)
+        return balances
+
+    @staticmethod
+    def write(cur, shard: int, file_id: int, new: list[Order], credited: list[Order],
+              balances: dict[int, Decimal], changed: set[int]) -> None:
+        """Insert this batch's orders and record credits on earlier ones, in one statement whose
+        affected-row count proves nobody else wrote them meanwhile."""
+        rows = [(o.order_id, shard, o.user_id, o.shop_id, o.good_id, o.qty, o.amount, int(o.debited),
+                 o.credit, file_id, o.line) for o in new + credited]
+        if rows:
+            cur.executemany("INSERT INTO worker_orders (order_id, shard, user_id, shop_id, good_id, qty, amount,"
+                            " debited, credit, file_id, line) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                            " ON DUPLICATE KEY UPDATE credit=IF(credit IS NULL, VALUES(credit), credit)", rows)
+            expected = len(new) + 2 * len(credited)
+            if cur.rowcount != expected:
+                raise LedgerConflict(f"orders of this batch were written by another worker "
+                                     f"({cur.rowcount} rows changed, {expected} expected)")
+        if changed:
+            cur.executemany("INSERT INTO worker_balances (user_id, balance) VALUES (%s,%s) "
+                            "ON DUPLICATE KEY UPDATE balance=VALUES(balance)",
+                            [(u, balances[u]) for u in sorted(changed)])

@@ -1,0 +1,267 @@
+"""The shard worker's business rules as pure functions: what makes a line a usable event, and
+which reason rejects an event given the state it meets (see docs/business-rules.md).
+
+No database here: the worker fetches the state a batch needs, asks these functions line by
+line, and writes the changes back. Decisions are stored as one code byte per line, so the
+codes below are a persistent format: append new reasons, never renumber.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import orjson
+
+from .config import Rules
+from .events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS, event_key
+
+ACCEPTED = 0
+HELD = 1
+REASONS = (
+    "duplicate",                # the business key was seen on this shard within DEDUP_WINDOW
+    "malformed",                # not an event: bad JSON, missing or mistyped field, bad timestamp
+    "wrong_shard",              # shop_id % SHARD_COUNT is not this worker's shard
+    "non_positive_price",       # price_at_order, new_price or refund_amount <= 0
+    "non_positive_qty",         # a purchase's or return's qty <= 0
+    "insufficient_balance",     # the purchase would take the user's balance below zero
+    "negative_stock",           # the stock change (or purchase) would take stock below zero
+    "shop_inactive",            # a purchase in a shop whose latest status is inactive
+    "orphan_return",            # a held return whose purchase did not come in time
+    "purchase_rejected",        # a return whose purchase was seen but not accepted
+    "refund_exceeds_purchase",  # refund_amount above the purchase's amount, or qty above its qty
+    "already_refunded",         # a second return of one order (only reachable with RULE_DEDUP off)
+    "return_mismatch",          # the return's user, good or shop differ from its purchase's
+)
+CODE = {reason: i + 2 for i, reason in enumerate(REASONS)}
+REASON = {code: reason for reason, code in CODE.items()}
+DUPLICATE, MALFORMED, WRONG_SHARD = CODE["duplicate"], CODE["malformed"], CODE["wrong_shard"]
+NON_POSITIVE_PRICE, NON_POSITIVE_QTY = CODE["non_positive_price"], CODE["non_positive_qty"]
+INSUFFICIENT_BALANCE, NEGATIVE_STOCK = CODE["insufficient_balance"], CODE["negative_stock"]
+SHOP_INACTIVE, ORPHAN_RETURN = CODE["shop_inactive"], CODE["orphan_return"]
+PURCHASE_REJECTED, REFUND_EXCEEDS = CODE["purchase_rejected"], CODE["refund_exceeds_purchase"]
+ALREADY_REFUNDED, RETURN_MISMATCH = CODE["already_refunded"], CODE["return_mismatch"]
+
+CENT = Decimal("0.01")
+MAX_AMOUNT = Decimal("1e13")      # far below DECIMAL(18,2), so sums of a batch cannot overflow
+ID_MAX = (1 << 63) - 1            # BIGINT
+QTY_MAX = (1 << 31) - 1           # INT
+TIME_LEN = 23                     # YYYY-MM-DD HH:MM:SS.mmm
+
+
+class Event:
+    """One valid event line, its fields checked and typed."""
+
+    __slots__ = ("etype", "payload", "ts", "key", "shop_id", "user_id", "order_id", "good_id",
+                 "qty", "amount", "active")
+
+    def __init__(self, etype: int, payload: dict, ts: str):
+        self.etype, self.payload, self.ts = etype, payload, ts
+        self.key = ""
+        self.shop_id = self.user_id = self.order_id = self.good_id = self.qty = None
+        self.amount: Decimal | None = None
+        self.active: bool | None = None
+
+
+class Bad:
+    """A line rejected before any state is consulted (malformed, wrong shard)."""
+
+    __slots__ = ("code", "detail")
+
+    def __init__(self, code: int, detail: str):
+        self.code, self.detail = code, detail
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _id(payload: dict, name: str, signed: bool = False) -> int:
+    value = payload.get(name)
+    if type(value) is not int:
+        raise _Invalid(f"payload.{name} must be an integer" if name in payload else f"payload.{name} is missing")
+    if not (-ID_MAX - 1 if signed else 0) <= value <= ID_MAX:
+        raise _Invalid(f"payload.{name} is out of the 64-bit range")
+    return value
+
+
+def _qty(payload: dict, name: str) -> int:
+    value = payload.get(name)
+    if type(value) is not int:
+        raise _Invalid(f"payload.{name} must be an integer" if name in payload else f"payload.{name} is missing")
+    if not -QTY_MAX <= value <= QTY_MAX:
+        raise _Invalid(f"payload.{name} is out of range")
+    return value
+
+
+def money(value) -> Decimal:
+    """An amount from a JSON number, exactly: a double prints back as the decimal literal it was
+    parsed from when that literal has at most 15 significant digits (DBL_DIG), which every
+    amount of at most 13 integer digits and 2 decimals has; more decimals are refused."""
+    if type(value) is int:
+        amount = Decimal(value)
+    elif type(value) is float:
+        amount = Decimal(repr(value))
+    else:
+        raise TypeError
+    if not amount.is_finite() or abs(amount) >= MAX_AMOUNT or amount.as_tuple().exponent < -2:
+        raise ValueError
+    return amount.quantize(CENT)
+
+
+def _money(payload: dict, name: str) -> Decimal:
+    try:
+        return money(payload.get(name))
+    except TypeError:
+        raise _Invalid(f"payload.{name} must be a number" if name in payload else f"payload.{name} is missing") \
+            from None
+    except (ValueError, ArithmeticError):
+        raise _Invalid(f"payload.{name} must have at most 2 decimals and 13 integer digits") from None
+
+
+_times: dict[str, bool] = {}
+
+
+def valid_time(ts) -> bool:
+    """`YYYY-MM-DD HH:MM:SS.mmm` and a real instant; fixed width, so such strings sort as
+    times do."""
+    known = _times.get(ts) if type(ts) is str else False
+    if known is not None:
+        return known
+    ok = (len(ts) == TIME_LEN and ts[4] == "-" and ts[7] == "-" and ts[10] == " " and ts[13] == ":"
+          and ts[16] == ":" and ts[19] == "." and ts[20:].isdigit())
+    if ok:
+        try:
+            datetime.fromisoformat(ts)
+        except ValueError:
+            ok = False
+    if len(_times) > 100_000:
+        _times.clear()
+    _times[ts] = ok
+    return ok
+
+
+def add_seconds(ts: str, seconds: float) -> str:
+    moved = datetime.fromisoformat(ts) + timedelta(seconds=seconds)
+    return moved.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def validate(raw: bytes, shard: int, shard_count: int) -> Event | Bad:
+    """The event of a splitter line, or why it is not one."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return Bad(MALFORMED, "not valid JSON")
+    if type(obj) is not dict:
+        return Bad(MALFORMED, "not a JSON object")
+    payload, etype, ts = obj.get("payload"), obj.get("event_type"), obj.get("timestamp")
+    if type(payload) is not dict:
+        return Bad(MALFORMED, "payload must be an object")
+    if type(etype) is not int or not 0 <= etype <= 4:
+        return Bad(MALFORMED, f"unknown event_type {etype!r}")
+    if not valid_time(ts):
+        return Bad(MALFORMED, "timestamp must be 'YYYY-MM-DD HH:MM:SS.mmm'")
+    ev = Event(etype, payload, ts)
+    try:
+        if etype == PURCHASE:
+            ev.order_id = _id(payload, "order_id", signed=True)
+            ev.user_id = _id(payload, "user_id")
+            ev.shop_id = _id(payload, "shop_id")
+            ev.good_id = _id(payload, "good_id")
+            ev.qty = _qty(payload, "qty")
+            ev.amount = _money(payload, "price_at_order")
+        elif etype == RETURN:
+            ev.order_id = _id(payload, "order_id", signed=True)
+            ev.user_id = _id(payload, "user_id")
+            if payload.get("shop_id") is not None:
+                ev.shop_id = _id(payload, "shop_id")
+            ev.good_id = _id(payload, "good_id")
+            ev.qty = _qty(payload, "qty")
+            ev.amount = _money(payload, "refund_amount")
+        elif etype == RESTOCK:
+            ev.shop_id = _id(payload, "shop_id")
+            ev.good_id = _id(payload, "good_id")
+            ev.qty = _qty(payload, "delta_count")
+        elif etype == PRICE_CHANGE:
+            ev.shop_id = _id(payload, "shop_id")
+            ev.good_id = _id(payload, "good_id")
+            ev.amount = _money(payload, "new_price")
+        else:
+            ev.shop_id = _id(payload, "shop_id")
+            active = payload.get("active")
+            if type(active) is bool:
+                ev.active = active
+            elif active in (0, 1) and type(active) is int:
+                ev.active = bool(active)
+            else:
+                raise _Invalid("payload.active must be true or false")
+    except _Invalid as exc:
+        return Bad(MALFORMED, str(exc))
+    if ev.shop_id is not None and ev.shop_id % shard_count != shard:
+        return Bad(WRONG_SHARD, f"shop_id {ev.shop_id} belongs to shard {ev.shop_id % shard_count}")
+    ev.key = event_key(obj)
+    return ev
+
+
+# -- decisions on state ------------------------------------------------------------------------
+
+def amounts_check(ev: Event, rules: Rules) -> int:
+    """Prices and quantities must be positive (RULE_POSITIVE_PRICE)."""
+    if not rules.positive_price:
+        return ACCEPTED
+    if ev.amount is not None and ev.amount <= 0:
+        return NON_POSITIVE_PRICE
+    if ev.etype in (PURCHASE, RETURN) and ev.qty <= 0:
+        return NON_POSITIVE_QTY
+    return ACCEPTED
+
+
+def stock_change(count: int, delta: int, rules: Rules) -> int:
+    """A restock, defect or loss moves stock by its signed `delta_count`."""
+    if rules.stock and count + delta < 0:
+        return NEGATIVE_STOCK
+    return ACCEPTED
+
+
+def purchase(ev: Event, balance: Decimal, shop_active: bool, stock: int | None, rules: Rules) -> int:
+    """A purchase debits price_at_order (the line total) from its user's one balance."""
+    code = amounts_check(ev, rules)
+    if code:
+        return code
+    if rules.shop_active and not shop_active:
+        return SHOP_INACTIVE
+    if rules.purchase_takes_stock and rules.stock and (stock or 0) < ev.qty:
+        return NEGATIVE_STOCK
+    if rules.balance and balance - ev.amount < 0:
+        return INSUFFICIENT_BALANCE
+    return ACCEPTED
+
+
+class Order:
+    """A decided purchase, as a return is checked against it: debited when it was accepted,
+    credited once its return was."""
+
+    __slots__ = ("order_id", "user_id", "amount", "shop_id", "good_id", "qty", "debited", "credit", "line")
+
+    def __init__(self, order_id, user_id, amount, shop_id, good_id, qty, debited, credit=None, line=0):
+        self.order_id, self.user_id, self.amount = order_id, user_id, amount
+        self.shop_id, self.good_id, self.qty = shop_id, good_id, qty
+        self.debited, self.credit, self.line = debited, credit, line
+
+
+def refund(ev: Event, order: Order, rules: Rules, shard: int, shard_count: int) -> int:
+    """A return of an accepted purchase credits refund_amount, at most once per order and never
+    more than the purchase's amount. It is output with its purchase's shop, which must be on
+    this shard (the sender refuses a row of another shard)."""
+    code = amounts_check(ev, rules)
+    if code:
+        return code
+    if order.shop_id % shard_count != shard:
+        return WRONG_SHARD
+    if ev.user_id != order.user_id or ev.good_id != order.good_id or (
+            ev.shop_id is not None and ev.shop_id != order.shop_id):
+        return RETURN_MISMATCH
+    if order.credit is not None:
+        return ALREADY_REFUNDED
+    if rules.refund_limit and (ev.amount > order.amount or ev.qty > order.qty):
+        return REFUND_EXCEEDS
+    return ACCEPTED

@@ -1,0 +1,627 @@
+"""shard-worker: `python -m app.worker --shard N` — dedup, business rules and the out-of-order
+cache for one shard, with every decision recorded so a re-run repeats it exactly.
+
+A file is decided in batches of WORKER_BATCH_LINES lines; each batch's decisions (one code byte
+per line) commit in the same transaction as the state they change (seen keys, balances, the
+ledger, stock, shop status, holds). A re-run replays the recorded batches and decides only the
+rest, and the prepared and rejected files are always written from the records, so they come out
+the same byte for byte. See docs/business-rules.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import queue
+import threading
+import time
+from itertools import islice
+
+import orjson
+import pymysql
+
+from . import layout
+from .atomic import atomic_write
+from .config import Settings, shard_arg
+from .daemon import Context, Done, Failed, InputMissing, Retryable, Stage, TaskFailed, run_stage
+from .db import DEADLOCK_CODES, UNAVAILABLE
+from .events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
+from .ledger import Ledger, LedgerConflict
+from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
+                    WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
+                    stock_change, validate)
+from .worker_state import BatchRecord, Hold, HoldBook, ShardBusy, WorkerState
+
+log = logging.getLogger("shard-worker")
+STAGE = "shard-worker"
+BATCH_RETRIES = 8
+SHARD_LOCK_WAIT = 5.0
+PRUNE_EVERY = 60.0
+
+
+def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) -> bytes:
+    """The sender's input line (format fixed in the brief)."""
+    amount = ev.amount
+    return orjson.dumps({
+        "event_key": ev.key, "event_type": ev.etype, "shop_id": shop_id, "user_id": ev.user_id,
+        "timestamp": ev.ts, "shard": shard, "order_id": ev.order_id, "good_id": ev.good_id, "qty": ev.qty,
+        "amount": None if amount is None else str(amount), "source_file": source_file, "payload": ev.payload,
+    }, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def rejected_line(raw: bytes, code: int, detail: str | None, source_file: str, line_no: int) -> bytes:
+    record = {"reason": REASON[code]}
+    if detail:
+        record["detail"] = detail
+    record.update(source_file=source_file, line_no=line_no,
+                  line=raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def digest(lines: list[bytes]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for line in lines:
+        h.update(line)
+    return h.digest()
+
+
+class Counts:
+    """Per-file figures sent with `done` (and shown by GET /files/{filename})."""
+
+    def __init__(self):
+        self.lines = self.accepted = self.held = self.released = self.expired = 0
+        self.rejected: dict[str, int] = {}
+
+    def reject(self, code: int) -> None:
+        reason = REASON[code]
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def stats(self) -> dict:
+        return {"in": self.lines, "accepted": self.accepted, "rejected": dict(sorted(self.rejected.items())),
+                "held": self.held, "released": self.released, "expired": self.expired}
+
+
+class Batch:
+    """What deciding one batch changed, written in its transaction."""
+
+    def __init__(self):
+        self.new_keys: list[str] = []
+        self.new_orders: list[Order] = []
+        self.credited: dict[int, Order] = {}
+        self.changed_users: set[int] = set()
+        self.changed_stock: set[tuple[int, int]] = set()
+        self.changed_shops: dict[int, tuple[bool, str]] = {}
+        self.holds: dict[tuple[int, int], Hold] = {}
+        self.resolved: list[Hold] = []
+
+
+class ReadAhead:
+    """Runs a generator in a thread, at most `depth` items ahead of the consumer."""
+
+    _END = object()
+
+    def __init__(self, items, depth: int = 2):
+        self.items = items
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            for item in self.items:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as exc:
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self.closed.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def __exit__(self, *exc) -> None:
+        self.closed.set()
+        self.thread.join()
+
+
+class Behind:
+    """Hands items to `work` in a thread, in order; its errors surface in the caller."""
+
+    _END = object()
+
+    def __init__(self, work, depth: int = 2):
+        self.work = work
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if self.error is None:
+                try:
+                    self.work(item)
+                except BaseException as exc:
+                    self.error = exc
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        self.queue.put(self._END)
+        self.thread.join()
+        if self.error is not None and exc_type is None:
+            raise self.error
+
+
+class FileRun:
+    """One (file, shard) task: replay what is recorded, decide the rest, write the outputs."""
+
+    def __init__(self, stage: "WorkerStage", filename: str, ctx: Context):
+        self.stage = stage
+        self.settings = stage.settings
+        self.rules = stage.settings.rules
+        self.state = stage.state
+        self.ledger = stage.ledger
+        self.shard = stage.shard
+        self.filename = filename
+        self.ctx = ctx
+        self.counts = Counts()
+        self.seq = 0
+
+    # -- the task ------------------------------------------------------------------------------
+
+    def run(self, f) -> Done:
+        st = self.state
+        info = st.file_info(self.filename)
+        if info.pruned:
+            raise TaskFailed(f"the decisions of {self.filename} shard {self.shard} were pruned (its events are "
+                             f"older than DEDUP_WINDOW): it cannot be replayed")
+        self.file_id = info.id
+        records = st.batches(info.id)
+        resolved = st.resolved_in(info.id)
+        self.seq = max((h.resolved_seq for h in resolved), default=0)
+        self.pending: dict[int, list[Hold]] = {}
+        for h in resolved:
+            self.pending.setdefault(h.resolved_line, []).append(h)
+        self.holds = st.active_holds()
+        self.newest = st.newest()
+        shared = self.settings.shared_dir
+        with atomic_write(layout.worker_output(shared, self.filename, self.shard)) as out, \
+                atomic_write(layout.worker_rejected(shared, self.filename, self.shard)) as rej:
+            self.out, self.rej = out, rej
+            line_no = self._replay(f, records)
+            if not info.complete:
+                self._decide_rest(f, line_no)
+            elif f.peek(1):
+                raise TaskFailed(f"{self.filename} shard {self.shard} has more lines than when it was decided")
+            if self.pending:
+                left = [h for line in sorted(self.pending) for h in self.pending[line]]
+                self._emit_resolved(left, before=None, shop_of=self._return_shops([], b"", 0, left))
+        return Done(events=self.counts.accepted, stats=self.counts.stats())
+
+    def _replay(self, f, records: list[BatchRecord]) -> int:
+        line_no = 1
+        for rec in records:
+            if rec.first_line != line_no:
+                raise TaskFailed(f"recorded decisions of {self.filename} have a gap at line {line_no}")
+            raws = list(islice(f, rec.line_count))
+            if len(raws) != rec.line_count or digest(raws) != rec.digest:
+                raise TaskFailed(f"{self.filename} shard {self.shard} lines {line_no}-{line_no + rec.line_count - 1}"
+                                 f" differ from those first decided: the splitter output changed")
+            events = [validate(r, self.shard, self.settings.shard_count) for r in raws]
+            self._emit(raws, rec.first_line, rec.codes, events, self._return_shops(events, rec.codes, rec.first_line))
+            line_no += rec.line_count
+            self.ctx.check()
+        return line_no
+
+    def _read(self, f):
+        """Batches of lines, validated (runs in the read-ahead thread)."""
+        size, shard, count = self.settings.worker_batch_lines, self.shard, self.settings.shard_count
+        while True:
+            raws = list(islice(f, size))
+            last = not f.peek(1)
+            yield raws, [validate(r, shard, count) for r in raws], digest(raws), last
+            if last:
+                return
+
+    def _decide_rest(self, f, line_no: int) -> None:
+        """Decide the undecided lines: reading and validating run one batch ahead and writing
+        the outputs one batch behind, in threads, while this one waits for the database."""
+        first = True
+        with ReadAhead(self._read(f)) as batches, Behind(self._emit_batch) as emitter:
+            for raws, events, dig, last in batches:
+                codes, shops, resolved = self._decide(raws, events, dig, line_no, last, adopt=first)
+                emitter.put((raws, line_no, codes, events, shops, resolved))
+                first = False
+                line_no += len(raws)
+                if not last:
+                    self.ctx.check()
+
+    def _emit_batch(self, item) -> None:
+        raws, first_line, codes, events, shops, resolved = item
+        for h in resolved:
+            self.pending.setdefault(h.resolved_line, []).append(h)
+        self._emit(raws, first_line, codes, events, shops)
+
+    # -- deciding a batch ---------------------------------------------------------------------------
+
+    def _decide(self, raws, events, dig, first_line, last, adopt):
+        conn = self.state.conn
+        seq = self.seq
+        for attempt in range(BATCH_RETRIES):
+            conn.begin()
+            try:
+                with conn.cursor() as cur:
+                    result = self._decide_tx(cur, raws, events, dig, first_line, last, adopt)
+                conn.commit()
+                return result
+            except (LedgerConflict, pymysql.err.OperationalError) as exc:
+                conn.rollback()
+                retry = isinstance(exc, LedgerConflict) or (exc.args and exc.args[0] in DEADLOCK_CODES)
+                if not retry or attempt == BATCH_RETRIES - 1:
+                    raise
+                log.warning("%s lines %d+: %s; deciding the batch again", self.filename, first_line, exc)
+                self.seq = seq
+                self.holds = self.state.active_holds()
+                self.newest = self.state.newest()
+                time.sleep(0.05 * (attempt + 1))
+            except BaseException:
+                conn.rollback()
+                raise
+        raise AssertionError("unreachable")
+
+    def _decide_tx(self, cur, raws, events, dig, first_line, last, adopt):
+        rules, st, ledger = self.rules, self.state, self.ledger
+        b = Batch()
+        if adopt:
+            for h in st.idle_expired(cur):
+                self._resolve(b, h, "expired", ORPHAN_RETURN, first_line)
+
+        valid = [e for e in events if type(e) is Event]
+        returns = [e for e in valid if e.etype == RETURN]
+        order_ids = {e.order_id for e in valid if e.etype == PURCHASE}
+        order_ids.update(e.order_id for e in returns)
+        # purchases are deduplicated by worker_orders, everything else by worker_seen
+        lookup = {e.key for e in valid if e.etype != PURCHASE} if rules.dedup else ()
+        seen = st.seen(cur, lookup)
+        orders = ledger.orders(cur, order_ids)
+        takes = rules.purchase_takes_stock
+        pairs = {(e.shop_id, e.good_id) for e in valid if e.etype == RESTOCK or (takes and e.etype == PURCHASE)}
+        if takes:
+            pairs.update((orders[e.order_id].shop_id, e.good_id) for e in returns if e.order_id in orders)
+        stock = st.stock(cur, pairs)
+        shops = st.shops(cur, {e.shop_id for e in valid if e.etype == PURCHASE or e.etype == SHOP_STATUS})
+        users = {e.user_id for e in valid if e.etype == PURCHASE}
+        users.update(orders[e.order_id].user_id for e in returns if e.order_id in orders)
+        balances = ledger.lock_balances(cur, users)
+        self.b, self.orders, self.balances, self.stock = b, orders, balances, stock
+
+        codes = bytearray(len(raws))
+        batch_keys: set[str] = set()
+        newest = self.newest or ""
+        batch_newest = None
+        hold_seconds = self.settings.hold_seconds
+        dedup = rules.dedup
+        holds = self.holds
+        for i, ev in enumerate(events):
+            if type(ev) is Bad:
+                codes[i] = ev.code
+                continue
+            line = first_line + i
+            ts = ev.ts
+            if ts > newest:
+                newest = ts
+            if batch_newest is None or ts > batch_newest:
+                batch_newest = ts
+            if holds.heap and holds.heap[0][0] < newest:
+                for h in holds.expired(newest):
+                    self._resolve(b, h, "expired", ORPHAN_RETURN, line)
+            etype = ev.etype
+            if etype == PURCHASE:
+                if ev.order_id in orders:
+                    codes[i] = DUPLICATE  # an order is decided once, whatever RULE_DEDUP says
+                    continue
+                code = codes[i] = self._purchase(ev, line, shops)
+                for h in holds.take(ev.order_id):
+                    h.event = h.event or validate(h.raw, self.shard, self.settings.shard_count)
+                    rc = self._refund(h.event) if code == ACCEPTED else PURCHASE_REJECTED
+                    self._resolve(b, h, "released", rc, line)
+                continue
+            key = ev.key
+            if key in seen or key in batch_keys:
+                if dedup:
+                    codes[i] = DUPLICATE
+                    continue
+            if etype == RETURN:
+                order = orders.get(ev.order_id)
+                code = amounts_check(ev, rules)
+                if code:
+                    pass
+                elif order is None:
+                    expires = add_seconds(ts, hold_seconds)
+                    if hold_seconds <= 0 or expires < newest:
+                        code = ORPHAN_RETURN
+                    else:
+                        h = Hold(self.file_id, line, self.filename, ev.order_id, raws[i], ts, expires)
+                        h.event = ev
+                        holds.add(h)
+                        b.holds[(h.file_id, h.line)] = h
+                        code = HELD
+                elif not order.debited:
+                    code = PURCHASE_REJECTED
+                elif order.credit is not None and dedup:
+                    code = DUPLICATE
+                else:
+                    code = self._refund(ev)
+                codes[i] = code
+                if code != ACCEPTED and code != DUPLICATE:
+                    batch_keys.add(key)
+                    b.new_keys.append(key)
+                continue
+            batch_keys.add(key)
+            b.new_keys.append(key)
+            if etype == RESTOCK:
+                pair = (ev.shop_id, ev.good_id)
+                count = stock.get(pair, 0)
+                code = codes[i] = stock_change(count, ev.qty, rules)
+                if code == ACCEPTED:
+                    stock[pair] = count + ev.qty
+                    b.changed_stock.add(pair)
+            elif etype == PRICE_CHANGE:
+                codes[i] = amounts_check(ev, rules)
+            else:
+                shops[ev.shop_id] = ev.active
+                b.changed_shops[ev.shop_id] = (ev.active, ts)
+
+        # one round trip per table
+        st.add_seen(cur, b.new_keys, self.file_id)
+        ledger.write(cur, self.shard, self.file_id, b.new_orders, list(b.credited.values()), balances,
+                     b.changed_users)
+        st.write_stock(cur, stock, b.changed_stock)
+        st.write_shops(cur, b.changed_shops)
+        st.write_holds(cur, list(b.holds.values()))
+        st.record_batch(cur, self.file_id, first_line, len(raws), dig, bytes(codes), last, batch_newest)
+        if newest and newest != (self.newest or ""):
+            st.set_newest(cur, newest)
+        self.newest = newest or None
+        return bytes(codes), {o: order.shop_id for o, order in orders.items()}, b.resolved
+
+    def _resolve(self, b: Batch, h: Hold, state: str, code: int, line: int) -> None:
+        self.seq += 1
+        h.resolve(state, code, self.file_id, line, self.seq)
+        b.holds[(h.file_id, h.line)] = h
+        b.resolved.append(h)
+
+    def _purchase(self, ev: Event, line: int, shops: dict[int, bool]) -> int:
+        pair = (ev.shop_id, ev.good_id)
+        takes = self.rules.purchase_takes_stock
+        balance = self.balances[ev.user_id]
+        code = purchase(ev, balance, shops.get(ev.shop_id, True), self.stock.get(pair, 0) if takes else None,
+                        self.rules)
+        accepted = code == ACCEPTED
+        order = Order(ev.order_id, ev.user_id, ev.amount, ev.shop_id, ev.good_id, ev.qty, accepted, line=line)
+        self.orders[ev.order_id] = order
+        self.b.new_orders.append(order)
+        if accepted:
+            self.balances[ev.user_id] = balance - ev.amount
+            self.b.changed_users.add(ev.user_id)
+            if takes:
+                self.stock[pair] = self.stock.get(pair, 0) - ev.qty
+                self.b.changed_stock.add(pair)
+        return code
+
+    def _refund(self, ev) -> int:
+        if type(ev) is not Event:
+            return MALFORMED
+        order = self.orders[ev.order_id]
+        if not order.debited:
+            return PURCHASE_REJECTED
+        code = refund(ev, order, self.rules, self.shard, self.settings.shard_count)
+        if code == ACCEPTED:
+            b = self.b
+            self.balances[order.user_id] += ev.amount
+            b.changed_users.add(order.user_id)
+            order.credit = ev.amount
+            if not order.line:
+                b.credited[order.order_id] = order
+            if self.rules.purchase_takes_stock:
+                pair = (order.shop_id, ev.good_id)
+                self.stock[pair] = self.stock.get(pair, 0) + ev.qty
+                b.changed_stock.add(pair)
+        return code
+
+    # -- writing the outputs from the records ---------------------------------------------------------
+
+    def _return_shops(self, events, codes: bytes, first_line: int, holds=()) -> dict[int, int]:
+        """Shops of the purchases whose returns a replayed batch (or `holds`) outputs."""
+        orders = {ev.order_id for ev, code in zip(events, codes) if code == ACCEPTED and ev.etype == RETURN}
+        orders.update(h.order_id for h in holds if h.code == ACCEPTED)
+        for line in range(first_line, first_line + len(events)):
+            orders.update(h.order_id for h in self.pending.get(line, ()) if h.code == ACCEPTED)
+        if not orders:
+            return {}
+        with self.state.conn.cursor() as cur:
+            return {o: order.shop_id for o, order in self.ledger.orders(cur, orders).items()}
+
+    def _emit(self, raws, first_line: int, codes: bytes, events, shop_of: dict[int, int]) -> None:
+        out, rej, counts = self.out, self.rej, self.counts
+        shard, filename = self.shard, self.filename
+        pending = self.pending
+        counts.lines += len(raws)
+        for i, code in enumerate(codes):
+            line = first_line + i
+            after = None
+            if pending and line in pending:
+                after = self._emit_resolved(pending.pop(line), before=True, shop_of=shop_of)
+            if code == ACCEPTED:
+                ev = events[i]
+                shop = shop_of[ev.order_id] if ev.etype == RETURN else ev.shop_id
+                out.write(prepared_line(ev, shop, shard, filename))
+                counts.accepted += 1
+            elif code == HELD:
+                counts.held += 1
+            else:
+                detail = None
+                if code == MALFORMED or code == WRONG_SHARD:
+                    bad = events[i]
+                    detail = bad.detail if type(bad) is Bad else None
+                rej.write(rejected_line(raws[i], code, detail, filename, line))
+                counts.reject(code)
+            if after:
+                self._emit_resolved(after, before=False, shop_of=shop_of)
+
+    def _emit_resolved(self, holds: list[Hold], before: bool | None, shop_of: dict[int, int]) -> list[Hold]:
+        """Write resolved holds: expired ones go before the line that resolved them, released
+        ones after it. Returns the ones left for after the line."""
+        later = []
+        for h in holds:
+            if before is True and h.state == "released":
+                later.append(h)
+                continue
+            if h.state == "expired":
+                self.counts.expired += 1
+            else:
+                self.counts.released += 1
+            if h.code == ACCEPTED:
+                ev = h.event or validate(h.raw, self.shard, self.settings.shard_count)
+                self.out.write(prepared_line(ev, shop_of[h.order_id], self.shard, self.filename))
+                self.counts.accepted += 1
+            else:
+                self.rej.write(rejected_line(h.raw, h.code, None, h.origin, h.line))
+                self.counts.reject(h.code)
+        return later
+
+
+class WorkerStage(Stage):
+    name = STAGE
+    claim_limit = 1
+
+    def __init__(self, settings: Settings, shard: int):
+        self.settings = settings
+        self.shard = shard
+        self.service = f"shard-worker-{shard}"
+        self.folder = layout.worker_dir(settings.shared_dir, shard)
+        self.state = WorkerState(settings.pipeline_db, shard)
+        self.ledger = Ledger(settings.opening_balance)
+        self.idle_since = time.monotonic()
+        self.idle_done = False
+        self.last_prune = 0.0
+
+    def setup(self, ctx: Context) -> None:
+        delay = 0.5
+        while not ctx.stopping():
+            try:
+                self.state.open()
+                return
+            except UNAVAILABLE as exc:
+                ctx.log.warning("pipeline database unavailable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def teardown(self) -> None:
+        self.state.close()
+
+    def process(self, tasks, ctx: Context):
+        outcomes = []
+        try:
+            for task in tasks:
+                if task.shard != self.shard:
+                    outcomes.append(Failed(f"task of shard {task.shard} given to the worker of shard {self.shard}"))
+                    continue
+                outcomes.append(self._process_one(task.filename, ctx))
+            return outcomes
+        except UNAVAILABLE as exc:
+            self.state.close()
+            raise Retryable(f"pipeline database unavailable: {exc}") from exc
+        finally:
+            self.idle_since = time.monotonic()
+            self.idle_done = False
+
+    def _process_one(self, filename: str, ctx: Context):
+        path = layout.splitter_output(self.settings.shared_dir, filename, self.shard)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise InputMissing(f"{path.name} is missing") from None
+        with f:
+            self.state.open()
+            if not self.state.lock_shard(SHARD_LOCK_WAIT):
+                raise Retryable(f"another worker process holds shard {self.shard}")
+            try:
+                done = FileRun(self, filename, ctx).run(f)
+                self._prune()
+                return done
+            finally:
+                self.state.unlock_shard()
+
+    def idle(self, ctx: Context) -> None:
+        """Wall-clock cap: after HOLD_WALL_CAP_SECONDS with no file to work, the shard's held
+        returns expire (the next file reports them). Also prunes old state now and then."""
+        now = time.monotonic()
+        due = not self.idle_done and now - self.idle_since >= self.settings.hold_wall_cap
+        if not due and now - self.last_prune < PRUNE_EVERY:
+            return
+        try:
+            self.state.open()
+            if not self.state.lock_shard(0):
+                return
+            try:
+                if due:
+                    n = self.state.expire_idle()
+                    self.idle_done = True
+                    if n:
+                        ctx.log.info("idle for %.0fs: %d held return(s) of shard %d expired as orphan_return; "
+                                     "the next file reports them", now - self.idle_since, n, self.shard)
+                self._prune()
+            finally:
+                self.state.unlock_shard()
+        except UNAVAILABLE as exc:
+            self.state.close()
+            ctx.log.warning("idle work skipped, pipeline database unavailable: %s", exc)
+
+    def _prune(self) -> None:
+        """Bounded work after each file, and now and then while idle."""
+        self.last_prune = time.monotonic()
+        removed = self.state.prune(self.settings.dedup_window)
+        if removed:
+            log.info("pruned %d dedup keys older than DEDUP_WINDOW on shard %d", removed, self.shard)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m app.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--shard", type=int, default=None, help="the shard to work (default: SHARD_ID)")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    shard = shard_arg(None, args.shard, settings.shard_count)
+    run_stage(WorkerStage(settings, shard), settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""The shard worker's persistent state in the pipeline database: seen keys, stock, shop
+status, held returns, the shard's event clock and each file's recorded decisions.
+
+Only one worker process works a shard at a time (a named lock, `lock_shard`); balances are
+shared between shards and live in `ledger.py`. Every write here happens inside the batch
+transaction the worker opens, so state and decisions commit together.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import db
+from .config import MySQLURL
+from .rules import Event, ORPHAN_RETURN
+
+DDL_PATH = Path(__file__).resolve().parent.parent / "db" / "worker_ddl.sql"
+TIME = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def time_text(value: datetime | None) -> str | None:
+    return None if value is None else value.strftime(TIME)[:-3]
+
+
+class ShardBusy(Exception):
+    """Another worker process holds this shard."""
+
+
+@dataclass
+class FileInfo:
+    id: int
+    lines_decided: int
+    complete: bool
+    pruned: bool
+
+
+@dataclass
+class BatchRecord:
+    first_line: int
+    line_count: int
+    digest: bytes
+    codes: bytes
+
+
+class Hold:
+    """A return waiting for its purchase, and, once resolved, where it was resolved."""
+
+    __slots__ = ("file_id", "line", "origin", "order_id", "raw", "ts", "expires", "held_at", "state", "code",
+                 "resolved_file_id", "resolved_line", "resolved_seq", "event")
+
+    def __init__(self, file_id, line, origin, order_id, raw, ts, expires, held_at=None, state="held", code=None,
+                 resolved_file_id=None, resolved_line=None, resolved_seq=None):
+        self.file_id, self.line, self.origin, self.order_id = file_id, line, origin, order_id
+        self.raw, self.ts, self.expires, self.held_at = raw, ts, expires, held_at
+        self.state, self.code = state, code
+        self.resolved_file_id, self.resolved_line, self.resolved_seq = resolved_file_id, resolved_line, resolved_seq
+        self.event: Event | None = None
+
+    def resolve(self, state: str, code: int, file_id: int, line: int, seq: int) -> None:
+        self.state, self.code = state, code
+        self.resolved_file_id, self.resolved_line, self.resolved_seq = file_id, line, seq
+
+
+class HoldBook:
+    """The shard's active holds: by order (to release) and by expiry (a heap, to expire)."""
+
+    def __init__(self, holds: list[Hold] = ()):
+        self.by_order: dict[int, list[Hold]] = {}
+        self.heap: list[tuple[str, int, int, Hold]] = []
+        for h in holds:
+            self.add(h)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_order.values())
+
+    def add(self, h: Hold) -> None:
+        self.by_order.setdefault(h.order_id, []).append(h)
+        heapq.heappush(self.heap, (h.expires, h.file_id, h.line, h))
+
+    def take(self, order_id: int) -> list[Hold]:
+        """The holds of an order, removed from the book (the heap drops them lazily)."""
+        return self.by_order.pop(order_id, [])
+
+    def expired(self, newest: str) -> list[Hold]:
+        """Holds whose deadline is before `newest`, oldest first, removed from the book."""
+        out = []
+        heap = self.heap
+        while heap and heap[0][0] < newest:
+            h = heapq.heappop(heap)[3]
+            if h.state != "held":
+                continue
+            waiting = self.by_order.get(h.order_id)
+            if waiting and h in waiting:
+                waiting.remove(h)
+                if not waiting:
+                    del self.by_order[h.order_id]
+                out.append(h)
+        return out
+
+
+_HOLD_COLS = ("h.file_id, h.line, f.filename, h.order_id, h.raw, h.event_time, h.expires_at, h.held_at, h.state,"
+              " h.code, h.resolved_file_id, h.resolved_line, h.resolved_seq")
+
+
+def _hold(row) -> Hold:
+    (file_id, line, origin, order_id, raw, event_time, expires, held_at, state, code, r_file, r_line, r_seq) = row
+    return Hold(file_id, line, origin, order_id, bytes(raw), time_text(event_time), time_text(expires), held_at,
+                state, code, r_file, r_line, r_seq)
+
+
+class WorkerState:
+    def __init__(self, url: MySQLURL, shard: int):
+        self.url = url
+        self.shard = shard
+        self.conn = None
+        self.lock_name = f"event_pipeline.worker.{url.database}.{shard}"[:64]
+
+    # -- connection, schema, the shard lock --------------------------------------------------
+
+    def open(self):
+        """The connection, (re)opened if needed; the schema applied once per process."""
+        if self.conn is not None:
+            try:
+                self.conn.ping(reconnect=False)
+                return self.conn
+            except Exception:
+                self.close()
+        db.ensure_database(self.url)
+        conn = db.connect(self.url)
+        db.apply_sql_file(conn, DDL_PATH, "event_pipeline.worker_ddl")
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO worker_shards (shard) VALUES (%s) ON DUPLICATE KEY UPDATE shard=shard",
+                        (self.shard,))
+        self.conn = conn
+        return conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+        self.conn = None
+
+    def lock_shard(self, timeout: float) -> bool:
+        """Whether this process now holds the shard (released by `unlock_shard` or when its
+        connection ends, so a killed worker never keeps it)."""
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, %s)", (self.lock_name, timeout))
+            return cur.fetchone()[0] == 1
+
+    def unlock_shard(self) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT RELEASE_LOCK(%s)", (self.lock_name,))
+
+    # -- files and their decisions ---------------------------------------------------------------
+
+    def file_info(self, filename: str) -> FileInfo:
+        with self.conn.cursor() as cur:
+            cur.execute("INSERT INTO worker_files (shard, filename) VALUES (%s,%s) "
+                        "ON DUPLICATE KEY UPDATE id=LAST_INSERT_ID(id)", (self.shard, filename))
+            file_id = cur.lastrowid
+            cur.execute("SELECT lines_decided, complete, pruned FROM worker_files WHERE id=%s", (file_id,))
+            decided, complete, pruned = cur.fetchone()
+        return FileInfo(file_id, decided, bool(complete), bool(pruned))
+
+    def batches(self, file_id: int) -> list[BatchRecord]:
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT first_line, line_count, digest, codes FROM worker_batches WHERE file_id=%s "
+                        "ORDER BY first_line", (file_id,))
+            return [BatchRecord(a, b, bytes(c), bytes(d)) for a, b, c, d in cur.fetchall()]
+
+    @staticmethod
+    def record_batch(cur, file_id: int, first_line: int, count: int, digest: bytes, codes: bytes,
+                     complete: bool, newest_in_batch: str | None) -> None:
+        cur.execute("INSERT INTO worker_batches (file_id, first_line, line_count, digest, codes) "
+                    "VALUES (%s,%s,%s,%s,%s)", (file_id, first_line, count, digest, codes))
+        cur.execute("UPDATE worker_files SET lines_decided=%s, complete=%s, "
+                    "newest_event=GREATEST(COALESCE(newest_event, %s), COALESCE(%s, newest_event)) "
+                    "WHERE id=%s", (first_line + count - 1, int(complete), newest_in_batch, newest_in_batch,
+                                    file_id))
+
+    # -- the shard clock ---------------------------------------------------------------------------
+
+    def newest(self, cur=None) -> str | None:
+        own = cur is None
+        cur = cur or self.conn.cursor()
+        try:
+            cur.execute("SELECT newest_event FROM worker_shards WHERE shard=%s", (self.shard,))
+            row = cur.fetchone()
+            return time_text(row[0]) if row else None
+        finally:
+            if own:
+                cur.close()
+
+    def set_newest(self, cur, newest: str) -> None:
+        cur.execute("UPDATE worker_shards SET newest_event=%s WHERE shard=%s", (newest, self.shard))
+
+    # -- dedup keys, stock, shops --------------------------------------------------------------------
+
+    def seen(self, cur, keys) -> set[str]:
+        if not keys:
+            return set()
+        cur.execute("SELECT event_key FROM worker_seen WHERE shard=%s AND event_key IN %s",
+                    (self.shard, list(keys)))
+        return {r[0] for r in cur.fetchall()}
+
+    def add_seen(self, cur, keys: list[str], file_id: int) -> None:
+        if keys:
+            shard = self.shard
+            cur.executemany("INSERT INTO worker_seen (shard, event_key, file_id) VALUES (%s,%s,%s) "
+                            "ON DUPLICATE KEY UPDATE file_id=file_id", [(shard, k, file_id) for k in keys])
+
+    @staticmethod
+    def stock(cur, pairs) -> dict[tuple[int, int], int]:
+        if not pairs:
+            return {}
+        cur.execute("SELECT shop_id, good_id, count FROM worker_stock WHERE (shop_id, good_id) IN %s",
+                    (list(pairs),))
+        return {(s, g): c for s, g, c in cur.fetchall()}
+
+    @staticmethod
+    def write_stock(cur, stock: dict, changed) -> None:
+        if changed:
+            cur.executemany("INSERT INTO worker_stock (shop_id, good_id, count) VALUES (%s,%s,%s) "
+                            "ON DUPLICATE KEY UPDATE count=VALUES(count)",
+                            [(s, g, stock[(s, g)]) for s, g in sorted(changed)])
+
+    @staticmethod
+    def shops(cur, shop_ids) -> dict[int, bool]:
+        if not shop_ids:
+            return {}
+        cur.execute("SELECT shop_id, active FROM worker_shops WHERE shop_id IN %s", (list(shop_ids),))
+        return {s: bool(a) for s, a in cur.fetchall()}
+
+    @staticmethod
+    def write_shops(cur, changed: dict[int, tuple[bool, str]]) -> None:
+        if changed:
+            cur.executemany("INSERT INTO worker_shops (shop_id, active, changed_at) VALUES (%s,%s,%s) "
+                            "ON DUPLICATE KEY UPDATE active=VALUES(active), changed_at=VALUES(changed_at)",
+                            [(s, int(a), ts) for s, (a, ts) in sorted(changed.items())])
+
+    # -- holds -----------------------------------------------------------------------------------------
+
+    def active_holds(self) -> HoldBook:
+        with self.conn.cursor() as cur:
+            cur.execute(f"SELECT {_HOLD_COLS} FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
+                        f"WHERE h.shard=%s AND h.state='held'", (self.shard,))
+            return HoldBook([_hold(r) for r in cur.fetchall()])
+
+    def resolved_in(self, file_id: int) -> list[Hold]:
+        """Holds released or expired into this file's output, in output order."""
+        with self.conn.cursor() as cur:
+            cur.execute(f"SELECT {_HOLD_COLS} FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
+                        f"WHERE h.resolved_file_id=%s ORDER BY h.resolved_line, h.resolved_seq", (file_id,))
+            return [_hold(r) for r in cur.fetchall()]
+
+    def idle_expired(self, cur) -> list[Hold]:
+        """Holds the idle worker expired (wall-clock cap) that no file has reported yet."""
+        cur.execute(f"SELECT {_HOLD_COLS} FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
+                    f"WHERE h.shard=%s AND h.state='expired' AND h.resolved_file_id IS NULL "
+                    f"ORDER BY h.file_id, h.line FOR UPDATE", (self.shard,))
+        return [_hold(r) for r in cur.fetchall()]
+
+    def write_holds(self, cur, holds: list[Hold]) -> None:
+        """Insert new holds and record resolutions, in one statement."""
+        if holds:
+            shard = self.shard
+            now = datetime.now(timezone.utc).strftime(TIME)[:-3]
+            cur.executemany(
+                "INSERT INTO worker_holds (file_id, line, shard, order_id, event_time, expires_at, raw, state,"
+                " code, resolved_file_id, resolved_line, resolved_seq, resolved_at)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " ON DUPLICATE KEY UPDATE state=VALUES(state), code=VALUES(code),"
+                " resolved_file_id=VALUES(resolved_file_id), resolved_line=VALUES(resolved_line),"
+                " resolved_seq=VALUES(resolved_seq), resolved_at=COALESCE(resolved_at, VALUES(resolved_at))",
+                [(h.file_id, h.line, shard, h.order_id, h.ts, h.expires, h.raw, h.state, h.code,
+                  h.resolved_file_id, h.resolved_line, h.resolved_seq, None if h.state == "held" else now)
+                 for h in holds])
+
+    def expire_idle(self) -> int:
+        """Wall-clock cap: expire every hold of the shard as `orphan_return`. They stay
+        unreported (no file) until the next file of the shard adopts them."""
+        with self.conn.cursor() as cur:
+            self.conn.begin()
+            try:
+                cur.execute("UPDATE worker_holds SET state='expired', code=%s, resolved_at=NOW(3) "
+                            "WHERE shard=%s AND state='held'", (ORPHAN_RETURN, self.shard))
+                n = cur.rowcount
+                self.conn.commit()
+                return n
+            except BaseException:
+                self.conn.rollback()
+                raise
+
+    # -- pruning ----------------------------------------------------------------------------------------
+
+    def prune(self, window_seconds: float, max_rows: int = 50_000) -> int:
+        """Forget files whose newest event is older than the shard's newest minus DEDUP_WINDOW:
+        their dedup keys, decisions and resolved holds. Bounded work per call."""
+        removed = 0
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT f.id FROM worker_files f JOIN worker_shards s ON s.shard=f.shard "
+                        "WHERE f.shard=%s AND f.pruned=0 AND f.complete=1 AND "
+                        "f.newest_event < s.newest_event - INTERVAL %s MICROSECOND ORDER BY f.id LIMIT 20",
+                        (self.shard, int(window_seconds * 1_000_000)))
+            for (file_id,) in cur.fetchall():
+                while removed < max_rows:
+                    cur.execute("DELETE FROM worker_seen WHERE file_id=%s LIMIT 10000", (file_id,))
+                    removed += cur.rowcount
+                    if cur.rowcount < 10000:
+                        break
+                else:
+                    return removed
+                self.conn.begin()
+                try:
+                    cur.execute("DELETE FROM worker_batches WHERE file_id=%s", (file_id,))
+                    cur.execute("DELETE FROM worker_holds WHERE resolved_file_id=%s AND state<>'held'", (file_id,))
+                    cur.execute("UPDATE worker_files SET pruned=1 WHERE id=%s", (file_id,))
+                    self.conn.commit()
+                except BaseException:
+                    self.conn.rollback()
+                    raise
+        return removed

@@ -1,0 +1,172 @@
+"""Shard-worker throughput: events per second deciding one shard file, and peak RSS.
+
+    .venv/bin/python bench/worker.py [--events 200000] [--batch 4000] [--keep]
+
+Generates a shard-0 file with realistic rule hits (duplicates, overspending users, stock
+going negative, inactive shops, non-positive prices, returns before their purchase and
+returns of unknown orders, malformed lines), then, in a child process on a fresh pipeline
+database, decides it (first run) and decides it again with the prepared file deleted (replay
+from the records). Prints the figures. Target: >= 50,000 events/s on 200,000 events.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app import layout  # noqa: E402
+
+
+def generate(path: Path, n: int, seed: int = 7, shard: int = 0, shard_count: int = 2) -> None:
+    rng = random.Random(seed)
+    shops = [s for s in range(100) if s % shard_count == shard]
+    start = datetime(2026, 1, 1)
+    purchases: list[dict] = []
+    later_purchases: list[tuple[int, bytes]] = []
+    recent: list[bytes] = []
+    inactive: set[int] = set()
+
+    def line(etype: int, payload: dict, i: int) -> bytes:
+        ts = (start + timedelta(milliseconds=i)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        return orjson.dumps({"event_type": etype, "payload": payload, "saved_at": ts, "timestamp": ts})
+
+    with open(path, "wb") as f:
+        for i in range(n):
+            if later_purchases and later_purchases[0][0] <= i:
+                out = later_purchases.pop(0)[1]
+            else:
+                r = rng.random()
+                shop = rng.choice(shops)
+                good = rng.randint(1, 20)
+                if r < 0.003:
+                    out = b'{"event_type":1,"payload":{"order_id":'
+                elif r < 0.02 and recent:
+                    out = rng.choice(recent)
+                elif r < 0.20:
+                    delta = rng.randint(1, 20) if rng.random() < 0.85 else -rng.randint(1, 10)
+                    sub = "restock" if delta > 0 else rng.choice(["defect", "loss"])
+                    out = line(0, {"shop_id": shop, "good_id": good, "delta_count": delta,
+                                   "reason": "bench", "sub_event_type": sub}, i)
+                elif r < 0.55:
+                    p = {"order_id": rng.getrandbits(63), "user_id": rng.randint(1, 5000), "shop_id": shop,
+                         "good_id": good, "qty": rng.randint(1, 3),
+                         "price_at_order": round(rng.uniform(5, 150), 2)}
+                    purchases.append(p)
+                    out = line(1, p, i)
+                elif r < 0.65:
+                    price = round(rng.uniform(1, 200), 2) if rng.random() > 0.01 else 0
+                    out = line(2, {"shop_id": shop, "good_id": good, "new_price": price}, i)
+                elif r < 0.80:
+                    kind = rng.random()
+                    if kind < 0.8 and purchases:
+                        p = purchases.pop(rng.randrange(len(purchases)))
+                        out = line(3, {"order_id": p["order_id"], "user_id": p["user_id"], "shop_id": p["shop_id"],
+                                       "good_id": p["good_id"], "qty": p["qty"],
+                                       "refund_amount": p["price_at_order"]}, i)
+                    elif kind < 0.9:
+                        p = {"order_id": rng.getrandbits(63), "user_id": rng.randint(1, 5000), "shop_id": shop,
+                             "good_id": good, "qty": 1, "price_at_order": round(rng.uniform(5, 150), 2)}
+                        out = line(3, {"order_id": p["order_id"], "user_id": p["user_id"], "shop_id": shop,
+                                       "good_id": good, "qty": 1, "refund_amount": p["price_at_order"]}, i)
+                        later_purchases.append((i + rng.randint(1, 5000), line(1, p, i + 1)))
+                        later_purchases.sort(key=lambda x: x[0])
+                    else:
+                        out = line(3, {"order_id": rng.getrandbits(63), "user_id": rng.randint(1, 5000),
+                                       "shop_id": shop, "good_id": good, "qty": 1, "refund_amount": 9.99}, i)
+                else:
+                    active = shop in inactive or rng.random() > 0.1
+                    (inactive.discard if active else inactive.add)(shop)
+                    out = line(4, {"shop_id": shop, "active": active}, i)
+            recent.append(out)
+            if len(recent) > 1000:
+                recent.pop(0)
+            f.write(out + b"\n")
+
+
+def child(db_name: str, shared: str, filename: str, batch: int) -> None:
+    """Decide the file twice in this process: fresh, then replayed with its output deleted."""
+    from app.client import Task
+    from app.config import Settings
+    from app.daemon import Context
+    from app.worker import WorkerStage
+
+    env = dict(os.environ, MYSQL_PIPELINE_URL=f"mysql://root:@127.0.0.1:3306/{db_name}", SHARED_DIR=shared,
+               WORKER_BATCH_LINES=str(batch))
+    settings = Settings.from_env(env)
+    stage = WorkerStage(settings, 0)
+    ctx = Context(threading.Event(), logging.getLogger("bench"))
+    stage.setup(ctx)
+    results = {}
+    for run in ("first", "replay"):
+        layout.worker_output(settings.shared_dir, filename, 0).unlink(missing_ok=True)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        [done] = stage.process([Task(filename, 0)], ctx)
+        results[run] = {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
+                        "events": done.events, "stats": done.stats}
+    results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stage.teardown()
+    print(orjson.dumps(results).decode())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--batch", type=int, default=4000)
+    ap.add_argument("--keep", action="store_true", help="keep the database and files")
+    ap.add_argument("--child", nargs=4, metavar=("DB", "SHARED", "FILE", "BATCH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        db_name, shared, filename, batch = args.child
+        child(db_name, shared, filename, int(batch))
+        return
+
+    import pymysql
+    shared = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    filename = "20260101000000"
+    path = layout.splitter_output(shared, filename, 0)
+    path.parent.mkdir(parents=True)
+    t0 = time.perf_counter()
+    generate(path, args.events)
+    print(f"generated {args.events:,} events ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+    db_name = f"bench_worker_{uuid.uuid4().hex[:8]}"
+    load = os.getloadavg()
+    proc = subprocess.run([sys.executable, __file__, "--child", db_name, str(shared), filename, str(args.batch)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stdout, proc.stderr)
+        raise SystemExit(proc.returncode)
+    res = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    n = args.events
+    for run in ("first", "replay"):
+        r = res[run]
+        print(f"{run:>6}: {n / r['seconds']:>9,.0f} events/s  ({r['seconds']:.2f}s wall, {r['cpu']:.2f}s CPU in the "
+              f"worker; accepted {r['events']:,})")
+    print(f"stats: {orjson.dumps(res['first']['stats']).decode()}")
+    print(f"peak RSS of the worker process: {res['max_rss_mb']:.0f} MB; batch {args.batch} lines; "
+          f"load average before: {load[0]:.2f}")
+    print(f"target: >= 50,000 events/s -> {'met' if n / res['first']['seconds'] >= 50_000 else 'NOT met'}")
+    if not args.keep:
+        conn = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS `{db_name}`")
+        conn.close()
+        import shutil
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""shard-worker: every rule and reason, deduplication, the out-of-order cache, rule switches.
+
+The real worker stage runs under the shared daemon loop against the real API and MariaDB; the
+test plays the splitter (writes the shard files, marks them done through the API)."""
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+from app.rules import CODE, REASONS
+from tests import servers
+from tests.test_worker_support import (module_api, pipeline, price_change, purchase, reasons, refund,  # noqa: F401
+                                       restock, shop_status, ts)
+
+BIG = 2**63 - 1          # above 2^53: a float would change it
+F1, F2, F3 = "20260301120000", "20260301120010", "20260301120020"
+
+
+def test_each_rule_and_reason(pipeline):
+    lines = [
+        purchase(0, BIG, user=1, shop=2, price=600.25),                 # 1 accepted
+        purchase(1, 11, user=1, shop=2, price=400.00),                  # 2 insufficient_balance
+        restock(2, 2, 1, 5),                                            # 3 accepted
+        restock(3, 2, 1, -6, "defect"),                                 # 4 negative_stock
+        restock(4, 2, 1, -5, "loss"),                                   # 5 accepted: stock 0
+        shop_status(5, 4, False),                                       # 6 accepted
+        purchase(6, 12, user=2, shop=4),                                # 7 shop_inactive
+        price_change(7, 2, 1, 0),                                       # 8 non_positive_price
+        purchase(8, 13, user=2, shop=2, price=-1),                      # 9 non_positive_price
+        purchase(9, 14, user=2, shop=2, qty=0),                         # 10 non_positive_qty
+        b'{"event_type": 1, "payload": {"order_id": ',                  # 11 malformed
+        purchase(10, 15, user=2, shop=3),                               # 12 wrong_shard
+        purchase(11, 16, user=3, shop=2, price=50),                     # 13 accepted
+        refund(12, 16, user=3, amount=50.01, shop=2),                   # 14 refund_exceeds_purchase
+        purchase(13, 17, user=3, shop=4, price=5),                      # 15 shop_inactive
+        refund(14, 17, user=3, amount=5, shop=4),                       # 16 purchase_rejected
+        purchase(15, 18, user=3, shop=2, price=20),                     # 17 accepted
+        refund(16, 18, user=4, amount=20, shop=2),                      # 18 return_mismatch
+        refund(17, BIG, user=1, amount=100.00),                         # 19 accepted, no shop_id
+        refund(17, BIG, user=1, amount=100.00),                         # 20 duplicate
+        refund(18, 19, user=5, amount=1, shop=2),                       # 21 held, then orphan_return
+        price_change(19, 2, 1, 12.5),                                   # 22 accepted
+        shop_status(31_000, 6, True),                                   # 23 accepted (expires 21 first)
+        line_with_time("2026-13-01 00:00:00.000"),                      # 24 malformed timestamp
+    ]
+    pipeline.feed(F1, {0: lines})
+    w = pipeline.worker(0)
+    task = pipeline.wait_done(F1)
+    stats = task["stats"]["shard-worker"]
+    prepared, rejected = pipeline.prepared(F1), pipeline.rejected(F1)
+    w.stop()
+
+    assert reasons(rejected) == [
+        "insufficient_balance", "negative_stock", "shop_inactive", "non_positive_price", "non_positive_price",
+        "non_positive_qty", "malformed", "wrong_shard", "refund_exceeds_purchase", "shop_inactive",
+        "purchase_rejected", "return_mismatch", "duplicate", "orphan_return", "malformed"]
+    assert [r["line_no"] for r in rejected] == [2, 4, 7, 8, 9, 10, 11, 12, 14, 15, 16, 18, 20, 21, 24]
+    assert all(r["source_file"] == F1 for r in rejected)
+    assert rejected[1]["line"] == lines[3].decode()
+    assert "detail" in rejected[6] and "detail" in rejected[7] and "timestamp" in rejected[14]["detail"]
+
+    assert [p["event_type"] for p in prepared] == [1, 0, 0, 4, 1, 1, 3, 2, 4]
+    first = prepared[0]
+    assert first == {"event_key": f"1:{BIG}", "event_type": 1, "shop_id": 2, "user_id": 1, "timestamp": ts(0),
+                     "shard": 0, "order_id": BIG, "good_id": 1, "qty": 1, "amount": "600.25", "source_file": F1,
+                     "payload": {"order_id": BIG, "user_id": 1, "shop_id": 2, "good_id": 1, "qty": 1,
+                                 "price_at_order": 600.25}}
+    ret = prepared[6]
+    assert (ret["event_key"], ret["shop_id"], ret["user_id"], ret["amount"], ret["order_id"]) == \
+        (f"3:{BIG}", 2, 1, "100.00", BIG)
+    assert "shop_id" not in ret["payload"]
+    assert prepared[7]["amount"] == "12.50" and prepared[7]["user_id"] is None
+    assert prepared[1]["qty"] == 5 and prepared[1]["amount"] is None
+    assert all(p["timestamp"][-4] == "." for p in prepared)
+
+    assert stats == {"events": 9, "in": 24, "accepted": 9, "held": 1, "released": 0, "expired": 1,
+                     "rejected": {"duplicate": 1, "insufficient_balance": 1, "malformed": 2, "negative_stock": 1,
+                                  "non_positive_price": 2, "non_positive_qty": 1, "orphan_return": 1,
+                                  "purchase_rejected": 1, "refund_exceeds_purchase": 1, "return_mismatch": 1,
+                                  "shop_inactive": 2, "wrong_shard": 1}}
+    assert pipeline.balance(1) == Decimal("499.75")      # 1000 - 600.25 + 100
+    assert pipeline.balance(3) == Decimal("930.00")      # 1000 - 50 - 20
+    assert pipeline.balance(2) == Decimal("1000.00")
+    assert pipeline.sql("SELECT count FROM worker_stock WHERE shop_id=2 AND good_id=1") == [(0,)]
+    assert pipeline.sql("SELECT active FROM worker_shops ORDER BY shop_id") == [(0,), (1,)]
+    assert pipeline.sql("SELECT debited, credit FROM worker_orders WHERE order_id=%s", (BIG,)) == \
+        [(1, Decimal("100.00"))]
+    # Every reason but the one only reachable with RULE_DEDUP off is exercised above.
+    assert set(stats["rejected"]) == set(REASONS) - {"already_refunded"}
+
+
+def line_with_time(when: str) -> bytes:
+    return ('{"event_type":4,"payload":{"shop_id":8,"active":true},"timestamp":"%s"}' % when).encode()
+
+
+def test_rules_switched_off(pipeline):
+    lines = [
+        purchase(0, 1, user=1, shop=2, price=900),           # accepted
+        purchase(1, 2, user=1, shop=2, price=900),           # accepted: RULE_BALANCE off
+        restock(2, 2, 1, -3, "loss"),                        # accepted: RULE_STOCK off
+        shop_status(3, 4, False),
+        purchase(4, 3, user=2, shop=4, price=1),             # accepted: RULE_SHOP_ACTIVE off
+        price_change(5, 2, 1, 0),                            # accepted: RULE_POSITIVE_PRICE off
+        restock(6, 2, 1, 1), restock(6, 2, 1, 1),            # both accepted: RULE_DEDUP off
+        refund(7, 1, user=1, amount=950, shop=2),            # accepted: RULE_REFUND_LIMIT off
+        refund(7, 1, user=1, amount=950, shop=2),            # already_refunded (the ledger still says once)
+        purchase(8, 1, user=1, shop=2, price=900),           # duplicate: an order is charged once, always
+        refund(9, 77, user=3, amount=1, shop=2),             # orphan_return at once: HOLD_SECONDS=0
+    ]
+    pipeline.feed(F1, {0: lines})
+    w = pipeline.worker(0, RULE_BALANCE="false", RULE_STOCK="false", RULE_SHOP_ACTIVE="false",
+                        RULE_POSITIVE_PRICE="false", RULE_DEDUP="false", RULE_REFUND_LIMIT="false", HOLD_SECONDS="0")
+    pipeline.wait_done(F1)
+    rejected, prepared = pipeline.rejected(F1), pipeline.prepared(F1)
+    w.stop()
+    assert reasons(rejected) == ["already_refunded", "duplicate", "orphan_return"]
+    assert len(prepared) == 9
+    assert pipeline.balance(1) == Decimal("150.00")      # 1000 - 900 - 900 + 950: below zero was allowed
+    assert pipeline.sql("SELECT count FROM worker_stock WHERE shop_id=2 AND good_id=1") == [(-1,)]
+
+
+def test_purchase_takes_stock_when_switched_on(pipeline):
+    lines = [restock(0, 2, 1, 2), purchase(1, 1, user=1, shop=2, qty=3), purchase(2, 2, user=1, shop=2, qty=2),
+             refund(3, 2, user=1, qty=1, amount=10, shop=2)]
+    pipeline.feed(F1, {0: lines})
+    w = pipeline.worker(0, PURCHASE_TAKES_STOCK="true")
+    pipeline.wait_done(F1)
+    rejected = pipeline.rejected(F1)
+    w.stop()
+    assert reasons(rejected) == ["negative_stock"] and rejected[0]["line_no"] == 2
+    assert pipeline.sql("SELECT count FROM worker_stock") == [(1,)]   # 2 - 2 + 1 returned
+
+
+def test_duplicates_within_a_file_across_files_and_across_a_restart(pipeline):
+    a, p = restock(0, 2, 1, 5), purchase(1, 500, user=1, shop=2, price=10)
+    pipeline.feed(F1, {0: [a, a, p, p, shop_status(2, 2, True)]})
+    w = pipeline.worker(0)
+    pipeline.wait_done(F1)
+    assert reasons(pipeline.rejected(F1)) == ["duplicate", "duplicate"]
+    pipeline.feed(F2, {0: [restock(10, 2, 1, 5), a, p]})
+    pipeline.wait_done(F2)
+    assert reasons(pipeline.rejected(F2)) == ["duplicate", "duplicate"]
+    w.stop()
+
+    w = pipeline.worker(0)                               # a new process's worth of memory
+    pipeline.feed(F3, {0: [p, shop_status(2, 2, True), a, purchase(20, 501, user=1, shop=2, price=10)]})
+    pipeline.wait_done(F3)
+    rejected, prepared = pipeline.rejected(F3), pipeline.prepared(F3)
+    w.stop()
+    assert reasons(rejected) == ["duplicate", "duplicate", "duplicate"]
+    assert [x["order_id"] for x in prepared] == [501]
+    assert pipeline.balance(1) == Decimal("980.00")       # charged once for order 500, once for 501
+    assert pipeline.stats(F3)["rejected"] == {"duplicate": 3}
+
+
+def test_dedup_keys_older_than_the_window_are_pruned(pipeline):
+    a = restock(0, 2, 1, 5)
+    pipeline.feed(F1, {0: [a]})
+    w = pipeline.worker(0, DEDUP_WINDOW="10s")
+    pipeline.wait_done(F1)
+    pipeline.feed(F2, {0: [restock(60_000, 2, 1, 1)]})      # the shard's clock moves 60 s on
+    pipeline.wait_done(F2)
+    assert pipeline.sql("SELECT COUNT(*) FROM worker_seen") == [(1,)]
+    assert pipeline.sql("SELECT pruned FROM worker_files ORDER BY id") == [(1,), (0,)]
+    pipeline.feed(F3, {0: [a]})                              # older than the window: not a duplicate
+    pipeline.wait_done(F3)
+    assert pipeline.rejected(F3) == [] and len(pipeline.prepared(F3)) == 1
+    w.stop()
+
+
+def test_return_before_its_purchase_is_released_by_a_later_file(pipeline):
+    pipeline.feed(F1, {0: [refund(0, 900, user=1, amount=10, shop=2),       # held
+                           refund(1, 901, user=1, amount=4)]})               # held, no shop_id
+    w = pipeline.worker(0)
+    pipeline.wait_done(F1)
+    assert pipeline.prepared(F1) == [] and pipeline.rejected(F1) == []
+    assert pipeline.stats(F1)["held"] == 2
+    pipeline.feed(F2, {0: [purchase(2, 900, user=1, shop=2, price=10),
+                           restock(3, 2, 1, 1),
+                           purchase(4, 901, user=1, shop=4, price=5)]})
+    pipeline.wait_done(F2)
+    prepared = pipeline.prepared(F2)
+    w.stop()
+    assert [(x["event_type"], x["order_id"]) for x in prepared] == [(1, 900), (3, 900), (0, None), (1, 901),
+                                                                   (3, 901)]
+    assert all(x["source_file"] == F2 for x in prepared)
+    assert prepared[4]["shop_id"] == 4 and prepared[4]["timestamp"] == ts(1)   # its purchase's shop
+    assert pipeline.stats(F2)["released"] == 2 and pipeline.stats(F2)["accepted"] == 5
+    assert pipeline.balance(1) == Decimal("999.00")
+    assert pipeline.sql("SELECT state FROM worker_holds ORDER BY line") == [("released",), ("released",)]
+
+
+def test_return_released_by_a_rejected_purchase_is_rejected(pipeline):
+    pipeline.feed(F1, {0: [refund(0, 900, user=1, amount=10, shop=2),
+                           purchase(1, 900, user=1, shop=2, price=5000)]})
+    w = pipeline.worker(0)
+    pipeline.wait_done(F1)
+    rejected = pipeline.rejected(F1)
+    w.stop()
+    assert [(r["reason"], r["line_no"]) for r in rejected] == [("insufficient_balance", 2),
+                                                              ("purchase_rejected", 1)]
+
+
+def test_hold_expires_in_event_time(pipeline):
+    pipeline.feed(F1, {0: [refund(0, 900, user=1, amount=10, shop=2), restock(29_000, 2, 1, 1)]})
+    w = pipeline.worker(0)
+    pipeline.wait_done(F1)
+    assert pipeline.rejected(F1) == []                      # 29 s of event time: still held
+    pipeline.feed(F2, {0: [restock(30_500, 2, 1, 1), purchase(30_600, 900, user=1, shop=2, price=10)]})
+    pipeline.wait_done(F2)
+    rejected, prepared = pipeline.rejected(F2), pipeline.prepared(F2)
+    w.stop()
+    assert [(r["reason"], r["source_file"], r["line_no"]) for r in rejected] == [("orphan_return", F1, 1)]
+    assert [x["event_type"] for x in prepared] == [0, 1]    # the purchase came 30.6 s later: too late
+    assert pipeline.stats(F2)["expired"] == 1 and pipeline.stats(F2)["released"] == 0
+
+
+def test_hold_expires_by_the_wall_clock_cap_when_the_stream_is_idle(pipeline):
+    pipeline.feed(F1, {0: [refund(0, 900, user=1, amount=10, shop=2)]})
+    w = pipeline.worker(0, HOLD_WALL_CAP_SECONDS="1")
+    pipeline.wait_done(F1)
+    started = time.monotonic()
+    servers.wait_until(lambda: pipeline.sql("SELECT state, code, resolved_file_id FROM worker_holds") ==
+                       [("expired", CODE["orphan_return"], None)], 10, 0.1, "the idle worker expiring the hold")
+    assert time.monotonic() - started >= 0.5
+    pipeline.feed(F2, {0: [purchase(1000, 900, user=1, shop=2, price=10)]})   # only 1 s of event time later
+    pipeline.wait_done(F2)
+    rejected, prepared = pipeline.rejected(F2), pipeline.prepared(F2)
+    w.stop()
+    assert [(r["reason"], r["source_file"], r["line_no"]) for r in rejected] == [("orphan_return", F1, 1)]
+    assert [x["event_type"] for x in prepared] == [1]
+    assert pipeline.stats(F2)["expired"] == 1
+
+
+def test_held_returns_survive_a_restart(pipeline):
+    pipeline.feed(F1, {0: [refund(0, 900, user=1, amount=10, shop=2)]})
+    w = pipeline.worker(0)
+    pipeline.wait_done(F1)
+    w.stop()
+    w = pipeline.worker(0)
+    pipeline.feed(F2, {0: [purchase(5, 900, user=1, shop=2, price=10)]})
+    pipeline.wait_done(F2)
+    prepared = pipeline.prepared(F2)
+    w.stop()
+    assert [(x["event_type"], x["order_id"]) for x in prepared] == [(1, 900), (3, 900)]
+    assert pipeline.balance(1) == Decimal("1000.00")
