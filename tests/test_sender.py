@@ -8,7 +8,6 @@ import signal
 import time
 
 import orjson
-import pytest
 
 from app import layout
 from app.atomic import atomic_write
@@ -123,7 +122,9 @@ def test_two_shard_databases_on_one_server(api, api_env, shared_dir, shard_dbs, 
     try:
         for (name, shard), expected in rows.items():
             t = wait_sender(client, name, shard)
-            assert t["stats"]["mysql-sender"]["events"] == len(expected)
+            # counts reconcile: what the worker accepted == what the sender loaded == rows in the shard
+            assert t["stats"]["shard-worker"]["events"] == t["stats"]["mysql-sender"]["events"] == len(expected)
+            assert loaded(shard_dbs[shard], name) == (len(expected), len(expected))
             assert t["stats"]["mysql-sender"]["loaded"] == len(expected)
             assert t["stats"]["mysql-sender"]["method"] == "load_data"
             assert_rows(shard_dbs[shard], name, expected)
