@@ -100,8 +100,11 @@ class OrderIndex:
             for start in range(0, len(ids), LOOKUP_BATCH):
                 part = ids[start:start + LOOKUP_BATCH]
                 marks = ",".join(["%s"] * len(part))
+                # Driven by the order index: left to itself the optimizer may start from the
+                # (tiny) file table and walk every row of each file.
                 cur.execute(f"SELECT o.order_id, o.file_id, o.line, o.shop_id, f.indexed_seq "
-                            f"FROM splitter_order o JOIN splitter_file f ON f.file_id = o.file_id "
+                            f"FROM splitter_order o FORCE INDEX (ix_splitter_order) "
+                            f"STRAIGHT_JOIN splitter_file f ON f.file_id = o.file_id "
                             f"WHERE o.order_id IN ({marks}) AND (o.file_id = %s OR f.indexed_seq <= %s)",
                             (*part, file_id, horizon))
                 for order_id, fid, line, shop_id, seq in cur.fetchall():

@@ -1,0 +1,149 @@
+"""Benchmark of the shard splitter: lines/s into 2 shards, against the plain read-and-write
+floor measured in the same run, and peak RSS at 10k and 1M lines.
+
+    .venv/bin/python bench/split.py [--lines 1000000] [--small 10000]
+
+Targets (issue 3): >= 500,000 lines/s for 1,000,000 lines; RSS(1M) <= 1.2 x RSS(10k).
+Uses the real code path (app.splitter.split_file with the order index in MariaDB at
+BENCH_MYSQL_URL, default mysql://root:@127.0.0.1:3306, in a scratch database dropped after).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app import db, layout  # noqa: E402
+from app.config import MySQLURL  # noqa: E402
+from app.generator import generate_files  # noqa: E402
+from app.order_index import OrderIndex  # noqa: E402
+from app.splitter import split_file  # noqa: E402
+
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "original-generator" / "20261126221520.event-ingest.txt"
+
+
+def peak_rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return -1
+
+
+def floor(source: Path, out_dir: Path) -> float:
+    """Plain Python: read each line, write it to one of two files."""
+    start = time.perf_counter()
+    n = 0
+    with open(source, "rb", buffering=1 << 20) as f, open(out_dir / "floor.0", "wb", buffering=1 << 20) as a, \
+            open(out_dir / "floor.1", "wb", buffering=1 << 20) as b:
+        outs = (a.write, b.write)
+        for line in f:
+            outs[n & 1](line)
+            n += 1
+    seconds = time.perf_counter() - start
+    (out_dir / "floor.0").unlink()
+    (out_dir / "floor.1").unlink()
+    return n / seconds
+
+
+def split_once(shared: Path, url: MySQLURL, name: str) -> tuple[float, dict, float]:
+    """lines/s, the split's stats (with the purchases indexed), seconds spent in LOAD DATA."""
+    folder = layout.splitter_dir(shared)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = OrderIndex(url, folder)
+    index.ensure_schema()
+    loads = []
+    original_load = index.load
+
+    def timed_load(path):
+        t = time.perf_counter()
+        original_load(path)
+        loads.append(time.perf_counter() - t)
+    index.load = timed_load
+    start = time.perf_counter()
+    result = split_file(layout.source_file(shared, name), name, shared, 2, [0, 1], [0, 1], index, True)
+    seconds = time.perf_counter() - start
+    index.close()
+    for s in (0, 1):
+        layout.splitter_output(shared, name, s).unlink()
+    layout.splitter_rejected(shared, name).unlink(missing_ok=True)
+    return result.lines_in / seconds, {**result.stats(), "purchases": result.purchases}, sum(loads)
+
+
+def child(shared: str, url: str, name: str) -> None:
+    """Run in a fresh process: one split, then print the peak RSS in kB."""
+    u = MySQLURL.parse("BENCH_MYSQL_URL", url)
+    split_once(Path(shared), u, name)
+    print(peak_rss_kb())
+
+
+def rss_of(shared: Path, url: str, name: str) -> int:
+    out = subprocess.run([sys.executable, __file__, "--child", str(shared), url, name], capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    base = MySQLURL.parse("BENCH_MYSQL_URL", os.environ.get("BENCH_MYSQL_URL", "mysql://root:@127.0.0.1:3306/x"))
+    url = base.with_database(f"bench_split_{uuid.uuid4().hex[:8]}")
+    url_text = f"mysql://{url.user}:{url.password}@{url.host}:{url.port}/{url.database}"
+    db.ensure_database(url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-split-") as tmp:
+            shared = Path(tmp)
+            events = layout.events_dir(shared)
+            t = time.perf_counter()
+            big, = generate_files(events, 1, args.lines, seed=1, start="20260101000000")
+            small, = generate_files(events, 1, args.small, seed=2, start="20260201000000")
+            print(f"generated {args.lines:,} + {args.small:,} lines in {time.perf_counter() - t:.1f}s "
+                  f"(our generator, default injection rates)")
+            load = os.getloadavg()[0]
+            print(f"load average before measuring: {load:.2f} on {os.cpu_count()} cores")
+            source = layout.source_file(shared, big)
+            fl = floor(source, shared)
+            first, stats, load_s = split_once(shared, url, big)
+            again, _, _ = split_once(shared, url, big)
+            print(f"plain read-and-write floor : {fl:12,.0f} lines/s")
+            print(f"split, first time          : {first:12,.0f} lines/s  (indexing {stats['purchases']:,} "
+                  f"purchases; {load_s:.2f}s of LOAD DATA in a second thread)")
+            print(f"split again (index known)  : {again:12,.0f} lines/s")
+            print(f"  per shard {stats['lines_by_shard']}, rejected {stats['rejected']}")
+            if FIXTURE.exists():
+                orig = layout.source_file(shared, "20261126221520")
+                copies = max(1, args.lines // 82)
+                orig.write_bytes(FIXTURE.read_bytes() * copies)
+                o_rate, o_stats, _ = split_once(shared, url, "20261126221520")
+                print(f"split, original-format data: {o_rate:11,.0f} lines/s  "
+                      f"({o_stats['rejected'].get('unroutable', 0):,} shop-less returns, each looked up)")
+            rss_small = rss_of(shared, url_text, small)
+            rss_big = rss_of(shared, url_text, big)
+            print(f"peak RSS {args.small:>9,} lines: {rss_small / 1024:8.1f} MiB")
+            print(f"peak RSS {args.lines:>9,} lines: {rss_big / 1024:8.1f} MiB  "
+                  f"(ratio {rss_big / rss_small:.2f}; target <= 1.20)")
+            verdict = "meets" if first >= 500_000 else "MISSES"
+            print(f"throughput target >= 500,000 lines/s: {verdict} ({first:,.0f}); "
+                  f"load average now {os.getloadavg()[0]:.2f}")
+    finally:
+        conn = db.connect(url, database=None)
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
+        conn.close()
+
+
+if __name__ == "__main__":
+    main()
