@@ -287,7 +287,7 @@ class Supervision:
             run_dir=Path(env.get("PIPELINE_RUN_DIR") or "/tmp/event-pipeline").absolute(),
             exit_on_fatal=_bool(env, "PIPELINE_EXIT_ON_FATAL", False),
             stop_wait=_int(env, "STOP_WAIT_SECONDS", 30, 1, 3600),
-            start_secs=_int(env, "SUPERVISOR_STARTSECS", 3, 0, 600),
+            start_secs=_int(env, "SUPERVISOR_STARTSECS", 5, 0, 600),
             start_retries=_int(env, "SUPERVISOR_STARTRETRIES", 3, 0, 100),
             splitter_replicas=_int(env, "SPLITTER_REPLICAS", 1, 1, 32),
             sender_replicas=_int(env, "SENDER_REPLICAS", 1, 1, 32),

@@ -1,28 +1,35 @@
 """supervisord event listener: a program that keeps crashing is reported loudly.
 
-supervisord marks a program FATAL after `startretries` failed starts and then leaves it down,
-which in a log full of other programs' lines is easy to miss. This listener prints a banner
-naming the program and the way back; with PIPELINE_EXIT_ON_FATAL=1 (containers) it also leaves
-a marker and stops supervisord, and `app.supervise` then exits 1 so the orchestrator restarts
-the container. stdout is the event protocol's channel: everything human goes to stderr.
+supervisord marks a program FATAL after `startretries` starts that die within `startsecs`, and
+then leaves it down; in a log full of other programs' lines that is easy to miss. A program
+that dies *after* `startsecs` is restarted forever and never becomes FATAL, so this listener
+also counts unexpected exits: CRASH_LOOP_EXITS of them within CRASH_LOOP_WINDOW seconds is a
+crash loop too, and the program is stopped. Either way it prints a banner naming the program
+and the way back; with PIPELINE_EXIT_ON_FATAL=1 (containers) it also leaves a marker and stops
+supervisord, and `app.supervise` then exits 1 so the orchestrator restarts the container.
+stdout is the event protocol's channel: everything human goes to stderr.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import time
+import xmlrpc.client
+from collections import defaultdict, deque
 
 from supervisor import childutils
 
 from .config import Supervision
 from .supervise import FATAL_MARKER
 
+CRASH_LOOP_EXITS = 5
+CRASH_LOOP_WINDOW = 120.0
 
-def banner(process: str, group: str, from_state: str, sup: Supervision) -> str:
-    name = process if process == group else f"{group}:{process}"
+
+def banner(name: str, why: str, sup: Supervision) -> str:
     lines = [
-        f"FATAL: program {name} keeps crashing: supervisord gave up after "
-        f"{sup.start_retries} failed start(s) (last state {from_state}) and will not restart it.",
+        f"FATAL: program {name} keeps crashing: {why}.",
         "  Its own output is just above in this log, and in $SHARED_DIR/<its folder>/activity.log.",
         f"  After fixing the cause: supervisorctl -c {sup.config_file} start {name}",
     ]
@@ -32,22 +39,55 @@ def banner(process: str, group: str, from_state: str, sup: Supervision) -> str:
     return "\n".join([rule, *lines, rule])
 
 
+class Listener:
+    def __init__(self, sup: Supervision):
+        self.sup = sup
+        self.exits: dict[str, deque] = defaultdict(deque)
+        self.stopping = False
+        self.signalled = False
+
+    def handle(self, event: str, fields: dict[str, str]) -> None:
+        process, group = fields.get("processname", "?"), fields.get("groupname", "?")
+        name = process if process == group else f"{group}:{process}"
+        if event == "PROCESS_STATE_FATAL":
+            self.crash_loop(name, f"supervisord gave up after {self.sup.start_retries} failed start(s) "
+                                  f"(last state {fields.get('from_state', '?')}) and will not restart it")
+        elif event == "PROCESS_STATE_EXITED" and fields.get("expected") == "0":
+            now = time.monotonic()
+            exits = self.exits[name]
+            exits.append(now)
+            while exits and now - exits[0] > CRASH_LOOP_WINDOW:
+                exits.popleft()
+            if len(exits) >= CRASH_LOOP_EXITS:
+                exits.clear()
+                self.stop_program(name)
+                self.crash_loop(name, f"it exited unexpectedly {CRASH_LOOP_EXITS} times within "
+                                      f"{CRASH_LOOP_WINDOW:.0f}s after starting fine; it is stopped now")
+
+    def stop_program(self, name: str) -> None:
+        try:
+            childutils.getRPCInterface(os.environ).supervisor.stopProcess(name, False)
+        except (OSError, xmlrpc.client.Error) as exc:
+            print(f"fatal-listener: could not stop {name}: {exc}", file=sys.stderr, flush=True)
+
+    def crash_loop(self, name: str, why: str) -> None:
+        print(banner(name, why, self.sup), file=sys.stderr, flush=True)
+        if self.sup.exit_on_fatal and not self.stopping:
+            self.stopping = True
+            (self.sup.run_dir / FATAL_MARKER).write_text(f"{name}\n")
+
+    def run(self) -> None:
+        while True:
+            headers, payload = childutils.listener.wait(sys.stdin, sys.stdout)
+            self.handle(headers.get("eventname", ""), childutils.get_headers(payload))
+            childutils.listener.ok(sys.stdout)
+            if self.stopping and not self.signalled:
+                self.signalled = True
+                os.kill(os.getppid(), signal.SIGTERM)  # our parent is supervisord
+
+
 def main() -> None:
-    sup = Supervision.from_env()
-    stopping = False
-    while True:
-        headers, payload = childutils.listener.wait(sys.stdin, sys.stdout)
-        if headers.get("eventname") == "PROCESS_STATE_FATAL":
-            fields = childutils.get_headers(payload)
-            process, group = fields.get("processname", "?"), fields.get("groupname", "?")
-            print(banner(process, group, fields.get("from_state", "?"), sup), file=sys.stderr, flush=True)
-            if sup.exit_on_fatal and not stopping:
-                stopping = True
-                (sup.run_dir / FATAL_MARKER).write_text(f"{process}\n")
-                childutils.listener.ok(sys.stdout)
-                os.kill(os.getppid(), signal.SIGTERM)
-                continue
-        childutils.listener.ok(sys.stdout)
+    Listener(Supervision.from_env()).run()
 
 
 if __name__ == "__main__":

@@ -177,11 +177,12 @@ def group_factory(make_database, tmp_path):
         shared = tmp_path / "shared"
         shared.mkdir(exist_ok=True)
         run_dir = Path(tempfile.mkdtemp(prefix="sv-"))  # short: a unix socket path has a length limit
-        env = servers.service_env(pipeline_db, shared, servers.free_port(), shard_dbs, SHARD_COUNT=SHARDS,
-                                  PIPELINE_RUN_DIR=run_dir, SUPERVISOR_STARTSECS=1, SUPERVISOR_STARTRETRIES=1,
-                                  STOP_WAIT_SECONDS=STOP_WAIT, LEASE_SECONDS=2, REAP_INTERVAL=1,
-                                  API_WORKERS=1, API_THREADS=8, INGEST_INTERVAL=3600, EVENTS_PER_FILE=50,
-                                  HOLD_SECONDS=1, POLL_MAX_SECONDS=0.1, **extra)
+        settings = dict(SHARD_COUNT=SHARDS, PIPELINE_RUN_DIR=run_dir, SUPERVISOR_STARTSECS=1,
+                        SUPERVISOR_STARTRETRIES=1, STOP_WAIT_SECONDS=STOP_WAIT, LEASE_SECONDS=2, REAP_INTERVAL=1,
+                        API_WORKERS=1, API_THREADS=8, INGEST_INTERVAL=3600, EVENTS_PER_FILE=50,
+                        HOLD_SECONDS=1, POLL_MAX_SECONDS=0.1)
+        settings.update(extra)
+        env = servers.service_env(pipeline_db, shared, servers.free_port(), shard_dbs, **settings)
         if prepare:
             prepare(shared)
         process = servers.Process(command[2], command[3:], env, tmp_path / f"supervisord-{len(started)}.log")
@@ -276,7 +277,10 @@ def test_crash_looping_program_becomes_fatal_and_is_reported(group_factory, exit
     def block_worker_folder(shared: Path) -> None:
         layout.worker_dir(shared, 1).write_text("a file where shard-worker-1's folder should be\n")
 
-    group = group_factory(prepare=block_worker_folder, PIPELINE_EXIT_ON_FATAL=int(exit_on_fatal))
+    # startsecs long enough that the crash (after ~1-2 s of imports on a busy machine) counts as
+    # a failed start: supervisord only gives up on programs that die before startsecs.
+    group = group_factory(prepare=block_worker_folder, PIPELINE_EXIT_ON_FATAL=int(exit_on_fatal),
+                          SUPERVISOR_STARTSECS=4)
     banner = "FATAL: program shard-worker-1 keeps crashing"
     if exit_on_fatal:
         rc = group.process.proc.wait(60)
@@ -291,10 +295,26 @@ def test_crash_looping_program_becomes_fatal_and_is_reported(group_factory, exit
         servers.wait_until(lambda: group.states().get("shard-worker-1") == "FATAL", 60, 0.2,
                            what="shard-worker-1 FATAL")
         servers.wait_until(lambda: banner in group.process.output(), 10, what="the FATAL banner")
-        states = group.states()
-        assert all(s == "RUNNING" for n, s in states.items() if n != "shard-worker-1"), states
+        servers.wait_until(lambda: all(s == "RUNNING" for n, s in group.states().items() if n != "shard-worker-1"),
+                           30, 0.2, what="the other programs RUNNING")
         assert group.process.proc.poll() is None, "supervisord must keep running the rest"
         out = group.ctl("status", "shard-worker-1")
         assert "FATAL" in out.stdout
         group.process.signal(signal.SIGTERM)
         assert group.process.proc.wait(STOP_WAIT * 10) == 0
+
+
+def test_program_restarted_again_and_again_is_stopped_and_reported(group_factory):
+    """With startsecs 0 every start counts as fine, so supervisord alone would restart the
+    crashing program forever; the listener counts its exits and stops it."""
+    def block_worker_folder(shared: Path) -> None:
+        layout.worker_dir(shared, 1).write_text("a file where shard-worker-1's folder should be\n")
+
+    group = group_factory(prepare=block_worker_folder, SUPERVISOR_STARTSECS=0)
+    servers.wait_until(lambda: "FATAL: program shard-worker-1 keeps crashing: it exited unexpectedly"
+                       in group.process.output(), 90, 0.2, what="the crash-loop banner")
+    servers.wait_until(lambda: group.states().get("shard-worker-1") == "STOPPED", 15, 0.2,
+                       what="shard-worker-1 stopped by the listener")
+    states = group.states()
+    assert all(s == "RUNNING" for n, s in states.items() if n != "shard-worker-1"), states
+    assert group.process.proc.poll() is None
