@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from decimal import Decimal
 from pathlib import Path
@@ -229,3 +230,21 @@ def test_bad_rate_settings_are_named(tmp_path, variable, value):
     out = subprocess.run([sys.executable, "-m", "app.ingest", "--files", "1", "--no-register"],
                          cwd=servers.ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "INGEST_RATE_" in out.stderr + out.stdout
+
+
+def test_start_finishes_stale_registered_files_only(api, shared_dir):
+    """A file registered but never marked done (a crash between the calls, or the original
+    generator's lost best-effort call) is marked done at start once it is stale; a recent one
+    may still be being written by the original generator and is left alone."""
+    events = shared_dir / "events"
+    stale, recent = generate_files(events, 2, 5, seed=1, start="20250101000000")
+    client = api.client()
+    client.register(stale)
+    client.register(recent)
+    old = time.time() - 120
+    os.utime(layout.source_file(shared_dir, stale), (old, old))
+    out = subprocess.run([sys.executable, "-m", "app.ingest", "--files", "1", "--events", "5"],
+                         cwd=servers.ROOT, env={**api.process.env}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert api_view(client, stale) == ["done", "done"]
+    assert api_view(client, recent) == ["started", "started"]
