@@ -69,7 +69,7 @@ _CLAIM = ("INSERT INTO loaded_files (source_file, shard, line_count, loaded_coun
 _RECORD = ("UPDATE loaded_files SET line_count=%s, loaded_count=%s, duplicate_count=%s, checksum=%s, method=%s, "
            "seconds=%s, loaded_at=CURRENT_TIMESTAMP(3) WHERE source_file=%s")
 _RECORDED = ("SELECT line_count, loaded_count, duplicate_count, checksum, method FROM loaded_files "
-             "WHERE source_file=%s")
+             "WHERE source_file=%s FOR UPDATE")  # the latest committed row, not a snapshot
 
 
 class BadLine(ValueError):
@@ -454,6 +454,7 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
     if method not in _METHOD:
         raise ValueError(f"unknown load method {method!r}; expected one of {METHODS}")
     started = time.monotonic()
+    work_dir.mkdir(parents=True, exist_ok=True)
     try:
         f = open(path, "rb")
     except FileNotFoundError:
