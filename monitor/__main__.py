@@ -69,7 +69,8 @@ def screenshot(app: MonitorApp, path: str, size: tuple[int, int]) -> None:
             if app.polls and (app.supervisor is None or app.supervisor_polls):
                 break
             await asyncio.sleep(0.05)
-        await p.pause(0.3)
+        await p.pause(0.5)
+        await p.wait_for_scheduled_animations()
         app.save_screenshot(path)
         app.exit()
 

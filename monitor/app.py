@@ -89,7 +89,7 @@ class MonitorApp(App):
             pipeline.border_title = "stages"
             yield pipeline
             shards = ShardTable(id="shards")
-            shards.border_title = "shards"
+            shards.border_title = "shards (files loaded by mysql-sender)"
             yield shards
         yield Tabs(*(Tab(name.title(), id=f"tab-{name}") for name in PANELS), id="tabs")
         with Container(id="lower", classes="show-failed"):

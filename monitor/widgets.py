@@ -50,6 +50,26 @@ class SyncTable(DataTable):
         """A fixed width for a column, or None to fit its content."""
         return None
 
+    def remember(self, *args) -> None:
+        """What `show` was last called with, to draw it again at a new width."""
+        self._last = args
+
+    def on_resize(self) -> None:
+        """Columns whose width follows the table's (bars, sparklines) are refitted and redrawn;
+        auto-width columns only ever grow, so they could not follow a shrinking table."""
+        changed = False
+        for col_key, _ in self.COLUMNS:
+            width = self.column_width(col_key)
+            column = self.columns.get(ColumnKey(col_key))
+            if width is not None and column is not None and column.width != width:
+                column.width = width
+                changed = True
+        if changed:
+            self._require_update_dimensions = True
+            if getattr(self, "_last", None) is not None:
+                self.show(*self._last)
+            self.refresh()
+
     @property
     def selected_key(self) -> str | None:
         if not self.row_count:
@@ -140,32 +160,22 @@ class ShardTable(SyncTable):
     """Per shard: how far its files got through the last stage (mysql-sender). The bar takes
     whatever width the other columns leave."""
 
-    COLUMNS = (("shard", "shard"), ("bar", "loaded by mysql-sender"), ("done", "done/total"),
-               ("failed", "failed"), ("started", "started"), ("new", "new"))
-    OTHER_COLUMNS = 46
+    COLUMNS = (("shard", "shard"), ("bar", "progress"), ("done", "loaded"), ("failed", "failed"))
+    OTHER_COLUMNS = 26
+    PERCENT = 5
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.cursor_type = "none"
-        self.shown: Snapshot | None = None
 
     def column_width(self, col_key: str) -> int | None:
-        return self.bar_width() + 5 if col_key == "bar" else None
+        return self.bar_width() + self.PERCENT if col_key == "bar" else None
 
     def bar_width(self) -> int:
-        return max(8, min(60, (self.size.width or 66) - self.OTHER_COLUMNS - 5))
-
-    def on_resize(self) -> None:
-        column = self.columns.get(ColumnKey("bar"))
-        if column is not None and column.width != self.bar_width() + 5:
-            column.width = self.bar_width() + 5
-            self._require_update_dimensions = True
-            if self.shown is not None:
-                self.show(self.shown)
-            self.refresh()
+        return max(6, min(50, (self.size.width or 60) - self.OTHER_COLUMNS - self.PERCENT))
 
     def show(self, snap: Snapshot) -> None:
-        self.shown = snap
+        self.remember(snap)
         width = self.bar_width()
         rows = []
         for s in snap.summary.get("by_shard") or []:
@@ -175,8 +185,7 @@ class ShardTable(SyncTable):
             bar = Text.assemble((d, "green"), (f, "red"), (rest, "dim"), (pct, "bold"))
             rows.append((str(s["shard"]), (
                 Text(str(s["shard"]), justify="right"), bar,
-                Text(f"{fmt.count(done)}/{fmt.count(total)}", justify="right"),
-                _num(failed, "bold red"), _num(s.get("started", 0), "cyan"), _num(s.get("new", 0)))))
+                Text(f"{fmt.count(done)}/{fmt.count(total)}", justify="right"), _num(failed, "bold red"))))
         self.sync(rows)
 
 
@@ -191,7 +200,7 @@ def parse_task_key(value: str) -> tuple[str, str, int]:
 
 class FailedTable(SyncTable):
     COLUMNS = (("stage", "stage"), ("file", "file"), ("shard", "shard"), ("attempts", "att"),
-               ("updated", "at (UTC)"), ("error", "error"))
+               ("error", "error"), ("updated", "at (UTC)"))
     BINDINGS = [
         Binding("r", "app.retry_one", "Retry"),
         Binding("a", "app.retry_all", "Retry stage"),
@@ -205,8 +214,8 @@ class FailedTable(SyncTable):
                 rows.append((task_key(stage, t["filename"], t["shard"]), (
                     stage, t["filename"], Text(str(t["shard"]), justify="right"),
                     Text(str(t.get("attempts", 0)), justify="right"),
-                    fmt.stamp(t.get("updated_at"))[11:19],
-                    Text(fmt.clip(t.get("last_error"), 200) or "—", style="red"))))
+                    Text(fmt.clip(t.get("last_error"), 60) or "—", style="red"),
+                    fmt.stamp(t.get("updated_at"))[11:19])))
         self.sync(rows)
 
 
@@ -239,8 +248,15 @@ class ThroughputTable(SyncTable):
     COLUMNS = (("stage", "stage"), ("files", "files/min"), ("files_now", "last"),
                ("events", "events/min"), ("events_now", "last"))
 
+    def column_width(self, col_key: str) -> int | None:
+        return self.spark_width() if col_key in ("files", "events") else None
+
+    def spark_width(self) -> int:
+        return max(8, min(60, ((self.size.width or 80) - 44) // 2))
+
     def show(self, snap: Snapshot) -> None:
-        width = max(8, (self.size.width - 44) // 2) if self.size.width else 15
+        self.remember(snap)
+        width = self.spark_width()
         series = snap.throughput.get("stages") or {}
         rows = []
         for stage in STAGES:
