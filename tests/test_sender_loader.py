@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from decimal import Decimal
 
 import orjson
@@ -216,3 +218,44 @@ def test_prepare_creates_the_database(make_database):
     conn.close()
     shard_loader.prepare_database(url)
     assert counts(url) == (0, 0)
+
+
+@pytest.mark.parametrize("first_finishes", [True, False])
+def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
+    """A replica that got the same file (a lease lost) waits for the first load's record, then
+    finds it loaded, or loads it itself if the first rolled back."""
+    url, conn = shard
+    write(tmp_path / "p.txt", many(1000))
+    sent = threading.Event()
+    results: dict = {}
+
+    class Abandon(Exception):
+        pass
+
+    def check():
+        sent.set()
+        time.sleep(0.1)
+        if not first_finishes and time.monotonic() > deadline:
+            raise Abandon()
+
+    def first():
+        try:
+            results["first"] = shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path,
+                                                      chunk_rows=100, check=check)
+        except Abandon:
+            results["first"] = "abandoned"
+
+    deadline = time.monotonic() + 0.5
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert sent.wait(10)
+    other = db.connect(url, autocommit=False, local_infile=True)
+    second = shard_loader.load_file(other, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100)
+    other.close()
+    thread.join(30)
+    if first_finishes:
+        assert results["first"].already_loaded is False and second.already_loaded is True
+    else:
+        assert results["first"] == "abandoned" and second.already_loaded is False
+    assert second.loaded == 1000
+    assert counts(url) == (1000, 1)
