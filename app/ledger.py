@@ -13,6 +13,7 @@ from decimal import Decimal
 
 import pymysql
 
+from . import db
 from .rules import Order
 
 DUPLICATE_KEY = 1062
@@ -46,8 +47,8 @@ class Ledger:
         missing = [u for u in ordered if u not in balances]
         if missing:
             try:
-                cur.executemany("INSERT INTO worker_balances (user_id, balance) VALUES (%s,%s)",
-                                [(u, self.opening) for u in missing])
+                db.insert_rows(cur, "INSERT INTO worker_balances (user_id, balance) VALUES ",
+                               [(u, self.opening) for u in missing])
             except pymysql.err.IntegrityError as exc:
                 if exc.args and exc.args[0] == DUPLICATE_KEY:
                     raise LedgerConflict("a new user was created by another worker meanwhile") from exc
@@ -63,14 +64,15 @@ class Ledger:
         rows = [(o.order_id, shard, o.user_id, o.shop_id, o.good_id, o.qty, o.amount, int(o.debited),
                  o.credit, file_id, o.line) for o in new + credited]
         if rows:
-            cur.executemany("INSERT INTO worker_orders (order_id, shard, user_id, shop_id, good_id, qty, amount,"
-                            " debited, credit, file_id, line) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                            " ON DUPLICATE KEY UPDATE credit=IF(credit IS NULL, VALUES(credit), credit)", rows)
+            changed_rows = db.insert_rows(
+                cur, "INSERT INTO worker_orders (order_id, shard, user_id, shop_id, good_id, qty, amount, debited,"
+                     " credit, file_id, line) VALUES ", rows,
+                " ON DUPLICATE KEY UPDATE credit=IF(credit IS NULL, VALUES(credit), credit)")
             expected = len(new) + 2 * len(credited)
-            if cur.rowcount != expected:
+            if changed_rows != expected:
                 raise LedgerConflict(f"orders of this batch were written by another worker "
-                                     f"({cur.rowcount} rows changed, {expected} expected)")
+                                     f"({changed_rows} rows changed, {expected} expected)")
         if changed:
-            cur.executemany("INSERT INTO worker_balances (user_id, balance) VALUES (%s,%s) "
-                            "ON DUPLICATE KEY UPDATE balance=VALUES(balance)",
-                            [(u, balances[u]) for u in sorted(changed)])
+            db.insert_rows(cur, "INSERT INTO worker_balances (user_id, balance) VALUES ",
+                           [(u, balances[u]) for u in sorted(changed)],
+                           " ON DUPLICATE KEY UPDATE balance=VALUES(balance)")

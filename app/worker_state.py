@@ -210,8 +210,8 @@ class WorkerState:
     def add_seen(self, cur, keys: list[str], file_id: int) -> None:
         if keys:
             shard = self.shard
-            cur.executemany("INSERT INTO worker_seen (shard, event_key, file_id) VALUES (%s,%s,%s) "
-                            "ON DUPLICATE KEY UPDATE file_id=file_id", [(shard, k, file_id) for k in keys])
+            db.insert_rows(cur, "INSERT INTO worker_seen (shard, event_key, file_id) VALUES ",
+                           [(shard, k, file_id) for k in keys], " ON DUPLICATE KEY UPDATE file_id=file_id")
 
     @staticmethod
     def stock(cur, pairs) -> dict[tuple[int, int], int]:
@@ -224,9 +224,9 @@ class WorkerState:
     @staticmethod
     def write_stock(cur, stock: dict, changed) -> None:
         if changed:
-            cur.executemany("INSERT INTO worker_stock (shop_id, good_id, count) VALUES (%s,%s,%s) "
-                            "ON DUPLICATE KEY UPDATE count=VALUES(count)",
-                            [(s, g, stock[(s, g)]) for s, g in sorted(changed)])
+            db.insert_rows(cur, "INSERT INTO worker_stock (shop_id, good_id, count) VALUES ",
+                           [(s, g, stock[(s, g)]) for s, g in sorted(changed)],
+                           " ON DUPLICATE KEY UPDATE count=VALUES(count)")
 
     @staticmethod
     def shops(cur, shop_ids) -> dict[int, bool]:
@@ -238,9 +238,9 @@ class WorkerState:
     @staticmethod
     def write_shops(cur, changed: dict[int, tuple[bool, str]]) -> None:
         if changed:
-            cur.executemany("INSERT INTO worker_shops (shop_id, active, changed_at) VALUES (%s,%s,%s) "
-                            "ON DUPLICATE KEY UPDATE active=VALUES(active), changed_at=VALUES(changed_at)",
-                            [(s, int(a), ts) for s, (a, ts) in sorted(changed.items())])
+            db.insert_rows(cur, "INSERT INTO worker_shops (shop_id, active, changed_at) VALUES ",
+                           [(s, int(a), ts) for s, (a, ts) in sorted(changed.items())],
+                           " ON DUPLICATE KEY UPDATE active=VALUES(active), changed_at=VALUES(changed_at)")
 
     # -- holds -----------------------------------------------------------------------------------------
 
@@ -269,16 +269,15 @@ class WorkerState:
         if holds:
             shard = self.shard
             now = datetime.now(timezone.utc).strftime(TIME)[:-3]
-            cur.executemany(
-                "INSERT INTO worker_holds (file_id, line, shard, order_id, event_time, expires_at, raw, state,"
-                " code, resolved_file_id, resolved_line, resolved_seq, resolved_at)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON DUPLICATE KEY UPDATE state=VALUES(state), code=VALUES(code),"
-                " resolved_file_id=VALUES(resolved_file_id), resolved_line=VALUES(resolved_line),"
-                " resolved_seq=VALUES(resolved_seq), resolved_at=COALESCE(resolved_at, VALUES(resolved_at))",
+            db.insert_rows(
+                cur, "INSERT INTO worker_holds (file_id, line, shard, order_id, event_time, expires_at, raw, state,"
+                     " code, resolved_file_id, resolved_line, resolved_seq, resolved_at) VALUES ",
                 [(h.file_id, h.line, shard, h.order_id, h.ts, h.expires, h.raw, h.state, h.code,
                   h.resolved_file_id, h.resolved_line, h.resolved_seq, None if h.state == "held" else now)
-                 for h in holds])
+                 for h in holds],
+                " ON DUPLICATE KEY UPDATE state=VALUES(state), code=VALUES(code),"
+                " resolved_file_id=VALUES(resolved_file_id), resolved_line=VALUES(resolved_line),"
+                " resolved_seq=VALUES(resolved_seq), resolved_at=COALESCE(resolved_at, VALUES(resolved_at))")
 
     def expire_idle(self) -> int:
         """Wall-clock cap: expire every hold of the shard as `orphan_return`. They stay

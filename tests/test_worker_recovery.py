@@ -42,14 +42,14 @@ def test_rerun_with_outputs_deleted_gives_the_same_output_and_state(pipeline):
         layout.worker_output(pipeline.shared, f, 0).unlink()
         layout.worker_rejected(pipeline.shared, f, 0).unlink()
         pipeline.client.rewind("mysql-sender", f, 0, "test-sender", "prepared file missing")
-    assert pipeline.task(F1, 0)["shard_worker_status"] == "new"
-    pipeline.wait_done(F1)
-    pipeline.wait_done(F2)
+
+    def worked_twice(f):
+        return [h["action"] for h in pipeline.task(f, 0)["history"] if h["stage"] == "shard-worker"].count("done") == 2
+    servers.wait_until(lambda: worked_twice(F1) and worked_twice(F2), 30, 0.05, "both files worked again")
     again = {f: outputs(pipeline, f) for f in (F1, F2)}
     w.stop()
     assert again == first
     assert pipeline.state() == state
-    assert pipeline.task(F1, 0)["attempts"]["shard-worker"] >= 1
 
 
 def test_missing_input_goes_back_to_the_splitter_and_heals(pipeline):
@@ -111,23 +111,30 @@ def test_kill_9_mid_file_then_restart_gives_the_uninterrupted_result(pipeline):
 
 
 def test_two_shard_workers_spending_one_balance_never_overspend(pipeline):
-    def spend(shard):     # 600 purchases of 5.00 by user 7 in this shard's shops
+    def spend(shard):     # 1500 purchases of 1.00 by user 7 in this shard's shops
         shops = [s for s in range(10) if s % 2 == shard]
-        return [purchase(i, shard * 10_000 + i, user=7, shop=shops[i % len(shops)], price=5) for i in range(600)]
+        return [purchase(i, shard * 10_000 + i, user=7, shop=shops[i % len(shops)], price=1) for i in range(1500)]
 
     workers = [pipeline.worker_process(s, WORKER_BATCH_LINES=10) for s in (0, 1)]
+
+    def both_ready():   # both set up (schema applied, shard row written) before any work exists
+        try:
+            return pipeline.sql("SELECT COUNT(*) FROM worker_shards")[0][0] == 2
+        except Exception:
+            return False
+    servers.wait_until(both_ready, 30, 0.05, "both workers started")
     pipeline.feed(F1, {0: spend(0), 1: spend(1)})
     pipeline.wait_done(F1, 0, timeout=120)
     pipeline.wait_done(F1, 1, timeout=120)
     accepted = [pipeline.stats(F1, s)["accepted"] for s in (0, 1)]
     for p in workers:
         p.stop()
-    assert sum(accepted) == 200                          # 1000.00 / 5.00, not one more
+    assert sum(accepted) == 1000                         # 1000.00 / 1.00, not one more
     assert min(accepted) > 0, f"the two workers did not compete ({accepted})"
     assert pipeline.balance(7) == Decimal("0.00")
     debited = pipeline.sql("SELECT SUM(amount), COUNT(*) FROM worker_orders WHERE debited=1")[0]
-    assert debited == (Decimal("1000.00"), 200)
-    assert [pipeline.stats(F1, s)["rejected"] for s in (0, 1)] == [{"insufficient_balance": 600 - a}
+    assert debited == (Decimal("1000.00"), 1000)
+    assert [pipeline.stats(F1, s)["rejected"] for s in (0, 1)] == [{"insufficient_balance": 1500 - a}
                                                                    for a in accepted]
 
 
