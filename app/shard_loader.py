@@ -162,18 +162,6 @@ def apply_schema(conn, database: str) -> None:
 
 # -- reading and checking prepared lines --------------------------------------------------
 
-def _lines(f, hasher) -> Iterator[bytes]:
-    rest = b""
-    while block := f.read(READ_BLOCK):
-        hasher.update(block)
-        parts = block.split(b"\n")
-        parts[0] = rest + parts[0]
-        rest = parts.pop()
-        yield from parts
-    if rest:
-        yield rest
-
-
 def _opt_int(ev: dict, name: str, line_no: int, bounds=INT64):
     value = ev.get(name)
     if value is None:
@@ -277,15 +265,36 @@ class _Reading:
 
     def __init__(self):
         self.rows = 0
-        self.hasher = hashlib.blake2b(digest_size=16)
+        self.hasher = hashlib.sha1()  # `sha1sum <prepared file>` gives the same: an operator can compare
 
 
-def _checked_rows(f, reading: _Reading, source_file: str, shard: int, shard_count: int) -> Iterator[tuple]:
-    for line_no, line in enumerate(_lines(f, reading.hasher), 1):
-        if not line or line.isspace():
-            continue
-        yield check_line(line, line_no, source_file, shard, shard_count)
-        reading.rows += 1
+def _formatted(f, reading: _Reading, source_file: str, shard: int, shard_count: int,
+               fmt: Callable[[tuple], str], per_batch: int) -> Iterator[list[str]]:
+    """Batches of checked lines, each formatted by `fmt`; one loop, no per-line generator."""
+    check = check_line
+    hasher = reading.hasher
+    buf: list[str] = []
+    rest = b""
+    line_no = 0
+    while block := f.read(READ_BLOCK):
+        hasher.update(block)
+        lines = block.split(b"\n")
+        lines[0] = rest + lines[0]
+        rest = lines.pop()
+        for line in lines:
+            line_no += 1
+            if not line or line.isspace():
+                continue
+            buf.append(fmt(check(line, line_no, source_file, shard, shard_count)))
+            if len(buf) >= per_batch:
+                reading.rows += len(buf)
+                yield buf
+                buf = []
+    if rest and not rest.isspace():
+        buf.append(fmt(check(rest, line_no + 1, source_file, shard, shard_count)))
+    if buf:
+        reading.rows += len(buf)
+        yield buf
 
 
 def chunk_name(work_dir: Path, source_file: str, index: int) -> Path:
@@ -294,35 +303,17 @@ def chunk_name(work_dir: Path, source_file: str, index: int) -> Path:
     return work_dir / f"{source_file}.chunk-{index:05d}.tsv{TMP_MARK}{os.getpid()}"
 
 
-def _tsv_chunks(rows: Iterator[tuple], work_dir: Path, source_file: str, chunk_rows: int) -> Iterator[tuple]:
-    buf: list[str] = []
-    index = 0
-
-    def flush():
+def _tsv_chunks(batches: Iterator[list[str]], work_dir: Path, source_file: str) -> Iterator[tuple]:
+    for index, batch in enumerate(batches):
         path = chunk_name(work_dir, source_file, index)
         with open(path, "w", encoding="utf-8", newline="\n") as out:
-            out.write("".join(buf))
-        return path, len(buf)
-
-    for fields in rows:
-        buf.append(_tsv(fields))
-        if len(buf) >= chunk_rows:
-            yield flush()
-            buf, index = [], index + 1
-    if buf:
-        yield flush()
+            out.write("".join(batch))
+        yield path, len(batch)
 
 
-def _insert_statements(rows: Iterator[tuple], shard: int, source_file: str) -> Iterator[tuple]:
-    tail = f"{shard},'{escape_string(source_file)}'"
-    buf: list[str] = []
-    for fields in rows:
-        buf.append(_sql_row(fields, tail))
-        if len(buf) >= INSERT_ROWS:
-            yield _INSERT.format(",".join(buf)), len(buf)
-            buf = []
-    if buf:
-        yield _INSERT.format(",".join(buf)), len(buf)
+def _insert_statements(batches: Iterator[list[str]]) -> Iterator[tuple]:
+    for batch in batches:
+        yield _INSERT.format(",".join(batch)), len(batch)
 
 
 class _Prefetch:
@@ -388,8 +379,8 @@ def _warnings(cur) -> str:
 
 
 def _by_load_data(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check) -> int:
-    rows = _checked_rows(f, reading, source_file, shard, shard_count)
-    chunks = _Prefetch(_tsv_chunks(rows, work_dir, source_file, chunk_rows))
+    batches = _formatted(f, reading, source_file, shard, shard_count, _tsv, chunk_rows)
+    chunks = _Prefetch(_tsv_chunks(batches, work_dir, source_file))
     loaded = 0
     try:
         for path, count in chunks:
@@ -415,8 +406,10 @@ def _by_load_data(cur, f, reading, source_file, shard, shard_count, work_dir, ch
 
 
 def _by_insert(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check) -> int:
-    rows = _checked_rows(f, reading, source_file, shard, shard_count)
-    statements = _Prefetch(_insert_statements(rows, shard, source_file), depth=4)
+    tail = f"{shard},'{escape_string(source_file)}'"
+    batches = _formatted(f, reading, source_file, shard, shard_count, lambda fields: _sql_row(fields, tail),
+                         INSERT_ROWS)
+    statements = _Prefetch(_insert_statements(batches), depth=4)
     loaded = 0
     try:
         for sql, _count in statements:

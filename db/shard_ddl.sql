@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS loaded_files (
     line_count      INT NOT NULL,
     loaded_count    INT NOT NULL,
     duplicate_count INT NOT NULL,
-    checksum        CHAR(32) CHARACTER SET ascii NOT NULL,
+    checksum        CHAR(40) CHARACTER SET ascii NOT NULL,
     method          VARCHAR(32) CHARACTER SET ascii NOT NULL,
     seconds         DECIMAL(10,3) NULL,
     loaded_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),

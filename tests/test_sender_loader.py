@@ -74,7 +74,7 @@ def test_rows_land_with_exact_values(shard, tmp_path, method):
     data = write(tmp_path / "p.txt", rows)
     result = shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method)
     assert (result.lines, result.loaded, result.duplicates, result.method) == (5, 5, 0, method)
-    assert result.checksum == hashlib.blake2b(data, digest_size=16).hexdigest()
+    assert result.checksum == hashlib.sha1(data).hexdigest()
     got = query(url, "SELECT event_key, event_type, shop_id, user_id, DATE_FORMAT(`timestamp`, '%%Y-%%m-%%d %%H:%%i:%%s.%%f'),"
                      " shard, order_id, good_id, qty, amount, source_file, payload FROM events ORDER BY id")
     assert len(got) == 5
