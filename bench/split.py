@@ -38,7 +38,7 @@ def peak_rss_kb() -> int:
 
 
 def floor(source: Path, out_dir: Path) -> float:
-    """Plain Python: read each line, write it to one of two files."""
+    """Plain Python: read each line, write it to one of two files (lines/s)."""
     start = time.perf_counter()
     n = 0
     with open(source, "rb", buffering=1 << 20) as f, open(out_dir / "floor.0", "wb", buffering=1 << 20) as a, \
@@ -53,8 +53,9 @@ def floor(source: Path, out_dir: Path) -> float:
     return n / seconds
 
 
-def split_once(shared: Path, url: MySQLURL, name: str) -> tuple[float, dict, float]:
-    """lines/s, the split's stats (with the purchases indexed), seconds spent in LOAD DATA."""
+def split_once(shared: Path, url: MySQLURL, name: str, source: Path | None = None) -> tuple[float, dict, float]:
+    """lines/s (wall clock), the split's stats (with the purchases indexed and lines per CPU
+    second of this process), seconds spent in LOAD DATA."""
     folder = layout.splitter_dir(shared)
     folder.mkdir(parents=True, exist_ok=True)
     index = OrderIndex(url, folder)
@@ -67,14 +68,15 @@ def split_once(shared: Path, url: MySQLURL, name: str) -> tuple[float, dict, flo
         original_load(path)
         loads.append(time.perf_counter() - t)
     index.load = timed_load
-    start = time.perf_counter()
-    result = split_file(layout.source_file(shared, name), name, shared, 2, [0, 1], [0, 1], index, True)
-    seconds = time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    result = split_file(source or layout.source_file(shared, name), name, shared, 2, [0, 1], [0, 1], index, True)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     index.close()
     for s in (0, 1):
         layout.splitter_output(shared, name, s).unlink()
     layout.splitter_rejected(shared, name).unlink(missing_ok=True)
-    return result.lines_in / seconds, {**result.stats(), "purchases": result.purchases}, sum(loads)
+    return (result.lines_in / seconds,
+            {**result.stats(), "purchases": result.purchases, "per_cpu_second": result.lines_in / cpu}, sum(loads))
 
 
 def child(shared: str, url: str, name: str) -> None:
@@ -115,13 +117,18 @@ def main() -> None:
             load = os.getloadavg()[0]
             print(f"load average before measuring: {load:.2f} on {os.cpu_count()} cores")
             source = layout.source_file(shared, big)
-            fl = floor(source, shared)
-            first, stats, load_s = split_once(shared, url, big)
-            again, _, _ = split_once(shared, url, big)
+            # Best of 3 of each: other work on this machine only ever slows a run down.
+            fl = max(floor(source, shared) for _ in range(3))
+            firsts = [split_once(shared, url, f"{big}-{i}", source) for i in range(3)]
+            first, stats, load_s = max(firsts, key=lambda r: r[0])
+            agains = [split_once(shared, url, f"{big}-0", source) for _ in range(3)]
+            again, again_stats, _ = max(agains, key=lambda r: r[0])
             print(f"plain read-and-write floor : {fl:12,.0f} lines/s")
             print(f"split, first time          : {first:12,.0f} lines/s  (indexing {stats['purchases']:,} "
-                  f"purchases; {load_s:.2f}s of LOAD DATA in a second thread)")
-            print(f"split again (index known)  : {again:12,.0f} lines/s")
+                  f"purchases; {load_s:.2f}s of LOAD DATA in a second thread; "
+                  f"{stats['per_cpu_second']:,.0f} lines per CPU-second of the splitter)")
+            print(f"split again (index known)  : {again:12,.0f} lines/s  "
+                  f"({again_stats['per_cpu_second']:,.0f} lines per CPU-second)")
             print(f"  per shard {stats['lines_by_shard']}, rejected {stats['rejected']}")
             if FIXTURE.exists():
                 orig = layout.source_file(shared, "20261126221520")
