@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import BinaryIO, Iterable, Mapping
+from typing import BinaryIO, Mapping
 
 import orjson
 
@@ -475,9 +475,3 @@ def generate_files(directory: Path | str, n_files: int, events: int, seed: int |
 def existing_ticks(directory: Path) -> list[str]:
     suffix = layout.SOURCE_SUFFIX
     return sorted(p.name[: -len(suffix)] for p in directory.glob(f"*{suffix}") if p.name[: -len(suffix)].isdigit())
-
-
-def iter_lines(paths: Iterable[Path]) -> Iterable[bytes]:
-    for path in paths:
-        with open(path, "rb") as f:
-            yield from f
