@@ -354,9 +354,9 @@ class MonitorApp(App):
         try:
             result = fn(*args)
         except Exception as exc:
-            self.from_thread(self.notify, f"failed: {exc}", severity="error", timeout=8)
+            self.from_thread(self.notify, f"failed: {exc}", severity="error", timeout=8, markup=False)
         else:
             if isinstance(result, int) and not isinstance(result, bool):
                 done_text += f": {result}"
-            self.from_thread(self.notify, done_text, timeout=4)
+            self.from_thread(self.notify, done_text, timeout=4, markup=False)
         self.from_thread(self.poll)

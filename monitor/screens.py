@@ -11,7 +11,7 @@ from textual.widgets import Button, DataTable, Footer, Input, Label, Static
 
 from . import formatting as fmt
 from .api import STAGES, key
-from .widgets import STATUS_STYLE
+from .widgets import STATUS_STYLE, plain
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -26,7 +26,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Grid(id="confirm"):
-            yield Label(self.question, id="question")
+            yield Label(Text(self.question), id="question")
             yield Button(f"{self.yes} (y)", variant="error", id="yes")
             yield Button("Cancel (n)", variant="primary", id="no")
 
@@ -68,7 +68,7 @@ class FileScreen(Screen):
         self.source = source
 
     def compose(self) -> ComposeResult:
-        yield Static(f"File [b]{self.filename}[/b] — loading…", id="file-title")
+        yield Static(Text.assemble("File ", (self.filename, "bold"), " — loading…"), id="file-title")
         shards = DataTable(id="file-shards", cursor_type="row", zebra_stripes=True)
         shards.border_title = "shards × stages"
         yield shards
@@ -109,20 +109,20 @@ class FileScreen(Screen):
             att = s.get("attempts") or {}
             statuses = [Text(s.get(f"{key(stage)}_status") or "—",
                              style=STATUS_STYLE.get(s.get(f"{key(stage)}_status"), "")) for stage in STAGES]
-            shards.add_row(
+            shards.add_row(*plain((
                 str(s["shard"]), *statuses, Text(fmt.clip(s.get("last_error"), 120) or "—", style="red"),
                 "/".join(str(att.get(st, 0)) for st in STAGES[1:]), s.get("owner") or "—",
-                fmt.stamp(s.get("updated_at")))
+                fmt.stamp(s.get("updated_at")))))
             events += [(h, s["shard"]) for h in s.get("history") or []]
         events.sort(key=lambda e: e[0].get("at") or "")
         for h, shard in events:
-            history.add_row(
+            history.add_row(*plain((
                 fmt.stamp(h.get("at")), str(shard), h.get("stage") or "",
                 Text.assemble((h.get("from") or "·", STATUS_STYLE.get(h.get("from"), "")), " → ",
                               (h.get("to") or "", STATUS_STYLE.get(h.get("to"), ""))),
                 Text(fmt.clip(h.get("error"), 160), style="red"),
                 h.get("action") or "", fmt.clip(h.get("by"), 30) or "—", fmt.millis(h.get("duration_ms")),
-                "—" if h.get("events") is None else str(h["events"]))
+                "—" if h.get("events") is None else str(h["events"]))))
         n = len(detail.get("shards") or [])
         title.update(Text.assemble(("File ", ""), (self.filename, "bold"),
                                    (f" — {n} shard{'s' if n != 1 else ''}, {len(events)} transitions", "")))

@@ -22,6 +22,11 @@ PROCESS_STYLE = {"RUNNING": "bold green", "STARTING": "yellow", "BACKOFF": "bold
                  "UNKNOWN": "bold red"}
 
 
+def plain(cells: Iterable) -> tuple:
+    """Cells as Text: DataTable reads a str cell as markup, and task data (errors, owners) is not."""
+    return tuple(Text(c) if isinstance(c, str) else c for c in cells)
+
+
 def _num(value: int, style: str = "") -> Text:
     return Text(fmt.count(value), style=style if value else "dim", justify="right")
 
@@ -83,7 +88,7 @@ class SyncTable(DataTable):
         return [row.key.value for row in self.ordered_rows]
 
     def sync(self, rows: Iterable[Row]) -> None:
-        rows = list(rows)
+        rows = [(k, plain(cells)) for k, cells in rows]
         wanted = [k for k, _ in rows]
         cells = dict(rows)
         current = self.row_keys()
@@ -295,4 +300,4 @@ class Banner(Static):
     def say(self, text: str | None) -> None:
         self.display = bool(text)
         if text:
-            self.update(text)
+            self.update(Text(text))  # plain: error texts carry brackets such as [Errno 111]

@@ -38,7 +38,7 @@ def populate(client) -> None:
     run("shard-splitter", FILES[1], 0), run("shard-worker", FILES[1], 0)
     run("mysql-sender", FILES[1], 0, "fail", "duplicate key on events")
     run("shard-splitter", FILES[1], 1), run("shard-worker", FILES[1], 1), run("mysql-sender", FILES[1], 1, "start")
-    run("shard-splitter", FILES[2], 0), run("shard-worker", FILES[2], 0, "fail", "balance would go negative")
+    run("shard-splitter", FILES[2], 0), run("shard-worker", FILES[2], 0, "fail", "balance would go negative [/user 7]")
     run("shard-splitter", FILES[2], 1), run("shard-worker", FILES[2], 1, "start")
     run("shard-splitter", FILES[3], 0, "start"), run("shard-splitter", FILES[3], 1, "start")
     run("shard-splitter", FILES[4], 0, "fail", "source missing")
@@ -137,6 +137,7 @@ def test_retry_through_the_ui_changes_the_database(api_factory, api_env):
             failed.focus()
             failed.move_cursor(row=failed.row_keys().index(task_key(*target)))
             await pilot.pause()
+            assert "balance would go negative [/user 7]" in cells(failed, task_key(*target))  # not markup
 
             await pilot.press("r")  # asked, then declined: nothing changes
             await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")

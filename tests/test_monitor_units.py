@@ -10,8 +10,9 @@ from textual.app import App
 from app.config import Settings
 from monitor import formatting as fmt
 from monitor.__main__ import build_app, parse_args
+from monitor.screens import ConfirmScreen
 from monitor.stuck import Thresholds
-from monitor.widgets import SyncTable
+from monitor.widgets import Banner, SyncTable
 
 
 def test_durations_counts_and_sparklines():
@@ -67,7 +68,7 @@ def test_sync_keeps_cursor_and_scroll_on_the_same_row():
             table.sync([(k, (name, value + "!")) for k, (name, value) in rows])  # values change only
             await pilot.pause()
             assert table.selected_key == "k30" and table.scroll_y == scroll
-            assert table.get_row("k30")[1] == "30!"
+            assert table.get_row("k30")[1].plain == "30!"
 
             table.sync(rows[:10] + rows[11:] + [("k99", ("new", "99"))])  # one above goes, one added
             await pilot.pause()
@@ -98,3 +99,29 @@ def test_command_line_defaults_and_validation(capsys):
         with pytest.raises(SystemExit):
             parse_args(bad, settings)
     assert "must be above 0" in capsys.readouterr().err
+
+
+class BannerApp(App):
+    def compose(self):
+        yield Banner(id="b")
+
+
+def test_texts_from_outside_are_not_markup():
+    """Error texts carry brackets ([Errno 111], [/path]); shown as markup they would vanish or crash."""
+    async def scenario():
+        app = BannerApp()
+        async with app.run_test(size=(80, 10)) as pilot:
+            banner = app.query_one(Banner)
+            banner.say("ConnectionError: [Errno 111] refused [/oops] [b]")
+            await pilot.pause()
+            assert banner.display and "[Errno 111] refused [/oops] [b]" in str(banner.render())
+            answers = []
+            app.push_screen(ConfirmScreen("Retry? last error: [/bold] broken [red"), answers.append)
+            await pilot.pause()
+            assert "[/bold] broken [red" in str(app.screen.query_one("#question").render())
+            await pilot.press("y")
+            assert answers == [True]
+            banner.say(None)
+            await pilot.pause()
+            assert not banner.display
+    asyncio.run(scenario())
