@@ -206,8 +206,10 @@ def group_factory(make_database, tmp_path):
 
 
 def test_every_program_runs_and_generated_files_reach_the_shard_databases(group_factory):
-    group = group_factory()
+    """With two splitters and two senders per shard: replicas share the work, load once."""
+    group = group_factory(SPLITTER_REPLICAS=2, SENDER_REPLICAS=2)
     group.wait_all_running()
+    assert {"shard-splitter-r2", "mysql-sender-0-r2", "mysql-sender-1-r2"} <= set(group.states())
     ingest = subprocess.run([sys.executable, "-m", "app.ingest", "--files", "3", "--events", "50"],
                             env=group.env, cwd=servers.ROOT, capture_output=True, text=True, timeout=60)
     assert ingest.returncode == 0, ingest.stdout + ingest.stderr
