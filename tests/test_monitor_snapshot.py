@@ -123,3 +123,27 @@ def test_processes_tab_80x24(snap_compare):
         await pilot.press("3")
         await pilot.pause(0.2)
     assert snap_compare(fixed_app(), terminal_size=(80, 24), run_before=show_processes)
+
+
+def test_layout_follows_the_terminal_size():
+    """Narrow: one lower panel behind tabs; wide: all four; and back, while running."""
+    async def scenario():
+        app = fixed_app()
+        async with app.run_test(size=(80, 24)) as pilot:
+            await first_data(pilot)
+            shown = lambda: [p.id for p in app.query(".panel") if p.display and p.region.height > 0]  # noqa: E731
+            assert app.query_one("#tabs").display and shown() == ["failed"]
+            await pilot.press("4")
+            await pilot.pause()
+            assert shown() == ["throughput"] and app.focused.id == "throughput"
+            await pilot.resize_terminal(200, 50)
+            await pilot.pause(0.2)
+            assert app.screen.has_class("-wide") and not app.query_one("#tabs").region.height
+            assert shown() == ["failed", "stuck", "processes-panel", "throughput"]
+            spark = app.query_one("#throughput").get_row("shard-splitter")[1].plain
+            assert len(spark) > 20  # the sparklines widen with their panel (100 columns here)
+            await pilot.resize_terminal(80, 24)
+            await pilot.pause(0.2)
+            assert shown() == ["throughput"]
+            assert len(app.query_one("#throughput").get_row("shard-splitter")[1].plain) < len(spark)
+    asyncio.run(scenario())
