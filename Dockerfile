@@ -23,7 +23,9 @@ RUN pip install -e . cryptography \
  && chown pipeline:pipeline /shared /app/var/run
 
 USER pipeline
-ENV SHARED_DIR=/shared \
+# VENV: where bin/pipeline finds python, so `bin/pipeline ctl status` works in the container too.
+ENV VENV=/usr/local \
+    SHARED_DIR=/shared \
     PIPELINE_RUN_DIR=/app/var/run \
     PIPELINE_API_HOST=0.0.0.0 \
     PIPELINE_API_PORT=8082 \

@@ -105,8 +105,10 @@ def test_image_runs_supervise_in_the_foreground_as_a_non_root_user_with_shared_v
     env = image_env()
     assert env["SHARED_DIR"] == "/shared"
     assert Supervision.from_env(env).exit_on_fatal, "in a container a FATAL program must end supervisord"
+    # Python's, pip's and bin/pipeline's own variables aside, the image sets only settings the app reads.
     assert set(env) - {"PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR",
-                       "PIP_DISABLE_PIP_VERSION_CHECK"} <= settings_read(env)
+                       "PIP_DISABLE_PIP_VERSION_CHECK", "VENV"} <= settings_read(env)
+    assert (Path(env["VENV"]) / "bin").as_posix() == "/usr/local/bin"  # python:*-slim's python
     # supervisord's nodaemon comes from the template the tests render, not from a flag only the
     # image passes.
     assert re.search(r"^nodaemon=true$", supervise.TEMPLATE.read_text(), re.M)
