@@ -12,9 +12,9 @@ from app.order_index import OrderIndex
 from app.splitter import split_file
 from tests import servers
 
-FIXTURE = Path("/work/shared/fixtures/original-generator/20261126221520.event-ingest.txt")
+FIXTURE = servers.ROOT.parent / "shared" / "fixtures" / "original-generator" / "20261126221520.event-ingest.txt"
 if not FIXTURE.exists():
-    FIXTURE = servers.ROOT.parent / "shared" / "fixtures" / "original-generator" / "20261126221520.event-ingest.txt"
+    FIXTURE = Path("/work/shared/fixtures/original-generator/20261126221520.event-ingest.txt")
 
 
 def ev(etype, ts="2026-01-01 00:00:00.001", **payload) -> bytes:
