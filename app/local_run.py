@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +168,12 @@ def start() -> int:
             if mariadb:
                 mariadb.stop()
             return 1
+        if not _port_free(settings.api_host, settings.api_port):
+            print(f"port {settings.api_port} on {settings.api_host} is in use (another pipeline, or another "
+                  f"program): set PIPELINE_API_PORT and PIPELINE_URL to another port", file=sys.stderr)
+            if mariadb:
+                mariadb.stop()
+            return 1
         Path(env["SHARED_DIR"]).mkdir(parents=True, exist_ok=True)
         env_file = _write_env_file(sup, env, settings)
         LOG.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +200,16 @@ def start() -> int:
   logs       tail -f {_rel(LOG)}   (per daemon: {_rel(settings.shared_dir)}/<service>/activity.log)
   stop       make stop              (or bin/pipeline stop)""")
     return 0
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _url_text(url) -> str:
