@@ -32,7 +32,7 @@ class Ledger:
         if not order_ids:
             return {}
         cur.execute("SELECT order_id, user_id, shop_id, good_id, qty, amount, debited, credit FROM worker_orders "
-                    "WHERE order_id IN %s", (list(order_ids),))
+                    "WHERE order_id IN " + db.sql_list(cur, order_ids))
         return {r[0]: Order(r[0], r[1], r[5], r[2], r[3], r[4], bool(r[6]), r[7]) for r in cur.fetchall()}
 
     def lock_balances(self, cur, users) -> dict[int, Decimal]:
@@ -41,8 +41,8 @@ class Ledger:
         if not users:
             return {}
         ordered = sorted(users)
-        cur.execute("SELECT user_id, balance FROM worker_balances WHERE user_id IN %s "
-                    "ORDER BY user_id FOR UPDATE", (ordered,))
+        cur.execute("SELECT user_id, balance FROM worker_balances WHERE user_id IN "
+                    + db.sql_list(cur, ordered) + " ORDER BY user_id FOR UPDATE")
         balances = dict(cur.fetchall())
         missing = [u for u in ordered if u not in balances]
         if missing:

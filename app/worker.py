@@ -10,6 +10,7 @@ the same byte for byte. See docs/business-rules.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import logging
 import queue
@@ -574,11 +575,18 @@ class WorkerStage(Stage):
             self.state.open()
             if not self.state.lock_shard(SHARD_LOCK_WAIT):
                 raise Retryable(f"another worker process holds shard {self.shard}")
+            # A file allocates millions of short-lived acyclic objects; the cyclic collector
+            # would walk them again and again for nothing (about a tenth of the CPU). Reference counting
+            # frees them; cycles wait until the file is done.
+            collecting = gc.isenabled()
+            gc.disable()
             try:
                 done = FileRun(self, filename, ctx).run(f)
                 self._prune()
                 return done
             finally:
+                if collecting:
+                    gc.enable()
                 self.state.unlock_shard()
 
     def idle(self, ctx: Context) -> None:

@@ -203,8 +203,8 @@ class WorkerState:
     def seen(self, cur, keys) -> set[str]:
         if not keys:
             return set()
-        cur.execute("SELECT event_key FROM worker_seen WHERE shard=%s AND event_key IN %s",
-                    (self.shard, list(keys)))
+        cur.execute(f"SELECT event_key FROM worker_seen WHERE shard={int(self.shard)} AND event_key IN "
+                    + db.sql_list(cur, keys))
         return {r[0] for r in cur.fetchall()}
 
     def add_seen(self, cur, keys: list[str], file_id: int) -> None:
