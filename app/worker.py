@@ -31,7 +31,7 @@ from .ledger import Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
                     stock_change, validate)
-from .worker_state import BatchRecord, Hold, HoldBook, ShardBusy, WorkerState
+from .worker_state import BatchRecord, Hold, Recent, SeenConflict, WorkerState
 
 log = logging.getLogger("shard-worker")
 STAGE = "shard-worker"
@@ -274,31 +274,44 @@ class FileRun:
     # -- deciding a batch ---------------------------------------------------------------------------
 
     def _decide(self, raws, events, dig, first_line, last, adopt):
+        """Decide a batch in one transaction, retried on conflicts. The first attempt looks up
+        only keys and orders this process saw lately (`Recent`) and takes the others for new;
+        the inserts' affected-row counts catch a wrong guess, and the batch is decided again
+        with everything looked up."""
         conn = self.state.conn
         seq = self.seq
+        optimistic = True
         for attempt in range(BATCH_RETRIES):
             conn.begin()
             try:
                 with conn.cursor() as cur:
-                    result = self._decide_tx(cur, raws, events, dig, first_line, last, adopt)
+                    result = self._decide_tx(cur, raws, events, dig, first_line, last, adopt, optimistic)
                 conn.commit()
+                self.stage.recent_keys.add_all(self.b.new_keys)
+                self.stage.recent_orders.add_all(o.order_id for o in self.b.new_orders)
                 return result
-            except (LedgerConflict, pymysql.err.OperationalError) as exc:
+            except (LedgerConflict, SeenConflict, pymysql.err.OperationalError) as exc:
                 conn.rollback()
-                retry = isinstance(exc, LedgerConflict) or (exc.args and exc.args[0] in DEADLOCK_CODES)
+                retry = not isinstance(exc, pymysql.err.OperationalError) or (exc.args and
+                                                                              exc.args[0] in DEADLOCK_CODES)
                 if not retry or attempt == BATCH_RETRIES - 1:
                     raise
-                log.warning("%s lines %d+: %s; deciding the batch again", self.filename, first_line, exc)
+                if optimistic and not isinstance(exc, pymysql.err.OperationalError):
+                    log.info("%s lines %d+: %s; deciding the batch again with every key looked up",
+                             self.filename, first_line, exc)
+                else:
+                    log.warning("%s lines %d+: %s; deciding the batch again", self.filename, first_line, exc)
+                    time.sleep(0.05 * attempt)
+                optimistic = False
                 self.seq = seq
                 self.holds = self.state.active_holds()
                 self.newest = self.state.newest()
-                time.sleep(0.05 * (attempt + 1))
             except BaseException:
                 conn.rollback()
                 raise
         raise AssertionError("unreachable")
 
-    def _decide_tx(self, cur, raws, events, dig, first_line, last, adopt):
+    def _decide_tx(self, cur, raws, events, dig, first_line, last, adopt, optimistic):
         rules, st, ledger = self.rules, self.state, self.ledger
         b = Batch()
         if adopt:
@@ -307,10 +320,14 @@ class FileRun:
 
         valid = [e for e in events if type(e) is Event]
         returns = [e for e in valid if e.etype == RETURN]
-        order_ids = {e.order_id for e in valid if e.etype == PURCHASE}
-        order_ids.update(e.order_id for e in returns)
         # purchases are deduplicated by worker_orders, everything else by worker_seen
-        lookup = {e.key for e in valid if e.etype != PURCHASE} if rules.dedup else ()
+        order_ids = {e.order_id for e in valid if e.etype == PURCHASE}
+        lookup = {e.key for e in valid if e.etype != PURCHASE} if rules.dedup else set()
+        if optimistic:
+            recent_orders, recent_keys = self.stage.recent_orders, self.stage.recent_keys
+            order_ids = {o for o in order_ids if o in recent_orders}
+            lookup = {k for k in lookup if k in recent_keys}
+        order_ids.update(e.order_id for e in returns)
         seen = st.seen(cur, lookup)
         orders = ledger.orders(cur, order_ids)
         takes = rules.purchase_takes_stock
@@ -402,7 +419,7 @@ class FileRun:
                 b.changed_shops[ev.shop_id] = (ev.active, ts)
 
         # one round trip per table
-        st.add_seen(cur, b.new_keys, self.file_id)
+        st.add_seen(cur, b.new_keys, self.file_id, check=dedup)
         ledger.write(cur, self.shard, self.file_id, b.new_orders, list(b.credited.values()), balances,
                      b.changed_users)
         st.write_stock(cur, stock, b.changed_stock)
@@ -531,6 +548,7 @@ class WorkerStage(Stage):
         self.folder = layout.worker_dir(settings.shared_dir, shard)
         self.state = WorkerState(settings.pipeline_db, shard)
         self.ledger = Ledger(settings.opening_balance)
+        self.recent_keys, self.recent_orders = Recent(), Recent()
         self.idle_since = time.monotonic()
         self.idle_done = False
         self.last_prune = 0.0

@@ -24,8 +24,28 @@ def time_text(value: datetime | None) -> str | None:
     return None if value is None else value.strftime(TIME)[:-3]
 
 
-class ShardBusy(Exception):
-    """Another worker process holds this shard."""
+class SeenConflict(Exception):
+    """A dedup key this batch took for new was already recorded: decide it again, looking
+    every key up."""
+
+
+class Recent:
+    """Keys (or orders) this process committed lately, in two generations of at most `limit`
+    each. A duplicate usually repeats a recent event, so a batch looks up only the keys found
+    here, takes the others for new, and lets the insert's affected-row count prove it."""
+
+    def __init__(self, limit: int = 250_000):
+        self.limit = limit
+        self.new: set = set()
+        self.old: set = set()
+
+    def __contains__(self, item) -> bool:
+        return item in self.new or item in self.old
+
+    def add_all(self, items) -> None:
+        self.new.update(items)
+        if len(self.new) > self.limit:
+            self.old, self.new = self.new, set()
 
 
 @dataclass
@@ -115,7 +135,8 @@ class WorkerState:
         self.url = url
         self.shard = shard
         self.conn = None
-        self.lock_name = f"event_pipeline.worker.{url.database}.{shard}"[:64]
+        # lock names are at most 64 characters: cut the database name, never the shard
+        self.lock_name = f"event_pipeline.worker.{shard}.{url.database}"[:64]
 
     # -- connection, schema, the shard lock --------------------------------------------------
 
@@ -207,11 +228,14 @@ class WorkerState:
                     + db.sql_list(cur, keys))
         return {r[0] for r in cur.fetchall()}
 
-    def add_seen(self, cur, keys: list[str], file_id: int) -> None:
+    def add_seen(self, cur, keys: list[str], file_id: int, check: bool) -> None:
+        """Record new keys; with `check`, SeenConflict if one was there already."""
         if keys:
             shard = self.shard
-            db.insert_rows(cur, "INSERT INTO worker_seen (shard, event_key, file_id) VALUES ",
-                           [(shard, k, file_id) for k in keys], " ON DUPLICATE KEY UPDATE file_id=file_id")
+            added = db.insert_rows(cur, "INSERT INTO worker_seen (shard, event_key, file_id) VALUES ",
+                                   [(shard, k, file_id) for k in keys], " ON DUPLICATE KEY UPDATE file_id=file_id")
+            if check and added != len(keys):
+                raise SeenConflict(f"{len(keys) - added} key(s) of this batch were recorded already")
 
     @staticmethod
     def stock(cur, pairs) -> dict[tuple[int, int], int]:
