@@ -132,7 +132,7 @@ class Api:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.conns = db.ThreadConnections(settings.pipeline_db)
+        self.conns = db.ThreadConnections(settings.pipeline_db, multi_statements=True)
         self.tracker = tracking.Tracker(self.conns, settings.shard_count, settings.lease_seconds,
                                         settings.max_attempts)
         self._schema_ready = False

@@ -89,7 +89,8 @@ def _attempts_col(stage: str) -> str:
 # queue is most of the table and a scan of all finished history once it is not. Reading the
 # ready index is right at every size: it holds exactly the ready rows, already in id order.
 SHORT = {"shard-splitter": "splitter", "shard-worker": "worker", "mysql-sender": "sender"}
-HINTED_INDEXES = {f"ix_{name}_ready{sfx}" for name in SHORT.values() for sfx in ("", "_shard")} | {"ix_lease"}
+HINTED_INDEXES = {f"ix_{name}_ready{sfx}" for name in SHORT.values() for sfx in ("", "_shard")} | {"ix_lease",
+                                                                                                  "ix_owner"}
 
 
 def ready_index(stage: str, sharded: bool) -> str:
@@ -105,8 +106,11 @@ def sql_ready(stage: str, sharded: bool, columns: str, tail: str, extra: str = "
 
 
 def sql_held(stage: str) -> str:
-    """What a worker holds (owner is set only on started tasks: ix_owner stays tiny)."""
-    return f"SELECT id, {_status_col(stage)} AS status, shard FROM pipeline_tracking WHERE owner=%s ORDER BY id LIMIT 1000"
+    """What a worker holds, locked. Owner is set only on started tasks, so ix_owner stays tiny
+    and the lock touches only the worker's own rows (a scan of another index would lock, and
+    wait on, rows other workers are finishing)."""
+    return (f"SELECT id, shard, {_status_col(stage)} AS status FROM pipeline_tracking FORCE INDEX (ix_owner)"
+            f" WHERE owner=%s ORDER BY id LIMIT 1000 FOR UPDATE")
 
 
 def sql_shard_busy(stage: str) -> str:
@@ -274,8 +278,75 @@ def _upgrade(cur, schema: str, shape: TableShape) -> None:
 
 # -- the state machine ----------------------------------------------------------------------------
 
+class Result:
+    """One statement's answer within a batch."""
+
+    __slots__ = ("rows", "rowcount", "lastrowid")
+
+    def __init__(self, rows, rowcount: int, lastrowid: int | None):
+        self.rows, self.rowcount, self.lastrowid = list(rows or ()), rowcount, lastrowid
+
+    def one(self) -> dict | None:
+        return self.rows[0] if self.rows else None
+
+
+class Tx:
+    """One transaction in as few round trips as its logic allows.
+
+    Statements are sent in batches (the multi-statement protocol: `db.connect(...,
+    multi_statements=True)`): the first batch opens the transaction, typically with the locking
+    read the rules need; `finish` sends the writes and the COMMIT together. So a transition is
+    two round trips and a claim two, where one statement per trip made them four to six: on
+    this machine each trip costs more CPU (system calls, wake-ups) than the SQL itself.
+    """
+
+    def __init__(self, cur):
+        self.cur = cur
+        self.open = False
+        self.closed = False
+
+    def run(self, *statements: tuple[str, tuple | list | None]) -> list[Result]:
+        head = [] if self.open else ["START TRANSACTION"]
+        self.open = True
+        return self._send(head, statements)
+
+    def finish(self, *statements: tuple[str, tuple | list | None], commit: bool = True) -> list[Result]:
+        if not self.open and not statements:
+            self.closed = True
+            return []
+        head = [] if self.open else ["START TRANSACTION"]
+        results = self._send(head, [*statements, ("COMMIT" if commit else "ROLLBACK", None)])
+        self.open, self.closed = False, True
+        return results[:-1]
+
+    def _send(self, head: list[str], statements) -> list[Result]:
+        cur = self.cur
+        sql = ";\n".join([*head, *(cur.mogrify(s, a) if a is not None else s for s, a in statements)])
+        cur.execute(sql)  # no args: the values are already rendered, a '%' in them must stay
+        results = []
+        while True:
+            results.append(Result(cur.fetchall(), cur.rowcount, cur.lastrowid))
+            if not cur.nextset():
+                break
+        return results[len(head):]
+
+
+def _log_sql(rows: list[tuple]) -> tuple[str, list]:
+    """One multi-row INSERT of transitions: (tracking_id, filename, shard, stage, from, to,
+    action, actor, error, duration_ms, events, stats)."""
+    marks = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(rows))
+    return ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
+            f" action, actor, error, duration_ms, events, stats) VALUES {marks}",
+            [v for row in rows for v in row])
+
+
+def _marks(values) -> str:
+    return ",".join(["%s"] * len(values))
+
+
 class Tracker:
-    """Task operations. `conns` hands out this thread's connection (`db.ThreadConnections`)."""
+    """Task operations. `conns` hands out this thread's connection (`db.ThreadConnections`
+    opened with `multi_statements=True`)."""
 
     def __init__(self, conns, shard_count: int, lease_seconds: float, max_attempts: int):
         self.conns = conns
@@ -296,19 +367,18 @@ class Tracker:
             conn.pipeline_read_committed = True
         return conn
 
-    def _tx(self, fn: Callable[[Any], Any]):
-        """Run fn(cursor) in a transaction; retried on deadlock or lock-wait timeout.
-        A result of exactly False rolls back what fn did (a guarded write that lost)."""
+    def _tx(self, fn: Callable[[Tx], Any]):
+        """Run fn(Tx); retried on deadlock or lock-wait timeout. If fn did not `finish`, its
+        transaction is committed, or rolled back when fn returned exactly False."""
         conn = self._conn()
         for attempt in range(6):
+            tx = None
             try:
-                conn.begin()
                 with conn.cursor(pymysql.cursors.DictCursor) as cur:
-                    result = fn(cur)
-                if result is False:
-                    conn.rollback()
-                else:
-                    conn.commit()
+                    tx = Tx(cur)
+                    result = fn(tx)
+                    if tx.open and not tx.closed:
+                        tx.finish(commit=result is not False)
                 return result
             except pymysql.err.MySQLError as exc:
                 self._rollback(conn)
@@ -320,7 +390,8 @@ class Tracker:
                     raise SchemaMissing(str(exc)) from exc
                 raise
             except BaseException:
-                self._rollback(conn)
+                if tx is not None and tx.open:
+                    self._rollback(conn)
                 raise
 
     @staticmethod
@@ -341,16 +412,6 @@ class Tracker:
                 raise SchemaMissing(str(exc)) from exc
             raise
 
-    @staticmethod
-    def _log(cur, rows: list[tuple]) -> None:
-        """Append transitions: (tracking_id, filename, shard, stage, from, to, action, actor,
-        error, duration_ms, events, stats)."""
-        if rows:
-            cur.executemany(
-                "INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status,"
-                " to_status, action, actor, error, duration_ms, events, stats)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", rows)
-
     def _lease_until(self) -> str:
         """The lease end a heartbeat just set, as the API host's clock sees it."""
         return _iso(datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=self.lease_seconds))
@@ -358,27 +419,24 @@ class Tracker:
     # -- registration ---------------------------------------------------------------------
 
     def register(self, filename: str, shards: list[int]) -> dict:
-        def tx(cur):
-            created = []
-            for shard in shards:
-                # A unique key with an explicit no-op: concurrent registrations of one file
-                # cannot both insert, and neither fails.
-                cur.execute("INSERT INTO pipeline_tracking (filename, shard, event_ingest_status) "
-                            "VALUES (%s,%s,'started') ON DUPLICATE KEY UPDATE id=id", (filename, shard))
-                if cur.rowcount == 1:
-                    created.append((cur.lastrowid, shard))
-            self._log(cur, [(tid, filename, s, "event-ingest", None, "started", "register",
-                             None, None, None, None, None) for tid, s in created])
-            cur.execute("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,))
-            existing = {r["shard"] for r in cur.fetchall()}
-            return {"filename": filename, "shards": sorted(set(shards) | existing), "created": bool(created)}
+        def tx(t: Tx):
+            # A unique key with an explicit no-op: concurrent registrations of one file cannot
+            # both insert, and neither fails (affected rows: 1 inserted, 0 existed).
+            inserted = t.run(*[("INSERT INTO pipeline_tracking (filename, shard, event_ingest_status) "
+                                "VALUES (%s,%s,'started') ON DUPLICATE KEY UPDATE id=id", (filename, shard))
+                               for shard in shards])
+            created = [(r.lastrowid, shard) for r, shard in zip(inserted, shards) if r.rowcount == 1]
+            writes = [_log_sql([(tid, filename, s, "event-ingest", None, "started", "register",
+                                 None, None, None, None, None) for tid, s in created])] if created else []
+            existing = t.finish(*writes, ("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,)))
+            return {"filename": filename, "shards": sorted(set(shards) | {r["shard"] for r in existing[-1].rows}),
+                    "created": bool(created)}
         return self._tx(tx)
 
     def ingest_done(self, filename: str, actor: str | None = None, events: int | None = None) -> dict:
-        def tx(cur):
-            cur.execute("SELECT id, shard, event_ingest_status FROM pipeline_tracking WHERE filename=%s "
-                        "ORDER BY shard FOR UPDATE", (filename,))
-            rows = cur.fetchall()
+        def tx(t: Tx):
+            rows = t.run(("SELECT id, shard, event_ingest_status FROM pipeline_tracking WHERE filename=%s "
+                          "ORDER BY shard FOR UPDATE", (filename,)))[0].rows
             if not rows:
                 raise NotFound(f"file {filename!r} is not registered", filename=filename)
             failed = [r["shard"] for r in rows if r["event_ingest_status"] == "failed"]
@@ -387,10 +445,10 @@ class Tracker:
                                filename=filename, stage="event-ingest", status="failed", shards=failed)
             todo = [r for r in rows if r["event_ingest_status"] != "done"]
             if todo:
-                cur.execute("UPDATE pipeline_tracking SET event_ingest_status='done' "
-                            "WHERE filename=%s AND event_ingest_status IN ('new','started')", (filename,))
-                self._log(cur, [(r["id"], filename, r["shard"], "event-ingest", r["event_ingest_status"], "done",
-                                 "done", actor, None, None, events, None) for r in todo])
+                t.finish(("UPDATE pipeline_tracking SET event_ingest_status='done' WHERE filename=%s "
+                          "AND event_ingest_status IN ('new','started')", (filename,)),
+                         _log_sql([(r["id"], filename, r["shard"], "event-ingest", r["event_ingest_status"], "done",
+                                    "done", actor, None, None, events, None) for r in todo]))
             return {"filename": filename, "updated_rows": len(todo)}
         return self._tx(tx)
 
@@ -398,177 +456,176 @@ class Tracker:
 
     def transition(self, stage: str, action: str, filename: str, shard: int, worker: str | None = None,
                    error: str | None = None, events: int | None = None, stats: dict | None = None) -> Outcome:
+        """Lock the task and read what the rules need, decide here, then write and commit:
+        two round trips (`done`, the hot one, takes one: see `_done_at_once`)."""
+        stats_text = orjson.dumps(stats).decode() if stats else None
         if action == "done":
-            return self._done_fast(stage, filename, shard, worker, events, stats)
-        status_col, prev_col, att_col = _status_col(stage), _status_col(PREVIOUS[stage]), _attempts_col(stage)
+            outcome = self._done_at_once(stage, filename, shard, worker, events, stats_text)
+            if outcome is not None:
+                return outcome
 
-        def tx(cur):
-            cur.execute(f"SELECT id, {prev_col} AS prev, {status_col} AS status, owner, {att_col} AS attempts,"
-                        f" TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000 AS ran_ms"
-                        f" FROM pipeline_tracking WHERE filename=%s AND shard=%s FOR UPDATE", (filename, shard))
-            row = cur.fetchone()
-            if row is None:
-                raise NotFound(f"no task ({filename!r}, shard {shard})", filename=filename, shard=shard)
-            row.update(filename=filename, shard=shard)
-            handler = getattr(self, f"_{action}")
-            return handler(cur, stage, row, worker, error, events, stats)
+        def tx(t: Tx):
+            row = self._task(stage, filename, shard, t.run((self._row_sql(stage, lock=True),
+                                                            (stage, filename, shard)))[0])
+            outcome, writes = getattr(self, f"_{action}")(stage, row, worker, error, events, stats_text)
+            if writes:
+                t.finish(*writes)
+            return outcome
         return self._tx(tx)
 
-    def _done_fast(self, stage, filename, shard, worker, events, stats) -> Outcome:
-        """`done`, the hottest transition, in four round trips: the log row is copied from the
-        task only while the task is `started` by this worker, and the guarded UPDATE that
-        follows decides; if it does not match (a race, or a repeat), both are rolled back."""
-        status_col, att_col = _status_col(stage), _attempts_col(stage)
-        owner_ok, owner_args = ("", ()) if worker is None else (" AND (owner IS NULL OR owner=%s)", (worker,))
-        stats_text = orjson.dumps(stats).decode() if stats else None
+    @staticmethod
+    def _row_sql(stage: str, lock: bool) -> str:
+        """A task as the rules see it, with the stage's last logged action (which tells a
+        repeat from an illegal call). Args: stage, filename, shard."""
+        return (f"SELECT id, {_status_col(PREVIOUS[stage])} AS prev, {_status_col(stage)} AS status, owner,"
+                f" {_attempts_col(stage)} AS attempts, TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000 AS ran_ms,"
+                f" (SELECT CONCAT_WS(':', x.action, x.to_status, x.actor) FROM pipeline_transitions x"
+                f"  WHERE x.tracking_id = pipeline_tracking.id AND x.stage = %s ORDER BY x.id DESC LIMIT 1) AS last"
+                f" FROM pipeline_tracking WHERE filename=%s AND shard=%s{' FOR UPDATE' if lock else ''}")
 
-        def tx(cur):
-            cur.execute(
-                "INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
-                " action, actor, duration_ms, events, stats)"
-                f" SELECT id, filename, shard, %s, 'started', 'done', 'done', COALESCE(%s, owner),"
-                f" TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
-                f" WHERE filename=%s AND shard=%s AND {status_col}='started'{owner_ok}",
-                (stage, worker, events, stats_text, filename, shard, *owner_args))
-            if cur.rowcount == 1:
-                # LAST_INSERT_ID(x) hands the attempt count back in the UPDATE's own reply
-                # (cursor.lastrowid) instead of costing another SELECT.
-                cur.execute(f"UPDATE pipeline_tracking SET {status_col}='done', owner=NULL, lease_expires_at=NULL,"
-                            f" {att_col}=LAST_INSERT_ID({att_col})"
-                            f" WHERE filename=%s AND shard=%s AND {status_col}='started'{owner_ok}",
-                            (filename, shard, *owner_args))
-                if cur.rowcount == 1:
-                    return cur.lastrowid or 0
-            return False
-        attempts = self._tx(tx)
-        if attempts is not False:
-            return Outcome(filename, shard, stage, "done", True, attempts)
-        return self._explain_done(stage, filename, shard, worker)
-
-    def _explain_done(self, stage, filename, shard, worker) -> Outcome:
-        """Why `done` did not apply: a repeat of a done that took effect (200, unchanged) or a 409."""
-        status_col, prev_col, att_col = _status_col(stage), _status_col(PREVIOUS[stage]), _attempts_col(stage)
-        rows = self._read(f"SELECT id, {prev_col} AS prev, {status_col} AS status, owner, {att_col} AS attempts "
-                          f"FROM pipeline_tracking WHERE filename=%s AND shard=%s", (filename, shard))
-        if not rows:
+    @staticmethod
+    def _task(stage: str, filename: str, shard: int, result: Result) -> dict:
+        row = result.one()
+        if row is None:
             raise NotFound(f"no task ({filename!r}, shard {shard})", filename=filename, shard=shard)
-        row = {**rows[0], "filename": filename, "shard": shard}
-        if row["status"] == "done":
-            by = self._last(row["id"], stage, "done")
-            if worker and by and by["actor"] and by["actor"] != worker:
-                raise self._conflict(stage, row, f"{stage} was finished by {by['actor']!r}, not {worker!r} "
-                                                 f"(its lease was lost and the task taken over)")
-            return self._outcome(stage, row, "done", False)
-        if row["status"] == "started":
-            self._check_owner(stage, row, worker)
-        raise self._conflict(stage, row, f"{stage} can be done only from 'started'")
+        action, to, actor = ((row["last"] or "").split(":", 2) + [None, None, None])[:3]
+        row.update(filename=filename, shard=shard, last={"action": action, "to_status": to, "actor": actor})
+        return row
 
-    def _last(self, tracking_id: int, stage: str, action: str | None = None) -> dict | None:
-        rows = self._read("SELECT action, actor, to_status FROM pipeline_transitions WHERE tracking_id=%s "
-                          "AND stage=%s ORDER BY id DESC LIMIT 1", (tracking_id, stage))
-        if not rows or (action is not None and rows[0]["to_status"] != action):
-            return None
-        return rows[0]
+    def _done_at_once(self, stage, filename, shard, worker, events, stats_text) -> Outcome | None:
+        """`done` in one round trip: the rule sits in the UPDATE's WHERE, its row count (kept
+        in a session variable) gates the log row and the release of the owner, and the task is
+        read back in the same batch; only a refusal or a repeat is then explained here."""
+        status_col = _status_col(stage)
+        guard = f"filename=%s AND shard=%s AND {status_col}='started'"
+        owner_ok, owner_args = ("", ()) if worker is None else (" AND (owner IS NULL OR owner=%s)", (worker,))
+
+        def tx(t: Tx):
+            results = t.finish(
+                (f"UPDATE pipeline_tracking SET {status_col}='done', lease_expires_at=NULL WHERE {guard}{owner_ok}",
+                 (filename, shard, *owner_args)),
+                ("SET @pipeline_done = ROW_COUNT()", None),
+                ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
+                 " action, actor, duration_ms, events, stats)"
+                 " SELECT id, filename, shard, %s, 'started', 'done', 'done', COALESCE(%s, owner),"
+                 " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
+                 " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
+                 (stage, worker, events, stats_text, filename, shard)),
+                ("UPDATE pipeline_tracking SET owner=NULL WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
+                 (filename, shard)),
+                (self._row_sql(stage, lock=False), (stage, filename, shard)))
+            return results[0].rowcount == 1, self._task(stage, filename, shard, results[-1])
+        changed, row = self._tx(tx)
+        if changed:
+            return self._outcome(stage, row, "done", True)
+        outcome, writes = self._done(stage, row, worker, None, events, stats_text)  # a repeat, or a 409
+        return None if writes else outcome  # None: it became startable-done meanwhile; take the locked path
 
     def _conflict(self, stage, row, why):
         return Conflict(why, filename=row["filename"], shard=row["shard"], stage=stage, status=row["status"],
                         previous_status=row["prev"], owner=row["owner"])
 
-    def _set(self, cur, stage, row, to, action, worker, error=None, events=None, stats=None,
-             sql_extra="", args_extra=(), duration=False):
-        status_col = _status_col(stage)
-        cur.execute(f"UPDATE pipeline_tracking SET {status_col}=%s{sql_extra} WHERE id=%s",
-                    (to, *args_extra, row["id"]))
-        self._log(cur, [(row["id"], row["filename"], row["shard"], stage, row["status"], to, action, worker,
-                         error, row["ran_ms"] if duration else None, events,
-                         orjson.dumps(stats).decode() if stats else None)])
+    def _set(self, stage, row, to, action, actor, error=None, events=None, stats=None, extra="", args=(),
+             duration=False) -> list:
+        """The writes of one transition: the guarded-by-lock UPDATE and its log row."""
+        return [(f"UPDATE pipeline_tracking SET {_status_col(stage)}=%s{extra} WHERE id=%s", (to, *args, row["id"])),
+                _log_sql([(row["id"], row["filename"], row["shard"], stage, row["status"], to, action, actor,
+                           error, row["ran_ms"] if duration else None, events, stats)])]
 
-    def _outcome(self, stage, row, status, changed, attempts=None, **extra):
+    @staticmethod
+    def _outcome(stage, row, status, changed, attempts=None, **extra) -> Outcome:
         return Outcome(row["filename"], row["shard"], stage, status, changed,
                        row["attempts"] if attempts is None else attempts, extra)
-
-    def _start(self, cur, stage, row, worker, error, events, stats):
-        if row["status"] == "started" and worker and row["owner"] == worker:
-            cur.execute("UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
-                        "WHERE id=%s", (self.lease_us, row["id"]))
-            return self._outcome(stage, row, "started", False)
-        if row["status"] != "new":
-            raise self._conflict(stage, row, f"{stage} can start only from 'new'")
-        if row["prev"] != "done":
-            raise self._conflict(stage, row, f"{PREVIOUS[stage]} is {row['prev']!r}; "
-                                             f"{stage} starts only after it is done")
-        att = _attempts_col(stage)
-        self._set(cur, stage, row, "started", "start", worker,
-                  sql_extra=f", owner=%s, started_at=NOW(3), lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND,"
-                            f" {att}={att}+1",
-                  args_extra=(worker, self.lease_us))
-        return self._outcome(stage, row, "started", True, row["attempts"] + 1)
 
     def _check_owner(self, stage, row, worker):
         if worker and row["owner"] and row["owner"] != worker:
             raise self._conflict(stage, row, f"task is held by {row['owner']!r}, not {worker!r} "
                                              f"(its lease was lost)")
 
-    def _fail(self, cur, stage, row, worker, error, events, stats):
+    def _start(self, stage, row, worker, error, events, stats):
+        if row["status"] == "started" and worker and row["owner"] == worker:
+            return self._outcome(stage, row, "started", False), [
+                ("UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND WHERE id=%s",
+                 (self.lease_us, row["id"]))]
+        if row["status"] != "new":
+            raise self._conflict(stage, row, f"{stage} can start only from 'new'")
+        if row["prev"] != "done":
+            raise self._conflict(stage, row, f"{PREVIOUS[stage]} is {row['prev']!r}; "
+                                             f"{stage} starts only after it is done")
+        att = _attempts_col(stage)
+        return self._outcome(stage, row, "started", True, row["attempts"] + 1), self._set(
+            stage, row, "started", "start", worker,
+            extra=f", owner=%s, started_at=NOW(3), lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1",
+            args=(worker, self.lease_us))
+
+    def _done(self, stage, row, worker, error, events, stats):
+        if row["status"] == "done":
+            by = row["last"].get("actor") if row["last"].get("to_status") == "done" else None
+            if worker and by and by != worker:
+                raise self._conflict(stage, row, f"{stage} was finished by {by!r}, not {worker!r} "
+                                                 f"(its lease was lost and the task taken over)")
+            return self._outcome(stage, row, "done", False), []
+        if row["status"] != "started":
+            raise self._conflict(stage, row, f"{stage} can be done only from 'started'")
+        self._check_owner(stage, row, worker)
+        return self._outcome(stage, row, "done", True), self._set(
+            stage, row, "done", "done", worker or row["owner"], events=events, stats=stats,
+            extra=", owner=NULL, lease_expires_at=NULL", duration=True)
+
+    def _fail(self, stage, row, worker, error, events, stats):
         if row["status"] == "failed":
-            return self._outcome(stage, row, "failed", False)
+            return self._outcome(stage, row, "failed", False), []
         if row["status"] not in ("new", "started"):
             raise self._conflict(stage, row, f"{stage} can fail only from 'new' or 'started'")
         if row["status"] == "started":
             self._check_owner(stage, row, worker)
-        self._set(cur, stage, row, "failed", "fail", worker or row["owner"], error=error, events=events,
-                  stats=stats, sql_extra=", owner=NULL, lease_expires_at=NULL, last_error=%s",
-                  args_extra=(error,), duration=row["status"] == "started")
-        return self._outcome(stage, row, "failed", True)
+        return self._outcome(stage, row, "failed", True), self._set(
+            stage, row, "failed", "fail", worker or row["owner"], error=error, events=events, stats=stats,
+            extra=", owner=NULL, lease_expires_at=NULL, last_error=%s", args=(error,),
+            duration=row["status"] == "started")
 
-    def _last_action(self, cur, row, stage) -> str | None:
-        cur.execute("SELECT action FROM pipeline_transitions WHERE tracking_id=%s AND stage=%s "
-                    "ORDER BY id DESC LIMIT 1", (row["id"], stage))
-        last = cur.fetchone()
-        return last["action"] if last else None
-
-    def _retry(self, cur, stage, row, worker, error, events, stats):
-        if row["status"] == "new" and self._last_action(cur, row, stage) == "retry":
-            return self._outcome(stage, row, "new", False)
+    def _retry(self, stage, row, worker, error, events, stats):
+        if row["status"] == "new" and row["last"].get("action") == "retry":
+            return self._outcome(stage, row, "new", False), []
         if row["status"] != "failed":
             raise self._conflict(stage, row, f"{stage} can be retried only from 'failed'")
-        self._set(cur, stage, row, "new", "retry", worker, sql_extra=f", {_attempts_col(stage)}=0")
-        return self._outcome(stage, row, "new", True, 0)
+        return self._outcome(stage, row, "new", True, 0), self._set(
+            stage, row, "new", "retry", worker, extra=f", {_attempts_col(stage)}=0")
 
-    def _release(self, cur, stage, row, worker, error, events, stats):
+    def _release(self, stage, row, worker, error, events, stats):
         """A daemon hands a task back unfinished (clean shutdown): no attempt is spent."""
-        if row["status"] == "new" and self._last_action(cur, row, stage) == "release":
-            return self._outcome(stage, row, "new", False)
+        if row["status"] == "new" and row["last"].get("action") == "release":
+            return self._outcome(stage, row, "new", False), []
         if row["status"] != "started":
             raise self._conflict(stage, row, f"{stage} can be released only from 'started'")
         self._check_owner(stage, row, worker)
         att = _attempts_col(stage)
-        self._set(cur, stage, row, "new", "release", worker or row["owner"], error=error,
-                  sql_extra=f", owner=NULL, lease_expires_at=NULL, {att}=GREATEST({att}-1, 0)")
-        return self._outcome(stage, row, "new", True, max(row["attempts"] - 1, 0))
+        return self._outcome(stage, row, "new", True, max(row["attempts"] - 1, 0)), self._set(
+            stage, row, "new", "release", worker or row["owner"], error=error,
+            extra=f", owner=NULL, lease_expires_at=NULL, {att}=GREATEST({att}-1, 0)")
 
-    def _rewind(self, cur, stage, row, worker, error, events, stats):
+    def _rewind(self, stage, row, worker, error, events, stats):
         """The stage's input file is missing: send the task back to the stage that produces it."""
         upstream = PREVIOUS[stage]
         if upstream == "event-ingest":
             raise self._conflict(stage, row, "shard-splitter reads the registered source file; nothing "
                                              "upstream can rebuild it: fail the task instead")
-        if row["status"] == "new" and row["prev"] == "new" and self._last_action(cur, row, stage) == "rewind":
-            return self._outcome(stage, row, "new", False, rewound_to=upstream)
+        if row["status"] == "new" and row["prev"] == "new" and row["last"].get("action") == "rewind":
+            return self._outcome(stage, row, "new", False, rewound_to=upstream), []
         if row["status"] not in ("new", "started"):
             raise self._conflict(stage, row, f"{stage} can be rewound only from 'new' or 'started'")
         if row["status"] == "started":
             self._check_owner(stage, row, worker)
         if row["attempts"] >= self.max_attempts:
             reason = f"input missing after {row['attempts']} attempts: {error or 'no reason given'}"
-            return self._fail(cur, stage, row, worker, reason[:ERROR_MAX], None, None)
+            return self._fail(stage, row, worker, reason[:ERROR_MAX], None, None)
         reason = f"input missing, rebuilt by {upstream}: {error or 'no reason given'}"[:ERROR_MAX]
-        self._set(cur, stage, row, "new", "rewind", worker or row["owner"], error=reason,
-                  sql_extra=f", {_status_col(upstream)}='new', owner=NULL, lease_expires_at=NULL, last_error=%s",
-                  args_extra=(reason,))
-        self._log(cur, [(row["id"], row["filename"], row["shard"], upstream, row["prev"], "new", "rewind",
-                         worker, reason, None, None, None)])
-        return self._outcome(stage, row, "new", True, rewound_to=upstream)
+        writes = self._set(stage, row, "new", "rewind", worker or row["owner"], error=reason,
+                           extra=f", {_status_col(upstream)}='new', owner=NULL, lease_expires_at=NULL, last_error=%s",
+                           args=(reason,))
+        writes.append(_log_sql([(row["id"], row["filename"], row["shard"], upstream, row["prev"], "new", "rewind",
+                                 worker, reason, None, None, None)]))
+        return self._outcome(stage, row, "new", True, rewound_to=upstream), writes
 
     def heartbeat(self, stage: str, filename: str, shard: int, worker: str) -> dict:
         """One autocommitted UPDATE: extends the lease only while `worker` holds the task."""
@@ -599,17 +656,17 @@ class Tracker:
         if shard is not None:
             where, args = where + " AND shard=%s", [shard]
 
-        def tx(cur):
-            cur.execute(f"SELECT id, filename, shard FROM pipeline_tracking WHERE {where} ORDER BY id FOR UPDATE",
-                        args)
-            rows = cur.fetchall()
+        def tx(t: Tx):
+            rows = t.run((f"SELECT id, filename, shard FROM pipeline_tracking WHERE {where} ORDER BY id FOR UPDATE",
+                          args))[0].rows
+            writes = []
             for start in range(0, len(rows), 1000):
                 chunk = rows[start:start + 1000]
-                marks = ",".join(["%s"] * len(chunk))
-                cur.execute(f"UPDATE pipeline_tracking SET {status_col}='new', {att}=0 WHERE id IN ({marks})",
-                            [r["id"] for r in chunk])
-                self._log(cur, [(r["id"], r["filename"], r["shard"], stage, "failed", "new", "retry", actor,
-                                 None, None, None, None) for r in chunk])
+                writes += [(f"UPDATE pipeline_tracking SET {status_col}='new', {att}=0 WHERE id IN ({_marks(chunk)})",
+                            [r["id"] for r in chunk]),
+                           _log_sql([(r["id"], r["filename"], r["shard"], stage, "failed", "new", "retry", actor,
+                                      None, None, None, None) for r in chunk])]
+            t.finish(*writes)
             return {"stage": stage, "shard": shard, "retried": len(rows),
                     "items": [{"filename": r["filename"], "shard": r["shard"]} for r in rows[:1000]]}
         return self._tx(tx)
@@ -618,44 +675,42 @@ class Tracker:
 
     def claim(self, stage: str, limit: int, shard: int | None, worker: str) -> list[dict]:
         """Up to `limit` tasks for `worker`: first those it already holds (a restarted daemon
-        resumes its own work), then ready ones, oldest first, each won by exactly one caller."""
+        resumes its own work), then ready ones, oldest first, each won by exactly one caller.
+        Two round trips: lock what the worker holds and up to `limit` ready rows nobody else
+        is locking; then write. Ready rows locked but not needed are freed by the commit."""
         status_col, att = _status_col(stage), _attempts_col(stage)
-        shard_args = (shard,) if shard is not None else ()
         cols = f"id, filename, shard, created_at, {att} AS attempts"
+        ordered = stage in ORDERED and shard is not None
 
-        def tx(cur):
-            # Usually the caller holds nothing: look without locking (a locking scan would wait
-            # on every row other workers are finishing), then lock and re-check what was found.
-            cur.execute(sql_held(stage), (worker,))
-            held = [r["id"] for r in cur.fetchall()
+        def tx(t: Tx):
+            reads = [(sql_held(stage), (worker,))]
+            if ordered:
+                reads += self._ordered_reads(stage, shard, worker)
+            else:
+                reads.append((sql_ready(stage, shard is not None, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"),
+                               (*([shard] if shard is not None else []), limit)))
+            results = t.run(*reads)
+            mine = [r for r in results[0].rows
                     if r["status"] == "started" and (shard is None or r["shard"] == shard)][:limit]
-            mine: list[dict] = []
-            if held:
-                marks = ",".join(["%s"] * len(held))
-                cur.execute(f"SELECT {cols} FROM pipeline_tracking WHERE id IN ({marks}) AND owner=%s "
-                            f"AND {status_col}='started' ORDER BY id FOR UPDATE", (*held, worker))
-                mine = cur.fetchall()
-            if mine:
-                marks = ",".join(["%s"] * len(mine))
-                cur.execute(f"UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
-                            f"WHERE id IN ({marks})", (self.lease_us, *[r["id"] for r in mine]))
             want = limit - len(mine)
-            fresh: list[dict] = []
-            if want > 0:
-                if stage in ORDERED and shard is not None:
-                    fresh = self._ordered_candidates(cur, stage, shard, worker, want, cols)
-                else:
-                    cur.execute(sql_ready(stage, shard is not None, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"),
-                                (*shard_args, want))
-                    fresh = cur.fetchall()
+            if ordered:
+                fresh = self._ordered_fresh(t, stage, shard, results[1:], want, cols)
+            else:
+                fresh = results[1].rows[:want] if want > 0 else []
+            writes = []
+            if mine:
+                ids = [r["id"] for r in mine]
+                writes += [(f"UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
+                            f"WHERE id IN ({_marks(ids)})", (self.lease_us, *ids)),
+                           (f"SELECT {cols} FROM pipeline_tracking WHERE id IN ({_marks(ids)}) ORDER BY id", ids)]
             if fresh:
-                ids = [r["id"] for r in fresh]
-                marks = ",".join(["%s"] * len(ids))
-                cur.execute(f"UPDATE pipeline_tracking SET {status_col}='started', owner=%s, started_at=NOW(3),"
+                writes += [(f"UPDATE pipeline_tracking SET {status_col}='started', owner=%s, started_at=NOW(3),"
                             f" lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1"
-                            f" WHERE id IN ({marks})", (worker, self.lease_us, *ids))
-                self._log(cur, [(r["id"], r["filename"], r["shard"], stage, "new", "started", "claim", worker,
-                                 None, None, None, None) for r in fresh])
+                            f" WHERE id IN ({_marks(fresh)})", (worker, self.lease_us, *[r["id"] for r in fresh])),
+                           _log_sql([(r["id"], r["filename"], r["shard"], stage, "new", "started", "claim", worker,
+                                      None, None, None, None) for r in fresh])]
+            done = t.finish(*writes)
+            mine = done[1].rows if mine else []
             return ([self._claimed(r, r["attempts"], True) for r in mine]
                     + [self._claimed(r, r["attempts"] + 1, False) for r in fresh])
         return self._tx(tx)
@@ -665,53 +720,55 @@ class Tracker:
         return {"filename": r["filename"], "shard": r["shard"], "created_at": _iso_s(r["created_at"]),
                 "attempts": attempts, "resumed": resumed}
 
-    def _ordered_candidates(self, cur, stage, shard, worker, want, cols) -> list[dict]:
+    @staticmethod
+    def _ordered_reads(stage: str, shard: int, worker: str) -> list:
+        """An ordered claim first takes the shard's claim lock (the upsert locks its row, so two
+        replicas cannot take consecutive files at once) and reads whether another worker holds
+        one of the shard's files and which is the oldest file still waiting upstream."""
+        return [("INSERT INTO pipeline_claim_lock (stage, shard) VALUES (%s,%s) ON DUPLICATE KEY UPDATE shard=shard",
+                 (stage, shard)),
+                (sql_shard_busy(stage), (shard, worker)),
+                (sql_shard_blocker(stage), (shard,))]
+
+    @staticmethod
+    def _ordered_fresh(t: Tx, stage: str, shard: int, results: list[Result], want: int, cols: str) -> list[dict]:
         """Oldest ready tasks of one shard, never past an earlier task that is still pending.
 
-        The shard's row in pipeline_claim_lock serialises its claims, so two replicas cannot
-        take consecutive files at once; while another worker holds one of the shard's files,
-        nobody else gets any. Pending = the previous stage has not finished yet (new/started)
-        although ingest is done; files still being written (ingest not done) and files the
-        previous stage failed are not in the shard's stream and block nothing.
+        Pending = the previous stage has not finished yet (new/started) although ingest is done;
+        files still being written (ingest not done) and files the previous stage failed are not
+        in the shard's stream and block nothing. While another worker holds one of the shard's
+        files, nobody else gets any.
         """
-        cur.execute("SELECT stage FROM pipeline_claim_lock WHERE stage=%s AND shard=%s FOR UPDATE", (stage, shard))
-        if cur.fetchone() is None:
-            cur.execute("INSERT INTO pipeline_claim_lock (stage, shard) VALUES (%s,%s) "
-                        "ON DUPLICATE KEY UPDATE shard=shard", (stage, shard))
-            cur.execute("SELECT stage FROM pipeline_claim_lock WHERE stage=%s AND shard=%s FOR UPDATE",
-                        (stage, shard))
-        cur.execute(sql_shard_busy(stage), (shard, worker))
-        if cur.fetchone():
+        _lock, busy, blocker = results
+        if want <= 0 or busy.rows:
             return []
-        cur.execute(sql_shard_blocker(stage), (shard,))
-        blocker = cur.fetchone()["id"]
-        before, args = (" AND id < %s", (blocker,)) if blocker is not None else ("", ())
-        cur.execute(sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", before), (shard, *args, want))
-        return cur.fetchall()
+        first_pending = blocker.one()["id"]
+        before, args = (" AND id < %s", (first_pending,)) if first_pending is not None else ("", ())
+        return t.run((sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", before), (shard, *args, want)))[0].rows
 
     def reap(self, limit: int = 500) -> list[dict]:
         """Return tasks whose lease expired to `new` (attempt counted) or, after `max_attempts`,
         to `failed` with the reason."""
-        def tx(cur):
-            cur.execute(SQL_EXPIRED, (limit,))
-            reaped = []
-            for r in cur.fetchall():
+        def tx(t: Tx):
+            writes, reaped = [], []
+            for r in t.run((SQL_EXPIRED, (limit,)))[0].rows:
                 stage = next((s for s in WORK_STAGES if r[_status_col(s)] == "started"), None)
                 if stage is None:
-                    cur.execute("UPDATE pipeline_tracking SET owner=NULL, lease_expires_at=NULL WHERE id=%s",
-                                (r["id"],))
+                    writes.append(("UPDATE pipeline_tracking SET owner=NULL, lease_expires_at=NULL WHERE id=%s",
+                                   (r["id"],)))
                     continue
                 attempts = r[_attempts_col(stage)]
                 to = "failed" if attempts >= self.max_attempts else "new"
                 holder = "a worker that gave no id" if r["owner"] is None else repr(r["owner"])
                 error = (f"lease of {holder} expired (attempt {attempts} of {self.max_attempts})"
                          + ("; attempts exhausted" if to == "failed" else ""))
-                cur.execute(f"UPDATE pipeline_tracking SET {_status_col(stage)}=%s, owner=NULL, "
-                            f"lease_expires_at=NULL, last_error=%s WHERE id=%s", (to, error, r["id"]))
-                self._log(cur, [(r["id"], r["filename"], r["shard"], stage, "started", to, "reap", r["owner"],
-                                 error, r["ran_ms"], None, None)])
+                writes += [(f"UPDATE pipeline_tracking SET {_status_col(stage)}=%s, owner=NULL, "
+                            f"lease_expires_at=NULL, last_error=%s WHERE id=%s", (to, error, r["id"])),
+                           _log_sql([(r["id"], r["filename"], r["shard"], stage, "started", to, "reap", r["owner"],
+                                      error, r["ran_ms"], None, None)])]
                 reaped.append({"filename": r["filename"], "shard": r["shard"], "stage": stage, "status": to,
                                "error": error})
+            t.finish(*writes)
             return reaped
         return self._tx(tx)
 

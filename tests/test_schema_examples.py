@@ -18,7 +18,7 @@ def test_worked_examples_run_and_leave_the_described_state(make_database):
             cur.execute(stmt)
             cur.fetchall()
     conn.close()
-    tracker = tracking.Tracker(db.ThreadConnections(url), 2, 60, 5)
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 5)
     shard0, shard1 = tracker.file("20250101000000")["shards"]
     assert (shard0["event_ingest_status"], shard0["shard_splitter_status"], shard0["shard_worker_status"]) == \
         ("done", "done", "failed")
