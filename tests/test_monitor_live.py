@@ -6,7 +6,6 @@ import asyncio
 import socket
 import time
 
-import pymysql
 
 from monitor.api import STAGES, WORK_STAGES, ApiSource
 from monitor.app import MonitorApp
