@@ -104,6 +104,13 @@ class Sender(Stage):
             self._drop_connection()
             self._schema_ready = False
             raise Retryable(f"shard {self.shard} database {self.url}: {exc}") from None
+        except Exception as exc:
+            if self._conn is not None and self._conn.open:
+                raise
+            # whatever the driver raised, the connection is gone: an outside fault, not the file's
+            self._drop_connection()
+            self._schema_ready = False
+            raise Retryable(f"shard {self.shard} database {self.url}: connection lost ({exc!r})") from None
         if result.local_infile_refused and self.method == "load_data":
             ctx.log.warning("shard %s server refuses LOAD DATA LOCAL INFILE: using multi-row INSERT from now on "
                             "(enable local_infile on the server for the faster method)", self.shard)

@@ -392,6 +392,12 @@ def _by_load_data(cur, f, reading, source_file, shard, shard_count, work_dir, ch
                 if exc.args and exc.args[0] in LOCAL_INFILE_REFUSED:
                     raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
                 raise
+            except AttributeError as exc:
+                # PyMySQL, when the server goes away while it sends a LOCAL file, fails on its
+                # closed socket with AttributeError instead of reporting the lost connection.
+                if cur.connection is not None and cur.connection.open:
+                    raise
+                raise pymysql.err.OperationalError(2013, f"connection lost during LOAD DATA LOCAL ({exc})") from None
             finally:
                 path.unlink(missing_ok=True)
             if cur.warning_count or stored != count:
