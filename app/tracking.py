@@ -105,12 +105,12 @@ def sql_ready(stage: str, sharded: bool, columns: str, tail: str, extra: str = "
             f"ORDER BY id {tail}")
 
 
-def sql_held(stage: str) -> str:
-    """What a worker holds, locked. Owner is set only on started tasks, so ix_owner stays tiny
-    and the lock touches only the worker's own rows (a scan of another index would lock, and
-    wait on, rows other workers are finishing)."""
-    return (f"SELECT id, shard, {_status_col(stage)} AS status FROM pipeline_tracking FORCE INDEX (ix_owner)"
-            f" WHERE owner=%s ORDER BY id LIMIT 1000 FOR UPDATE")
+def sql_held(stage: str, sharded: bool) -> str:
+    """What a worker holds, locked (args: worker, [shard,] limit). Owner is set only on started
+    tasks, so ix_owner stays tiny and the lock touches only the worker's own rows (a scan of
+    another index would lock, and wait on, rows other workers are finishing)."""
+    return (f"SELECT id FROM pipeline_tracking FORCE INDEX (ix_owner) WHERE owner=%s"
+            f" AND {_status_col(stage)}='started'{' AND shard=%s' if sharded else ''} ORDER BY id LIMIT %s FOR UPDATE")
 
 
 def sql_shard_busy(stage: str) -> str:
@@ -143,7 +143,8 @@ def queue_queries(shard_count: int = 2) -> list[tuple[str, str, tuple]]:
                 (f"queue {stage} shard", sql_ready(stage, True, cols, "LIMIT %s OFFSET %s"), (1, 100, 0)),
                 (f"claim {stage}", sql_ready(stage, False, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"), (4,)),
                 (f"claim {stage} shard", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"), (1, 4)),
-                (f"held {stage}", sql_held(stage), ("host/worker",))]
+                (f"held {stage}", sql_held(stage, False), ("host/worker", 4)),
+                (f"held {stage} shard", sql_held(stage, True), ("host/worker", 1, 4))]
     for stage in ORDERED:
         out += [(f"ordered busy {stage}", sql_shard_busy(stage), (1, "host/worker")),
                 (f"ordered blocker {stage}", sql_shard_blocker(stage), (1,)),
@@ -493,33 +494,34 @@ class Tracker:
         return row
 
     def _done_at_once(self, stage, filename, shard, worker, events, stats_text) -> Outcome | None:
-        """`done` in one round trip: the rule sits in the UPDATE's WHERE, its row count (kept
-        in a session variable) gates the log row and the release of the owner, and the task is
-        read back in the same batch; only a refusal or a repeat is then explained here."""
-        status_col = _status_col(stage)
-        guard = f"filename=%s AND shard=%s AND {status_col}='started'"
-        owner_ok, owner_args = ("", ()) if worker is None else (" AND (owner IS NULL OR owner=%s)", (worker,))
+        """`done` by a named worker in one round trip of five statements: the rule sits in the
+        UPDATE's WHERE and its row count, kept in a session variable, gates the log row. The
+        UPDATE hands back the attempt count through LAST_INSERT_ID(x) (the reply's insert id),
+        so nothing is read. Only a refusal or a repeat then costs a read, to be explained."""
+        if worker is None:
+            return None  # the log names the owner: take the locked path, which reads it
+        status_col, att_col = _status_col(stage), _attempts_col(stage)
 
         def tx(t: Tx):
             results = t.finish(
-                (f"UPDATE pipeline_tracking SET {status_col}='done', lease_expires_at=NULL WHERE {guard}{owner_ok}",
-                 (filename, shard, *owner_args)),
+                (f"UPDATE pipeline_tracking SET {status_col}='done', owner=NULL, lease_expires_at=NULL,"
+                 f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}='started'"
+                 f" AND (owner IS NULL OR owner=%s)", (filename, shard, worker)),
                 ("SET @pipeline_done = ROW_COUNT()", None),
                 ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
                  " action, actor, duration_ms, events, stats)"
-                 " SELECT id, filename, shard, %s, 'started', 'done', 'done', COALESCE(%s, owner),"
+                 " SELECT id, filename, shard, %s, 'started', 'done', 'done', %s,"
                  " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
                  " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
-                 (stage, worker, events, stats_text, filename, shard)),
-                ("UPDATE pipeline_tracking SET owner=NULL WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
-                 (filename, shard)),
-                (self._row_sql(stage, lock=False), (stage, filename, shard)))
-            return results[0].rowcount == 1, self._task(stage, filename, shard, results[-1])
-        changed, row = self._tx(tx)
-        if changed:
-            return self._outcome(stage, row, "done", True)
+                 (stage, worker, events, stats_text, filename, shard)))
+            return results[0].lastrowid if results[0].rowcount == 1 else False
+        attempts = self._tx(tx)
+        if attempts is not False:
+            return Outcome(filename, shard, stage, "done", True, attempts or 0)
+        row = self._task(stage, filename, shard, Result(self._read(self._row_sql(stage, lock=False),
+                                                                   (stage, filename, shard)), 1, None))
         outcome, writes = self._done(stage, row, worker, None, events, stats_text)  # a repeat, or a 409
-        return None if writes else outcome  # None: it became startable-done meanwhile; take the locked path
+        return None if writes else outcome  # None: it became done-able meanwhile; take the locked path
 
     def _conflict(self, stage, row, why):
         return Conflict(why, filename=row["filename"], shard=row["shard"], stage=stage, status=row["status"],
@@ -683,15 +685,14 @@ class Tracker:
         ordered = stage in ORDERED and shard is not None
 
         def tx(t: Tx):
-            reads = [(sql_held(stage), (worker,))]
+            reads = [(sql_held(stage, shard is not None), (worker, *([shard] if shard is not None else []), limit))]
             if ordered:
                 reads += self._ordered_reads(stage, shard, worker)
             else:
                 reads.append((sql_ready(stage, shard is not None, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"),
                                (*([shard] if shard is not None else []), limit)))
             results = t.run(*reads)
-            mine = [r for r in results[0].rows
-                    if r["status"] == "started" and (shard is None or r["shard"] == shard)][:limit]
+            mine = results[0].rows
             want = limit - len(mine)
             if ordered:
                 fresh = self._ordered_fresh(t, stage, shard, results[1:], want, cols)

@@ -151,6 +151,7 @@ def test_every_stage_start_done_fail_retry_in_contract_shape(http):
         done = http.ok("POST", f"/stages/{stage}/done", {"filename": name, "shard": 0})
         assert {k: done[k] for k in ("filename", "shard", "stage", "status")} == \
             {"filename": name, "shard": 0, "stage": stage, "status": "done"}
+        assert (done["changed"], done["attempts"]) == (True, 1)
         failed = http.ok("POST", f"/stages/{stage}/fail", {"filename": name, "shard": 1})
         assert (failed["status"], failed["changed"]) == ("failed", True)
         retried = http.ok("POST", f"/stages/{stage}/retry", {"filename": name, "shard": 1})
@@ -221,8 +222,9 @@ def test_file_detail_has_attempts_last_error_stats_and_history(http):
                                                     "error": "bad line 3", "stats": {"lines": 3}})
     http.ok("POST", "/stages/shard-splitter/retry", {"filename": name, "shard": 0})
     http.ok("POST", "/stages/shard-splitter/start", {"filename": name, "shard": 0, "worker": "det"})
-    http.ok("POST", "/stages/shard-splitter/done", {"filename": name, "shard": 0, "worker": "det", "events": 7,
-                                                    "stats": {"lines": 7, "rejected": 0}})
+    done = http.ok("POST", "/stages/shard-splitter/done", {"filename": name, "shard": 0, "worker": "det",
+                                                           "events": 7, "stats": {"lines": 7, "rejected": 0}})
+    assert (done["status"], done["changed"], done["attempts"]) == ("done", True, 1)
     detail = http.ok("GET", f"/files/{name}")
     assert detail["filename"] == name and [s["shard"] for s in detail["shards"]] == [0, 1]
     shard0 = detail["shards"][0]
