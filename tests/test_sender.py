@@ -8,6 +8,7 @@ import signal
 import time
 
 import orjson
+import pytest
 
 from app import layout
 from app.atomic import atomic_write
@@ -189,8 +190,10 @@ def test_kill_9_mid_load_then_restart_loads_exactly_once(api, api_env, shared_di
         assert second.stop() == 0, second.output()[-2000:]
 
 
+@pytest.mark.parametrize("how", ["stop", "kill"])
 def test_shard_server_stopped_mid_load_catches_up_alone(api_factory, pipeline_db, shared_dir, private_mariadb,
-                                                        tmp_path):
+                                                        tmp_path, how):
+    """A clean shutdown, or a crash (kill -9, InnoDB recovery at the next start)."""
     shard_url = private_mariadb.url("shop_shard_0")
     env = servers.service_env(pipeline_db, shared_dir, servers.free_port(), [shard_url, shard_url])
     client = api_factory(env).client()
@@ -200,7 +203,7 @@ def test_shard_server_stopped_mid_load_catches_up_alone(api_factory, pipeline_db
     sender = start_sender(sender_env(env), 0, tmp_path)
     try:
         wait_for_chunk(layout.sender_dir(shared_dir, 0), name, 4, sender)
-        private_mariadb.stop()
+        private_mariadb.stop() if how == "stop" else private_mariadb.kill()
         time.sleep(1.5)  # the sender finds the server gone, hands the task back and backs off
         assert task(client, name, 0)["mysql_sender_status"] in ("new", "started")
         private_mariadb.start()
