@@ -122,6 +122,7 @@ def test_health_and_ready(http):
     assert http.ok("GET", "/ready")["status"] == "ready"
     root = requests.get(http.root + "/health", timeout=5)
     assert root.status_code == 200 and root.json() == {"status": "ok"}
+    assert root.headers["Server"].startswith("gunicorn")  # `python -m app.apid` serves with gunicorn
 
 
 def test_register_is_idempotent_and_ingest_done_counts_rows(http):
