@@ -36,6 +36,8 @@ ORDERED = {"shard-worker"}
 ACTIONS = ("start", "done", "fail", "retry", "release", "rewind")
 STATUSES = ("new", "started", "done", "failed")
 ERROR_MAX = 2000
+DEADLOCK = 1213  # retried at once; a lock wait timeout (1205) is not: it already took LOCK_WAIT_SECONDS
+LOCK_WAIT_SECONDS = 5
 # /metrics/summary scans the whole table; when that gets slow its answer is reused for a while.
 SUMMARY_SLOW_SECONDS = 0.1
 
@@ -365,6 +367,9 @@ class Tracker:
         if not getattr(conn, "pipeline_read_committed", False):
             with conn.cursor() as cur:
                 cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                # Locks here are held for milliseconds; a wait this long means trouble, and an
+                # answer (503, retry) beats a client timing out on a request stuck for 50 s.
+                cur.execute(f"SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}")
             conn.pipeline_read_committed = True
         return conn
 
@@ -384,7 +389,7 @@ class Tracker:
             except pymysql.err.MySQLError as exc:
                 self._rollback(conn)
                 code = exc.args[0] if exc.args else None
-                if code in db.DEADLOCK_CODES and attempt < 5:
+                if code == DEADLOCK and attempt < 5:
                     time.sleep(0.002 * (attempt + 1))
                     continue
                 if code == 1146:

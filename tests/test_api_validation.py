@@ -280,3 +280,9 @@ def test_every_route_has_a_curl_example_in_the_docs():
         assert re.search(r"curl[^\n]*" + pattern, doc), f"no curl example for {path} in docs/pipeline-apid.md"
     for code in (400, 401, 404, 405, 409, 413, 503):
         assert f"| {code} " in doc, f"error code {code} is not documented"
+
+
+def test_the_api_logged_no_unhandled_error(live):
+    """Runs after the tests above in this module: none of their requests hit the 500 path."""
+    assert "unhandled error" not in live.process.output()
+    assert "Traceback" not in live.process.output()
