@@ -125,16 +125,21 @@ def sql_list(cur, values) -> str:
     return "(" + ",".join(map(literal_renderer(cur.connection), values)) + ")"
 
 
-def insert_rows(cur, head: str, rows: list[tuple], tail: str = "", max_bytes: int = 1_000_000) -> int:
+def insert_rows(cur, head: str, rows: list, tail: str = "", max_bytes: int = 1_000_000, render=None) -> int:
     """`head` ("INSERT INTO t (a, b) VALUES ") + one `(...)` per row + `tail` (e.g. an ON
     DUPLICATE KEY UPDATE clause), in statements of at most ~max_bytes; the affected-row count.
-    Values are rendered by `literal_renderer`."""
+    Values are rendered by `literal_renderer`, or a row at once by `render(row)`, which must
+    be as strict (e.g. `%d` for ints, numbers for finite Decimals, nothing unescaped)."""
     if not rows:
         return 0
-    literal = literal_renderer(cur.connection)
+    if render is None:
+        literal = literal_renderer(cur.connection)
+
+        def render(row) -> str:
+            return "(" + ",".join(map(literal, row)) + ")"
     affected, parts, size = 0, [], 0
     for row in rows:
-        text = "(" + ",".join(map(literal, row)) + ")"
+        text = render(row)
         if parts and size + len(text) > max_bytes:
             affected += cur.execute(head + ",".join(parts) + tail)
             parts, size = [], 0

@@ -338,7 +338,7 @@ class FileRun:
         shops = st.shops(cur, {e.shop_id for e in valid if e.etype == PURCHASE or e.etype == SHOP_STATUS})
         users = {e.user_id for e in valid if e.etype == PURCHASE}
         users.update(orders[e.order_id].user_id for e in returns if e.order_id in orders)
-        balances = ledger.lock_balances(cur, users)
+        balances, new_users = ledger.lock_balances(cur, users, create=not optimistic)
         self.b, self.orders, self.balances, self.stock = b, orders, balances, stock
 
         codes = bytearray(len(raws))
@@ -421,7 +421,7 @@ class FileRun:
         # one round trip per table
         st.add_seen(cur, b.new_keys, self.file_id, check=dedup)
         ledger.write(cur, self.shard, self.file_id, b.new_orders, list(b.credited.values()), balances,
-                     b.changed_users)
+                     b.changed_users, new_users)
         st.write_stock(cur, stock, b.changed_stock)
         st.write_shops(cur, b.changed_shops)
         st.write_holds(cur, list(b.holds.values()))

@@ -1,20 +1,28 @@
 """Shard-worker throughput: events per second deciding one shard file, and peak RSS.
 
-    .venv/bin/python bench/worker.py [--events 200000] [--batch 4000] [--keep]
+    .venv/bin/python bench/worker.py [--events 200000] [--data generator|harsh] [--batch 4000]
+                                     [--private] [--keep]
 
-Generates a shard-0 file with realistic rule hits (duplicates, overspending users, stock
-going negative, inactive shops, non-positive prices, returns before their purchase and
-returns of unknown orders, malformed lines), then, in a child process on a fresh pipeline
-database, decides it (first run) and decides it again with the prepared file deleted (replay
-from the records). Prints the figures. Target: >= 50,000 events/s on 200,000 events.
+Builds a shard-0 file of --events lines: `generator` (default) takes the shard-0 lines of the
+project's event generator (app/generator.py, its default world and fault rates: duplicates,
+purchases beyond the balance, returns before their purchase, ...), as the splitter would route
+them; `harsh` is this bench's own mix with far more rule hits (5,000 users overspending, stock
+going negative, inactive shops, zero prices, 10% of returns before their purchase and 10% of
+unknown orders, malformed lines). Then, in a child process on a fresh pipeline database, it
+decides the file (first run) and decides it again with the prepared file deleted (replay from
+the records). Prints the figures, with the CPU seconds the worker and (with --private,
+a mariadbd of the bench's own, so other programs' queries do not share it) the server spent.
+Target: >= 50,000 events/s on 200,000 events.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +40,28 @@ sys.path.insert(0, str(ROOT))
 from app import layout  # noqa: E402
 
 
-def generate(path: Path, n: int, seed: int = 7, shard: int = 0, shard_count: int = 2) -> None:
+def from_generator(path: Path, n: int, seed: int = 7, shard: int = 0, shard_count: int = 2) -> None:
+    """The lines of the project's generator that the splitter would route to `shard`."""
+    from app.generator import Generator
+
+    gen = Generator(seed=seed)
+    start, kept, files = datetime(2026, 1, 1), 0, 0
+    with open(path, "wb") as f:
+        while kept < n:
+            buffer = io.BytesIO()
+            gen.write(buffer, (start + timedelta(seconds=10 * files)).strftime("%Y%m%d%H%M%S"), 20_000)
+            files += 1
+            for line in buffer.getvalue().splitlines(keepends=True):
+                try:
+                    shop = orjson.loads(line)["payload"].get("shop_id")
+                except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    continue
+                if type(shop) is int and shop % shard_count == shard and kept < n:
+                    f.write(line)
+                    kept += 1
+
+
+def harsh(path: Path, n: int, seed: int = 7, shard: int = 0, shard_count: int = 2) -> None:
     rng = random.Random(seed)
     shops = [s for s in range(100) if s % shard_count == shard]
     start = datetime(2026, 1, 1)
@@ -98,15 +127,21 @@ def generate(path: Path, n: int, seed: int = 7, shard: int = 0, shard_count: int
             f.write(out + b"\n")
 
 
-def child(db_name: str, shared: str, filename: str, batch: int) -> None:
+def server_cpu(pid: int | None) -> float:
+    if not pid:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> None:
     """Decide the file twice in this process: fresh, then replayed with its output deleted."""
     from app.client import Task
     from app.config import Settings
     from app.daemon import Context
     from app.worker import WorkerStage
 
-    env = dict(os.environ, MYSQL_PIPELINE_URL=f"mysql://root:@127.0.0.1:3306/{db_name}", SHARED_DIR=shared,
-               WORKER_BATCH_LINES=str(batch))
+    env = dict(os.environ, MYSQL_PIPELINE_URL=url, SHARED_DIR=shared, WORKER_BATCH_LINES=str(batch))
     settings = Settings.from_env(env)
     stage = WorkerStage(settings, 0)
     ctx = Context(threading.Event(), logging.getLogger("bench"))
@@ -114,10 +149,10 @@ def child(db_name: str, shared: str, filename: str, batch: int) -> None:
     results = {}
     for run in ("first", "replay"):
         layout.worker_output(settings.shared_dir, filename, 0).unlink(missing_ok=True)
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        server0, cpu0, t0 = server_cpu(server_pid), time.process_time(), time.perf_counter()
         [done] = stage.process([Task(filename, 0)], ctx)
         results[run] = {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
-                        "events": done.events, "stats": done.stats}
+                        "server_cpu": server_cpu(server_pid) - server0, "events": done.events, "stats": done.stats}
     results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stage.teardown()
     print(orjson.dumps(results).decode())
@@ -126,45 +161,60 @@ def child(db_name: str, shared: str, filename: str, batch: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--data", choices=("generator", "harsh"), default="generator")
     ap.add_argument("--batch", type=int, default=4000)
+    ap.add_argument("--private", action="store_true", help="run a mariadbd of the bench's own")
     ap.add_argument("--keep", action="store_true", help="keep the database and files")
-    ap.add_argument("--child", nargs=4, metavar=("DB", "SHARED", "FILE", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=5, metavar=("URL", "SHARED", "FILE", "BATCH", "PID"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        db_name, shared, filename, batch = args.child
-        child(db_name, shared, filename, int(batch))
+        url, shared, filename, batch, pid = args.child
+        child(url, shared, filename, int(batch), int(pid))
         return
 
+    from tests import servers
+    private = servers.new_private_mariadb() if args.private else None
+    try:
+        run(args, private)
+    finally:
+        if private:
+            private.stop()
+            shutil.rmtree(private.datadir, ignore_errors=True)
+
+
+def run(args, private) -> None:
     import pymysql
+    port = private.port if private else 3306
     shared = Path(tempfile.mkdtemp(prefix="bench-worker-"))
     filename = "20260101000000"
     path = layout.splitter_output(shared, filename, 0)
     path.parent.mkdir(parents=True)
     t0 = time.perf_counter()
-    generate(path, args.events)
-    print(f"generated {args.events:,} events ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+    (from_generator if args.data == "generator" else harsh)(path, args.events)
+    print(f"{args.data}: {args.events:,} events ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     db_name = f"bench_worker_{uuid.uuid4().hex[:8]}"
     load = os.getloadavg()
-    proc = subprocess.run([sys.executable, __file__, "--child", db_name, str(shared), filename, str(args.batch)],
-                          capture_output=True, text=True)
+    pid = private.proc.pid if private else 0
+    proc = subprocess.run([sys.executable, __file__, "--child", f"mysql://root:@127.0.0.1:{port}/{db_name}",
+                           str(shared), filename, str(args.batch), str(pid)], capture_output=True, text=True)
     if proc.returncode:
         print(proc.stdout, proc.stderr)
         raise SystemExit(proc.returncode)
     res = orjson.loads(proc.stdout.strip().splitlines()[-1])
     n = args.events
-    for run in ("first", "replay"):
-        r = res[run]
-        print(f"{run:>6}: {n / r['seconds']:>9,.0f} events/s  ({r['seconds']:.2f}s wall, {r['cpu']:.2f}s CPU in the "
-              f"worker; accepted {r['events']:,})")
+    for which in ("first", "replay"):
+        r = res[which]
+        server = f", {r['server_cpu']:.2f}s in mariadbd" if private else ""
+        print(f"{which:>6}: {n / r['seconds']:>9,.0f} events/s  ({r['seconds']:.2f}s wall; CPU {r['cpu']:.2f}s in the "
+              f"worker{server}; accepted {r['events']:,})")
     print(f"stats: {orjson.dumps(res['first']['stats']).decode()}")
     print(f"peak RSS of the worker process: {res['max_rss_mb']:.0f} MB; batch {args.batch} lines; "
-          f"load average before: {load[0]:.2f}")
+          f"{'private' if private else 'shared'} mariadbd; load average before: {load[0]:.2f}")
     print(f"target: >= 50,000 events/s -> {'met' if n / res['first']['seconds'] >= 50_000 else 'NOT met'}")
     if not args.keep:
-        conn = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+        conn = pymysql.connect(host="127.0.0.1", port=port, user="root", autocommit=True)
         conn.cursor().execute(f"DROP DATABASE IF EXISTS `{db_name}`")
         conn.close()
-        import shutil
         shutil.rmtree(shared, ignore_errors=True)
 
 

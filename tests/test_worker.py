@@ -4,10 +4,17 @@ The real worker stage runs under the shared daemon loop against the real API and
 test plays the splitter (writes the shard files, marks them done through the API)."""
 from __future__ import annotations
 
+import threading
 import time
 from decimal import Decimal
 
-from app.rules import CODE, REASONS
+import pymysql
+import pytest
+
+from app import db
+from app.ledger import Ledger, LedgerConflict
+from app.rules import CODE, REASONS, Order
+from app.worker_state import WorkerState
 from tests import servers
 from tests.test_worker_support import (module_api, pipeline, price_change, purchase, reasons, refund,  # noqa: F401
                                        restock, shop_status, ts)
@@ -80,7 +87,7 @@ def test_each_rule_and_reason(pipeline):
                                   "shop_inactive": 2, "wrong_shard": 1}}
     assert pipeline.balance(1) == Decimal("499.75")      # 1000 - 600.25 + 100
     assert pipeline.balance(3) == Decimal("930.00")      # 1000 - 50 - 20
-    assert pipeline.balance(2) == Decimal("1000.00")
+    assert pipeline.balance(2) is None                   # all its purchases rejected: still the opening balance
     assert pipeline.sql("SELECT count FROM worker_stock WHERE shop_id=2 AND good_id=1") == [(0,)]
     assert pipeline.sql("SELECT active FROM worker_shops ORDER BY shop_id") == [(0,), (1,)]
     assert pipeline.sql("SELECT debited, credit FROM worker_orders WHERE order_id=%s", (BIG,)) == \
@@ -244,3 +251,66 @@ def test_held_returns_survive_a_restart(pipeline):
     w.stop()
     assert [(x["event_type"], x["order_id"]) for x in prepared] == [(1, 900), (3, 900)]
     assert pipeline.balance(1) == Decimal("1000.00")
+
+
+def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(make_database):
+    """The optimistic first attempt of a batch takes unknown users and orders for new. Another
+    shard's worker creating the same user waits for this transaction and then fails (the worker
+    retries both a conflict and a deadlock); an order this worker took for undecided but another
+    one wrote fails this write."""
+    url = make_database("ledger")
+    WorkerState(url, 0).open().close()
+    ledger = Ledger(Decimal("1000.00"))
+    a, b, watch = db.connect(url), db.connect(url), db.connect(url)
+    try:
+        a.begin()
+        with a.cursor() as cur:
+            balances, new_users = ledger.lock_balances(cur, {5}, create=False)
+        assert balances == {5: Decimal("1000.00")} and new_users == {5}
+        outcome = []
+
+        def other_worker():
+            b.begin()
+            try:
+                with b.cursor() as cur:
+                    ledger.lock_balances(cur, {5}, create=True)
+                b.commit()
+                outcome.append("committed")
+            except LedgerConflict:
+                b.rollback()
+                outcome.append("conflict")
+            except pymysql.err.OperationalError as exc:   # InnoDB may call it a deadlock instead
+                b.rollback()
+                outcome.append("deadlock" if exc.args[0] in db.DEADLOCK_CODES else repr(exc))
+        t = threading.Thread(target=other_worker)
+        t.start()
+
+        def other_waits():
+            with watch.cursor() as cur:
+                cur.execute("SELECT info FROM information_schema.processlist WHERE id=%s", (b.thread_id(),))
+                info = cur.fetchone()[0] or ""
+                return info.startswith("INSERT INTO worker_balances") or outcome
+        servers.wait_until(other_waits, 10, 0.02, "the other worker waiting to create user 5")
+        order = Order(77, 5, Decimal("10.00"), 2, 1, 1, True, line=1)
+        with a.cursor() as cur:
+            ledger.write(cur, 0, 1, [order], [], {5: Decimal("990.00")}, {5}, new_users)
+        a.commit()
+        t.join(10)
+        assert outcome in (["conflict"], ["deadlock"])    # either way it decides its batch again
+
+        with b.cursor() as cur:                              # order 78 decided by the other worker
+            b.begin()
+            ledger.write(cur, 1, 2, [Order(78, 6, Decimal("3.00"), 3, 1, 1, True, line=4)], [], {}, set(), set())
+            b.commit()
+        a.begin()
+        with a.cursor() as cur, pytest.raises(LedgerConflict):
+            ledger.write(cur, 0, 1, [Order(78, 5, Decimal("10.00"), 2, 1, 1, True, line=2)], [], {}, set(), set())
+        a.rollback()
+        with a.cursor() as cur:
+            cur.execute("SELECT user_id, balance FROM worker_balances")
+            assert cur.fetchall() == ((5, Decimal("990.00")),)
+            cur.execute("SELECT order_id, user_id, amount FROM worker_orders ORDER BY order_id")
+            assert cur.fetchall() == ((77, 5, Decimal("10.00")), (78, 6, Decimal("3.00")))
+    finally:
+        for conn in (a, b, watch):
+            conn.close()
