@@ -46,7 +46,7 @@ class HttpError(Exception):
 def _filename(value: Any, field: str = "filename") -> str:
     if not isinstance(value, str):
         raise BadRequest(f"'{field}' must be a string", field)
-    if not FILENAME.match(value) or ".." in value:
+    if not FILENAME.fullmatch(value) or ".." in value:
         raise BadRequest(f"'{field}' must match ^[0-9A-Za-z_.-]{{1,64}}$ and contain no '..' "
                          f"(it becomes a file name), got {value[:80]!r}", field)
     return value
