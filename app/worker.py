@@ -14,6 +14,7 @@ import gc
 import hashlib
 import logging
 import queue
+import sys
 import threading
 import time
 from itertools import islice
@@ -38,6 +39,7 @@ STAGE = "shard-worker"
 BATCH_RETRIES = 8
 SHARD_LOCK_WAIT = 5.0
 PRUNE_EVERY = 60.0
+SWITCH_INTERVAL = 0.0005
 
 
 def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) -> bytes:
@@ -554,6 +556,10 @@ class WorkerStage(Stage):
         self.last_prune = 0.0
 
     def setup(self, ctx: Context) -> None:
+        # The deciding thread waits on the database hundreds of times per second; each time
+        # its answer is in, it must get the interpreter back from the reading and writing
+        # threads, which by default only yield it every 5 ms.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         delay = 0.5
         while not ctx.stopping():
             try:
