@@ -13,9 +13,7 @@ import argparse
 import gc
 import hashlib
 import logging
-import queue
 import sys
-import threading
 import time
 from itertools import islice
 
@@ -29,6 +27,7 @@ from .daemon import Context, Done, Failed, InputMissing, Retryable, Stage, TaskF
 from .db import DEADLOCK_CODES, UNAVAILABLE
 from .events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
 from .ledger import Ledger, LedgerConflict
+from .overlap import Behind, ReadAhead
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
                     stock_change, validate)
@@ -96,91 +95,6 @@ class Batch:
         self.changed_shops: dict[int, tuple[bool, str]] = {}
         self.holds: dict[tuple[int, int], Hold] = {}
         self.resolved: list[Hold] = []
-
-
-class ReadAhead:
-    """Runs a generator in a thread, at most `depth` items ahead of the consumer."""
-
-    _END = object()
-
-    def __init__(self, items, depth: int = 2):
-        self.items = items
-        self.queue: queue.Queue = queue.Queue(depth)
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            for item in self.items:
-                if not self._put(item):
-                    return
-            self._put(self._END)
-        except BaseException as exc:
-            self._put(exc)
-
-    def _put(self, item) -> bool:
-        while not self.closed.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __iter__(self):
-        while True:
-            item = self.queue.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def __exit__(self, *exc) -> None:
-        self.closed.set()
-        self.thread.join()
-
-
-class Behind:
-    """Hands items to `work` in a thread, in order; its errors surface in the caller."""
-
-    _END = object()
-
-    def __init__(self, work, depth: int = 2):
-        self.work = work
-        self.queue: queue.Queue = queue.Queue(depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is self._END:
-                return
-            if self.error is None:
-                try:
-                    self.work(item)
-                except BaseException as exc:
-                    self.error = exc
-
-    def put(self, item) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type, *rest) -> None:
-        self.queue.put(self._END)
-        self.thread.join()
-        if self.error is not None and exc_type is None:
-            raise self.error
 
 
 class FileRun:
