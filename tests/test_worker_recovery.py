@@ -4,6 +4,7 @@ and the original generator's file goes through the real ingest, splitter and wor
 from __future__ import annotations
 
 import shutil
+import signal
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -169,3 +170,30 @@ def test_original_generator_fixture_through_ingest_splitter_and_worker(pipeline)
             check_line(raw, n, filename, s, 2)
         assert all(r["reason"] != "malformed" for r in rejected[s])
     assert sum(w["accepted"] for w in worker) == sum(len(prepared[s].splitlines()) for s in (0, 1)) > 0
+
+
+def test_sigterm_mid_file_hands_the_task_back_and_empties_the_folder(pipeline):
+    lines = mixed(6000, seed=9)
+    pipeline.feed(F1, {0: lines})
+    proc = pipeline.worker_process(0, WORKER_BATCH_LINES=50)
+
+    def some_batches():
+        try:
+            return pipeline.sql("SELECT COUNT(*) FROM worker_batches")[0][0] >= 5
+        except Exception:
+            return False
+    servers.wait_until(some_batches, 60, 0.01, "a few committed batches")
+    proc.signal(signal.SIGTERM)
+    assert proc.proc.wait(30) == 0
+    task = pipeline.task(F1, 0)
+    assert task["shard_worker_status"] == "new", task
+    assert [h["action"] for h in task["history"] if h["stage"] == "shard-worker"][-1] == "release"
+    folder = layout.worker_dir(pipeline.shared, 0)
+    assert sorted(p.name for p in folder.iterdir()) == ["activity.log"]
+    decided = pipeline.sql("SELECT SUM(line_count) FROM worker_batches")[0][0]
+    assert 0 < decided < 6000
+
+    pipeline.worker_process(0, WORKER_BATCH_LINES=50)
+    pipeline.wait_done(F1, timeout=120)
+    assert pipeline.stats(F1)["in"] == 6000
+    assert pipeline.sql("SELECT SUM(line_count) FROM worker_batches")[0][0] == 6000
