@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pymysql
@@ -48,6 +49,8 @@ class OrderIndex:
         self.use_infile = use_infile
         self._conn = None
         self._loader_conn = None
+        self._lookup_conn = None
+        self._lookups: ThreadPoolExecutor | None = None
         self._schema_ready = False
 
     # -- connections -----------------------------------------------------------------------
@@ -63,8 +66,8 @@ class OrderIndex:
         return self._loader_conn
 
     def reset(self) -> None:
-        """Drop both connections (after an error): the next use reconnects."""
-        for name in ("_conn", "_loader_conn"):
+        """Drop the connections (after an error, nothing running): the next use reconnects."""
+        for name in ("_conn", "_loader_conn", "_lookup_conn"):
             conn = getattr(self, name)
             setattr(self, name, None)
             if conn is not None:
@@ -90,13 +93,25 @@ class OrderIndex:
             file_id, horizon, indexed_seq = cur.fetchone()
         return FileRouting(self, filename, file_id, horizon, indexed_seq is not None)
 
-    def lookup(self, file_id: int, horizon: int, orders: list[tuple[int, int]]) -> list[int | None]:
+    def lookup_async(self, file_id: int, horizon: int, orders: list[tuple[int, int]]) -> Future:
+        """The same lookup on the lookup thread (its own connection), so the split goes on
+        reading while the database answers."""
+        if self._lookups is None:
+            self._lookups = ThreadPoolExecutor(1, thread_name_prefix="order-lookup")
+        return self._lookups.submit(self._lookup_on_thread, file_id, horizon, orders)
+
+    def _lookup_on_thread(self, file_id: int, horizon: int, orders: list[tuple[int, int]]) -> list[int | None]:
+        if self._lookup_conn is None:
+            self._lookup_conn = db.connect(self.url)
+        return self.lookup(file_id, horizon, orders, self._lookup_conn)
+
+    def lookup(self, file_id: int, horizon: int, orders: list[tuple[int, int]], conn=None) -> list[int | None]:
         """Shop of each (order_id, line): the nearest earlier purchase of this file, else the
         purchase of the earliest-indexed file visible at the horizon."""
         ids = sorted({o for o, _ in orders})
         own: dict[int, list[tuple[int, int]]] = {}
         other: dict[int, tuple[int, int, int, int]] = {}
-        with self.conn().cursor() as cur:
+        with (conn or self.conn()).cursor() as cur:
             for start in range(0, len(ids), LOOKUP_BATCH):
                 part = ids[start:start + LOOKUP_BATCH]
                 marks = ",".join(["%s"] * len(part))
@@ -177,6 +192,9 @@ class OrderIndex:
                         "ON DUPLICATE KEY UPDATE shop_id = shop_id", rows)
 
     def close(self) -> None:
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=True)
+            self._lookups = None
         self.reset()
 
 
@@ -231,6 +249,12 @@ class FileRouting:
     def lookup(self, orders: list[tuple[int, int]]) -> list[int | None]:
         self._raise_loader_error()
         return self.index.lookup(self.file_id, self.horizon, orders)
+
+    def lookup_async(self, orders: list[tuple[int, int]]) -> Future:
+        """Rows this lookup needs from this file are those of chunks already dropped from
+        memory, which were loaded before they were dropped: no need to wait for the loader."""
+        self._raise_loader_error()
+        return self.index.lookup_async(self.file_id, self.horizon, orders)
 
     # -- chunks and the loader --------------------------------------------------------------
 

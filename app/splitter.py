@@ -29,7 +29,7 @@ from .order_index import FileRouting, OrderIndex
 SOURCE_MISSING = "source missing"
 CHECK_EVERY = 1 << 15     # lines between stop checks
 BUFFER_LINES = 8192       # lines held back while shop-less returns wait for one lookup
-BUFFER_BYTES = 1 << 21    # ... and at most this many bytes of them
+BUFFER_BYTES = 1 << 20    # ... and at most this many bytes of them
 READ_BUFFER = 1 << 20
 
 log = logging.getLogger("shard-splitter")
@@ -88,11 +88,12 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
     counts = [0] * shard_count
     rejected: dict[str, int] = {}
     result = SplitResult(per_shard=counts, rejected=rejected)
-    pending: list[tuple[int, int]] = []
+    pending: list[tuple[int, int]] = []   # (order_id, line) of the buffer being filled
     held: list[bytes] | None = None       # lines held back, from line number held_from on
     held_dest: list[int | str] = []
     held_from = 0
     held_bytes = 0
+    in_flight = None                      # a sealed buffer whose lookup is running
 
     def reject(n: int, line: bytes, reason: str) -> None:
         rejected[reason] = rejected.get(reason, 0) + 1
@@ -111,10 +112,9 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
         else:
             reject(n, line, dest)
 
-    def release() -> None:
-        shops = file_routing.lookup(pending)
-        for i, line in enumerate(held):
-            dest = held_dest[i]
+    def emit_batch(lines: list[bytes], dests: list[int | str], first: int, shops: list[int | None]) -> None:
+        for i, line in enumerate(lines):
+            dest = dests[i]
             if type(dest) is int and dest < 0:
                 shop = shops[-1 - dest]
                 if shop is None:
@@ -122,9 +122,26 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
                 else:
                     dest = shop % shard_count
                     result.routed_by_order += 1
-            emit(held_from + i, line, dest)
-        pending.clear()
-        held_dest.clear()
+            emit(first + i, line, dest)
+
+    def finish_in_flight() -> None:
+        nonlocal in_flight
+        lines, dests, first, lookup = in_flight
+        in_flight = None
+        emit_batch(lines, dests, first, lookup.result())
+
+    def seal() -> None:
+        """The buffer is full (or the file ended): look its returns up while the next fills;
+        at most one lookup runs, so at most two buffers are held."""
+        nonlocal held, held_dest, held_bytes, in_flight
+        if in_flight is not None:
+            finish_in_flight()
+        if pending:
+            in_flight = (held, held_dest, held_from, file_routing.lookup_async(list(pending)))
+            pending.clear()
+        else:
+            emit_batch(held, held_dest, held_from, [])
+        held, held_dest, held_bytes = None, [], 0
 
     decode, decode_error = _DECODER.decode, msgspec.DecodeError
     n = 0
@@ -179,23 +196,24 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
             held_dest.append(dest)
             held_bytes += len(line)
             if len(held) >= BUFFER_LINES or held_bytes >= BUFFER_BYTES:
-                release()
-                held, held_bytes = None, 0
-        elif type(dest) is int:
-            if dest >= 0 and registered[dest]:
+                seal()
+        elif type(dest) is int and dest >= 0 and in_flight is None:
+            if registered[dest]:
                 counts[dest] += 1
                 out = outputs[dest]
                 if out is not None:
                     out(line)
-            elif dest >= 0:
-                reject(n, line, routing.UNREGISTERED_SHARD)
             else:
-                held, held_from = [line], n
-                held_dest.append(dest)
+                reject(n, line, routing.UNREGISTERED_SHARD)
+        elif type(dest) is int or in_flight is not None:
+            held, held_from, held_bytes = [line], n, len(line)
+            held_dest.append(dest)
         else:
             reject(n, line, dest)
     if held is not None:
-        release()
+        seal()
+    if in_flight is not None:
+        finish_in_flight()
     result.lines_in = n
     result.purchases = file_routing.purchases
     return result
