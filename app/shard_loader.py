@@ -43,6 +43,7 @@ DDL = Path(__file__).resolve().parent.parent / "db" / "shard_ddl.sql"
 METHODS = ("load_data", "insert")
 INSERT_ROWS = 2000          # rows per INSERT statement (~0.7 MB, far below max_allowed_packet)
 READ_BLOCK = 1 << 22
+FIRST_BATCH = 1000          # rows in the first chunk; each next one doubles up to the chunk size
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -270,10 +271,12 @@ class _Reading:
 
 def _formatted(f, reading: _Reading, source_file: str, shard: int, shard_count: int,
                fmt: Callable[[tuple], str], per_batch: int) -> Iterator[list[str]]:
-    """Batches of checked lines, each formatted by `fmt`; one loop, no per-line generator."""
+    """Batches of checked lines, each formatted by `fmt`; one loop, no per-line generator. The
+    first batches are small, so the server starts working while the rest is still being read."""
     check = check_line
     hasher = reading.hasher
     buf: list[str] = []
+    size = min(FIRST_BATCH, per_batch)
     rest = b""
     line_no = 0
     while block := f.read(READ_BLOCK):
@@ -286,10 +289,11 @@ def _formatted(f, reading: _Reading, source_file: str, shard: int, shard_count: 
             if not line or line.isspace():
                 continue
             buf.append(fmt(check(line, line_no, source_file, shard, shard_count)))
-            if len(buf) >= per_batch:
+            if len(buf) >= size:
                 reading.rows += len(buf)
                 yield buf
                 buf = []
+                size = min(size * 2, per_batch)
     if rest and not rest.isspace():
         buf.append(fmt(check(rest, line_no + 1, source_file, shard, shard_count)))
     if buf:

@@ -1,6 +1,7 @@
 """How fast mysql-sender loads a prepared file, against the server's own floor.
 
-    .venv/bin/python bench/load.py [--rows 1000000] [--methods load_data,insert] [--url mysql://root:@127.0.0.1:3306/x]
+    .venv/bin/python bench/load.py [--rows 1000000] [--methods load_data,insert] [--repeat N]
+                                   [--url mysql://root:@127.0.0.1:3306/x | --private]
 
 Writes one prepared file of `--rows` realistic rows for shard 0, then, each into a fresh shard
 database created by the sender's own schema code:
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app import db, shard_loader  # noqa: E402
 from app.config import MySQLURL  # noqa: E402
+from app.embedded_mariadb import EmbeddedMariaDB  # noqa: E402
 from app.events import event_key  # noqa: E402
 
 SOURCE = "20990101000000"
@@ -143,8 +146,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="alternate floor and methods this many times")
     parser.add_argument("--url", default=os.environ.get("BENCH_MYSQL_URL", "mysql://root:@127.0.0.1:3306/bench"),
                         help="server to use (the database part is ignored)")
+    parser.add_argument("--private", action="store_true",
+                        help="start a private mariadbd (128 MB buffer pool) for the run, away from other users "
+                             "of the shared server")
     args = parser.parse_args()
-    server = MySQLURL.parse("--url", args.url)
+    private = None
+    if args.private:
+        private = EmbeddedMariaDB(Path(tempfile.mkdtemp(prefix="bench-load-db-")))
+        private.start()
+        server = private.url("bench")
+        print(f"private mariadbd on port {server.port}")
+    else:
+        server = MySQLURL.parse("--url", args.url)
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     work.chmod(0o755)  # the server's LOAD DATA INFILE reads the floor's TSV from here
     prepared = work / f"{SOURCE}.shard-worker.0.prepared.txt"
@@ -176,6 +189,9 @@ def main() -> None:
         for leftover in work.iterdir():
             leftover.unlink()
         work.rmdir()
+        if private is not None:
+            private.stop()
+            shutil.rmtree(private.datadir, ignore_errors=True)
 
 
 if __name__ == "__main__":
