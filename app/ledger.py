@@ -84,8 +84,9 @@ class Ledger:
             cls._insert_users(cur, [(u, balances[u]) for u in created])
         existing = sorted(changed - new_users)
         if existing:
-            db.insert_rows(cur, "INSERT INTO worker_balances (user_id, balance) VALUES ",
-                           [(u, balances[u]) for u in existing], " ON DUPLICATE KEY UPDATE balance=VALUES(balance)")
+            db.insert_rows(cur, "INSERT INTO worker_balances (user_id, balance) VALUES ", existing,
+                           " ON DUPLICATE KEY UPDATE balance=VALUES(balance)",
+                           render=lambda u: "(%d,%s)" % (u, _number(balances[u])))
 
 
 def _number(amount: Decimal) -> str:

@@ -97,6 +97,21 @@ class Batch:
         self.resolved: list[Hold] = []
 
 
+class Plan:
+    """What a batch will look up, worked out from its lines alone (in the read-ahead thread)."""
+
+    def __init__(self, events: list, rules):
+        valid = [e for e in events if type(e) is Event]
+        self.returns = [e for e in valid if e.etype == RETURN]
+        self.purchases = {e.order_id for e in valid if e.etype == PURCHASE}
+        self.keys = {e.key for e in valid if e.etype != PURCHASE} if rules.dedup else set()
+        takes = rules.purchase_takes_stock
+        self.pairs = {(e.shop_id, e.good_id) for e in valid
+                      if e.etype == RESTOCK or (takes and e.etype == PURCHASE)}
+        self.shops = {e.shop_id for e in valid if e.etype == PURCHASE or e.etype == SHOP_STATUS}
+        self.users = {e.user_id for e in valid if e.etype == PURCHASE}
+
+
 class FileRun:
     """One (file, shard) task: replay what is recorded, decide the rest, write the outputs."""
 
@@ -164,7 +179,8 @@ class FileRun:
         while True:
             raws = list(islice(f, size))
             last = not f.peek(1)
-            yield raws, [validate(r, shard, count) for r in raws], digest(raws), last
+            events = [validate(r, shard, count) for r in raws]
+            yield raws, events, Plan(events, self.rules), digest(raws), last
             if last:
                 return
 
@@ -173,8 +189,8 @@ class FileRun:
         the outputs one batch behind, in threads, while this one waits for the database."""
         first = True
         with ReadAhead(self._read(f)) as batches, Behind(self._emit_batch) as emitter:
-            for raws, events, dig, last in batches:
-                codes, shops, resolved = self._decide(raws, events, dig, line_no, last, adopt=first)
+            for raws, events, plan, dig, last in batches:
+                codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=first)
                 emitter.put((raws, line_no, codes, events, shops, resolved))
                 first = False
                 line_no += len(raws)
@@ -189,7 +205,7 @@ class FileRun:
 
     # -- deciding a batch ---------------------------------------------------------------------------
 
-    def _decide(self, raws, events, dig, first_line, last, adopt):
+    def _decide(self, raws, events, plan, dig, first_line, last, adopt):
         """Decide a batch in one transaction, retried on conflicts. The first attempt looks up
         only keys and orders this process saw lately (`Recent`) and takes the others for new;
         the inserts' affected-row counts catch a wrong guess, and the batch is decided again
@@ -201,7 +217,7 @@ class FileRun:
             conn.begin()
             try:
                 with conn.cursor() as cur:
-                    result = self._decide_tx(cur, raws, events, dig, first_line, last, adopt, optimistic)
+                    result = self._decide_tx(cur, raws, events, plan, dig, first_line, last, adopt, optimistic)
                 conn.commit()
                 self.stage.recent_keys.add_all(self.b.new_keys)
                 self.stage.recent_orders.add_all(o.order_id for o in self.b.new_orders)
@@ -227,33 +243,31 @@ class FileRun:
                 raise
         raise AssertionError("unreachable")
 
-    def _decide_tx(self, cur, raws, events, dig, first_line, last, adopt, optimistic):
+    def _decide_tx(self, cur, raws, events, plan, dig, first_line, last, adopt, optimistic):
         rules, st, ledger = self.rules, self.state, self.ledger
         b = Batch()
         if adopt:
             for h in st.idle_expired(cur):
                 self._resolve(b, h, "expired", ORPHAN_RETURN, first_line)
 
-        valid = [e for e in events if type(e) is Event]
-        returns = [e for e in valid if e.etype == RETURN]
+        returns = plan.returns
         # purchases are deduplicated by worker_orders, everything else by worker_seen
-        order_ids = {e.order_id for e in valid if e.etype == PURCHASE}
-        lookup = {e.key for e in valid if e.etype != PURCHASE} if rules.dedup else set()
+        order_ids, lookup = plan.purchases, plan.keys
         if optimistic:
             recent_orders, recent_keys = self.stage.recent_orders, self.stage.recent_keys
             order_ids = {o for o in order_ids if o in recent_orders}
             lookup = {k for k in lookup if k in recent_keys}
+        else:
+            order_ids = set(order_ids)
         order_ids.update(e.order_id for e in returns)
         seen = st.seen(cur, lookup)
         orders = ledger.orders(cur, order_ids)
-        takes = rules.purchase_takes_stock
-        pairs = {(e.shop_id, e.good_id) for e in valid if e.etype == RESTOCK or (takes and e.etype == PURCHASE)}
-        if takes:
-            pairs.update((orders[e.order_id].shop_id, e.good_id) for e in returns if e.order_id in orders)
+        pairs = plan.pairs
+        if rules.purchase_takes_stock:
+            pairs = pairs | {(orders[e.order_id].shop_id, e.good_id) for e in returns if e.order_id in orders}
         stock = st.stock(cur, pairs)
-        shops = st.shops(cur, {e.shop_id for e in valid if e.etype == PURCHASE or e.etype == SHOP_STATUS})
-        users = {e.user_id for e in valid if e.etype == PURCHASE}
-        users.update(orders[e.order_id].user_id for e in returns if e.order_id in orders)
+        shops = st.shops(cur, plan.shops)
+        users = plan.users | {orders[e.order_id].user_id for e in returns if e.order_id in orders}
         balances, new_users = ledger.lock_balances(cur, users, create=not optimistic)
         self.b, self.orders, self.balances, self.stock = b, orders, balances, stock
 
@@ -283,10 +297,11 @@ class FileRun:
                     codes[i] = DUPLICATE  # an order is decided once, whatever RULE_DEDUP says
                     continue
                 code = codes[i] = self._purchase(ev, line, shops)
-                for h in holds.take(ev.order_id):
-                    h.event = h.event or validate(h.raw, self.shard, self.settings.shard_count)
-                    rc = self._refund(h.event) if code == ACCEPTED else PURCHASE_REJECTED
-                    self._resolve(b, h, "released", rc, line)
+                if ev.order_id in holds.by_order:
+                    for h in holds.take(ev.order_id):
+                        h.event = h.event or validate(h.raw, self.shard, self.settings.shard_count)
+                        rc = self._refund(h.event) if code == ACCEPTED else PURCHASE_REJECTED
+                        self._resolve(b, h, "released", rc, line)
                 continue
             key = ev.key
             if key in seen or key in batch_keys:
