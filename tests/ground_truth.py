@@ -43,6 +43,7 @@ class Truth:
     worker_in: Counter = field(default_factory=Counter)
     shard_lines: dict[tuple[str, int], list[bytes]] = field(default_factory=lambda: defaultdict(list))
     balances: dict[int, Decimal] = field(default_factory=dict)
+    opening_balance: Decimal = Decimal("1000.00")
     pending_holds: int = 0
 
     def accepted_total(self) -> int:
@@ -57,7 +58,7 @@ def row_tuple(event_type, shop_id, user_id, timestamp: str, order_id, good_id, q
 
 
 def compute(files: list[Path], shard_count: int = 2, opening_balance: Decimal = Decimal("1000.00")) -> Truth:
-    truth = Truth(shard_count)
+    truth = Truth(shard_count, opening_balance=opening_balance)
     order_shop: dict[int, int] = {}          # purchases seen by the splitter (routing)
     seen_keys: dict[int, set] = defaultdict(set)
     orders: dict[int, dict] = {}             # order_id -> purchase decision
