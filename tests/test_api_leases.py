@@ -1,6 +1,6 @@
 """Leases: an expired task goes back to `new` with its attempt counted, or to `failed` with the
 reason once MAX_ATTEMPTS are spent; a task that never heartbeated counts from its start; the
-old owner of a reaped task can no longer finish it. LEASE_SECONDS=1, the reaper every 0.2 s."""
+old owner of a reaped task can no longer finish it. LEASE_SECONDS=1.5, the reaper every 0.2 s."""
 from __future__ import annotations
 
 import time
@@ -10,7 +10,7 @@ import pytest
 from tests import servers
 from tests.test_api_contract import Http, module_api
 
-LEASE = 1.0
+LEASE = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_expired_lease_returns_the_task_and_the_old_owner_is_refused(http):
     began = time.monotonic()
     while time.monotonic() - began < 2.5 * LEASE:
         http.ok("POST", "/stages/mysql-sender/heartbeat", {"filename": beating, "shard": 1, "worker": "alive"})
-        time.sleep(LEASE / 4)
+        time.sleep(LEASE / 5)
     state = wait_status(http, silent, stage, "new")
     assert state["attempts"][stage] == 1 and "expired" in state["last_error"] and "'quiet'" in state["last_error"]
     assert state["owner"] is None
