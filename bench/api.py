@@ -1,12 +1,17 @@
 """Benchmark of pipeline-apid. Prints figures; it is not a test.
 
-    .venv/bin/python bench/api.py [--seconds 10] [--clients 16] [--large 1000000]
+    .venv/bin/python bench/api.py [--seconds 10] [--rounds 2] [--clients 16] [--large 1000000]
+                                  [--skip throughput,scale] [--keep]
+
+Databases are fresh ones on MYSQL_PIPELINE_URL's server (default 127.0.0.1:3306), dropped after.
 
 1. Transitions: the real API (`python -m app.apid`: gunicorn, API_WORKERS x API_THREADS) on a
    fresh database; `--clients` threads loop claim -> heartbeat -> done on pre-registered tasks.
    Every request is one state-machine operation; figures: operations/s, p50/p99 per kind.
 2. The floor: a bare bottle endpoint doing one indexed UPDATE (autocommit) under the same
-   gunicorn options (`apid.serve`), hammered by the same client code; the ratio 1/2.
+   gunicorn options (`apid.serve`), hammered by the same client code; the ratio 1/2. Rounds of
+   1 and 2 alternate (`--rounds`), so a burst of other load hits both alike; the CPU each server
+   spent per request (from /proc) is printed too, a figure less sensitive to other load.
 3. Scale: queue listing, claim and summary latency with 1,000 and with `--large` rows in
    pipeline_tracking (the same ready tasks in both; the extra rows are finished history).
 
