@@ -88,7 +88,7 @@ class Ingest:
             if self.stop.is_set():
                 break
             filename = path.name[: -len(layout.SOURCE_SUFFIX)]
-            if not FILENAME.match(filename):
+            if not FILENAME.fullmatch(filename):
                 log.warning("skipping %s: its name is not a valid filename for the API", path.name)
                 continue
             try:
@@ -174,7 +174,7 @@ class Ingest:
         for src in sorted(sources, key=lambda q: q.name):
             if self.stop.is_set():
                 break
-            if not src.name.endswith(layout.SOURCE_SUFFIX) or not FILENAME.match(src.name[: -len(layout.SOURCE_SUFFIX)]):
+            if not src.name.endswith(layout.SOURCE_SUFFIX) or not FILENAME.fullmatch(src.name[: -len(layout.SOURCE_SUFFIX)]):
                 raise ImportProblem(f"{src}: an event file must be named <filename>{layout.SOURCE_SUFFIX} "
                                     f"with <filename> of letters, digits, _ or - (a UTC tick YYYYMMDDHHMMSS)")
             filename = src.name[: -len(layout.SOURCE_SUFFIX)]
