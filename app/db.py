@@ -119,30 +119,74 @@ def literal_renderer(conn):
     return literal
 
 
-def sql_list(cur, values) -> str:
+def sql_list(conn, values) -> str:
     """`(v1,v2,...)` for an IN clause, each value rendered by `literal_renderer`. The result
     goes into a statement executed without args (a `%` in a value must not meet formatting)."""
-    return "(" + ",".join(map(literal_renderer(cur.connection), values)) + ")"
+    return "(" + ",".join(map(literal_renderer(conn), values)) + ")"
 
 
-def insert_rows(cur, head: str, rows: list, tail: str = "", max_bytes: int = 1_000_000, render=None) -> int:
+def insert_statements(conn, head: str, rows: list, tail: str = "", max_bytes: int = 1_000_000,
+                      render=None) -> list[str]:
     """`head` ("INSERT INTO t (a, b) VALUES ") + one `(...)` per row + `tail` (e.g. an ON
-    DUPLICATE KEY UPDATE clause), in statements of at most ~max_bytes; the affected-row count.
-    Values are rendered by `literal_renderer`, or a row at once by `render(row)`, which must
-    be as strict (e.g. `%d` for ints, numbers for finite Decimals, nothing unescaped)."""
+    DUPLICATE KEY UPDATE clause), as statements of at most ~max_bytes each. Values are rendered
+    by `literal_renderer`, or a row at once by `render(row)`, which must be as strict (e.g. `%d`
+    for ints, numbers for finite Decimals, nothing unescaped)."""
     if not rows:
-        return 0
+        return []
     if render is None:
-        literal = literal_renderer(cur.connection)
+        literal = literal_renderer(conn)
 
         def render(row) -> str:
             return "(" + ",".join(map(literal, row)) + ")"
-    affected, parts, size = 0, [], 0
+    statements, parts, size = [], [], 0
     for row in rows:
         text = render(row)
         if parts and size + len(text) > max_bytes:
-            affected += cur.execute(head + ",".join(parts) + tail)
+            statements.append(head + ",".join(parts) + tail)
             parts, size = [], 0
         parts.append(text)
         size += len(text) + 1
-    return affected + cur.execute(head + ",".join(parts) + tail)
+    statements.append(head + ",".join(parts) + tail)
+    return statements
+
+
+def insert_rows(cur, head: str, rows: list, tail: str = "", max_bytes: int = 1_000_000, render=None) -> int:
+    """Run `insert_statements`; the affected-row count."""
+    return sum(cur.execute(sql) for sql in insert_statements(cur.connection, head, rows, tail, max_bytes, render))
+
+
+class Script:
+    """Statements sent together: one round trip per ~max_bytes instead of one per statement
+    (the connection needs `multi_statements`). Each statement has a tag; `run` answers per tag
+    the rows its SELECTs returned and the rows its other statements affected. The server stops
+    at the first failing statement, whose error is raised."""
+
+    def __init__(self, max_bytes: int = 4_000_000):
+        self.max_bytes = max_bytes
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, tag: str, statements) -> None:
+        self.items.extend((tag, sql) for sql in ([statements] if isinstance(statements, str) else statements))
+
+    def run(self, cur) -> dict[str, tuple[list, int]]:
+        results: dict[str, tuple[list, int]] = {}
+        chunk: list[tuple[str, str]] = []
+        size = 0
+        for tag, sql in self.items + [("", "")]:
+            if chunk and (not sql or size + len(sql) > self.max_bytes):
+                cur.execute(";".join(s for _, s in chunk))
+                for i, (t, _) in enumerate(chunk):
+                    if i and not cur.nextset():
+                        raise pymysql.err.InterfaceError(f"no result for statement {i + 1} of {len(chunk)}")
+                    rows, affected = results.get(t, ([], 0))
+                    if cur.description:
+                        rows.extend(cur.fetchall())
+                    else:
+                        affected += max(cur.rowcount, 0)
+                    results[t] = (rows, affected)
+                chunk, size = [], 0
+            if sql:
+                chunk.append((tag, sql))
+                size += len(sql) + 1
+        self.items = []
+        return results

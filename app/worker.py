@@ -20,13 +20,13 @@ from itertools import islice
 import orjson
 import pymysql
 
-from . import layout
+from . import db, layout
 from .atomic import atomic_write
 from .config import Settings, shard_arg
 from .daemon import Context, Done, Failed, InputMissing, Retryable, Stage, TaskFailed, run_stage
-from .db import DEADLOCK_CODES, UNAVAILABLE
+from .db import DEADLOCK_CODES
 from .events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
-from .ledger import Ledger, LedgerConflict
+from .ledger import DUPLICATE_KEY, Ledger, LedgerConflict
 from .overlap import Behind, ReadAhead
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
@@ -39,6 +39,8 @@ BATCH_RETRIES = 8
 SHARD_LOCK_WAIT = 5.0
 PRUNE_EVERY = 60.0
 SWITCH_INTERVAL = 0.0005
+# The database is down or the connection broke (PyMySQL wraps socket errors in these).
+DB_DOWN = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
 
 
 def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) -> bytes:
@@ -109,7 +111,8 @@ class Plan:
         self.pairs = {(e.shop_id, e.good_id) for e in valid
                       if e.etype == RESTOCK or (takes and e.etype == PURCHASE)}
         self.shops = {e.shop_id for e in valid if e.etype == PURCHASE or e.etype == SHOP_STATUS}
-        self.users = {e.user_id for e in valid if e.etype == PURCHASE}
+        # a return moves money only if its user is its purchase's (else return_mismatch)
+        self.users = {e.user_id for e in valid if e.etype == PURCHASE or e.etype == RETURN}
 
 
 class FileRun:
@@ -214,7 +217,6 @@ class FileRun:
         seq = self.seq
         optimistic = True
         for attempt in range(BATCH_RETRIES):
-            conn.begin()
             try:
                 with conn.cursor() as cur:
                     result = self._decide_tx(cur, raws, events, plan, dig, first_line, last, adopt, optimistic)
@@ -244,12 +246,10 @@ class FileRun:
         raise AssertionError("unreachable")
 
     def _decide_tx(self, cur, raws, events, plan, dig, first_line, last, adopt, optimistic):
-        rules, st, ledger = self.rules, self.state, self.ledger
+        """Three round trips: one script reads (and locks) what the batch needs, the lines are
+        decided in memory, one script writes everything; the caller commits."""
+        rules, st, ledger, conn = self.rules, self.state, self.ledger, cur.connection
         b = Batch()
-        if adopt:
-            for h in st.idle_expired(cur):
-                self._resolve(b, h, "expired", ORPHAN_RETURN, first_line)
-
         returns = plan.returns
         # purchases are deduplicated by worker_orders, everything else by worker_seen
         order_ids, lookup = plan.purchases, plan.keys
@@ -257,18 +257,37 @@ class FileRun:
             recent_orders, recent_keys = self.stage.recent_orders, self.stage.recent_keys
             order_ids = {o for o in order_ids if o in recent_orders}
             lookup = {k for k in lookup if k in recent_keys}
-        else:
-            order_ids = set(order_ids)
-        order_ids.update(e.order_id for e in returns)
-        seen = st.seen(cur, lookup)
-        orders = ledger.orders(cur, order_ids)
-        pairs = plan.pairs
+        order_ids = order_ids | {e.order_id for e in returns}
+        reads = db.Script()
+        reads.add("begin", "START TRANSACTION")
+        if adopt:
+            reads.add("adopt", st.idle_expired_sql())
+        if lookup:
+            reads.add("seen", st.seen_sql(conn, lookup))
+        if order_ids:
+            reads.add("orders", ledger.orders_sql(conn, order_ids))
+        if plan.pairs:
+            reads.add("stock", st.stock_sql(conn, plan.pairs))
+        if plan.shops:
+            reads.add("shops", st.shops_sql(conn, plan.shops))
+        if plan.users:
+            reads.add("balances", ledger.lock_sql(conn, plan.users))
+        got = reads.run(cur)
+        seen = {r[0] for r in got.get("seen", ((), 0))[0]}
+        orders = ledger.parse_orders(got.get("orders", ((), 0))[0])
+        stock = {(s, g): c for s, g, c in got.get("stock", ((), 0))[0]}
+        shops = {s: bool(a) for s, a in got.get("shops", ((), 0))[0]}
+        balances, new_users = ledger.balances(got.get("balances", ((), 0))[0], plan.users)
         if rules.purchase_takes_stock:
-            pairs = pairs | {(orders[e.order_id].shop_id, e.good_id) for e in returns if e.order_id in orders}
-        stock = st.stock(cur, pairs)
-        shops = st.shops(cur, plan.shops)
-        users = plan.users | {orders[e.order_id].user_id for e in returns if e.order_id in orders}
-        balances, new_users = ledger.lock_balances(cur, users, create=not optimistic)
+            extra = {(orders[e.order_id].shop_id, e.good_id) for e in returns if e.order_id in orders} - plan.pairs
+            if extra:
+                cur.execute(st.stock_sql(conn, extra))
+                stock.update(((s, g), c) for s, g, c in cur.fetchall())
+        if new_users and not optimistic:
+            ledger.create_users(cur, new_users)
+            new_users = set()
+        for h in st.parse_holds(got.get("adopt", ((), 0))[0]):
+            self._resolve(b, h, "expired", ORPHAN_RETURN, first_line)
         self.b, self.orders, self.balances, self.stock = b, orders, balances, stock
 
         codes = bytearray(len(raws))
@@ -349,16 +368,31 @@ class FileRun:
                 shops[ev.shop_id] = ev.active
                 b.changed_shops[ev.shop_id] = (ev.active, ts)
 
-        # one round trip per table
-        st.add_seen(cur, b.new_keys, self.file_id, check=dedup)
-        ledger.write(cur, self.shard, self.file_id, b.new_orders, list(b.credited.values()), balances,
-                     b.changed_users, new_users)
-        st.write_stock(cur, stock, b.changed_stock)
-        st.write_shops(cur, b.changed_shops)
-        st.write_holds(cur, list(b.holds.values()))
-        st.record_batch(cur, self.file_id, first_line, len(raws), dig, bytes(codes), last, batch_newest)
+        writes = db.Script()
+        writes.add("seen", st.add_seen_sql(conn, b.new_keys, self.file_id))
+        credited = list(b.credited.values())
+        for tag, statements in ledger.write_sql(conn, self.shard, self.file_id, b.new_orders, credited, balances,
+                                                b.changed_users, new_users).items():
+            writes.add(tag, statements)
+        writes.add("stock", st.stock_write_sql(conn, stock, b.changed_stock))
+        writes.add("shops", st.shops_write_sql(conn, b.changed_shops))
+        writes.add("holds", st.holds_write_sql(conn, list(b.holds.values())))
+        writes.add("record", st.record_sql(conn, self.file_id, first_line, len(raws), dig, bytes(codes), last,
+                                           batch_newest))
         if newest and newest != (self.newest or ""):
-            st.set_newest(cur, newest)
+            writes.add("clock", st.newest_sql(conn, newest))
+        try:
+            done = writes.run(cur)
+        except pymysql.err.IntegrityError as exc:
+            if exc.args and exc.args[0] == DUPLICATE_KEY:
+                raise LedgerConflict(f"a row of this batch was written by another worker meanwhile: {exc}") from exc
+            raise
+        if dedup and b.new_keys and done["seen"][1] != len(b.new_keys):
+            raise SeenConflict(f"{len(b.new_keys) - done['seen'][1]} key(s) of this batch were recorded already")
+        expected = ledger.expected_orders(b.new_orders, credited)
+        if expected and done["orders"][1] != expected:
+            raise LedgerConflict(f"orders of this batch were written by another worker "
+                                 f"({done['orders'][1]} rows changed, {expected} expected)")
         self.newest = newest or None
         return bytes(codes), {o: order.shop_id for o, order in orders.items()}, b.resolved
 
@@ -494,7 +528,7 @@ class WorkerStage(Stage):
             try:
                 self.state.open()
                 return
-            except UNAVAILABLE as exc:
+            except DB_DOWN as exc:
                 ctx.log.warning("pipeline database unavailable (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -511,9 +545,11 @@ class WorkerStage(Stage):
                     continue
                 outcomes.append(self._process_one(task.filename, ctx))
             return outcomes
-        except UNAVAILABLE as exc:
+        except DB_DOWN as exc:
             self.state.close()
             raise Retryable(f"pipeline database unavailable: {exc}") from exc
+        except OSError as exc:
+            raise Retryable(f"file system error: {exc}") from exc
         finally:
             self.idle_since = time.monotonic()
             self.idle_done = False
@@ -563,7 +599,7 @@ class WorkerStage(Stage):
                 self._prune()
             finally:
                 self.state.unlock_shard()
-        except UNAVAILABLE as exc:
+        except DB_DOWN as exc:
             self.state.close()
             ctx.log.warning("idle work skipped, pipeline database unavailable: %s", exc)
 

@@ -149,7 +149,7 @@ class WorkerState:
             except Exception:
                 self.close()
         db.ensure_database(self.url)
-        conn = db.connect(self.url)
+        conn = db.connect(self.url, multi_statements=True)
         db.apply_sql_file(conn, DDL_PATH, "event_pipeline.worker_ddl")
         with conn.cursor() as cur:
             cur.execute("INSERT INTO worker_shards (shard) VALUES (%s) ON DUPLICATE KEY UPDATE shard=shard",
@@ -194,14 +194,17 @@ class WorkerState:
             return [BatchRecord(a, b, bytes(c), bytes(d)) for a, b, c, d in cur.fetchall()]
 
     @staticmethod
-    def record_batch(cur, file_id: int, first_line: int, count: int, digest: bytes, codes: bytes,
-                     complete: bool, newest_in_batch: str | None) -> None:
-        cur.execute("INSERT INTO worker_batches (file_id, first_line, line_count, digest, codes) "
-                    "VALUES (%s,%s,%s,%s,%s)", (file_id, first_line, count, digest, codes))
-        cur.execute("UPDATE worker_files SET lines_decided=%s, complete=%s, "
-                    "newest_event=GREATEST(COALESCE(newest_event, %s), COALESCE(%s, newest_event)) "
-                    "WHERE id=%s", (first_line + count - 1, int(complete), newest_in_batch, newest_in_batch,
-                                    file_id))
+    def record_sql(conn, file_id: int, first_line: int, count: int, digest: bytes, codes: bytes,
+                   complete: bool, newest_in_batch: str | None) -> list[str]:
+        """The batch's decisions and the file's progress."""
+        lit = db.literal_renderer(conn)
+        newest = lit(newest_in_batch)
+        return [
+            "INSERT INTO worker_batches (file_id, first_line, line_count, digest, codes) VALUES "
+            f"({file_id:d},{first_line:d},{count:d},{lit(digest)},{lit(codes)})",
+            f"UPDATE worker_files SET lines_decided={first_line + count - 1:d}, complete={int(complete):d}, "
+            f"newest_event=GREATEST(COALESCE(newest_event, {newest}), COALESCE({newest}, newest_event)) "
+            f"WHERE id={file_id:d}"]
 
     # -- the shard clock ---------------------------------------------------------------------------
 
@@ -216,55 +219,38 @@ class WorkerState:
             if own:
                 cur.close()
 
-    def set_newest(self, cur, newest: str) -> None:
-        cur.execute("UPDATE worker_shards SET newest_event=%s WHERE shard=%s", (newest, self.shard))
+    def newest_sql(self, conn, newest: str) -> str:
+        return f"UPDATE worker_shards SET newest_event={db.literal_renderer(conn)(newest)} WHERE shard={self.shard:d}"
 
-    # -- dedup keys, stock, shops --------------------------------------------------------------------
+    # -- dedup keys, stock, shops: statements for a batch's scripts -----------------------------------
 
-    def seen(self, cur, keys) -> set[str]:
-        if not keys:
-            return set()
-        cur.execute(f"SELECT event_key FROM worker_seen WHERE shard={int(self.shard)} AND event_key IN "
-                    + db.sql_list(cur, keys))
-        return {r[0] for r in cur.fetchall()}
+    def seen_sql(self, conn, keys) -> str:
+        return f"SELECT event_key FROM worker_seen WHERE shard={self.shard:d} AND event_key IN {db.sql_list(conn, keys)}"
 
-    def add_seen(self, cur, keys: list[str], file_id: int, check: bool) -> None:
-        """Record new keys; with `check`, SeenConflict if one was there already."""
-        if keys:
-            shard = self.shard
-            added = db.insert_rows(cur, "INSERT INTO worker_seen (shard, event_key, file_id) VALUES ",
-                                   [(shard, k, file_id) for k in keys], " ON DUPLICATE KEY UPDATE file_id=file_id")
-            if check and added != len(keys):
-                raise SeenConflict(f"{len(keys) - added} key(s) of this batch were recorded already")
+    def add_seen_sql(self, conn, keys: list[str], file_id: int) -> list[str]:
+        shard = self.shard
+        return db.insert_statements(conn, "INSERT INTO worker_seen (shard, event_key, file_id) VALUES ",
+                                    [(shard, k, file_id) for k in keys], " ON DUPLICATE KEY UPDATE file_id=file_id")
 
     @staticmethod
-    def stock(cur, pairs) -> dict[tuple[int, int], int]:
-        if not pairs:
-            return {}
-        cur.execute("SELECT shop_id, good_id, count FROM worker_stock WHERE (shop_id, good_id) IN %s",
-                    (list(pairs),))
-        return {(s, g): c for s, g, c in cur.fetchall()}
+    def stock_sql(conn, pairs) -> str:
+        return f"SELECT shop_id, good_id, count FROM worker_stock WHERE (shop_id, good_id) IN {db.sql_list(conn, pairs)}"
 
     @staticmethod
-    def write_stock(cur, stock: dict, changed) -> None:
-        if changed:
-            db.insert_rows(cur, "INSERT INTO worker_stock (shop_id, good_id, count) VALUES ",
-                           [(s, g, stock[(s, g)]) for s, g in sorted(changed)],
-                           " ON DUPLICATE KEY UPDATE count=VALUES(count)")
+    def stock_write_sql(conn, stock: dict, changed) -> list[str]:
+        return db.insert_statements(conn, "INSERT INTO worker_stock (shop_id, good_id, count) VALUES ",
+                                    [(s, g, stock[(s, g)]) for s, g in sorted(changed)],
+                                    " ON DUPLICATE KEY UPDATE count=VALUES(count)")
 
     @staticmethod
-    def shops(cur, shop_ids) -> dict[int, bool]:
-        if not shop_ids:
-            return {}
-        cur.execute("SELECT shop_id, active FROM worker_shops WHERE shop_id IN %s", (list(shop_ids),))
-        return {s: bool(a) for s, a in cur.fetchall()}
+    def shops_sql(conn, shop_ids) -> str:
+        return f"SELECT shop_id, active FROM worker_shops WHERE shop_id IN {db.sql_list(conn, shop_ids)}"
 
     @staticmethod
-    def write_shops(cur, changed: dict[int, tuple[bool, str]]) -> None:
-        if changed:
-            db.insert_rows(cur, "INSERT INTO worker_shops (shop_id, active, changed_at) VALUES ",
-                           [(s, int(a), ts) for s, (a, ts) in sorted(changed.items())],
-                           " ON DUPLICATE KEY UPDATE active=VALUES(active), changed_at=VALUES(changed_at)")
+    def shops_write_sql(conn, changed: dict[int, tuple[bool, str]]) -> list[str]:
+        return db.insert_statements(conn, "INSERT INTO worker_shops (shop_id, active, changed_at) VALUES ",
+                                    [(s, int(a), ts) for s, (a, ts) in sorted(changed.items())],
+                                    " ON DUPLICATE KEY UPDATE active=VALUES(active), changed_at=VALUES(changed_at)")
 
     # -- holds -----------------------------------------------------------------------------------------
 
@@ -281,27 +267,29 @@ class WorkerState:
                         f"WHERE h.resolved_file_id=%s ORDER BY h.resolved_line, h.resolved_seq", (file_id,))
             return [_hold(r) for r in cur.fetchall()]
 
-    def idle_expired(self, cur) -> list[Hold]:
+    def idle_expired_sql(self) -> str:
         """Holds the idle worker expired (wall-clock cap) that no file has reported yet."""
-        cur.execute(f"SELECT {_HOLD_COLS} FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
-                    f"WHERE h.shard=%s AND h.state='expired' AND h.resolved_file_id IS NULL "
-                    f"ORDER BY h.file_id, h.line FOR UPDATE", (self.shard,))
-        return [_hold(r) for r in cur.fetchall()]
+        return (f"SELECT {_HOLD_COLS} FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
+                f"WHERE h.shard={self.shard:d} AND h.state='expired' AND h.resolved_file_id IS NULL "
+                f"ORDER BY h.file_id, h.line FOR UPDATE")
 
-    def write_holds(self, cur, holds: list[Hold]) -> None:
-        """Insert new holds and record resolutions, in one statement."""
-        if holds:
-            shard = self.shard
-            now = datetime.now(timezone.utc).strftime(TIME)[:-3]
-            db.insert_rows(
-                cur, "INSERT INTO worker_holds (file_id, line, shard, order_id, event_time, expires_at, raw, state,"
-                     " code, resolved_file_id, resolved_line, resolved_seq, resolved_at) VALUES ",
-                [(h.file_id, h.line, shard, h.order_id, h.ts, h.expires, h.raw, h.state, h.code,
-                  h.resolved_file_id, h.resolved_line, h.resolved_seq, None if h.state == "held" else now)
-                 for h in holds],
-                " ON DUPLICATE KEY UPDATE state=VALUES(state), code=VALUES(code),"
-                " resolved_file_id=VALUES(resolved_file_id), resolved_line=VALUES(resolved_line),"
-                " resolved_seq=VALUES(resolved_seq), resolved_at=COALESCE(resolved_at, VALUES(resolved_at))")
+    @staticmethod
+    def parse_holds(rows) -> list[Hold]:
+        return [_hold(r) for r in rows]
+
+    def holds_write_sql(self, conn, holds: list[Hold]) -> list[str]:
+        """Insert new holds and record resolutions."""
+        shard = self.shard
+        now = datetime.now(timezone.utc).strftime(TIME)[:-3]
+        return db.insert_statements(
+            conn, "INSERT INTO worker_holds (file_id, line, shard, order_id, event_time, expires_at, raw, state,"
+                  " code, resolved_file_id, resolved_line, resolved_seq, resolved_at) VALUES ",
+            [(h.file_id, h.line, shard, h.order_id, h.ts, h.expires, h.raw, h.state, h.code,
+              h.resolved_file_id, h.resolved_line, h.resolved_seq, None if h.state == "held" else now)
+             for h in holds],
+            " ON DUPLICATE KEY UPDATE state=VALUES(state), code=VALUES(code),"
+            " resolved_file_id=VALUES(resolved_file_id), resolved_line=VALUES(resolved_line),"
+            " resolved_seq=VALUES(resolved_seq), resolved_at=COALESCE(resolved_at, VALUES(resolved_at))")
 
     def expire_idle(self) -> int:
         """Wall-clock cap: expire every hold of the shard as `orphan_return`. They stay

@@ -257,15 +257,20 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
     """The optimistic first attempt of a batch takes unknown users and orders for new. Another
     shard's worker creating the same user waits for this transaction and then fails (the worker
     retries both a conflict and a deadlock); an order this worker took for undecided but another
-    one wrote fails this write."""
+    one wrote changes no row, which the worker's row-count check turns into a conflict."""
     url = make_database("ledger")
     WorkerState(url, 0).open().close()
     ledger = Ledger(Decimal("1000.00"))
     a, b, watch = db.connect(url), db.connect(url), db.connect(url)
+
+    def run(conn, statements: dict) -> dict:
+        with conn.cursor() as cur:
+            return {tag: sum(cur.execute(sql) for sql in sqls) for tag, sqls in statements.items()}
     try:
         a.begin()
         with a.cursor() as cur:
-            balances, new_users = ledger.lock_balances(cur, {5}, create=False)
+            cur.execute(ledger.lock_sql(a, {5}))
+            balances, new_users = ledger.balances(cur.fetchall(), {5})
         assert balances == {5: Decimal("1000.00")} and new_users == {5}
         outcome = []
 
@@ -273,7 +278,8 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
             b.begin()
             try:
                 with b.cursor() as cur:
-                    ledger.lock_balances(cur, {5}, create=True)
+                    cur.execute(ledger.lock_sql(b, {5}))
+                    ledger.create_users(cur, ledger.balances(cur.fetchall(), {5})[1])
                 b.commit()
                 outcome.append("committed")
             except LedgerConflict:
@@ -292,19 +298,20 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
                 return info.startswith("INSERT INTO worker_balances") or outcome
         servers.wait_until(other_waits, 10, 0.02, "the other worker waiting to create user 5")
         order = Order(77, 5, Decimal("10.00"), 2, 1, 1, True, line=1)
-        with a.cursor() as cur:
-            ledger.write(cur, 0, 1, [order], [], {5: Decimal("990.00")}, {5}, new_users)
+        done = run(a, ledger.write_sql(a, 0, 1, [order], [], {5: Decimal("990.00")}, {5}, new_users))
+        assert done["orders"] == ledger.expected_orders([order], []) == 1
         a.commit()
         t.join(10)
         assert outcome in (["conflict"], ["deadlock"])    # either way it decides its batch again
 
-        with b.cursor() as cur:                              # order 78 decided by the other worker
-            b.begin()
-            ledger.write(cur, 1, 2, [Order(78, 6, Decimal("3.00"), 3, 1, 1, True, line=4)], [], {}, set(), set())
-            b.commit()
+        b.begin()                                          # order 78 decided by the other worker
+        run(b, ledger.write_sql(b, 1, 2, [Order(78, 6, Decimal("3.00"), 3, 1, 1, True, line=4)], [], {}, set(),
+                                set()))
+        b.commit()
         a.begin()
-        with a.cursor() as cur, pytest.raises(LedgerConflict):
-            ledger.write(cur, 0, 1, [Order(78, 5, Decimal("10.00"), 2, 1, 1, True, line=2)], [], {}, set(), set())
+        late = Order(78, 5, Decimal("10.00"), 2, 1, 1, True, line=2)
+        done = run(a, ledger.write_sql(a, 0, 1, [late], [], {}, set(), set()))
+        assert done["orders"] == 0 != ledger.expected_orders([late], [])
         a.rollback()
         with a.cursor() as cur:
             cur.execute("SELECT user_id, balance FROM worker_balances")
