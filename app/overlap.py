@@ -2,12 +2,36 @@
 
 The shard worker's deciding loop spends much of each batch waiting for MariaDB; these let the
 file reading and line validation of the next batch, and the output writing of the previous one,
-use that time (in threads: the waits release the interpreter lock).
+use that time, in threads (the waits release the interpreter lock). `Turns` keeps the helpers
+from taking the interpreter while the loop itself computes: the loop is the critical path.
 """
 from __future__ import annotations
 
 import queue
 import threading
+from contextlib import contextmanager
+
+PAUSE = 0.005  # a helper never waits longer for its turn: a missed `waiting` only slows things
+
+
+class Turns:
+    """The deciding loop marks when it is blocked; helpers run Python only then."""
+
+    def __init__(self):
+        self._blocked = threading.Event()
+
+    @contextmanager
+    def waiting(self):
+        self._blocked.set()
+        try:
+            yield
+        finally:
+            self._blocked.clear()
+
+    def pause(self) -> None:
+        """Called by a helper now and then: wait (briefly) until the loop is blocked."""
+        if not self._blocked.is_set():
+            self._blocked.wait(PAUSE)
 
 
 class ReadAhead:
@@ -15,8 +39,9 @@ class ReadAhead:
 
     _END = object()
 
-    def __init__(self, items, depth: int = 2):
+    def __init__(self, items, turns: Turns, depth: int = 2):
         self.items = items
+        self.turns = turns
         self.queue: queue.Queue = queue.Queue(depth)
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
@@ -45,7 +70,8 @@ class ReadAhead:
 
     def __iter__(self):
         while True:
-            item = self.queue.get()
+            with self.turns.waiting():
+                item = self.queue.get()
             if item is self._END:
                 return
             if isinstance(item, BaseException):
@@ -54,7 +80,8 @@ class ReadAhead:
 
     def __exit__(self, *exc) -> None:
         self.closed.set()
-        self.thread.join()
+        with self.turns.waiting():
+            self.thread.join()
 
 
 class Behind:
@@ -62,8 +89,9 @@ class Behind:
 
     _END = object()
 
-    def __init__(self, work, depth: int = 2):
+    def __init__(self, work, turns: Turns, depth: int = 2):
         self.work = work
+        self.turns = turns
         self.queue: queue.Queue = queue.Queue(depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
@@ -82,14 +110,16 @@ class Behind:
     def put(self, item) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put(item)
+        with self.turns.waiting():
+            self.queue.put(item)
 
     def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, exc_type, *rest) -> None:
-        self.queue.put(self._END)
-        self.thread.join()
+        with self.turns.waiting():
+            self.queue.put(self._END)
+            self.thread.join()
         if self.error is not None and exc_type is None:
             raise self.error

@@ -27,7 +27,7 @@ from .daemon import Context, Done, Failed, InputMissing, Retryable, Stage, TaskF
 from .db import DEADLOCK_CODES
 from .events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
 from .ledger import DUPLICATE_KEY, Ledger, LedgerConflict
-from .overlap import Behind, ReadAhead
+from .overlap import Behind, ReadAhead, Turns
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
                     stock_change, validate)
@@ -39,6 +39,7 @@ BATCH_RETRIES = 8
 SHARD_LOCK_WAIT = 5.0
 PRUNE_EVERY = 60.0
 SWITCH_INTERVAL = 0.0005
+PAUSE_LINES = 256         # lines a helper thread handles between looks at whose turn it is
 # The database is down or the connection broke (PyMySQL wraps socket errors in these).
 DB_DOWN = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
 
@@ -111,8 +112,7 @@ class Plan:
         self.pairs = {(e.shop_id, e.good_id) for e in valid
                       if e.etype == RESTOCK or (takes and e.etype == PURCHASE)}
         self.shops = {e.shop_id for e in valid if e.etype == PURCHASE or e.etype == SHOP_STATUS}
-        # a return moves money only if its user is its purchase's (else return_mismatch)
-        self.users = {e.user_id for e in valid if e.etype == PURCHASE or e.etype == RETURN}
+        self.users = {e.user_id for e in valid if e.etype == PURCHASE}
 
 
 class FileRun:
@@ -129,6 +129,7 @@ class FileRun:
         self.ctx = ctx
         self.counts = Counts()
         self.seq = 0
+        self.turns = Turns()
 
     # -- the task ------------------------------------------------------------------------------
 
@@ -179,10 +180,15 @@ class FileRun:
     def _read(self, f):
         """Batches of lines, validated (runs in the read-ahead thread)."""
         size, shard, count = self.settings.worker_batch_lines, self.shard, self.settings.shard_count
+        pause = self.turns.pause
         while True:
             raws = list(islice(f, size))
             last = not f.peek(1)
-            events = [validate(r, shard, count) for r in raws]
+            events = []
+            for i in range(0, len(raws), PAUSE_LINES):
+                pause()
+                events.extend(validate(r, shard, count) for r in raws[i:i + PAUSE_LINES])
+            pause()
             yield raws, events, Plan(events, self.rules), digest(raws), last
             if last:
                 return
@@ -191,7 +197,7 @@ class FileRun:
         """Decide the undecided lines: reading and validating run one batch ahead and writing
         the outputs one batch behind, in threads, while this one waits for the database."""
         first = True
-        with ReadAhead(self._read(f)) as batches, Behind(self._emit_batch) as emitter:
+        with ReadAhead(self._read(f), self.turns) as batches, Behind(self._emit_batch, self.turns) as emitter:
             for raws, events, plan, dig, last in batches:
                 codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=first)
                 emitter.put((raws, line_no, codes, events, shops, resolved))
@@ -204,7 +210,7 @@ class FileRun:
         raws, first_line, codes, events, shops, resolved = item
         for h in resolved:
             self.pending.setdefault(h.resolved_line, []).append(h)
-        self._emit(raws, first_line, codes, events, shops)
+        self._emit(raws, first_line, codes, events, shops, self.turns.pause)
 
     # -- deciding a batch ---------------------------------------------------------------------------
 
@@ -220,7 +226,8 @@ class FileRun:
             try:
                 with conn.cursor() as cur:
                     result = self._decide_tx(cur, raws, events, plan, dig, first_line, last, adopt, optimistic)
-                conn.commit()
+                with self.turns.waiting():
+                    conn.commit()
                 self.stage.recent_keys.add_all(self.b.new_keys)
                 self.stage.recent_orders.add_all(o.order_id for o in self.b.new_orders)
                 return result
@@ -272,12 +279,23 @@ class FileRun:
             reads.add("shops", st.shops_sql(conn, plan.shops))
         if plan.users:
             reads.add("balances", ledger.lock_sql(conn, plan.users))
-        got = reads.run(cur)
+        with self.turns.waiting():
+            got = reads.run(cur)
         seen = {r[0] for r in got.get("seen", ((), 0))[0]}
         orders = ledger.parse_orders(got.get("orders", ((), 0))[0])
         stock = {(s, g): c for s, g, c in got.get("stock", ((), 0))[0]}
         shops = {s: bool(a) for s, a in got.get("shops", ((), 0))[0]}
         balances, new_users = ledger.balances(got.get("balances", ((), 0))[0], plan.users)
+        # returns of earlier purchases credit those purchases' users (a return whose user is not
+        # its purchase's is a return_mismatch and moves nothing)
+        more = {o.user_id for o in (orders.get(e.order_id) for e in returns)
+                if o is not None and o.debited and o.credit is None} - balances.keys()
+        if more:
+            with self.turns.waiting():
+                cur.execute(ledger.lock_sql(conn, more))
+            more_balances, more_new = ledger.balances(cur.fetchall(), more)
+            balances.update(more_balances)
+            new_users |= more_new
         if rules.purchase_takes_stock:
             extra = {(orders[e.order_id].shop_id, e.good_id) for e in returns if e.order_id in orders} - plan.pairs
             if extra:
@@ -382,7 +400,8 @@ class FileRun:
         if newest and newest != (self.newest or ""):
             writes.add("clock", st.newest_sql(conn, newest))
         try:
-            done = writes.run(cur)
+            with self.turns.waiting():
+                done = writes.run(cur)
         except pymysql.err.IntegrityError as exc:
             if exc.args and exc.args[0] == DUPLICATE_KEY:
                 raise LedgerConflict(f"a row of this batch was written by another worker meanwhile: {exc}") from exc
@@ -453,12 +472,14 @@ class FileRun:
         with self.state.conn.cursor() as cur:
             return {o: order.shop_id for o, order in self.ledger.orders(cur, orders).items()}
 
-    def _emit(self, raws, first_line: int, codes: bytes, events, shop_of: dict[int, int]) -> None:
+    def _emit(self, raws, first_line: int, codes: bytes, events, shop_of: dict[int, int], pause=None) -> None:
         out, rej, counts = self.out, self.rej, self.counts
         shard, filename = self.shard, self.filename
         pending = self.pending
         counts.lines += len(raws)
         for i, code in enumerate(codes):
+            if pause is not None and not i % PAUSE_LINES:
+                pause()
             line = first_line + i
             after = None
             if pending and line in pending:
