@@ -188,7 +188,7 @@ class Settings:
     # Supervision renders into supervisord.conf).
     supervisor_socket: str = "/tmp/event-pipeline/supervisor.sock"
     # Lines the shard worker decides per transaction (its state and decisions commit together).
-    worker_batch_lines: int = 4000
+    worker_batch_lines: int = 8000
     # mysql-sender's bulk method (load_data: LOAD DATA LOCAL INFILE, falls back to insert when the
     # server refuses LOCAL; insert: multi-row INSERT) and rows per LOAD DATA chunk (docs/sender.md).
     sender_method: str = "load_data"
@@ -248,7 +248,7 @@ class Settings:
                 purchase_takes_stock=_bool(env, "PURCHASE_TAKES_STOCK", False),
                 refund_limit=_bool(env, "RULE_REFUND_LIMIT", True),
             ),
-            worker_batch_lines=_int(env, "WORKER_BATCH_LINES", 4000, 1, 100_000),
+            worker_batch_lines=_int(env, "WORKER_BATCH_LINES", 8000, 1, 100_000),
             sender_method=_choice(env, "SENDER_METHOD", "load_data", ("load_data", "insert")),
             sender_chunk_rows=_int(env, "SENDER_CHUNK_ROWS", 10_000, 100, 1_000_000),
             ingest_seed=_int(env, "INGEST_SEED", None, 0, 2**63 - 1),

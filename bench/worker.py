@@ -1,6 +1,6 @@
 """Shard-worker throughput: events per second deciding one shard file, and peak RSS.
 
-    .venv/bin/python bench/worker.py [--events 200000] [--data generator|harsh] [--batch 4000]
+    .venv/bin/python bench/worker.py [--events 200000] [--data generator|harsh] [--batch 8000]
                                      [--private] [--keep]
 
 Builds a shard-0 file of --events lines: `generator` (default) takes the shard-0 lines of the
@@ -162,7 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--data", choices=("generator", "harsh"), default="generator")
-    ap.add_argument("--batch", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=8000)
     ap.add_argument("--private", action="store_true", help="run a mariadbd of the bench's own")
     ap.add_argument("--keep", action="store_true", help="keep the database and files")
     ap.add_argument("--child", nargs=5, metavar=("URL", "SHARED", "FILE", "BATCH", "PID"), help=argparse.SUPPRESS)
