@@ -208,16 +208,11 @@ class WorkerState:
 
     # -- the shard clock ---------------------------------------------------------------------------
 
-    def newest(self, cur=None) -> str | None:
-        own = cur is None
-        cur = cur or self.conn.cursor()
-        try:
+    def newest(self) -> str | None:
+        with self.conn.cursor() as cur:
             cur.execute("SELECT newest_event FROM worker_shards WHERE shard=%s", (self.shard,))
             row = cur.fetchone()
             return time_text(row[0]) if row else None
-        finally:
-            if own:
-                cur.close()
 
     def newest_sql(self, conn, newest: str) -> str:
         return f"UPDATE worker_shards SET newest_event={db.literal_renderer(conn)(newest)} WHERE shard={self.shard:d}"
@@ -225,7 +220,8 @@ class WorkerState:
     # -- dedup keys, stock, shops: statements for a batch's scripts -----------------------------------
 
     def seen_sql(self, conn, keys) -> str:
-        return f"SELECT event_key FROM worker_seen WHERE shard={self.shard:d} AND event_key IN {db.sql_list(conn, keys)}"
+        return (f"SELECT event_key FROM worker_seen WHERE shard={self.shard:d} "
+                f"AND event_key IN {db.sql_list(conn, keys)}")
 
     def add_seen_sql(self, conn, keys: list[str], file_id: int) -> list[str]:
         shard = self.shard
@@ -234,7 +230,8 @@ class WorkerState:
 
     @staticmethod
     def stock_sql(conn, pairs) -> str:
-        return f"SELECT shop_id, good_id, count FROM worker_stock WHERE (shop_id, good_id) IN {db.sql_list(conn, pairs)}"
+        return (f"SELECT shop_id, good_id, count FROM worker_stock "
+                f"WHERE (shop_id, good_id) IN {db.sql_list(conn, pairs)}")
 
     @staticmethod
     def stock_write_sql(conn, stock: dict, changed) -> list[str]:

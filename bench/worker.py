@@ -191,7 +191,8 @@ def run(args, private) -> None:
     path.parent.mkdir(parents=True)
     t0 = time.perf_counter()
     (from_generator if args.data == "generator" else harsh)(path, args.events)
-    print(f"{args.data}: {args.events:,} events ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+    print(f"{args.data}: {args.events:,} events ({path.stat().st_size / 1e6:.1f} MB) "
+          f"in {time.perf_counter() - t0:.1f}s")
     db_name = f"bench_worker_{uuid.uuid4().hex[:8]}"
     load = os.getloadavg()
     pid = private.proc.pid if private else 0

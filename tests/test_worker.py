@@ -9,7 +9,6 @@ import time
 from decimal import Decimal
 
 import pymysql
-import pytest
 
 from app import db
 from app.ledger import Ledger, LedgerConflict
