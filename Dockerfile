@@ -16,8 +16,7 @@ COPY monitor ./monitor
 COPY db ./db
 COPY bin ./bin
 
-# cryptography: PyMySQL needs it for MySQL 8's default caching_sha2_password over plain TCP.
-RUN pip install -e . cryptography \
+RUN pip install -e . \
  && useradd --system --uid 10001 --user-group --no-create-home --home-dir /app pipeline \
  && mkdir -p /shared /app/var/run \
  && chown pipeline:pipeline /shared /app/var/run
