@@ -2,8 +2,9 @@
 status, held returns, the shard's event clock and each file's recorded decisions.
 
 Only one worker process works a shard at a time (a named lock, `lock_shard`); balances are
-shared between shards and live in `ledger.py`. Every write here happens inside the batch
-transaction the worker opens, so state and decisions commit together.
+shared between shards and live in `ledger.py`. The statements a batch needs are built here and
+run in the batch's transaction, so state and decisions commit together; expiring holds while
+idle and pruning have transactions of their own.
 """
 from __future__ import annotations
 
@@ -141,7 +142,8 @@ class WorkerState:
     # -- connection, schema, the shard lock --------------------------------------------------
 
     def open(self):
-        """The connection, (re)opened if needed; the schema applied once per process."""
+        """The connection, (re)opened if needed; a new connection applies the schema first
+        (idempotent, under a named lock)."""
         if self.conn is not None:
             try:
                 self.conn.ping(reconnect=False)
