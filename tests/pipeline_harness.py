@@ -115,12 +115,8 @@ class Pipeline:
 
 def shard_rows(url: MySQLURL) -> tuple[Counter, int, int]:
     """The rows of one shard's `events` as ground-truth tuples; total rows; distinct keys."""
-    conn = servers.admin_connect(url.host, url.port, url.database)
-    with conn.cursor() as cur:
-        cur.execute("SELECT event_type, shop_id, user_id, `timestamp`, order_id, good_id, qty, amount, payload, "
-                    "source_file, shard, event_key FROM events")
-        rows = cur.fetchall()
-    conn.close()
+    rows = servers.query(url, "SELECT event_type, shop_id, user_id, `timestamp`, order_id, good_id, qty, amount, "
+                              "payload, source_file, shard, event_key FROM events")
     got = Counter()
     for et, shop, user, ts, order, good, qty, amount, payload, source, shard, _key in rows:
         stamp = ts.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
@@ -168,11 +164,7 @@ def check_against_truth(pipe: Pipeline, truth: ground_truth.Truth, filenames: li
     if check_rejected_files:
         _check_rejected_files(pipe, truth, filenames)
     # 4. No balance went negative, and each is what the accepted money movements make it.
-    conn = servers.admin_connect(pipe.pipeline_db.host, pipe.pipeline_db.port, pipe.pipeline_db.database)
-    with conn.cursor() as cur:
-        cur.execute("SELECT user_id, balance FROM worker_balances")
-        balances = dict(cur.fetchall())
-    conn.close()
+    balances = dict(servers.query(pipe.pipeline_db, "SELECT user_id, balance FROM worker_balances"))
     assert balances and min(balances.values()) >= 0
     assert set(balances) <= set(truth.balances), "a balance for a user no event names"
     for user, want in truth.balances.items():

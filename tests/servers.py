@@ -48,6 +48,17 @@ def admin_connect(host: str = MYSQL_HOST, port: int = MYSQL_PORT, database: str 
                            init_command="SET time_zone = '+00:00'")
 
 
+def query(url: MySQLURL, sql: str, args=()) -> list[tuple]:
+    """Run one statement on a database of the test servers; its rows."""
+    conn = admin_connect(url.host, url.port, url.database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
 def unique_name(prefix: str) -> str:
     return f"t_{prefix}_{uuid.uuid4().hex[:10]}"
 
@@ -168,6 +179,7 @@ class MariaDB:
     datadir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    options: list[str] = field(default_factory=list)  # more mariadbd options; later ones win
 
     @property
     def socket(self) -> Path:
@@ -192,7 +204,7 @@ class MariaDB:
              "--bind-address=127.0.0.1", f"--socket={self.socket}", "--user=root",
              f"--pid-file={self.datadir / 'mysqld.pid'}", "--skip-grant-tables=0",
              "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=48M", "--max-connections=300",
-             "--local-infile=1", "--skip-name-resolve", "--log-error=" + str(self.datadir / "error.log")],
+             "--local-infile=1", "--skip-name-resolve", "--log-error=" + str(self.datadir / "error.log"), *self.options],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_until(lambda: admin_connect(port=self.port).close() or True, timeout, 0.1,
@@ -217,5 +229,5 @@ class MariaDB:
         return server_url(database, "127.0.0.1", self.port)
 
 
-def new_private_mariadb() -> MariaDB:
-    return MariaDB(Path(tempfile.mkdtemp(prefix="pipeline-mariadb-"))).install().start()
+def new_private_mariadb(options: list[str] | None = None) -> MariaDB:
+    return MariaDB(Path(tempfile.mkdtemp(prefix="pipeline-mariadb-")), options=options or []).install().start()

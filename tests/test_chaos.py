@@ -57,10 +57,7 @@ def test_kills_and_a_database_restart_lose_nothing_and_duplicate_nothing(tmp_pat
         pipe.wait_loaded(len(names), timeout=240)
         check_against_truth(pipe, truth, list(names), check_rejected_files=False)
         # Every kill and the restart were survived by the API's own bookkeeping too.
-        conn = servers.admin_connect(host, port, pipeline_db.database)
-        with conn.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM pipeline_tracking WHERE owner IS NOT NULL OR lease_expires_at IS NOT NULL")
-            assert cur.fetchone()[0] == 0
-        conn.close()
+        assert servers.query(pipeline_db, "SELECT COUNT(*) FROM pipeline_tracking "
+                                          "WHERE owner IS NOT NULL OR lease_expires_at IS NOT NULL") == [(0,)]
     finally:
         pipe.stop()

@@ -43,13 +43,7 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 120) -> subproces
 
 
 def query(port: int, database: str, sql: str, args=()) -> list[tuple]:
-    conn = servers.admin_connect("127.0.0.1", port, database)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
+    return servers.query(servers.server_url(database, "127.0.0.1", port), sql, args)
 
 
 @pytest.fixture

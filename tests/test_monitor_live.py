@@ -44,14 +44,7 @@ def populate(client) -> None:
 
 
 def db_query(api, sql: str, args=()) -> list[tuple]:
-    url = api.process.env["MYSQL_PIPELINE_URL"].rsplit("/", 1)[1]
-    conn = servers.admin_connect(database=url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
+    return servers.query(servers.server_url(api.process.env["MYSQL_PIPELINE_URL"].rsplit("/", 1)[1]), sql, args)
 
 
 def db_counts(api) -> dict[str, dict[str, int]]:

@@ -108,14 +108,7 @@ class Group:
                               capture_output=True, text=True, timeout=STOP_WAIT * 3)
 
     def query(self, sql: str, args=(), url=None) -> list[tuple]:
-        url = url or self.pipeline_db
-        conn = servers.admin_connect(url.host, url.port, url.database)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, args)
-                return list(cur.fetchall())
-        finally:
-            conn.close()
+        return servers.query(url or self.pipeline_db, sql, args)
 
     def started_tasks(self, program: str) -> list[tuple]:
         stage = re.sub(r"-\d+$", "", program)

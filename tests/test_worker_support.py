@@ -195,13 +195,7 @@ class Pipeline:
         return [orjson.loads(x) for x in self.rejected_bytes(filename, shard).splitlines()]
 
     def sql(self, query: str, args=()) -> list[tuple]:
-        conn = servers.admin_connect(self.db_url.host, self.db_url.port, self.db_url.database)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(query, args)
-                return list(cur.fetchall())
-        finally:
-            conn.close()
+        return servers.query(self.db_url, query, args)
 
     def balance(self, user: int):
         rows = self.sql("SELECT balance FROM worker_balances WHERE user_id=%s", (user,))
