@@ -17,6 +17,24 @@ def is_temp(path: Path) -> bool:
     return TMP_MARK in path.name
 
 
+def writer_alive(path: Path, other_than_me: bool = False) -> bool:
+    """Whether the process named by a temporary file (`*.tmp-<pid>`) is still running, so its
+    unfinished file must be left alone (`other_than_me`: our own files do not count)."""
+    try:
+        pid = int(path.name.rsplit(TMP_MARK, 1)[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return not other_than_me
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:

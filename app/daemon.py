@@ -6,6 +6,7 @@ empty.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -18,9 +19,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import TMP_MARK
+from .atomic import is_temp, writer_alive
 from .client import ApiError, ApiUnavailable, PipelineClient, Task
-from .config import Settings
+from .config import Settings, shard_arg
 from .logs import ACTIVITY_LOG, setup_logging
 
 
@@ -107,29 +108,13 @@ def worker_id(service: str) -> str:
     return os.environ.get("WORKER_ID") or f"{socket.gethostname()}/{service}"
 
 
-def _written_by_live_other(path: Path) -> bool:
-    """A temporary file another running replica is still writing (`*.tmp-<pid>`)."""
-    if TMP_MARK not in path.name:
-        return False
-    try:
-        pid = int(path.name.rsplit(TMP_MARK, 1)[1])
-        if pid == os.getpid():
-            return False
-        os.kill(pid, 0)
-        return True
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-
-
 def empty_folder(folder: Path) -> None:
     """Remove everything in `folder` but the activity log and another live replica's
     unfinished temporary files."""
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.name == ACTIVITY_LOG or _written_by_live_other(entry):
+        if entry.name == ACTIVITY_LOG or (is_temp(entry) and writer_alive(entry, other_than_me=True)):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -292,6 +277,15 @@ class Daemon:
                     self.log.warning("lease of %s shard %s lost: %s", task.filename, task.shard, exc)
                 except ApiUnavailable:
                     pass
+
+
+def run_shard_stage(module: str, make_stage, argv: list[str] | None = None) -> None:
+    """Entry point of a per-shard daemon: `python -m <module> --shard N` (or SHARD_ID=N)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    parser.add_argument("--shard", type=int, default=None, help="the shard to serve (default: SHARD_ID)")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    run_stage(make_stage(settings, shard_arg(None, args.shard, settings.shard_count)), settings)
 
 
 def run_stage(stage: Stage, settings: Settings) -> None:

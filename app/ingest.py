@@ -27,7 +27,7 @@ from pathlib import Path
 import orjson
 
 from . import layout
-from .atomic import TMP_MARK
+from .atomic import TMP_MARK, writer_alive
 from .client import ApiError, ApiUnavailable, PipelineClient
 from .config import ConfigError, Settings
 from .daemon import empty_folder
@@ -78,7 +78,7 @@ class Ingest:
         """Remove our own dead temporary files; register every complete file in events/ the API
         does not know, and mark done the stale ones it knows but never saw finished."""
         for tmp in self.events.glob(f"*{layout.SOURCE_SUFFIX}{TMP_MARK}*"):
-            if not _alive(tmp.name.rsplit(TMP_MARK, 1)[1]):
+            if not writer_alive(tmp):
                 log.info("removing unfinished %s", tmp.name)
                 tmp.unlink(missing_ok=True)
         if not self.register:
@@ -201,16 +201,6 @@ class Ingest:
 
 class ImportProblem(Exception):
     pass
-
-
-def _alive(pid_text: str) -> bool:
-    try:
-        os.kill(int(pid_text), 0)
-        return True
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
 
 
 def _count_lines(path: Path) -> int:

@@ -9,14 +9,13 @@ handed back and the shared loop backs off until the server answers again.
 """
 from __future__ import annotations
 
-import argparse
 
 import pymysql
 
 from . import db, layout, shard_loader
 from .client import Task
-from .config import Settings, shard_arg
-from .daemon import Context, Done, InputMissing, Outcome, Retryable, Stage, StopRequested, TaskFailed, run_stage
+from .config import Settings
+from .daemon import Context, Done, InputMissing, Outcome, Retryable, Stage, StopRequested, TaskFailed, run_shard_stage
 
 STAGE = "mysql-sender"
 # Database errors that a retry cannot cure: the rows themselves were refused.
@@ -121,12 +120,7 @@ class Sender(Stage):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m app.sender", description=__doc__.splitlines()[0])
-    parser.add_argument("--shard", type=int, default=None, help="the shard to load (default: SHARD_ID)")
-    args = parser.parse_args(argv)
-    settings = Settings.from_env()
-    shard = shard_arg(None, args.shard, settings.shard_count)
-    run_stage(Sender(settings, shard), settings)
+    run_shard_stage("app.sender", Sender, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ the same byte for byte. See docs/business-rules.md.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import logging
@@ -22,8 +21,8 @@ import pymysql
 
 from . import db, layout
 from .atomic import atomic_write
-from .config import Settings, shard_arg
-from .daemon import Context, Done, Failed, InputMissing, Retryable, Stage, TaskFailed, run_stage
+from .config import Settings
+from .daemon import Context, Done, Failed, InputMissing, Retryable, Stage, TaskFailed, run_shard_stage
 from .db import DEADLOCK_CODES
 from .events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
 from .ledger import DUPLICATE_KEY, Ledger, LedgerConflict
@@ -633,12 +632,7 @@ class WorkerStage(Stage):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m app.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--shard", type=int, default=None, help="the shard to work (default: SHARD_ID)")
-    args = parser.parse_args(argv)
-    settings = Settings.from_env()
-    shard = shard_arg(None, args.shard, settings.shard_count)
-    run_stage(WorkerStage(settings, shard), settings)
+    run_shard_stage("app.worker", WorkerStage, argv)
 
 
 if __name__ == "__main__":
