@@ -1,6 +1,6 @@
 """End-to-end throughput and latency of the whole pipeline (prints figures; not a test).
 
-    .venv/bin/python bench/pipeline.py [--events 1000000] [--files 20]
+    .venv/bin/python bench/pipeline.py [--events 1000000] [--files 20] [--private]
 
 1. Generates the input once (cached under var/bench/, reused by later runs with the same sizes).
 2. Runs the real processes (API, splitter, a worker and a sender per shard; default settings)
@@ -12,10 +12,13 @@
 4. Latency: 100-event files registered one at a time on the idle pipeline, registration to
    loaded (from the API's transition log).
 Targets: the whole pipeline within 2x of the floor; a 100-event file loaded in under 1 s.
+`--private` runs everything on a mariadbd of the bench's own with a 1 GiB buffer pool (the
+machine's server has 128 MiB, less than the loaded tables), alone on its data.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.generator import Rates, generate_files  # noqa: E402
 from tests import servers  # noqa: E402
+from tests.servers import query  # noqa: E402
 from tests.pipeline_harness import Pipeline  # noqa: E402
 
 RATES = Rates(duplicate=0.01, later_duplicate=0.005, return_first=0.01, return_first_later=0.005,
@@ -51,17 +55,21 @@ def source_files(events: int, files: int) -> Path:
     return folder
 
 
+SERVER = {"host": servers.MYSQL_HOST, "port": servers.MYSQL_PORT}
+PRIVATE_OPTIONS = ["--innodb-buffer-pool-size=1G", "--innodb-log-file-size=512M"]
+
+
 def fresh(prefix: str):
     name = servers.unique_name(prefix)
-    conn = servers.admin_connect()
+    conn = servers.admin_connect(**SERVER)
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE `{name}`")
     conn.close()
-    return servers.server_url(name)
+    return servers.server_url(name, **SERVER)
 
 
 def drop(url) -> None:
-    conn = servers.admin_connect()
+    conn = servers.admin_connect(url.host, url.port)
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
     conn.close()
@@ -83,15 +91,6 @@ def peak_rss_mb(pid: int) -> float:
         except OSError:
             pass
     return total / 1024
-
-
-def query(url, sql: str, args=()):
-    conn = servers.admin_connect(url.host, url.port, url.database)
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        rows = cur.fetchall()
-    conn.close()
-    return rows
 
 
 def floor_seconds(shard_dbs, work: Path) -> tuple[float, int]:
@@ -125,7 +124,21 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--latency-files", type=int, default=10)
+    parser.add_argument("--private", action="store_true", help="a mariadbd of the bench's own (1 GiB buffer pool)")
     args = parser.parse_args()
+    private = servers.new_private_mariadb(PRIVATE_OPTIONS) if args.private else None
+    if private:
+        SERVER.update(host="127.0.0.1", port=private.port)
+        print(f"private mariadbd on port {private.port} ({' '.join(PRIVATE_OPTIONS)})")
+    try:
+        run(args)
+    finally:
+        if private:
+            private.stop()
+            shutil.rmtree(private.datadir, ignore_errors=True)
+
+
+def run(args) -> None:
 
     source = source_files(args.events, args.files)
     names = sorted(p.name.split(".")[0] for p in source.glob("*.event-ingest.txt"))
