@@ -6,6 +6,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from .processes import pid_alive
+
 TMP_MARK = ".tmp-"
 
 
@@ -26,13 +28,7 @@ def writer_alive(path: Path, other_than_me: bool = False) -> bool:
         return False
     if pid == os.getpid():
         return not other_than_me
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import db
 from .config import MySQLURL
+from .processes import pid_alive
 
 INSTALL_HINT = (
     "no MariaDB server found: install one (Debian/Ubuntu: sudo apt-get install mariadb-server; "
@@ -36,22 +37,6 @@ def _find(*names: str) -> str | None:
             if candidate.is_file() and os.access(candidate, os.X_OK):
                 return str(candidate)
     return None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether `pid` runs; an exited child of this process is reaped rather than counted."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False  # our own child, just reaped
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _cmdline(pid: int) -> str | None:

@@ -25,7 +25,8 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from . import db
 from .config import ConfigError, Settings, Supervision, database_urls_configured
-from .embedded_mariadb import INSTALL_HINT, EmbeddedMariaDB, pid_alive
+from .embedded_mariadb import INSTALL_HINT, EmbeddedMariaDB
+from .processes import pid_alive
 from .supervise import ROOT, program_names
 
 VAR = ROOT / "var"
