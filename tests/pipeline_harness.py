@@ -74,6 +74,16 @@ class Pipeline:
         if proc.proc:
             proc.proc.wait(10)
 
+    def kill_api(self, down_for: float = 1.0) -> None:
+        """SIGKILL the API (gunicorn and its workers), then start it again on the same port."""
+        old = self.api.process
+        old.kill_group(signal.SIGKILL)
+        old.proc.wait(10)
+        time.sleep(down_for)
+        self.api = servers.ApiServer(servers.Process(old.module, old.args, old.env, old.log_path).start(),
+                                     self.api.port)
+        self.api.wait_ready()
+
     def stop(self) -> dict[str, int | None]:
         codes = {name: p.stop(20) for name, p in self.daemons.items()}
         if self.api:

@@ -1,5 +1,6 @@
 """Faults while files flow: daemons SIGKILLed at random and restarted, the database server
-restarted once. Afterwards the same ground-truth checks as the end-to-end test hold."""
+restarted once, the API SIGKILLed once. Afterwards the same ground-truth checks as the
+end-to-end test hold."""
 from __future__ import annotations
 
 import random
@@ -28,7 +29,7 @@ def test_kills_and_a_database_restart_lose_nothing_and_duplicate_nothing(tmp_pat
                     extra_env={"LEASE_SECONDS": "2", "REAP_INTERVAL": "0.3"}).start()
     rng = random.Random(7)
     batches = [names[i:i + 10] for i in range(0, len(names), 10)]
-    restarted_db = threading.Event()
+    restarted_db, killed_api = threading.Event(), threading.Event()
 
     def feed():
         for i, batch in enumerate(batches):
@@ -40,20 +41,23 @@ def test_kills_and_a_database_restart_lose_nothing_and_duplicate_nothing(tmp_pat
             pipe.import_files(staging)
             time.sleep(2)
 
-    def restart_database_once(kills: int):
+    def also_kill_servers(kills: int):
         if kills == 4 and not restarted_db.is_set():
             private_mariadb.stop()
             time.sleep(1.5)
             private_mariadb.start()
             restarted_db.set()
+        if kills == 8 and not killed_api.is_set():
+            pipe.kill_api()
+            killed_api.set()
 
     feeder = threading.Thread(target=feed)
     try:
         feeder.start()
-        killed = chaos_loop(pipe, seconds=20, every=1.5, rng=rng, on_tick=restart_database_once)
+        killed = chaos_loop(pipe, seconds=20, every=1.5, rng=rng, on_tick=also_kill_servers)
         feeder.join(120)
         assert not feeder.is_alive()
-        assert restarted_db.is_set() and len(killed) >= 8
+        assert restarted_db.is_set() and killed_api.is_set() and len(killed) >= 8
         pipe.wait_loaded(len(names), timeout=240)
         check_against_truth(pipe, truth, list(names), check_rejected_files=False)
         # Every kill and the restart were survived by the API's own bookkeeping too.
