@@ -451,10 +451,13 @@ class Tracker:
                                filename=filename, stage="event-ingest", status="failed", shards=failed)
             todo = [r for r in rows if r["event_ingest_status"] != "done"]
             if todo:
+                # `events` counts the whole file: logged once (on its first shard), so that
+                # per-stage sums such as /metrics/throughput do not count it once per shard.
                 t.finish(("UPDATE pipeline_tracking SET event_ingest_status='done' WHERE filename=%s "
                           "AND event_ingest_status IN ('new','started')", (filename,)),
                          _log_sql([(r["id"], filename, r["shard"], "event-ingest", r["event_ingest_status"], "done",
-                                    "done", actor, None, None, events, None) for r in todo]))
+                                    "done", actor, None, None, events if r is todo[0] else None, None)
+                                   for r in todo]))
             return {"filename": filename, "updated_rows": len(todo)}
         return self._tx(tx)
 

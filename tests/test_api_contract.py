@@ -289,6 +289,16 @@ def test_throughput_counts_finished_files_per_minute(http):
     assert data["stages"]["shard_splitter"]["files"][-1] >= 1
 
 
+def test_throughput_counts_an_ingested_files_events_once_not_once_per_shard(http):
+    def ingested_events() -> int:
+        return sum(http.ok("GET", "/metrics/throughput", {"minutes": 5})["stages"]["event_ingest"]["events"])
+    before = ingested_events()
+    name = new_name()
+    http.ok("POST", "/files/register", {"filename": name, "shards": [0, 1]})
+    http.ok("POST", "/stages/event-ingest/done", {"filename": name, "events": 1234})
+    assert ingested_events() - before == 1234
+
+
 # -- the state machine's refusals -------------------------------------------------------------
 
 # (stage, status it is in, action, body extras) -> 409 naming that status
