@@ -4,6 +4,7 @@ The shard worker's deciding loop spends much of each batch waiting for MariaDB; 
 file reading and line validation of the next batch, and the output writing of the previous one,
 use that time, in threads (the waits release the interpreter lock). `Turns` keeps the helpers
 from taking the interpreter while the loop itself computes: the loop is the critical path.
+The sender reads its prepared file ahead of the server's loads with the same `ReadAhead`.
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ class Turns:
 
 
 class ReadAhead:
-    """Runs a generator in a thread, at most `depth` items ahead of the consumer."""
+    """Runs a generator in a thread, at most `depth` items ahead of the consumer. Without
+    `turns` the thread runs whenever it can (the sender's reader: its consumer mostly waits)."""
 
     _END = object()
 
-    def __init__(self, items, turns: Turns, depth: int = 2):
+    def __init__(self, items, turns: Turns | None = None, depth: int = 2):
         self.items = items
-        self.turns = turns
+        self.turns = turns or _ALWAYS
         self.queue: queue.Queue = queue.Queue(depth)
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
@@ -82,6 +84,20 @@ class ReadAhead:
         self.closed.set()
         with self.turns.waiting():
             self.thread.join()
+
+
+class _Always(Turns):
+    """No turn-keeping: the consumer is never the critical path."""
+
+    @contextmanager
+    def waiting(self):
+        yield
+
+    def pause(self) -> None:
+        pass
+
+
+_ALWAYS = _Always()
 
 
 class Behind:

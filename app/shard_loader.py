@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import re
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +34,7 @@ from . import db
 from .atomic import TMP_MARK
 from .config import MySQLURL
 from .events import EVENT_TYPES
+from .overlap import ReadAhead
 
 log = logging.getLogger("shard-loader")
 
@@ -320,55 +319,6 @@ def _insert_statements(batches: Iterator[list[str]]) -> Iterator[tuple]:
         yield _INSERT.format(",".join(batch)), len(batch)
 
 
-class _Prefetch:
-    """Runs an iterator one item ahead in a thread, so parsing overlaps the server's work
-    (the main thread waits on the socket with the GIL released)."""
-
-    _END = object()
-
-    def __init__(self, items: Iterator, depth: int = 1):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), name="prepared-reader", daemon=True)
-        self._thread.start()
-
-    def _run(self, items: Iterator) -> None:
-        try:
-            for item in items:
-                if not self._put((True, item)):
-                    return
-            self._put((True, self._END))
-        except BaseException as exc:
-            self._put((False, exc))
-
-    def _put(self, message) -> bool:
-        while not self._closed.is_set():
-            try:
-                self._queue.put(message, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self):
-        while True:
-            ok, value = self._queue.get()
-            if not ok:
-                raise value
-            if value is self._END:
-                return
-            yield value
-
-    def close(self) -> None:
-        self._closed.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self._thread.join()
-
-
 class _FallBack(Exception):
     """LOAD DATA could not prove every row went in exactly as sent: redo the file with INSERT."""
 
@@ -384,32 +334,33 @@ def _warnings(cur) -> str:
 
 def _by_load_data(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check) -> int:
     batches = _formatted(f, reading, source_file, shard, shard_count, _tsv, chunk_rows)
-    chunks = _Prefetch(_tsv_chunks(batches, work_dir, source_file))
     loaded = 0
     try:
-        for path, count in chunks:
-            if check:
-                check()
-            try:
-                stored = cur.execute(_LOAD_DATA, (str(path), shard, source_file))
-            except pymysql.err.MySQLError as exc:
-                if exc.args and exc.args[0] in LOCAL_INFILE_REFUSED:
-                    raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
-                raise
-            except AttributeError as exc:
-                # PyMySQL, when the server goes away while it sends a LOCAL file, fails on its
-                # closed socket with AttributeError instead of reporting the lost connection.
-                if cur.connection is not None and cur.connection.open:
+        # The reader thread is joined when the block ends, so no chunk appears after the cleanup.
+        with ReadAhead(_tsv_chunks(batches, work_dir, source_file), depth=1) as chunks:
+            for path, count in chunks:
+                if check:
+                    check()
+                try:
+                    stored = cur.execute(_LOAD_DATA, (str(path), shard, source_file))
+                except pymysql.err.MySQLError as exc:
+                    if exc.args and exc.args[0] in LOCAL_INFILE_REFUSED:
+                        raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
                     raise
-                raise pymysql.err.OperationalError(2013, f"connection lost during LOAD DATA LOCAL ({exc})") from None
-            finally:
-                path.unlink(missing_ok=True)
-            if cur.warning_count or stored != count:
-                raise _FallBack(f"{path.name}: {stored} of {count} rows stored, {cur.warning_count} warnings "
-                                f"({_warnings(cur)})")
-            loaded += stored
+                except AttributeError as exc:
+                    # PyMySQL, when the server goes away while it sends a LOCAL file, fails on its
+                    # closed socket with AttributeError instead of reporting the lost connection.
+                    if cur.connection is not None and cur.connection.open:
+                        raise
+                    raise pymysql.err.OperationalError(
+                        2013, f"connection lost during LOAD DATA LOCAL ({exc})") from None
+                finally:
+                    path.unlink(missing_ok=True)
+                if cur.warning_count or stored != count:
+                    raise _FallBack(f"{path.name}: {stored} of {count} rows stored, {cur.warning_count} "
+                                    f"warnings ({_warnings(cur)})")
+                loaded += stored
     finally:
-        chunks.close()
         for leftover in work_dir.glob(f"{source_file}.chunk-*{TMP_MARK}{os.getpid()}"):
             leftover.unlink(missing_ok=True)
     return loaded
@@ -419,17 +370,14 @@ def _by_insert(cur, f, reading, source_file, shard, shard_count, work_dir, chunk
     tail = f"{shard},'{escape_string(source_file)}'"
     batches = _formatted(f, reading, source_file, shard, shard_count, lambda fields: _sql_row(fields, tail),
                          INSERT_ROWS)
-    statements = _Prefetch(_insert_statements(batches), depth=4)
     loaded = 0
-    try:
+    with ReadAhead(_insert_statements(batches), depth=4) as statements:
         for sql, _count in statements:
             if check:
                 check()
             loaded += cur.execute(sql)
             if cur.warning_count:
                 raise RowsRefused(f"the server warned while storing {source_file}: {_warnings(cur)}")
-    finally:
-        statements.close()
     return loaded
 
 
