@@ -6,12 +6,13 @@ sent again; `PipelineClient` does that, backing off while the API or its databas
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import requests
+
+from .shutdown import StopFlag
 
 log = logging.getLogger("pipeline-client")
 
@@ -43,7 +44,7 @@ class Task:
 
 class PipelineClient:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0,
-                 stop: threading.Event | None = None, max_wait: float | None = None):
+                 stop: StopFlag | None = None, max_wait: float | None = None):
         """`max_wait`: give up after this many seconds of failures (None: until `stop` is set)."""
         self.base = base_url.rstrip("/")
         self.timeout = timeout

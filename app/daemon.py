@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import shutil
-import signal
 import socket
 import threading
 import time
@@ -23,6 +22,7 @@ from .atomic import is_temp, writer_alive
 from .client import ApiError, ApiUnavailable, PipelineClient, Task
 from .config import Settings, shard_arg
 from .logs import ACTIVITY_LOG, setup_logging
+from .shutdown import StopFlag, stop_on_signals
 
 
 class StopRequested(Exception):
@@ -64,7 +64,7 @@ Outcome = Done | Failed | Rewind
 class Context:
     """What `process` may ask of the loop."""
 
-    def __init__(self, stop: threading.Event, log: logging.Logger):
+    def __init__(self, stop: StopFlag, log: logging.Logger):
         self._stop = stop
         self.log = log
 
@@ -127,7 +127,7 @@ class Daemon:
                  worker: str | None = None):
         self.stage = stage
         self.settings = settings
-        self.stop = threading.Event()
+        self.stop = StopFlag()
         self.worker = worker or worker_id(stage.service)
         self.client = client or PipelineClient(settings.pipeline_url, settings.api_token, stop=self.stop)
         self.log = logging.getLogger(stage.service)
@@ -137,12 +137,7 @@ class Daemon:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def install_signals(self) -> None:
-        def on_signal(signum, _frame):
-            self.log.info("%s received: finishing or handing back the current task",
-                          signal.Signals(signum).name)
-            self.stop.set()
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        stop_on_signals(self.stop)
 
     def run(self) -> None:
         stage = self.stage
@@ -156,6 +151,8 @@ class Daemon:
             stage.setup(ctx)
             self._loop(ctx)
         finally:
+            if self.stop.is_set():
+                self.log.info("%s received: handing back what this daemon holds", self.stop.signal_name)
             self._release_all("daemon stopping")
             try:
                 stage.teardown()

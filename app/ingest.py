@@ -17,7 +17,6 @@ import os
 import queue
 import random
 import re
-import signal
 import sys
 import threading
 import time
@@ -34,6 +33,7 @@ from .daemon import empty_folder
 from .generator import (Generator, Rates, World, existing_ticks, parse_tick, publish, temp_path,
                         write_event_file)
 from .logs import setup_logging
+from .shutdown import StopFlag, stop_on_signals
 
 SERVICE = "event-ingest"
 FILENAME = re.compile(r"^[0-9A-Za-z_-]{1,64}$")   # what the API accepts, without dots
@@ -46,10 +46,10 @@ log = logging.getLogger(SERVICE)
 
 
 class Ingest:
-    def __init__(self, settings: Settings, stop: threading.Event | None = None,
+    def __init__(self, settings: Settings, stop: StopFlag | None = None,
                  client: PipelineClient | None = None, register: bool = True):
         self.settings = settings
-        self.stop = stop or threading.Event()
+        self.stop = stop or StopFlag()
         self.client = client or PipelineClient(settings.pipeline_url, settings.api_token, stop=self.stop)
         self.register = register
         self.events = layout.events_dir(settings.shared_dir)
@@ -266,13 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     folder = layout.ingest_dir(settings.shared_dir)
     setup_logging(SERVICE, folder)
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("%s received: stopping after the current file", signal.Signals(signum).name)
-        stop.set()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopFlag()
+    stop_on_signals(stop)
 
     ingest = Ingest(settings, stop, register=not args.no_register)
     try:
@@ -303,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     finally:
+        if stop.is_set():
+            log.info("%s received: stopped after the current file", stop.signal_name)
         empty_folder(folder)
 
 
