@@ -38,4 +38,4 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
 # supervisord's main loop runs in this process (app/supervise.py renders the config for
 # SHARD_COUNT first): SIGTERM stops every program gracefully; a FATAL program exits 1.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python", "-m", "app.supervise"]
+ENTRYPOINT ["python", "-m", "app.supervision.supervise"]

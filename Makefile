@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-# run/stop/status: the whole process group in the background (app/local_run.py, docs/operations.md).
+# run/stop/status: the whole process group in the background (app/supervision/local_run.py, docs/operations.md).
 run: install
 	VENV=$(VENV) bin/pipeline start
 

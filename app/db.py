@@ -16,6 +16,9 @@ import pymysql.cursors
 
 from .config import MySQLURL
 
+# The SQL files (schemas, worked examples), at the top of the project.
+SQL_DIR = Path(__file__).resolve().parent.parent / "db"
+
 # Errors meaning "the server is not there or the connection broke", as opposed to bad SQL.
 UNAVAILABLE = (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError, OSError)
 DEADLOCK_CODES = {1213, 1205}  # deadlock, lock wait timeout: retry the transaction

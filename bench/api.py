@@ -190,7 +190,7 @@ def floor_app(settings: Settings):
 
 
 def serve_floor() -> None:
-    from app import apid
+    from app.api import service as apid
     apid.serve(Settings.from_env(), floor_app)
 
 
@@ -210,7 +210,7 @@ def drop_database(url: MySQLURL) -> None:
 
 
 def install(url: MySQLURL) -> None:
-    from app import tracking
+    from app.api import tracking
     conn = db.connect(url)
     tracking.install_schema(conn)
     conn.close()

@@ -7,7 +7,7 @@ Writes one prepared file of `--rows` realistic rows for shard 0, then, each into
 database created by the sender's own schema code:
   floor      the server reading the same rows itself: LOAD DATA INFILE (no client, no checks)
              of a TSV prepared untimed beforehand, one transaction;
-  <method>   shard_loader.load_file() end to end: read, check every line, convert, send, record
+  <method>   loader.load_file() end to end: read, check every line, convert, send, record
              the file in loaded_files, commit.
 One untimed floor run first grows the server's undo and redo files (else the first timed run
 pays for it); then `--repeat` rounds, the order flipped every round, and the medians are compared.
@@ -30,10 +30,11 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import db, shard_loader  # noqa: E402
+from app import db  # noqa: E402
+from app.sender import loader  # noqa: E402
 from app.config import MySQLURL  # noqa: E402
-from app.embedded_mariadb import EmbeddedMariaDB  # noqa: E402
 from app.events import event_key  # noqa: E402
+from app.supervision.embedded_mariadb import EmbeddedMariaDB  # noqa: E402
 
 SOURCE = "20990101000000"
 
@@ -82,7 +83,7 @@ def prepared_rows(n: int, shard: int = 0, shard_count: int = 2, seed: int = 7):
 
 def fresh_database(server: MySQLURL, label: str) -> MySQLURL:
     url = server.with_database(f"bench_{label}_{uuid.uuid4().hex[:8]}")
-    shard_loader.prepare_database(url)
+    loader.prepare_database(url)
     return url
 
 
@@ -106,13 +107,13 @@ def run_floor(server: MySQLURL, prepared: Path, work: Path, rows: int) -> float:
     tsv = work / "floor.tsv"
     with open(prepared, "rb") as f, open(tsv, "w", encoding="utf-8") as out:
         for line_no, line in enumerate(f, 1):
-            out.write(shard_loader._tsv(shard_loader.check_line(line, line_no, SOURCE, 0, 2)))
+            out.write(loader._tsv(loader.check_line(line, line_no, SOURCE, 0, 2)))
     tsv.chmod(0o644)
     url = fresh_database(server, "floor")
     try:
         conn = db.connect(url, autocommit=False)
         with conn.cursor() as cur:
-            sql = shard_loader._LOAD_DATA.replace("LOCAL INFILE", "INFILE")
+            sql = loader._LOAD_DATA.replace("LOCAL INFILE", "INFILE")
             started = time.monotonic()
             conn.begin()
             cur.execute(sql, (str(tsv), 0, SOURCE))
@@ -131,7 +132,7 @@ def run_method(server: MySQLURL, prepared: Path, work: Path, rows: int, method: 
     try:
         conn = db.connect(url, autocommit=False, local_infile=True)
         started = time.monotonic()
-        result = shard_loader.load_file(conn, prepared, SOURCE, 0, 2, work, method=method)
+        result = loader.load_file(conn, prepared, SOURCE, 0, 2, work, method=method)
         seconds = time.monotonic() - started
         conn.close()
         assert result.loaded == rows and count(url) == rows, f"{method} stored {result.loaded} of {rows} rows"
@@ -188,7 +189,7 @@ def main() -> None:
               f"  (median of {args.repeat})")
         for method in methods:
             seconds = statistics.median(times[method])
-            print(f"{method:<10} shard_loader.load_file:         {seconds:6.2f}s  {args.rows / seconds:9,.0f} rows/s"
+            print(f"{method:<10} loader.load_file:         {seconds:6.2f}s  {args.rows / seconds:9,.0f} rows/s"
                   f"  ratio to floor {floor / seconds:.2f}")
     finally:
         prepared.unlink(missing_ok=True)

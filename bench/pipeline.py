@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.generator import Rates, generate_files  # noqa: E402
+from app.ingest.generator import Rates, generate_files  # noqa: E402
 from tests import servers  # noqa: E402
-from tests.servers import query  # noqa: E402
 from tests.pipeline_harness import Pipeline  # noqa: E402
+from tests.servers import query  # noqa: E402
 
 RATES = Rates(duplicate=0.01, later_duplicate=0.005, return_first=0.01, return_first_later=0.005,
               over_balance=0.005, malformed=0.002, unroutable_return=0.002, shopless_return=0.0)

@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from app import db, layout  # noqa: E402
 from app.config import MySQLURL  # noqa: E402
-from app.generator import generate_files  # noqa: E402
-from app.order_index import OrderIndex  # noqa: E402
-from app.splitter import split_file  # noqa: E402
+from app.ingest.generator import generate_files  # noqa: E402
+from app.splitter.order_index import OrderIndex  # noqa: E402
+from app.splitter.stage import split_file  # noqa: E402
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "original-generator" / "20261126221520.event-ingest.txt"
 

@@ -42,7 +42,7 @@ from app import layout  # noqa: E402
 
 def from_generator(path: Path, n: int, seed: int = 7, shard: int = 0, shard_count: int = 2) -> None:
     """The lines of the project's generator that the splitter would route to `shard`."""
-    from app.generator import Generator
+    from app.ingest.generator import Generator
 
     gen = Generator(seed=seed)
     start, kept, files = datetime(2026, 1, 1), 0, 0
@@ -139,7 +139,7 @@ def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> 
     from app.client import Task
     from app.config import Settings
     from app.daemon import Context
-    from app.worker import WorkerStage
+    from app.worker.stage import WorkerStage
 
     env = dict(os.environ, MYSQL_PIPELINE_URL=url, SHARED_DIR=shared, WORKER_BATCH_LINES=str(batch))
     settings = Settings.from_env(env)

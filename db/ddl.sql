@@ -1,5 +1,5 @@
 -- Tracking schema of pipeline-apid. Idempotent: the API applies it at start (under a named lock)
--- and then upgrades an older or original-shaped pipeline_tracking in place (app/tracking.py adds
+-- and then upgrades an older or original-shaped pipeline_tracking in place (app/api/tracking.py adds
 -- every column and index below that is missing; it never drops anything).
 -- CREATE DATABASE and USE are for a bare server (docker init); the API skips them and applies
 -- the rest to the database of MYSQL_PIPELINE_URL. Runs on MariaDB 10.11 and MySQL 8.0.

@@ -1,5 +1,5 @@
 -- Worked examples over the tracking schema of db/ddl.sql: every transition exactly as
--- pipeline-apid performs it (app/tracking.py), then the monitoring queries an operator needs.
+-- pipeline-apid performs it (app/api/tracking.py), then the monitoring queries an operator needs.
 -- Run it against a scratch database that has the schema (tests/test_schema_examples.py does):
 --   mariadb -h127.0.0.1 -uroot scratch_db < db/pipeline-examples.sql
 -- Only pipeline-apid writes pipeline_tracking in production; use these to understand it, to

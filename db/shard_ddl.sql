@@ -1,4 +1,4 @@
--- Schema of a shard database (shop_shard_<N>), owned by mysql-sender (app/shard_loader.py).
+-- Schema of a shard database (shop_shard_<N>), owned by mysql-sender (app/sender/loader.py).
 -- Applied by every sender at start, idempotently, under a named lock. Runs on MariaDB 10.11
 -- and MySQL 8.0. The worker's state (balances, stock, seen keys) lives in the pipeline
 -- database, not here: a shard server holds only what the sender loads.

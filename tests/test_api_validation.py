@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import apid
+from app.api import service as apid
 from app.config import Settings
 from tests.test_api_contract import BASE, Http, module_api, new_name
 

@@ -7,7 +7,7 @@ import random
 import threading
 import time
 
-from app.generator import Rates, generate_files
+from app.ingest.generator import Rates, generate_files
 from tests import ground_truth, servers
 from tests.pipeline_harness import Pipeline, chaos_loop, check_against_truth
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from supervisor.options import ServerOptions
 
-from app import supervise
+from app.supervision import supervise
 from app.config import Settings, Supervision, shard_arg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ def test_dockerfile_copies_only_files_that_exist_and_are_not_dockerignored():
 
 
 def test_image_runs_supervise_in_the_foreground_as_a_non_root_user_with_shared_volume():
-    assert image_command() == ["python", "-m", "app.supervise"]
+    assert image_command() == ["python", "-m", "app.supervision.supervise"]
     users = [args for word, args in dockerfile_instructions() if word == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image must not run as root"
     volumes = [args for word, args in dockerfile_instructions() if word == "VOLUME"]
@@ -200,6 +200,6 @@ def test_rendered_config_has_every_program_once_with_bounded_graceful_stops(tmp_
     api_priority = programs["pipeline-apid"][1].priority
     assert all(p.priority > api_priority for n, (_, p) in programs.items() if n != "pipeline-apid")
     [(group, listener)] = listeners.values()
-    assert listener.command.endswith("-m app.fatal_listener")
+    assert listener.command.endswith("-m app.supervision.fatal_listener")
     from supervisor.events import EventTypes
     assert set(group.pool_events) == {EventTypes.PROCESS_STATE_FATAL, EventTypes.PROCESS_STATE_EXITED}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from app.generator import Rates, generate_files
+from app.ingest.generator import Rates, generate_files
 from tests import ground_truth
 from tests.pipeline_harness import Pipeline, check_against_truth
 

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from app import layout
-from app.generator import Rates, generate_files
+from app.ingest.generator import Rates, generate_files
 from tests import servers
 
 FIXTURE = servers.ROOT.parent / "shared" / "fixtures" / "original-generator" / "20261126221520.event-ingest.txt"

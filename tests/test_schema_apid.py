@@ -6,7 +6,8 @@ from __future__ import annotations
 import pymysql
 import pytest
 
-from app import db, tracking
+from app import db
+from app.api import tracking
 from tests import servers
 from tests.test_api_contract import Http
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app import db, tracking
+from app import db
+from app.api import tracking
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "db" / "pipeline-examples.sql"
 

@@ -1,4 +1,4 @@
-"""shard_loader on the real MariaDB: exact values, exactly once, whole files refused whole."""
+"""The sender's loader on the real MariaDB: exact values, exactly once, whole files refused whole."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +9,8 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from app import db, shard_loader
+from app import db
+from app.sender import loader
 from tests import servers
 
 SOURCE = "20250102030405"
@@ -37,7 +38,7 @@ def many(n: int, prefix: str = "k", source: str = SOURCE) -> list[dict]:
 @pytest.fixture
 def shard(make_database):
     url = make_database("shard")
-    shard_loader.prepare_database(url)
+    loader.prepare_database(url)
     conn = db.connect(url, autocommit=False, local_infile=True)
     yield url, conn
     conn.close()
@@ -56,7 +57,7 @@ def counts(url) -> tuple[int, int]:
     return query(url, "SELECT (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM loaded_files)")[0]
 
 
-@pytest.mark.parametrize("method", shard_loader.METHODS)
+@pytest.mark.parametrize("method", loader.METHODS)
 def test_rows_land_with_exact_values(shard, tmp_path, method):
     url, conn = shard
     payload = {"order_id": 8674665223082153551, "user_id": 2, "shop_id": 3, "good_id": 2, "qty": 2,
@@ -72,7 +73,7 @@ def test_rows_land_with_exact_values(shard, tmp_path, method):
         line("2:hbeef", 10, etype=2, user_id=None, qty=None, amount="-0.50"),
     ]
     data = write(tmp_path / "p.txt", rows)
-    result = shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method)
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method)
     assert (result.lines, result.loaded, result.duplicates, result.method) == (5, 5, 0, method)
     assert result.checksum == hashlib.sha1(data).hexdigest()
     got = query(url, "SELECT event_key, event_type, shop_id, user_id, DATE_FORMAT(`timestamp`, '%%Y-%%m-%%d %%H:%%i:%%s.%%f'),"
@@ -94,30 +95,30 @@ def test_rows_land_with_exact_values(shard, tmp_path, method):
     assert [p.name for p in tmp_path.iterdir()] == ["p.txt"]  # chunk files are gone
 
 
-@pytest.mark.parametrize("method", shard_loader.METHODS)
+@pytest.mark.parametrize("method", loader.METHODS)
 def test_a_file_loaded_twice_adds_nothing(shard, tmp_path, method):
     url, conn = shard
     write(tmp_path / "p.txt", many(1200))
-    first = shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=500)
+    first = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=500)
     assert (first.loaded, first.already_loaded) == (1200, False)
-    for again in shard_loader.METHODS:
-        second = shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=again)
+    for again in loader.METHODS:
+        second = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=again)
         assert (second.loaded, second.lines, second.already_loaded) == (1200, 1200, True)
         assert second.stats()["already_loaded"] is True
     (tmp_path / "p.txt").unlink()  # once loaded, the prepared file is no longer needed
-    assert shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path).already_loaded
+    assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path).already_loaded
     assert counts(url) == (1200, 1)
 
 
-@pytest.mark.parametrize("method", shard_loader.METHODS)
+@pytest.mark.parametrize("method", loader.METHODS)
 def test_an_event_already_loaded_is_an_explicit_no_op(shard, tmp_path, method):
     url, conn = shard
     write(tmp_path / "a.txt", many(300))
-    shard_loader.load_file(conn, tmp_path / "a.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=100)
+    loader.load_file(conn, tmp_path / "a.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=100)
     # the second file repeats 100 keys of the first, and one of its own twice
     rows = many(300, source=OTHER)[200:] + many(150, prefix="new", source=OTHER) + [many(1, "new", OTHER)[0]]
     write(tmp_path / "b.txt", rows)
-    result = shard_loader.load_file(conn, tmp_path / "b.txt", OTHER, 0, 2, tmp_path, method=method, chunk_rows=100)
+    result = loader.load_file(conn, tmp_path / "b.txt", OTHER, 0, 2, tmp_path, method=method, chunk_rows=100)
     assert (result.lines, result.loaded, result.duplicates) == (251, 150, 101)
     assert result.method == ("insert" if method == "insert" else "load_data>insert")
     assert counts(url) == (450, 2)
@@ -142,15 +143,15 @@ BAD_LINES = {
 }
 
 
-@pytest.mark.parametrize("method", shard_loader.METHODS)
+@pytest.mark.parametrize("method", loader.METHODS)
 @pytest.mark.parametrize("case", sorted(BAD_LINES))
 def test_a_bad_line_refuses_the_whole_file(shard, tmp_path, method, case):
     url, conn = shard
     bad, message = BAD_LINES[case]
     write(tmp_path / "p.txt", many(250) + [bad] + many(100, prefix="after"))
-    expected = shard_loader.WrongShard if message.startswith("wrong shard") else shard_loader.BadLine
+    expected = loader.WrongShard if message.startswith("wrong shard") else loader.BadLine
     with pytest.raises(expected) as info:  # after two chunks of 100 rows went to the server
-        shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=100)
+        loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=100)
     assert str(info.value).startswith(message), str(info.value)
     assert counts(url) == (0, 0)
     assert [p.name for p in tmp_path.iterdir()] == ["p.txt"]
@@ -158,8 +159,8 @@ def test_a_bad_line_refuses_the_whole_file(shard, tmp_path, method, case):
 
 def test_missing_file_is_reported_and_nothing_is_recorded(shard, tmp_path):
     url, conn = shard
-    with pytest.raises(shard_loader.PreparedMissing, match="is missing"):
-        shard_loader.load_file(conn, tmp_path / "absent.txt", SOURCE, 0, 2, tmp_path)
+    with pytest.raises(loader.PreparedMissing, match="is missing"):
+        loader.load_file(conn, tmp_path / "absent.txt", SOURCE, 0, 2, tmp_path)
     assert counts(url) == (0, 0)
 
 
@@ -177,9 +178,9 @@ def test_check_between_chunks_rolls_back(shard, tmp_path):
             raise Stop()
 
     with pytest.raises(Stop):
-        shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100, check=check)
+        loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100, check=check)
     assert counts(url) == (0, 0)
-    assert shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100).loaded == 1000
+    assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100).loaded == 1000
 
 
 def test_schema_is_idempotent_and_keeps_original_tables(make_database):
@@ -191,7 +192,7 @@ def test_schema_is_idempotent_and_keeps_original_tables(make_database):
         cur.execute("INSERT INTO purchase_history VALUES (1, 2, 3, 4, 5, 6.00)")
     conn.close()
     for _ in range(2):
-        shard_loader.prepare_database(url)
+        loader.prepare_database(url)
     assert query(url, "SELECT * FROM purchase_history") == ((1, 2, 3, 4, 5, Decimal("6.00")),)
     assert query(url, "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES WHERE TABLE_SCHEMA=%s "
                       "ORDER BY 1", (url.database,)) == (
@@ -206,8 +207,8 @@ def test_an_original_events_table_is_named_not_loaded_into(make_database):
         cur.execute("CREATE TABLE events (id BIGINT AUTO_INCREMENT PRIMARY KEY, event_type TINYINT, "
                     "shop_id BIGINT NULL, user_id BIGINT NULL, timestamp DATETIME, shard TINYINT, created_at DATETIME)")
     conn.close()
-    with pytest.raises(shard_loader.SchemaMismatch, match=r"events predates .*missing .*event_key"):
-        shard_loader.prepare_database(url)
+    with pytest.raises(loader.SchemaMismatch, match=r"events predates .*missing .*event_key"):
+        loader.prepare_database(url)
 
 
 def test_prepare_creates_the_database(make_database):
@@ -216,7 +217,7 @@ def test_prepare_creates_the_database(make_database):
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE `{url.database}`")
     conn.close()
-    shard_loader.prepare_database(url)
+    loader.prepare_database(url)
     assert counts(url) == (0, 0)
 
 
@@ -240,7 +241,7 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
 
     def first():
         try:
-            results["first"] = shard_loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path,
+            results["first"] = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path,
                                                       chunk_rows=100, check=check)
         except Abandon:
             results["first"] = "abandoned"
@@ -250,7 +251,7 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
     thread.start()
     assert sent.wait(10)
     other = db.connect(url, autocommit=False, local_infile=True)
-    second = shard_loader.load_file(other, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100)
+    second = loader.load_file(other, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100)
     other.close()
     thread.join(30)
     if first_finishes:

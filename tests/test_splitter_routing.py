@@ -7,9 +7,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from app import layout, order_index
-from app.order_index import OrderIndex
-from app.splitter import split_file
+from app import layout
+from app.splitter import order_index
+from app.splitter.order_index import OrderIndex
+from app.splitter.stage import split_file
 from tests import servers
 
 FIXTURE = servers.ROOT.parent / "shared" / "fixtures" / "original-generator" / "20261126221520.event-ingest.txt"

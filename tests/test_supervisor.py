@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from app import layout, local_run, supervise
+from app import layout
+from app.supervision import local_run, supervise
 from app.config import Supervision
 from tests import servers
 from tests.test_deploy import image_command
 
-MODULES = ("app.apid", "app.ingest", "app.splitter", "app.worker", "app.sender")
+MODULES = ("app.api", "app.ingest", "app.splitter", "app.worker", "app.sender")
 SHARDS = 2
 STOP_WAIT = 10
 FIXTURE = Path("/work/shared/fixtures/original-generator/20261126221520.event-ingest.txt")
@@ -158,7 +159,7 @@ class Group:
 
 @pytest.fixture
 def group_factory(make_database, tmp_path):
-    """Start `python -m app.supervise` (the image's ENTRYPOINT) over fresh databases."""
+    """Start `python -m app.supervision.supervise` (the image's ENTRYPOINT) over fresh databases."""
     started: list[Group] = []
 
     def start(prepare=None, **extra) -> Group:

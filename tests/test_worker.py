@@ -11,9 +11,9 @@ from decimal import Decimal
 import pymysql
 
 from app import db
-from app.ledger import Ledger, LedgerConflict
-from app.rules import CODE, REASONS, Order
-from app.worker_state import WorkerState
+from app.worker.ledger import Ledger, LedgerConflict
+from app.worker.rules import CODE, REASONS, Order
+from app.worker.state import WorkerState
 from tests import servers
 from tests.test_worker_support import (module_api, pipeline, price_change, purchase, reasons, refund,  # noqa: F401
                                        restock, shop_status, ts)

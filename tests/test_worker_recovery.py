@@ -11,9 +11,9 @@ from pathlib import Path
 
 from app import layout
 from app.daemon import Daemon
-from app.ingest import Ingest
-from app.shard_loader import check_line
-from app.splitter import Splitter
+from app.ingest.service import Ingest
+from app.sender.loader import check_line
+from app.splitter.stage import Splitter
 from tests import servers
 from tests.test_worker_support import (module_api, mixed, pipeline, purchase, refund, reset,  # noqa: F401
                                        restock)

@@ -14,7 +14,7 @@ import pytest
 from app import layout
 from app.config import Settings
 from app.daemon import Daemon
-from app.worker import WorkerStage
+from app.worker.stage import WorkerStage
 from tests import servers
 
 T0 = datetime(2026, 3, 1, 12, 0, 0)

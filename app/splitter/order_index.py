@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pymysql
 
-from . import db
-from .atomic import TMP_MARK
-from .config import MySQLURL
+from .. import db
+from ..atomic import TMP_MARK
+from ..config import MySQLURL
 
-DDL_PATH = Path(__file__).resolve().parent.parent / "db" / "splitter_ddl.sql"
+DDL_PATH = db.SQL_DIR / "splitter_ddl.sql"
 DDL_LOCK = "shard_splitter_ddl"
 INT64_MAX = 2**63 - 1
 CHUNK = 4096          # purchases per TSV chunk handed to the loader

@@ -21,8 +21,8 @@ from typing import BinaryIO, Mapping
 
 import orjson
 
-from . import layout
-from .atomic import TMP_MARK, fsync_dir
+from .. import layout
+from ..atomic import TMP_MARK, fsync_dir
 
 TICK_FORMAT = "%Y%m%d%H%M%S"
 ORDER_ID_RANGE = (2**53, 2**63)   # like the original's: above 2^53, so a float would corrupt them

@@ -14,9 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import db
-from .config import MySQLURL
-from .processes import pid_alive
+from .. import db
+from ..config import MySQLURL
+from ..processes import pid_alive
 
 INSTALL_HINT = (
     "no MariaDB server found: install one (Debian/Ubuntu: sudo apt-get install mariadb-server; "

@@ -6,7 +6,7 @@ that dies *after* `startsecs` is restarted forever and never becomes FATAL, so t
 also counts unexpected exits: CRASH_LOOP_EXITS of them within CRASH_LOOP_WINDOW seconds is a
 crash loop too, and the program is stopped. Either way it prints a banner naming the program
 and the way back; with PIPELINE_EXIT_ON_FATAL=1 (containers) it also leaves a marker and stops
-supervisord, and `app.supervise` then exits 1 so the orchestrator restarts the container.
+supervisord, and `app.supervision.supervise` then exits 1 so the orchestrator restarts the container.
 stdout is the event protocol's channel: everything human goes to stderr.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import defaultdict, deque
 
 from supervisor import childutils
 
-from .config import Supervision
+from ..config import Supervision
 from .supervise import FATAL_MARKER
 
 CRASH_LOOP_EXITS = 5

@@ -11,13 +11,12 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
-from . import db
-from .config import MySQLURL
-from .rules import Event, ORPHAN_RETURN
+from .. import db
+from ..config import MySQLURL
+from .rules import ORPHAN_RETURN, Event
 
-DDL_PATH = Path(__file__).resolve().parent.parent / "db" / "worker_ddl.sql"
+DDL_PATH = db.SQL_DIR / "worker_ddl.sql"
 TIME = "%Y-%m-%d %H:%M:%S.%f"
 
 

@@ -1,6 +1,6 @@
 """supervisord for the whole process group, its config rendered from SHARD_COUNT.
 
-`python -m app.supervise` renders `supervisord.conf.template` into $PIPELINE_RUN_DIR and runs
+`python -m app.supervision.supervise` renders `supervisord.conf.template` into $PIPELINE_RUN_DIR and runs
 supervisord's own main loop in this process, in the foreground. It is the container's
 entrypoint, what `bin/pipeline start` launches and what the tests start, so all three run the
 same config. Running supervisord in-process (not exec) is what lets a FATAL program end it with
@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from string import Template
 
-from .config import Settings, Supervision
+from ..config import Settings, Supervision
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "supervisord.conf.template"
 FATAL_MARKER = "fatal"
 _SECTION = re.compile(r"^\[(?P<name>[^\]]+)\]", re.M)

@@ -17,7 +17,6 @@ import os
 import queue
 import random
 import re
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -25,15 +24,15 @@ from pathlib import Path
 
 import orjson
 
-from . import layout
-from .atomic import TMP_MARK, writer_alive
-from .client import ApiError, ApiUnavailable, PipelineClient
-from .config import ConfigError, Settings
-from .daemon import empty_folder
+from .. import layout
+from ..atomic import TMP_MARK, writer_alive
+from ..client import ApiError, ApiUnavailable, PipelineClient
+from ..config import ConfigError, Settings
+from ..daemon import empty_folder
+from ..logs import setup_logging
+from ..shutdown import StopFlag, stop_on_signals
 from .generator import (Generator, Rates, World, existing_ticks, parse_tick, publish, temp_path,
                         write_event_file)
-from .logs import setup_logging
-from .shutdown import StopFlag, stop_on_signals
 
 SERVICE = "event-ingest"
 FILENAME = re.compile(r"^[0-9A-Za-z_-]{1,64}$")   # what the API accepts, without dots
@@ -301,7 +300,3 @@ def main(argv: list[str] | None = None) -> int:
         if stop.is_set():
             log.info("%s received: stopped after the current file", stop.signal_name)
         empty_folder(folder)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,18 +19,18 @@ from itertools import islice
 import orjson
 import pymysql
 
-from . import db, layout
-from .atomic import atomic_write
-from .config import Settings
-from .daemon import Context, Done, Failed, InputMissing, Retryable, Stage, TaskFailed, run_shard_stage
-from .db import DEADLOCK_CODES
-from .events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
+from .. import db, layout
+from ..atomic import atomic_write
+from ..config import Settings
+from ..daemon import Context, Done, Failed, InputMissing, Retryable, Stage, TaskFailed, run_shard_stage
+from ..db import DEADLOCK_CODES
+from ..events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
+from ..overlap import Behind, ReadAhead, Turns
 from .ledger import DUPLICATE_KEY, Ledger, LedgerConflict
-from .overlap import Behind, ReadAhead, Turns
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
                     stock_change, validate)
-from .worker_state import BatchRecord, Hold, Recent, SeenConflict, WorkerState
+from .state import BatchRecord, Hold, Recent, SeenConflict, WorkerState
 
 log = logging.getLogger("shard-worker")
 STAGE = "shard-worker"
@@ -633,7 +633,3 @@ class WorkerStage(Stage):
 
 def main(argv: list[str] | None = None) -> None:
     run_shard_stage("app.worker", WorkerStage, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import pymysql
 
-from . import db
+from .. import db
 from .rules import Order
 
 DUPLICATE_KEY = 1062

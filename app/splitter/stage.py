@@ -18,12 +18,13 @@ import msgspec
 import orjson
 import pymysql
 
-from . import layout, routing
-from .atomic import atomic_write
-from .client import ApiError, ApiUnavailable, PipelineClient, Task
-from .config import Settings
-from .daemon import Context, Done, Failed, Outcome, Retryable, Stage, run_stage
-from .db import UNAVAILABLE
+from .. import layout
+from ..atomic import atomic_write
+from ..client import ApiError, ApiUnavailable, PipelineClient, Task
+from ..config import Settings
+from ..daemon import Context, Done, Failed, Outcome, Retryable, Stage, run_stage
+from ..db import UNAVAILABLE
+from . import reasons
 from .order_index import FileRouting, OrderIndex
 
 SOURCE_MISSING = "source missing"
@@ -83,7 +84,7 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
     """Route every line of `source`; write those of the shards in `outputs` (None: count only)
     and, with `rejected_out`, one record per rejected line. Memory stays flat: lines are
     held back only while shop-less returns wait for a lookup (BUFFER_LINES, BUFFER_BYTES)."""
-    event_types, max_id = routing.EVENT_TYPES, routing.MAX_ID
+    event_types, max_id = reasons.EVENT_TYPES, reasons.MAX_ID
     add_purchase, local = file_routing.add_purchase, file_routing.local
     counts = [0] * shard_count
     rejected: dict[str, int] = {}
@@ -108,7 +109,7 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
                 if out is not None:
                     out(line)
             else:
-                reject(n, line, routing.UNREGISTERED_SHARD)
+                reject(n, line, reasons.UNREGISTERED_SHARD)
         else:
             reject(n, line, dest)
 
@@ -118,7 +119,7 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
             if type(dest) is int and dest < 0:
                 shop = shops[-1 - dest]
                 if shop is None:
-                    dest = routing.UNROUTABLE
+                    dest = reasons.UNROUTABLE
                 else:
                     dest = shop % shard_count
                     result.routed_by_order += 1
@@ -156,14 +157,14 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
             if not line.isascii():
                 line.decode("utf-8")
         except (decode_error, UnicodeDecodeError):
-            dest = routing.EMPTY_LINE if not line.strip() else routing.MALFORMED_JSON
+            dest = reasons.EMPTY_LINE if not line.strip() else reasons.MALFORMED_JSON
         else:
             payload = event.payload
             etype = event.event_type
             if payload is None:
-                dest = routing.MALFORMED_JSON
+                dest = reasons.MALFORMED_JSON
             elif type(etype) is not int or etype not in event_types:
-                dest = routing.UNKNOWN_EVENT_TYPE
+                dest = reasons.UNKNOWN_EVENT_TYPE
             else:
                 shop = payload.shop_id
                 if type(shop) is int:
@@ -174,11 +175,11 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
                             if type(order) is int and -max_id - 1 <= order <= max_id:
                                 add_purchase(order, shop, n)
                     else:
-                        dest = routing.SHOP_ID_OUT_OF_RANGE
+                        dest = reasons.SHOP_ID_OUT_OF_RANGE
                 elif shop is None and etype == 3:
                     order = payload.order_id
                     if type(order) is not int or not -max_id - 1 <= order <= max_id:
-                        dest = routing.UNROUTABLE
+                        dest = reasons.UNROUTABLE
                     else:
                         shop = local(order)
                         if shop is not None:
@@ -188,9 +189,9 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
                             dest = -1 - len(pending)
                             pending.append((order, n))
                 elif shop is None:
-                    dest = routing.MISSING_SHOP_ID
+                    dest = reasons.MISSING_SHOP_ID
                 else:
-                    dest = routing.NON_INTEGER_SHOP_ID
+                    dest = reasons.NON_INTEGER_SHOP_ID
         if held is not None:
             held.append(line)
             held_dest.append(dest)
@@ -204,7 +205,7 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
                 if out is not None:
                     out(line)
             else:
-                reject(n, line, routing.UNREGISTERED_SHARD)
+                reject(n, line, reasons.UNREGISTERED_SHARD)
         elif type(dest) is int or in_flight is not None:
             held, held_from, held_bytes = [line], n, len(line)
             held_dest.append(dest)
@@ -309,7 +310,3 @@ class Splitter(Stage):
 def main() -> None:
     settings = Settings.from_env()
     run_stage(Splitter(settings), settings)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """mysql-sender: `python -m app.sender --shard N` — loads shard N's prepared files into shard N's
-own server (MYSQL_SHARD_<N>_URL), each file exactly once (see app/shard_loader.py and
+own server (MYSQL_SHARD_<N>_URL), each file exactly once (see app/loader.py and
 docs/sender.md).
 
 What reaches the tracking API: done with the rows loaded; failed for a malformed or wrong-shard
@@ -9,17 +9,18 @@ handed back and the shared loop backs off until the server answers again.
 """
 from __future__ import annotations
 
-
 import pymysql
 
-from . import db, layout, shard_loader
-from .client import Task
-from .config import Settings
-from .daemon import Context, Done, InputMissing, Outcome, Retryable, Stage, StopRequested, TaskFailed, run_shard_stage
+from .. import db, layout
+from ..client import Task
+from ..config import Settings
+from ..daemon import (Context, Done, InputMissing, Outcome, Retryable, Stage, StopRequested, TaskFailed,
+                      run_shard_stage)
+from . import loader
 
 STAGE = "mysql-sender"
 # Database errors that a retry cannot cure: the rows themselves were refused.
-DATA_REFUSED = (pymysql.err.IntegrityError, pymysql.err.DataError, shard_loader.RowsRefused)
+DATA_REFUSED = (pymysql.err.IntegrityError, pymysql.err.DataError, loader.RowsRefused)
 
 
 class Sender(Stage):
@@ -47,7 +48,7 @@ class Sender(Stage):
             except Exception:
                 self._drop_connection()
         if not self._schema_ready:
-            shard_loader.prepare_database(self.url)
+            loader.prepare_database(self.url)
             self._schema_ready = True
         if self._conn is None:
             self._conn = db.connect(self.url, autocommit=False, local_infile=True)
@@ -65,7 +66,7 @@ class Sender(Stage):
         try:
             self._connection()
             ctx.log.info("shard %s database %s ready (method %s)", self.shard, self.url, self.method)
-        except (pymysql.err.MySQLError, *db.UNAVAILABLE, shard_loader.SchemaMismatch) as exc:
+        except (pymysql.err.MySQLError, *db.UNAVAILABLE, loader.SchemaMismatch) as exc:
             self._schema_ready = False
             ctx.log.warning("shard %s database %s not ready yet (%s); tasks wait until it is",
                             self.shard, self.url, exc)
@@ -84,20 +85,20 @@ class Sender(Stage):
         path = layout.worker_output(self.settings.shared_dir, task.filename, self.shard)
         try:
             conn = self._connection()
-            result = shard_loader.load_file(
+            result = loader.load_file(
                 conn, path, task.filename, self.shard, self.settings.shard_count, self.folder,
                 method=self.method, chunk_rows=self.settings.sender_chunk_rows, check=ctx.check)
         except StopRequested:
             ctx.log.info("%s: load rolled back; handing the task back", task.filename)
             raise
-        except shard_loader.PreparedMissing as exc:
+        except loader.PreparedMissing as exc:
             raise InputMissing(str(exc)) from None
-        except shard_loader.BadLine as exc:
+        except loader.BadLine as exc:
             raise TaskFailed(str(exc)) from None
         except DATA_REFUSED as exc:
             self._drop_connection()
             raise TaskFailed(f"shard {self.shard} server refused the rows of {task.filename}: {exc}") from None
-        except (pymysql.err.MySQLError, *db.UNAVAILABLE, shard_loader.SchemaMismatch) as exc:
+        except (pymysql.err.MySQLError, *db.UNAVAILABLE, loader.SchemaMismatch) as exc:
             # Server down, connection lost, deadlock, schema gone: nothing was committed, or all
             # of it was and the load record says so next time. Hand back and retry later.
             self._drop_connection()
@@ -121,7 +122,3 @@ class Sender(Stage):
 
 def main(argv: list[str] | None = None) -> None:
     run_shard_stage("app.sender", Sender, argv)
-
-
-if __name__ == "__main__":
-    main()

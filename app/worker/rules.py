@@ -13,8 +13,8 @@ from decimal import Decimal
 
 import orjson
 
-from .config import Rules
-from .events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS, event_key
+from ..config import Rules
+from ..events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS, event_key
 
 ACCEPTED = 0
 HELD = 1

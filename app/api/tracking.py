@@ -16,16 +16,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, Callable
 
 import orjson
 import pymysql
 import pymysql.cursors
 
-from . import db
+from .. import db
 
-DDL_PATH = Path(__file__).resolve().parent.parent / "db" / "ddl.sql"
+DDL_PATH = db.SQL_DIR / "ddl.sql"
 
 STAGES = ("event-ingest", "shard-splitter", "shard-worker", "mysql-sender")
 WORK_STAGES = STAGES[1:]

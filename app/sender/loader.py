@@ -30,15 +30,15 @@ import orjson
 import pymysql
 from pymysql.converters import escape_string
 
-from . import db
-from .atomic import TMP_MARK
-from .config import MySQLURL
-from .events import EVENT_TYPES
-from .overlap import ReadAhead
+from .. import db
+from ..atomic import TMP_MARK
+from ..config import MySQLURL
+from ..events import EVENT_TYPES
+from ..overlap import ReadAhead
 
 log = logging.getLogger("shard-loader")
 
-DDL = Path(__file__).resolve().parent.parent / "db" / "shard_ddl.sql"
+DDL = db.SQL_DIR / "shard_ddl.sql"
 METHODS = ("load_data", "insert")
 INSERT_ROWS = 2000          # rows per INSERT statement (~0.7 MB, far below max_allowed_packet)
 READ_BLOCK = 1 << 22

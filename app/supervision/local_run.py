@@ -2,7 +2,7 @@
 
 `start` brings up, in the background, everything a fresh checkout needs: the private MariaDB
 (when no MYSQL_*_URL is set) with the pipeline and shard databases, then `python -m
-app.supervise` with all programs, and waits until every program is RUNNING. Everything it owns
+app.supervision.supervise` with all programs, and waits until every program is RUNNING. Everything it owns
 lives under ./var: var/mariadb (database), var/shared (SHARED_DIR unless set), var/run
 (rendered config, supervisorctl socket, pipeline.env) and var/log/pipeline.log (all output).
 `stop` ends supervisord (each program hands back its work), then the private MariaDB, and makes
@@ -23,10 +23,10 @@ from pathlib import Path
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from . import db
-from .config import ConfigError, Settings, Supervision, database_urls_configured
+from .. import db
+from ..config import ConfigError, Settings, Supervision, database_urls_configured
+from ..processes import pid_alive
 from .embedded_mariadb import INSTALL_HINT, EmbeddedMariaDB
-from .processes import pid_alive
 from .supervise import ROOT, program_names
 
 VAR = ROOT / "var"
@@ -67,7 +67,7 @@ def pidfile_pid(sup: Supervision) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid if b"app.supervise" in cmdline and pid_alive(pid) else None
+    return pid if b"app.supervision.supervise" in cmdline and pid_alive(pid) else None
 
 
 def process_infos(sup: Supervision) -> list[dict]:
@@ -179,7 +179,7 @@ def start() -> int:
         env_file = _write_env_file(sup, env, settings)
         LOG.parent.mkdir(parents=True, exist_ok=True)
         with open(LOG, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "app.supervise"], cwd=ROOT, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "app.supervision.supervise"], cwd=ROOT, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         problem = _wait_all_running(sup, proc, program_names(settings.shard_count, sup))

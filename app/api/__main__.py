@@ -1,0 +1,5 @@
+import sys
+
+from .service import main
+
+main(sys.argv[1:])

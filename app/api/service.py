@@ -1,0 +1,420 @@
+"""pipeline-apid: the HTTP API over the tracking table, served by gunicorn (threads).
+
+`python -m app.apid` serves `/api/v1/pipeline` on PIPELINE_API_HOST:PIPELINE_API_PORT.
+Routes only validate and translate; the rules live in `tracking.py`.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import threading
+import time
+import traceback
+from typing import Any
+
+import bottle
+import orjson
+import pymysql
+
+from .. import db
+from ..config import Settings
+from ..logs import setup_logging
+from . import tracking
+
+BASE = "/api/v1/pipeline"
+MAX_BODY = 64 * 1024
+MAX_STATS = 32 * 1024  # pipeline_transitions.stats is a TEXT (64 KiB)
+FILENAME = re.compile(r"^[0-9A-Za-z_.-]{1,64}$")
+log = logging.getLogger("pipeline-apid")
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.body = status, {"error": message, **extra}
+
+
+# -- validation ---------------------------------------------------------------------------
+
+def _filename(value: Any, field: str = "filename") -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"'{field}' must be a string", field)
+    if not FILENAME.fullmatch(value) or ".." in value:
+        raise BadRequest(f"'{field}' must match ^[0-9A-Za-z_.-]{{1,64}}$ and contain no '..' "
+                         f"(it becomes a file name), got {value[:80]!r}", field)
+    return value
+
+
+def _int(value: Any, field: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"'{field}' must be an integer, got {type(value).__name__}", field)
+    if not lo <= value <= hi:
+        raise BadRequest(f"'{field}' must be in [{lo}, {hi}], got {value}", field)
+    return value
+
+
+def _text(value: Any, field: str, max_len: int, required: bool = False) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value):
+        raise BadRequest(f"'{field}' must be a {'non-empty ' if required else ''}string", field)
+    if len(value) > max_len:
+        raise BadRequest(f"'{field}' is longer than {max_len} characters", field)
+    return value
+
+
+def _query_int(name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = bottle.request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter '{name}' must be an integer, got {raw[:40]!r}", name) from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"query parameter '{name}' must be in [{lo}, {hi}], got {value}", name)
+    return value
+
+
+def _body() -> dict:
+    """The JSON object of a POST. Read straight from the server's input stream with a cap
+    (bottle's `request.body` would first spool any size of chunked body to a file)."""
+    length = bottle.request.content_length
+    if length > MAX_BODY:
+        raise HttpError(413, f"request body is larger than {MAX_BODY} bytes")
+    stream = bottle.request.environ["wsgi.input"]
+    raw = stream.read(length) if length >= 0 else stream.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise HttpError(413, f"request body is larger than {MAX_BODY} bytes")
+    if not raw.strip():
+        raise BadRequest("request body must be a JSON object")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def _required(data: dict, field: str) -> Any:
+    if data.get(field) is None:
+        raise BadRequest(f"'{field}' is required", field)
+    return data[field]
+
+
+def _stats(value: Any) -> dict | None:
+    """Per-file counts: a JSON object that fits the history column once re-encoded."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest("'stats' must be a JSON object", "stats")
+    try:
+        size = len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        raise BadRequest("'stats' is nested too deeply", "stats") from None
+    if size > MAX_STATS:
+        raise BadRequest(f"'stats' is larger than {MAX_STATS} bytes once encoded", "stats")
+    return value
+
+
+# -- the application ----------------------------------------------------------------------
+
+class Api:
+    """The bottle app and what it needs: settings, per-thread connections, the tracker."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.conns = db.ThreadConnections(settings.pipeline_db, multi_statements=True)
+        self.tracker = tracking.Tracker(self.conns, settings.shard_count, settings.lease_seconds,
+                                        settings.max_attempts)
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+        self._last_reap = 0.0
+        self.app = bottle.Bottle()
+        self.app.default_error_handler = self._bottle_error
+        self._routes()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            db.ensure_database(self.settings.pipeline_db)
+            tracking.install_schema(self.conns.get())
+            self._schema_ready = True
+
+    def _respond(self, status: int, body: Any) -> bytes:
+        bottle.response.status = status
+        bottle.response.content_type = "application/json"
+        return orjson.dumps(body)
+
+    def _bottle_error(self, err: bottle.HTTPError) -> bytes:
+        bottle.response.content_type = "application/json"
+        message = {404: "no such route", 405: f"method {bottle.request.method} not allowed here"}.get(
+            err.status_code, str(err.body or err.status_line))
+        return orjson.dumps({"error": message, "path": bottle.request.path[:200]})
+
+    def _authorised(self) -> bool:
+        token = self.settings.api_token
+        if not token or bottle.request.method != "POST":
+            return True
+        header = bottle.request.get_header("Authorization", "")
+        return header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(), token.encode())
+
+    def endpoint(self, fn, needs_db: bool = True):
+        def handler(*args, **kwargs):
+            try:
+                if not self._authorised():
+                    bottle.response.set_header("WWW-Authenticate", 'Bearer realm="pipeline"')
+                    return self._respond(401, {"error": "missing or wrong 'Authorization: Bearer <token>'"})
+                if needs_db:
+                    self.ensure_schema()
+                status, body = fn(*args, **kwargs)
+                return self._respond(status, body)
+            except BadRequest as exc:
+                return self._respond(400, {"error": str(exc), **({"field": exc.field} if exc.field else {})})
+            except HttpError as exc:
+                return self._respond(exc.status, exc.body)
+            except tracking.TaskError as exc:
+                return self._respond(exc.http_status, exc.body)
+            except tracking.SchemaMissing as exc:
+                self._schema_ready = False
+                log.warning("tracking schema missing (%s); it is installed again on the next request", exc)
+                return self._respond(503, {"error": f"tracking schema missing: {exc}; reinstalling", "retry": True})
+            except db.UNAVAILABLE as exc:
+                code = exc.args[0] if exc.args else None
+                if code in db.DEADLOCK_CODES:
+                    return self._respond(503, {"error": f"database busy (lock contention: {exc}); retry",
+                                               "retry": True})
+                self.conns.discard()
+                log.warning("database unavailable: %s", exc)
+                return self._respond(503, {"error": f"database unavailable: {exc}", "retry": True})
+            except Exception:  # a bug; say so without leaking more than the class
+                self.conns.discard()
+                log.error("unhandled error on %s %s\n%s", bottle.request.method, bottle.request.path,
+                          traceback.format_exc())
+                return self._respond(500, {"error": "internal error; see the pipeline-apid log"})
+        return handler
+
+    def _stage(self, stage: str, allow_ingest: bool = False) -> str:
+        allowed = tracking.STAGES if allow_ingest else tracking.WORK_STAGES
+        if stage not in allowed:
+            raise HttpError(404, f"unknown stage {stage[:40]!r}; expected one of {', '.join(allowed)}")
+        return stage
+
+    def _shard(self, value: Any, field: str = "shard") -> int:
+        return _int(value, field, 0, self.settings.shard_count - 1)
+
+    def _query_shard(self) -> int | None:
+        return _query_int("shard", None, 0, self.settings.shard_count - 1)
+
+    # -- routes -------------------------------------------------------------------------------
+
+    def _routes(self) -> None:
+        a, route = self.app, self.endpoint
+        a.route("/health", "GET", route(self.health, needs_db=False))
+        a.route("/ready", "GET", route(self.ready, needs_db=False))
+        a.route(f"{BASE}/health", "GET", route(self.health, needs_db=False))
+        a.route(f"{BASE}/ready", "GET", route(self.ready, needs_db=False))
+        a.route(f"{BASE}/files/register", "POST", route(self.register))
+        a.route(f"{BASE}/files/<filename>", "GET", route(self.file))
+        a.route(f"{BASE}/stages/<stage>/<action>", "POST", route(self.stage_action))
+        a.route(f"{BASE}/queues/<stage>", "GET", route(self.queue))
+        a.route(f"{BASE}/queues/<stage>/claim", "POST", route(self.claim))
+        a.route(f"{BASE}/tasks/<stage>", "GET", route(self.tasks))
+        a.route(f"{BASE}/metrics/summary", "GET", route(self.summary))
+        a.route(f"{BASE}/metrics/throughput", "GET", route(self.throughput))
+
+    def health(self):
+        return 200, {"status": "ok"}
+
+    def ready(self):
+        try:
+            self.ensure_schema()
+            tables = self.tracker.ready()["tables"]
+        except db.UNAVAILABLE as exc:
+            self.conns.discard()
+            return 503, {"status": "unavailable", "error": f"database unreachable: {exc}"}
+        if len(tables) < 3:
+            return 503, {"status": "unavailable", "error": "schema missing", "tables": tables}
+        return 200, {"status": "ready", "database": str(self.settings.pipeline_db)}
+
+    def register(self):
+        data = _body()
+        filename = _filename(_required(data, "filename"))
+        shards = data.get("shards", list(range(self.settings.shard_count)))
+        if not isinstance(shards, list) or not shards:
+            raise BadRequest("'shards' must be a non-empty list of shard numbers", "shards")
+        shards = sorted({self._shard(s, "shards") for s in shards})
+        return 200, self.tracker.register(filename, shards)
+
+    def stage_action(self, stage: str, action: str):
+        if stage == "event-ingest" and action != "done":
+            raise HttpError(404, f"event-ingest has no transition {action[:40]!r}: it is started by "
+                                 f"POST {BASE}/files/register and finished by .../stages/event-ingest/done")
+        if stage == "event-ingest":
+            data = _body()
+            events = data.get("events")
+            return 200, self.tracker.ingest_done(
+                _filename(_required(data, "filename")), _text(data.get("worker"), "worker", 128),
+                None if events is None else _int(events, "events", 0, 2**31 - 1))
+        self._stage(stage)
+        if action not in (*tracking.ACTIONS, "heartbeat"):
+            raise HttpError(404, f"unknown transition {action[:40]!r}; expected one of "
+                                 f"{', '.join(tracking.ACTIONS)}, heartbeat")
+        data = _body()
+        if action == "retry" and data.get("all") is not None:
+            if data["all"] is not True:
+                raise BadRequest("'all' must be true when given", "all")
+            shard = None if data.get("shard") is None else self._shard(data["shard"])
+            return 200, self.tracker.retry_all(stage, shard, _text(data.get("worker"), "worker", 128))
+        filename = _filename(_required(data, "filename"))
+        shard = self._shard(_required(data, "shard"))
+        if action == "heartbeat":
+            worker = _text(_required(data, "worker"), "worker", 128, required=True)
+            return 200, self.tracker.heartbeat(stage, filename, shard, worker)
+        stats = _stats(data.get("stats"))
+        events = data.get("events")
+        error = data.get("error")
+        if error is not None and not isinstance(error, str):
+            raise BadRequest("'error' must be a string", "error")
+        outcome = self.tracker.transition(
+            stage, action, filename, shard,
+            worker=_text(data.get("worker"), "worker", 128),
+            error=None if error is None else error[:tracking.ERROR_MAX],
+            events=None if events is None else _int(events, "events", 0, 2**31 - 1),
+            stats=stats)
+        return 200, outcome.as_dict()
+
+    def claim(self, stage: str):
+        self._stage(stage)
+        data = _body()
+        limit = _int(data.get("limit", 1), "limit", 1, 1000)
+        shard = None if data.get("shard") is None else self._shard(data["shard"])
+        worker = _text(_required(data, "worker"), "worker", 128, required=True)
+        if stage in tracking.ORDERED and shard is None:
+            raise BadRequest(f"{stage} takes each shard's files in order: 'shard' is required", "shard")
+        self._reap_now_and_then()
+        return 200, {"stage": stage, "worker": worker,
+                     "items": self.tracker.claim(stage, limit, shard, worker)}
+
+    def queue(self, stage: str):
+        self._stage(stage)
+        return 200, self.tracker.queue(stage, _query_int("limit", 100, 1, 1000),
+                                       _query_int("offset", 0, 0, 10**9), self._query_shard())
+
+    def tasks(self, stage: str):
+        self._stage(stage, allow_ingest=True)
+        status = bottle.request.query.get("status") or "failed"
+        if status not in tracking.STATUSES:
+            raise BadRequest(f"query parameter 'status' must be one of {', '.join(tracking.STATUSES)}", "status")
+        return 200, self.tracker.tasks(stage, status, self._query_shard(),
+                                       _query_int("limit", 100, 1, 1000), _query_int("offset", 0, 0, 10**9))
+
+    def file(self, filename: str):
+        try:
+            _filename(filename)
+        except BadRequest as exc:
+            raise HttpError(404, str(exc)) from None
+        return 200, self.tracker.file(filename)
+
+    def summary(self):
+        return 200, self.tracker.summary()
+
+    def throughput(self):
+        return 200, self.tracker.throughput(_query_int("minutes", 15, 1, 180))
+
+    # -- background -------------------------------------------------------------------------------
+
+    def _reap_now_and_then(self) -> None:
+        """Claims reap too (at most once a second per process), so an expired lease is
+        noticed at the moment someone wants work, whatever the reaper thread's interval."""
+        now = time.monotonic()
+        if now - self._last_reap >= 1.0:
+            self._last_reap = now
+            try:
+                self.tracker.reap()
+            except pymysql.err.OperationalError as exc:
+                if not exc.args or exc.args[0] not in db.DEADLOCK_CODES:
+                    raise
+                log.info("reaping skipped (lock contention); the reaper thread will do it")
+
+    def start_reaper(self) -> None:
+        def loop():
+            while True:
+                time.sleep(self.settings.reap_interval)
+                try:
+                    self.ensure_schema()
+                    for item in self.tracker.reap():
+                        log.warning("reaped %s shard %s at %s -> %s", item["filename"], item["shard"],
+                                    item["stage"], item["status"])
+                except Exception as exc:
+                    self.conns.discard()
+                    log.debug("reaper: %s", exc)
+        threading.Thread(target=loop, name="reaper", daemon=True).start()
+
+
+def create_app(settings: Settings | None = None, reaper: bool = True) -> bottle.Bottle:
+    api = Api(settings or Settings.from_env())
+    if reaper:
+        api.start_reaper()
+    return api.app
+
+
+def serve(settings: Settings, app_factory=None) -> None:
+    """Run gunicorn (gthread) with the production options; `app_factory(settings)` builds the
+    WSGI app in each worker after fork (the benchmark's floor endpoint reuses these options)."""
+    from gunicorn.app.base import BaseApplication
+
+    factory = app_factory or create_app
+
+    class Server(BaseApplication):
+        def load_config(self):
+            options = {
+                "bind": f"{settings.api_host}:{settings.api_port}",
+                "workers": settings.api_workers,
+                "worker_class": "gthread",
+                "threads": settings.api_threads,
+                "timeout": 30,
+                "graceful_timeout": 10,
+                "keepalive": 30,
+                "backlog": 1024,
+                "accesslog": None,
+                "errorlog": "-",
+                "loglevel": "warning",
+                "proc_name": "pipeline-apid",
+            }
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            # Runs in each worker after fork: connections and the reaper thread are per process.
+            return factory(settings)
+
+    Server().run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings.from_env()
+    setup_logging("pipeline-apid", None)
+    try:
+        db.ensure_database(settings.pipeline_db)
+        conn = db.connect(settings.pipeline_db)
+        tracking.install_schema(conn)
+        conn.close()
+    except db.UNAVAILABLE as exc:
+        log.warning("database %s not reachable yet (%s); serving 503 until it is", settings.pipeline_db, exc)
+    log.warning("pipeline-apid on http://%s:%s%s (gunicorn, %d workers x %d threads)", settings.api_host,
+                settings.api_port, BASE, settings.api_workers, settings.api_threads)
+    serve(settings)
