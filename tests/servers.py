@@ -39,18 +39,20 @@ def server_url(database: str, host: str = MYSQL_HOST, port: int = MYSQL_PORT) ->
 
 
 def url_text(url: MySQLURL) -> str:
-    return f"mysql://{url.user}:{url.password}@{url.host}:{url.port}/{url.database}"
+    return url.secret_text()
 
 
-def admin_connect(host: str = MYSQL_HOST, port: int = MYSQL_PORT, database: str | None = None):
+def admin_connect(host: str = MYSQL_HOST, port: int = MYSQL_PORT, database: str | None = None, ssl=None,
+                  unix_socket: str | None = None):
+    """`ssl`: an SSLContext for a server that requires TLS; `unix_socket` instead of TCP."""
     return pymysql.connect(host=host, port=port, user=MYSQL_USER, password=MYSQL_PASSWORD,
-                           database=database, autocommit=True, ssl_disabled=True,
-                           init_command="SET time_zone = '+00:00'")
+                           database=database, autocommit=True, ssl=ssl, ssl_disabled=ssl is None,
+                           unix_socket=unix_socket, init_command="SET time_zone = '+00:00'")
 
 
 def query(url: MySQLURL, sql: str, args=()) -> list[tuple]:
-    """Run one statement on a database of the test servers; its rows."""
-    conn = admin_connect(url.host, url.port, url.database)
+    """Run one statement on a database of the test servers (over TLS if the URL says so); its rows."""
+    conn = admin_connect(url.host, url.port, url.database, ssl=url.tls.context() if url.tls else None)
     try:
         with conn.cursor() as cur:
             cur.execute(sql, args)
@@ -207,7 +209,9 @@ class MariaDB:
              "--local-infile=1", "--skip-name-resolve", "--log-error=" + str(self.datadir / "error.log"), *self.options],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        wait_until(lambda: admin_connect(port=self.port).close() or True, timeout, 0.1,
+        # Over the unix socket: a server started with --require-secure-transport refuses
+        # plain TCP, and the socket comes up with the TCP port.
+        wait_until(lambda: admin_connect(unix_socket=str(self.socket)).close() or True, timeout, 0.1,
                    what=f"private mariadbd on port {self.port}")
         return self
 
