@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from app import config, db
 from app.config import ConfigError, MySQLURL, Settings
-from app.generator import Rates, generate_files
+from app.ingest.generator import Rates, generate_files
 from tests import ground_truth, servers
 from tests.pipeline_harness import Pipeline, check_against_truth
 
