@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import is_temp, writer_alive
+from .db import MigrationError
 from .client import ApiError, ApiUnavailable, PipelineClient, Task
 from .config import Settings, shard_arg
 from .logs import ACTIVITY_LOG, setup_logging
@@ -210,6 +211,8 @@ class Daemon:
             self.log.warning("%s: %s", names, exc)
             self._release(group, f"retryable: {exc}")
             return False
+        except MigrationError:
+            raise  # the code and its database disagree: stop (the tasks are handed back), fail no task
         except Exception as exc:
             self.log.error("%s failed unexpectedly:\n%s", names, traceback.format_exc())
             outcomes = [Failed(f"{type(exc).__name__}: {exc}")] * len(group)
@@ -290,4 +293,8 @@ def run_stage(stage: Stage, settings: Settings) -> None:
     setup_logging(stage.service, stage.folder)
     daemon = Daemon(stage, settings)
     daemon.install_signals()
-    daemon.run()
+    try:
+        daemon.run()
+    except MigrationError as exc:
+        daemon.log.critical("database schema: %s", exc)
+        raise SystemExit(f"{stage.service}: database schema: {exc}") from None

@@ -212,7 +212,7 @@ def drop_database(url: MySQLURL) -> None:
 def install(url: MySQLURL) -> None:
     from app.api import tracking
     conn = db.connect(url)
-    tracking.install_schema(conn)
+    db.migrate(conn, tracking.SCHEMA)
     conn.close()
 
 

@@ -1,4 +1,4 @@
--- Worked examples over the tracking schema of db/ddl.sql: every transition exactly as
+-- Worked examples over the tracking schema of db/migrations/tracking/: every transition exactly as
 -- pipeline-apid performs it (app/api/tracking.py), then the monitoring queries an operator needs.
 -- Run it against a scratch database that has the schema (tests/test_schema_examples.py does):
 --   mariadb -h127.0.0.1 -uroot scratch_db < db/pipeline-examples.sql

@@ -151,7 +151,7 @@ class Api:
             if self._schema_ready:
                 return
             db.ensure_database(self.settings.pipeline_db)
-            tracking.install_schema(self.conns.get())
+            db.migrate(self.conns.get(), tracking.SCHEMA)
             self._schema_ready = True
 
     def _respond(self, status: int, body: Any) -> bytes:
@@ -188,6 +188,11 @@ class Api:
                 return self._respond(exc.status, exc.body)
             except tracking.TaskError as exc:
                 return self._respond(exc.http_status, exc.body)
+            except db.MigrationLockTimeout as exc:
+                return self._respond(503, {"error": f"database schema: {exc}", "retry": True})
+            except db.MigrationError as exc:
+                log.error("database schema: %s", exc)
+                return self._respond(500, {"error": f"database schema: {exc}"})
             except tracking.SchemaMissing as exc:
                 self._schema_ready = False
                 log.warning("tracking schema missing (%s); it is installed again on the next request", exc)
@@ -411,8 +416,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         db.ensure_database(settings.pipeline_db)
         conn = db.connect(settings.pipeline_db)
-        tracking.install_schema(conn)
-        conn.close()
+        try:
+            for migration in db.migrate(conn, tracking.SCHEMA):
+                log.warning("database %s: migration %s applied", settings.pipeline_db, migration)
+        finally:
+            conn.close()
+    except db.MigrationLockTimeout as exc:
+        log.warning("%s; serving 503 until the schema is ready", exc)
+    except db.MigrationError as exc:
+        raise SystemExit(f"pipeline-apid: database schema: {exc}") from None
     except db.UNAVAILABLE as exc:
         log.warning("database %s not reachable yet (%s); serving 503 until it is", settings.pipeline_db, exc)
     log.warning("pipeline-apid on http://%s:%s%s (gunicorn, %d workers x %d threads)", settings.api_host,

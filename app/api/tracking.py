@@ -10,7 +10,6 @@ while its gap locks on the many secondary indexes made concurrent claims deadloc
 """
 from __future__ import annotations
 
-import re
 import statistics
 import threading
 import time
@@ -22,9 +21,9 @@ import orjson
 import pymysql
 import pymysql.cursors
 
-from .. import db
 
-DDL_PATH = db.SQL_DIR / "ddl.sql"
+# The tracking tables' migrations: db/migrations/tracking/ (applied by `db.migrate`).
+SCHEMA = "tracking"
 
 STAGES = ("event-ingest", "shard-splitter", "shard-worker", "mysql-sender")
 WORK_STAGES = STAGES[1:]
@@ -90,8 +89,6 @@ def _attempts_col(stage: str) -> str:
 # queue is most of the table and a scan of all finished history once it is not. Reading the
 # ready index is right at every size: it holds exactly the ready rows, already in id order.
 SHORT = {"shard-splitter": "splitter", "shard-worker": "worker", "mysql-sender": "sender"}
-HINTED_INDEXES = {f"ix_{name}_ready{sfx}" for name in SHORT.values() for sfx in ("", "_shard")} | {"ix_lease",
-                                                                                                  "ix_owner"}
 
 
 def ready_index(stage: str, sharded: bool) -> str:
@@ -162,120 +159,6 @@ def _iso(value) -> str | None:
 def _iso_s(value) -> str | None:
     """The contract's timestamps: seconds, UTC, `Z`."""
     return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# -- schema -----------------------------------------------------------------------------------------
-
-@dataclass
-class TableShape:
-    """What ddl.sql declares for one table, read from the file itself so that the upgrade
-    can never drift from a fresh install."""
-
-    name: str
-    columns: list[tuple[str, str]]               # (name, definition)
-    indexes: list[tuple[str, bool, tuple, str]]  # (name, unique, columns, definition)
-
-
-_CREATE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+)\s*\((.*)\)[^)]*$", re.S | re.I)
-_INDEX = re.compile(r"(UNIQUE\s+)?(?:KEY|INDEX)\s+(\w+)\s*\(([^)]*)\)", re.I)
-
-
-def ddl_statements() -> list[str]:
-    """ddl.sql without CREATE DATABASE / USE (the API works in MYSQL_PIPELINE_URL's database)."""
-    return [s for s in db.split_sql(DDL_PATH.read_text())
-            if not s.upper().startswith(("CREATE DATABASE", "USE "))]
-
-
-def table_shapes() -> dict[str, TableShape]:
-    shapes = {}
-    for stmt in ddl_statements():
-        m = _CREATE.match(stmt)
-        if not m:
-            continue
-        shape = TableShape(m.group(1), [], [])
-        for line in m.group(2).splitlines():
-            line = line.strip().rstrip(",")
-            if not line:
-                continue
-            head = line.split()[0].upper()
-            index = _INDEX.match(line)
-            if index:
-                cols = tuple(c.strip().split("(")[0].strip("` ").lower() for c in index.group(3).split(","))
-                shape.indexes.append((index.group(2), bool(index.group(1)), cols, line))
-            elif head not in ("PRIMARY", "CONSTRAINT", "FOREIGN", "CHECK"):
-                name, definition = line.split(None, 1)
-                shape.columns.append((name.strip("`").lower(), definition))
-        shapes[shape.name] = shape
-    return shapes
-
-
-def install_schema(conn) -> None:
-    """Create the tracking tables, or upgrade existing (e.g. original-shaped) ones in place.
-
-    Idempotent and serialised by a named lock per database, so two API instances may start
-    together. An upgrade only adds or widens: it never drops a column, an index or a row.
-    """
-    with conn.cursor() as cur:
-        cur.execute("SELECT DATABASE()")
-        schema = cur.fetchone()[0]
-        lock = f"pipeline_ddl.{schema}"[:64]
-        cur.execute("SELECT GET_LOCK(%s, 120)", (lock,))
-        if cur.fetchone()[0] != 1:
-            raise pymysql.err.OperationalError(1205, f"could not take the DDL lock {lock!r} in 120 s")
-        try:
-            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema=%s", (schema,))
-            existed = {r[0].lower() for r in cur.fetchall()}
-            for stmt in ddl_statements():
-                cur.execute(stmt)
-            for shape in table_shapes().values():
-                if shape.name.lower() in existed:
-                    _upgrade(cur, schema, shape)
-        finally:
-            cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
-
-
-def _upgrade(cur, schema: str, shape: TableShape) -> None:
-    """One ALTER TABLE (one pass over a big table) adding what `shape` has and the table lacks."""
-    cur.execute("SELECT column_name, is_nullable, data_type, datetime_precision FROM information_schema.columns "
-                "WHERE table_schema=%s AND table_name=%s", (schema, shape.name))
-    have = {r[0].lower(): r[1:] for r in cur.fetchall()}
-    cur.execute("SELECT index_name, non_unique, column_name FROM information_schema.statistics "
-                "WHERE table_schema=%s AND table_name=%s ORDER BY index_name, seq_in_index", (schema, shape.name))
-    indexes: dict[str, tuple[bool, list]] = {}
-    for name, non_unique, column in cur.fetchall():
-        indexes.setdefault(name.lower(), (not int(non_unique), []))[1].append(column.lower())
-    have_idx = {(unique, tuple(cols)) for unique, cols in indexes.values()}
-    changes, fixes = [], []
-    for name, definition in shape.columns:
-        if name not in have:
-            changes.append(f"ADD COLUMN {name} {definition}")
-            continue
-        nullable, data_type, precision = have[name]
-        wants_not_null = "NOT NULL" in definition.upper()
-        if wants_not_null and nullable == "YES":
-            default = re.search(r"DEFAULT\s+('[^']*'|\S+)", definition, re.I)
-            if default and "ENUM" in definition.upper():
-                fixes.append((f"UPDATE {shape.name} SET {name}={default.group(1)} WHERE {name} IS NULL", ()))
-            elif default and "CURRENT_TIMESTAMP" in default.group(1).upper():
-                fixes.append((f"UPDATE {shape.name} SET {name}=NOW(3) WHERE {name} IS NULL", ()))
-            else:
-                continue  # no safe value for old NULLs: leave the column as it is
-            changes.append(f"MODIFY {name} {definition}")
-        elif definition.upper().startswith("DATETIME(3)") and (data_type.lower() != "datetime" or precision != 3):
-            # The original's TIMESTAMP / DATETIME columns without milliseconds: widening loses
-            # nothing (the session runs in UTC, so TIMESTAMP values keep their instant).
-            fixes.append((f"UPDATE {shape.name} SET {name}=NOW(3) WHERE {name} IS NULL", ()))
-            changes.append(f"MODIFY {name} {definition}")
-    for name, unique, cols, definition in shape.indexes:
-        if name.lower() in indexes:
-            continue
-        if name not in HINTED_INDEXES and ((unique, cols) in have_idx or (not unique and (True, cols) in have_idx)):
-            continue  # the original's own index on the same columns serves (queries name only ours)
-        changes.append(f"ADD {definition}")
-    for sql, args in fixes:
-        cur.execute(sql, args)
-    if changes:
-        cur.execute(f"ALTER TABLE {shape.name} " + ", ".join(changes))
 
 
 # -- the state machine ----------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from ..overlap import ReadAhead
 
 log = logging.getLogger("shard-loader")
 
-DDL = db.SQL_DIR / "shard_ddl.sql"
+# The shard database's migrations: db/migrations/shard/ (applied by `db.migrate`).
+SCHEMA = "shard"
 METHODS = ("load_data", "insert")
 INSERT_ROWS = 2000          # rows per INSERT statement (~0.7 MB, far below max_allowed_packet)
 READ_BLOCK = 1 << 22
@@ -52,7 +53,6 @@ _EVENT_COLUMNS = {"event_key", "event_type", "shop_id", "user_id", "timestamp", 
                   "source_file", "order_id", "good_id", "qty", "amount", "payload"}
 # Server refused LOCAL INFILE (MariaDB, MySQL 8 with local_infile=OFF, client side).
 LOCAL_INFILE_REFUSED = {1148, 3948, 4166}
-WRONG_OBJECT = 1347         # CREATE OR REPLACE VIEW over an existing base table
 _N = "\\N"                   # NULL in LOAD DATA's default format
 _LO, _HI = INT64
 _LO32, _HI32 = INT32
@@ -121,43 +121,24 @@ class LoadResult:
 # -- schema -----------------------------------------------------------------------------------
 
 def prepare_database(url: MySQLURL) -> None:
-    """Create the shard database and its schema if missing (idempotent)."""
+    """Create the shard database if missing and bring its schema up to date (`db.migrate`,
+    idempotent, under a lock). An original deployment's `events` table is refused, not loaded
+    into; its `purchase_history`/`order_return` tables are kept."""
     db.ensure_database(url)
     conn = db.connect(url)
     try:
-        apply_schema(conn, url.database)
-    finally:
-        conn.close()
-
-
-def apply_schema(conn, database: str) -> None:
-    """Run db/shard_ddl.sql under a named lock, so senders starting together do not race.
-    An original deployment's `purchase_history`/`order_return` table is kept, not replaced."""
-    lock = f"shard-ddl:{database}"[:64]
-    with conn.cursor() as cur:
-        cur.execute("SELECT GET_LOCK(%s, 60)", (lock,))
-        if cur.fetchone()[0] != 1:
-            raise SchemaMismatch(f"could not take the schema lock {lock!r} within 60 s")
-        try:
+        with conn.cursor() as cur:
             cur.execute("SELECT COLUMN_NAME FROM information_schema.COLUMNS "
                         "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'events'")
             present = {r[0].lower() for r in cur.fetchall()}
-            if present and _EVENT_COLUMNS - present:
-                raise SchemaMismatch(
-                    f"{database}.events predates the sender's schema (missing "
-                    f"{', '.join(sorted(_EVENT_COLUMNS - present))}): rename it and restart the sender, "
-                    f"which creates db/shard_ddl.sql's table")
-            for stmt in db.split_sql(DDL.read_text()):
-                try:
-                    cur.execute(stmt)
-                except pymysql.err.MySQLError as exc:
-                    if exc.args[0] != WRONG_OBJECT or not stmt.upper().startswith("CREATE OR REPLACE VIEW"):
-                        raise
-                    log.info("%s: keeping the existing table (%s)", database, exc.args[1])
-        finally:
-            cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
-    if not conn.get_autocommit():
-        conn.commit()
+        if present and _EVENT_COLUMNS - present:
+            raise SchemaMismatch(
+                f"{url.database}.events predates the sender's schema (missing "
+                f"{', '.join(sorted(_EVENT_COLUMNS - present))}): rename it and restart the sender, "
+                f"which creates the table of db/migrations/{SCHEMA}/")
+        db.migrate(conn, SCHEMA)
+    finally:
+        conn.close()
 
 
 # -- reading and checking prepared lines --------------------------------------------------

@@ -91,6 +91,8 @@ class Sender(Stage):
         except StopRequested:
             ctx.log.info("%s: load rolled back; handing the task back", task.filename)
             raise
+        except db.MigrationError:
+            raise  # the schema files and the database disagree: not this file's fault (app/daemon.py)
         except loader.PreparedMissing as exc:
             raise InputMissing(str(exc)) from None
         except loader.BadLine as exc:

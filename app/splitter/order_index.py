@@ -26,8 +26,8 @@ from .. import db
 from ..atomic import TMP_MARK
 from ..config import MySQLURL
 
-DDL_PATH = db.SQL_DIR / "splitter_ddl.sql"
-DDL_LOCK = "shard_splitter_ddl"
+# The order index's migrations: db/migrations/splitter/ (applied by `db.migrate`).
+SCHEMA = "splitter"
 INT64_MAX = 2**63 - 1
 CHUNK = 4096          # purchases per TSV chunk handed to the loader
 MAX_INFLIGHT = 2      # chunks loaded concurrently with the split before it waits
@@ -78,7 +78,7 @@ class OrderIndex:
 
     def ensure_schema(self) -> None:
         if not self._schema_ready:
-            db.apply_sql_file(self.conn(), DDL_PATH, DDL_LOCK)
+            db.migrate(self.conn(), SCHEMA)
             self._schema_ready = True
 
     # -- per file ---------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from .. import db
 from ..config import MySQLURL
 from .rules import ORPHAN_RETURN, Event
 
-DDL_PATH = db.SQL_DIR / "worker_ddl.sql"
+# The worker's tables' migrations: db/migrations/worker/ (applied by `db.migrate`).
+SCHEMA = "worker"
 TIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
@@ -141,8 +142,8 @@ class WorkerState:
     # -- connection, schema, the shard lock --------------------------------------------------
 
     def open(self):
-        """The connection, (re)opened if needed; a new connection applies the schema first
-        (idempotent, under a named lock)."""
+        """The connection, (re)opened if needed; a new connection brings the schema up to date
+        first (`db.migrate`: under a lock, and a table dropped meanwhile comes back)."""
         if self.conn is not None:
             try:
                 self.conn.ping(reconnect=False)
@@ -151,7 +152,11 @@ class WorkerState:
                 self.close()
         db.ensure_database(self.url)
         conn = db.connect(self.url, multi_statements=True)
-        db.apply_sql_file(conn, DDL_PATH, "event_pipeline.worker_ddl")
+        try:
+            db.migrate(conn, SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
         with conn.cursor() as cur:
             cur.execute("INSERT INTO worker_shards (shard) VALUES (%s) ON DUPLICATE KEY UPDATE shard=shard",
                         (self.shard,))

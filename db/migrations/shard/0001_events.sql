@@ -1,7 +1,8 @@
 -- Schema of a shard database (shop_shard_<N>), owned by mysql-sender (app/sender/loader.py).
--- Applied by every sender at start, idempotently, under a named lock. Runs on MariaDB 10.11
--- and MySQL 8.0. The worker's state (balances, stock, seen keys) lives in the pipeline
--- database, not here: a shard server holds only what the sender loads.
+-- The worker's state (balances, stock, seen keys) lives in the pipeline database, not here: a
+-- shard server holds only what the sender loads. An original deployment's `events` table
+-- (without event_key) is refused by the sender before this runs: it is never loaded into.
+-- creates: events.event_key events.source_file loaded_files purchase_history order_return
 
 -- One row per accepted event. The contract's columns come first (timestamp now keeps
 -- milliseconds, UTC); event_key makes a second load of an event a no-op, source_file says
@@ -46,15 +47,30 @@ CREATE TABLE IF NOT EXISTS loaded_files (
     PRIMARY KEY (source_file)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
--- Read-only views with the original deployment's purchase and return tables' columns, so
--- a reader of those tables keeps working; they cost nothing at load time. Where an original
--- table of that name already exists the sender leaves it alone (see shard_loader).
-CREATE OR REPLACE VIEW purchase_history AS
-    SELECT order_id, user_id, good_id, shop_id, qty, amount AS price_at_order,
-           `timestamp`, event_key, source_file
-    FROM events WHERE event_type = 1;
+-- Read-only views with the original deployment's purchase and return tables' columns, so a
+-- reader of those tables keeps working; they cost nothing at load time. Where an original
+-- table of that name already exists it is left alone: each view is created only where no base
+-- table has its name (a prepared statement, so the condition runs on MySQL 8.0 and MariaDB).
+SET @purchase_history = IF(
+    (SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE()
+       AND table_name = 'purchase_history' AND table_type = 'BASE TABLE') = 0,
+    'CREATE OR REPLACE VIEW purchase_history AS
+         SELECT order_id, user_id, good_id, shop_id, qty, amount AS price_at_order,
+                `timestamp`, event_key, source_file
+         FROM events WHERE event_type = 1',
+    'DO 0');
+PREPARE create_view FROM @purchase_history;
+EXECUTE create_view;
+DEALLOCATE PREPARE create_view;
 
-CREATE OR REPLACE VIEW order_return AS
-    SELECT order_id, user_id, good_id, shop_id, qty, amount,
-           `timestamp`, event_key, source_file
-    FROM events WHERE event_type = 3;
+SET @order_return = IF(
+    (SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE()
+       AND table_name = 'order_return' AND table_type = 'BASE TABLE') = 0,
+    'CREATE OR REPLACE VIEW order_return AS
+         SELECT order_id, user_id, good_id, shop_id, qty, amount,
+                `timestamp`, event_key, source_file
+         FROM events WHERE event_type = 3',
+    'DO 0');
+PREPARE create_view FROM @order_return;
+EXECUTE create_view;
+DEALLOCATE PREPARE create_view;

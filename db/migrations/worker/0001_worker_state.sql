@@ -1,6 +1,7 @@
--- State of the shard workers (see docs/business-rules.md), in the PIPELINE database.
--- Idempotent: every worker applies it at start under a named lock. Every change a worker makes
--- to these tables for a batch of lines commits in one transaction with that batch's decisions.
+-- The shard workers' state (see docs/business-rules.md), in the PIPELINE database. Every change
+-- a worker makes to these tables for a batch of lines commits in one transaction with that
+-- batch's decisions.
+-- creates: worker_shards worker_files worker_batches worker_seen worker_balances worker_orders worker_stock worker_holds worker_shops
 
 -- Per shard: the newest event time seen (the clock that expires held returns).
 CREATE TABLE IF NOT EXISTS worker_shards (
@@ -25,7 +26,7 @@ CREATE TABLE IF NOT EXISTS worker_files (
   KEY ix_prune (shard, pruned, newest_event)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
--- The decisions: one row per committed batch of lines, one code byte per line (rules.py
+-- The decisions: one row per committed batch of lines, one code byte per line (app/worker/rules.py
 -- CODE). `digest` proves a re-run reads the same lines.
 CREATE TABLE IF NOT EXISTS worker_batches (
   file_id INT NOT NULL,

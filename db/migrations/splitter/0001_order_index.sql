@@ -1,6 +1,6 @@
 -- shard-splitter's own state in the pipeline database: the order_id -> shop_id index that
--- routes returns without shop_id (see docs/splitter.md). Idempotent: applied at the
--- splitter's start under the named lock 'shard_splitter_ddl'.
+-- routes returns without shop_id (see docs/splitter.md).
+-- creates: splitter_file splitter_order splitter_seq
 
 -- One row per source file the splitter has started. `horizon` is the index sequence visible
 -- when the file was first split (fixed forever: it makes a re-split decide the same way);
