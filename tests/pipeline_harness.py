@@ -34,6 +34,7 @@ class Pipeline:
     shard_dbs: list[MySQLURL]
     replicas: int = 1
     extra_env: dict = field(default_factory=dict)
+    api_module: str = "app.apid"  # bench/pipeline.py --profile wraps the API to count requests
     api: servers.ApiServer | None = None
     daemons: dict[str, servers.Process] = field(default_factory=dict)
 
@@ -50,7 +51,7 @@ class Pipeline:
     # -- processes -----------------------------------------------------------------------------
 
     def start(self) -> "Pipeline":
-        self.api = servers.start_api(self.env, self.root / "logs")
+        self.api = servers.start_api(self.env, self.root / "logs", self.api_module)
         for r in range(1, self.replicas + 1):
             self._daemon(f"shard-splitter-r{r}", "app.splitter", [])
             for n in range(self.shard_count):
@@ -96,13 +97,17 @@ class Pipeline:
             parts.append(f"--- api\n{self.api.process.output()[-2500:]}")
         return "\n".join(parts)
 
-    def import_files(self, source_dir: Path) -> list[str]:
-        """Register files as the real event-ingest does (`--import`)."""
-        out = subprocess.run([sys.executable, "-m", "app.ingest", "--import", str(source_dir)], cwd=servers.ROOT,
+    def import_files(self, source: Path | list[Path], timeout: float = 120.0) -> list[str]:
+        """Register files as the real event-ingest does (`--import`): a folder's files, or the
+        files listed."""
+        folder = isinstance(source, Path)
+        files = sorted(source.glob(f"*{ground_truth.SUFFIX}")) if folder else list(source)
+        out = subprocess.run([sys.executable, "-m", "app.ingest", "--import", *map(str, [source] if folder else files)],
+                             cwd=servers.ROOT,
                              env={**self.env, "WORKER_ID": "test/ingest"}, capture_output=True, text=True,
-                             timeout=120)
+                             timeout=timeout)
         assert out.returncode == 0, out.stdout + out.stderr
-        return sorted(p.name[: -len(ground_truth.SUFFIX)] for p in source_dir.glob(f"*{ground_truth.SUFFIX}"))
+        return sorted(p.name[: -len(ground_truth.SUFFIX)] for p in files)
 
     # -- waiting -------------------------------------------------------------------------------
 

@@ -166,9 +166,9 @@ class ApiServer:
         wait_until(ready, timeout, what="pipeline-apid /ready")
 
 
-def start_api(env: dict, log_dir: Path) -> ApiServer:
+def start_api(env: dict, log_dir: Path, module: str = "app.apid") -> ApiServer:
     port = int(env["PIPELINE_API_PORT"])
-    server = ApiServer(Process("app.apid", [], env, log_dir / f"apid-{port}.log").start(), port)
+    server = ApiServer(Process(module, [], env, log_dir / f"apid-{port}.log").start(), port)
     server.wait_ready()
     return server
 
