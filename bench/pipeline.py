@@ -15,9 +15,9 @@ cached under var/bench/. Each workload gets its own fresh databases and processe
              after the other; ratio = pipeline wall / floor. The old floor (a fresh copy of the
              project's own `events` table) is printed beside it.
   small      200,000 events in files of 500: events/s and CPU per file. CPU is split into a cost
-             per event and a cost per file by solving, per process group, the big and the small
-             run's CPU = events x e + files x f (both runs in this invocation, or --per-event-from
-             an earlier --json).
+             per event and a cost per file with a second run of as many events in files of
+             10,000 (fresh databases again, so both see the same history depth): per process
+             group, CPU = events x e + files x f, solved from the two runs.
   latency    100-event files registered one at a time on an idle pipeline: registration ->
              loaded (both shards), median and max.
   sustained  2,000,000 events of history pushed in chunks, then the next 200,000 measured:
@@ -599,20 +599,22 @@ class Bench:
             run.pipe.stop()
             result["state"] = run.state_bytes()
         self._print_window("small", result)
+        # The same number of events in big files, for the cost per event at the same history depth.
+        ref_files, _ = source_files("small-ref", s.small_events, s.big_file, seed=2)
+        self.server.settle(s.settle_seconds)
+        with running(self.server, self.work, "small_ref") as run:
+            ref = run.window(ref_files)
+        log(f"  the same in {ref['files']} files of {s.big_file:,}: {ref['events_per_s']:,} events/s, "
+            f"{ref['us_per_event_total']} us/event")
+        result["big_files_run"] = {k: ref[k] for k in ("events", "files", "events_per_s", "cpu_s", "us_per_event",
+                                                       "us_per_event_total", "wall_s")}
+        result["split"] = split_per_file(ref, result)
+        sp = result["split"]
+        log("  split, per group (cpu = events x e + files x f, from the two runs): " +
+            ", ".join(f"{g} {sp[g]['us_per_event']} us/event + {sp[g]['ms_per_file']} ms/file" for g in GROUPS) +
+            f"; total {sp['total']['us_per_event']} us/event + {sp['total']['ms_per_file']} ms/file "
+            f"(target <= {TARGETS['small_file_ms']} ms per file)")
         return result
-
-    def split_per_file(self, big: dict, small: dict) -> dict:
-        """Per group: cpu = events x e + files x f, solved from the big and the small run."""
-        eb, fb, es, fs = big["events"], big["files"], small["events"], small["files"]
-        det = es * fb - eb * fs
-        split = {}
-        for g in GROUPS:
-            cb, cs = big["cpu_s"][g], small["cpu_s"][g]
-            e = (cs * fb - cb * fs) / det      # seconds per event
-            f = (es * cb - eb * cs) / det      # seconds per file
-            split[g] = {"us_per_event": round(1e6 * e, 2), "ms_per_file": round(1e3 * f, 2)}
-        split["total"] = {k: round(sum(split[g][k] for g in GROUPS), 2) for k in ("us_per_event", "ms_per_file")}
-        return split
 
     def latency(self) -> dict:
         s = self.sizes
@@ -795,6 +797,20 @@ class Bench:
         return {kind: {"median": statistics.median(v), "min": min(v), "max": max(v)} for kind, v in samples.items()}
 
 
+def split_per_file(big: dict, small: dict) -> dict:
+    """Per group: cpu = events x e + files x f, solved from two runs with different file sizes."""
+    eb, fb, es, fs = big["events"], big["files"], small["events"], small["files"]
+    det = es * fb - eb * fs
+    split = {}
+    for g in GROUPS:
+        cb, cs = big["cpu_s"][g], small["cpu_s"][g]
+        e = (cs * fb - cb * fs) / det      # seconds per event
+        f = (es * cb - eb * cs) / det      # seconds per file
+        split[g] = {"us_per_event": round(1e6 * e, 2), "ms_per_file": round(1e3 * f, 2)}
+    split["total"] = {k: round(sum(split[g][k] for g in GROUPS), 2) for k in ("us_per_event", "ms_per_file")}
+    return split
+
+
 def print_table(results: dict) -> None:
     log("\n== summary (targets of issue 12 in brackets)")
     rows = []
@@ -806,7 +822,7 @@ def print_table(results: dict) -> None:
                      f"{r['state']['pipeline_bytes_per_event']}"))
     if "small" in results:
         r = results["small"]
-        per_file = results.get("small_split", {}).get("total", {}).get("ms_per_file")
+        per_file = r["split"]["total"]["ms_per_file"]
         rows.append(("small", f"{r['events_per_s']:,}/s [>=30k]", "",
                      f"{r['us_per_event_total']}", f"{r['ms_per_file_total']} (beyond per-event: {per_file} [<=10])",
                      f"{r['overlap']}", f"{r['state']['pipeline_bytes_per_event']}"))
@@ -823,11 +839,10 @@ def print_table(results: dict) -> None:
     if groups:
         log("  CPU us/event by group: " + "; ".join(
             f"{n}: " + ", ".join(f"{g} {r['us_per_event'][g]}" for g in GROUPS) for n, r in groups))
-    if "small_split" in results:
-        sp = results["small_split"]
-        log("  small files, split per group (cpu = events x e + files x f, solved from big and small): " +
-            ", ".join(f"{g} {sp[g]['us_per_event']} us/event + {sp[g]['ms_per_file']} ms/file" for g in GROUPS) +
-            f"; total {sp['total']['us_per_event']} us/event + {sp['total']['ms_per_file']} ms/file")
+    if "small" in results:
+        sp = results["small"]["split"]
+        log("  small files, per group (cpu = events x e + files x f, from 500- and 10,000-event files): " +
+            ", ".join(f"{g} {sp[g]['us_per_event']} us + {sp[g]['ms_per_file']} ms" for g in GROUPS))
     if "latency" in results:
         r = results["latency"]
         log(f"  latency (100-event file, registration -> loaded): median {r['median_s']}s, max {r['max_s']}s [< 1 s]")
@@ -847,8 +862,6 @@ def main() -> None:
     where.add_argument("--private-big", action="store_true", help="a private server with a 1 GiB buffer pool")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="py-spy profiles, API request and SQL statement counts of the big run, into DIR")
-    parser.add_argument("--per-event-from", type=Path, metavar="JSON",
-                        help="the big run of an earlier --json, for the small run's per-file split")
     sizes = Sizes()
     for name, value in asdict(sizes).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
@@ -880,11 +893,6 @@ def main() -> None:
     try:
         for w in workloads:
             results[w] = getattr(bench, w)()
-        big = results.get("big")
-        if big is None and args.per_event_from:
-            big = json.loads(args.per_event_from.read_text())["workloads"]["big"]
-        if big and "small" in results:
-            results["small_split"] = bench.split_per_file(big, results["small"])
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
