@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pipeline.py [--workloads big,small,latency,sustained,idle] [--quick]
                                        [--json PATH] [--shared | --private-big] [--profile DIR]
+    .venv/bin/python bench/pipeline.py --compare before.json after.json
 
 The real processes (tests/pipeline_harness.Pipeline: API under gunicorn, splitter, a worker and a
 sender per shard, 2 shards, default settings) on fresh databases, fed by the real importer
@@ -245,8 +246,9 @@ class Server:
             self.execute("SET GLOBAL innodb_max_dirty_pages_pct = 0")
         try:
             while time.monotonic() - started < limit:
-                s = self.status("Innodb_buffer_pool_pages_%")
-                if s.get("Innodb_buffer_pool_pages_dirty", 0) <= max(64, s.get("Innodb_buffer_pool_pages_total", 0) // 100):
+                pages = self.status("Innodb_buffer_pool_pages_%")
+                dirty = pages.get("Innodb_buffer_pool_pages_dirty", 0)
+                if dirty <= max(64, pages.get("Innodb_buffer_pool_pages_total", 0) // 100):
                     break
                 time.sleep(0.5)
         finally:
@@ -650,8 +652,9 @@ class Bench:
                 chunk = files[c * per_chunk:(c + 1) * per_chunk]
                 w = run.window(chunk)
                 windows.append(w)
-                log(f"  chunk {c + 1:2d}/{chunks}: history {run.registered - w['events']:>9,} -> {w['events_per_s']:>7,} "
-                    f"events/s, {w['us_per_event_total']:6.1f} us/event (server {w['us_per_event']['server']:.1f})")
+                log(f"  chunk {c + 1:2d}/{chunks}: history {run.registered - w['events']:>9,} -> "
+                    f"{w['events_per_s']:>7,} events/s, {w['us_per_event_total']:6.1f} us/event "
+                    f"(server {w['us_per_event']['server']:.1f})")
                 # The loaded inputs leave events/, as an operator would archive them: else every
                 # later `--import` start asks the API about each older file.
                 for p in chunk:
@@ -851,6 +854,41 @@ def print_table(results: dict) -> None:
         log(f"  idle: group {r['group_pct']}% of one core [<= 3%], server {r['server_pct']}% more")
 
 
+KEY_FIGURES = [  # (label, workload, path in its figures)
+    ("big events/s", "big", "events_per_s"), ("big pipeline/floor", "big", "floor.ratio"),
+    ("big pipeline/old floor", "big", "floor.old_ratio"), ("big floor rows/s", "big", "floor.reference_rows_per_s"),
+    ("big CPU us/event", "big", "us_per_event_total"), ("big server us/event", "big", "us_per_event.server"),
+    ("big overlap", "big", "overlap"), ("big state B/event", "big", "state.pipeline_bytes_per_event"),
+    ("small events/s", "small", "events_per_s"), ("small CPU us/event", "small", "us_per_event_total"),
+    ("small ms/file beyond events", "small", "split.total.ms_per_file"),
+    ("latency median s", "latency", "median_s"), ("latency max s", "latency", "max_s"),
+    ("sustained events/s", "sustained", "events_per_s"), ("sustained vs fresh", "sustained", "rate_vs_fresh"),
+    ("sustained CPU us/event", "sustained", "us_per_event_total"),
+    ("sustained server us/event", "sustained", "us_per_event.server"),
+    ("sustained state B/event", "sustained", "state.pipeline_bytes_per_event"),
+    ("sustained shard B/row", "sustained", "state.shard_bytes_per_row"),
+    ("idle group %", "idle", "group_pct"), ("idle server %", "idle", "server_pct"),
+]
+
+
+def compare(paths: list[Path]) -> None:
+    """The key figures of earlier --json files side by side."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    rows = [("", *[f"{d['commit']} {d['date'][:16]}" for d in docs])]
+    for label, workload, path in KEY_FIGURES:
+        cells = []
+        for d in docs:
+            value = d["workloads"].get(workload)
+            for part in path.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            cells.append("" if value is None else f"{value:,}" if isinstance(value, int) else str(value))
+        if any(cells):
+            rows.append((label, *cells))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        log("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="big,small,latency,sustained,idle",
@@ -862,10 +900,14 @@ def main() -> None:
     where.add_argument("--private-big", action="store_true", help="a private server with a 1 GiB buffer pool")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="py-spy profiles, API request and SQL statement counts of the big run, into DIR")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
+                        help="print the key figures of earlier --json files side by side, run nothing")
     sizes = Sizes()
     for name, value in asdict(sizes).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args()
+    if args.compare:
+        return compare(args.compare)
     sizes = Sizes(**{k: getattr(args, k) for k in asdict(sizes)})
     if args.quick:
         sizes = sizes.quick()
@@ -881,11 +923,13 @@ def main() -> None:
             parser.error("--profile needs py-spy in the venv: .venv/bin/pip install py-spy")
         args.profile.mkdir(parents=True, exist_ok=True)
 
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     mode = "shared" if args.shared else "private-big" if args.private_big else "private"
     server = Server(mode, performance_schema=bool(args.profile))
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     work.chmod(0o777)   # the shared server writes its exports here
-    log(f"server: {server.describe()}")
+    load_start = os.getloadavg()[0]
+    log(f"server: {server.describe()}; load average {load_start:.1f}")
     log(f"sizes: {asdict(sizes)}")
     bench = Bench(server, sizes, work, args.profile)
     results: dict = {}
@@ -899,11 +943,12 @@ def main() -> None:
     print_table(results)
     if args.profile and "profile" in results.get("big", {}):
         print_profile(results["big"])
-    log(f"\ntotal {time.monotonic() - started:.0f}s")
+    log(f"\ntotal {time.monotonic() - started:.0f}s; load average now {os.getloadavg()[0]:.1f} (other users' work "
+        f"slows the wall-clock figures)")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit.stdout.strip(),
-               "command": " ".join(sys.argv), "server": {"mode": mode, "settings": server.settings},
+               "command": " ".join(sys.argv), "load_average": {"start": load_start, "end": os.getloadavg()[0]},
+               "server": {"mode": mode, "settings": server.settings},
                "rates": asdict(RATES), "sizes": asdict(sizes), "workloads": results}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1, default=str))
