@@ -1,7 +1,7 @@
 """The whole pipeline's throughput, CPU, state and latency, by workload (prints figures; not a test).
 
     .venv/bin/python bench/pipeline.py [--workloads big,small,latency,sustained,idle] [--quick]
-                                       [--json PATH] [--shared | --private-big] [--profile DIR]
+                                       [--json PATH] [--shared | --private-big] [--count] [--profile DIR]
     .venv/bin/python bench/pipeline.py --compare before.json after.json
 
 The real processes (tests/pipeline_harness.Pipeline: API under gunicorn, splitter, a worker and a
@@ -35,8 +35,9 @@ server's settings (read from its variables: 128 MiB buffer pool, flush at every 
 its CPU is ours alone; `--private-big` gives it a 1 GiB buffer pool, `--shared` uses the
 machine's server (its CPU then includes everyone else's queries).
 
-`--quick` divides every size by 10 (about two minutes). `--profile DIR` also records py-spy
-profiles of the splitter, worker 0, sender 0 and the API during the big run, counts the API's
+`--quick` divides every size by 10 (about two minutes). `--count` counts the API's requests per
+file (a counter wrapped around the API's WSGI app). `--profile DIR` also records py-spy profiles
+of the splitter, worker 0, sender 0 and the API during the big and small runs, counts the API's
 requests, turns on the private server's performance_schema and counts SQL statements per
 process; its figures carry the profilers' overhead and are not a baseline.
 Targets (issue 12) are printed beside each figure.
@@ -520,7 +521,16 @@ class Bench:
     sizes: Sizes
     work: Path
     profile_dir: Path | None = None
+    count: bool = False          # API requests per file (the counting wrapper around the API)
     results: dict = field(default_factory=dict)
+
+    def measured(self, run: Run, files: list[Path], label: str) -> dict:
+        """A window, profiled with --profile (big and small files only)."""
+        spies = self._start_profile(run, label) if self.profile_dir else None
+        result = run.window(files)
+        if spies is not None:
+            result["profile"] = self._stop_profile(run, spies, result)
+        return result
 
     def big(self) -> dict:
         s = self.sizes
@@ -528,11 +538,8 @@ class Bench:
         log(f"\n== big: {len(files)} files of {s.big_file:,} events")
         self.server.settle(s.settle_seconds)
         exports = []
-        with running(self.server, self.work, "big", count_requests=bool(self.profile_dir)) as run:
-            spies = self._start_profile(run) if self.profile_dir else None
-            result = run.window(files)
-            if spies is not None:
-                result["profile"] = self._stop_profile(run, spies, result)
+        with running(self.server, self.work, "big", self.count) as run:
+            result = self.measured(run, files, "big")
             result["peak_rss_mib"] = {k: round(v, 1) for k, v in run.peak_rss().items()}
             run.pipe.stop()
             result["state"] = run.state_bytes()
@@ -595,8 +602,8 @@ class Bench:
         files, _ = source_files("small", s.small_events, s.small_file, seed=2)
         log(f"\n== small: {len(files)} files of {s.small_file:,} events")
         self.server.settle(s.settle_seconds)
-        with running(self.server, self.work, "small") as run:
-            result = run.window(files)
+        with running(self.server, self.work, "small", self.count) as run:
+            result = self.measured(run, files, "small")
             result["peak_rss_mib"] = {k: round(v, 1) for k, v in run.peak_rss().items()}
             run.pipe.stop()
             result["state"] = run.state_bytes()
@@ -604,7 +611,7 @@ class Bench:
         # The same number of events in big files, for the cost per event at the same history depth.
         ref_files, _ = source_files("small-ref", s.small_events, s.big_file, seed=2)
         self.server.settle(s.settle_seconds)
-        with running(self.server, self.work, "small_ref") as run:
+        with running(self.server, self.work, "small_ref", self.count) as run:
             ref = run.window(ref_files)
         log(f"  the same in {ref['files']} files of {s.big_file:,}: {ref['events_per_s']:,} events/s, "
             f"{ref['us_per_event_total']} us/event")
@@ -715,7 +722,7 @@ class Bench:
 
     # -- profiling --------------------------------------------------------------------------------------
 
-    def _start_profile(self, run: Run):
+    def _start_profile(self, run: Run, label: str):
         from bench import profiling
         conn = self.server.connect()
         with conn.cursor() as cur:
@@ -724,7 +731,7 @@ class Bench:
         pids = run.processes()
         targets = {"splitter": (pids["shard-splitter-r1"], False), "worker-0": (pids["shard-worker-0-r1"], False),
                    "sender-0": (pids["mysql-sender-0-r1"], False), "api": (pids["api"], True)}
-        return {name: profiling.Spy(name, pid, self.profile_dir / f"{name}.txt", sub)
+        return {name: profiling.Spy(name, pid, self.profile_dir / f"{label}-{name}.txt", sub)
                 for name, (pid, sub) in targets.items()}
 
     def _stop_profile(self, run: Run, spies, result: dict) -> dict:
@@ -899,7 +906,10 @@ def main() -> None:
     where.add_argument("--shared", action="store_true", help="the machine's server instead of a private one")
     where.add_argument("--private-big", action="store_true", help="a private server with a 1 GiB buffer pool")
     parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="py-spy profiles, API request and SQL statement counts of the big run, into DIR")
+                        help="py-spy profiles, API request and SQL statement counts of the big and small runs, "
+                             "into DIR")
+    parser.add_argument("--count", action="store_true",
+                        help="count the API's requests per file (a counter wrapped around the API; --profile does)")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
                         help="print the key figures of earlier --json files side by side, run nothing")
     sizes = Sizes()
@@ -916,8 +926,6 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     if args.profile:
-        if "big" not in workloads:
-            parser.error("--profile profiles the big run: include it in --workloads")
         from bench import profiling
         if not Path(profiling.PY_SPY).exists():
             parser.error("--profile needs py-spy in the venv: .venv/bin/pip install py-spy")
@@ -931,7 +939,7 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     log(f"server: {server.describe()}; load average {load_start:.1f}")
     log(f"sizes: {asdict(sizes)}")
-    bench = Bench(server, sizes, work, args.profile)
+    bench = Bench(server, sizes, work, args.profile, args.count or bool(args.profile))
     results: dict = {}
     started = time.monotonic()
     try:
@@ -941,8 +949,9 @@ def main() -> None:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
     print_table(results)
-    if args.profile and "profile" in results.get("big", {}):
-        print_profile(results["big"])
+    for name in ("big", "small"):
+        if "profile" in results.get(name, {}):
+            print_profile(name, results[name])
     log(f"\ntotal {time.monotonic() - started:.0f}s; load average now {os.getloadavg()[0]:.1f} (other users' work "
         f"slows the wall-clock figures)")
     if args.json:
@@ -955,9 +964,9 @@ def main() -> None:
         log(f"figures written to {args.json}")
 
 
-def print_profile(big: dict) -> None:
+def print_profile(name: str, big: dict) -> None:
     p = big["profile"]
-    log("\n== profile of the big run (py-spy, active samples; self time / inclusive)")
+    log(f"\n== profile of the {name} run (py-spy, samples holding the GIL; self time / inclusive)")
     for name, s in p["py_spy"].items():
         log(f"  {name} ({s['samples']} samples)")
         log("    self:      " + "; ".join(f"{f} {pct}%" for f, pct in s["self"][:6]))
