@@ -39,21 +39,34 @@ class Spy:
             self.proc.wait()
 
 
+def _module(frame: str) -> str:
+    """The module of a frame `function (path/to/module.py:123)`: a dotted relative path
+    (`app.worker`, `pymysql.connections`), or the file name for an absolute one."""
+    path = frame.partition(" (")[2].rsplit(":", 1)[0]
+    if path.startswith("/"):
+        path = path.rsplit("/", 1)[-1]
+    return path.removesuffix(".py").replace("/", ".")
+
+
 def _frame_name(frame: str) -> str:
     """`function (path/to/module.py:123)` -> `module.function` (lines merged)."""
-    name, _, where = frame.partition(" (")
-    module = where.rsplit("/", 1)[-1].split(":")[0].removesuffix(".py")
-    if "site-packages/" in where:
-        package = where.split("site-packages/", 1)[1].split("/", 1)[0]
-        if package != module:
-            module = f"{package}.{module}"
+    module = _module(frame)
+    name = frame.partition(" (")[0]
     return f"{module}.{name}" if module else name
 
 
+def _package(module: str) -> str:
+    """What a module belongs to, for shares by area: `app.worker` for ours, `pymysql` for a library."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "app" else parts[0]
+
+
 def summarise(raw: Path, top: int = 8) -> dict:
-    """Self and inclusive shares of the samples in a py-spy raw file (active samples only)."""
+    """Shares of the samples in a py-spy raw file: self and inclusive by function, and self by
+    module (app.* modules one by one, each library as a whole)."""
     self_time: Counter = Counter()
     inclusive: Counter = Counter()
+    packages: Counter = Counter()
     total = 0
     if raw.exists():
         for line in raw.read_text(errors="replace").splitlines():
@@ -61,20 +74,21 @@ def summarise(raw: Path, top: int = 8) -> dict:
             if not stack or not count.isdigit():
                 continue
             n = int(count)
-            frames = [_frame_name(f) for f in stack.split(";") if f.strip()]
-            # py-spy puts "process NNN:..." and "thread (0x..)" pseudo-frames first.
-            frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+            # py-spy may put "process NNN:..." and "thread (0x..)" pseudo-frames first.
+            frames = [f for f in stack.split(";") if f.strip() and not f.startswith(("process ", "thread "))]
             if not frames:
                 continue
             total += n
-            self_time[frames[-1]] += n
-            for f in set(frames):
+            names = [_frame_name(f) for f in frames]
+            self_time[names[-1]] += n
+            for f in set(names):
                 if f.rsplit(".", 1)[-1] not in WRAPPERS:
                     inclusive[f] += n
+            packages[_package(_module(frames[-1]))] += n
     # Frames on (nearly) every stack are the process's main loop, not a cost worth naming.
     inclusive = Counter({f: n for f, n in inclusive.items() if n < 0.9 * total})
     share = (lambda c: [(name, round(100 * n / total, 1)) for name, n in c.most_common(top)]) if total else list
-    return {"samples": total, "self": share(self_time), "inclusive": share(inclusive)}
+    return {"samples": total, "self": share(self_time), "inclusive": share(inclusive), "modules": share(packages)}
 
 
 # -- performance_schema ------------------------------------------------------------------------
