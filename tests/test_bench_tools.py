@@ -1,0 +1,80 @@
+"""The measuring parts of bench/pipeline.py: CPU from /proc, the per-file split, the request
+routes the API counter keys on, and the profile summary. The bench itself prints figures and
+is run by hand; these are the parts whose mistakes would silently skew every figure."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench import apicount, procstat, profiling
+from bench.pipeline import GROUPS, split_per_file
+
+
+def test_cpu_seconds_counts_a_process_tree_children_included():
+    """A parent that starts a child burning CPU: the tree's CPU holds the child's while it
+    runs and keeps it once the child has been waited for."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys, time\n"
+                               f"subprocess.run([sys.executable, '-c', {burn!r}])\n"
+                               f"time.sleep(30)\n"])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and procstat.cpu_seconds(parent.pid) < 0.6:
+            time.sleep(0.05)
+        # The child has exited and been reaped by now (or is about to be): its time stays counted.
+        time.sleep(0.5)
+        assert procstat.children(parent.pid) == []
+        assert procstat.cpu_seconds(parent.pid) >= 0.6
+        assert parent.pid in procstat.peak_rss_mib(parent.pid)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_cpu_seconds_of_a_gone_process_is_zero():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert procstat.cpu_seconds(proc.pid) == 0.0
+
+
+def test_split_per_file_recovers_the_costs_it_was_built_from():
+    per_event = {g: 1e-6 * (i + 1) for i, g in enumerate(GROUPS)}
+    per_file = {g: 1e-3 * (i + 2) for i, g in enumerate(GROUPS)}
+
+    def run(events, files):
+        return {"events": events, "files": files,
+                "cpu_s": {g: events * per_event[g] + files * per_file[g] for g in GROUPS}}
+    split = split_per_file(run(200_000, 20), run(200_000, 400))
+    for g in GROUPS:
+        assert split[g]["us_per_event"] == pytest.approx(1e6 * per_event[g], abs=0.01)
+        assert split[g]["ms_per_file"] == pytest.approx(1e3 * per_file[g], abs=0.01)
+    assert split["total"]["ms_per_file"] == pytest.approx(sum(1e3 * v for v in per_file.values()), abs=0.05)
+
+
+def test_api_counter_routes_keep_stages_and_hide_file_names():
+    base = "/api/v1/pipeline"
+    assert apicount.route(f"{base}/files/20260301000000") == "/files/{name}"
+    assert apicount.route(f"{base}/files/register") == "/files/register"
+    assert apicount.route(f"{base}/stages/shard-worker/done") == "/stages/shard-worker/done"
+    assert apicount.route(f"{base}/queues/mysql-sender/claim") == "/queues/mysql-sender/claim"
+
+
+def test_profile_summary_shares(tmp_path):
+    raw = tmp_path / "raw.txt"
+    loop = "<module> (app/worker.py:1);main (app/worker.py:2);Daemon._loop (app/daemon.py:3)"
+    raw.write_text(
+        f"{loop};validate (app/rules.py:10) 60\n"
+        f"{loop};FileRun._decide_tx (app/worker.py:20);Connection._read_packet (pymysql/connections.py:30) 30\n"
+        f"{loop};FileRun._decide_tx (app/worker.py:21) 10\n")
+    s = profiling.summarise(raw)
+    assert s["samples"] == 100
+    assert s["self"][0] == ("app.rules.validate", 60.0)
+    assert ("pymysql.connections.Connection._read_packet", 30.0) in s["self"]
+    inclusive = dict(s["inclusive"])
+    assert inclusive["app.worker.FileRun._decide_tx"] == 40.0
+    assert "app.daemon.Daemon._loop" not in inclusive      # on every stack: the loop, not a cost
+    assert dict(s["modules"]) == {"app.rules": 60.0, "pymysql": 30.0, "app.worker": 10.0}
