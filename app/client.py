@@ -13,6 +13,7 @@ from typing import Any
 import requests
 
 from .shutdown import StopFlag
+from .stages import FIRST, Action
 
 log = logging.getLogger("pipeline-client")
 
@@ -98,7 +99,7 @@ class PipelineClient:
 
     def ingest_done(self, filename: str, events: int | None = None, worker: str | None = None) -> dict:
         body = {"filename": filename, "events": events, "worker": worker}
-        return self.call("POST", "/stages/event-ingest/done", {k: v for k, v in body.items() if v is not None})
+        return self.call("POST", f"/stages/{FIRST}/{Action.DONE}", {k: v for k, v in body.items() if v is not None})
 
     def claim(self, stage: str, worker: str, limit: int = 1, shard: int | None = None) -> list[Task]:
         body: dict[str, Any] = {"limit": limit, "worker": worker}
@@ -108,33 +109,33 @@ class PipelineClient:
         return [Task(i["filename"], i["shard"], i.get("attempts", 0), i.get("resumed", False)) for i in items]
 
     def start(self, stage: str, filename: str, shard: int, worker: str | None = None) -> dict:
-        return self._transition(stage, "start", filename, shard, worker=worker)
+        return self._transition(stage, Action.START, filename, shard, worker=worker)
 
     def done(self, stage: str, filename: str, shard: int, worker: str | None = None,
              events: int | None = None, stats: dict | None = None) -> dict:
-        return self._transition(stage, "done", filename, shard, worker=worker, events=events, stats=stats)
+        return self._transition(stage, Action.DONE, filename, shard, worker=worker, events=events, stats=stats)
 
     def fail(self, stage: str, filename: str, shard: int, error: str, worker: str | None = None,
              stats: dict | None = None) -> dict:
-        return self._transition(stage, "fail", filename, shard, worker=worker, error=error, stats=stats)
+        return self._transition(stage, Action.FAIL, filename, shard, worker=worker, error=error, stats=stats)
 
     def release(self, stage: str, filename: str, shard: int, worker: str, reason: str | None = None) -> dict:
-        return self._transition(stage, "release", filename, shard, worker=worker, error=reason)
+        return self._transition(stage, Action.RELEASE, filename, shard, worker=worker, error=reason)
 
     def rewind(self, stage: str, filename: str, shard: int, worker: str, reason: str) -> dict:
-        return self._transition(stage, "rewind", filename, shard, worker=worker, error=reason)
+        return self._transition(stage, Action.REWIND, filename, shard, worker=worker, error=reason)
 
     def retry(self, stage: str, filename: str, shard: int) -> dict:
-        return self._transition(stage, "retry", filename, shard)
+        return self._transition(stage, Action.RETRY, filename, shard)
 
     def retry_all(self, stage: str, shard: int | None = None) -> dict:
         body: dict[str, Any] = {"all": True}
         if shard is not None:
             body["shard"] = shard
-        return self.call("POST", f"/stages/{stage}/retry", body)
+        return self.call("POST", f"/stages/{stage}/{Action.RETRY}", body)
 
     def heartbeat(self, stage: str, filename: str, shard: int, worker: str) -> dict:
-        return self._transition(stage, "heartbeat", filename, shard, worker=worker)
+        return self._transition(stage, Action.HEARTBEAT, filename, shard, worker=worker)
 
     def queue(self, stage: str, limit: int = 100, offset: int = 0, shard: int | None = None) -> dict:
         params = {"limit": limit, "offset": offset, **({"shard": shard} if shard is not None else {})}

@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-STAGES = ("event-ingest", "shard-splitter", "shard-worker", "mysql-sender")
-
-
 class ConfigError(SystemExit):
     """Raised for a bad setting; as a SystemExit it prints one line and exits 2."""
 

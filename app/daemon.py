@@ -1,6 +1,6 @@
 """The loop every stage daemon runs: claim, work, report, heartbeat, clean up.
 
-A stage supplies only what differs (`Stage.process`); this module owns polling with backoff,
+A stage supplies only what differs (`StageWork.process`); this module owns polling with backoff,
 leases, signals and the promise that a stopped daemon leaves no task `started` and its folder
 empty.
 """
@@ -24,6 +24,7 @@ from .client import ApiError, ApiUnavailable, PipelineClient, Task
 from .config import Settings, shard_arg
 from .logs import ACTIVITY_LOG, setup_logging
 from .shutdown import StopFlag, stop_on_signals
+from .stages import Action, Stage
 
 
 class StopRequested(Exception):
@@ -77,12 +78,12 @@ class Context:
             raise StopRequested()
 
 
-class Stage(ABC):
+class StageWork(ABC):
     """One stage's part. `process` gets tasks of one group and returns an outcome per task
     (same order), or raises one of the exceptions above for the whole group."""
 
-    name: str            # the tracking stage, e.g. "shard-worker"
-    service: str         # the process name, e.g. "shard-worker-0"
+    name: Stage          # the tracking stage
+    service: str         # the process name: name.program(shard), e.g. shard-worker-0
     shard: int | None    # claim only this shard's tasks
     folder: Path         # this daemon's own folder, emptied when it stops
     claim_limit: int = 4
@@ -124,7 +125,7 @@ def empty_folder(folder: Path) -> None:
 
 
 class Daemon:
-    def __init__(self, stage: Stage, settings: Settings, client: PipelineClient | None = None,
+    def __init__(self, stage: StageWork, settings: Settings, client: PipelineClient | None = None,
                  worker: str | None = None):
         self.stage = stage
         self.settings = settings
@@ -246,7 +247,7 @@ class Daemon:
     def _release(self, tasks: list[Task], reason: str) -> None:
         for task in tasks:
             try:
-                self.client.call("POST", f"/stages/{self.stage.name}/release",
+                self.client.call("POST", f"/stages/{self.stage.name}/{Action.RELEASE}",
                                  {"filename": task.filename, "shard": task.shard, "worker": self.worker,
                                   "error": reason}, max_wait=10.0)
             except ApiError as exc:
@@ -288,7 +289,7 @@ def run_shard_stage(module: str, make_stage, argv: list[str] | None = None) -> N
     run_stage(make_stage(settings, shard_arg(None, args.shard, settings.shard_count)), settings)
 
 
-def run_stage(stage: Stage, settings: Settings) -> None:
+def run_stage(stage: StageWork, settings: Settings) -> None:
     """Entry point of a stage daemon: logging, signals, the loop."""
     setup_logging(stage.service, stage.folder)
     daemon = Daemon(stage, settings)

@@ -10,15 +10,14 @@ import time
 from dataclasses import dataclass, field
 
 from app.client import ApiError, ApiUnavailable, PipelineClient
+from app.stages import STAGES, STATUSES, WORK_STAGES, Stage, Status
 
-STAGES = ("event-ingest", "shard-splitter", "shard-worker", "mysql-sender")
-WORK_STAGES = STAGES[1:]
-STATUSES = ("new", "started", "done", "failed")
+__all__ = ["STAGES", "STATUSES", "WORK_STAGES", "ApiSource", "Snapshot", "Status", "describe", "key"]
 
 
 def key(stage: str) -> str:
     """The API's dict keys spell stages with underscores."""
-    return stage.replace("-", "_")
+    return Stage(stage).column if stage in STAGES else stage
 
 
 @dataclass
@@ -35,7 +34,7 @@ class Snapshot:
         return (self.summary.get("stages") or {}).get(key(stage)) or {}
 
     def counts(self, stage: str) -> dict:
-        return (self.summary.get("by_stage") or {}).get(key(stage)) or dict.fromkeys(STATUSES, 0)
+        return (self.summary.get("by_stage") or {}).get(key(stage)) or {s.value: 0 for s in STATUSES}
 
 
 class ApiSource:
@@ -60,10 +59,10 @@ class ApiSource:
         for stage in WORK_STAGES:
             counts = (summary.get("by_stage") or {}).get(key(stage)) or {}
             # Skip the listing when the summary says it would be empty: fewer requests per tick.
-            failed[stage] = (c.tasks(stage, "failed", limit=self.task_limit)["items"]
-                             if counts.get("failed") else [])
-            started[stage] = (c.tasks(stage, "started", limit=self.task_limit)["items"]
-                              if counts.get("started") else [])
+            failed[stage] = (c.tasks(stage, Status.FAILED, limit=self.task_limit)["items"]
+                             if counts.get(Status.FAILED) else [])
+            started[stage] = (c.tasks(stage, Status.STARTED, limit=self.task_limit)["items"]
+                              if counts.get(Status.STARTED) else [])
         return Snapshot(summary, throughput, failed, started, time.monotonic() - began)
 
     def retry(self, stage: str, filename: str, shard: int) -> dict:

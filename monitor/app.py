@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.widgets import Footer, Static, Tab, Tabs
 
 from . import formatting as fmt
-from .api import WORK_STAGES, Snapshot, describe
+from .api import STAGES, WORK_STAGES, Snapshot, Status, describe
 from .screens import AskFileScreen, ConfirmScreen, FileScreen
 from .stuck import Thresholds
 from .supervisor import ProcessInfo
@@ -27,7 +27,8 @@ from .widgets import (Banner, FailedTable, PipelineTable, ProcessTable, ShardTab
                       ThroughputTable, parse_task_key)
 
 INTERVALS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-PANELS = ("failed", "stuck", "processes", "throughput")
+FAILED = Status.FAILED.value  # the panel of the tasks in that status
+PANELS = (FAILED, "stuck", "processes", "throughput")
 INTERVAL_KEYS = Binding.Group("interval", compact=True)
 
 
@@ -89,11 +90,11 @@ class MonitorApp(App):
             pipeline.border_title = "stages"
             yield pipeline
             shards = ShardTable(id="shards")
-            shards.border_title = "shards (files loaded by mysql-sender)"
+            shards.border_title = f"shards (files loaded by {STAGES[-1]})"
             yield shards
         yield Tabs(*(Tab(name.title(), id=f"tab-{name}") for name in PANELS), id="tabs")
-        with Container(id="lower", classes="show-failed"):
-            failed = FailedTable(id="failed", classes="panel")
+        with Container(id="lower", classes=f"show-{FAILED}"):
+            failed = FailedTable(id=FAILED, classes="panel")
             failed.border_title = "failed tasks"
             yield failed
             stuck = StuckTable(id="stuck", classes="panel")
@@ -111,13 +112,13 @@ class MonitorApp(App):
     def on_mount(self) -> None:
         self.render_status()
         self.show_supervisor_status()
-        self.query_one("#failed", FailedTable).focus()
+        self.query_one(f"#{FAILED}", FailedTable).focus()
         self._timer = self.set_interval(self.interval, self.poll)
         self.set_interval(1.0, self.render_status)
         self.poll()
 
     def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
-        name = (event.tab.id or "tab-failed").removeprefix("tab-")
+        name = (event.tab.id or f"tab-{FAILED}").removeprefix("tab-")
         lower = self.query_one("#lower")
         for panel in PANELS:
             lower.set_class(panel == name, f"show-{panel}")
@@ -190,12 +191,12 @@ class MonitorApp(App):
         self.query_one(FailedTable).show(snap)
         n_stuck = self.query_one(StuckTable).show(snap, self.thresholds)
         self.query_one(ThroughputTable).show(snap)
-        n_failed = sum(snap.counts(s).get("failed", 0) for s in WORK_STAGES)
+        n_failed = sum(snap.counts(s).get(Status.FAILED, 0) for s in WORK_STAGES)
         n_started = sum(len(snap.started.get(s) or []) for s in WORK_STAGES)
-        self.query_one("#failed").border_title = f"failed tasks ({n_failed})"
+        self.query_one(f"#{FAILED}").border_title = f"failed tasks ({n_failed})"
         self.query_one("#stuck").border_title = (f"running tasks ({n_started}, {n_stuck} stuck)"
                                                  if n_stuck else f"running tasks ({n_started})")
-        self.query_one("#tab-failed", Tab).label = Text.assemble(
+        self.query_one(f"#tab-{FAILED}", Tab).label = Text.assemble(
             "Failed ", (str(n_failed), "bold red" if n_failed else ""))
         self.query_one("#tab-stuck", Tab).label = Text.assemble(
             "Stuck ", (str(n_stuck), "bold red" if n_stuck else ""))
@@ -303,10 +304,10 @@ class MonitorApp(App):
             task = self._focused_task()
             stage = task[0] if task else None
         if stage not in WORK_STAGES:
-            self.notify("select a stage (shard-splitter, shard-worker or mysql-sender) or a failed task",
+            self.notify(f"select a stage ({', '.join(WORK_STAGES[:-1])} or {WORK_STAGES[-1]}) or a failed task",
                         severity="warning")
             return
-        n = self.snapshot.counts(stage).get("failed", 0) if self.snapshot else 0
+        n = self.snapshot.counts(stage).get(Status.FAILED, 0) if self.snapshot else 0
         if not n:
             self.notify(f"{stage} has no failed tasks", severity="information")
             return
@@ -316,7 +317,7 @@ class MonitorApp(App):
                 self.run_action_in_thread(f"retried every failed task of {stage}",
                                           self.source.retry_all, stage)
         self.push_screen(ConfirmScreen(f"Retry all {n} failed tasks of {stage}?\n"
-                                       f"They go back to 'new' with their attempts reset.", f"Retry {n}"),
+                                       f"They go back to '{Status.NEW}' with their attempts reset.", f"Retry {n}"),
                          answered)
 
     def action_open_selected(self) -> None:

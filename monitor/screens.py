@@ -10,7 +10,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Input, Label, Static
 
 from . import formatting as fmt
-from .api import STAGES, key
+from .api import STAGES, WORK_STAGES
 from .widgets import STATUS_STYLE, plain
 
 
@@ -107,11 +107,11 @@ class FileScreen(Screen):
         events = []
         for s in detail.get("shards") or []:
             att = s.get("attempts") or {}
-            statuses = [Text(s.get(f"{key(stage)}_status") or "—",
-                             style=STATUS_STYLE.get(s.get(f"{key(stage)}_status"), "")) for stage in STAGES]
+            statuses = [Text(s.get(stage.status_column) or "—",
+                             style=STATUS_STYLE.get(s.get(stage.status_column), "")) for stage in STAGES]
             shards.add_row(*plain((
                 str(s["shard"]), *statuses, Text(fmt.clip(s.get("last_error"), 120) or "—", style="red"),
-                "/".join(str(att.get(st, 0)) for st in STAGES[1:]), s.get("owner") or "—",
+                "/".join(str(att.get(st, 0)) for st in WORK_STAGES), s.get("owner") or "—",
                 fmt.stamp(s.get("updated_at")))))
             events += [(h, s["shard"]) for h in s.get("history") or []]
         events.sort(key=lambda e: e[0].get("at") or "")

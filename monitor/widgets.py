@@ -10,13 +10,13 @@ from textual.widgets import DataTable, Static
 from textual.widgets.data_table import ColumnKey
 
 from . import formatting as fmt
-from .api import STAGES, WORK_STAGES, Snapshot, key
+from .api import STAGES, WORK_STAGES, Snapshot, Status, key
 from .stuck import Thresholds
 from .supervisor import ProcessInfo
 
 Row = tuple[str, Sequence]
 
-STATUS_STYLE = {"new": "", "started": "cyan", "done": "green", "failed": "bold red"}
+STATUS_STYLE = {Status.NEW: "", Status.STARTED: "cyan", Status.DONE: "green", Status.FAILED: "bold red"}
 PROCESS_STYLE = {"RUNNING": "bold green", "STARTING": "yellow", "BACKOFF": "bold yellow",
                  "STOPPING": "yellow", "STOPPED": "dim", "EXITED": "yellow", "FATAL": "bold white on red",
                  "UNKNOWN": "bold red"}
@@ -122,9 +122,8 @@ class SyncTable(DataTable):
 class PipelineTable(SyncTable):
     """Stage x status, with each stage's ready queue and how long its oldest task has waited."""
 
-    COLUMNS = (("stage", "stage"), ("new", "new"), ("started", "started"), ("done", "done"),
-               ("failed", "failed"), ("ready", "ready"), ("oldest", "waiting"), ("spark", "files/min"),
-               ("median", "median"))
+    COLUMNS = (("stage", "stage"), *((s.value, s.value) for s in Status), ("ready", "ready"), ("oldest", "waiting"),
+               ("spark", "files/min"), ("median", "median"))
     BINDINGS = [Binding("a", "app.retry_all", "Retry stage")]
     SPARK = 10
 
@@ -151,8 +150,7 @@ class PipelineTable(SyncTable):
                 oldest = ready = median = Text("—", style="dim", justify="right")
             rows.append((stage, (
                 Text(stage, style=name_style),
-                _num(c.get("new", 0)), _num(c.get("started", 0), "cyan"), _num(c.get("done", 0), "green"),
-                _num(c.get("failed", 0), "bold red"), ready, oldest,
+                *(_num(c.get(s, 0), STATUS_STYLE[s]) for s in Status), ready, oldest,
                 Text(fmt.sparkline(files, self.SPARK), style="green"), median)))
         return rows
 
@@ -165,7 +163,8 @@ class ShardTable(SyncTable):
     """Per shard: how far its files got through the last stage (mysql-sender). The bar takes
     whatever width the other columns leave."""
 
-    COLUMNS = (("shard", "shard"), ("bar", "progress"), ("done", "loaded"), ("failed", "failed"))
+    COLUMNS = (("shard", "shard"), ("bar", "progress"), (Status.DONE.value, "loaded"),
+               (Status.FAILED.value, Status.FAILED.value))
     OTHER_COLUMNS = 26
     PERCENT = 5
 
@@ -184,7 +183,7 @@ class ShardTable(SyncTable):
         width = self.bar_width()
         rows = []
         for s in snap.summary.get("by_shard") or []:
-            total, done, failed = s.get("total", 0), s.get("done", 0), s.get("failed", 0)
+            total, done, failed = s.get("total", 0), s.get(Status.DONE, 0), s.get(Status.FAILED, 0)
             d, f, rest = fmt.bar(done, failed, total, width)
             pct = f" {100 * done // total:3d}%" if total else "    "
             bar = Text.assemble((d, "green"), (f, "red"), (rest, "dim"), (pct, "bold"))

@@ -28,14 +28,14 @@ IDLE_DAEMON = textwrap.dedent("""
     from pathlib import Path
     from app.client import PipelineClient
     from app.config import Settings
-    from app.daemon import Daemon, Stage
+    from app.daemon import Daemon, StageWork
     from app.logs import setup_logging
 
     class NoWork(PipelineClient):
         def claim(self, *args, **kwargs):
             return []
 
-    class Idle(Stage):
+    class Idle(StageWork):
         name = "shard-splitter"
         service = "idle-daemon"
         shard = None

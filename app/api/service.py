@@ -20,6 +20,7 @@ import pymysql
 from .. import db
 from ..config import Settings
 from ..logs import setup_logging
+from ..stages import FIRST, ORDERED, STAGES, STATUSES, TRANSITIONS, WORK_STAGES, Action, Stage, Status
 from . import tracking
 
 BASE = "/api/v1/pipeline"
@@ -212,11 +213,11 @@ class Api:
                 return self._respond(500, {"error": "internal error; see the pipeline-apid log"})
         return handler
 
-    def _stage(self, stage: str, allow_ingest: bool = False) -> str:
-        allowed = tracking.STAGES if allow_ingest else tracking.WORK_STAGES
+    def _stage(self, stage: str, allow_ingest: bool = False) -> Stage:
+        allowed = STAGES if allow_ingest else WORK_STAGES
         if stage not in allowed:
             raise HttpError(404, f"unknown stage {stage[:40]!r}; expected one of {', '.join(allowed)}")
-        return stage
+        return Stage(stage)
 
     def _shard(self, value: Any, field: str = "shard") -> int:
         return _int(value, field, 0, self.settings.shard_count - 1)
@@ -265,28 +266,29 @@ class Api:
         return 200, self.tracker.register(filename, shards)
 
     def stage_action(self, stage: str, action: str):
-        if stage == "event-ingest" and action != "done":
-            raise HttpError(404, f"event-ingest has no transition {action[:40]!r}: it is started by "
-                                 f"POST {BASE}/files/register and finished by .../stages/event-ingest/done")
-        if stage == "event-ingest":
+        if stage == FIRST and action != Action.DONE:
+            raise HttpError(404, f"{FIRST} has no transition {action[:40]!r}: it is started by "
+                                 f"POST {BASE}/files/register and finished by .../stages/{FIRST}/{Action.DONE}")
+        if stage == FIRST:
             data = _body()
             events = data.get("events")
             return 200, self.tracker.ingest_done(
                 _filename(_required(data, "filename")), _text(data.get("worker"), "worker", 128),
                 None if events is None else _int(events, "events", 0, 2**31 - 1))
-        self._stage(stage)
-        if action not in (*tracking.ACTIONS, "heartbeat"):
+        stage = self._stage(stage)
+        if action not in (*TRANSITIONS, Action.HEARTBEAT):
             raise HttpError(404, f"unknown transition {action[:40]!r}; expected one of "
-                                 f"{', '.join(tracking.ACTIONS)}, heartbeat")
+                                 f"{', '.join((*TRANSITIONS, Action.HEARTBEAT))}")
+        action = Action(action)
         data = _body()
-        if action == "retry" and data.get("all") is not None:
+        if action == Action.RETRY and data.get("all") is not None:
             if data["all"] is not True:
                 raise BadRequest("'all' must be true when given", "all")
             shard = None if data.get("shard") is None else self._shard(data["shard"])
             return 200, self.tracker.retry_all(stage, shard, _text(data.get("worker"), "worker", 128))
         filename = _filename(_required(data, "filename"))
         shard = self._shard(_required(data, "shard"))
-        if action == "heartbeat":
+        if action == Action.HEARTBEAT:
             worker = _text(_required(data, "worker"), "worker", 128, required=True)
             return 200, self.tracker.heartbeat(stage, filename, shard, worker)
         stats = _stats(data.get("stats"))
@@ -303,28 +305,28 @@ class Api:
         return 200, outcome.as_dict()
 
     def claim(self, stage: str):
-        self._stage(stage)
+        stage = self._stage(stage)
         data = _body()
         limit = _int(data.get("limit", 1), "limit", 1, 1000)
         shard = None if data.get("shard") is None else self._shard(data["shard"])
         worker = _text(_required(data, "worker"), "worker", 128, required=True)
-        if stage in tracking.ORDERED and shard is None:
+        if stage in ORDERED and shard is None:
             raise BadRequest(f"{stage} takes each shard's files in order: 'shard' is required", "shard")
         self._reap_now_and_then()
         return 200, {"stage": stage, "worker": worker,
                      "items": self.tracker.claim(stage, limit, shard, worker)}
 
     def queue(self, stage: str):
-        self._stage(stage)
+        stage = self._stage(stage)
         return 200, self.tracker.queue(stage, _query_int("limit", 100, 1, 1000),
                                        _query_int("offset", 0, 0, 10**9), self._query_shard())
 
     def tasks(self, stage: str):
-        self._stage(stage, allow_ingest=True)
-        status = bottle.request.query.get("status") or "failed"
-        if status not in tracking.STATUSES:
-            raise BadRequest(f"query parameter 'status' must be one of {', '.join(tracking.STATUSES)}", "status")
-        return 200, self.tracker.tasks(stage, status, self._query_shard(),
+        stage = self._stage(stage, allow_ingest=True)
+        status = bottle.request.query.get("status") or Status.FAILED
+        if status not in STATUSES:
+            raise BadRequest(f"query parameter 'status' must be one of {', '.join(STATUSES)}", "status")
+        return 200, self.tracker.tasks(stage, Status(status), self._query_shard(),
                                        _query_int("limit", 100, 1, 1000), _query_int("offset", 0, 0, 10**9))
 
     def file(self, filename: str):

@@ -21,18 +21,11 @@ import orjson
 import pymysql
 import pymysql.cursors
 
+from ..stages import FIRST, ORDERED, STAGES, STATUSES, WORK_STAGES, Action, Stage, Status, sql_in
 
 # The tracking tables' migrations: db/migrations/tracking/ (applied by `db.migrate`).
 SCHEMA = "tracking"
-
-STAGES = ("event-ingest", "shard-splitter", "shard-worker", "mysql-sender")
-WORK_STAGES = STAGES[1:]
-COLUMN = {s: s.replace("-", "_") for s in STAGES}
-PREVIOUS = {"shard-splitter": "event-ingest", "shard-worker": "shard-splitter", "mysql-sender": "shard-worker"}
-# Stages whose tasks of one shard must run in registration order (see docs/business-rules.md).
-ORDERED = {"shard-worker"}
-ACTIONS = ("start", "done", "fail", "retry", "release", "rewind")
-STATUSES = ("new", "started", "done", "failed")
+NEW, STARTED, DONE, FAILED = Status.NEW, Status.STARTED, Status.DONE, Status.FAILED
 ERROR_MAX = 2000
 DEADLOCK = 1213  # retried at once; a lock wait timeout (1205) is not: it already took LOCK_WAIT_SECONDS
 LOCK_WAIT_SECONDS = 5
@@ -64,8 +57,8 @@ class SchemaMissing(Exception):
 class Outcome:
     filename: str
     shard: int
-    stage: str
-    status: str
+    stage: Stage
+    status: Status
     changed: bool
     attempts: int = 0
     extra: dict = field(default_factory=dict)
@@ -75,12 +68,12 @@ class Outcome:
                 "status": self.status, "changed": self.changed, "attempts": self.attempts, **self.extra}
 
 
-def _status_col(stage: str) -> str:
-    return f"{COLUMN[stage]}_status"
+def _status_col(stage: Stage) -> str:
+    return stage.status_column
 
 
-def _attempts_col(stage: str) -> str:
-    return f"{COLUMN[stage]}_attempts"
+def _attempts_col(stage: Stage) -> str:
+    return stage.attempts_column
 
 
 # -- the queue queries ----------------------------------------------------------------------------
@@ -88,18 +81,15 @@ def _attempts_col(stage: str) -> str:
 # otherwise like to walk the primary key "until enough rows match", which is fast while the
 # queue is most of the table and a scan of all finished history once it is not. Reading the
 # ready index is right at every size: it holds exactly the ready rows, already in id order.
-SHORT = {"shard-splitter": "splitter", "shard-worker": "worker", "mysql-sender": "sender"}
-
-
-def ready_index(stage: str, sharded: bool) -> str:
-    return f"ix_{SHORT[stage]}_ready{'_shard' if sharded else ''}"
+def ready_index(stage: Stage, sharded: bool) -> str:
+    return f"ix_{stage.short}_ready{'_shard' if sharded else ''}"
 
 
 def sql_ready(stage: str, sharded: bool, columns: str, tail: str, extra: str = "") -> str:
     """Ready tasks of a stage, oldest first: `%s` for the shard when `sharded`, then `tail`'s."""
     shard = " AND shard=%s" if sharded else ""
     return (f"SELECT {columns} FROM pipeline_tracking FORCE INDEX ({ready_index(stage, sharded)}) "
-            f"WHERE {_status_col(PREVIOUS[stage])}='done' AND {_status_col(stage)}='new'{shard}{extra} "
+            f"WHERE {_status_col(stage.previous)}={DONE.sql} AND {_status_col(stage)}={NEW.sql}{shard}{extra} "
             f"ORDER BY id {tail}")
 
 
@@ -108,28 +98,35 @@ def sql_held(stage: str, sharded: bool) -> str:
     tasks, so ix_owner stays tiny and the lock touches only the worker's own rows (a scan of
     another index would lock, and wait on, rows other workers are finishing)."""
     return (f"SELECT id FROM pipeline_tracking FORCE INDEX (ix_owner) WHERE owner=%s"
-            f" AND {_status_col(stage)}='started'{' AND shard=%s' if sharded else ''} ORDER BY id LIMIT %s FOR UPDATE")
+            f" AND {_status_col(stage)}={STARTED.sql}{' AND shard=%s' if sharded else ''} ORDER BY id LIMIT %s FOR UPDATE")
 
 
 def sql_shard_busy(stage: str) -> str:
     """Another worker holds a started task of this shard (args: shard, worker)."""
     return (f"SELECT 1 FROM pipeline_tracking FORCE INDEX ({ready_index(stage, True)}) "
-            f"WHERE {_status_col(PREVIOUS[stage])} IN ('new','started','done','failed') "
-            f"AND {_status_col(stage)}='started' AND shard=%s AND NOT (owner <=> %s) LIMIT 1")
+            f"WHERE {_status_col(stage.previous)} IN {sql_in(*STATUSES)} "
+            f"AND {_status_col(stage)}={STARTED.sql} AND shard=%s AND NOT (owner <=> %s) LIMIT 1")
 
 
 def sql_shard_blocker(stage: str) -> str:
     """The shard's oldest file still waiting for the previous stage (args: shard)."""
     return (f"SELECT MIN(id) AS id FROM pipeline_tracking FORCE INDEX ({ready_index(stage, True)}) "
-            f"WHERE {_status_col(PREVIOUS[stage])} IN ('new','started') AND {_status_col(stage)}='new' "
-            f"AND shard=%s AND event_ingest_status='done'")
+            f"WHERE {_status_col(stage.previous)} IN {sql_in(NEW, STARTED)} AND {_status_col(stage)}={NEW.sql} "
+            f"AND shard=%s AND {FIRST.status_column}={DONE.sql}")
 
 
-SQL_EXPIRED = ("SELECT id, filename, shard, owner, shard_splitter_status, shard_worker_status, mysql_sender_status,"
-               " shard_splitter_attempts, shard_worker_attempts, mysql_sender_attempts,"
+SQL_EXPIRED = (f"SELECT id, filename, shard, owner, {', '.join(s.status_column for s in WORK_STAGES)},"
+               f" {', '.join(s.attempts_column for s in WORK_STAGES)},"
                " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000 AS ran_ms"
                " FROM pipeline_tracking FORCE INDEX (ix_lease) WHERE lease_expires_at < NOW(3)"
                " ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED")
+
+
+_STATUS_KEYS = tuple(s.value for s in STATUSES)  # JSON keys must be plain str
+# The contract's counts: one GROUP BY over every stage's status, aliased a, b, c, d...
+_COUNT_KEYS = "abcdefghij"[:len(STAGES)]
+SQL_COUNTS = (f"SELECT shard, {', '.join(f'{s.status_column} {k}' for s, k in zip(STAGES, _COUNT_KEYS))}, "
+              f"COUNT(*) n FROM pipeline_tracking GROUP BY shard, {', '.join(_COUNT_KEYS)}")
 
 
 def queue_queries(shard_count: int = 2) -> list[tuple[str, str, tuple]]:
@@ -310,11 +307,11 @@ class Tracker:
         def tx(t: Tx):
             # A unique key with an explicit no-op: concurrent registrations of one file cannot
             # both insert, and neither fails (affected rows: 1 inserted, 0 existed).
-            inserted = t.run(*[("INSERT INTO pipeline_tracking (filename, shard, event_ingest_status) "
-                                "VALUES (%s,%s,'started') ON DUPLICATE KEY UPDATE id=id", (filename, shard))
+            inserted = t.run(*[(f"INSERT INTO pipeline_tracking (filename, shard, {FIRST.status_column}) "
+                                f"VALUES (%s,%s,{STARTED.sql}) ON DUPLICATE KEY UPDATE id=id", (filename, shard))
                                for shard in shards])
             created = [(r.lastrowid, shard) for r, shard in zip(inserted, shards) if r.rowcount == 1]
-            writes = [_log_sql([(tid, filename, s, "event-ingest", None, "started", "register",
+            writes = [_log_sql([(tid, filename, s, FIRST, None, STARTED, Action.REGISTER,
                                  None, None, None, None, None) for tid, s in created])] if created else []
             existing = t.finish(*writes, ("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,)))
             return {"filename": filename, "shards": sorted(set(shards) | {r["shard"] for r in existing[-1].rows}),
@@ -322,23 +319,25 @@ class Tracker:
         return self._tx(tx)
 
     def ingest_done(self, filename: str, actor: str | None = None, events: int | None = None) -> dict:
+        column = FIRST.status_column
+
         def tx(t: Tx):
-            rows = t.run(("SELECT id, shard, event_ingest_status FROM pipeline_tracking WHERE filename=%s "
+            rows = t.run((f"SELECT id, shard, {column} FROM pipeline_tracking WHERE filename=%s "
                           "ORDER BY shard FOR UPDATE", (filename,)))[0].rows
             if not rows:
                 raise NotFound(f"file {filename!r} is not registered", filename=filename)
-            failed = [r["shard"] for r in rows if r["event_ingest_status"] == "failed"]
+            failed = [r["shard"] for r in rows if r[column] == FAILED]
             if failed:
-                raise Conflict("event-ingest failed for this file; it cannot be marked done",
-                               filename=filename, stage="event-ingest", status="failed", shards=failed)
-            todo = [r for r in rows if r["event_ingest_status"] != "done"]
+                raise Conflict(f"{FIRST} failed for this file; it cannot be marked done",
+                               filename=filename, stage=FIRST, status=FAILED, shards=failed)
+            todo = [r for r in rows if r[column] != DONE]
             if todo:
                 # `events` counts the whole file: logged once (on its first shard), so that
                 # per-stage sums such as /metrics/throughput do not count it once per shard.
-                t.finish(("UPDATE pipeline_tracking SET event_ingest_status='done' WHERE filename=%s "
-                          "AND event_ingest_status IN ('new','started')", (filename,)),
-                         _log_sql([(r["id"], filename, r["shard"], "event-ingest", r["event_ingest_status"], "done",
-                                    "done", actor, None, None, events if r is todo[0] else None, None)
+                t.finish((f"UPDATE pipeline_tracking SET {column}={DONE.sql} WHERE filename=%s "
+                          f"AND {column} IN {sql_in(NEW, STARTED)}", (filename,)),
+                         _log_sql([(r["id"], filename, r["shard"], FIRST, r[column], DONE,
+                                    Action.DONE, actor, None, None, events if r is todo[0] else None, None)
                                    for r in todo]))
             return {"filename": filename, "updated_rows": len(todo)}
         return self._tx(tx)
@@ -349,8 +348,10 @@ class Tracker:
                    error: str | None = None, events: int | None = None, stats: dict | None = None) -> Outcome:
         """Lock the task and read what the rules need, decide here, then write and commit:
         two round trips (`done`, the hot one, takes one: see `_done_at_once`)."""
+        stage = Stage(stage)
+        action = Action(action)
         stats_text = orjson.dumps(stats).decode() if stats else None
-        if action == "done":
+        if action == Action.DONE:
             outcome = self._done_at_once(stage, filename, shard, worker, events, stats_text)
             if outcome is not None:
                 return outcome
@@ -368,7 +369,7 @@ class Tracker:
     def _row_sql(stage: str, lock: bool) -> str:
         """A task as the rules see it, with the stage's last logged action (which tells a
         repeat from an illegal call). Args: stage, filename, shard."""
-        return (f"SELECT id, {_status_col(PREVIOUS[stage])} AS prev, {_status_col(stage)} AS status, owner,"
+        return (f"SELECT id, {_status_col(stage.previous)} AS prev, {_status_col(stage)} AS status, owner,"
                 f" {_attempts_col(stage)} AS attempts, TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000 AS ran_ms,"
                 f" (SELECT CONCAT_WS(':', x.action, x.to_status, x.actor) FROM pipeline_transitions x"
                 f"  WHERE x.tracking_id = pipeline_tracking.id AND x.stage = %s ORDER BY x.id DESC LIMIT 1) AS last"
@@ -394,20 +395,20 @@ class Tracker:
 
         def tx(t: Tx):
             results = t.finish(
-                (f"UPDATE pipeline_tracking SET {status_col}='done', owner=NULL, lease_expires_at=NULL,"
-                 f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}='started'"
+                (f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
+                 f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
                  f" AND (owner IS NULL OR owner=%s)", (filename, shard, worker)),
                 ("SET @pipeline_done = ROW_COUNT()", None),
                 ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
                  " action, actor, duration_ms, events, stats)"
-                 " SELECT id, filename, shard, %s, 'started', 'done', 'done', %s,"
+                 f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
                  " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
                  " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
                  (stage, worker, events, stats_text, filename, shard)))
             return results[0].lastrowid if results[0].rowcount == 1 else False
         attempts = self._tx(tx)
         if attempts is not False:
-            return Outcome(filename, shard, stage, "done", True, attempts or 0)
+            return Outcome(filename, shard, stage, DONE, True, attempts or 0)
         row = self._task(stage, filename, shard, Result(self._read(self._row_sql(stage, lock=False),
                                                                    (stage, filename, shard)), 1, None))
         outcome, writes = self._done(stage, row, worker, None, events, stats_text)  # a repeat, or a 409
@@ -435,100 +436,101 @@ class Tracker:
                                              f"(its lease was lost)")
 
     def _start(self, stage, row, worker, error, events, stats):
-        if row["status"] == "started" and worker and row["owner"] == worker:
-            return self._outcome(stage, row, "started", False), [
+        if row["status"] == STARTED and worker and row["owner"] == worker:
+            return self._outcome(stage, row, STARTED, False), [
                 ("UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND WHERE id=%s",
                  (self.lease_us, row["id"]))]
-        if row["status"] != "new":
-            raise self._conflict(stage, row, f"{stage} can start only from 'new'")
-        if row["prev"] != "done":
-            raise self._conflict(stage, row, f"{PREVIOUS[stage]} is {row['prev']!r}; "
+        if row["status"] != NEW:
+            raise self._conflict(stage, row, f"{stage} can start only from '{NEW}'")
+        if row["prev"] != DONE:
+            raise self._conflict(stage, row, f"{stage.previous} is {row['prev']!r}; "
                                              f"{stage} starts only after it is done")
         att = _attempts_col(stage)
-        return self._outcome(stage, row, "started", True, row["attempts"] + 1), self._set(
-            stage, row, "started", "start", worker,
+        return self._outcome(stage, row, STARTED, True, row["attempts"] + 1), self._set(
+            stage, row, STARTED, Action.START, worker,
             extra=f", owner=%s, started_at=NOW(3), lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1",
             args=(worker, self.lease_us))
 
     def _done(self, stage, row, worker, error, events, stats):
-        if row["status"] == "done":
-            by = row["last"].get("actor") if row["last"].get("to_status") == "done" else None
+        if row["status"] == DONE:
+            by = row["last"].get("actor") if row["last"].get("to_status") == DONE else None
             if worker and by and by != worker:
                 raise self._conflict(stage, row, f"{stage} was finished by {by!r}, not {worker!r} "
                                                  f"(its lease was lost and the task taken over)")
-            return self._outcome(stage, row, "done", False), []
-        if row["status"] != "started":
-            raise self._conflict(stage, row, f"{stage} can be done only from 'started'")
+            return self._outcome(stage, row, DONE, False), []
+        if row["status"] != STARTED:
+            raise self._conflict(stage, row, f"{stage} can be done only from '{STARTED}'")
         self._check_owner(stage, row, worker)
-        return self._outcome(stage, row, "done", True), self._set(
-            stage, row, "done", "done", worker or row["owner"], events=events, stats=stats,
+        return self._outcome(stage, row, DONE, True), self._set(
+            stage, row, DONE, Action.DONE, worker or row["owner"], events=events, stats=stats,
             extra=", owner=NULL, lease_expires_at=NULL", duration=True)
 
     def _fail(self, stage, row, worker, error, events, stats):
-        if row["status"] == "failed":
-            return self._outcome(stage, row, "failed", False), []
-        if row["status"] not in ("new", "started"):
-            raise self._conflict(stage, row, f"{stage} can fail only from 'new' or 'started'")
-        if row["status"] == "started":
+        if row["status"] == FAILED:
+            return self._outcome(stage, row, FAILED, False), []
+        if row["status"] not in (NEW, STARTED):
+            raise self._conflict(stage, row, f"{stage} can fail only from '{NEW}' or '{STARTED}'")
+        if row["status"] == STARTED:
             self._check_owner(stage, row, worker)
-        return self._outcome(stage, row, "failed", True), self._set(
-            stage, row, "failed", "fail", worker or row["owner"], error=error, events=events, stats=stats,
+        return self._outcome(stage, row, FAILED, True), self._set(
+            stage, row, FAILED, Action.FAIL, worker or row["owner"], error=error, events=events, stats=stats,
             extra=", owner=NULL, lease_expires_at=NULL, last_error=%s", args=(error,),
-            duration=row["status"] == "started")
+            duration=row["status"] == STARTED)
 
     def _retry(self, stage, row, worker, error, events, stats):
-        if row["status"] == "new" and row["last"].get("action") == "retry":
-            return self._outcome(stage, row, "new", False), []
-        if row["status"] != "failed":
-            raise self._conflict(stage, row, f"{stage} can be retried only from 'failed'")
-        return self._outcome(stage, row, "new", True, 0), self._set(
-            stage, row, "new", "retry", worker, extra=f", {_attempts_col(stage)}=0")
+        if row["status"] == NEW and row["last"].get("action") == Action.RETRY:
+            return self._outcome(stage, row, NEW, False), []
+        if row["status"] != FAILED:
+            raise self._conflict(stage, row, f"{stage} can be retried only from '{FAILED}'")
+        return self._outcome(stage, row, NEW, True, 0), self._set(
+            stage, row, NEW, Action.RETRY, worker, extra=f", {_attempts_col(stage)}=0")
 
     def _release(self, stage, row, worker, error, events, stats):
         """A daemon hands a task back unfinished (clean shutdown): no attempt is spent."""
-        if row["status"] == "new" and row["last"].get("action") == "release":
-            return self._outcome(stage, row, "new", False), []
-        if row["status"] != "started":
-            raise self._conflict(stage, row, f"{stage} can be released only from 'started'")
+        if row["status"] == NEW and row["last"].get("action") == Action.RELEASE:
+            return self._outcome(stage, row, NEW, False), []
+        if row["status"] != STARTED:
+            raise self._conflict(stage, row, f"{stage} can be released only from '{STARTED}'")
         self._check_owner(stage, row, worker)
         att = _attempts_col(stage)
-        return self._outcome(stage, row, "new", True, max(row["attempts"] - 1, 0)), self._set(
-            stage, row, "new", "release", worker or row["owner"], error=error,
+        return self._outcome(stage, row, NEW, True, max(row["attempts"] - 1, 0)), self._set(
+            stage, row, NEW, Action.RELEASE, worker or row["owner"], error=error,
             extra=f", owner=NULL, lease_expires_at=NULL, {att}=GREATEST({att}-1, 0)")
 
     def _rewind(self, stage, row, worker, error, events, stats):
         """The stage's input file is missing: send the task back to the stage that produces it."""
-        upstream = PREVIOUS[stage]
-        if upstream == "event-ingest":
-            raise self._conflict(stage, row, "shard-splitter reads the registered source file; nothing "
+        upstream = stage.previous
+        if upstream is FIRST:
+            raise self._conflict(stage, row, f"{stage} reads the registered source file; nothing "
                                              "upstream can rebuild it: fail the task instead")
-        if row["status"] == "new" and row["prev"] == "new" and row["last"].get("action") == "rewind":
-            return self._outcome(stage, row, "new", False, rewound_to=upstream), []
-        if row["status"] not in ("new", "started"):
-            raise self._conflict(stage, row, f"{stage} can be rewound only from 'new' or 'started'")
-        if row["status"] == "started":
+        if row["status"] == NEW and row["prev"] == NEW and row["last"].get("action") == Action.REWIND:
+            return self._outcome(stage, row, NEW, False, rewound_to=upstream), []
+        if row["status"] not in (NEW, STARTED):
+            raise self._conflict(stage, row, f"{stage} can be rewound only from '{NEW}' or '{STARTED}'")
+        if row["status"] == STARTED:
             self._check_owner(stage, row, worker)
         if row["attempts"] >= self.max_attempts:
             reason = f"input missing after {row['attempts']} attempts: {error or 'no reason given'}"
             return self._fail(stage, row, worker, reason[:ERROR_MAX], None, None)
         reason = f"input missing, rebuilt by {upstream}: {error or 'no reason given'}"[:ERROR_MAX]
-        writes = self._set(stage, row, "new", "rewind", worker or row["owner"], error=reason,
-                           extra=f", {_status_col(upstream)}='new', owner=NULL, lease_expires_at=NULL, last_error=%s",
+        writes = self._set(stage, row, NEW, Action.REWIND, worker or row["owner"], error=reason,
+                           extra=f", {_status_col(upstream)}={NEW.sql}, owner=NULL, lease_expires_at=NULL, last_error=%s",
                            args=(reason,))
-        writes.append(_log_sql([(row["id"], row["filename"], row["shard"], upstream, row["prev"], "new", "rewind",
+        writes.append(_log_sql([(row["id"], row["filename"], row["shard"], upstream, row["prev"], NEW, Action.REWIND,
                                  worker, reason, None, None, None)]))
-        return self._outcome(stage, row, "new", True, rewound_to=upstream), writes
+        return self._outcome(stage, row, NEW, True, rewound_to=upstream), writes
 
     def heartbeat(self, stage: str, filename: str, shard: int, worker: str) -> dict:
         """One autocommitted UPDATE: extends the lease only while `worker` holds the task."""
+        stage = Stage(stage)
         status_col = _status_col(stage)
         conn = self._conn()
         with conn.cursor() as cur:
             cur.execute(f"UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
-                        f"WHERE filename=%s AND shard=%s AND {status_col}='started' AND owner=%s",
+                        f"WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql} AND owner=%s",
                         (self.lease_us, filename, shard, worker))
             extended = cur.rowcount == 1
-        body = {"filename": filename, "shard": shard, "stage": stage, "status": "started", "worker": worker,
+        body = {"filename": filename, "shard": shard, "stage": stage, "status": STARTED, "worker": worker,
                 "lease_seconds": self.lease_seconds, "lease_expires_at": self._lease_until()}
         if extended:
             return body
@@ -536,15 +538,16 @@ class Tracker:
                           f"AND shard=%s", (filename, shard))
         if not rows:
             raise NotFound(f"no task ({filename!r}, shard {shard})", filename=filename, shard=shard)
-        if rows[0]["status"] == "started" and rows[0]["owner"] == worker:
+        if rows[0]["status"] == STARTED and rows[0]["owner"] == worker:
             return body  # two heartbeats in one millisecond: the second changed nothing
         raise Conflict(f"{worker!r} does not hold this task (lease lost or task finished)",
                        filename=filename, shard=shard, stage=stage, status=rows[0]["status"],
                        owner=rows[0]["owner"])
 
     def retry_all(self, stage: str, shard: int | None, actor: str | None) -> dict:
+        stage = Stage(stage)
         status_col, att = _status_col(stage), _attempts_col(stage)
-        where, args = f"{status_col}='failed'", []
+        where, args = f"{status_col}={FAILED.sql}", []
         if shard is not None:
             where, args = where + " AND shard=%s", [shard]
 
@@ -554,9 +557,9 @@ class Tracker:
             writes = []
             for start in range(0, len(rows), 1000):
                 chunk = rows[start:start + 1000]
-                writes += [(f"UPDATE pipeline_tracking SET {status_col}='new', {att}=0 WHERE id IN ({_marks(chunk)})",
+                writes += [(f"UPDATE pipeline_tracking SET {status_col}={NEW.sql}, {att}=0 WHERE id IN ({_marks(chunk)})",
                             [r["id"] for r in chunk]),
-                           _log_sql([(r["id"], r["filename"], r["shard"], stage, "failed", "new", "retry", actor,
+                           _log_sql([(r["id"], r["filename"], r["shard"], stage, FAILED, NEW, Action.RETRY, actor,
                                       None, None, None, None) for r in chunk])]
             t.finish(*writes)
             return {"stage": stage, "shard": shard, "retried": len(rows),
@@ -570,6 +573,7 @@ class Tracker:
         resumes its own work), then ready ones, oldest first, each won by exactly one caller.
         Two round trips: lock what the worker holds and up to `limit` ready rows nobody else
         is locking; then write. Ready rows locked but not needed are freed by the commit."""
+        stage = Stage(stage)
         status_col, att = _status_col(stage), _attempts_col(stage)
         cols = f"id, filename, shard, created_at, {att} AS attempts"
         ordered = stage in ORDERED and shard is not None
@@ -595,10 +599,10 @@ class Tracker:
                             f"WHERE id IN ({_marks(ids)})", (self.lease_us, *ids)),
                            (f"SELECT {cols} FROM pipeline_tracking WHERE id IN ({_marks(ids)}) ORDER BY id", ids)]
             if fresh:
-                writes += [(f"UPDATE pipeline_tracking SET {status_col}='started', owner=%s, started_at=NOW(3),"
+                writes += [(f"UPDATE pipeline_tracking SET {status_col}={STARTED.sql}, owner=%s, started_at=NOW(3),"
                             f" lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1"
                             f" WHERE id IN ({_marks(fresh)})", (worker, self.lease_us, *[r["id"] for r in fresh])),
-                           _log_sql([(r["id"], r["filename"], r["shard"], stage, "new", "started", "claim", worker,
+                           _log_sql([(r["id"], r["filename"], r["shard"], stage, NEW, STARTED, Action.CLAIM, worker,
                                       None, None, None, None) for r in fresh])]
             done = t.finish(*writes)
             mine = done[1].rows if mine else []
@@ -643,19 +647,19 @@ class Tracker:
         def tx(t: Tx):
             writes, reaped = [], []
             for r in t.run((SQL_EXPIRED, (limit,)))[0].rows:
-                stage = next((s for s in WORK_STAGES if r[_status_col(s)] == "started"), None)
+                stage = next((s for s in WORK_STAGES if r[_status_col(s)] == STARTED), None)
                 if stage is None:
                     writes.append(("UPDATE pipeline_tracking SET owner=NULL, lease_expires_at=NULL WHERE id=%s",
                                    (r["id"],)))
                     continue
                 attempts = r[_attempts_col(stage)]
-                to = "failed" if attempts >= self.max_attempts else "new"
+                to = FAILED if attempts >= self.max_attempts else NEW
                 holder = "a worker that gave no id" if r["owner"] is None else repr(r["owner"])
                 error = (f"lease of {holder} expired (attempt {attempts} of {self.max_attempts})"
-                         + ("; attempts exhausted" if to == "failed" else ""))
+                         + ("; attempts exhausted" if to == FAILED else ""))
                 writes += [(f"UPDATE pipeline_tracking SET {_status_col(stage)}=%s, owner=NULL, "
                             f"lease_expires_at=NULL, last_error=%s WHERE id=%s", (to, error, r["id"])),
-                           _log_sql([(r["id"], r["filename"], r["shard"], stage, "started", to, "reap", r["owner"],
+                           _log_sql([(r["id"], r["filename"], r["shard"], stage, STARTED, to, Action.REAP, r["owner"],
                                       error, r["ran_ms"], None, None)])]
                 reaped.append({"filename": r["filename"], "shard": r["shard"], "stage": stage, "status": to,
                                "error": error})
@@ -666,6 +670,7 @@ class Tracker:
     # -- reads ---------------------------------------------------------------------------------
 
     def queue(self, stage: str, limit: int, offset: int, shard: int | None) -> dict:
+        stage = Stage(stage)
         args = [shard] if shard is not None else []
         rows = self._read(sql_ready(stage, shard is not None, "filename, shard, created_at", "LIMIT %s OFFSET %s"),
                           (*args, limit, offset))
@@ -675,12 +680,14 @@ class Tracker:
 
     def tasks(self, stage: str, status: str, shard: int | None, limit: int, offset: int) -> dict:
         """Tasks of one stage in one status, with owner, lease, attempts and last error."""
+        stage = Stage(stage)
+        status = Status(status)
         status_col = _status_col(stage)
         where, args = f"{status_col}=%s", [status]
         if shard is not None:
             where += " AND shard=%s"
             args.append(shard)
-        att = _attempts_col(stage) if stage != "event-ingest" else "0"
+        att = stage.attempts_column or "0"
         rows = self._read(
             f"SELECT filename, shard, created_at, updated_at, owner, started_at, lease_expires_at, "
             f"{att} AS attempts, last_error, lease_expires_at < NOW(3) AS lease_expired, "
@@ -691,7 +698,7 @@ class Tracker:
              "updated_at": _iso(r["updated_at"]), "attempts": r["attempts"], "last_error": r["last_error"],
              **({"owner": r["owner"], "started_at": _iso(r["started_at"]),
                  "lease_expires_at": _iso(r["lease_expires_at"]), "lease_expired": bool(r["lease_expired"]),
-                 "running_ms": r["running_ms"]} if status == "started" else {})}
+                 "running_ms": r["running_ms"]} if status == STARTED else {})}
             for r in rows]}
 
     def file(self, filename: str) -> dict:
@@ -707,7 +714,7 @@ class Tracker:
         for r in rows:
             entry = {"shard": r["shard"], **{_status_col(s): r[_status_col(s)] for s in STAGES},
                      "updated_at": _iso_s(r["updated_at"]), "created_at": _iso_s(r["created_at"]),
-                     "attempts": {s: r.get(_attempts_col(s), 0) for s in WORK_STAGES},
+                     "attempts": {s.value: r.get(s.attempts_column, 0) for s in WORK_STAGES},
                      "last_error": r.get("last_error"), "owner": r.get("owner"),
                      "lease_expires_at": _iso(r.get("lease_expires_at")), "stats": {}, "history": []}
             for h in history:
@@ -721,7 +728,7 @@ class Tracker:
                                          "action": h["action"], "at": _iso(h["at"]), "by": h["actor"],
                                          "error": h["error"], "duration_ms": h["duration_ms"],
                                          "events": h["events"], "stats": stats})
-                if h["to_status"] == "done" and (stats or h["events"] is not None):
+                if h["to_status"] == DONE and (stats or h["events"] is not None):
                     entry["stats"][h["stage"]] = {"events": h["events"], **(stats if isinstance(stats, dict) else {})}
             shards.append(entry)
         return {"filename": filename, "shards": shards}
@@ -749,33 +756,33 @@ class Tracker:
             return result
 
     def _compute_summary(self) -> dict:
-        rows = self._read("SELECT shard, event_ingest_status a, shard_splitter_status b, shard_worker_status c, "
-                          "mysql_sender_status d, COUNT(*) n FROM pipeline_tracking GROUP BY shard, a, b, c, d")
-        by_stage = {COLUMN[s]: dict.fromkeys(STATUSES, 0) for s in STAGES}
+        rows = self._read(SQL_COUNTS)
+        by_stage = {s.column: dict.fromkeys(_STATUS_KEYS, 0) for s in STAGES}
         by_shard: dict[int, dict] = {}
         total = 0
         for r in rows:
             total += r["n"]
-            for key, stage in zip("abcd", STAGES):
+            for key, stage in zip(_COUNT_KEYS, STAGES):
                 if r[key] in STATUSES:
-                    by_stage[COLUMN[stage]][r[key]] += r["n"]
-            sh = by_shard.setdefault(r["shard"], {"shard": r["shard"], "total": 0, **dict.fromkeys(STATUSES, 0)})
+                    by_stage[stage.column][r[key]] += r["n"]
+            sh = by_shard.setdefault(r["shard"], {"shard": r["shard"], "total": 0, **dict.fromkeys(_STATUS_KEYS, 0)})
             sh["total"] += r["n"]
-            if r["d"] in STATUSES:
-                sh[r["d"]] += r["n"]
+            last = r[_COUNT_KEYS[-1]]
+            if last in STATUSES:
+                sh[last] += r["n"]
         stage_metrics = {}
         for stage in WORK_STAGES:
-            status_col, prev_col = _status_col(stage), _status_col(PREVIOUS[stage])
-            ready = self._read(f"SELECT COUNT(*) n FROM pipeline_tracking WHERE {prev_col}='done' "
-                               f"AND {status_col}='new'")[0]["n"]
+            status_col, prev_col = _status_col(stage), _status_col(stage.previous)
+            ready = self._read(f"SELECT COUNT(*) n FROM pipeline_tracking WHERE {prev_col}={DONE.sql} "
+                               f"AND {status_col}={NEW.sql}")[0]["n"]
             oldest = self._read(sql_ready(stage, False, "TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) DIV 1000 age",
                                           "LIMIT 1"))
             recent = self._read("SELECT COUNT(*) n, COALESCE(SUM(events), 0) ev FROM pipeline_transitions "
-                                "WHERE stage=%s AND to_status='done' AND at > NOW(3) - INTERVAL 60 SECOND", (stage,))[0]
+                                f"WHERE stage=%s AND to_status={DONE.sql} AND at > NOW(3) - INTERVAL 60 SECOND", (stage,))[0]
             runs = [r["duration_ms"] for r in self._read(
-                "SELECT duration_ms FROM pipeline_transitions WHERE stage=%s AND to_status='done' "
+                f"SELECT duration_ms FROM pipeline_transitions WHERE stage=%s AND to_status={DONE.sql} "
                 "AND duration_ms IS NOT NULL ORDER BY at DESC LIMIT 500", (stage,))]
-            stage_metrics[COLUMN[stage]] = {
+            stage_metrics[stage.column] = {
                 "ready": ready,
                 "oldest_ready_age_seconds": oldest[0]["age"] / 1000 if oldest and oldest[0]["age"] is not None
                 else None,
@@ -783,24 +790,24 @@ class Tracker:
                 "median_run_ms": statistics.median(runs) if runs else None,
             }
         return {"total": total, "by_stage": by_stage,
-                "by_shard": [{"shard": s["shard"], "total": s["total"], "done": s["done"], "failed": s["failed"],
-                              "new": s["new"], "started": s["started"]} for s in sorted(by_shard.values(),
-                                                                                        key=lambda x: x["shard"])],
+                "by_shard": [{"shard": s["shard"], "total": s["total"],
+                              **{k: s[k] for k in (DONE.value, FAILED.value, NEW.value, STARTED.value)}}
+                             for s in sorted(by_shard.values(), key=lambda x: x["shard"])],
                 "stages": stage_metrics}
 
     def throughput(self, minutes: int) -> dict:
         """Files and events finished per stage per minute, oldest minute first."""
         rows = self._read("SELECT stage, TIMESTAMPDIFF(MINUTE, at, NOW(3)) ago, COUNT(*) files, "
                           "COALESCE(SUM(events), 0) events FROM pipeline_transitions "
-                          "WHERE stage IN ('event-ingest','shard-splitter','shard-worker','mysql-sender') "
-                          "AND to_status='done' AND at > NOW(3) - INTERVAL %s MINUTE GROUP BY stage, ago",
+                          f"WHERE stage IN {sql_in(*STAGES)} "
+                          f"AND to_status={DONE.sql} AND at > NOW(3) - INTERVAL %s MINUTE GROUP BY stage, ago",
                           (minutes,))
-        out = {COLUMN[s]: {"files": [0] * minutes, "events": [0] * minutes} for s in STAGES}
+        out = {s.column: {"files": [0] * minutes, "events": [0] * minutes} for s in STAGES}
         for r in rows:
             i = minutes - 1 - int(r["ago"])
             if 0 <= i < minutes:
-                out[COLUMN[r["stage"]]]["files"][i] = int(r["files"])
-                out[COLUMN[r["stage"]]]["events"][i] = int(r["events"])
+                out[Stage(r["stage"]).column]["files"][i] = int(r["files"])
+                out[Stage(r["stage"]).column]["events"][i] = int(r["events"])
         return {"minutes": minutes, "stages": out}
 
     def ready(self) -> dict:

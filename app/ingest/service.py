@@ -31,10 +31,11 @@ from ..config import ConfigError, Settings
 from ..daemon import empty_folder
 from ..logs import setup_logging
 from ..shutdown import StopFlag, stop_on_signals
+from ..stages import Stage, Status
 from .generator import (Generator, Rates, World, existing_ticks, parse_tick, publish, temp_path,
                         write_event_file)
 
-SERVICE = "event-ingest"
+SERVICE = Stage.INGEST.program()
 FILENAME = re.compile(r"^[0-9A-Za-z_-]{1,64}$")   # what the API accepts, without dots
 # A registered file not marked done for this long is done (our crash, or the original
 # generator's lost best-effort call); younger ones may still be written by the original.
@@ -100,7 +101,7 @@ class Ingest:
                 continue
             except ApiUnavailable:
                 break
-            pending = any(s["event_ingest_status"] in ("new", "started") for s in shards)
+            pending = any(s[Stage.INGEST.status_column] in (Status.NEW, Status.STARTED) for s in shards)
             if pending and time.time() - path.stat().st_mtime > STALE_SECONDS:
                 fixed += self.announce(filename, _count_lines(path))
         if fixed:
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, help="write this many files and exit")
     parser.add_argument("--events", type=int, help="lines per file with --files (default EVENTS_PER_FILE)")
     parser.add_argument("--import", dest="imports", nargs="+", type=Path, metavar="PATH",
-                        help="copy these files (or the *.event-ingest.txt of these folders) in and register them")
+                        help=f"copy these files (or the *{layout.SOURCE_SUFFIX} of these folders) in and register them")
     parser.add_argument("--seed", type=int, help="random seed (default INGEST_SEED, else random)")
     parser.add_argument("--rate", type=_rate, action="append", default=[], metavar="NAME=P",
                         help=f"injection rate; names: {', '.join(Rates.names())}")
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         if generator.seed == (args.seed if args.seed is not None else settings.ingest_seed):
             # A restarted daemon must not repeat its order ids (they would all be duplicates).
             generator = build_generator(settings, generator.seed ^ int(time.time()), args.rate)
-        log.info("event-ingest writing a file every %ss (1..%d events, seed %d)", settings.ingest_interval,
+        log.info("%s writing a file every %ss (1..%d events, seed %d)", SERVICE, settings.ingest_interval,
                  settings.events_per_file, generator.seed)
         ingest.run_forever(generator)
         return 0

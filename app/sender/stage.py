@@ -14,22 +14,22 @@ import pymysql
 from .. import db, layout
 from ..client import Task
 from ..config import Settings
-from ..daemon import (Context, Done, InputMissing, Outcome, Retryable, Stage, StopRequested, TaskFailed,
+from ..stages import Stage
+from ..daemon import (Context, Done, InputMissing, Outcome, Retryable, StageWork, StopRequested, TaskFailed,
                       run_shard_stage)
 from . import loader
 
-STAGE = "mysql-sender"
 # Database errors that a retry cannot cure: the rows themselves were refused.
 DATA_REFUSED = (pymysql.err.IntegrityError, pymysql.err.DataError, loader.RowsRefused)
 
 
-class Sender(Stage):
-    name = STAGE
+class Sender(StageWork):
+    name = Stage.SENDER
 
     def __init__(self, settings: Settings, shard: int):
         self.settings = settings
         self.shard = shard
-        self.service = f"{STAGE}-{shard}"
+        self.service = Stage.SENDER.program(shard)
         self.folder = layout.sender_dir(settings.shared_dir, shard)
         self.claim_limit = 1  # a file is one long transaction: hold no lease we are not using
         self.url = settings.shard_dbs[shard]

@@ -25,6 +25,7 @@ import pymysql
 from .. import db
 from ..atomic import TMP_MARK
 from ..config import MySQLURL
+from ..stages import Stage
 
 # The order index's migrations: db/migrations/splitter/ (applied by `db.migrate`).
 SCHEMA = "splitter"
@@ -36,7 +37,7 @@ LOOKUP_BATCH = 1000   # order ids per lookup query
 INFILE_REFUSED = {1148, 3948, 2068}
 INSERT_BATCH = 2000
 
-log = logging.getLogger("shard-splitter")
+log = logging.getLogger(Stage.SPLITTER)
 
 
 class OrderIndex:

@@ -22,8 +22,9 @@ from .. import layout
 from ..atomic import atomic_write
 from ..client import ApiError, ApiUnavailable, PipelineClient, Task
 from ..config import Settings
-from ..daemon import Context, Done, Failed, Outcome, Retryable, Stage, run_stage
+from ..daemon import Context, Done, Failed, Outcome, Retryable, StageWork, run_stage
 from ..db import UNAVAILABLE
+from ..stages import Stage
 from . import reasons
 from .order_index import FileRouting, OrderIndex
 
@@ -33,7 +34,7 @@ BUFFER_LINES = 8192       # lines held back while shop-less returns wait for one
 BUFFER_BYTES = 1 << 20    # ... and at most this many bytes of them
 READ_BUFFER = 1 << 20
 
-log = logging.getLogger("shard-splitter")
+log = logging.getLogger(Stage.SPLITTER)
 
 
 class _Payload(msgspec.Struct):
@@ -244,9 +245,9 @@ def split_file(source: Path, filename: str, shared: Path, shard_count: int, shar
     return result
 
 
-class Splitter(Stage):
-    name = "shard-splitter"
-    service = "shard-splitter"
+class Splitter(StageWork):
+    name = Stage.SPLITTER
+    service = Stage.SPLITTER.program()
     shard = None
 
     def __init__(self, settings: Settings, index: OrderIndex | None = None, client: PipelineClient | None = None):

@@ -26,6 +26,7 @@ from supervisor.xmlrpc import SupervisorTransport
 from .. import db
 from ..config import ConfigError, Settings, Supervision, database_urls_configured
 from ..processes import pid_alive
+from ..stages import Stage
 from .embedded_mariadb import INSTALL_HINT, EmbeddedMariaDB
 from .supervise import ROOT, program_names
 
@@ -292,12 +293,12 @@ def monitor(args: list[str]) -> int:
     return 1  # not reached
 
 
-USAGE = """usage: bin/pipeline start|stop|status|monitor|ctl <supervisorctl arguments>
+USAGE = f"""usage: bin/pipeline start|stop|status|monitor|ctl <supervisorctl arguments>
   start    create what is missing (private MariaDB, databases) and start every program
   stop     stop every program (each hands back its work), supervisord and the private MariaDB
   status   each program's state
   monitor  the dashboard (python -m monitor) pointed at this run
-  ctl      supervisorctl on this run, e.g. `bin/pipeline ctl restart shard-worker-0`"""
+  ctl      supervisorctl on this run, e.g. `bin/pipeline ctl restart {Stage.WORKER.program(0)}`"""
 
 
 def main(argv: list[str]) -> int:

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "supervisord.conf.template"
 FATAL_MARKER = "fatal"
 _SECTION = re.compile(r"^\[(?P<name>[^\]]+)\]", re.M)
+_PROGRAM = re.compile(r"^\[program:(?P<name>[^\]]+)\]\n(?P<body>(?:(?!\[).*\n?)*)", re.M)
+_PRIORITY = re.compile(r"^priority\s*=\s*(\d+)", re.M)
 
 
 def _replica_suffixes(count: int) -> list[str]:
@@ -29,11 +31,15 @@ def _replica_suffixes(count: int) -> list[str]:
 def render(settings: Settings, sup: Supervision, python: str | None = None) -> str:
     """The config text: a section naming ${shard} or a replica placeholder once per value,
     every placeholder filled."""
+    return _render(settings.shard_count, sup, python)
+
+
+def _render(shard_count: int, sup: Supervision, python: str | None = None) -> str:
     text = TEMPLATE.read_text()
     values = {"python": python or sys.executable, "root": str(ROOT), "run_dir": str(sup.run_dir),
               "stop_wait": str(sup.stop_wait), "start_secs": str(sup.start_secs),
               "start_retries": str(sup.start_retries)}
-    repeats = {"shard": list(range(settings.shard_count)),
+    repeats = {"shard": list(range(shard_count)),
                "splitter_replica": _replica_suffixes(sup.splitter_replicas),
                "sender_replica": _replica_suffixes(sup.sender_replicas)}
     starts = [m.start() for m in _SECTION.finditer(text)]
@@ -48,12 +54,14 @@ def render(settings: Settings, sup: Supervision, python: str | None = None) -> s
 
 
 def program_names(shard_count: int, sup: Supervision | None = None) -> list[str]:
-    """Every program of the group, as supervisorctl names them, in start order."""
-    splitters = _replica_suffixes(sup.splitter_replicas if sup else 1)
-    senders = _replica_suffixes(sup.sender_replicas if sup else 1)
-    return (["pipeline-apid"] + [f"mysql-sender-{n}{r}" for n in range(shard_count) for r in senders]
-            + [f"shard-worker-{n}" for n in range(shard_count)] + [f"shard-splitter{r}" for r in splitters]
-            + ["event-ingest"])
+    """Every program of the group, as supervisorctl names them, in start order: read from the
+    rendered template, the one list of programs (a program added there is known everywhere)."""
+    text = _render(shard_count, sup or Supervision.from_env({}), python="python")
+    programs = []
+    for n, block in enumerate(_PROGRAM.finditer(text)):
+        priority = _PRIORITY.search(block.group("body"))
+        programs.append((int(priority.group(1)) if priority else 999, n, block.group("name")))
+    return [name for _, _, name in sorted(programs)]
 
 
 def write_config(settings: Settings, sup: Supervision) -> Path:

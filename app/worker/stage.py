@@ -22,18 +22,18 @@ import pymysql
 from .. import db, layout
 from ..atomic import atomic_write
 from ..config import Settings
-from ..daemon import Context, Done, Failed, InputMissing, Retryable, Stage, TaskFailed, run_shard_stage
+from ..daemon import Context, Done, Failed, InputMissing, Retryable, StageWork, TaskFailed, run_shard_stage
 from ..db import DEADLOCK_CODES
 from ..events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
 from ..overlap import Behind, ReadAhead, Turns
+from ..stages import Stage
 from .ledger import DUPLICATE_KEY, Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
                     stock_change, validate)
 from .state import BatchRecord, Hold, Recent, SeenConflict, WorkerState
 
-log = logging.getLogger("shard-worker")
-STAGE = "shard-worker"
+log = logging.getLogger(Stage.WORKER)
 BATCH_RETRIES = 8
 SHARD_LOCK_WAIT = 5.0
 PRUNE_EVERY = 60.0
@@ -522,14 +522,14 @@ class FileRun:
         return later
 
 
-class WorkerStage(Stage):
-    name = STAGE
+class WorkerStage(StageWork):
+    name = Stage.WORKER
     claim_limit = 1
 
     def __init__(self, settings: Settings, shard: int):
         self.settings = settings
         self.shard = shard
-        self.service = f"shard-worker-{shard}"
+        self.service = Stage.WORKER.program(shard)
         self.folder = layout.worker_dir(settings.shared_dir, shard)
         self.state = WorkerState(settings.pipeline_db, shard)
         self.ledger = Ledger(settings.opening_balance)
