@@ -210,9 +210,9 @@ def drop_database(url: MySQLURL) -> None:
 
 
 def install(url: MySQLURL) -> None:
-    from app.api import tracking
+    from app.api import schema
     conn = db.connect(url)
-    db.migrate(conn, tracking.SCHEMA)
+    db.migrate(conn, schema.SCHEMA)
     conn.close()
 
 

@@ -9,7 +9,7 @@ import pymysql
 import pytest
 
 from app import db
-from app.api import tracking
+from app.api import queries, schema
 from tests import servers
 from tests.test_api_contract import Http
 
@@ -41,7 +41,7 @@ def shape(url) -> dict:
 
 def install(url) -> None:
     conn = connect(url)
-    db.migrate(conn, tracking.SCHEMA)
+    db.migrate(conn, schema.SCHEMA)
     conn.close()
 
 
@@ -52,7 +52,7 @@ def test_ddl_applied_twice_changes_nothing(make_database):
     install(url)
     assert shape(url) == first
     versions = servers.query(url, "SELECT component, version, adopted FROM schema_migrations ORDER BY version")
-    assert versions == [("tracking", m.version, 0) for m in db.migrations(tracking.SCHEMA)]
+    assert versions == [("tracking", m.version, 0) for m in db.migrations(schema.SCHEMA)]
 
 
 def test_two_api_instances_starting_together_share_one_schema(make_database, tmp_path):
@@ -139,7 +139,7 @@ def test_original_table_is_upgraded_in_place_losing_nothing(make_database, api_f
     got_by_columns = set(got["indexes"].values())
     for name, (unique, columns) in want["indexes"].items():
         assert (unique, columns) in got_by_columns, name
-    forced = {name for _, sql, _ in tracking.queue_queries() for name in re.findall(r"FORCE INDEX \((\w+)\)", sql)}
+    forced = {name for _, sql, _ in queries.queue_queries() for name in re.findall(r"FORCE INDEX \((\w+)\)", sql)}
     assert forced <= set(got["indexes"])
     assert len(got["indexes"]) == len(want["indexes"])  # the original's indexes count as ours: no duplicates
 
@@ -214,7 +214,7 @@ def populated(tmp_path_factory):
     conn.close()
 
 
-@pytest.mark.parametrize("label,sql,args", tracking.queue_queries(), ids=[q[0] for q in tracking.queue_queries()])
+@pytest.mark.parametrize("label,sql,args", queries.queue_queries(), ids=[q[0] for q in queries.queue_queries()])
 def test_every_queue_and_claim_query_is_an_index_read_without_filesort(populated, label, sql, args):
     conn = connect(populated)
     with conn.cursor(pymysql.cursors.DictCursor) as cur:

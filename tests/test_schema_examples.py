@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app import db
-from app.api import tracking
+from app.api import schema, tracking
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "db" / "pipeline-examples.sql"
 
@@ -13,7 +13,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "db" / "pipeline-examples.sq
 def test_worked_examples_run_and_leave_the_described_state(make_database):
     url = make_database("examples")
     conn = db.connect(url)
-    db.migrate(conn, tracking.SCHEMA)
+    db.migrate(conn, schema.SCHEMA)
     with conn.cursor() as cur:
         for stmt in db.split_sql(EXAMPLES.read_text()):
             cur.execute(stmt)

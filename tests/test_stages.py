@@ -16,7 +16,7 @@ import shutil
 import pytest
 
 from app import config, db, stages
-from app.api import tracking
+from app.api import queries, schema
 from app.config import Settings, Supervision
 from app.stages import STAGES, STATUSES, WORK_STAGES, Stage, Status
 from app.supervision import supervise
@@ -38,7 +38,7 @@ def test_the_enums_are_the_contracts_names():
 def test_the_tracking_schema_has_a_status_column_per_stage_with_exactly_the_statuses(make_database):
     url = make_database("vocab")
     conn = db.connect(url)
-    db.migrate(conn, tracking.SCHEMA)
+    db.migrate(conn, schema.SCHEMA)
     conn.close()
     columns = dict(servers.query(url, "SELECT column_name, column_type FROM information_schema.columns "
                                       "WHERE table_schema=DATABASE() AND table_name='pipeline_tracking'"))
@@ -53,8 +53,8 @@ def test_the_tracking_schema_has_a_status_column_per_stage_with_exactly_the_stat
         indexes.setdefault(name, []).append(column)
     for stage in WORK_STAGES:
         ready = [stage.previous.status_column, stage.status_column]
-        assert indexes[tracking.ready_index(stage, False)] == ready
-        assert indexes[tracking.ready_index(stage, True)] == [*ready, "shard"]
+        assert indexes[queries.ready_index(stage, False)] == ready
+        assert indexes[queries.ready_index(stage, True)] == [*ready, "shard"]
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

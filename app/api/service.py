@@ -1,7 +1,8 @@
 """pipeline-apid: the HTTP API over the tracking table, served by gunicorn (threads).
 
 `python -m app.apid` serves `/api/v1/pipeline` on PIPELINE_API_HOST:PIPELINE_API_PORT.
-Routes only validate and translate; the rules live in `tracking.py`.
+Routes only validate and translate; the rules live in the tracker (`tracking.py` and its parts),
+whose refusals (errors.py) this module turns into HTTP codes.
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ from .. import db
 from ..config import Settings
 from ..logs import setup_logging
 from ..stages import FIRST, ORDERED, STAGES, STATUSES, TRANSITIONS, WORK_STAGES, Action, Stage, Status
-from . import tracking
+from . import errors, schema, tracking
 
 BASE = "/api/v1/pipeline"
 MAX_BODY = 64 * 1024
 MAX_STATS = 32 * 1024  # pipeline_transitions.stats is a TEXT (64 KiB)
 FILENAME = re.compile(r"^[0-9A-Za-z_.-]{1,64}$")
 log = logging.getLogger("pipeline-apid")
+# The tracker's refusals as HTTP answers (any other TaskError: 400).
+HTTP_STATUS = {errors.NotFound: 404, errors.Conflict: 409}
 
 
 class BadRequest(Exception):
@@ -136,8 +139,6 @@ class Api:
         self.conns = db.ThreadConnections(settings.pipeline_db, multi_statements=True)
         self.tracker = tracking.Tracker(self.conns, settings.shard_count, settings.lease_seconds,
                                         settings.max_attempts)
-        self._schema_ready = False
-        self._schema_lock = threading.Lock()
         self._last_reap = 0.0
         self.app = bottle.Bottle()
         self.app.default_error_handler = self._bottle_error
@@ -146,14 +147,7 @@ class Api:
     # -- plumbing ---------------------------------------------------------------------------
 
     def ensure_schema(self) -> None:
-        if self._schema_ready:
-            return
-        with self._schema_lock:
-            if self._schema_ready:
-                return
-            db.ensure_database(self.settings.pipeline_db)
-            db.migrate(self.conns.get(), tracking.SCHEMA)
-            self._schema_ready = True
+        self.tracker.schema.ensure()
 
     def _respond(self, status: int, body: Any) -> bytes:
         bottle.response.status = status
@@ -187,15 +181,15 @@ class Api:
                 return self._respond(400, {"error": str(exc), **({"field": exc.field} if exc.field else {})})
             except HttpError as exc:
                 return self._respond(exc.status, exc.body)
-            except tracking.TaskError as exc:
-                return self._respond(exc.http_status, exc.body)
+            except errors.TaskError as exc:
+                return self._respond(HTTP_STATUS.get(type(exc), 400), exc.body)
             except db.MigrationLockTimeout as exc:
                 return self._respond(503, {"error": f"database schema: {exc}", "retry": True})
             except db.MigrationError as exc:
                 log.error("database schema: %s", exc)
                 return self._respond(500, {"error": f"database schema: {exc}"})
-            except tracking.SchemaMissing as exc:
-                self._schema_ready = False
+            except errors.SchemaMissing as exc:
+                self.tracker.schema.lost()
                 log.warning("tracking schema missing (%s); it is installed again on the next request", exc)
                 return self._respond(503, {"error": f"tracking schema missing: {exc}; reinstalling", "retry": True})
             except db.UNAVAILABLE as exc:
@@ -248,11 +242,11 @@ class Api:
     def ready(self):
         try:
             self.ensure_schema()
-            tables = self.tracker.ready()["tables"]
+            tables = self.tracker.schema.present()
         except db.UNAVAILABLE as exc:
             self.conns.discard()
             return 503, {"status": "unavailable", "error": f"database unreachable: {exc}"}
-        if len(tables) < 3:
+        if len(tables) < len(schema.TABLES):
             return 503, {"status": "unavailable", "error": "schema missing", "tables": tables}
         return 200, {"status": "ready", "database": str(self.settings.pipeline_db)}
 
@@ -299,7 +293,7 @@ class Api:
         outcome = self.tracker.transition(
             stage, action, filename, shard,
             worker=_text(data.get("worker"), "worker", 128),
-            error=None if error is None else error[:tracking.ERROR_MAX],
+            error=None if error is None else error[:schema.ERROR_MAX],
             events=None if events is None else _int(events, "events", 0, 2**31 - 1),
             stats=stats)
         return 200, outcome.as_dict()
@@ -419,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         db.ensure_database(settings.pipeline_db)
         conn = db.connect(settings.pipeline_db)
         try:
-            for migration in db.migrate(conn, tracking.SCHEMA):
+            for migration in db.migrate(conn, schema.SCHEMA):
                 log.warning("database %s: migration %s applied", settings.pipeline_db, migration)
         finally:
             conn.close()

@@ -1,0 +1,118 @@
+"""The tracking tables' SQL, named and built from the stage vocabulary (app/stages.py); never
+from input: every value goes in as a parameter. And how their rows' times become JSON.
+"""
+from __future__ import annotations
+
+from ..stages import FIRST, ORDERED, STAGES, STATUSES, WORK_STAGES, Stage, Status, sql_in
+
+NEW, STARTED, DONE, FAILED = Status.NEW, Status.STARTED, Status.DONE, Status.FAILED
+
+
+# -- the queue queries ----------------------------------------------------------------------------
+# Each names its index: with LIMIT and ORDER BY id the optimizers (MariaDB and MySQL alike)
+# otherwise like to walk the primary key "until enough rows match", which is fast while the
+# queue is most of the table and a scan of all finished history once it is not. Reading the
+# ready index is right at every size: it holds exactly the ready rows, already in id order.
+
+def ready_index(stage: Stage, sharded: bool) -> str:
+    return f"ix_{stage.short}_ready{'_shard' if sharded else ''}"
+
+
+def sql_ready(stage: Stage, sharded: bool, columns: str, tail: str, extra: str = "") -> str:
+    """Ready tasks of a stage, oldest first: `%s` for the shard when `sharded`, then `tail`'s."""
+    shard = " AND shard=%s" if sharded else ""
+    return (f"SELECT {columns} FROM pipeline_tracking FORCE INDEX ({ready_index(stage, sharded)}) "
+            f"WHERE {stage.previous.status_column}={DONE.sql} AND {stage.status_column}={NEW.sql}{shard}{extra} "
+            f"ORDER BY id {tail}")
+
+
+def sql_held(stage: Stage, sharded: bool) -> str:
+    """What a worker holds, locked (args: worker, [shard,] limit). Owner is set only on started
+    tasks, so ix_owner stays tiny and the lock touches only the worker's own rows (a scan of
+    another index would lock, and wait on, rows other workers are finishing)."""
+    return (f"SELECT id FROM pipeline_tracking FORCE INDEX (ix_owner) WHERE owner=%s"
+            f" AND {stage.status_column}={STARTED.sql}{' AND shard=%s' if sharded else ''}"
+            f" ORDER BY id LIMIT %s FOR UPDATE")
+
+
+def sql_shard_busy(stage: Stage) -> str:
+    """Another worker holds a started task of this shard (args: shard, worker)."""
+    return (f"SELECT 1 FROM pipeline_tracking FORCE INDEX ({ready_index(stage, True)}) "
+            f"WHERE {stage.previous.status_column} IN {sql_in(*STATUSES)} "
+            f"AND {stage.status_column}={STARTED.sql} AND shard=%s AND NOT (owner <=> %s) LIMIT 1")
+
+
+def sql_shard_blocker(stage: Stage) -> str:
+    """The shard's oldest file still waiting for the previous stage (args: shard)."""
+    return (f"SELECT MIN(id) AS id FROM pipeline_tracking FORCE INDEX ({ready_index(stage, True)}) "
+            f"WHERE {stage.previous.status_column} IN {sql_in(NEW, STARTED)} AND {stage.status_column}={NEW.sql} "
+            f"AND shard=%s AND {FIRST.status_column}={DONE.sql}")
+
+
+# Started tasks whose lease ran out, for the reaper (args: limit).
+SQL_EXPIRED = (f"SELECT id, filename, shard, owner, {', '.join(s.status_column for s in WORK_STAGES)},"
+               f" {', '.join(s.attempts_column for s in WORK_STAGES)},"
+               " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000 AS ran_ms"
+               " FROM pipeline_tracking FORCE INDEX (ix_lease) WHERE lease_expires_at < NOW(3)"
+               " ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED")
+
+
+def row_sql(stage: Stage, lock: bool) -> str:
+    """A task as the rules see it, with the stage's last logged action (which tells a
+    repeat from an illegal call). Args: stage, filename, shard."""
+    return (f"SELECT id, {stage.previous.status_column} AS prev, {stage.status_column} AS status, owner,"
+            f" {stage.attempts_column} AS attempts, TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000 AS ran_ms,"
+            f" (SELECT CONCAT_WS(':', x.action, x.to_status, x.actor) FROM pipeline_transitions x"
+            f"  WHERE x.tracking_id = pipeline_tracking.id AND x.stage = %s ORDER BY x.id DESC LIMIT 1) AS last"
+            f" FROM pipeline_tracking WHERE filename=%s AND shard=%s{' FOR UPDATE' if lock else ''}")
+
+
+# The contract's counts: one GROUP BY over every stage's status, aliased a, b, c, d...
+STATUS_KEYS = tuple(s.value for s in STATUSES)  # JSON keys must be plain str
+COUNT_KEYS = "abcdefghij"[:len(STAGES)]
+SQL_COUNTS = (f"SELECT shard, {', '.join(f'{s.status_column} {k}' for s, k in zip(STAGES, COUNT_KEYS))}, "
+              f"COUNT(*) n FROM pipeline_tracking GROUP BY shard, {', '.join(COUNT_KEYS)}")
+
+
+def queue_queries(shard_count: int = 2) -> list[tuple[str, str, tuple]]:
+    """Every queue and claim query with sample arguments, for the EXPLAIN test and docs."""
+    cols = "id, filename, shard, created_at"
+    out = []
+    for stage in WORK_STAGES:
+        out += [(f"queue {stage}", sql_ready(stage, False, cols, "LIMIT %s OFFSET %s"), (100, 0)),
+                (f"queue {stage} shard", sql_ready(stage, True, cols, "LIMIT %s OFFSET %s"), (1, 100, 0)),
+                (f"claim {stage}", sql_ready(stage, False, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"), (4,)),
+                (f"claim {stage} shard", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"), (1, 4)),
+                (f"held {stage}", sql_held(stage, False), ("host/worker", 4)),
+                (f"held {stage} shard", sql_held(stage, True), ("host/worker", 1, 4))]
+    for stage in ORDERED:
+        out += [(f"ordered busy {stage}", sql_shard_busy(stage), (1, "host/worker")),
+                (f"ordered blocker {stage}", sql_shard_blocker(stage), (1,)),
+                (f"ordered claim {stage}", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", " AND id < %s"),
+                 (1, 10**9, 4))]
+    out.append(("reap", SQL_EXPIRED, (500,)))
+    return out
+
+
+# -- rows to JSON and the transitions log ----------------------------------------------------------
+
+def iso(value) -> str | None:
+    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def iso_s(value) -> str | None:
+    """The contract's timestamps: seconds, UTC, `Z`."""
+    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def log_sql(rows: list[tuple]) -> tuple[str, list]:
+    """One multi-row INSERT of transitions: (tracking_id, filename, shard, stage, from, to,
+    action, actor, error, duration_ms, events, stats)."""
+    marks = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(rows))
+    return ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
+            f" action, actor, error, duration_ms, events, stats) VALUES {marks}",
+            [v for row in rows for v in row])
+
+
+def marks(values) -> str:
+    return ",".join(["%s"] * len(values))

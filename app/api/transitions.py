@@ -1,0 +1,269 @@
+"""The task state machine over `pipeline_tracking`: registration, and each task's moves
+through a stage (start, done, fail, retry, release, rewind), one at a time or a stage's failed
+tasks at once.
+
+A task is one (filename, shard) row; each stage has its own status column. Every change is one
+short transaction that appends its row to `pipeline_transitions` in the same commit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+
+from ..stages import FIRST, Action, Stage, Status, sql_in
+from .errors import Conflict, NotFound
+from .queries import DONE, FAILED, NEW, STARTED, log_sql, marks, row_sql
+from .schema import ERROR_MAX
+from .store import Result, Store, Tx
+
+
+@dataclass
+class Outcome:
+    filename: str
+    shard: int
+    stage: Stage
+    status: Status
+    changed: bool
+    attempts: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"filename": self.filename, "shard": self.shard, "stage": self.stage,
+                "status": self.status, "changed": self.changed, "attempts": self.attempts, **self.extra}
+
+
+class Transitions:
+    def __init__(self, store: Store, lease_seconds: float, max_attempts: int):
+        self.store = store
+        self.lease_us = int(lease_seconds * 1_000_000)
+        self.max_attempts = max_attempts
+
+    def register(self, filename: str, shards: list[int]) -> dict:
+        def tx(t: Tx):
+            # A unique key with an explicit no-op: concurrent registrations of one file cannot
+            # both insert, and neither fails (affected rows: 1 inserted, 0 existed).
+            inserted = t.run(*[(f"INSERT INTO pipeline_tracking (filename, shard, {FIRST.status_column}) "
+                                f"VALUES (%s,%s,{STARTED.sql}) ON DUPLICATE KEY UPDATE id=id", (filename, shard))
+                               for shard in shards])
+            created = [(r.lastrowid, shard) for r, shard in zip(inserted, shards) if r.rowcount == 1]
+            writes = [log_sql([(tid, filename, s, FIRST, None, STARTED, Action.REGISTER,
+                                None, None, None, None, None) for tid, s in created])] if created else []
+            existing = t.finish(*writes, ("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,)))
+            return {"filename": filename, "shards": sorted(set(shards) | {r["shard"] for r in existing[-1].rows}),
+                    "created": bool(created)}
+        return self.store.tx(tx)
+
+    def ingest_done(self, filename: str, actor: str | None = None, events: int | None = None) -> dict:
+        column = FIRST.status_column
+
+        def tx(t: Tx):
+            rows = t.run((f"SELECT id, shard, {column} FROM pipeline_tracking WHERE filename=%s "
+                          "ORDER BY shard FOR UPDATE", (filename,)))[0].rows
+            if not rows:
+                raise NotFound(f"file {filename!r} is not registered", filename=filename)
+            failed = [r["shard"] for r in rows if r[column] == FAILED]
+            if failed:
+                raise Conflict(f"{FIRST} failed for this file; it cannot be marked done",
+                               filename=filename, stage=FIRST, status=FAILED, shards=failed)
+            todo = [r for r in rows if r[column] != DONE]
+            if todo:
+                # `events` counts the whole file: logged once (on its first shard), so that
+                # per-stage sums such as /metrics/throughput do not count it once per shard.
+                t.finish((f"UPDATE pipeline_tracking SET {column}={DONE.sql} WHERE filename=%s "
+                          f"AND {column} IN {sql_in(NEW, STARTED)}", (filename,)),
+                         log_sql([(r["id"], filename, r["shard"], FIRST, r[column], DONE,
+                                   Action.DONE, actor, None, None, events if r is todo[0] else None, None)
+                                  for r in todo]))
+            return {"filename": filename, "updated_rows": len(todo)}
+        return self.store.tx(tx)
+
+    # -- one task's transitions -------------------------------------------------------------
+
+    def transition(self, stage: str, action: str, filename: str, shard: int, worker: str | None = None,
+                   error: str | None = None, events: int | None = None, stats: dict | None = None) -> Outcome:
+        """Lock the task and read what the rules need, decide here, then write and commit:
+        two round trips (`done`, the hot one, takes one: see `_done_at_once`)."""
+        stage = Stage(stage)
+        action = Action(action)
+        stats_text = orjson.dumps(stats).decode() if stats else None
+        if action == Action.DONE:
+            outcome = self._done_at_once(stage, filename, shard, worker, events, stats_text)
+            if outcome is not None:
+                return outcome
+
+        def tx(t: Tx):
+            row = self._task(stage, filename, shard, t.run((row_sql(stage, lock=True),
+                                                            (stage, filename, shard)))[0])
+            outcome, writes = getattr(self, f"_{action}")(stage, row, worker, error, events, stats_text)
+            if writes:
+                t.finish(*writes)
+            return outcome
+        return self.store.tx(tx)
+
+    @staticmethod
+    def _task(stage: str, filename: str, shard: int, result: Result) -> dict:
+        row = result.one()
+        if row is None:
+            raise NotFound(f"no task ({filename!r}, shard {shard})", filename=filename, shard=shard)
+        action, to, actor = ((row["last"] or "").split(":", 2) + [None, None, None])[:3]
+        row.update(filename=filename, shard=shard, last={"action": action, "to_status": to, "actor": actor})
+        return row
+
+    def _done_at_once(self, stage, filename, shard, worker, events, stats_text) -> Outcome | None:
+        """`done` by a named worker in one round trip of five statements: the rule sits in the
+        UPDATE's WHERE and its row count, kept in a session variable, gates the log row. The
+        UPDATE hands back the attempt count through LAST_INSERT_ID(x) (the reply's insert id),
+        so nothing is read. Only a refusal or a repeat then costs a read, to be explained."""
+        if worker is None:
+            return None  # the log names the owner: take the locked path, which reads it
+        status_col, att_col = stage.status_column, stage.attempts_column
+
+        def tx(t: Tx):
+            results = t.finish(
+                (f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
+                 f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
+                 f" AND (owner IS NULL OR owner=%s)", (filename, shard, worker)),
+                ("SET @pipeline_done = ROW_COUNT()", None),
+                ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
+                 " action, actor, duration_ms, events, stats)"
+                 f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
+                 " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
+                 " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
+                 (stage, worker, events, stats_text, filename, shard)))
+            return results[0].lastrowid if results[0].rowcount == 1 else False
+        attempts = self.store.tx(tx)
+        if attempts is not False:
+            return Outcome(filename, shard, stage, DONE, True, attempts or 0)
+        row = self._task(stage, filename, shard, Result(self.store.read(row_sql(stage, lock=False),
+                                                                        (stage, filename, shard)), 1, None))
+        outcome, writes = self._done(stage, row, worker, None, events, stats_text)  # a repeat, or a 409
+        return None if writes else outcome  # None: it became done-able meanwhile; take the locked path
+
+    def _conflict(self, stage, row, why):
+        return Conflict(why, filename=row["filename"], shard=row["shard"], stage=stage, status=row["status"],
+                        previous_status=row["prev"], owner=row["owner"])
+
+    def _set(self, stage, row, to, action, actor, error=None, events=None, stats=None, extra="", args=(),
+             duration=False) -> list:
+        """The writes of one transition: the guarded-by-lock UPDATE and its log row."""
+        return [(f"UPDATE pipeline_tracking SET {stage.status_column}=%s{extra} WHERE id=%s", (to, *args, row["id"])),
+                log_sql([(row["id"], row["filename"], row["shard"], stage, row["status"], to, action, actor,
+                          error, row["ran_ms"] if duration else None, events, stats)])]
+
+    @staticmethod
+    def _outcome(stage, row, status, changed, attempts=None, **extra) -> Outcome:
+        return Outcome(row["filename"], row["shard"], stage, status, changed,
+                       row["attempts"] if attempts is None else attempts, extra)
+
+    def _check_owner(self, stage, row, worker):
+        if worker and row["owner"] and row["owner"] != worker:
+            raise self._conflict(stage, row, f"task is held by {row['owner']!r}, not {worker!r} "
+                                             f"(its lease was lost)")
+
+    def _start(self, stage, row, worker, error, events, stats):
+        if row["status"] == STARTED and worker and row["owner"] == worker:
+            return self._outcome(stage, row, STARTED, False), [
+                ("UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND WHERE id=%s",
+                 (self.lease_us, row["id"]))]
+        if row["status"] != NEW:
+            raise self._conflict(stage, row, f"{stage} can start only from '{NEW}'")
+        if row["prev"] != DONE:
+            raise self._conflict(stage, row, f"{stage.previous} is {row['prev']!r}; "
+                                             f"{stage} starts only after it is done")
+        att = stage.attempts_column
+        return self._outcome(stage, row, STARTED, True, row["attempts"] + 1), self._set(
+            stage, row, STARTED, Action.START, worker,
+            extra=f", owner=%s, started_at=NOW(3), lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1",
+            args=(worker, self.lease_us))
+
+    def _done(self, stage, row, worker, error, events, stats):
+        if row["status"] == DONE:
+            by = row["last"].get("actor") if row["last"].get("to_status") == DONE else None
+            if worker and by and by != worker:
+                raise self._conflict(stage, row, f"{stage} was finished by {by!r}, not {worker!r} "
+                                                 f"(its lease was lost and the task taken over)")
+            return self._outcome(stage, row, DONE, False), []
+        if row["status"] != STARTED:
+            raise self._conflict(stage, row, f"{stage} can be done only from '{STARTED}'")
+        self._check_owner(stage, row, worker)
+        return self._outcome(stage, row, DONE, True), self._set(
+            stage, row, DONE, Action.DONE, worker or row["owner"], events=events, stats=stats,
+            extra=", owner=NULL, lease_expires_at=NULL", duration=True)
+
+    def _fail(self, stage, row, worker, error, events, stats):
+        if row["status"] == FAILED:
+            return self._outcome(stage, row, FAILED, False), []
+        if row["status"] not in (NEW, STARTED):
+            raise self._conflict(stage, row, f"{stage} can fail only from '{NEW}' or '{STARTED}'")
+        if row["status"] == STARTED:
+            self._check_owner(stage, row, worker)
+        return self._outcome(stage, row, FAILED, True), self._set(
+            stage, row, FAILED, Action.FAIL, worker or row["owner"], error=error, events=events, stats=stats,
+            extra=", owner=NULL, lease_expires_at=NULL, last_error=%s", args=(error,),
+            duration=row["status"] == STARTED)
+
+    def _retry(self, stage, row, worker, error, events, stats):
+        if row["status"] == NEW and row["last"].get("action") == Action.RETRY:
+            return self._outcome(stage, row, NEW, False), []
+        if row["status"] != FAILED:
+            raise self._conflict(stage, row, f"{stage} can be retried only from '{FAILED}'")
+        return self._outcome(stage, row, NEW, True, 0), self._set(
+            stage, row, NEW, Action.RETRY, worker, extra=f", {stage.attempts_column}=0")
+
+    def _release(self, stage, row, worker, error, events, stats):
+        """A daemon hands a task back unfinished (clean shutdown): no attempt is spent."""
+        if row["status"] == NEW and row["last"].get("action") == Action.RELEASE:
+            return self._outcome(stage, row, NEW, False), []
+        if row["status"] != STARTED:
+            raise self._conflict(stage, row, f"{stage} can be released only from '{STARTED}'")
+        self._check_owner(stage, row, worker)
+        att = stage.attempts_column
+        return self._outcome(stage, row, NEW, True, max(row["attempts"] - 1, 0)), self._set(
+            stage, row, NEW, Action.RELEASE, worker or row["owner"], error=error,
+            extra=f", owner=NULL, lease_expires_at=NULL, {att}=GREATEST({att}-1, 0)")
+
+    def _rewind(self, stage, row, worker, error, events, stats):
+        """The stage's input file is missing: send the task back to the stage that produces it."""
+        upstream = stage.previous
+        if upstream is FIRST:
+            raise self._conflict(stage, row, f"{stage} reads the registered source file; nothing "
+                                             "upstream can rebuild it: fail the task instead")
+        if row["status"] == NEW and row["prev"] == NEW and row["last"].get("action") == Action.REWIND:
+            return self._outcome(stage, row, NEW, False, rewound_to=upstream), []
+        if row["status"] not in (NEW, STARTED):
+            raise self._conflict(stage, row, f"{stage} can be rewound only from '{NEW}' or '{STARTED}'")
+        if row["status"] == STARTED:
+            self._check_owner(stage, row, worker)
+        if row["attempts"] >= self.max_attempts:
+            reason = f"input missing after {row['attempts']} attempts: {error or 'no reason given'}"
+            return self._fail(stage, row, worker, reason[:ERROR_MAX], None, None)
+        reason = f"input missing, rebuilt by {upstream}: {error or 'no reason given'}"[:ERROR_MAX]
+        writes = self._set(stage, row, NEW, Action.REWIND, worker or row["owner"], error=reason,
+                           extra=f", {upstream.status_column}={NEW.sql}, owner=NULL, lease_expires_at=NULL,"
+                                 f" last_error=%s", args=(reason,))
+        writes.append(log_sql([(row["id"], row["filename"], row["shard"], upstream, row["prev"], NEW, Action.REWIND,
+                                worker, reason, None, None, None)]))
+        return self._outcome(stage, row, NEW, True, rewound_to=upstream), writes
+
+    def retry_all(self, stage: str, shard: int | None, actor: str | None) -> dict:
+        stage = Stage(stage)
+        status_col, att = stage.status_column, stage.attempts_column
+        where, args = f"{status_col}={FAILED.sql}", []
+        if shard is not None:
+            where, args = where + " AND shard=%s", [shard]
+
+        def tx(t: Tx):
+            rows = t.run((f"SELECT id, filename, shard FROM pipeline_tracking WHERE {where} ORDER BY id FOR UPDATE",
+                          args))[0].rows
+            writes = []
+            for start in range(0, len(rows), 1000):
+                chunk = rows[start:start + 1000]
+                writes += [(f"UPDATE pipeline_tracking SET {status_col}={NEW.sql}, {att}=0"
+                            f" WHERE id IN ({marks(chunk)})", [r["id"] for r in chunk]),
+                           log_sql([(r["id"], r["filename"], r["shard"], stage, FAILED, NEW, Action.RETRY, actor,
+                                     None, None, None, None) for r in chunk])]
+            t.finish(*writes)
+            return {"stage": stage, "shard": shard, "retried": len(rows),
+                    "items": [{"filename": r["filename"], "shard": r["shard"]} for r in rows[:1000]]}
+        return self.store.tx(tx)
