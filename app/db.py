@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 from decimal import Decimal
 from pathlib import Path
 
@@ -24,9 +25,20 @@ from .config import MySQLURL
 # `sql_files`.
 SQL_DIR = Path(__file__).resolve().parent.parent / "db"
 
-# Errors meaning "the server is not there or the connection broke", as opposed to bad SQL.
-UNAVAILABLE = (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError, OSError)
-DEADLOCK_CODES = {1213, 1205}  # deadlock, lock wait timeout: retry the transaction
+# -- what the server says (one set of names, pymysql's constants where it has them) ------------
+# The server is not there or the connection broke: PyMySQL raises OperationalError or
+# InterfaceError for it (wrapping the socket's OSError); a bare ConnectionError escapes a few
+# paths. A daemon that also touches files catches its file system errors (OSError) apart.
+UNAVAILABLE = (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError)
+DEADLOCK = ER.LOCK_DEADLOCK
+LOCK_WAIT_TIMEOUT = ER.LOCK_WAIT_TIMEOUT
+DEADLOCK_CODES = frozenset({DEADLOCK, LOCK_WAIT_TIMEOUT})  # retry the transaction
+NO_SUCH_TABLE = ER.NO_SUCH_TABLE
+DUP_ENTRY = ER.DUP_ENTRY
+# LOAD DATA LOCAL INFILE refused: by the server (MySQL 8.0 with local_infile=OFF answers 3948,
+# ER_CLIENT_LOCAL_FILES_DISABLED; MariaDB 4166, ER_LOAD_INFILE_CAPABILITY_DISABLED; older ones
+# 1148) or by the client library (2068). PyMySQL names only the first and the last.
+LOCAL_INFILE_REFUSED = frozenset({ER.NOT_ALLOWED_COMMAND, 3948, 4166, CR.CR_LOAD_DATA_LOCAL_INFILE_REJECTED})
 # The connection broke or never opened (client-side codes), or the server is shutting down.
 CONNECTION_LOST = frozenset({CR.CR_CONNECTION_ERROR, CR.CR_CONN_HOST_ERROR, CR.CR_SERVER_GONE_ERROR,
                              CR.CR_SERVER_LOST, CR.CR_SERVER_LOST_EXTENDED, ER.SERVER_SHUTDOWN,
@@ -80,12 +92,12 @@ def split_sql(text: str) -> list[str]:
     lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("--")]
     return [s.strip() for s in re.split(r";\s*$", "\n".join(lines), flags=re.M) if s.strip()]
 
+
 # -- schema migrations ------------------------------------------------------------------------
 # Each component owns a sequence of files db/migrations/<component>/NNNN_<name>.sql: `tracking`,
 # `worker` and `splitter` in the pipeline database, `shard` in each shard database. `migrate`
 # applies those a database lacks, in order, each recorded in that database's schema_migrations
 # table, under a named lock per database (see db/README.md).
-
 MIGRATIONS = "migrations"
 MIGRATION_LOCK_SECONDS = 300.0  # an upgrade of a big original table may take minutes
 _MIGRATION_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
@@ -254,8 +266,60 @@ def _record(conn, cur, m: Migration, adopted: bool) -> None:
         conn.commit()
 
 
+class Reconnecting:
+    """The one reconnecting connection: opened on first use, and again after it broke.
+
+    Before a reuse it is checked (`ping`) when it has been idle `check_after` seconds (0: every
+    time; None: never, the owner calls `discard` after an error). A new connection goes through
+    `on_open(conn)` (the schema, the session) before anyone uses it; `create_database` first
+    creates the URL's database if it is missing. Never shared between threads.
+    """
+
+    def __init__(self, url: MySQLURL, *, check_after: float | None = 0.0, on_open=None,
+                 create_database: bool = False, **connect_options):
+        self.url = url
+        self.check_after = check_after
+        self.on_open = on_open
+        self.create_database = create_database
+        self.connect_options = connect_options
+        self.conn = None
+        self._used = 0.0
+
+    def get(self):
+        conn = self.conn
+        if conn is not None and self.check_after is not None and time.monotonic() - self._used >= self.check_after:
+            try:
+                conn.ping(reconnect=False)
+            except Exception:
+                self.discard()
+                conn = None
+        if conn is None:
+            if self.create_database:
+                ensure_database(self.url)
+            conn = connect(self.url, **self.connect_options)
+            try:
+                if self.on_open is not None:
+                    self.on_open(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self.conn = conn
+        self._used = time.monotonic()
+        return conn
+
+    def discard(self) -> None:
+        """Close and forget the connection (after an error): the next `get` opens a new one."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
 class ThreadConnections:
-    """One connection per thread, opened on first use and checked before each reuse."""
+    """One `Reconnecting` connection per thread (opened lazily, so after a fork), checked
+    before a reuse once idle `check_after` seconds."""
 
     def __init__(self, url: MySQLURL, check_after: float = 1.0, **connect_options):
         self.url = url
@@ -263,28 +327,17 @@ class ThreadConnections:
         self.connect_options = connect_options
         self._local = threading.local()
 
+    def _mine(self) -> Reconnecting:
+        mine = getattr(self._local, "conn", None)
+        if mine is None:
+            mine = self._local.conn = Reconnecting(self.url, check_after=self.check_after, **self.connect_options)
+        return mine
+
     def get(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and time.monotonic() - self._local.used > self.check_after:
-            try:
-                conn.ping(reconnect=False)
-            except Exception:
-                self.discard()
-                conn = None
-        if conn is None:
-            conn = connect(self.url, **self.connect_options)
-            self._local.conn = conn
-        self._local.used = time.monotonic()
-        return conn
+        return self._mine().get()
 
     def discard(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+        self._mine().discard()
 
 
 def literal_renderer(conn):
@@ -343,38 +396,98 @@ def insert_rows(cur, head: str, rows: list, tail: str = "", max_bytes: int = 1_0
     return sum(cur.execute(sql) for sql in insert_statements(cur.connection, head, rows, tail, max_bytes, render))
 
 
+class Result(NamedTuple):
+    """What one tag's statements answered: the rows of its SELECTs, the rows its other
+    statements affected, and the last insert id."""
+
+    rows: list
+    rowcount: int
+    lastrowid: int | None = None
+
+    def one(self):
+        return self.rows[0] if self.rows else None
+
+
 class Script:
-    """Statements sent together: one round trip per ~max_bytes instead of one per statement
-    (the connection needs `multi_statements`). Each statement has a tag; `run` answers per tag
-    the rows its SELECTs returned and the rows its other statements affected. The server stops
-    at the first failing statement, whose error is raised."""
+    """The one multi-statement batch runner: statements sent together, one round trip per
+    ~max_bytes instead of one per statement (the connection needs `multi_statements`). Each
+    statement has a tag and, optionally, args the cursor renders (`%s`); `run` answers per tag
+    (`Result`). The server stops at the first failing statement, whose error is raised. The
+    values are rendered before sending: a `%` in them never meets formatting again."""
 
     def __init__(self, max_bytes: int = 4_000_000):
         self.max_bytes = max_bytes
-        self.items: list[tuple[str, str]] = []
+        self.items: list[tuple[str, str, tuple | list | None]] = []
 
-    def add(self, tag: str, statements) -> None:
-        self.items.extend((tag, sql) for sql in ([statements] if isinstance(statements, str) else statements))
+    def add(self, tag: str, statements, args: tuple | list | None = None) -> None:
+        """One statement (with `args`, if any), or several without."""
+        if isinstance(statements, str):
+            self.items.append((tag, statements, args))
+        else:
+            self.items.extend((tag, sql, None) for sql in statements)
 
-    def run(self, cur) -> dict[str, tuple[list, int]]:
-        results: dict[str, tuple[list, int]] = {}
+    def run(self, cur) -> dict[str, Result]:
+        results: dict[str, Result] = {}
         chunk: list[tuple[str, str]] = []
         size = 0
-        for tag, sql in self.items + [("", "")]:
+        for tag, sql, args in self.items + [("", "", None)]:
+            if args is not None:
+                sql = cur.mogrify(sql, args)
             if chunk and (not sql or size + len(sql) > self.max_bytes):
                 cur.execute(";".join(s for _, s in chunk))
                 for i, (t, _) in enumerate(chunk):
                     if i and not cur.nextset():
                         raise pymysql.err.InterfaceError(f"no result for statement {i + 1} of {len(chunk)}")
-                    rows, affected = results.get(t, ([], 0))
+                    rows, affected, _ = results.get(t, ([], 0, None))
                     if cur.description:
                         rows.extend(cur.fetchall())
                     else:
                         affected += max(cur.rowcount, 0)
-                    results[t] = (rows, affected)
+                    results[t] = Result(rows, affected, cur.lastrowid)
                 chunk, size = [], 0
             if sql:
                 chunk.append((tag, sql))
                 size += len(sql) + 1
         self.items = []
         return results
+
+
+class Transaction:
+    """One transaction in as few round trips as its logic allows, over a `Script`.
+
+    The first `run` opens the transaction, typically with the locking read the rules need;
+    `finish` sends the writes and the COMMIT together. So a transition of the tracker is two
+    round trips and a claim two, where one statement per trip made them four to six: on this
+    machine each trip costs more CPU (system calls, wake-ups) than the SQL itself.
+    """
+
+    def __init__(self, cur):
+        self.cur = cur
+        self.open = False
+        self.closed = False
+
+    def run(self, *statements: tuple[str, tuple | list | None]) -> list[Result]:
+        """Each (sql, args)'s Result, the transaction opened first if it is not yet."""
+        begin = not self.open
+        self.open = True
+        return self._send(begin, statements, None)
+
+    def finish(self, *statements: tuple[str, tuple | list | None], commit: bool = True) -> list[Result]:
+        """Each (sql, args)'s Result, sent with the COMMIT (or ROLLBACK)."""
+        if not self.open and not statements:
+            self.closed = True
+            return []
+        results = self._send(not self.open, statements, "COMMIT" if commit else "ROLLBACK")
+        self.open, self.closed = False, True
+        return results
+
+    def _send(self, begin: bool, statements, end: str | None) -> list[Result]:
+        script = Script()
+        if begin:
+            script.add("begin", "START TRANSACTION")
+        for n, (sql, args) in enumerate(statements):
+            script.add(str(n), sql, args)
+        if end:
+            script.add("end", end)
+        got = script.run(self.cur)
+        return [got[str(n)] for n in range(len(statements))]

@@ -104,6 +104,7 @@ ORDERED = frozenset({Stage.WORKER})
 PER_SHARD = frozenset({Stage.WORKER, Stage.SENDER})
 STATUSES = tuple(Status)
 
+
 def sql_in(*values: StrEnum) -> str:
     """`('new','started')`: members as an SQL list of string literals."""
     return "(" + ",".join(f"'{v.value}'" for v in values) + ")"

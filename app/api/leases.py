@@ -13,7 +13,8 @@ from ..stages import ORDERED, WORK_STAGES, Action, Stage
 from .errors import Conflict, NotFound
 from .queries import (FAILED, NEW, SQL_EXPIRED, STARTED, iso, iso_s, log_sql, marks, sql_held, sql_ready,
                       sql_shard_blocker, sql_shard_busy)
-from .store import Result, Store, Tx
+from ..db import Result, Transaction
+from .store import Store
 
 
 class Leases:
@@ -37,7 +38,7 @@ class Leases:
         cols = f"id, filename, shard, created_at, {att} AS attempts"
         ordered = stage in ORDERED and shard is not None
 
-        def tx(t: Tx):
+        def tx(t: Transaction):
             reads = [(sql_held(stage, shard is not None), (worker, *([shard] if shard is not None else []), limit))]
             if ordered:
                 reads += self._ordered_reads(stage, shard, worker)
@@ -85,7 +86,7 @@ class Leases:
                 (sql_shard_blocker(stage), (shard,))]
 
     @staticmethod
-    def _ordered_fresh(t: Tx, stage: str, shard: int, results: list[Result], want: int, cols: str) -> list[dict]:
+    def _ordered_fresh(t: Transaction, stage: str, shard: int, results: list[Result], want: int, cols: str) -> list[dict]:
         """Oldest ready tasks of one shard, never past an earlier task that is still pending.
 
         Pending = the previous stage has not finished yet (new/started) although ingest is done;
@@ -103,7 +104,7 @@ class Leases:
     def reap(self, limit: int = 500) -> list[dict]:
         """Return tasks whose lease expired to `new` (attempt counted) or, after `max_attempts`,
         to `failed` with the reason."""
-        def tx(t: Tx):
+        def tx(t: Transaction):
             writes, reaped = [], []
             for r in t.run((SQL_EXPIRED, (limit,)))[0].rows:
                 stage = next((s for s in WORK_STAGES if r[s.status_column] == STARTED), None)

@@ -15,7 +15,8 @@ from ..stages import FIRST, Action, Stage, Status, sql_in
 from .errors import Conflict, NotFound
 from .queries import DONE, FAILED, NEW, STARTED, log_sql, marks, row_sql
 from .schema import ERROR_MAX
-from .store import Result, Store, Tx
+from ..db import Result, Transaction
+from .store import Store
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Transitions:
         self.max_attempts = max_attempts
 
     def register(self, filename: str, shards: list[int]) -> dict:
-        def tx(t: Tx):
+        def tx(t: Transaction):
             # A unique key with an explicit no-op: concurrent registrations of one file cannot
             # both insert, and neither fails (affected rows: 1 inserted, 0 existed).
             inserted = t.run(*[(f"INSERT INTO pipeline_tracking (filename, shard, {FIRST.status_column}) "
@@ -57,7 +58,7 @@ class Transitions:
     def ingest_done(self, filename: str, actor: str | None = None, events: int | None = None) -> dict:
         column = FIRST.status_column
 
-        def tx(t: Tx):
+        def tx(t: Transaction):
             rows = t.run((f"SELECT id, shard, {column} FROM pipeline_tracking WHERE filename=%s "
                           "ORDER BY shard FOR UPDATE", (filename,)))[0].rows
             if not rows:
@@ -92,7 +93,7 @@ class Transitions:
             if outcome is not None:
                 return outcome
 
-        def tx(t: Tx):
+        def tx(t: Transaction):
             row = self._task(stage, filename, shard, t.run((row_sql(stage, lock=True),
                                                             (stage, filename, shard)))[0])
             outcome, writes = getattr(self, f"_{action}")(stage, row, worker, error, events, stats_text)
@@ -119,7 +120,7 @@ class Transitions:
             return None  # the log names the owner: take the locked path, which reads it
         status_col, att_col = stage.status_column, stage.attempts_column
 
-        def tx(t: Tx):
+        def tx(t: Transaction):
             results = t.finish(
                 (f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
                  f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
@@ -253,7 +254,7 @@ class Transitions:
         if shard is not None:
             where, args = where + " AND shard=%s", [shard]
 
-        def tx(t: Tx):
+        def tx(t: Transaction):
             rows = t.run((f"SELECT id, filename, shard FROM pipeline_tracking WHERE {where} ORDER BY id FOR UPDATE",
                           args))[0].rows
             writes = []

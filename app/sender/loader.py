@@ -51,8 +51,6 @@ _KEY = re.compile(r"[0-9A-Za-z:._+/=\-]{1,64}").fullmatch
 _AMOUNT = re.compile(r"-?\d{1,16}(?:\.\d{1,2})?").fullmatch
 _EVENT_COLUMNS = {"event_key", "event_type", "shop_id", "user_id", "timestamp", "shard", "created_at",
                   "source_file", "order_id", "good_id", "qty", "amount", "payload"}
-# Server refused LOCAL INFILE (MariaDB, MySQL 8 with local_infile=OFF, client side).
-LOCAL_INFILE_REFUSED = {1148, 3948, 4166}
 _N = "\\N"                   # NULL in LOAD DATA's default format
 _LO, _HI = INT64
 _LO32, _HI32 = INT32
@@ -121,24 +119,32 @@ class LoadResult:
 # -- schema -----------------------------------------------------------------------------------
 
 def prepare_database(url: MySQLURL) -> None:
-    """Create the shard database if missing and bring its schema up to date (`db.migrate`,
-    idempotent, under a lock). An original deployment's `events` table is refused, not loaded
-    into; its `purchase_history`/`order_return` tables are kept."""
+    """Create the shard database if missing and bring its schema up to date (`prepare`)."""
     db.ensure_database(url)
     conn = db.connect(url)
     try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT COLUMN_NAME FROM information_schema.COLUMNS "
-                        "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'events'")
-            present = {r[0].lower() for r in cur.fetchall()}
-        if present and _EVENT_COLUMNS - present:
-            raise SchemaMismatch(
-                f"{url.database}.events predates the sender's schema (missing "
-                f"{', '.join(sorted(_EVENT_COLUMNS - present))}): rename it and restart the sender, "
-                f"which creates the table of db/migrations/{SCHEMA}/")
-        db.migrate(conn, SCHEMA)
+        prepare(conn)
     finally:
         conn.close()
+
+
+def prepare(conn) -> None:
+    """Bring the schema of the connection's shard database up to date (`db.migrate`, under a
+    lock). An original deployment's `events` table is refused, not loaded into; its
+    `purchase_history`/`order_return` tables are kept."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT DATABASE(), COLUMN_NAME FROM information_schema.COLUMNS "
+                    "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'events'")
+        rows = cur.fetchall()
+    present = {r[1].lower() for r in rows}
+    if present and _EVENT_COLUMNS - present:
+        raise SchemaMismatch(
+            f"{rows[0][0]}.events predates the sender's schema (missing "
+            f"{', '.join(sorted(_EVENT_COLUMNS - present))}): rename it and restart the sender, "
+            f"which creates the table of db/migrations/{SCHEMA}/")
+    db.migrate(conn, SCHEMA)
+    if not conn.get_autocommit():
+        conn.commit()
 
 
 # -- reading and checking prepared lines --------------------------------------------------
@@ -325,7 +331,7 @@ def _by_load_data(cur, f, reading, source_file, shard, shard_count, work_dir, ch
                 try:
                     stored = cur.execute(_LOAD_DATA, (str(path), shard, source_file))
                 except pymysql.err.MySQLError as exc:
-                    if exc.args and exc.args[0] in LOCAL_INFILE_REFUSED:
+                    if exc.args and exc.args[0] in db.LOCAL_INFILE_REFUSED:
                         raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
                     raise
                 except AttributeError as exc:

@@ -34,45 +34,23 @@ class Sender(StageWork):
         self.claim_limit = 1  # a file is one long transaction: hold no lease we are not using
         self.url = settings.shard_dbs[shard]
         self.method = settings.sender_method
-        self._conn = None
-        self._schema_ready = False
+        # Checked before each file; a new connection brings the schema up to date first (so it
+        # is applied again after any failure: a database dropped or replaced meanwhile).
+        self.shard_db = db.Reconnecting(self.url, check_after=0, on_open=loader.prepare, create_database=True,
+                                        autocommit=False, local_infile=True)
 
     # -- the shard connection -------------------------------------------------------------------
 
-    def _connection(self):
-        """The open connection to the shard, checked before each file; the schema is applied
-        on first use and again after any failure (a database dropped or replaced meanwhile)."""
-        if self._conn is not None:
-            try:
-                self._conn.ping(reconnect=False)
-            except Exception:
-                self._drop_connection()
-        if not self._schema_ready:
-            loader.prepare_database(self.url)
-            self._schema_ready = True
-        if self._conn is None:
-            self._conn = db.connect(self.url, autocommit=False, local_infile=True)
-        return self._conn
-
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
-
     def setup(self, ctx: Context) -> None:
         try:
-            self._connection()
+            self.shard_db.get()
             ctx.log.info("shard %s database %s ready (method %s)", self.shard, self.url, self.method)
-        except (pymysql.err.MySQLError, *db.UNAVAILABLE, loader.SchemaMismatch) as exc:
-            self._schema_ready = False
+        except (pymysql.err.MySQLError, *db.UNAVAILABLE, OSError, loader.SchemaMismatch) as exc:
             ctx.log.warning("shard %s database %s not ready yet (%s); tasks wait until it is",
                             self.shard, self.url, exc)
 
     def teardown(self) -> None:
-        self._drop_connection()
+        self.shard_db.discard()
 
     # -- one file -----------------------------------------------------------------------------------
 
@@ -84,7 +62,7 @@ class Sender(StageWork):
             raise TaskFailed(f"wrong shard: task of shard {task.shard} claimed by the sender of shard {self.shard}")
         path = layout.worker_output(self.settings.shared_dir, task.filename, self.shard)
         try:
-            conn = self._connection()
+            conn = self.shard_db.get()
             result = loader.load_file(
                 conn, path, task.filename, self.shard, self.settings.shard_count, self.folder,
                 method=self.method, chunk_rows=self.settings.sender_chunk_rows, check=ctx.check)
@@ -98,20 +76,18 @@ class Sender(StageWork):
         except loader.BadLine as exc:
             raise TaskFailed(str(exc)) from None
         except DATA_REFUSED as exc:
-            self._drop_connection()
+            self.shard_db.discard()
             raise TaskFailed(f"shard {self.shard} server refused the rows of {task.filename}: {exc}") from None
-        except (pymysql.err.MySQLError, *db.UNAVAILABLE, loader.SchemaMismatch) as exc:
-            # Server down, connection lost, deadlock, schema gone: nothing was committed, or all
+        except (pymysql.err.MySQLError, *db.UNAVAILABLE, OSError, loader.SchemaMismatch) as exc:
+            # Server down, connection lost, deadlock, schema gone, a chunk not written: nothing was committed, or all
             # of it was and the load record says so next time. Hand back and retry later.
-            self._drop_connection()
-            self._schema_ready = False
+            self.shard_db.discard()
             raise Retryable(f"shard {self.shard} database {self.url}: {exc}") from None
         except Exception as exc:
-            if self._conn is not None and self._conn.open:
+            if self.shard_db.conn is not None and self.shard_db.conn.open:
                 raise
             # whatever the driver raised, the connection is gone: an outside fault, not the file's
-            self._drop_connection()
-            self._schema_ready = False
+            self.shard_db.discard()
             raise Retryable(f"shard {self.shard} database {self.url}: connection lost ({exc!r})") from None
         if result.local_infile_refused and self.method == "load_data":
             ctx.log.warning("shard %s server refuses LOAD DATA LOCAL INFILE: using multi-row INSERT from now on "

@@ -33,8 +33,6 @@ INT64_MAX = 2**63 - 1
 CHUNK = 4096          # purchases per TSV chunk handed to the loader
 MAX_INFLIGHT = 2      # chunks loaded concurrently with the split before it waits
 LOOKUP_BATCH = 1000   # order ids per lookup query
-# LOAD DATA LOCAL refused (MySQL 8.0 ships with local_infile=OFF): fall back to INSERTs.
-INFILE_REFUSED = {1148, 3948, 2068}
 INSERT_BATCH = 2000
 
 log = logging.getLogger(Stage.SPLITTER)
@@ -48,34 +46,26 @@ class OrderIndex:
         self.url = url
         self.folder = folder
         self.use_infile = use_infile
-        self._conn = None
-        self._loader_conn = None
-        self._lookup_conn = None
+        # Not checked before each use (a split uses them thousands of times): after an error
+        # `reset` drops them and the next use reconnects.
+        self._main = db.Reconnecting(url, check_after=None)
+        self._loader = db.Reconnecting(url, check_after=None, local_infile=use_infile)
+        self._lookup = db.Reconnecting(url, check_after=None)
         self._lookups: ThreadPoolExecutor | None = None
         self._schema_ready = False
 
     # -- connections -----------------------------------------------------------------------
 
     def conn(self):
-        if self._conn is None:
-            self._conn = db.connect(self.url)
-        return self._conn
+        return self._main.get()
 
     def loader_conn(self):
-        if self._loader_conn is None:
-            self._loader_conn = db.connect(self.url, local_infile=self.use_infile)
-        return self._loader_conn
+        return self._loader.get()
 
     def reset(self) -> None:
         """Drop the connections (after an error, nothing running): the next use reconnects."""
-        for name in ("_conn", "_loader_conn", "_lookup_conn"):
-            conn = getattr(self, name)
-            setattr(self, name, None)
-            if conn is not None:
-                try:
-                    conn.close()
-                except Exception:
-                    pass
+        for connection in (self._main, self._loader, self._lookup):
+            connection.discard()
 
     def ensure_schema(self) -> None:
         if not self._schema_ready:
@@ -102,9 +92,7 @@ class OrderIndex:
         return self._lookups.submit(self._lookup_on_thread, file_id, horizon, orders)
 
     def _lookup_on_thread(self, file_id: int, horizon: int, orders: list[tuple[int, int]]) -> list[int | None]:
-        if self._lookup_conn is None:
-            self._lookup_conn = db.connect(self.url)
-        return self.lookup(file_id, horizon, orders, self._lookup_conn)
+        return self.lookup(file_id, horizon, orders, self._lookup.get())
 
     def lookup(self, file_id: int, horizon: int, orders: list[tuple[int, int]], conn=None) -> list[int | None]:
         """Shop of each (order_id, line): the nearest earlier purchase of this file, else the
@@ -173,7 +161,7 @@ class OrderIndex:
                                 "(order_id, file_id, line, shop_id)", (str(path),))
                 return
             except (pymysql.err.OperationalError, pymysql.err.InternalError, pymysql.err.ProgrammingError) as exc:
-                if not exc.args or exc.args[0] not in INFILE_REFUSED:
+                if not exc.args or exc.args[0] not in db.LOCAL_INFILE_REFUSED:
                     raise
                 log.warning("LOAD DATA LOCAL INFILE refused (%s); indexing with INSERTs instead", exc)
                 self.use_infile = False

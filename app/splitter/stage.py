@@ -16,7 +16,6 @@ from typing import Any, BinaryIO, Callable
 
 import msgspec
 import orjson
-import pymysql
 
 from .. import layout
 from ..atomic import atomic_write
@@ -294,7 +293,7 @@ class Splitter(StageWork):
                                 self.index, writes_rejected, ctx.check)
         except FileNotFoundError:
             return [Failed(SOURCE_MISSING)] * len(tasks)
-        except (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError) as exc:
+        except UNAVAILABLE as exc:
             self.index.reset()
             raise Retryable(f"pipeline database unavailable: {exc}") from None
         except (IsADirectoryError, PermissionError) as exc:

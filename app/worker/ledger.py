@@ -16,7 +16,6 @@ import pymysql
 from .. import db
 from .rules import Order
 
-DUPLICATE_KEY = 1062
 
 
 class LedgerConflict(Exception):
@@ -73,7 +72,7 @@ class Ledger:
             db.insert_rows(cur, "INSERT INTO worker_balances (user_id, balance) VALUES ",
                            [(u, self.opening) for u in sorted(users)])
         except pymysql.err.IntegrityError as exc:
-            if exc.args and exc.args[0] == DUPLICATE_KEY:
+            if exc.args and exc.args[0] == db.DUP_ENTRY:
                 raise LedgerConflict("a new user was created by another worker meanwhile") from exc
             raise
 

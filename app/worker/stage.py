@@ -23,11 +23,12 @@ from .. import db, layout
 from ..atomic import atomic_write
 from ..config import Settings
 from ..daemon import Context, Done, Failed, InputMissing, Retryable, StageWork, TaskFailed, run_shard_stage
-from ..db import DEADLOCK_CODES
+from ..db import DEADLOCK_CODES, UNAVAILABLE
+from ..db import DUP_ENTRY as DUPLICATE_KEY
 from ..events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
 from ..overlap import Behind, ReadAhead, Turns
 from ..stages import Stage
-from .ledger import DUPLICATE_KEY, Ledger, LedgerConflict
+from .ledger import Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
                     stock_change, validate)
@@ -39,8 +40,6 @@ SHARD_LOCK_WAIT = 5.0
 PRUNE_EVERY = 60.0
 SWITCH_INTERVAL = 0.0005
 PAUSE_LINES = 256         # lines a helper thread handles between looks at whose turn it is
-# The database is down or the connection broke (PyMySQL wraps socket errors in these).
-DB_DOWN = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
 
 
 def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) -> bytes:
@@ -548,7 +547,7 @@ class WorkerStage(StageWork):
             try:
                 self.state.open()
                 return
-            except DB_DOWN as exc:
+            except UNAVAILABLE as exc:
                 ctx.log.warning("pipeline database unavailable (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -565,7 +564,7 @@ class WorkerStage(StageWork):
                     continue
                 outcomes.append(self._process_one(task.filename, ctx))
             return outcomes
-        except DB_DOWN as exc:
+        except UNAVAILABLE as exc:
             self.state.close()
             raise Retryable(f"pipeline database unavailable: {exc}") from exc
         except OSError as exc:
@@ -619,7 +618,7 @@ class WorkerStage(StageWork):
                 self._prune()
             finally:
                 self.state.unlock_shard()
-        except DB_DOWN as exc:
+        except UNAVAILABLE as exc:
             self.state.close()
             ctx.log.warning("idle work skipped, pipeline database unavailable: %s", exc)
 

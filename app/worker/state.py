@@ -135,40 +135,29 @@ class WorkerState:
     def __init__(self, url: MySQLURL, shard: int):
         self.url = url
         self.shard = shard
-        self.conn = None
+        self.conn = None  # the open connection, as `open` last returned it
+        self._db = db.Reconnecting(url, check_after=0, on_open=self._prepare, create_database=True,
+                                   multi_statements=True)
         # lock names are at most 64 characters: cut the database name, never the shard
         self.lock_name = f"event_pipeline.worker.{shard}.{url.database}"[:64]
 
     # -- connection, schema, the shard lock --------------------------------------------------
 
     def open(self):
-        """The connection, (re)opened if needed; a new connection brings the schema up to date
-        first (`db.migrate`: under a lock, and a table dropped meanwhile comes back)."""
-        if self.conn is not None:
-            try:
-                self.conn.ping(reconnect=False)
-                return self.conn
-            except Exception:
-                self.close()
-        db.ensure_database(self.url)
-        conn = db.connect(self.url, multi_statements=True)
-        try:
-            db.migrate(conn, SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
+        """The connection, checked and (re)opened if needed."""
+        self.conn = self._db.get()
+        return self.conn
+
+    def _prepare(self, conn) -> None:
+        """A new connection brings the schema up to date first (`db.migrate`: under a lock, and
+        a table dropped meanwhile comes back) and makes sure the shard has its row."""
+        db.migrate(conn, SCHEMA)
         with conn.cursor() as cur:
             cur.execute("INSERT INTO worker_shards (shard) VALUES (%s) ON DUPLICATE KEY UPDATE shard=shard",
                         (self.shard,))
-        self.conn = conn
-        return conn
 
     def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:
-                pass
+        self._db.discard()
         self.conn = None
 
     def lock_shard(self, timeout: float) -> bool:
