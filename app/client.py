@@ -2,6 +2,8 @@
 
 Every transition is idempotent on the server, so a call whose answer was lost can simply be
 sent again; `PipelineClient` does that, backing off while the API or its database is down.
+Its `worker` arguments are the API's JSON field of that name: the calling daemon's owner id
+(`daemon.owner_id`, WORKER_ID).
 """
 from __future__ import annotations
 

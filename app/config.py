@@ -299,7 +299,7 @@ class Settings:
     api_host: str
     api_port: int
     api_token: str | None
-    api_workers: int
+    api_processes: int  # API_WORKERS: gunicorn's worker processes
     api_threads: int
     lease_seconds: float
     max_attempts: int
@@ -355,7 +355,7 @@ class Settings:
             api_host=env.get("PIPELINE_API_HOST") or "127.0.0.1",
             api_port=_int(env, "PIPELINE_API_PORT", 8082, 0, 65535),
             api_token=env.get("PIPELINE_API_TOKEN") or None,
-            api_workers=_int(env, "API_WORKERS", 2, 1, 64),
+            api_processes=_int(env, "API_WORKERS", 2, 1, 64),
             api_threads=_int(env, "API_THREADS", 4, 1, 256),
             lease_seconds=lease if lease > 0 else 60.0,
             max_attempts=_int(env, "MAX_ATTEMPTS", 5, 1, 1000),
@@ -392,7 +392,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class Supervision:
-    """How supervisord runs the process group (app/supervise.py, app/local_run.py)."""
+    """How supervisord runs the process group (app/supervision/: supervise.py, local_run.py)."""
 
     run_dir: Path         # rendered supervisord.conf, its unix socket, pid file and log
     exit_on_fatal: bool   # a program gone FATAL ends supervisord non-zero (containers)

@@ -105,8 +105,10 @@ class StageWork(ABC):
         ...
 
 
-def worker_id(service: str) -> str:
-    """Stable across restarts on one host, so a restarted daemon gets its own tasks back."""
+def owner_id(service: str) -> str:
+    """The daemon's name as the owner of the tasks it claims (the API's `worker` field, the
+    WORKER_ID variable): stable across restarts on one host, so a restarted daemon gets its own
+    tasks back."""
     return os.environ.get("WORKER_ID") or f"{socket.gethostname()}/{service}"
 
 
@@ -126,11 +128,11 @@ def empty_folder(folder: Path) -> None:
 
 class Daemon:
     def __init__(self, stage: StageWork, settings: Settings, client: PipelineClient | None = None,
-                 worker: str | None = None):
+                 owner: str | None = None):
         self.stage = stage
         self.settings = settings
         self.stop = StopFlag()
-        self.worker = worker or worker_id(stage.service)
+        self.owner = owner or owner_id(stage.service)
         self.client = client or PipelineClient(settings.pipeline_url, settings.api_token, stop=self.stop)
         self.log = logging.getLogger(stage.service)
         self.held: dict[tuple[str, int], Task] = {}
@@ -146,7 +148,7 @@ class Daemon:
         stage.folder.mkdir(parents=True, exist_ok=True)
         empty_folder(stage.folder)  # what a killed predecessor left is not trusted
         ctx = Context(self.stop, self.log)
-        self.log.info("%s starting as %r (shard %s)", stage.service, self.worker, stage.shard)
+        self.log.info("%s starting as %r (shard %s)", stage.service, self.owner, stage.shard)
         heart = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         heart.start()
         try:
@@ -168,7 +170,7 @@ class Daemon:
         backoff = 0.0
         while not self.stop.is_set():
             try:
-                tasks = self.client.claim(self.stage.name, self.worker, self.stage.claim_limit, self.stage.shard)
+                tasks = self.client.claim(self.stage.name, self.owner, self.stage.claim_limit, self.stage.shard)
             except ApiUnavailable:
                 continue
             except ApiError as exc:
@@ -225,18 +227,18 @@ class Daemon:
         c, stage = self.client, self.stage.name
         try:
             if isinstance(outcome, Done):
-                c.done(stage, task.filename, task.shard, self.worker, outcome.events, outcome.stats or None)
+                c.done(stage, task.filename, task.shard, self.owner, outcome.events, outcome.stats or None)
                 self.log.info("done %s shard %s in %.3fs: %s", task.filename, task.shard, seconds,
                               outcome.stats or outcome.events)
             elif isinstance(outcome, Failed):
-                c.fail(stage, task.filename, task.shard, outcome.reason, self.worker, outcome.stats or None)
+                c.fail(stage, task.filename, task.shard, outcome.reason, self.owner, outcome.stats or None)
                 self.log.error("failed %s shard %s: %s", task.filename, task.shard, outcome.reason)
             else:
-                result = c.rewind(stage, task.filename, task.shard, self.worker, outcome.reason)
+                result = c.rewind(stage, task.filename, task.shard, self.owner, outcome.reason)
                 self.log.warning("input of %s shard %s missing (%s): sent back to %s", task.filename,
                                  task.shard, outcome.reason, result.get("rewound_to") or result.get("status"))
         except ApiError as exc:
-            # The lease was lost (reaped and maybe taken by another worker): our result is void.
+            # The lease was lost (reaped and maybe taken by another daemon): our result is void.
             self.log.error("could not report %s shard %s: %s", task.filename, task.shard, exc)
         except ApiUnavailable as exc:
             self.log.error("could not report %s shard %s (stopping): %s", task.filename, task.shard, exc)
@@ -248,7 +250,7 @@ class Daemon:
         for task in tasks:
             try:
                 self.client.call("POST", f"/stages/{self.stage.name}/{Action.RELEASE}",
-                                 {"filename": task.filename, "shard": task.shard, "worker": self.worker,
+                                 {"filename": task.filename, "shard": task.shard, "worker": self.owner,
                                   "error": reason}, max_wait=10.0)
             except ApiError as exc:
                 self.log.warning("release of %s shard %s refused: %s", task.filename, task.shard, exc)
@@ -273,7 +275,7 @@ class Daemon:
                 tasks = list(self.held.values())
             for task in tasks:
                 try:
-                    client.heartbeat(self.stage.name, task.filename, task.shard, self.worker)
+                    client.heartbeat(self.stage.name, task.filename, task.shard, self.owner)
                 except ApiError as exc:
                     self.log.warning("lease of %s shard %s lost: %s", task.filename, task.shard, exc)
                 except ApiUnavailable:

@@ -28,10 +28,10 @@ class Leases:
         """The lease end a heartbeat just set, as the API host's clock sees it."""
         return iso(datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=self.lease_seconds))
 
-    def claim(self, stage: str, limit: int, shard: int | None, worker: str) -> list[dict]:
-        """Up to `limit` tasks for `worker`: first those it already holds (a restarted daemon
+    def claim(self, stage: str, limit: int, shard: int | None, owner: str) -> list[dict]:
+        """Up to `limit` tasks for `owner`: first those it already holds (a restarted daemon
         resumes its own work), then ready ones, oldest first, each won by exactly one caller.
-        Two round trips: lock what the worker holds and up to `limit` ready rows nobody else
+        Two round trips: lock what the owner holds and up to `limit` ready rows nobody else
         is locking; then write. Ready rows locked but not needed are freed by the commit."""
         stage = Stage(stage)
         status_col, att = stage.status_column, stage.attempts_column
@@ -39,9 +39,9 @@ class Leases:
         ordered = stage in ORDERED and shard is not None
 
         def tx(t: Transaction):
-            reads = [(sql_held(stage, shard is not None), (worker, *([shard] if shard is not None else []), limit))]
+            reads = [(sql_held(stage, shard is not None), (owner, *([shard] if shard is not None else []), limit))]
             if ordered:
-                reads += self._ordered_reads(stage, shard, worker)
+                reads += self._ordered_reads(stage, shard, owner)
             else:
                 reads.append((sql_ready(stage, shard is not None, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"),
                               (*([shard] if shard is not None else []), limit)))
@@ -61,8 +61,8 @@ class Leases:
             if fresh:
                 writes += [(f"UPDATE pipeline_tracking SET {status_col}={STARTED.sql}, owner=%s, started_at=NOW(3),"
                             f" lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1"
-                            f" WHERE id IN ({marks(fresh)})", (worker, self.lease_us, *[r["id"] for r in fresh])),
-                           log_sql([(r["id"], r["filename"], r["shard"], stage, NEW, STARTED, Action.CLAIM, worker,
+                            f" WHERE id IN ({marks(fresh)})", (owner, self.lease_us, *[r["id"] for r in fresh])),
+                           log_sql([(r["id"], r["filename"], r["shard"], stage, NEW, STARTED, Action.CLAIM, owner,
                                      None, None, None, None) for r in fresh])]
             done = t.finish(*writes)
             mine = done[1].rows if mine else []
@@ -76,22 +76,23 @@ class Leases:
                 "attempts": attempts, "resumed": resumed}
 
     @staticmethod
-    def _ordered_reads(stage: str, shard: int, worker: str) -> list:
+    def _ordered_reads(stage: str, shard: int, owner: str) -> list:
         """An ordered claim first takes the shard's claim lock (the upsert locks its row, so two
-        replicas cannot take consecutive files at once) and reads whether another worker holds
+        replicas cannot take consecutive files at once) and reads whether another daemon holds
         one of the shard's files and which is the oldest file still waiting upstream."""
         return [("INSERT INTO pipeline_claim_lock (stage, shard) VALUES (%s,%s) ON DUPLICATE KEY UPDATE shard=shard",
                  (stage, shard)),
-                (sql_shard_busy(stage), (shard, worker)),
+                (sql_shard_busy(stage), (shard, owner)),
                 (sql_shard_blocker(stage), (shard,))]
 
     @staticmethod
-    def _ordered_fresh(t: Transaction, stage: str, shard: int, results: list[Result], want: int, cols: str) -> list[dict]:
+    def _ordered_fresh(t: Transaction, stage: Stage, shard: int, results: list[Result], want: int,
+                       cols: str) -> list[dict]:
         """Oldest ready tasks of one shard, never past an earlier task that is still pending.
 
         Pending = the previous stage has not finished yet (new/started) although ingest is done;
         files still being written (ingest not done) and files the previous stage failed are not
-        in the shard's stream and block nothing. While another worker holds one of the shard's
+        in the shard's stream and block nothing. While another daemon holds one of the shard's
         files, nobody else gets any.
         """
         _lock, busy, blocker = results
@@ -114,7 +115,7 @@ class Leases:
                     continue
                 attempts = r[stage.attempts_column]
                 to = FAILED if attempts >= self.max_attempts else NEW
-                holder = "a worker that gave no id" if r["owner"] is None else repr(r["owner"])
+                holder = "a daemon that gave no id" if r["owner"] is None else repr(r["owner"])
                 error = (f"lease of {holder} expired (attempt {attempts} of {self.max_attempts})"
                          + ("; attempts exhausted" if to == FAILED else ""))
                 writes += [(f"UPDATE pipeline_tracking SET {stage.status_column}=%s, owner=NULL, "
@@ -127,17 +128,17 @@ class Leases:
             return reaped
         return self.store.tx(tx)
 
-    def heartbeat(self, stage: str, filename: str, shard: int, worker: str) -> dict:
-        """One autocommitted UPDATE: extends the lease only while `worker` holds the task."""
+    def heartbeat(self, stage: str, filename: str, shard: int, owner: str) -> dict:
+        """One autocommitted UPDATE: extends the lease only while `owner` holds the task."""
         stage = Stage(stage)
         status_col = stage.status_column
         conn = self.store.conn()
         with conn.cursor() as cur:
             cur.execute(f"UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
                         f"WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql} AND owner=%s",
-                        (self.lease_us, filename, shard, worker))
+                        (self.lease_us, filename, shard, owner))
             extended = cur.rowcount == 1
-        body = {"filename": filename, "shard": shard, "stage": stage, "status": STARTED, "worker": worker,
+        body = {"filename": filename, "shard": shard, "stage": stage, "status": STARTED, "worker": owner,
                 "lease_seconds": self.lease_seconds, "lease_expires_at": self._lease_until()}
         if extended:
             return body
@@ -145,8 +146,8 @@ class Leases:
                                f"AND shard=%s", (filename, shard))
         if not rows:
             raise NotFound(f"no task ({filename!r}, shard {shard})", filename=filename, shard=shard)
-        if rows[0]["status"] == STARTED and rows[0]["owner"] == worker:
+        if rows[0]["status"] == STARTED and rows[0]["owner"] == owner:
             return body  # two heartbeats in one millisecond: the second changed nothing
-        raise Conflict(f"{worker!r} does not hold this task (lease lost or task finished)",
+        raise Conflict(f"{owner!r} does not hold this task (lease lost or task finished)",
                        filename=filename, shard=shard, stage=stage, status=rows[0]["status"],
                        owner=rows[0]["owner"])

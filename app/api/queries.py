@@ -27,16 +27,16 @@ def sql_ready(stage: Stage, sharded: bool, columns: str, tail: str, extra: str =
 
 
 def sql_held(stage: Stage, sharded: bool) -> str:
-    """What a worker holds, locked (args: worker, [shard,] limit). Owner is set only on started
-    tasks, so ix_owner stays tiny and the lock touches only the worker's own rows (a scan of
-    another index would lock, and wait on, rows other workers are finishing)."""
+    """What a daemon holds, locked (args: owner, [shard,] limit). Owner is set only on started
+    tasks, so ix_owner stays tiny and the lock touches only the daemon's own rows (a scan of
+    another index would lock, and wait on, rows other daemons are finishing)."""
     return (f"SELECT id FROM pipeline_tracking FORCE INDEX (ix_owner) WHERE owner=%s"
             f" AND {stage.status_column}={STARTED.sql}{' AND shard=%s' if sharded else ''}"
             f" ORDER BY id LIMIT %s FOR UPDATE")
 
 
 def sql_shard_busy(stage: Stage) -> str:
-    """Another worker holds a started task of this shard (args: shard, worker)."""
+    """Another daemon holds a started task of this shard (args: shard, owner)."""
     return (f"SELECT 1 FROM pipeline_tracking FORCE INDEX ({ready_index(stage, True)}) "
             f"WHERE {stage.previous.status_column} IN {sql_in(*STATUSES)} "
             f"AND {stage.status_column}={STARTED.sql} AND shard=%s AND NOT (owner <=> %s) LIMIT 1")
@@ -83,10 +83,10 @@ def queue_queries(shard_count: int = 2) -> list[tuple[str, str, tuple]]:
                 (f"queue {stage} shard", sql_ready(stage, True, cols, "LIMIT %s OFFSET %s"), (1, 100, 0)),
                 (f"claim {stage}", sql_ready(stage, False, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"), (4,)),
                 (f"claim {stage} shard", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"), (1, 4)),
-                (f"held {stage}", sql_held(stage, False), ("host/worker", 4)),
-                (f"held {stage} shard", sql_held(stage, True), ("host/worker", 1, 4))]
+                (f"held {stage}", sql_held(stage, False), ("host/daemon", 4)),
+                (f"held {stage} shard", sql_held(stage, True), ("host/daemon", 1, 4))]
     for stage in ORDERED:
-        out += [(f"ordered busy {stage}", sql_shard_busy(stage), (1, "host/worker")),
+        out += [(f"ordered busy {stage}", sql_shard_busy(stage), (1, "host/daemon")),
                 (f"ordered blocker {stage}", sql_shard_blocker(stage), (1,)),
                 (f"ordered claim {stage}", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", " AND id < %s"),
                  (1, 10**9, 4))]

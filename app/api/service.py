@@ -283,32 +283,32 @@ class Api:
         filename = _filename(_required(data, "filename"))
         shard = self._shard(_required(data, "shard"))
         if action == Action.HEARTBEAT:
-            worker = _text(_required(data, "worker"), "worker", 128, required=True)
-            return 200, self.tracker.heartbeat(stage, filename, shard, worker)
+            owner = _text(_required(data, "worker"), "worker", 128, required=True)
+            return 200, self.tracker.heartbeat(stage, filename, shard, owner)
         stats = _stats(data.get("stats"))
         events = data.get("events")
         error = data.get("error")
         if error is not None and not isinstance(error, str):
             raise BadRequest("'error' must be a string", "error")
-        outcome = self.tracker.transition(
+        moved = self.tracker.transition(
             stage, action, filename, shard,
-            worker=_text(data.get("worker"), "worker", 128),
+            owner=_text(data.get("worker"), "worker", 128),
             error=None if error is None else error[:schema.ERROR_MAX],
             events=None if events is None else _int(events, "events", 0, 2**31 - 1),
             stats=stats)
-        return 200, outcome.as_dict()
+        return 200, moved.as_dict()
 
     def claim(self, stage: str):
         stage = self._stage(stage)
         data = _body()
         limit = _int(data.get("limit", 1), "limit", 1, 1000)
         shard = None if data.get("shard") is None else self._shard(data["shard"])
-        worker = _text(_required(data, "worker"), "worker", 128, required=True)
+        owner = _text(_required(data, "worker"), "worker", 128, required=True)
         if stage in ORDERED and shard is None:
             raise BadRequest(f"{stage} takes each shard's files in order: 'shard' is required", "shard")
         self._reap_now_and_then()
-        return 200, {"stage": stage, "worker": worker,
-                     "items": self.tracker.claim(stage, limit, shard, worker)}
+        return 200, {"stage": stage, "worker": owner,
+                     "items": self.tracker.claim(stage, limit, shard, owner)}
 
     def queue(self, stage: str):
         stage = self._stage(stage)
@@ -375,7 +375,7 @@ def create_app(settings: Settings | None = None, reaper: bool = True) -> bottle.
 
 def serve(settings: Settings, app_factory=None) -> None:
     """Run gunicorn (gthread) with the production options; `app_factory(settings)` builds the
-    WSGI app in each worker after fork (the benchmark's floor endpoint reuses these options)."""
+    WSGI app in each gunicorn process after fork (the benchmark's floor endpoint reuses these options)."""
     from gunicorn.app.base import BaseApplication
 
     factory = app_factory or create_app
@@ -384,7 +384,7 @@ def serve(settings: Settings, app_factory=None) -> None:
         def load_config(self):
             options = {
                 "bind": f"{settings.api_host}:{settings.api_port}",
-                "workers": settings.api_workers,
+                "workers": settings.api_processes,
                 "worker_class": "gthread",
                 "threads": settings.api_threads,
                 "timeout": 30,
@@ -400,7 +400,7 @@ def serve(settings: Settings, app_factory=None) -> None:
                 self.cfg.set(key, value)
 
         def load(self):
-            # Runs in each worker after fork: connections and the reaper thread are per process.
+            # Runs in each gunicorn process after fork: connections and the reaper thread are per process.
             return factory(settings)
 
     Server().run()
@@ -423,6 +423,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"pipeline-apid: database schema: {exc}") from None
     except db.UNAVAILABLE as exc:
         log.warning("database %s not reachable yet (%s); serving 503 until it is", settings.pipeline_db, exc)
-    log.warning("pipeline-apid on http://%s:%s%s (gunicorn, %d workers x %d threads)", settings.api_host,
-                settings.api_port, BASE, settings.api_workers, settings.api_threads)
+    log.warning("pipeline-apid on http://%s:%s%s (gunicorn, %d processes x %d threads)", settings.api_host,
+                settings.api_port, BASE, settings.api_processes, settings.api_threads)
     serve(settings)

@@ -20,7 +20,9 @@ from .store import Store
 
 
 @dataclass
-class Outcome:
+class Moved:
+    """Where a transition left the task (`changed` False: it was there already, a repeat)."""
+
     filename: str
     shard: int
     stage: Stage
@@ -81,25 +83,25 @@ class Transitions:
 
     # -- one task's transitions -------------------------------------------------------------
 
-    def transition(self, stage: str, action: str, filename: str, shard: int, worker: str | None = None,
-                   error: str | None = None, events: int | None = None, stats: dict | None = None) -> Outcome:
+    def transition(self, stage: str, action: str, filename: str, shard: int, owner: str | None = None,
+                   error: str | None = None, events: int | None = None, stats: dict | None = None) -> Moved:
         """Lock the task and read what the rules need, decide here, then write and commit:
         two round trips (`done`, the hot one, takes one: see `_done_at_once`)."""
         stage = Stage(stage)
         action = Action(action)
         stats_text = orjson.dumps(stats).decode() if stats else None
         if action == Action.DONE:
-            outcome = self._done_at_once(stage, filename, shard, worker, events, stats_text)
-            if outcome is not None:
-                return outcome
+            moved = self._done_at_once(stage, filename, shard, owner, events, stats_text)
+            if moved is not None:
+                return moved
 
         def tx(t: Transaction):
             row = self._task(stage, filename, shard, t.run((row_sql(stage, lock=True),
                                                             (stage, filename, shard)))[0])
-            outcome, writes = getattr(self, f"_{action}")(stage, row, worker, error, events, stats_text)
+            moved, writes = getattr(self, f"_{action}")(stage, row, owner, error, events, stats_text)
             if writes:
                 t.finish(*writes)
-            return outcome
+            return moved
         return self.store.tx(tx)
 
     @staticmethod
@@ -111,12 +113,12 @@ class Transitions:
         row.update(filename=filename, shard=shard, last={"action": action, "to_status": to, "actor": actor})
         return row
 
-    def _done_at_once(self, stage, filename, shard, worker, events, stats_text) -> Outcome | None:
-        """`done` by a named worker in one round trip of five statements: the rule sits in the
+    def _done_at_once(self, stage, filename, shard, owner, events, stats_text) -> Moved | None:
+        """`done` by a named owner in one round trip of five statements: the rule sits in the
         UPDATE's WHERE and its row count, kept in a session variable, gates the log row. The
         UPDATE hands back the attempt count through LAST_INSERT_ID(x) (the reply's insert id),
         so nothing is read. Only a refusal or a repeat then costs a read, to be explained."""
-        if worker is None:
+        if owner is None:
             return None  # the log names the owner: take the locked path, which reads it
         status_col, att_col = stage.status_column, stage.attempts_column
 
@@ -124,22 +126,22 @@ class Transitions:
             results = t.finish(
                 (f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
                  f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
-                 f" AND (owner IS NULL OR owner=%s)", (filename, shard, worker)),
+                 f" AND (owner IS NULL OR owner=%s)", (filename, shard, owner)),
                 ("SET @pipeline_done = ROW_COUNT()", None),
                 ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
                  " action, actor, duration_ms, events, stats)"
                  f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
                  " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
                  " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
-                 (stage, worker, events, stats_text, filename, shard)))
+                 (stage, owner, events, stats_text, filename, shard)))
             return results[0].lastrowid if results[0].rowcount == 1 else False
         attempts = self.store.tx(tx)
         if attempts is not False:
-            return Outcome(filename, shard, stage, DONE, True, attempts or 0)
+            return Moved(filename, shard, stage, DONE, True, attempts or 0)
         row = self._task(stage, filename, shard, Result(self.store.read(row_sql(stage, lock=False),
                                                                         (stage, filename, shard)), 1, None))
-        outcome, writes = self._done(stage, row, worker, None, events, stats_text)  # a repeat, or a 409
-        return None if writes else outcome  # None: it became done-able meanwhile; take the locked path
+        moved, writes = self._done(stage, row, owner, None, events, stats_text)  # a repeat, or a 409
+        return None if writes else moved  # None: it became done-able meanwhile; take the locked path
 
     def _conflict(self, stage, row, why):
         return Conflict(why, filename=row["filename"], shard=row["shard"], stage=stage, status=row["status"],
@@ -153,18 +155,18 @@ class Transitions:
                           error, row["ran_ms"] if duration else None, events, stats)])]
 
     @staticmethod
-    def _outcome(stage, row, status, changed, attempts=None, **extra) -> Outcome:
-        return Outcome(row["filename"], row["shard"], stage, status, changed,
-                       row["attempts"] if attempts is None else attempts, extra)
+    def _moved(stage, row, status, changed, attempts=None, **extra) -> Moved:
+        return Moved(row["filename"], row["shard"], stage, status, changed,
+                     row["attempts"] if attempts is None else attempts, extra)
 
-    def _check_owner(self, stage, row, worker):
-        if worker and row["owner"] and row["owner"] != worker:
-            raise self._conflict(stage, row, f"task is held by {row['owner']!r}, not {worker!r} "
+    def _check_owner(self, stage, row, owner):
+        if owner and row["owner"] and row["owner"] != owner:
+            raise self._conflict(stage, row, f"task is held by {row['owner']!r}, not {owner!r} "
                                              f"(its lease was lost)")
 
-    def _start(self, stage, row, worker, error, events, stats):
-        if row["status"] == STARTED and worker and row["owner"] == worker:
-            return self._outcome(stage, row, STARTED, False), [
+    def _start(self, stage, row, owner, error, events, stats):
+        if row["status"] == STARTED and owner and row["owner"] == owner:
+            return self._moved(stage, row, STARTED, False), [
                 ("UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND WHERE id=%s",
                  (self.lease_us, row["id"]))]
         if row["status"] != NEW:
@@ -173,79 +175,79 @@ class Transitions:
             raise self._conflict(stage, row, f"{stage.previous} is {row['prev']!r}; "
                                              f"{stage} starts only after it is done")
         att = stage.attempts_column
-        return self._outcome(stage, row, STARTED, True, row["attempts"] + 1), self._set(
-            stage, row, STARTED, Action.START, worker,
+        return self._moved(stage, row, STARTED, True, row["attempts"] + 1), self._set(
+            stage, row, STARTED, Action.START, owner,
             extra=f", owner=%s, started_at=NOW(3), lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1",
-            args=(worker, self.lease_us))
+            args=(owner, self.lease_us))
 
-    def _done(self, stage, row, worker, error, events, stats):
+    def _done(self, stage, row, owner, error, events, stats):
         if row["status"] == DONE:
             by = row["last"].get("actor") if row["last"].get("to_status") == DONE else None
-            if worker and by and by != worker:
-                raise self._conflict(stage, row, f"{stage} was finished by {by!r}, not {worker!r} "
+            if owner and by and by != owner:
+                raise self._conflict(stage, row, f"{stage} was finished by {by!r}, not {owner!r} "
                                                  f"(its lease was lost and the task taken over)")
-            return self._outcome(stage, row, DONE, False), []
+            return self._moved(stage, row, DONE, False), []
         if row["status"] != STARTED:
             raise self._conflict(stage, row, f"{stage} can be done only from '{STARTED}'")
-        self._check_owner(stage, row, worker)
-        return self._outcome(stage, row, DONE, True), self._set(
-            stage, row, DONE, Action.DONE, worker or row["owner"], events=events, stats=stats,
+        self._check_owner(stage, row, owner)
+        return self._moved(stage, row, DONE, True), self._set(
+            stage, row, DONE, Action.DONE, owner or row["owner"], events=events, stats=stats,
             extra=", owner=NULL, lease_expires_at=NULL", duration=True)
 
-    def _fail(self, stage, row, worker, error, events, stats):
+    def _fail(self, stage, row, owner, error, events, stats):
         if row["status"] == FAILED:
-            return self._outcome(stage, row, FAILED, False), []
+            return self._moved(stage, row, FAILED, False), []
         if row["status"] not in (NEW, STARTED):
             raise self._conflict(stage, row, f"{stage} can fail only from '{NEW}' or '{STARTED}'")
         if row["status"] == STARTED:
-            self._check_owner(stage, row, worker)
-        return self._outcome(stage, row, FAILED, True), self._set(
-            stage, row, FAILED, Action.FAIL, worker or row["owner"], error=error, events=events, stats=stats,
+            self._check_owner(stage, row, owner)
+        return self._moved(stage, row, FAILED, True), self._set(
+            stage, row, FAILED, Action.FAIL, owner or row["owner"], error=error, events=events, stats=stats,
             extra=", owner=NULL, lease_expires_at=NULL, last_error=%s", args=(error,),
             duration=row["status"] == STARTED)
 
-    def _retry(self, stage, row, worker, error, events, stats):
+    def _retry(self, stage, row, owner, error, events, stats):
         if row["status"] == NEW and row["last"].get("action") == Action.RETRY:
-            return self._outcome(stage, row, NEW, False), []
+            return self._moved(stage, row, NEW, False), []
         if row["status"] != FAILED:
             raise self._conflict(stage, row, f"{stage} can be retried only from '{FAILED}'")
-        return self._outcome(stage, row, NEW, True, 0), self._set(
-            stage, row, NEW, Action.RETRY, worker, extra=f", {stage.attempts_column}=0")
+        return self._moved(stage, row, NEW, True, 0), self._set(
+            stage, row, NEW, Action.RETRY, owner, extra=f", {stage.attempts_column}=0")
 
-    def _release(self, stage, row, worker, error, events, stats):
+    def _release(self, stage, row, owner, error, events, stats):
         """A daemon hands a task back unfinished (clean shutdown): no attempt is spent."""
         if row["status"] == NEW and row["last"].get("action") == Action.RELEASE:
-            return self._outcome(stage, row, NEW, False), []
+            return self._moved(stage, row, NEW, False), []
         if row["status"] != STARTED:
             raise self._conflict(stage, row, f"{stage} can be released only from '{STARTED}'")
-        self._check_owner(stage, row, worker)
+        self._check_owner(stage, row, owner)
         att = stage.attempts_column
-        return self._outcome(stage, row, NEW, True, max(row["attempts"] - 1, 0)), self._set(
-            stage, row, NEW, Action.RELEASE, worker or row["owner"], error=error,
+        return self._moved(stage, row, NEW, True, max(row["attempts"] - 1, 0)), self._set(
+            stage, row, NEW, Action.RELEASE, owner or row["owner"], error=error,
             extra=f", owner=NULL, lease_expires_at=NULL, {att}=GREATEST({att}-1, 0)")
 
-    def _rewind(self, stage, row, worker, error, events, stats):
+    def _rewind(self, stage, row, owner, error, events, stats):
         """The stage's input file is missing: send the task back to the stage that produces it."""
         upstream = stage.previous
         if upstream is FIRST:
             raise self._conflict(stage, row, f"{stage} reads the registered source file; nothing "
                                              "upstream can rebuild it: fail the task instead")
         if row["status"] == NEW and row["prev"] == NEW and row["last"].get("action") == Action.REWIND:
-            return self._outcome(stage, row, NEW, False, rewound_to=upstream), []
+            return self._moved(stage, row, NEW, False, rewound_to=upstream), []
         if row["status"] not in (NEW, STARTED):
             raise self._conflict(stage, row, f"{stage} can be rewound only from '{NEW}' or '{STARTED}'")
         if row["status"] == STARTED:
-            self._check_owner(stage, row, worker)
+            self._check_owner(stage, row, owner)
         if row["attempts"] >= self.max_attempts:
             reason = f"input missing after {row['attempts']} attempts: {error or 'no reason given'}"
-            return self._fail(stage, row, worker, reason[:ERROR_MAX], None, None)
+            return self._fail(stage, row, owner, reason[:ERROR_MAX], None, None)
         reason = f"input missing, rebuilt by {upstream}: {error or 'no reason given'}"[:ERROR_MAX]
-        writes = self._set(stage, row, NEW, Action.REWIND, worker or row["owner"], error=reason,
+        writes = self._set(stage, row, NEW, Action.REWIND, owner or row["owner"], error=reason,
                            extra=f", {upstream.status_column}={NEW.sql}, owner=NULL, lease_expires_at=NULL,"
                                  f" last_error=%s", args=(reason,))
         writes.append(log_sql([(row["id"], row["filename"], row["shard"], upstream, row["prev"], NEW, Action.REWIND,
-                                worker, reason, None, None, None)]))
-        return self._outcome(stage, row, NEW, True, rewound_to=upstream), writes
+                                owner, reason, None, None, None)]))
+        return self._moved(stage, row, NEW, True, rewound_to=upstream), writes
 
     def retry_all(self, stage: str, shard: int | None, actor: str | None) -> dict:
         stage = Stage(stage)

@@ -5,7 +5,7 @@ checks it makes: enough to route a line, and to reject what no shard could take.
 """
 from __future__ import annotations
 
-MAX_ID = 2**63 - 1  # ids go to BIGINT columns downstream
+from .. import events
 
 MALFORMED_JSON = "malformed_json"            # not JSON, or not an object with a 'payload' object
 UNKNOWN_EVENT_TYPE = "unknown_event_type"    # event_type missing or not one of 0..4
@@ -18,5 +18,5 @@ EMPTY_LINE = "empty_line"                    # a blank line
 
 REASONS = (MALFORMED_JSON, UNKNOWN_EVENT_TYPE, MISSING_SHOP_ID, NON_INTEGER_SHOP_ID, SHOP_ID_OUT_OF_RANGE,
            UNROUTABLE, UNREGISTERED_SHARD, EMPTY_LINE)
-EVENT_TYPES = frozenset(range(5))
-PURCHASE, RETURN = 1, 3
+EVENT_TYPES = frozenset(events.EVENT_TYPES)
+MAX_ID = events.MAX_ID

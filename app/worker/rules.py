@@ -14,7 +14,7 @@ from decimal import Decimal
 import orjson
 
 from ..config import Rules
-from ..events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS, event_key
+from ..events import MAX_ID, PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS, TIME_FORMAT, event_key
 
 ACCEPTED = 0
 HELD = 1
@@ -44,7 +44,7 @@ ALREADY_REFUNDED, RETURN_MISMATCH = CODE["already_refunded"], CODE["return_misma
 
 CENT = Decimal("0.01")
 MAX_AMOUNT = Decimal("1e13")      # far below DECIMAL(18,2), so sums of a batch cannot overflow
-ID_MAX = (1 << 63) - 1            # BIGINT
+ID_MAX = MAX_ID                   # BIGINT
 QTY_MAX = (1 << 31) - 1           # INT
 TIME_LEN = 23                     # YYYY-MM-DD HH:MM:SS.mmm
 
@@ -151,7 +151,7 @@ def valid_time(ts) -> bool:
 
 def add_seconds(ts: str, seconds: float) -> str:
     moved = datetime.fromisoformat(ts) + timedelta(seconds=seconds)
-    return moved.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return moved.strftime(TIME_FORMAT)[:-3]
 
 
 # Fields of each event type: (name, kind); kinds: "order" signed 64-bit, "id" 0..2^63-1,

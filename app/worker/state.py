@@ -14,11 +14,12 @@ from datetime import datetime, timezone
 
 from .. import db
 from ..config import MySQLURL
+from ..events import TIME_FORMAT
 from .rules import ORPHAN_RETURN, Event
 
 # The worker's tables' migrations: db/migrations/worker/ (applied by `db.migrate`).
 SCHEMA = "worker"
-TIME = "%Y-%m-%d %H:%M:%S.%f"
+TIME = TIME_FORMAT
 
 
 def time_text(value: datetime | None) -> str | None:
