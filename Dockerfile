@@ -35,7 +35,7 @@ EXPOSE 8082
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/api/v1/pipeline/health' % os.environ.get('PIPELINE_API_PORT', '8082'), timeout=4)"
 
-# supervisord's main loop runs in this process (app/supervise.py renders the config for
+# supervisord's main loop runs in this process (app/supervision/supervise.py renders the config for
 # SHARD_COUNT first): SIGTERM stops every program gracefully; a FATAL program exits 1.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "app.supervision.supervise"]

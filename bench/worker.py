@@ -4,7 +4,7 @@
                                      [--private] [--keep]
 
 Builds a shard-0 file of --events lines: `generator` (default) takes the shard-0 lines of the
-project's event generator (app/generator.py, its default world and fault rates: duplicates,
+project's event generator (app/ingest/generator.py, its default world and fault rates: duplicates,
 purchases beyond the balance, returns before their purchase, ...), as the splitter would route
 them; `harsh` is this bench's own mix with far more rule hits (5,000 users overspending, stock
 going negative, inactive shops, zero prices, 10% of returns before their purchase and 10% of

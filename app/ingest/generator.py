@@ -67,7 +67,7 @@ class Rates:
 
 NO_FAULTS = Rates(**{n: 0.0 for n in Rates.names()})
 
-# Malformed kinds and the splitter's reason for each (app/routing.py).
+# Malformed kinds and the splitter's reason for each (app/splitter/reasons.py).
 MALFORMED_KINDS = {"truncated": "malformed_json", "string_shop_id": "non_integer_shop_id",
                    "unknown_type": "unknown_event_type", "no_shop_id": "missing_shop_id"}
 

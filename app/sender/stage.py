@@ -1,5 +1,5 @@
 """mysql-sender: `python -m app.sender --shard N` — loads shard N's prepared files into shard N's
-own server (MYSQL_SHARD_<N>_URL), each file exactly once (see app/loader.py and
+own server (MYSQL_SHARD_<N>_URL), each file exactly once (see app/sender/loader.py and
 docs/sender.md).
 
 What reaches the tracking API: done with the rows loaded; failed for a malformed or wrong-shard
