@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 from decimal import Decimal
-from pathlib import Path
+from importlib import resources
 
 import pymysql
 import pymysql.cursors
@@ -21,9 +21,9 @@ from pymysql.constants import CR, ER
 
 from .config import MySQLURL
 
-# The SQL files (migrations, worked examples), at the top of the project. Read only through
-# `sql_files`.
-SQL_DIR = Path(__file__).resolve().parent.parent / "db"
+# The SQL files (migrations, worked examples): the project's db/ folder, package data of
+# `app` (app/sql links to it; a wheel holds the files themselves). Read only through `sql_files`.
+SQL_DIR = resources.files(__package__) / "sql"
 
 # -- what the server says (one set of names, pymysql's constants where it has them) ------------
 # The server is not there or the connection broke: PyMySQL raises OperationalError or
