@@ -269,6 +269,23 @@ def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw.rstrip("/")
 
 
+def _api_token(env: Mapping[str, str]) -> str | None:
+    """PIPELINE_API_TOKEN, else the first line of the file PIPELINE_API_TOKEN_FILE names (a
+    container keeps its generated token there, on its volume, so `docker exec` sees it too)."""
+    token = env.get("PIPELINE_API_TOKEN")
+    path = env.get("PIPELINE_API_TOKEN_FILE")
+    if token or not path:
+        return token or None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.readline().strip()
+    except OSError as exc:
+        raise ConfigError("PIPELINE_API_TOKEN_FILE", f"cannot read {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError("PIPELINE_API_TOKEN_FILE", f"{path} is empty")
+    return token
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     raw = (env.get(name) or default).strip().lower()
     if raw not in choices:
@@ -314,9 +331,9 @@ class Settings:
     hold_seconds: float
     hold_wall_cap: float
     rules: Rules = field(default_factory=Rules)
-    # supervisord's XML-RPC unix socket, for the monitor's process panel (default: the one
-    # Supervision renders into supervisord.conf).
-    supervisor_socket: str = "/tmp/event-pipeline/supervisor.sock"
+    # supervisord's XML-RPC unix socket, for the monitor's process panel (default: the one of
+    # the project's supervisord.conf, var/run/supervisor.sock next to it).
+    supervisor_socket: str = "var/run/supervisor.sock"
     # Lines the shard worker decides per transaction (its state and decisions commit together).
     worker_batch_lines: int = 8000
     # mysql-sender's bulk method (load_data: LOAD DATA LOCAL INFILE, falls back to insert when the
@@ -354,7 +371,7 @@ class Settings:
             pipeline_url=_http_url(env, "PIPELINE_URL", "http://127.0.0.1:8082/api/v1/pipeline"),
             api_host=env.get("PIPELINE_API_HOST") or "127.0.0.1",
             api_port=_int(env, "PIPELINE_API_PORT", 8082, 0, 65535),
-            api_token=env.get("PIPELINE_API_TOKEN") or None,
+            api_token=_api_token(env),
             api_processes=_int(env, "API_WORKERS", 2, 1, 64),
             api_threads=_int(env, "API_THREADS", 4, 1, 256),
             lease_seconds=lease if lease > 0 else 60.0,
@@ -390,37 +407,44 @@ class Settings:
         )
 
 
+def packaged_supervisord_conf() -> Path:
+    """The project's supervisord.conf, package data of app.supervision (in a checkout: the
+    top-level file itself, through the link app/supervision/supervisord.conf)."""
+    from importlib import resources
+    return Path(str(resources.files("app.supervision") / "supervisord.conf")).resolve()
+
+
 @dataclass(frozen=True)
 class Supervision:
-    """How supervisord runs the process group (app/supervision/: supervise.py, local_run.py)."""
+    """How supervisord runs the process group (supervisord.conf, app/supervision/)."""
 
-    run_dir: Path         # rendered supervisord.conf, its unix socket, pid file and log
+    config_file: Path     # supervisord.conf; its state lives next to it, in var/run
     exit_on_fatal: bool   # a program gone FATAL ends supervisord non-zero (containers)
-    stop_wait: int        # stopwaitsecs: a stop that takes longer is a SIGKILL
-    start_secs: int       # a program must stay up this long to count as started
-    start_retries: int    # failed starts before a program is FATAL
     splitter_replicas: int = 1  # shard-splitter processes (claims are atomic: any number is safe)
     sender_replicas: int = 1    # mysql-sender processes per shard (loads are exactly-once)
+    # With no MYSQL_*_URL set, pipeline-supervise runs a MariaDB of its own with its data here
+    # (the container sets it; unset: never).
+    embedded_mariadb_dir: Path | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        """supervisord's socket, pid file and log: `%(here)s/var/run` in supervisord.conf."""
+        return self.config_file.parent / "var" / "run"
 
     @property
     def socket(self) -> Path:
         return self.run_dir / "supervisor.sock"
 
-    @property
-    def config_file(self) -> Path:
-        return self.run_dir / "supervisord.conf"
-
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Supervision":
+    def from_env(cls, env: Mapping[str, str] | None = None, config_file: Path | None = None) -> "Supervision":
         env = os.environ if env is None else env
         return cls(
-            run_dir=Path(env.get("PIPELINE_RUN_DIR") or "/tmp/event-pipeline").absolute(),
+            config_file=Path(config_file).absolute() if config_file else packaged_supervisord_conf(),
             exit_on_fatal=_bool(env, "PIPELINE_EXIT_ON_FATAL", False),
-            stop_wait=_int(env, "STOP_WAIT_SECONDS", 30, 1, 3600),
-            start_secs=_int(env, "SUPERVISOR_STARTSECS", 5, 0, 600),
-            start_retries=_int(env, "SUPERVISOR_STARTRETRIES", 3, 0, 100),
             splitter_replicas=_int(env, "SPLITTER_REPLICAS", 1, 1, 32),
             sender_replicas=_int(env, "SENDER_REPLICAS", 1, 1, 32),
+            embedded_mariadb_dir=Path(env["EMBEDDED_MARIADB_DIR"]).absolute() if env.get("EMBEDDED_MARIADB_DIR")
+            else None,
         )
 
 

@@ -282,13 +282,27 @@ class Daemon:
                     pass
 
 
-def run_shard_stage(module: str, make_stage, argv: list[str] | None = None) -> None:
-    """Entry point of a per-shard daemon: `python -m <module> --shard N` (or SHARD_ID=N)."""
+def shard_of(argv: list[str] | None, settings: Settings, module: str) -> int:
+    """The shard a per-shard daemon serves: `--shard N`, or `--slot P` for shard P mod
+    SHARD_COUNT, or SHARD_ID. supervisord numbers the processes of a group 0, 1, 2, ... and
+    cannot compute, so several processes per shard are one group whose process P is replica
+    P // SHARD_COUNT of shard P % SHARD_COUNT."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}")
-    parser.add_argument("--shard", type=int, default=None, help="the shard to serve (default: SHARD_ID)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--shard", type=int, default=None, help="the shard to serve (default: SHARD_ID)")
+    which.add_argument("--slot", type=int, default=None, help="serve shard SLOT mod SHARD_COUNT")
     args = parser.parse_args(argv)
+    if args.slot is not None:
+        if args.slot < 0:
+            parser.error(f"--slot must be 0 or more, got {args.slot}")
+        return args.slot % settings.shard_count
+    return shard_arg(None, args.shard, settings.shard_count)
+
+
+def run_shard_stage(module: str, make_stage, argv: list[str] | None = None) -> None:
+    """Entry point of a per-shard daemon: `python -m <module> --shard N|--slot P` (or SHARD_ID=N)."""
     settings = Settings.from_env()
-    run_stage(make_stage(settings, shard_arg(None, args.shard, settings.shard_count)), settings)
+    run_stage(make_stage(settings, shard_of(argv, settings, module)), settings)
 
 
 def run_stage(stage: StageWork, settings: Settings) -> None:

@@ -6,7 +6,7 @@ no other module spells a stage or a status (tests/test_stages.py scans for one).
 
 Adding a stage: a member here (its place in the order makes the previous stage) and its SHORT
 name, a migration adding its status and attempts columns and its ready indexes (db/README.md),
-its program in supervisord.conf.template, its folders in app/layout.py, and its process folder
+its program in supervisord.conf, its folders in app/layout.py, and its process folder
 under app/.
 """
 from __future__ import annotations

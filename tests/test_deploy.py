@@ -1,40 +1,47 @@
-"""What can be checked of the deployment files without Docker: the Dockerfile copies what
-exists and runs the config the tests run, compose sets only settings the app reads, and the
-rendered supervisord.conf is what supervisor itself parses into the expected programs."""
+"""The deployment files without Docker: the Dockerfile copies what exists and runs the one
+supervisord.conf, compose sets only settings the app reads and never publishes an open API,
+and supervisord.conf is what supervisor itself parses into the expected programs."""
 from __future__ import annotations
 
+import filecmp
 import json
 import re
+import shutil
 import signal
+import tempfile
+import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from supervisor.options import ServerOptions
 
+from app import db
+from app.config import Settings, Supervision, packaged_supervisord_conf, shard_arg
 from app.supervision import supervise
-from app.config import Settings, Supervision, shard_arg
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
+CONFIG = ROOT / "supervisord.conf"
+VOLUME = "/var/lib/pipeline"
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
     out = []
     for line in text.splitlines():
         line = line.strip()
-        if line and not line.startswith("#"):
+        if line:
             word, _, rest = line.partition(" ")
             out.append((word.upper(), rest.strip()))
     return out
 
 
 def image_command() -> list[str]:
-    """The image's ENTRYPOINT (exec form): what the supervisor tests start as well."""
+    """The image's ENTRYPOINT (exec form)."""
     [entry] = [args for word, args in dockerfile_instructions() if word == "ENTRYPOINT"]
     return json.loads(entry)
 
@@ -46,6 +53,17 @@ def image_env() -> dict[str, str]:
             for key, value in re.findall(r"(\w+)=(\S+)", args):
                 env[key] = value
     return env
+
+
+def image_copies() -> list[tuple[list[str], str]]:
+    """(sources in the build context, destination) of each COPY from the context."""
+    out = []
+    for word, args in dockerfile_instructions():
+        if word in ("COPY", "ADD"):
+            assert word == "COPY" and "--from" not in args, "the image copies only from the context"
+            parts = [p for p in args.split() if not p.startswith("--")]
+            out.append((parts[:-1], parts[-1]))
+    return out
 
 
 def compose() -> dict:
@@ -68,8 +86,14 @@ class RecordingEnv(dict):
         return super().__getitem__(key)
 
 
-def settings_read(env: dict[str, str]) -> set[str]:
-    """Every variable app/config.py reads when given `env` (as the services do at start)."""
+def settings_read(env: dict[str, str], tmp_path: Path) -> set[str]:
+    """Every variable app/config.py reads when given `env` (as the services and
+    pipeline-supervise do at start). A token file is given a real file to read."""
+    env = dict(env)
+    if "PIPELINE_API_TOKEN_FILE" in env:
+        token = tmp_path / "token"
+        token.write_text("t0ken\n")
+        env["PIPELINE_API_TOKEN_FILE"] = str(token)
     recording = RecordingEnv(env)
     settings = Settings.from_env(recording)
     Supervision.from_env(recording)
@@ -82,49 +106,64 @@ def settings_read(env: dict[str, str]) -> set[str]:
 def test_dockerfile_copies_only_files_that_exist_and_are_not_dockerignored():
     ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    copied = []
-    for word, args in dockerfile_instructions():
-        if word in ("COPY", "ADD"):
-            parts = [p for p in args.split() if not p.startswith("--")]
-            copied.extend(parts[:-1])
+    copied = [source for sources, _ in image_copies() for source in sources]
     assert copied, "the Dockerfile copies nothing"
     for source in copied:
         assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
         assert source.rstrip("/") not in ignored, f"Dockerfile copies {source}, but .dockerignore drops it"
-    # Everything the services load at run time is in the image.
-    needed = {"app", "db", "monitor", "pyproject.toml", "README.md", supervise.TEMPLATE.name}
-    assert needed <= {c.rstrip("/") for c in copied}
+    # What the package needs to build is in the image: the code, the SQL and the config its links
+    # point to (app/sql -> ../db, app/supervision/supervisord.conf -> ../../supervisord.conf).
+    assert {"app", "db", "monitor", "pyproject.toml", "README.md", "supervisord.conf"} <= set(copied)
+    # The config the container runs is this one.
+    assert (["supervisord.conf"], "/app/supervisord.conf") in image_copies()
 
 
-def test_image_runs_supervise_in_the_foreground_as_a_non_root_user_with_shared_volume():
-    assert image_command() == ["python", "-m", "app.supervision.supervise"]
+def test_image_runs_pipeline_supervise_on_the_config_as_a_non_root_user_with_a_volume():
+    command = image_command()
+    assert command == ["pipeline-supervise", "-c", "/app/supervisord.conf"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert scripts["project"]["scripts"]["pipeline-supervise"] == "app.supervision.supervise:main"
+    assert scripts["project"]["scripts"]["pipeline-monitor"] == "monitor.__main__:main"
     users = [args for word, args in dockerfile_instructions() if word == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image must not run as root"
-    volumes = [args for word, args in dockerfile_instructions() if word == "VOLUME"]
-    assert any("/shared" in v for v in volumes)
+    assert [args for word, args in dockerfile_instructions() if word == "WORKDIR"][-1] == "/app"
+    assert [json.loads(a) for w, a in dockerfile_instructions() if w == "VOLUME"] == [[VOLUME]]
     env = image_env()
-    assert env["SHARED_DIR"] == "/shared"
-    assert Supervision.from_env(env).exit_on_fatal, "in a container a FATAL program must end supervisord"
-    # Python's, pip's and bin/pipeline's own variables aside, the image sets only settings the app reads.
+    # Everything that must outlive the container is on the volume.
+    for key in ("SHARED_DIR", "EMBEDDED_MARIADB_DIR", "PIPELINE_API_TOKEN_FILE"):
+        assert env[key].startswith(VOLUME + "/"), key
+    sup = Supervision.from_env(env, Path("/app/supervisord.conf"))
+    assert sup.exit_on_fatal, "in a container a FATAL program must end supervisord"
+    assert env["SUPERVISOR_SOCKET"] == str(sup.socket) == "/app/var/run/supervisor.sock"
+    # Safe by default: no token given, so one is generated; never an insecure switch.
+    assert "PIPELINE_API_TOKEN" not in env and "PIPELINE_API_INSECURE" not in env
+    # Python's and pip's own variables aside, the image sets only settings the app reads.
     assert set(env) - {"PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR",
-                       "PIP_DISABLE_PIP_VERSION_CHECK", "VENV"} <= settings_read(env)
-    assert (Path(env["VENV"]) / "bin").as_posix() == "/usr/local/bin"  # python:*-slim's python
-    # supervisord's nodaemon comes from the template the tests render, not from a flag only the
-    # image passes.
-    assert re.search(r"^nodaemon=true$", supervise.TEMPLATE.read_text(), re.M)
+                       "PIP_DISABLE_PIP_VERSION_CHECK"} <= settings_read(env, Path(tempfile.mkdtemp()))
+    assert not any(key.startswith("MYSQL_") for key in env), "alone, the image runs its embedded MariaDB"
 
 
 # -- docker-compose.yml ---------------------------------------------------------------------------
 
-def test_every_variable_compose_gives_the_app_is_one_the_app_reads():
+def test_every_variable_compose_gives_the_app_is_one_the_app_reads(tmp_path):
     app = compose()["services"]["app"]
-    env = {k: str(v) for k, v in app["environment"].items()}
-    read = settings_read(env)
-    unknown = sorted(set(env) - read)
+    env = {**image_env(), **{k: str(v) for k, v in app["environment"].items()}}
+    read = settings_read(env, tmp_path)
+    unknown = sorted(set(app["environment"]) - read)
     assert not unknown, f"compose sets variables app/config.py never reads: {unknown}"
-    settings = Settings.from_env(env)  # and every value is valid
+    settings = Settings.from_env({k: str(v) for k, v in app["environment"].items()})
     assert settings.shard_count == 2
-    assert str(settings.shared_dir) == "/shared"
+
+
+def test_compose_publishes_the_api_on_loopback_only_behind_a_generated_token():
+    app = compose()["services"]["app"]
+    [port] = app["ports"]
+    published = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", port)  # compose's ${VAR:-default}, unset
+    assert published == "127.0.0.1:8082:8082", port
+    env = {**image_env(), **{k: str(v) for k, v in app["environment"].items()}}
+    assert "PIPELINE_API_INSECURE" not in env and "PIPELINE_API_TOKEN" not in env
+    assert env["PIPELINE_API_TOKEN_FILE"].startswith(VOLUME + "/")
+    assert f"pipeline-data:{VOLUME}" in app["volumes"]
 
 
 def test_compose_app_waits_for_three_healthy_mysql_servers_whose_schema_the_services_own():
@@ -147,50 +186,109 @@ def test_compose_app_waits_for_three_healthy_mysql_servers_whose_schema_the_serv
         # record. The services apply db/migrations/ at start (the app image holds db/).
         assert not [m for m in server["volumes"] if "docker-entrypoint-initdb.d" in m], url.host
     assert any("COPY db " in line for line in (ROOT / "Dockerfile").read_text().splitlines())
-    # /shared is a named volume; the API answers on the contract's port.
-    shared = [m for m in app["volumes"] if m.split(":")[1] == "/shared"]
-    assert shared and shared[0].split(":")[0] in doc["volumes"]
+    assert f"pipeline-data:{VOLUME}" in app["volumes"] and "pipeline-data" in doc["volumes"]
     assert urlsplit(settings.pipeline_url).port == settings.api_port == 8082
-    assert any(str(p).endswith(":8082") for p in app["ports"])
 
 
-# -- the rendered supervisord.conf, parsed by supervisor itself -----------------------------------
+# -- package data -----------------------------------------------------------------------------------
+
+def test_package_data_is_the_top_level_db_folder_and_supervisord_conf():
+    """The package finds its SQL and its config through importlib.resources; in a checkout those
+    are the top-level files themselves (a wheel holds copies: tests/test_image.py)."""
+    assert packaged_supervisord_conf() == CONFIG.resolve()
+    assert Path(str(db.SQL_DIR)).resolve() == (ROOT / "db").resolve()
+    tracking = ROOT / "db" / "migrations" / "tracking"
+    assert db.sql_files("migrations/tracking") == {p.name: p.read_text() for p in sorted(tracking.glob("*.sql"))}
+
+
+# -- supervisord.conf, parsed by supervisor itself ------------------------------------------------
+
+def config_copy(tmp_path: Path) -> Path:
+    """supervisord.conf, byte for byte, in a folder of the test's own (its state goes beside it)."""
+    (tmp_path / "var" / "run").mkdir(parents=True)
+    shutil.copy(CONFIG, tmp_path / "supervisord.conf")
+    assert filecmp.cmp(CONFIG, tmp_path / "supervisord.conf", shallow=False)
+    return tmp_path / "supervisord.conf"
+
+
+def test_config_names_only_variables_pipeline_supervise_fills_in(tmp_path):
+    """supervisor stops on a %(ENV_X)s that is not set (it has no defaults), so every variable
+    the file names must be one pipeline-supervise supplies, and the file's header lists them."""
+    text = CONFIG.read_text()
+    settings_lines = "\n".join(ln for ln in text.splitlines() if not ln.startswith(";"))
+    named = set(re.findall(r"%\(ENV_(\w+)\)s", settings_lines))
+    assert named == {"SHARD_COUNT", "SPLITTER_REPLICAS", "SENDER_PROCESSES"}
+    assert set(supervise.config_defaults({})) == named
+    header = "\n".join(ln for ln in text.splitlines() if ln.startswith(";"))
+    for name in named:
+        assert re.search(rf";\s+{name}\s", header), f"the header does not document {name}"
+    config = config_copy(tmp_path)
+    with pytest.raises(ValueError, match="ENV_SENDER_PROCESSES"):
+        supervise.parse_config(config, {"SHARD_COUNT": "2", "SPLITTER_REPLICAS": "1"})
+    assert supervise.program_names(config, {}) == [  # every default filled in
+        "pipeline-apid", "mysql-sender:mysql-sender-0", "mysql-sender:mysql-sender-1",
+        "shard-worker:shard-worker-0", "shard-worker:shard-worker-1", "shard-splitter:shard-splitter-0",
+        "event-ingest"]
+
 
 @pytest.mark.parametrize("shards, splitters, senders", [(1, 1, 1), (3, 2, 3)])
-def test_rendered_config_has_every_program_once_with_bounded_graceful_stops(tmp_path, shards, splitters,
-                                                                             senders):
-    env = {"SHARD_COUNT": str(shards), "PIPELINE_RUN_DIR": str(tmp_path), "STOP_WAIT_SECONDS": "17",
-           "SPLITTER_REPLICAS": str(splitters), "SENDER_REPLICAS": str(senders)}
-    settings, sup = Settings.from_env(env), Supervision.from_env(env)
-    path = supervise.write_config(settings, sup)
-    options = ServerOptions()
-    options.realize(["-c", str(path)])
+def test_config_has_every_program_once_with_bounded_graceful_stops(tmp_path, shards, splitters, senders):
+    config = config_copy(tmp_path)
+    env = supervise.supervisord_env({"SHARD_COUNT": str(shards), "SPLITTER_REPLICAS": str(splitters),
+                                     "SENDER_REPLICAS": str(senders), "PATH": "/usr/bin"})
+    assert env["SENDER_PROCESSES"] == str(shards * senders)
+    options = supervise.parse_config(config, env)
     assert options.nodaemon
-    assert options.serverurl == f"unix://{tmp_path}/supervisor.sock"
-    programs = {}
-    listeners = {}
+    from supervisor.options import ClientOptions
+    client = ClientOptions()  # what supervisorctl -c supervisord.conf reads
+    client.realize(["-c", str(config)])
+    assert client.serverurl == f"unix://{tmp_path}/var/run/supervisor.sock"
+    assert options.pidfile == f"{tmp_path}/var/run/supervisord.pid"
+    [server] = options.configroot.supervisord.server_configs
+    assert server["file"] == f"{tmp_path}/var/run/supervisor.sock" and server["chmod"] == 0o700
+    programs, listeners = {}, {}
     for group in options.process_group_configs:
-        [process] = group.process_configs
-        assert process.name == group.name, "programs are top-level: supervisorctl takes the bare name"
-        (listeners if hasattr(group, "pool_events") else programs)[process.name] = (group, process)
-    assert sorted(programs) == sorted(supervise.program_names(shards, sup))
+        for process in group.process_configs:
+            name = process.name if process.name == group.name else f"{group.name}:{process.name}"
+            (listeners if hasattr(group, "pool_events") else programs)[name] = (group, process)
+    assert list(programs) == list(dict.fromkeys(programs))
+    assert sorted(programs) == sorted(supervise.program_names(config, env))
     assert len(programs) == 2 + shards * (1 + senders) + splitters
-    assert "shard-splitter" in programs and "mysql-sender-0" in programs
-    assert (f"shard-splitter-r{splitters}" in programs) == (splitters > 1)
-    for name, (_, p) in programs.items():
+    assert "pipeline-apid" in programs and "event-ingest" in programs
+    assert f"shard-splitter:shard-splitter-{splitters - 1}" in programs
+    served = {}
+    for name, (group, p) in programs.items():
         assert p.stopsignal == signal.SIGTERM and p.stopasgroup and p.killasgroup, name
-        assert p.stopwaitsecs == 17, name
+        assert p.stopwaitsecs == 30 and p.startsecs == 5 and p.startretries == 3, name
         assert p.stdout_logfile == "/dev/stdout" and p.stdout_logfile_maxbytes == 0 and p.redirect_stderr, name
-        assert p.autorestart and p.directory == str(ROOT)
-        shard = re.search(r"-(\d+)(-r\d+)?$", name)
-        if shard:
-            assert p.command.endswith(f"--shard {shard.group(1)}"), p.command
+        assert p.autorestart and p.directory == str(tmp_path)
+        assert p.command.startswith("python -m app."), p.command
         if name != "pipeline-apid":  # each daemon owns its claims under its own name
-            assert p.environment["WORKER_ID"].endswith(f"/{name}"), (name, p.environment)
+            assert p.environment["WORKER_ID"].endswith(f"/{p.name}"), (name, p.environment)
+        number = re.search(r"-(\d+)$", p.name)
+        if group.name == "shard-worker":
+            assert p.command.endswith(f"--shard {number.group(1)}"), p.command
+        if group.name == "mysql-sender":
+            slot = int(re.search(r"--slot (\d+)$", p.command).group(1))
+            assert slot == int(number.group(1))
+            served.setdefault(slot % shards, []).append(p.name)
+    # Every shard has SENDER_REPLICAS senders.
+    assert sorted(served) == list(range(shards)) and all(len(v) == senders for v in served.values())
     # The API starts first and stops last: daemons hand their tasks back through it.
     api_priority = programs["pipeline-apid"][1].priority
     assert all(p.priority > api_priority for n, (_, p) in programs.items() if n != "pipeline-apid")
     [(group, listener)] = listeners.values()
-    assert listener.command.endswith("-m app.supervision.fatal_listener")
+    assert listener.command == f'python -m app.supervision.fatal_listener --here "{tmp_path}"'
     from supervisor.events import EventTypes
     assert set(group.pool_events) == {EventTypes.PROCESS_STATE_FATAL, EventTypes.PROCESS_STATE_EXITED}
+
+
+def test_a_sender_slot_serves_its_shard_modulo_shard_count():
+    from app.daemon import shard_of
+
+    settings = Settings.from_env({"SHARD_COUNT": "3"})
+    assert [shard_of(["--slot", str(p)], settings, "app.sender") for p in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert shard_of(["--shard", "2"], settings, "app.worker") == 2
+    for bad in (["--slot", "-1"], ["--shard", "3"], ["--slot", "1", "--shard", "1"]):
+        with pytest.raises(SystemExit):
+            shard_of(bad, settings, "app.sender")

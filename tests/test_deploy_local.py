@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -32,6 +33,10 @@ def clean_checkout() -> Path:
     for rel in listed("-m", "-o", "--exclude-standard"):
         if rel in deleted:
             (dest / rel).unlink(missing_ok=True)
+        elif (ROOT / rel).is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).unlink(missing_ok=True)
+            os.symlink(os.readlink(ROOT / rel), dest / rel)
         elif (ROOT / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
@@ -62,13 +67,15 @@ def checkout():
 
 
 def test_make_run_from_a_clean_checkout_processes_a_file_and_make_stop_leaves_nothing(checkout):
-    assert not (checkout / ".venv").exists() and not (checkout / "var").exists()
+    assert not (checkout / ".venv").exists()
+    assert [p.relative_to(checkout).as_posix() for p in (checkout / "var").rglob("*")] == \
+        ["var/run", "var/run/.gitignore"], "a fresh checkout holds only the run folder supervisord.conf needs"
     port = servers.free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MYSQL_", "PIPELINE_", "SHARD_", "SUPERVISOR_", "VIRTUAL_ENV"))
            and k not in ("SHARED_DIR", "VENV")}
     env.update({"PIPELINE_API_PORT": str(port), "PIPELINE_URL": f"http://127.0.0.1:{port}/api/v1/pipeline",
-                "SUPERVISOR_STARTSECS": "1", "LEASE_SECONDS": "2", "API_WORKERS": "1",
+                "LEASE_SECONDS": "2", "API_WORKERS": "1",
                 "INGEST_INTERVAL": "1", "EVENTS_PER_FILE": "50", "HOLD_SECONDS": "1"})
 
     started = run(["make", "run"], checkout, env, timeout=300)
@@ -94,6 +101,12 @@ def test_make_run_from_a_clean_checkout_processes_a_file_and_make_stop_leaves_no
     assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
     status = run(["bin/pipeline", "status"], checkout, env)
     assert status.returncode == 0 and status.stdout.count("RUNNING") == 8, status.stdout
+    # supervisor's own client on the checkout's supervisord.conf finds the same group.
+    venv_env = {**env, "PATH": f"{checkout / '.venv' / 'bin'}:{env['PATH']}"}
+    ctl = run(["supervisorctl", "-c", "supervisord.conf", "status"], checkout, venv_env)
+    assert ctl.returncode == 0 and ctl.stdout.count("RUNNING") == 8, ctl.stdout + ctl.stderr
+    assert "shard-worker:shard-worker-1" in ctl.stdout
+    assert stat.S_IMODE((checkout / "var" / "run").stat().st_mode) == 0o700
 
     stopped = run(["make", "stop"], checkout, env, timeout=300)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr

@@ -17,12 +17,13 @@ import pytest
 
 from app import config, db, stages
 from app.api import queries, schema
-from app.config import Settings, Supervision
+from app.config import Settings
 from app.stages import STAGES, STATUSES, WORK_STAGES, Stage, Status
 from app.supervision import supervise
 from tests import servers
 
 ROOT = servers.ROOT
+CONFIG = ROOT / "supervisord.conf"
 SPELLINGS = sorted({s.value for s in Stage} | {s.column for s in Stage}, key=len, reverse=True)
 STAGE_WORD = re.compile("|".join(re.escape(s) for s in SPELLINGS))
 STATUS_SQL = re.compile("'(" + "|".join(s.value for s in Status) + ")'")
@@ -105,29 +106,35 @@ def test_every_stage_daemon_is_named_by_the_vocabulary_and_runs_as_its_program(t
     settings = Settings.from_env({"SHARED_DIR": str(tmp_path), "SHARD_COUNT": "3"})
     daemons = [Splitter(settings, index=OrderIndex(settings.pipeline_db, tmp_path))]
     daemons += [cls(settings, shard) for cls in (WorkerStage, Sender) for shard in range(3)]
-    programs = supervise.program_names(3)
+    names = supervise.program_names(CONFIG, {"SHARD_COUNT": "3"})
+    groups = {name.partition(":")[0] for name in names}
+    processes = {name.rpartition(":")[2] for name in names}
     for daemon in daemons:
         assert isinstance(daemon.name, Stage) and daemon.name in WORK_STAGES
-        assert daemon.service == daemon.name.program(daemon.shard) and daemon.service in programs
+        assert daemon.name in groups  # supervisord.conf's program group is the stage
+        if daemon.shard is not None:  # process N of a per-shard group serves shard N
+            assert daemon.service == daemon.name.program(daemon.shard) and daemon.service in processes
     assert {d.name for d in daemons} == set(WORK_STAGES)
-    assert stages.FIRST.program() in programs
+    assert stages.FIRST.program() in names
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
-def test_the_program_list_is_read_from_the_template_not_kept_twice(tmp_path, monkeypatch, replicas):
-    sup = Supervision.from_env({"SPLITTER_REPLICAS": str(replicas), "PIPELINE_RUN_DIR": str(tmp_path)})
-    rendered = supervise.render(Settings.from_env({"SHARD_COUNT": "2"}), sup)
-    in_config = re.findall(r"^\[program:([^\]]+)\]", rendered, re.M)
-    assert sorted(supervise.program_names(2, sup)) == sorted(in_config)
-    template = tmp_path / "supervisord.conf.template"
-    shutil.copy(supervise.TEMPLATE, template)
-    with open(template, "a") as f:
-        f.write("\n[program:auditor-${shard}]\ncommand=${python} -m app.auditor --shard ${shard}\n"
-                "directory=${root}\npriority=350\n")
-    monkeypatch.setattr(supervise, "TEMPLATE", template)
-    names = supervise.program_names(2, sup)
-    assert names.index("auditor-0") == names.index(Stage.WORKER.program(1)) + 1  # by priority
-    assert "auditor-1" in names
+def test_the_program_list_is_read_from_supervisord_conf_not_kept_twice(tmp_path, replicas):
+    """program_names is supervisor's own reading of the file: a program added there is known
+    everywhere, in its start order."""
+    env = {"SHARD_COUNT": "2", "SPLITTER_REPLICAS": str(replicas)}
+    in_config = re.findall(r"^\[program:([^\]]+)\]", CONFIG.read_text(), re.M)
+    names = supervise.program_names(CONFIG, env)
+    assert {n.partition(":")[0] for n in names} == set(in_config)
+    assert len([n for n in names if n.startswith(f"{Stage.SPLITTER}:")]) == replicas
+    config = tmp_path / "supervisord.conf"
+    shutil.copy(CONFIG, config)
+    with open(config, "a") as f:
+        f.write("\n[program:auditor]\ncommand=python -m app.auditor --shard %(process_num)d\n"
+                "process_name=auditor-%(process_num)d\nnumprocs=%(ENV_SHARD_COUNT)s\npriority=350\n")
+    names = supervise.program_names(config, env)
+    assert names.index("auditor:auditor-0") == names.index(f"{Stage.WORKER}:{Stage.WORKER.program(1)}") + 1
+    assert "auditor:auditor-1" in names
 
 
 def test_the_local_run_and_the_dashboard_take_their_lists_from_elsewhere():

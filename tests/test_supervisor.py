@@ -1,6 +1,7 @@
-"""The real supervisord running the project's config (the image's entrypoint), every program
-real: all RUNNING, files through end to end, supervisorctl stop/start of each daemon,
-SIGTERM to supervisord, a crash-looping program going FATAL."""
+"""The real supervisord running the project's supervisord.conf (a byte-for-byte copy in a folder
+of the test's own) under pipeline-supervise, the image's entrypoint, every program real: all
+RUNNING, files through end to end, supervisorctl stop/start of each daemon, SIGTERM to
+supervisord, a crash-looping program going FATAL."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,14 +19,14 @@ from pathlib import Path
 import pytest
 
 from app import layout
-from app.supervision import local_run, supervise
+from app.supervision import fatal_listener, local_run, supervise
 from app.config import Supervision
 from tests import servers
-from tests.test_deploy import image_command
+from tests.test_deploy import CONFIG, image_command
 
 MODULES = ("app.api", "app.ingest", "app.splitter", "app.worker", "app.sender")
 SHARDS = 2
-STOP_WAIT = 10
+STOP_WAIT = 30  # supervisord.conf's stopwaitsecs
 FIXTURE = Path("/work/shared/fixtures/original-generator/20261126221520.event-ingest.txt")
 SUPERVISORCTL = str(Path(sys.executable).parent / "supervisorctl")
 STATUS = {"event-ingest": "event_ingest_status", "shard-splitter": "shard_splitter_status",
@@ -39,15 +40,26 @@ def require_modules() -> None:
         pytest.skip(f"BLOCKED: {', '.join(missing)} does not exist yet, so its program cannot run")
 
 
+def process_of(program: str) -> tuple[str, int | None]:
+    """(stage, shard or None) of a program's full name: `mysql-sender:mysql-sender-3` is
+    process 3 of the senders, serving shard 3 mod SHARDS."""
+    group, _, process = program.rpartition(":")
+    number = re.search(r"-(\d+)$", process)
+    stage = group or process
+    if stage in ("shard-worker", "mysql-sender"):
+        return stage, int(number.group(1)) % SHARDS
+    return stage, None
+
+
 def daemon_folder(shared: Path, program: str) -> Path:
-    shard = re.search(r"-(\d+)$", program)
-    if program == "event-ingest":
+    stage, shard = process_of(program)
+    if stage == "event-ingest":
         return layout.ingest_dir(shared)
-    if program == "shard-splitter":
+    if stage == "shard-splitter":
         return layout.splitter_dir(shared)
-    if program.startswith("shard-worker-"):
-        return layout.worker_dir(shared, int(shard.group(1)))
-    return layout.sender_dir(shared, int(shard.group(1)))
+    if stage == "shard-worker":
+        return layout.worker_dir(shared, shard)
+    return layout.sender_dir(shared, shard)
 
 
 def folder_files(folder: Path) -> list[str]:
@@ -84,10 +96,10 @@ class Group:
 
     @property
     def programs(self) -> list[str]:
-        return supervise.program_names(SHARDS, self.sup)
+        return supervise.program_names(self.sup.config_file, self.env)
 
     def infos(self) -> dict[str, dict]:
-        return {i["name"]: i for i in local_run.process_infos(self.sup)}
+        return {local_run.full_name(i): i for i in local_run.process_infos(self.sup)}
 
     def states(self) -> dict[str, str]:
         return {n: i["statename"] for n, i in self.infos().items()}
@@ -106,17 +118,16 @@ class Group:
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([SUPERVISORCTL, "-c", str(self.sup.config_file), *args],
-                              capture_output=True, text=True, timeout=STOP_WAIT * 3)
+                              capture_output=True, text=True, timeout=180)  # start waits startsecs per program
 
     def query(self, sql: str, args=(), url=None) -> list[tuple]:
         return servers.query(url or self.pipeline_db, sql, args)
 
     def started_tasks(self, program: str) -> list[tuple]:
-        stage = re.sub(r"-\d+$", "", program)
+        stage, shard = process_of(program)
         sql = f"SELECT filename, shard FROM pipeline_tracking WHERE {STATUS[stage]}='started'"
-        shard = re.search(r"-(\d+)$", program)
-        if shard:
-            return self.query(sql + " AND shard=%s", (int(shard.group(1)),))
+        if shard is not None:
+            return self.query(sql + " AND shard=%s", (shard,))
         return self.query(sql)
 
     def push(self, names: list[str]) -> None:
@@ -159,28 +170,31 @@ class Group:
 
 @pytest.fixture
 def group_factory(make_database, tmp_path):
-    """Start `python -m app.supervision.supervise` (the image's ENTRYPOINT) over fresh databases."""
+    """Start the image's ENTRYPOINT (pipeline-supervise -c supervisord.conf, its console script
+    run as `python -m app.supervision.supervise`) over fresh databases, on a copy of
+    supervisord.conf in a short folder of its own (a unix socket path has a length limit)."""
     started: list[Group] = []
 
     def start(prepare=None, **extra) -> Group:
         require_modules()
         command = image_command()
-        assert command[:2] == ["python", "-m"]
+        assert command[:2] == ["pipeline-supervise", "-c"]
         pipeline_db = make_database("pipe")
         shard_dbs = [make_database(f"shard{n}") for n in range(SHARDS)]
         shared = tmp_path / "shared"
         shared.mkdir(exist_ok=True)
-        run_dir = Path(tempfile.mkdtemp(prefix="sv-"))  # short: a unix socket path has a length limit
-        settings = dict(SHARD_COUNT=SHARDS, PIPELINE_RUN_DIR=run_dir, SUPERVISOR_STARTSECS=1,
-                        SUPERVISOR_STARTRETRIES=1, STOP_WAIT_SECONDS=STOP_WAIT, LEASE_SECONDS=2, REAP_INTERVAL=1,
-                        API_WORKERS=1, API_THREADS=8, INGEST_INTERVAL=3600, EVENTS_PER_FILE=50,
-                        HOLD_SECONDS=1, POLL_MAX_SECONDS=0.1)
+        here = Path(tempfile.mkdtemp(prefix="sv-"))
+        shutil.copy(CONFIG, here / "supervisord.conf")
+        settings = dict(SHARD_COUNT=SHARDS, LEASE_SECONDS=2, REAP_INTERVAL=1, API_WORKERS=1, API_THREADS=8,
+                        INGEST_INTERVAL=3600, EVENTS_PER_FILE=50, HOLD_SECONDS=1, POLL_MAX_SECONDS=0.1)
         settings.update(extra)
         env = servers.service_env(pipeline_db, shared, servers.free_port(), shard_dbs, **settings)
         if prepare:
             prepare(shared)
-        process = servers.Process(command[2], command[3:], env, tmp_path / f"supervisord-{len(started)}.log")
-        group = Group(process, env, Supervision.from_env(env), shared, pipeline_db, shard_dbs)
+        process = servers.Process("app.supervision.supervise", ["-c", str(here / "supervisord.conf")], env,
+                                  tmp_path / f"supervisord-{len(started)}.log")
+        group = Group(process, env, Supervision.from_env(env, here / "supervisord.conf"), shared, pipeline_db,
+                      shard_dbs)
         started.append(group)
         process.start()
         return group
@@ -189,13 +203,14 @@ def group_factory(make_database, tmp_path):
     for group in started:
         if group.process.proc.poll() is None:
             group.process.stop(timeout=STOP_WAIT * 10)
-        leftovers = processes_mentioning(str(group.sup.run_dir))
+        here = group.sup.config_file.parent  # every child's SUPERVISOR_SERVER_URL names it
+        leftovers = processes_mentioning(str(here))
         for line in leftovers:
             try:
                 os.killpg(int(line.split(":")[0]), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        shutil.rmtree(group.sup.run_dir, ignore_errors=True)
+        shutil.rmtree(here, ignore_errors=True)
         assert not leftovers, f"processes outlived supervisord: {leftovers}"
 
 
@@ -203,7 +218,8 @@ def test_every_program_runs_and_generated_files_reach_the_shard_databases(group_
     """With two splitters and two senders per shard: replicas share the work, load once."""
     group = group_factory(SPLITTER_REPLICAS=2, SENDER_REPLICAS=2)
     group.wait_all_running()
-    assert {"shard-splitter-r2", "mysql-sender-0-r2", "mysql-sender-1-r2"} <= set(group.states())
+    assert {"shard-splitter:shard-splitter-1", "mysql-sender:mysql-sender-2",
+            "mysql-sender:mysql-sender-3"} <= set(group.states())
     ingest = subprocess.run([sys.executable, "-m", "app.ingest", "--files", "3", "--events", "50"],
                             env=group.env, cwd=servers.ROOT, capture_output=True, text=True, timeout=60)
     assert ingest.returncode == 0, ingest.stdout + ingest.stderr
@@ -257,11 +273,12 @@ def test_sigterm_to_supervisord_stops_every_child_within_stopwaitsecs(group_fact
     assert rc == 0, output[-3000:]
     assert "SIGKILL" not in output, "a program outlived stopwaitsecs and was killed"
     for name in group.programs:
-        assert re.search(rf"stopped: {re.escape(name)} \(exit status 0\)", output), \
+        process = name.rpartition(":")[2]  # supervisord's log names the process alone
+        assert re.search(rf"stopped: {re.escape(process)} \(exit status 0\)", output), \
             f"{name} did not exit cleanly on SIGTERM:\n{output[-3000:]}"
     for name, pid in children.items():
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text(), name
-    assert processes_mentioning(str(group.sup.run_dir)) == []
+    assert processes_mentioning(str(group.sup.config_file.parent)) == []
     for program in group.programs[1:]:
         assert folder_files(daemon_folder(group.shared, program)) == [], program
         assert group.started_tasks(program) == [], program
@@ -273,44 +290,52 @@ def test_crash_looping_program_becomes_fatal_and_is_reported(group_factory, exit
     def block_worker_folder(shared: Path) -> None:
         layout.worker_dir(shared, 1).write_text("a file where shard-worker-1's folder should be\n")
 
-    # startsecs long enough that the crash (after ~1-2 s of imports on a busy machine) counts as
-    # a failed start: supervisord only gives up on programs that die before startsecs.
-    group = group_factory(prepare=block_worker_folder, PIPELINE_EXIT_ON_FATAL=int(exit_on_fatal),
-                          SUPERVISOR_STARTSECS=4)
-    banner = "FATAL: program shard-worker-1 keeps crashing"
+    # The worker dies within a second or two of each start (its folder is a file), well inside
+    # supervisord.conf's startsecs (5): after startretries (3) more tries supervisord gives up.
+    worker = "shard-worker:shard-worker-1"
+    group = group_factory(prepare=block_worker_folder, PIPELINE_EXIT_ON_FATAL=int(exit_on_fatal))
+    banner = f"FATAL: program {worker} keeps crashing"
     if exit_on_fatal:
-        rc = group.process.proc.wait(60)
+        rc = group.process.proc.wait(90)
         output = group.process.output()
         assert rc == 1, output[-3000:]
         assert banner in output and "PIPELINE_EXIT_ON_FATAL is set" in output, output[-3000:]
-        assert "supervisord stopped because a program is FATAL: shard-worker-1" in output
+        assert f"supervisord stopped because a program is FATAL: {worker}" in output
+        assert f"supervisorctl -c {group.sup.config_file} start {worker}" in output
         assert len(re.findall(r"FATAL: program ", output)) == 1, "only the crashing program is FATAL"
         assert "SIGKILL" not in output
-        assert processes_mentioning(str(group.sup.run_dir)) == []
+        assert processes_mentioning(str(group.sup.config_file.parent)) == []
     else:
-        servers.wait_until(lambda: group.states().get("shard-worker-1") == "FATAL", 60, 0.2,
-                           what="shard-worker-1 FATAL")
+        servers.wait_until(lambda: group.states().get(worker) == "FATAL", 90, 0.2, what=f"{worker} FATAL")
         servers.wait_until(lambda: banner in group.process.output(), 10, what="the FATAL banner")
-        servers.wait_until(lambda: all(s == "RUNNING" for n, s in group.states().items() if n != "shard-worker-1"),
+        servers.wait_until(lambda: all(s == "RUNNING" for n, s in group.states().items() if n != worker),
                            30, 0.2, what="the other programs RUNNING")
         assert group.process.proc.poll() is None, "supervisord must keep running the rest"
-        out = group.ctl("status", "shard-worker-1")
+        out = group.ctl("status", worker)
         assert "FATAL" in out.stdout
         group.process.signal(signal.SIGTERM)
         assert group.process.proc.wait(STOP_WAIT * 10) == 0
 
 
 def test_program_restarted_again_and_again_is_stopped_and_reported(group_factory):
-    """With startsecs 0 every start counts as fine, so supervisord alone would restart the
-    crashing program forever; the listener counts its exits and stops it."""
-    def block_worker_folder(shared: Path) -> None:
-        layout.worker_dir(shared, 1).write_text("a file where shard-worker-1's folder should be\n")
-
-    group = group_factory(prepare=block_worker_folder, SUPERVISOR_STARTSECS=0)
-    servers.wait_until(lambda: "FATAL: program shard-worker-1 keeps crashing: it exited unexpectedly"
-                       in group.process.output(), 90, 0.2, what="the crash-loop banner")
-    servers.wait_until(lambda: group.states().get("shard-worker-1") == "STOPPED", 15, 0.2,
-                       what="shard-worker-1 stopped by the listener")
+    """A program that dies after startsecs counts as started, so supervisord alone would
+    restart it forever; the listener counts its exits and stops it. The crash here is a
+    SIGKILL each time the worker has come up."""
+    worker = "shard-worker:shard-worker-1"
+    group = group_factory()
+    group.wait_all_running()
+    banner = f"FATAL: program {worker} keeps crashing: it exited unexpectedly"
+    killed = []
+    for _ in range(fatal_listener.CRASH_LOOP_EXITS):
+        assert banner not in group.process.output(), f"banner after only {len(killed)} crashes"
+        info = servers.wait_until(lambda: (i := group.infos()[worker])["statename"] == "RUNNING"
+                                  and i["pid"] not in killed and i, 30, 0.2, what=f"{worker} RUNNING again")
+        os.kill(info["pid"], signal.SIGKILL)
+        killed.append(info["pid"])
+        servers.wait_until(lambda: group.infos()[worker]["pid"] != info["pid"], 10, 0.1, what="the crash seen")
+    servers.wait_until(lambda: banner in group.process.output(), 10, 0.2, what="the crash-loop banner")
+    servers.wait_until(lambda: group.states().get(worker) == "STOPPED", 15, 0.2,
+                       what=f"{worker} stopped by the listener")
     states = group.states()
-    assert all(s == "RUNNING" for n, s in states.items() if n != "shard-worker-1"), states
+    assert all(s == "RUNNING" for n, s in states.items() if n != worker), states
     assert group.process.proc.poll() is None

@@ -5,18 +5,20 @@ then leaves it down; in a log full of other programs' lines that is easy to miss
 that dies *after* `startsecs` is restarted forever and never becomes FATAL, so this listener
 also counts unexpected exits: CRASH_LOOP_EXITS of them within CRASH_LOOP_WINDOW seconds is a
 crash loop too, and the program is stopped. Either way it prints a banner naming the program
-and the way back; with PIPELINE_EXIT_ON_FATAL=1 (containers) it also leaves a marker and stops
-supervisord, and `app.supervision.supervise` then exits 1 so the orchestrator restarts the container.
-stdout is the event protocol's channel: everything human goes to stderr.
+and the way back; with PIPELINE_EXIT_ON_FATAL=1 (containers) it also leaves a marker in the run
+folder and stops supervisord, and `pipeline-supervise` then exits 1 so the orchestrator restarts
+the container. stdout is the event protocol's channel: everything human goes to stderr.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
 import time
 import xmlrpc.client
 from collections import defaultdict, deque
+from pathlib import Path
 
 from supervisor import childutils
 
@@ -50,8 +52,8 @@ class Listener:
         process, group = fields.get("processname", "?"), fields.get("groupname", "?")
         name = process if process == group else f"{group}:{process}"
         if event == "PROCESS_STATE_FATAL":
-            self.crash_loop(name, f"supervisord gave up after {self.sup.start_retries} failed start(s) "
-                                  f"(last state {fields.get('from_state', '?')}) and will not restart it")
+            self.crash_loop(name, f"it died within startsecs of every start until supervisord gave up "
+                                  f"(last state {fields.get('from_state', '?')}); it is not restarted")
         elif event == "PROCESS_STATE_EXITED" and fields.get("expected") == "0":
             now = time.monotonic()
             exits = self.exits[name]
@@ -86,8 +88,11 @@ class Listener:
                 os.kill(os.getppid(), signal.SIGTERM)  # our parent is supervisord
 
 
-def main() -> None:
-    Listener(Supervision.from_env()).run()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m app.supervision.fatal_listener")
+    parser.add_argument("--here", type=Path, required=True, help="the folder of supervisord.conf (%%(here)s)")
+    args = parser.parse_args(argv)
+    Listener(Supervision.from_env(config_file=args.here / "supervisord.conf")).run()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The local run behind `bin/pipeline` / `make run`: start, stop, status, ctl, monitor.
 
 `start` brings up, in the background, everything a fresh checkout needs: the private MariaDB
-(when no MYSQL_*_URL is set) with the pipeline and shard databases, then `python -m
-app.supervision.supervise` with all programs, and waits until every program is RUNNING. Everything it owns
-lives under ./var: var/mariadb (database), var/shared (SHARED_DIR unless set), var/run
-(rendered config, supervisorctl socket, pipeline.env) and var/log/pipeline.log (all output).
+(when no MYSQL_*_URL is set) with the pipeline and shard databases, then `pipeline-supervise
+-c supervisord.conf` with all programs, and waits until every program is RUNNING. Everything it
+owns lives under ./var: var/mariadb (database), var/shared (SHARED_DIR unless set), var/run
+(supervisorctl socket, pid file, pipeline.env) and var/log/pipeline.log (all output).
 `stop` ends supervisord (each program hands back its work), then the private MariaDB, and makes
 sure no process of the run is left.
 """
@@ -28,21 +28,28 @@ from ..config import ConfigError, Settings, Supervision, database_urls_configure
 from ..processes import pid_alive
 from ..stages import Stage
 from .embedded_mariadb import INSTALL_HINT, EmbeddedMariaDB
-from .supervise import ROOT, program_names
+from .supervise import StartError, prepare_run_dir, program_names
 
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "supervisord.conf"
 VAR = ROOT / "var"
 LOG = VAR / "log" / "pipeline.log"
 ENV_FILE = "pipeline.env"
 START_TIMEOUT = 90.0
+STOP_WAIT = 30  # supervisord.conf's stopwaitsecs
 
 
 def local_env() -> dict[str, str]:
     """The environment of the run: the caller's, with the project's folders as defaults."""
     env = dict(os.environ)
     env.setdefault("SHARED_DIR", str(VAR / "shared"))
-    env.setdefault("PIPELINE_RUN_DIR", str(VAR / "run"))
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def supervision(env: dict[str, str]) -> Supervision:
+    """The run's supervision: the checkout's own supervisord.conf, state in var/run."""
+    return Supervision.from_env(env, CONFIG)
 
 
 def rpc(sup: Supervision) -> xmlrpc.client.ServerProxy:
@@ -78,10 +85,15 @@ def process_infos(sup: Supervision) -> list[dict]:
         return []
 
 
+def full_name(info: dict) -> str:
+    """The name supervisorctl takes: `group:process` inside a group of several processes."""
+    return info["name"] if info["name"] == info["group"] else f"{info['group']}:{info['name']}"
+
+
 @contextmanager
 def run_lock(sup: Supervision):
     """One start or stop at a time."""
-    sup.run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(sup)
     with open(sup.run_dir / "lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
@@ -104,7 +116,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 def _write_env_file(sup: Supervision, env: dict[str, str], settings: Settings) -> Path:
     """What a shell or the dashboard needs to talk to this run (`bin/pipeline monitor` reads it)."""
     keys = ["SHARD_COUNT", "MYSQL_PIPELINE_URL", *[f"MYSQL_SHARD_{n}_URL" for n in range(settings.shard_count)],
-            "SHARED_DIR", "PIPELINE_URL", "PIPELINE_API_TOKEN", "PIPELINE_RUN_DIR"]
+            "SHARED_DIR", "PIPELINE_URL", "PIPELINE_API_TOKEN"]
     path = sup.run_dir / ENV_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
@@ -116,12 +128,12 @@ def _write_env_file(sup: Supervision, env: dict[str, str], settings: Settings) -
 
 def _wait_all_running(sup: Supervision, proc: subprocess.Popen, expected: list[str]) -> str | None:
     """None once every program is RUNNING, else what went wrong."""
-    deadline = time.monotonic() + START_TIMEOUT + sup.start_secs
+    deadline = time.monotonic() + START_TIMEOUT
     states: dict[str, str] = {}
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return f"supervisord exited with status {proc.returncode}"
-        states = {i["name"]: i["statename"] for i in process_infos(sup)}
+        states = {full_name(i): i["statename"] for i in process_infos(sup)}
         fatal = sorted(n for n, s in states.items() if s == "FATAL")
         if fatal:
             return f"program(s) {', '.join(fatal)} keep crashing (FATAL)"
@@ -135,8 +147,9 @@ def _wait_all_running(sup: Supervision, proc: subprocess.Popen, expected: list[s
 def start() -> int:
     env = local_env()
     try:
-        sup = Supervision.from_env(env)
-    except ConfigError as exc:
+        sup = supervision(env)
+        prepare_run_dir(sup)
+    except (ConfigError, StartError) as exc:
         print(exc.code, file=sys.stderr)
         return 2
     with run_lock(sup):
@@ -180,10 +193,11 @@ def start() -> int:
         env_file = _write_env_file(sup, env, settings)
         LOG.parent.mkdir(parents=True, exist_ok=True)
         with open(LOG, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "app.supervision.supervise"], cwd=ROOT, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "app.supervision.supervise", "-c", str(CONFIG)],
+                                    cwd=ROOT, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        problem = _wait_all_running(sup, proc, program_names(settings.shard_count, sup))
+        problem = _wait_all_running(sup, proc, program_names(CONFIG, env))
         if problem:
             print(f"the pipeline did not come up: {problem}\n--- last lines of {_rel(LOG)} ---\n"
                   f"{_tail(LOG)}\n---", file=sys.stderr)
@@ -229,7 +243,7 @@ def _stop_locked(sup: Supervision, quiet: bool = False) -> list[str]:
             rpc(sup).supervisor.shutdown()
         except (OSError, xmlrpc.client.Error):
             os.kill(sup_pid, signal.SIGTERM)
-        deadline = time.monotonic() + sup.stop_wait * n_programs + 10
+        deadline = time.monotonic() + STOP_WAIT * n_programs + 10
         while pid_alive(sup_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if pid_alive(sup_pid):
@@ -252,14 +266,14 @@ def _stop_locked(sup: Supervision, quiet: bool = False) -> list[str]:
 
 
 def stop() -> int:
-    sup = Supervision.from_env(local_env())
+    sup = supervision(local_env())
     with run_lock(sup):
         _stop_locked(sup)
     return 0
 
 
 def status() -> int:
-    sup = Supervision.from_env(local_env())
+    sup = supervision(local_env())
     mariadb = EmbeddedMariaDB(VAR / "mariadb")
     db_line = (f"private MariaDB: running on 127.0.0.1:{mariadb.port} (pid {mariadb.pid()})" if mariadb.pid()
                else "private MariaDB: not running")
@@ -269,13 +283,13 @@ def status() -> int:
         return 3
     print(f"supervisord pid {pid} ({sup.config_file})")
     for info in process_infos(sup):
-        print(f"  {info['name']:<20} {info['statename']:<9} {info['description']}")
+        print(f"  {full_name(info):<34} {info['statename']:<9} {info['description']}")
     print(db_line)
     return 0
 
 
 def ctl(args: list[str]) -> int:
-    sup = Supervision.from_env(local_env())
+    sup = supervision(local_env())
     supervisorctl = str(Path(sys.executable).parent / "supervisorctl")
     os.execv(supervisorctl, [supervisorctl, "-c", str(sup.config_file), *args])
     return 1  # not reached
@@ -283,7 +297,7 @@ def ctl(args: list[str]) -> int:
 
 def monitor(args: list[str]) -> int:
     env = local_env()
-    sup = Supervision.from_env(env)
+    sup = supervision(env)
     env_file = sup.run_dir / ENV_FILE
     if env_file.exists():
         for line in env_file.read_text().splitlines():
@@ -298,7 +312,7 @@ USAGE = f"""usage: bin/pipeline start|stop|status|monitor|ctl <supervisorctl arg
   stop     stop every program (each hands back its work), supervisord and the private MariaDB
   status   each program's state
   monitor  the dashboard (python -m monitor) pointed at this run
-  ctl      supervisorctl on this run, e.g. `bin/pipeline ctl restart {Stage.WORKER.program(0)}`"""
+  ctl      supervisorctl on this run, e.g. `bin/pipeline ctl restart {Stage.WORKER}:{Stage.WORKER.program(0)}`"""
 
 
 def main(argv: list[str]) -> int:
