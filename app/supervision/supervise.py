@@ -222,15 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     sup = Supervision.from_env(os.environ, args.configuration)
     if not sup.config_file.is_file():
         raise StartError(f"no supervisord config at {sup.config_file}")
-    env = supervisord_env(os.environ)
     run_dir = prepare_run_dir(sup)
     if running_here(sup):
         raise StartError(f"a supervisord already runs with {sup.config_file} (socket {sup.socket}): "
                          f"`supervisorctl -c {sup.config_file} status` shows it")
-    generated = ensure_token_file(env)
+    generated = ensure_token_file(os.environ)
     if generated:
         print(f"pipeline-supervise: generated an API token in {generated}: every POST to the API needs "
               f"`Authorization: Bearer <the file's line>`", file=sys.stderr, flush=True)
+    env = supervisord_env(os.environ)
     settings = Settings.from_env(env)
     database = None
     if sup.embedded_mariadb_dir and not database_urls_configured(env):
