@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import re
 import shutil
 import signal
+import stat
+import subprocess
+import sys
 import tempfile
 import tomllib
 from pathlib import Path
@@ -17,7 +21,7 @@ import pytest
 import yaml
 
 from app import db
-from app.config import Settings, Supervision, packaged_supervisord_conf, shard_arg
+from app.config import ConfigError, Settings, Supervision, packaged_supervisord_conf, shard_arg
 from app.supervision import supervise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,3 +296,62 @@ def test_a_sender_slot_serves_its_shard_modulo_shard_count():
     for bad in (["--slot", "-1"], ["--shard", "3"], ["--slot", "1", "--shard", "1"]):
         with pytest.raises(SystemExit):
             shard_of(bad, settings, "app.sender")
+
+
+# -- the run folder and the token file ------------------------------------------------------------
+
+def test_run_folder_is_created_private_and_a_foreign_or_open_one_is_refused(tmp_path):
+    here = tmp_path / "short"
+    here.mkdir()
+    shutil.copy(CONFIG, here / "supervisord.conf")
+    sup = Supervision.from_env({}, here / "supervisord.conf")
+    assert supervise.prepare_run_dir(sup) == here / "var" / "run"
+    assert stat.S_IMODE(sup.run_dir.stat().st_mode) == 0o700
+    sup.run_dir.chmod(0o755)  # as a checkout's var/run/ arrives from git: tightened
+    supervise.prepare_run_dir(sup)
+    assert stat.S_IMODE(sup.run_dir.stat().st_mode) == 0o700
+    refusals = {
+        "belongs to uid 4242, not to you": lambda: os.chown(sup.run_dir, 4242, -1),
+        "is writable by everyone": lambda: sup.run_dir.chmod(0o777),
+        "is not a folder": lambda: (sup.run_dir.rmdir(), sup.run_dir.symlink_to(tmp_path)),
+    }
+    for message, plant in refusals.items():
+        plant()
+        with pytest.raises(supervise.StartError, match=message) as refused:
+            supervise.prepare_run_dir(sup)
+        assert "\n" not in refused.value.code
+        # pipeline-supervise says it in one line and starts nothing.
+        done = subprocess.run([sys.executable, "-m", "app.supervision.supervise", "-c", str(sup.config_file)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and done.stdout == "" and done.stderr.strip() == refused.value.code
+        if sup.run_dir.is_symlink():
+            sup.run_dir.unlink()
+        else:
+            os.chown(sup.run_dir, os.geteuid(), -1)
+            sup.run_dir.chmod(0o700)
+        supervise.prepare_run_dir(sup)
+    long = tmp_path / ("x" * 100)
+    long.mkdir()
+    shutil.copy(CONFIG, long / "supervisord.conf")
+    with pytest.raises(supervise.StartError, match="longer than a unix socket allows"):
+        supervise.prepare_run_dir(Supervision.from_env({}, long / "supervisord.conf"))
+
+
+def test_the_api_token_comes_from_the_token_file_when_not_given(tmp_path):
+    path = tmp_path / "api-token"
+    env = {"PIPELINE_API_TOKEN_FILE": str(path)}
+    with pytest.raises(ConfigError, match="PIPELINE_API_TOKEN_FILE: cannot read"):
+        Settings.from_env(env)
+    assert supervise.ensure_token_file(env) == path
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = path.read_text().strip()
+    assert len(token) >= 32 and Settings.from_env(env).api_token == token
+    assert supervise.ensure_token_file(env) is None and path.read_text().strip() == token  # kept
+    assert Settings.from_env({**env, "PIPELINE_API_TOKEN": "given"}).api_token == "given"
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        Settings.from_env(env)
+    link = tmp_path / "planted"
+    link.symlink_to(tmp_path / "elsewhere")
+    assert supervise.ensure_token_file({"PIPELINE_API_TOKEN_FILE": str(link)}) is None  # never through a link
+    assert not (tmp_path / "elsewhere").exists()

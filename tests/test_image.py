@@ -284,6 +284,32 @@ def test_the_entrypoint_alone_runs_everything_with_an_embedded_mariadb_and_stops
         assert folder_files(folder) == [], f"{folder} not emptied: {folder_files(folder)}"
 
 
+def test_the_embedded_mariadb_dying_stops_the_group_with_status_1(installed):
+    """Nothing restarts a database the programs all need: the container ends (status 1) and its
+    restart policy brings up a fresh one, as with a program gone FATAL."""
+    port = servers.free_port()
+    env = installed.env(PIPELINE_API_PORT=str(port), PIPELINE_URL=f"http://127.0.0.1:{port}/api/v1/pipeline",
+                        INGEST_INTERVAL="3600")
+    command = image_command()
+    command = [command[0]] + [str(installed.path(a)) if a.startswith("/app") else a for a in command[1:]]
+    log = installed.root / "container-2.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, cwd=installed.path("/app"), env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        pidfile = Path(env["EMBEDDED_MARIADB_DIR"]) / "mariadbd.pid"
+        servers.wait_until(lambda: "embedded MariaDB on 127.0.0.1" in log.read_text(), 120, 0.2,
+                           what="the embedded MariaDB up")
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        assert proc.wait(240) == 1, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "the embedded MariaDB exited unexpectedly" in text and "SIGKILL" not in text
+    assert processes_mentioning(str(installed.root)) == []
+
+
 # -- the Dockerfile's lint -------------------------------------------------------------------------
 
 def test_hadolint_finds_nothing_and_every_ignore_says_why():
