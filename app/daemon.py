@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import is_temp, writer_alive
-from .db import MigrationError
+from .db import MigrationError, migrations
 from .client import ApiError, ApiUnavailable, PipelineClient, Task
 from .config import Settings, shard_arg
 from .logs import ACTIVITY_LOG, setup_logging
@@ -87,6 +87,7 @@ class StageWork(ABC):
     shard: int | None    # claim only this shard's tasks
     folder: Path         # this daemon's own folder, emptied when it stops
     claim_limit: int = 4
+    schemas: tuple[str, ...] = ()  # the db/migrations components it applies (read at start)
 
     def group(self, tasks: list[Task]) -> list[list[Task]]:
         return [[t] for t in tasks]
@@ -306,7 +307,13 @@ def run_shard_stage(module: str, make_stage, argv: list[str] | None = None) -> N
 
 
 def run_stage(stage: StageWork, settings: Settings) -> None:
-    """Entry point of a stage daemon: logging, signals, the loop."""
+    """Entry point of a stage daemon: logging, signals, the loop. Its migrations are read
+    first: a broken install (the SQL files missing) stops it in one line, before it claims."""
+    try:
+        for component in stage.schemas:
+            migrations(component)
+    except MigrationError as exc:
+        raise SystemExit(f"{stage.service}: database schema: {exc}") from None
     setup_logging(stage.service, stage.folder)
     daemon = Daemon(stage, settings)
     daemon.install_signals()

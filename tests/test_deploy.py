@@ -90,12 +90,12 @@ class RecordingEnv(dict):
         return super().__getitem__(key)
 
 
-def settings_read(env: dict[str, str], tmp_path: Path) -> set[str]:
+def settings_read(env: dict[str, str], tmp_path: Path | None = None) -> set[str]:
     """Every variable app/config.py reads when given `env` (as the services and
     pipeline-supervise do at start). A token file is given a real file to read."""
     env = dict(env)
     if "PIPELINE_API_TOKEN_FILE" in env:
-        token = tmp_path / "token"
+        token = (tmp_path or Path(tempfile.mkdtemp())) / "token"
         token.write_text("t0ken\n")
         env["PIPELINE_API_TOKEN_FILE"] = str(token)
     recording = RecordingEnv(env)
@@ -143,7 +143,7 @@ def test_image_runs_pipeline_supervise_on_the_config_as_a_non_root_user_with_a_v
     assert "PIPELINE_API_TOKEN" not in env and "PIPELINE_API_INSECURE" not in env
     # Python's and pip's own variables aside, the image sets only settings the app reads.
     assert set(env) - {"PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR",
-                       "PIP_DISABLE_PIP_VERSION_CHECK"} <= settings_read(env, Path(tempfile.mkdtemp()))
+                       "PIP_DISABLE_PIP_VERSION_CHECK"} <= settings_read(env)
     assert not any(key.startswith("MYSQL_") for key in env), "alone, the image runs its embedded MariaDB"
 
 

@@ -164,31 +164,38 @@ def test_the_wheel_holds_the_sql_files_and_supervisord_conf_and_runs_from_them(i
     # The fresh environment runs the installed package, never this checkout.
     probe = in_container(installed, "python", "-c", "import app, monitor, app.db as db; "
                          "from app.config import packaged_supervisord_conf as c; "
-                         "print(app.__file__, monitor.__file__, db.sql_file('ddl.sql'), c(), sep='\\n')")
+                         "print(app.__file__, monitor.__file__, db.SQL_DIR, c(), sep='\\n'); "
+                         "print(len(db.migrations('tracking')), len(db.migrations('shard')))")
     assert probe.returncode == 0, probe.stderr
-    for line in probe.stdout.splitlines():
+    *paths, counts = probe.stdout.splitlines()
+    for line in paths:
         assert line.startswith(str(installed.site)), line
+    assert counts == f"{len(list((ROOT / 'db/migrations/tracking').glob('*.sql')))} " \
+                     f"{len(list((ROOT / 'db/migrations/shard').glob('*.sql')))}"
     assert (installed.venv / "bin" / "pipeline-supervise").exists()
     assert (installed.venv / "bin" / "pipeline-monitor").exists()
 
 
-@pytest.mark.parametrize("module, sql", [("app.api", "ddl.sql"), ("app.worker", "worker_ddl.sql"),
-                                         ("app.sender", "shard_ddl.sql"), ("app.splitter", "splitter_ddl.sql")])
-def test_a_missing_sql_file_stops_the_service_with_one_line(installed, module, sql):
-    """Not a database outage: no retry, no 503 loop, one line and exit status 1."""
-    path = installed.site / "app" / "sql" / sql
-    hidden = path.with_name(sql + ".hidden")
+@pytest.mark.parametrize("module, hide", [
+    ("app.api", "migrations/tracking"), ("app.worker", "migrations/worker"), ("app.sender", "migrations/shard"),
+    ("app.splitter", "migrations/splitter"), ("app.api", "migrations/tracking/0001_*.sql")])
+def test_a_missing_sql_file_stops_the_service_with_one_line(installed, module, hide):
+    """Not a database outage: no retry, no 503 loop, one line and exit status 1, before the
+    service touches a database (none is reachable here) or claims anything."""
+    [path] = (installed.site / "app" / "sql").glob(hide)
+    hidden = path.with_name(path.name + ".hidden")
     path.rename(hidden)
     try:
         args = ["--shard", "0"] if module in ("app.worker", "app.sender") else []
         done = in_container(installed, "python", "-m", module, *args, timeout=30,
-                            PIPELINE_API_PORT=str(servers.free_port()),
-                            MYSQL_PIPELINE_URL="mysql://root:@127.0.0.1:1/nowhere")
+                            PIPELINE_API_TOKEN="t", MYSQL_PIPELINE_URL="mysql://root:@127.0.0.1:1/nowhere",
+                            PIPELINE_URL="http://127.0.0.1:1/api/v1/pipeline",
+                            PIPELINE_API_PORT=str(servers.free_port()))
     finally:
         hidden.rename(path)
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 1, done.stdout + done.stderr
-    assert len(lines) == 1 and f"{path} is missing" in lines[0], lines
+    assert len(lines) == 1 and "database schema: " in lines[0] and hide.split("/")[1] in lines[0], lines
 
 
 # -- the entrypoint, as the image runs it ----------------------------------------------------------

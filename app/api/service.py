@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env()
     setup_logging("pipeline-apid", None)
     try:
+        db.migrations(schema.SCHEMA)  # the files first: a broken install stops here, database or not
         db.ensure_database(settings.pipeline_db)
         conn = db.connect(settings.pipeline_db)
         try:

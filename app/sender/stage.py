@@ -25,6 +25,7 @@ DATA_REFUSED = (pymysql.err.IntegrityError, pymysql.err.DataError, loader.RowsRe
 
 class Sender(StageWork):
     name = Stage.SENDER
+    schemas = (loader.SCHEMA,)
 
     def __init__(self, settings: Settings, shard: int):
         self.settings = settings

@@ -25,7 +25,7 @@ from ..daemon import Context, Done, Failed, Outcome, Retryable, StageWork, run_s
 from ..db import UNAVAILABLE
 from ..stages import Stage
 from . import reasons
-from .order_index import FileRouting, OrderIndex
+from .order_index import SCHEMA, FileRouting, OrderIndex
 
 SOURCE_MISSING = "source missing"
 CHECK_EVERY = 1 << 15     # lines between stop checks
@@ -248,6 +248,7 @@ class Splitter(StageWork):
     name = Stage.SPLITTER
     service = Stage.SPLITTER.program()
     shard = None
+    schemas = (SCHEMA,)
 
     def __init__(self, settings: Settings, index: OrderIndex | None = None, client: PipelineClient | None = None):
         self.settings = settings

@@ -32,7 +32,7 @@ from .ledger import Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
                     stock_change, validate)
-from .state import BatchRecord, Hold, Recent, SeenConflict, WorkerState
+from .state import SCHEMA, BatchRecord, Hold, Recent, SeenConflict, WorkerState
 
 log = logging.getLogger(Stage.WORKER)
 BATCH_RETRIES = 8
@@ -524,6 +524,7 @@ class FileRun:
 class WorkerStage(StageWork):
     name = Stage.WORKER
     claim_limit = 1
+    schemas = (SCHEMA,)
 
     def __init__(self, settings: Settings, shard: int):
         self.settings = settings
