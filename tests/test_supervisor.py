@@ -335,7 +335,8 @@ def test_program_restarted_again_and_again_is_stopped_and_reported(group_factory
         servers.wait_until(lambda: group.infos()[worker]["pid"] != info["pid"], 10, 0.1, what="the crash seen")
     servers.wait_until(lambda: banner in group.process.output(), 10, 0.2, what="the crash-loop banner")
     servers.wait_until(lambda: group.states().get(worker) == "STOPPED", 15, 0.2,
-                       what=f"{worker} stopped by the listener")
+                       what=f"{worker} stopped by the listener ({group.states().get(worker)}; "
+                            f"{group.process.output()[-2000:]})")
     states = group.states()
     assert all(s == "RUNNING" for n, s in states.items() if n != worker), states
     assert group.process.proc.poll() is None

@@ -66,11 +66,31 @@ class Listener:
                 self.crash_loop(name, f"it exited unexpectedly {CRASH_LOOP_EXITS} times within "
                                       f"{CRASH_LOOP_WINDOW:.0f}s after starting fine; it is stopped now")
 
-    def stop_program(self, name: str) -> None:
-        try:
-            childutils.getRPCInterface(os.environ).supervisor.stopProcess(name, False)
-        except (OSError, xmlrpc.client.Error) as exc:
-            print(f"fatal-listener: could not stop {name}: {exc}", file=sys.stderr, flush=True)
+    def stop_program(self, name: str, within: float = 10.0) -> None:
+        """Stop `name`, which has just exited: supervisord may not have restarted it yet
+        (EXITED, which stopProcess refuses as NOT_RUNNING), so try again until it has, or it
+        is down for good."""
+        rpc = childutils.getRPCInterface(os.environ).supervisor
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                rpc.stopProcess(name, False)
+                return
+            except xmlrpc.client.Fault as fault:
+                if "NOT_RUNNING" not in fault.faultString or time.monotonic() > deadline:
+                    problem = fault.faultString
+                    break
+                try:
+                    if rpc.getProcessInfo(name)["statename"] in ("STOPPED", "FATAL"):
+                        return
+                except (OSError, xmlrpc.client.Error) as exc:
+                    problem = str(exc)
+                    break
+                time.sleep(0.1)
+            except OSError as exc:
+                problem = str(exc)
+                break
+        print(f"fatal-listener: could not stop {name}: {problem}", file=sys.stderr, flush=True)
 
     def crash_loop(self, name: str, why: str) -> None:
         print(banner(name, why, self.sup), file=sys.stderr, flush=True)
