@@ -66,7 +66,7 @@ def checkout():
     assert not leftovers, f"processes outlived `make stop`: {leftovers}"
 
 
-def test_make_run_from_a_clean_checkout_processes_a_file_and_make_stop_leaves_nothing(checkout):
+def test_make_run_from_a_clean_checkout_processes_a_file_and_make_stop_leaves_nothing(checkout, make_database):
     assert not (checkout / ".venv").exists()
     assert [p.relative_to(checkout).as_posix() for p in (checkout / "var").rglob("*")] == \
         ["var/run", "var/run/.gitignore"], "a fresh checkout holds only the run folder supervisord.conf needs"
@@ -115,3 +115,32 @@ def test_make_run_from_a_clean_checkout_processes_a_file_and_make_stop_leaves_no
     status = run(["bin/pipeline", "status"], checkout, env)
     assert status.returncode == 3 and "not running" in status.stdout, status.stdout
     assert "not running" in run(["make", "stop"], checkout, env).stdout
+
+    # Then the README's plain supervisor commands, from the same checkout with its venv first
+    # on PATH and only the README's exports (plus databases of the test's own and a free port).
+    urls = {"MYSQL_PIPELINE_URL": servers.url_text(make_database("plain"))}
+    urls.update({f"MYSQL_SHARD_{n}_URL": servers.url_text(make_database(f"plain{n}")) for n in range(2)})
+    plain = {**venv_env, **urls, "SHARD_COUNT": "2", "SPLITTER_REPLICAS": "1", "SENDER_PROCESSES": "2",
+             "SHARED_DIR": str(checkout / "var" / "shared"), "PIPELINE_API_PORT": str(port),
+             "PIPELINE_URL": f"http://127.0.0.1:{port}/api/v1/pipeline"}
+    with open(checkout / "supervisord.out", "wb") as out:
+        supervisord = subprocess.Popen(["supervisord", "-c", "supervisord.conf"], cwd=checkout, env=plain,
+                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def all_running():
+            assert supervisord.poll() is None, (checkout / "supervisord.out").read_text()[-3000:]
+            out = run(["supervisorctl", "-c", "supervisord.conf", "status"], checkout, plain).stdout
+            return out.count("RUNNING") == 8 and out
+        servers.wait_until(all_running, 90, 0.5, what="plain supervisord: every program RUNNING")
+        stop = run(["supervisorctl", "-c", "supervisord.conf", "stop", "shard-worker:shard-worker-1"], checkout, plain)
+        assert stop.stdout.strip() == "shard-worker:shard-worker-1: stopped", stop.stdout + stop.stderr
+        start = run(["supervisorctl", "-c", "supervisord.conf", "start", "shard-worker:*"], checkout, plain)
+        assert start.stdout.strip() == "shard-worker:shard-worker-1: started", start.stdout + start.stderr
+        down = run(["supervisorctl", "-c", "supervisord.conf", "shutdown"], checkout, plain)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert supervisord.wait(120) == 0
+    finally:
+        if supervisord.poll() is None:
+            os.killpg(supervisord.pid, signal.SIGKILL)
+    assert "SIGKILL" not in (checkout / "supervisord.out").read_text()
+    assert processes_mentioning(str(checkout)) == []
