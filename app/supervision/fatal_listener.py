@@ -67,30 +67,41 @@ class Listener:
                                       f"{CRASH_LOOP_WINDOW:.0f}s after starting fine; it is stopped now")
 
     def stop_program(self, name: str, within: float = 10.0) -> None:
-        """Stop `name`, which has just exited: supervisord may not have restarted it yet
-        (EXITED, which stopProcess refuses as NOT_RUNNING), so try again until it has, or it
-        is down for good."""
+        """Stop `name`, which has just exited. supervisord restarts it at once, and may not have
+        yet (EXITED: stopProcess refuses it as NOT_RUNNING), so wait until it has; and until the
+        new process runs its own program: a signal sent between supervisord's fork and exec is
+        caught by the forked copy of supervisord and lost with it, and the program would then
+        ignore the stop until stopwaitsecs ends in a SIGKILL."""
         rpc = childutils.getRPCInterface(os.environ).supervisor
         deadline = time.monotonic() + within
-        while True:
+        problem = f"still not stoppable after {within:.0f}s"
+        while time.monotonic() < deadline:
             try:
-                rpc.stopProcess(name, False)
-                return
+                info = rpc.getProcessInfo(name)
+                state = info["statename"]
+                if state in ("STOPPED", "STOPPING", "FATAL"):
+                    return
+                if state == "BACKOFF" or (state in ("STARTING", "RUNNING") and self.exec_done(info["pid"])):
+                    rpc.stopProcess(name, False)
+                    return
             except xmlrpc.client.Fault as fault:
-                if "NOT_RUNNING" not in fault.faultString or time.monotonic() > deadline:
+                if "NOT_RUNNING" not in fault.faultString:
                     problem = fault.faultString
                     break
-                try:
-                    if rpc.getProcessInfo(name)["statename"] in ("STOPPED", "FATAL"):
-                        return
-                except (OSError, xmlrpc.client.Error) as exc:
-                    problem = str(exc)
-                    break
-                time.sleep(0.1)
             except OSError as exc:
                 problem = str(exc)
                 break
+            time.sleep(0.05)
         print(f"fatal-listener: could not stop {name}: {problem}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def exec_done(pid: int) -> bool:
+        """Whether supervisord's child `pid` runs its own program yet (until its exec it is a
+        copy of supervisord, our parent, with the same command line)."""
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes() != Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            return True  # gone already, or no /proc here: nothing to wait for
 
     def crash_loop(self, name: str, why: str) -> None:
         print(banner(name, why, self.sup), file=sys.stderr, flush=True)
