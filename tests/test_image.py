@@ -144,6 +144,21 @@ def installed() -> Installed:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def run_entrypoint(inst: Installed, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`docker run`: the image's ENTRYPOINT (its /app paths moved here) in its WORKDIR."""
+    command = image_command()
+    command = [command[0]] + [str(inst.path(a)) if a.startswith("/app") else a for a in command[1:]]
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, cwd=inst.path("/app"), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def api_overrides() -> dict[str, str]:
+    """The one change to the image's environment: a free port (8082 may be taken here)."""
+    port = servers.free_port()
+    return {"PIPELINE_API_PORT": str(port), "PIPELINE_URL": f"http://127.0.0.1:{port}/api/v1/pipeline"}
+
+
 def in_container(inst: Installed, *args: str, timeout: float = 60, **env) -> subprocess.CompletedProcess:
     """`docker exec <container> args...`: the container's environment, its WORKDIR."""
     return subprocess.run(list(args), cwd=inst.path("/app"), env=inst.env(**env), capture_output=True,
@@ -201,19 +216,14 @@ def test_a_missing_sql_file_stops_the_service_with_one_line(installed, module, h
 # -- the entrypoint, as the image runs it ----------------------------------------------------------
 
 def test_the_entrypoint_alone_runs_everything_with_an_embedded_mariadb_and_stops_cleanly(installed):
-    port = servers.free_port()  # the image's 8082 may be taken on this machine
-    overrides = {"PIPELINE_API_PORT": str(port), "PIPELINE_URL": f"http://127.0.0.1:{port}/api/v1/pipeline"}
+    overrides = api_overrides()
     env = installed.env(**overrides)
     assert not any(k.startswith("MYSQL_") for k in env), "no database URL: the embedded MariaDB runs"
-    command = image_command()
-    command = [command[0]] + [str(installed.path(a)) if a.startswith("/app") else a for a in command[1:]]
     log = installed.root / "container.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, cwd=installed.path("/app"), env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = run_entrypoint(installed, env, log)
     output = lambda: log.read_text(errors="replace")  # noqa: E731
     try:
-        base = f"http://127.0.0.1:{port}/api/v1/pipeline"
+        base = overrides["PIPELINE_URL"]
 
         deadline = time.monotonic() + 180
         while True:
@@ -294,15 +304,9 @@ def test_the_entrypoint_alone_runs_everything_with_an_embedded_mariadb_and_stops
 def test_the_embedded_mariadb_dying_stops_the_group_with_status_1(installed):
     """Nothing restarts a database the programs all need: the container ends (status 1) and its
     restart policy brings up a fresh one, as with a program gone FATAL."""
-    port = servers.free_port()
-    env = installed.env(PIPELINE_API_PORT=str(port), PIPELINE_URL=f"http://127.0.0.1:{port}/api/v1/pipeline",
-                        INGEST_INTERVAL="3600")
-    command = image_command()
-    command = [command[0]] + [str(installed.path(a)) if a.startswith("/app") else a for a in command[1:]]
+    env = installed.env(**api_overrides())
     log = installed.root / "container-2.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, cwd=installed.path("/app"), env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = run_entrypoint(installed, env, log)
     try:
         pidfile = Path(env["EMBEDDED_MARIADB_DIR"]) / "mariadbd.pid"
         servers.wait_until(lambda: "embedded MariaDB on 127.0.0.1" in log.read_text(), 120, 0.2,
