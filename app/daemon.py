@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -23,6 +24,7 @@ from .db import MigrationError, migrations
 from .client import ApiError, ApiUnavailable, PipelineClient, Task
 from .config import Settings, shard_arg
 from .logs import ACTIVITY_LOG, setup_logging
+from .safefiles import Folder, Refused, under
 from .shutdown import StopFlag, stop_on_signals
 from .stages import Action, Stage
 
@@ -113,18 +115,29 @@ def owner_id(service: str) -> str:
     return os.environ.get("WORKER_ID") or f"{socket.gethostname()}/{service}"
 
 
-def empty_folder(folder: Path) -> None:
+def empty_folder(folder: Path, root: Path | None = None) -> None:
     """Remove everything in `folder` but the activity log and another live replica's
-    unfinished temporary files."""
-    if not folder.is_dir():
+    unfinished temporary files. The folder is opened without following links below `root`
+    (see app/safefiles.py): a link planted at its name is `Refused`, never emptied; links
+    inside it are removed, never followed."""
+    try:
+        handle = Folder(folder, under(folder, root))
+    except FileNotFoundError:
         return
-    for entry in folder.iterdir():
-        if entry.name == ACTIVITY_LOG or (is_temp(entry) and writer_alive(entry, other_than_me=True)):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+    with handle:
+        for name in handle.names():
+            if name == ACTIVITY_LOG:
+                continue
+            try:
+                st = handle.lstat(name)
+            except FileNotFoundError:
+                continue
+            if is_temp(Path(name)) and writer_alive(folder / name, other_than_me=True, mtime=st.st_mtime):
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(name, ignore_errors=True, dir_fd=handle.fd)
+            else:
+                handle.unlink(name)
 
 
 class Daemon:
@@ -146,8 +159,9 @@ class Daemon:
 
     def run(self) -> None:
         stage = self.stage
-        stage.folder.mkdir(parents=True, exist_ok=True)
-        empty_folder(stage.folder)  # what a killed predecessor left is not trusted
+        root = self.settings.shared_dir
+        Folder(stage.folder, under(stage.folder, root), create=True).close()
+        empty_folder(stage.folder, root)  # what a killed predecessor left is not trusted
         ctx = Context(self.stop, self.log)
         self.log.info("%s starting as %r (shard %s)", stage.service, self.owner, stage.shard)
         heart = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
@@ -162,7 +176,7 @@ class Daemon:
             try:
                 stage.teardown()
             finally:
-                empty_folder(stage.folder)
+                empty_folder(stage.folder, self.settings.shared_dir)
                 self.log.info("%s stopped; %s emptied", stage.service, stage.folder)
 
     def _loop(self, ctx: Context) -> None:
@@ -308,13 +322,17 @@ def run_shard_stage(module: str, make_stage, argv: list[str] | None = None) -> N
 
 def run_stage(stage: StageWork, settings: Settings) -> None:
     """Entry point of a stage daemon: logging, signals, the loop. Its migrations are read
-    first: a broken install (the SQL files missing) stops it in one line, before it claims."""
+    first: a broken install (the SQL files missing) stops it in one line, before it claims; so
+    does a link, FIFO or device planted at the daemon's folder or its activity log."""
     try:
         for component in stage.schemas:
             migrations(component)
     except MigrationError as exc:
         raise SystemExit(f"{stage.service}: database schema: {exc}") from None
-    setup_logging(stage.service, stage.folder)
+    try:
+        setup_logging(stage.service, stage.folder, root_dir=settings.shared_dir)
+    except Refused as exc:
+        raise SystemExit(f"{stage.service}: {exc}") from None
     daemon = Daemon(stage, settings)
     daemon.install_signals()
     try:
@@ -322,3 +340,6 @@ def run_stage(stage: StageWork, settings: Settings) -> None:
     except MigrationError as exc:
         daemon.log.critical("database schema: %s", exc)
         raise SystemExit(f"{stage.service}: database schema: {exc}") from None
+    except Refused as exc:
+        daemon.log.critical("%s", exc)
+        raise SystemExit(f"{stage.service}: {exc}") from None

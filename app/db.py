@@ -18,6 +18,7 @@ from importlib import resources
 import pymysql
 import pymysql.cursors
 from pymysql.constants import CR, ER
+from pymysql.protocol import LoadLocalPacketWrapper
 
 from .config import MySQLURL
 
@@ -54,21 +55,93 @@ def is_connection_lost(exc: BaseException) -> bool:
     return code in CONNECTION_LOST or code in DEADLOCK_CODES
 
 
+LOCAL_PACKET = 1 << 16  # bytes per packet of LOAD DATA LOCAL data
+
+
+class LocalFileRefused(pymysql.err.OperationalError):
+    """The server asked for a local file the running statement did not offer."""
+
+
+class _OfferingResult(pymysql.connections.MySQLResult):
+    """A result whose LOAD DATA LOCAL request is answered with the bytes the running
+    statement offered (`LocalDataConnection.offered`), never with a file of this machine."""
+
+    def _read_load_local_packet(self, first_packet):
+        conn = self.connection
+        wanted = LoadLocalPacketWrapper(first_packet).filename
+        data = (conn.offered or {}).get(wanted)
+        try:
+            if data is not None:
+                view = memoryview(data)
+                step = min(conn.max_allowed_packet, LOCAL_PACKET)
+                for start in range(0, len(view), step):
+                    conn.write_packet(view[start:start + step])
+        finally:
+            conn.write_packet(b"")  # end of the data (none at all for a request refused)
+            answer = conn._read_packet()
+        if data is None:
+            raise LocalFileRefused(2000, f"the server asked for the local file {wanted[:200]!r}, which this "
+                                         f"statement does not send: refused")
+        if not answer.is_ok_packet():
+            raise pymysql.err.OperationalError(2014, "commands out of sync after LOAD DATA LOCAL")
+        self._read_ok_packet(answer)
+
+
+class LocalDataConnection(pymysql.connections.Connection):
+    """A connection that can run LOAD DATA LOCAL INFILE (`load_local`) and nothing more: it
+    tells the server it may send local data, but a request is answered only while a
+    `load_local` statement runs, and only with the bytes that statement offers. PyMySQL's own
+    `local_infile=True` would send any file of this machine the server names, at any
+    statement (a rogue or hijacked server could read the daemon's environment)."""
+
+    offered: dict[bytes, bytes] | None = None
+
+    def _read_query_result(self, unbuffered=False):
+        self._result = None
+        result = _OfferingResult(self)
+        if unbuffered:
+            result.init_unbuffered_query()
+        else:
+            result.read()
+        self._result = result
+        if result.server_status is not None:
+            self.server_status = result.server_status
+        return result.affected_rows
+
+
+def load_local(cur, sql: str, args, name: str, data: bytes) -> int:
+    """Run a `LOAD DATA LOCAL INFILE <name> ...` statement whose file is `data` (in memory:
+    no file is written or read). The cursor's connection comes from `connect(local_infile=True)`."""
+    conn = cur.connection
+    if not isinstance(conn, LocalDataConnection):
+        raise TypeError("LOAD DATA LOCAL needs a connection opened with db.connect(..., local_infile=True)")
+    conn.offered = {name.encode(): data}
+    try:
+        return cur.execute(sql, args)
+    finally:
+        conn.offered = None
+
+
 def connect(url: MySQLURL, database: str | None = "", *, autocommit: bool = True,
             connect_timeout: float = 5, local_infile: bool = False,
             multi_statements: bool = False) -> pymysql.connections.Connection:
     """Open a connection; `database=None` connects without selecting a database.
     `multi_statements`: one execute may send several `;`-separated statements (one round trip).
+    `local_infile`: a `LocalDataConnection`, which sends LOAD DATA LOCAL data only through
+    `load_local` (the server can read no file of this machine).
     TLS as the URL's options say; without them TLS is off, because PyMySQL's default (TLS if
     the server offers it) loads the CA bundle on every connect (~25 ms) and checks nothing."""
-    conn = pymysql.connect(
+    flags = pymysql.constants.CLIENT.MULTI_STATEMENTS if multi_statements else 0
+    if local_infile:
+        flags |= pymysql.constants.CLIENT.LOCAL_FILES
+    conn = (LocalDataConnection if local_infile else pymysql.connections.Connection)(
         host=url.host, port=url.port, user=url.user, password=url.password,
         database=(url.database if database == "" else database),
         autocommit=autocommit, charset="utf8mb4", connect_timeout=connect_timeout,
-        read_timeout=600, write_timeout=600, local_infile=local_infile,
+        read_timeout=600, write_timeout=600, local_infile=False,
         ssl=url.tls.context() if url.tls else None, ssl_disabled=url.tls is None,
         init_command="SET time_zone = '+00:00'",
-        client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS if multi_statements else 0,
+        client_flag=flags,
     )
     if url.tls and not conn.server_capabilities & pymysql.constants.CLIENT.SSL:
         # Older PyMySQL releases carry on unencrypted when the server offers no TLS.

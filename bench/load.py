@@ -132,7 +132,7 @@ def run_method(server: MySQLURL, prepared: Path, work: Path, rows: int, method: 
     try:
         conn = db.connect(url, autocommit=False, local_infile=True)
         started = time.monotonic()
-        result = loader.load_file(conn, prepared, SOURCE, 0, 2, work, method=method)
+        result = loader.load_file(conn, prepared, SOURCE, 0, 2, method=method)
         seconds = time.monotonic() - started
         conn.close()
         assert result.loaded == rows and count(url) == rows, f"{method} stored {result.loaded} of {rows} rows"

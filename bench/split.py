@@ -58,14 +58,14 @@ def split_once(shared: Path, url: MySQLURL, name: str, source: Path | None = Non
     second of this process), seconds spent in LOAD DATA."""
     folder = layout.splitter_dir(shared)
     folder.mkdir(parents=True, exist_ok=True)
-    index = OrderIndex(url, folder)
+    index = OrderIndex(url)
     index.ensure_schema()
     loads = []
     original_load = index.load
 
-    def timed_load(path):
+    def timed_load(name, data):
         t = time.perf_counter()
-        original_load(path)
+        original_load(name, data)
         loads.append(time.perf_counter() - t)
     index.load = timed_load
     start, cpu = time.perf_counter(), time.process_time()

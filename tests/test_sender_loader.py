@@ -73,7 +73,7 @@ def test_rows_land_with_exact_values(shard, tmp_path, method):
         line("2:hbeef", 10, etype=2, user_id=None, qty=None, amount="-0.50"),
     ]
     data = write(tmp_path / "p.txt", rows)
-    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method)
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, method=method)
     assert (result.lines, result.loaded, result.duplicates, result.method) == (5, 5, 0, method)
     assert result.checksum == hashlib.sha1(data).hexdigest()
     got = query(url, "SELECT event_key, event_type, shop_id, user_id, DATE_FORMAT(`timestamp`, '%%Y-%%m-%%d %%H:%%i:%%s.%%f'),"
@@ -99,14 +99,14 @@ def test_rows_land_with_exact_values(shard, tmp_path, method):
 def test_a_file_loaded_twice_adds_nothing(shard, tmp_path, method):
     url, conn = shard
     write(tmp_path / "p.txt", many(1200))
-    first = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=500)
+    first = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, method=method, chunk_rows=500)
     assert (first.loaded, first.already_loaded) == (1200, False)
     for again in loader.METHODS:
-        second = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=again)
+        second = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, method=again)
         assert (second.loaded, second.lines, second.already_loaded) == (1200, 1200, True)
         assert second.stats()["already_loaded"] is True
     (tmp_path / "p.txt").unlink()  # once loaded, the prepared file is no longer needed
-    assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path).already_loaded
+    assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2).already_loaded
     assert counts(url) == (1200, 1)
 
 
@@ -114,11 +114,11 @@ def test_a_file_loaded_twice_adds_nothing(shard, tmp_path, method):
 def test_an_event_already_loaded_is_an_explicit_no_op(shard, tmp_path, method):
     url, conn = shard
     write(tmp_path / "a.txt", many(300))
-    loader.load_file(conn, tmp_path / "a.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=100)
+    loader.load_file(conn, tmp_path / "a.txt", SOURCE, 0, 2, method=method, chunk_rows=100)
     # the second file repeats 100 keys of the first, and one of its own twice
     rows = many(300, source=OTHER)[200:] + many(150, prefix="new", source=OTHER) + [many(1, "new", OTHER)[0]]
     write(tmp_path / "b.txt", rows)
-    result = loader.load_file(conn, tmp_path / "b.txt", OTHER, 0, 2, tmp_path, method=method, chunk_rows=100)
+    result = loader.load_file(conn, tmp_path / "b.txt", OTHER, 0, 2, method=method, chunk_rows=100)
     assert (result.lines, result.loaded, result.duplicates) == (251, 150, 101)
     assert result.method == ("insert" if method == "insert" else "load_data>insert")
     assert counts(url) == (450, 2)
@@ -151,7 +151,7 @@ def test_a_bad_line_refuses_the_whole_file(shard, tmp_path, method, case):
     write(tmp_path / "p.txt", many(250) + [bad] + many(100, prefix="after"))
     expected = loader.WrongShard if message.startswith("wrong shard") else loader.BadLine
     with pytest.raises(expected) as info:  # after two chunks of 100 rows went to the server
-        loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method, chunk_rows=100)
+        loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, method=method, chunk_rows=100)
     assert str(info.value).startswith(message), str(info.value)
     assert counts(url) == (0, 0)
     assert [p.name for p in tmp_path.iterdir()] == ["p.txt"]
@@ -160,7 +160,7 @@ def test_a_bad_line_refuses_the_whole_file(shard, tmp_path, method, case):
 def test_missing_file_is_reported_and_nothing_is_recorded(shard, tmp_path):
     url, conn = shard
     with pytest.raises(loader.PreparedMissing, match="is missing"):
-        loader.load_file(conn, tmp_path / "absent.txt", SOURCE, 0, 2, tmp_path)
+        loader.load_file(conn, tmp_path / "absent.txt", SOURCE, 0, 2)
     assert counts(url) == (0, 0)
 
 
@@ -178,9 +178,9 @@ def test_check_between_chunks_rolls_back(shard, tmp_path):
             raise Stop()
 
     with pytest.raises(Stop):
-        loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100, check=check)
+        loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, chunk_rows=100, check=check)
     assert counts(url) == (0, 0)
-    assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100).loaded == 1000
+    assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, chunk_rows=100).loaded == 1000
 
 
 def test_schema_is_idempotent_and_keeps_original_tables(make_database):
@@ -241,8 +241,8 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
 
     def first():
         try:
-            results["first"] = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path,
-                                                      chunk_rows=100, check=check)
+            results["first"] = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2,
+                                                chunk_rows=100, check=check)
         except Abandon:
             results["first"] = "abandoned"
 
@@ -251,7 +251,7 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
     thread.start()
     assert sent.wait(10)
     other = db.connect(url, autocommit=False, local_infile=True)
-    second = loader.load_file(other, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100)
+    second = loader.load_file(other, tmp_path / "p.txt", SOURCE, 0, 2, chunk_rows=100)
     other.close()
     thread.join(30)
     if first_finishes:

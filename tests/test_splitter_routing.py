@@ -27,7 +27,7 @@ def ev(etype, ts="2026-01-01 00:00:00.001", **payload) -> bytes:
 def index(pipeline_db, shared_dir):
     folder = layout.splitter_dir(shared_dir)
     folder.mkdir(parents=True)
-    idx = OrderIndex(pipeline_db, folder)
+    idx = OrderIndex(pipeline_db)
     yield idx
     idx.close()
 
@@ -170,7 +170,7 @@ def test_insert_fallback_gives_the_same_routing(shared_dir, pipeline_db):
     write_source(shared_dir, "20260101000030", lines)
     write_source(shared_dir, "20260101000031",
                  [ev(3, order_id=2**61 + i, user_id=1, good_id=1, qty=1, refund_amount=1.0) for i in range(22)])
-    idx = OrderIndex(pipeline_db, folder, use_infile=False)
+    idx = OrderIndex(pipeline_db, use_infile=False)
     try:
         split(shared_dir, idx, "20260101000030")
         result, outputs, records = split(shared_dir, idx, "20260101000031")

@@ -22,9 +22,11 @@ from typing import BinaryIO, Mapping
 import orjson
 
 from .. import layout
-from ..atomic import TMP_MARK, fsync_dir
+from ..safefiles import Folder, under
 
 TICK_FORMAT = "%Y%m%d%H%M%S"
+# Source files are the contract's interface: other tools (an original splitter) may read them.
+SOURCE_MODE = 0o644
 ORDER_ID_RANGE = (2**53, 2**63)   # like the original's: above 2^53, so a float would corrupt them
 
 
@@ -411,34 +413,40 @@ class Generator:
         return tick_of(datetime.fromtimestamp(max(candidates), timezone.utc))
 
 
-def temp_path(final: Path) -> Path:
-    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")
+def _exists(folder: Folder, name: str) -> bool:
+    try:
+        folder.lstat(name)
+    except FileNotFoundError:
+        return False
+    return True
 
 
-def publish(tmp: Path, final: Path) -> None:
+def publish(folder: Folder, tmp: str, final: str) -> None:
     """Make `tmp` appear as `final` atomically, never replacing an existing file."""
-    os.link(tmp, final)
-    tmp.unlink()
-    fsync_dir(final.parent)
+    folder.link(tmp, final)
+    folder.unlink(tmp, missing_ok=False)
+    folder.fsync()
 
 
 def write_event_file(generator: Generator, directory: Path, filename: str, lines: int,
-                     last_file: bool = False) -> tuple[Path, int]:
-    """Write `<directory>/<filename>.event-ingest.txt` whole or not at all."""
-    final = directory / f"{filename}{layout.SOURCE_SUFFIX}"
-    if final.exists():
-        raise FileExistsError(f"{final} exists already; event files are never overwritten")
-    tmp = temp_path(final)
-    try:
-        with open(tmp, "wb", buffering=1 << 20) as out:
-            count = generator.write(out, filename, lines, last_file)
-            out.flush()
-            os.fsync(out.fileno())
-        publish(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final, count
+                     last_file: bool = False, root: Path | None = None) -> tuple[Path, int]:
+    """Write `<directory>/<filename>.event-ingest.txt` whole or not at all (`root`: the trusted
+    folder above `directory`; no link below it is followed, see app/safefiles.py)."""
+    final = f"{filename}{layout.SOURCE_SUFFIX}"
+    with Folder(directory, under(directory, root), create=True) as folder:
+        if _exists(folder, final):
+            raise FileExistsError(f"{directory / final} exists already; event files are never overwritten")
+        fd, tmp = folder.create_temp(final, SOURCE_MODE)
+        try:
+            with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+                count = generator.write(out, filename, lines, last_file)
+                out.flush()
+                os.fsync(out.fileno())
+            publish(folder, tmp, final)
+        except BaseException:
+            folder.unlink(tmp)
+            raise
+    return directory / final, count
 
 
 class Generated(list):

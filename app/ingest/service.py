@@ -17,6 +17,7 @@ import os
 import queue
 import random
 import re
+import stat
 import threading
 import time
 from datetime import datetime, timezone
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import orjson
 
-from .. import layout
+from .. import layout, safefiles
 from ..atomic import TMP_MARK, writer_alive
 from ..client import ApiError, ApiUnavailable, PipelineClient
 from ..config import ConfigError, Settings
@@ -32,8 +33,7 @@ from ..daemon import empty_folder
 from ..logs import setup_logging
 from ..shutdown import StopFlag, stop_on_signals
 from ..stages import Stage, Status
-from .generator import (Generator, Rates, World, existing_ticks, parse_tick, publish, temp_path,
-                        write_event_file)
+from .generator import SOURCE_MODE, Generator, Rates, World, existing_ticks, parse_tick, publish, write_event_file
 
 SERVICE = Stage.INGEST.program()
 FILENAME = re.compile(r"^[0-9A-Za-z_-]{1,64}$")   # what the API accepts, without dots
@@ -52,8 +52,14 @@ class Ingest:
         self.stop = stop or StopFlag()
         self.client = client or PipelineClient(settings.pipeline_url, settings.api_token, stop=self.stop)
         self.register = register
+        self.root = settings.shared_dir
         self.events = layout.events_dir(settings.shared_dir)
-        self.events.mkdir(parents=True, exist_ok=True)
+        self._events_folder().close()  # a link at events/ is refused here, at start
+        self._refused: set[str] = set()
+
+    def _events_folder(self) -> safefiles.Folder:
+        """events/, opened without following links below SHARED_DIR (created if missing)."""
+        return safefiles.Folder(self.events, self.root, create=True)
 
     # -- the API ----------------------------------------------------------------------------
 
@@ -75,38 +81,69 @@ class Ingest:
         return True
 
     def recover(self) -> int:
-        """Remove our own dead temporary files; register every complete file in events/ the API
-        does not know, and mark done the stale ones it knows but never saw finished."""
-        for tmp in self.events.glob(f"*{layout.SOURCE_SUFFIX}{TMP_MARK}*"):
-            if not writer_alive(tmp):
-                log.info("removing unfinished %s", tmp.name)
-                tmp.unlink(missing_ok=True)
-        if not self.register:
-            return 0
-        fixed = 0
-        for path in sorted(self.events.glob(f"*{layout.SOURCE_SUFFIX}")):
-            if self.stop.is_set():
-                break
-            filename = path.name[: -len(layout.SOURCE_SUFFIX)]
-            if not FILENAME.fullmatch(filename):
-                log.warning("skipping %s: its name is not a valid filename for the API", path.name)
-                continue
-            try:
-                shards = self.client.file(filename)["shards"]
-            except ApiError as exc:
-                if exc.status != 404:
-                    log.error("cannot check %s: %s", filename, exc)
+        """Remove dead temporary files; register every complete file in events/ the API does
+        not know, and mark done the stale ones it knows but never saw finished. An entry that
+        is not a regular file (a link, FIFO, device) is never opened nor registered: it is
+        named in the log, once per process."""
+        with self._events_folder() as events:
+            names = events.names()
+            for name in names:
+                if layout.SOURCE_SUFFIX + TMP_MARK not in name:
                     continue
-                fixed += self.announce(filename, _count_lines(path))
-                continue
-            except ApiUnavailable:
-                break
-            pending = any(s[Stage.INGEST.status_column] in (Status.NEW, Status.STARTED) for s in shards)
-            if pending and time.time() - path.stat().st_mtime > STALE_SECONDS:
-                fixed += self.announce(filename, _count_lines(path))
+                try:
+                    mtime = events.lstat(name).st_mtime
+                except FileNotFoundError:
+                    continue
+                if not writer_alive(self.events / name, mtime=mtime):
+                    log.info("removing unfinished %s", name)
+                    events.unlink(name)
+            if not self.register:
+                return 0
+            fixed = 0
+            for name in sorted(n for n in names if n.endswith(layout.SOURCE_SUFFIX)):
+                if self.stop.is_set():
+                    break
+                filename = name[: -len(layout.SOURCE_SUFFIX)]
+                if not FILENAME.fullmatch(filename):
+                    log.warning("skipping %s: its name is not a valid filename for the API", name)
+                    continue
+                try:
+                    st = events.lstat(name)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    self._refuse(safefiles.Refused(self.events / name, safefiles.describe(st.st_mode)))
+                    continue
+                try:
+                    shards = self.client.file(filename)["shards"]
+                except ApiError as exc:
+                    if exc.status != 404:
+                        log.error("cannot check %s: %s", filename, exc)
+                        continue
+                    shards = None
+                except ApiUnavailable:
+                    break
+                if shards is not None:   # known: only a stale unfinished one is announced again
+                    unfinished = any(s[Stage.INGEST.status_column] in (Status.NEW, Status.STARTED) for s in shards)
+                    if not unfinished or time.time() - st.st_mtime <= STALE_SECONDS:
+                        continue
+                try:
+                    with events.open_read(name) as f:
+                        lines = _count_lines(f)
+                except safefiles.Refused as exc:
+                    self._refuse(exc)
+                    continue
+                except FileNotFoundError:
+                    continue
+                fixed += self.announce(filename, lines)
         if fixed:
             log.info("registered %d file(s) found unregistered or unfinished in %s", fixed, self.events)
         return fixed
+
+    def _refuse(self, exc: safefiles.Refused) -> None:
+        if exc.path.name not in self._refused:
+            self._refused.add(exc.path.name)
+            log.error("not registered: %s; remove it", exc)
 
     # -- modes ------------------------------------------------------------------------------
 
@@ -129,7 +166,7 @@ class Ingest:
                     break
                 lines = counts.randint(1, s.events_per_file)
                 tick = generator.next_tick(last, datetime.fromtimestamp(due, timezone.utc))
-                path, written = write_event_file(generator, self.events, tick, lines)
+                path, written = write_event_file(generator, self.events, tick, lines, root=self.root)
                 last = tick
                 log.info("wrote %s (%d lines)", path.name, written)
                 written_files.put((tick, written))
@@ -153,7 +190,8 @@ class Ingest:
             if self.stop.is_set():
                 break
             tick = generator.next_tick(last, start or datetime.now(timezone.utc))
-            path, written = write_event_file(generator, self.events, tick, events, last_file=i == files - 1)
+            path, written = write_event_file(generator, self.events, tick, events, last_file=i == files - 1,
+                                             root=self.root)
             last = tick
             log.info("wrote %s (%d lines)", path.name, written)
             self.announce(tick, written)
@@ -161,67 +199,104 @@ class Ingest:
         return names
 
     def import_files(self, paths: list[Path]) -> list[str]:
-        """Copy each file into events/ (whole or not at all) and register it, oldest name first."""
-        sources: list[Path] = []
+        """Copy each file into events/ (whole or not at all) and register it, oldest name first.
+
+        A path the operator names is read where it leads (a link included), if it is a regular
+        file. The entries of a named folder are not followed: a link, FIFO or device among them
+        refuses the whole import before anything is copied, as does a bad name."""
+        sources: list[tuple[Path, Path | None]] = []    # (file, the named folder it is in)
         for p in paths:
-            if p.is_dir():
-                sources.extend(sorted(p.glob(f"*{layout.SOURCE_SUFFIX}")))
-            elif p.is_file():
-                sources.append(p)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                raise ImportProblem(f"{p}: no such file or directory") from None
+            if stat.S_ISDIR(st.st_mode):
+                with safefiles.Folder(p, p) as folder:
+                    for name in sorted(n for n in folder.names() if n.endswith(layout.SOURCE_SUFFIX)):
+                        entry = folder.lstat(name)
+                        if not stat.S_ISREG(entry.st_mode):
+                            raise ImportProblem(
+                                f"{p / name} is {safefiles.describe(entry.st_mode)}: --import copies only regular "
+                                f"files from a folder (nothing was imported; remove it, or name its target itself)")
+                        sources.append((p / name, p))
+            elif stat.S_ISREG(st.st_mode):
+                sources.append((p, None))
             else:
-                raise ImportProblem(f"{p}: no such file or directory")
-        names = []
-        for src in sorted(sources, key=lambda q: q.name):
-            if self.stop.is_set():
-                break
-            if not src.name.endswith(layout.SOURCE_SUFFIX) or not FILENAME.fullmatch(src.name[: -len(layout.SOURCE_SUFFIX)]):
+                raise ImportProblem(f"{p} is {safefiles.describe(st.st_mode)}: only regular files are imported "
+                                    f"(nothing was imported)")
+        for src, _ in sources:
+            stem = src.name[: -len(layout.SOURCE_SUFFIX)]
+            if not src.name.endswith(layout.SOURCE_SUFFIX) or not FILENAME.fullmatch(stem):
                 raise ImportProblem(f"{src}: an event file must be named <filename>{layout.SOURCE_SUFFIX} "
                                     f"with <filename> of letters, digits, _ or - (a UTC tick YYYYMMDDHHMMSS)")
+        names = []
+        for src, folder in sorted(sources, key=lambda item: item[0].name):
+            if self.stop.is_set():
+                break
+            try:
+                lines = self._import_one(src, folder)
+            except safefiles.Refused as exc:
+                raise ImportProblem(str(exc)) from None
+            log.info("imported %s", src)
             filename = src.name[: -len(layout.SOURCE_SUFFIX)]
-            final = self.events / src.name
-            if final.exists() and final.resolve() != src.resolve() and not _same_content(src, final):
-                raise ImportProblem(f"{final} exists with different content; not overwritten")
-            if not final.exists():
-                tmp = temp_path(final)
-                try:
-                    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                        while chunk := fin.read(1 << 20):
-                            fout.write(chunk)
-                        fout.flush()
-                        os.fsync(fout.fileno())
-                    publish(tmp, final)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-                log.info("imported %s", src)
-            self.announce(filename, _count_lines(final))
+            self.announce(filename, lines)
             names.append(filename)
         return names
+
+    def _import_one(self, src: Path, folder: Path | None) -> int:
+        """Copy `src` to events/ unless the same content is there; its line count."""
+        final = src.name
+        opened = safefiles.open_read(src, folder) if folder is not None else safefiles.open_named(src)
+        with opened as fin, self._events_folder() as events:
+            try:
+                existing = events.open_read(final)
+            except FileNotFoundError:
+                existing = None
+            except safefiles.Refused as exc:
+                raise ImportProblem(f"{exc}; not overwritten") from None
+            if existing is not None:
+                with existing:
+                    a, b = os.fstat(fin.fileno()), os.fstat(existing.fileno())
+                    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) and not _same_content(fin, existing):
+                        raise ImportProblem(f"{self.events / final} exists with different content; not overwritten")
+                    existing.seek(0)
+                    return _count_lines(existing)
+            fd, tmp = events.create_temp(final, SOURCE_MODE)
+            try:
+                with os.fdopen(fd, "wb") as fout:
+                    while chunk := fin.read(1 << 20):
+                        fout.write(chunk)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+                publish(events, tmp, final)
+            except BaseException:
+                events.unlink(tmp)
+                raise
+            with events.open_read(final) as copied:
+                return _count_lines(copied)
 
 
 class ImportProblem(Exception):
     pass
 
 
-def _count_lines(path: Path) -> int:
+def _count_lines(f) -> int:
     count, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            count += chunk.count(b"\n")
-            last = chunk[-1:]
+    while chunk := f.read(1 << 20):
+        count += chunk.count(b"\n")
+        last = chunk[-1:]
     return count + (last != b"\n")
 
 
-def _same_content(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
+def _same_content(fa, fb) -> bool:
+    if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
         return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(1 << 20), fb.read(1 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
+    while True:
+        x, y = fa.read(1 << 20), fb.read(1 << 20)
+        if x != y:
+            return False
+        if not x:
+            return True
 
 
 def _count_rng(seed: int) -> random.Random:
@@ -265,11 +340,18 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings.from_env()
     folder = layout.ingest_dir(settings.shared_dir)
-    setup_logging(SERVICE, folder)
+    try:
+        setup_logging(SERVICE, folder, root_dir=settings.shared_dir)
+    except safefiles.Refused as exc:
+        raise SystemExit(f"{SERVICE}: {exc}") from None
     stop = StopFlag()
     stop_on_signals(stop)
 
-    ingest = Ingest(settings, stop, register=not args.no_register)
+    try:
+        ingest = Ingest(settings, stop, register=not args.no_register)
+    except safefiles.Refused as exc:
+        log.error("%s", exc)
+        return 2
     try:
         if args.imports or args.files is not None:
             ingest.recover()
@@ -300,4 +382,4 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if stop.is_set():
             log.info("%s received: stopped after the current file", stop.signal_name)
-        empty_folder(folder)
+        empty_folder(folder, settings.shared_dir)

@@ -7,8 +7,9 @@ loaded, and a load cut short anywhere (kill, lost connection, server restart) le
 in one) is an explicit no-op, never a second row and never a silenced error.
 
 Two bulk methods, same result (bench/load.py measures both):
-- `load_data`: the file's rows as TSV chunks in the sender's folder, each sent with
-  `LOAD DATA LOCAL INFILE`. LOCAL loads turn errors into warnings, so a chunk is accepted
+- `load_data`: the file's rows as TSV chunks built in memory, each sent with
+  `LOAD DATA LOCAL INFILE` (`db.load_local`: the server gets that chunk and can ask for no
+  file of this machine; nothing is written to disk). LOCAL loads turn errors into warnings, so a chunk is accepted
   only with zero warnings and every row inserted; otherwise the transaction is rolled back
   and the file is loaded again with `insert`, which skips duplicates explicitly.
 - `insert`: multi-row `INSERT ... ON DUPLICATE KEY UPDATE id = id`.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -30,8 +30,7 @@ import orjson
 import pymysql
 from pymysql.converters import escape_string
 
-from .. import db
-from ..atomic import TMP_MARK
+from .. import db, safefiles
 from ..config import MySQLURL
 from ..events import EVENT_TYPES
 from ..overlap import ReadAhead
@@ -287,18 +286,14 @@ def _formatted(f, reading: _Reading, source_file: str, shard: int, shard_count: 
         yield buf
 
 
-def chunk_name(work_dir: Path, source_file: str, index: int) -> Path:
-    """A chunk's TSV in the sender's folder; the `.tmp-<pid>` mark keeps a live replica's chunk
-    from being swept when another sender starts."""
-    return work_dir / f"{source_file}.chunk-{index:05d}.tsv{TMP_MARK}{os.getpid()}"
+def chunk_name(source_file: str, index: int) -> str:
+    """The name a chunk's LOAD DATA statement gives its (in-memory) file."""
+    return f"{source_file}.chunk-{index:05d}.tsv"
 
 
-def _tsv_chunks(batches: Iterator[list[str]], work_dir: Path, source_file: str) -> Iterator[tuple]:
+def _tsv_chunks(batches: Iterator[list[str]], source_file: str) -> Iterator[tuple]:
     for index, batch in enumerate(batches):
-        path = chunk_name(work_dir, source_file, index)
-        with open(path, "w", encoding="utf-8", newline="\n") as out:
-            out.write("".join(batch))
-        yield path, len(batch)
+        yield chunk_name(source_file, index), "".join(batch).encode(), len(batch)
 
 
 def _insert_statements(batches: Iterator[list[str]]) -> Iterator[tuple]:
@@ -319,41 +314,34 @@ def _warnings(cur) -> str:
     return "; ".join(f"{r[1]} {r[2]}" for r in cur.fetchall())
 
 
-def _by_load_data(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check) -> int:
+def _by_load_data(cur, f, reading, source_file, shard, shard_count, chunk_rows, check) -> int:
     batches = _formatted(f, reading, source_file, shard, shard_count, _tsv, chunk_rows)
     loaded = 0
-    try:
-        # The reader thread is joined when the block ends, so no chunk appears after the cleanup.
-        with ReadAhead(_tsv_chunks(batches, work_dir, source_file), depth=1) as chunks:
-            for path, count in chunks:
-                if check:
-                    check()
-                try:
-                    stored = cur.execute(_LOAD_DATA, (str(path), shard, source_file))
-                except pymysql.err.MySQLError as exc:
-                    if exc.args and exc.args[0] in db.LOCAL_INFILE_REFUSED:
-                        raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
+    with ReadAhead(_tsv_chunks(batches, source_file), depth=1) as chunks:
+        for name, data, count in chunks:
+            if check:
+                check()
+            try:
+                stored = db.load_local(cur, _LOAD_DATA, (name, shard, source_file), name, data)
+            except pymysql.err.MySQLError as exc:
+                if exc.args and exc.args[0] in db.LOCAL_INFILE_REFUSED:
+                    raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
+                raise
+            except AttributeError as exc:
+                # PyMySQL, when the server goes away while it sends LOCAL data, fails on its
+                # closed socket with AttributeError instead of reporting the lost connection.
+                if cur.connection is not None and cur.connection.open:
                     raise
-                except AttributeError as exc:
-                    # PyMySQL, when the server goes away while it sends a LOCAL file, fails on its
-                    # closed socket with AttributeError instead of reporting the lost connection.
-                    if cur.connection is not None and cur.connection.open:
-                        raise
-                    raise pymysql.err.OperationalError(
-                        2013, f"connection lost during LOAD DATA LOCAL ({exc})") from None
-                finally:
-                    path.unlink(missing_ok=True)
-                if cur.warning_count or stored != count:
-                    raise _FallBack(f"{path.name}: {stored} of {count} rows stored, {cur.warning_count} "
-                                    f"warnings ({_warnings(cur)})")
-                loaded += stored
-    finally:
-        for leftover in work_dir.glob(f"{source_file}.chunk-*{TMP_MARK}{os.getpid()}"):
-            leftover.unlink(missing_ok=True)
+                raise pymysql.err.OperationalError(
+                    2013, f"connection lost during LOAD DATA LOCAL ({exc})") from None
+            if cur.warning_count or stored != count:
+                raise _FallBack(f"{name}: {stored} of {count} rows stored, {cur.warning_count} "
+                                f"warnings ({_warnings(cur)})")
+            loaded += stored
     return loaded
 
 
-def _by_insert(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check) -> int:
+def _by_insert(cur, f, reading, source_file, shard, shard_count, chunk_rows, check) -> int:
     tail = f"{shard},'{escape_string(source_file)}'"
     batches = _formatted(f, reading, source_file, shard, shard_count, lambda fields: _sql_row(fields, tail),
                          INSERT_ROWS)
@@ -378,13 +366,15 @@ def _rollback(conn) -> None:
         pass
 
 
-def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, work_dir: Path, *,
-              method: str = "load_data", chunk_rows: int = 10_000,
+def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, *,
+              method: str = "load_data", chunk_rows: int = 10_000, root: Path | None = None,
               check: Callable[[], None] | None = None) -> LoadResult:
     """Load `path` (the prepared file of `source_file`) into the shard `conn` is connected to
-    (autocommit off, local_infile on), all of it or nothing, once.
+    (autocommit off; `db.connect(local_infile=True)` for `load_data`), all of it or nothing,
+    once. `path` is opened without following links below `root` (app/safefiles.py).
 
-    Raises PreparedMissing, BadLine/WrongShard (nothing loaded), RowsRefused, a pymysql error
+    Raises PreparedMissing, safefiles.Refused (a link, FIFO or device at `path`: nothing
+    opened), BadLine/WrongShard (nothing loaded), RowsRefused, a pymysql error
     when the server fails (nothing loaded, or everything if the commit went through: the next
     call tells which), or whatever `check` raises; it is called before each chunk, never after
     the last one, so a stop either rolls back or lets the commit finish.
@@ -392,9 +382,8 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
     if method not in _METHOD:
         raise ValueError(f"unknown load method {method!r}; expected one of {METHODS}")
     started = time.monotonic()
-    work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        f = open(path, "rb")
+        f = safefiles.open_read(path, safefiles.under(path, root))
     except FileNotFoundError:
         f = None
     plan = [method] if method == "insert" else [method, "insert"]
@@ -416,7 +405,7 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
                     f.seek(0)
                     reading = _Reading()
                     try:
-                        loaded = _METHOD[attempt](cur, f, reading, source_file, shard, shard_count, work_dir,
+                        loaded = _METHOD[attempt](cur, f, reading, source_file, shard, shard_count,
                                                   chunk_rows, check)
                     except _FallBack as why:
                         conn.rollback()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pymysql
 
-from .. import db, layout
+from .. import db, layout, safefiles
 from ..client import Task
 from ..config import Settings
 from ..stages import Stage
@@ -65,8 +65,8 @@ class Sender(StageWork):
         try:
             conn = self.shard_db.get()
             result = loader.load_file(
-                conn, path, task.filename, self.shard, self.settings.shard_count, self.folder,
-                method=self.method, chunk_rows=self.settings.sender_chunk_rows, check=ctx.check)
+                conn, path, task.filename, self.shard, self.settings.shard_count, method=self.method,
+                chunk_rows=self.settings.sender_chunk_rows, root=self.settings.shared_dir, check=ctx.check)
         except StopRequested:
             ctx.log.info("%s: load rolled back; handing the task back", task.filename)
             raise
@@ -76,6 +76,8 @@ class Sender(StageWork):
             raise InputMissing(str(exc)) from None
         except loader.BadLine as exc:
             raise TaskFailed(str(exc)) from None
+        except safefiles.Refused as exc:
+            raise TaskFailed(f"prepared file refused: {exc}") from None
         except DATA_REFUSED as exc:
             self.shard_db.discard()
             raise TaskFailed(f"shard {self.shard} server refused the rows of {task.filename}: {exc}") from None

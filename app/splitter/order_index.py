@@ -6,24 +6,22 @@ first among the files complete when this file was FIRST split (its `horizon`); e
 `unroutable`. The horizon is stored with the file, so a re-split (retry, rewind, crash, another
 replica) sees exactly the same purchases and writes the same lines.
 
-Purchases are written with LOAD DATA LOCAL INFILE from a small TSV file, in chunks, by a
+Purchases are written with LOAD DATA LOCAL INFILE from small TSV chunks built in memory
+(`db.load_local`: no file is written, and the server can ask for no file of this machine), by a
 background thread, so the index costs the splitting loop little more than a formatted write.
 The purchases of chunks not yet confirmed loaded are kept in memory (bounded), so a lookup
 never waits for the loader.
 """
 from __future__ import annotations
 
+import io
 import logging
-import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-
 import pymysql
 
 from .. import db
-from ..atomic import TMP_MARK
 from ..config import MySQLURL
 from ..stages import Stage
 
@@ -42,9 +40,8 @@ class OrderIndex:
     """Long-lived: owns the splitter's two connections to the pipeline database (one for
     lookups and bookkeeping, one for the loader thread; never shared between threads)."""
 
-    def __init__(self, url: MySQLURL, folder: Path, use_infile: bool = True):
+    def __init__(self, url: MySQLURL, use_infile: bool = True):
         self.url = url
-        self.folder = folder
         self.use_infile = use_infile
         # Not checked before each use (a split uses them thousands of times): after an error
         # `reset` drops them and the next use reconnects.
@@ -151,23 +148,23 @@ class OrderIndex:
                 pass
             raise
 
-    def load(self, path: Path) -> None:
+    def load(self, name: str, data: bytes) -> None:
         """Load one TSV chunk (order_id, file_id, line, shop_id); the same rows again are a no-op."""
         conn = self.loader_conn()
         if self.use_infile:
             try:
                 with conn.cursor() as cur:
-                    cur.execute("LOAD DATA LOCAL INFILE %s REPLACE INTO TABLE splitter_order "
-                                "(order_id, file_id, line, shop_id)", (str(path),))
+                    db.load_local(cur, "LOAD DATA LOCAL INFILE %s REPLACE INTO TABLE splitter_order "
+                                       "(order_id, file_id, line, shop_id)", (name,), name, data)
                 return
             except (pymysql.err.OperationalError, pymysql.err.InternalError, pymysql.err.ProgrammingError) as exc:
                 if not exc.args or exc.args[0] not in db.LOCAL_INFILE_REFUSED:
                     raise
                 log.warning("LOAD DATA LOCAL INFILE refused (%s); indexing with INSERTs instead", exc)
                 self.use_infile = False
-        with open(path, "rb") as f, conn.cursor() as cur:
+        with conn.cursor() as cur:
             batch: list[tuple[int, ...]] = []
-            for row in f:
+            for row in data.splitlines():
                 batch.append(tuple(int(v) for v in row.split(b"\t")))
                 if len(batch) >= INSERT_BATCH:
                     self._insert(cur, batch)
@@ -201,16 +198,14 @@ class FileRouting:
         self.current: dict[int, int] = {}
         self.inflight: deque[dict[int, int]] = deque()
         self._chunk_no = 0
-        self._tsv = None
-        self._tsv_path: Path | None = None
+        self._tsv: io.BytesIO | None = None
         self._submitted = 0
         self._loaded = 0
         self._error: BaseException | None = None
-        self._queue: deque[Path] = deque()
+        self._queue: deque[tuple[str, bytes]] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._paths: list[Path] = []
         if not indexed:
             self._open_chunk()
 
@@ -249,9 +244,11 @@ class FileRouting:
 
     def _open_chunk(self) -> None:
         self._chunk_no += 1
-        self._tsv_path = self.index.folder / f"{self.filename}.orders.{self._chunk_no}.tsv{TMP_MARK}{os.getpid()}"
-        self._paths.append(self._tsv_path)
-        self._tsv = open(self._tsv_path, "wb", buffering=1 << 16)
+        self._tsv = io.BytesIO()
+
+    def _chunk(self) -> tuple[str, bytes]:
+        """The current chunk, named for the LOAD DATA statement (no such file exists)."""
+        return f"{self.filename}.orders.{self._chunk_no}.tsv", self._tsv.getvalue()
 
     def _rotate(self) -> None:
         self.inflight.append(self.current)
@@ -260,9 +257,8 @@ class FileRouting:
             while len(self.inflight) > MAX_INFLIGHT:
                 self.inflight.popleft()
             return
-        self._tsv.close()
         with self._cond:
-            self._queue.append(self._tsv_path)
+            self._queue.append(self._chunk())
             self._submitted += 1
             self._cond.notify_all()
         if self._thread is None:
@@ -284,16 +280,15 @@ class FileRouting:
                     self._cond.wait()
                 if not self._queue:
                     return
-                path = self._queue[0]
+                name, data = self._queue[0]
             try:
-                self.index.load(path)
+                self.index.load(name, data)
             except BaseException as exc:
                 with self._cond:
                     self._error = exc
                     self._queue.clear()
                     self._cond.notify_all()
                 return
-            path.unlink(missing_ok=True)
             with self._cond:
                 self._queue.popleft()
                 self._loaded += 1
@@ -315,22 +310,17 @@ class FileRouting:
         """Load what is left and mark the file's index complete."""
         if self.indexed:
             return
-        self._tsv.close()
+        name, data = self._chunk()
         self._tsv = None
         self._stop_loader()
         self._raise_loader_error()
-        self.index.load(self._tsv_path)
-        self._tsv_path.unlink(missing_ok=True)
+        self.index.load(name, data)
         self.index.finalize(self.file_id, self.purchases)
         self.indexed = True
 
     def abort(self) -> None:
-        """Stop loading and remove the chunk files (the split was abandoned)."""
+        """Stop loading and drop the chunks (the split was abandoned)."""
         with self._cond:
             self._queue.clear()
         self._stop_loader()
-        if self._tsv is not None:
-            self._tsv.close()
-            self._tsv = None
-        for path in self._paths:
-            path.unlink(missing_ok=True)
+        self._tsv = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, BinaryIO, Callable
 import msgspec
 import orjson
 
-from .. import layout
+from .. import layout, safefiles
 from ..atomic import atomic_write
 from ..client import ApiError, ApiUnavailable, PipelineClient, Task
 from ..config import Settings
@@ -32,6 +33,8 @@ CHECK_EVERY = 1 << 15     # lines between stop checks
 BUFFER_LINES = 8192       # lines held back while shop-less returns wait for one lookup
 BUFFER_BYTES = 1 << 20    # ... and at most this many bytes of them
 READ_BUFFER = 1 << 20
+# Rejected lines are any bytes that were in a source file, not part of the contract: private.
+REJECTED_MODE = 0o600
 
 log = logging.getLogger(Stage.SPLITTER)
 
@@ -225,16 +228,18 @@ def split_file(source: Path, filename: str, shared: Path, shard_count: int, shar
                check: Callable[[], None] = lambda: None) -> SplitResult:
     """Split one source file, writing the shard files of `shards` (and the rejected file when
     asked); nothing is published unless the whole file went through."""
-    with open(source, "rb", buffering=READ_BUFFER) as src:
+    with safefiles.open_read(source, safefiles.under(source, shared), READ_BUFFER) as src:
         file_routing = index.open_file(filename)
         try:
             with ExitStack() as stack:
                 outputs: list = [None] * shard_count
                 for s in shards:
-                    outputs[s] = stack.enter_context(atomic_write(layout.splitter_output(shared, filename, s))).write
+                    outputs[s] = stack.enter_context(
+                        atomic_write(layout.splitter_output(shared, filename, s), root=shared)).write
                 rejected_out = None
                 if write_rejected:
-                    rejected_out = stack.enter_context(atomic_write(layout.splitter_rejected(shared, filename))).write
+                    rejected_out = stack.enter_context(atomic_write(
+                        layout.splitter_rejected(shared, filename), root=shared, mode=REJECTED_MODE)).write
                 reg = [s in registered for s in range(shard_count)]
                 result = split_stream(src, shard_count, outputs, reg, file_routing, rejected_out, check)
                 file_routing.finish()
@@ -256,7 +261,7 @@ class Splitter(StageWork):
         self.folder = layout.splitter_dir(settings.shared_dir)
         # Claim whole files where possible: a file's shard rows are registered together.
         self.claim_limit = max(settings.claim_limit, settings.shard_count)
-        self.index = index or OrderIndex(settings.pipeline_db, self.folder)
+        self.index = index or OrderIndex(settings.pipeline_db)
         self.client = client or PipelineClient(settings.pipeline_url, settings.api_token, max_wait=30.0)
 
     def group(self, tasks: list[Task]) -> list[list[Task]]:
@@ -278,7 +283,7 @@ class Splitter(StageWork):
     def process(self, tasks: list[Task], ctx: Context) -> list[Outcome]:
         filename = tasks[0].filename
         source = layout.source_file(self.shared, filename)
-        if not source.is_file():
+        if not os.path.lexists(source):
             return [Failed(SOURCE_MISSING)] * len(tasks)
         try:
             registered = sorted(s["shard"] for s in self.client.file(filename)["shards"])
@@ -294,6 +299,8 @@ class Splitter(StageWork):
                                 self.index, writes_rejected, ctx.check)
         except FileNotFoundError:
             return [Failed(SOURCE_MISSING)] * len(tasks)
+        except safefiles.Refused as exc:
+            return [Failed(f"source refused: {exc}")] * len(tasks)
         except UNAVAILABLE as exc:
             self.index.reset()
             raise Retryable(f"pipeline database unavailable: {exc}") from None

@@ -19,7 +19,7 @@ from itertools import islice
 import orjson
 import pymysql
 
-from .. import db, layout
+from .. import db, layout, safefiles
 from ..atomic import atomic_write
 from ..config import Settings
 from ..daemon import Context, Done, Failed, InputMissing, Retryable, StageWork, TaskFailed, run_shard_stage
@@ -39,6 +39,8 @@ BATCH_RETRIES = 8
 SHARD_LOCK_WAIT = 5.0
 PRUNE_EVERY = 60.0
 SWITCH_INTERVAL = 0.0005
+# Rejected lines quote whatever input arrived and are not part of the contract: private.
+REJECTED_MODE = 0o600
 PAUSE_LINES = 256         # lines a helper thread handles between looks at whose turn it is
 
 
@@ -147,8 +149,9 @@ class FileRun:
         self.holds = st.active_holds()
         self.newest = st.newest()
         shared = self.settings.shared_dir
-        with atomic_write(layout.worker_output(shared, self.filename, self.shard)) as out, \
-                atomic_write(layout.worker_rejected(shared, self.filename, self.shard)) as rej:
+        with atomic_write(layout.worker_output(shared, self.filename, self.shard), root=shared) as out, \
+                atomic_write(layout.worker_rejected(shared, self.filename, self.shard), root=shared,
+                             mode=REJECTED_MODE) as rej:
             self.out, self.rej = out, rej
             line_no = self._replay(f, records)
             if not info.complete:
@@ -577,9 +580,11 @@ class WorkerStage(StageWork):
     def _process_one(self, filename: str, ctx: Context):
         path = layout.splitter_output(self.settings.shared_dir, filename, self.shard)
         try:
-            f = open(path, "rb")
+            f = safefiles.open_read(path, self.settings.shared_dir)
         except FileNotFoundError:
             raise InputMissing(f"{path.name} is missing") from None
+        except safefiles.Refused as exc:
+            raise TaskFailed(f"shard file refused: {exc}") from None
         with f:
             self.state.open()
             if not self.state.lock_shard(SHARD_LOCK_WAIT):
