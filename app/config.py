@@ -6,6 +6,7 @@ A malformed value stops the service at start with one line naming the variable
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import re
 import ssl
@@ -269,21 +270,61 @@ def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw.rstrip("/")
 
 
+TOKEN_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+MIN_NETWORK_TOKEN = 16  # characters of a token guarding an API other machines can reach
+
+
 def _api_token(env: Mapping[str, str]) -> str | None:
     """PIPELINE_API_TOKEN, else the first line of the file PIPELINE_API_TOKEN_FILE names (a
-    container keeps its generated token there, on its volume, so `docker exec` sees it too)."""
+    container keeps its generated token there, on its volume, so `docker exec` sees it too).
+    Set but empty is a mistake (it used to mean "no authentication", silently)."""
     token = env.get("PIPELINE_API_TOKEN")
     path = env.get("PIPELINE_API_TOKEN_FILE")
-    if token or not path:
-        return token or None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            token = handle.readline().strip()
-    except OSError as exc:
-        raise ConfigError("PIPELINE_API_TOKEN_FILE", f"cannot read {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError("PIPELINE_API_TOKEN_FILE", f"{path} is empty")
+    variable = "PIPELINE_API_TOKEN"
+    if token is not None and not token.strip():
+        raise ConfigError(variable, f"is set but empty, which would turn authentication off: set a token "
+                                    f"({TOKEN_HINT}) or unset the variable")
+    if token is None and path:
+        variable = "PIPELINE_API_TOKEN_FILE"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                token = handle.readline().strip()
+        except OSError as exc:
+            raise ConfigError(variable, f"cannot read {path}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(variable, f"{path} is empty")
+    if token is not None and not all(33 <= ord(c) < 127 for c in token):
+        raise ConfigError(variable, "the token must be printable ASCII without spaces (it travels in an HTTP header)")
     return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an address (a name other than localhost counts as
+    reachable: it may resolve to anything)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_exposure(settings: "Settings") -> None:
+    """pipeline-apid never listens where other machines reach it without a token, unless told
+    to (PIPELINE_API_INSECURE=1): ConfigError, one line saying how to set one."""
+    host = settings.api_host
+    if is_loopback(host):
+        return
+    token = settings.api_token
+    if token is None and not settings.api_insecure:
+        raise ConfigError("PIPELINE_API_TOKEN", f"pipeline-apid would listen on {host}:{settings.api_port}, "
+                                                f"reachable from other machines, with no token: set "
+                                                f"PIPELINE_API_TOKEN to a long random secret ({TOKEN_HINT}), "
+                                                f"listen on PIPELINE_API_HOST=127.0.0.1, or set "
+                                                f"PIPELINE_API_INSECURE=1 to serve it open on purpose")
+    if token is not None and len(token) < MIN_NETWORK_TOKEN:
+        raise ConfigError("PIPELINE_API_TOKEN", f"is {len(token)} characters, too short for an API listening on "
+                                                f"{host}: at least {MIN_NETWORK_TOKEN} ({TOKEN_HINT})")
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -331,6 +372,8 @@ class Settings:
     hold_seconds: float
     hold_wall_cap: float
     rules: Rules = field(default_factory=Rules)
+    # PIPELINE_API_INSECURE=1: pipeline-apid may listen beyond loopback with no token (warned).
+    api_insecure: bool = False
     # supervisord's XML-RPC unix socket, for the monitor's process panel (default: the one of
     # the project's supervisord.conf, var/run/supervisor.sock next to it).
     supervisor_socket: str = "var/run/supervisor.sock"
@@ -372,6 +415,7 @@ class Settings:
             api_host=env.get("PIPELINE_API_HOST") or "127.0.0.1",
             api_port=_int(env, "PIPELINE_API_PORT", 8082, 0, 65535),
             api_token=_api_token(env),
+            api_insecure=_bool(env, "PIPELINE_API_INSECURE", False),
             api_processes=_int(env, "API_WORKERS", 2, 1, 64),
             api_threads=_int(env, "API_THREADS", 4, 1, 256),
             lease_seconds=lease if lease > 0 else 60.0,

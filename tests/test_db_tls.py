@@ -185,17 +185,21 @@ def test_client_certificate_for_mutual_tls(tls_server):
 
 def test_api_is_ready_over_tls_and_says_why_not_with_a_wrong_ca(tls_server, tmp_path, api_factory):
     server, certs = tls_server
-    env = servers.service_env(url(server, f"ssl-ca={certs.ca}"), tmp_path / "shared", servers.free_port())
+    token = {"Authorization": "Bearer tls-test-token-0123456789"}   # /ready says why only to the token
+    env = servers.service_env(url(server, f"ssl-ca={certs.ca}"), tmp_path / "shared", servers.free_port(),
+                              PIPELINE_API_TOKEN=token["Authorization"][7:])
     api = api_factory(env)
-    answer = requests.get(f"{api.base}/ready", timeout=10)
+    answer = requests.get(f"{api.base}/ready", headers=token, timeout=10)
     assert answer.status_code == 200
     assert answer.json()["database"] == f"mysql://root@localhost:{server.port}/pipeline_db?ssl-mode=VERIFY_IDENTITY"
 
-    wrong = servers.service_env(url(server, f"ssl-ca={certs.wrong_ca}"), tmp_path / "shared", servers.free_port())
+    wrong = servers.service_env(url(server, f"ssl-ca={certs.wrong_ca}"), tmp_path / "shared", servers.free_port(),
+                                PIPELINE_API_TOKEN=token["Authorization"][7:])
     proc = servers.Process("app.apid", [], wrong, tmp_path / "logs" / "wrong-ca.log").start()
     try:
         def answer():
-            return [requests.get(f"http://127.0.0.1:{wrong['PIPELINE_API_PORT']}/api/v1/pipeline/ready", timeout=5)]
+            return [requests.get(f"http://127.0.0.1:{wrong['PIPELINE_API_PORT']}/api/v1/pipeline/ready",
+                                 headers=token, timeout=5)]
         [answer] = servers.wait_until(answer, 30, what="pipeline-apid with a wrong CA answering")
         assert answer.status_code == 503
         assert "certificate verify failed" in answer.json()["error"].lower()

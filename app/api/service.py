@@ -19,7 +19,7 @@ import orjson
 import pymysql
 
 from .. import db
-from ..config import Settings
+from ..config import Settings, check_api_exposure, is_loopback
 from ..logs import setup_logging
 from ..stages import FIRST, ORDERED, STAGES, STATUSES, TRANSITIONS, WORK_STAGES, Action, Stage, Status
 from . import errors, schema, tracking
@@ -160,12 +160,24 @@ class Api:
             err.status_code, str(err.body or err.status_line))
         return orjson.dumps({"error": message, "path": bottle.request.path[:200]})
 
-    def _authorised(self) -> bool:
+    def _token_given(self) -> bool:
+        """Whether the request carries the configured token (never without one configured)."""
         token = self.settings.api_token
-        if not token or bottle.request.method != "POST":
-            return True
+        if not token:
+            return False
         header = bottle.request.get_header("Authorization", "")
         return header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(), token.encode())
+
+    def _authorised(self) -> bool:
+        if not self.settings.api_token or bottle.request.method != "POST":
+            return True
+        return self._token_given()
+
+    def _unavailable(self, status: int, public: str, exc: BaseException, **extra: Any) -> bytes:
+        """An error about the database: the server's own text (which names the database user,
+        host and name) only to a caller holding the token; others read the log."""
+        detail = f"{public}: {exc}" if self._token_given() else f"{public} (details in the pipeline-apid log)"
+        return self._respond(status, {"error": detail, **extra})
 
     def endpoint(self, fn, needs_db: bool = True):
         def handler(*args, **kwargs):
@@ -184,22 +196,22 @@ class Api:
             except errors.TaskError as exc:
                 return self._respond(HTTP_STATUS.get(type(exc), 400), exc.body)
             except db.MigrationLockTimeout as exc:
-                return self._respond(503, {"error": f"database schema: {exc}", "retry": True})
+                log.warning("database schema: %s", exc)
+                return self._unavailable(503, "database schema being migrated", exc, retry=True)
             except db.MigrationError as exc:
                 log.error("database schema: %s", exc)
-                return self._respond(500, {"error": f"database schema: {exc}"})
+                return self._unavailable(500, "database schema", exc)
             except errors.SchemaMissing as exc:
                 self.tracker.schema.lost()
                 log.warning("tracking schema missing (%s); it is installed again on the next request", exc)
-                return self._respond(503, {"error": f"tracking schema missing: {exc}; reinstalling", "retry": True})
+                return self._unavailable(503, "tracking schema missing; reinstalling", exc, retry=True)
             except db.UNAVAILABLE as exc:
                 code = exc.args[0] if exc.args else None
                 if code in db.DEADLOCK_CODES:
-                    return self._respond(503, {"error": f"database busy (lock contention: {exc}); retry",
-                                               "retry": True})
+                    return self._respond(503, {"error": "database busy (lock contention); retry", "retry": True})
                 self.conns.discard()
                 log.warning("database unavailable: %s", exc)
-                return self._respond(503, {"error": f"database unavailable: {exc}", "retry": True})
+                return self._unavailable(503, "database unavailable", exc, retry=True)
             except Exception:  # a bug; say so without leaking more than the class
                 self.conns.discard()
                 log.error("unhandled error on %s %s\n%s", bottle.request.method, bottle.request.path,
@@ -240,15 +252,20 @@ class Api:
         return 200, {"status": "ok"}
 
     def ready(self):
+        """Ready or not, for anyone (a load balancer's probe); why, and which database, only to
+        a caller holding the token (the log says it too)."""
+        detail = self._token_given()
         try:
             self.ensure_schema()
             tables = self.tracker.schema.present()
         except db.UNAVAILABLE as exc:
             self.conns.discard()
-            return 503, {"status": "unavailable", "error": f"database unreachable: {exc}"}
+            log.warning("not ready: database %s unreachable: %s", self.settings.pipeline_db, exc)
+            return 503, {"status": "unavailable", **({"error": f"database unreachable: {exc}"} if detail else {})}
         if len(tables) < len(schema.TABLES):
-            return 503, {"status": "unavailable", "error": "schema missing", "tables": tables}
-        return 200, {"status": "ready", "database": str(self.settings.pipeline_db)}
+            log.warning("not ready: tracking schema missing (tables: %s)", tables)
+            return 503, {"status": "unavailable", **({"error": "schema missing", "tables": tables} if detail else {})}
+        return 200, {"status": "ready", **({"database": str(self.settings.pipeline_db)} if detail else {})}
 
     def register(self):
         data = _body()
@@ -408,7 +425,11 @@ def serve(settings: Settings, app_factory=None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env()
+    check_api_exposure(settings)
     setup_logging("pipeline-apid", None)
+    if settings.api_token is None and not is_loopback(settings.api_host):
+        log.warning("PIPELINE_API_INSECURE=1: listening on %s:%s with no token: anyone who can reach it can "
+                    "register, fail, retry, rewind and claim tasks", settings.api_host, settings.api_port)
     try:
         db.migrations(schema.SCHEMA)  # the files first: a broken install stops here, database or not
         db.ensure_database(settings.pipeline_db)
