@@ -374,6 +374,11 @@ class Settings:
     rules: Rules = field(default_factory=Rules)
     # PIPELINE_API_INSECURE=1: pipeline-apid may listen beyond loopback with no token (warned).
     api_insecure: bool = False
+    # A request must arrive whole (headers and body) within this many seconds of its first byte,
+    # and its answer be read as long; listings and metrics run on API_READ_THREADS threads per
+    # API process, apart from the API_THREADS that serve the daemons (app/api/server.py).
+    api_request_timeout: float = 10.0
+    api_read_threads: int = 1
     # supervisord's XML-RPC unix socket, for the monitor's process panel (default: the one of
     # the project's supervisord.conf, var/run/supervisor.sock next to it).
     supervisor_socket: str = "var/run/supervisor.sock"
@@ -416,6 +421,8 @@ class Settings:
             api_port=_int(env, "PIPELINE_API_PORT", 8082, 0, 65535),
             api_token=_api_token(env),
             api_insecure=_bool(env, "PIPELINE_API_INSECURE", False),
+            api_request_timeout=max(_duration(env, "API_REQUEST_TIMEOUT", 10.0), 0.5),
+            api_read_threads=_int(env, "API_READ_THREADS", 1, 1, 64),
             api_processes=_int(env, "API_WORKERS", 2, 1, 64),
             api_threads=_int(env, "API_THREADS", 4, 1, 256),
             lease_seconds=lease if lease > 0 else 60.0,

@@ -14,6 +14,17 @@ NEW, STARTED, DONE, FAILED = Status.NEW, Status.STARTED, Status.DONE, Status.FAI
 # queue is most of the table and a scan of all finished history once it is not. Reading the
 # ready index is right at every size: it holds exactly the ready rows, already in id order.
 
+def status_index(stage: Stage) -> str:
+    """The contract's index on a stage's status column; InnoDB appends the id to it, so
+    "status = x AND id > after ORDER BY id" is one range read at any depth."""
+    return f"ix_{'ingest' if stage is Stage.INGEST else stage.short}_status"
+
+
+def next_page(rows: list[dict], limit: int, after: int | None) -> dict:
+    """`next_after`: the cursor of the next page (None when this one was the last)."""
+    return {"after": after, "next_after": rows[-1]["id"] if len(rows) == limit else None}
+
+
 def ready_index(stage: Stage, sharded: bool) -> str:
     return f"ix_{stage.short}_ready{'_shard' if sharded else ''}"
 

@@ -10,7 +10,8 @@ import orjson
 
 from ..stages import STAGES, STATUSES, WORK_STAGES, Stage, Status, sql_in
 from .errors import NotFound
-from .queries import COUNT_KEYS, DONE, FAILED, NEW, SQL_COUNTS, STARTED, STATUS_KEYS, iso, iso_s, sql_ready
+from .queries import (COUNT_KEYS, DONE, FAILED, NEW, SQL_COUNTS, STARTED, STATUS_KEYS, iso, iso_s, next_page,
+                      sql_ready, status_index)
 from .store import Store
 
 # /metrics/summary scans the whole table; when that gets slow its answer is reused for a while.
@@ -24,31 +25,42 @@ class Reports:
         self._summary: tuple[float, dict] | None = None
         self._summary_lock = threading.Lock()
 
-    def queue(self, stage: str, limit: int, offset: int, shard: int | None) -> dict:
+    def queue(self, stage: str, limit: int, offset: int, shard: int | None, after: int | None = None) -> dict:
+        """Ready tasks, oldest first; `after`: only those past that id (keyset paging)."""
         stage = Stage(stage)
         args = [shard] if shard is not None else []
-        rows = self._read(sql_ready(stage, shard is not None, "filename, shard, created_at", "LIMIT %s OFFSET %s"),
-                          (*args, limit, offset))
-        return {"stage": stage, "limit": limit, "offset": offset,
+        extra = ""
+        if after is not None:
+            extra, args = " AND id > %s", [*args, after]
+        rows = self._read(sql_ready(stage, shard is not None, "id, filename, shard, created_at", "LIMIT %s OFFSET %s",
+                                    extra), (*args, limit, offset))
+        return {"stage": stage, "limit": limit, "offset": offset, **next_page(rows, limit, after),
                 "items": [{"filename": r["filename"], "shard": r["shard"], "created_at": iso_s(r["created_at"])}
                           for r in rows]}
 
-    def tasks(self, stage: str, status: str, shard: int | None, limit: int, offset: int) -> dict:
-        """Tasks of one stage in one status, with owner, lease, attempts and last error."""
+    def tasks(self, stage: str, status: str, shard: int | None, limit: int, offset: int,
+              after: int | None = None) -> dict:
+        """Tasks of one stage in one status, with owner, lease, attempts and last error, read
+        through the status column's index (which holds the id: `after` is a range of it)."""
         stage = Stage(stage)
         status = Status(status)
         status_col = stage.status_column
         where, args = f"{status_col}=%s", [status]
+        if after is not None:
+            where += " AND id > %s"
+            args.append(after)
         if shard is not None:
             where += " AND shard=%s"
             args.append(shard)
         att = stage.attempts_column or "0"
         rows = self._read(
-            f"SELECT filename, shard, created_at, updated_at, owner, started_at, lease_expires_at, "
+            f"SELECT id, filename, shard, created_at, updated_at, owner, started_at, lease_expires_at, "
             f"{att} AS attempts, last_error, lease_expires_at < NOW(3) AS lease_expired, "
             f"TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000 AS running_ms "
-            f"FROM pipeline_tracking WHERE {where} ORDER BY id LIMIT %s OFFSET %s", (*args, limit, offset))
-        return {"stage": stage, "status": status, "limit": limit, "offset": offset, "items": [
+            f"FROM pipeline_tracking FORCE INDEX ({status_index(stage)}) WHERE {where} ORDER BY id "
+            f"LIMIT %s OFFSET %s", (*args, limit, offset))
+        return {"stage": stage, "status": status, "limit": limit, "offset": offset,
+                **next_page(rows, limit, after), "items": [
             {"filename": r["filename"], "shard": r["shard"], "created_at": iso_s(r["created_at"]),
              "updated_at": iso(r["updated_at"]), "attempts": r["attempts"], "last_error": r["last_error"],
              **({"owner": r["owner"], "started_at": iso(r["started_at"]),

@@ -26,6 +26,7 @@ from . import errors, schema, tracking
 
 BASE = "/api/v1/pipeline"
 MAX_BODY = 64 * 1024
+MAX_OFFSET = 10_000    # rows a listing may skip; deeper pages use after= (keyset)
 MAX_STATS = 32 * 1024  # pipeline_transitions.stats is a TEXT (64 KiB)
 FILENAME = re.compile(r"^[0-9A-Za-z_.-]{1,64}$")
 log = logging.getLogger("pipeline-apid")
@@ -85,6 +86,21 @@ def _query_int(name: str, default: int | None, lo: int, hi: int) -> int | None:
     if not lo <= value <= hi:
         raise BadRequest(f"query parameter '{name}' must be in [{lo}, {hi}], got {value}", name)
     return value
+
+
+def _page() -> tuple[int, int | None]:
+    """(offset, after) of a listing. An offset costs the rows it skips, so it is capped; deeper
+    pages are reached with `after=<next_after of the previous page>` (keyset paging), which
+    costs the same at any depth."""
+    raw = bottle.request.query.get("offset")
+    if raw not in (None, "") and raw.strip().isdigit() and int(raw) > MAX_OFFSET:
+        raise BadRequest(f"query parameter 'offset' must be at most {MAX_OFFSET}: page deeper with "
+                         f"after=<next_after of the previous page>", "offset")
+    offset = _query_int("offset", 0, 0, MAX_OFFSET)
+    after = _query_int("after", None, 0, 2**63 - 1)
+    if after is not None and offset:
+        raise BadRequest("give 'offset' or 'after', not both", "after")
+    return offset, after
 
 
 def _body() -> dict:
@@ -329,16 +345,17 @@ class Api:
 
     def queue(self, stage: str):
         stage = self._stage(stage)
-        return 200, self.tracker.queue(stage, _query_int("limit", 100, 1, 1000),
-                                       _query_int("offset", 0, 0, 10**9), self._query_shard())
+        offset, after = _page()
+        return 200, self.tracker.queue(stage, _query_int("limit", 100, 1, 1000), offset, self._query_shard(), after)
 
     def tasks(self, stage: str):
         stage = self._stage(stage, allow_ingest=True)
         status = bottle.request.query.get("status") or Status.FAILED
         if status not in STATUSES:
             raise BadRequest(f"query parameter 'status' must be one of {', '.join(STATUSES)}", "status")
-        return 200, self.tracker.tasks(stage, Status(status), self._query_shard(),
-                                       _query_int("limit", 100, 1, 1000), _query_int("offset", 0, 0, 10**9))
+        offset, after = _page()
+        return 200, self.tracker.tasks(stage, Status(status), self._query_shard(), _query_int("limit", 100, 1, 1000),
+                                       offset, after)
 
     def file(self, filename: str):
         try:
@@ -390,20 +407,34 @@ def create_app(settings: Settings | None = None, reaper: bool = True) -> bottle.
     return api.app
 
 
+LISTINGS = (f"{BASE}/queues/", f"{BASE}/tasks/", f"{BASE}/metrics/")
+
+
+def is_listing(method: str, path: str) -> bool:
+    """Requests that may read many rows (the dashboard's, an operator's): they get their own
+    threads, so however many arrive, claims, transitions and heartbeats never wait for them."""
+    return method in ("GET", "HEAD") and path.startswith(LISTINGS)
+
+
 def serve(settings: Settings, app_factory=None) -> None:
-    """Run gunicorn (gthread) with the production options; `app_factory(settings)` builds the
-    WSGI app in each gunicorn process after fork (the benchmark's floor endpoint reuses these options)."""
+    """Run gunicorn (app/api/server.py's process class) with the production options;
+    `app_factory(settings)` builds the WSGI app in each gunicorn process after fork (the
+    benchmark's floor endpoint reuses these options)."""
     from gunicorn.app.base import BaseApplication
 
+    from .server import BufferingProcess
+
     factory = app_factory or create_app
+    BufferingProcess.configure(settings.api_request_timeout, MAX_BODY, settings.api_read_threads, is_listing)
 
     class Server(BaseApplication):
         def load_config(self):
             options = {
                 "bind": f"{settings.api_host}:{settings.api_port}",
                 "workers": settings.api_processes,
-                "worker_class": "gthread",
+                "worker_class": BufferingProcess,
                 "threads": settings.api_threads,
+                "worker_connections": 1000,
                 "timeout": 30,
                 "graceful_timeout": 10,
                 "keepalive": 30,
