@@ -69,8 +69,8 @@ def big_queue(api_factory, pipeline_db, shared_dir):
                               API_REQUEST_TIMEOUT="8")
     server = api_factory(env)
     servers.query(pipeline_db, "INSERT INTO pipeline_tracking (filename, shard, event_ingest_status, "
-                               "shard_splitter_status) SELECT CONCAT('q', LPAD(seq, 9, '0')), MOD(seq, 2), 'done', 'done' "
-                               f"FROM seq_1_to_{ROWS}")
+                               "shard_splitter_status) SELECT CONCAT('q', LPAD(seq, 9, '0')), MOD(seq, 2), "
+                               f"'done', 'done' FROM seq_1_to_{ROWS}")
     http = Http(server, TOKEN)
     for n in range(20):
         http.ok("POST", "/files/register", {"filename": f"2099010100{n:04d}"})
