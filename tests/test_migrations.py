@@ -219,15 +219,23 @@ def test_the_splitter_stops_on_missing_sql_files_instead_of_waiting_for_the_data
 def test_the_api_answers_500_naming_the_schema_problem_not_503_database_down(pipeline_db, shared_dir, sql_copy):
     from app.api.service import Api
     shutil.rmtree(sql_copy / "migrations" / "tracking")
-    api = Api(Settings.from_env(servers.service_env(pipeline_db, shared_dir, servers.free_port())))
-    environ: dict = {}
-    setup_testing_defaults(environ)
-    environ["PATH_INFO"] = "/api/v1/pipeline/metrics/summary"
-    status = []
-    body = b"".join(api.app(environ, lambda s, headers, exc_info=None: status.append(s)))
-    assert status[0].startswith("500")
-    error = orjson.loads(body)["error"]
+    api = Api(Settings.from_env(servers.service_env(pipeline_db, shared_dir, servers.free_port(),
+                                                    PIPELINE_API_TOKEN="migrations-test-token")))
+
+    def answer(token=None):
+        environ: dict = {}
+        setup_testing_defaults(environ)
+        environ["PATH_INFO"] = "/api/v1/pipeline/metrics/summary"
+        if token:
+            environ["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+        status = []
+        body = b"".join(api.app(environ, lambda s, headers, exc_info=None: status.append(s)))
+        return status[0], orjson.loads(body)["error"]
+    status, error = answer("migrations-test-token")
+    assert status.startswith("500")
     assert error.startswith("database schema: cannot read the SQL files") and "unavailable" not in error
+    status, error = answer()   # without the token: what kind of problem, not where (paths, names)
+    assert status.startswith("500") and error == "database schema (details in the pipeline-apid log)"
 
 
 def test_the_api_process_exits_at_start_when_its_migrations_are_missing(pipeline_db, shared_dir, tmp_path):
