@@ -15,7 +15,7 @@ read is cut off after REQUEST_TIMEOUT).
 
 Threads come in two lanes, so greedy readers cannot starve the daemons either: listings and
 metrics (`is_listing`) run on READ_THREADS threads (1 by default), each resting after a
-listing as long as it took, everything else (claims, transitions, heartbeats, single files,
+listing twice as long as it took, everything else (claims, transitions, heartbeats, single files,
 health) on gunicorn's `threads`. Kept-alive connections wait in the event loop, not in a
 thread; so do requests still arriving.
 """
@@ -38,6 +38,7 @@ from gunicorn.workers import base
 
 
 SWITCH_INTERVAL = 0.0005
+LISTING_REST = 2.0      # a listing thread rests this many times as long as the listing took
 LISTING_REST_MAX = 2.0
 
 
@@ -352,9 +353,9 @@ class BufferingProcess(base.Worker):
             self.finished.put((conn, keep))
             self._wake()
         if listing:
-            # A listing thread rests as long as it worked: however many listings queue up,
-            # they take at most half of one thread (and of one database connection).
-            time.sleep(min(time.monotonic() - began, LISTING_REST_MAX))
+            # A listing thread rests twice as long as it worked: however many listings queue
+            # up, they take at most a third of one thread (and of one database connection).
+            time.sleep(min((time.monotonic() - began) * LISTING_REST, LISTING_REST_MAX))
 
     def _handle(self, conn: Conn, request: bytes) -> bool:
         """One request, read from memory; whether the connection may serve another."""
