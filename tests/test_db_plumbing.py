@@ -110,12 +110,10 @@ def test_the_order_index_falls_back_to_inserts_where_the_server_refuses_local_in
     try:
         url = server.url("pipeline_db")
         db.ensure_database(url)
-        index = OrderIndex(url, tmp_path)
+        index = OrderIndex(url)
         index.ensure_schema()
-        chunk = tmp_path / "orders.tsv"
-        chunk.write_bytes(b"".join(b"%d\t1\t%d\t%d\n" % (order, line, order % 7)
-                                   for line, order in enumerate(range(100, 130), 1)))
-        index.load(chunk)
+        chunk = b"".join(b"%d\t1\t%d\t%d\n" % (order, line, order % 7) for line, order in enumerate(range(100, 130), 1))
+        index.load("orders.tsv", chunk)
         assert index.use_infile is False
         assert servers.query(url, "SELECT COUNT(*), SUM(shop_id) FROM splitter_order") == \
             [(30, sum(o % 7 for o in range(100, 130)))]
