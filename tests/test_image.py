@@ -203,7 +203,8 @@ def test_a_missing_sql_file_stops_the_service_with_one_line(installed, module, h
     try:
         args = ["--shard", "0"] if module in ("app.worker", "app.sender") else []
         done = in_container(installed, "python", "-m", module, *args, timeout=30,
-                            PIPELINE_API_TOKEN="t", MYSQL_PIPELINE_URL="mysql://root:@127.0.0.1:1/nowhere",
+                            PIPELINE_API_TOKEN="a-token-long-enough-for-0.0.0.0",
+                            MYSQL_PIPELINE_URL="mysql://root:@127.0.0.1:1/nowhere",
                             PIPELINE_URL="http://127.0.0.1:1/api/v1/pipeline",
                             PIPELINE_API_PORT=str(servers.free_port()))
     finally:
