@@ -32,8 +32,9 @@ from pymysql.converters import escape_string
 
 from .. import db
 from ..atomic import TMP_MARK
-from ..config import MySQLURL
+from ..config import MySQLURL, Settings
 from ..events import EVENT_TYPES
+from ..lines import BOM, LineReader, TooLarge, too_deep
 from ..overlap import ReadAhead
 
 log = logging.getLogger("shard-loader")
@@ -42,8 +43,14 @@ log = logging.getLogger("shard-loader")
 SCHEMA = "shard"
 METHODS = ("load_data", "insert")
 INSERT_ROWS = 2000          # rows per INSERT statement (~0.7 MB, far below max_allowed_packet)
-READ_BLOCK = 1 << 22
+READ_BUFFER = 1 << 22
 FIRST_BATCH = 1000          # rows in the first chunk; each next one doubles up to the chunk size
+# A chunk also ends once its lines hold this many bytes, so long lines make small chunks: an
+# INSERT (at most twice its lines once escaped) stays far below max_allowed_packet, and a TSV
+# chunk is never more than a few MB in memory or in the sender's folder.
+INSERT_BYTES = 2 << 20
+CHUNK_BYTES = 8 << 20
+MAX_LINE_BYTES, MAX_JSON_DEPTH = Settings.max_line_bytes, Settings.max_json_depth
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -158,11 +165,13 @@ def _opt_int(ev: dict, name: str, line_no: int, bounds=INT64):
     return value
 
 
-def check_line(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int) -> tuple:
+def check_line(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int,
+               max_depth: int = MAX_JSON_DEPTH) -> tuple:
     """The loadable fields of one prepared line, or BadLine/WrongShard naming the problem.
 
     One combined test on the hot path (this runs a million times per million rows); a line
-    that fails it is examined again by `_explain`, which names what is wrong."""
+    that fails it is examined again by `_explain`, which names what is wrong. The payload
+    must nest shallowly enough for the shard's JSON column (MAX_JSON_DEPTH)."""
     try:
         ev = _loads(line)
         key, etype, shop, user, ts = ev["event_key"], ev["event_type"], ev["shop_id"], ev["user_id"], ev["timestamp"]
@@ -178,15 +187,22 @@ def check_line(line: bytes, line_no: int, source_file: str, shard: int, shard_co
                 and type(ts) is str and len(ts) == 23 and ts[19] == "." and ts[10] == " " and ts >= "1000"
                 and type(payload) is dict):
             _fromisoformat(ts)
-            return key, etype, shop, user, ts, order, good, qty, amount, _dumps(payload).decode()
+            text = _dumps(payload)
+            if not too_deep(text, max_depth - 1):
+                return key, etype, shop, user, ts, order, good, qty, amount, text.decode()
     except (ValueError, KeyError, TypeError):
         pass
-    _explain(line, line_no, source_file, shard, shard_count)
+    _explain(line, line_no, source_file, shard, shard_count, max_depth)
     raise BadLine(line_no, "unreadable line")
 
 
-def _explain(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int) -> None:
+def _explain(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int,
+             max_depth: int = MAX_JSON_DEPTH) -> None:
     """Raise BadLine/WrongShard for the first problem of a line the hot path refused."""
+    if type(line) is TooLarge:
+        raise BadLine(line_no, line.detail)
+    if too_deep(line, max_depth):
+        raise BadLine(line_no, f"nested deeper than {max_depth} levels (MAX_JSON_DEPTH)")
     try:
         ev = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -256,32 +272,39 @@ class _Reading:
 
 
 def _formatted(f, reading: _Reading, source_file: str, shard: int, shard_count: int,
-               fmt: Callable[[tuple], str], per_batch: int) -> Iterator[list[str]]:
+               fmt: Callable[[tuple], str], per_batch: int, max_bytes: int,
+               limits: tuple[int, int]) -> Iterator[list[str]]:
     """Batches of checked lines, each formatted by `fmt`; one loop, no per-line generator. The
-    first batches are small, so the server starts working while the rest is still being read."""
+    first batches are small, so the server starts working while the rest is still being read.
+    A batch ends at `per_batch` lines or once its lines hold `max_bytes`."""
     check = check_line
     hasher = reading.hasher
+    max_line_bytes, max_depth = limits
+    lines = LineReader(f, max_line_bytes)
+    if lines.bom:
+        hasher.update(BOM)
+    finish, update = lines.finish, hasher.update
     buf: list[str] = []
     size = min(FIRST_BATCH, per_batch)
-    rest = b""
+    held = 0
     line_no = 0
-    while block := f.read(READ_BLOCK):
-        hasher.update(block)
-        lines = block.split(b"\n")
-        lines[0] = rest + lines[0]
-        rest = lines.pop()
-        for line in lines:
-            line_no += 1
-            if not line or line.isspace():
-                continue
-            buf.append(fmt(check(line, line_no, source_file, shard, shard_count)))
-            if len(buf) >= size:
-                reading.rows += len(buf)
-                yield buf
-                buf = []
-                size = min(size * 2, per_batch)
-    if rest and not rest.isspace():
-        buf.append(fmt(check(rest, line_no + 1, source_file, shard, shard_count)))
+    for line in lines.pieces:
+        update(line)
+        line_no += 1
+        if line[-1] != 10:
+            line = finish(line)
+            if type(line) is TooLarge:
+                raise BadLine(line_no, line.detail)
+        if line.isspace():
+            continue
+        buf.append(fmt(check(line, line_no, source_file, shard, shard_count, max_depth)))
+        held += len(line)
+        if len(buf) >= size or held >= max_bytes:
+            reading.rows += len(buf)
+            yield buf
+            buf = []
+            held = 0
+            size = min(size * 2, per_batch)
     if buf:
         reading.rows += len(buf)
         yield buf
@@ -319,8 +342,8 @@ def _warnings(cur) -> str:
     return "; ".join(f"{r[1]} {r[2]}" for r in cur.fetchall())
 
 
-def _by_load_data(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check) -> int:
-    batches = _formatted(f, reading, source_file, shard, shard_count, _tsv, chunk_rows)
+def _by_load_data(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check, limits) -> int:
+    batches = _formatted(f, reading, source_file, shard, shard_count, _tsv, chunk_rows, CHUNK_BYTES, limits)
     loaded = 0
     try:
         # The reader thread is joined when the block ends, so no chunk appears after the cleanup.
@@ -353,10 +376,10 @@ def _by_load_data(cur, f, reading, source_file, shard, shard_count, work_dir, ch
     return loaded
 
 
-def _by_insert(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check) -> int:
+def _by_insert(cur, f, reading, source_file, shard, shard_count, work_dir, chunk_rows, check, limits) -> int:
     tail = f"{shard},'{escape_string(source_file)}'"
     batches = _formatted(f, reading, source_file, shard, shard_count, lambda fields: _sql_row(fields, tail),
-                         INSERT_ROWS)
+                         INSERT_ROWS, INSERT_BYTES, limits)
     loaded = 0
     with ReadAhead(_insert_statements(batches), depth=4) as statements:
         for sql, _count in statements:
@@ -380,7 +403,8 @@ def _rollback(conn) -> None:
 
 def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, work_dir: Path, *,
               method: str = "load_data", chunk_rows: int = 10_000,
-              check: Callable[[], None] | None = None) -> LoadResult:
+              check: Callable[[], None] | None = None, max_line_bytes: int = MAX_LINE_BYTES,
+              max_json_depth: int = MAX_JSON_DEPTH) -> LoadResult:
     """Load `path` (the prepared file of `source_file`) into the shard `conn` is connected to
     (autocommit off, local_infile on), all of it or nothing, once.
 
@@ -394,7 +418,7 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
     started = time.monotonic()
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        f = open(path, "rb")
+        f = open(path, "rb", buffering=READ_BUFFER)
     except FileNotFoundError:
         f = None
     plan = [method] if method == "insert" else [method, "insert"]
@@ -417,7 +441,7 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
                     reading = _Reading()
                     try:
                         loaded = _METHOD[attempt](cur, f, reading, source_file, shard, shard_count, work_dir,
-                                                  chunk_rows, check)
+                                                  chunk_rows, check, (max_line_bytes, max_json_depth))
                     except _FallBack as why:
                         conn.rollback()
                         refused = refused or why.refused

@@ -66,7 +66,8 @@ class Sender(StageWork):
             conn = self.shard_db.get()
             result = loader.load_file(
                 conn, path, task.filename, self.shard, self.settings.shard_count, self.folder,
-                method=self.method, chunk_rows=self.settings.sender_chunk_rows, check=ctx.check)
+                method=self.method, chunk_rows=self.settings.sender_chunk_rows, check=ctx.check,
+                max_line_bytes=self.settings.max_line_bytes, max_json_depth=self.settings.max_json_depth)
         except StopRequested:
             ctx.log.info("%s: load rolled back; handing the task back", task.filename)
             raise
