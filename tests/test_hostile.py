@@ -13,6 +13,7 @@ import io
 import itertools
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from app import layout
 from app.config import Settings
 from app.daemon import Context
-from app.lines import LineReader, TooLarge, json_depth
+from app.lines import LineReader, TooLarge, too_deep
 from app.sender import loader
 from app.shutdown import StopFlag
 from app.splitter import reasons as splitter_reasons
@@ -84,10 +85,21 @@ def test_reader_bounds_every_line_and_skips_a_leading_bom():
     assert read_all(BOM[:2]) == (False, [(BOM[:2], None)])
 
 
-def test_json_depth_is_exact_and_ignores_brackets_in_strings():
-    assert json_depth(b'{"a":[1,{"b":"[[[[\\"[["}]}') == 3
-    assert json_depth(b'{"payload":{}}') == 2
-    assert json_depth(nested(100_000)) == 100_000
+def test_depth_is_exact_ignores_brackets_in_strings_and_stays_linear():
+    def depth(value) -> int:
+        if isinstance(value, (dict, list)):
+            return 1 + max(map(depth, value.values() if isinstance(value, dict) else value), default=0)
+        return 0
+    texts = [b'{"a":[1,{"b":"[[[[\\"[["}]}', b'{"payload":{}}', b'[[],[[]],{"x":[{}]}]', b'["\\\\",["]]]"]]',
+             orjson.dumps({"a": [[[["\\\"[[[["]]]]}), b"[" * 40 + b"]" * 40, b"[[]," * 40 + b"1" + b"]" * 40]
+    for text in texts:
+        for limit in range(1, 45):
+            assert too_deep(text, limit) is (depth(orjson.loads(text)) > limit), (text, limit)
+    started = time.process_time()
+    for text in (nested(500_000), b"[" * 1_000_000, b'["' + b'\\"' * 500_000, b"[[]," * 250_000 + b"]" * 250_000,
+                 (b"[" * 20 + b"]" * 19) * 25_000, b"[" + b'"",' * 330_000 + b"1]"):
+        too_deep(text, 32)
+    assert time.process_time() - started < 5   # linear: ~0.3 s here; a backtracking scan took hours
 
 
 # -- the splitter --------------------------------------------------------------------------------
@@ -237,6 +249,16 @@ def test_a_return_held_at_the_end_of_time_does_not_overflow(worker0):
     done, prepared, rejected = work(stage, "20260501100005", [late, valid_lines(1)[0]])
     assert done.stats["held"] == 1 and done.stats["accepted"] == 1 and rejected == []
     assert servers.query(stage.settings.pipeline_db, "SELECT expires_at FROM worker_holds")[0][0].year == 9999
+
+
+def test_with_rule_balance_off_a_balance_never_leaves_its_column(worker0):
+    stage = worker0(RULE_BALANCE="false", HOLD_SECONDS=0)
+    lines = [event(1, f"2026-05-01 10:00:{i // 1000:02d}.{i % 1000:03d}", order_id=i + 1, user_id=1, shop_id=2,
+                   good_id=1, qty=1, price_at_order=9999999999999.99) for i in range(1002)]
+    done, prepared, rejected = work(stage, "20260501100009", lines)
+    # 1000.00 + 1000 purchases of 9,999,999,999,999.99 fit in DECIMAL(18,2); the next two do not
+    assert done.stats["accepted"] == 1000 and done.stats["rejected"] == {"insufficient_balance": 2}
+    assert [r["line_no"] for r in rejected] == [1001, 1002]
 
 
 def test_a_holds_table_of_before_is_widened_at_start(pipeline_db):
