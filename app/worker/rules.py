@@ -47,6 +47,7 @@ TOO_LARGE = CODE["too_large"]
 
 CENT = Decimal("0.01")
 MAX_AMOUNT = Decimal("1e13")      # far below DECIMAL(18,2), so sums of a batch cannot overflow
+BALANCE_MIN = Decimal("-9999999999999999.99")   # what worker_balances.balance (DECIMAL(18,2)) holds
 ID_MAX = MAX_ID                   # BIGINT
 QTY_MAX = (1 << 31) - 1           # INT
 TIME_LEN = 23                     # YYYY-MM-DD HH:MM:SS.mmm
@@ -310,6 +311,8 @@ def purchase(ev: Event, balance: Decimal, shop_active: bool, stock: int | None, 
     if rules.purchase_takes_stock and rules.stock and (stock or 0) < ev.qty:
         return NEGATIVE_STOCK
     if rules.balance and balance - ev.amount < 0:
+        return INSUFFICIENT_BALANCE
+    if balance - ev.amount < BALANCE_MIN:   # with RULE_BALANCE off: what the balance column cannot hold
         return INSUFFICIENT_BALANCE
     return ACCEPTED
 
