@@ -124,7 +124,7 @@ def too_deep(text: bytes, max_depth: int) -> bool:
     of brackets: escapes go first, strings are what lies between two quotes; a text is too
     deep when `max_depth + 1` brackets open in a row, or when a pair is left after `max_depth`
     passes that each drop every innermost pair."""
-    if 91 not in text and text.count(123) <= max_depth:
+    if 91 not in text and (text.find(123, 1) < 0 or text.count(123) <= max_depth):
         return False
     if 92 in text:
         text = text.replace(b"\\\\", b"").replace(b'\\"', b"")

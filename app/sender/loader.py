@@ -17,6 +17,7 @@ A thread parses and checks the next chunk while the server stores the current on
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ from .. import db
 from ..atomic import TMP_MARK
 from ..config import MySQLURL, Settings
 from ..events import EVENT_TYPES
-from ..lines import BOM, LineReader, TooLarge, too_deep
+from ..lines import LineReader, TooLarge, too_deep
 from ..overlap import ReadAhead
 
 log = logging.getLogger("shard-loader")
@@ -165,13 +166,13 @@ def _opt_int(ev: dict, name: str, line_no: int, bounds=INT64):
     return value
 
 
-def check_line(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int,
-               max_depth: int = MAX_JSON_DEPTH) -> tuple:
+def check_line(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int) -> tuple:
     """The loadable fields of one prepared line, or BadLine/WrongShard naming the problem.
 
     One combined test on the hot path (this runs a million times per million rows); a line
-    that fails it is examined again by `_explain`, which names what is wrong. The payload
-    must nest shallowly enough for the shard's JSON column (MAX_JSON_DEPTH)."""
+    that fails it is examined again by `_explain`, which names what is wrong. Nesting is not
+    measured here (it would cost every row); a payload the JSON column refuses is named by
+    `_refused` when the server says so."""
     try:
         ev = _loads(line)
         key, etype, shop, user, ts = ev["event_key"], ev["event_type"], ev["shop_id"], ev["user_id"], ev["timestamp"]
@@ -187,22 +188,15 @@ def check_line(line: bytes, line_no: int, source_file: str, shard: int, shard_co
                 and type(ts) is str and len(ts) == 23 and ts[19] == "." and ts[10] == " " and ts >= "1000"
                 and type(payload) is dict):
             _fromisoformat(ts)
-            text = _dumps(payload)
-            if not too_deep(text, max_depth - 1):
-                return key, etype, shop, user, ts, order, good, qty, amount, text.decode()
+            return key, etype, shop, user, ts, order, good, qty, amount, _dumps(payload).decode()
     except (ValueError, KeyError, TypeError):
         pass
-    _explain(line, line_no, source_file, shard, shard_count, max_depth)
+    _explain(line, line_no, source_file, shard, shard_count)
     raise BadLine(line_no, "unreadable line")
 
 
-def _explain(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int,
-             max_depth: int = MAX_JSON_DEPTH) -> None:
+def _explain(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int) -> None:
     """Raise BadLine/WrongShard for the first problem of a line the hot path refused."""
-    if type(line) is TooLarge:
-        raise BadLine(line_no, line.detail)
-    if too_deep(line, max_depth):
-        raise BadLine(line_no, f"nested deeper than {max_depth} levels (MAX_JSON_DEPTH)")
     try:
         ev = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -271,6 +265,22 @@ class _Reading:
         self.hasher = hashlib.sha1()  # `sha1sum <prepared file>` gives the same: an operator can compare
 
 
+class _Hashed(io.RawIOBase):
+    """The file as it is read, hashed on the way: one update per buffer fill, not per line."""
+
+    def __init__(self, raw, hasher):
+        self.raw, self.hasher = raw, hasher
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.raw.readinto(b)
+        if n:
+            self.hasher.update(memoryview(b)[:n])
+        return n
+
+
 def _formatted(f, reading: _Reading, source_file: str, shard: int, shard_count: int,
                fmt: Callable[[tuple], str], per_batch: int, max_bytes: int,
                limits: tuple[int, int]) -> Iterator[list[str]]:
@@ -278,18 +288,14 @@ def _formatted(f, reading: _Reading, source_file: str, shard: int, shard_count: 
     first batches are small, so the server starts working while the rest is still being read.
     A batch ends at `per_batch` lines or once its lines hold `max_bytes`."""
     check = check_line
-    hasher = reading.hasher
-    max_line_bytes, max_depth = limits
-    lines = LineReader(f, max_line_bytes)
-    if lines.bom:
-        hasher.update(BOM)
-    finish, update = lines.finish, hasher.update
+    max_line_bytes, _ = limits
+    lines = LineReader(io.BufferedReader(_Hashed(f, reading.hasher), READ_BUFFER), max_line_bytes)
+    finish = lines.finish
     buf: list[str] = []
     size = min(FIRST_BATCH, per_batch)
     held = 0
     line_no = 0
     for line in lines.pieces:
-        update(line)
         line_no += 1
         if line[-1] != 10:
             line = finish(line)
@@ -297,7 +303,7 @@ def _formatted(f, reading: _Reading, source_file: str, shard: int, shard_count: 
                 raise BadLine(line_no, line.detail)
         if line.isspace():
             continue
-        buf.append(fmt(check(line, line_no, source_file, shard, shard_count, max_depth)))
+        buf.append(fmt(check(line, line_no, source_file, shard, shard_count)))
         held += len(line)
         if len(buf) >= size or held >= max_bytes:
             reading.rows += len(buf)
@@ -381,14 +387,38 @@ def _by_insert(cur, f, reading, source_file, shard, shard_count, work_dir, chunk
     batches = _formatted(f, reading, source_file, shard, shard_count, lambda fields: _sql_row(fields, tail),
                          INSERT_ROWS, INSERT_BYTES, limits)
     loaded = 0
+    refused = None
     with ReadAhead(_insert_statements(batches), depth=4) as statements:
         for sql, _count in statements:
             if check:
                 check()
-            loaded += cur.execute(sql)
+            try:
+                loaded += cur.execute(sql)
+            except pymysql.err.OperationalError as exc:
+                if not exc.args or exc.args[0] not in db.CONSTRAINT_FAILED:
+                    raise
+                refused = exc
+                break
             if cur.warning_count:
                 raise RowsRefused(f"the server warned while storing {source_file}: {_warnings(cur)}")
+    if refused is not None:   # the reader has stopped: the file can be read again
+        raise _refused(f, limits, refused)
     return loaded
+
+
+def _refused(f, limits: tuple[int, int], exc: Exception) -> Exception:
+    """The server refused a row of this file (a CHECK constraint: the payload column's JSON
+    validity). Name the line when a rule of this stage refuses it too — nested deeper than
+    MAX_JSON_DEPTH, what MariaDB's JSON column refuses — else report the server's words.
+    Rare, so it is found here by reading the file again, not checked on every row."""
+    max_line_bytes, max_depth = limits
+    f.seek(0)
+    lines = LineReader(io.BufferedReader(_Hashed(f, hashlib.sha1()), READ_BUFFER), max_line_bytes)
+    for line_no, line in enumerate(lines, 1):
+        if too_deep(line, max_depth):
+            return BadLine(line_no, f"nested deeper than {max_depth} levels (MAX_JSON_DEPTH): "
+                                    f"the shard's JSON column refuses it")
+    return RowsRefused(f"the shard server refused a row: {exc.args[-1]}")
 
 
 _METHOD = {"load_data": _by_load_data, "insert": _by_insert}
@@ -418,7 +448,7 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
     started = time.monotonic()
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        f = open(path, "rb", buffering=READ_BUFFER)
+        f = open(path, "rb", buffering=0)   # buffered (and hashed) per attempt, see _formatted
     except FileNotFoundError:
         f = None
     plan = [method] if method == "insert" else [method, "insert"]
