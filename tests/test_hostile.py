@@ -261,17 +261,23 @@ def test_with_rule_balance_off_a_balance_never_leaves_its_column(worker0):
     assert [r["line_no"] for r in rejected] == [1001, 1002]
 
 
-def test_a_holds_table_of_before_is_widened_at_start(pipeline_db):
-    from app.worker.state import WorkerState
-    state = WorkerState(pipeline_db, 0)
-    state.open()
-    state.conn.cursor().execute("ALTER TABLE worker_holds MODIFY raw BLOB NOT NULL")   # as deployed before
-    state.close()
-    state.open()
-    state.close()
+def test_migration_0002_widens_the_held_lines_of_a_database_of_before(pipeline_db):
+    from app import db
+    conn = db.connect(pipeline_db)
+    try:
+        db.migrate(conn, "worker")
+        with conn.cursor() as cur:   # as migration 0001 alone left it, with a held return in it
+            cur.execute("ALTER TABLE worker_holds MODIFY raw BLOB NOT NULL")
+            cur.execute("DELETE FROM schema_migrations WHERE component = 'worker' AND version = 2")
+            cur.execute("INSERT INTO worker_holds (file_id, line, shard, order_id, event_time, expires_at, raw) "
+                        "VALUES (1, 1, 0, 7, NOW(3), NOW(3), 'kept')")
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0002_held_lines_mediumblob"]
+    finally:
+        conn.close()
     assert servers.query(pipeline_db, "SELECT DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
                                       "DATABASE() AND TABLE_NAME = 'worker_holds' AND COLUMN_NAME = 'raw'") == \
         [("mediumblob",)]
+    assert servers.query(pipeline_db, "SELECT raw FROM worker_holds") == [(b"kept",)]
 
 
 # -- the sender -----------------------------------------------------------------------------------
