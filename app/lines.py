@@ -21,6 +21,7 @@ from functools import partial
 from typing import BinaryIO, Iterator
 
 BOM = b"\xef\xbb\xbf"
+READ_BUFFER = 1 << 20      # the buffered reader's size for the splitter's and the worker's input
 PREFIX_BYTES = 1024        # what a rejected record keeps of a line over the limit
 SKIP_PIECE = 1 << 20       # bytes read at a time while reading past such a line
 

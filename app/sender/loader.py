@@ -44,7 +44,7 @@ log = logging.getLogger("shard-loader")
 SCHEMA = "shard"
 METHODS = ("load_data", "insert")
 INSERT_ROWS = 2000          # rows per INSERT statement (~0.7 MB, far below max_allowed_packet)
-READ_BUFFER = 1 << 22
+PREPARED_BUFFER = 1 << 22
 FIRST_BATCH = 1000          # rows in the first chunk; each next one doubles up to the chunk size
 # A chunk also ends once its lines hold this many bytes, so long lines make small chunks: an
 # INSERT (at most twice its lines once escaped) stays far below max_allowed_packet, and a TSV
@@ -289,7 +289,7 @@ def _formatted(f, reading: _Reading, source_file: str, shard: int, shard_count: 
     A batch ends at `per_batch` lines or once its lines hold `max_bytes`."""
     check = check_line
     max_line_bytes, _ = limits
-    lines = LineReader(io.BufferedReader(_Hashed(f, reading.hasher), READ_BUFFER), max_line_bytes)
+    lines = LineReader(io.BufferedReader(_Hashed(f, reading.hasher), PREPARED_BUFFER), max_line_bytes)
     finish = lines.finish
     buf: list[str] = []
     size = min(FIRST_BATCH, per_batch)
@@ -413,7 +413,7 @@ def _refused(f, limits: tuple[int, int], exc: Exception) -> Exception:
     Rare, so it is found here by reading the file again, not checked on every row."""
     max_line_bytes, max_depth = limits
     f.seek(0)
-    lines = LineReader(io.BufferedReader(_Hashed(f, hashlib.sha1()), READ_BUFFER), max_line_bytes)
+    lines = LineReader(io.BufferedReader(_Hashed(f, hashlib.sha1()), PREPARED_BUFFER), max_line_bytes)
     for line_no, line in enumerate(lines, 1):
         if too_deep(line, max_depth):
             return BadLine(line_no, f"nested deeper than {max_depth} levels (MAX_JSON_DEPTH): "

@@ -23,7 +23,7 @@ from ..client import ApiError, ApiUnavailable, PipelineClient, Task
 from ..config import Settings
 from ..daemon import Context, Done, Failed, Outcome, Retryable, StageWork, run_stage
 from ..db import UNAVAILABLE
-from ..lines import LineReader, TooLarge
+from ..lines import READ_BUFFER, LineReader, TooLarge
 from ..stages import Stage
 from . import reasons
 from .order_index import SCHEMA, FileRouting, OrderIndex
@@ -32,7 +32,6 @@ SOURCE_MISSING = "source missing"
 CHECK_EVERY = 1 << 15     # lines between stop checks
 BUFFER_LINES = 8192       # lines held back while shop-less returns wait for one lookup
 BUFFER_BYTES = 1 << 20    # ... and at most this many bytes of them
-READ_BUFFER = 1 << 20
 
 log = logging.getLogger(Stage.SPLITTER)
 

@@ -26,7 +26,7 @@ from ..daemon import Context, Done, Failed, InputMissing, Retryable, StageWork, 
 from ..db import DEADLOCK_CODES, UNAVAILABLE
 from ..db import DUP_ENTRY as DUPLICATE_KEY
 from ..events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
-from ..lines import LineReader, TooLarge
+from ..lines import READ_BUFFER, LineReader, TooLarge
 from ..overlap import Behind, ReadAhead, Turns
 from ..stages import Stage
 from .ledger import Ledger, LedgerConflict
@@ -45,7 +45,6 @@ PAUSE_LINES = 256         # lines a helper thread handles between looks at whose
 # small batches: memory (a batch read ahead, one deciding, one being written) and the batch's
 # statements (a held return's line is stored) stay bounded whatever the lines' size.
 BATCH_BYTES = 4 << 20
-READ_BUFFER = 1 << 20
 
 
 def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) -> bytes:
