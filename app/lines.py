@@ -52,7 +52,6 @@ class LineReader:
     def __init__(self, f: BinaryIO, limit: int):
         self.f = f
         self.limit = limit
-        self.too_large = 0
         # peek fills the buffer on a fresh reader, so a BOM split over two reads cannot happen
         # on a regular file.
         self.bom = f.peek(len(BOM))[:len(BOM)] == BOM
@@ -75,7 +74,6 @@ class LineReader:
                 size += len(more) - 1
                 break
             size += len(more)
-        self.too_large += 1
         return TooLarge(piece[:PREFIX_BYTES], size, self.limit)
 
     def __iter__(self) -> Iterator[bytes]:
