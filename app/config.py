@@ -388,6 +388,13 @@ class Settings:
     # server refuses LOCAL; insert: multi-row INSERT) and rows per LOAD DATA chunk (docs/sender.md).
     sender_method: str = "load_data"
     sender_chunk_rows: int = 10_000
+    # Every stage's limits on one input line (app/lines.py): a longer line is rejected as
+    # too_large, read past in bounded memory; a deeper one as malformed. At most 4 MiB: a line
+    # must fit, escaped, in one statement under MariaDB's default max_allowed_packet (16 MiB).
+    # At most 32 levels: the shard's JSON column refuses a payload nested deeper than 31
+    # (MariaDB's limit), and the payload sits one level down in its line.
+    max_line_bytes: int = 1 << 20
+    max_json_depth: int = 32
     # event-ingest's generator (docs/ingest.md): seed (None: a random one), injection rates by
     # name from INGEST_RATE_<NAME>, and the size of its world.
     ingest_seed: int | None = None
@@ -449,6 +456,8 @@ class Settings:
             worker_batch_lines=_int(env, "WORKER_BATCH_LINES", 8000, 1, 100_000),
             sender_method=_choice(env, "SENDER_METHOD", "load_data", ("load_data", "insert")),
             sender_chunk_rows=_int(env, "SENDER_CHUNK_ROWS", 10_000, 100, 1_000_000),
+            max_line_bytes=_int(env, "MAX_LINE_BYTES", 1 << 20, 4096, 4 << 20),
+            max_json_depth=_int(env, "MAX_JSON_DEPTH", 32, 2, 32),
             ingest_seed=_int(env, "INGEST_SEED", None, 0, 2**63 - 1),
             ingest_rates=_ingest_rates(env),
             ingest_shops=_int(env, "INGEST_SHOPS", 20, 1, 1_000_000),

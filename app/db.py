@@ -36,6 +36,9 @@ LOCK_WAIT_TIMEOUT = ER.LOCK_WAIT_TIMEOUT
 DEADLOCK_CODES = frozenset({DEADLOCK, LOCK_WAIT_TIMEOUT})  # retry the transaction
 NO_SUCH_TABLE = ER.NO_SUCH_TABLE
 DUP_ENTRY = ER.DUP_ENTRY
+# A CHECK constraint refused a row (MariaDB 4025, ER_CONSTRAINT_FAILED; MySQL 8.0 3819): e.g. a
+# JSON column's json_valid, which in MariaDB refuses documents nested deeper than 31 levels.
+CONSTRAINT_FAILED = frozenset({4025, 3819})
 # LOAD DATA LOCAL INFILE refused: by the server (MySQL 8.0 with local_infile=OFF answers 3948,
 # ER_CLIENT_LOCAL_FILES_DISABLED; MariaDB 4166, ER_LOAD_INFILE_CAPABILITY_DISABLED; older ones
 # 1148) or by the client library (2068). PyMySQL names only the first and the last.

@@ -12,17 +12,84 @@ sequential pass gives the same answer as two workers running side by side.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
 SUFFIX = ".event-ingest.txt"
 ORDER_TYPES = (1, 3)
+BOM = b"\xef\xbb\xbf"
+MAX_LINE_BYTES = 1 << 20      # the defaults of MAX_LINE_BYTES and MAX_JSON_DEPTH
+MAX_JSON_DEPTH = 32
+ID_MAX, QTY_MAX = (1 << 63) - 1, (1 << 31) - 1
+TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _json(text: bytes):
-    return json.loads(text, parse_float=Decimal)
+    return json.loads(text, parse_float=Decimal, parse_constant=_no_constant)
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def _worker_malformed(ev: dict) -> bool:
+    """A routed line the worker must reject as `malformed` (docs/business-rules.md: the event's
+    fields, its timestamp, its nesting), checked before any rule."""
+    if _depth(ev) > MAX_JSON_DEPTH:
+        return True
+    ts = ev.get("timestamp")
+    if not isinstance(ts, str) or not TIME.fullmatch(ts) or ts < "1000":
+        return True
+    try:
+        datetime.strptime(ts, "%Y-%m-%d %H:%M:%S.%f")
+    except ValueError:
+        return True
+    p = ev["payload"]
+
+    def whole(name, lo, hi, optional=False):
+        v = p.get(name)
+        return (optional and v is None) or (type(v) is int and lo <= v <= hi)
+
+    def money(name):
+        v = p.get(name)
+        if type(v) is int:
+            v = Decimal(v)
+        return isinstance(v, Decimal) and v.is_finite() and abs(v) < Decimal("1e13") and v.as_tuple().exponent >= -2
+    ids = {name: whole(name, 0, ID_MAX) for name in ("user_id", "shop_id", "good_id")}
+    t = ev["event_type"]
+    if t == 0:
+        ok = ids["shop_id"] and ids["good_id"] and whole("delta_count", -QTY_MAX, QTY_MAX)
+    elif t in ORDER_TYPES:
+        ok = (whole("order_id", -ID_MAX - 1, ID_MAX) and ids["user_id"] and ids["good_id"]
+              and whole("qty", -QTY_MAX, QTY_MAX) and money("price_at_order" if t == 1 else "refund_amount")
+              and (ids["shop_id"] if t == 1 else whole("shop_id", 0, ID_MAX, optional=True)))
+    elif t == 2:
+        ok = ids["shop_id"] and ids["good_id"] and money("new_price")
+    else:
+        ok = ids["shop_id"] and (type(p.get("active")) is bool or p.get("active") in (0, 1))
+    return not ok
+
+
+def file_lines(path: Path) -> tuple[list[bytes], bool]:
+    """A source file's lines as the splitter reads them (split at `\n` only; a last line
+    without one gets one), and whether a leading BOM was skipped."""
+    data = path.read_bytes()
+    bom = data.startswith(BOM)
+    lines = data[len(BOM) if bom else 0:].split(b"\n")
+    last = lines.pop()
+    return [line + b"\n" for line in lines] + ([last + b"\n"] if last else []), bom
 
 
 def canonical(payload: dict) -> str:
@@ -101,16 +168,21 @@ def compute(files: list[Path], shard_count: int = 2, opening_balance: Decimal = 
 
     for path in sorted(files, key=lambda q: q.name):
         filename = path.name[: -len(SUFFIX)]
-        lines = path.read_bytes().splitlines(keepends=True)
+        lines, _ = file_lines(path)
         # -- the splitter --------------------------------------------------------------------
         routed: list[tuple[int, int, dict]] = []
         for no, line in enumerate(lines, 1):
+            if len(line) - 1 > MAX_LINE_BYTES:
+                truth.fate[(filename, no)] = "too_large"
+                truth.splitter_rejected[filename]["too_large"] += 1
+                continue
             if not line.strip():
                 truth.fate[(filename, no)] = "empty_line"
+                truth.splitter_rejected[filename]["empty_line"] += 1
                 continue
             try:
-                ev = _json(line)
-            except ValueError:
+                ev = None if line.startswith(BOM) else _json(line)   # past the start, a BOM is data
+            except (ValueError, RecursionError):                     # too deep for any parser: malformed
                 ev = None
             if not isinstance(ev, dict) or not isinstance(ev.get("payload"), dict):
                 reason = "malformed_json"
@@ -126,11 +198,12 @@ def compute(files: list[Path], shard_count: int = 2, opening_balance: Decimal = 
                     reason = "missing_shop_id"
                 elif type(shop) is not int:
                     reason = "non_integer_shop_id"
-                elif shop < 0:
+                elif not 0 <= shop <= ID_MAX:
                     reason = "shop_id_out_of_range"
                 else:
                     reason = None
-                if reason is None and t == 1 and type(p.get("order_id")) is int:
+                if reason is None and t == 1 and type(p.get("order_id")) is int \
+                        and -ID_MAX - 1 <= p["order_id"] <= ID_MAX:
                     order_shop.setdefault(p["order_id"], shop)
             if reason:
                 truth.fate[(filename, no)] = reason
@@ -142,6 +215,10 @@ def compute(files: list[Path], shard_count: int = 2, opening_balance: Decimal = 
         # -- the workers ---------------------------------------------------------------------
         for no, shard, ev in routed:
             truth.worker_in[(filename, shard)] += 1
+            if _worker_malformed(ev):   # rejected before any rule: no state, no key
+                truth.fate[(filename, no)] = "malformed"
+                truth.worker_rejected[(filename, shard)]["malformed"] += 1
+                continue
             t, p = ev["event_type"], ev["payload"]
             key = (t, p["order_id"]) if t in ORDER_TYPES else (t, canonical(p), ev["timestamp"])
             if key in seen_keys[shard]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +52,13 @@ class Pipeline:
     # -- processes -----------------------------------------------------------------------------
 
     def start(self) -> "Pipeline":
+        return self.start_api().start_daemons()
+
+    def start_api(self) -> "Pipeline":
         self.api = servers.start_api(self.env, self.root / "logs", self.api_module)
+        return self
+
+    def start_daemons(self) -> "Pipeline":
         for r in range(1, self.replicas + 1):
             self._daemon(f"shard-splitter-r{r}", "app.splitter", [])
             for n in range(self.shard_count):
@@ -219,3 +226,128 @@ def chaos_loop(pipe: Pipeline, seconds: float, every: float, rng: random.Random,
         if on_tick:
             on_tick(len(killed))
     return killed
+
+
+# -- one enormous line at the door of each stage -------------------------------------------------
+
+BIG_LINE_NAMES = {"source": "20260601000003", "worker": "20260601000001", "sender": "20260601000002"}
+
+
+def _write_lines_around(path: Path, before: list[bytes], head: bytes, size: int, tail: bytes,
+                        after: list[bytes]) -> None:
+    """`before`, then one line of exactly `size` bytes (`head`, filler, `tail`), then `after`;
+    written a MiB at a time, so the writer never holds the line either."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"".join(before))
+        f.write(head)
+        left = size - len(head) - len(tail)
+        piece = b"x" * (1 << 20)
+        while left > 0:
+            f.write(piece[:left])
+            left -= len(piece)
+        f.write(tail + b"\n")
+        f.write(b"".join(after))
+
+
+def _event_line(n: int, shop: int, minute: int = 0) -> bytes:
+    return json.dumps({"event_type": 0, "payload": {"shop_id": shop, "good_id": 1, "delta_count": n + 1},
+                       "timestamp": f"2026-06-01 00:{minute:02d}:00.{n:03d}"}).encode() + b"\n"
+
+
+def _prepared_line(n: int, name: str, pad: str = "") -> bytes:
+    payload = {"shop_id": 4, "good_id": 1, "delta_count": n + 1}
+    return json.dumps({"event_key": f"0:hbig{n:028d}", "event_type": 0, "shop_id": 4, "user_id": None,
+                       "timestamp": "2026-06-01 00:00:00.000", "shard": 0, "order_id": None, "good_id": 1,
+                       "qty": n + 1, "amount": None, "source_file": name, "payload": payload}).encode() + b"\n"
+
+
+def big_line_run(pipe: Pipeline, size: int, work: Path) -> tuple[dict, dict, dict]:
+    """Put a line of `size` bytes (a valid event but for its size) in front of each stage in
+    turn, with the real processes: in a source file (imported by event-ingest, read by the
+    splitter), in a shard file the worker reads (the test plays the splitter, which is stopped
+    by then) and in a prepared file the sender reads (the test plays the splitter and the worker,
+    both stopped). Each daemon's peak RSS is read just before it stops. Returns the peaks, the
+    exit codes (None: the daemon had died before) and every file's shards from the API."""
+    rss: dict[str, float] = {}
+    codes: dict[str, int | None] = {}
+
+    def stop(prefix: str) -> None:
+        for name, proc in pipe.daemons.items():
+            if name.startswith(prefix) and name not in codes:
+                alive = proc.proc.poll() is None
+                rss[name] = peak_rss_mib(proc.proc.pid) if alive else float("nan")
+                code = proc.stop(20)
+                codes[name] = code if alive else None
+
+    def head(minute: int) -> bytes:
+        return b'{"event_type":2,"timestamp":"2026-06-01 00:%02d:00.500","payload":{"shop_id":4,"good_id":1,' \
+               b'"new_price":9.5,"pad":"' % minute
+    pipe.start()
+    source = work / "big-source"
+    lines = [_event_line(n, n % 4) for n in range(50)]
+    _write_lines_around(source / f"{BIG_LINE_NAMES['source']}{ground_truth.SUFFIX}", lines[:25], head(0), size,
+                        b'"}}', lines[25:])
+    pipe.import_files(source)
+    shutil.rmtree(source, ignore_errors=True)
+    wait_settled(pipe, [BIG_LINE_NAMES["source"]], timeout=300)
+    stop("shard-splitter")
+
+    client = pipe.api.client()
+    shared = pipe.shared
+    for stage in ("worker", "sender"):
+        name = BIG_LINE_NAMES[stage]
+        for shard in (0, 1):
+            lines = [_event_line(n, 2 * n + shard, 1) for n in range(50)]
+            path = shared / "shard-splitter" / f"{name}.shard-splitter.{shard}.txt"
+            if stage == "worker" and shard == 0:
+                _write_lines_around(path, lines[:25], head(1), size, b'"}}', lines[25:])
+            else:
+                path.write_bytes(b"".join(lines))
+            if stage == "sender":
+                prepared = shared / f"shard-worker-{shard}" / f"{name}.shard-worker.{shard}.prepared.txt"
+                rows = [_prepared_line(n, name) for n in range(50)] if shard == 0 else []
+                if shard == 0:
+                    big = _prepared_line(99, name).replace(b'"payload": {', b'"payload": {"pad": "', 1)
+                    cut = big.index(b'"pad": "') + len(b'"pad": "')
+                    _write_lines_around(prepared, rows[:25], big[:cut], size, b'", ' + big[cut:-1], rows[25:])
+                else:
+                    prepared.parent.mkdir(parents=True, exist_ok=True)
+                    prepared.write_bytes(b"")
+        client.register(name, [0, 1])
+        client.ingest_done(name)
+        for shard in (0, 1):
+            for stage_name in ["shard-splitter"] + (["shard-worker"] if stage == "sender" else []):
+                client.start(stage_name, name, shard, f"test/{stage_name}")
+                client.done(stage_name, name, shard, f"test/{stage_name}", events=50)
+        wait_settled(pipe, [name], timeout=300)
+        stop("shard-worker")
+    stop("mysql-sender")
+    files = {name: client.file(name)["shards"] for name in BIG_LINE_NAMES.values()}
+    return rss, codes, files
+
+
+def wait_settled(pipe: Pipeline, names: list[str], timeout: float) -> dict[str, list[dict]]:
+    """Until every task of `names` is done at mysql-sender or failed somewhere: each file's shards."""
+    client = pipe.api.client()
+    stages = ("shard_splitter_status", "shard_worker_status", "mysql_sender_status")
+
+    def settled():
+        files = {n: client.file(n)["shards"] for n in names}
+        for shards in files.values():
+            for s in shards:
+                if s["mysql_sender_status"] != "done" and "failed" not in (s[k] for k in stages):
+                    return None
+        return files
+    try:
+        return servers.wait_until(settled, timeout, 0.5, what="every task settled")
+    except TimeoutError:
+        raise AssertionError(f"not settled: {[client.file(n)['shards'] for n in names]}\n{pipe.logs()}") from None
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")

@@ -48,9 +48,10 @@ def test_each_rule_and_reason(pipeline):
         price_change(19, 2, 1, 12.5),                                   # 22 accepted
         shop_status(31_000, 6, True),                                   # 23 accepted (expires 21 first)
         line_with_time("2026-13-01 00:00:00.000"),                      # 24 malformed timestamp
+        purchase(20, 21, user=6, shop=2)[:-1] + b', "pad": "' + b"x" * 5000 + b'"}}',  # 25 too_large
     ]
     pipeline.feed(F1, {0: lines})
-    w = pipeline.worker(0)
+    w = pipeline.worker(0, MAX_LINE_BYTES=4096)
     task = pipeline.wait_done(F1)
     stats = task["stats"]["shard-worker"]
     prepared, rejected = pipeline.prepared(F1), pipeline.rejected(F1)
@@ -59,8 +60,8 @@ def test_each_rule_and_reason(pipeline):
     assert reasons(rejected) == [
         "insufficient_balance", "negative_stock", "shop_inactive", "non_positive_price", "non_positive_price",
         "non_positive_qty", "malformed", "wrong_shard", "refund_exceeds_purchase", "shop_inactive",
-        "purchase_rejected", "return_mismatch", "duplicate", "orphan_return", "malformed"]
-    assert [r["line_no"] for r in rejected] == [2, 4, 7, 8, 9, 10, 11, 12, 14, 15, 16, 18, 20, 21, 24]
+        "purchase_rejected", "return_mismatch", "duplicate", "orphan_return", "malformed", "too_large"]
+    assert [r["line_no"] for r in rejected] == [2, 4, 7, 8, 9, 10, 11, 12, 14, 15, 16, 18, 20, 21, 24, 25]
     assert all(r["source_file"] == F1 for r in rejected)
     assert rejected[1]["line"] == lines[3].decode()
     assert "detail" in rejected[6] and "detail" in rejected[7] and "timestamp" in rejected[14]["detail"]
@@ -79,11 +80,13 @@ def test_each_rule_and_reason(pipeline):
     assert prepared[1]["qty"] == 5 and prepared[1]["amount"] is None
     assert all(p["timestamp"][-4] == "." for p in prepared)
 
-    assert stats == {"events": 9, "in": 24, "accepted": 9, "held": 1, "released": 0, "expired": 1,
+    assert rejected[15]["line_truncated"] and len(rejected[15]["line"]) == 1024
+    assert rejected[15]["detail"].startswith(f"{len(lines[24])} bytes, over the limit of 4096")
+    assert stats == {"events": 9, "in": 25, "accepted": 9, "held": 1, "released": 0, "expired": 1,
                      "rejected": {"duplicate": 1, "insufficient_balance": 1, "malformed": 2, "negative_stock": 1,
                                   "non_positive_price": 2, "non_positive_qty": 1, "orphan_return": 1,
                                   "purchase_rejected": 1, "refund_exceeds_purchase": 1, "return_mismatch": 1,
-                                  "shop_inactive": 2, "wrong_shard": 1}}
+                                  "shop_inactive": 2, "too_large": 1, "wrong_shard": 1}}
     assert pipeline.balance(1) == Decimal("499.75")      # 1000 - 600.25 + 100
     assert pipeline.balance(3) == Decimal("930.00")      # 1000 - 50 - 20
     assert pipeline.balance(2) is None                   # all its purchases rejected: still the opening balance

@@ -15,8 +15,14 @@ SHOP_ID_OUT_OF_RANGE = "shop_id_out_of_range"  # negative, or beyond 64-bit sign
 UNROUTABLE = "unroutable"                    # a return without shop_id whose purchase was never seen
 UNREGISTERED_SHARD = "unregistered_shard"    # the file was registered without this line's shard
 EMPTY_LINE = "empty_line"                    # a blank line
+TOO_LARGE = "too_large"                      # longer than MAX_LINE_BYTES (read past, never held whole)
 
 REASONS = (MALFORMED_JSON, UNKNOWN_EVENT_TYPE, MISSING_SHOP_ID, NON_INTEGER_SHOP_ID, SHOP_ID_OUT_OF_RANGE,
-           UNROUTABLE, UNREGISTERED_SHARD, EMPTY_LINE)
+           UNROUTABLE, UNREGISTERED_SHARD, EMPTY_LINE, TOO_LARGE)
+# A line the decoder cannot follow to its end for nesting (msgspec gives up near 1000 levels):
+# rejected as malformed_json with this detail. Shallower nesting is the worker's to judge
+# (MAX_JSON_DEPTH): routing reads three fields, and checking depth here would cost every line.
+TOO_DEEP = "malformed_json/too_deep"
+DETAILS = {TOO_DEEP: (MALFORMED_JSON, "nested too deep to parse")}
 EVENT_TYPES = frozenset(events.EVENT_TYPES)
 MAX_ID = events.MAX_ID

@@ -13,7 +13,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 import msgspec
 import orjson
@@ -24,6 +24,7 @@ from ..client import ApiError, ApiUnavailable, PipelineClient, Task
 from ..config import Settings
 from ..daemon import Context, Done, Failed, Outcome, Retryable, StageWork, run_stage
 from ..db import UNAVAILABLE
+from ..lines import READ_BUFFER, LineReader, TooLarge
 from ..stages import Stage
 from . import reasons
 from .order_index import SCHEMA, FileRouting, OrderIndex
@@ -32,7 +33,6 @@ SOURCE_MISSING = "source missing"
 CHECK_EVERY = 1 << 15     # lines between stop checks
 BUFFER_LINES = 8192       # lines held back while shop-less returns wait for one lookup
 BUFFER_BYTES = 1 << 20    # ... and at most this many bytes of them
-READ_BUFFER = 1 << 20
 # Rejected lines are any bytes that were in a source file, not part of the contract: private.
 REJECTED_MODE = 0o600
 
@@ -51,6 +51,7 @@ class _Event(msgspec.Struct):
 
 
 _DECODER = msgspec.json.Decoder(_Event)
+MAX_LINE_BYTES = Settings.max_line_bytes
 
 
 @dataclass
@@ -60,18 +61,27 @@ class SplitResult:
     rejected: dict[str, int] = field(default_factory=dict)
     routed_by_order: int = 0
     purchases: int = 0
+    bom_skipped: int = 0
 
     def stats(self) -> dict:
         return {"lines_in": self.lines_in,
                 "lines_by_shard": {str(s): n for s, n in enumerate(self.per_shard)},
                 "rejected": dict(sorted(self.rejected.items())),
                 "rejected_total": sum(self.rejected.values()),
-                "returns_routed_by_order": self.routed_by_order}
+                "returns_routed_by_order": self.routed_by_order,
+                "bom_skipped": self.bom_skipped}
 
 
-def _rejected_record(line_no: int, line: bytes, reason: str) -> bytes:
+def _rejected_record(line_no: int, line: bytes, reason: str, detail: str | None = None) -> bytes:
+    """One rejected line: where, why, and the line itself (exactly: base64 when it is not
+    UTF-8); for a line over MAX_LINE_BYTES only its first bytes, marked `line_truncated`."""
     raw = line[:-1] if line.endswith(b"\n") else line
     record: dict = {"line_no": line_no, "reason": reason}
+    if type(line) is TooLarge:
+        detail = line.detail
+        record["line_truncated"] = True
+    if detail:
+        record["detail"] = detail
     try:
         record["line"] = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -80,14 +90,15 @@ def _rejected_record(line_no: int, line: bytes, reason: str) -> bytes:
     return orjson.dumps(record) + b"\n"
 
 
-def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[bytes], object] | None],
+def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[bytes], object] | None],
                  registered: list[bool], file_routing: FileRouting,
                  rejected_out: Callable[[bytes], object] | None = None,
                  check: Callable[[], None] = lambda: None) -> SplitResult:
     """Route every line of `source`; write those of the shards in `outputs` (None: count only)
-    and, with `rejected_out`, one record per rejected line. Memory stays flat: lines are
-    held back only while shop-less returns wait for a lookup (BUFFER_LINES, BUFFER_BYTES)."""
-    event_types, max_id = reasons.EVENT_TYPES, reasons.MAX_ID
+    and, with `rejected_out`, one record per rejected line. Memory stays flat: no line longer
+    than the reader's limit is held, and lines are held back only while shop-less returns wait
+    for a lookup (BUFFER_LINES, BUFFER_BYTES). Nothing a line holds raises out of here."""
+    event_types, max_id, details = reasons.EVENT_TYPES, reasons.MAX_ID, reasons.DETAILS
     add_purchase, local = file_routing.add_purchase, file_routing.local
     counts = [0] * shard_count
     rejected: dict[str, int] = {}
@@ -100,9 +111,10 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
     in_flight = None                      # a sealed buffer whose lookup is running
 
     def reject(n: int, line: bytes, reason: str) -> None:
+        reason, detail = details.get(reason, (reason, None))
         rejected[reason] = rejected.get(reason, 0) + 1
         if rejected_out is not None:
-            rejected_out(_rejected_record(n, line, reason))
+            rejected_out(_rejected_record(n, line, reason, detail))
 
     def emit(n: int, line: bytes, dest: int | str) -> None:
         if type(dest) is int:
@@ -147,13 +159,33 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
             emit_batch(held, held_dest, held_from, [])
         held, held_dest, held_bytes = None, [], 0
 
+    def hold_or_reject(n: int, line: bytes, reason: str) -> None:
+        """A line rejected on the rare path, in its place among the held-back lines."""
+        nonlocal held, held_from, held_bytes
+        if held is not None:
+            held.append(line)
+            held_dest.append(reason)
+            held_bytes += len(line)
+            if len(held) >= BUFFER_LINES or held_bytes >= BUFFER_BYTES:
+                seal()
+        elif in_flight is not None:
+            held, held_from, held_bytes = [line], n, len(line)
+            held_dest.append(reason)
+        else:
+            reject(n, line, reason)
+
     decode, decode_error = _DECODER.decode, msgspec.DecodeError
+    finish = source.finish
     n = 0
-    for line in source:
+    for line in source.pieces:
         n += 1
         if not n % CHECK_EVERY:
             check()
         if line[-1] != 10:
+            line = finish(line)
+            if type(line) is TooLarge:
+                hold_or_reject(n, line, reasons.TOO_LARGE)
+                continue
             line += b"\n"
         try:
             event = decode(line)
@@ -161,6 +193,8 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
                 line.decode("utf-8")
         except (decode_error, UnicodeDecodeError):
             dest = reasons.EMPTY_LINE if not line.strip() else reasons.MALFORMED_JSON
+        except RecursionError:
+            dest = reasons.TOO_DEEP
         else:
             payload = event.payload
             etype = event.event_type
@@ -220,15 +254,17 @@ def split_stream(source: BinaryIO, shard_count: int, outputs: list[Callable[[byt
         finish_in_flight()
     result.lines_in = n
     result.purchases = file_routing.purchases
+    result.bom_skipped = int(source.bom)
     return result
 
 
 def split_file(source: Path, filename: str, shared: Path, shard_count: int, shards: list[int],
                registered: list[int], index: OrderIndex, write_rejected: bool,
-               check: Callable[[], None] = lambda: None) -> SplitResult:
+               check: Callable[[], None] = lambda: None, max_line_bytes: int = MAX_LINE_BYTES) -> SplitResult:
     """Split one source file, writing the shard files of `shards` (and the rejected file when
     asked); nothing is published unless the whole file went through."""
-    with safefiles.open_read(source, safefiles.under(source, shared), READ_BUFFER) as src:
+    with safefiles.open_read(source, safefiles.under(source, shared), READ_BUFFER) as f:
+        src = LineReader(f, max_line_bytes)
         file_routing = index.open_file(filename)
         try:
             with ExitStack() as stack:
@@ -296,7 +332,7 @@ class Splitter(StageWork):
         writes_rejected = bool(registered) and registered[0] in shards
         try:
             result = split_file(source, filename, self.shared, self.settings.shard_count, shards, registered,
-                                self.index, writes_rejected, ctx.check)
+                                self.index, writes_rejected, ctx.check, self.settings.max_line_bytes)
         except FileNotFoundError:
             return [Failed(SOURCE_MISSING)] * len(tasks)
         except safefiles.Refused as exc:

@@ -13,8 +13,9 @@ from decimal import Decimal
 
 import orjson
 
-from ..config import Rules
+from ..config import Rules, Settings
 from ..events import MAX_ID, PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS, TIME_FORMAT, event_key
+from ..lines import TooLarge, too_deep
 
 ACCEPTED = 0
 HELD = 1
@@ -32,6 +33,7 @@ REASONS = (
     "refund_exceeds_purchase",  # refund_amount above the purchase's amount, or qty above its qty
     "already_refunded",         # a second return of one order (only reachable with RULE_DEDUP off)
     "return_mismatch",          # the return's user, good or shop differ from its purchase's
+    "too_large",                # the line, or the prepared line it would make, is over MAX_LINE_BYTES
 )
 CODE = {reason: i + 2 for i, reason in enumerate(REASONS)}
 REASON = {code: reason for reason, code in CODE.items()}
@@ -41,12 +43,21 @@ INSUFFICIENT_BALANCE, NEGATIVE_STOCK = CODE["insufficient_balance"], CODE["negat
 SHOP_INACTIVE, ORPHAN_RETURN = CODE["shop_inactive"], CODE["orphan_return"]
 PURCHASE_REJECTED, REFUND_EXCEEDS = CODE["purchase_rejected"], CODE["refund_exceeds_purchase"]
 ALREADY_REFUNDED, RETURN_MISMATCH = CODE["already_refunded"], CODE["return_mismatch"]
+TOO_LARGE = CODE["too_large"]
 
 CENT = Decimal("0.01")
 MAX_AMOUNT = Decimal("1e13")      # far below DECIMAL(18,2), so sums of a batch cannot overflow
+BALANCE_MIN = Decimal("-9999999999999999.99")   # what worker_balances.balance (DECIMAL(18,2)) holds
 ID_MAX = MAX_ID                   # BIGINT
 QTY_MAX = (1 << 31) - 1           # INT
 TIME_LEN = 23                     # YYYY-MM-DD HH:MM:SS.mmm
+TIME_MIN, TIME_MAX = "1000-01-01 00:00:00.000", "9999-12-31 23:59:59.999"   # DATETIME(3)
+# What a prepared line adds to its payload, at most: the other fields at their widest and a
+# 64-character source_file. A payload prints at most 8 times as long as it was read (`1e9`
+# prints `1000000000.0`), so only lines longer than (MAX_LINE_BYTES - PREPARED_EXTRA) / 8
+# need their prepared size worked out.
+PREPARED_EXTRA = 1024
+MAX_LINE_BYTES, MAX_JSON_DEPTH = Settings.max_line_bytes, Settings.max_json_depth
 
 
 class Event:
@@ -134,7 +145,7 @@ _TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:[0-5]\d:[0-5]\d\.\d{3}", re.ASCII).ful
 def valid_time(ts) -> bool:
     """`YYYY-MM-DD HH:MM:SS.mmm` and a real instant; fixed width, so such strings sort as
     times do. The calendar part is checked once per hour seen."""
-    if type(ts) is not str or _TIME(ts) is None:
+    if type(ts) is not str or _TIME(ts) is None or ts < TIME_MIN:
         return False
     head = ts[:13]
     ok = _hours.get(head)
@@ -150,8 +161,13 @@ def valid_time(ts) -> bool:
 
 
 def add_seconds(ts: str, seconds: float) -> str:
-    moved = datetime.fromisoformat(ts) + timedelta(seconds=seconds)
-    return moved.strftime(TIME_FORMAT)[:-3]
+    """`ts` moved by `seconds`, kept within what DATETIME(3) holds (a return held at the
+    end of year 9999 expires at its last instant instead of overflowing)."""
+    try:
+        moved = datetime.fromisoformat(ts) + timedelta(seconds=seconds)
+    except OverflowError:
+        return TIME_MAX if seconds > 0 else TIME_MIN
+    return min(max(moved.strftime(TIME_FORMAT)[:-3], TIME_MIN), TIME_MAX)
 
 
 # Fields of each event type: (name, kind); kinds: "order" signed 64-bit, "id" 0..2^63-1,
@@ -191,9 +207,16 @@ def _explain(etype: int, payload: dict) -> str:
     return "invalid payload"
 
 
-def validate(raw: bytes, shard: int, shard_count: int) -> Event | Bad:
+def validate(raw: bytes, shard: int, shard_count: int, max_line_bytes: int = MAX_LINE_BYTES,
+             max_depth: int = MAX_JSON_DEPTH) -> Event | Bad:
     """The event of a splitter line, or why it is not one. One combined test per event type on
-    the hot path; `_explain` names the problem of a line that fails it."""
+    the hot path; `_explain` names the problem of a line that fails it. Nothing a line holds
+    raises out of here: a line over the limits is a Bad too, so every event accepted can be
+    hashed, printed and stored by the stages after this one."""
+    if type(raw) is TooLarge:
+        return Bad(TOO_LARGE, raw.detail)
+    if too_deep(raw, max_depth):
+        return Bad(MALFORMED, f"nested deeper than {max_depth} levels (MAX_JSON_DEPTH)")
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -249,6 +272,11 @@ def validate(raw: bytes, shard: int, shard_count: int) -> Event | Bad:
         return Bad(MALFORMED, _explain(etype, payload))
     if ev.shop_id is not None and ev.shop_id % shard_count != shard:
         return Bad(WRONG_SHARD, f"shop_id {ev.shop_id} belongs to shard {ev.shop_id % shard_count}")
+    if len(raw) * 8 + PREPARED_EXTRA > max_line_bytes:
+        size = len(orjson.dumps(payload)) + PREPARED_EXTRA
+        if size > max_line_bytes:
+            return Bad(TOO_LARGE, f"its prepared line would be up to {size} bytes, over the limit of "
+                                  f"{max_line_bytes} (MAX_LINE_BYTES)")
     ev.key = event_key(obj)
     return ev
 
@@ -283,6 +311,8 @@ def purchase(ev: Event, balance: Decimal, shop_active: bool, stock: int | None, 
     if rules.purchase_takes_stock and rules.stock and (stock or 0) < ev.qty:
         return NEGATIVE_STOCK
     if rules.balance and balance - ev.amount < 0:
+        return INSUFFICIENT_BALANCE
+    if balance - ev.amount < BALANCE_MIN:   # with RULE_BALANCE off: what the balance column cannot hold
         return INSUFFICIENT_BALANCE
     return ACCEPTED
 

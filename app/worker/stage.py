@@ -14,7 +14,7 @@ import hashlib
 import logging
 import sys
 import time
-from itertools import islice
+from functools import partial
 
 import orjson
 import pymysql
@@ -26,11 +26,12 @@ from ..daemon import Context, Done, Failed, InputMissing, Retryable, StageWork, 
 from ..db import DEADLOCK_CODES, UNAVAILABLE
 from ..db import DUP_ENTRY as DUPLICATE_KEY
 from ..events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
+from ..lines import READ_BUFFER, LineReader, TooLarge
 from ..overlap import Behind, ReadAhead, Turns
 from ..stages import Stage
 from .ledger import Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
-                    WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
+                    TOO_LARGE, WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
                     stock_change, validate)
 from .state import SCHEMA, BatchRecord, Hold, Recent, SeenConflict, WorkerState
 
@@ -42,6 +43,10 @@ SWITCH_INTERVAL = 0.0005
 # Rejected lines quote whatever input arrived and are not part of the contract: private.
 REJECTED_MODE = 0o600
 PAUSE_LINES = 256         # lines a helper thread handles between looks at whose turn it is
+# A batch also ends once its lines hold this many bytes, so a file of long lines is decided in
+# small batches: memory (a batch read ahead, one deciding, one being written) and the batch's
+# statements (a held return's line is stored) stay bounded whatever the lines' size.
+BATCH_BYTES = 4 << 20
 
 
 def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) -> bytes:
@@ -55,11 +60,15 @@ def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) 
 
 
 def rejected_line(raw: bytes, code: int, detail: str | None, source_file: str, line_no: int) -> bytes:
+    """One rejected line: why, where from, and the line (for a line over MAX_LINE_BYTES only
+    its first bytes, marked `line_truncated`)."""
     record = {"reason": REASON[code]}
     if detail:
         record["detail"] = detail
     record.update(source_file=source_file, line_no=line_no,
                   line=raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+    if type(raw) is TooLarge:
+        record["line_truncated"] = True
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
 
@@ -75,6 +84,7 @@ class Counts:
 
     def __init__(self):
         self.lines = self.accepted = self.held = self.released = self.expired = 0
+        self.bom_skipped = 0
         self.rejected: dict[str, int] = {}
 
     def reject(self, code: int) -> None:
@@ -82,8 +92,11 @@ class Counts:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def stats(self) -> dict:
-        return {"in": self.lines, "accepted": self.accepted, "rejected": dict(sorted(self.rejected.items())),
-                "held": self.held, "released": self.released, "expired": self.expired}
+        out = {"in": self.lines, "accepted": self.accepted, "rejected": dict(sorted(self.rejected.items())),
+               "held": self.held, "released": self.released, "expired": self.expired}
+        if self.bom_skipped:  # the splitter never writes one: only a file put here by hand has it
+            out["bom_skipped"] = self.bom_skipped
+        return out
 
 
 class Batch:
@@ -130,10 +143,13 @@ class FileRun:
         self.counts = Counts()
         self.seq = 0
         self.turns = Turns()
+        self.validate = partial(validate, shard=stage.shard, shard_count=stage.settings.shard_count,
+                                max_line_bytes=stage.settings.max_line_bytes,
+                                max_depth=stage.settings.max_json_depth)
 
     # -- the task ------------------------------------------------------------------------------
 
-    def run(self, f) -> Done:
+    def run(self, f: LineReader) -> Done:
         st = self.state
         info = st.file_info(self.filename)
         if info.pruned:
@@ -156,39 +172,41 @@ class FileRun:
             line_no = self._replay(f, records)
             if not info.complete:
                 self._decide_rest(f, line_no)
-            elif f.peek(1):
+            elif not f.at_end():
                 raise TaskFailed(f"{self.filename} shard {self.shard} has more lines than when it was decided")
             if self.pending:
                 left = [h for line in sorted(self.pending) for h in self.pending[line]]
                 self._emit_resolved(left, before=None, shop_of=self._return_shops([], b"", 0, left))
+        if f.bom:
+            self.counts.bom_skipped = 1
         return Done(events=self.counts.accepted, stats=self.counts.stats())
 
-    def _replay(self, f, records: list[BatchRecord]) -> int:
+    def _replay(self, f: LineReader, records: list[BatchRecord]) -> int:
         line_no = 1
         for rec in records:
             if rec.first_line != line_no:
                 raise TaskFailed(f"recorded decisions of {self.filename} have a gap at line {line_no}")
-            raws = list(islice(f, rec.line_count))
+            raws = f.take(rec.line_count)
             if len(raws) != rec.line_count or digest(raws) != rec.digest:
                 raise TaskFailed(f"{self.filename} shard {self.shard} lines {line_no}-{line_no + rec.line_count - 1}"
                                  f" differ from those first decided: the splitter output changed")
-            events = [validate(r, self.shard, self.settings.shard_count) for r in raws]
+            events = list(map(self.validate, raws))
             self._emit(raws, rec.first_line, rec.codes, events, self._return_shops(events, rec.codes, rec.first_line))
             line_no += rec.line_count
             self.ctx.check()
         return line_no
 
-    def _read(self, f):
+    def _read(self, f: LineReader):
         """Batches of lines, validated (runs in the read-ahead thread)."""
-        size, shard, count = self.settings.worker_batch_lines, self.shard, self.settings.shard_count
+        size, check = self.settings.worker_batch_lines, self.validate
         pause = self.turns.pause
         while True:
-            raws = list(islice(f, size))
-            last = not f.peek(1)
+            raws = f.take(size, BATCH_BYTES)
+            last = f.at_end()
             events = []
             for i in range(0, len(raws), PAUSE_LINES):
                 pause()
-                events.extend(validate(r, shard, count) for r in raws[i:i + PAUSE_LINES])
+                events.extend(map(check, raws[i:i + PAUSE_LINES]))
             pause()
             yield raws, events, Plan(events, self.rules), digest(raws), last
             if last:
@@ -337,7 +355,7 @@ class FileRun:
                 code = codes[i] = self._purchase(ev, line, shops)
                 if ev.order_id in holds.by_order:
                     for h in holds.take(ev.order_id):
-                        h.event = h.event or validate(h.raw, self.shard, self.settings.shard_count)
+                        h.event = h.event or self.validate(h.raw)
                         rc = self._refund(h.event) if code == ACCEPTED else PURCHASE_REJECTED
                         self._resolve(b, h, "released", rc, line)
                 continue
@@ -494,7 +512,7 @@ class FileRun:
                 counts.held += 1
             else:
                 detail = None
-                if code == MALFORMED or code == WRONG_SHARD:
+                if code == MALFORMED or code == WRONG_SHARD or code == TOO_LARGE:
                     bad = events[i]
                     detail = bad.detail if type(bad) is Bad else None
                 rej.write(rejected_line(raws[i], code, detail, filename, line))
@@ -515,7 +533,7 @@ class FileRun:
             else:
                 self.counts.released += 1
             if h.code == ACCEPTED:
-                ev = h.event or validate(h.raw, self.shard, self.settings.shard_count)
+                ev = h.event or self.validate(h.raw)
                 self.out.write(prepared_line(ev, shop_of[h.order_id], self.shard, self.filename))
                 self.counts.accepted += 1
             else:
@@ -580,7 +598,7 @@ class WorkerStage(StageWork):
     def _process_one(self, filename: str, ctx: Context):
         path = layout.splitter_output(self.settings.shared_dir, filename, self.shard)
         try:
-            f = safefiles.open_read(path, self.settings.shared_dir)
+            f = safefiles.open_read(path, self.settings.shared_dir, READ_BUFFER)
         except FileNotFoundError:
             raise InputMissing(f"{path.name} is missing") from None
         except safefiles.Refused as exc:
@@ -595,7 +613,7 @@ class WorkerStage(StageWork):
             collecting = gc.isenabled()
             gc.disable()
             try:
-                done = FileRun(self, filename, ctx).run(f)
+                done = FileRun(self, filename, ctx).run(LineReader(f, self.settings.max_line_bytes))
                 self._prune()
                 return done
             finally:
