@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+# Optional indexes of a shard's events table (app/sender/loader.py OPTIONAL_INDEXES).
+SHARD_INDEXES = ("order", "type", "user")
+
+
 class ConfigError(SystemExit):
     """Raised for a bad setting; as a SystemExit it prints one line and exits 2."""
 
@@ -286,6 +290,15 @@ def _api_token(env: Mapping[str, str]) -> str | None:
     return token
 
 
+def _names(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated subset of `choices` ("" or unset: none), sorted."""
+    raw = (env.get(name) or "").strip().lower()
+    names = {n.strip() for n in raw.split(",") if n.strip()}
+    if names - set(choices):
+        raise ConfigError(name, f"must be a comma-separated list of {', '.join(choices)}, got {raw!r}")
+    return tuple(sorted(names))
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     raw = (env.get(name) or default).strip().lower()
     if raw not in choices:
@@ -340,6 +353,9 @@ class Settings:
     # server refuses LOCAL; insert: multi-row INSERT) and rows per LOAD DATA chunk (docs/sender.md).
     sender_method: str = "load_data"
     sender_chunk_rows: int = 10_000
+    # Optional indexes of each shard's events table (user, order, type; docs/sender.md): each
+    # serves a documented question and costs load speed, so none is built unless asked for.
+    shard_indexes: tuple[str, ...] = ()
     # event-ingest's generator (docs/ingest.md): seed (None: a random one), injection rates by
     # name from INGEST_RATE_<NAME>, and the size of its world.
     ingest_seed: int | None = None
@@ -398,6 +414,7 @@ class Settings:
             worker_batch_lines=_int(env, "WORKER_BATCH_LINES", 8000, 1, 100_000),
             sender_method=_choice(env, "SENDER_METHOD", "load_data", ("load_data", "insert")),
             sender_chunk_rows=_int(env, "SENDER_CHUNK_ROWS", 10_000, 100, 1_000_000),
+            shard_indexes=_names(env, "SHARD_INDEXES", SHARD_INDEXES),
             ingest_seed=_int(env, "INGEST_SEED", None, 0, 2**63 - 1),
             ingest_rates=_ingest_rates(env),
             ingest_shops=_int(env, "INGEST_SHOPS", 20, 1, 1_000_000),

@@ -260,3 +260,97 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
         assert results["first"] == "abandoned" and second.already_loaded is False
     assert second.loaded == 1000
     assert counts(url) == (1000, 1)
+
+
+# -- the original writers' INSERT, next to the sender ------------------------------------------
+
+ORIGINAL_INSERT = "INSERT INTO events (event_type, shop_id, user_id, timestamp, shard) VALUES (%s, %s, %s, %s, %s)"
+
+
+def test_the_original_writers_insert_next_to_the_sender(shard, tmp_path):
+    """The original deployment's writers list only the contract's columns; every column the
+    sender added has a default (NULL), their rows never collide with each other or with ours,
+    and the sender's exactly-once holds beside them."""
+    url, conn = shard
+    write(tmp_path / "a.txt", many(3))
+    loader.load_file(conn, tmp_path / "a.txt", SOURCE, 0, 2, tmp_path)
+    original = servers.admin_connect(url.host, url.port, url.database)
+    with original.cursor() as cur:
+        for _ in range(2):  # the original table has no key: the same row twice is two rows
+            cur.execute(ORIGINAL_INSERT, (1, 4, 7, "2026-11-26 22:15:20", 0))
+        cur.execute(ORIGINAL_INSERT, (0, 2, None, "2026-11-26 22:15:20.002", 0))  # the time of one of ours
+    original.close()
+    write(tmp_path / "b.txt", many(3, source=OTHER) + many(2, prefix="b", source=OTHER))
+    second = loader.load_file(conn, tmp_path / "b.txt", OTHER, 0, 2, tmp_path)
+    assert (second.loaded, second.duplicates) == (2, 3)  # the first file's three events: explicit no-ops
+    assert loader.load_file(conn, tmp_path / "a.txt", SOURCE, 0, 2, tmp_path).already_loaded
+    got = query(url, "SELECT event_type, shop_id, user_id, DATE_FORMAT(`timestamp`, '%%Y-%%m-%%d %%H:%%i:%%s.%%f'), "
+                     "shard, event_key, source_file, payload FROM events ORDER BY id")
+    assert [g[5] for g in got] == ["0:k0", "0:k1", "0:k2", None, None, None, "0:b0", "0:b1"]
+    assert got[3] == got[4] == (1, 4, 7, "2026-11-26 22:15:20.000000", 0, None, None, None)
+    assert got[5] == (0, 2, None, "2026-11-26 22:15:20.002000", 0, None, None, None)
+    assert query(url, "SELECT source_file, loaded_count, duplicate_count FROM loaded_files ORDER BY 1") == (
+        (SOURCE, 3, 0), (OTHER, 2, 3))
+
+
+# -- the schema: upgrade from step 1, optional indexes ---------------------------------------
+
+def _indexes(url) -> set[str]:
+    return {r[0] for r in query(url, "SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS "
+                                     "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'events'")}
+
+
+def test_a_step_one_table_is_upgraded_without_losing_a_row(make_database, tmp_path):
+    """A shard database made by the previous sender (migration 0001's table, not yet recorded in
+    schema_migrations), with rows, becomes the lean table of 0002: the same rows, byte for
+    byte, the new keys, and loads go on exactly once."""
+    url = make_database("upgrade")
+    conn = servers.admin_connect(url.host, url.port, url.database)
+    with conn.cursor() as cur:
+        first = db.migrations(loader.SCHEMA)[0]
+        assert first.version == 1
+        for stmt in first.statements():
+            cur.execute(stmt)
+        cur.execute("INSERT INTO events (event_key, event_type, shop_id, user_id, `timestamp`, shard, source_file, "
+                    "order_id, good_id, qty, amount, payload) VALUES ('1:5', 1, 4, 7, '2026-11-26 22:15:20.002', 0, "
+                    "%s, 5, 3, 2, 199.99, '{\"a\": 1}'), ('0:k0', 0, 2, NULL, '2026-11-26 22:15:20.002', 0, %s, "
+                    "NULL, 3, 2, NULL, '{}')", (OTHER, OTHER))
+        cur.execute("INSERT INTO loaded_files (source_file, shard, line_count, loaded_count, duplicate_count, "
+                    "checksum, method) VALUES (%s, 0, 2, 2, 0, '', 'load_data')", (OTHER,))
+    conn.close()
+    assert "uq_events_event_key" in _indexes(url)
+    before = query(url, "SELECT * FROM events ORDER BY id")
+    loader.prepare_database(url)
+    assert query(url, "SELECT version, name, adopted FROM schema_migrations WHERE component='shard' ORDER BY 1") == (
+        (1, "events", 1), (2, "lean_events", 0))
+    assert _indexes(url) == {"PRIMARY", "uq_events_time_key", "ix_events_shop_time"}
+    assert query(url, "SELECT * FROM events ORDER BY id") == before
+    loader.prepare_database(url)  # idempotent
+    conn = db.connect(url, autocommit=False, local_infile=True)
+    write(tmp_path / "p.txt", many(3))
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path)
+    conn.close()
+    assert (result.loaded, result.duplicates) == (2, 1)  # 0:k0 at that time was already there
+    assert counts(url) == (4, 2)
+
+
+def test_optional_indexes_follow_the_setting(make_database):
+    url = make_database("indexes")
+    loader.prepare_database(url, ("order", "user"))
+    assert _indexes(url) == {"PRIMARY", "uq_events_time_key", "ix_events_shop_time", "ix_events_order",
+                             "ix_events_user_time"}
+    loader.prepare_database(url, ("type",))
+    assert _indexes(url) == {"PRIMARY", "uq_events_time_key", "ix_events_shop_time", "ix_events_type_time"}
+    loader.prepare_database(url)
+    assert _indexes(url) == {"PRIMARY", "uq_events_time_key", "ix_events_shop_time"}
+    with pytest.raises(ValueError, match="unknown optional index"):
+        loader.prepare_database(url, ("shop",))
+
+
+def test_the_setting_names_the_loaders_indexes():
+    from app.config import SHARD_INDEXES, ConfigError, Settings
+    assert set(SHARD_INDEXES) == set(loader.OPTIONAL_INDEXES)
+    assert Settings.from_env({"SHARD_INDEXES": " User,order "}).shard_indexes == ("order", "user")
+    assert Settings.from_env({}).shard_indexes == ()
+    with pytest.raises(ConfigError, match="SHARD_INDEXES"):
+        Settings.from_env({"SHARD_INDEXES": "user,shop"})

@@ -3,8 +3,9 @@
 The whole file goes in ONE transaction together with its row in `loaded_files`; that row is
 inserted first, so a second loader of the same file waits on its lock and then finds it
 loaded, and a load cut short anywhere (kill, lost connection, server restart) leaves nothing.
-`events.event_key` is unique, so an event that reaches the shard twice (in two files, or twice
-in one) is an explicit no-op, never a second row and never a silenced error.
+`events` has a unique key on (timestamp, event_key), so an event that reaches the shard twice
+(in two files, or twice in one) is an explicit no-op, never a second row and never a silenced
+error.
 
 Two bulk methods, same result (bench/load.py measures both):
 - `load_data`: the file's rows as TSV chunks in the sender's folder, each sent with
@@ -51,6 +52,12 @@ _KEY = re.compile(r"[0-9A-Za-z:._+/=\-]{1,64}").fullmatch
 _AMOUNT = re.compile(r"-?\d{1,16}(?:\.\d{1,2})?").fullmatch
 _EVENT_COLUMNS = {"event_key", "event_type", "shop_id", "user_id", "timestamp", "shard", "created_at",
                   "source_file", "order_id", "good_id", "qty", "amount", "payload"}
+# Optional indexes of `events` (SHARD_INDEXES), each for a documented question (docs/sender.md).
+OPTIONAL_INDEXES = {
+    "user": ("ix_events_user_time", "(user_id, `timestamp`)"),
+    "order": ("ix_events_order", "(order_id)"),
+    "type": ("ix_events_type_time", "(event_type, `timestamp`)"),
+}
 _N = "\\N"                   # NULL in LOAD DATA's default format
 _LO, _HI = INT64
 _LO32, _HI32 = INT32
@@ -118,20 +125,24 @@ class LoadResult:
 
 # -- schema -----------------------------------------------------------------------------------
 
-def prepare_database(url: MySQLURL) -> None:
+def prepare_database(url: MySQLURL, indexes: tuple[str, ...] = ()) -> None:
     """Create the shard database if missing and bring its schema up to date (`prepare`)."""
     db.ensure_database(url)
     conn = db.connect(url)
     try:
-        prepare(conn)
+        prepare(conn, indexes)
     finally:
         conn.close()
 
 
-def prepare(conn) -> None:
+def prepare(conn, indexes: tuple[str, ...] = ()) -> None:
     """Bring the schema of the connection's shard database up to date (`db.migrate`, under a
-    lock). An original deployment's `events` table is refused, not loaded into; its
-    `purchase_history`/`order_return` tables are kept."""
+    lock), then build or drop the optional indexes so that exactly `indexes` (names of
+    OPTIONAL_INDEXES, from SHARD_INDEXES) exist. An original deployment's `events` table is
+    refused, not loaded into; its `purchase_history`/`order_return` tables are kept."""
+    unknown = set(indexes) - set(OPTIONAL_INDEXES)
+    if unknown:
+        raise ValueError(f"unknown optional index {sorted(unknown)}; expected some of {sorted(OPTIONAL_INDEXES)}")
     with conn.cursor() as cur:
         cur.execute("SELECT DATABASE(), COLUMN_NAME FROM information_schema.COLUMNS "
                     "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'events'")
@@ -143,8 +154,39 @@ def prepare(conn) -> None:
             f"{', '.join(sorted(_EVENT_COLUMNS - present))}): rename it and restart the sender, "
             f"which creates the table of db/migrations/{SCHEMA}/")
     db.migrate(conn, SCHEMA)
+    _optional_indexes(conn, indexes)
     if not conn.get_autocommit():
         conn.commit()
+
+
+def _optional_indexes(conn, indexes: tuple[str, ...]) -> None:
+    """Add or drop OPTIONAL_INDEXES so that exactly `indexes` exist, under a named lock (senders
+    starting together do not race; one that waits 60 s in vain retries later)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT DATABASE()")
+        database = cur.fetchone()[0]
+        lock = f"shard-indexes:{database}"[:64]
+        cur.execute("SELECT GET_LOCK(%s, 60)", (lock,))
+        if cur.fetchone()[0] != 1:
+            raise SchemaMismatch(f"could not take the lock {lock!r} within 60 s (another sender is building "
+                                 f"an index)")
+        try:
+            have = _event_indexes(cur)
+            for name, (index, columns) in sorted(OPTIONAL_INDEXES.items()):
+                if name in indexes and index not in have:
+                    log.info("%s: building index %s %s (SHARD_INDEXES)", database, index, columns)
+                    cur.execute(f"ALTER TABLE events ADD INDEX {index} {columns}")
+                elif name not in indexes and index in have:
+                    log.info("%s: dropping index %s (not in SHARD_INDEXES)", database, index)
+                    cur.execute(f"ALTER TABLE events DROP INDEX {index}")
+        finally:
+            cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
+
+
+def _event_indexes(cur) -> set[str]:
+    cur.execute("SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS "
+                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'events'")
+    return {r[0] for r in cur.fetchall()}
 
 
 # -- reading and checking prepared lines --------------------------------------------------

@@ -9,6 +9,8 @@ handed back and the shared loop backs off until the server answers again.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import pymysql
 
 from .. import db, layout
@@ -37,8 +39,9 @@ class Sender(StageWork):
         self.method = settings.sender_method
         # Checked before each file; a new connection brings the schema up to date first (so it
         # is applied again after any failure: a database dropped or replaced meanwhile).
-        self.shard_db = db.Reconnecting(self.url, check_after=0, on_open=loader.prepare, create_database=True,
-                                        autocommit=False, local_infile=True)
+        self.shard_db = db.Reconnecting(self.url, check_after=0, create_database=True, autocommit=False,
+                                        local_infile=True,
+                                        on_open=partial(loader.prepare, indexes=settings.shard_indexes))
 
     # -- the shard connection -------------------------------------------------------------------
 
