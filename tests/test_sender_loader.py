@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from decimal import Decimal
@@ -262,6 +263,107 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
     assert counts(url) == (1000, 1)
 
 
+# -- the prepared lines' checks: the block path and the line path agree ------------------------
+
+def test_block_and_line_paths_give_the_same_rows(tmp_path):
+    """The same lines loaded as one block (the fast path) and one by one after a blank line
+    forced the line path: the same TSV, payload bytes copied through (a 2**70 integer and a
+    `\\u00e9` escape survive as written; a tab between JSON tokens becomes a space)."""
+    rows = many(30) + [line("0:big", 4, payload={"n": 1}), line("0:tab", 4, user_id=None, qty=None, amount="-1.5")]
+    data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    data = data.replace(b'{"n":1}', b'{"n":1180591620717411303424,"s":"\\u00e9\\\\"}')
+    data = data.replace(b'"payload":{"shop_id":4,"good_id":3}}\n', b'"payload":{"shop_id":4,\t"good_id":3}}\n', 1)
+    lines = data.count(b"\n")
+    fast = loader._block_rows(data, lines, SOURCE, 0, 2)
+    assert fast is not None
+    slow = loader.checked_rows(b"\n" + data, lines + 1, 1, SOURCE, 0, 2)
+    assert loader.tsv(*fast) == loader.tsv(*slow)
+    out = loader.tsv(*fast).decode().splitlines()
+    assert len(out) == len(rows) and all(row.count("\t") == 9 for row in out)
+    assert out[30].endswith('\t{"n":1180591620717411303424,"s":"\\\\u00e9\\\\\\\\"}')  # backslashes escaped for LOAD DATA
+    assert out[31].split("\t")[3] == "\\N" and out[31].split("\t")[8] == "-1.5"
+    assert '"shop_id":4, "good_id":3' in out[0] or '"shop_id":4, "good_id":3' in "".join(out)
+
+
+def _valid_line() -> dict:
+    return line("1:123", 4, order_id=123, payload={"order_id": 123, "qty": 2, "note": "ok"})
+
+
+JSON_VALUES = [None, True, False, 0, 1, -1, 1.5, 1 << 63, -(1 << 63) - 1, (1 << 31), "", "0:x", "12.345", "1.5",
+               "2026-11-26 22:15:20.002", "2026-02-30 22:15:20.002", "2026-11-26 24:15:20.002", "0999-11-26 22:15:20.002",
+               "2026-11-26T22:15:20.002", "2026-11-26 22:15:60.002", "a b", "a\tb", "a\nb", "é", "١٢", [], {}, [1], {"a": 1}]
+
+
+@pytest.mark.parametrize("field", ["event_key", "event_type", "shop_id", "user_id", "timestamp", "shard", "order_id",
+                                   "good_id", "qty", "amount", "source_file", "payload"])
+def test_the_block_path_refuses_exactly_what_the_rules_refuse(field):
+    """For every field and many replacement values: the block path (decoder plus per-block
+    checks) accepts a line exactly when the line-by-line rules (`_explain`) find nothing."""
+    for value in JSON_VALUES + [SOURCE, 6, 5, 2, 3, "-9223372036854775808.5", "9999999999999999.99",
+                                "99999999999999999", "x" * 64, "x" * 65]:
+        row = _valid_line()
+        row[field] = value
+        raw = json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode()  # any int size
+        accepted = loader._block_rows(raw + b"\n", 1, SOURCE, 0, 2) is not None
+        try:
+            loader._explain(raw, 1, SOURCE, 0, 2)
+            explained = None
+        except loader.BadLine as exc:
+            explained = str(exc)
+        assert accepted == (explained is None), (field, value, explained)
+    row = _valid_line()
+    del row[field]
+    assert loader._block_rows(orjson.dumps(row) + b"\n", 1, SOURCE, 0, 2) is None
+    with pytest.raises(loader.BadLine):
+        loader.checked_rows(orjson.dumps(row) + b"\n", 1, 1, SOURCE, 0, 2)
+
+
+@pytest.mark.parametrize("text", [
+    b'{"a":1}', b'[]', b'{"event_key":"0:x"} {"event_key":"0:y"}',
+    orjson.dumps(line("0:x", 4)) + b" " + orjson.dumps(line("0:y", 4)),  # two rows on one line
+    orjson.dumps(line("0:x", 4)).replace(b'"payload":{', b'"payload":{"a":"\xff",'),  # not UTF-8
+    orjson.dumps(line("0:x", 4)).replace(b'"payload":{"shop_id":4,"good_id":3}', b'"payload":[1]'),
+])
+def test_a_line_that_is_not_one_row_is_refused(text):
+    assert loader._block_rows(text + b"\n", 1, SOURCE, 0, 2) is None
+    with pytest.raises(loader.BadLine):
+        loader.checked_rows(text + b"\n", 1, 7, SOURCE, 0, 2)
+
+
+def test_blank_lines_and_crlf_are_read_line_by_line(shard, tmp_path):
+    url, conn = shard
+    lines = [orjson.dumps(r) for r in many(5)]
+    (tmp_path / "p.txt").write_bytes(b"\n" + lines[0] + b"\r\n  \n" + b"\n".join(lines[1:]))  # no final newline
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path)
+    assert (result.lines, result.loaded) == (5, 5)
+    assert counts(url) == (5, 1)
+
+
+# -- NO_BACKSLASH_ESCAPES: the connection's own escaping --------------------------------------
+
+def _hex(text: str) -> str:
+    return "0x" + text.encode().hex()
+
+
+@pytest.mark.parametrize("method", loader.METHODS)
+def test_no_backslash_escapes_cannot_forge_a_row(shard, tmp_path, method):
+    """Under sql_mode NO_BACKSLASH_ESCAPES a backslash does not escape a quote. A payload string
+    that ends the literal early (as `\\'` would) and appends a row of its own must be stored as
+    the text it is; a backslash must stay one backslash."""
+    url, conn = shard
+    with conn.cursor() as cur:
+        cur.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+    forged = (f"' IS NULL,0,{_hex(SOURCE)}),({_hex('0:forged')},0,4,NULL,FROM_UNIXTIME(1),NULL,NULL,NULL,NULL,"
+              f"JSON_OBJECT(),0,{_hex(SOURCE)})#")
+    payload = {"note": forged, "path": "C:\\temp\\", "quote": "it's"}
+    write(tmp_path / "p.txt", [line("0:x", 4, payload=payload)])
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method)
+    assert (result.loaded, result.method) == (1, method)  # LOAD DATA's format does not depend on sql_mode
+    got = query(url, "SELECT event_key, payload FROM events")
+    assert [key for key, _ in got] == ["0:x"]
+    assert orjson.loads(got[0][1]) == payload
+
+
 # -- the original writers' INSERT, next to the sender ------------------------------------------
 
 ORIGINAL_INSERT = "INSERT INTO events (event_type, shop_id, user_id, timestamp, shard) VALUES (%s, %s, %s, %s, %s)"
@@ -354,3 +456,41 @@ def test_the_setting_names_the_loaders_indexes():
     assert Settings.from_env({}).shard_indexes == ()
     with pytest.raises(ConfigError, match="SHARD_INDEXES"):
         Settings.from_env({"SHARD_INDEXES": "user,shop"})
+
+
+def test_no_chunk_file_is_written_anywhere(shard, tmp_path):
+    """Chunks go to the server from memory: the sender's folder stays empty, even mid-load."""
+    url, conn = shard
+    work = tmp_path / "sender"
+    work.mkdir()
+    write(tmp_path / "p.txt", many(1000))
+    seen = []
+    loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, work, chunk_rows=100,
+                     check=lambda: seen.append(sorted(p.name for p in work.iterdir())))
+    assert len(seen) >= 5 and all(s == [] for s in seen)  # several chunks, none of them a file
+    assert counts(url) == (1000, 1)
+
+
+def test_the_workers_prepared_lines_take_the_block_path():
+    """The worker's `prepared_line` (app/worker/stage.py) writes what the sender's block path
+    reads: the original generator's events, each as the worker writes it, come through as one
+    block, with their values. If the worker's format changes, lines would still load, one by
+    one at a tenth of the speed; this test says so first."""
+    from app.worker.rules import Bad, validate
+    from app.worker.stage import prepared_line
+    fixture = servers.ROOT.parent / "shared" / "fixtures" / "original-generator" / "20261126221520.event-ingest.txt"
+    lines, events = [], []
+    for raw in fixture.read_bytes().splitlines():
+        ev = validate(raw, 0, 2)
+        if type(ev) is Bad:  # another shard's
+            continue
+        shop = ev.shop_id if ev.shop_id is not None else 4  # a return's shop comes from the order index
+        lines.append(prepared_line(ev, shop, 0, SOURCE))
+        events.append((ev, shop))
+    assert len(lines) > 10 and {ev.etype for ev, _ in events} == {0, 1, 2, 3, 4}
+    got = loader._block_rows(b"".join(lines), len(lines), SOURCE, 0, 2)
+    assert got is not None
+    for row, payload, (ev, shop) in zip(*got, events):
+        assert (row.event_key, row.event_type, row.shop_id, row.order_id, row.timestamp) == (
+            ev.key, ev.etype, shop, ev.order_id, ev.ts)
+        assert orjson.loads(payload) == ev.payload
