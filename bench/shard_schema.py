@@ -62,10 +62,11 @@ BASE = """CREATE TABLE events (
     PRIMARY KEY (id){keys}
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"""
 
-LEAN = ",\n    UNIQUE KEY uq_events_time_key (`timestamp`, event_key),\n    KEY ix_events_shop_time (shop_id, `timestamp`)"
+LEAN = (",\n    UNIQUE KEY uq_events_time_key (`timestamp`, event_key),"
+        "\n    KEY ix_events_shop_time (shop_id, `timestamp`)")
 OLD_KEYS = (",\n    UNIQUE KEY uq_events_event_key (event_key),\n    KEY ix_events_shop_time (shop_id, `timestamp`),"
-            "\n    KEY ix_events_user_time (user_id, `timestamp`),\n    KEY ix_events_type_time (event_type, `timestamp`),"
-            "\n    KEY ix_events_order (order_id)")
+            "\n    KEY ix_events_user_time (user_id, `timestamp`),"
+            "\n    KEY ix_events_type_time (event_type, `timestamp`),\n    KEY ix_events_order (order_id)")
 
 VARIANTS = {
     "reference": ("reference", """CREATE TABLE events (
@@ -95,7 +96,8 @@ VARIANTS = {
     "lean-text-payload": ("full", BASE.format(key_null="NULL", payload="MEDIUMTEXT", keys=LEAN)),
     "lean+user": ("full", BASE.format(key_null="NULL", payload="JSON",
                                       keys=LEAN + ",\n    KEY ix_events_user_time (user_id, `timestamp`)")),
-    "lean+order": ("full", BASE.format(key_null="NULL", payload="JSON", keys=LEAN + ",\n    KEY ix_events_order (order_id)")),
+    "lean+order": ("full", BASE.format(key_null="NULL", payload="JSON",
+                                       keys=LEAN + ",\n    KEY ix_events_order (order_id)")),
     "lean+type": ("full", BASE.format(key_null="NULL", payload="JSON",
                                       keys=LEAN + ",\n    KEY ix_events_type_time (event_type, `timestamp`)")),
 }

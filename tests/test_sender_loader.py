@@ -280,7 +280,8 @@ def test_block_and_line_paths_give_the_same_rows(tmp_path):
     assert loader.tsv(*fast) == loader.tsv(*slow)
     out = loader.tsv(*fast).decode().splitlines()
     assert len(out) == len(rows) and all(row.count("\t") == 9 for row in out)
-    assert out[30].endswith('\t{"n":1180591620717411303424,"s":"\\\\u00e9\\\\\\\\"}')  # backslashes escaped for LOAD DATA
+    # backslashes escaped for LOAD DATA
+    assert out[30].endswith('\t{"n":1180591620717411303424,"s":"\\\\u00e9\\\\\\\\"}')
     assert out[31].split("\t")[3] == "\\N" and out[31].split("\t")[8] == "-1.5"
     assert '"shop_id":4, "good_id":3' in out[0] or '"shop_id":4, "good_id":3' in "".join(out)
 
@@ -290,8 +291,9 @@ def _valid_line() -> dict:
 
 
 JSON_VALUES = [None, True, False, 0, 1, -1, 1.5, 1 << 63, -(1 << 63) - 1, (1 << 31), "", "0:x", "12.345", "1.5",
-               "2026-11-26 22:15:20.002", "2026-02-30 22:15:20.002", "2026-11-26 24:15:20.002", "0999-11-26 22:15:20.002",
-               "2026-11-26T22:15:20.002", "2026-11-26 22:15:60.002", "a b", "a\tb", "a\nb", "é", "١٢", [], {}, [1], {"a": 1}]
+               "2026-11-26 22:15:20.002", "2026-02-30 22:15:20.002", "2026-11-26 24:15:20.002",
+               "0999-11-26 22:15:20.002", "2026-11-26T22:15:20.002", "2026-11-26 22:15:60.002",
+               "a b", "a\tb", "a\nb", "é", "١٢", [], {}, [1], {"a": 1}]
 
 
 @pytest.mark.parametrize("field", ["event_key", "event_type", "shop_id", "user_id", "timestamp", "shard", "order_id",
