@@ -496,3 +496,92 @@ def test_the_workers_prepared_lines_take_the_block_path():
         assert (row.event_key, row.event_type, row.shop_id, row.order_id, row.timestamp) == (
             ev.key, ev.etype, shop, ev.order_id, ev.ts)
         assert orjson.loads(payload) == ev.payload
+
+
+# -- untrusted sizes: long lines, deep payloads, a BOM ----------------------------------------
+
+class _Counted:
+    """A file object that counts what was read from it."""
+
+    def __init__(self, data: bytes):
+        import io
+        self.f, self.read_bytes = io.BytesIO(data), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_blocks_follow_lines_across_reads_and_refuse_a_long_one_unread():
+    lines = [b"x" * n + b"\n" for n in (10, 3000, 0, 4095, 5000, 7)] + [b"last"]
+    got = list(loader._blocks(_Counted(b"".join(lines)), hashlib.sha1(), 2, 4, 1 << 20, 5000))
+    assert b"".join(piece for piece, _, _ in got) == b"".join(lines) + b"\n"
+    assert [(count, first) for _, count, first in got] == [
+        (piece.count(b"\n"), first) for piece, _, first in got]
+    assert sum(count for _, count, _ in got) == 7 and got[0][2] == 1
+    huge = _Counted(b"".join(lines[:3]) + b"y" * (50 << 20) + b"\nafter\n")
+    with pytest.raises(loader.BadLine, match=r"line 4: longer than 5000 bytes \(MAX_LINE_BYTES\)"):
+        list(loader._blocks(huge, hashlib.sha1(), 2, 4, 1 << 20, 5000))
+    assert huge.read_bytes < 3 * 5000 + (1 << 13)  # never read whole
+
+
+def test_a_line_over_the_limit_fails_the_file_by_its_number(shard, tmp_path):
+    url, conn = shard
+    big = line("0:big", 4, payload={"pad": "x" * 3000})
+    write(tmp_path / "p.txt", many(250) + [big] + many(100, prefix="after"))
+    with pytest.raises(loader.BadLine, match=r"line 251: longer than 2048 bytes \(MAX_LINE_BYTES\)"):
+        loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, chunk_rows=100, max_line_bytes=2048)
+    assert counts(url) == (0, 0)
+    assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path).loaded == 351  # 1 MiB: fits
+
+
+@pytest.mark.parametrize("depth, message", [(31, None), (32, "nested deeper than 32 levels"),
+                                            (5000, "nested deeper than 32 levels")])
+def test_a_payload_nested_past_the_json_column_is_refused_by_name(shard, tmp_path, depth, message):
+    """The line is one level more than its payload; MariaDB's JSON stops at 32. Thousands of
+    levels (past the decoder's recursion) are refused the same way, not by a crash."""
+    url, conn = shard
+    payload = b"{\"a\":" * (depth - 1) + b"{}" + b"}" * (depth - 1)  # `depth` levels
+    bad = orjson.dumps(line("0:deep", 4)).replace(b'"payload":{"shop_id":4,"good_id":3}', b'"payload":' + payload)
+    write(tmp_path / "p.txt", many(20) + [bad + b"\n"] + many(5, prefix="after"))
+    if message is None:
+        assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path).loaded == 26
+        return
+    with pytest.raises(loader.BadLine, match=f"line 21: {message}"):
+        loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path)
+    assert counts(url) == (0, 0)
+
+
+def test_a_byte_order_mark_is_skipped_and_hashed(shard, tmp_path):
+    url, conn = shard
+    data = b"\xef\xbb\xbf" + b"".join(orjson.dumps(r) + b"\n" for r in many(3))
+    (tmp_path / "p.txt").write_bytes(data)
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path)
+    assert (result.loaded, result.checksum) == (3, hashlib.sha1(data).hexdigest())
+
+
+@pytest.mark.parametrize("method, cap", [("load_data", loader.CHUNK_BYTES), ("insert", loader.INSERT_BYTES)])
+def test_long_rows_make_small_chunks(shard, tmp_path, method, cap):
+    """Chunks end at their row count or once they hold CHUNK_BYTES (INSERT_BYTES): long rows
+    never build a statement near max_allowed_packet."""
+    url, conn = shard
+    rows = [line(f"0:long{i}", 4, payload={"pad": "x" * 200_000}) for i in range(60)]
+    write(tmp_path / "p.txt", rows)
+    sizes = []
+    original = loader._by_load_data if method == "load_data" else loader._by_insert
+
+    def measured(cur, chunks, *args):
+        def each():
+            for data, count in chunks:
+                sizes.append(len(data))
+                yield data, count
+        return original(cur, each(), *args)
+    name = "_by_load_data" if method == "load_data" else "_by_insert"
+    setattr(loader, name, measured)
+    try:
+        result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, tmp_path, method=method)
+    finally:
+        setattr(loader, name, original)
+    assert result.loaded == 60
+    assert len(sizes) >= (60 * 200_000) // cap and max(sizes) <= 1.1 * cap + 2 * 200_300

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import partial
-from itertools import repeat
+from itertools import accumulate, repeat
 from operator import attrgetter, contains, is_not, itemgetter
 from pathlib import Path
 from typing import Annotated, Callable, Iterator
@@ -55,6 +55,17 @@ METHODS = ("load_data", "insert")
 INSERT_ROWS = 2000          # rows per INSERT statement (~0.7 MB, far below max_allowed_packet)
 FIRST_BATCH = 1000          # rows in a big file's first chunk; each next one doubles up to the chunk size
 INLINE_BYTES = 1 << 20      # a file up to this size is read and checked by the loading thread itself
+# A chunk also ends once its lines hold this many bytes, so long lines make small chunks: an
+# INSERT (at most twice its lines once escaped) stays far below max_allowed_packet, and a TSV
+# chunk is a few MB of memory at most.
+CHUNK_BYTES = 8 << 20
+INSERT_BYTES = 2 << 20
+# A prepared line longer than this is refused (the worker writes lines of a few hundred bytes),
+# and never held whole; a payload nested deeper than MAX_JSON_DEPTH - 1 levels is refused too
+# (the line is one level more): MariaDB's JSON functions stop at 32, and so the JSON column.
+MAX_LINE_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32
+BOM = b"\xef\xbb\xbf"        # a UTF-8 byte-order mark, skipped at the very start of a file
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -262,8 +273,8 @@ def _times_ok(stamps: list[str]) -> bool:
     return True
 
 
-def _block_rows(block: bytes, lines: int, source_file: str, shard: int,
-                shard_count: int) -> tuple[list[Prepared], list[str]] | None:
+def _block_rows(block: bytes, lines: int, source_file: str, shard: int, shard_count: int,
+                max_depth: int = MAX_JSON_DEPTH) -> tuple[list[Prepared], list[str]] | None:
     """The rows of `lines` prepared lines (each `\\n`-terminated) and their payloads' text, when
     every line is one valid row of this shard and file; None otherwise (the caller then looks
     line by line)."""
@@ -273,7 +284,7 @@ def _block_rows(block: bytes, lines: int, source_file: str, shard: int,
         return None
     try:
         rows = _decode_lines(block)
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, RecursionError):  # the decoder's recursion: nesting in the thousands
         return None
     n = len(rows)
     if (n != lines or set(map(_shard_of, rows)) != {shard} or set(map(_source_of, rows)) != {source_file}
@@ -291,6 +302,8 @@ def _block_rows(block: bytes, lines: int, source_file: str, shard: int,
     # A raw tab in JSON is whitespace between tokens (never inside a string): a space means the
     # same, and keeps the TSV's columns.
     blob = b"\0".join(map(_payload_of, rows))
+    if _too_deep(blob, n, max_depth - 1):
+        return None
     if b"\t" in blob:
         blob = blob.replace(b"\t", b" ")
     try:
@@ -303,10 +316,10 @@ def _block_rows(block: bytes, lines: int, source_file: str, shard: int,
 
 
 def checked_rows(block: bytes, lines: int, first_line_no: int, source_file: str, shard: int,
-                 shard_count: int) -> tuple[list[Prepared], list[str]]:
+                 shard_count: int, max_depth: int = MAX_JSON_DEPTH) -> tuple[list[Prepared], list[str]]:
     """`_block_rows` of a block of whole lines, or, when it declines, the same line by line
     (blank lines skipped): BadLine/WrongShard names the first line that is not a row."""
-    got = _block_rows(block, lines, source_file, shard, shard_count)
+    got = _block_rows(block, lines, source_file, shard, shard_count, max_depth)
     if got is not None:
         return got
     rows: list[Prepared] = []
@@ -315,13 +328,38 @@ def checked_rows(block: bytes, lines: int, first_line_no: int, source_file: str,
         line = line.strip()
         if not line:
             continue
-        one = _block_rows(line + b"\n", 1, source_file, shard, shard_count)
+        one = _block_rows(line + b"\n", 1, source_file, shard, shard_count, max_depth)
         if one is None:
+            if _too_deep(line, 1, max_depth):
+                raise BadLine(line_no, f"nested deeper than {max_depth} levels (MAX_JSON_DEPTH)")
             _explain(line, line_no, source_file, shard, shard_count)
             raise BadLine(line_no, "unreadable line")
         rows += one[0]
         payloads += one[1]
     return rows, payloads
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def _json_depth(text: bytes) -> int:
+    """How deep the arrays and objects of JSON text nest (`{"a":[1]}` is 2), brackets inside
+    strings not counted; no recursion, so safe on any input."""
+    brackets = _JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def _too_deep(blob: bytes, values: int, max_depth: int) -> bool:
+    """Whether one of `values` JSON texts joined in `blob` nests deeper than `max_depth`. A text
+    that deep has more than `max_depth` brackets, so when all of them together have fewer than
+    one each plus `max_depth`, none does: two counts for the common case."""
+    brackets = blob.count(b"{") + blob.count(b"[")
+    if brackets - values < max_depth:
+        return False
+    return any(_json_depth(text) > max_depth for text in blob.split(b"\0")
+               if text.count(b"{") + text.count(b"[") > max_depth)
 
 
 def _opt_int(ev: dict, name: str, line_no: int, bounds=INT64):
@@ -414,27 +452,49 @@ class _Reading:
         self.hasher = hashlib.sha1()  # `sha1sum <prepared file>` gives the same: an operator can compare
 
 
-def _blocks(f, hasher, first: int, most: int) -> Iterator[tuple[bytes, int, int]]:
+def _blocks(f, hasher, first: int, most: int, max_bytes: int,
+            max_line: int) -> Iterator[tuple[bytes, int, int]]:
     """The file as blocks of whole lines: (lines, how many, the first one's number), about
-    `first` lines in the first block and twice as many in each next one up to about `most`
-    (each read is sized by the lines seen so far and cut after its last newline). A last line
-    without its newline gets one."""
-    rest, line_no, want, per_line = b"", 1, first, 400
+    `first` lines in the first block and twice as many in each next one up to about `most`,
+    and at most about `max_bytes` (each block's size is estimated from the lines seen so far).
+    Reads are at most `max_line` bytes, so only a line that crosses reads can be longer: its
+    length is followed across them, and a line over `max_line` is refused (BadLine) once that
+    many bytes of it were read, never held whole. A UTF-8 byte-order mark at the start is
+    skipped (and hashed); a last line without its newline gets one."""
+    pending, line_no, want, per_line, eof = b"", 1, first, 400, False
+    head = f.read(len(BOM))
+    hasher.update(head)
+    if head != BOM:
+        pending = head
     while True:
-        data = f.read(max(want * per_line, 1 << 12))
-        if data:
+        target = min(max(want * per_line, 1 << 12), max_bytes)
+        parts, size = [pending], len(pending)
+        tail = len(pending) - pending.rfind(b"\n") - 1  # the unfinished line's length so far
+        ended = tail < len(pending)                     # a line ends in what is here
+        while not eof and (size < target or not ended):
+            data = f.read(min(max_line, max(target - size, 1 << 12)))
+            if not data:
+                eof = True
+                break
             hasher.update(data)
-            if rest:
-                data = rest + data
-            end = data.rfind(b"\n") + 1
-            if not end:  # one line longer than this read: read on
-                rest = data
-                continue
-            piece, rest = (data[:end], data[end:]) if end < len(data) else (data, b"")
-        elif rest:
-            piece, rest = (rest if rest.endswith(b"\n") else rest + b"\n"), b""
-        else:
+            parts.append(data)
+            size += len(data)
+            first_end = data.find(b"\n")
+            tail += len(data) if first_end < 0 else first_end
+            if tail > max_line:
+                number = line_no + b"".join(parts[:-1]).count(b"\n")
+                raise BadLine(number, f"longer than {max_line} bytes (MAX_LINE_BYTES)")
+            if first_end >= 0:
+                ended = True
+                tail = len(data) - data.rfind(b"\n") - 1
+        data = b"".join(parts) if len(parts) > 1 else parts[0]
+        if not data:
             return
+        end = data.rfind(b"\n") + 1
+        if end:
+            piece, pending = (data[:end], data[end:]) if end < len(data) else (data, b"")
+        else:  # the end of the file: its last line, without a newline
+            piece, pending = data + b"\n", b""
         count = piece.count(b"\n")
         yield piece, count, line_no
         line_no += count
@@ -442,10 +502,10 @@ def _blocks(f, hasher, first: int, most: int) -> Iterator[tuple[bytes, int, int]
         want = min(want * 2, most)
 
 
-def _converted(blocks, reading: _Reading, render, source_file: str, shard: int,
-               shard_count: int) -> Iterator[tuple[object, int]]:
+def _converted(blocks, reading: _Reading, render, source_file: str, shard: int, shard_count: int,
+               max_depth: int) -> Iterator[tuple[object, int]]:
     for block, lines, first_line_no in blocks:
-        rows, payloads = checked_rows(block, lines, first_line_no, source_file, shard, shard_count)
+        rows, payloads = checked_rows(block, lines, first_line_no, source_file, shard, shard_count, max_depth)
         if rows:
             reading.rows += len(rows)
             yield render(rows, payloads), len(rows)
@@ -555,7 +615,8 @@ def _rollback(conn) -> None:
 
 def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, work_dir: Path, *,
               method: str = "load_data", chunk_rows: int = 10_000,
-              check: Callable[[], None] | None = None) -> LoadResult:
+              check: Callable[[], None] | None = None, max_line_bytes: int = MAX_LINE_BYTES,
+              max_json_depth: int = MAX_JSON_DEPTH) -> LoadResult:
     """Load `path` (the prepared file of `source_file`) into the shard `conn` is connected to
     (autocommit off, local_infile on), all of it or nothing, once.
 
@@ -595,7 +656,7 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
                     reading = _Reading()
                     try:
                         loaded = _send(cur, f, reading, attempt, source_file, shard, shard_count, work_dir,
-                                       chunk_rows, check)
+                                       chunk_rows, check, max_line_bytes, max_json_depth)
                     except _FallBack as why:
                         conn.rollback()
                         refused = refused or why.refused
@@ -619,20 +680,20 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
 
 
 def _send(cur, f, reading: _Reading, method: str, source_file: str, shard: int, shard_count: int,
-          work_dir: Path, chunk_rows: int, check) -> int:
+          work_dir: Path, chunk_rows: int, check, max_line: int, max_depth: int) -> int:
     """Read, check, render and send the whole file by `method`; the rows stored."""
     inline = os.fstat(f.fileno()).st_size <= INLINE_BYTES
     if method == "load_data":
-        most, render = chunk_rows, tsv
+        most, max_bytes, render = chunk_rows, CHUNK_BYTES, tsv
     else:
-        most = INSERT_ROWS
+        most, max_bytes = INSERT_ROWS, INSERT_BYTES
         escape = cur.connection.escape
         tail = f"{shard},{escape(source_file)}"
 
         def render(rows, payloads):
             return _INSERT.format(sql_values(rows, payloads, escape, tail))
-    blocks = _blocks(f, reading.hasher, most if inline else min(FIRST_BATCH, most), most)
-    chunks = _converted(blocks, reading, render, source_file, shard, shard_count)
+    blocks = _blocks(f, reading.hasher, most if inline else min(FIRST_BATCH, most), most, max_bytes, max_line)
+    chunks = _converted(blocks, reading, render, source_file, shard, shard_count, max_depth)
     if inline:
         return _run(method, cur, chunks, source_file, shard, work_dir, check)
     # The reading thread is joined when the block ends, so nothing reads the file after this.
