@@ -585,3 +585,21 @@ def test_long_rows_make_small_chunks(shard, tmp_path, method, cap):
         setattr(loader, name, original)
     assert result.loaded == 60
     assert len(sizes) >= (60 * 200_000) // cap and max(sizes) <= 1.1 * cap + 2 * 200_300
+
+
+def test_without_memfd_a_chunk_waits_in_the_senders_folder_and_goes(shard, tmp_path, monkeypatch):
+    """Where the system has no memfd, each chunk is a file in the sender's folder (marked with
+    the pid, so a replica starting does not sweep it), removed when the load ends."""
+    url, conn = shard
+
+    def no_memfd(*args):
+        raise OSError("no memfd here")
+    monkeypatch.setattr(loader.os, "memfd_create", no_memfd)
+    work = tmp_path / "sender"
+    write(tmp_path / "p.txt", many(500))
+    seen = []
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, work, chunk_rows=100,
+                              check=lambda: seen.append(sorted(p.name for p in work.iterdir())))
+    assert result.loaded == 500 and counts(url) == (500, 1)
+    assert seen[0] == [] and all(s == [loader.chunk_name(work, SOURCE).name] for s in seen[1:])
+    assert list(work.iterdir()) == []
