@@ -603,3 +603,13 @@ def test_without_memfd_a_chunk_waits_in_the_senders_folder_and_goes(shard, tmp_p
     assert result.loaded == 500 and counts(url) == (500, 1)
     assert seen[0] == [] and all(s == [loader.chunk_name(work, SOURCE).name] for s in seen[1:])
     assert list(work.iterdir()) == []
+
+
+def test_check_line_is_the_loaders_judgement_of_one_line():
+    """`check_line` (what the worker's tests ask the sender) accepts and refuses as a load does."""
+    good = orjson.dumps(line("0:x", 4))
+    assert loader.check_line(good + b"\n", 7, SOURCE, 0, 2).event_key == "0:x"
+    with pytest.raises(loader.WrongShard, match="prepared line 7: shop_id 5 belongs to shard 1"):
+        loader.check_line(orjson.dumps(line("0:x", 5)), 7, SOURCE, 0, 2)
+    with pytest.raises(loader.BadLine, match="prepared line 3: blank line"):
+        loader.check_line(b"  \n", 3, SOURCE, 0, 2)

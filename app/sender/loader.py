@@ -339,6 +339,16 @@ def checked_rows(block: bytes, lines: int, first_line_no: int, source_file: str,
     return rows, payloads
 
 
+def check_line(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int,
+               max_depth: int = MAX_JSON_DEPTH) -> Prepared:
+    """One prepared line as the sender takes it, or BadLine/WrongShard naming its problem (for
+    a caller that holds a single line: the worker's tests ask what the sender will accept)."""
+    rows, _ = checked_rows(line.rstrip(b"\r\n") + b"\n", 1, line_no, source_file, shard, shard_count, max_depth)
+    if not rows:
+        raise BadLine(line_no, "blank line")
+    return rows[0]
+
+
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
