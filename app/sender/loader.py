@@ -529,7 +529,7 @@ class _Spool:
     def __init__(self, work_dir: Path, source_file: str):
         self.fd: int | None = None
         try:
-            self.fd = os.memfd_create("mysql-sender-chunk", os.MFD_CLOEXEC)
+            self.fd = os.memfd_create("shard-load-chunk", os.MFD_CLOEXEC)
             self.path = f"/proc/self/fd/{self.fd}"
             if os.path.exists(self.path):
                 return
