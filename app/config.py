@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+# Optional indexes of a shard's events table (app/sender/loader.py OPTIONAL_INDEXES).
+SHARD_INDEXES = ("order", "type", "user")
+
+
 class ConfigError(SystemExit):
     """Raised for a bad setting; as a SystemExit it prints one line and exits 2."""
 
@@ -325,6 +329,13 @@ def check_api_exposure(settings: "Settings") -> None:
     if token is not None and len(token) < MIN_NETWORK_TOKEN:
         raise ConfigError("PIPELINE_API_TOKEN", f"is {len(token)} characters, too short for an API listening on "
                                                 f"{host}: at least {MIN_NETWORK_TOKEN} ({TOKEN_HINT})")
+def _names(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated subset of `choices` ("" or unset: none), sorted."""
+    raw = (env.get(name) or "").strip().lower()
+    names = {n.strip() for n in raw.split(",") if n.strip()}
+    if names - set(choices):
+        raise ConfigError(name, f"must be a comma-separated list of {', '.join(choices)}, got {raw!r}")
+    return tuple(sorted(names))
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -395,6 +406,9 @@ class Settings:
     # (MariaDB's limit), and the payload sits one level down in its line.
     max_line_bytes: int = 1 << 20
     max_json_depth: int = 32
+    # Optional indexes of each shard's events table (user, order, type; docs/sender.md): each
+    # serves a documented question and costs load speed, so none is built unless asked for.
+    shard_indexes: tuple[str, ...] = ()
     # event-ingest's generator (docs/ingest.md): seed (None: a random one), injection rates by
     # name from INGEST_RATE_<NAME>, and the size of its world.
     ingest_seed: int | None = None
@@ -458,6 +472,7 @@ class Settings:
             sender_chunk_rows=_int(env, "SENDER_CHUNK_ROWS", 10_000, 100, 1_000_000),
             max_line_bytes=_int(env, "MAX_LINE_BYTES", 1 << 20, 4096, 4 << 20),
             max_json_depth=_int(env, "MAX_JSON_DEPTH", 32, 2, 32),
+            shard_indexes=_names(env, "SHARD_INDEXES", SHARD_INDEXES),
             ingest_seed=_int(env, "INGEST_SEED", None, 0, 2**63 - 1),
             ingest_rates=_ingest_rates(env),
             ingest_shops=_int(env, "INGEST_SHOPS", 20, 1, 1_000_000),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app import layout
 from app.config import Settings
@@ -310,13 +310,13 @@ def test_sender_names_a_prepared_line_too_deep_or_too_large(shard, tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes(prepared("0:a", {"shop_id": 2}) + prepared("0:b", deep_payload(32)))
     with pytest.raises(loader.BadLine, match="prepared line 2: nested deeper than 32 levels"):
-        loader.load_file(conn, path, "20260501100006", 0, 2, tmp_path / "work")
+        loader.load_file(conn, path, "20260501100006", 0, 2)
     path.write_bytes(prepared("0:a", {"shop_id": 2}) + prepared("0:c", {"shop_id": 2, "x": "y" * 5000}))
     with pytest.raises(loader.BadLine, match=r"prepared line 2: 5\d\d\d bytes, over the limit of 4096"):
-        loader.load_file(conn, path, "20260501100006", 0, 2, tmp_path / "work", max_line_bytes=LIMIT)
+        loader.load_file(conn, path, "20260501100006", 0, 2, max_line_bytes=LIMIT)
     assert servers.query(url, "SELECT COUNT(*) FROM events") == [(0,)]
     path.write_bytes(prepared("0:a", {"shop_id": 2}) + prepared("0:b", deep_payload(31)))
-    assert loader.load_file(conn, path, "20260501100006", 0, 2, tmp_path / "work").loaded == 2
+    assert loader.load_file(conn, path, "20260501100006", 0, 2).loaded == 2
 
 
 def test_long_rows_never_make_a_statement_over_max_allowed_packet(shard, tmp_path):
@@ -325,7 +325,7 @@ def test_long_rows_never_make_a_statement_over_max_allowed_packet(shard, tmp_pat
     rows = [prepared(f"0:r{i}", {"shop_id": 2, "pad": "p" * 1_000_000}) for i in range(packet * 3 // 2_000_000 + 2)]
     assert sum(map(len, rows)) > packet  # one INSERT of these rows could not be sent
     (tmp_path / "p.txt").write_bytes(b"".join(rows))
-    result = loader.load_file(conn, tmp_path / "p.txt", "20260501100006", 0, 2, tmp_path / "work", method="insert")
+    result = loader.load_file(conn, tmp_path / "p.txt", "20260501100006", 0, 2, method="insert")
     assert result.loaded == len(rows)
 
 

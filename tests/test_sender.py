@@ -90,22 +90,28 @@ def sender_env(api_env: dict, **extra) -> dict:
             **{k: str(v) for k, v in extra.items()}}
 
 
-def wait_for_chunk(url, filename: str, index: int, proc: servers.Process, timeout: float = 30.0) -> None:
-    """Until the sender's open transaction on the shard database `url` holds chunks 0..index-1
-    (SENDER_CHUNK_ROWS=1000 rows each) of `filename`: mid-load, nothing committed. The rows
-    are counted by a dirty read (READ UNCOMMITTED sees the open transaction's rows)."""
+def wait_mid_load(url, filename: str, rows: int, proc: servers.Process, timeout: float = 30.0) -> None:
+    """Until the sender has sent at least `rows` rows of `filename` and not committed them (its
+    uncommitted rows are visible to a READ UNCOMMITTED reader): it is mid-load."""
     def reached():
         if proc.proc.poll() is not None:
             raise AssertionError(f"sender exited:\n{proc.output()[-3000:]}")
-        conn = servers.admin_connect(url.host, url.port, url.database)
+        try:
+            conn = servers.admin_connect(url.host, url.port, url.database)
+        except Exception:
+            return False
         try:
             with conn.cursor() as cur:
                 cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ UNCOMMITTED")
-                cur.execute("SELECT COUNT(*) FROM events WHERE source_file = %s", (filename,))
-                return cur.fetchone()[0] >= index * 1000
+                cur.execute("SELECT COUNT(*) FROM events WHERE source_file=%s", (filename,))
+                return cur.fetchone()[0] >= rows
+        except Exception as exc:  # the schema is not there yet
+            if "doesn't exist" in str(exc):
+                return False
+            raise
         finally:
             conn.close()
-    servers.wait_until(reached, timeout, 0.005, what=f"chunk {index} of {filename}")
+    servers.wait_until(reached, timeout, 0.002, what=f"{rows} rows of {filename} sent")
 
 
 def assert_rows(url, filename: str, rows: list[dict]) -> None:
@@ -181,7 +187,7 @@ def test_kill_9_mid_load_then_restart_loads_exactly_once(api, api_env, shared_di
     write_prepared(shared_dir, name, 0, rows)
     env = sender_env(api_env)
     first = start_sender(env, 0, tmp_path, "-first")
-    wait_for_chunk(shard_dbs[0], name, 4, first)
+    wait_mid_load(shard_dbs[0], name, 4000, first)
     first.kill_group(signal.SIGKILL)
     first.proc.wait(10)
     assert loaded(shard_dbs[0], name) == (0, 0)  # what was sent is not committed
@@ -208,7 +214,7 @@ def test_shard_server_stopped_mid_load_catches_up_alone(api_factory, pipeline_db
     write_prepared(shared_dir, name, 0, prepared_rows(name, 0, n))
     sender = start_sender(sender_env(env), 0, tmp_path)
     try:
-        wait_for_chunk(shard_url, name, 4, sender)
+        wait_mid_load(shard_url, name, 4000, sender)
         private_mariadb.stop() if how == "stop" else private_mariadb.kill()
         time.sleep(1.5)  # the sender finds the server gone, hands the task back and backs off
         assert task(client, name, 0)["mysql_sender_status"] in ("new", "started")
@@ -284,7 +290,7 @@ def test_stop_mid_load_hands_back_and_empties_only_its_folder(api, api_env, shar
     env = sender_env(api_env)
     sender = start_sender(env, 0, tmp_path)
     own = layout.sender_dir(shared_dir, 0)
-    wait_for_chunk(shard_dbs[0], name, 3, sender)
+    wait_mid_load(shard_dbs[0], name, 3000, sender)
     (own / "scratch.tsv").write_text("the sender's own")
     started = time.monotonic()
     assert sender.stop() == 0, sender.output()[-2000:]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from decimal import Decimal
@@ -260,3 +261,336 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
         assert results["first"] == "abandoned" and second.already_loaded is False
     assert second.loaded == 1000
     assert counts(url) == (1000, 1)
+
+
+# -- the prepared lines' checks: the block path and the line path agree ------------------------
+
+def test_block_and_line_paths_give_the_same_rows(tmp_path):
+    """The same lines loaded as one block (the fast path) and one by one after a blank line
+    forced the line path: the same TSV, payload bytes copied through (a 2**70 integer and a
+    `\\u00e9` escape survive as written; a tab between JSON tokens becomes a space)."""
+    rows = many(30) + [line("0:big", 4, payload={"n": 1}), line("0:tab", 4, user_id=None, qty=None, amount="-1.5")]
+    data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    data = data.replace(b'{"n":1}', b'{"n":1180591620717411303424,"s":"\\u00e9\\\\"}')
+    data = data.replace(b'"payload":{"shop_id":4,"good_id":3}}\n', b'"payload":{"shop_id":4,\t"good_id":3}}\n', 1)
+    lines = data.count(b"\n")
+    fast = loader._block_rows(data, lines, SOURCE, 0, 2)
+    assert fast is not None
+    slow = loader.checked_rows(b"\n" + data, lines + 1, 1, SOURCE, 0, 2)
+    assert loader.tsv(*fast) == loader.tsv(*slow)
+    out = loader.tsv(*fast).decode().splitlines()
+    assert len(out) == len(rows) and all(row.count("\t") == 9 for row in out)
+    # backslashes escaped for LOAD DATA
+    assert out[30].endswith('\t{"n":1180591620717411303424,"s":"\\\\u00e9\\\\\\\\"}')
+    assert out[31].split("\t")[3] == "\\N" and out[31].split("\t")[8] == "-1.5"
+    assert '"shop_id":4, "good_id":3' in out[0] or '"shop_id":4, "good_id":3' in "".join(out)
+
+
+def _valid_line() -> dict:
+    return line("1:123", 4, order_id=123, payload={"order_id": 123, "qty": 2, "note": "ok"})
+
+
+JSON_VALUES = [None, True, False, 0, 1, -1, 1.5, 1 << 63, -(1 << 63) - 1, (1 << 31), "", "0:x", "12.345", "1.5",
+               "2026-11-26 22:15:20.002", "2026-02-30 22:15:20.002", "2026-11-26 24:15:20.002",
+               "0999-11-26 22:15:20.002", "2026-11-26T22:15:20.002", "2026-11-26 22:15:60.002",
+               "a b", "a\tb", "a\nb", "é", "١٢", [], {}, [1], {"a": 1}]
+
+
+@pytest.mark.parametrize("field", ["event_key", "event_type", "shop_id", "user_id", "timestamp", "shard", "order_id",
+                                   "good_id", "qty", "amount", "source_file", "payload"])
+def test_the_block_path_refuses_exactly_what_the_rules_refuse(field):
+    """For every field and many replacement values: the block path (decoder plus per-block
+    checks) accepts a line exactly when the line-by-line rules (`_explain`) find nothing."""
+    for value in JSON_VALUES + [SOURCE, 6, 5, 2, 3, "-9223372036854775808.5", "9999999999999999.99",
+                                "99999999999999999", "x" * 64, "x" * 65]:
+        row = _valid_line()
+        row[field] = value
+        raw = json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode()  # any int size
+        accepted = loader._block_rows(raw + b"\n", 1, SOURCE, 0, 2) is not None
+        try:
+            loader._explain(raw, 1, SOURCE, 0, 2)
+            explained = None
+        except loader.BadLine as exc:
+            explained = str(exc)
+        assert accepted == (explained is None), (field, value, explained)
+    row = _valid_line()
+    del row[field]
+    assert loader._block_rows(orjson.dumps(row) + b"\n", 1, SOURCE, 0, 2) is None
+    with pytest.raises(loader.BadLine):
+        loader.checked_rows(orjson.dumps(row) + b"\n", 1, 1, SOURCE, 0, 2)
+
+
+@pytest.mark.parametrize("text", [
+    b'{"a":1}', b'[]', b'{"event_key":"0:x"} {"event_key":"0:y"}',
+    orjson.dumps(line("0:x", 4)) + b" " + orjson.dumps(line("0:y", 4)),  # two rows on one line
+    orjson.dumps(line("0:x", 4)).replace(b'"payload":{', b'"payload":{"a":"\xff",'),  # not UTF-8
+    orjson.dumps(line("0:x", 4)).replace(b'"payload":{"shop_id":4,"good_id":3}', b'"payload":[1]'),
+])
+def test_a_line_that_is_not_one_row_is_refused(text):
+    assert loader._block_rows(text + b"\n", 1, SOURCE, 0, 2) is None
+    with pytest.raises(loader.BadLine):
+        loader.checked_rows(text + b"\n", 1, 7, SOURCE, 0, 2)
+
+
+def test_blank_lines_and_crlf_are_read_line_by_line(shard, tmp_path):
+    url, conn = shard
+    lines = [orjson.dumps(r) for r in many(5)]
+    (tmp_path / "p.txt").write_bytes(b"\n" + lines[0] + b"\r\n  \n" + b"\n".join(lines[1:]))  # no final newline
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
+    assert (result.lines, result.loaded) == (5, 5)
+    assert counts(url) == (5, 1)
+
+
+# -- NO_BACKSLASH_ESCAPES: the connection's own escaping --------------------------------------
+
+def _hex(text: str) -> str:
+    return "0x" + text.encode().hex()
+
+
+@pytest.mark.parametrize("method", loader.METHODS)
+def test_no_backslash_escapes_cannot_forge_a_row(shard, tmp_path, method):
+    """Under sql_mode NO_BACKSLASH_ESCAPES a backslash does not escape a quote. A payload string
+    that ends the literal early (as `\\'` would) and appends a row of its own must be stored as
+    the text it is; a backslash must stay one backslash."""
+    url, conn = shard
+    with conn.cursor() as cur:
+        cur.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+    forged = (f"' IS NULL,0,{_hex(SOURCE)}),({_hex('0:forged')},0,4,NULL,FROM_UNIXTIME(1),NULL,NULL,NULL,NULL,"
+              f"JSON_OBJECT(),0,{_hex(SOURCE)})#")
+    payload = {"note": forged, "path": "C:\\temp\\", "quote": "it's"}
+    write(tmp_path / "p.txt", [line("0:x", 4, payload=payload)])
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, method=method)
+    assert (result.loaded, result.method) == (1, method)  # LOAD DATA's format does not depend on sql_mode
+    got = query(url, "SELECT event_key, payload FROM events")
+    assert [key for key, _ in got] == ["0:x"]
+    assert orjson.loads(got[0][1]) == payload
+
+
+# -- the original writers' INSERT, next to the sender ------------------------------------------
+
+ORIGINAL_INSERT = "INSERT INTO events (event_type, shop_id, user_id, timestamp, shard) VALUES (%s, %s, %s, %s, %s)"
+
+
+def test_the_original_writers_insert_next_to_the_sender(shard, tmp_path):
+    """The original deployment's writers list only the contract's columns; every column the
+    sender added has a default (NULL), their rows never collide with each other or with ours,
+    and the sender's exactly-once holds beside them."""
+    url, conn = shard
+    write(tmp_path / "a.txt", many(3))
+    loader.load_file(conn, tmp_path / "a.txt", SOURCE, 0, 2)
+    original = servers.admin_connect(url.host, url.port, url.database)
+    with original.cursor() as cur:
+        for _ in range(2):  # the original table has no key: the same row twice is two rows
+            cur.execute(ORIGINAL_INSERT, (1, 4, 7, "2026-11-26 22:15:20", 0))
+        cur.execute(ORIGINAL_INSERT, (0, 2, None, "2026-11-26 22:15:20.002", 0))  # the time of one of ours
+    original.close()
+    write(tmp_path / "b.txt", many(3, source=OTHER) + many(2, prefix="b", source=OTHER))
+    second = loader.load_file(conn, tmp_path / "b.txt", OTHER, 0, 2)
+    assert (second.loaded, second.duplicates) == (2, 3)  # the first file's three events: explicit no-ops
+    assert loader.load_file(conn, tmp_path / "a.txt", SOURCE, 0, 2).already_loaded
+    got = query(url, "SELECT event_type, shop_id, user_id, DATE_FORMAT(`timestamp`, '%%Y-%%m-%%d %%H:%%i:%%s.%%f'), "
+                     "shard, event_key, source_file, payload FROM events ORDER BY id")
+    assert [g[5] for g in got] == ["0:k0", "0:k1", "0:k2", None, None, None, "0:b0", "0:b1"]
+    assert got[3] == got[4] == (1, 4, 7, "2026-11-26 22:15:20.000000", 0, None, None, None)
+    assert got[5] == (0, 2, None, "2026-11-26 22:15:20.002000", 0, None, None, None)
+    assert query(url, "SELECT source_file, loaded_count, duplicate_count FROM loaded_files ORDER BY 1") == (
+        (SOURCE, 3, 0), (OTHER, 2, 3))
+
+
+# -- the schema: upgrade from step 1, optional indexes ---------------------------------------
+
+def _indexes(url) -> set[str]:
+    return {r[0] for r in query(url, "SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS "
+                                     "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'events'")}
+
+
+def test_a_step_one_table_is_upgraded_without_losing_a_row(make_database, tmp_path):
+    """A shard database made by the previous sender (migration 0001's table, not yet recorded in
+    schema_migrations), with rows, becomes the lean table of 0002: the same rows, byte for
+    byte, the new keys, and loads go on exactly once."""
+    url = make_database("upgrade")
+    conn = servers.admin_connect(url.host, url.port, url.database)
+    with conn.cursor() as cur:
+        first = db.migrations(loader.SCHEMA)[0]
+        assert first.version == 1
+        for stmt in first.statements():
+            cur.execute(stmt)
+        cur.execute("INSERT INTO events (event_key, event_type, shop_id, user_id, `timestamp`, shard, source_file, "
+                    "order_id, good_id, qty, amount, payload) VALUES ('1:5', 1, 4, 7, '2026-11-26 22:15:20.002', 0, "
+                    "%s, 5, 3, 2, 199.99, '{\"a\": 1}'), ('0:k0', 0, 2, NULL, '2026-11-26 22:15:20.002', 0, %s, "
+                    "NULL, 3, 2, NULL, '{}')", (OTHER, OTHER))
+        cur.execute("INSERT INTO loaded_files (source_file, shard, line_count, loaded_count, duplicate_count, "
+                    "checksum, method) VALUES (%s, 0, 2, 2, 0, '', 'load_data')", (OTHER,))
+    conn.close()
+    assert "uq_events_event_key" in _indexes(url)
+    before = query(url, "SELECT * FROM events ORDER BY id")
+    loader.prepare_database(url)
+    assert query(url, "SELECT version, name, adopted FROM schema_migrations WHERE component='shard' ORDER BY 1") == (
+        (1, "events", 1), (2, "lean_events", 0))
+    assert _indexes(url) == {"PRIMARY", "uq_events_time_key", "ix_events_shop_time"}
+    assert query(url, "SELECT * FROM events ORDER BY id") == before
+    loader.prepare_database(url)  # idempotent
+    conn = db.connect(url, autocommit=False, local_infile=True)
+    write(tmp_path / "p.txt", many(3))
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
+    conn.close()
+    assert (result.loaded, result.duplicates) == (2, 1)  # 0:k0 at that time was already there
+    assert counts(url) == (4, 2)
+
+
+def test_optional_indexes_follow_the_setting(make_database):
+    url = make_database("indexes")
+    loader.prepare_database(url, ("order", "user"))
+    assert _indexes(url) == {"PRIMARY", "uq_events_time_key", "ix_events_shop_time", "ix_events_order",
+                             "ix_events_user_time"}
+    loader.prepare_database(url, ("type",))
+    assert _indexes(url) == {"PRIMARY", "uq_events_time_key", "ix_events_shop_time", "ix_events_type_time"}
+    loader.prepare_database(url)
+    assert _indexes(url) == {"PRIMARY", "uq_events_time_key", "ix_events_shop_time"}
+    with pytest.raises(ValueError, match="unknown optional index"):
+        loader.prepare_database(url, ("shop",))
+
+
+def test_the_setting_names_the_loaders_indexes():
+    from app.config import SHARD_INDEXES, ConfigError, Settings
+    assert set(SHARD_INDEXES) == set(loader.OPTIONAL_INDEXES)
+    assert Settings.from_env({"SHARD_INDEXES": " User,order "}).shard_indexes == ("order", "user")
+    assert Settings.from_env({}).shard_indexes == ()
+    with pytest.raises(ConfigError, match="SHARD_INDEXES"):
+        Settings.from_env({"SHARD_INDEXES": "user,shop"})
+
+
+def test_no_chunk_file_is_written_anywhere(shard, tmp_path):
+    """Chunks go to the server from memory: no file appears beside the prepared one, even
+    mid-load."""
+    url, conn = shard
+    write(tmp_path / "p.txt", many(1000))
+    seen = []
+    loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, chunk_rows=100,
+                     check=lambda: seen.append(sorted(p.name for p in tmp_path.iterdir() if p.name != "p.txt")))
+    assert len(seen) >= 5 and all(s == [] for s in seen)  # several chunks, none of them a file
+    assert counts(url) == (1000, 1)
+
+
+def test_the_workers_prepared_lines_take_the_block_path():
+    """The worker's `prepared_line` (app/worker/stage.py) writes what the sender's block path
+    reads: the original generator's events, each as the worker writes it, come through as one
+    block, with their values. If the worker's format changes, lines would still load, one by
+    one at a tenth of the speed; this test says so first."""
+    from app.worker.rules import Bad, validate
+    from app.worker.stage import prepared_line
+    fixture = servers.ROOT.parent / "shared" / "fixtures" / "original-generator" / "20261126221520.event-ingest.txt"
+    lines, events = [], []
+    for raw in fixture.read_bytes().splitlines():
+        ev = validate(raw, 0, 2)
+        if type(ev) is Bad:  # another shard's
+            continue
+        shop = ev.shop_id if ev.shop_id is not None else 4  # a return's shop comes from the order index
+        lines.append(prepared_line(ev, shop, 0, SOURCE))
+        events.append((ev, shop))
+    assert len(lines) > 10 and {ev.etype for ev, _ in events} == {0, 1, 2, 3, 4}
+    got = loader._block_rows(b"".join(lines), len(lines), SOURCE, 0, 2)
+    assert got is not None
+    for row, payload, (ev, shop) in zip(*got, events):
+        assert (row.event_key, row.event_type, row.shop_id, row.order_id, row.timestamp) == (
+            ev.key, ev.etype, shop, ev.order_id, ev.ts)
+        assert orjson.loads(payload) == ev.payload
+
+
+# -- untrusted sizes: long lines, deep payloads, a BOM ----------------------------------------
+
+class _Counted:
+    """A file object that counts what was read from it."""
+
+    def __init__(self, data: bytes):
+        import io
+        self.f, self.read_bytes = io.BytesIO(data), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_blocks_follow_lines_across_reads_and_refuse_a_long_one_unread():
+    lines = [b"x" * n + b"\n" for n in (10, 3000, 0, 4095, 5000, 7)] + [b"last"]
+    got = list(loader._blocks(_Counted(b"".join(lines)), hashlib.sha1(), 2, 4, 1 << 20, 5000))
+    assert b"".join(piece for piece, _, _ in got) == b"".join(lines) + b"\n"
+    assert [(count, first) for _, count, first in got] == [
+        (piece.count(b"\n"), first) for piece, _, first in got]
+    assert sum(count for _, count, _ in got) == 7 and got[0][2] == 1
+    huge = _Counted(b"".join(lines[:3]) + b"y" * (50 << 20) + b"\nafter\n")
+    with pytest.raises(loader.BadLine, match=r"line 4: longer than 5000 bytes \(MAX_LINE_BYTES\)"):
+        list(loader._blocks(huge, hashlib.sha1(), 2, 4, 1 << 20, 5000))
+    assert huge.read_bytes < 3 * 5000 + (1 << 13)  # never read whole
+
+
+def test_a_line_over_the_limit_fails_the_file_by_its_number(shard, tmp_path):
+    url, conn = shard
+    big = line("0:big", 4, payload={"pad": "x" * 3000})
+    write(tmp_path / "p.txt", many(250) + [big] + many(100, prefix="after"))
+    with pytest.raises(loader.BadLine, match=r"line 251: longer than 2048 bytes \(MAX_LINE_BYTES\)"):
+        loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, chunk_rows=100, max_line_bytes=2048)
+    assert counts(url) == (0, 0)
+    assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2).loaded == 351  # 1 MiB: fits
+
+
+@pytest.mark.parametrize("depth, message", [(31, None), (32, "nested deeper than 32 levels"),
+                                            (5000, "nested deeper than 32 levels")])
+def test_a_payload_nested_past_the_json_column_is_refused_by_name(shard, tmp_path, depth, message):
+    """The line is one level more than its payload; MariaDB's JSON stops at 32. Thousands of
+    levels (past the decoder's recursion) are refused the same way, not by a crash."""
+    url, conn = shard
+    payload = b"{\"a\":" * (depth - 1) + b"{}" + b"}" * (depth - 1)  # `depth` levels
+    bad = orjson.dumps(line("0:deep", 4)).replace(b'"payload":{"shop_id":4,"good_id":3}', b'"payload":' + payload)
+    write(tmp_path / "p.txt", many(20) + [bad + b"\n"] + many(5, prefix="after"))
+    if message is None:
+        assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2).loaded == 26
+        return
+    with pytest.raises(loader.BadLine, match=f"line 21: {message}"):
+        loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
+    assert counts(url) == (0, 0)
+
+
+def test_a_byte_order_mark_is_skipped_and_hashed(shard, tmp_path):
+    url, conn = shard
+    data = b"\xef\xbb\xbf" + b"".join(orjson.dumps(r) + b"\n" for r in many(3))
+    (tmp_path / "p.txt").write_bytes(data)
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
+    assert (result.loaded, result.checksum) == (3, hashlib.sha1(data).hexdigest())
+
+
+@pytest.mark.parametrize("method, cap", [("load_data", loader.CHUNK_BYTES), ("insert", loader.INSERT_BYTES)])
+def test_long_rows_make_small_chunks(shard, tmp_path, method, cap):
+    """Chunks end at their row count or once they hold CHUNK_BYTES (INSERT_BYTES): long rows
+    never build a statement near max_allowed_packet."""
+    url, conn = shard
+    rows = [line(f"0:long{i}", 4, payload={"pad": "x" * 200_000}) for i in range(60)]
+    write(tmp_path / "p.txt", rows)
+    sizes = []
+    original = loader._by_load_data if method == "load_data" else loader._by_insert
+
+    def measured(cur, chunks, *args):
+        def each():
+            for data, count in chunks:
+                sizes.append(len(data))
+                yield data, count
+        return original(cur, each(), *args)
+    name = "_by_load_data" if method == "load_data" else "_by_insert"
+    setattr(loader, name, measured)
+    try:
+        result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2, method=method)
+    finally:
+        setattr(loader, name, original)
+    assert result.loaded == 60
+    assert len(sizes) >= (60 * 200_000) // cap and max(sizes) <= 1.1 * cap + 2 * 200_300
+
+
+def test_check_line_is_the_loaders_judgement_of_one_line():
+    """`check_line` (what the worker's tests ask the sender) accepts and refuses as a load does."""
+    good = orjson.dumps(line("0:x", 4))
+    assert loader.check_line(good + b"\n", 7, SOURCE, 0, 2).event_key == "0:x"
+    with pytest.raises(loader.WrongShard, match="prepared line 7: shop_id 5 belongs to shard 1"):
+        loader.check_line(orjson.dumps(line("0:x", 5)), 7, SOURCE, 0, 2)
+    with pytest.raises(loader.BadLine, match="prepared line 3: blank line"):
+        loader.check_line(b"  \n", 3, SOURCE, 0, 2)

@@ -3,32 +3,44 @@
 The whole file goes in ONE transaction together with its row in `loaded_files`; that row is
 inserted first, so a second loader of the same file waits on its lock and then finds it
 loaded, and a load cut short anywhere (kill, lost connection, server restart) leaves nothing.
-`events.event_key` is unique, so an event that reaches the shard twice (in two files, or twice
-in one) is an explicit no-op, never a second row and never a silenced error.
+`events` has a unique key on (timestamp, event_key), so an event that reaches the shard twice
+(in two files, or twice in one) is an explicit no-op, never a second row and never a silenced
+error.
 
 Two bulk methods, same result (bench/load.py measures both):
-- `load_data`: the file's rows as TSV chunks built in memory, each sent with
-  `LOAD DATA LOCAL INFILE` (`db.load_local`: the server gets that chunk and can ask for no
-  file of this machine; nothing is written to disk). LOCAL loads turn errors into warnings, so a chunk is accepted
-  only with zero warnings and every row inserted; otherwise the transaction is rolled back
-  and the file is loaded again with `insert`, which skips duplicates explicitly.
-- `insert`: multi-row `INSERT ... ON DUPLICATE KEY UPDATE id = id`.
-A thread parses and checks the next chunk while the server stores the current one.
+- `load_data`: the file's rows as TSV chunks built in memory, each sent with `LOAD DATA LOCAL
+  INFILE` through `db.load_local` (the server gets that chunk and can ask for no file of this
+  machine; nothing is written to disk). LOCAL loads turn errors into warnings, so a
+  chunk is accepted only with zero warnings and every row inserted; otherwise the transaction
+  is rolled back and the file is loaded again with `insert`, which skips duplicates explicitly.
+- `insert`: multi-row `INSERT ... ON DUPLICATE KEY UPDATE id = id`, strings escaped by the
+  connection (which honours NO_BACKSLASH_ESCAPES).
+
+Checking and converting a prepared file costs half of what parsing each line into objects and
+dumping its payload again did: msgspec decodes and type-checks a whole block of
+lines in C, keeping each payload as the bytes it was written as, and the rules the types cannot
+say (the shard, the file, the key's characters, real times, decimal amounts) are checked once
+per block on joined or distinct values. A block that fails any of it is examined line by line,
+which names the first bad line.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
+from functools import partial
+from itertools import accumulate, repeat
+from operator import attrgetter, contains, is_not, itemgetter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator
 
+import msgspec
 import orjson
 import pymysql
-from pymysql.converters import escape_string
 
 from .. import db, safefiles
 from ..config import MySQLURL
@@ -41,22 +53,38 @@ log = logging.getLogger("shard-loader")
 SCHEMA = "shard"
 METHODS = ("load_data", "insert")
 INSERT_ROWS = 2000          # rows per INSERT statement (~0.7 MB, far below max_allowed_packet)
-READ_BLOCK = 1 << 22
-FIRST_BATCH = 1000          # rows in the first chunk; each next one doubles up to the chunk size
+FIRST_BATCH = 1000          # rows in a big file's first chunk; each next one doubles up to the chunk size
+INLINE_BYTES = 1 << 20      # a file up to this size is read and checked by the loading thread itself
+# A chunk also ends once its lines hold this many bytes, so long lines make small chunks: an
+# INSERT (at most twice its lines once escaped) stays far below max_allowed_packet, and a TSV
+# chunk is a few MB of memory at most.
+CHUNK_BYTES = 8 << 20
+INSERT_BYTES = 2 << 20
+# A prepared line longer than this is refused (the worker writes lines of a few hundred bytes),
+# and never held whole; a payload nested deeper than MAX_JSON_DEPTH - 1 levels is refused too
+# (the line is one level more): MariaDB's JSON functions stop at 32, and so the JSON column.
+MAX_LINE_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32
+BOM = b"\xef\xbb\xbf"        # a UTF-8 byte-order mark, skipped at the very start of a file
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 INT32 = (-(1 << 31), (1 << 31) - 1)
 _KEY = re.compile(r"[0-9A-Za-z:._+/=\-]{1,64}").fullmatch
-_AMOUNT = re.compile(r"-?\d{1,16}(?:\.\d{1,2})?").fullmatch
+_AMOUNT = re.compile(r"-?[0-9]{1,16}(?:\.[0-9]{1,2})?").fullmatch
 _EVENT_COLUMNS = {"event_key", "event_type", "shop_id", "user_id", "timestamp", "shard", "created_at",
                   "source_file", "order_id", "good_id", "qty", "amount", "payload"}
+# Optional indexes of `events` (SHARD_INDEXES), each for a documented question (docs/sender.md).
+OPTIONAL_INDEXES = {
+    "user": ("ix_events_user_time", "(user_id, `timestamp`)"),
+    "order": ("ix_events_order", "(order_id)"),
+    "type": ("ix_events_type_time", "(event_type, `timestamp`)"),
+}
 _N = "\\N"                   # NULL in LOAD DATA's default format
-_LO, _HI = INT64
-_LO32, _HI32 = INT32
-_loads, _dumps, _fromisoformat = orjson.loads, orjson.dumps, datetime.fromisoformat
 
 _LOAD_DATA = ("LOAD DATA LOCAL INFILE %s INTO TABLE events CHARACTER SET utf8mb4 "
-              # the default field format: tab-separated, backslash escapes, \N for NULL
+              # The default format (tab-separated, backslash escapes, \N for NULL), spelled out in hex:
+              # under sql_mode NO_BACKSLASH_ESCAPES the default escape character is none at all.
+              "FIELDS TERMINATED BY X'09' ESCAPED BY X'5C' LINES TERMINATED BY X'0A' "
               "(event_key, event_type, shop_id, user_id, `timestamp`, order_id, good_id, qty, amount, payload) "
               "SET shard = %s, source_file = %s")
 _INSERT = ("INSERT INTO events (event_key, event_type, shop_id, user_id, `timestamp`, order_id, good_id, qty, "
@@ -100,7 +128,7 @@ class LoadResult:
     source_file: str
     lines: int              # rows in the prepared file
     loaded: int             # rows this file put into `events`
-    duplicates: int         # rows skipped because their event_key was already there
+    duplicates: int         # rows skipped because their event was already there
     method: str
     seconds: float
     checksum: str
@@ -117,20 +145,24 @@ class LoadResult:
 
 # -- schema -----------------------------------------------------------------------------------
 
-def prepare_database(url: MySQLURL) -> None:
+def prepare_database(url: MySQLURL, indexes: tuple[str, ...] = ()) -> None:
     """Create the shard database if missing and bring its schema up to date (`prepare`)."""
     db.ensure_database(url)
     conn = db.connect(url)
     try:
-        prepare(conn)
+        prepare(conn, indexes)
     finally:
         conn.close()
 
 
-def prepare(conn) -> None:
+def prepare(conn, indexes: tuple[str, ...] = ()) -> None:
     """Bring the schema of the connection's shard database up to date (`db.migrate`, under a
-    lock). An original deployment's `events` table is refused, not loaded into; its
-    `purchase_history`/`order_return` tables are kept."""
+    lock), then build or drop the optional indexes so that exactly `indexes` (names of
+    OPTIONAL_INDEXES, from SHARD_INDEXES) exist. An original deployment's `events` table is
+    refused, not loaded into; its `purchase_history`/`order_return` tables are kept."""
+    unknown = set(indexes) - set(OPTIONAL_INDEXES)
+    if unknown:
+        raise ValueError(f"unknown optional index {sorted(unknown)}; expected some of {sorted(OPTIONAL_INDEXES)}")
     with conn.cursor() as cur:
         cur.execute("SELECT DATABASE(), COLUMN_NAME FROM information_schema.COLUMNS "
                     "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'events'")
@@ -142,11 +174,203 @@ def prepare(conn) -> None:
             f"{', '.join(sorted(_EVENT_COLUMNS - present))}): rename it and restart the sender, "
             f"which creates the table of db/migrations/{SCHEMA}/")
     db.migrate(conn, SCHEMA)
+    _optional_indexes(conn, indexes)
     if not conn.get_autocommit():
         conn.commit()
 
 
-# -- reading and checking prepared lines --------------------------------------------------
+def _optional_indexes(conn, indexes: tuple[str, ...]) -> None:
+    """Add or drop OPTIONAL_INDEXES so that exactly `indexes` exist, under a named lock (senders
+    starting together do not race; one that waits 60 s in vain retries later)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT DATABASE()")
+        database = cur.fetchone()[0]
+        lock = f"shard-indexes:{database}"[:64]
+        cur.execute("SELECT GET_LOCK(%s, 60)", (lock,))
+        if cur.fetchone()[0] != 1:
+            raise SchemaMismatch(f"could not take the lock {lock!r} within 60 s (another sender is building "
+                                 f"an index)")
+        try:
+            have = _event_indexes(cur)
+            for name, (index, columns) in sorted(OPTIONAL_INDEXES.items()):
+                if name in indexes and index not in have:
+                    log.info("%s: building index %s %s (SHARD_INDEXES)", database, index, columns)
+                    cur.execute(f"ALTER TABLE events ADD INDEX {index} {columns}")
+                elif name not in indexes and index in have:
+                    log.info("%s: dropping index %s (not in SHARD_INDEXES)", database, index)
+                    cur.execute(f"ALTER TABLE events DROP INDEX {index}")
+        finally:
+            cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
+
+
+def _event_indexes(cur) -> set[str]:
+    cur.execute("SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS "
+                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'events'")
+    return {r[0] for r in cur.fetchall()}
+
+
+# -- checking prepared lines ------------------------------------------------------------------
+
+_I64 = Annotated[int, msgspec.Meta(ge=INT64[0], le=INT64[1])]
+
+
+class Prepared(msgspec.Struct, gc=False):
+    """One prepared line as the worker writes it (app/worker/stage.py `prepared_line`); other
+    members are ignored. The payload stays the bytes it was written as."""
+
+    event_key: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    event_type: Annotated[int, msgspec.Meta(ge=min(EVENT_TYPES), le=max(EVENT_TYPES))]
+    shop_id: _I64
+    user_id: _I64 | None
+    timestamp: Annotated[str, msgspec.Meta(min_length=23, max_length=23)]
+    shard: int
+    order_id: _I64 | None
+    good_id: _I64 | None
+    qty: Annotated[int, msgspec.Meta(ge=INT32[0], le=INT32[1])] | None
+    amount: str | None
+    source_file: str
+    payload: msgspec.Raw
+
+
+assert set(EVENT_TYPES) == set(range(min(EVENT_TYPES), max(EVENT_TYPES) + 1)), "event types must be a range"
+_decode_lines = msgspec.json.Decoder(Prepared).decode_lines
+_shard_of, _source_of, _shop_of = attrgetter("shard"), attrgetter("source_file"), attrgetter("shop_id")
+_key_of, _time_of, _amount_of, _payload_of = (attrgetter("event_key"), attrgetter("timestamp"),
+                                              attrgetter("amount"), attrgetter("payload"))
+_day_of, _hour_of, _first = itemgetter(slice(0, 10)), itemgetter(slice(11, 13)), itemgetter(0)
+_not_none = partial(is_not, None)
+_LINE_START = b'{"event_key":"'
+_NEXT_LINE_START = b"\n" + _LINE_START
+_KEY_BYTES = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz:._+/=-"
+_AMOUNTS = re.compile(r"(?:-?[0-9]{1,16}(?:\.[0-9]{1,2})?\n)*").fullmatch
+_HOURS = frozenset(f"{h:02d}" for h in range(24))
+_TIME_MARKS = ((4, b"-"), (7, b"-"), (10, b" "), (13, b":"), (16, b":"), (19, b"."))
+_known_days: set[str] = set()
+
+
+def _times_ok(stamps: list[str]) -> bool:
+    """Every timestamp is `YYYY-MM-DD HH:MM:SS.mmm` and a real time (each is 23 characters, the
+    decoder saw to that): checked on the joined text, column by column, and on distinct days."""
+    joined = "".join(stamps)
+    if not joined.isascii():
+        return False
+    text, n = joined.encode(), len(stamps)
+    if any(text[at::23] != mark * n for at, mark in _TIME_MARKS):
+        return False
+    if (len(text.translate(None, b"0123456789")) != 6 * n   # everything else is a digit
+            or text[0::23].translate(None, b"123456789")     # year 1000 or later
+            or text[14::23].translate(None, b"012345") or text[17::23].translate(None, b"012345")
+            or not set(map(_hour_of, stamps)) <= _HOURS):
+        return False
+    for day in set(map(_day_of, stamps)) - _known_days:
+        try:
+            date.fromisoformat(day)
+        except ValueError:
+            return False
+        if len(_known_days) > 100_000:
+            _known_days.clear()
+        _known_days.add(day)
+    return True
+
+
+def _block_rows(block: bytes, lines: int, source_file: str, shard: int, shard_count: int,
+                max_depth: int = MAX_JSON_DEPTH) -> tuple[list[Prepared], list[str]] | None:
+    """The rows of `lines` prepared lines (each `\\n`-terminated) and their payloads' text, when
+    every line is one valid row of this shard and file; None otherwise (the caller then looks
+    line by line)."""
+    # Every line starts as the worker writes it (so none is blank; another writer's lines are
+    # looked at one by one), and one decoded row per line means no line holds two objects.
+    if not block.startswith(_LINE_START) or block.count(_NEXT_LINE_START) != lines - 1:
+        return None
+    try:
+        rows = _decode_lines(block)
+    except (msgspec.MsgspecError, RecursionError):  # the decoder's recursion: nesting in the thousands
+        return None
+    n = len(rows)
+    if (n != lines or set(map(_shard_of, rows)) != {shard} or set(map(_source_of, rows)) != {source_file}
+            or any(shop % shard_count != shard for shop in set(map(_shop_of, rows)))):
+        return None
+    keys = "".join(map(_key_of, rows))
+    if not keys.isascii() or keys.encode().translate(None, _KEY_BYTES) or not _times_ok(list(map(_time_of, rows))):
+        return None
+    amounts = list(filter(_not_none, map(_amount_of, rows)))
+    if amounts:
+        joined = "\n".join(amounts) + "\n"
+        if joined.count("\n") != len(amounts) or not _AMOUNTS(joined):
+            return None
+    # The payloads: JSON text holds no NUL, so joining by NUL and splitting again gives them back.
+    # A raw tab in JSON is whitespace between tokens (never inside a string): a space means the
+    # same, and keeps the TSV's columns.
+    blob = b"\0".join(map(_payload_of, rows))
+    if _too_deep(blob, n, max_depth - 1):
+        return None
+    if b"\t" in blob:
+        blob = blob.replace(b"\t", b" ")
+    try:
+        payloads = blob.decode().split("\0")
+    except UnicodeDecodeError:
+        return None
+    if set(map(_first, payloads)) != {"{"}:  # each is an object
+        return None
+    return rows, payloads
+
+
+def checked_rows(block: bytes, lines: int, first_line_no: int, source_file: str, shard: int,
+                 shard_count: int, max_depth: int = MAX_JSON_DEPTH) -> tuple[list[Prepared], list[str]]:
+    """`_block_rows` of a block of whole lines, or, when it declines, the same line by line
+    (blank lines skipped): BadLine/WrongShard names the first line that is not a row."""
+    got = _block_rows(block, lines, source_file, shard, shard_count, max_depth)
+    if got is not None:
+        return got
+    rows: list[Prepared] = []
+    payloads: list[str] = []
+    for line_no, line in enumerate(block.split(b"\n"), first_line_no):
+        line = line.strip()
+        if not line:
+            continue
+        one = _block_rows(line + b"\n", 1, source_file, shard, shard_count, max_depth)
+        if one is None:
+            if _too_deep(line, 1, max_depth):
+                raise BadLine(line_no, f"nested deeper than {max_depth} levels (MAX_JSON_DEPTH)")
+            _explain(line, line_no, source_file, shard, shard_count)
+            raise BadLine(line_no, "unreadable line")
+        rows += one[0]
+        payloads += one[1]
+    return rows, payloads
+
+
+def check_line(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int,
+               max_depth: int = MAX_JSON_DEPTH) -> Prepared:
+    """One prepared line as the sender takes it, or BadLine/WrongShard naming its problem (for
+    a caller that holds a single line: the worker's tests ask what the sender will accept)."""
+    rows, _ = checked_rows(line.rstrip(b"\r\n") + b"\n", 1, line_no, source_file, shard, shard_count, max_depth)
+    if not rows:
+        raise BadLine(line_no, "blank line")
+    return rows[0]
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def _json_depth(text: bytes) -> int:
+    """How deep the arrays and objects of JSON text nest (`{"a":[1]}` is 2), brackets inside
+    strings not counted; no recursion, so safe on any input."""
+    brackets = _JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def _too_deep(blob: bytes, values: int, max_depth: int) -> bool:
+    """Whether one of `values` JSON texts joined in `blob` nests deeper than `max_depth`. A text
+    that deep has more than `max_depth` brackets, so when all of them together have fewer than
+    one each plus `max_depth`, none does: two counts for the common case."""
+    brackets = blob.count(b"{") + blob.count(b"[")
+    if brackets - values < max_depth:
+        return False
+    return any(_json_depth(text) > max_depth for text in blob.split(b"\0")
+               if text.count(b"{") + text.count(b"[") > max_depth)
+
 
 def _opt_int(ev: dict, name: str, line_no: int, bounds=INT64):
     value = ev.get(name)
@@ -157,35 +381,8 @@ def _opt_int(ev: dict, name: str, line_no: int, bounds=INT64):
     return value
 
 
-def check_line(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int) -> tuple:
-    """The loadable fields of one prepared line, or BadLine/WrongShard naming the problem.
-
-    One combined test on the hot path (this runs a million times per million rows); a line
-    that fails it is examined again by `_explain`, which names what is wrong."""
-    try:
-        ev = _loads(line)
-        key, etype, shop, user, ts = ev["event_key"], ev["event_type"], ev["shop_id"], ev["user_id"], ev["timestamp"]
-        order, good, qty, amount, payload = ev["order_id"], ev["good_id"], ev["qty"], ev["amount"], ev["payload"]
-        if (type(key) is str and _KEY(key) and type(etype) is int and etype in EVENT_TYPES
-                and type(shop) is int and _LO <= shop <= _HI and shop % shard_count == shard
-                and type(ev["shard"]) is int and ev["shard"] == shard and ev["source_file"] == source_file
-                and (user is None or (type(user) is int and _LO <= user <= _HI))
-                and (order is None or (type(order) is int and _LO <= order <= _HI))
-                and (good is None or (type(good) is int and _LO <= good <= _HI))
-                and (qty is None or (type(qty) is int and _LO32 <= qty <= _HI32))
-                and (amount is None or (type(amount) is str and _AMOUNT(amount)))
-                and type(ts) is str and len(ts) == 23 and ts[19] == "." and ts[10] == " " and ts >= "1000"
-                and type(payload) is dict):
-            _fromisoformat(ts)
-            return key, etype, shop, user, ts, order, good, qty, amount, _dumps(payload).decode()
-    except (ValueError, KeyError, TypeError):
-        pass
-    _explain(line, line_no, source_file, shard, shard_count)
-    raise BadLine(line_no, "unreadable line")
-
-
 def _explain(line: bytes, line_no: int, source_file: str, shard: int, shard_count: int) -> None:
-    """Raise BadLine/WrongShard for the first problem of a line the hot path refused."""
+    """Raise BadLine/WrongShard for the first problem of a line the checks refused."""
     try:
         ev = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -208,7 +405,7 @@ def _explain(line: bytes, line_no: int, source_file: str, shard: int, shard_coun
     if type(line_shard) is not int or line_shard != shard:
         raise WrongShard(line_no, f"the line says shard {line_shard!r}, this is shard {shard}"[:300])
     ts = ev.get("timestamp")
-    if type(ts) is not str or len(ts) != 23 or ts[19] != "." or ts[10] != " " or ts < "1000":
+    if type(ts) is not str or len(ts) != 23 or ts[19] != "." or ts[10] != " " or ts < "1000" or not ts.isascii():
         raise BadLine(line_no, f"timestamp must be 'YYYY-MM-DD HH:MM:SS.mmm' (UTC), got {ts!r}"[:300])
     try:
         datetime.fromisoformat(ts)
@@ -229,76 +426,104 @@ def _explain(line: bytes, line_no: int, source_file: str, shard: int, shard_coun
         _opt_int(ev, name, line_no, INT32 if name == "qty" else INT64)
 
 
-def _tsv(fields: tuple) -> str:
-    key, etype, shop, user, ts, order, good, qty, amount, payload = fields
-    if "\\" in payload:
-        payload = payload.replace("\\", "\\\\")
-    return (f"{key}\t{etype}\t{shop}\t{_N if user is None else user}\t{ts}\t"
-            f"{_N if order is None else order}\t{_N if good is None else good}\t"
-            f"{_N if qty is None else qty}\t{_N if amount is None else amount}\t{payload}\n")
+# -- rendering --------------------------------------------------------------------------------
+
+def tsv(rows: list[Prepared], payloads: list[str]) -> bytes:
+    """LOAD DATA's default format: tab-separated, `\\N` for NULL, backslashes escaped (only a
+    payload can hold one, or a tab: see `_block_rows`; no field holds a newline)."""
+    if any(map(contains, payloads, repeat("\\"))):
+        payloads = [p.replace("\\", "\\\\") for p in payloads]
+    return "".join([
+        f"{r.event_key}\t{r.event_type}\t{r.shop_id}\t{_N if r.user_id is None else r.user_id}\t{r.timestamp}\t"
+        f"{_N if r.order_id is None else r.order_id}\t{_N if r.good_id is None else r.good_id}\t"
+        f"{_N if r.qty is None else r.qty}\t{_N if r.amount is None else r.amount}\t{p}\n"
+        for r, p in zip(rows, payloads)]).encode()
 
 
-def _sql_row(fields: tuple, tail: str) -> str:
-    key, etype, shop, user, ts, order, good, qty, amount, payload = fields
-    return (f"('{key}',{etype},{shop},{'NULL' if user is None else user},'{ts}',"
-            f"{'NULL' if order is None else order},{'NULL' if good is None else good},"
-            f"{'NULL' if qty is None else qty},{'NULL' if amount is None else amount},"
-            f"'{escape_string(payload)}',{tail})")
+def sql_values(rows: list[Prepared], payloads: list[str], escape: Callable[[str], str], tail: str) -> str:
+    """`(...),(...)` for the INSERT: keys and times are checked to hold only safe characters,
+    amounts are decimal numbers, and the payload is a string literal made by `escape` (the
+    connection's own escaping, which knows the session's NO_BACKSLASH_ESCAPES)."""
+    return ",".join([
+        f"('{r.event_key}',{r.event_type},{r.shop_id},{'NULL' if r.user_id is None else r.user_id},"
+        f"'{r.timestamp}',{'NULL' if r.order_id is None else r.order_id},"
+        f"{'NULL' if r.good_id is None else r.good_id},{'NULL' if r.qty is None else r.qty},"
+        f"{'NULL' if r.amount is None else r.amount},{escape(p)},{tail})"
+        for r, p in zip(rows, payloads)])
 
+
+# -- reading ----------------------------------------------------------------------------------
 
 class _Reading:
-    """What the reading thread learns about the whole file, read by the loader at the end."""
+    """What the reading learns about the whole file, read by the loader at the end."""
 
     def __init__(self):
         self.rows = 0
         self.hasher = hashlib.sha1()  # `sha1sum <prepared file>` gives the same: an operator can compare
 
 
-def _formatted(f, reading: _Reading, source_file: str, shard: int, shard_count: int,
-               fmt: Callable[[tuple], str], per_batch: int) -> Iterator[list[str]]:
-    """Batches of checked lines, each formatted by `fmt`; one loop, no per-line generator. The
-    first batches are small, so the server starts working while the rest is still being read."""
-    check = check_line
-    hasher = reading.hasher
-    buf: list[str] = []
-    size = min(FIRST_BATCH, per_batch)
-    rest = b""
-    line_no = 0
-    while block := f.read(READ_BLOCK):
-        hasher.update(block)
-        lines = block.split(b"\n")
-        lines[0] = rest + lines[0]
-        rest = lines.pop()
-        for line in lines:
-            line_no += 1
-            if not line or line.isspace():
-                continue
-            buf.append(fmt(check(line, line_no, source_file, shard, shard_count)))
-            if len(buf) >= size:
-                reading.rows += len(buf)
-                yield buf
-                buf = []
-                size = min(size * 2, per_batch)
-    if rest and not rest.isspace():
-        buf.append(fmt(check(rest, line_no + 1, source_file, shard, shard_count)))
-    if buf:
-        reading.rows += len(buf)
-        yield buf
+def _blocks(f, hasher, first: int, most: int, max_bytes: int,
+            max_line: int) -> Iterator[tuple[bytes, int, int]]:
+    """The file as blocks of whole lines: (lines, how many, the first one's number), about
+    `first` lines in the first block and twice as many in each next one up to about `most`,
+    and at most about `max_bytes` (each block's size is estimated from the lines seen so far).
+    Reads are at most `max_line` bytes, so only a line that crosses reads can be longer: its
+    length is followed across them, and a line over `max_line` is refused (BadLine) once that
+    many bytes of it were read, never held whole. A UTF-8 byte-order mark at the start is
+    skipped (and hashed); a last line without its newline gets one."""
+    pending, line_no, want, per_line, eof = b"", 1, first, 400, False
+    head = f.read(len(BOM))
+    hasher.update(head)
+    if head != BOM:
+        pending = head
+    while True:
+        target = min(max(want * per_line, 1 << 12), max_bytes)
+        parts, size = [pending], len(pending)
+        tail = len(pending) - pending.rfind(b"\n") - 1  # the unfinished line's length so far
+        ended = tail < len(pending)                     # a line ends in what is here
+        while not eof and (size < target or not ended):
+            data = f.read(min(max_line, max(target - size, 1 << 12)))
+            if not data:
+                eof = True
+                break
+            hasher.update(data)
+            parts.append(data)
+            size += len(data)
+            first_end = data.find(b"\n")
+            tail += len(data) if first_end < 0 else first_end
+            if tail > max_line:
+                number = line_no + b"".join(parts[:-1]).count(b"\n")
+                raise BadLine(number, f"longer than {max_line} bytes (MAX_LINE_BYTES)")
+            if first_end >= 0:
+                ended = True
+                tail = len(data) - data.rfind(b"\n") - 1
+        data = b"".join(parts) if len(parts) > 1 else parts[0]
+        if not data:
+            return
+        end = data.rfind(b"\n") + 1
+        if end:
+            piece, pending = (data[:end], data[end:]) if end < len(data) else (data, b"")
+        else:  # the end of the file: its last line, without a newline
+            piece, pending = data + b"\n", b""
+        count = piece.count(b"\n")
+        yield piece, count, line_no
+        line_no += count
+        per_line = max(len(piece) // count, 16)
+        want = min(want * 2, most)
+
+
+def _converted(blocks, reading: _Reading, render, source_file: str, shard: int, shard_count: int,
+               max_depth: int) -> Iterator[tuple[object, int]]:
+    for block, lines, first_line_no in blocks:
+        rows, payloads = checked_rows(block, lines, first_line_no, source_file, shard, shard_count, max_depth)
+        if rows:
+            reading.rows += len(rows)
+            yield render(rows, payloads), len(rows)
 
 
 def chunk_name(source_file: str, index: int) -> str:
     """The name a chunk's LOAD DATA statement gives its (in-memory) file."""
     return f"{source_file}.chunk-{index:05d}.tsv"
-
-
-def _tsv_chunks(batches: Iterator[list[str]], source_file: str) -> Iterator[tuple]:
-    for index, batch in enumerate(batches):
-        yield chunk_name(source_file, index), "".join(batch).encode(), len(batch)
-
-
-def _insert_statements(batches: Iterator[list[str]]) -> Iterator[tuple]:
-    for batch in batches:
-        yield _INSERT.format(",".join(batch)), len(batch)
 
 
 class _FallBack(Exception):
@@ -314,49 +539,41 @@ def _warnings(cur) -> str:
     return "; ".join(f"{r[1]} {r[2]}" for r in cur.fetchall())
 
 
-def _by_load_data(cur, f, reading, source_file, shard, shard_count, chunk_rows, check) -> int:
-    batches = _formatted(f, reading, source_file, shard, shard_count, _tsv, chunk_rows)
+def _by_load_data(cur, chunks, source_file: str, shard: int, check) -> int:
     loaded = 0
-    with ReadAhead(_tsv_chunks(batches, source_file), depth=1) as chunks:
-        for name, data, count in chunks:
-            if check:
-                check()
-            try:
-                stored = db.load_local(cur, _LOAD_DATA, (name, shard, source_file), name, data)
-            except pymysql.err.MySQLError as exc:
-                if exc.args and exc.args[0] in db.LOCAL_INFILE_REFUSED:
-                    raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
+    for index, (data, count) in enumerate(chunks):
+        if check:
+            check()
+        name = chunk_name(source_file, index)
+        try:
+            stored = db.load_local(cur, _LOAD_DATA, (name, shard, source_file), name, data)
+        except pymysql.err.MySQLError as exc:
+            if exc.args and exc.args[0] in db.LOCAL_INFILE_REFUSED:
+                raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
+            raise
+        except AttributeError as exc:
+            # PyMySQL, when the server goes away while it sends LOCAL data, fails on its
+            # closed socket with AttributeError instead of reporting the lost connection.
+            if cur.connection is not None and cur.connection.open:
                 raise
-            except AttributeError as exc:
-                # PyMySQL, when the server goes away while it sends LOCAL data, fails on its
-                # closed socket with AttributeError instead of reporting the lost connection.
-                if cur.connection is not None and cur.connection.open:
-                    raise
-                raise pymysql.err.OperationalError(
-                    2013, f"connection lost during LOAD DATA LOCAL ({exc})") from None
-            if cur.warning_count or stored != count:
-                raise _FallBack(f"{name}: {stored} of {count} rows stored, {cur.warning_count} "
-                                f"warnings ({_warnings(cur)})")
-            loaded += stored
+            raise pymysql.err.OperationalError(
+                2013, f"connection lost during LOAD DATA LOCAL ({exc})") from None
+        if cur.warning_count or stored != count:
+            raise _FallBack(f"{name}: {stored} of {count} rows stored, {cur.warning_count} warnings "
+                            f"({_warnings(cur)})")
+        loaded += stored
     return loaded
 
 
-def _by_insert(cur, f, reading, source_file, shard, shard_count, chunk_rows, check) -> int:
-    tail = f"{shard},'{escape_string(source_file)}'"
-    batches = _formatted(f, reading, source_file, shard, shard_count, lambda fields: _sql_row(fields, tail),
-                         INSERT_ROWS)
+def _by_insert(cur, statements, source_file: str, check) -> int:
     loaded = 0
-    with ReadAhead(_insert_statements(batches), depth=4) as statements:
-        for sql, _count in statements:
-            if check:
-                check()
-            loaded += cur.execute(sql)
-            if cur.warning_count:
-                raise RowsRefused(f"the server warned while storing {source_file}: {_warnings(cur)}")
+    for sql, _count in statements:
+        if check:
+            check()
+        loaded += cur.execute(sql)
+        if cur.warning_count:
+            raise RowsRefused(f"the server warned while storing {source_file}: {_warnings(cur)}")
     return loaded
-
-
-_METHOD = {"load_data": _by_load_data, "insert": _by_insert}
 
 
 def _rollback(conn) -> None:
@@ -368,7 +585,8 @@ def _rollback(conn) -> None:
 
 def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, *,
               method: str = "load_data", chunk_rows: int = 10_000, root: Path | None = None,
-              check: Callable[[], None] | None = None) -> LoadResult:
+              check: Callable[[], None] | None = None, max_line_bytes: int = MAX_LINE_BYTES,
+              max_json_depth: int = MAX_JSON_DEPTH) -> LoadResult:
     """Load `path` (the prepared file of `source_file`) into the shard `conn` is connected to
     (autocommit off; `db.connect(local_infile=True)` for `load_data`), all of it or nothing,
     once. `path` is opened without following links below `root` (app/safefiles.py).
@@ -377,9 +595,12 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
     opened), BadLine/WrongShard (nothing loaded), RowsRefused, a pymysql error
     when the server fails (nothing loaded, or everything if the commit went through: the next
     call tells which), or whatever `check` raises; it is called before each chunk, never after
-    the last one, so a stop either rolls back or lets the commit finish.
+    the last one, so a stop either rolls back or lets the commit finish. A file up to
+    INLINE_BYTES is read in this thread (and, with `load_data`, sent as one chunk when it has at
+    most `chunk_rows` rows); a bigger one is read and checked by a thread one chunk ahead of the
+    server.
     """
-    if method not in _METHOD:
+    if method not in METHODS:
         raise ValueError(f"unknown load method {method!r}; expected one of {METHODS}")
     started = time.monotonic()
     try:
@@ -391,7 +612,8 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
     try:
         with conn.cursor() as cur:
             for attempt in plan:
-                conn.begin()
+                if conn.get_autocommit():
+                    conn.begin()  # otherwise the claim below opens the transaction
                 try:
                     if cur.execute(_CLAIM, (source_file, shard)) == 0:
                         cur.execute(_RECORDED, (source_file,))
@@ -405,8 +627,8 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
                     f.seek(0)
                     reading = _Reading()
                     try:
-                        loaded = _METHOD[attempt](cur, f, reading, source_file, shard, shard_count,
-                                                  chunk_rows, check)
+                        loaded = _send(cur, f, reading, attempt, source_file, shard, shard_count, chunk_rows,
+                                       check, max_line_bytes, max_json_depth)
                     except _FallBack as why:
                         conn.rollback()
                         refused = refused or why.refused
@@ -427,3 +649,31 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
     finally:
         if f is not None:
             f.close()
+
+
+def _send(cur, f, reading: _Reading, method: str, source_file: str, shard: int, shard_count: int,
+          chunk_rows: int, check, max_line: int, max_depth: int) -> int:
+    """Read, check, render and send the whole file by `method`; the rows stored."""
+    inline = os.fstat(f.fileno()).st_size <= INLINE_BYTES
+    if method == "load_data":
+        most, max_bytes, render = chunk_rows, CHUNK_BYTES, tsv
+    else:
+        most, max_bytes = INSERT_ROWS, INSERT_BYTES
+        escape = cur.connection.escape
+        tail = f"{shard},{escape(source_file)}"
+
+        def render(rows, payloads):
+            return _INSERT.format(sql_values(rows, payloads, escape, tail))
+    blocks = _blocks(f, reading.hasher, most if inline else min(FIRST_BATCH, most), most, max_bytes, max_line)
+    chunks = _converted(blocks, reading, render, source_file, shard, shard_count, max_depth)
+    if inline:
+        return _run(method, cur, chunks, source_file, shard, check)
+    # The reading thread is joined when the block ends, so nothing reads the file after this.
+    with ReadAhead(chunks, depth=1 if method == "load_data" else 4) as ahead:
+        return _run(method, cur, ahead, source_file, shard, check)
+
+
+def _run(method: str, cur, chunks, source_file: str, shard: int, check) -> int:
+    if method == "load_data":
+        return _by_load_data(cur, chunks, source_file, shard, check)
+    return _by_insert(cur, chunks, source_file, check)

@@ -9,6 +9,8 @@ handed back and the shared loop backs off until the server answers again.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import pymysql
 
 from .. import db, layout, safefiles
@@ -21,6 +23,9 @@ from . import loader
 
 # Database errors that a retry cannot cure: the rows themselves were refused.
 DATA_REFUSED = (pymysql.err.IntegrityError, pymysql.err.DataError, loader.RowsRefused)
+# A connection idle this long is pinged before the next file; one used more recently is not (a
+# file's first statement finds a dead one, and the task is handed back and retried).
+PING_AFTER = 5.0
 
 
 class Sender(StageWork):
@@ -35,10 +40,11 @@ class Sender(StageWork):
         self.claim_limit = 1  # a file is one long transaction: hold no lease we are not using
         self.url = settings.shard_dbs[shard]
         self.method = settings.sender_method
-        # Checked before each file; a new connection brings the schema up to date first (so it
-        # is applied again after any failure: a database dropped or replaced meanwhile).
-        self.shard_db = db.Reconnecting(self.url, check_after=0, on_open=loader.prepare, create_database=True,
-                                        autocommit=False, local_infile=True)
+        # Pinged before a file after PING_AFTER idle; a new connection brings the schema up to
+        # date first (so it is applied again after any failure: a database dropped or replaced).
+        self.shard_db = db.Reconnecting(self.url, check_after=PING_AFTER, create_database=True, autocommit=False,
+                                        local_infile=True,
+                                        on_open=partial(loader.prepare, indexes=settings.shard_indexes))
 
     # -- the shard connection -------------------------------------------------------------------
 
@@ -66,7 +72,8 @@ class Sender(StageWork):
             conn = self.shard_db.get()
             result = loader.load_file(
                 conn, path, task.filename, self.shard, self.settings.shard_count, method=self.method,
-                chunk_rows=self.settings.sender_chunk_rows, root=self.settings.shared_dir, check=ctx.check)
+                chunk_rows=self.settings.sender_chunk_rows, root=self.settings.shared_dir, check=ctx.check,
+                max_line_bytes=self.settings.max_line_bytes, max_json_depth=self.settings.max_json_depth)
         except StopRequested:
             ctx.log.info("%s: load rolled back; handing the task back", task.filename)
             raise
