@@ -257,9 +257,11 @@ def _event_line(n: int, shop: int, minute: int = 0) -> bytes:
 
 def _prepared_line(n: int, name: str, pad: str = "") -> bytes:
     payload = {"shop_id": 4, "good_id": 1, "delta_count": n + 1}
+    # compact, as the worker writes prepared lines (the sender takes no other form)
     return json.dumps({"event_key": f"0:hbig{n:028d}", "event_type": 0, "shop_id": 4, "user_id": None,
                        "timestamp": "2026-06-01 00:00:00.000", "shard": 0, "order_id": None, "good_id": 1,
-                       "qty": n + 1, "amount": None, "source_file": name, "payload": payload}).encode() + b"\n"
+                       "qty": n + 1, "amount": None, "source_file": name, "payload": payload},
+                      separators=(",", ":")).encode() + b"\n"
 
 
 def big_line_run(pipe: Pipeline, size: int, work: Path) -> tuple[dict, dict, dict]:
@@ -308,9 +310,9 @@ def big_line_run(pipe: Pipeline, size: int, work: Path) -> tuple[dict, dict, dic
                 prepared = shared / f"shard-worker-{shard}" / f"{name}.shard-worker.{shard}.prepared.txt"
                 rows = [_prepared_line(n, name) for n in range(50)] if shard == 0 else []
                 if shard == 0:
-                    big = _prepared_line(99, name).replace(b'"payload": {', b'"payload": {"pad": "', 1)
-                    cut = big.index(b'"pad": "') + len(b'"pad": "')
-                    _write_lines_around(prepared, rows[:25], big[:cut], size, b'", ' + big[cut:-1], rows[25:])
+                    big = _prepared_line(99, name).replace(b'"payload":{', b'"payload":{"pad":"', 1)
+                    cut = big.index(b'"pad":"') + len(b'"pad":"')
+                    _write_lines_around(prepared, rows[:25], big[:cut], size, b'",' + big[cut:-1], rows[25:])
                 else:
                     prepared.parent.mkdir(parents=True, exist_ok=True)
                     prepared.write_bytes(b"")

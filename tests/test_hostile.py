@@ -312,7 +312,7 @@ def test_sender_names_a_prepared_line_too_deep_or_too_large(shard, tmp_path):
     with pytest.raises(loader.BadLine, match="prepared line 2: nested deeper than 32 levels"):
         loader.load_file(conn, path, "20260501100006", 0, 2)
     path.write_bytes(prepared("0:a", {"shop_id": 2}) + prepared("0:c", {"shop_id": 2, "x": "y" * 5000}))
-    with pytest.raises(loader.BadLine, match=r"prepared line 2: 5\d\d\d bytes, over the limit of 4096"):
+    with pytest.raises(loader.BadLine, match=r"prepared line 2: longer than 4096 bytes"):
         loader.load_file(conn, path, "20260501100006", 0, 2, max_line_bytes=LIMIT)
     assert servers.query(url, "SELECT COUNT(*) FROM events") == [(0,)]
     path.write_bytes(prepared("0:a", {"shop_id": 2}) + prepared("0:b", deep_payload(31)))

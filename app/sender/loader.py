@@ -333,7 +333,8 @@ def checked_rows(block: bytes, lines: int, first_line_no: int, source_file: str,
             if _too_deep(line, 1, max_depth):
                 raise BadLine(line_no, f"nested deeper than {max_depth} levels (MAX_JSON_DEPTH)")
             _explain(line, line_no, source_file, shard, shard_count)
-            raise BadLine(line_no, "unreadable line")
+            raise BadLine(line_no, "not a prepared line as the worker writes it (compact JSON starting "
+                                   "with {\"event_key\":)")
         rows += one[0]
         payloads += one[1]
     return rows, payloads
