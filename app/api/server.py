@@ -42,7 +42,7 @@ LISTING_REST = 2.0      # a listing thread rests this many times as long as the 
 LISTING_REST_MAX = 2.0
 
 
-class TooLarge(Exception):
+class RequestTooLarge(Exception):
     def __init__(self, status: int, reason: str, message: str):
         super().__init__(message)
         self.status, self.reason = status, reason
@@ -50,12 +50,12 @@ class TooLarge(Exception):
 
 def request_size(buf: bytearray, max_head: int, max_body: int) -> int | None:
     """Bytes of the first complete HTTP/1.x request in `buf`, None while more must arrive.
-    Raises TooLarge past the limits. A request this cannot make sense of is declared
+    Raises RequestTooLarge past the limits. A request this cannot make sense of is declared
     complete as it stands: gunicorn's parser then answers it 400 (and reads nothing more)."""
     end = buf.find(b"\r\n\r\n")
     if end < 0 or end > max_head:
         if len(buf) > max_head:
-            raise TooLarge(431, "Request Header Fields Too Large", f"request headers above {max_head} bytes")
+            raise RequestTooLarge(431, "Request Header Fields Too Large", f"request headers above {max_head} bytes")
         return None
     start = end + 4
     length, chunked = 0, False
@@ -74,7 +74,7 @@ def request_size(buf: bytearray, max_head: int, max_body: int) -> int | None:
     if chunked:
         return _chunked_size(buf, start, max_body)
     if length > max_body:
-        raise TooLarge(413, "Payload Too Large", f"request body is larger than {max_body} bytes")
+        raise RequestTooLarge(413, "Payload Too Large", f"request body is larger than {max_body} bytes")
     return start + length if len(buf) >= start + length else None
 
 
@@ -99,7 +99,7 @@ def _chunked_size(buf: bytearray, pos: int, max_body: int) -> int | None:
                 pos = eol + 2
         total += size
         if total > max_body:
-            raise TooLarge(413, "Payload Too Large", f"request body is larger than {max_body} bytes")
+            raise RequestTooLarge(413, "Payload Too Large", f"request body is larger than {max_body} bytes")
         if len(buf) < pos + size + 2:
             return None
         pos += size + 2
@@ -269,7 +269,7 @@ class BufferingProcess(base.Worker):
         """Hand the first request in the buffer to a thread once it is whole."""
         try:
             size = request_size(conn.buf, self.MAX_HEAD, self.MAX_BODY)
-        except TooLarge as exc:
+        except RequestTooLarge as exc:
             self._refuse(conn, exc.status, exc.reason, str(exc))
             return
         if size is None:
