@@ -166,8 +166,8 @@ class Ingest:
                     break
                 lines = counts.randint(1, s.events_per_file)
                 tick = generator.next_tick(last, datetime.fromtimestamp(due, timezone.utc))
-                path, written = write_event_file(generator, self.events, tick, lines, root=self.root)
-                last = tick
+                path, written = write_event_file(generator, self.events, tick, lines, root=self.root, move_on=True)
+                tick = last = path.name[: -len(layout.SOURCE_SUFFIX)]
                 log.info("wrote %s (%d lines)", path.name, written)
                 written_files.put((tick, written))
         finally:
@@ -191,8 +191,8 @@ class Ingest:
                 break
             tick = generator.next_tick(last, start or datetime.now(timezone.utc))
             path, written = write_event_file(generator, self.events, tick, events, last_file=i == files - 1,
-                                             root=self.root)
-            last = tick
+                                             root=self.root, move_on=True)
+            tick = last = path.name[: -len(layout.SOURCE_SUFFIX)]
             log.info("wrote %s (%d lines)", path.name, written)
             self.announce(tick, written)
             names.append(tick)
