@@ -184,3 +184,6 @@ class PipelineClient:
 
     def throughput(self, minutes: int = 15) -> dict:
         return self.call("GET", "/metrics/throughput", params={"minutes": minutes})
+
+    def hosts(self, minutes: int = 5) -> dict:
+        return self.call("GET", "/hosts", params={"minutes": minutes})

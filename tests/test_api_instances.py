@@ -128,3 +128,26 @@ def test_two_instances_racing_claims_and_reaping_hand_each_task_out_once_at_a_ti
         reaped = cur.fetchone()[0]
     conn.close()
     assert reaped > 0  # the abandoned claims came back through the reapers
+
+
+def test_hosts_lists_each_host_with_its_programs_from_owner_ids(api_factory, pipeline_db, shared_dir, shard_dbs):
+    a, b = two_apis(api_factory, pipeline_db, shared_dir, shard_dbs)
+    ca, cb = a.client(), b.client()
+    for n in range(3):
+        ca.register(f"2026010200000{n}")
+        ca.ingest_done(f"2026010200000{n}", events=1, worker="host-i/event-ingest")
+    [t0] = ca.claim("shard-splitter", "host-a/shard-splitter-0")
+    ca.done("shard-splitter", t0.filename, t0.shard, worker="host-a/shard-splitter-0")
+    [held] = cb.claim("shard-splitter", "host-b/shard-splitter-0")
+    cb.heartbeat("shard-splitter", held.filename, held.shard, "host-b/shard-splitter-0")
+    for client in (ca, cb):  # every instance answers the same, from the database
+        view = client.hosts(minutes=5)
+        hosts = {h["host"]: h for h in view["hosts"]}
+        assert set(hosts) == {"host-a", "host-b", "host-i"}
+        assert [(p["program"], p["done"], p["holding"]) for p in hosts["host-a"]["programs"]] == [
+            ("shard-splitter-0", 1, 0)]
+        [bp] = hosts["host-b"]["programs"]
+        assert (bp["program"], bp["holding"], bp["lease_expired"]) == ("shard-splitter-0", 1, False)
+        assert bp["lease_until"] and hosts["host-b"]["holding"] == 1
+        assert [p["stages"] for p in hosts["host-i"]["programs"]] == [["event-ingest"]]
+        assert all(h["last_seen"] for h in hosts.values())

@@ -29,7 +29,7 @@ from .. import layout, safefiles
 from ..atomic import TMP_MARK, writer_alive
 from ..client import ApiError, ApiUnavailable, PipelineClient
 from ..config import ConfigError, Settings
-from ..daemon import empty_folder
+from ..daemon import empty_folder, owner_id
 from ..logs import setup_logging
 from ..shutdown import StopFlag, stop_on_signals
 from ..stages import Stage, Status
@@ -70,7 +70,7 @@ class Ingest:
             return True
         try:
             self.client.register(filename)
-            self.client.ingest_done(filename, events=events, worker=SERVICE)
+            self.client.ingest_done(filename, events=events, worker=owner_id(SERVICE))
         except ApiUnavailable as exc:
             log.warning("%s left unregistered for now (%s); registered at the next start", filename, exc)
             return False
