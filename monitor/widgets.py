@@ -297,7 +297,7 @@ class HostTable(SyncTable):
     """GET /hosts: each host's programs (owner ids `<host>/<program>`), what they hold now and
     when they last moved a task."""
 
-    COLUMNS = (("host", "host"), ("program", "program"), ("holding", "holding"), ("done", "done"),
+    COLUMNS = (("host", "host"), ("program", "program"), ("holding", "holding"), (Status.DONE.value, Status.DONE.value),
                ("seen", "last move (UTC)"))
 
     def show(self, hosts: list[dict]) -> None:
@@ -308,7 +308,7 @@ class HostTable(SyncTable):
                 rows.append((p.get("owner") or f"{h['host']}/{p.get('program')}", (
                     Text(h["host"], style="bold"), Text(p.get("program") or "—"),
                     Text(str(p.get("holding", 0)), style="bold red" if expired else "", justify="right"),
-                    _num(int(p.get("done") or 0)),
+                    _num(int(p.get(Status.DONE) or 0)),
                     Text(fmt.stamp(p.get("last_seen"))[11:19] if p.get("last_seen") else "—", style="dim"))))
         self.sync(rows)
 

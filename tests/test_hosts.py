@@ -87,8 +87,9 @@ class Host:
         return self
 
     def status(self) -> str:
-        return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.dir / "supervisord.conf"),
-                               "status"], capture_output=True, text=True, env=self.env, timeout=30).stdout
+        config = str(self.dir / "supervisord.conf")
+        return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", config, "status"],
+                              capture_output=True, text=True, env=self.env, timeout=30).stdout
 
     def wait_running(self, timeout: float = 90) -> None:
         want = len(PROGRAMS[self.name].split(","))
@@ -155,7 +156,8 @@ def test_three_hosts_one_killed_and_back_one_api_killed_for_good_lose_nothing(tm
     base = {**pipe.env, "API_WORKERS": "1"}
     base.pop("WORKER_ID", None)
     hosts = {
-        "host-a": Host("host-a", tmp_path, {**base, "PIPELINE_API_PORT": str(port_a), "PIPELINE_URL": f"{url_a},{url_c}"}),
+        "host-a": Host("host-a", tmp_path, {**base, "PIPELINE_API_PORT": str(port_a),
+                                            "PIPELINE_URL": f"{url_a},{url_c}"}),
         "host-b": Host("host-b", tmp_path, {**base, "PIPELINE_URL": f"{url_c},{url_a}"}),
         "host-c": Host("host-c", tmp_path, {**base, "PIPELINE_API_PORT": str(port_c), "PIPELINE_URL": url_c}),
     }
@@ -176,9 +178,8 @@ def test_three_hosts_one_killed_and_back_one_api_killed_for_good_lose_nothing(tm
             return servers.query(pipeline_db, "SELECT NOW(3)")[0][0]
 
         def first_move_by(host: str, since) -> float | None:
-            rows = servers.query(pipeline_db, "SELECT MIN(at) FROM pipeline_transitions WHERE actor LIKE %s AND at > %s "
-                                              "AND action <> 'reap'",
-                                 (f"{host}/%", since))
+            rows = servers.query(pipeline_db, "SELECT MIN(at) FROM pipeline_transitions "
+                                              "WHERE actor LIKE %s AND at > %s AND action <> 'reap'", (f"{host}/%", since))
             return (rows[0][0] - since).total_seconds() if rows[0][0] else None
 
         # The files arrive in two parts through host-a's event-ingest: 30 at once, the last 20
@@ -195,7 +196,8 @@ def test_three_hosts_one_killed_and_back_one_api_killed_for_good_lose_nothing(tm
                                                    what="host-b working through the other API")
         # 2. host-b dies whole while it holds work, and comes back later.
         servers.wait_until(lambda: loaded() >= 20, 180, 0.2, what="more files flowing")
-        held_by_b = servers.query(pipeline_db, "SELECT COUNT(*) FROM pipeline_tracking WHERE owner LIKE 'host-b/%%'")[0][0]
+        held_by_b = servers.query(pipeline_db, "SELECT COUNT(*) FROM pipeline_tracking WHERE owner LIKE %s",
+                                  ("host-b/%",))[0][0]
         killed_b_at, killed_b_mono = db_now(), time.monotonic()
         figures["processes killed with host-b"] = hosts["host-b"].kill()
         figures["tasks host-b held when killed"] = held_by_b
