@@ -179,7 +179,8 @@ def test_three_hosts_one_killed_and_back_one_api_killed_for_good_lose_nothing(tm
 
         def first_move_by(host: str, since) -> float | None:
             rows = servers.query(pipeline_db, "SELECT MIN(at) FROM pipeline_transitions "
-                                              "WHERE actor LIKE %s AND at > %s AND action <> 'reap'", (f"{host}/%", since))
+                                              "WHERE actor LIKE %s AND at > %s AND action <> 'reap'",
+                                 (f"{host}/%", since))
             return (rows[0][0] - since).total_seconds() if rows[0][0] else None
 
         # The files arrive in two parts through host-a's event-ingest: 30 at once, the last 20
