@@ -23,7 +23,7 @@ def test_a_host_runs_only_the_programs_it_names(tmp_path):
 
 def test_group_names_and_supervisorctl_spellings_select_too(tmp_path):
     assert names(tmp_path, PIPELINE_PROGRAMS=" shard-worker:shard-worker-2, shard-worker:shard-worker-1 ,"
-                                             "mysql-sender:*,event-ingest", SENDER_REPLICAS="2") == [
+                                             "mysql-sender:*,event-ingest:event-ingest", SENDER_REPLICAS="2") == [
         *(f"mysql-sender:mysql-sender-{p}" for p in range(6)),
         "shard-worker:shard-worker-1", "shard-worker:shard-worker-2", "event-ingest"]
 

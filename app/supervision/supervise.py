@@ -79,7 +79,7 @@ def selection(env: Mapping[str, str], every: Mapping[str, int]) -> dict[str, tup
     chosen: dict[str, set[int]] = {group: set() for group, _, _ in GROUPS}
     for name in names:
         group, _, process = name.rpartition(":") if ":" in name else ("", "", name)
-        if process == "*" or (not group and process in chosen):
+        if process == "*" or (process in chosen and group in ("", process)):
             key = group or process
             if key not in chosen:
                 raise ConfigError("PIPELINE_PROGRAMS", f"no program group {key!r} (groups: {', '.join(chosen)})")
