@@ -101,7 +101,7 @@ class MonitorApp(App):
             stuck.border_title = "running tasks"
             yield stuck
             with Vertical(id="processes-panel", classes="panel") as panel:
-                panel.border_title = "processes (supervisord) and hosts (API)"
+                panel.border_title = "processes (supervisord)"
                 yield Static(id="supervisor-status")
                 yield ProcessTable(id="processes")
                 yield HostTable(id="hosts")

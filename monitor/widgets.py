@@ -300,7 +300,13 @@ class HostTable(SyncTable):
     COLUMNS = (("host", "host"), ("program", "program"), ("holding", "holding"), (Status.DONE.value, Status.DONE.value),
                ("seen", "last move (UTC)"))
 
+    def on_mount(self) -> None:  # Textual runs SyncTable's on_mount (the columns) too
+        self.display = False
+
     def show(self, hosts: list[dict]) -> None:
+        """Shown only with several hosts: on one, the supervisord table above says it all and
+        keeps the room."""
+        self.display = len(hosts) > 1
         rows = []
         for h in hosts:
             for p in h.get("programs") or []:
