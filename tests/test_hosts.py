@@ -197,11 +197,13 @@ def test_three_hosts_one_killed_and_back_one_api_killed_for_good_lose_nothing(tm
                                                    what="host-b working through the other API")
         # 2. host-b dies whole while it holds work, and comes back later.
         servers.wait_until(lambda: loaded() >= 20, 180, 0.2, what="more files flowing")
-        held_by_b = servers.query(pipeline_db, "SELECT COUNT(*) FROM pipeline_tracking WHERE owner LIKE %s",
-                                  ("host-b/%",))[0][0]
+        def held_by_b() -> int:
+            return servers.query(pipeline_db, "SELECT COUNT(*) FROM pipeline_tracking WHERE owner LIKE %s",
+                                 ("host-b/%",))[0][0]
+        held = servers.wait_until(held_by_b, 60, 0.02, what="host-b holding a task")
         killed_b_at, killed_b_mono = db_now(), time.monotonic()
         figures["processes killed with host-b"] = hosts["host-b"].kill()
-        figures["tasks host-b held when killed"] = held_by_b
+        figures["tasks host-b held just before its kill"] = held
         loaded_at_kill = loaded()
         # The others carry on without it: its tasks come back when their leases expire.
         servers.wait_until(lambda: loaded() > loaded_at_kill, 120, 0.1, what="host-a loading without host-b")
