@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import procstat
 from tests import ground_truth, servers
 from tests.pipeline_harness import FAST, Pipeline, check_against_truth
 from tests.test_deploy import CONFIG
@@ -166,6 +167,7 @@ def test_three_hosts_one_killed_and_back_one_api_killed_for_good_lose_nothing(tm
     figures = {"files": FILES, "events": sum(len(p.read_bytes().splitlines())
                                              for p in source.glob(f"*{ground_truth.SUFFIX}"))}
     importer = None
+    began = time.monotonic()
     try:
         for host in hosts.values():
             host.start()
@@ -249,6 +251,9 @@ def test_three_hosts_one_killed_and_back_one_api_killed_for_good_lose_nothing(tm
         assert view["host-b"] <= set(DAEMONS.split(",")) and "mysql-sender-0" in view["host-b"], view
         assert "host-c" not in view  # an API is no task owner
         figures["kills"] = "host-c (API) for good, host-b whole once"
+        figures["CPU s per host (its supervise tree; host-b since its restart)"] = {
+            n: round(procstat.cpu_seconds(h.proc.pid), 1) for n, h in hosts.items() if h.proc.poll() is None}
+        figures["wall s"] = round(time.monotonic() - began, 1)
     finally:
         if importer and importer.poll() is None:
             importer.kill()
