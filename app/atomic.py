@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from . import owned
 from .processes import pid_alive
 from .safefiles import TMP_MARK, Folder, space_id, temp_writer
 
@@ -63,7 +64,9 @@ def atomic_write(path: Path, buffering: int = 1 << 20, root: Path | None = None,
     """Yield a binary file; on success it becomes `path` atomically, on error it vanishes.
 
     No reader ever sees a half-written `path`, and a crash mid-write leaves only a
-    `*.tmp-<space>-<pid>-<random>` file, which no stage treats as complete. `root`: the
+    `*.tmp-<space>-<pid>-<random>` file, which no stage treats as complete. The writer is noted
+    in this process's ledger in that folder first (app/owned.py), so a daemon of another host
+    sharing the folder leaves the file alone. `root`: the
     trusted folder above `path` (no link below it is followed; default: only `path`'s own
     folder is checked); `mode`: the file's permissions (less the umask).
     """
@@ -71,6 +74,12 @@ def atomic_write(path: Path, buffering: int = 1 << 20, root: Path | None = None,
     folder = Folder(path.parent, root, create=True)
     try:
         fd, tmp = folder.create_temp(path.name, mode)
+        try:
+            owned.record(folder, path.name, os.fstat(fd).st_ino)  # before the name: app/owned.py
+        except BaseException:
+            os.close(fd)
+            folder.unlink(tmp)
+            raise
         f = os.fdopen(fd, "wb", buffering=buffering)
         try:
             yield f

@@ -45,11 +45,21 @@ class Task:
         return self.filename, self.shard
 
 
+def split_urls(base_url: str) -> list[str]:
+    """PIPELINE_URL's instances: one URL, or several comma-separated (app/config.py)."""
+    urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()]
+    if not urls:
+        raise ValueError(f"no API URL in {base_url!r}")
+    return urls
+
+
 class PipelineClient:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0,
                  stop: StopFlag | None = None, max_wait: float | None = None):
-        """`max_wait`: give up after this many seconds of failures (None: until `stop` is set)."""
-        self.base = base_url.rstrip("/")
+        """`base_url`: one API instance, or several comma-separated, tried in turn (failover);
+        `max_wait`: give up after this many seconds of failures (None: until `stop` is set)."""
+        self.bases = split_urls(base_url)
+        self._current = 0
         self.timeout = timeout
         self.stop = stop
         self.max_wait = max_wait
@@ -57,16 +67,27 @@ class PipelineClient:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
+    @property
+    def base(self) -> str:
+        """The instance requests go to now: the last one that answered."""
+        return self.bases[self._current]
+
     # -- transport -------------------------------------------------------------------------------
 
     def call(self, method: str, path: str, body: dict | None = None, params: dict | None = None,
              max_wait: float | None = -1.0) -> Any:
+        """Send one request, to the current instance. One that cannot be reached or answers 5xx
+        sends the same request to the next instance at once (every transition is idempotent,
+        so a request the dead one may have applied does no harm); only when every instance has
+        failed in a row does the caller back off, and give up after `max_wait`."""
         max_wait = self.max_wait if max_wait == -1.0 else max_wait
         deadline = None if max_wait is None else time.monotonic() + max_wait
         delay = 0.1
+        failed_in_row = 0
         while True:
+            base = self.bases[self._current]
             try:
-                resp = self.session.request(method, self.base + path, json=body, params=params,
+                resp = self.session.request(method, base + path, json=body, params=params,
                                             timeout=self.timeout)
                 if resp.status_code < 500:
                     data = resp.json() if resp.content else None
@@ -76,6 +97,13 @@ class PipelineClient:
                 problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
             except (requests.ConnectionError, requests.Timeout) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
+            failed_in_row += 1
+            if len(self.bases) > 1:
+                self._current = (self._current + 1) % len(self.bases)
+                if failed_in_row % len(self.bases):
+                    log.warning("pipeline-apid at %s unavailable (%s); trying %s", base, problem,
+                                self.bases[self._current])
+                    continue
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise ApiUnavailable(f"{method} {path}: {problem}")
             if self.stop is not None and self.stop.is_set() and max_wait is None:
@@ -156,3 +184,6 @@ class PipelineClient:
 
     def throughput(self, minutes: int = 15) -> dict:
         return self.call("GET", "/metrics/throughput", params={"minutes": minutes})
+
+    def hosts(self, minutes: int = 5) -> dict:
+        return self.call("GET", "/hosts", params={"minutes": minutes})

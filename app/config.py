@@ -274,6 +274,16 @@ def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw.rstrip("/")
 
 
+def _http_urls(env: Mapping[str, str], name: str, default: str) -> str:
+    """One or more http(s) URLs, comma-separated: several API instances a daemon fails over
+    between (app/client.py). Kept as one string, each part checked and trimmed."""
+    raw = env.get(name) or default
+    urls = [u.strip() for u in raw.split(",") if u.strip()]
+    if not urls:
+        raise ConfigError(name, f"must be one or more http(s) URLs, comma-separated, got {raw!r}")
+    return ",".join(_http_url({name: u}, name, default) for u in urls)
+
+
 TOKEN_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 MIN_NETWORK_TOKEN = 16  # characters of a token guarding an API other machines can reach
 
@@ -437,7 +447,7 @@ class Settings:
             shard_count=shard_count,
             shard_dbs=shard_dbs,
             shared_dir=Path(env.get("SHARED_DIR") or "/shared"),
-            pipeline_url=_http_url(env, "PIPELINE_URL", "http://127.0.0.1:8082/api/v1/pipeline"),
+            pipeline_url=_http_urls(env, "PIPELINE_URL", "http://127.0.0.1:8082/api/v1/pipeline"),
             api_host=env.get("PIPELINE_API_HOST") or "127.0.0.1",
             api_port=_int(env, "PIPELINE_API_PORT", 8082, 0, 65535),
             api_token=_api_token(env),

@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import owned
 from .atomic import is_temp, writer_alive
 from .db import MigrationError, migrations
 from .client import ApiError, ApiUnavailable, PipelineClient, Task
@@ -116,27 +117,37 @@ def owner_id(service: str) -> str:
 
 
 def empty_folder(folder: Path, root: Path | None = None) -> None:
-    """Remove everything in `folder` but the activity log and another live replica's
-    unfinished temporary files. The folder is opened without following links below `root`
-    (see app/safefiles.py): a link planted at its name is `Refused`, never emptied; links
-    inside it are removed, never followed."""
+    """Remove from `folder` what this host wrote or nobody did, and this host's dead ledgers
+    (app/owned.py): never the activity log, another live process's unfinished temporary
+    files, nor a file another host wrote (shared folders across hosts). On a single host that
+    is everything but the log and live temporary files. The folder is opened without
+    following links below `root` (see app/safefiles.py): a link planted at its name is
+    `Refused`, never emptied; links inside it are removed, never followed."""
     try:
         handle = Folder(folder, under(folder, root))
     except FileNotFoundError:
         return
     with handle:
-        for name in handle.names():
-            if name == ACTIVITY_LOG:
+        names = handle.names()
+        writers = owned.written(handle, names)  # read after listing: a name seen is in a ledger
+        for name in names:
+            if name == ACTIVITY_LOG or owned.is_ledger(name):
                 continue
             try:
                 st = handle.lstat(name)
             except FileNotFoundError:
                 continue
-            if is_temp(Path(name)) and writer_alive(folder / name, other_than_me=True, mtime=st.st_mtime):
+            if is_temp(Path(name)):
+                if writer_alive(folder / name, other_than_me=True, mtime=st.st_mtime):
+                    continue
+            elif owned.spare(writers, name, st.st_ino):
                 continue
             if stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(name, ignore_errors=True, dir_fd=handle.fd)
             else:
+                handle.unlink(name)
+        for name in names:
+            if owned.removable_ledger(name):
                 handle.unlink(name)
 
 

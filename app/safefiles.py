@@ -216,9 +216,12 @@ def under(path: Path, root: Path | None) -> Path | None:
 # -- temporary names ------------------------------------------------------------------------
 
 def _compute_space() -> str:
-    """Which pid namespace of which running kernel this process lives in. A pid says whether
-    its process is alive only inside that space: every container's program may be pid 1, and
-    containers of one host share the host's boot id, hosts share nothing."""
+    """Which pid namespace of which running kernel, on which host name, this process lives in.
+    A pid says whether its process is alive only inside that space: every container's program
+    may be pid 1, and containers of one host share the host's boot id, hosts share nothing.
+    The host name makes hosts that share a kernel and pid namespace (UTS namespaces, as the
+    multi-host test makes them) spaces of their own too: another host's files are never
+    judged by a local pid."""
     try:
         with open("/proc/sys/kernel/random/boot_id", "rb") as f:
             boot = f.read().strip()
@@ -228,7 +231,7 @@ def _compute_space() -> str:
         ns = os.readlink("/proc/self/ns/pid").encode()
     except OSError:
         ns = socket.gethostname().encode()
-    return hashlib.blake2s(boot + b"/" + ns, digest_size=5).hexdigest()
+    return hashlib.blake2s(boot + b"/" + ns + b"/" + socket.gethostname().encode(), digest_size=5).hexdigest()
 
 
 _SPACE: str | None = None

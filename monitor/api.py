@@ -15,6 +15,9 @@ from app.stages import STAGES, STATUSES, WORK_STAGES, Stage, Status
 __all__ = ["STAGES", "STATUSES", "WORK_STAGES", "ApiSource", "Snapshot", "Status", "describe", "key"]
 
 
+HOSTS_MINUTES = 5  # a host is listed while a program of it moved a task this recently, or holds one
+
+
 def key(stage: str) -> str:
     """The API's dict keys spell stages with underscores."""
     return Stage(stage).column if stage in STAGES else stage
@@ -29,6 +32,7 @@ class Snapshot:
     failed: dict[str, list[dict]] = field(default_factory=dict)
     started: dict[str, list[dict]] = field(default_factory=dict)
     took: float = 0.0
+    hosts: list[dict] = field(default_factory=list)  # GET /hosts: which host runs what
 
     def stage_metrics(self, stage: str) -> dict:
         return (self.summary.get("stages") or {}).get(key(stage)) or {}
@@ -63,7 +67,11 @@ class ApiSource:
                              if counts.get(Status.FAILED) else [])
             started[stage] = (c.tasks(stage, Status.STARTED, limit=self.task_limit)["items"]
                               if counts.get(Status.STARTED) else [])
-        return Snapshot(summary, throughput, failed, started, time.monotonic() - began)
+        try:
+            hosts = c.hosts(HOSTS_MINUTES)["hosts"]
+        except ApiError:  # an API older than /hosts: the panel stays empty
+            hosts = []
+        return Snapshot(summary, throughput, failed, started, time.monotonic() - began, hosts)
 
     def retry(self, stage: str, filename: str, shard: int) -> dict:
         return self._actions().retry(stage, filename, shard)

@@ -23,7 +23,7 @@ from .api import STAGES, WORK_STAGES, Snapshot, Status, describe
 from .screens import AskFileScreen, ConfirmScreen, FileScreen
 from .stuck import Thresholds
 from .supervisor import ProcessInfo
-from .widgets import (Banner, FailedTable, PipelineTable, ProcessTable, ShardTable, StuckTable,
+from .widgets import (Banner, FailedTable, HostTable, PipelineTable, ProcessTable, ShardTable, StuckTable,
                       ThroughputTable, parse_task_key)
 
 INTERVALS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -104,6 +104,7 @@ class MonitorApp(App):
                 panel.border_title = "processes (supervisord)"
                 yield Static(id="supervisor-status")
                 yield ProcessTable(id="processes")
+                yield HostTable(id="hosts")
             throughput = ThroughputTable(id="throughput", classes="panel")
             throughput.border_title = "throughput per minute"
             yield throughput
@@ -191,6 +192,7 @@ class MonitorApp(App):
         self.query_one(FailedTable).show(snap)
         n_stuck = self.query_one(StuckTable).show(snap, self.thresholds)
         self.query_one(ThroughputTable).show(snap)
+        self.query_one(HostTable).show(snap.hosts)
         n_failed = sum(snap.counts(s).get(Status.FAILED, 0) for s in WORK_STAGES)
         n_started = sum(len(snap.started.get(s) or []) for s in WORK_STAGES)
         self.query_one(f"#{FAILED}").border_title = f"failed tasks ({n_failed})"

@@ -293,6 +293,32 @@ class ProcessTable(SyncTable):
         self.sync(rows)
 
 
+class HostTable(SyncTable):
+    """GET /hosts: each host's programs (owner ids `<host>/<program>`), what they hold now and
+    when they last moved a task."""
+
+    COLUMNS = (("host", "host"), ("program", "program"), ("holding", "holding"), (Status.DONE.value, Status.DONE.value),
+               ("seen", "last move (UTC)"))
+
+    def on_mount(self) -> None:  # Textual runs SyncTable's on_mount (the columns) too
+        self.display = False
+
+    def show(self, hosts: list[dict]) -> None:
+        """Shown only with several hosts: on one, the supervisord table above says it all and
+        keeps the room."""
+        self.display = len(hosts) > 1
+        rows = []
+        for h in hosts:
+            for p in h.get("programs") or []:
+                expired = p.get("lease_expired")
+                rows.append((p.get("owner") or f"{h['host']}/{p.get('program')}", (
+                    Text(h["host"], style="bold"), Text(p.get("program") or "—"),
+                    Text(str(p.get("holding", 0)), style="bold red" if expired else "", justify="right"),
+                    _num(int(p.get(Status.DONE) or 0)),
+                    Text(fmt.stamp(p.get("last_seen"))[11:19] if p.get("last_seen") else "—", style="dim"))))
+        self.sync(rows)
+
+
 class Banner(Static):
     """A full-width alarm line; hidden while there is nothing to say."""
 

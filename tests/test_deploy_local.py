@@ -120,7 +120,9 @@ def test_make_run_from_a_clean_checkout_processes_a_file_and_make_stop_leaves_no
     # on PATH and only the README's exports (plus databases of the test's own and a free port).
     urls = {"MYSQL_PIPELINE_URL": servers.url_text(make_database("plain"))}
     urls.update({f"MYSQL_SHARD_{n}_URL": servers.url_text(make_database(f"plain{n}")) for n in range(2)})
-    plain = {**venv_env, **urls, "SHARD_COUNT": "2", "SPLITTER_REPLICAS": "1", "SENDER_PROCESSES": "2",
+    plain = {**venv_env, **urls, "APID_PROCESSES": "1", "INGEST_PROCESSES": "1", "SPLITTER_PROCESSES": "1",
+             "WORKER_PROCESSES": "2", "SENDER_PROCESSES": "2", "SPLITTER_FIRST": "0", "WORKER_FIRST": "0",
+             "SENDER_FIRST": "0",
              "SHARED_DIR": str(checkout / "var" / "shared"), "PIPELINE_API_PORT": str(port),
              "PIPELINE_URL": f"http://127.0.0.1:{port}/api/v1/pipeline"}
     with open(checkout / "supervisord.out", "wb") as out:

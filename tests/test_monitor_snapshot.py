@@ -68,7 +68,17 @@ def snapshot_data() -> Snapshot:
         "mysql-sender": [{"filename": "20251015170900", "shard": 1, "attempts": 1, "owner": "sender-1@host:61",
                           "lease_expired": False, "running_ms": 300}],
     }
-    return Snapshot(summary, throughput, failed, started)
+    hosts = [
+        {"host": "host-a", "holding": 2, "last_seen": "2025-10-15T17:20:01.300Z", "programs": [
+            {"owner": "host-a/shard-splitter-0", "program": "shard-splitter-0", "holding": 1, "done": 205,
+             "last_seen": "2025-10-15T17:20:01.300Z", "lease_expired": False},
+            {"owner": "host-a/shard-worker-0", "program": "shard-worker-0", "holding": 1, "done": 90,
+             "last_seen": "2025-10-15T17:19:58.000Z", "lease_expired": False}]},
+        {"host": "host-b", "holding": 1, "last_seen": "2025-10-15T17:19:40.000Z", "programs": [
+            {"owner": "host-b/mysql-sender-1", "program": "mysql-sender-1", "holding": 1, "done": 75,
+             "last_seen": "2025-10-15T17:19:40.000Z", "lease_expired": True}]},
+    ]
+    return Snapshot(summary, throughput, failed, started, hosts=hosts)
 
 
 PROCESSES = [

@@ -263,6 +263,7 @@ class Api:
         a.route(f"{BASE}/tasks/<stage>", "GET", route(self.tasks))
         a.route(f"{BASE}/metrics/summary", "GET", route(self.summary))
         a.route(f"{BASE}/metrics/throughput", "GET", route(self.throughput))
+        a.route(f"{BASE}/hosts", "GET", route(self.hosts))
 
     def health(self):
         return 200, {"status": "ok"}
@@ -370,6 +371,9 @@ class Api:
     def throughput(self):
         return 200, self.tracker.throughput(_query_int("minutes", 15, 1, 180))
 
+    def hosts(self):
+        return 200, self.tracker.hosts(_query_int("minutes", 5, 1, 180))
+
     # -- background -------------------------------------------------------------------------------
 
     def _reap_now_and_then(self) -> None:
@@ -407,7 +411,7 @@ def create_app(settings: Settings | None = None, reaper: bool = True) -> bottle.
     return api.app
 
 
-LISTINGS = (f"{BASE}/queues/", f"{BASE}/tasks/", f"{BASE}/metrics/")
+LISTINGS = (f"{BASE}/queues/", f"{BASE}/tasks/", f"{BASE}/metrics/", f"{BASE}/hosts")
 
 
 def is_listing(method: str, path: str) -> bool:

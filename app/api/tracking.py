@@ -6,10 +6,12 @@
 - transitions.py: registration and each task's moves (the state machine's rules)
 - leases.py: claims, leases (heartbeats) and the reaper
 - reports.py: queues, task listings, file history, summary, throughput
+- hosts.py: which host runs what, from owner ids, leases and transitions
 - errors.py: what the rules refuse; the HTTP layer (service.py) maps them to codes
 """
 from __future__ import annotations
 
+from .hosts import Hosts
 from .leases import Leases
 from .reports import Reports
 from .schema import Schema
@@ -27,6 +29,7 @@ class Tracker:
         self.transitions = Transitions(self.store, lease_seconds, max_attempts)
         self.leases = Leases(self.store, lease_seconds, max_attempts)
         self.reports = Reports(self.store)
+        self.hosts = Hosts(self.store, lease_seconds).report
         t, le, r = self.transitions, self.leases, self.reports
         self.register, self.ingest_done, self.transition, self.retry_all = (
             t.register, t.ingest_done, t.transition, t.retry_all)

@@ -14,7 +14,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import BinaryIO, Mapping
@@ -429,24 +429,49 @@ def publish(folder: Folder, tmp: str, final: str) -> None:
 
 
 def write_event_file(generator: Generator, directory: Path, filename: str, lines: int,
-                     last_file: bool = False, root: Path | None = None) -> tuple[Path, int]:
+                     last_file: bool = False, root: Path | None = None,
+                     move_on: bool = False) -> tuple[Path, int]:
     """Write `<directory>/<filename>.event-ingest.txt` whole or not at all (`root`: the trusted
-    folder above `directory`; no link below it is followed, see app/safefiles.py)."""
-    final = f"{filename}{layout.SOURCE_SUFFIX}"
+    folder above `directory`; no link below it is followed, see app/safefiles.py).
+
+    The name is claimed by link(2), which fails when it exists: two generators (two ingest
+    hosts sharing the folder) never overwrite or share a file. With `move_on`, a name taken by
+    another generator (before or while this one writes) moves the file to the next free second
+    instead of failing; the path says which name it got."""
+    taken = 0
     with Folder(directory, under(directory, root), create=True) as folder:
-        if _exists(folder, final):
-            raise FileExistsError(f"{directory / final} exists already; event files are never overwritten")
+        while _exists(folder, f"{filename}{layout.SOURCE_SUFFIX}"):
+            if not move_on or taken >= MAX_TAKEN:
+                raise FileExistsError(f"{directory / filename}{layout.SOURCE_SUFFIX} exists already; "
+                                      f"event files are never overwritten")
+            filename, taken = _next_second(filename), taken + 1
+        final = f"{filename}{layout.SOURCE_SUFFIX}"
         fd, tmp = folder.create_temp(final, SOURCE_MODE)
         try:
             with os.fdopen(fd, "wb", buffering=1 << 20) as out:
                 count = generator.write(out, filename, lines, last_file)
                 out.flush()
                 os.fsync(out.fileno())
-            publish(folder, tmp, final)
+            while True:
+                try:
+                    publish(folder, tmp, final)
+                    break
+                except FileExistsError:
+                    if not move_on or taken >= MAX_TAKEN:
+                        raise
+                    filename, taken = _next_second(filename), taken + 1
+                    final = f"{filename}{layout.SOURCE_SUFFIX}"
         except BaseException:
             folder.unlink(tmp)
             raise
     return directory / final, count
+
+
+MAX_TAKEN = 3600  # seconds a generator moves on past names other generators took
+
+
+def _next_second(filename: str) -> str:
+    return tick_of(parse_tick(filename) + timedelta(seconds=1))
 
 
 class Generated(list):

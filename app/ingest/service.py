@@ -29,7 +29,7 @@ from .. import layout, safefiles
 from ..atomic import TMP_MARK, writer_alive
 from ..client import ApiError, ApiUnavailable, PipelineClient
 from ..config import ConfigError, Settings
-from ..daemon import empty_folder
+from ..daemon import empty_folder, owner_id
 from ..logs import setup_logging
 from ..shutdown import StopFlag, stop_on_signals
 from ..stages import Stage, Status
@@ -70,7 +70,7 @@ class Ingest:
             return True
         try:
             self.client.register(filename)
-            self.client.ingest_done(filename, events=events, worker=SERVICE)
+            self.client.ingest_done(filename, events=events, worker=owner_id(SERVICE))
         except ApiUnavailable as exc:
             log.warning("%s left unregistered for now (%s); registered at the next start", filename, exc)
             return False
@@ -166,8 +166,8 @@ class Ingest:
                     break
                 lines = counts.randint(1, s.events_per_file)
                 tick = generator.next_tick(last, datetime.fromtimestamp(due, timezone.utc))
-                path, written = write_event_file(generator, self.events, tick, lines, root=self.root)
-                last = tick
+                path, written = write_event_file(generator, self.events, tick, lines, root=self.root, move_on=True)
+                tick = last = path.name[: -len(layout.SOURCE_SUFFIX)]
                 log.info("wrote %s (%d lines)", path.name, written)
                 written_files.put((tick, written))
         finally:
@@ -191,8 +191,8 @@ class Ingest:
                 break
             tick = generator.next_tick(last, start or datetime.now(timezone.utc))
             path, written = write_event_file(generator, self.events, tick, events, last_file=i == files - 1,
-                                             root=self.root)
-            last = tick
+                                             root=self.root, move_on=True)
+            tick = last = path.name[: -len(layout.SOURCE_SUFFIX)]
             log.info("wrote %s (%d lines)", path.name, written)
             self.announce(tick, written)
             names.append(tick)

@@ -183,7 +183,8 @@ def start() -> int:
             if mariadb:
                 mariadb.stop()
             return 1
-        if not _port_free(settings.api_host, settings.api_port):
+        programs = program_names(CONFIG, env)  # PIPELINE_PROGRAMS: maybe not every program here
+        if "pipeline-apid" in programs and not _port_free(settings.api_host, settings.api_port):
             print(f"port {settings.api_port} on {settings.api_host} is in use (another pipeline, or another "
                   f"program): set PIPELINE_API_PORT and PIPELINE_URL to another port", file=sys.stderr)
             if mariadb:
@@ -197,7 +198,7 @@ def start() -> int:
                                     cwd=ROOT, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        problem = _wait_all_running(sup, proc, program_names(CONFIG, env))
+        problem = _wait_all_running(sup, proc, programs)
         if problem:
             print(f"the pipeline did not come up: {problem}\n--- last lines of {_rel(LOG)} ---\n"
                   f"{_tail(LOG)}\n---", file=sys.stderr)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..config import ConfigError, Settings, Supervision, database_urls_configured
+from ..stages import Stage
 
 FATAL_MARKER = "fatal"
 UNIX_PATH_MAX = 107  # bytes of a unix socket's path (108 with the terminating NUL)
@@ -49,15 +50,75 @@ class StartError(SystemExit):
 
 # -- the environment supervisord.conf expands ---------------------------------------------------
 
+# The program groups of supervisord.conf and the variables saying what of each this host runs:
+# (group, count variable, first-number variable or None for a single program).
+API_PROGRAM = "pipeline-apid"
+GROUPS = ((API_PROGRAM, "APID_PROCESSES", None), (Stage.INGEST.value, "INGEST_PROCESSES", None),
+          (Stage.SPLITTER.value, "SPLITTER_PROCESSES", "SPLITTER_FIRST"),
+          (Stage.WORKER.value, "WORKER_PROCESSES", "WORKER_FIRST"),
+          (Stage.SENDER.value, "SENDER_PROCESSES", "SENDER_FIRST"))
+
+
+def _count(env: Mapping[str, str], name: str, default: int, top: int = 2048) -> int:
+    raw = env.get(name) or str(default)
+    if not raw.isdigit() or int(raw) > top:
+        raise ConfigError(name, f"must be a number of processes (0 to {top}), got {raw!r}")
+    return int(raw)
+
+
+def selection(env: Mapping[str, str], every: Mapping[str, int]) -> dict[str, tuple[int, int]] | None:
+    """PIPELINE_PROGRAMS as (first process number, count) per group; None when unset or empty
+    (this host runs every program). Names are supervisorctl's (`<group>-1`, also
+    `<group>:<group>-1`), or a group's (`<group>`, `<group>:*`) for all of it. supervisord
+    numbers a group's processes from one first number on, so what a host runs of one group
+    must be a contiguous range (`<group>-1,<group>-2`, not `-0` and `-2`)."""
+    raw = env.get("PIPELINE_PROGRAMS") or ""
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    if not names:
+        return None
+    chosen: dict[str, set[int]] = {group: set() for group, _, _ in GROUPS}
+    for name in names:
+        group, _, process = name.rpartition(":") if ":" in name else ("", "", name)
+        if process == "*" or (process in chosen and group in ("", process)):
+            key = group or process
+            if key not in chosen:
+                raise ConfigError("PIPELINE_PROGRAMS", f"no program group {key!r} (groups: {', '.join(chosen)})")
+            chosen[key].update(range(every[key]))
+            continue
+        owner, _, number = process.rpartition("-")
+        if owner not in chosen or (group and group != owner) or not number.isdigit() or \
+                int(number) >= every[owner]:
+            known = ", ".join(f"{g}-0..{every[g] - 1}" if v else g for g, _, v in GROUPS)
+            raise ConfigError("PIPELINE_PROGRAMS", f"no program {name!r} here (programs: {known})")
+        chosen[owner].add(int(number))
+    out = {}
+    for group, numbers in chosen.items():
+        if numbers and max(numbers) - min(numbers) + 1 != len(numbers):
+            raise ConfigError("PIPELINE_PROGRAMS", f"{group}: {sorted(numbers)} is not a contiguous range; "
+                                                   f"supervisord runs a group's processes from one first number on")
+        out[group] = (min(numbers), len(numbers)) if numbers else (0, 0)
+    return out
+
+
 def config_defaults(env: Mapping[str, str]) -> dict[str, str]:
-    """The values of the settings supervisord.conf names as %(ENV_X)s, defaults filled in."""
+    """The values of the settings supervisord.conf names as %(ENV_X)s, defaults filled in:
+    every program, or those PIPELINE_PROGRAMS selects; a variable set in `env` wins."""
     settings = Settings.from_env(env)
     sup = Supervision.from_env(env)
-    senders = env.get("SENDER_PROCESSES") or str(settings.shard_count * sup.sender_replicas)
-    if not senders.isdigit() or int(senders) > 2048:
-        raise ConfigError("SENDER_PROCESSES", f"must be a number of processes (0 to 2048), got {senders!r}")
-    return {"SHARD_COUNT": str(settings.shard_count), "SPLITTER_REPLICAS": str(sup.splitter_replicas),
-            "SENDER_PROCESSES": senders}
+    every = {API_PROGRAM: 1, Stage.INGEST.value: 1, Stage.SPLITTER.value: sup.splitter_replicas,
+             Stage.WORKER.value: settings.shard_count,
+             Stage.SENDER.value: _count(env, "SENDER_PROCESSES", settings.shard_count * sup.sender_replicas)}
+    chosen = selection(env, every)
+    out = {"SHARD_COUNT": str(settings.shard_count), "SPLITTER_REPLICAS": str(sup.splitter_replicas)}
+    for group, count_var, first_var in GROUPS:
+        if chosen is None:
+            first, count = _count(env, first_var, 0) if first_var else 0, _count(env, count_var, every[group])
+        else:
+            first, count = chosen[group]
+        out[count_var] = str(count)
+        if first_var:
+            out[first_var] = str(first)
+    return out
 
 
 def supervisord_env(env: Mapping[str, str]) -> dict[str, str]:
