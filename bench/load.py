@@ -211,9 +211,9 @@ class Bench:
                 if kind in ("floor", "reference"):
                     return self.timed(lambda: self.server_load(url, floor_tsv if kind == "floor" else ref_tsv,
                                                                kind == "reference"))
-                conn = db.connect(url, autocommit=False, local_infile=True)
+                conn = loader.connect(url)
                 out = {}
-                figures = self.timed(lambda: out.update(r=loader.load_file(conn, prepared, SOURCE, 0, 2, self.work,
+                figures = self.timed(lambda: out.update(r=loader.load_file(conn, prepared, SOURCE, 0, 2, root=self.work,
                                                                             method=kind)))
                 conn.close()
                 assert out["r"].loaded == rows and out["r"].method == kind, out["r"]
@@ -252,11 +252,11 @@ class Bench:
         for method in self.args.methods:
             url = self.fresh(f"small_{method}")
             try:
-                conn = db.connect(url, autocommit=False, local_infile=True)
+                conn = loader.connect(url)
 
                 def load_all():
                     for i, path in enumerate(files):
-                        result = loader.load_file(conn, path, f"2098{i:010d}", 0, 2, self.work, method=method)
+                        result = loader.load_file(conn, path, f"2098{i:010d}", 0, 2, root=self.work, method=method)
                         assert result.loaded == SMALL_ROWS and result.method == method, result
                 wall, cpu, server = self.timed(load_all)
                 conn.close()
@@ -283,11 +283,11 @@ class Bench:
         out = {}
         url = self.fresh("history")
         try:
-            conn = db.connect(url, autocommit=False, local_infile=True)
+            conn = loader.connect(url)
 
             def load(indexes):
                 for i in indexes:
-                    loader.load_file(conn, files[i], names[i], 0, 2, self.work, method=method)
+                    loader.load_file(conn, files[i], names[i], 0, 2, root=self.work, method=method)
             out["fresh"] = self.timed(lambda: load(windows["fresh"]))
             load(range(measured, len(files) - measured))
             out["after"] = self.timed(lambda: load(windows["after"]))
