@@ -20,7 +20,7 @@ ids, 500 shops and 100,000 users per shard, timestamps 3 ms apart), cached under
            Rows/s, the ratio to each floor, sender CPU and server CPU per row.
   small    --small-files files of 500 rows loaded one after the other on one connection (as a
            sender does): CPU per file, and that minus 500 x the per-row CPU of `big` = the
-           fixed cost of a file.
+           fixed cost of a file; SQL statements and round trips per file.
   history  200,000 rows by load_file on a fresh database, then --history rows (10,000-row files,
            untimed), then 200,000 more: rows/s and CPU per row after the history against fresh,
            beside the reference table's floor measured the same way.
@@ -253,20 +253,25 @@ class Bench:
             url = self.fresh(f"small_{method}")
             try:
                 conn = loader.connect(url)
+                trips = count_round_trips(conn)
 
                 def load_all():
                     for i, path in enumerate(files):
                         result = loader.load_file(conn, path, f"2098{i:010d}", 0, 2, root=self.work, method=method)
                         assert result.loaded == SMALL_ROWS and result.method == method, result
+                before = questions(conn)
+                trips.clear()
                 wall, cpu, server = self.timed(load_all)
+                statements = questions(conn) - before - 1  # the SHOW STATUS itself not counted
+                round_trips = len(trips) - 1
                 conn.close()
             finally:
                 self.drop(url)
             c_row, s_row = per_row.get(method, (float("nan"), float("nan")))
             print(f"  {method:<10} {n * SMALL_ROWS / wall:8,.0f} rows/s, {n / wall:6.1f} files/s; per file: "
                   f"sender {1e3 * cpu / n:5.2f} ms (fixed {1e3 * cpu / n - c_row * SMALL_ROWS / 1e3:5.2f}), "
-                  f"server {1e3 * server / n:5.2f} ms (fixed {1e3 * server / n - s_row * SMALL_ROWS / 1e3:5.2f})",
-                  flush=True)
+                  f"server {1e3 * server / n:5.2f} ms (fixed {1e3 * server / n - s_row * SMALL_ROWS / 1e3:5.2f}); "
+                  f"{statements / n:.1f} statements in {round_trips / n:.1f} round trips", flush=True)
 
     # -- history --------------------------------------------------------------------------------
 
@@ -330,6 +335,25 @@ class Bench:
         print(f"  after / fresh: {method} {out['fresh'][0] / out['after'][0]:.2f}, "
               f"reference {ref['fresh'][0] / ref['after'][0]:.2f}; {method} after / reference after: "
               f"{ref['after'][0] / out['after'][0]:.2f}", flush=True)
+
+
+def count_round_trips(conn) -> list:
+    """Every command `conn` sends from now on (one round trip each)."""
+    sent = []
+    original = conn._execute_command
+
+    def counting(command, sql):
+        sent.append(command)
+        return original(command, sql)
+    conn._execute_command = counting
+    return sent
+
+
+def questions(conn) -> int:
+    """The session's statements so far (each statement of a multi-statement batch counts)."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW SESSION STATUS LIKE 'Questions'")
+        return int(cur.fetchone()[1])
 
 
 def process_cpu(pid: int) -> float:
