@@ -279,20 +279,36 @@ def counting_round_trips(conn) -> list:
     return sent
 
 
-def test_a_small_file_costs_two_round_trips(shard, tmp_path):
-    """The claim goes with the LOAD DATA, the record with the COMMIT: a round trip costs the
-    sender and the server more CPU than these statements themselves."""
+def session_statements(conn) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SHOW SESSION STATUS LIKE 'Questions'")
+        return int(cur.fetchone()[1])
+
+
+def test_a_small_file_costs_three_statements_in_two_round_trips(shard, tmp_path):
+    """The claim, holding the whole record, goes with the LOAD DATA, then the COMMIT: each
+    statement and each round trip costs the sender and the server CPU (no UPDATE of the record)."""
     url, conn = shard
     data = write(tmp_path / "p.txt", many(500))
+    before = session_statements(conn)
     sent = counting_round_trips(conn)
     result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
     assert (result.loaded, result.method, len(sent)) == (500, "load_data", 2), sent
-    assert query(url, "SELECT line_count, loaded_count, duplicate_count, checksum, method FROM loaded_files") == (
-        (500, 500, 0, hashlib.sha1(data).hexdigest(), "load_data"),)
+    assert session_statements(conn) - before - 1 == 3
+    assert query(url, "SELECT line_count, loaded_count, duplicate_count, checksum, method, seconds IS NOT NULL "
+                      "FROM loaded_files") == ((500, 500, 0, hashlib.sha1(data).hexdigest(), "load_data", 1),)
     sent.clear()
     again = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)  # the claim finds the row: nothing sent
     assert (again.already_loaded, again.loaded, again.checksum) == (True, 500, result.checksum)
     assert counts(url) == (500, 1)
+    # one chunk that cannot be stored whole (a duplicate event) is rolled back, record and all
+    fresh = many(3, prefix="n", source=OTHER)
+    write(tmp_path / "q.txt", fresh + many(1, source=OTHER) + fresh[:1])  # k0 is in the first file
+    other = loader.load_file(conn, tmp_path / "q.txt", OTHER, 0, 2)
+    assert (other.method, other.lines, other.loaded, other.duplicates) == ("load_data>insert", 5, 3, 2)
+    assert query(url, "SELECT line_count, loaded_count, duplicate_count, method FROM loaded_files "
+                      "WHERE source_file=%s", (OTHER,)) == ((5, 3, 2, "load_data>insert"),)
+    assert counts(url) == (503, 2)
 
 
 def test_a_loaded_file_is_reported_loaded_even_if_its_prepared_file_went_bad(shard, tmp_path):
