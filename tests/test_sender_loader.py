@@ -311,6 +311,32 @@ def test_a_small_file_costs_three_statements_in_two_round_trips(shard, tmp_path)
     assert counts(url) == (503, 2)
 
 
+def test_a_load_after_a_claim_sends_only_its_chunk_and_only_if_claimed(shard, tmp_path):
+    """db.load_local_after: the server gets the offered bytes for the named chunk, nothing for
+    another name (a file of this machine), and an empty file when the first statement (the
+    claim) changed no row."""
+    url, conn = shard
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not send\n")
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE got (line VARCHAR(64))")
+        cur.execute("CREATE TABLE claims (name VARCHAR(8) PRIMARY KEY)")
+        claim = "INSERT INTO claims VALUES (%s) ON DUPLICATE KEY UPDATE name = name"
+        load = "LOAD DATA LOCAL INFILE %s INTO TABLE got"
+        assert db.load_local_after(cur, claim, ("a",), load, ("c.tsv",), "c.tsv", b"one\ntwo\n") == (1, 2)
+        assert db.load_local_after(cur, claim, ("a",), load, ("c.tsv",), "c.tsv", b"three\n") == (0, 0)
+        with pytest.raises(db.LocalFileRefused):
+            db.load_local_after(cur, claim, ("b",), load, (str(secret),), "c.tsv", b"four\n")
+        cur.execute("SELECT line FROM got ORDER BY line")
+        assert cur.fetchall() == (("one",), ("two",))
+    conn.rollback()
+    plain = db.connect(url, local_infile=True)  # without multi_statements: refused before sending
+    try:
+        with plain.cursor() as cur, pytest.raises(TypeError, match="multi_statements"):
+            db.load_local_after(cur, "DO 1", None, "DO 2", None, "c.tsv", b"")
+    finally:
+        plain.close()
+
 def test_a_loaded_file_is_reported_loaded_even_if_its_prepared_file_went_bad(shard, tmp_path):
     """The file is read and checked before its claim goes out; a retry whose file changed
     since still finds the load record first, as when the claim came first."""
