@@ -125,6 +125,26 @@ def load_local(cur, sql: str, args, name: str, data: bytes) -> int:
         conn.offered = None
 
 
+def load_local_after(cur, first: str, first_args, sql: str, args, name: str, data: bytes) -> tuple[int, int]:
+    """`first` and then a `load_local` statement in ONE round trip (a connection opened with
+    `multi_statements` too): the rows `first` affected and the rows the load stored. When
+    `first` affected none (a claim that found its row already there), the server's request is
+    answered with an empty file, so the load stores nothing. `first` failing stops the server
+    before the load."""
+    conn = cur.connection
+    if not isinstance(conn, LocalDataConnection) or not conn.client_flag & pymysql.constants.CLIENT.MULTI_STATEMENTS:
+        raise TypeError("load_local_after needs db.connect(..., local_infile=True, multi_statements=True)")
+    conn.offered = {}
+    try:
+        affected = cur.execute(cur.mogrify(first, first_args) + ";\n" + cur.mogrify(sql, args))
+        conn.offered = {name.encode(): data if affected else b""}
+        if not cur.nextset():
+            raise pymysql.err.InterfaceError(2014, "no result for the LOAD DATA sent after the first statement")
+        return affected, cur.rowcount
+    finally:
+        conn.offered = None
+
+
 def connect(url: MySQLURL, database: str | None = "", *, autocommit: bool = True,
             connect_timeout: float = 5, local_infile: bool = False,
             multi_statements: bool = False) -> pymysql.connections.Connection:

@@ -18,9 +18,10 @@ ids, 500 shops and 100,000 users per shard, timestamps 3 ms apart), cached under
                       on shop_id and one on timestamp; bench/shard_schema.py);
            <method>   loader.load_file() end to end: read, check, convert, send, record, commit.
            Rows/s, the ratio to each floor, sender CPU and server CPU per row.
-  small    --small-files files of 500 rows loaded one after the other on one connection (as a
-           sender does): CPU per file, and that minus 500 x the per-row CPU of `big` = the
-           fixed cost of a file.
+  small    --small-files files of --small-rows (500) rows loaded one after the other on one
+           connection (as a sender does): CPU per file, and that minus its rows x the per-row CPU
+           of `big` = the fixed cost of a file (--small-rows 1 measures it directly); SQL
+           statements and round trips per file.
   history  200,000 rows by load_file on a fresh database, then --history rows (10,000-row files,
            untimed), then 200,000 more: rows/s and CPU per row after the history against fresh,
            beside the reference table's floor measured the same way.
@@ -211,9 +212,9 @@ class Bench:
                 if kind in ("floor", "reference"):
                     return self.timed(lambda: self.server_load(url, floor_tsv if kind == "floor" else ref_tsv,
                                                                kind == "reference"))
-                conn = db.connect(url, autocommit=False, local_infile=True)
+                conn = loader.connect(url)
                 out = {}
-                figures = self.timed(lambda: out.update(r=loader.load_file(conn, prepared, SOURCE, 0, 2, self.work,
+                figures = self.timed(lambda: out.update(r=loader.load_file(conn, prepared, SOURCE, 0, 2, root=self.work,
                                                                             method=kind)))
                 conn.close()
                 assert out["r"].loaded == rows and out["r"].method == kind, out["r"]
@@ -244,29 +245,34 @@ class Bench:
     # -- small ----------------------------------------------------------------------------------
 
     def small(self, per_row: dict) -> None:
-        n = self.args.small_files
-        files = [write_file(self.cache / f"2098{i:010d}-{SMALL_ROWS}.prepared.txt", SMALL_ROWS, f"2098{i:010d}",
-                            i * SMALL_ROWS) for i in range(n)]
-        print(f"\n== small: {n} files of {SMALL_ROWS} rows, one connection; load average {os.getloadavg()[0]:.1f}",
+        n, rows_each = self.args.small_files, self.args.small_rows
+        files = [write_file(self.cache / f"2098{i:010d}-{rows_each}.prepared.txt", rows_each, f"2098{i:010d}",
+                            i * rows_each) for i in range(n)]
+        print(f"\n== small: {n} files of {rows_each} rows, one connection; load average {os.getloadavg()[0]:.1f}",
               flush=True)
         for method in self.args.methods:
             url = self.fresh(f"small_{method}")
             try:
-                conn = db.connect(url, autocommit=False, local_infile=True)
+                conn = loader.connect(url)
+                trips = count_round_trips(conn)
 
                 def load_all():
                     for i, path in enumerate(files):
-                        result = loader.load_file(conn, path, f"2098{i:010d}", 0, 2, self.work, method=method)
-                        assert result.loaded == SMALL_ROWS and result.method == method, result
+                        result = loader.load_file(conn, path, f"2098{i:010d}", 0, 2, root=self.work, method=method)
+                        assert result.loaded == rows_each and result.method == method, result
+                before = questions(conn)
+                trips.clear()
                 wall, cpu, server = self.timed(load_all)
+                statements = questions(conn) - before - 1  # the SHOW STATUS itself not counted
+                round_trips = len(trips) - 1
                 conn.close()
             finally:
                 self.drop(url)
             c_row, s_row = per_row.get(method, (float("nan"), float("nan")))
-            print(f"  {method:<10} {n * SMALL_ROWS / wall:8,.0f} rows/s, {n / wall:6.1f} files/s; per file: "
-                  f"sender {1e3 * cpu / n:5.2f} ms (fixed {1e3 * cpu / n - c_row * SMALL_ROWS / 1e3:5.2f}), "
-                  f"server {1e3 * server / n:5.2f} ms (fixed {1e3 * server / n - s_row * SMALL_ROWS / 1e3:5.2f})",
-                  flush=True)
+            print(f"  {method:<10} {n * rows_each / wall:8,.0f} rows/s, {n / wall:6.1f} files/s; per file: "
+                  f"sender {1e3 * cpu / n:5.2f} ms (fixed {1e3 * cpu / n - c_row * rows_each / 1e3:5.2f}), "
+                  f"server {1e3 * server / n:5.2f} ms (fixed {1e3 * server / n - s_row * rows_each / 1e3:5.2f}); "
+                  f"{statements / n:.1f} statements in {round_trips / n:.1f} round trips", flush=True)
 
     # -- history --------------------------------------------------------------------------------
 
@@ -283,11 +289,11 @@ class Bench:
         out = {}
         url = self.fresh("history")
         try:
-            conn = db.connect(url, autocommit=False, local_infile=True)
+            conn = loader.connect(url)
 
             def load(indexes):
                 for i in indexes:
-                    loader.load_file(conn, files[i], names[i], 0, 2, self.work, method=method)
+                    loader.load_file(conn, files[i], names[i], 0, 2, root=self.work, method=method)
             out["fresh"] = self.timed(lambda: load(windows["fresh"]))
             load(range(measured, len(files) - measured))
             out["after"] = self.timed(lambda: load(windows["after"]))
@@ -330,6 +336,25 @@ class Bench:
         print(f"  after / fresh: {method} {out['fresh'][0] / out['after'][0]:.2f}, "
               f"reference {ref['fresh'][0] / ref['after'][0]:.2f}; {method} after / reference after: "
               f"{ref['after'][0] / out['after'][0]:.2f}", flush=True)
+
+
+def count_round_trips(conn) -> list:
+    """Every command `conn` sends from now on (one round trip each)."""
+    sent = []
+    original = conn._execute_command
+
+    def counting(command, sql):
+        sent.append(command)
+        return original(command, sql)
+    conn._execute_command = counting
+    return sent
+
+
+def questions(conn) -> int:
+    """The session's statements so far (each statement of a multi-statement batch counts)."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW SESSION STATUS LIKE 'Questions'")
+        return int(cur.fetchone()[1])
 
 
 def process_cpu(pid: int) -> float:
@@ -405,6 +430,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--small-files", type=int, default=200)
+    parser.add_argument("--small-rows", type=int, default=SMALL_ROWS,
+                        help="rows per file of `small` (1: what a file costs beyond its rows, directly)")
     parser.add_argument("--history", type=int, default=2_000_000)
     parser.add_argument("--methods", default="load_data,insert")
     parser.add_argument("--parts", default="big,small,history,daemon")

@@ -40,7 +40,7 @@ def many(n: int, prefix: str = "k", source: str = SOURCE) -> list[dict]:
 def shard(make_database):
     url = make_database("shard")
     loader.prepare_database(url)
-    conn = db.connect(url, autocommit=False, local_infile=True)
+    conn = loader.connect(url)
     yield url, conn
     conn.close()
 
@@ -230,12 +230,15 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
     write(tmp_path / "p.txt", many(1000))
     sent = threading.Event()
     results: dict = {}
+    calls = []
 
     class Abandon(Exception):
         pass
 
     def check():
-        sent.set()
+        calls.append(1)
+        if len(calls) > 1:  # called before each chunk: the first one, with the claim, was sent
+            sent.set()
         time.sleep(0.1)
         if not first_finishes and time.monotonic() > deadline:
             raise Abandon()
@@ -251,7 +254,7 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
     thread = threading.Thread(target=first)
     thread.start()
     assert sent.wait(10)
-    other = db.connect(url, autocommit=False, local_infile=True)
+    other = loader.connect(url)
     second = loader.load_file(other, tmp_path / "p.txt", SOURCE, 0, 2, chunk_rows=100)
     other.close()
     thread.join(30)
@@ -261,6 +264,92 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
         assert results["first"] == "abandoned" and second.already_loaded is False
     assert second.loaded == 1000
     assert counts(url) == (1000, 1)
+
+
+
+def counting_round_trips(conn) -> list:
+    """The statements (or `;`-joined batches) sent on `conn`, one per round trip."""
+    sent = []
+    original = conn._execute_command
+
+    def counting(command, sql):
+        sent.append(sql)
+        return original(command, sql)
+    conn._execute_command = counting
+    return sent
+
+
+def session_statements(conn) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SHOW SESSION STATUS LIKE 'Questions'")
+        return int(cur.fetchone()[1])
+
+
+def test_a_small_file_costs_three_statements_in_two_round_trips(shard, tmp_path):
+    """The claim, holding the whole record, goes with the LOAD DATA, then the COMMIT: each
+    statement and each round trip costs the sender and the server CPU (no UPDATE of the record)."""
+    url, conn = shard
+    data = write(tmp_path / "p.txt", many(500))
+    before = session_statements(conn)
+    sent = counting_round_trips(conn)
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
+    assert (result.loaded, result.method, len(sent)) == (500, "load_data", 2), sent
+    assert session_statements(conn) - before - 1 == 3
+    assert query(url, "SELECT line_count, loaded_count, duplicate_count, checksum, method, seconds IS NOT NULL "
+                      "FROM loaded_files") == ((500, 500, 0, hashlib.sha1(data).hexdigest(), "load_data", 1),)
+    sent.clear()
+    again = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)  # the claim finds the row: nothing sent
+    assert (again.already_loaded, again.loaded, again.checksum) == (True, 500, result.checksum)
+    assert counts(url) == (500, 1)
+    # one chunk that cannot be stored whole (a duplicate event) is rolled back, record and all
+    fresh = many(3, prefix="n", source=OTHER)
+    write(tmp_path / "q.txt", fresh + many(1, source=OTHER) + fresh[:1])  # k0 is in the first file
+    other = loader.load_file(conn, tmp_path / "q.txt", OTHER, 0, 2)
+    assert (other.method, other.lines, other.loaded, other.duplicates) == ("load_data>insert", 5, 3, 2)
+    assert query(url, "SELECT line_count, loaded_count, duplicate_count, method FROM loaded_files "
+                      "WHERE source_file=%s", (OTHER,)) == ((5, 3, 2, "load_data>insert"),)
+    assert counts(url) == (503, 2)
+
+
+def test_a_load_after_a_claim_sends_only_its_chunk_and_only_if_claimed(shard, tmp_path):
+    """db.load_local_after: the server gets the offered bytes for the named chunk, nothing for
+    another name (a file of this machine), and an empty file when the first statement (the
+    claim) changed no row."""
+    url, conn = shard
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not send\n")
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE got (line VARCHAR(64))")
+        cur.execute("CREATE TABLE claims (name VARCHAR(8) PRIMARY KEY)")
+        claim = "INSERT INTO claims VALUES (%s) ON DUPLICATE KEY UPDATE name = name"
+        load = "LOAD DATA LOCAL INFILE %s INTO TABLE got"
+        assert db.load_local_after(cur, claim, ("a",), load, ("c.tsv",), "c.tsv", b"one\ntwo\n") == (1, 2)
+        assert db.load_local_after(cur, claim, ("a",), load, ("c.tsv",), "c.tsv", b"three\n") == (0, 0)
+        with pytest.raises(db.LocalFileRefused):
+            db.load_local_after(cur, claim, ("b",), load, (str(secret),), "c.tsv", b"four\n")
+        cur.execute("SELECT line FROM got ORDER BY line")
+        assert cur.fetchall() == (("one",), ("two",))
+    conn.rollback()
+    plain = db.connect(url, local_infile=True)  # without multi_statements: refused before sending
+    try:
+        with plain.cursor() as cur, pytest.raises(TypeError, match="multi_statements"):
+            db.load_local_after(cur, "DO 1", None, "DO 2", None, "c.tsv", b"")
+    finally:
+        plain.close()
+
+def test_a_loaded_file_is_reported_loaded_even_if_its_prepared_file_went_bad(shard, tmp_path):
+    """The file is read and checked before its claim goes out; a retry whose file changed
+    since still finds the load record first, as when the claim came first."""
+    url, conn = shard
+    write(tmp_path / "p.txt", many(20))
+    loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
+    write(tmp_path / "p.txt", many(20)[:5] + [b"not json\n"])
+    again = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
+    assert (again.already_loaded, again.loaded) == (True, 20)
+    write(tmp_path / "q.txt", many(5, source=OTHER) + [b"not json\n"])
+    with pytest.raises(loader.BadLine, match="prepared line 6"):  # never loaded: refused
+        loader.load_file(conn, tmp_path / "q.txt", OTHER, 0, 2)
+    assert counts(url) == (20, 1)
 
 
 # -- the prepared lines' checks: the block path and the line path agree ------------------------
@@ -430,7 +519,7 @@ def test_a_step_one_table_is_upgraded_without_losing_a_row(make_database, tmp_pa
     assert _indexes(url) == {"PRIMARY", "uq_events_time_key", "ix_events_shop_time"}
     assert query(url, "SELECT * FROM events ORDER BY id") == before
     loader.prepare_database(url)  # idempotent
-    conn = db.connect(url, autocommit=False, local_infile=True)
+    conn = loader.connect(url)
     write(tmp_path / "p.txt", many(3))
     result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
     conn.close()

@@ -41,6 +41,7 @@ from typing import Annotated, Callable, Iterator
 import msgspec
 import orjson
 import pymysql
+from pymysql.constants import CLIENT
 
 from .. import db, safefiles
 from ..config import MySQLURL
@@ -91,6 +92,11 @@ _INSERT = ("INSERT INTO events (event_key, event_type, shop_id, user_id, `timest
            "amount, payload, shard, source_file) VALUES {} ON DUPLICATE KEY UPDATE id = id")
 _CLAIM = ("INSERT INTO loaded_files (source_file, shard, line_count, loaded_count, duplicate_count, checksum, "
           "method) VALUES (%s, %s, 0, 0, 0, '', '') ON DUPLICATE KEY UPDATE source_file = source_file")
+# A file sent as one LOAD DATA is claimed with its record complete (its rows must all be stored,
+# or the transaction is rolled back): no UPDATE, one statement less per small file.
+_CLAIM_RECORDED = ("INSERT INTO loaded_files (source_file, shard, line_count, loaded_count, duplicate_count, "
+                   "checksum, method, seconds) VALUES (%s, %s, %s, %s, 0, %s, %s, %s) "
+                   "ON DUPLICATE KEY UPDATE source_file = source_file")
 _RECORD = ("UPDATE loaded_files SET line_count=%s, loaded_count=%s, duplicate_count=%s, checksum=%s, method=%s, "
            "seconds=%s, loaded_at=CURRENT_TIMESTAMP(3) WHERE source_file=%s")
 _RECORDED = ("SELECT line_count, loaded_count, duplicate_count, checksum, method FROM loaded_files "
@@ -535,19 +541,76 @@ class _FallBack(Exception):
         self.refused = refused
 
 
+class _AlreadyLoaded(Exception):
+    """The claim found the file's row in loaded_files: it was loaded before (or by a replica)."""
+
+
+class _Claim:
+    """The file's row in `loaded_files`, inserted first in the load's transaction. On a
+    connection with multi_statements it goes in the same round trip as the first LOAD DATA
+    chunk (`db.load_local_after`); otherwise, and before an INSERT or when there is no chunk,
+    on its own. Either way no row of the file reaches the server before the claim. For a file
+    of one LOAD DATA the claim is the whole record (`recorded`)."""
+
+    def __init__(self, cur, source_file: str, shard: int, method: str, started: float):
+        self.cur = cur
+        self.sql, self.args = _CLAIM, (source_file, shard)
+        self.method, self.started = method, started
+        self.sent = False
+        self.recorded = False
+        self.along = _multi_statements(cur.connection)
+
+    def record(self, rows: int, checksum: str) -> None:
+        """Claim with the file's record complete: all its `rows` go in one statement that
+        stores every one of them, or the transaction is rolled back."""
+        self.sql = _CLAIM_RECORDED
+        self.args = (*self.args[:2], rows, rows, checksum, self.method, round(time.monotonic() - self.started, 3))
+        self.recorded = True
+
+    def alone(self) -> None:
+        """Claim now; _AlreadyLoaded when the row is there."""
+        self.sent = True
+        if self.cur.execute(self.sql, self.args) == 0:
+            raise _AlreadyLoaded()
+
+    def load_with(self, sql: str, args, name: str, data: bytes) -> int:
+        """The LOAD DATA of one chunk, claiming first if that is still to do: the rows stored."""
+        if self.sent:
+            return db.load_local(self.cur, sql, args, name, data)
+        if not self.along:
+            self.alone()
+            return db.load_local(self.cur, sql, args, name, data)
+        self.sent = True
+        claimed, stored = db.load_local_after(self.cur, self.sql, self.args, sql, args, name, data)
+        if not claimed:
+            raise _AlreadyLoaded()
+        return stored
+
+
+def _multi_statements(conn) -> bool:
+    return bool(conn.client_flag & CLIENT.MULTI_STATEMENTS)
+
+
+def connect(url: MySQLURL, **options):
+    """A connection as the sender loads with: autocommit off, LOAD DATA LOCAL from memory
+    only, and several statements per round trip (the claim with the first chunk, the record
+    with the COMMIT)."""
+    return db.connect(url, autocommit=False, local_infile=True, multi_statements=True, **options)
+
+
 def _warnings(cur) -> str:
     cur.execute("SHOW WARNINGS LIMIT 3")
     return "; ".join(f"{r[1]} {r[2]}" for r in cur.fetchall())
 
 
-def _by_load_data(cur, chunks, source_file: str, shard: int, check) -> int:
+def _by_load_data(cur, chunks, claim: _Claim, source_file: str, shard: int, check) -> int:
     loaded = 0
     for index, (data, count) in enumerate(chunks):
         if check:
             check()
         name = chunk_name(source_file, index)
         try:
-            stored = db.load_local(cur, _LOAD_DATA, (name, shard, source_file), name, data)
+            stored = claim.load_with(_LOAD_DATA, (name, shard, source_file), name, data)
         except pymysql.err.MySQLError as exc:
             if exc.args and exc.args[0] in db.LOCAL_INFILE_REFUSED:
                 raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
@@ -566,11 +629,13 @@ def _by_load_data(cur, chunks, source_file: str, shard: int, check) -> int:
     return loaded
 
 
-def _by_insert(cur, statements, source_file: str, check) -> int:
+def _by_insert(cur, statements, claim: _Claim, source_file: str, check) -> int:
     loaded = 0
     for sql, _count in statements:
         if check:
             check()
+        if not claim.sent:
+            claim.alone()
         loaded += cur.execute(sql)
         if cur.warning_count:
             raise RowsRefused(f"the server warned while storing {source_file}: {_warnings(cur)}")
@@ -584,13 +649,35 @@ def _rollback(conn) -> None:
         pass
 
 
+def _recorded(cur, source_file: str, started: float) -> LoadResult:
+    """What loaded_files says of a file loaded before (the transaction is then rolled back)."""
+    cur.execute(_RECORDED, (source_file,))
+    lines, loaded, duplicates, checksum, used = cur.fetchone()
+    cur.connection.rollback()
+    return LoadResult(source_file, lines, loaded, duplicates, used, time.monotonic() - started, checksum,
+                      already_loaded=True)
+
+
+def _record_and_commit(cur, args: tuple) -> None:
+    """The file's counts and checksum into its row, and COMMIT: one round trip where the
+    connection takes several statements."""
+    if not _multi_statements(cur.connection):
+        cur.execute(_RECORD, args)
+        cur.connection.commit()
+        return
+    cur.execute(cur.mogrify(_RECORD, args) + ";\nCOMMIT")
+    if not cur.nextset():
+        raise pymysql.err.InterfaceError(2014, "no result for the COMMIT sent after the record")
+
+
 def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, *,
               method: str = "load_data", chunk_rows: int = 10_000, root: Path | None = None,
               check: Callable[[], None] | None = None, max_line_bytes: int = MAX_LINE_BYTES,
               max_json_depth: int = MAX_JSON_DEPTH) -> LoadResult:
     """Load `path` (the prepared file of `source_file`) into the shard `conn` is connected to
-    (autocommit off; `db.connect(local_infile=True)` for `load_data`), all of it or nothing,
-    once. `path` is opened without following links below `root` (app/safefiles.py).
+    (`connect`: autocommit off, LOAD DATA LOCAL, several statements a round trip; a connection
+    without the last works too, at two more round trips a file), all of it or nothing, once.
+    `path` is opened without following links below `root` (app/safefiles.py).
 
     Raises PreparedMissing, safefiles.Refused (a link, FIFO or device at `path`: nothing
     opened), BadLine/WrongShard (nothing loaded), RowsRefused, a pymysql error
@@ -600,6 +687,9 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
     INLINE_BYTES is read in this thread (and, with `load_data`, sent as one chunk when it has at
     most `chunk_rows` rows); a bigger one is read and checked by a thread one chunk ahead of the
     server.
+
+    What one small file costs the server with `load_data`: two round trips, the claim (holding
+    the file's whole record) with the LOAD DATA, then the COMMIT (one log flush).
     """
     if method not in METHODS:
         raise ValueError(f"unknown load method {method!r}; expected one of {METHODS}")
@@ -615,34 +705,39 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
             for attempt in plan:
                 if conn.get_autocommit():
                     conn.begin()  # otherwise the claim below opens the transaction
+                used = attempt if attempt == method else f"{method}>{attempt}"
+                claim = _Claim(cur, source_file, shard, used, started)
                 try:
-                    if cur.execute(_CLAIM, (source_file, shard)) == 0:
-                        cur.execute(_RECORDED, (source_file,))
-                        lines, loaded, duplicates, checksum, used = cur.fetchone()
-                        conn.rollback()
-                        return LoadResult(source_file, lines, loaded, duplicates, used,
-                                          time.monotonic() - started, checksum, already_loaded=True)
                     if f is None:
+                        claim.alone()
                         conn.rollback()
                         raise PreparedMissing(f"prepared file {path} is missing")
                     f.seek(0)
                     reading = _Reading()
                     try:
-                        loaded = _send(cur, f, reading, attempt, source_file, shard, shard_count, chunk_rows,
-                                       check, max_line_bytes, max_json_depth)
+                        loaded = _send(cur, f, reading, attempt, claim, source_file, shard, shard_count,
+                                       chunk_rows, check, max_line_bytes, max_json_depth)
+                        if not claim.sent:  # a file without a row
+                            claim.alone()
                     except _FallBack as why:
                         conn.rollback()
                         refused = refused or why.refused
                         log.warning("%s: %s; loading it again with INSERT", source_file, why)
                         continue
-                    seconds = time.monotonic() - started
+                    except BadLine:
+                        if not claim.sent:  # found before anything was sent: loaded before, or not?
+                            claim.alone()
+                        raise
                     checksum = reading.hasher.hexdigest()
-                    used = attempt if attempt == method else f"{method}>{attempt}"
-                    cur.execute(_RECORD, (reading.rows, loaded, reading.rows - loaded, checksum, used,
-                                          round(seconds, 3), source_file))
-                    conn.commit()  # with every row sent, committing is quicker than a rollback
+                    if claim.recorded:
+                        conn.commit()
+                    else:
+                        _record_and_commit(cur, (reading.rows, loaded, reading.rows - loaded, checksum, used,
+                                                 round(time.monotonic() - started, 3), source_file))
                     return LoadResult(source_file, reading.rows, loaded, reading.rows - loaded, used,
                                       time.monotonic() - started, checksum, local_infile_refused=refused)
+                except _AlreadyLoaded:
+                    return _recorded(cur, source_file, started)
                 except BaseException:
                     _rollback(conn)
                     raise
@@ -652,9 +747,10 @@ def load_file(conn, path: Path, source_file: str, shard: int, shard_count: int, 
             f.close()
 
 
-def _send(cur, f, reading: _Reading, method: str, source_file: str, shard: int, shard_count: int,
+def _send(cur, f, reading: _Reading, method: str, claim: _Claim, source_file: str, shard: int, shard_count: int,
           chunk_rows: int, check, max_line: int, max_depth: int) -> int:
-    """Read, check, render and send the whole file by `method`; the rows stored."""
+    """Read, check, render and send the whole file by `method` (claiming it first); the rows
+    stored."""
     inline = os.fstat(f.fileno()).st_size <= INLINE_BYTES
     if method == "load_data":
         most, max_bytes, render = chunk_rows, CHUNK_BYTES, tsv
@@ -668,13 +764,17 @@ def _send(cur, f, reading: _Reading, method: str, source_file: str, shard: int, 
     blocks = _blocks(f, reading.hasher, most if inline else min(FIRST_BATCH, most), most, max_bytes, max_line)
     chunks = _converted(blocks, reading, render, source_file, shard, shard_count, max_depth)
     if inline:
-        return _run(method, cur, chunks, source_file, shard, check)
+        if method == "load_data":
+            chunks = list(chunks)  # at most INLINE_BYTES of lines, all checked before anything is sent
+            if len(chunks) == 1:
+                claim.record(reading.rows, reading.hasher.hexdigest())
+        return _run(method, cur, chunks, claim, source_file, shard, check)
     # The reading thread is joined when the block ends, so nothing reads the file after this.
     with ReadAhead(chunks, depth=1 if method == "load_data" else 4) as ahead:
-        return _run(method, cur, ahead, source_file, shard, check)
+        return _run(method, cur, ahead, claim, source_file, shard, check)
 
 
-def _run(method: str, cur, chunks, source_file: str, shard: int, check) -> int:
+def _run(method: str, cur, chunks, claim: _Claim, source_file: str, shard: int, check) -> int:
     if method == "load_data":
-        return _by_load_data(cur, chunks, source_file, shard, check)
-    return _by_insert(cur, chunks, source_file, check)
+        return _by_load_data(cur, chunks, claim, source_file, shard, check)
+    return _by_insert(cur, chunks, claim, source_file, check)

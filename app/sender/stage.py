@@ -43,7 +43,7 @@ class Sender(StageWork):
         # Pinged before a file after PING_AFTER idle; a new connection brings the schema up to
         # date first (so it is applied again after any failure: a database dropped or replaced).
         self.shard_db = db.Reconnecting(self.url, check_after=PING_AFTER, create_database=True, autocommit=False,
-                                        local_infile=True,
+                                        local_infile=True, multi_statements=True,
                                         on_open=partial(loader.prepare, indexes=settings.shard_indexes))
 
     # -- the shard connection -------------------------------------------------------------------
