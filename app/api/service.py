@@ -23,6 +23,7 @@ from ..config import Settings, check_api_exposure, is_loopback
 from ..logs import setup_logging
 from ..stages import FIRST, ORDERED, STAGES, STATUSES, TRANSITIONS, WORK_STAGES, Action, Stage, Status
 from . import errors, schema, tracking
+from .rejected import RejectedRoutes
 
 BASE = "/api/v1/pipeline"
 MAX_BODY = 64 * 1024
@@ -263,6 +264,7 @@ class Api:
         a.route(f"{BASE}/tasks/<stage>", "GET", route(self.tasks))
         a.route(f"{BASE}/metrics/summary", "GET", route(self.summary))
         a.route(f"{BASE}/metrics/throughput", "GET", route(self.throughput))
+        RejectedRoutes(self).install(a, BASE)
 
     def health(self):
         return 200, {"status": "ok"}
@@ -407,7 +409,7 @@ def create_app(settings: Settings | None = None, reaper: bool = True) -> bottle.
     return api.app
 
 
-LISTINGS = (f"{BASE}/queues/", f"{BASE}/tasks/", f"{BASE}/metrics/")
+LISTINGS = (f"{BASE}/queues/", f"{BASE}/tasks/", f"{BASE}/metrics/", f"{BASE}/rejected")
 
 
 def is_listing(method: str, path: str) -> bool:
