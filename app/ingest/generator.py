@@ -14,7 +14,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import BinaryIO, Mapping
@@ -22,11 +22,15 @@ from typing import BinaryIO, Mapping
 import orjson
 
 from .. import layout
-from ..safefiles import Folder, under
+from ..atomic import FOREIGN_IDLE_SECONDS
+from ..processes import pid_alive
+from ..safefiles import Folder, Refused, space_id, under
 
 TICK_FORMAT = "%Y%m%d%H%M%S"
 # Source files are the contract's interface: other tools (an original splitter) may read them.
 SOURCE_MODE = 0o644
+# A writer's claim on a tick while it writes that file (`claim_tick`); no stage reads it.
+CLAIM_SUFFIX = f".{layout.INGEST}.claim"
 ORDER_ID_RANGE = (2**53, 2**63)   # like the original's: above 2^53, so a float would corrupt them
 
 
@@ -428,24 +432,93 @@ def publish(folder: Folder, tmp: str, final: str) -> None:
     folder.fsync()
 
 
+def is_tick(name: str) -> bool:
+    """Whether a filename is a UTC tick `YYYYMMDDHHMMSS` (the generator's names; others may be
+    imported, docs/ingest.md "File names")."""
+    if len(name) != 14 or not name.isdigit() or not name.isascii():
+        return False
+    try:
+        parse_tick(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _claim_owner_alive(text: str, mtime: float) -> bool:
+    space, _, pid = text.partition(" ")
+    if space != space_id():
+        return time.time() - mtime < FOREIGN_IDLE_SECONDS
+    return pid.isdigit() and (int(pid) == os.getpid() or pid_alive(int(pid)))
+
+
+def claim_tick(folder: Folder, tick: str) -> str:
+    """Claim `tick`, or the next second no one has: `<tick>.event-ingest.claim` created with
+    O_EXCL (one winner among every writer of events/, on any host sharing the folder), and no
+    file of that name published yet. The claim says who holds it (`space pid`); the holder
+    removes it once its file is published, and `release_dead_claims` those of dead writers."""
+    for _ in range(100_000):
+        final = f"{tick}{layout.SOURCE_SUFFIX}"
+        try:
+            fd = os.open(f"{tick}{CLAIM_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                         dir_fd=folder.fd)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{space_id()} {os.getpid()}")
+            if not _exists(folder, final):
+                return tick
+            folder.unlink(f"{tick}{CLAIM_SUFFIX}")
+        tick = tick_of(parse_tick(tick) + timedelta(seconds=1))
+    raise FileExistsError(f"no free tick after {tick} in {folder.path}")
+
+
+def release_dead_claims(folder: Folder) -> list[str]:
+    """Remove the claims of writers that died between claiming and publishing."""
+    removed = []
+    for name in folder.names():
+        if not name.endswith(CLAIM_SUFFIX):
+            continue
+        try:
+            st = folder.lstat(name)
+            with folder.open_read(name) as f:
+                text = f.read(200).decode("ascii", "replace")
+        except (FileNotFoundError, Refused):
+            continue
+        if not _claim_owner_alive(text, st.st_mtime):
+            folder.unlink(name)
+            removed.append(name)
+    return removed
+
+
 def write_event_file(generator: Generator, directory: Path, filename: str, lines: int,
                      last_file: bool = False, root: Path | None = None) -> tuple[Path, int]:
     """Write `<directory>/<filename>.event-ingest.txt` whole or not at all (`root`: the trusted
-    folder above `directory`; no link below it is followed, see app/safefiles.py)."""
-    final = f"{filename}{layout.SOURCE_SUFFIX}"
+    folder above `directory`; no link below it is followed, see app/safefiles.py). A tick
+    another writer has (the daemon and a one-shot run share events/) moves on to the next free
+    second (`claim_tick`): the path returned names the tick written. Other names are written
+    as they are, never over an existing file."""
     with Folder(directory, under(directory, root), create=True) as folder:
-        if _exists(folder, final):
-            raise FileExistsError(f"{directory / final} exists already; event files are never overwritten")
-        fd, tmp = folder.create_temp(final, SOURCE_MODE)
+        claimed = is_tick(filename)
+        if claimed:
+            filename = claim_tick(folder, filename)
+        final = f"{filename}{layout.SOURCE_SUFFIX}"
         try:
-            with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-                count = generator.write(out, filename, lines, last_file)
-                out.flush()
-                os.fsync(out.fileno())
-            publish(folder, tmp, final)
-        except BaseException:
-            folder.unlink(tmp)
-            raise
+            if not claimed and _exists(folder, final):
+                raise FileExistsError(f"{directory / final} exists already; event files are never overwritten")
+            fd, tmp = folder.create_temp(final, SOURCE_MODE)
+            try:
+                with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+                    count = generator.write(out, filename, lines, last_file)
+                    out.flush()
+                    os.fsync(out.fileno())
+                publish(folder, tmp, final)
+            except BaseException:
+                folder.unlink(tmp)
+                raise
+        finally:
+            if claimed:
+                folder.unlink(f"{filename}{CLAIM_SUFFIX}")
     return directory / final, count
 
 
@@ -473,7 +546,8 @@ def generate_files(directory: Path | str, n_files: int, events: int, seed: int |
     tick = None
     for i in range(n_files):
         tick = gen.next_tick(tick, at_least)
-        write_event_file(gen, directory, tick, events, last_file=i == n_files - 1)
+        path, _ = write_event_file(gen, directory, tick, events, last_file=i == n_files - 1)
+        tick = path.name[: -len(layout.SOURCE_SUFFIX)]
         names.append(tick)
     names.truth = gen.truth
     names.generator = gen
@@ -481,5 +555,6 @@ def generate_files(directory: Path | str, n_files: int, events: int, seed: int |
 
 
 def existing_ticks(directory: Path) -> list[str]:
+    """The ticks of the files in `directory`, oldest first (other names are not ticks)."""
     suffix = layout.SOURCE_SUFFIX
-    return sorted(p.name[: -len(suffix)] for p in directory.glob(f"*{suffix}") if p.name[: -len(suffix)].isdigit())
+    return sorted(p.name[: -len(suffix)] for p in directory.glob(f"*{suffix}") if is_tick(p.name[: -len(suffix)]))

@@ -35,7 +35,8 @@ from ..logs import setup_logging
 from ..shutdown import StopFlag, stop_on_signals
 from ..stages import Stage, Status
 from . import replay
-from .generator import SOURCE_MODE, Generator, Rates, World, existing_ticks, parse_tick, publish, write_event_file
+from .generator import (SOURCE_MODE, Generator, Rates, World, existing_ticks, parse_tick, publish,
+                        release_dead_claims, write_event_file)
 
 SERVICE = Stage.INGEST.program()
 FILENAME = re.compile(r"^[0-9A-Za-z_-]{1,64}$")   # what the API accepts, without dots
@@ -88,6 +89,8 @@ class Ingest:
         is not a regular file (a link, FIFO, device) is never opened nor registered: it is
         named in the log, once per process."""
         with self._events_folder() as events:
+            for name in release_dead_claims(events):
+                log.info("removed %s: its writer died before publishing", name)
             names = events.names()
             for name in names:
                 if layout.SOURCE_SUFFIX + TMP_MARK not in name:
@@ -169,7 +172,7 @@ class Ingest:
                 lines = counts.randint(1, s.events_per_file)
                 tick = generator.next_tick(last, datetime.fromtimestamp(due, timezone.utc))
                 path, written = write_event_file(generator, self.events, tick, lines, root=self.root)
-                last = tick
+                tick = last = _filename_of(path)
                 log.info("wrote %s (%d lines)", path.name, written)
                 written_files.put((tick, written))
         finally:
@@ -194,7 +197,7 @@ class Ingest:
             tick = generator.next_tick(last, start or datetime.now(timezone.utc))
             path, written = write_event_file(generator, self.events, tick, events, last_file=i == files - 1,
                                              root=self.root)
-            last = tick
+            tick = last = _filename_of(path)
             log.info("wrote %s (%d lines)", path.name, written)
             self.announce(tick, written)
             names.append(tick)
@@ -280,6 +283,10 @@ class Ingest:
 
 class ImportProblem(Exception):
     pass
+
+
+def _filename_of(path: Path) -> str:
+    return path.name[: -len(layout.SOURCE_SUFFIX)]
 
 
 def _count_lines(f) -> int:
