@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         conn = db.connect(settings.pipeline_db)
         try:
             for migration in db.migrate(conn, schema.SCHEMA):
-                log.warning("database %s: migration %s applied", settings.pipeline_db, migration)
+                log.info("database %s: migration %s applied", settings.pipeline_db, migration)
         finally:
             conn.close()
     except db.MigrationLockTimeout as exc:
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"pipeline-apid: database schema: {exc}") from None
     except db.UNAVAILABLE as exc:
         log.warning("database %s not reachable yet (%s); serving 503 until it is", settings.pipeline_db, exc)
-    log.warning("pipeline-apid on http://%s:%s%s (gunicorn, %d processes x (%d + %d for listings) threads)",
+    log.info("pipeline-apid on http://%s:%s%s (gunicorn, %d processes x (%d + %d for listings) threads)",
                 settings.api_host, settings.api_port, BASE, settings.api_processes, settings.api_threads,
                 settings.api_read_threads)
     serve(settings)
