@@ -20,6 +20,9 @@ from .stages import FIRST, Action
 log = logging.getLogger("pipeline-client")
 
 
+QUIET_SECONDS = 3.0
+
+
 class ApiError(Exception):
     """A 4xx answer: the request itself was refused (conflict, validation, unknown task)."""
 
@@ -81,7 +84,8 @@ class PipelineClient:
         so a request the dead one may have applied does no harm); only when every instance has
         failed in a row does the caller back off, and give up after `max_wait`."""
         max_wait = self.max_wait if max_wait == -1.0 else max_wait
-        deadline = None if max_wait is None else time.monotonic() + max_wait
+        began = time.monotonic()
+        deadline = None if max_wait is None else began + max_wait
         delay = 0.1
         failed_in_row = 0
         while True:
@@ -108,7 +112,9 @@ class PipelineClient:
                 raise ApiUnavailable(f"{method} {path}: {problem}")
             if self.stop is not None and self.stop.is_set() and max_wait is None:
                 raise ApiUnavailable(f"{method} {path}: {problem} (stopping)")
-            log.warning("pipeline-apid unavailable (%s); retrying in %.1fs", problem, delay)
+            # A blip shorter than QUIET_SECONDS (the API still binding at a clean start) is no warning.
+            log.log(logging.WARNING if time.monotonic() - began >= QUIET_SECONDS else logging.INFO,
+                    "pipeline-apid unavailable (%s); retrying in %.1fs", problem, delay)
             if self.stop is not None:
                 self.stop.wait(delay)
             else:

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import ssl
+import stat
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -429,7 +430,9 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
-        env = os.environ if env is None else env
+        """The settings of `env`; without one, of this process's environment completed by the
+        running local group's `var/run/pipeline.env` (`running_group_env`)."""
+        env = running_group_env() if env is None else env
         shard_count = _int(env, "SHARD_COUNT", 2, 1, 64)
         pipeline_db = MySQLURL.parse(
             "MYSQL_PIPELINE_URL", env.get("MYSQL_PIPELINE_URL") or "mysql://root:@127.0.0.1:3306/pipeline_db")
@@ -447,7 +450,8 @@ class Settings:
             shard_count=shard_count,
             shard_dbs=shard_dbs,
             shared_dir=Path(env.get("SHARED_DIR") or "/shared"),
-            pipeline_url=_http_urls(env, "PIPELINE_URL", "http://127.0.0.1:8082/api/v1/pipeline"),
+            pipeline_url=_http_urls(env, "PIPELINE_URL", api_url(env.get("PIPELINE_API_HOST") or "127.0.0.1",
+                                                                _int(env, "PIPELINE_API_PORT", 8082, 0, 65535))),
             api_host=env.get("PIPELINE_API_HOST") or "127.0.0.1",
             api_port=_int(env, "PIPELINE_API_PORT", 8082, 0, 65535),
             api_token=_api_token(env),
@@ -490,6 +494,62 @@ class Settings:
             ingest_users=_int(env, "INGEST_USERS", 200, 1, 100_000_000),
             supervisor_socket=env.get("SUPERVISOR_SOCKET") or str(Supervision.from_env(env).socket),
         )
+
+
+API_PATH = "/api/v1/pipeline"
+
+
+def api_url(host: str, port: int) -> str:
+    """Where the daemons reach an API listening on host:port (PIPELINE_URL's default, so a
+    changed PIPELINE_API_HOST/PORT is followed): a wildcard address is reached on loopback."""
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}{API_PATH}"
+
+
+# What a local run (`make run`, app/supervision/local_run.py) writes next to its supervisord.conf:
+# the settings a shell in the checkout needs to talk to that group. Removed by `make stop`.
+RUN_ENV_FILE = "pipeline.env"
+
+
+def run_env_file(env: Mapping[str, str] | None = None) -> Path:
+    return Supervision.from_env(os.environ if env is None else env).run_dir / RUN_ENV_FILE
+
+
+def read_run_env(path: Path) -> dict[str, str]:
+    """KEY=value lines of a run's env file; {} unless it is a regular file of ours that no one
+    else may write (it names databases and the API token)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return {}
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return {}
+        pairs = (line.rstrip("\n").partition("=") for line in f)
+        return {k: v for k, sep, v in pairs if sep and re.fullmatch(r"[A-Z][A-Z0-9_]*", k)}
+
+
+def running_group_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment, completed with the settings of the local group `make run`
+    started in this checkout (var/run/pipeline.env) for every variable the environment does not
+    set: so `python -m app.ingest ...` from the checkout talks to that group as the README
+    shows. A value the environment sets always wins; without the file nothing changes."""
+    env = dict(os.environ if env is None else env)
+    try:
+        path = run_env_file(env)
+    except ConfigError:
+        return env
+    for key, value in read_run_env(path).items():
+        if not env.get(key):
+            env[key] = value
+    return env
 
 
 def packaged_supervisord_conf() -> Path:

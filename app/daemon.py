@@ -303,7 +303,10 @@ class Daemon:
                 try:
                     client.heartbeat(self.stage.name, task.filename, task.shard, self.owner)
                 except ApiError as exc:
-                    self.log.warning("lease of %s shard %s lost: %s", task.filename, task.shard, exc)
+                    with self._held_lock:
+                        still_held = task.key in self.held
+                    if still_held:   # else it was reported done meanwhile: no lease to lose
+                        self.log.warning("lease of %s shard %s lost: %s", task.filename, task.shard, exc)
                 except ApiUnavailable:
                     pass
 

@@ -82,6 +82,10 @@ class ApiSource:
     def file(self, filename: str) -> dict:
         return self._actions().file(filename)
 
+    def rejected(self, filename: str, limit: int = 500) -> list[dict]:
+        """The file's first rejected lines (GET /rejected), in the order they were recorded."""
+        return self._actions().call("GET", "/rejected", params={"file": filename, "limit": limit})["items"]
+
 
 def describe(exc: BaseException) -> str:
     """One line for the banner: what failed, without a traceback."""

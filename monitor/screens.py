@@ -75,6 +75,9 @@ class FileScreen(Screen):
         history = DataTable(id="file-history", cursor_type="row", zebra_stripes=True)
         history.border_title = "history"
         yield history
+        rejected = DataTable(id="file-rejected", cursor_type="row", zebra_stripes=True)
+        rejected.border_title = "rejected lines"
+        yield rejected
         yield Footer()
 
     def on_mount(self) -> None:
@@ -83,6 +86,8 @@ class FileScreen(Screen):
         history = self.query_one("#file-history", DataTable)
         history.add_columns("at (UTC)", "shard", "stage", "from → to", "error", "action", "by", "took",
                             "events")
+        self.query_one("#file-rejected", DataTable).add_columns("stage", "shard", "line", "reason", "detail",
+                                                                "bytes", "the line")
         self.action_reload()
 
     def action_reload(self) -> None:
@@ -93,7 +98,25 @@ class FileScreen(Screen):
             detail, error = self.source.file(self.filename), None
         except Exception as exc:
             detail, error = None, str(exc)
+        try:
+            lines = self.source.rejected(self.filename)
+        except Exception as exc:   # an API without GET /rejected, or down: the rest still shows
+            lines = [{"stage": "", "reason": f"rejected lines unavailable: {exc}"[:160]}]
         self.app.from_thread(self.show, detail, error)
+        self.app.from_thread(self.show_rejected, lines)
+
+    def show_rejected(self, lines: list[dict]) -> None:
+        table = self.query_one("#file-rejected", DataTable)
+        table.clear()
+        for r in lines:
+            shard = r.get("shard")
+            size = r.get("line_bytes")
+            table.add_row(*plain((
+                r.get("stage") or "", "—" if shard is None else str(shard),
+                "" if r.get("line_no") is None else str(r["line_no"]), Text(r.get("reason") or "", style="red"),
+                fmt.clip(r.get("detail"), 60) or "", "" if size is None else str(size),
+                fmt.clip(r.get("line"), 200) + (" …" if r.get("line_truncated") else ""))))
+        table.border_title = f"rejected lines ({len(lines)}{'+' if len(lines) >= 500 else ''})"
 
     def show(self, detail: dict | None, error: str | None) -> None:
         title = self.query_one("#file-title", Static)

@@ -4,6 +4,7 @@ a second start says so; `make stop` leaves no process behind."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import stat
@@ -74,8 +75,8 @@ def test_make_run_from_a_clean_checkout_processes_a_file_and_make_stop_leaves_no
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MYSQL_", "PIPELINE_", "SHARD_", "SUPERVISOR_", "VIRTUAL_ENV"))
            and k not in ("SHARED_DIR", "VENV")}
-    env.update({"PIPELINE_API_PORT": str(port), "PIPELINE_URL": f"http://127.0.0.1:{port}/api/v1/pipeline",
-                "LEASE_SECONDS": "2", "API_WORKERS": "1",
+    # Only the API's port changes: PIPELINE_URL follows it (it is not set).
+    env.update({"PIPELINE_API_PORT": str(port), "LEASE_SECONDS": "2", "API_WORKERS": "1",
                 "INGEST_INTERVAL": "1", "EVENTS_PER_FILE": "50", "HOLD_SECONDS": "1"})
 
     started = run(["make", "run"], checkout, env, timeout=300)
@@ -97,8 +98,34 @@ def test_make_run_from_a_clean_checkout_processes_a_file_and_make_stop_leaves_no
     assert loaded > 0
     assert list((checkout / "var" / "shared" / "events").glob(f"{filename}.event-ingest.txt"))
 
+    # A clean start logs nothing at WARNING or above but supervisord's documented CRIT about
+    # its socket (docs/operations.md, Logs).
+    noisy = [ln for ln in (checkout / "var" / "log" / "pipeline.log").read_text().splitlines()
+             if re.search(r" (WARNING|ERROR|CRIT|CRITICAL) ", ln) and "without any HTTP authentication" not in ln]
+    assert noisy == [], noisy
+
+    # The README's ingest command, as written, from the checkout with its venv: it finds the
+    # running group (var/run/pipeline.env) and its files go all the way.
+    readme = (checkout / "README.md").read_text()
+    assert "python -m app.ingest --files 5 --events 1000" in readme
+    venv_env = {**env, "PATH": f"{checkout / '.venv' / 'bin'}:{env['PATH']}"}
+    pushed = run(["python", "-m", "app.ingest", "--files", "2", "--events", "30"], checkout, venv_env)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    pushed_names = re.findall(r"^(\d{14})$", pushed.stdout, re.M)
+    assert len(pushed_names) == 2
+    assert all((checkout / "var" / "shared" / "events" / f"{n}.event-ingest.txt").exists() for n in pushed_names)
+
+    def pushed_loaded():
+        rows = query(db_port, "pipeline_db", "SELECT COUNT(*) FROM pipeline_tracking WHERE filename IN (%s, %s) "
+                                              "AND mysql_sender_status='done'", tuple(pushed_names))
+        return rows[0][0] == 4
+    servers.wait_until(pushed_loaded, 90, 0.5, what="the README's ingest files loaded")
+
     again = run(["make", "run"], checkout, env)
     assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
+    status = run(["make", "status"], checkout, env)
+    assert status.returncode == 0 and f"API: http://127.0.0.1:{port}/api/v1/pipeline answers" in status.stdout, \
+        status.stdout + status.stderr
     status = run(["bin/pipeline", "status"], checkout, env)
     assert status.returncode == 0 and status.stdout.count("RUNNING") == 8, status.stdout
     # supervisor's own client on the checkout's supervisord.conf finds the same group.
@@ -114,7 +141,17 @@ def test_make_run_from_a_clean_checkout_processes_a_file_and_make_stop_leaves_no
     assert processes_mentioning(str(checkout)) == []
     status = run(["bin/pipeline", "status"], checkout, env)
     assert status.returncode == 3 and "not running" in status.stdout, status.stdout
+    status = run(["make", "status"], checkout, env)      # an answer, not a make error
+    assert status.returncode == 0 and "not running" in status.stdout, status.stdout + status.stderr
+    assert "make:" not in status.stdout + status.stderr and "Error" not in status.stdout + status.stderr
     assert "not running" in run(["make", "stop"], checkout, env).stdout
+    assert not (checkout / "var" / "run" / "pipeline.env").exists()
+
+    # Daemons given a PIPELINE_URL where no API answers: make run says so and leaves nothing.
+    wrong = run(["make", "run"], checkout, {**env, "PIPELINE_URL": f"http://127.0.0.1:{servers.free_port()}"
+                                                                   f"/api/v1/pipeline"}, timeout=300)
+    assert wrong.returncode != 0 and "no pipeline-apid answers there" in wrong.stderr, wrong.stdout + wrong.stderr
+    assert processes_mentioning(str(checkout)) == []
 
     # Then the README's plain supervisor commands, from the same checkout with its venv first
     # on PATH and only the README's exports (plus databases of the test's own and a free port).

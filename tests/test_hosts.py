@@ -33,7 +33,7 @@ import pytest
 
 from bench import procstat
 from tests import ground_truth, servers
-from tests.pipeline_harness import FAST, Pipeline, check_against_truth
+from tests.pipeline_harness import Pipeline, check_against_truth
 from tests.test_deploy import CONFIG
 from tests.test_end_to_end import TWO_SPLITTERS, generate
 

@@ -19,7 +19,7 @@ from app.config import Settings
 from tests import servers
 from tests.test_schema_apid import ORIGINAL, ROWS, shape
 
-PIPELINE_COMPONENTS = ("tracking", "worker", "splitter")
+PIPELINE_COMPONENTS = ("tracking", "worker", "splitter", "rejected")
 ALL = (*PIPELINE_COMPONENTS, "shard")
 
 

@@ -7,6 +7,8 @@ import socket
 import time
 
 
+from app.config import MySQLURL
+from app.rejected import RejectedWriter
 from monitor.api import STAGES, WORK_STAGES, ApiSource
 from monitor.app import MonitorApp
 from monitor.screens import ConfirmScreen, FileScreen
@@ -162,6 +164,11 @@ def test_file_detail_shows_every_shard_and_its_history(api_factory, api_env):
     api = api_factory({**api_env, "LEASE_SECONDS": "600"})
     populate(api.client())
     transitions = db_query(api, "SELECT COUNT(*) FROM pipeline_transitions WHERE filename=%s", (FILES[1],))[0][0]
+    writer = RejectedWriter(MySQLURL.parse("MYSQL_PIPELINE_URL", api.process.env["MYSQL_PIPELINE_URL"]))
+    tee = writer.tee(lambda _: None, FILES[1], "shard-splitter", None)
+    tee(b'{"line_no":7,"reason":"missing_shop_id","line":"{\\"event_type\\":0,\\"payload\\":{}}"}')
+    tee.flush()
+    writer.close()
 
     async def scenario():
         app = make_app(api)
@@ -183,6 +190,10 @@ def test_file_detail_shows_every_shard_and_its_history(api_factory, api_env):
             texts = [" ".join(getattr(c, "plain", str(c)) for c in history.get_row_at(i))
                      for i in range(history.row_count)]
             assert any("duplicate key on events" in t and "mysql-sender" in t for t in texts)
+            rejected = screen.query_one("#file-rejected")
+            await until(pilot, lambda: rejected.row_count == 1, what="rejected lines")
+            row = " ".join(getattr(c, "plain", str(c)) for c in rejected.get_row_at(0))
+            assert "missing_shop_id" in row and '{"event_type":0,"payload":{}}' in row and " 7 " in row, row
             await pilot.press("escape")
             await until(pilot, lambda: not isinstance(app.screen, FileScreen), what="back to the dashboard")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from monitor.api import Snapshot
+from textual.widgets import Footer
+
 from monitor.app import MonitorApp
 from monitor.supervisor import ProcessInfo
 
@@ -157,3 +159,24 @@ def test_layout_follows_the_terminal_size():
             assert shown() == ["throughput"]
             assert len(app.query_one("#throughput").get_row("shard-splitter")[1].plain) < len(spark)
     asyncio.run(scenario())
+
+
+def test_the_footer_keeps_each_label_apart_from_the_next_key():
+    """The interval keys' label used to run into the next key: `+- intervalo Open file`."""
+    async def scenario():
+        app = MonitorApp(FixedSource(), None, interval=1.0, clock=lambda: 1000.0)
+        async with app.run_test(size=(160, 48)) as pilot:
+            footer = app.screen.query_one(Footer)
+            for _ in range(100):
+                await pilot.pause(0.05)
+                if any(w.region.width for w in footer.query("FooterLabel")):
+                    break
+            parts = sorted((w.region for w in footer.query("FooterKey, FooterLabel") if w.region.width),
+                           key=lambda r: r.x)
+            labels = [w.region for w in footer.query("FooterLabel")]
+            return parts, labels
+    parts, labels = asyncio.run(scenario())
+    assert labels, "the interval group's label"
+    for label in labels:
+        after = [r for r in parts if r.x >= label.right]
+        assert not after or after[0].x > label.right, (label, after[0])

@@ -23,6 +23,7 @@ from ..config import Settings, check_api_exposure, is_loopback
 from ..logs import setup_logging
 from ..stages import FIRST, ORDERED, STAGES, STATUSES, TRANSITIONS, WORK_STAGES, Action, Stage, Status
 from . import errors, schema, tracking
+from .rejected import RejectedRoutes
 
 BASE = "/api/v1/pipeline"
 MAX_BODY = 64 * 1024
@@ -264,6 +265,7 @@ class Api:
         a.route(f"{BASE}/metrics/summary", "GET", route(self.summary))
         a.route(f"{BASE}/metrics/throughput", "GET", route(self.throughput))
         a.route(f"{BASE}/hosts", "GET", route(self.hosts))
+        RejectedRoutes(self).install(a, BASE)
 
     def health(self):
         return 200, {"status": "ok"}
@@ -411,7 +413,7 @@ def create_app(settings: Settings | None = None, reaper: bool = True) -> bottle.
     return api.app
 
 
-LISTINGS = (f"{BASE}/queues/", f"{BASE}/tasks/", f"{BASE}/metrics/", f"{BASE}/hosts")
+LISTINGS = (f"{BASE}/queues/", f"{BASE}/tasks/", f"{BASE}/metrics/", f"{BASE}/hosts", f"{BASE}/rejected")
 
 
 def is_listing(method: str, path: str) -> bool:
@@ -471,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
         conn = db.connect(settings.pipeline_db)
         try:
             for migration in db.migrate(conn, schema.SCHEMA):
-                log.warning("database %s: migration %s applied", settings.pipeline_db, migration)
+                log.info("database %s: migration %s applied", settings.pipeline_db, migration)
         finally:
             conn.close()
     except db.MigrationLockTimeout as exc:
@@ -480,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"pipeline-apid: database schema: {exc}") from None
     except db.UNAVAILABLE as exc:
         log.warning("database %s not reachable yet (%s); serving 503 until it is", settings.pipeline_db, exc)
-    log.warning("pipeline-apid on http://%s:%s%s (gunicorn, %d processes x (%d + %d for listings) threads)",
+    log.info("pipeline-apid on http://%s:%s%s (gunicorn, %d processes x (%d + %d for listings) threads)",
                 settings.api_host, settings.api_port, BASE, settings.api_processes, settings.api_threads,
                 settings.api_read_threads)
     serve(settings)

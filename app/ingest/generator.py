@@ -428,6 +428,18 @@ def publish(folder: Folder, tmp: str, final: str) -> None:
     folder.fsync()
 
 
+def is_tick(name: str) -> bool:
+    """Whether a filename is a UTC tick `YYYYMMDDHHMMSS` (the generator's names; others may be
+    imported, docs/ingest.md "File names")."""
+    if len(name) != 14 or not name.isdigit() or not name.isascii():
+        return False
+    try:
+        parse_tick(name)
+    except ValueError:
+        return False
+    return True
+
+
 def write_event_file(generator: Generator, directory: Path, filename: str, lines: int,
                      last_file: bool = False, root: Path | None = None,
                      move_on: bool = False) -> tuple[Path, int]:
@@ -498,7 +510,8 @@ def generate_files(directory: Path | str, n_files: int, events: int, seed: int |
     tick = None
     for i in range(n_files):
         tick = gen.next_tick(tick, at_least)
-        write_event_file(gen, directory, tick, events, last_file=i == n_files - 1)
+        path, _ = write_event_file(gen, directory, tick, events, last_file=i == n_files - 1)
+        tick = path.name[: -len(layout.SOURCE_SUFFIX)]
         names.append(tick)
     names.truth = gen.truth
     names.generator = gen
@@ -506,5 +519,6 @@ def generate_files(directory: Path | str, n_files: int, events: int, seed: int |
 
 
 def existing_ticks(directory: Path) -> list[str]:
+    """The ticks of the files in `directory`, oldest first (other names are not ticks)."""
     suffix = layout.SOURCE_SUFFIX
-    return sorted(p.name[: -len(suffix)] for p in directory.glob(f"*{suffix}") if p.name[: -len(suffix)].isdigit())
+    return sorted(p.name[: -len(suffix)] for p in directory.glob(f"*{suffix}") if is_tick(p.name[: -len(suffix)]))

@@ -18,6 +18,7 @@ import queue
 import random
 import re
 import stat
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -33,6 +34,7 @@ from ..daemon import empty_folder, owner_id
 from ..logs import setup_logging
 from ..shutdown import StopFlag, stop_on_signals
 from ..stages import Stage, Status
+from . import replay
 from .generator import SOURCE_MODE, Generator, Rates, World, existing_ticks, parse_tick, publish, write_event_file
 
 SERVICE = Stage.INGEST.program()
@@ -324,6 +326,22 @@ def build_generator(settings: Settings, seed: int | None, rate_args: list[tuple[
     return Generator(seed if seed is not None else settings.ingest_seed, rates, settings.opening_balance, world)
 
 
+def _export(settings: Settings, args) -> int:
+    client = PipelineClient(settings.pipeline_url, settings.api_token, max_wait=10.0)
+    try:
+        path, written, partial = replay.export_rejected(client, args.export_rejected, args.out,
+                                                        layout.events_dir(settings.shared_dir), args.reason)
+    except (ApiError, ApiUnavailable, OSError) as exc:
+        print(f"{SERVICE}: cannot export the rejected lines of {args.export_rejected}: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    print(f"{written} rejected line(s) of {args.export_rejected} written"
+          + (f"; {partial} left out (only a prefix of each was kept: see GET /rejected)" if partial else "")
+          + f". Fix them, remove what must not be replayed, then: python -m app.ingest --import {path}",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, help="write this many files and exit")
@@ -336,7 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", help="first tick YYYYMMDDHHMMSS with --files (default now)")
     parser.add_argument("--truth", type=Path, help="with --files: write the injected cases here (JSON lines)")
     parser.add_argument("--no-register", action="store_true", help="write files only; do not call the API")
+    parser.add_argument("--export-rejected", metavar="FILENAME",
+                        help="write FILENAME's rejected lines as a new event file to fix and --import")
+    parser.add_argument("--out", type=Path, default=Path("."), help="with --export-rejected: the folder (default .)")
+    parser.add_argument("--reason", help="with --export-rejected: only the lines rejected for this reason")
     args = parser.parse_args(argv)
+    if args.export_rejected:
+        return _export(Settings.from_env(), args)
 
     settings = Settings.from_env()
     folder = layout.ingest_dir(settings.shared_dir)

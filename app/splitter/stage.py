@@ -18,13 +18,14 @@ from typing import Any, Callable
 import msgspec
 import orjson
 
-from .. import layout, safefiles
+from .. import layout, rejected, safefiles
 from ..atomic import atomic_write
 from ..client import ApiError, ApiUnavailable, PipelineClient, Task
 from ..config import Settings
 from ..daemon import Context, Done, Failed, Outcome, Retryable, StageWork, run_stage
 from ..db import UNAVAILABLE
 from ..lines import READ_BUFFER, LineReader, TooLarge
+from ..rejected import RejectedWriter
 from ..stages import Stage
 from . import reasons
 from .order_index import SCHEMA, FileRouting, OrderIndex
@@ -260,9 +261,10 @@ def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[b
 
 def split_file(source: Path, filename: str, shared: Path, shard_count: int, shards: list[int],
                registered: list[int], index: OrderIndex, write_rejected: bool,
-               check: Callable[[], None] = lambda: None, max_line_bytes: int = MAX_LINE_BYTES) -> SplitResult:
+               check: Callable[[], None] = lambda: None, max_line_bytes: int = MAX_LINE_BYTES,
+               rejected_rows: RejectedWriter | None = None) -> SplitResult:
     """Split one source file, writing the shard files of `shards` (and the rejected file when
-    asked); nothing is published unless the whole file went through."""
+    asked, teed into `rejected_rows`); nothing is published unless the whole file went through."""
     with safefiles.open_read(source, safefiles.under(source, shared), READ_BUFFER) as f:
         src = LineReader(f, max_line_bytes)
         file_routing = index.open_file(filename)
@@ -276,9 +278,13 @@ def split_file(source: Path, filename: str, shared: Path, shard_count: int, shar
                 if write_rejected:
                     rejected_out = stack.enter_context(atomic_write(
                         layout.splitter_rejected(shared, filename), root=shared, mode=REJECTED_MODE)).write
+                    if rejected_rows is not None:
+                        rejected_out = rejected_rows.tee(rejected_out, filename, Stage.SPLITTER, None)
                 reg = [s in registered for s in range(shard_count)]
                 result = split_stream(src, shard_count, outputs, reg, file_routing, rejected_out, check)
                 file_routing.finish()
+                if rejected_rows is not None and rejected_out is not None:
+                    rejected_out.flush()
         except BaseException:
             file_routing.abort()
             raise
@@ -289,7 +295,7 @@ class Splitter(StageWork):
     name = Stage.SPLITTER
     service = Stage.SPLITTER.program()
     shard = None
-    schemas = (SCHEMA,)
+    schemas = (SCHEMA, rejected.SCHEMA)
 
     def __init__(self, settings: Settings, index: OrderIndex | None = None, client: PipelineClient | None = None):
         self.settings = settings
@@ -332,7 +338,8 @@ class Splitter(StageWork):
         writes_rejected = bool(registered) and registered[0] in shards
         try:
             result = split_file(source, filename, self.shared, self.settings.shard_count, shards, registered,
-                                self.index, writes_rejected, ctx.check, self.settings.max_line_bytes)
+                                self.index, writes_rejected, ctx.check, self.settings.max_line_bytes,
+                                rejected.writer(self.settings.pipeline_db))
         except FileNotFoundError:
             return [Failed(SOURCE_MISSING)] * len(tasks)
         except safefiles.Refused as exc:

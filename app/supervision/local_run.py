@@ -21,10 +21,11 @@ import xmlrpc.client
 from contextlib import contextmanager
 from pathlib import Path
 
+import requests
 from supervisor.xmlrpc import SupervisorTransport
 
 from .. import db
-from ..config import ConfigError, Settings, Supervision, database_urls_configured
+from ..config import RUN_ENV_FILE, ConfigError, Settings, Supervision, database_urls_configured, read_run_env
 from ..processes import pid_alive
 from ..stages import Stage
 from .embedded_mariadb import INSTALL_HINT, EmbeddedMariaDB
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "supervisord.conf"
 VAR = ROOT / "var"
 LOG = VAR / "log" / "pipeline.log"
-ENV_FILE = "pipeline.env"
+ENV_FILE = RUN_ENV_FILE
 START_TIMEOUT = 90.0
 STOP_WAIT = 30  # supervisord.conf's stopwaitsecs
 
@@ -113,17 +114,55 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+# What a shell needs to talk to the run as the group does (besides the URLs and folders).
+SHARED_SETTINGS = ("PIPELINE_API_HOST", "PIPELINE_API_PORT", "PIPELINE_API_TOKEN", "PIPELINE_API_TOKEN_FILE",
+                   "OPENING_BALANCE", "EVENTS_PER_FILE", "MAX_LINE_BYTES", "MAX_JSON_DEPTH",
+                   "INGEST_SHOPS", "INGEST_GOODS", "INGEST_USERS")
+
+
 def _write_env_file(sup: Supervision, env: dict[str, str], settings: Settings) -> Path:
-    """What a shell or the dashboard needs to talk to this run (`bin/pipeline monitor` reads it)."""
-    keys = ["SHARD_COUNT", "MYSQL_PIPELINE_URL", *[f"MYSQL_SHARD_{n}_URL" for n in range(settings.shard_count)],
-            "SHARED_DIR", "PIPELINE_URL", "PIPELINE_API_TOKEN"]
+    """What a shell or the dashboard needs to talk to this run: app/config.py reads it for
+    every variable a command's environment does not set (`python -m app.ingest ...` from the
+    checkout, `bin/pipeline monitor`)."""
+    values = {"SHARD_COUNT": str(settings.shard_count), "MYSQL_PIPELINE_URL": env.get("MYSQL_PIPELINE_URL"),
+              **{f"MYSQL_SHARD_{n}_URL": env.get(f"MYSQL_SHARD_{n}_URL") for n in range(settings.shard_count)},
+              "SHARED_DIR": str(Path(env["SHARED_DIR"]).absolute()), "PIPELINE_URL": settings.pipeline_url,
+              **{k: env.get(k) for k in SHARED_SETTINGS}}
     path = sup.run_dir / ENV_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{ENV_FILE}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as out:
-        for key in keys:
-            if env.get(key):
-                out.write(f"{key}={env[key]}\n")
+        for key, value in values.items():
+            if value and "\n" not in value:
+                out.write(f"{key}={value}\n")
+    os.replace(tmp, path)
     return path
+
+
+def api_answers(url: str, timeout: float = 10.0) -> str | None:
+    """None when an API at `url` (the PIPELINE_URL the daemons were given: one or several
+    instances, comma-separated, any of which will do) answers its health check within `timeout`
+    seconds, else why not."""
+    deadline = time.monotonic() + timeout
+    problem = "no answer"
+    while True:
+        for one in url.split(","):
+            try:
+                r = requests.get(f"{one}/health", timeout=2)
+                if r.status_code == 200 and r.json().get("status") == "ok":
+                    return None
+                problem = f"HTTP {r.status_code} from {one}/health"
+            except (requests.RequestException, ValueError) as exc:
+                problem = f"{type(exc).__name__}: {str(exc)[:160]}"
+        if time.monotonic() >= deadline:
+            return problem
+        time.sleep(0.3)
+
+
+def _unreachable(settings: Settings, problem: str) -> str:
+    return (f"the daemons were given PIPELINE_URL={settings.pipeline_url}, and no pipeline-apid answers there "
+            f"({problem}); the API listens on {settings.api_host}:{settings.api_port}. Unset PIPELINE_URL (it "
+            f"follows PIPELINE_API_HOST/PIPELINE_API_PORT) or set it to this API's address")
 
 
 def _wait_all_running(sup: Supervision, proc: subprocess.Popen, expected: list[str]) -> str | None:
@@ -199,6 +238,8 @@ def start() -> int:
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         problem = _wait_all_running(sup, proc, programs)
+        if not problem and (why := api_answers(settings.pipeline_url)):
+            problem = _unreachable(settings, why)
         if problem:
             print(f"the pipeline did not come up: {problem}\n--- last lines of {_rel(LOG)} ---\n"
                   f"{_tail(LOG)}\n---", file=sys.stderr)
@@ -261,6 +302,7 @@ def _stop_locked(sup: Supervision, quiet: bool = False) -> list[str]:
     mariadb = EmbeddedMariaDB(VAR / "mariadb")
     if mariadb.stop():
         stopped.append(f"private MariaDB (port {mariadb.port})")
+    (sup.run_dir / ENV_FILE).unlink(missing_ok=True)   # its settings name what no longer runs
     if not quiet:
         print("stopped: " + ", ".join(stopped) if stopped else "the pipeline was not running")
     return stopped
@@ -286,7 +328,17 @@ def status() -> int:
     for info in process_infos(sup):
         print(f"  {full_name(info):<34} {info['statename']:<9} {info['description']}")
     print(db_line)
-    return 0
+    settings = Settings.from_env(_run_settings(sup))
+    why = api_answers(settings.pipeline_url, timeout=3.0)
+    print(f"API: {settings.pipeline_url} " + ("answers" if why is None else f"NOT reachable: {_unreachable(settings, why)}"))
+    return 0 if why is None else 1
+
+
+def _run_settings(sup: Supervision) -> dict[str, str]:
+    """The environment the group was started with, as far as var/run/pipeline.env says."""
+    env = local_env()
+    env.update(read_run_env(sup.run_dir / ENV_FILE))
+    return env
 
 
 def ctl(args: list[str]) -> int:
@@ -299,11 +351,7 @@ def ctl(args: list[str]) -> int:
 def monitor(args: list[str]) -> int:
     env = local_env()
     sup = supervision(env)
-    env_file = sup.run_dir / ENV_FILE
-    if env_file.exists():
-        for line in env_file.read_text().splitlines():
-            key, _, value = line.partition("=")
-            env[key] = value
+    env.update(read_run_env(sup.run_dir / ENV_FILE))
     os.execve(sys.executable, [sys.executable, "-m", "monitor", *args], env)
     return 1  # not reached
 

@@ -302,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.clear()
     os.environ.update(env)  # supervisord reads its %(ENV_X)s and the programs' environment here
     try:
-        supervisord.main(["-n", "-c", str(sup.config_file), *rest])
+        # As root, supervisord logs CRIT "running as root" unless told the user to run as.
+        user = ["-u", "root"] if os.getuid() == 0 and not {"-u", "--user"} & {a.split("=")[0] for a in rest} else []
+        supervisord.main(["-n", "-c", str(sup.config_file), *user, *rest])
     finally:
         if database:
             database.stop()

@@ -19,7 +19,7 @@ from functools import partial
 import orjson
 import pymysql
 
-from .. import db, layout, safefiles
+from .. import db, layout, rejected, safefiles
 from ..atomic import atomic_write
 from ..config import Settings
 from ..daemon import Context, Done, Failed, InputMissing, Retryable, StageWork, TaskFailed, run_shard_stage
@@ -168,7 +168,9 @@ class FileRun:
         with atomic_write(layout.worker_output(shared, self.filename, self.shard), root=shared) as out, \
                 atomic_write(layout.worker_rejected(shared, self.filename, self.shard), root=shared,
                              mode=REJECTED_MODE) as rej:
-            self.out, self.rej = out, rej
+            self.out = out
+            self.rej = rejected.writer(self.settings.pipeline_db).tee(rej.write, self.filename, Stage.WORKER,
+                                                                       self.shard)
             line_no = self._replay(f, records)
             if not info.complete:
                 self._decide_rest(f, line_no)
@@ -177,6 +179,7 @@ class FileRun:
             if self.pending:
                 left = [h for line in sorted(self.pending) for h in self.pending[line]]
                 self._emit_resolved(left, before=None, shop_of=self._return_shops([], b"", 0, left))
+            self.rej.flush()
         if f.bom:
             self.counts.bom_skipped = 1
         return Done(events=self.counts.accepted, stats=self.counts.stats())
@@ -545,7 +548,7 @@ class FileRun:
 class WorkerStage(StageWork):
     name = Stage.WORKER
     claim_limit = 1
-    schemas = (SCHEMA,)
+    schemas = (SCHEMA, rejected.SCHEMA)
 
     def __init__(self, settings: Settings, shard: int):
         self.settings = settings
