@@ -137,6 +137,16 @@ def test_processes_tab_80x24(snap_compare):
     assert snap_compare(fixed_app(), terminal_size=(80, 24), run_before=show_processes)
 
 
+async def settled(pilot, condition, seconds: float = 10.0) -> bool:
+    """Whether `condition()` holds once the app has laid out again: a resize is applied over
+    several refreshes, and a loaded machine takes longer than any fixed pause."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return True
+        await pilot.pause(0.05)
+    return condition()
+
+
 def test_layout_follows_the_terminal_size():
     """Narrow: one lower panel behind tabs; wide: all four; and back, while running."""
     async def scenario():
@@ -144,20 +154,20 @@ def test_layout_follows_the_terminal_size():
         async with app.run_test(size=(80, 24)) as pilot:
             await first_data(pilot)
             shown = lambda: [p.id for p in app.query(".panel") if p.display and p.region.height > 0]  # noqa: E731
-            assert app.query_one("#tabs").display and shown() == ["failed"]
+            assert await settled(pilot, lambda: app.query_one("#tabs").display and shown() == ["failed"]), shown()
             await pilot.press("4")
-            await pilot.pause()
-            assert shown() == ["throughput"] and app.focused.id == "throughput"
+            assert await settled(pilot, lambda: shown() == ["throughput"]), shown()
+            assert app.focused.id == "throughput"
             await pilot.resize_terminal(200, 50)
-            await pilot.pause(0.2)
-            assert app.screen.has_class("-wide") and not app.query_one("#tabs").region.height
-            assert shown() == ["failed", "stuck", "processes-panel", "throughput"]
-            spark = app.query_one("#throughput").get_row("shard-splitter")[1].plain
-            assert len(spark) > 20  # the sparklines widen with their panel (100 columns here)
+            wide = ["failed", "stuck", "processes-panel", "throughput"]
+            assert await settled(pilot, lambda: app.screen.has_class("-wide") and shown() == wide), shown()
+            assert not app.query_one("#tabs").region.height
+            spark = lambda: app.query_one("#throughput").get_row("shard-splitter")[1].plain  # noqa: E731
+            assert await settled(pilot, lambda: len(spark()) > 20), spark()  # sparklines widen with their panel
+            wide_spark = spark()
             await pilot.resize_terminal(80, 24)
-            await pilot.pause(0.2)
-            assert shown() == ["throughput"]
-            assert len(app.query_one("#throughput").get_row("shard-splitter")[1].plain) < len(spark)
+            assert await settled(pilot, lambda: shown() == ["throughput"] and len(spark()) < len(wide_spark)), \
+                (shown(), spark())
     asyncio.run(scenario())
 
 
