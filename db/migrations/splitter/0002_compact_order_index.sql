@@ -1,0 +1,46 @@
+-- The order index made compact, time-ordered and prunable (docs/splitter.md, "Window and
+-- pruning"). Every statement can run again: a migration stopped halfway restarts from the top.
+-- creates: splitter_order.epoch splitter_file.epoch splitter_file.floor_seq splitter_file.opened_at
+-- creates: splitter_seq.epoch splitter_seq.epoch_rows splitter_seq.pruned_epoch
+
+-- A file's `epoch` is the index epoch its purchase rows are written in (the epoch current when
+-- it was last opened before its index completed); `floor_seq` is the oldest index sequence it
+-- sees (files indexed within ORDER_INDEX_WINDOW before its first split), fixed with the horizon.
+-- Files made before this migration see everything up to their horizon, as they did.
+ALTER TABLE splitter_file
+  ADD COLUMN IF NOT EXISTS epoch INT UNSIGNED NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS floor_seq BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS opened_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+  ADD KEY IF NOT EXISTS ix_splitter_indexed_at (indexed_at),
+  ADD KEY IF NOT EXISTS ix_splitter_indexed_epoch (indexed_seq, epoch),
+  DROP KEY IF EXISTS ix_splitter_indexed;
+
+-- The current epoch and how many purchases it holds (a new one starts past a fixed count), and
+-- the epoch below which every row was deleted by pruning.
+ALTER TABLE splitter_seq
+  ADD COLUMN IF NOT EXISTS epoch INT UNSIGNED NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS epoch_rows BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS pruned_epoch INT UNSIGNED NOT NULL DEFAULT 0;
+
+-- One tree, clustered by (epoch, order_id): a purchase is written into the current epoch's
+-- part of the tree (a small, hot range, not a random page of the whole index), a lookup reads
+-- its order in the epochs its file sees, and pruning deletes whole epochs from the front.
+-- Replaces the old table (clustered by file, plus a secondary index on order_id); its rows
+-- are copied into epoch 0.
+CREATE TABLE IF NOT EXISTS splitter_order_0002 (
+  epoch INT UNSIGNED NOT NULL,
+  order_id BIGINT NOT NULL,
+  file_id INT UNSIGNED NOT NULL,
+  line INT UNSIGNED NOT NULL,
+  shop_id BIGINT NOT NULL,
+  PRIMARY KEY (epoch, order_id, file_id, line)
+) ENGINE=InnoDB;
+
+INSERT IGNORE INTO splitter_order_0002 (epoch, order_id, file_id, line, shop_id)
+  SELECT 0, order_id, file_id, line, shop_id FROM splitter_order;
+
+DROP TABLE IF EXISTS splitter_order_0001;
+
+RENAME TABLE splitter_order TO splitter_order_0001, splitter_order_0002 TO splitter_order;
+
+DROP TABLE splitter_order_0001;
