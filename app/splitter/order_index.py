@@ -316,6 +316,7 @@ class FileRouting:
         # The current chunk's purchases, flat: order_id, line, shop_id, order_id, ... (the
         # splitting loop extends it; formatted once per chunk, not once per row).
         self.rows: list[int] = []
+        self.rotate_rows = 3 * CHUNK
         self.inflight: deque[dict[int, int]] = deque()
         self._rows_before = 0
         self._chunk_no = 0
@@ -342,7 +343,7 @@ class FileRouting:
             self.rotate()
 
     def rotate_due(self) -> bool:
-        return len(self.rows) >= 3 * CHUNK
+        return len(self.rows) >= self.rotate_rows
 
     def local(self, order_id: int) -> int | None:
         """Shop of the nearest earlier purchase of this file still held in memory."""

@@ -28,7 +28,7 @@ from ..db import UNAVAILABLE
 from ..lines import READ_BUFFER, LineReader, TooLarge
 from ..stages import Stage
 from . import reasons
-from .order_index import CHUNK, SCHEMA, FileRouting, OrderIndex, WindowPruned
+from .order_index import SCHEMA, FileRouting, OrderIndex, WindowPruned
 
 SOURCE_MISSING = "source missing"
 CHECK_EVERY = 1 << 15     # lines between stop checks (a power of 2)
@@ -217,7 +217,7 @@ def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[b
     decode, fast_error = _FAST_DECODER.decode, Exception
     tell, finish = source.f.tell, source.finish
     current, purchase_rows = routing.current, routing.rows
-    mark, stop_mark, rotate_at = CHECKPOINT - 1, CHECK_EVERY - 1, 3 * CHUNK
+    mark, stop_mark, rotate_at = CHECKPOINT - 1, CHECK_EVERY - 1, routing.rotate_rows
     n = first = 0
     until = tell() + BUFFER_BYTES
     lists: list[list[bytes]] = [[] for _ in range(shard_count)]
