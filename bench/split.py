@@ -63,9 +63,9 @@ def split_once(shared: Path, url: MySQLURL, name: str, source: Path | None = Non
     loads = []
     original_load = index.load
 
-    def timed_load(name, data):
+    def timed_load(*args):
         t = time.perf_counter()
-        original_load(name, data)
+        original_load(*args)
         loads.append(time.perf_counter() - t)
     index.load = timed_load
     start, cpu = time.perf_counter(), time.process_time()
