@@ -34,7 +34,7 @@ SOURCE_MISSING = "source missing"
 CHECK_EVERY = 1 << 15     # lines between stop checks (a power of 2)
 BUFFER_LINES = 8192       # lines gathered before they are written (or looked up, then written)
 BUFFER_BYTES = 1 << 20    # ... and at most about this many bytes of input
-CHECKPOINT = 8            # lines between two looks at the bytes read (a power of 2)
+CHECKPOINT = 8            # lines between two looks at the segment's size (a power of 2)
 # Rejected lines are any bytes that were in a source file, not part of the contract: private.
 REJECTED_MODE = 0o600
 
@@ -214,12 +214,10 @@ def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[b
         else:
             write(lists, rejects, waiting, [])
 
-    decode, fast_error = _FAST_DECODER.decode, Exception
-    tell, finish = source.f.tell, source.finish
+    decode, fast_error, finish = _FAST_DECODER.decode, Exception, source.finish
     current, purchase_rows = routing.current, routing.rows
-    mark, stop_mark, rotate_at = CHECKPOINT - 1, CHECK_EVERY - 1, routing.rotate_rows
-    n = first = 0
-    until = tell() + BUFFER_BYTES
+    mark, stop_mark, rotate_at, max_bytes = CHECKPOINT - 1, CHECK_EVERY - 1, routing.rotate_rows, BUFFER_BYTES
+    n = first = size = 0
     lists: list[list[bytes]] = [[] for _ in range(shard_count)]
     append = [lst.append if registered[s] else None for s, lst in enumerate(lists)]
     rejects: list[tuple[int, bytes, str]] = []
@@ -232,12 +230,13 @@ def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[b
                 current, purchase_rows = routing.current, routing.rows
             if not n & stop_mark:
                 check()
-            if n - first > BUFFER_LINES or tell() >= until:
+            if n - first > BUFFER_LINES or size >= max_bytes:
                 flush(lists, rejects, waiting)     # this line starts the next segment
                 lists = [[] for _ in range(shard_count)]
                 append = [lst.append if registered[s] else None for s, lst in enumerate(lists)]
                 rejects, waiting = [], []
-                first, until = n - 1, tell() + BUFFER_BYTES
+                first, size = n - 1, 0
+        size += len(line)
         if line[-1] != 10:
             line = finish(line)
             if type(line) is TooLarge:
