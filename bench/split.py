@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import pymysql  # noqa: E402
+
 from app import db, layout  # noqa: E402
 from app.config import MySQLURL, Settings  # noqa: E402
 from app.ingest.generator import generate_files  # noqa: E402
@@ -69,6 +71,31 @@ def loop_alone(source: Path, rounds: int = 5) -> float:
         result = split_stream(reader, 2, [o.write for o in outs], [True, True], routing, io.BytesIO().write)
         best = min(best, (time.process_time() - cpu) / result.lines_in * 1e6)
     return best
+
+
+def small_files(shared: Path, url: MySQLURL, count: int, size: int = 500) -> tuple[float, float, float]:
+    """`count` files of `size` lines split one after the other (after one to warm up): CPU ms
+    and wall ms per file, SQL round trips per file (commands sent by PyMySQL, counted)."""
+    names = generate_files(layout.events_dir(shared), count + 1, size, seed=3, start="20260501000000")
+    trips = [0]
+    send = pymysql.connections.Connection._execute_command
+
+    def counted(self, *args, **kwargs):
+        trips[0] += 1
+        return send(self, *args, **kwargs)
+    index = OrderIndex(url)
+    index.ensure_schema()
+    pymysql.connections.Connection._execute_command = counted
+    try:
+        split_file(layout.source_file(shared, names[0]), names[0], shared, 2, [0, 1], [0, 1], index, True)
+        wall, cpu, before = time.perf_counter(), time.process_time(), trips[0]
+        for name in names[1:]:
+            split_file(layout.source_file(shared, name), name, shared, 2, [0, 1], [0, 1], index, True)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        pymysql.connections.Connection._execute_command = send
+        index.close()
+    return 1e3 * cpu / count, 1e3 * wall / count, (trips[0] - before) / count
 
 
 class _Answered:
@@ -122,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--small-files", type=int, default=100, help="500-line files for the cost per file")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -165,6 +193,9 @@ def main() -> None:
                 o_rate, o_stats, _ = split_once(shared, url, "20261126221520")
                 print(f"split, original-format data: {o_rate:11,.0f} lines/s  "
                       f"({o_stats['rejected'].get('unroutable', 0):,} shop-less returns, each looked up)")
+            ms_cpu, ms_wall, trips = small_files(shared, url, args.small_files)
+            print(f"per 500-line file          : {ms_cpu:8.2f} ms of CPU, {ms_wall:.1f} ms wall, {trips:.1f} SQL round "
+                  f"trips ({args.small_files} files, one after the other)")
             rss_small = rss_of(shared, url_text, small)
             rss_big = rss_of(shared, url_text, big)
             print(f"peak RSS {args.small:>9,} lines: {rss_small / 1024:8.1f} MiB")
