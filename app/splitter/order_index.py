@@ -124,11 +124,12 @@ class OrderIndex:
         return FileRouting(self, filename, file_id, horizon, indexed_seq is not None, floor_seq, epoch)
 
     def visible_epochs(self, floor_seq: int, horizon: int, own_epoch: int, conn=None) -> list[int]:
-        """The epochs holding the rows a file sees: its own and those of the files indexed in
-        [floor_seq, horizon]. WindowPruned when pruning deleted any of them."""
+        """The epochs holding the rows a file sees: its own and those whose files' sequence
+        numbers meet [floor_seq, horizon] (maybe one more than needed, never one less).
+        WindowPruned when pruning deleted any of them."""
         script = db.Script()
-        script.add("epochs", "SELECT DISTINCT epoch FROM splitter_file FORCE INDEX (ix_splitter_indexed_epoch) "
-                             "WHERE indexed_seq BETWEEN %s AND %s", (floor_seq, horizon))
+        script.add("epochs", "SELECT epoch FROM splitter_epoch WHERE last_seq >= %s AND first_seq <= %s",
+                   (floor_seq, horizon))
         script.add("pruned", "SELECT pruned_epoch FROM splitter_seq WHERE id = 1")
         with (conn or self.conn()).cursor() as cur:
             got = script.run(cur)
@@ -207,6 +208,9 @@ class OrderIndex:
             ("UPDATE splitter_file SET indexed_seq = @seq + 1, indexed_at = NOW(3), purchases = %s "
              "WHERE file_id = %s AND indexed_seq IS NULL", (purchases, file_id)),
             ("SET @done = ROW_COUNT()", None),
+            ("INSERT INTO splitter_epoch (epoch, first_seq, last_seq) SELECT %s, @seq + 1, @seq + 1 FROM DUAL "
+             "WHERE @done > 0 ON DUPLICATE KEY UPDATE first_seq = LEAST(first_seq, VALUES(first_seq)), "
+             "last_seq = GREATEST(last_seq, VALUES(last_seq))", (epoch,)),
             ("UPDATE splitter_seq SET value = @seq + 1, epoch = IF(@rows + %s >= %s, @epoch + 1, @epoch), "
              "epoch_rows = IF(@rows + %s >= %s, 0, @rows + %s) WHERE id = 1 AND @done > 0",
              (purchases, self.epoch_rows, purchases, self.epoch_rows, purchases)),
@@ -235,9 +239,9 @@ class OrderIndex:
         keep = 2 * self.window
         script = db.Script()
         script.add("seq", "SELECT epoch, pruned_epoch FROM splitter_seq WHERE id = 1")
-        script.add("indexed", "SELECT MIN(f.epoch) FROM splitter_file f FORCE INDEX (ix_splitter_indexed_epoch) "
-                              "WHERE f.indexed_seq >= (SELECT g.indexed_seq FROM splitter_file g "
-                              "WHERE g.indexed_at >= NOW(3) - INTERVAL %s SECOND ORDER BY g.indexed_at LIMIT 1)",
+        script.add("indexed", "SELECT MIN(e.epoch) FROM splitter_epoch e "
+                              "WHERE e.last_seq >= (SELECT f.indexed_seq FROM splitter_file f "
+                              "WHERE f.indexed_at >= NOW(3) - INTERVAL %s SECOND ORDER BY f.indexed_at LIMIT 1)",
                    (keep,))
         script.add("open", "SELECT MIN(epoch) FROM splitter_file WHERE indexed_seq IS NULL "
                            "AND opened_at >= NOW(3) - INTERVAL %s SECOND", (keep,))
