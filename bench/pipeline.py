@@ -434,6 +434,8 @@ class Run:
         shard_total = sum(sum(s.values()) for s in shards)
         return {"pipeline_bytes": total, "pipeline_bytes_per_event": round(total / max(1, self.registered), 1),
                 "pipeline_tables": dict(sorted(pipeline.items(), key=lambda kv: -kv[1])),
+                "pipeline_bytes_per_event_by_table": {
+                    t: round(b / max(1, self.registered), 1) for t, b in sorted(pipeline.items(), key=lambda kv: -kv[1])},
                 "shard_rows": rows, "shard_bytes": shard_total,
                 "shard_bytes_per_row": round(shard_total / max(1, rows), 1)}
 
@@ -718,6 +720,8 @@ class Bench:
         log(f"    state: pipeline db {st['pipeline_bytes'] / 2**20:.1f} MiB = {st['pipeline_bytes_per_event']} B/event "
             f"({', '.join(f'{t} {b / 2**20:.1f}' for t, b in list(st['pipeline_tables'].items())[:6])} MiB); "
             f"shards {st['shard_bytes_per_row']} B/row")
+        log("    state B/event by table: " + ", ".join(
+            f"{t} {b}" for t, b in st.get("pipeline_bytes_per_event_by_table", {}).items() if b >= 0.05))
         log(f"    SQL statements per file: {r['sql_per_file_total']} (" +
             ", ".join(f"{k} {v}" for k, v in list(r["sql_per_file"].items())[:8]) + ")")
         if "api_requests_per_file" in r:

@@ -10,6 +10,7 @@ BENCH_MYSQL_URL, default mysql://root:@127.0.0.1:3306, in a scratch database dro
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import subprocess
 import sys
@@ -21,11 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import pymysql  # noqa: E402
+
 from app import db, layout  # noqa: E402
-from app.config import MySQLURL  # noqa: E402
+from app.config import MySQLURL, Settings  # noqa: E402
 from app.ingest.generator import generate_files  # noqa: E402
-from app.splitter.order_index import OrderIndex  # noqa: E402
-from app.splitter.stage import split_file  # noqa: E402
+from app.lines import READ_BUFFER, LineReader  # noqa: E402
+from app.splitter.order_index import FileRouting, OrderIndex  # noqa: E402
+from app.splitter.stage import split_file, split_stream  # noqa: E402
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "original-generator" / "20261126221520.event-ingest.txt"
 
@@ -53,6 +57,55 @@ def floor(source: Path, out_dir: Path) -> float:
     return n / seconds
 
 
+def loop_alone(source: Path, rounds: int = 5) -> float:
+    """The splitting loop without the database (the file's index known, no lookup answers a
+    return): microseconds of CPU per line, best of `rounds` (other work only slows a round)."""
+    data = source.read_bytes()
+    best = float("inf")
+    for _ in range(rounds):
+        routing = FileRouting(None, "loop", 1, 0, True)
+        routing.lookup_async = lambda orders: _Answered([None] * len(orders))
+        outs = [io.BytesIO(), io.BytesIO()]
+        reader = LineReader(io.BufferedReader(io.BytesIO(data), READ_BUFFER), Settings.max_line_bytes)
+        cpu = time.process_time()
+        result = split_stream(reader, 2, [o.write for o in outs], [True, True], routing, io.BytesIO().write)
+        best = min(best, (time.process_time() - cpu) / result.lines_in * 1e6)
+    return best
+
+
+def small_files(shared: Path, url: MySQLURL, count: int, size: int = 500) -> tuple[float, float, float]:
+    """`count` files of `size` lines split one after the other (after one to warm up): CPU ms
+    and wall ms per file, SQL round trips per file (commands sent by PyMySQL, counted)."""
+    names = generate_files(layout.events_dir(shared), count + 1, size, seed=3, start="20260501000000")
+    trips = [0]
+    send = pymysql.connections.Connection._execute_command
+
+    def counted(self, *args, **kwargs):
+        trips[0] += 1
+        return send(self, *args, **kwargs)
+    index = OrderIndex(url)
+    index.ensure_schema()
+    pymysql.connections.Connection._execute_command = counted
+    try:
+        split_file(layout.source_file(shared, names[0]), names[0], shared, 2, [0, 1], [0, 1], index, True)
+        wall, cpu, before = time.perf_counter(), time.process_time(), trips[0]
+        for name in names[1:]:
+            split_file(layout.source_file(shared, name), name, shared, 2, [0, 1], [0, 1], index, True)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        pymysql.connections.Connection._execute_command = send
+        index.close()
+    return 1e3 * cpu / count, 1e3 * wall / count, (trips[0] - before) / count
+
+
+class _Answered:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
 def split_once(shared: Path, url: MySQLURL, name: str, source: Path | None = None) -> tuple[float, dict, float]:
     """lines/s (wall clock), the split's stats (with the purchases indexed and lines per CPU
     second of this process), seconds spent in LOAD DATA."""
@@ -63,9 +116,9 @@ def split_once(shared: Path, url: MySQLURL, name: str, source: Path | None = Non
     loads = []
     original_load = index.load
 
-    def timed_load(name, data):
+    def timed_load(*args):
         t = time.perf_counter()
-        original_load(name, data)
+        original_load(*args)
         loads.append(time.perf_counter() - t)
     index.load = timed_load
     start, cpu = time.perf_counter(), time.process_time()
@@ -96,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--small-files", type=int, default=100, help="500-line files for the cost per file")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -130,6 +184,8 @@ def main() -> None:
             print(f"split again (index known)  : {again:12,.0f} lines/s  "
                   f"({again_stats['per_cpu_second']:,.0f} lines per CPU-second)")
             print(f"  per shard {stats['lines_by_shard']}, rejected {stats['rejected']}")
+            print(f"the splitting loop alone   : {loop_alone(source):12.3f} us of CPU per line (no database, "
+                  f"best of 5)")
             if FIXTURE.exists():
                 orig = layout.source_file(shared, "20261126221520")
                 copies = max(1, args.lines // 82)
@@ -137,6 +193,9 @@ def main() -> None:
                 o_rate, o_stats, _ = split_once(shared, url, "20261126221520")
                 print(f"split, original-format data: {o_rate:11,.0f} lines/s  "
                       f"({o_stats['rejected'].get('unroutable', 0):,} shop-less returns, each looked up)")
+            ms_cpu, ms_wall, trips = small_files(shared, url, args.small_files)
+            print(f"per 500-line file          : {ms_cpu:8.2f} ms of CPU, {ms_wall:.1f} ms wall, {trips:.1f} SQL round "
+                  f"trips ({args.small_files} files, one after the other)")
             rss_small = rss_of(shared, url_text, small)
             rss_big = rss_of(shared, url_text, big)
             print(f"peak RSS {args.small:>9,} lines: {rss_small / 1024:8.1f} MiB")

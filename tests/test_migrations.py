@@ -170,10 +170,11 @@ def test_an_edited_applied_migration_is_refused(make_database, sql_copy):
 
 def test_a_database_migrated_by_newer_code_is_refused(make_database, sql_copy):
     url = make_database("newer")
-    (sql_copy / "migrations" / "splitter" / "0002_later_change.sql").write_text("CREATE TABLE later (id INT);\n")
+    later = f"{len(db.migrations('splitter')) + 1:04d}_later_change"
+    (sql_copy / "migrations" / "splitter" / f"{later}.sql").write_text("CREATE TABLE later (id INT);\n")
     migrate(url, "splitter")
-    (sql_copy / "migrations" / "splitter" / "0002_later_change.sql").unlink()
-    with pytest.raises(db.MigrationError, match="0002_later_change, which this code does not know"):
+    (sql_copy / "migrations" / "splitter" / f"{later}.sql").unlink()
+    with pytest.raises(db.MigrationError, match=f"{later}, which this code does not know"):
         migrate(url, "splitter")
 
 
@@ -181,12 +182,14 @@ def test_a_failing_statement_is_a_migration_error_naming_it_not_an_outage(make_d
     """Error 1054 (unknown column) arrives as pymysql's OperationalError, which the services
     otherwise read as "database down": a broken migration must not be waited out as one."""
     url = make_database("bad")
-    (sql_copy / "migrations" / "splitter" / "0002_broken.sql").write_text(
+    known = len(db.migrations("splitter"))
+    broken = f"{known + 1:04d}_broken"
+    (sql_copy / "migrations" / "splitter" / f"{broken}.sql").write_text(
         "CREATE TABLE IF NOT EXISTS fine (id INT);\nUPDATE splitter_seq SET no_such_column = 1;\n")
-    with pytest.raises(db.MigrationError, match=r"splitter 0002_broken, statement 2 failed") as caught:
+    with pytest.raises(db.MigrationError, match=rf"splitter {broken}, statement 2 failed") as caught:
         migrate(url, "splitter")
     assert not isinstance(caught.value, db.UNAVAILABLE)
-    assert [v for _, v, _, _ in ledger(url)] == [1]
+    assert [v for _, v, _, _ in ledger(url)] == list(range(1, known + 1))
 
 
 @pytest.mark.parametrize("damage, message", [

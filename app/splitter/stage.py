@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import msgspec
 import orjson
@@ -28,29 +29,44 @@ from ..lines import READ_BUFFER, LineReader, TooLarge
 from ..rejected import RejectedWriter
 from ..stages import Stage
 from . import reasons
-from .order_index import SCHEMA, FileRouting, OrderIndex
+from .order_index import SCHEMA, FileRouting, OrderIndex, WindowPruned
 
 SOURCE_MISSING = "source missing"
-CHECK_EVERY = 1 << 15     # lines between stop checks
-BUFFER_LINES = 8192       # lines held back while shop-less returns wait for one lookup
-BUFFER_BYTES = 1 << 20    # ... and at most this many bytes of them
+CHECK_EVERY = 1 << 15     # lines between stop checks (a power of 2)
+BUFFER_LINES = 8192       # lines gathered before they are written (or looked up, then written)
+BUFFER_BYTES = 1 << 20    # ... and at most about this many bytes of input
+CHECKPOINT = 8            # lines between two looks at the segment's size (a power of 2)
 # Rejected lines are any bytes that were in a source file, not part of the contract: private.
 REJECTED_MODE = 0o600
 
 log = logging.getLogger(Stage.SPLITTER)
 
 
-class _Payload(msgspec.Struct):
+class _Payload(msgspec.Struct, gc=False):
     shop_id: Any = None
     order_id: Any = None
 
 
-class _Event(msgspec.Struct):
+class _Event(msgspec.Struct, gc=False):
     """The only fields routing reads; the rest of the line is validated, not built."""
     event_type: Any = None
     payload: _Payload | None = None
 
 
+class _FastPayload(msgspec.Struct, gc=False):
+    shop_id: Annotated[int, msgspec.Meta(ge=0, le=reasons.MAX_ID)] | None = None
+    order_id: Annotated[int, msgspec.Meta(ge=-reasons.MAX_ID - 1, le=reasons.MAX_ID)] | None = None
+
+
+class _FastEvent(msgspec.Struct, gc=False):
+    """The same fields with the types an ordinary line has, checked by the decoder itself: a
+    line it refuses goes to `_classify` (the loose decoder and the checks in Python), so the
+    two give every line the same fate."""
+    event_type: Literal[tuple(sorted(reasons.EVENT_TYPES))]  # type: ignore[valid-type]
+    payload: _FastPayload
+
+
+_FAST_DECODER = msgspec.json.Decoder(_FastEvent)
 _DECODER = msgspec.json.Decoder(_Event)
 MAX_LINE_BYTES = Settings.max_line_bytes
 
@@ -91,170 +107,200 @@ def _rejected_record(line_no: int, line: bytes, reason: str, detail: str | None 
     return orjson.dumps(record) + b"\n"
 
 
+_RETURN = "return"   # _classify: a return without shop_id, routed by its order
+
+
+def _classify(line: bytes, shard_count: int) -> tuple[int | str, int | None, int | None]:
+    """A line the strict decoder refused, judged field by field: (its shard, the reason it is
+    rejected or _RETURN; the order_id of a purchase to index or of a return to route; the
+    purchase's shop_id)."""
+    try:
+        event = _DECODER.decode(line)
+        if not line.isascii():
+            line.decode("utf-8")
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return (reasons.EMPTY_LINE if not line.strip() else reasons.MALFORMED_JSON), None, None
+    except RecursionError:
+        return reasons.TOO_DEEP, None, None
+    payload, etype, max_id = event.payload, event.event_type, reasons.MAX_ID
+    if payload is None:
+        return reasons.MALFORMED_JSON, None, None
+    if type(etype) is not int or etype not in reasons.EVENT_TYPES:
+        return reasons.UNKNOWN_EVENT_TYPE, None, None
+    shop, order = payload.shop_id, payload.order_id
+    order_ok = type(order) is int and -max_id - 1 <= order <= max_id
+    if type(shop) is int:
+        if 0 <= shop <= max_id:
+            return shop % shard_count, (order if etype == 1 and order_ok else None), shop
+        return reasons.SHOP_ID_OUT_OF_RANGE, None, None
+    if shop is None and etype == 3:
+        return (_RETURN, order, None) if order_ok else (reasons.UNROUTABLE, None, None)
+    if shop is None:
+        return reasons.MISSING_SHOP_ID, None, None
+    return reasons.NON_INTEGER_SHOP_ID, None, None
+
+
 def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[bytes], object] | None],
                  registered: list[bool], file_routing: FileRouting,
                  rejected_out: Callable[[bytes], object] | None = None,
                  check: Callable[[], None] = lambda: None) -> SplitResult:
     """Route every line of `source`; write those of the shards in `outputs` (None: count only)
-    and, with `rejected_out`, one record per rejected line. Memory stays flat: no line longer
-    than the reader's limit is held, and lines are held back only while shop-less returns wait
-    for a lookup (BUFFER_LINES, BUFFER_BYTES). Nothing a line holds raises out of here."""
-    event_types, max_id, details = reasons.EVENT_TYPES, reasons.MAX_ID, reasons.DETAILS
-    add_purchase, local = file_routing.add_purchase, file_routing.local
+    and, with `rejected_out`, one record per rejected line.
+
+    Lines are gathered per shard in segments of BUFFER_LINES lines / about BUFFER_BYTES of
+    input and written one join per shard and segment. A return without shop_id whose
+    purchase is not in memory holds its place in every shard's list of its segment; the
+    segment's lookups run on a second thread while the next segment fills, so at most two
+    segments are held. Nothing a line holds raises out of here."""
     counts = [0] * shard_count
     rejected: dict[str, int] = {}
     result = SplitResult(per_shard=counts, rejected=rejected)
-    pending: list[tuple[int, int]] = []   # (order_id, line) of the buffer being filled
-    held: list[bytes] | None = None       # lines held back, from line number held_from on
-    held_dest: list[int | str] = []
-    held_from = 0
-    held_bytes = 0
-    in_flight = None                      # a sealed buffer whose lookup is running
+    details = reasons.DETAILS
+    routing = file_routing
+    local = routing.local
 
     def reject(n: int, line: bytes, reason: str) -> None:
+        """The one place a line is rejected: counted, and its record written."""
         reason, detail = details.get(reason, (reason, None))
         rejected[reason] = rejected.get(reason, 0) + 1
         if rejected_out is not None:
             rejected_out(_rejected_record(n, line, reason, detail))
 
-    def emit(n: int, line: bytes, dest: int | str) -> None:
-        if type(dest) is int:
-            if registered[dest]:
-                counts[dest] += 1
-                out = outputs[dest]
-                if out is not None:
-                    out(line)
+    def write(lists: list[list[bytes]], rejects: list, waiting: list, shops: list[int | None]) -> None:
+        """A segment, its returns resolved: each shard's lines in order, then its rejected lines."""
+        dests: list[int | str] = []
+        for (n, line, order, places), shop in zip(waiting, shops):
+            if shop is None:
+                dest: int | str = reasons.UNROUTABLE
             else:
-                reject(n, line, reasons.UNREGISTERED_SHARD)
-        else:
-            reject(n, line, dest)
-
-    def emit_batch(lines: list[bytes], dests: list[int | str], first: int, shops: list[int | None]) -> None:
-        for i, line in enumerate(lines):
-            dest = dests[i]
-            if type(dest) is int and dest < 0:
-                shop = shops[-1 - dest]
-                if shop is None:
-                    dest = reasons.UNROUTABLE
-                else:
-                    dest = shop % shard_count
-                    result.routed_by_order += 1
-            emit(first + i, line, dest)
-
-    def finish_in_flight() -> None:
-        nonlocal in_flight
-        lines, dests, first, lookup = in_flight
-        in_flight = None
-        emit_batch(lines, dests, first, lookup.result())
-
-    def seal() -> None:
-        """The buffer is full (or the file ended): look its returns up while the next fills;
-        at most one lookup runs, so at most two buffers are held."""
-        nonlocal held, held_dest, held_bytes, in_flight
-        if in_flight is not None:
-            finish_in_flight()
-        if pending:
-            in_flight = (held, held_dest, held_from, file_routing.lookup_async(list(pending)))
-            pending.clear()
-        else:
-            emit_batch(held, held_dest, held_from, [])
-        held, held_dest, held_bytes = None, [], 0
-
-    def hold_or_reject(n: int, line: bytes, reason: str) -> None:
-        """A line rejected on the rare path, in its place among the held-back lines."""
-        nonlocal held, held_from, held_bytes
-        if held is not None:
-            held.append(line)
-            held_dest.append(reason)
-            held_bytes += len(line)
-            if len(held) >= BUFFER_LINES or held_bytes >= BUFFER_BYTES:
-                seal()
-        elif in_flight is not None:
-            held, held_from, held_bytes = [line], n, len(line)
-            held_dest.append(reason)
-        else:
+                dest = shop % shard_count
+                result.routed_by_order += 1
+                if not registered[dest]:
+                    dest = reasons.UNREGISTERED_SHARD
+            dests.append(dest)
+        for s in range(shard_count):
+            lines = lists[s]
+            mine = [(item[3][s], item[1]) for item, dest in zip(waiting, dests) if dest == s]
+            counts[s] += len(lines) + len(mine)
+            out = outputs[s]
+            if out is None:
+                continue
+            if mine:
+                pieces, start = [], 0
+                for place, line in mine:
+                    pieces += lines[start:place]
+                    pieces.append(line)
+                    start = place
+                pieces += lines[start:]
+                lines = pieces
+            if lines:
+                out(b"".join(lines))
+        late = [(item[0], item[1], dest) for item, dest in zip(waiting, dests) if type(dest) is str]
+        if late:
+            rejects = sorted(rejects + late, key=lambda r: r[0]) if rejects else late
+        for n, line, reason in rejects:
             reject(n, line, reason)
 
-    decode, decode_error = _DECODER.decode, msgspec.DecodeError
-    finish = source.finish
-    n = 0
+    in_flight = None   # (lists, rejects, waiting, lookup) of the segment whose lookup runs
+
+    def flush(lists: list[list[bytes]], rejects: list, waiting: list) -> None:
+        """A segment is complete: the one before it is written (its lookup awaited); this one
+        too, unless it waits for a lookup of its own, which starts now."""
+        nonlocal in_flight
+        if in_flight is not None:
+            segment, in_flight = in_flight, None
+            write(*segment[:3], segment[3].result())
+        if waiting:
+            in_flight = (lists, rejects, waiting, routing.lookup_async([(w[2], w[0]) for w in waiting]))
+        else:
+            write(lists, rejects, waiting, [])
+
+    decode, fast_error, finish = _FAST_DECODER.decode, Exception, source.finish
+    current, purchase_rows = routing.current, routing.rows
+    mark, stop_mark, rotate_at, max_bytes = CHECKPOINT - 1, CHECK_EVERY - 1, routing.rotate_rows, BUFFER_BYTES
+    n = first = size = 0
+    lists: list[list[bytes]] = [[] for _ in range(shard_count)]
+    append = [lst.append if registered[s] else None for s, lst in enumerate(lists)]
+    rejects: list[tuple[int, bytes, str]] = []
+    waiting: list[tuple[int, bytes, int, tuple[int, ...]]] = []
     for line in source.pieces:
         n += 1
-        if not n % CHECK_EVERY:
-            check()
+        if not n & mark:
+            if len(purchase_rows) >= rotate_at:
+                routing.rotate()
+                current, purchase_rows = routing.current, routing.rows
+            if not n & stop_mark:
+                check()
+            if n - first > BUFFER_LINES or size >= max_bytes:
+                flush(lists, rejects, waiting)     # this line starts the next segment
+                lists = [[] for _ in range(shard_count)]
+                append = [lst.append if registered[s] else None for s, lst in enumerate(lists)]
+                rejects, waiting = [], []
+                first, size = n - 1, 0
+        size += len(line)
         if line[-1] != 10:
             line = finish(line)
             if type(line) is TooLarge:
-                hold_or_reject(n, line, reasons.TOO_LARGE)
+                rejects.append((n, line, reasons.TOO_LARGE))
                 continue
             line += b"\n"
         try:
             event = decode(line)
+        except fast_error:
+            dest, order, shop = _classify(line, shard_count)
+        else:
             if not line.isascii():
-                line.decode("utf-8")
-        except (decode_error, UnicodeDecodeError):
-            dest = reasons.EMPTY_LINE if not line.strip() else reasons.MALFORMED_JSON
-        except RecursionError:
-            dest = reasons.TOO_DEEP
-        else:
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    rejects.append((n, line, reasons.MALFORMED_JSON))
+                    continue
             payload = event.payload
-            etype = event.event_type
-            if payload is None:
-                dest = reasons.MALFORMED_JSON
-            elif type(etype) is not int or etype not in event_types:
-                dest = reasons.UNKNOWN_EVENT_TYPE
-            else:
-                shop = payload.shop_id
-                if type(shop) is int:
-                    if 0 <= shop <= max_id:
-                        dest = shop % shard_count
-                        if etype == 1:
-                            order = payload.order_id
-                            if type(order) is int and -max_id - 1 <= order <= max_id:
-                                add_purchase(order, shop, n)
-                    else:
-                        dest = reasons.SHOP_ID_OUT_OF_RANGE
-                elif shop is None and etype == 3:
+            shop = payload.shop_id
+            if shop is not None:
+                if event.event_type == 1:
                     order = payload.order_id
-                    if type(order) is not int or not -max_id - 1 <= order <= max_id:
-                        dest = reasons.UNROUTABLE
-                    else:
-                        shop = local(order)
-                        if shop is not None:
-                            dest = shop % shard_count
-                            result.routed_by_order += 1
-                        else:
-                            dest = -1 - len(pending)
-                            pending.append((order, n))
-                elif shop is None:
-                    dest = reasons.MISSING_SHOP_ID
+                    if order is not None:
+                        current[order] = shop
+                        purchase_rows += (order, n, shop)
+                add = append[shop % shard_count]
+                if add is not None:
+                    add(line)
                 else:
-                    dest = reasons.NON_INTEGER_SHOP_ID
-        if held is not None:
-            held.append(line)
-            held_dest.append(dest)
-            held_bytes += len(line)
-            if len(held) >= BUFFER_LINES or held_bytes >= BUFFER_BYTES:
-                seal()
-        elif type(dest) is int and dest >= 0 and in_flight is None:
-            if registered[dest]:
-                counts[dest] += 1
-                out = outputs[dest]
-                if out is not None:
-                    out(line)
+                    rejects.append((n, line, reasons.UNREGISTERED_SHARD))
+                continue
+            order = payload.order_id
+            if event.event_type != 3:
+                dest = reasons.MISSING_SHOP_ID
+            elif order is None:
+                dest = reasons.UNROUTABLE
             else:
-                reject(n, line, reasons.UNREGISTERED_SHARD)
-        elif type(dest) is int or in_flight is not None:
-            held, held_from, held_bytes = [line], n, len(line)
-            held_dest.append(dest)
+                dest = _RETURN
+        # the rare path: a line the strict decoder refused, or a return without shop_id
+        if dest is _RETURN:
+            shop = local(order)
+            if shop is None:
+                waiting.append((n, line, order, tuple(map(len, lists))))
+                continue
+            dest = shop % shard_count
+            result.routed_by_order += 1
+        elif type(dest) is int and order is not None:
+            current[order] = shop
+            purchase_rows += (order, n, shop)
+        if type(dest) is int:
+            add = append[dest]
+            if add is not None:
+                add(line)
+            else:
+                rejects.append((n, line, reasons.UNREGISTERED_SHARD))
         else:
-            reject(n, line, dest)
-    if held is not None:
-        seal()
+            rejects.append((n, line, dest))
+    flush(lists, rejects, waiting)
     if in_flight is not None:
-        finish_in_flight()
+        segment, in_flight = in_flight, None
+        write(*segment[:3], segment[3].result())
     result.lines_in = n
-    result.purchases = file_routing.purchases
+    result.purchases = routing.purchases
     result.bom_skipped = int(source.bom)
     return result
 
@@ -303,7 +349,7 @@ class Splitter(StageWork):
         self.folder = layout.splitter_dir(settings.shared_dir)
         # Claim whole files where possible: a file's shard rows are registered together.
         self.claim_limit = max(settings.claim_limit, settings.shard_count)
-        self.index = index or OrderIndex(settings.pipeline_db)
+        self.index = index or OrderIndex(settings.pipeline_db, window=settings.order_index_window)
         self.client = client or PipelineClient(settings.pipeline_url, settings.api_token, max_wait=30.0)
 
     def group(self, tasks: list[Task]) -> list[list[Task]]:
@@ -322,18 +368,34 @@ class Splitter(StageWork):
     def teardown(self) -> None:
         self.index.close()
 
+    def idle(self, ctx: Context) -> None:
+        self._prune(ctx)
+
+    def _prune(self, ctx: Context) -> None:
+        """The order index's pruning, at most every PRUNE_EVERY seconds, between files."""
+        if not self.index.prune_due(time.monotonic()):
+            return
+        try:
+            self.index.prune()
+        except UNAVAILABLE as exc:
+            ctx.log.warning("order index pruning postponed: pipeline database unavailable (%s)", exc)
+            self.index.reset()
+
     def process(self, tasks: list[Task], ctx: Context) -> list[Outcome]:
         filename = tasks[0].filename
         source = layout.source_file(self.shared, filename)
         if not os.path.lexists(source):
             return [Failed(SOURCE_MISSING)] * len(tasks)
-        try:
-            registered = sorted(s["shard"] for s in self.client.file(filename)["shards"])
-        except ApiUnavailable as exc:
-            raise Retryable(f"pipeline-apid unavailable: {exc}") from None
-        except ApiError as exc:
-            return [Failed(f"cannot read the file's registration: {exc}")] * len(tasks)
         shards = sorted(t.shard for t in tasks)
+        if shards == list(range(self.settings.shard_count)):
+            registered = shards     # a task per shard, so each is registered: no need to ask
+        else:
+            try:
+                registered = sorted(s["shard"] for s in self.client.file(filename)["shards"])
+            except ApiUnavailable as exc:
+                raise Retryable(f"pipeline-apid unavailable: {exc}") from None
+            except ApiError as exc:
+                return [Failed(f"cannot read the file's registration: {exc}")] * len(tasks)
         # One task per file writes the rejected file: the one of the lowest registered shard.
         writes_rejected = bool(registered) and registered[0] in shards
         try:
@@ -347,12 +409,15 @@ class Splitter(StageWork):
         except UNAVAILABLE as exc:
             self.index.reset()
             raise Retryable(f"pipeline database unavailable: {exc}") from None
+        except WindowPruned as exc:
+            return [Failed(str(exc))] * len(tasks)
         except (IsADirectoryError, PermissionError) as exc:
             return [Failed(f"source unreadable: {exc}")] * len(tasks)
         except OSError as exc:
             raise Retryable(f"file system error: {exc}") from None
         stats = result.stats()
         ctx.log.info("split %s: %s", filename, stats)
+        self._prune(ctx)
         return [Done(events=result.per_shard[t.shard],
                      stats={**stats, "rejected_file_written": writes_rejected and t.shard == registered[0]})
                 for t in tasks]
