@@ -15,6 +15,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Vertical
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.widgets import Footer, Static, Tab, Tabs
 
@@ -223,8 +224,13 @@ class MonitorApp(App):
         tab.label = Text.assemble("Processes", (" !", "bold red") if self.supervisor_error else "")
 
     def render_status(self) -> None:
+        """The status line. A timer may still tick while the app winds down and its widgets are
+        already gone (seen under load at the end of a run): then there is nothing to draw."""
         now = self.clock()
-        status = self.query_one("#status", Static)
+        try:
+            status = self.query_one("#status", Static)
+        except NoMatches:
+            return
         parts: list = []
         if self.api_error is None and self.last_ok is not None:
             parts.append(("● API ok", "bold green"))

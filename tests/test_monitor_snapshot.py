@@ -190,3 +190,15 @@ def test_the_footer_keeps_each_label_apart_from_the_next_key():
     for label in labels:
         after = [r for r in parts if r.x >= label.right]
         assert not after or after[0].x > label.right, (label, after[0])
+
+
+def test_a_late_timer_tick_after_the_widgets_are_gone_draws_nothing():
+    """Under load a poll tick can land while the app winds down and its status line is already
+    removed: the tick must not raise (it used to: NoMatches '#status', failing a live test)."""
+    async def scenario():
+        app = fixed_app()
+        async with app.run_test(size=(80, 24)) as pilot:
+            await first_data(pilot)
+            await app.query_one("#status").remove()
+            app.render_status()
+    asyncio.run(scenario())
