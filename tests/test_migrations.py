@@ -67,7 +67,8 @@ def test_every_component_migrates_once_in_order_and_again_changes_nothing(make_d
 
 def test_many_processes_starting_together_apply_each_migration_once(make_database):
     url = make_database("race")
-    barrier = threading.Barrier(8)
+    components = PIPELINE_COMPONENTS * 2 + ("worker", "tracking")
+    barrier = threading.Barrier(len(components), timeout=60)
     errors, applied = [], []
 
     def start(component: str) -> None:
@@ -80,11 +81,12 @@ def test_many_processes_starting_together_apply_each_migration_once(make_databas
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=start, args=(c,)) for c in PIPELINE_COMPONENTS * 2 + ("worker", "tracking")]
+    threads = [threading.Thread(target=start, args=(c,), daemon=True) for c in components]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert not [t for t in threads if t.is_alive()]
     assert errors == []
     assert sorted(applied) == sorted(str(m) for c in PIPELINE_COMPONENTS for m in db.migrations(c))
     assert ledger(url) == expected_ledger(PIPELINE_COMPONENTS)
