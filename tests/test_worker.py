@@ -167,10 +167,10 @@ def test_dedup_keys_older_than_the_window_are_pruned(pipeline):
     pipeline.feed(F1, {0: [a]})
     w = pipeline.worker(0, DEDUP_WINDOW="10s")
     pipeline.wait_done(F1)
-    pipeline.feed(F2, {0: [restock(60_000, 2, 1, 1)]})      # the shard's clock moves 60 s on
+    pipeline.feed(F2, {0: [restock(120_000, 2, 1, 1)]})     # the shard's clock moves 2 minutes on
     pipeline.wait_done(F2)
     assert pipeline.sql("SELECT COUNT(*) FROM worker_seen") == [(1,)]
-    assert pipeline.sql("SELECT pruned FROM worker_files ORDER BY id") == [(1,), (0,)]
+    assert pipeline.sql("SELECT pruned FROM worker_files ORDER BY id") == [(0,), (0,)]   # REPLAY_WINDOW: 1 day
     pipeline.feed(F3, {0: [a]})                              # older than the window: not a duplicate
     pipeline.wait_done(F3)
     assert pipeline.rejected(F3) == [] and len(pipeline.prepared(F3)) == 1
@@ -300,19 +300,19 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
                 return info.startswith("INSERT INTO worker_balances") or outcome
         servers.wait_until(other_waits, 10, 0.02, "the other worker waiting to create user 5")
         order = Order(77, 5, Decimal("10.00"), 2, 1, 1, True, line=1)
-        done = run(a, ledger.write_sql(a, 0, 1, [order], [], {5: Decimal("990.00")}, {5}, new_users))
+        done = run(a, ledger.write_sql(a, 0, [order], [], {5: Decimal("990.00")}, {5}, new_users))
         assert done["orders"] == ledger.expected_orders([order], []) == 1
         a.commit()
         t.join(10)
         assert outcome in (["conflict"], ["deadlock"])    # either way it decides its batch again
 
         b.begin()                                          # order 78 decided by the other worker
-        run(b, ledger.write_sql(b, 1, 2, [Order(78, 6, Decimal("3.00"), 3, 1, 1, True, line=4)], [], {}, set(),
+        run(b, ledger.write_sql(b, 1, [Order(78, 6, Decimal("3.00"), 3, 1, 1, True, line=4)], [], {}, set(),
                                 set()))
         b.commit()
         a.begin()
         late = Order(78, 5, Decimal("10.00"), 2, 1, 1, True, line=2)
-        done = run(a, ledger.write_sql(a, 0, 1, [late], [], {}, set(), set()))
+        done = run(a, ledger.write_sql(a, 0, [late], [], {}, set(), set()))
         assert done["orders"] == 0 != ledger.expected_orders([late], [])
         a.rollback()
         with a.cursor() as cur:

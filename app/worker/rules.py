@@ -7,6 +7,7 @@ codes below are a persistent format: append new reasons, never renumber.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -14,7 +15,7 @@ from decimal import Decimal
 import orjson
 
 from ..config import Rules, Settings
-from ..events import MAX_ID, PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS, TIME_FORMAT, event_key
+from ..events import MAX_ID, PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS, TIME_FORMAT
 from ..lines import TooLarge, too_deep
 
 ACCEPTED = 0
@@ -63,12 +64,13 @@ MAX_LINE_BYTES, MAX_JSON_DEPTH = Settings.max_line_bytes, Settings.max_json_dept
 class Event:
     """One valid event line, its fields checked and typed."""
 
-    __slots__ = ("etype", "payload", "ts", "key", "shop_id", "user_id", "order_id", "good_id",
+    __slots__ = ("etype", "payload", "ts", "key", "dkey", "shop_id", "user_id", "order_id", "good_id",
                  "qty", "amount", "active")
 
     def __init__(self, etype: int, payload: dict, ts: str):
         self.etype, self.payload, self.ts = etype, payload, ts
-        self.key = ""
+        self.key = ""       # the business key as the contract writes it (app.events.event_key)
+        self.dkey = None    # what dedup stores: the order id of a return, else (minute, 64-bit hash)
         self.shop_id = self.user_id = self.order_id = self.good_id = self.qty = None
         self.amount: Decimal | None = None
         self.active: bool | None = None
@@ -277,8 +279,43 @@ def validate(raw: bytes, shard: int, shard_count: int, max_line_bytes: int = MAX
         if size > max_line_bytes:
             return Bad(TOO_LARGE, f"its prepared line would be up to {size} bytes, over the limit of "
                                   f"{max_line_bytes} (MAX_LINE_BYTES)")
-    ev.key = event_key(obj)
+    set_keys(ev)
     return ev
+
+
+_EPOCH = datetime(1970, 1, 1)
+_MINUTE = timedelta(minutes=1)
+_INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
+_minutes: dict[str, int] = {}
+
+
+def minute_of(ts: str) -> int:
+    """The state tables' time bucket of an event (`bucket`, db/migrations/worker/0003): whole
+    minutes since 1970-01-01, clamped to what an INT holds (years before -2000 and after 6053
+    share the ends). Remembered per minute seen."""
+    head = ts[:16]
+    m = _minutes.get(head)
+    if m is None:
+        m = min(max((datetime.fromisoformat(head) - _EPOCH) // _MINUTE, _INT_MIN), _INT_MAX)
+        if len(_minutes) > 100_000:
+            _minutes.clear()
+        _minutes[head] = m
+    return m
+
+
+def set_keys(ev: Event) -> None:
+    """The event's business key (exactly `app.events.event_key`'s text, which the prepared
+    line carries) and its dedup key: a return's order id, or for the others the minute and the
+    first 8 bytes (signed) of the same digest the text shows."""
+    etype = ev.etype
+    if etype == PURCHASE or etype == RETURN:
+        ev.key = f"{etype}:{ev.order_id}"
+        ev.dkey = ev.order_id
+        return
+    digest = hashlib.blake2b(orjson.dumps([etype, ev.payload, ev.ts], option=orjson.OPT_SORT_KEYS),
+                             digest_size=16).digest()
+    ev.key = f"{etype}:h{digest.hex()}"
+    ev.dkey = (minute_of(ev.ts), int.from_bytes(digest[:8], "big", signed=True))
 
 
 # -- decisions on state ------------------------------------------------------------------------
@@ -321,12 +358,13 @@ class Order:
     """A decided purchase, as a return is checked against it: debited when it was accepted,
     credited once its return was."""
 
-    __slots__ = ("order_id", "user_id", "amount", "shop_id", "good_id", "qty", "debited", "credit", "line")
+    __slots__ = ("order_id", "user_id", "amount", "shop_id", "good_id", "qty", "debited", "credit", "line",
+                 "bucket")
 
-    def __init__(self, order_id, user_id, amount, shop_id, good_id, qty, debited, credit=None, line=0):
+    def __init__(self, order_id, user_id, amount, shop_id, good_id, qty, debited, credit=None, line=0, bucket=0):
         self.order_id, self.user_id, self.amount = order_id, user_id, amount
         self.shop_id, self.good_id, self.qty = shop_id, good_id, qty
-        self.debited, self.credit, self.line = debited, credit, line
+        self.debited, self.credit, self.line, self.bucket = debited, credit, line, bucket
 
 
 def refund(ev: Event, order: Order, rules: Rules, shard: int, shard_count: int) -> int:
