@@ -38,7 +38,8 @@ from .state import SCHEMA, BatchRecord, Hold, Recent, SeenConflict, WorkerState
 log = logging.getLogger(Stage.WORKER)
 BATCH_RETRIES = 8
 SHARD_LOCK_WAIT = 5.0
-PRUNE_EVERY = 60.0
+PRUNE_EVERY = 60.0        # while idle; and after every file
+PRUNE_ROWS = 20_000       # rows a pass deletes from a table at most
 SWITCH_INTERVAL = 0.0005
 # Rejected lines quote whatever input arrived and are not part of the contract: private.
 REJECTED_MODE = 0o600
@@ -668,7 +669,7 @@ class WorkerStage(StageWork):
         """Bounded work after each file, and now and then while idle."""
         self.last_prune = time.monotonic()
         s = self.settings
-        removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window)
+        removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window, PRUNE_ROWS)
         if removed:
             log.info("shard %d: pruned %s (DEDUP_WINDOW, ORDER_WINDOW, REPLAY_WINDOW)", self.shard,
                      ", ".join(f"{n} from {table}" for table, n in sorted(removed.items())))
