@@ -300,19 +300,19 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
                 return info.startswith("INSERT INTO worker_balances") or outcome
         servers.wait_until(other_waits, 10, 0.02, "the other worker waiting to create user 5")
         order = Order(77, 5, Decimal("10.00"), 2, 1, 1, True, line=1)
-        done = run(a, ledger.write_sql(a, 0, [order], [], {5: Decimal("990.00")}, {5}, new_users))
+        done = run(a, ledger.write_sql(a, 0, 1, [order], [], {5: Decimal("990.00")}, {5}, new_users))
         assert done["orders"] == ledger.expected_orders([order], []) == 1
         a.commit()
         t.join(10)
         assert outcome in (["conflict"], ["deadlock"])    # either way it decides its batch again
 
         b.begin()                                          # order 78 decided by the other worker
-        run(b, ledger.write_sql(b, 1, [Order(78, 6, Decimal("3.00"), 3, 1, 1, True, line=4)], [], {}, set(),
+        run(b, ledger.write_sql(b, 1, 2, [Order(78, 6, Decimal("3.00"), 3, 1, 1, True, line=4)], [], {}, set(),
                                 set()))
         b.commit()
         a.begin()
         late = Order(78, 5, Decimal("10.00"), 2, 1, 1, True, line=2)
-        done = run(a, ledger.write_sql(a, 0, [late], [], {}, set(), set()))
+        done = run(a, ledger.write_sql(a, 0, 1, [late], [], {}, set(), set()))
         assert done["orders"] == 0 != ledger.expected_orders([late], [])
         a.rollback()
         with a.cursor() as cur:

@@ -206,7 +206,7 @@ class Pipeline:
         return {
             "balances": self.sql("SELECT user_id, balance FROM worker_balances ORDER BY user_id"),
             "orders": self.sql("SELECT order_id, shard, user_id, shop_id, good_id, qty, amount, debited, credit, "
-                               "bucket FROM worker_orders ORDER BY order_id"),
+                               "line FROM worker_orders ORDER BY order_id"),
             "stock": self.sql("SELECT shop_id, good_id, count FROM worker_stock ORDER BY shop_id, good_id"),
             "shops": self.sql("SELECT shop_id, active FROM worker_shops ORDER BY shop_id"),
             "seen": self.sql("SELECT shard, bucket, hash FROM worker_seen ORDER BY shard, bucket, hash"),

@@ -421,12 +421,14 @@ class Order:
     credited once its return was."""
 
     __slots__ = ("order_id", "user_id", "amount", "shop_id", "good_id", "qty", "debited", "credit", "line",
-                 "bucket")
+                 "stored_at")
 
-    def __init__(self, order_id, user_id, amount, shop_id, good_id, qty, debited, credit=None, line=0, bucket=0):
+    def __init__(self, order_id, user_id, amount, shop_id, good_id, qty, debited, credit=None, line=0,
+                 stored_at=None):
         self.order_id, self.user_id, self.amount = order_id, user_id, amount
         self.shop_id, self.good_id, self.qty = shop_id, good_id, qty
-        self.debited, self.credit, self.line, self.bucket = debited, credit, line, bucket
+        self.debited, self.credit, self.line = debited, credit, line   # line: decided by this batch, there
+        self.stored_at = stored_at   # (file id, line) of its ledger row, for one read from the database
 
 
 def refund(ev: Event, order: Order, rules: Rules, shard: int, shard_count: int) -> int:

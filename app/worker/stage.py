@@ -422,7 +422,7 @@ class FileRun:
         writes = db.Script()
         writes.add("seen", st.add_seen_sql(conn, b.new_keys, b.return_minutes))
         credited = list(b.credited.values())
-        for tag, statements in ledger.write_sql(conn, self.shard, b.new_orders, credited, balances,
+        for tag, statements in ledger.write_sql(conn, self.shard, self.file_id, b.new_orders, credited, balances,
                                                 b.changed_users, new_users).items():
             writes.add(tag, statements)
         writes.add("stock", st.stock_write_sql(conn, stock, b.changed_stock))
@@ -461,8 +461,7 @@ class FileRun:
         code = purchase(ev, balance, shops.get(ev.shop_id, True), self.stock.get(pair, 0) if takes else None,
                         self.rules)
         accepted = code == ACCEPTED
-        order = Order(ev.order_id, ev.user_id, ev.amount, ev.shop_id, ev.good_id, ev.qty, accepted, line=line,
-                      bucket=minute_of(ev.ts))
+        order = Order(ev.order_id, ev.user_id, ev.amount, ev.shop_id, ev.good_id, ev.qty, accepted, line=line)
         self.orders[ev.order_id] = order
         self.b.new_orders.append(order)
         if accepted:

@@ -137,6 +137,7 @@ class WorkerState:
         self.url = url
         self.shard = shard
         self.conn = None  # the open connection, as `open` last returned it
+        self.order_floor = 0  # files below this id have had their orders pruned
         self._db = db.Reconnecting(url, check_after=0, on_open=self._prepare, create_database=True,
                                    multi_statements=True)
         # lock names are at most 64 characters: cut the database name, never the shard
@@ -327,9 +328,10 @@ class WorkerState:
     def prune(self, dedup_window: float, order_window: float, replay_window: float,
               max_rows: int = 20_000, step: int = 5_000) -> dict[str, int]:
         """Forget what the windows no longer cover (docs/business-rules.md), bounded work per
-        call (at most `max_rows` rows a table, in statements of `step`): dedup keys and ledger
-        orders whose minute is before the shard's newest event minus DEDUP_WINDOW or ORDER_WINDOW
-        (each a range at the start of the shard's part of its table), and the records of files
+        call (at most `max_rows` rows a table, in statements of `step`): dedup keys whose minute
+        is before the shard's newest event minus DEDUP_WINDOW, ledger orders of the files before
+        the first whose newest event is inside ORDER_WINDOW (each a range at the start of the
+        shard's part of its table), and the records of files
         decided more than REPLAY_WINDOW ago in wall time: their decisions and the holds they
         resolved (such a file can no longer be re-run). Rows removed, by table."""
         shard = self.shard
@@ -339,15 +341,25 @@ class WorkerState:
         with self.conn.cursor() as cur:
             if newest is not None:
                 dedup_cut = minute_of(add_seconds(newest, -dedup_window))
-                order_cut = minute_of(add_seconds(newest, -order_window))
-                for table, cut in (("worker_seen", dedup_cut), ("worker_return_keys", dedup_cut),
-                                   ("worker_orders", order_cut)):
+                # the ledger goes by file: every file before the first whose newest event is
+                # inside ORDER_WINDOW (or that is not decided yet), so no order goes early
+                cur.execute("SELECT MIN(id) FROM worker_files WHERE shard=%s AND id >= %s AND "
+                            "(complete=0 OR newest_event >= %s)",
+                            (shard, self.order_floor, add_seconds(newest, -order_window)))
+                first_kept = cur.fetchone()[0]
+                for table, column, cut in (("worker_seen", "bucket", dedup_cut),
+                                           ("worker_return_keys", "bucket", dedup_cut),
+                                           ("worker_orders", "file_id", first_kept)):
+                    if cut is None:
+                        continue
                     while removed[table] < max_rows:
-                        n = cur.execute(f"DELETE FROM {table} WHERE shard=%s AND bucket < %s LIMIT %s",
+                        n = cur.execute(f"DELETE FROM {table} WHERE shard=%s AND {column} < %s LIMIT %s",
                                         (shard, cut, step))
                         removed[table] += n
                         if n < step:
                             break
+                if first_kept is not None and removed["worker_orders"] < max_rows:
+                    self.order_floor = first_kept
             cur.execute("SELECT id FROM worker_files WHERE shard=%s AND pruned=0 AND complete=1 AND "
                         "updated_at < NOW(3) - INTERVAL %s MICROSECOND ORDER BY id LIMIT 20",
                         (shard, int(replay_window * 1_000_000)))

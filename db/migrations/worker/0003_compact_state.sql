@@ -1,9 +1,10 @@
 -- Compact worker state with locality (issue 12): keys are 8-byte hashes or order ids, and the
--- big tables are clustered by the event-time minute (`bucket`, minutes since 1970-01-01, clamped
--- to INT), so new rows land at the end of each shard's part of the tree, the pages a batch
--- touches stay in the buffer pool as history grows, and pruning by window (DEDUP_WINDOW,
--- ORDER_WINDOW: docs/business-rules.md) deletes from the start of the tree.
--- creates: worker_seen.bucket worker_return_keys worker_orders.bucket
+-- big tables are clustered by time (dedup keys by their event's minute, `bucket`: minutes since
+-- 1970-01-01, clamped to INT) or by file (the ledger), so new rows land at the end of each
+-- shard's part of the tree, the pages a batch touches stay in the buffer pool as history grows,
+-- and pruning by window (DEDUP_WINDOW, ORDER_WINDOW: docs/business-rules.md) deletes from the
+-- start of the tree.
+-- creates: worker_seen.bucket worker_return_keys
 
 -- Dedup keys of restocks, price changes and shop statuses: (shard, minute of the event, the first
 -- 8 bytes of the key's digest, signed). A duplicate has the same timestamp (it is part of the
@@ -24,13 +25,13 @@ CREATE TABLE IF NOT EXISTS worker_return_keys (
   KEY ix_bucket (shard, bucket)
 ) ENGINE=InnoDB;
 
--- Each part runs only where the table is still of 0001 (a column only it has), so the migration
+-- Each part runs only where the table is still of 0001 (a column or index only it has), so the migration
 -- can run again from its start after a failure, or after a table was dropped by hand and 0001
 -- made it again (prepared statements: the condition works on MariaDB and MySQL 8.0).
 SET @old_seen = (SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE()
                    AND table_name = 'worker_seen' AND column_name = 'event_key');
-SET @old_orders = (SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE()
-                     AND table_name = 'worker_orders' AND column_name = 'file_id');
+SET @old_orders = (SELECT COUNT(*) = 0 FROM information_schema.statistics WHERE table_schema = DATABASE()
+                     AND table_name = 'worker_orders' AND index_name = 'uq_order');
 
 -- The old keys: `t:h<32 hex digits>` keep their hash (the first 16 hex digits); their event's
 -- minute was not recorded, so they go under the minute of their file's newest event and the one
@@ -51,11 +52,14 @@ DEALLOCATE PREPARE step;
 DROP TABLE IF EXISTS worker_seen_0002;
 DROP TABLE IF EXISTS worker_seen_compact;
 
--- The ledger without the columns nobody reads (file_id, line), clustered by (shard, minute of
--- the purchase); the order id stays unique, which is what makes every money movement happen once.
+-- The ledger, clustered by where each purchase was decided: (shard, file id, line), which only
+-- grows within a shard, so rows are appended and pages stay full; the order id stays unique
+-- (a secondary index), which is what lookups, and the at-most-once money movements, use.
+-- ORDER_WINDOW prunes it file by file from the start of the shard's part.
 CREATE TABLE IF NOT EXISTS worker_orders_compact (
   shard TINYINT NOT NULL,
-  bucket INT NOT NULL,
+  file_id INT NOT NULL,
+  line INT NOT NULL,
   order_id BIGINT NOT NULL,
   user_id BIGINT NOT NULL,
   shop_id BIGINT NOT NULL,
@@ -64,13 +68,13 @@ CREATE TABLE IF NOT EXISTS worker_orders_compact (
   amount DECIMAL(18,2) NOT NULL,
   debited TINYINT(1) NOT NULL,
   credit DECIMAL(18,2) NULL,
-  PRIMARY KEY (shard, bucket, order_id),
+  PRIMARY KEY (shard, file_id, line),
   UNIQUE KEY uq_order (order_id)
 ) ENGINE=InnoDB;
 
--- The purchase's time was not recorded either: the minute of its file's newest event (used only
--- for clustering and ORDER_WINDOW; lookups go by order id).
-SET @sql = IF(@old_orders > 0, 'INSERT IGNORE INTO worker_orders_compact (shard, bucket, order_id, user_id, shop_id, good_id, qty, amount, debited, credit) SELECT o.shard, LEAST(GREATEST(FLOOR(TIMESTAMPDIFF(SECOND, ''1970-01-01'', COALESCE(f.newest_event, f.created_at, ''1970-01-01'')) / 60), -2147483648), 2147483647), o.order_id, o.user_id, o.shop_id, o.good_id, o.qty, o.amount, o.debited, o.credit FROM worker_orders o LEFT JOIN worker_files f ON f.id = o.file_id', 'DO 0');
+SET @sql = IF(@old_orders > 0, 'INSERT IGNORE INTO worker_orders_compact (shard, file_id, line, order_id, user_id,
+  shop_id, good_id, qty, amount, debited, credit) SELECT shard, file_id, line, order_id, user_id, shop_id, good_id, qty,
+  amount, debited, credit FROM worker_orders', 'DO 0');
 PREPARE step FROM @sql;
 EXECUTE step;
 DEALLOCATE PREPARE step;
