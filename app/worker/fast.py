@@ -23,7 +23,7 @@ from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
 from ..events import MAX_ID, PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
 
-QTY_MAX = (1 << 31) - 1
+QTY_MAX = 2147483647   # INT
 Id = Annotated[int, Meta(ge=0, le=MAX_ID)]
 OrderId = Annotated[int, Meta(ge=-MAX_ID - 1, le=MAX_ID)]
 Qty = Annotated[int, Meta(ge=-QTY_MAX, le=QTY_MAX)]

@@ -51,7 +51,7 @@ CENT = Decimal("0.01")
 MAX_AMOUNT = Decimal("1e13")      # far below DECIMAL(18,2), so sums of a batch cannot overflow
 BALANCE_MIN = Decimal("-9999999999999999.99")   # what worker_balances.balance (DECIMAL(18,2)) holds
 ID_MAX = MAX_ID                   # BIGINT
-QTY_MAX = (1 << 31) - 1           # INT
+QTY_MAX = fast.QTY_MAX            # INT
 TIME_LEN = 23                     # YYYY-MM-DD HH:MM:SS.mmm
 TIME_MIN, TIME_MAX = "1000-01-01 00:00:00.000", "9999-12-31 23:59:59.999"   # DATETIME(3)
 # What a prepared line adds to its payload, at most: the other fields at their widest and a
@@ -63,19 +63,29 @@ MAX_LINE_BYTES, MAX_JSON_DEPTH = Settings.max_line_bytes, Settings.max_json_dept
 
 
 class Event:
-    """One valid event line, its fields checked and typed. `payload` is the parsed dict, or on
-    the fast path the payload's JSON text, exactly as orjson would print the dict."""
+    """One valid event line, its fields checked and typed. On the fast path `payload_json` is
+    the payload's text, exactly as orjson prints the dict, and `payload` is parsed only if asked."""
 
-    __slots__ = ("etype", "payload", "ts", "key", "dkey", "shop_id", "user_id", "order_id", "good_id",
-                 "qty", "amount", "active")
+    __slots__ = ("etype", "_payload", "payload_json", "ts", "key", "dkey", "shop_id", "user_id", "order_id",
+                 "good_id", "qty", "amount", "active")
 
     def __init__(self, etype: int, payload: dict | bytes, ts: str):
-        self.etype, self.payload, self.ts = etype, payload, ts
+        self.etype, self.ts = etype, ts
+        if type(payload) is bytes:
+            self._payload, self.payload_json = None, payload
+        else:
+            self._payload, self.payload_json = payload, None
         self.key = ""       # the business key as the contract writes it (app.events.event_key)
         self.dkey = None    # what dedup stores: the order id of a return, else (minute, 64-bit hash)
         self.shop_id = self.user_id = self.order_id = self.good_id = self.qty = None
         self.amount: Decimal | None = None
         self.active: bool | None = None
+
+    @property
+    def payload(self) -> dict:
+        if self._payload is None:
+            self._payload = orjson.loads(self.payload_json)
+        return self._payload
 
 
 class Bad:

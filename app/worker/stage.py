@@ -62,13 +62,13 @@ def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) 
     """The sender's input line (format fixed in the brief), as orjson prints the dict of those
     fields in that order: the key, the timestamp and the amount hold no character JSON escapes
     (the key is a type and a number or hex digits, the timestamp passed `valid_time`, the amount
-    is a Decimal's digits), the payload is orjson's text (or its copy, `Event.payload`)."""
-    payload = ev.payload
+    is a Decimal's digits), the payload is orjson's text (or its copy, `Event.payload_json`)."""
+    payload = ev.payload_json
     amount = ev.amount
     return _PREPARED % (
         ev.key.encode(), ev.etype, _int(shop_id), _int(ev.user_id), ev.ts.encode(), shard, _int(ev.order_id),
         _int(ev.good_id), _int(ev.qty), b"null" if amount is None else b'"%s"' % str(amount).encode(),
-        orjson.dumps(source_file), payload if type(payload) is bytes else orjson.dumps(payload))
+        orjson.dumps(source_file), orjson.dumps(ev.payload) if payload is None else payload)
 
 
 def rejected_line(raw: bytes, code: int, detail: str | None, source_file: str, line_no: int) -> bytes:
