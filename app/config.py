@@ -389,11 +389,17 @@ class Settings:
     claim_limit: int
     ingest_interval: float
     events_per_file: int
-    dedup_window: float
+    dedup_window: float      # event time a dedup key is kept (docs/business-rules.md, Windows)
     opening_balance: Decimal
     hold_seconds: float
     hold_wall_cap: float
     rules: Rules = field(default_factory=Rules)
+    # The worker's other retention windows (docs/business-rules.md, "Windows and pruning"):
+    # ORDER_WINDOW, event time an order stays in the ledger for its return (and as a purchase's
+    # dedup key); REPLAY_WINDOW, wall time a decided file's records (decisions, the holds it
+    # resolved) are kept so a re-run repeats it byte for byte.
+    order_window: float = 30 * 86400.0
+    replay_window: float = 86400.0
     # PIPELINE_API_INSECURE=1: pipeline-apid may listen beyond loopback with no token (warned).
     api_insecure: bool = False
     # A request must arrive whole (headers and body) within this many seconds of its first byte,
@@ -473,6 +479,8 @@ class Settings:
             ingest_interval=_duration(env, "INGEST_INTERVAL", 10.0),
             events_per_file=_int(env, "EVENTS_PER_FILE", 500, 1, 10_000_000),
             dedup_window=_duration(env, "DEDUP_WINDOW", 7 * 86400.0),
+            order_window=_duration(env, "ORDER_WINDOW", 30 * 86400.0),
+            replay_window=_duration(env, "REPLAY_WINDOW", 86400.0),
             opening_balance=_decimal(env, "OPENING_BALANCE", "1000.00"),
             hold_seconds=_duration(env, "HOLD_SECONDS", 30.0),
             hold_wall_cap=_duration(env, "HOLD_WALL_CAP_SECONDS", 120.0),

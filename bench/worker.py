@@ -1,7 +1,7 @@
 """Shard-worker throughput: events per second deciding one shard file, and peak RSS.
 
     .venv/bin/python bench/worker.py [--events 200000] [--data generator|harsh] [--batch 8000]
-                                     [--private] [--keep]
+                                     [--private] [--keep] [--history 2000000]
 
 Builds a shard-0 file of --events lines: `generator` (default) takes the shard-0 lines of the
 project's event generator (app/ingest/generator.py, its default world and fault rates: duplicates,
@@ -12,7 +12,9 @@ unknown orders, malformed lines). Then, in a child process on a fresh pipeline d
 decides the file (first run) and decides it again with the prepared file deleted (replay from
 the records). Prints the figures, with the CPU seconds the worker and (with --private,
 a mariadbd of the bench's own, so other programs' queries do not share it) the server spent.
-Target: >= 50,000 events/s on 200,000 events.
+Target: >= 50,000 events/s on 200,000 events. `--history N` first decides N events of history
+in files of --events (printing each file's rate and CPU per event: how the cost grows with the
+state), then measures the next file; the state's size per event decided is printed at the end.
 """
 from __future__ import annotations
 
@@ -134,8 +136,25 @@ def server_cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+STATE_BYTES = ("SELECT table_name, data_length + index_length FROM information_schema.tables "
+               "WHERE table_schema = DATABASE() AND table_name LIKE 'worker\\_%' ORDER BY 2 DESC")
+
+
+def state_bytes(stage) -> dict[str, int]:
+    """Bytes of each worker_ table (data and indexes, after ANALYZE so InnoDB's figures are fresh)."""
+    with stage.state.conn.cursor() as cur:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() "
+                    "AND table_name LIKE 'worker\\_%'")
+        for (table,) in cur.fetchall():
+            cur.execute(f"ANALYZE TABLE `{table}`")
+            cur.fetchall()
+        cur.execute(STATE_BYTES)
+        return {t: int(n) for t, n in cur.fetchall()}
+
+
 def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> None:
-    """Decide the file twice in this process: fresh, then replayed with its output deleted."""
+    """Decide the history files (`filename` is a comma-separated list; all but the last are
+    history), then the last file twice: fresh, then replayed with its output deleted."""
     from app.client import Task
     from app.config import Settings
     from app.daemon import Context
@@ -146,7 +165,13 @@ def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> 
     stage = WorkerStage(settings, 0)
     ctx = Context(threading.Event(), logging.getLogger("bench"))
     stage.setup(ctx)
-    results = {}
+    results = {"history": []}
+    *history, filename = filename.split(",")
+    for name in history:
+        server0, cpu0, t0 = server_cpu(server_pid), time.process_time(), time.perf_counter()
+        [done] = stage.process([Task(name, 0)], ctx)
+        results["history"].append({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
+                                   "server_cpu": server_cpu(server_pid) - server0, "events": done.stats["in"]})
     for run in ("first", "replay"):
         layout.worker_output(settings.shared_dir, filename, 0).unlink(missing_ok=True)
         server0, cpu0, t0 = server_cpu(server_pid), time.process_time(), time.perf_counter()
@@ -154,6 +179,7 @@ def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> 
         results[run] = {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
                         "server_cpu": server_cpu(server_pid) - server0, "events": done.events, "stats": done.stats}
     results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["state_bytes"] = state_bytes(stage)
     stage.teardown()
     print(orjson.dumps(results).decode())
 
@@ -163,7 +189,12 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--data", choices=("generator", "harsh"), default="generator")
     ap.add_argument("--batch", type=int, default=8000)
+    ap.add_argument("--history", type=int, default=0,
+                    help="decide this many events first, in files of --events, then measure the next file")
     ap.add_argument("--private", action="store_true", help="run a mariadbd of the bench's own")
+    ap.add_argument("--pool", default=None,
+                    help="the private mariadbd's innodb_buffer_pool_size (default: the test servers' 64M; "
+                         "the machine's server has 128M)")
     ap.add_argument("--keep", action="store_true", help="keep the database and files")
     ap.add_argument("--child", nargs=5, metavar=("URL", "SHARED", "FILE", "BATCH", "PID"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -173,7 +204,8 @@ def main() -> None:
         return
 
     from tests import servers
-    private = servers.new_private_mariadb() if args.private else None
+    options = [f"--innodb-buffer-pool-size={args.pool}"] if args.pool else None
+    private = servers.new_private_mariadb(options) if args.private else None
     try:
         run(args, private)
     finally:
@@ -186,13 +218,20 @@ def run(args, private) -> None:
     import pymysql
     port = private.port if private else 3306
     shared = Path(tempfile.mkdtemp(prefix="bench-worker-"))
-    filename = "20260101000000"
-    path = layout.splitter_output(shared, filename, 0)
-    path.parent.mkdir(parents=True)
+    n_files = 1 + -(-args.history // args.events)
+    names = [f"20260101{i // 60:04d}{i % 60:02d}" for i in range(n_files)]
+    filename = ",".join(names)
+    whole = shared / "all.txt"
     t0 = time.perf_counter()
-    (from_generator if args.data == "generator" else harsh)(path, args.events)
-    print(f"{args.data}: {args.events:,} events ({path.stat().st_size / 1e6:.1f} MB) "
+    (from_generator if args.data == "generator" else harsh)(whole, args.events * n_files)
+    with open(whole, "rb") as f:
+        for name in names:
+            path = layout.splitter_output(shared, name, 0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"".join(f.readline() for _ in range(args.events)))
+    print(f"{args.data}: {args.events * n_files:,} events in {n_files} file(s) ({whole.stat().st_size / 1e6:.1f} MB) "
           f"in {time.perf_counter() - t0:.1f}s")
+    whole.unlink()
     db_name = f"bench_worker_{uuid.uuid4().hex[:8]}"
     load = os.getloadavg()
     pid = private.proc.pid if private else 0
@@ -203,14 +242,26 @@ def run(args, private) -> None:
         raise SystemExit(proc.returncode)
     res = orjson.loads(proc.stdout.strip().splitlines()[-1])
     n = args.events
+    history = res["history"]
+    for i, h in enumerate(history):
+        server = f", {h['server_cpu'] / h['events'] * 1e6:.1f} in mariadbd" if private else ""
+        print(f"history file {i + 1}: {h['events'] / h['seconds']:>9,.0f} events/s; CPU µs/event "
+              f"{h['cpu'] / h['events'] * 1e6:.1f} in the worker{server}")
     for which in ("first", "replay"):
         r = res[which]
         server = f", {r['server_cpu']:.2f}s in mariadbd" if private else ""
         print(f"{which:>6}: {n / r['seconds']:>9,.0f} events/s  ({r['seconds']:.2f}s wall; CPU {r['cpu']:.2f}s in the "
               f"worker{server}; accepted {r['events']:,})")
+        print(f"        CPU µs/event: {r['cpu'] / n * 1e6:.1f} in the worker"
+              + (f", {r['server_cpu'] / n * 1e6:.1f} in mariadbd" if private else ""))
     print(f"stats: {orjson.dumps(res['first']['stats']).decode()}")
+    total = sum(res["state_bytes"].values())
+    decided = n * (len(history) + 1)
+    print(f"state: {total / 2**20:.1f} MiB in worker_ tables for {decided:,} events = {total / decided:.0f} "
+          f"bytes/event (" + ", ".join(f"{t} {b / 2**20:.1f}" for t, b in res["state_bytes"].items()) + ")")
     print(f"peak RSS of the worker process: {res['max_rss_mb']:.0f} MB; batch {args.batch} lines; "
-          f"{'private' if private else 'shared'} mariadbd; load average before: {load[0]:.2f}")
+          f"{'private' if private else 'shared'} mariadbd{f' (buffer pool {args.pool})' if args.pool else ''}; "
+          f"load average before: {load[0]:.2f}")
     print(f"target: >= 50,000 events/s -> {'met' if n / res['first']['seconds'] >= 50_000 else 'NOT met'}")
     if not args.keep:
         conn = pymysql.connect(host="127.0.0.1", port=port, user="root", autocommit=True)

@@ -153,11 +153,11 @@ def test_a_table_dropped_by_hand_is_created_again_and_nothing_else_runs(make_dat
     with conn.cursor() as cur:
         cur.execute("INSERT INTO pipeline_tracking (filename, shard) VALUES ('20250101000000', 0)")
         cur.execute("DROP TABLE pipeline_transitions")
-        cur.execute("DROP TABLE worker_seen")
+        cur.execute("DROP TABLE worker_stock")     # worker_seen: 0003 remakes it too (test_worker_state.py)
     conn.close()
     assert [str(m) for m in migrate(url, "tracking")] == ["tracking 0003_transitions_and_claim_lock"]
     assert [str(m) for m in migrate(url, "worker")] == ["worker 0001_worker_state"]
-    assert {"pipeline_transitions", "worker_seen"} <= set(tables(url))
+    assert {"pipeline_transitions", "worker_stock"} <= set(tables(url))
     assert servers.query(url, "SELECT COUNT(*) FROM pipeline_tracking") == [(1,)]
 
 

@@ -209,7 +209,8 @@ class Pipeline:
                                "line FROM worker_orders ORDER BY order_id"),
             "stock": self.sql("SELECT shop_id, good_id, count FROM worker_stock ORDER BY shop_id, good_id"),
             "shops": self.sql("SELECT shop_id, active FROM worker_shops ORDER BY shop_id"),
-            "seen": self.sql("SELECT shard, event_key FROM worker_seen ORDER BY shard, event_key"),
+            "seen": self.sql("SELECT shard, bucket, hash FROM worker_seen ORDER BY shard, bucket, hash"),
+            "return_keys": self.sql("SELECT shard, order_id, bucket FROM worker_return_keys ORDER BY shard, order_id"),
             "holds": self.sql("SELECT f.filename, h.line, h.order_id, h.state, h.code, r.filename, h.resolved_line, "
                               "h.resolved_seq FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
                               "LEFT JOIN worker_files r ON r.id=h.resolved_file_id ORDER BY f.filename, h.line"),
@@ -219,7 +220,7 @@ class Pipeline:
 
 
 WORKER_TABLES = ("worker_shards", "worker_files", "worker_batches", "worker_seen", "worker_balances",
-                 "worker_orders", "worker_stock", "worker_shops", "worker_holds")
+                 "worker_orders", "worker_stock", "worker_shops", "worker_holds", "worker_return_keys")
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,13 @@ class Ledger:
 
     @staticmethod
     def orders_sql(conn, order_ids) -> str:
-        return ("SELECT order_id, user_id, shop_id, good_id, qty, amount, debited, credit FROM worker_orders "
-                "WHERE order_id IN " + db.sql_list(conn, order_ids))
+        return ("SELECT order_id, user_id, shop_id, good_id, qty, amount, debited, credit, file_id, line "
+                "FROM worker_orders WHERE order_id IN " + db.sql_list(conn, order_ids))
 
     @staticmethod
     def parse_orders(rows) -> dict[int, Order]:
-        return {r[0]: Order(r[0], r[1], r[5], r[2], r[3], r[4], bool(r[6]), r[7]) for r in rows}
+        return {r[0]: Order(r[0], r[1], r[5], r[2], r[3], r[4], bool(r[6]), r[7], stored_at=(r[8], r[9]))
+                for r in rows}
 
     @classmethod
     def orders(cls, cur, order_ids) -> dict[int, Order]:
@@ -85,16 +86,17 @@ class Ledger:
         statements whose affected-row count must be `expected_orders`), "users" (users created
         by this batch: plain inserts, a duplicate means a concurrent creator) and "balances"."""
         def order_row(o: Order) -> str:
-            return "(%d,%d,%d,%d,%d,%d,%s,%d,%s,%d,%d)" % (
-                o.order_id, shard, o.user_id, o.shop_id, o.good_id, o.qty, _number(o.amount), o.debited,
-                "NULL" if o.credit is None else _number(o.credit), file_id, o.line)
+            at_file, at_line = o.stored_at or (file_id, o.line)
+            return "(%d,%d,%d,%d,%d,%d,%d,%d,%s,%d,%s)" % (
+                shard, at_file, at_line, o.order_id, o.user_id, o.shop_id, o.good_id, o.qty, _number(o.amount),
+                o.debited, "NULL" if o.credit is None else _number(o.credit))
 
         def balance_row(u: int) -> str:
             return "(%d,%s)" % (u, _number(balances[u]))
         return {
             "orders": db.insert_statements(
-                conn, "INSERT INTO worker_orders (order_id, shard, user_id, shop_id, good_id, qty, amount, debited,"
-                      " credit, file_id, line) VALUES ", new + credited,
+                conn, "INSERT INTO worker_orders (shard, file_id, line, order_id, user_id, shop_id, good_id, qty,"
+                      " amount, debited, credit) VALUES ", new + credited,
                 " ON DUPLICATE KEY UPDATE credit=IF(credit IS NULL, VALUES(credit), credit)", render=order_row),
             "users": db.insert_statements(conn, "INSERT INTO worker_balances (user_id, balance) VALUES ",
                                           sorted(changed & new_users), render=balance_row),

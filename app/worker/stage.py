@@ -31,14 +31,15 @@ from ..overlap import Behind, ReadAhead, Turns
 from ..stages import Stage
 from .ledger import Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
-                    TOO_LARGE, WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, purchase, refund,
-                    stock_change, validate)
+                    TOO_LARGE, WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, minute_of, purchase,
+                    refund, stock_change, validate)
 from .state import SCHEMA, BatchRecord, Hold, Recent, SeenConflict, WorkerState
 
 log = logging.getLogger(Stage.WORKER)
 BATCH_RETRIES = 8
 SHARD_LOCK_WAIT = 5.0
-PRUNE_EVERY = 60.0
+PRUNE_EVERY = 60.0        # while idle; and after every file
+PRUNE_ROWS = 20_000       # rows a pass deletes from a table at most
 SWITCH_INTERVAL = 0.0005
 # Rejected lines quote whatever input arrived and are not part of the contract: private.
 REJECTED_MODE = 0o600
@@ -49,14 +50,25 @@ PAUSE_LINES = 256         # lines a helper thread handles between looks at whose
 BATCH_BYTES = 4 << 20
 
 
+_PREPARED = (b'{"event_key":"%s","event_type":%d,"shop_id":%s,"user_id":%s,"timestamp":"%s","shard":%d,'
+             b'"order_id":%s,"good_id":%s,"qty":%s,"amount":%s,"source_file":%s,"payload":%s}\n')
+
+
+def _int(value: int | None) -> bytes:
+    return b"null" if value is None else b"%d" % value
+
+
 def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) -> bytes:
-    """The sender's input line (format fixed in the brief)."""
+    """The sender's input line (format fixed in the brief), as orjson prints the dict of those
+    fields in that order: the key, the timestamp and the amount hold no character JSON escapes
+    (the key is a type and a number or hex digits, the timestamp passed `valid_time`, the amount
+    is a Decimal's digits), the payload is orjson's text (or its copy, `Event.payload_json`)."""
+    payload = ev.payload_json
     amount = ev.amount
-    return orjson.dumps({
-        "event_key": ev.key, "event_type": ev.etype, "shop_id": shop_id, "user_id": ev.user_id,
-        "timestamp": ev.ts, "shard": shard, "order_id": ev.order_id, "good_id": ev.good_id, "qty": ev.qty,
-        "amount": None if amount is None else str(amount), "source_file": source_file, "payload": ev.payload,
-    }, option=orjson.OPT_APPEND_NEWLINE)
+    return _PREPARED % (
+        ev.key.encode(), ev.etype, _int(shop_id), _int(ev.user_id), ev.ts.encode(), shard, _int(ev.order_id),
+        _int(ev.good_id), _int(ev.qty), b"null" if amount is None else b'"%s"' % str(amount).encode(),
+        orjson.dumps(source_file), orjson.dumps(ev.payload) if payload is None else payload)
 
 
 def rejected_line(raw: bytes, code: int, detail: str | None, source_file: str, line_no: int) -> bytes:
@@ -103,7 +115,8 @@ class Batch:
     """What deciding one batch changed, written in its transaction."""
 
     def __init__(self):
-        self.new_keys: list[str] = []
+        self.new_keys: list = []    # dedup keys (Event.dkey) first recorded by this batch
+        self.return_minutes: dict[int, int] = {}   # the minute of each return among them
         self.new_orders: list[Order] = []
         self.credited: dict[int, Order] = {}
         self.changed_users: set[int] = set()
@@ -120,7 +133,7 @@ class Plan:
         valid = [e for e in events if type(e) is Event]
         self.returns = [e for e in valid if e.etype == RETURN]
         self.purchases = {e.order_id for e in valid if e.etype == PURCHASE}
-        self.keys = {e.key for e in valid if e.etype != PURCHASE} if rules.dedup else set()
+        self.keys = {e.dkey for e in valid if e.etype != PURCHASE} if rules.dedup else set()
         takes = rules.purchase_takes_stock
         self.pairs = {(e.shop_id, e.good_id) for e in valid
                       if e.etype == RESTOCK or (takes and e.etype == PURCHASE)}
@@ -153,8 +166,8 @@ class FileRun:
         st = self.state
         info = st.file_info(self.filename)
         if info.pruned:
-            raise TaskFailed(f"the decisions of {self.filename} shard {self.shard} were pruned (its events are "
-                             f"older than DEDUP_WINDOW): it cannot be replayed")
+            raise TaskFailed(f"the decisions of {self.filename} shard {self.shard} were pruned (it was decided "
+                             f"longer than REPLAY_WINDOW ago): it cannot be replayed")
         self.file_id = info.id
         records = st.batches(info.id)
         resolved = st.resolved_in(info.id)
@@ -303,7 +316,7 @@ class FileRun:
             reads.add("balances", ledger.lock_sql(conn, plan.users))
         with self.turns.waiting():
             got = reads.run(cur)
-        seen = {r[0] for r in got.get("seen", ((), 0))[0]}
+        seen = st.parse_seen(got.get("seen", ((), 0))[0])
         orders = ledger.parse_orders(got.get("orders", ((), 0))[0])
         stock = {(s, g): c for s, g, c in got.get("stock", ((), 0))[0]}
         shops = {s: bool(a) for s, a in got.get("shops", ((), 0))[0]}
@@ -331,7 +344,7 @@ class FileRun:
         self.b, self.orders, self.balances, self.stock = b, orders, balances, stock
 
         codes = bytearray(len(raws))
-        batch_keys: set[str] = set()
+        batch_keys: set = set()
         newest = self.newest or ""
         batch_newest = None
         hold_seconds = self.settings.hold_seconds
@@ -362,7 +375,7 @@ class FileRun:
                         rc = self._refund(h.event) if code == ACCEPTED else PURCHASE_REJECTED
                         self._resolve(b, h, "released", rc, line)
                 continue
-            key = ev.key
+            key = ev.dkey
             if key in seen or key in batch_keys:
                 if dedup:
                     codes[i] = DUPLICATE
@@ -392,6 +405,7 @@ class FileRun:
                 if code != ACCEPTED and code != DUPLICATE:
                     batch_keys.add(key)
                     b.new_keys.append(key)
+                    b.return_minutes[key] = minute_of(ts)
                 continue
             batch_keys.add(key)
             b.new_keys.append(key)
@@ -409,7 +423,7 @@ class FileRun:
                 b.changed_shops[ev.shop_id] = (ev.active, ts)
 
         writes = db.Script()
-        writes.add("seen", st.add_seen_sql(conn, b.new_keys, self.file_id))
+        writes.add("seen", st.add_seen_sql(conn, b.new_keys, b.return_minutes))
         credited = list(b.credited.values())
         for tag, statements in ledger.write_sql(conn, self.shard, self.file_id, b.new_orders, credited, balances,
                                                 b.changed_users, new_users).items():
@@ -492,7 +506,11 @@ class FileRun:
         if not orders:
             return {}
         with self.state.conn.cursor() as cur:
-            return {o: order.shop_id for o, order in self.ledger.orders(cur, orders).items()}
+            found = {o: order.shop_id for o, order in self.ledger.orders(cur, orders).items()}
+        if len(found) < len(orders):
+            raise TaskFailed(f"{self.filename} shard {self.shard}: the purchase of order {min(orders - found.keys())}, "
+                             f"whose return it output, was pruned (ORDER_WINDOW): it cannot be replayed")
+        return found
 
     def _emit(self, raws, first_line: int, codes: bytes, events, shop_of: dict[int, int], pause=None) -> None:
         out, rej, counts = self.out, self.rej, self.counts
@@ -652,9 +670,11 @@ class WorkerStage(StageWork):
     def _prune(self) -> None:
         """Bounded work after each file, and now and then while idle."""
         self.last_prune = time.monotonic()
-        removed = self.state.prune(self.settings.dedup_window)
+        s = self.settings
+        removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window, PRUNE_ROWS)
         if removed:
-            log.info("pruned %d dedup keys older than DEDUP_WINDOW on shard %d", removed, self.shard)
+            log.info("shard %d: pruned %s (DEDUP_WINDOW, ORDER_WINDOW, REPLAY_WINDOW)", self.shard,
+                     ", ".join(f"{n} from {table}" for table, n in sorted(removed.items())))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from .. import db
 from ..config import MySQLURL
 from ..events import TIME_FORMAT
-from .rules import ORPHAN_RETURN, Event
+from .rules import ORPHAN_RETURN, Event, add_seconds, minute_of
 
 # The worker's tables' migrations: db/migrations/worker/ (applied by `db.migrate`).
 SCHEMA = "worker"
@@ -137,6 +137,7 @@ class WorkerState:
         self.url = url
         self.shard = shard
         self.conn = None  # the open connection, as `open` last returned it
+        self.order_floor = 0  # files below this id have had their orders pruned
         self._db = db.Reconnecting(url, check_after=0, on_open=self._prepare, create_database=True,
                                    multi_statements=True)
         # lock names are at most 64 characters: cut the database name, never the shard
@@ -216,13 +217,36 @@ class WorkerState:
     # -- dedup keys, stock, shops: statements for a batch's scripts -----------------------------------
 
     def seen_sql(self, conn, keys) -> str:
-        return (f"SELECT event_key FROM worker_seen WHERE shard={self.shard:d} "
-                f"AND event_key IN {db.sql_list(conn, keys)}")
-
-    def add_seen_sql(self, conn, keys: list[str], file_id: int) -> list[str]:
+        """Which of these dedup keys (`Event.dkey`: (minute, hash) or a return's order id) are
+        recorded: one statement, rows (minute, hash) or (NULL, order id)."""
         shard = self.shard
-        return db.insert_statements(conn, "INSERT INTO worker_seen (shard, event_key, file_id) VALUES ",
-                                    [(shard, k, file_id) for k in keys], " ON DUPLICATE KEY UPDATE file_id=file_id")
+        hashed = [k for k in keys if type(k) is tuple]
+        returns = [k for k in keys if type(k) is not tuple]
+        parts = []
+        if hashed:
+            pairs = ",".join("(%d,%d)" % k for k in hashed)
+            parts.append(f"SELECT bucket, hash FROM worker_seen WHERE shard={shard:d} AND (bucket, hash) IN ({pairs})")
+        if returns:
+            parts.append(f"SELECT NULL, order_id FROM worker_return_keys WHERE shard={shard:d} "
+                         f"AND order_id IN ({','.join('%d' % k for k in returns)})")
+        return " UNION ALL ".join(parts)
+
+    @staticmethod
+    def parse_seen(rows) -> set:
+        return {k if m is None else (m, k) for m, k in rows}
+
+    def add_seen_sql(self, conn, keys: list, return_minutes: dict[int, int]) -> list[str]:
+        """Record new dedup keys; an existing one changes no row, so the affected-row count
+        says whether every key was new."""
+        shard = self.shard
+        hashed = [k for k in keys if type(k) is tuple]
+        returns = [k for k in keys if type(k) is not tuple]
+        return (db.insert_statements(conn, "INSERT INTO worker_seen (shard, bucket, hash) VALUES ", hashed,
+                                     " ON DUPLICATE KEY UPDATE hash=hash",
+                                     render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
+                + db.insert_statements(conn, "INSERT INTO worker_return_keys (shard, order_id, bucket) VALUES ",
+                                       returns, " ON DUPLICATE KEY UPDATE bucket=bucket",
+                                       render=lambda k: "(%d,%d,%d)" % (shard, k, return_minutes[k])))
 
     @staticmethod
     def stock_sql(conn, pairs) -> str:
@@ -301,30 +325,54 @@ class WorkerState:
 
     # -- pruning ----------------------------------------------------------------------------------------
 
-    def prune(self, window_seconds: float, max_rows: int = 50_000) -> int:
-        """Forget files whose newest event is older than the shard's newest minus DEDUP_WINDOW:
-        their dedup keys, decisions and resolved holds. Bounded work per call."""
-        removed = 0
+    def prune(self, dedup_window: float, order_window: float, replay_window: float,
+              max_rows: int = 20_000, step: int = 5_000) -> dict[str, int]:
+        """Forget what the windows no longer cover (docs/business-rules.md), bounded work per
+        call (at most `max_rows` rows a table, in statements of `step`): dedup keys whose minute
+        is before the shard's newest event minus DEDUP_WINDOW, ledger orders of the files before
+        the first whose newest event is inside ORDER_WINDOW (each a range at the start of the
+        shard's part of its table), and the records of files
+        decided more than REPLAY_WINDOW ago in wall time: their decisions and the holds they
+        resolved (such a file can no longer be re-run). Rows removed, by table."""
+        shard = self.shard
+        removed = {"worker_seen": 0, "worker_return_keys": 0, "worker_orders": 0, "worker_batches": 0,
+                   "worker_holds": 0}
+        newest = self.newest()
         with self.conn.cursor() as cur:
-            cur.execute("SELECT f.id FROM worker_files f JOIN worker_shards s ON s.shard=f.shard "
-                        "WHERE f.shard=%s AND f.pruned=0 AND f.complete=1 AND "
-                        "f.newest_event < s.newest_event - INTERVAL %s MICROSECOND ORDER BY f.id LIMIT 20",
-                        (self.shard, int(window_seconds * 1_000_000)))
+            if newest is not None:
+                dedup_cut = minute_of(add_seconds(newest, -dedup_window))
+                # the ledger goes by file: every file before the first whose newest event is
+                # inside ORDER_WINDOW (or that is not decided yet), so no order goes early
+                cur.execute("SELECT MIN(id) FROM worker_files WHERE shard=%s AND id >= %s AND "
+                            "(complete=0 OR newest_event >= %s)",
+                            (shard, self.order_floor, add_seconds(newest, -order_window)))
+                first_kept = cur.fetchone()[0]
+                for table, column, cut in (("worker_seen", "bucket", dedup_cut),
+                                           ("worker_return_keys", "bucket", dedup_cut),
+                                           ("worker_orders", "file_id", first_kept)):
+                    if cut is None:
+                        continue
+                    while removed[table] < max_rows:
+                        n = cur.execute(f"DELETE FROM {table} WHERE shard=%s AND {column} < %s LIMIT %s",
+                                        (shard, cut, step))
+                        removed[table] += n
+                        if n < step:
+                            break
+                if first_kept is not None and removed["worker_orders"] < max_rows:
+                    self.order_floor = first_kept
+            cur.execute("SELECT id FROM worker_files WHERE shard=%s AND pruned=0 AND complete=1 AND "
+                        "updated_at < NOW(3) - INTERVAL %s MICROSECOND ORDER BY id LIMIT 20",
+                        (shard, int(replay_window * 1_000_000)))
             for (file_id,) in cur.fetchall():
-                while removed < max_rows:
-                    cur.execute("DELETE FROM worker_seen WHERE file_id=%s LIMIT 10000", (file_id,))
-                    removed += cur.rowcount
-                    if cur.rowcount < 10000:
-                        break
-                else:
-                    return removed
                 self.conn.begin()
                 try:
-                    cur.execute("DELETE FROM worker_batches WHERE file_id=%s", (file_id,))
-                    cur.execute("DELETE FROM worker_holds WHERE resolved_file_id=%s AND state<>'held'", (file_id,))
+                    removed["worker_batches"] += cur.execute("DELETE FROM worker_batches WHERE file_id=%s",
+                                                             (file_id,))
+                    removed["worker_holds"] += cur.execute(
+                        "DELETE FROM worker_holds WHERE resolved_file_id=%s AND state<>'held'", (file_id,))
                     cur.execute("UPDATE worker_files SET pruned=1 WHERE id=%s", (file_id,))
                     self.conn.commit()
                 except BaseException:
                     self.conn.rollback()
                     raise
-        return removed
+        return {k: v for k, v in removed.items() if v}

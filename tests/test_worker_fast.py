@@ -1,0 +1,137 @@
+"""The worker's fast path (app/worker/fast.py, `rules.validate`) against the exact path
+(`rules.validate_exact`): the same Event or the same rejection for every line, and the same
+prepared line byte for byte as orjson prints the line's dict, on the fixtures, the generator's
+lines with every injected case, and lines made to be unusual."""
+from __future__ import annotations
+
+import io
+import itertools
+from pathlib import Path
+
+import orjson
+import pytest
+
+from app.ingest.generator import Generator
+from app.worker.rules import Bad, Event, validate, validate_exact
+from app.worker.stage import prepared_line
+
+FIXTURES = Path("/work/shared/fixtures")
+T = "2026-05-01 10:00:00.123"
+SOURCE = "20260501100000"
+FIELDS = ("etype", "ts", "key", "dkey", "shop_id", "user_id", "order_id", "good_id", "qty", "amount", "active")
+
+
+def reference_line(ev: Event, shard: int) -> bytes:
+    """The prepared line as the worker printed it before the fast path: orjson, a dict."""
+    amount = ev.amount
+    return orjson.dumps({
+        "event_key": ev.key, "event_type": ev.etype, "shop_id": ev.shop_id, "user_id": ev.user_id,
+        "timestamp": ev.ts, "shard": shard, "order_id": ev.order_id, "good_id": ev.good_id, "qty": ev.qty,
+        "amount": None if amount is None else str(amount), "source_file": SOURCE, "payload": ev.payload,
+    }, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def compare(raw: bytes, shard: int, shard_count: int = 2, **limits) -> bool:
+    """Both paths agree on `raw`; whether the fast path took it."""
+    fast, exact = validate(raw, shard, shard_count, **limits), validate_exact(raw, shard, shard_count, **limits)
+    assert type(fast) is type(exact), raw
+    if type(exact) is Bad:
+        assert (fast.code, fast.detail) == (exact.code, exact.detail), raw
+        return False
+    assert [getattr(fast, f) for f in FIELDS] == [getattr(exact, f) for f in FIELDS], raw
+    assert exact.payload_json is None and fast.payload == exact.payload, raw
+    assert prepared_line(fast, fast.shop_id, shard, SOURCE) == reference_line(exact, shard), raw
+    assert prepared_line(exact, exact.shop_id, shard, SOURCE) == reference_line(exact, shard), raw
+    return fast.payload_json is not None
+
+
+def generator_lines(n: int = 6000) -> list[bytes]:
+    gen = Generator(seed=3)
+    out = io.BytesIO()
+    for i in range(n // 500):
+        gen.write(out, f"202605011000{i:02d}", 500)
+    return out.getvalue().splitlines(keepends=True)
+
+
+def test_the_generators_lines_and_the_fixtures_agree_and_ordinary_lines_take_the_fast_path():
+    lines = generator_lines() + [x for p in sorted(FIXTURES.rglob("*.txt")) for x in p.read_bytes().splitlines()]
+    assert len(lines) > 6000
+    taken = [compare(raw, shard) for raw in lines for shard in (0, 1)]
+    assert sum(taken) > len(lines) * 0.8     # each valid line is on one of the two shards
+
+
+BASES = [
+    {"event_type": 1, "payload": {"order_id": 9000000000000000001, "user_id": 7, "shop_id": 4, "good_id": 2,
+                                  "qty": 2, "price_at_order": 199.99}, "saved_at": T, "timestamp": T},
+    {"event_type": 3, "payload": {"order_id": -5, "user_id": 7, "shop_id": 4, "good_id": 2, "qty": 1,
+                                  "refund_amount": 12.5}, "saved_at": T, "timestamp": T},
+    {"event_type": 3, "payload": {"order_id": 12, "user_id": 7, "good_id": 2, "qty": 1, "refund_amount": 3},
+     "saved_at": T, "timestamp": T},
+    {"event_type": 0, "payload": {"shop_id": 6, "good_id": 1, "delta_count": -3, "reason": "générateur",
+                                  "sub_event_type": "loss"}, "saved_at": T, "timestamp": T},
+    {"event_type": 0, "payload": {"shop_id": 6, "good_id": 1, "delta_count": 5}, "timestamp": T},
+    {"event_type": 2, "payload": {"shop_id": 8, "good_id": 3, "new_price": 0.1}, "saved_at": T, "timestamp": T},
+    {"event_type": 4, "payload": {"shop_id": 2, "active": False}, "saved_at": T, "timestamp": T},
+]
+# Raw JSON texts put in place of a payload field's value, or added as a field
+VALUES = [b"0", b"-0", b"1", b"-1", b"10.50", b"10.5", b"1e2", b"1E2", b"1.0e1", b"-0.0", b"0.001", b"0.01",
+          b"9999999999999.99", b"10000000000000", b"99999999999999.99", b"1e400", b"-1e400", b"1.7976931348623157e308",
+          b"9223372036854775807", b"9223372036854775808", b"-9223372036854775808", b"-9223372036854775809",
+          b"2147483647", b"2147483648", b"-2147483647", b"-2147483648", b"123456789012345678901234567890",
+          b"true", b"false", b"null", b'"5"', b'"x"', b'"\\u0041"', b'"\\n"', b'"\xc3\xa9"', b'"\xff"', b'"\xed\xa0\x80"',
+          b"[]", b"{}", b"[1,[2,[3]]]", b'{"a":{"b":{"c":1}}}', b"NaN", b"Infinity", b"01", b"1.", b".5", b"+1"]
+
+
+def mutations(base: dict):
+    text = orjson.dumps(base)
+    payload = base["payload"]
+    body = orjson.dumps(payload)
+    yield text
+    yield text + b"\n"
+    yield text + b"\r\n"
+    yield text.replace(b",", b", ")
+    yield text.replace(b":", b" : ", 3)
+    yield b" " + text
+    yield text + b" x"
+    yield text[:-1]
+    for name in payload:                                   # each field: every value, then gone
+        old = orjson.dumps(payload[name])
+        for value in VALUES:
+            yield text.replace(b'"%s":%s' % (name.encode(), old), b'"%s":%s' % (name.encode(), value), 1)
+        yield orjson.dumps({**base, "payload": {k: v for k, v in payload.items() if k != name}})
+    for value in VALUES:                                    # extra fields, in the payload and at the top
+        yield text.replace(body, body[:-1] + b',"extra":' + value + b"}", 1)
+        yield text[:-1] + b',"extra":' + value + b"}"
+    yield orjson.dumps({**base, "payload": dict(reversed(list(payload.items())))})
+    yield text.replace(b'"payload":', b'"payload":{"order_id":1},"payload":', 1)       # duplicate keys
+    yield text[:-1] + b',"event_type":2}'
+    yield text.replace(body, body[:-1] + b',"shop_id":' + orjson.dumps(payload.get("shop_id", 1)) + b"}", 1)
+    for etype in (b"-1", b"5", b"1.0", b"true", b'"1"', b"null"):
+        yield text.replace(b'"event_type":%d' % base["event_type"], b'"event_type":' + etype, 1)
+    for ts in (b'"2026-02-30 00:00:00.000"', b'"0999-12-31 23:59:59.999"', b'"2026-05-01T10:00:00.000"',
+               b'"9999-12-31 23:59:59.999"', b'"1000-01-01 00:00:00.000"', b'"1969-12-31 23:59:59.999"', b"5",
+               b'"2026-05-01 10:00:00.12"', b'"2026-05-01 10:00:00.1234"', b'"2026-05-01 24:00:00.000"'):
+        yield text.replace(b'"timestamp":"%s"' % T.encode(), b'"timestamp":' + ts, 1)
+    for other in (b'"saved_at":5', b'"saved_at":null', b'"saved_at":"\\u0041"', b'"saved_at":[' * 40 + b"]" * 40):
+        yield text[:-1] + b"," + other + b"}"
+    yield text.replace(b'"payload":' + body, b'"payload":[' + body + b"]", 1)
+    yield text.replace(b'"payload":' + body, b'"payload":null', 1)
+    yield b"[" + text + b"]"
+    yield b'"' + text.replace(b'"', b'\\"') + b'"'
+
+
+def test_unusual_lines_agree_on_both_shards_and_at_the_limits():
+    lines = list(itertools.chain.from_iterable(mutations(b) for b in BASES))
+    assert len(lines) > 800
+    taken = sum(compare(raw, shard) for raw in lines for shard in (0, 1))
+    assert taken >= len(BASES)
+    for raw in lines[:: 7]:
+        compare(raw, 0, max_line_bytes=4096, max_depth=2)
+        compare(raw, 1, 3)
+
+
+@pytest.mark.parametrize("size", [400, 500, 520, 600])
+def test_lines_near_the_prepared_size_limit_agree(size):
+    base = dict(BASES[3], payload=dict(BASES[3]["payload"], reason="r" * size))
+    raw = orjson.dumps(base)
+    compare(raw, 0, max_line_bytes=4096)

@@ -1,0 +1,199 @@
+"""The shard worker's compact state (db/migrations/worker/0003): an upgrade from 0002 keeps what
+the old tables knew (dedup keys, orders, balances), and the retention windows prune by
+themselves: rows older than DEDUP_WINDOW, ORDER_WINDOW and REPLAY_WINDOW go, rows inside stay,
+and a re-run inside the window is byte-identical. The real WorkerStage decides real files on
+the test server (no API: the stage is called as its daemon loop calls it)."""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from decimal import Decimal
+
+import orjson
+import pytest
+
+from app import db, layout
+from app.client import Task
+from app.config import Settings
+from app.daemon import Context, TaskFailed
+from app.events import event_key
+from app.worker.stage import WorkerStage
+from tests import servers
+from tests.test_worker_support import purchase, refund, restock, shop_status, ts
+
+F0, F1, F2, F3, F4 = "20260301115950", "20260301120000", "20260301120010", "20260301120020", "20260301120030"
+
+
+class Worker:
+    def __init__(self, url, shared, **env):
+        self.url, self.shared = url, shared
+        self.settings = Settings.from_env(dict(servers.service_env(url, shared, servers.free_port()), **env))
+        self.stage = WorkerStage(self.settings, 0)
+        self.ctx = Context(threading.Event(), logging.getLogger("test"))
+        self.stage.setup(self.ctx)
+
+    def decide(self, filename: str, lines: list[bytes]):
+        path = layout.splitter_output(self.shared, filename, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"".join(x + b"\n" for x in lines))
+        return self.again(filename)
+
+    def again(self, filename: str):
+        layout.worker_output(self.shared, filename, 0).unlink(missing_ok=True)
+        layout.worker_rejected(self.shared, filename, 0).unlink(missing_ok=True)
+        [outcome] = self.stage.process([Task(filename, 0)], self.ctx)
+        return outcome
+
+    def outputs(self, filename: str) -> tuple[bytes, bytes]:
+        return (layout.worker_output(self.shared, filename, 0).read_bytes(),
+                layout.worker_rejected(self.shared, filename, 0).read_bytes())
+
+    def reasons(self, filename: str) -> list[str]:
+        return [orjson.loads(x)["reason"] for x in self.outputs(filename)[1].splitlines()]
+
+    def close(self):
+        self.stage.teardown()
+
+
+@pytest.fixture
+def worker(pipeline_db, shared_dir):
+    made = []
+
+    def make(**env):
+        w = Worker(pipeline_db, shared_dir, **env)
+        made.append(w)
+        return w
+    yield make
+    for w in made:
+        w.close()
+
+
+def sql(url, query, args=()):
+    return servers.query(url, query, args)
+
+
+def test_upgrade_from_0002_keeps_dedup_keys_orders_and_balances(make_database, shared_dir, tmp_path, monkeypatch):
+    url = make_database("upg")
+    current_sql, old_sql = db.SQL_DIR, tmp_path / "db"
+    shutil.copytree(db.SQL_DIR, old_sql)
+    (old_sql / "migrations" / "worker" / "0003_compact_state.sql").unlink()
+    monkeypatch.setattr(db, "SQL_DIR", old_sql)
+    conn = db.connect(url)
+    assert [m.version for m in db.migrate(conn, "worker")] == [1, 2]
+    old_restock, old_status = restock(1000, 2, 1, 5), shop_status(1500, 4, True)
+    with conn.cursor() as cur:   # what the 0002 worker left after deciding F0
+        cur.execute("INSERT INTO worker_shards (shard, newest_event) VALUES (0, %s)", (ts(2000),))
+        cur.execute("INSERT INTO worker_files (id, shard, filename, lines_decided, complete, newest_event) "
+                    "VALUES (7, 0, %s, 4, 1, %s)", (F0, ts(2000)))
+        for raw in (old_restock, old_status):
+            cur.execute("INSERT INTO worker_seen (shard, event_key, file_id) VALUES (0, %s, 7)",
+                        (event_key(orjson.loads(raw)),))
+        cur.execute("INSERT INTO worker_seen (shard, event_key, file_id) VALUES (0, '3:555', 7)")   # a rejected return
+        cur.execute("INSERT INTO worker_orders (order_id, shard, user_id, shop_id, good_id, qty, amount, debited, "
+                    "credit, file_id, line) VALUES (900, 0, 1, 2, 1, 1, 10.00, 1, NULL, 7, 2), "
+                    "(-901, 0, 1, 2, 1, 1, 5.00, 1, NULL, 7, 3)")
+        cur.execute("INSERT INTO worker_balances (user_id, balance) VALUES (1, 985.00)")
+    conn.close()
+    monkeypatch.setattr(db, "SQL_DIR", current_sql)
+
+    w = worker_for(url, shared_dir)
+    try:
+        assert sql(url, "SELECT version FROM schema_migrations WHERE component='worker' ORDER BY 1") == \
+            [(1,), (2,), (3,)]
+        assert sql(url, "SELECT COUNT(*) FROM worker_seen") == [(4,)]   # 2 keys x 2 minutes
+        assert sql(url, "SELECT shard, order_id FROM worker_return_keys") == [(0, 555)]
+        assert sql(url, "SELECT order_id, debited, credit FROM worker_orders ORDER BY order_id") == \
+            [(-901, 1, None), (900, 1, None)]
+        lines = [old_restock, old_status,                              # duplicates of F0's events
+                 refund(3000, 555, user=9, amount=1, shop=2),          # duplicate of F0's rejected return
+                 purchase(3100, 900, user=1, shop=2, price=10),        # duplicate order
+                 refund(3200, 900, user=1, amount=10, shop=2),         # return of F0's purchase: credited
+                 refund(3300, -901, user=1, amount=5)]                 # the same, no shop_id
+        w.decide(F1, lines)
+        prepared, _ = w.outputs(F1)
+        assert w.reasons(F1) == ["duplicate"] * 4
+        assert [(x["order_id"], x["shop_id"]) for x in map(orjson.loads, prepared.splitlines())] == \
+            [(900, 2), (-901, 2)]
+        assert sql(url, "SELECT balance FROM worker_balances WHERE user_id=1") == [(Decimal("1000.00"),)]
+        assert sql(url, "SELECT order_id, credit FROM worker_orders ORDER BY order_id") == \
+            [(-901, Decimal("5.00")), (900, Decimal("10.00"))]
+        assert not {"worker_seen_0002", "worker_orders_0002", "worker_seen_compact", "worker_orders_compact"} & \
+            {r[0] for r in sql(url, "SELECT table_name FROM information_schema.tables WHERE table_schema=DATABASE()")}
+    finally:
+        w.close()
+
+
+def worker_for(url, shared, **env) -> Worker:
+    return Worker(url, shared, **env)
+
+
+def test_a_worker_seen_dropped_by_hand_comes_back_compact(pipeline_db):
+    conn = db.connect(pipeline_db)
+    try:
+        db.migrate(conn, "worker")
+        with conn.cursor() as cur:
+            cur.execute("DROP TABLE worker_seen")
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0001_worker_state", "worker 0003_compact_state"]
+        assert db.migrate(conn, "worker") == []
+    finally:
+        conn.close()
+    columns = sql(pipeline_db, "SELECT column_name FROM information_schema.columns WHERE table_schema=DATABASE() "
+                               "AND table_name='worker_seen' ORDER BY ordinal_position")
+    assert columns == [("shard",), ("bucket",), ("hash",)]
+
+
+MINUTE = 60_000
+
+
+def test_windows_prune_old_rows_keep_recent_ones_and_reruns_inside_stay_identical(worker):
+    w = worker(DEDUP_WINDOW="5m", ORDER_WINDOW="10m", REPLAY_WINDOW="1h", HOLD_SECONDS="1h")
+    url = w.url
+    f1 = [restock(0, 2, 1, 5),
+          purchase(10, 100, user=1, shop=2, price=10),
+          refund(20, 200, user=1, amount=3, shop=2),       # held: its purchase comes in F2
+          refund(30, 300, user=1, amount=3, shop=4)]       # held, never released
+    w.decide(F1, f1)
+    f2 = [purchase(40, 200, user=1, shop=2, price=3),      # releases the hold of order 200
+          restock(6 * MINUTE, 2, 1, 1)]                    # 6 minutes of event time later
+    w.decide(F2, f2)
+    first_f2 = w.outputs(F2)
+    # DEDUP_WINDOW 5m: F1's dedup keys (minute 0) are gone, F2's are there; the orders (10m) stay
+    assert sql(url, "SELECT COUNT(*) FROM worker_seen") == [(1,)]
+    assert sql(url, "SELECT order_id FROM worker_orders ORDER BY order_id") == [(100,), (200,)]
+    assert sql(url, "SELECT order_id, state FROM worker_holds ORDER BY order_id") == [(200, "released"),
+                                                                                      (300, "held")]
+    # inside REPLAY_WINDOW a re-run is byte-identical, state untouched
+    assert w.again(F2).events == 3 and w.outputs(F2) == first_f2
+    # 11 minutes on: F1's orders (its newest event: minute 0) leave the ledger, F2's (minute 6)
+    # stay; a return of one of F1's orders is held, not credited
+    w.decide(F3, [restock(11 * MINUTE, 2, 1, 1)])
+    assert sql(url, "SELECT order_id FROM worker_orders") == [(200,)]
+    assert w.decide(F4, [refund(11 * MINUTE + 1, 100, user=1, amount=10, shop=2)]).stats["held"] == 1
+    assert w.outputs(F4) == (b"", b"")
+    # REPLAY_WINDOW is wall time: F1 and F2 decided "two hours ago"; the next pass forgets their
+    # decisions and the hold F2 resolved, keeps the active holds, and refuses to re-run them
+    before = sql(url, "SELECT COUNT(*) FROM worker_batches WHERE file_id IN "
+                      "(SELECT id FROM worker_files WHERE filename=%s)", (F3,))
+    with db.connect(url).cursor() as cur:
+        cur.execute("UPDATE worker_files SET updated_at = NOW(3) - INTERVAL 2 HOUR WHERE filename IN (%s, %s)",
+                    (F1, F2))
+    w.stage._prune()
+    assert sql(url, "SELECT filename, pruned FROM worker_files ORDER BY filename") == [(F1, 1), (F2, 1), (F3, 0),
+                                                                                      (F4, 0)]
+    assert sql(url, "SELECT f.filename FROM worker_batches b JOIN worker_files f ON f.id=b.file_id "
+                    "ORDER BY f.filename") == [(F3,)] * before[0][0] + [(F4,)]
+    assert sql(url, "SELECT order_id, state FROM worker_holds ORDER BY order_id") == [(100, "held"), (300, "held")]
+    with pytest.raises(TaskFailed, match="REPLAY_WINDOW"):
+        w.again(F2)
+    assert w.again(F3).events == 1 and w.again(F4).stats["held"] == 1
+
+
+def test_pruning_is_bounded_per_pass(worker):
+    w = worker(DEDUP_WINDOW="1h")
+    w.decide(F1, [restock(i, 2, 1, 1) for i in range(300)])
+    w.decide(F2, [restock(3 * MINUTE, 2, 1, 1)])
+    assert sql(w.url, "SELECT COUNT(*) FROM worker_seen") == [(301,)]     # inside the hour
+    passes = [w.stage.state.prune(60, 86400, 86400, max_rows=100, step=40) for _ in range(4)]
+    assert passes == [{"worker_seen": 120}, {"worker_seen": 120}, {"worker_seen": 60}, {}]
+    assert sql(w.url, "SELECT COUNT(*) FROM worker_seen") == [(1,)]
