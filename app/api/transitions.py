@@ -116,8 +116,8 @@ class Transitions:
     def _done_at_once(self, stage, filename, shard, owner, events, stats_text) -> Moved | None:
         """`done` by a named owner in one round trip of five statements: the rule sits in the
         UPDATE's WHERE and its row count, kept in a session variable, gates the log row. The
-        UPDATE hands back the attempt count through LAST_INSERT_ID(x) (the reply's insert id),
-        so nothing is read. Only a refusal or a repeat then costs a read, to be explained."""
+        UPDATE hands back the attempt count through LAST_INSERT_ID(x), read with the row count,
+        so nothing else is read. Only a refusal or a repeat then costs a read, to be explained."""
         if owner is None:
             return None  # the log names the owner: take the locked path, which reads it
         status_col, att_col = stage.status_column, stage.attempts_column
@@ -127,14 +127,16 @@ class Transitions:
                 (f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
                  f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
                  f" AND (owner IS NULL OR owner=%s)", (filename, shard, owner)),
-                ("SET @pipeline_done = ROW_COUNT()", None),
+                # LAST_INSERT_ID(), not the reply's insert id: the counting trigger's INSERT
+                # (migration 0004) leaves that at 0.
+                ("SELECT @pipeline_done := ROW_COUNT() AS done, LAST_INSERT_ID() AS attempts", None),
                 ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
                  " action, actor, duration_ms, events, stats)"
                  f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
                  " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
                  " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
                  (stage, owner, events, stats_text, filename, shard)))
-            return results[0].lastrowid if results[0].rowcount == 1 else False
+            return results[1].rows[0]["attempts"] if results[0].rowcount == 1 else False
         attempts = self.store.tx(tx)
         if attempts is not False:
             return Moved(filename, shard, stage, DONE, True, attempts or 0)
