@@ -22,7 +22,7 @@ from .. import db
 from ..config import Settings, check_api_exposure, is_loopback
 from ..logs import setup_logging
 from ..stages import FIRST, ORDERED, STAGES, STATUSES, TRANSITIONS, WORK_STAGES, Action, Stage, Status
-from . import errors, schema, tracking
+from . import errors, metrics, schema, tracking
 
 BASE = "/api/v1/pipeline"
 MAX_BODY = 64 * 1024
@@ -44,6 +44,15 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str, **extra: Any):
         super().__init__(message)
         self.status, self.body = status, {"error": message, **extra}
+
+
+class Text(bytes):
+    """An answer that is not JSON (the Prometheus text format)."""
+
+    def __new__(cls, data: bytes, content_type: str):
+        obj = super().__new__(cls, data)
+        obj.content_type = content_type
+        return obj
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -155,6 +164,7 @@ class Api:
         self.conns = db.ThreadConnections(settings.pipeline_db, multi_statements=True)
         self.tracker = tracking.Tracker(self.conns, settings.shard_count, settings.lease_seconds,
                                         settings.max_attempts)
+        self.metrics = metrics.Metrics(self.tracker.store)
         self._last_reap = 0.0
         self.app = bottle.Bottle()
         self.app.default_error_handler = self._bottle_error
@@ -167,6 +177,9 @@ class Api:
 
     def _respond(self, status: int, body: Any) -> bytes:
         bottle.response.status = status
+        if isinstance(body, Text):
+            bottle.response.content_type = body.content_type
+            return bytes(body)
         bottle.response.content_type = "application/json"
         return orjson.dumps(body)
 
@@ -263,6 +276,7 @@ class Api:
         a.route(f"{BASE}/tasks/<stage>", "GET", route(self.tasks))
         a.route(f"{BASE}/metrics/summary", "GET", route(self.summary))
         a.route(f"{BASE}/metrics/throughput", "GET", route(self.throughput))
+        a.route("/metrics", "GET", route(self.prometheus))
 
     def health(self):
         return 200, {"status": "ok"}
@@ -367,6 +381,9 @@ class Api:
     def summary(self):
         return 200, self.tracker.summary()
 
+    def prometheus(self):
+        return 200, Text(self.metrics.render(), metrics.CONTENT_TYPE)
+
     def throughput(self):
         return 200, self.tracker.throughput(_query_int("minutes", 15, 1, 180))
 
@@ -411,9 +428,10 @@ LISTINGS = (f"{BASE}/queues/", f"{BASE}/tasks/", f"{BASE}/metrics/")
 
 
 def is_listing(method: str, path: str) -> bool:
-    """Requests that may read many rows (the dashboard's, an operator's): they get their own
-    threads, so however many arrive, claims, transitions and heartbeats never wait for them."""
-    return method in ("GET", "HEAD") and path.startswith(LISTINGS)
+    """Requests that may read many rows (the dashboard's, an operator's, a scraper's): they get
+    their own threads, so however many arrive, claims, transitions and heartbeats never wait
+    for them."""
+    return method in ("GET", "HEAD") and (path.startswith(LISTINGS) or path == "/metrics")
 
 
 def serve(settings: Settings, app_factory=None) -> None:

@@ -3,7 +3,11 @@
 -- transaction, so /metrics/summary, /metrics and the long-poll claims read a few dozen rows
 -- instead of scanning the table. `ready` (a pseudo-status of the work stages) counts the tasks
 -- whose previous stage is done and this one new: the claimable queue.
--- creates: pipeline_task_counts
+-- creates: pipeline_task_counts pipeline_transition_counts pipeline_run_time_buckets pipeline_rejected_counts
+-- Beside them, for GET /metrics: transitions counted by stage, shard, action and outcome, and the
+-- run times of finished tasks in histogram buckets (a trigger on pipeline_transitions, so they
+-- count from this migration on and survive the log's pruning); rejected lines by reason (the
+-- API adds what a `done` reports).
 
 CREATE TABLE IF NOT EXISTS pipeline_task_counts (
   stage VARCHAR(32) NOT NULL,
@@ -68,6 +72,46 @@ SELECT st, sh, su, d FROM (
 ) AS delta
 ORDER BY st, sh, su
 ON DUPLICATE KEY UPDATE n = n + VALUES(n);
+
+CREATE TABLE IF NOT EXISTS pipeline_transition_counts (
+  stage VARCHAR(32) NOT NULL,
+  shard TINYINT NOT NULL,
+  action VARCHAR(16) NOT NULL,
+  to_status VARCHAR(16) NOT NULL,
+  n BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (stage, shard, action, to_status)
+) ENGINE=InnoDB;
+
+-- le_ms: the bucket's upper bound in milliseconds (2147483647: above the largest, +Inf); each run
+-- is counted in its own bucket only (the reader accumulates), with the sum of run times.
+CREATE TABLE IF NOT EXISTS pipeline_run_time_buckets (
+  stage VARCHAR(32) NOT NULL,
+  shard TINYINT NOT NULL,
+  le_ms INT NOT NULL,
+  n BIGINT NOT NULL DEFAULT 0,
+  sum_ms BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (stage, shard, le_ms)
+) ENGINE=InnoDB;
+
+CREATE TABLE IF NOT EXISTS pipeline_rejected_counts (
+  stage VARCHAR(32) NOT NULL,
+  reason VARCHAR(64) NOT NULL,
+  n BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (stage, reason)
+) ENGINE=InnoDB;
+
+DROP TRIGGER IF EXISTS pipeline_transition_counts_insert;
+CREATE TRIGGER pipeline_transition_counts_insert AFTER INSERT ON pipeline_transitions FOR EACH ROW
+INSERT INTO pipeline_transition_counts (stage, shard, action, to_status, n)
+VALUES (NEW.stage, NEW.shard, NEW.action, NEW.to_status, 1)
+ON DUPLICATE KEY UPDATE n = n + 1;
+
+DROP TRIGGER IF EXISTS pipeline_run_time_buckets_insert;
+CREATE TRIGGER pipeline_run_time_buckets_insert AFTER INSERT ON pipeline_transitions FOR EACH ROW
+INSERT INTO pipeline_run_time_buckets (stage, shard, le_ms, n, sum_ms)
+SELECT NEW.stage, NEW.shard, CASE WHEN NEW.duration_ms <= 50 THEN 50 WHEN NEW.duration_ms <= 100 THEN 100 WHEN NEW.duration_ms <= 250 THEN 250 WHEN NEW.duration_ms <= 500 THEN 500 WHEN NEW.duration_ms <= 1000 THEN 1000 WHEN NEW.duration_ms <= 2500 THEN 2500 WHEN NEW.duration_ms <= 5000 THEN 5000 WHEN NEW.duration_ms <= 10000 THEN 10000 WHEN NEW.duration_ms <= 30000 THEN 30000 WHEN NEW.duration_ms <= 60000 THEN 60000 WHEN NEW.duration_ms <= 300000 THEN 300000 ELSE 2147483647 END, 1, NEW.duration_ms
+FROM DUAL WHERE NEW.to_status = 'done' AND NEW.duration_ms IS NOT NULL
+ON DUPLICATE KEY UPDATE n = n + 1, sum_ms = sum_ms + VALUES(sum_ms);
 
 -- The counts of the rows already there, with writers held off (an older API still running
 -- waits here for the moment the count takes; the triggers above count whatever it does next).
