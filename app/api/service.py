@@ -24,7 +24,7 @@ from .. import db
 from ..config import Settings, check_api_exposure, is_loopback
 from ..logs import setup_logging
 from ..stages import FIRST, ORDERED, STAGES, STATUSES, TRANSITIONS, WORK_STAGES, Action, Stage, Status
-from . import errors, metrics, schema, tracking, wakeup
+from . import errors, metrics, retention, schema, tracking, wakeup
 
 BASE = "/api/v1/pipeline"
 MAX_BODY = 64 * 1024
@@ -498,6 +498,23 @@ class Api:
                     self.conns.discard()
                     log.debug("reaper: %s", exc)
         threading.Thread(target=loop, name="reaper", daemon=True).start()
+        threading.Thread(target=self._prune_loop, name="pruner", daemon=True).start()
+
+    def _prune_loop(self) -> None:
+        """pipeline_transitions past TRANSITIONS_WINDOW, deleted now and then (every minute, or
+        a quarter of a short window); one process of all instances at a time (retention.py)."""
+        pruning = retention.Retention(self.tracker.store, self.settings.transitions_window)
+        every = min(60.0, max(self.settings.transitions_window / 4, 0.5))
+        while True:
+            time.sleep(every)
+            try:
+                self.ensure_schema()
+                deleted = pruning.prune()
+                if deleted:
+                    log.info("pruned %d transitions older than %gs", deleted, self.settings.transitions_window)
+            except Exception as exc:
+                self.conns.discard()
+                log.debug("pruner: %s", exc)
 
 
 _APIS: list[Api] = []
