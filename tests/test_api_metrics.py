@@ -126,4 +126,4 @@ def test_a_scrape_reads_the_same_few_rows_at_any_table_size(make_database):
     big = rows_read()
     conns.discard()
     assert small < 200 and big < 200, (small, big)   # a scan of either table reads 20,000 rows
-    assert set(schema.TABLES) >= {"pipeline_task_counts", "pipeline_run_time_buckets"}
+    assert set(schema.TABLES) >= {"pipeline_task_counts", "pipeline_transition_counts"}

@@ -83,8 +83,10 @@ def test_one_pruner_at_a_time(make_database):
             assert cur.fetchone()[0] == 1
         assert pruning.prune() is None           # another process is pruning: this one leaves it
         assert tracker.store.read("SELECT COUNT(*) n FROM pipeline_transitions")[0]["n"] == 24
+        with holder.cursor() as cur:
+            cur.execute("SELECT RELEASE_LOCK(%s)", (pruning.lock_name(),))
     finally:
-        holder.close()                            # its lock goes with its connection
+        holder.close()
     assert pruning.prune() == 10
     assert tracker.store.read("SELECT MIN(id) m, COUNT(*) n FROM pipeline_transitions")[0] == {"m": 11, "n": 14}
     retention.BATCH, saved = 3, retention.BATCH

@@ -15,29 +15,30 @@ from .queries import READY, sql_ready
 from .store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# The run-time buckets of migration 0004's trigger, in ms; INF_MS stands for +Inf.
+# The run-time buckets of migration 0004's trigger (pipeline_transition_counts.le_ms), in ms;
+# INF_MS stands for +Inf.
 RUN_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
 INF_MS = 2147483647
 
-SQL_TRANSITION_COUNTS = "SELECT stage, shard, action, to_status, n FROM pipeline_transition_counts"
-SQL_RUN_BUCKETS = "SELECT stage, le_ms, SUM(n) n, SUM(sum_ms) sum_ms FROM pipeline_run_time_buckets GROUP BY stage, le_ms"
+SQL_TRANSITION_COUNTS = ("SELECT stage, action, to_status, le_ms, SUM(n) n, SUM(sum_ms) sum_ms "
+                         "FROM pipeline_transition_counts GROUP BY stage, action, to_status, le_ms")
 SQL_REJECTED = "SELECT stage, reason, n FROM pipeline_rejected_counts"
 AGE = "TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) / 1e6 age"
 # The oldest ready task of each work stage: the first row of its ready index, one per stage.
 SQL_OLDEST_READY = " UNION ALL ".join(
     f"SELECT {s.sql} stage, age FROM ({sql_ready(s, False, AGE, 'LIMIT 1')}) x{n}" for n, s in enumerate(WORK_STAGES))
 SCRAPE_SQL = ("SELECT stage, shard, status, n FROM pipeline_task_counts", SQL_OLDEST_READY, SQL_TRANSITION_COUNTS,
-              SQL_RUN_BUCKETS, SQL_REJECTED)
+              SQL_REJECTED)
 
 
 class TrackerCollector:
-    """Reads the figures at each collect (one scrape: five small reads)."""
+    """Reads the figures at each collect (one scrape: four small reads)."""
 
     def __init__(self, store: Store):
         self.store = store
 
     def collect(self):
-        counts_sql, oldest_sql, transitions_sql, buckets_sql, rejected_sql = SCRAPE_SQL
+        counts_sql, oldest_sql, transitions_sql, rejected_sql = SCRAPE_SQL
         read = self.store.read
         tasks = GaugeMetricFamily("pipeline_tasks", "Tasks per stage, shard and status.",
                                   labels=["stage", "shard", "status"])
@@ -58,17 +59,20 @@ class TrackerCollector:
             age.add_metric([stage.value], max(oldest.get(stage.value, 0.0), 0.0))
         yield age
 
-        moves = CounterMetricFamily("pipeline_transitions", "Status changes since the counters began "
-                                    "(migration 0004), by stage, action and resulting status.",
-                                    labels=["stage", "action", "to_status"])
+        moves = CounterMetricFamily("pipeline_transitions", "Outcomes of tasks (done, fail, reap, retry, release, "
+                                    "rewind) since the counters began (migration 0004), by stage, action and "
+                                    "resulting status.", labels=["stage", "action", "to_status"])
         expiries = CounterMetricFamily("pipeline_lease_expiries", "Started tasks whose lease ran out "
                                        "(returned to new or failed by the reaper).", labels=["stage"])
         retries = CounterMetricFamily("pipeline_retries", "Failed tasks sent back to new (retry).",
                                       labels=["stage"])
         summed: dict[tuple, int] = {}
+        by_stage: dict[str, dict[int, tuple[int, int]]] = {}
         for r in read(transitions_sql):
             key = (r["stage"], r["action"], r["to_status"])
             summed[key] = summed.get(key, 0) + int(r["n"])
+            if int(r["le_ms"]) >= 0:
+                by_stage.setdefault(r["stage"], {})[int(r["le_ms"])] = (int(r["n"]), int(r["sum_ms"]))
         for (stage, action, to), n in sorted(summed.items()):
             moves.add_metric([stage, action, to], n)
         for stage in WORK_STAGES:
@@ -82,9 +86,6 @@ class TrackerCollector:
 
         runs = HistogramMetricFamily("pipeline_task_run_seconds", "Run time of finished tasks (claim to done).",
                                      labels=["stage"])
-        by_stage: dict[str, dict[int, tuple[int, int]]] = {}
-        for r in read(buckets_sql):
-            by_stage.setdefault(r["stage"], {})[int(r["le_ms"])] = (int(r["n"]), int(r["sum_ms"]))
         for stage in STAGES:
             got = by_stage.get(stage.value)
             if got is None:

@@ -11,7 +11,7 @@ from .store import Store
 
 SCHEMA = "tracking"
 TABLES = ("pipeline_tracking", "pipeline_transitions", "pipeline_claim_lock", "pipeline_task_counts",
-          "pipeline_transition_counts", "pipeline_run_time_buckets", "pipeline_rejected_counts")
+          "pipeline_transition_counts", "pipeline_rejected_counts")
 # pipeline_tracking.last_error and pipeline_transitions.error are VARCHAR(2000).
 ERROR_MAX = 2000
 # pipeline_rejected_counts.reason is VARCHAR(64).
