@@ -432,11 +432,14 @@ class Api:
         if stage in ORDERED and shard is None:
             raise BadRequest(f"{stage} takes each shard's files in order: 'shard' is required", "shard")
         wait = _query_seconds("wait", MAX_WAIT)
-        self._reap_now_and_then()
         deadline = time.monotonic() + wait
         while True:
             seen = self.watch.generation
-            items = self.tracker.claim(stage, limit, shard, owner)
+            if wait > 0 and self.watch.idle(stage, shard):
+                items = []   # nothing ready, nothing started: no need to ask the database
+            else:
+                self._reap_now_and_then()
+                items = self.tracker.claim(stage, limit, shard, owner)
             if items or wait <= 0 or not self.watch.wait(stage, shard, seen, deadline) or _caller_gone():
                 return 200, {"stage": stage, "worker": owner, "items": items}
 

@@ -15,6 +15,11 @@ import threading
 import time
 from typing import Callable
 
+from ..stages import Status
+from .queries import READY
+
+STARTED = Status.STARTED.value
+
 log = logging.getLogger("pipeline-apid")
 
 
@@ -30,6 +35,8 @@ class ReadyWatch:
         self._generation = 0
         self._signature: tuple | None = None
         self._ready: dict[tuple[str, int], int] = {}
+        self._started: dict[tuple[str, int], int] = {}
+        self._read_at = 0.0
         self._hints: set[tuple[str, int | None]] = set()
         self._waiters = 0
         self._closed = False
@@ -58,6 +65,19 @@ class ReadyWatch:
                 return False
             finally:
                 self._waiters -= 1
+
+    def idle(self, stage: str, shard: int | None) -> bool:
+        """Whether a claim now would surely find nothing: by a fresh read of the counts, the
+        stage (on `shard`, or on any) has no ready task and no started one (so none its caller
+        holds), and nothing changed here since. Only a waiting claim asks: it then skips its
+        claim and waits, so an idle group's long polls cost the database nothing."""
+        with self._cond:
+            if self._hints or time.monotonic() - self._read_at > 2 * self.interval + 0.05:
+                return False
+            for counts in (self._ready, self._started):
+                if any(n > 0 for (s, h), n in counts.items() if s == stage and (shard is None or h == shard)):
+                    return False
+            return True
 
     def hint(self, stage: str, shard: int | None) -> None:
         """This process just made `stage`'s tasks (of `shard`, or of all) perhaps ready."""
@@ -105,9 +125,11 @@ class ReadyWatch:
             signature = tuple(sorted((r["stage"], r["shard"], r["status"], int(r["n"])) for r in rows))
             with self._cond:
                 self._hints.clear()
+                self._read_at = time.monotonic()
                 if signature != self._signature:
                     self._signature = signature
-                    self._ready = {(r["stage"], r["shard"]): int(r["n"]) for r in rows if r["status"] == "ready"}
+                    self._ready = {(r["stage"], r["shard"]): int(r["n"]) for r in rows if r["status"] == READY}
+                    self._started = {(r["stage"], r["shard"]): int(r["n"]) for r in rows if r["status"] == STARTED}
                     self._generation += 1
                     self._cond.notify_all()
             time.sleep(self.interval)
