@@ -384,13 +384,19 @@ class Api:
             events=None if events is None else _int(events, "events", 0, 2**31 - 1),
             stats=stats)
         if moved.changed:
-            self._hint(stage, shard)
+            self._hint(stage, action, shard)
         return 200, moved.as_dict()
 
-    def _hint(self, stage: Stage, shard: int | None) -> None:
-        """A change here may have made tasks of this stage or the next ready: wake waiters."""
+    def _hint(self, stage: Stage, action: Action, shard: int | None) -> None:
+        """Wake this process's waiters that the change may have given work: a `done` readies
+        the next stage (and frees an ordered stage's shard); a task sent back readies its own
+        stage (a rewind also the one before)."""
         following = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else None
-        for s in (stage.previous, stage, following):
+        if action == Action.DONE:
+            woken = (following, stage if stage in ORDERED else None)
+        else:
+            woken = (stage, stage.previous if action == Action.REWIND else None)
+        for s in woken:
             if s in WORK_STAGES:
                 self.watch.hint(s, shard)
 
@@ -419,7 +425,7 @@ class Api:
                 out.append({"status_code": HTTP_STATUS.get(type(exc), 400), **exc.body})
                 continue
             if moved.changed:
-                self._hint(stage, shard)
+                self._hint(stage, Action.DONE, shard)
             out.append({"status_code": 200, **moved.as_dict()})
         return 200, {"stage": stage, "items": out}
 
