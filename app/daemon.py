@@ -198,7 +198,7 @@ class Daemon:
                 continue
             if not tasks:
                 self.stage.idle(ctx)
-                if time.monotonic() - asked < s.claim_wait / 2:
+                if s.claim_wait <= 0 or time.monotonic() - asked < s.claim_wait / 2:
                     # The API did not hold the claim (stopping, or one without long polls): poll.
                     self.stop.wait(idle)
                     idle = min(idle * 2, s.poll_max)
