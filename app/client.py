@@ -78,11 +78,12 @@ class PipelineClient:
     # -- transport -------------------------------------------------------------------------------
 
     def call(self, method: str, path: str, body: dict | None = None, params: dict | None = None,
-             max_wait: float | None = -1.0) -> Any:
+             max_wait: float | None = -1.0, timeout: float | None = None) -> Any:
         """Send one request, to the current instance. One that cannot be reached or answers 5xx
         sends the same request to the next instance at once (every transition is idempotent,
         so a request the dead one may have applied does no harm); only when every instance has
-        failed in a row does the caller back off, and give up after `max_wait`."""
+        failed in a row does the caller back off, and give up after `max_wait`. `timeout`: of
+        each attempt (default: the client's), longer for a long-poll claim."""
         max_wait = self.max_wait if max_wait == -1.0 else max_wait
         began = time.monotonic()
         deadline = None if max_wait is None else began + max_wait
@@ -92,7 +93,7 @@ class PipelineClient:
             base = self.bases[self._current]
             try:
                 resp = self.session.request(method, base + path, json=body, params=params,
-                                            timeout=self.timeout)
+                                            timeout=timeout or self.timeout)
                 if resp.status_code < 500:
                     data = resp.json() if resp.content else None
                     if resp.status_code >= 400:
@@ -137,11 +138,17 @@ class PipelineClient:
         body = {"filename": filename, "events": events, "worker": worker}
         return self.call("POST", f"/stages/{FIRST}/{Action.DONE}", {k: v for k, v in body.items() if v is not None})
 
-    def claim(self, stage: str, worker: str, limit: int = 1, shard: int | None = None) -> list[Task]:
+    def claim(self, stage: str, worker: str, limit: int = 1, shard: int | None = None,
+              wait: float = 0.0) -> list[Task]:
+        """`wait`: seconds the API may hold the request until a task is ready (a long poll)."""
         body: dict[str, Any] = {"limit": limit, "worker": worker}
         if shard is not None:
             body["shard"] = shard
-        items = self.call("POST", f"/queues/{stage}/claim", body)["items"]
+        if wait > 0:
+            items = self.call("POST", f"/queues/{stage}/claim", body, params={"wait": f"{wait:g}"},
+                              timeout=self.timeout + wait)["items"]
+        else:
+            items = self.call("POST", f"/queues/{stage}/claim", body)["items"]
         return [Task(i["filename"], i["shard"], i.get("attempts", 0), i.get("resumed", False)) for i in items]
 
     def start(self, stage: str, filename: str, shard: int, worker: str | None = None) -> dict:
@@ -150,6 +157,14 @@ class PipelineClient:
     def done(self, stage: str, filename: str, shard: int, worker: str | None = None,
              events: int | None = None, stats: dict | None = None) -> dict:
         return self._transition(stage, Action.DONE, filename, shard, worker=worker, events=events, stats=stats)
+
+    def done_batch(self, stage: str, items: list[dict], worker: str | None = None) -> list[dict]:
+        """`done` of several tasks in one request (`items`: filename, shard, events?, stats?);
+        each answer has `status_code` (200, or the 4xx its own `done` would have had)."""
+        body: dict[str, Any] = {"items": [{k: v for k, v in i.items() if v is not None} for i in items]}
+        if worker is not None:
+            body["worker"] = worker
+        return self.call("POST", f"/stages/{stage}/done-batch", body)["items"]
 
     def fail(self, stage: str, filename: str, shard: int, error: str, worker: str | None = None,
              stats: dict | None = None) -> dict:

@@ -407,6 +407,14 @@ class Settings:
     # API process, apart from the API_THREADS that serve the daemons (app/api/server.py).
     api_request_timeout: float = 10.0
     api_read_threads: int = 1
+    # Long-poll claims (`wait=`) sleep on API_WAIT_THREADS threads per API process of their own;
+    # one watcher per process reads the task counts every API_WAIT_POLL seconds while any wait.
+    # The daemons wait CLAIM_WAIT_SECONDS per claim (0: the old polling, POLL_MIN/MAX_SECONDS).
+    api_wait_threads: int = 16
+    api_wait_poll: float = 0.1
+    claim_wait: float = 2.0
+    # pipeline_transitions rows older than this are pruned by the API (one instance at a time).
+    transitions_window: float = 7 * 86400.0
     # supervisord's XML-RPC unix socket, for the monitor's process panel (default: the one of
     # the project's supervisord.conf, var/run/supervisor.sock next to it).
     supervisor_socket: str = "var/run/supervisor.sock"
@@ -468,6 +476,10 @@ class Settings:
             api_insecure=_bool(env, "PIPELINE_API_INSECURE", False),
             api_request_timeout=max(_duration(env, "API_REQUEST_TIMEOUT", 10.0), 0.5),
             api_read_threads=_int(env, "API_READ_THREADS", 1, 1, 64),
+            api_wait_threads=_int(env, "API_WAIT_THREADS", 16, 1, 1024),
+            api_wait_poll=min(max(_duration(env, "API_WAIT_POLL", 0.1), 0.01), 5.0),
+            claim_wait=min(_duration(env, "CLAIM_WAIT_SECONDS", 2.0), 30.0),
+            transitions_window=_duration(env, "TRANSITIONS_WINDOW", 7 * 86400.0),
             api_processes=_int(env, "API_WORKERS", 2, 1, 64),
             api_threads=_int(env, "API_THREADS", 4, 1, 256),
             lease_seconds=lease if lease > 0 else 60.0,

@@ -161,6 +161,8 @@ class Daemon:
         self.client = client or PipelineClient(settings.pipeline_url, settings.api_token, stop=self.stop)
         self.log = logging.getLogger(stage.service)
         self.held: dict[tuple[str, int], Task] = {}
+        # When each held task's lease was last set (claim or heartbeat), monotonic.
+        self.leased_at: dict[tuple[str, int], float] = {}
         self._held_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -195,8 +197,10 @@ class Daemon:
         idle = s.poll_min
         backoff = 0.0
         while not self.stop.is_set():
+            asked = time.monotonic()
             try:
-                tasks = self.client.claim(self.stage.name, self.owner, self.stage.claim_limit, self.stage.shard)
+                tasks = self.client.claim(self.stage.name, self.owner, self.stage.claim_limit, self.stage.shard,
+                                          wait=s.claim_wait)
             except ApiUnavailable:
                 continue
             except ApiError as exc:
@@ -205,12 +209,16 @@ class Daemon:
                 continue
             if not tasks:
                 self.stage.idle(ctx)
-                self.stop.wait(idle)
-                idle = min(idle * 2, s.poll_max)
+                if s.claim_wait <= 0 or time.monotonic() - asked < s.claim_wait / 2:
+                    # The API did not hold the claim (stopping, or one without long polls): poll.
+                    self.stop.wait(idle)
+                    idle = min(idle * 2, s.poll_max)
                 continue
             idle = s.poll_min
+            now = time.monotonic()
             with self._held_lock:
                 self.held.update({t.key: t for t in tasks})
+                self.leased_at.update({t.key: now for t in tasks})
             for group in self.stage.group(tasks):
                 if self.stop.is_set():
                     break
@@ -245,9 +253,41 @@ class Daemon:
         except Exception as exc:
             self.log.error("%s failed unexpectedly:\n%s", names, traceback.format_exc())
             outcomes = [Failed(f"{type(exc).__name__}: {exc}")] * len(group)
+        done = [(t, o) for t, o in zip(group, outcomes) if isinstance(o, Done)]
+        if len(done) > 1:
+            self._report_done(done, time.monotonic() - started)
         for task, outcome in zip(group, outcomes):
-            self._report(task, outcome, time.monotonic() - started)
+            if len(done) <= 1 or not isinstance(outcome, Done):
+                self._report(task, outcome, time.monotonic() - started)
         return True
+
+    def _report_done(self, done: list[tuple[Task, Done]], seconds: float) -> None:
+        """Several tasks done at once (a file's shards): one request."""
+        items = [{"filename": t.filename, "shard": t.shard, "events": o.events, "stats": o.stats or None}
+                 for t, o in done]
+        try:
+            answers = self.client.done_batch(self.stage.name, items, self.owner)
+        except ApiError as exc:   # the request as a whole was refused: report one by one
+            self.log.warning("batch done refused (%s); reporting each task", exc)
+            for task, outcome in done:
+                self._report(task, outcome, seconds)
+            return
+        except ApiUnavailable as exc:
+            self.log.error("could not report %d tasks (stopping): %s", len(done), exc)
+            return  # still held: the leases expire and the reaper hands them back
+        for (task, outcome), answer in zip(done, answers):
+            if answer.get("status_code") == 200:
+                self.log.info("done %s shard %s in %.3fs: %s", task.filename, task.shard, seconds,
+                              outcome.stats or outcome.events)
+            else:
+                self.log.error("could not report %s shard %s: HTTP %s: %s", task.filename, task.shard,
+                               answer.get("status_code"), answer.get("error"))
+            self._forget(task)
+
+    def _forget(self, task: Task) -> None:
+        with self._held_lock:
+            self.held.pop(task.key, None)
+            self.leased_at.pop(task.key, None)
 
     def _report(self, task: Task, outcome: Outcome, seconds: float) -> None:
         c, stage = self.client, self.stage.name
@@ -269,8 +309,7 @@ class Daemon:
         except ApiUnavailable as exc:
             self.log.error("could not report %s shard %s (stopping): %s", task.filename, task.shard, exc)
             return  # still held: the lease expires and the reaper hands it back
-        with self._held_lock:
-            self.held.pop(task.key, None)
+        self._forget(task)
 
     def _release(self, tasks: list[Task], reason: str) -> None:
         for task in tasks:
@@ -284,8 +323,7 @@ class Daemon:
                 self.log.error("could not hand back %s shard %s: %s (its lease will expire)",
                                task.filename, task.shard, exc)
                 continue
-            with self._held_lock:
-                self.held.pop(task.key, None)
+            self._forget(task)
 
     def _release_all(self, reason: str) -> None:
         with self._held_lock:
@@ -294,14 +332,20 @@ class Daemon:
             self._release(tasks, reason)
 
     def _heartbeats(self) -> None:
+        """Extend the lease of each task held for a third of a lease since it was last set: a
+        task that ends well within its lease (most do) costs no heartbeat."""
         interval = max(self.settings.lease_seconds / 3, 0.2)
         client = PipelineClient(self.settings.pipeline_url, self.settings.api_token, max_wait=interval)
-        while not self.stop.wait(interval):
+        while not self.stop.wait(interval / 2):
+            now = time.monotonic()
             with self._held_lock:
-                tasks = list(self.held.values())
+                tasks = [t for k, t in self.held.items() if now - self.leased_at.get(k, 0.0) >= interval]
             for task in tasks:
                 try:
                     client.heartbeat(self.stage.name, task.filename, task.shard, self.owner)
+                    with self._held_lock:
+                        if task.key in self.held:
+                            self.leased_at[task.key] = now
                 except ApiError as exc:
                     with self._held_lock:
                         still_held = task.key in self.held

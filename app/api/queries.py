@@ -78,11 +78,17 @@ def row_sql(stage: Stage, lock: bool) -> str:
             f" FROM pipeline_tracking WHERE filename=%s AND shard=%s{' FOR UPDATE' if lock else ''}")
 
 
-# The contract's counts: one GROUP BY over every stage's status, aliased a, b, c, d...
+# The contract's counts, kept by pipeline_tracking's triggers (migration 0004): a few dozen rows
+# however big the table. `status` is a Status, or READY (previous stage done, this one new).
+READY = "ready"
 STATUS_KEYS = tuple(s.value for s in STATUSES)  # JSON keys must be plain str
-COUNT_KEYS = "abcdefghij"[:len(STAGES)]
-SQL_COUNTS = (f"SELECT shard, {', '.join(f'{s.status_column} {k}' for s, k in zip(STAGES, COUNT_KEYS))}, "
-              f"COUNT(*) n FROM pipeline_tracking GROUP BY shard, {', '.join(COUNT_KEYS)}")
+SQL_TASK_COUNTS = "SELECT stage, shard, status, n FROM pipeline_task_counts WHERE n <> 0"
+# The same counted from the table itself (a full scan): what the counts must always equal.
+SQL_COUNTS_SCANNED = " UNION ALL ".join(
+    [f"SELECT {s.sql} stage, shard, {s.status_column} status, COUNT(*) n FROM pipeline_tracking "
+     f"GROUP BY shard, {s.status_column}" for s in STAGES]
+    + [f"SELECT {s.sql}, shard, '{READY}', COUNT(*) FROM pipeline_tracking WHERE {s.previous.status_column}={DONE.sql}"
+       f" AND {s.status_column}={NEW.sql} GROUP BY shard" for s in WORK_STAGES])
 
 
 def queue_queries(shard_count: int = 2) -> list[tuple[str, str, tuple]]:

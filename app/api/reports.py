@@ -2,28 +2,22 @@
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from datetime import datetime, timezone
 
 import orjson
 
-from ..stages import STAGES, STATUSES, WORK_STAGES, Stage, Status, sql_in
+from ..stages import FIRST, STAGES, WORK_STAGES, Stage, Status, sql_in
 from .errors import NotFound
-from .queries import (COUNT_KEYS, DONE, FAILED, NEW, SQL_COUNTS, STARTED, STATUS_KEYS, iso, iso_s, next_page,
-                      sql_ready, status_index)
+from .queries import (DONE, FAILED, NEW, READY, SQL_TASK_COUNTS, STARTED, STATUS_KEYS, iso, iso_s, next_page, sql_ready,
+                      status_index)
 from .store import Store
-
-# /metrics/summary scans the whole table; when that gets slow its answer is reused for a while.
-SUMMARY_SLOW_SECONDS = 0.1
 
 
 class Reports:
     def __init__(self, store: Store):
         self.store = store
         self._read = store.read
-        self._summary: tuple[float, dict] | None = None
-        self._summary_lock = threading.Lock()
 
     def queue(self, stage: str, limit: int, offset: int, shard: int | None, after: int | None = None) -> dict:
         """Ready tasks, oldest first; `after`: only those past that id (keyset paging)."""
@@ -100,48 +94,29 @@ class Reports:
             shards.append(entry)
         return {"filename": filename, "shards": shards}
 
+    def counts(self) -> dict[tuple[str, int, str], int]:
+        """(stage, shard, status or READY) -> tasks, from the counts the triggers keep."""
+        return {(r["stage"], r["shard"], r["status"]): int(r["n"]) for r in self._read(SQL_TASK_COUNTS)}
+
     def summary(self) -> dict:
-        """The contract's counts plus per-stage queue metrics.
-
-        The counts need a scan of the whole table (about a second per million rows); once a
-        scan takes longer than SUMMARY_SLOW_SECONDS its answer is served for five times as long
-        as it took (`as_of` says when it was computed), so pollers cannot pile scans up.
-        """
-        cached = self._summary
-        if cached is not None and time.monotonic() < cached[0]:
-            return cached[1]
-        with self._summary_lock:
-            cached = self._summary
-            if cached is not None and time.monotonic() < cached[0]:
-                return cached[1]
-            began = time.monotonic()
-            result = self._compute_summary()
-            took = time.monotonic() - began
-            result["as_of"] = iso(datetime.now(timezone.utc).replace(tzinfo=None))
-            result["took_ms"] = round(took * 1000, 1)
-            self._summary = (began + 5 * took, result) if took > SUMMARY_SLOW_SECONDS else None
-            return result
-
-    def _compute_summary(self) -> dict:
-        rows = self._read(SQL_COUNTS)
+        """The contract's counts plus per-stage queue metrics: every figure is an index read of
+        a bounded size (the kept counts, the first ready row, the last minute's transitions),
+        so it is fresh on every call at any table size."""
+        began = time.monotonic()
+        counts = self.counts()
         by_stage = {s.column: dict.fromkeys(STATUS_KEYS, 0) for s in STAGES}
         by_shard: dict[int, dict] = {}
-        total = 0
-        for r in rows:
-            total += r["n"]
-            for key, stage in zip(COUNT_KEYS, STAGES):
-                if r[key] in STATUSES:
-                    by_stage[stage.column][r[key]] += r["n"]
-            sh = by_shard.setdefault(r["shard"], {"shard": r["shard"], "total": 0, **dict.fromkeys(STATUS_KEYS, 0)})
-            sh["total"] += r["n"]
-            last = r[COUNT_KEYS[-1]]
-            if last in STATUSES:
-                sh[last] += r["n"]
+        for (stage, shard, status), n in counts.items():
+            if status not in STATUS_KEYS or stage not in STAGES:
+                continue
+            by_stage[Stage(stage).column][status] += n
+            sh = by_shard.setdefault(shard, {"shard": shard, "total": 0, **dict.fromkeys(STATUS_KEYS, 0)})
+            if stage == FIRST:
+                sh["total"] += n
+            if stage == STAGES[-1]:
+                sh[status] += n
         stage_metrics = {}
         for stage in WORK_STAGES:
-            status_col, prev_col = stage.status_column, stage.previous.status_column
-            ready = self._read(f"SELECT COUNT(*) n FROM pipeline_tracking WHERE {prev_col}={DONE.sql} "
-                               f"AND {status_col}={NEW.sql}")[0]["n"]
             oldest = self._read(sql_ready(stage, False, "TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) DIV 1000 age",
                                           "LIMIT 1"))
             recent = self._read("SELECT COUNT(*) n, COALESCE(SUM(events), 0) ev FROM pipeline_transitions "
@@ -151,17 +126,18 @@ class Reports:
                 f"SELECT duration_ms FROM pipeline_transitions WHERE stage=%s AND to_status={DONE.sql} "
                 "AND duration_ms IS NOT NULL ORDER BY at DESC LIMIT 500", (stage,))]
             stage_metrics[stage.column] = {
-                "ready": ready,
+                "ready": sum(n for (st, _, status), n in counts.items() if st == stage and status == READY),
                 "oldest_ready_age_seconds": oldest[0]["age"] / 1000 if oldest and oldest[0]["age"] is not None
                 else None,
                 "done_last_minute": recent["n"], "events_last_minute": int(recent["ev"]),
                 "median_run_ms": statistics.median(runs) if runs else None,
             }
-        return {"total": total, "by_stage": by_stage,
+        return {"total": sum(by_stage[FIRST.column].values()), "by_stage": by_stage,
                 "by_shard": [{"shard": s["shard"], "total": s["total"],
                               **{k: s[k] for k in (DONE.value, FAILED.value, NEW.value, STARTED.value)}}
                              for s in sorted(by_shard.values(), key=lambda x: x["shard"])],
-                "stages": stage_metrics}
+                "stages": stage_metrics, "as_of": iso(datetime.now(timezone.utc).replace(tzinfo=None)),
+                "took_ms": round((time.monotonic() - began) * 1000, 1)}
 
     def throughput(self, minutes: int) -> dict:
         """Files and events finished per stage per minute, oldest minute first."""

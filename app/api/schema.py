@@ -10,9 +10,12 @@ from ..config import MySQLURL
 from .store import Store
 
 SCHEMA = "tracking"
-TABLES = ("pipeline_tracking", "pipeline_transitions", "pipeline_claim_lock")
+TABLES = ("pipeline_tracking", "pipeline_transitions", "pipeline_claim_lock", "pipeline_task_counts",
+          "pipeline_transition_counts", "pipeline_rejected_counts")
 # pipeline_tracking.last_error and pipeline_transitions.error are VARCHAR(2000).
 ERROR_MAX = 2000
+# pipeline_rejected_counts.reason is VARCHAR(64).
+REASON_MAX = 64
 SQL_PRESENT = ("SELECT table_name AS t FROM information_schema.tables WHERE table_schema=DATABASE() "
                f"AND table_name IN ({','.join(repr(t) for t in TABLES)})")
 

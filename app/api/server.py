@@ -17,7 +17,9 @@ Threads come in two lanes, so greedy readers cannot starve the daemons either: l
 metrics (`is_listing`) run on READ_THREADS threads (1 by default), each resting after a
 listing twice as long as it took, everything else (claims, transitions, heartbeats, single files,
 health) on gunicorn's `threads`. Kept-alive connections wait in the event loop, not in a
-thread; so do requests still arriving.
+thread; so do requests still arriving. Long-poll claims (`is_waiting`: a `wait=` in the query)
+have a third lane of WAIT_THREADS, where they may sleep until work is ready without taking a
+thread from the other two.
 """
 from __future__ import annotations
 
@@ -107,10 +109,17 @@ def _chunked_size(buf: bytearray, pos: int, max_body: int) -> int | None:
 
 def request_target(buf: bytearray) -> tuple[str, str]:
     """(method, path) of the request line at the start of `buf` (empty strings if unreadable)."""
+    method, path, _query = request_line(buf)
+    return method, path
+
+
+def request_line(buf: bytearray) -> tuple[str, str, str]:
+    """(method, path, query string) of the request line at the start of `buf`."""
     line = bytes(buf[:buf.find(b"\r\n")]).split(b" ")
     if len(line) < 2:
-        return "", ""
-    return line[0].decode("latin-1"), line[1].split(b"?", 1)[0].decode("latin-1")
+        return "", "", ""
+    path, _, query = line[1].partition(b"?")
+    return line[0].decode("latin-1"), path.decode("latin-1"), query.decode("latin-1")
 
 
 class Conn:
@@ -133,15 +142,27 @@ class BufferingProcess(base.Worker):
     MAX_HEAD = 32 * 1024
     MAX_BODY = 64 * 1024
     READ_THREADS = 1
+    WAIT_THREADS = 16
     is_listing: Callable[[str, str], bool] = staticmethod(lambda method, path: False)
+    is_waiting: Callable[[str, str, str], bool] = staticmethod(lambda method, path, query: False)
+    on_stop: Callable[[], None] = staticmethod(lambda: None)
 
     @classmethod
     def configure(cls, request_timeout: float, max_body: int, read_threads: int,
-                  is_listing: Callable[[str, str], bool]) -> None:
+                  is_listing: Callable[[str, str], bool], wait_threads: int = 16,
+                  is_waiting: Callable[[str, str, str], bool] | None = None,
+                  on_stop: Callable[[], None] | None = None) -> None:
+        """`on_stop`: called by the event loop (not the signal handler) once the process is
+        stopping, to end long waits so their connections can be answered and closed."""
         cls.REQUEST_TIMEOUT = request_timeout
         cls.MAX_BODY = max_body
         cls.READ_THREADS = read_threads
         cls.is_listing = staticmethod(is_listing)
+        cls.WAIT_THREADS = wait_threads
+        if is_waiting is not None:
+            cls.is_waiting = staticmethod(is_waiting)
+        if on_stop is not None:
+            cls.on_stop = staticmethod(on_stop)
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -152,6 +173,7 @@ class BufferingProcess(base.Worker):
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.work_pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="request")
         self.read_pool = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="listing")
+        self.wait_pool = ThreadPoolExecutor(self.WAIT_THREADS, thread_name_prefix="waiting")
         self.selector = selectors.DefaultSelector()
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_read, self.wake_write = os.pipe()
@@ -190,6 +212,10 @@ class BufferingProcess(base.Worker):
             self._poll(self._next_timeout())
             self._expire()
         self._accept(False)
+        try:
+            self.on_stop()
+        except Exception:  # noqa: BLE001 - stopping goes on whatever the hook did
+            self.log.exception("on_stop hook failed")
         for conn in [c for c in self.conns.values() if not c.busy]:
             self._close(conn)          # idle or still sending: the client retries elsewhere
         deadline = time.monotonic() + self.cfg.graceful_timeout
@@ -200,6 +226,7 @@ class BufferingProcess(base.Worker):
             self._close(conn)
         self.work_pool.shutdown(wait=False)
         self.read_pool.shutdown(wait=False)
+        self.wait_pool.shutdown(wait=False)
 
     def is_parent_alive(self) -> bool:
         if self.ppid != os.getppid():
@@ -275,10 +302,13 @@ class BufferingProcess(base.Worker):
         if size is None:
             return
         request, conn.buf = bytes(conn.buf[:size]), conn.buf[size:]
-        method, path = request_target(bytearray(request[:2048]))
+        method, path, query = request_line(bytearray(request[:2048]))
         listing = self.is_listing(method, path)
         self.selector.unregister(conn.sock)
         conn.busy = True
+        if not listing and self.is_waiting(method, path, query):
+            self.wait_pool.submit(self._serve, conn, request, False)
+            return
         (self.read_pool if listing else self.work_pool).submit(self._serve, conn, request, listing)
 
     def _finish(self) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import select
+import socket
 import threading
 import time
 import traceback
@@ -22,13 +24,15 @@ from .. import db
 from ..config import Settings, check_api_exposure, is_loopback
 from ..logs import setup_logging
 from ..stages import FIRST, ORDERED, STAGES, STATUSES, TRANSITIONS, WORK_STAGES, Action, Stage, Status
-from . import errors, schema, tracking
+from . import errors, metrics, retention, schema, tracking, wakeup
 from .rejected import RejectedRoutes
 
 BASE = "/api/v1/pipeline"
 MAX_BODY = 64 * 1024
 MAX_OFFSET = 10_000    # rows a listing may skip; deeper pages use after= (keyset)
 MAX_STATS = 32 * 1024  # pipeline_transitions.stats is a TEXT (64 KiB)
+MAX_WAIT = 30.0        # seconds a long-poll claim may wait
+MAX_BATCH = 100        # tasks one batch `done` may report
 FILENAME = re.compile(r"^[0-9A-Za-z_.-]{1,64}$")
 log = logging.getLogger("pipeline-apid")
 # The tracker's refusals as HTTP answers (any other TaskError: 400).
@@ -45,6 +49,15 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str, **extra: Any):
         super().__init__(message)
         self.status, self.body = status, {"error": message, **extra}
+
+
+class Text(bytes):
+    """An answer that is not JSON (the Prometheus text format)."""
+
+    def __new__(cls, data: bytes, content_type: str):
+        obj = super().__new__(cls, data)
+        obj.content_type = content_type
+        return obj
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -104,6 +117,36 @@ def _page() -> tuple[int, int | None]:
     return offset, after
 
 
+def _query_seconds(name: str, most: float) -> float:
+    """A number of seconds in [0, most] from the query string (0 when absent)."""
+    raw = bottle.request.query.get(name)
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter '{name}' must be a number of seconds, got {raw[:40]!r}", name) from None
+    if not 0 <= value <= most:
+        raise BadRequest(f"query parameter '{name}' must be in [0, {most:g}], got {raw[:40]}", name)
+    return value
+
+
+def _caller_gone() -> bool:
+    """Whether the client closed its connection while its claim waited (a stopped daemon):
+    claiming for it then would only leave tasks started until their lease ran out."""
+    sock = bottle.request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        # Readable: a closed connection (reads b"") or the client's next request (pipelined).
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 def _body() -> dict:
     """The JSON object of a POST. Read straight from the server's input stream with a cap
     (bottle's `request.body` would first spool any size of chunked body to a file)."""
@@ -156,6 +199,9 @@ class Api:
         self.conns = db.ThreadConnections(settings.pipeline_db, multi_statements=True)
         self.tracker = tracking.Tracker(self.conns, settings.shard_count, settings.lease_seconds,
                                         settings.max_attempts)
+        self.metrics = metrics.Metrics(self.tracker.store)
+        self.watch = wakeup.ReadyWatch(lambda: self.tracker.store.read(metrics.SCRAPE_SQL[0]),
+                                       settings.api_wait_poll, on_error=self.conns.discard)
         self._last_reap = 0.0
         self.app = bottle.Bottle()
         self.app.default_error_handler = self._bottle_error
@@ -168,6 +214,9 @@ class Api:
 
     def _respond(self, status: int, body: Any) -> bytes:
         bottle.response.status = status
+        if isinstance(body, Text):
+            bottle.response.content_type = body.content_type
+            return bytes(body)
         bottle.response.content_type = "application/json"
         return orjson.dumps(body)
 
@@ -258,6 +307,7 @@ class Api:
         a.route(f"{BASE}/ready", "GET", route(self.ready, needs_db=False))
         a.route(f"{BASE}/files/register", "POST", route(self.register))
         a.route(f"{BASE}/files/<filename>", "GET", route(self.file))
+        a.route(f"{BASE}/stages/<stage>/done-batch", "POST", route(self.done_batch))
         a.route(f"{BASE}/stages/<stage>/<action>", "POST", route(self.stage_action))
         a.route(f"{BASE}/queues/<stage>", "GET", route(self.queue))
         a.route(f"{BASE}/queues/<stage>/claim", "POST", route(self.claim))
@@ -266,6 +316,7 @@ class Api:
         a.route(f"{BASE}/metrics/throughput", "GET", route(self.throughput))
         a.route(f"{BASE}/hosts", "GET", route(self.hosts))
         RejectedRoutes(self).install(a, BASE)
+        a.route("/metrics", "GET", route(self.prometheus))
 
     def health(self):
         return 200, {"status": "ok"}
@@ -302,9 +353,12 @@ class Api:
         if stage == FIRST:
             data = _body()
             events = data.get("events")
-            return 200, self.tracker.ingest_done(
+            result = self.tracker.ingest_done(
                 _filename(_required(data, "filename")), _text(data.get("worker"), "worker", 128),
                 None if events is None else _int(events, "events", 0, 2**31 - 1))
+            if result["updated_rows"]:
+                self.watch.hint(STAGES[1], None)
+            return 200, result
         stage = self._stage(stage)
         if action not in (*TRANSITIONS, Action.HEARTBEAT):
             raise HttpError(404, f"unknown transition {action[:40]!r}; expected one of "
@@ -332,7 +386,51 @@ class Api:
             error=None if error is None else error[:schema.ERROR_MAX],
             events=None if events is None else _int(events, "events", 0, 2**31 - 1),
             stats=stats)
+        if moved.changed:
+            self._hint(stage, action, shard)
         return 200, moved.as_dict()
+
+    def _hint(self, stage: Stage, action: Action, shard: int | None) -> None:
+        """Wake this process's waiters that the change may have given work: a `done` readies
+        the next stage (and frees an ordered stage's shard); a task sent back readies its own
+        stage (a rewind also the one before)."""
+        following = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else None
+        if action == Action.DONE:
+            woken = (following, stage if stage in ORDERED else None)
+        else:
+            woken = (stage, stage.previous if action == Action.REWIND else None)
+        for s in woken:
+            if s in WORK_STAGES:
+                self.watch.hint(s, shard)
+
+    def done_batch(self, stage: str):
+        """`done` of several tasks in one request: each answered as its own `done` would be
+        (the moved task, or its refusal), in the order given."""
+        stage = self._stage(stage)
+        data = _body()
+        items = data.get("items")
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+            raise BadRequest(f"'items' must be a list of 1 to {MAX_BATCH} tasks", "items")
+        owner = _text(data.get("worker"), "worker", 128)
+        tasks = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise BadRequest("each of 'items' must be an object", "items")
+            events = item.get("events")
+            tasks.append((_filename(_required(item, "filename")), self._shard(_required(item, "shard")),
+                          None if events is None else _int(events, "events", 0, 2**31 - 1), _stats(item.get("stats"))))
+        out = []
+        for filename, shard, events, stats in tasks:
+            try:
+                moved = self.tracker.transition(stage, Action.DONE, filename, shard, owner=owner, events=events,
+                                                stats=stats)
+            except errors.TaskError as exc:
+                out.append({"status_code": HTTP_STATUS.get(type(exc), 400), **exc.body})
+                continue
+            if moved.changed:
+                self._hint(stage, Action.DONE, shard)
+            out.append({"status_code": 200, **moved.as_dict()})
+        return 200, {"stage": stage, "items": out}
 
     def claim(self, stage: str):
         stage = self._stage(stage)
@@ -342,9 +440,17 @@ class Api:
         owner = _text(_required(data, "worker"), "worker", 128, required=True)
         if stage in ORDERED and shard is None:
             raise BadRequest(f"{stage} takes each shard's files in order: 'shard' is required", "shard")
-        self._reap_now_and_then()
-        return 200, {"stage": stage, "worker": owner,
-                     "items": self.tracker.claim(stage, limit, shard, owner)}
+        wait = _query_seconds("wait", MAX_WAIT)
+        deadline = time.monotonic() + wait
+        while True:
+            seen = self.watch.generation
+            if wait > 0 and self.watch.idle(stage, shard):
+                items = []   # nothing ready, nothing started: no need to ask the database
+            else:
+                self._reap_now_and_then()
+                items = self.tracker.claim(stage, limit, shard, owner)
+            if items or wait <= 0 or not self.watch.wait(stage, shard, seen, deadline) or _caller_gone():
+                return 200, {"stage": stage, "worker": owner, "items": items}
 
     def queue(self, stage: str):
         stage = self._stage(stage)
@@ -369,6 +475,9 @@ class Api:
 
     def summary(self):
         return 200, self.tracker.summary()
+
+    def prometheus(self):
+        return 200, Text(self.metrics.render(), metrics.CONTENT_TYPE)
 
     def throughput(self):
         return 200, self.tracker.throughput(_query_int("minutes", 15, 1, 180))
@@ -404,22 +513,57 @@ class Api:
                     self.conns.discard()
                     log.debug("reaper: %s", exc)
         threading.Thread(target=loop, name="reaper", daemon=True).start()
+        threading.Thread(target=self._prune_loop, name="pruner", daemon=True).start()
+
+    def _prune_loop(self) -> None:
+        """pipeline_transitions past TRANSITIONS_WINDOW, deleted now and then (every minute, or
+        a quarter of a short window); one process of all instances at a time (retention.py)."""
+        pruning = retention.Retention(self.tracker.store, self.settings.transitions_window)
+        every = min(60.0, max(self.settings.transitions_window / 4, 0.5))
+        while True:
+            time.sleep(every)
+            try:
+                self.ensure_schema()
+                deleted = pruning.prune()
+                if deleted:
+                    log.info("pruned %d transitions older than %gs", deleted, self.settings.transitions_window)
+            except Exception as exc:
+                self.conns.discard()
+                log.debug("pruner: %s", exc)
+
+
+_APIS: list[Api] = []
+
+
+def _stop_waiting() -> None:
+    """The gunicorn process stops: long-poll claims answer now (with nothing)."""
+    for api in _APIS:
+        api.watch.close()
 
 
 def create_app(settings: Settings | None = None, reaper: bool = True) -> bottle.Bottle:
     api = Api(settings or Settings.from_env())
+    _APIS.append(api)
     if reaper:
         api.start_reaper()
     return api.app
 
 
 LISTINGS = (f"{BASE}/queues/", f"{BASE}/tasks/", f"{BASE}/metrics/", f"{BASE}/hosts", f"{BASE}/rejected")
+WAIT_QUERY = re.compile(r"(^|&)wait=(?!0*(\.0*)?(&|$))")
+
+
+def is_waiting(method: str, path: str, query: str) -> bool:
+    """A long-poll claim (a `wait=` above 0): it may sleep, so on a lane of its own."""
+    return method == "POST" and path.startswith(f"{BASE}/queues/") and path.endswith("/claim") \
+        and WAIT_QUERY.search(query) is not None
 
 
 def is_listing(method: str, path: str) -> bool:
-    """Requests that may read many rows (the dashboard's, an operator's): they get their own
-    threads, so however many arrive, claims, transitions and heartbeats never wait for them."""
-    return method in ("GET", "HEAD") and path.startswith(LISTINGS)
+    """Requests that may read many rows (the dashboard's, an operator's, a scraper's): they get
+    their own threads, so however many arrive, claims, transitions and heartbeats never wait
+    for them."""
+    return method in ("GET", "HEAD") and (path.startswith(LISTINGS) or path == "/metrics")
 
 
 def serve(settings: Settings, app_factory=None) -> None:
@@ -431,7 +575,8 @@ def serve(settings: Settings, app_factory=None) -> None:
     from .server import BufferingProcess
 
     factory = app_factory or create_app
-    BufferingProcess.configure(settings.api_request_timeout, MAX_BODY, settings.api_read_threads, is_listing)
+    BufferingProcess.configure(settings.api_request_timeout, MAX_BODY, settings.api_read_threads, is_listing,
+                               settings.api_wait_threads, is_waiting, on_stop=_stop_waiting)
 
     class Server(BaseApplication):
         def load_config(self):

@@ -14,7 +14,7 @@ import orjson
 from ..stages import FIRST, Action, Stage, Status, sql_in
 from .errors import Conflict, NotFound
 from .queries import DONE, FAILED, NEW, STARTED, log_sql, marks, row_sql
-from .schema import ERROR_MAX
+from .schema import ERROR_MAX, REASON_MAX
 from ..db import Result, Transaction
 from .store import Store
 
@@ -34,6 +34,28 @@ class Moved:
     def as_dict(self) -> dict:
         return {"filename": self.filename, "shard": self.shard, "stage": self.stage,
                 "status": self.status, "changed": self.changed, "attempts": self.attempts, **self.extra}
+
+
+def rejected_counts(stats: dict | None) -> list[tuple[str, int]]:
+    """(reason, lines) of a `done`'s `stats.rejected`, for the rejected-lines counters. A
+    splitter reports its file's rejections on every shard's task but writes them with one
+    (`rejected_file_written`): only that one counts."""
+    if not isinstance(stats, dict) or stats.get("rejected_file_written") is False:
+        return []
+    rejected = stats.get("rejected")
+    if not isinstance(rejected, dict):
+        return []
+    return sorted((reason, n) for reason, n in rejected.items()
+                  if isinstance(reason, str) and 0 < len(reason) <= REASON_MAX
+                  and isinstance(n, int) and not isinstance(n, bool) and 0 < n < 2**31)
+
+
+def rejected_sql(stage: Stage, rejected: list[tuple[str, int]], gate: str = "TRUE") -> tuple[str, list]:
+    """Add to pipeline_rejected_counts, only when `gate` holds (the done took effect)."""
+    rows = " UNION ALL ".join(["SELECT %s st, %s why, %s cnt"] * len(rejected))
+    return (f"INSERT INTO pipeline_rejected_counts (stage, reason, n) SELECT st, why, cnt FROM ({rows}) r"
+            f" WHERE {gate} ORDER BY why ON DUPLICATE KEY UPDATE n = n + VALUES(n)",
+            [v for reason, n in rejected for v in (stage, reason, n)])
 
 
 class Transitions:
@@ -90,8 +112,9 @@ class Transitions:
         stage = Stage(stage)
         action = Action(action)
         stats_text = orjson.dumps(stats).decode() if stats else None
+        rejected = rejected_counts(stats) if action == Action.DONE else []
         if action == Action.DONE:
-            moved = self._done_at_once(stage, filename, shard, owner, events, stats_text)
+            moved = self._done_at_once(stage, filename, shard, owner, events, stats_text, rejected)
             if moved is not None:
                 return moved
 
@@ -99,6 +122,8 @@ class Transitions:
             row = self._task(stage, filename, shard, t.run((row_sql(stage, lock=True),
                                                             (stage, filename, shard)))[0])
             moved, writes = getattr(self, f"_{action}")(stage, row, owner, error, events, stats_text)
+            if writes and rejected and moved.changed and moved.status == DONE:
+                writes.append(rejected_sql(stage, rejected))
             if writes:
                 t.finish(*writes)
             return moved
@@ -113,11 +138,11 @@ class Transitions:
         row.update(filename=filename, shard=shard, last={"action": action, "to_status": to, "actor": actor})
         return row
 
-    def _done_at_once(self, stage, filename, shard, owner, events, stats_text) -> Moved | None:
+    def _done_at_once(self, stage, filename, shard, owner, events, stats_text, rejected=()) -> Moved | None:
         """`done` by a named owner in one round trip of five statements: the rule sits in the
         UPDATE's WHERE and its row count, kept in a session variable, gates the log row. The
-        UPDATE hands back the attempt count through LAST_INSERT_ID(x) (the reply's insert id),
-        so nothing is read. Only a refusal or a repeat then costs a read, to be explained."""
+        UPDATE hands back the attempt count through LAST_INSERT_ID(x), read with the row count,
+        so nothing else is read. Only a refusal or a repeat then costs a read, to be explained."""
         if owner is None:
             return None  # the log names the owner: take the locked path, which reads it
         status_col, att_col = stage.status_column, stage.attempts_column
@@ -127,14 +152,17 @@ class Transitions:
                 (f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
                  f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
                  f" AND (owner IS NULL OR owner=%s)", (filename, shard, owner)),
-                ("SET @pipeline_done = ROW_COUNT()", None),
+                # LAST_INSERT_ID(), not the reply's insert id: the counting trigger's INSERT
+                # (migration 0004) leaves that at 0.
+                ("SELECT @pipeline_done := ROW_COUNT() AS done, LAST_INSERT_ID() AS attempts", None),
                 ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
                  " action, actor, duration_ms, events, stats)"
                  f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
                  " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
                  " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
-                 (stage, owner, events, stats_text, filename, shard)))
-            return results[0].lastrowid if results[0].rowcount == 1 else False
+                 (stage, owner, events, stats_text, filename, shard)),
+                *([rejected_sql(stage, rejected, gate="@pipeline_done = 1")] if rejected else []))
+            return results[1].rows[0]["attempts"] if results[0].rowcount == 1 else False
         attempts = self.store.tx(tx)
         if attempts is not False:
             return Moved(filename, shard, stage, DONE, True, attempts or 0)
