@@ -276,7 +276,10 @@ class FileRun:
                     log.info("%s lines %d+: %s; deciding the batch again with every key looked up",
                              self.filename, first_line, exc)
                 else:
-                    log.warning("%s lines %d+: %s; deciding the batch again", self.filename, first_line, exc)
+                    # Two shards locking one user's balance may deadlock now and then; InnoDB picks a
+                    # victim and a second try goes through. Only a batch that keeps losing is news.
+                    log.log(logging.INFO if attempt == 0 else logging.WARNING,
+                            "%s lines %d+: %s; deciding the batch again", self.filename, first_line, exc)
                     time.sleep(0.05 * attempt)
                 optimistic = False
                 self.seq = seq
