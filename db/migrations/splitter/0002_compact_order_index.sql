@@ -46,8 +46,9 @@ CREATE TABLE IF NOT EXISTS splitter_order_0002 (
   PRIMARY KEY (epoch, order_id, file_id, line)
 ) ENGINE=InnoDB;
 
-INSERT IGNORE INTO splitter_order_0002 (epoch, order_id, file_id, line, shop_id)
-  SELECT 0, order_id, file_id, line, shop_id FROM splitter_order;
+INSERT INTO splitter_order_0002 (epoch, order_id, file_id, line, shop_id)
+  SELECT 0, order_id, file_id, line, shop_id FROM splitter_order
+  ON DUPLICATE KEY UPDATE line = splitter_order_0002.line;
 
 DROP TABLE IF EXISTS splitter_order_0001;
 

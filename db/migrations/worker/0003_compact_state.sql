@@ -37,11 +37,11 @@ SET @old_orders = (SELECT COUNT(*) = 0 FROM information_schema.statistics WHERE 
 -- minute was not recorded, so they go under the minute of their file's newest event and the one
 -- before (exact for a file whose events span less than a minute; a key in the wrong minute is
 -- never found and is pruned with it). `3:<order>` keys move as they are.
-SET @sql = IF(@old_seen > 0, 'INSERT IGNORE INTO worker_return_keys (shard, order_id, bucket) SELECT s.shard, CAST(SUBSTRING(s.event_key, 3) AS SIGNED), LEAST(GREATEST(FLOOR(TIMESTAMPDIFF(SECOND, ''1970-01-01'', COALESCE(f.newest_event, f.created_at, ''1970-01-01'')) / 60), -2147483648), 2147483647) FROM worker_seen s JOIN worker_files f ON f.id = s.file_id WHERE s.event_key LIKE ''3:%'' AND s.event_key NOT LIKE ''3:h%''', 'DO 0');
+SET @sql = IF(@old_seen > 0, 'INSERT INTO worker_return_keys (shard, order_id, bucket) SELECT s.shard, CAST(SUBSTRING(s.event_key, 3) AS SIGNED), LEAST(GREATEST(FLOOR(TIMESTAMPDIFF(SECOND, ''1970-01-01'', COALESCE(f.newest_event, f.created_at, ''1970-01-01'')) / 60), -2147483648), 2147483647) FROM worker_seen s JOIN worker_files f ON f.id = s.file_id WHERE s.event_key LIKE ''3:%'' AND s.event_key NOT LIKE ''3:h%'' ON DUPLICATE KEY UPDATE bucket = worker_return_keys.bucket', 'DO 0');
 PREPARE step FROM @sql;
 EXECUTE step;
 DEALLOCATE PREPARE step;
-SET @sql = IF(@old_seen > 0, 'INSERT IGNORE INTO worker_seen_compact (shard, bucket, hash) SELECT s.shard, LEAST(GREATEST(FLOOR(TIMESTAMPDIFF(SECOND, ''1970-01-01'', COALESCE(f.newest_event, f.created_at, ''1970-01-01'')) / 60) - m.back, -2147483648), 2147483647), CAST(CONV(SUBSTRING(s.event_key, 4, 16), 16, -10) AS SIGNED) FROM worker_seen s JOIN worker_files f ON f.id = s.file_id JOIN (SELECT 0 AS back UNION ALL SELECT 1) m WHERE s.event_key LIKE ''_:h%''', 'DO 0');
+SET @sql = IF(@old_seen > 0, 'INSERT INTO worker_seen_compact (shard, bucket, hash) SELECT s.shard, LEAST(GREATEST(FLOOR(TIMESTAMPDIFF(SECOND, ''1970-01-01'', COALESCE(f.newest_event, f.created_at, ''1970-01-01'')) / 60) - m.back, -2147483648), 2147483647), CAST(CONV(SUBSTRING(s.event_key, 4, 16), 16, -10) AS SIGNED) FROM worker_seen s JOIN worker_files f ON f.id = s.file_id JOIN (SELECT 0 AS back UNION ALL SELECT 1) m WHERE s.event_key LIKE ''_:h%'' ON DUPLICATE KEY UPDATE hash = worker_seen_compact.hash', 'DO 0');
 PREPARE step FROM @sql;
 EXECUTE step;
 DEALLOCATE PREPARE step;
@@ -72,9 +72,9 @@ CREATE TABLE IF NOT EXISTS worker_orders_compact (
   UNIQUE KEY uq_order (order_id)
 ) ENGINE=InnoDB;
 
-SET @sql = IF(@old_orders > 0, 'INSERT IGNORE INTO worker_orders_compact (shard, file_id, line, order_id, user_id,
+SET @sql = IF(@old_orders > 0, 'INSERT INTO worker_orders_compact (shard, file_id, line, order_id, user_id,
   shop_id, good_id, qty, amount, debited, credit) SELECT shard, file_id, line, order_id, user_id, shop_id, good_id, qty,
-  amount, debited, credit FROM worker_orders', 'DO 0');
+  amount, debited, credit FROM worker_orders ON DUPLICATE KEY UPDATE line = worker_orders_compact.line', 'DO 0');
 PREPARE step FROM @sql;
 EXECUTE step;
 DEALLOCATE PREPARE step;
