@@ -254,16 +254,16 @@ class Bench:
             url = self.fresh(f"small_{method}")
             try:
                 conn = loader.connect(url)
-                trips = count_round_trips(conn)
+                trips = servers.count_round_trips(conn)
 
                 def load_all():
                     for i, path in enumerate(files):
                         result = loader.load_file(conn, path, f"2098{i:010d}", 0, 2, root=self.work, method=method)
                         assert result.loaded == rows_each and result.method == method, result
-                before = questions(conn)
+                before = servers.session_statements(conn)
                 trips.clear()
                 wall, cpu, server = self.timed(load_all)
-                statements = questions(conn) - before - 1  # the SHOW STATUS itself not counted
+                statements = servers.session_statements(conn) - before - 1  # the SHOW STATUS itself not counted
                 round_trips = len(trips) - 1
                 conn.close()
             finally:
@@ -336,25 +336,6 @@ class Bench:
         print(f"  after / fresh: {method} {out['fresh'][0] / out['after'][0]:.2f}, "
               f"reference {ref['fresh'][0] / ref['after'][0]:.2f}; {method} after / reference after: "
               f"{ref['after'][0] / out['after'][0]:.2f}", flush=True)
-
-
-def count_round_trips(conn) -> list:
-    """Every command `conn` sends from now on (one round trip each)."""
-    sent = []
-    original = conn._execute_command
-
-    def counting(command, sql):
-        sent.append(command)
-        return original(command, sql)
-    conn._execute_command = counting
-    return sent
-
-
-def questions(conn) -> int:
-    """The session's statements so far (each statement of a multi-statement batch counts)."""
-    with conn.cursor() as cur:
-        cur.execute("SHOW SESSION STATUS LIKE 'Questions'")
-        return int(cur.fetchone()[1])
 
 
 def process_cpu(pid: int) -> float:

@@ -61,6 +61,25 @@ def query(url: MySQLURL, sql: str, args=()) -> list[tuple]:
         conn.close()
 
 
+def count_round_trips(conn) -> list:
+    """The statements (or `;`-joined batches) sent on `conn` from now on, one per round trip."""
+    sent = []
+    original = conn._execute_command
+
+    def counting(command, sql):
+        sent.append(sql)
+        return original(command, sql)
+    conn._execute_command = counting
+    return sent
+
+
+def session_statements(conn) -> int:
+    """The session's statements so far (each statement of a multi-statement batch counts)."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW SESSION STATUS LIKE 'Questions'")
+        return int(cur.fetchone()[1])
+
+
 def unique_name(prefix: str) -> str:
     return f"t_{prefix}_{uuid.uuid4().hex[:10]}"
 

@@ -267,34 +267,16 @@ def test_two_loaders_of_one_file_load_it_once(shard, tmp_path, first_finishes):
 
 
 
-def counting_round_trips(conn) -> list:
-    """The statements (or `;`-joined batches) sent on `conn`, one per round trip."""
-    sent = []
-    original = conn._execute_command
-
-    def counting(command, sql):
-        sent.append(sql)
-        return original(command, sql)
-    conn._execute_command = counting
-    return sent
-
-
-def session_statements(conn) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SHOW SESSION STATUS LIKE 'Questions'")
-        return int(cur.fetchone()[1])
-
-
 def test_a_small_file_costs_three_statements_in_two_round_trips(shard, tmp_path):
     """The claim, holding the whole record, goes with the LOAD DATA, then the COMMIT: each
     statement and each round trip costs the sender and the server CPU (no UPDATE of the record)."""
     url, conn = shard
     data = write(tmp_path / "p.txt", many(500))
-    before = session_statements(conn)
-    sent = counting_round_trips(conn)
+    before = servers.session_statements(conn)
+    sent = servers.count_round_trips(conn)
     result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
     assert (result.loaded, result.method, len(sent)) == (500, "load_data", 2), sent
-    assert session_statements(conn) - before - 1 == 3
+    assert servers.session_statements(conn) - before - 1 == 3
     assert query(url, "SELECT line_count, loaded_count, duplicate_count, checksum, method, seconds IS NOT NULL "
                       "FROM loaded_files") == ((500, 500, 0, hashlib.sha1(data).hexdigest(), "load_data", 1),)
     sent.clear()
