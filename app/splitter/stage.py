@@ -11,7 +11,6 @@ import base64
 import logging
 import os
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
@@ -20,7 +19,7 @@ import msgspec
 import orjson
 
 from .. import layout, rejected, safefiles
-from ..atomic import atomic_write
+from ..atomic import atomic_writes
 from ..client import ApiError, ApiUnavailable, PipelineClient, Task
 from ..config import Settings
 from ..daemon import Context, Done, Failed, Outcome, Retryable, StageWork, run_stage
@@ -315,15 +314,16 @@ def split_file(source: Path, filename: str, shared: Path, shard_count: int, shar
         src = LineReader(f, max_line_bytes)
         file_routing = index.open_file(filename)
         try:
-            with ExitStack() as stack:
+            paths = [(layout.splitter_output(shared, filename, s), 0o644) for s in shards]
+            if write_rejected:
+                paths.append((layout.splitter_rejected(shared, filename), REJECTED_MODE))
+            with atomic_writes(paths, root=shared) as files:
                 outputs: list = [None] * shard_count
-                for s in shards:
-                    outputs[s] = stack.enter_context(
-                        atomic_write(layout.splitter_output(shared, filename, s), root=shared)).write
+                for s, out in zip(shards, files):
+                    outputs[s] = out.write
                 rejected_out = None
                 if write_rejected:
-                    rejected_out = stack.enter_context(atomic_write(
-                        layout.splitter_rejected(shared, filename), root=shared, mode=REJECTED_MODE)).write
+                    rejected_out = files[-1].write
                     if rejected_rows is not None:
                         rejected_out = rejected_rows.tee(rejected_out, filename, Stage.SPLITTER, None)
                 reg = [s in registered for s in range(shard_count)]
