@@ -372,14 +372,23 @@ class Splitter(StageWork):
         self._prune(ctx)
 
     def _prune(self, ctx: Context) -> None:
-        """The order index's pruning, at most every PRUNE_EVERY seconds, between files."""
-        if not self.index.prune_due(time.monotonic()):
-            return
-        try:
-            self.index.prune()
-        except UNAVAILABLE as exc:
-            ctx.log.warning("order index pruning postponed: pipeline database unavailable (%s)", exc)
-            self.index.reset()
+        """The order index's pruning, and the rejected lines' (REJECTED_WINDOW: the splitter
+        is the one stage every deployment runs), each at most every few minutes, between files."""
+        if self.index.prune_due(time.monotonic()):
+            try:
+                self.index.prune()
+            except UNAVAILABLE as exc:
+                ctx.log.warning("order index pruning postponed: pipeline database unavailable (%s)", exc)
+                self.index.reset()
+        rows = rejected.writer(self.settings.pipeline_db)
+        if rows.prune_due():
+            try:
+                deleted = rows.prune(self.settings.rejected_window)
+            except UNAVAILABLE as exc:
+                ctx.log.warning("rejected lines pruning postponed: pipeline database unavailable (%s)", exc)
+                return
+            if deleted:
+                ctx.log.info("pruned %d rejected lines older than REJECTED_WINDOW", deleted)
 
     def process(self, tasks: list[Task], ctx: Context) -> list[Outcome]:
         filename = tasks[0].filename
