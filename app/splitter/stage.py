@@ -425,7 +425,6 @@ class Splitter(StageWork):
         except OSError as exc:
             raise Retryable(f"file system error: {exc}") from None
         stats = result.stats()
-        ctx.log.info("split %s: %s", filename, stats)
         self._prune(ctx)
         return [Done(events=result.per_shard[t.shard],
                      stats={**stats, "rejected_file_written": writes_rejected and t.shard == registered[0]})
