@@ -20,6 +20,8 @@ from .safefiles import TMP_MARK, Folder, space_id, temp_writer
 # asked: presumed alive until it has not changed for this long (a live writer writes on).
 FOREIGN_IDLE_SECONDS = 900.0
 
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
 __all__ = ["TMP_MARK", "atomic_write", "atomic_writes", "fsync_dir", "is_temp", "writer_alive", "FOREIGN_IDLE_SECONDS"]
 
 
@@ -80,7 +82,8 @@ def atomic_writes(paths: Sequence[tuple[Path, int]], buffering: int = 1 << 20,
     """`atomic_write` of several files of one folder (`paths`: (path, mode) pairs) at once: each
     appears whole or not at all, as one would alone, for one opening of the folder, one ledger
     write and one folder fsync instead of one each per file. All are published together, after
-    every one was written and synced; on error none is (nor any temporary file left)."""
+    every one was written and synced; an error before that publishes none (and leaves no
+    temporary file)."""
     paths = [(Path(p), m) for p, m in paths]
     if not paths:
         yield []
@@ -107,7 +110,7 @@ def atomic_writes(paths: Sequence[tuple[Path, int]], buffering: int = 1 << 20,
         yield files
         for f in files:
             f.flush()
-            os.fdatasync(f.fileno())  # the data and the size; the name is the folder's fsync below
+            _datasync(f.fileno())  # the data and the size; the name is the folder's fsync below
             f.close()
         for i, (p, _) in enumerate(paths):
             folder.replace(temps[i], p.name)
