@@ -10,7 +10,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 from . import owned
 from .processes import pid_alive
@@ -20,7 +20,9 @@ from .safefiles import TMP_MARK, Folder, space_id, temp_writer
 # asked: presumed alive until it has not changed for this long (a live writer writes on).
 FOREIGN_IDLE_SECONDS = 900.0
 
-__all__ = ["TMP_MARK", "atomic_write", "fsync_dir", "is_temp", "writer_alive", "FOREIGN_IDLE_SECONDS"]
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+__all__ = ["TMP_MARK", "atomic_write", "atomic_writes", "fsync_dir", "is_temp", "writer_alive", "FOREIGN_IDLE_SECONDS"]
 
 
 def is_temp(path: Path) -> bool:
@@ -70,27 +72,56 @@ def atomic_write(path: Path, buffering: int = 1 << 20, root: Path | None = None,
     trusted folder above `path` (no link below it is followed; default: only `path`'s own
     folder is checked); `mode`: the file's permissions (less the umask).
     """
-    path = Path(path)
-    folder = Folder(path.parent, root, create=True)
+    with atomic_writes([(path, mode)], buffering, root) as (f,):
+        yield f
+
+
+@contextmanager
+def atomic_writes(paths: Sequence[tuple[Path, int]], buffering: int = 1 << 20,
+                  root: Path | None = None) -> Iterator[list[BinaryIO]]:
+    """`atomic_write` of several files of one folder (`paths`: (path, mode) pairs) at once: each
+    appears whole or not at all, as one would alone, for one opening of the folder, one ledger
+    write and one folder fsync instead of one each per file. All are published together, after
+    every one was written and synced; an error before that publishes none (and leaves no
+    temporary file)."""
+    paths = [(Path(p), m) for p, m in paths]
+    if not paths:
+        yield []
+        return
+    parent = paths[0][0].parent
+    if any(p.parent != parent for p, _ in paths):
+        raise ValueError("atomic_writes: every file must be in one folder")
+    folder = Folder(parent, root, create=True)
+    temps: list[str] = []
+    files: list[BinaryIO] = []
     try:
-        fd, tmp = folder.create_temp(path.name, mode)
         try:
-            owned.record(folder, path.name, os.fstat(fd).st_ino)  # before the name: app/owned.py
+            fds = []
+            for p, mode in paths:
+                fd, tmp = folder.create_temp(p.name, mode)
+                fds.append(fd)
+                temps.append(tmp)
+            owned.record_many(folder, [(p.name, os.fstat(fd).st_ino) for (p, _), fd in zip(paths, fds)])
         except BaseException:
-            os.close(fd)
-            folder.unlink(tmp)
+            for fd in fds:
+                os.close(fd)
             raise
-        f = os.fdopen(fd, "wb", buffering=buffering)
-        try:
-            yield f
+        files = [os.fdopen(fd, "wb", buffering=buffering) for fd in fds]
+        yield files
+        for f in files:
             f.flush()
-            os.fsync(f.fileno())
+            _datasync(f.fileno())  # the data and the size; the name is the folder's fsync below
             f.close()
-            folder.replace(tmp, path.name)
-            folder.fsync()
-        except BaseException:
+        for i, (p, _) in enumerate(paths):
+            folder.replace(temps[i], p.name)
+            temps[i] = ""
+        folder.fsync()
+    except BaseException:
+        for f in files:
             f.close()
-            folder.unlink(tmp)
-            raise
+        for tmp in temps:
+            if tmp:
+                folder.unlink(tmp)
+        raise
     finally:
         folder.close()

@@ -7,12 +7,18 @@ Its `worker` arguments are the API's JSON field of that name: the calling daemon
 """
 from __future__ import annotations
 
+import http.client
+import json
 import logging
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import requests
+from requests.utils import requote_uri
 
 from .shutdown import StopFlag
 from .stages import FIRST, Action
@@ -56,6 +62,97 @@ def split_urls(base_url: str) -> list[str]:
     return urls
 
 
+class _Unreachable(Exception):
+    """The request got no answer (refused, reset, timed out): try the next instance."""
+
+
+class _Plain:
+    """One instance reached over plain HTTP/1.1 with a kept-alive `http.client` connection per
+    thread: the same request on the wire as `requests` sends, without its per-call cost
+    (URL parsing, environment proxy and certificate lookups, hooks: about half of a
+    small-file daemon's CPU went there). Only for an http:// URL that no proxy setting covers;
+    anything else goes through `requests` (`_Session`), so https, REQUESTS_CA_BUNDLE and
+    proxies behave as before."""
+
+    def __init__(self, base: str, headers: dict[str, str]):
+        parts = urlsplit(base)
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.prefix = parts.path.rstrip("/")
+        self.headers = {"Accept": "application/json", "User-Agent": requests.utils.default_user_agent(),
+                        **headers}
+        self._local = threading.local()
+
+    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            return conn, False
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn, conn.sock is not None
+
+    def close(self) -> None:
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            conn.close()
+
+    def request(self, method: str, path: str, body: bytes | None, query: str, timeout: float) -> tuple[int, bytes]:
+        target = requote_uri(self.prefix + path + ("?" + query if query else ""))
+        headers = self.headers if body is None else {**self.headers, "Content-Type": "application/json"}
+        while True:
+            conn, reused = self._connection(timeout)
+            try:
+                conn.request(method, target, body, headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.will_close:
+                    self.close()
+                return resp.status, data
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.close()
+                if reused:
+                    continue  # the instance closed an idle kept-alive connection: once more on a new one
+                raise _Unreachable(f"ConnectionError: {exc!r}") from exc
+            except TimeoutError as exc:
+                self.close()
+                raise _Unreachable(f"Timeout: {exc!r}") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise _Unreachable(f"ConnectionError: {exc!r}") from exc
+            except BaseException:
+                self.close()  # half a response must not stay on a connection used again
+                raise
+
+
+class _Session:
+    """One instance through `requests` (https, or a proxy from the environment applies)."""
+
+    def __init__(self, session: requests.Session, base: str):
+        self.session, self.base = session, base
+
+    def request(self, method: str, path: str, body: bytes | None, query: str, timeout: float) -> tuple[int, bytes]:
+        headers = None if body is None else {"Content-Type": "application/json"}
+        try:
+            resp = self.session.request(method, self.base + path + ("?" + query if query else ""), data=body,
+                                        headers=headers, timeout=timeout)
+            return resp.status_code, resp.content
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Unreachable(f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        pass
+
+
+def _transport(base: str, session: requests.Session, headers: dict[str, str]) -> "_Plain | _Session":
+    parts = urlsplit(base)
+    if parts.scheme == "http" and not parts.username and not parts.password:
+        proxies = urllib.request.getproxies()
+        if not (proxies.get("http") or proxies.get("all")) or urllib.request.proxy_bypass(parts.hostname or ""):
+            return _Plain(base, headers)
+    return _Session(session, base)
+
+
 class PipelineClient:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0,
                  stop: StopFlag | None = None, max_wait: float | None = None):
@@ -67,8 +164,9 @@ class PipelineClient:
         self.stop = stop
         self.max_wait = max_wait
         self.session = requests.Session()
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.session.headers.update(headers)
+        self._transports = [_transport(b, self.session, headers) for b in self.bases]
 
     @property
     def base(self) -> str:
@@ -89,19 +187,21 @@ class PipelineClient:
         deadline = None if max_wait is None else began + max_wait
         delay = 0.1
         failed_in_row = 0
+        payload = None if body is None else json.dumps(body, allow_nan=False).encode()
+        query = urlencode(params, doseq=True) if params else ""
         while True:
             base = self.bases[self._current]
             try:
-                resp = self.session.request(method, base + path, json=body, params=params,
-                                            timeout=timeout or self.timeout)
-                if resp.status_code < 500:
-                    data = resp.json() if resp.content else None
-                    if resp.status_code >= 400:
-                        raise ApiError(resp.status_code, data)
+                status, content = self._transports[self._current].request(method, path, payload, query,
+                                                                          timeout or self.timeout)
+                if status < 500:
+                    data = json.loads(content) if content else None
+                    if status >= 400:
+                        raise ApiError(status, data)
                     return data
-                problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = f"HTTP {status}: {content[:200].decode('utf-8', 'replace')}"
+            except _Unreachable as exc:
+                problem = str(exc)
             failed_in_row += 1
             if len(self.bases) > 1:
                 self._current = (self._current + 1) % len(self.bases)

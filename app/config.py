@@ -435,6 +435,8 @@ class Settings:
     # of files indexed within this many seconds before its file's first split; rows are kept
     # one window more (so a re-split sees the same) and then pruned by the splitter itself.
     order_index_window: float = 7 * 86400.0
+    # Rows of `rejected_lines` (app/rejected.py) older than this are pruned by the splitter.
+    rejected_window: float = 7 * 86400.0
     # Optional indexes of each shard's events table (user, order, type; docs/sender.md): each
     # serves a documented question and costs load speed, so none is built unless asked for.
     shard_indexes: tuple[str, ...] = ()
@@ -511,6 +513,7 @@ class Settings:
             max_line_bytes=_int(env, "MAX_LINE_BYTES", 1 << 20, 4096, 4 << 20),
             max_json_depth=_int(env, "MAX_JSON_DEPTH", 32, 2, 32),
             order_index_window=max(_duration(env, "ORDER_INDEX_WINDOW", 7 * 86400.0), 1.0),
+            rejected_window=max(_duration(env, "REJECTED_WINDOW", 7 * 86400.0), 1.0),
             shard_indexes=_names(env, "SHARD_INDEXES", SHARD_INDEXES),
             ingest_seed=_int(env, "INGEST_SEED", None, 0, 2**63 - 1),
             ingest_rates=_ingest_rates(env),

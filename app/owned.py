@@ -64,6 +64,12 @@ def record(folder: Folder, name: str, inode: int) -> None:
         ledger.write(f"{inode} {name}\n".encode())
 
 
+def record_many(folder: Folder, entries: list[tuple[str, int]]) -> None:
+    """`record` of several files (name, inode) in one write."""
+    with folder.open_append(ledger_name()) as ledger:
+        ledger.write(b"".join(f"{inode} {name}\n".encode() for name, inode in entries))
+
+
 def written(folder: Folder, names: list[str]) -> dict[tuple[str, int], set[str]]:
     """(name, inode) -> the hosts whose ledgers among `names` say they wrote it."""
     out: dict[tuple[str, int], set[str]] = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import re
 import threading
+import time
 from typing import Callable
 
 import orjson
@@ -40,6 +41,16 @@ INSERT = ("INSERT INTO rejected_lines (filename, stage, shard, line_no, reason, 
 # A re-run's row for a line already kept is an explicit no-op (not IGNORE, which would also
 # turn a real error, e.g. a value out of range, into a warning).
 KEEP_FIRST = " ON DUPLICATE KEY UPDATE id = id"
+
+# Retention (REJECTED_WINDOW, app/config.py): rows are deleted from the oldest id on, a range of
+# PRUNE_IDS ids a statement, while the range holds only rows older than the window (ids grow
+# with created_at); a call stops at the first range with a younger row, or after
+# PRUNE_STATEMENTS. Any number of writers may prune at once: each DELETE is idempotent.
+PRUNE_EVERY = 300.0
+PRUNE_IDS = 5000
+PRUNE_STATEMENTS = 20
+OLDEST = "SELECT MIN(id) FROM rejected_lines"
+PRUNE = "DELETE FROM rejected_lines WHERE id < %s AND created_at < NOW(3) - INTERVAL %s SECOND"
 COLUMNS = "id, filename, stage, shard, line_no, reason, detail, line_bytes, line_truncated, line, created_at"
 
 
@@ -69,6 +80,34 @@ class RejectedWriter:
     def __init__(self, url: MySQLURL):
         self.url = url
         self._conn = db.Reconnecting(url, check_after=30.0, on_open=lambda conn: db.migrate(conn, SCHEMA))
+        self._pruned_at: float | None = None
+
+    def prune_due(self, now: float | None = None, every: float = PRUNE_EVERY) -> bool:
+        now = time.monotonic() if now is None else now
+        return self._pruned_at is None or now - self._pruned_at >= every
+
+    def prune(self, window: float) -> int:
+        """Delete the rows older than `window` seconds, oldest first, in bounded statements
+        (module constants above); rows deleted. A database error raises and drops the connection."""
+        self._pruned_at = time.monotonic()
+        deleted = 0
+        try:
+            with self._conn.get().cursor() as cur:
+                cur.execute(OLDEST)
+                (low,) = cur.fetchone()
+                for _ in range(PRUNE_STATEMENTS):
+                    if low is None:
+                        break
+                    deleted += cur.execute(PRUNE, (low + PRUNE_IDS, float(window)))
+                    cur.execute(OLDEST)
+                    (after,) = cur.fetchone()
+                    if after is not None and after < low + PRUNE_IDS:
+                        break   # the range kept a row within the window: so do all after it
+                    low = after
+        except BaseException:
+            self._conn.discard()
+            raise
+        return deleted
 
     def write(self, rows: list[tuple]) -> int:
         """Insert the rows in bulk; rows already there are left as they are. A database error

@@ -3,6 +3,7 @@
 `GET /rejected`, and exported and re-injected as a new file with `python -m app.ingest`."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections import Counter
@@ -221,3 +222,53 @@ def test_export_fix_and_import_the_rejected_lines_as_a_new_file(tmp_path, pipeli
                                  ("20260103000000",))) == 2
     finally:
         pipe.stop()
+
+
+def _aged_rows(url, w: rejected.RejectedWriter, old: int, young: int) -> None:
+    """`old` rows of a file created 10 days ago, then `young` rows of now."""
+    rows = [("20260101000000", "shard-splitter", -1, n, "malformed_json", None, 3, 0, b"bad")
+            for n in range(1, old + young + 1)]
+    w.write(rows[:old])
+    servers.query(url, "UPDATE rejected_lines SET created_at = NOW(3) - INTERVAL 10 DAY")
+    w.write(rows[old:])
+
+
+def test_rows_older_than_rejected_window_are_pruned_oldest_first_in_bounded_statements(make_database, monkeypatch):
+    url = make_database("rej")
+    w = rejected.RejectedWriter(url)
+    monkeypatch.setattr(rejected, "PRUNE_IDS", 100)
+    monkeypatch.setattr(rejected, "PRUNE_STATEMENTS", 4)
+    try:
+        _aged_rows(url, w, 650, 30)
+        assert w.prune(7 * 86400.0) == 400                 # 4 statements of 100 ids, the rest next time
+        assert w.prune(7 * 86400.0) == 250                 # stops at the first range holding a young row
+        assert servers.query(url, "SELECT COUNT(*), MIN(line_no) FROM rejected_lines") == [(30, 651)]
+        assert w.prune(7 * 86400.0) == 0
+        assert w.prune(60.0) == 0                         # young rows: within any window over their age
+    finally:
+        w.close()
+
+
+def test_the_splitter_prunes_rejected_lines_by_itself(make_database):
+    from app.config import Settings
+    from app.daemon import Context
+    from app.shutdown import StopFlag
+    from app.splitter.stage import Splitter
+
+    url = make_database("rej")
+    w = rejected.writer(url)
+    _aged_rows(url, w, 120, 5)
+
+    class NoIndex:
+        def prune_due(self, now):
+            return False
+
+    settings = Settings.from_env({"MYSQL_PIPELINE_URL": url.secret_text(), "REJECTED_WINDOW": "3d"})
+    splitter = Splitter(settings, index=NoIndex(), client=object())
+    ctx = Context(StopFlag(), logging.getLogger("test"))
+    try:
+        splitter.idle(ctx)
+        assert servers.query(url, "SELECT COUNT(*) FROM rejected_lines") == [(5,)]
+        assert not w.prune_due()                           # the next pass in PRUNE_EVERY
+    finally:
+        w.close()

@@ -9,6 +9,7 @@ handed back and the shared loop backs off until the server answers again.
 """
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import pymysql
@@ -26,6 +27,10 @@ DATA_REFUSED = (pymysql.err.IntegrityError, pymysql.err.DataError, loader.RowsRe
 # A connection idle this long is pinged before the next file; one used more recently is not (a
 # file's first statement finds a dead one, and the task is handed back and retried).
 PING_AFTER = 5.0
+# A file loaded within this many seconds is a small one: the next claim may take CLAIM_LIMIT
+# tasks (one request instead of one per file, where the claim cost more than the load); after a
+# slower file, one at a time again, so other replicas of the shard can take the next files.
+FAST_LOAD_SECONDS = 1.0
 
 
 class Sender(StageWork):
@@ -37,7 +42,8 @@ class Sender(StageWork):
         self.shard = shard
         self.service = Stage.SENDER.program(shard)
         self.folder = layout.sender_dir(settings.shared_dir, shard)
-        self.claim_limit = 1  # a file is one long transaction: hold no lease we are not using
+        self.claim_limit = 1  # a file is one long transaction: hold no lease we are not using...
+        self.small_files_claim = max(settings.claim_limit, 1)  # ...unless files load fast (FAST_LOAD_SECONDS)
         self.url = settings.shard_dbs[shard]
         self.method = settings.sender_method
         # Pinged before a file after PING_AFTER idle; a new connection brings the schema up to
@@ -68,6 +74,7 @@ class Sender(StageWork):
         if task.shard != self.shard:
             raise TaskFailed(f"wrong shard: task of shard {task.shard} claimed by the sender of shard {self.shard}")
         path = layout.worker_output(self.settings.shared_dir, task.filename, self.shard)
+        started = time.monotonic()
         try:
             conn = self.shard_db.get()
             result = loader.load_file(
@@ -105,6 +112,7 @@ class Sender(StageWork):
             self.method = "insert"
         if result.already_loaded:
             ctx.log.info("%s was already loaded (%s rows): nothing added", task.filename, result.loaded)
+        self.claim_limit = self.small_files_claim if time.monotonic() - started < FAST_LOAD_SECONDS else 1
         return Done(events=result.loaded, stats=result.stats())
 
 

@@ -11,7 +11,6 @@ import base64
 import logging
 import os
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
@@ -20,7 +19,7 @@ import msgspec
 import orjson
 
 from .. import layout, rejected, safefiles
-from ..atomic import atomic_write
+from ..atomic import atomic_writes
 from ..client import ApiError, ApiUnavailable, PipelineClient, Task
 from ..config import Settings
 from ..daemon import Context, Done, Failed, Outcome, Retryable, StageWork, run_stage
@@ -315,15 +314,16 @@ def split_file(source: Path, filename: str, shared: Path, shard_count: int, shar
         src = LineReader(f, max_line_bytes)
         file_routing = index.open_file(filename)
         try:
-            with ExitStack() as stack:
+            paths = [(layout.splitter_output(shared, filename, s), 0o644) for s in shards]
+            if write_rejected:
+                paths.append((layout.splitter_rejected(shared, filename), REJECTED_MODE))
+            with atomic_writes(paths, root=shared) as files:
                 outputs: list = [None] * shard_count
-                for s in shards:
-                    outputs[s] = stack.enter_context(
-                        atomic_write(layout.splitter_output(shared, filename, s), root=shared)).write
+                for s, out in zip(shards, files):
+                    outputs[s] = out.write
                 rejected_out = None
                 if write_rejected:
-                    rejected_out = stack.enter_context(atomic_write(
-                        layout.splitter_rejected(shared, filename), root=shared, mode=REJECTED_MODE)).write
+                    rejected_out = files[-1].write
                     if rejected_rows is not None:
                         rejected_out = rejected_rows.tee(rejected_out, filename, Stage.SPLITTER, None)
                 reg = [s in registered for s in range(shard_count)]
@@ -372,14 +372,23 @@ class Splitter(StageWork):
         self._prune(ctx)
 
     def _prune(self, ctx: Context) -> None:
-        """The order index's pruning, at most every PRUNE_EVERY seconds, between files."""
-        if not self.index.prune_due(time.monotonic()):
-            return
-        try:
-            self.index.prune()
-        except UNAVAILABLE as exc:
-            ctx.log.warning("order index pruning postponed: pipeline database unavailable (%s)", exc)
-            self.index.reset()
+        """The order index's pruning, and the rejected lines' (REJECTED_WINDOW: the splitter
+        is the one stage every deployment runs), each at most every few minutes, between files."""
+        if self.index.prune_due(time.monotonic()):
+            try:
+                self.index.prune()
+            except UNAVAILABLE as exc:
+                ctx.log.warning("order index pruning postponed: pipeline database unavailable (%s)", exc)
+                self.index.reset()
+        rows = rejected.writer(self.settings.pipeline_db)
+        if rows.prune_due():
+            try:
+                deleted = rows.prune(self.settings.rejected_window)
+            except UNAVAILABLE as exc:
+                ctx.log.warning("rejected lines pruning postponed: pipeline database unavailable (%s)", exc)
+                return
+            if deleted:
+                ctx.log.info("pruned %d rejected lines older than REJECTED_WINDOW", deleted)
 
     def process(self, tasks: list[Task], ctx: Context) -> list[Outcome]:
         filename = tasks[0].filename
@@ -416,7 +425,6 @@ class Splitter(StageWork):
         except OSError as exc:
             raise Retryable(f"file system error: {exc}") from None
         stats = result.stats()
-        ctx.log.info("split %s: %s", filename, stats)
         self._prune(ctx)
         return [Done(events=result.per_shard[t.shard],
                      stats={**stats, "rejected_file_written": writes_rejected and t.shard == registered[0]})
