@@ -20,6 +20,8 @@ from .rules import ORPHAN_RETURN, Event, add_seconds, minute_of
 # The worker's tables' migrations: db/migrations/worker/ (applied by `db.migrate`).
 SCHEMA = "worker"
 TIME = TIME_FORMAT
+# What packed reads (`Ledger.lock_sql`) may return in one value: far above a batch's users.
+GROUP_CONCAT_MAX = 1 << 30
 
 
 def time_text(value: datetime | None) -> str | None:
@@ -155,6 +157,7 @@ class WorkerState:
         a table dropped meanwhile comes back) and makes sure the shard has its row."""
         db.migrate(conn, SCHEMA)
         with conn.cursor() as cur:
+            cur.execute("SET SESSION group_concat_max_len = %s", (GROUP_CONCAT_MAX,))
             cur.execute("INSERT INTO worker_shards (shard) VALUES (%s) ON DUPLICATE KEY UPDATE shard=shard",
                         (self.shard,))
 
