@@ -300,8 +300,8 @@ class FileRun:
         order_ids, lookup = plan.purchases, plan.keys
         if optimistic:
             recent_orders, recent_keys = self.stage.recent_orders, self.stage.recent_keys
-            order_ids = {o for o in order_ids if o in recent_orders}
-            lookup = {k for k in lookup if k in recent_keys}
+            order_ids = recent_orders.among(order_ids)
+            lookup = recent_keys.among(lookup)
         order_ids = order_ids | {e.order_id for e in returns}
         reads = db.Script()
         reads.add("begin", "START TRANSACTION")

@@ -46,6 +46,10 @@ class Recent:
     def __contains__(self, item) -> bool:
         return item in self.new or item in self.old
 
+    def among(self, items: set) -> set:
+        """The items of `items` seen lately (set intersections, in C)."""
+        return (items & self.new) | (items & self.old)
+
     def add_all(self, items) -> None:
         self.new.update(items)
         if len(self.new) > self.limit:
