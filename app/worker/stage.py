@@ -33,7 +33,7 @@ from .ledger import Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     TOO_LARGE, WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, minute_of, purchase,
                     refund, stock_change, validate)
-from .state import SCHEMA, BatchRecord, Hold, Recent, SeenConflict, WorkerState
+from .state import SCHEMA, BatchRecord, FileStart, Hold, Recent, SeenConflict, WorkerState
 
 log = logging.getLogger(Stage.WORKER)
 BATCH_RETRIES = 8
@@ -162,21 +162,19 @@ class FileRun:
 
     # -- the task ------------------------------------------------------------------------------
 
-    def run(self, f: LineReader) -> Done:
-        st = self.state
-        info = st.file_info(self.filename)
+    def run(self, f: LineReader, start: FileStart) -> Done:
+        info = start.info
         if info.pruned:
             raise TaskFailed(f"the decisions of {self.filename} shard {self.shard} were pruned (it was decided "
                              f"longer than REPLAY_WINDOW ago): it cannot be replayed")
         self.file_id = info.id
-        records = st.batches(info.id)
-        resolved = st.resolved_in(info.id)
+        records, resolved = start.records, start.resolved
         self.seq = max((h.resolved_seq for h in resolved), default=0)
         self.pending: dict[int, list[Hold]] = {}
         for h in resolved:
             self.pending.setdefault(h.resolved_line, []).append(h)
-        self.holds = st.active_holds()
-        self.newest = st.newest()
+        self.holds = start.holds
+        self.newest = start.newest
         shared = self.settings.shared_dir
         with atomic_write(layout.worker_output(shared, self.filename, self.shard), root=shared) as out, \
                 atomic_write(layout.worker_rejected(shared, self.filename, self.shard), root=shared,
@@ -629,7 +627,8 @@ class WorkerStage(StageWork):
             raise TaskFailed(f"shard file refused: {exc}") from None
         with f:
             self.state.open()
-            if not self.state.lock_shard(SHARD_LOCK_WAIT):
+            start = self.state.start_file(filename, SHARD_LOCK_WAIT)
+            if start is None:
                 raise Retryable(f"another worker process holds shard {self.shard}")
             # A file allocates millions of short-lived acyclic objects; the cyclic collector
             # would walk them again and again for nothing (about a tenth of the CPU). Reference counting
@@ -637,8 +636,9 @@ class WorkerStage(StageWork):
             collecting = gc.isenabled()
             gc.disable()
             try:
-                done = FileRun(self, filename, ctx).run(LineReader(f, self.settings.max_line_bytes))
-                self._prune()
+                run = FileRun(self, filename, ctx)
+                done = run.run(LineReader(f, self.settings.max_line_bytes), start)
+                self._prune(run.newest)
                 return done
             finally:
                 if collecting:
@@ -670,11 +670,12 @@ class WorkerStage(StageWork):
             self.state.close()
             ctx.log.warning("idle work skipped, pipeline database unavailable: %s", exc)
 
-    def _prune(self) -> None:
-        """Bounded work after each file, and now and then while idle."""
+    def _prune(self, newest: str | None = None) -> None:
+        """Bounded work after each file (`newest`: the shard clock the file left), and now and
+        then while idle."""
         self.last_prune = time.monotonic()
         s = self.settings
-        removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window, PRUNE_ROWS)
+        removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window, PRUNE_ROWS, newest=newest)
         if removed:
             log.info("shard %d: pruned %s (DEDUP_WINDOW, ORDER_WINDOW, REPLAY_WINDOW)", self.shard,
                      ", ".join(f"{n} from {table}" for table, n in sorted(removed.items())))
