@@ -399,12 +399,13 @@ class WorkerState:
             dedup_cut = minute_of(add_seconds(newest, -dedup_window))
             # the ledger goes by file: every file before the first whose newest event is
             # inside ORDER_WINDOW (or that is not decided yet), so no order goes early
-            kept = ("SELECT MIN(id) FROM worker_files WHERE shard=%d AND id >= %d AND "
-                    "(complete=0 OR newest_event >= %s)" % (shard, self.order_floor,
-                                                           self.conn.escape(add_seconds(newest, -order_window))))
-            script.add("kept", kept)
+            # (a user variable, not a subquery: the DELETE then scans only the range below it)
+            script.add("kept", "SET @worker_kept = (SELECT MIN(id) FROM worker_files WHERE shard=%d AND id >= %d AND "
+                               "(complete=0 OR newest_event >= %s))"
+                       % (shard, self.order_floor, self.conn.escape(add_seconds(newest, -order_window))))
+            script.add("kept", "SELECT @worker_kept")
             parts = [("worker_seen", "bucket", str(dedup_cut)), ("worker_return_keys", "bucket", str(dedup_cut)),
-                     ("worker_orders", "file_id", f"(SELECT * FROM ({kept}) k)")]
+                     ("worker_orders", "file_id", "@worker_kept")]
             for table, column, cut in parts:
                 script.add(table, f"DELETE FROM {table} WHERE shard={shard:d} AND {column} < {cut} LIMIT {step:d}")
         script.add("replay", "SELECT id FROM worker_files WHERE shard=%s AND pruned=0 AND complete=1 AND "
