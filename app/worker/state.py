@@ -282,7 +282,7 @@ class WorkerState:
         """Record new dedup keys; an existing one changes no row, so the affected-row count
         says whether every key was new."""
         shard = self.shard
-        hashed = [k for k in keys if type(k) is tuple]
+        hashed = sorted(k for k in keys if type(k) is tuple)
         returns = [k for k in keys if type(k) is not tuple]
         return (db.insert_statements(conn, "INSERT INTO worker_seen (shard, bucket, hash) VALUES ", hashed,
                                      " ON DUPLICATE KEY UPDATE hash=hash",
