@@ -579,11 +579,13 @@ class FileRun:
 
 class WorkerStage(StageWork):
     name = Stage.WORKER
-    claim_limit = 1
     schemas = (SCHEMA, rejected.SCHEMA)
 
     def __init__(self, settings: Settings, shard: int):
         self.settings = settings
+        # Tasks are still worked and reported one at a time (`group`); a claim of several saves
+        # the claims in between while files queue up (their leases are heartbeated meanwhile).
+        self.claim_limit = settings.worker_claim_limit
         self.shard = shard
         self.service = Stage.WORKER.program(shard)
         self.folder = layout.worker_dir(settings.shared_dir, shard)
