@@ -216,8 +216,16 @@ class WorkerState:
         script.add("resolved", self._resolved_in_sql("LAST_INSERT_ID()"))
         script.add("holds", self._active_holds_sql())
         script.add("newest", f"SELECT newest_event FROM worker_shards WHERE shard={shard:d}")
-        with self.conn.cursor() as cur:
-            got = script.run(cur)
+        try:
+            with self.conn.cursor() as cur:
+                got = script.run(cur)
+        except BaseException:
+            # a statement after GET_LOCK failed: the lock must not outlive the task
+            try:
+                self.unlock_shard()
+            except Exception:   # the connection is gone, and the lock with it
+                pass
+            raise
         if got["lock"].one()[0] != 1:
             return None
         file_id, decided, complete, pruned = got["info"].one()
