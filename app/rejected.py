@@ -64,23 +64,26 @@ def _row_of(record: bytes, filename: str, stage: str, shard: int) -> tuple:
 
 class RejectedWriter:
     """One process's writer: its own connection to the pipeline database (the schema brought up
-    to date when it opens), used by one thread at a time."""
+    to date when it opens). Writes take turns: stages running as threads of one process (the
+    tests run both shards' workers so) share it, and one connection cannot serve two at once."""
 
     def __init__(self, url: MySQLURL):
         self.url = url
         self._conn = db.Reconnecting(url, check_after=30.0, on_open=lambda conn: db.migrate(conn, SCHEMA))
+        self._lock = threading.Lock()
 
     def write(self, rows: list[tuple]) -> int:
         """Insert the rows in bulk; rows already there are left as they are. A database error
         raises (the caller's task is retried) and drops the connection."""
         if not rows:
             return 0
-        try:
-            with self._conn.get().cursor() as cur:
-                return db.insert_rows(cur, INSERT, rows, KEEP_FIRST, max_bytes=1 << 20)
-        except BaseException:
-            self._conn.discard()
-            raise
+        with self._lock:
+            try:
+                with self._conn.get().cursor() as cur:
+                    return db.insert_rows(cur, INSERT, rows, KEEP_FIRST, max_bytes=1 << 20)
+            except BaseException:
+                self._conn.discard()
+                raise
 
     def tee(self, write: Callable[[bytes], object], filename: str, stage: str,
             shard: int | None) -> "RejectedTee":
