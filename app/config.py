@@ -420,6 +420,7 @@ class Settings:
     supervisor_socket: str = "var/run/supervisor.sock"
     # Lines the shard worker decides per transaction (its state and decisions commit together).
     worker_batch_lines: int = 8000
+    worker_claim_limit: int = 4   # files of its shard a worker claims at once (one claim, one done-batch)
     # mysql-sender's bulk method (load_data: LOAD DATA LOCAL INFILE, falls back to insert when the
     # server refuses LOCAL; insert: multi-row INSERT) and rows per LOAD DATA chunk (docs/sender.md).
     sender_method: str = "load_data"
@@ -508,6 +509,7 @@ class Settings:
                 refund_limit=_bool(env, "RULE_REFUND_LIMIT", True),
             ),
             worker_batch_lines=_int(env, "WORKER_BATCH_LINES", 8000, 1, 100_000),
+            worker_claim_limit=_int(env, "WORKER_CLAIM_LIMIT", 4, 1, 100),
             sender_method=_choice(env, "SENDER_METHOD", "load_data", ("load_data", "insert")),
             sender_chunk_rows=_int(env, "SENDER_CHUNK_ROWS", 10_000, 100, 1_000_000),
             max_line_bytes=_int(env, "MAX_LINE_BYTES", 1 << 20, 4096, 4 << 20),

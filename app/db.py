@@ -475,9 +475,11 @@ def insert_statements(conn, head: str, rows: list, tail: str = "", max_bytes: in
 
         def render(row) -> str:
             return "(" + ",".join(map(literal, row)) + ")"
+    texts = list(map(render, rows))
+    if sum(map(len, texts)) + len(texts) <= max_bytes:
+        return [head + ",".join(texts) + tail]
     statements, parts, size = [], [], 0
-    for row in rows:
-        text = render(row)
+    for text in texts:
         if parts and size + len(text) > max_bytes:
             statements.append(head + ",".join(parts) + tail)
             parts, size = [], 0

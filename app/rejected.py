@@ -75,12 +75,14 @@ def _row_of(record: bytes, filename: str, stage: str, shard: int) -> tuple:
 
 class RejectedWriter:
     """One process's writer: its own connection to the pipeline database (the schema brought up
-    to date when it opens), used by one thread at a time."""
+    to date when it opens). Writes take turns: stages running as threads of one process (the
+    tests run both shards' workers so) share it, and one connection cannot serve two at once."""
 
     def __init__(self, url: MySQLURL):
         self.url = url
         self._conn = db.Reconnecting(url, check_after=30.0, on_open=lambda conn: db.migrate(conn, SCHEMA))
         self._pruned_at: float | None = None
+        self._lock = threading.Lock()
 
     def prune_due(self, now: float | None = None, every: float = PRUNE_EVERY) -> bool:
         now = time.monotonic() if now is None else now
@@ -91,22 +93,23 @@ class RejectedWriter:
         (module constants above); rows deleted. A database error raises and drops the connection."""
         self._pruned_at = time.monotonic()
         deleted = 0
-        try:
-            with self._conn.get().cursor() as cur:
-                cur.execute(OLDEST)
-                (low,) = cur.fetchone()
-                for _ in range(PRUNE_STATEMENTS):
-                    if low is None:
-                        break
-                    deleted += cur.execute(PRUNE, (low + PRUNE_IDS, float(window)))
+        with self._lock:
+            try:
+                with self._conn.get().cursor() as cur:
                     cur.execute(OLDEST)
-                    (after,) = cur.fetchone()
-                    if after is not None and after < low + PRUNE_IDS:
-                        break   # the range kept a row within the window: so do all after it
-                    low = after
-        except BaseException:
-            self._conn.discard()
-            raise
+                    (low,) = cur.fetchone()
+                    for _ in range(PRUNE_STATEMENTS):
+                        if low is None:
+                            break
+                        deleted += cur.execute(PRUNE, (low + PRUNE_IDS, float(window)))
+                        cur.execute(OLDEST)
+                        (after,) = cur.fetchone()
+                        if after is not None and after < low + PRUNE_IDS:
+                            break   # the range kept a row within the window: so do all after it
+                        low = after
+            except BaseException:
+                self._conn.discard()
+                raise
         return deleted
 
     def write(self, rows: list[tuple]) -> int:
@@ -114,12 +117,13 @@ class RejectedWriter:
         raises (the caller's task is retried) and drops the connection."""
         if not rows:
             return 0
-        try:
-            with self._conn.get().cursor() as cur:
-                return db.insert_rows(cur, INSERT, rows, KEEP_FIRST, max_bytes=1 << 20)
-        except BaseException:
-            self._conn.discard()
-            raise
+        with self._lock:
+            try:
+                with self._conn.get().cursor() as cur:
+                    return db.insert_rows(cur, INSERT, rows, KEEP_FIRST, max_bytes=1 << 20)
+            except BaseException:
+                self._conn.discard()
+                raise
 
     def tee(self, write: Callable[[bytes], object], filename: str, stage: str,
             shard: int | None) -> "RejectedTee":

@@ -270,5 +270,32 @@ def test_the_splitter_prunes_rejected_lines_by_itself(make_database):
         splitter.idle(ctx)
         assert servers.query(url, "SELECT COUNT(*) FROM rejected_lines") == [(5,)]
         assert not w.prune_due()                           # the next pass in PRUNE_EVERY
+
+
+def test_stage_threads_of_one_process_share_the_writer_safely(make_database):
+    """Both shards' workers run as threads of one test process and share its writer: their
+    flushes must take turns on its one connection."""
+    import threading
+    url = make_database("rejthreads")
+    w = rejected.RejectedWriter(url)
+    errors = []
+
+    def flush_many(shard: int) -> None:
+        try:
+            for n in range(40):
+                tee = w.tee(lambda _: None, f"2026010100{n:04d}", "shard-worker", shard)
+                for line in range(1, 51):
+                    tee(orjson.dumps({"line_no": line, "reason": "malformed", "line": f"bad {line}"}))
+                tee.flush()
+        except Exception as exc:   # noqa: BLE001 - the test reports any
+            errors.append(exc)
+    threads = [threading.Thread(target=flush_many, args=(s,)) for s in (0, 1)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        assert servers.query(url, "SELECT COUNT(*) FROM rejected_lines") == [(2 * 40 * 50,)]
     finally:
         w.close()

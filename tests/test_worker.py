@@ -323,3 +323,35 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
     finally:
         for conn in (a, b, watch):
             conn.close()
+
+
+def test_the_worker_claims_several_files_of_its_shard_at_once_and_reports_each(pipeline):
+    files = [f"2026030112000{i}" for i in range(3)]
+    for i, name in enumerate(files):
+        pipeline.feed(name, {0: [purchase(i, 700 + i, user=1, shop=2, price=1)]})
+    from app.daemon import Daemon
+    from app.worker.stage import WorkerStage
+    settings = pipeline.settings(WORKER_CLAIM_LIMIT=3)
+    stage = WorkerStage(settings, 0)
+    daemon = Daemon(stage, settings)
+    claimed = []
+    claim = daemon.client.claim
+
+    def counting(*args, **kwargs):
+        tasks = claim(*args, **kwargs)
+        if tasks:
+            claimed.append(len(tasks))
+        return tasks
+    daemon.client.claim = counting
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        for name in files:
+            pipeline.wait_done(name)
+        prepared = [[x["order_id"] for x in pipeline.prepared(name)] for name in files]
+    finally:
+        daemon.stop.set()
+        thread.join(30)
+    assert stage.claim_limit == 3 and claimed[0] == 3      # one claim for the three files
+    assert prepared == [[700], [701], [702]]
+    assert pipeline.balance(1) == Decimal("997.00")

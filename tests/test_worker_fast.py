@@ -135,3 +135,13 @@ def test_lines_near_the_prepared_size_limit_agree(size):
     base = dict(BASES[3], payload=dict(BASES[3]["payload"], reason="r" * size))
     raw = orjson.dumps(base)
     compare(raw, 0, max_line_bytes=4096)
+
+
+@pytest.mark.parametrize("source", ["2026%d05%s", 'odd "name" \\ é'])
+def test_a_prepared_line_quotes_any_source_file_name_as_orjson_does(source):
+    raw = orjson.dumps({"event_type": 1, "timestamp": T, "payload": {
+        "order_id": 7, "user_id": 1, "shop_id": 2, "good_id": 3, "qty": 1, "price_at_order": 9.5}})
+    ev = validate(raw, 0, 2)
+    line = prepared_line(ev, ev.shop_id, 0, source)
+    assert orjson.loads(line)["source_file"] == source
+    assert line == reference_line(ev, 0).replace(orjson.dumps(SOURCE), orjson.dumps(source))

@@ -48,6 +48,7 @@ ALREADY_REFUNDED, RETURN_MISMATCH = CODE["already_refunded"], CODE["return_misma
 TOO_LARGE = CODE["too_large"]
 
 CENT = Decimal("0.01")
+ZERO = Decimal(0)                 # (a Decimal compares with a Decimal faster than with an int)
 MAX_AMOUNT = Decimal("1e13")      # far below DECIMAL(18,2), so sums of a batch cannot overflow
 BALANCE_MIN = Decimal("-9999999999999999.99")   # what worker_balances.balance (DECIMAL(18,2)) holds
 ID_MAX = MAX_ID                   # BIGINT
@@ -396,9 +397,10 @@ def amounts_check(ev: Event, rules: Rules) -> int:
     """Prices and quantities must be positive (RULE_POSITIVE_PRICE)."""
     if not rules.positive_price:
         return ACCEPTED
-    if ev.amount is not None and ev.amount <= 0:
+    amount = ev.amount
+    if amount is not None and amount <= ZERO:
         return NON_POSITIVE_PRICE
-    if ev.etype in (PURCHASE, RETURN) and ev.qty <= 0:
+    if (ev.etype == PURCHASE or ev.etype == RETURN) and ev.qty <= 0:
         return NON_POSITIVE_QTY
     return ACCEPTED
 
@@ -419,9 +421,10 @@ def purchase(ev: Event, balance: Decimal, shop_active: bool, stock: int | None, 
         return SHOP_INACTIVE
     if rules.purchase_takes_stock and rules.stock and (stock or 0) < ev.qty:
         return NEGATIVE_STOCK
-    if rules.balance and balance - ev.amount < 0:
+    left = balance - ev.amount
+    if rules.balance and left < ZERO:
         return INSUFFICIENT_BALANCE
-    if balance - ev.amount < BALANCE_MIN:   # with RULE_BALANCE off: what the balance column cannot hold
+    if left < BALANCE_MIN:   # with RULE_BALANCE off: what the balance column cannot hold
         return INSUFFICIENT_BALANCE
     return ACCEPTED
 

@@ -33,7 +33,7 @@ from .ledger import Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     TOO_LARGE, WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, minute_of, purchase,
                     refund, stock_change, validate)
-from .state import SCHEMA, BatchRecord, Hold, Recent, SeenConflict, WorkerState
+from .state import SCHEMA, BatchRecord, FileStart, Hold, Recent, SeenConflict, WorkerState
 
 log = logging.getLogger(Stage.WORKER)
 BATCH_RETRIES = 8
@@ -50,25 +50,37 @@ PAUSE_LINES = 256         # lines a helper thread handles between looks at whose
 BATCH_BYTES = 4 << 20
 
 
-_PREPARED = (b'{"event_key":"%s","event_type":%d,"shop_id":%s,"user_id":%s,"timestamp":"%s","shard":%d,'
-             b'"order_id":%s,"good_id":%s,"qty":%s,"amount":%s,"source_file":%s,"payload":%s}\n')
+_PREPARED = ('{"event_key":"%s","event_type":%d,"shop_id":%s,"user_id":%s,"timestamp":"%s","shard":%d,'
+             '"order_id":%s,"good_id":%s,"qty":%s,"amount":%s,"source_file":%s,"payload":%s}\n')
 
 
-def _int(value: int | None) -> bytes:
-    return b"null" if value is None else b"%d" % value
+class PreparedLines:
+    """The sender's input lines of one (file, shard) (format fixed in the brief), as orjson
+    prints the dict of those fields in that order: the key, the timestamp and the amount hold no
+    character JSON escapes (the key is a type and a number or hex digits, the timestamp passed
+    `valid_time`, the amount is a Decimal's digits), the payload is orjson's text (or its copy,
+    `Event.payload_json`, UTF-8 as msgspec checked). The shard and the file's name are put in
+    the template once; one str format and one encode a line (a bytes format needs a call per
+    number: half again the cost)."""
+
+    def __init__(self, shard: int, source_file: str):
+        source = orjson.dumps(source_file).decode().replace("%", "%%")
+        self.template = _PREPARED.replace('"shard":%d', '"shard":%d' % shard).replace('"source_file":%s',
+                                                                                      '"source_file":' + source)
+
+    def __call__(self, ev: Event, shop_id: int | None) -> bytes:
+        payload, amount = ev.payload_json, ev.amount
+        user, order, good, qty = ev.user_id, ev.order_id, ev.good_id, ev.qty
+        return (self.template % (
+            ev.key, ev.etype, "null" if shop_id is None else shop_id, "null" if user is None else user, ev.ts,
+            "null" if order is None else order, "null" if good is None else good, "null" if qty is None else qty,
+            "null" if amount is None else '"%s"' % amount,
+            orjson.dumps(ev.payload).decode() if payload is None else payload.decode())).encode()
 
 
 def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) -> bytes:
-    """The sender's input line (format fixed in the brief), as orjson prints the dict of those
-    fields in that order: the key, the timestamp and the amount hold no character JSON escapes
-    (the key is a type and a number or hex digits, the timestamp passed `valid_time`, the amount
-    is a Decimal's digits), the payload is orjson's text (or its copy, `Event.payload_json`)."""
-    payload = ev.payload_json
-    amount = ev.amount
-    return _PREPARED % (
-        ev.key.encode(), ev.etype, _int(shop_id), _int(ev.user_id), ev.ts.encode(), shard, _int(ev.order_id),
-        _int(ev.good_id), _int(ev.qty), b"null" if amount is None else b'"%s"' % str(amount).encode(),
-        orjson.dumps(source_file), orjson.dumps(ev.payload) if payload is None else payload)
+    """One line of `PreparedLines` (the worker keeps one renderer per file)."""
+    return PreparedLines(shard, source_file)(ev, shop_id)
 
 
 def rejected_line(raw: bytes, code: int, detail: str | None, source_file: str, line_no: int) -> bytes:
@@ -154,6 +166,7 @@ class FileRun:
         self.filename = filename
         self.ctx = ctx
         self.counts = Counts()
+        self.prepare = PreparedLines(stage.shard, filename)
         self.seq = 0
         self.turns = Turns()
         self.validate = partial(validate, shard=stage.shard, shard_count=stage.settings.shard_count,
@@ -162,21 +175,19 @@ class FileRun:
 
     # -- the task ------------------------------------------------------------------------------
 
-    def run(self, f: LineReader) -> Done:
-        st = self.state
-        info = st.file_info(self.filename)
+    def run(self, f: LineReader, start: FileStart) -> Done:
+        info = start.info
         if info.pruned:
             raise TaskFailed(f"the decisions of {self.filename} shard {self.shard} were pruned (it was decided "
                              f"longer than REPLAY_WINDOW ago): it cannot be replayed")
         self.file_id = info.id
-        records = st.batches(info.id)
-        resolved = st.resolved_in(info.id)
+        records, resolved = start.records, start.resolved
         self.seq = max((h.resolved_seq for h in resolved), default=0)
         self.pending: dict[int, list[Hold]] = {}
         for h in resolved:
             self.pending.setdefault(h.resolved_line, []).append(h)
-        self.holds = st.active_holds()
-        self.newest = st.newest()
+        self.holds = start.holds
+        self.newest = start.newest
         shared = self.settings.shared_dir
         with atomic_write(layout.worker_output(shared, self.filename, self.shard), root=shared) as out, \
                 atomic_write(layout.worker_rejected(shared, self.filename, self.shard), root=shared,
@@ -300,8 +311,8 @@ class FileRun:
         order_ids, lookup = plan.purchases, plan.keys
         if optimistic:
             recent_orders, recent_keys = self.stage.recent_orders, self.stage.recent_keys
-            order_ids = {o for o in order_ids if o in recent_orders}
-            lookup = {k for k in lookup if k in recent_keys}
+            order_ids = recent_orders.among(order_ids)
+            lookup = recent_keys.among(lookup)
         order_ids = order_ids | {e.order_id for e in returns}
         reads = db.Script()
         reads.add("begin", "START TRANSACTION")
@@ -516,8 +527,8 @@ class FileRun:
         return found
 
     def _emit(self, raws, first_line: int, codes: bytes, events, shop_of: dict[int, int], pause=None) -> None:
-        out, rej, counts = self.out, self.rej, self.counts
-        shard, filename = self.shard, self.filename
+        out, rej, counts, prepare = self.out, self.rej, self.counts, self.prepare
+        filename = self.filename
         pending = self.pending
         counts.lines += len(raws)
         for i, code in enumerate(codes):
@@ -530,7 +541,7 @@ class FileRun:
             if code == ACCEPTED:
                 ev = events[i]
                 shop = shop_of[ev.order_id] if ev.etype == RETURN else ev.shop_id
-                out.write(prepared_line(ev, shop, shard, filename))
+                out.write(prepare(ev, shop))
                 counts.accepted += 1
             elif code == HELD:
                 counts.held += 1
@@ -558,7 +569,7 @@ class FileRun:
                 self.counts.released += 1
             if h.code == ACCEPTED:
                 ev = h.event or self.validate(h.raw)
-                self.out.write(prepared_line(ev, shop_of[h.order_id], self.shard, self.filename))
+                self.out.write(self.prepare(ev, shop_of[h.order_id]))
                 self.counts.accepted += 1
             else:
                 self.rej.write(rejected_line(h.raw, h.code, None, h.origin, h.line))
@@ -568,11 +579,13 @@ class FileRun:
 
 class WorkerStage(StageWork):
     name = Stage.WORKER
-    claim_limit = 1
     schemas = (SCHEMA, rejected.SCHEMA)
 
     def __init__(self, settings: Settings, shard: int):
         self.settings = settings
+        # Tasks are still worked and reported one at a time (`group`); a claim of several saves
+        # the claims in between while files queue up (their leases are heartbeated meanwhile).
+        self.claim_limit = settings.worker_claim_limit
         self.shard = shard
         self.service = Stage.WORKER.program(shard)
         self.folder = layout.worker_dir(settings.shared_dir, shard)
@@ -629,7 +642,8 @@ class WorkerStage(StageWork):
             raise TaskFailed(f"shard file refused: {exc}") from None
         with f:
             self.state.open()
-            if not self.state.lock_shard(SHARD_LOCK_WAIT):
+            start = self.state.start_file(filename, SHARD_LOCK_WAIT)
+            if start is None:
                 raise Retryable(f"another worker process holds shard {self.shard}")
             # A file allocates millions of short-lived acyclic objects; the cyclic collector
             # would walk them again and again for nothing (about a tenth of the CPU). Reference counting
@@ -637,8 +651,9 @@ class WorkerStage(StageWork):
             collecting = gc.isenabled()
             gc.disable()
             try:
-                done = FileRun(self, filename, ctx).run(LineReader(f, self.settings.max_line_bytes))
-                self._prune()
+                run = FileRun(self, filename, ctx)
+                done = run.run(LineReader(f, self.settings.max_line_bytes), start)
+                self._prune(run.newest)
                 return done
             finally:
                 if collecting:
@@ -670,11 +685,12 @@ class WorkerStage(StageWork):
             self.state.close()
             ctx.log.warning("idle work skipped, pipeline database unavailable: %s", exc)
 
-    def _prune(self) -> None:
-        """Bounded work after each file, and now and then while idle."""
+    def _prune(self, newest: str | None = None) -> None:
+        """Bounded work after each file (`newest`: the shard clock the file left), and now and
+        then while idle."""
         self.last_prune = time.monotonic()
         s = self.settings
-        removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window, PRUNE_ROWS)
+        removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window, PRUNE_ROWS, newest=newest)
         if removed:
             log.info("shard %d: pruned %s (DEDUP_WINDOW, ORDER_WINDOW, REPLAY_WINDOW)", self.shard,
                      ", ".join(f"{n} from {table}" for table, n in sorted(removed.items())))

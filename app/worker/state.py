@@ -20,6 +20,8 @@ from .rules import ORPHAN_RETURN, Event, add_seconds, minute_of
 # The worker's tables' migrations: db/migrations/worker/ (applied by `db.migrate`).
 SCHEMA = "worker"
 TIME = TIME_FORMAT
+# What packed reads (`Ledger.lock_sql`) may return in one value: far above a batch's users.
+GROUP_CONCAT_MAX = 1 << 30
 
 
 def time_text(value: datetime | None) -> str | None:
@@ -44,6 +46,10 @@ class Recent:
     def __contains__(self, item) -> bool:
         return item in self.new or item in self.old
 
+    def among(self, items: set) -> set:
+        """The items of `items` seen lately (set intersections, in C)."""
+        return (items & self.new) | (items & self.old)
+
     def add_all(self, items) -> None:
         self.new.update(items)
         if len(self.new) > self.limit:
@@ -56,6 +62,16 @@ class FileInfo:
     lines_decided: int
     complete: bool
     pruned: bool
+
+
+@dataclass
+class FileStart:
+    """What a (file, shard) task starts from: `WorkerState.start_file`."""
+    info: FileInfo
+    records: list
+    resolved: list
+    holds: "HoldBook"
+    newest: str | None
 
 
 @dataclass
@@ -155,6 +171,7 @@ class WorkerState:
         a table dropped meanwhile comes back) and makes sure the shard has its row."""
         db.migrate(conn, SCHEMA)
         with conn.cursor() as cur:
+            cur.execute("SET SESSION group_concat_max_len = %s", (GROUP_CONCAT_MAX,))
             cur.execute("INSERT INTO worker_shards (shard) VALUES (%s) ON DUPLICATE KEY UPDATE shard=shard",
                         (self.shard,))
 
@@ -183,6 +200,40 @@ class WorkerState:
             cur.execute("SELECT lines_decided, complete, pruned FROM worker_files WHERE id=%s", (file_id,))
             decided, complete, pruned = cur.fetchone()
         return FileInfo(file_id, decided, bool(complete), bool(pruned))
+
+    def start_file(self, filename: str, lock_timeout: float) -> FileStart | None:
+        """Take the shard lock (`lock_shard`) and read what working `filename` starts from, in
+        one round trip instead of seven; None if another process holds the shard (the file's
+        row may then be created already: an empty row, as the lock holder would make it)."""
+        shard = self.shard
+        script = db.Script()
+        script.add("lock", "SELECT GET_LOCK(%s, %s)", (self.lock_name, lock_timeout))
+        script.add("file", "INSERT INTO worker_files (shard, filename) VALUES (%s,%s) "
+                           "ON DUPLICATE KEY UPDATE id=LAST_INSERT_ID(id)", (shard, filename))
+        script.add("info", "SELECT id, lines_decided, complete, pruned FROM worker_files WHERE id=LAST_INSERT_ID()")
+        script.add("batches", "SELECT first_line, line_count, digest, codes FROM worker_batches "
+                              "WHERE file_id=LAST_INSERT_ID() ORDER BY first_line")
+        script.add("resolved", self._resolved_in_sql("LAST_INSERT_ID()"))
+        script.add("holds", self._active_holds_sql())
+        script.add("newest", f"SELECT newest_event FROM worker_shards WHERE shard={shard:d}")
+        try:
+            with self.conn.cursor() as cur:
+                got = script.run(cur)
+        except BaseException:
+            # a statement after GET_LOCK failed: the lock must not outlive the task
+            try:
+                self.unlock_shard()
+            except Exception:   # the connection is gone, and the lock with it
+                pass
+            raise
+        if got["lock"].one()[0] != 1:
+            return None
+        file_id, decided, complete, pruned = got["info"].one()
+        newest = got["newest"].one()
+        return FileStart(FileInfo(file_id, decided, bool(complete), bool(pruned)),
+                         [BatchRecord(a, b, bytes(c), bytes(d)) for a, b, c, d in got["batches"].rows],
+                         [_hold(r) for r in got["resolved"].rows], HoldBook([_hold(r) for r in got["holds"].rows]),
+                         time_text(newest[0]) if newest else None)
 
     def batches(self, file_id: int) -> list[BatchRecord]:
         with self.conn.cursor() as cur:
@@ -239,7 +290,7 @@ class WorkerState:
         """Record new dedup keys; an existing one changes no row, so the affected-row count
         says whether every key was new."""
         shard = self.shard
-        hashed = [k for k in keys if type(k) is tuple]
+        hashed = sorted(k for k in keys if type(k) is tuple)
         returns = [k for k in keys if type(k) is not tuple]
         return (db.insert_statements(conn, "INSERT INTO worker_seen (shard, bucket, hash) VALUES ", hashed,
                                      " ON DUPLICATE KEY UPDATE hash=hash",
@@ -271,17 +322,24 @@ class WorkerState:
 
     # -- holds -----------------------------------------------------------------------------------------
 
+    def _active_holds_sql(self) -> str:
+        return (f"SELECT {_HOLD_COLS} FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
+                f"WHERE h.shard={self.shard:d} AND h.state='held'")
+
     def active_holds(self) -> HoldBook:
         with self.conn.cursor() as cur:
-            cur.execute(f"SELECT {_HOLD_COLS} FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
-                        f"WHERE h.shard=%s AND h.state='held'", (self.shard,))
+            cur.execute(self._active_holds_sql())
             return HoldBook([_hold(r) for r in cur.fetchall()])
+
+    @staticmethod
+    def _resolved_in_sql(file_id: str) -> str:
+        return (f"SELECT {_HOLD_COLS} FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
+                f"WHERE h.resolved_file_id={file_id} ORDER BY h.resolved_line, h.resolved_seq")
 
     def resolved_in(self, file_id: int) -> list[Hold]:
         """Holds released or expired into this file's output, in output order."""
         with self.conn.cursor() as cur:
-            cur.execute(f"SELECT {_HOLD_COLS} FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
-                        f"WHERE h.resolved_file_id=%s ORDER BY h.resolved_line, h.resolved_seq", (file_id,))
+            cur.execute(self._resolved_in_sql(str(int(file_id))))
             return [_hold(r) for r in cur.fetchall()]
 
     def idle_expired_sql(self) -> str:
@@ -326,44 +384,55 @@ class WorkerState:
     # -- pruning ----------------------------------------------------------------------------------------
 
     def prune(self, dedup_window: float, order_window: float, replay_window: float,
-              max_rows: int = 20_000, step: int = 5_000) -> dict[str, int]:
+              max_rows: int = 20_000, step: int = 5_000, newest: str | None = None) -> dict[str, int]:
         """Forget what the windows no longer cover (docs/business-rules.md), bounded work per
         call (at most `max_rows` rows a table, in statements of `step`): dedup keys whose minute
         is before the shard's newest event minus DEDUP_WINDOW, ledger orders of the files before
         the first whose newest event is inside ORDER_WINDOW (each a range at the start of the
         shard's part of its table), and the records of files
         decided more than REPLAY_WINDOW ago in wall time: their decisions and the holds they
-        resolved (such a file can no longer be re-run). Rows removed, by table."""
+        resolved (such a file can no longer be re-run). Rows removed, by table.
+
+        It runs after every file, so the first step of each part goes in one script (one round
+        trip; most passes find nothing more to do); `newest` is the shard clock if the caller
+        knows it."""
         shard = self.shard
         removed = {"worker_seen": 0, "worker_return_keys": 0, "worker_orders": 0, "worker_batches": 0,
                    "worker_holds": 0}
-        newest = self.newest()
+        if newest is None:
+            newest = self.newest()
+        script = db.Script()
+        parts = []
+        if newest is not None:
+            dedup_cut = minute_of(add_seconds(newest, -dedup_window))
+            # the ledger goes by file: every file before the first whose newest event is
+            # inside ORDER_WINDOW (or that is not decided yet), so no order goes early
+            # (a user variable, not a subquery: the DELETE then scans only the range below it)
+            script.add("kept", "SET @worker_kept = (SELECT MIN(id) FROM worker_files WHERE shard=%d AND id >= %d AND "
+                               "(complete=0 OR newest_event >= %s))"
+                       % (shard, self.order_floor, self.conn.escape(add_seconds(newest, -order_window))))
+            script.add("kept", "SELECT @worker_kept")
+            parts = [("worker_seen", "bucket", str(dedup_cut)), ("worker_return_keys", "bucket", str(dedup_cut)),
+                     ("worker_orders", "file_id", "@worker_kept")]
+            for table, column, cut in parts:
+                script.add(table, f"DELETE FROM {table} WHERE shard={shard:d} AND {column} < {cut} LIMIT {step:d}")
+        script.add("replay", "SELECT id FROM worker_files WHERE shard=%s AND pruned=0 AND complete=1 AND "
+                             "updated_at < NOW(3) - INTERVAL %s MICROSECOND ORDER BY id LIMIT 20",
+                   (shard, int(replay_window * 1_000_000)))
         with self.conn.cursor() as cur:
-            if newest is not None:
-                dedup_cut = minute_of(add_seconds(newest, -dedup_window))
-                # the ledger goes by file: every file before the first whose newest event is
-                # inside ORDER_WINDOW (or that is not decided yet), so no order goes early
-                cur.execute("SELECT MIN(id) FROM worker_files WHERE shard=%s AND id >= %s AND "
-                            "(complete=0 OR newest_event >= %s)",
-                            (shard, self.order_floor, add_seconds(newest, -order_window)))
-                first_kept = cur.fetchone()[0]
-                for table, column, cut in (("worker_seen", "bucket", dedup_cut),
-                                           ("worker_return_keys", "bucket", dedup_cut),
-                                           ("worker_orders", "file_id", first_kept)):
-                    if cut is None:
-                        continue
-                    while removed[table] < max_rows:
+            got = script.run(cur)
+            if parts:
+                first_kept = got["kept"].one()[0]
+                for table, column, cut in parts:
+                    n = got[table].rowcount if table in got else 0
+                    removed[table] = n
+                    while n == step and removed[table] < max_rows:
                         n = cur.execute(f"DELETE FROM {table} WHERE shard=%s AND {column} < %s LIMIT %s",
-                                        (shard, cut, step))
+                                        (shard, first_kept if table == "worker_orders" else int(cut), step))
                         removed[table] += n
-                        if n < step:
-                            break
                 if first_kept is not None and removed["worker_orders"] < max_rows:
                     self.order_floor = first_kept
-            cur.execute("SELECT id FROM worker_files WHERE shard=%s AND pruned=0 AND complete=1 AND "
-                        "updated_at < NOW(3) - INTERVAL %s MICROSECOND ORDER BY id LIMIT 20",
-                        (shard, int(replay_window * 1_000_000)))
-            for (file_id,) in cur.fetchall():
+            for (file_id,) in got["replay"].rows:
                 self.conn.begin()
                 try:
                     removed["worker_batches"] += cur.execute("DELETE FROM worker_batches WHERE file_id=%s",
