@@ -270,6 +270,8 @@ def test_the_splitter_prunes_rejected_lines_by_itself(make_database):
         splitter.idle(ctx)
         assert servers.query(url, "SELECT COUNT(*) FROM rejected_lines") == [(5,)]
         assert not w.prune_due()                           # the next pass in PRUNE_EVERY
+    finally:
+        w.close()
 
 
 def test_stage_threads_of_one_process_share_the_writer_safely(make_database):
