@@ -98,6 +98,11 @@ def main() -> None:
             srv.wait_ready()
             apis.append(("other", PipelineClient(srv.base, max_wait=10), other.proc.pid))
         db_pid = db.proc.pid
+        if os.environ.get("APIFILE_DROP_TRIGGERS"):  # an experiment: what the counting triggers cost
+            with conn.cursor() as cur:
+                for t in ("pipeline_task_counts_insert", "pipeline_task_counts_update",
+                          "pipeline_transition_counts_insert"):
+                    cur.execute(f"DROP TRIGGER pipeline_db.{t}")
         for _, client, _ in apis:
             for i in range(20):  # warm up: connections, code paths
                 one_file(client, f"warm{i:06d}", args.empty)
