@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,11 +65,29 @@ def one_file(client: PipelineClient, name: str, empty: bool) -> int:
     return requests
 
 
+def run_files(client: PipelineClient, clients: int, prefix: str, files: int, empty: bool) -> int:
+    """`files` files, by `clients` threads at once (each with its own HTTP session); requests made."""
+    if clients <= 1:
+        return sum(one_file(client, f"{prefix}f{i:06d}", empty) for i in range(files))
+    counts = [0] * clients
+
+    def play(n: int) -> None:
+        mine = PipelineClient(client.base, max_wait=10)
+        counts[n] = sum(one_file(mine, f"{prefix}c{n}f{i:06d}", empty) for i in range(n, files, clients))
+    threads = [threading.Thread(target=play, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--empty", action="store_true", help="add empty claims after each file")
+    parser.add_argument("--clients", type=int, default=1, help="client threads, each its own files")
     parser.add_argument("--profile", type=Path, help="py-spy collapsed output of the API (round 1)")
     parser.add_argument("--other", type=Path, help="another checkout: its API alternates rounds with this one")
     args = parser.parse_args()
@@ -117,7 +136,7 @@ def main() -> None:
                                        stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             s0, a0, d0, w0 = statements(), cpu_seconds(api_pid), cpu_seconds(db_pid), time.monotonic()
-            reqs = sum(one_file(client, f"r{r}f{i:06d}", args.empty) for i in range(args.files))
+            reqs = run_files(client, args.clients, f"r{r}", args.files, args.empty)
             s1, a1, d1, w1 = statements(), cpu_seconds(api_pid), cpu_seconds(db_pid), time.monotonic()
             if spy is not None:
                 spy.send_signal(2)
