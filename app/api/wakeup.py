@@ -35,9 +35,10 @@ class ReadyWatch:
     """`read()` returns rows with stage, shard, status, n (the counts table).
 
     A waiter wakes only on news about its own stage and shard that came after its claim began
-    (`seen`): a hint of this process for them, or a read whose counts changed, begun after that
-    claim and showing a ready task for them. Other stages' moves wake nobody, and counts read
-    before the claim (which the claim itself may have emptied) send nobody back to the database.
+    (`seen`): a hint of this process for them, or counts read after that claim began, showing
+    a ready task for them, and changed since it began. Other stages' moves wake nobody, counts
+    read before the claim (which the claim itself may have emptied) send nobody back to the
+    database, and neither do counts that stay as they were (a shard blocked upstream).
     """
 
     def __init__(self, read: Callable[[], list[dict]], interval: float, on_error: Callable[[], None] = lambda: None):
@@ -52,6 +53,7 @@ class ReadyWatch:
         self._started: dict[tuple[str, int], int] = {}
         self._read_at = 0.0
         self._read_gen = -1       # the generation their read began at: news to claims begun before it
+        self._changed_gen = -1    # the generation at which a read last found them changed
         self._hints: dict[tuple[str, int | None], int] = {}   # (stage, shard) -> generation of the last hint
         self._waiters: set[_Waiter] = set()
         self._closed = False
@@ -125,8 +127,8 @@ class ReadyWatch:
     def _may_be_ready(self, w: _Waiter) -> bool:
         if any(gen > w.seen and self._matches(w.stage, w.shard, s, h) for (s, h), gen in self._hints.items()):
             return True
-        if self._read_gen <= w.seen:
-            return False   # counts read before the claim began: the claim saw at least as much
+        if self._read_gen <= w.seen or self._changed_gen <= w.seen:
+            return False   # read before the claim began (which saw as much), or unchanged since
         if w.shard is None:
             return any(n > 0 for (s, _), n in self._ready.items() if s == w.stage)
         return self._ready.get((w.stage, w.shard), 0) > 0
@@ -158,12 +160,14 @@ class ReadyWatch:
                 self._read_at = time.monotonic()
                 # Hints from before this read began are in its counts now.
                 self._hints = {k: gen for k, gen in self._hints.items() if gen > began}
+                self._generation += 1
+                self._read_gen = began
                 if signature != self._signature:
                     self._signature = signature
                     self._ready = {(r["stage"], r["shard"]): int(r["n"]) for r in rows if r["status"] == READY}
                     self._started = {(r["stage"], r["shard"]): int(r["n"]) for r in rows if r["status"] == STARTED}
-                    self._read_gen = began
-                    for w in self._waiters:
-                        if self._may_be_ready(w):
-                            w.event.set()
+                    self._changed_gen = self._generation
+                for w in self._waiters:
+                    if self._may_be_ready(w):
+                        w.event.set()
             time.sleep(self.interval)
