@@ -420,12 +420,30 @@ class BufferingProcess(base.Worker):
             keep = False
             self.log.exception("Error handling request")
         finally:
-            self.finished.put((conn, keep))
-            self._wake()
+            if not (keep and self._rearm(conn)):
+                self.finished.put((conn, keep))
+                self._wake()
         if listing:
             # A listing thread rests twice as long as it worked: however many listings queue
             # up, they take at most a third of one thread (and of one database connection).
             time.sleep(min((time.monotonic() - began) * LISTING_REST, LISTING_REST_MAX))
+
+    def _rearm(self, conn: Conn) -> bool:
+        """Put a kept-alive connection back in the event loop's watch from this thread (epoll
+        takes registrations from any thread), sparing the loop a wake-up per request: whether
+        that was done. Not when the client already sent its next request or the process
+        stops: the loop's `_finish` sees to those."""
+        if conn.buf or not self.alive:
+            return False
+        try:
+            conn.sock.setblocking(False)
+            self._deadline(conn, self.cfg.keepalive)
+            conn.busy = False
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            return True
+        except (KeyError, ValueError, OSError):
+            conn.busy = True   # closed meanwhile (the process stopping): the loop closes it
+            return False
 
     def _handle(self, conn: Conn, request: bytes) -> bool:
         """One request, read from memory; whether the connection may serve another."""
