@@ -152,13 +152,58 @@ def test_the_migration_counts_the_rows_already_there(make_database):
                             " shard_worker_status, mysql_sender_status) VALUES (%s,%s,%s,%s,%s,%s)",
                             [(f"2025{i:010d}", i % 3, *(rng.choice(statuses) for _ in range(4))) for i in range(500)])
         conn.commit()
-        assert [m.version for m in db.migrate(conn, "tracking")] == [1, 2, 3, 4]  # 1-3 adopted, 4 run
+        assert [m.version for m in db.migrate(conn, "tracking")] == [1, 2, 3, 4, 5]  # 1-3 adopted, 4 and 5 run
         kept, scanned = kept_and_scanned(conn)
         assert kept == scanned and sum(v for (s, _, st), v in kept.items() if s == "event-ingest") == 500
         with conn.cursor() as cur:   # and the triggers keep them from there
             cur.execute("UPDATE pipeline_tracking SET shard_worker_status='done' WHERE shard_splitter_status='done'")
             cur.execute("DELETE FROM pipeline_tracking WHERE shard=2")
             cur.execute("UPDATE pipeline_tracking SET shard=1 WHERE shard=0 AND mysql_sender_status='new'")
+        conn.commit()
+        kept, scanned = kept_and_scanned(conn)
+        assert kept == scanned
+    finally:
+        conn.close()
+
+
+def test_every_single_status_move_from_every_state_is_counted_exactly(make_database):
+    """The triggers' short paths (migration 0005: registration, ingest done, claim, done) and
+    their general statement (everything else) against a scan: rows registered in each of the
+    256 combinations of statuses, each moved from there to every status of every column (and
+    back), then two columns at once and across shards."""
+    url = make_database("moves")
+    conn = db.connect(url)
+    try:
+        db.migrate(conn, "tracking")
+        statuses = ("new", "started", "done", "failed")
+        columns = [s.status_column for s in STAGES]
+        combos = [(a, b, c, d) for a in statuses for b in statuses for c in statuses for d in statuses]
+        with conn.cursor() as cur:
+            cur.executemany(f"INSERT INTO pipeline_tracking (filename, shard, {', '.join(columns)}) "
+                            "VALUES (%s,%s,%s,%s,%s,%s)",
+                            [(f"2025{i:010d}", i % 2, *combo) for i, combo in enumerate(combos)])
+            cur.execute("SELECT id FROM pipeline_tracking ORDER BY id")
+            ids = [r[0] for r in cur.fetchall()]
+        conn.commit()
+        kept, scanned = kept_and_scanned(conn)
+        assert kept == scanned
+        rng = random.Random(5)
+        with conn.cursor() as cur:
+            for column in columns:
+                for status in statuses:   # from each of the 256 states, this column to this status
+                    for row, combo in zip(ids, combos):
+                        cur.execute(f"UPDATE pipeline_tracking SET {column}=%s WHERE id=%s", (status, row))
+                        cur.execute(f"UPDATE pipeline_tracking SET {', '.join(f'{c}=%s' for c in columns)} "
+                                    "WHERE id=%s", (*combo, row))
+                    conn.commit()
+                    kept, scanned = kept_and_scanned(conn)
+                    assert kept == scanned, (column, status)
+            for row in ids:
+                a, b = rng.sample(columns, 2)
+                cur.execute(f"UPDATE pipeline_tracking SET {a}=%s, {b}=%s WHERE id=%s",
+                            (rng.choice(statuses), rng.choice(statuses), row))
+                cur.execute("UPDATE pipeline_tracking SET shard=%s, shard_worker_status=%s WHERE id=%s",
+                            (rng.randrange(3), rng.choice(statuses), rng.choice(ids)))
         conn.commit()
         kept, scanned = kept_and_scanned(conn)
         assert kept == scanned

@@ -120,3 +120,29 @@ def test_batch_done_answers_each_task_as_its_own_done(tmp_path_factory):
         assert history["shard-splitter"] == {"events": 3, "lines": 3}
         bad = s.post(f"{root}/stages/shard-splitter/done-batch", json={"worker": "w", "items": []}, timeout=10)
         assert bad.status_code == 400 and bad.json()["field"] == "items"
+
+
+def test_a_waiting_claim_wakes_only_on_news_for_its_own_stage_and_shard():
+    """Another stage's move wakes no waiter, nor do counts read before its claim began (they
+    may show the very task the claim just took); a hint for its stage and shard, or a read
+    whose counts changed since, does."""
+    from app.api.wakeup import ReadyWatch
+
+    rows = [{"stage": "shard-worker", "shard": 0, "status": "ready", "n": 1}]
+    watch = ReadyWatch(lambda: list(rows), 0.02)
+    try:
+        assert watch.wait("shard-worker", 0, watch.generation, time.monotonic() + 5)  # the first read
+        seen = watch.generation    # a claim begins here (and takes that task)
+        threading.Timer(0.05, watch.hint, ("mysql-sender", 0)).start()   # while it waits
+        threading.Timer(0.1, watch.hint, ("shard-worker", 1)).start()
+        began = time.monotonic()
+        assert not watch.wait("shard-worker", 0, seen, time.monotonic() + 0.3)
+        assert time.monotonic() - began >= 0.25
+        seen = watch.generation
+        threading.Timer(0.05, watch.hint, ("shard-worker", 0)).start()
+        assert watch.wait("shard-worker", 0, seen, time.monotonic() + 5)
+        seen = watch.generation
+        rows[0] = {**rows[0], "n": 2}   # another API process made one ready
+        assert watch.wait("shard-worker", 0, seen, time.monotonic() + 5)
+    finally:
+        watch.close()

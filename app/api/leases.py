@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 from ..stages import ORDERED, WORK_STAGES, Action, Stage
 from .errors import Conflict, NotFound
 from .queries import (FAILED, NEW, SQL_EXPIRED, STARTED, iso, iso_s, log_sql, marks, sql_held, sql_ready,
-                      sql_shard_blocker, sql_shard_busy)
+                      sql_shard_gate)
 from ..db import Result, Transaction
 from .store import Store
 
@@ -78,12 +78,12 @@ class Leases:
     @staticmethod
     def _ordered_reads(stage: str, shard: int, owner: str) -> list:
         """An ordered claim first takes the shard's claim lock (the upsert locks its row, so two
-        replicas cannot take consecutive files at once) and reads whether another daemon holds
-        one of the shard's files and which is the oldest file still waiting upstream."""
+        replicas cannot take consecutive files at once) and reads, in one statement, whether
+        another daemon holds one of the shard's files and which is the oldest file still waiting
+        upstream."""
         return [("INSERT INTO pipeline_claim_lock (stage, shard) VALUES (%s,%s) ON DUPLICATE KEY UPDATE shard=shard",
                  (stage, shard)),
-                (sql_shard_busy(stage), (shard, owner)),
-                (sql_shard_blocker(stage), (shard,))]
+                (sql_shard_gate(stage), (shard, owner, shard))]
 
     @staticmethod
     def _ordered_fresh(t: Transaction, stage: Stage, shard: int, results: list[Result], want: int,
@@ -95,10 +95,11 @@ class Leases:
         in the shard's stream and block nothing. While another daemon holds one of the shard's
         files, nobody else gets any.
         """
-        _lock, busy, blocker = results
-        if want <= 0 or busy.rows:
+        _lock, gate = results
+        gate = gate.one()
+        if want <= 0 or gate["busy"]:
             return []
-        first_pending = blocker.one()["id"]
+        first_pending = gate["blocker"]
         before, args = (" AND id < %s", (first_pending,)) if first_pending is not None else ("", ())
         return t.run((sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", before), (shard, *args, want)))[0].rows
 

@@ -60,6 +60,12 @@ def sql_shard_blocker(stage: Stage) -> str:
             f"AND shard=%s AND {FIRST.status_column}={DONE.sql}")
 
 
+def sql_shard_gate(stage: Stage) -> str:
+    """Both reads above in one statement (args: shard, owner, shard): `busy` 1 or 0, `blocker`
+    the id or NULL. Each part is the index read the EXPLAIN test checks on its own."""
+    return f"SELECT EXISTS({sql_shard_busy(stage)}) AS busy, ({sql_shard_blocker(stage)}) AS blocker"
+
+
 # Started tasks whose lease ran out, for the reaper (args: limit).
 SQL_EXPIRED = (f"SELECT id, filename, shard, owner, {', '.join(s.status_column for s in WORK_STAGES)},"
                f" {', '.join(s.attempts_column for s in WORK_STAGES)},"

@@ -29,8 +29,8 @@ import queue
 import selectors
 import socket
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Callable
 
@@ -42,6 +42,35 @@ from gunicorn.workers import base
 SWITCH_INTERVAL = 0.0005
 LISTING_REST = 2.0      # a listing thread rests this many times as long as the listing took
 LISTING_REST_MAX = 2.0
+NOTIFY_EVERY = 1.0      # seconds between the loop's "alive" signs to the arbiter (its timeout: 30 s)
+
+
+class Lane:
+    """A fixed set of threads taking calls from one queue. What ThreadPoolExecutor does for
+    a request, minus its Future, its per-submit bookkeeping and locks: the hand-over from
+    the event loop is one `put`."""
+
+    def __init__(self, threads: int, name: str):
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._run, name=f"{name}-{n}", daemon=True) for n in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, fn, *args) -> None:
+        self.calls.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            call = self.calls.get()
+            if call is None:
+                return
+            fn, args = call
+            fn(*args)
+
+    def shutdown(self) -> None:
+        """Each thread ends after the calls already queued (it does not wait for them)."""
+        for _ in self.threads:
+            self.calls.put(None)
 
 
 class RequestTooLarge(Exception):
@@ -171,9 +200,11 @@ class BufferingProcess(base.Worker):
         # its thread must get the interpreter back from a listing thread converting rows, which
         # by default yields it only every 5 ms.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.work_pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="request")
-        self.read_pool = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="listing")
-        self.wait_pool = ThreadPoolExecutor(self.WAIT_THREADS, thread_name_prefix="waiting")
+        self.work_pool = Lane(self.cfg.threads, "request")
+        self.read_pool = Lane(self.READ_THREADS, "listing")
+        self.wait_pool = Lane(self.WAIT_THREADS, "waiting")
+        self.next_expiry = 0.0   # no idle connection's deadline comes before this
+        self.next_notify = 0.0
         self.selector = selectors.DefaultSelector()
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_read, self.wake_write = os.pipe()
@@ -205,12 +236,16 @@ class BufferingProcess(base.Worker):
             listener.setblocking(False)
         self._accept(True)
         while self.alive:
-            self.notify()
-            if not self.is_parent_alive():
-                break
+            now = time.monotonic()
+            if now >= self.next_notify:
+                self.next_notify = now + NOTIFY_EVERY
+                self.notify()
+                if not self.is_parent_alive():
+                    break
             self._accept(len(self.conns) < self.cfg.worker_connections)
-            self._poll(self._next_timeout())
-            self._expire()
+            self._poll(max(0.0, min(self.next_expiry, self.next_notify) - now))
+            if time.monotonic() >= self.next_expiry:
+                self._expire()
         self._accept(False)
         try:
             self.on_stop()
@@ -224,9 +259,9 @@ class BufferingProcess(base.Worker):
             self._poll(0.5)
         for conn in list(self.conns.values()):
             self._close(conn)
-        self.work_pool.shutdown(wait=False)
-        self.read_pool.shutdown(wait=False)
-        self.wait_pool.shutdown(wait=False)
+        self.work_pool.shutdown()
+        self.read_pool.shutdown()
+        self.wait_pool.shutdown()
 
     def is_parent_alive(self) -> bool:
         if self.ppid != os.getppid():
@@ -244,9 +279,10 @@ class BufferingProcess(base.Worker):
                 self.selector.unregister(listener)
         self.accepting = enabled
 
-    def _next_timeout(self) -> float:
-        waiting = [c.deadline for c in self.conns.values() if not c.busy]
-        return max(0.0, min([time.monotonic() + 1.0, *waiting]) - time.monotonic())
+    def _deadline(self, conn: Conn, seconds: float) -> None:
+        conn.deadline = time.monotonic() + seconds
+        if conn.deadline < self.next_expiry:
+            self.next_expiry = conn.deadline
 
     def _poll(self, timeout: float) -> None:
         try:
@@ -272,7 +308,7 @@ class BufferingProcess(base.Worker):
             raise
         sock.setblocking(False)
         conn = Conn(sock, client, listener.getsockname())
-        conn.deadline = time.monotonic() + self.REQUEST_TIMEOUT
+        self._deadline(conn, self.REQUEST_TIMEOUT)
         self.conns[conn.fd] = conn
         self.selector.register(sock, selectors.EVENT_READ, conn)
 
@@ -288,7 +324,7 @@ class BufferingProcess(base.Worker):
             self._close(conn)
             return
         if not conn.buf:
-            conn.deadline = time.monotonic() + self.REQUEST_TIMEOUT  # a request begins (again)
+            self._deadline(conn, self.REQUEST_TIMEOUT)  # a request begins (again)
         conn.buf += data
         self._dispatch(conn)
 
@@ -331,14 +367,18 @@ class BufferingProcess(base.Worker):
             except OSError:
                 self._close(conn)
                 continue
-            conn.deadline = time.monotonic() + (self.REQUEST_TIMEOUT if conn.buf else self.cfg.keepalive)
+            self._deadline(conn, self.REQUEST_TIMEOUT if conn.buf else self.cfg.keepalive)
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
             if conn.buf:
                 self._dispatch(conn)   # the client sent its next request already
 
     def _expire(self) -> None:
+        """Close idle connections past their deadline; note when the next one falls due
+        (checked within a second of it at most)."""
         now = time.monotonic()
-        for conn in [c for c in self.conns.values() if not c.busy and c.deadline <= now]:
+        idle = [c for c in self.conns.values() if not c.busy]
+        self.next_expiry = min([now + 1.0, *(c.deadline for c in idle if c.deadline > now)])
+        for conn in [c for c in idle if c.deadline <= now]:
             if conn.buf:
                 self._refuse(conn, 408, "Request Timeout",
                              f"the request did not arrive whole within {self.REQUEST_TIMEOUT:g}s")
@@ -380,12 +420,30 @@ class BufferingProcess(base.Worker):
             keep = False
             self.log.exception("Error handling request")
         finally:
-            self.finished.put((conn, keep))
-            self._wake()
+            if not (keep and self._rearm(conn)):
+                self.finished.put((conn, keep))
+                self._wake()
         if listing:
             # A listing thread rests twice as long as it worked: however many listings queue
             # up, they take at most a third of one thread (and of one database connection).
             time.sleep(min((time.monotonic() - began) * LISTING_REST, LISTING_REST_MAX))
+
+    def _rearm(self, conn: Conn) -> bool:
+        """Put a kept-alive connection back in the event loop's watch from this thread (epoll
+        takes registrations from any thread), sparing the loop a wake-up per request: whether
+        that was done. Not when the client already sent its next request or the process
+        stops: the loop's `_finish` sees to those."""
+        if conn.buf or not self.alive:
+            return False
+        try:
+            conn.sock.setblocking(False)
+            self._deadline(conn, self.cfg.keepalive)
+            conn.busy = False
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            return True
+        except (KeyError, ValueError, OSError):
+            conn.busy = True   # closed meanwhile (the process stopping): the loop closes it
+            return False
 
     def _handle(self, conn: Conn, request: bytes) -> bool:
         """One request, read from memory; whether the connection may serve another."""

@@ -23,22 +23,39 @@ STARTED = Status.STARTED.value
 log = logging.getLogger("pipeline-apid")
 
 
+class _Waiter:
+    __slots__ = ("stage", "shard", "seen", "event")
+
+    def __init__(self, stage: str, shard: int | None, seen: int):
+        self.stage, self.shard, self.seen = stage, shard, seen
+        self.event = threading.Event()
+
+
 class ReadyWatch:
-    """`read()` returns rows with stage, shard, status, n (the counts table)."""
+    """`read()` returns rows with stage, shard, status, n (the counts table).
+
+    A waiter wakes only on news about its own stage and shard that came after its claim began
+    (`seen`): a hint of this process for them, or counts read after that claim began, showing
+    a ready task for them, and changed since it began. Other stages' moves wake nobody, counts
+    read before the claim (which the claim itself may have emptied) send nobody back to the
+    database, and neither do counts that stay as they were (a shard blocked upstream).
+    """
 
     def __init__(self, read: Callable[[], list[dict]], interval: float, on_error: Callable[[], None] = lambda: None):
         self.read = read
         self.interval = interval
         self.on_error = on_error
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._wanted = threading.Event()
         self._generation = 0
         self._signature: tuple | None = None
         self._ready: dict[tuple[str, int], int] = {}
         self._started: dict[tuple[str, int], int] = {}
         self._read_at = 0.0
-        self._hints: set[tuple[str, int | None]] = set()
-        self._waiters = 0
+        self._read_gen = -1       # the generation their read began at: news to claims begun before it
+        self._changed_gen = -1    # the generation at which a read last found them changed
+        self._hints: dict[tuple[str, int | None], int] = {}   # (stage, shard) -> generation of the last hint
+        self._waiters: set[_Waiter] = set()
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -48,31 +65,38 @@ class ReadyWatch:
         return self._generation
 
     def wait(self, stage: str, shard: int | None, seen: int, deadline: float) -> bool:
-        """Sleep until the counts changed since generation `seen` and `stage` (on `shard`, or any)
-        may have a ready task; False when `deadline` (monotonic) passed or the process stops."""
-        with self._cond:
-            self._waiters += 1
+        """Sleep until news since generation `seen` says `stage` (on `shard`, or any) may have a
+        ready task; False when `deadline` (monotonic) passed or the process stops."""
+        me = _Waiter(stage, shard, seen)
+        with self._lock:
+            self._waiters.add(me)
             self._start()
-            self._wanted.set()
-            try:
-                while not self._closed:
-                    if self._generation != seen and self._may_be_ready(stage, shard):
-                        return True
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+        self._wanted.set()
+        try:
+            while True:
+                with self._lock:
+                    if self._closed:
                         return False
-                    self._cond.wait(left)
-                return False
-            finally:
-                self._waiters -= 1
+                    if self._may_be_ready(me):
+                        return True
+                    me.event.clear()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                me.event.wait(left)
+        finally:
+            with self._lock:
+                self._waiters.discard(me)
 
     def idle(self, stage: str, shard: int | None) -> bool:
         """Whether a claim now would surely find nothing: by a fresh read of the counts, the
         stage (on `shard`, or on any) has no ready task and no started one (so none its caller
-        holds), and nothing changed here since. Only a waiting claim asks: it then skips its
-        claim and waits, so an idle group's long polls cost the database nothing."""
-        with self._cond:
-            if self._hints or time.monotonic() - self._read_at > 2 * self.interval + 0.05:
+        holds), and this process hinted nothing for it since. Only a waiting claim asks: it then
+        skips its claim and waits, so an idle group's long polls cost the database nothing."""
+        with self._lock:
+            if time.monotonic() - self._read_at > 2 * self.interval + 0.05:
+                return False
+            if any(self._matches(stage, shard, s, h) for s, h in self._hints):
                 return False
             for counts in (self._ready, self._started):
                 if any(n > 0 for (s, h), n in counts.items() if s == stage and (shard is None or h == shard)):
@@ -81,28 +105,33 @@ class ReadyWatch:
 
     def hint(self, stage: str, shard: int | None) -> None:
         """This process just made `stage`'s tasks (of `shard`, or of all) perhaps ready."""
-        with self._cond:
-            if not self._waiters:
-                return
-            self._hints.add((stage, shard))
+        with self._lock:
             self._generation += 1
-            self._cond.notify_all()
+            self._hints[(stage, shard)] = self._generation
+            for w in self._waiters:
+                if self._matches(w.stage, w.shard, stage, shard):
+                    w.event.set()
 
     def close(self) -> None:
         """The process stops: every waiter returns (with what it has: nothing)."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
+            for w in self._waiters:
+                w.event.set()
         self._wanted.set()
 
-    def _may_be_ready(self, stage: str, shard: int | None) -> bool:
-        if (stage, None) in self._hints or (stage, shard) in self._hints:
+    @staticmethod
+    def _matches(stage: str, shard: int | None, hinted_stage: str, hinted_shard: int | None) -> bool:
+        return stage == hinted_stage and (shard is None or hinted_shard is None or shard == hinted_shard)
+
+    def _may_be_ready(self, w: _Waiter) -> bool:
+        if any(gen > w.seen and self._matches(w.stage, w.shard, s, h) for (s, h), gen in self._hints.items()):
             return True
-        if shard is None and any(s == stage for s, _ in self._hints):
-            return True
-        if shard is None:
-            return any(n > 0 for (s, _), n in self._ready.items() if s == stage)
-        return self._ready.get((stage, shard), 0) > 0
+        if self._read_gen <= w.seen or self._changed_gen <= w.seen:
+            return False   # read before the claim began (which saw as much), or unchanged since
+        if w.shard is None:
+            return any(n > 0 for (s, _), n in self._ready.items() if s == w.stage)
+        return self._ready.get((w.stage, w.shard), 0) > 0
 
     def _start(self) -> None:
         if self._thread is None:
@@ -113,8 +142,12 @@ class ReadyWatch:
         while not self._closed:
             if not self._waiters:
                 self._wanted.clear()
-                self._wanted.wait()     # nobody waits: no reads at all
+                if not self._waiters:
+                    self._wanted.wait()     # nobody waits: no reads at all
                 continue
+            with self._lock:
+                self._generation += 1      # claims begun from here on read before this read
+                began = self._generation
             try:
                 rows = self.read()
             except Exception as exc:  # noqa: BLE001 - the database is down: waiters time out
@@ -123,13 +156,18 @@ class ReadyWatch:
                 time.sleep(max(self.interval, 1.0))
                 continue
             signature = tuple(sorted((r["stage"], r["shard"], r["status"], int(r["n"])) for r in rows))
-            with self._cond:
-                self._hints.clear()
+            with self._lock:
                 self._read_at = time.monotonic()
+                # Hints from before this read began are in its counts now.
+                self._hints = {k: gen for k, gen in self._hints.items() if gen > began}
+                self._generation += 1
+                self._read_gen = began
                 if signature != self._signature:
                     self._signature = signature
                     self._ready = {(r["stage"], r["shard"]): int(r["n"]) for r in rows if r["status"] == READY}
                     self._started = {(r["stage"], r["shard"]): int(r["n"]) for r in rows if r["status"] == STARTED}
-                    self._generation += 1
-                    self._cond.notify_all()
+                    self._changed_gen = self._generation
+                for w in self._waiters:
+                    if self._may_be_ready(w):
+                        w.event.set()
             time.sleep(self.interval)
