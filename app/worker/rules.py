@@ -158,13 +158,31 @@ def _money(payload: dict, name: str) -> Decimal:
 
 
 _hours: dict[str, bool] = {}
+_seconds: dict[str, bool] = {}
+_MILLIS = frozenset(f"{i:03d}" for i in range(1000))
 _TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:[0-5]\d:[0-5]\d\.\d{3}", re.ASCII).fullmatch
 
 
 def valid_time(ts) -> bool:
     """`YYYY-MM-DD HH:MM:SS.mmm` and a real instant; fixed width, so such strings sort as
-    times do. The calendar part is checked once per hour seen."""
-    if type(ts) is not str or _TIME(ts) is None or ts < TIME_MIN:
+    times do. Checked once per second seen (`_valid_time` of its first millisecond: whether
+    the rest of a line's text is a time does not depend on its milliseconds), then its three
+    ASCII digits of milliseconds looked up: events come many to a second."""
+    if type(ts) is not str or len(ts) != TIME_LEN:
+        return False
+    head = ts[:20]
+    ok = _seconds.get(head)
+    if ok is None:
+        ok = _valid_time(head + "000")
+        if len(_seconds) > 100_000:
+            _seconds.clear()
+        _seconds[head] = ok
+    return ok and ts[20:] in _MILLIS
+
+
+def _valid_time(ts: str) -> bool:
+    """valid_time without the cache: the pattern, then the calendar part once per hour seen."""
+    if _TIME(ts) is None or ts < TIME_MIN:
         return False
     head = ts[:13]
     ok = _hours.get(head)
