@@ -248,11 +248,22 @@ def validate(raw: bytes, shard: int, shard_count: int, max_line_bytes: int = MAX
              max_depth: int = MAX_JSON_DEPTH) -> Event | Bad:
     """The event of a splitter line, or why it is not one: the fast path (`fast.py`) for an
     ordinary line, `validate_exact` for everything else; both give the same answer."""
-    if type(raw) is bytes and 92 not in raw and len(raw) * 8 + PREPARED_EXTRA <= max_line_bytes:
-        ev = validate_fast(raw, shard, shard_count)
-        if ev is not None:
-            return ev
-    return validate_exact(raw, shard, shard_count, max_line_bytes, max_depth)
+    return validator(shard, shard_count, max_line_bytes, max_depth)(raw)
+
+
+def validator(shard: int, shard_count: int, max_line_bytes: int = MAX_LINE_BYTES,
+              max_depth: int = MAX_JSON_DEPTH):
+    """`validate` for one shard and limits, as the worker calls it per line (a closure: a
+    partial with keywords builds a dict of them for every call)."""
+    fast_up_to = (max_line_bytes - PREPARED_EXTRA) // 8   # len(raw) * 8 + PREPARED_EXTRA <= max_line_bytes
+
+    def check(raw: bytes) -> Event | Bad:
+        if type(raw) is bytes and len(raw) <= fast_up_to and 92 not in raw:
+            ev = validate_fast(raw, shard, shard_count)
+            if ev is not None:
+                return ev
+        return validate_exact(raw, shard, shard_count, max_line_bytes, max_depth)
+    return check
 
 
 def validate_fast(raw: bytes, shard: int, shard_count: int) -> Event | None:

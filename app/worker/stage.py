@@ -14,7 +14,6 @@ import hashlib
 import logging
 import sys
 import time
-from functools import partial
 
 import orjson
 import pymysql
@@ -32,7 +31,7 @@ from ..stages import Stage
 from .ledger import Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     TOO_LARGE, WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, minute_of, purchase,
-                    refund, stock_change, validate)
+                    refund, stock_change, validator)
 from .state import SCHEMA, BatchRecord, FileStart, Hold, Recent, SeenConflict, WorkerState
 
 log = logging.getLogger(Stage.WORKER)
@@ -184,9 +183,8 @@ class FileRun:
         self.prepare = PreparedLines(stage.shard, filename)
         self.seq = 0
         self.turns = Turns()
-        self.validate = partial(validate, shard=stage.shard, shard_count=stage.settings.shard_count,
-                                max_line_bytes=stage.settings.max_line_bytes,
-                                max_depth=stage.settings.max_json_depth)
+        self.validate = validator(stage.shard, stage.settings.shard_count, stage.settings.max_line_bytes,
+                                  stage.settings.max_json_depth)
 
     # -- the task ------------------------------------------------------------------------------
 
