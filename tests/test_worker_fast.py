@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
+from datetime import datetime
 from pathlib import Path
 
 import orjson
 import pytest
 
 from app.ingest.generator import Generator
-from app.worker.rules import Bad, Event, validate, validate_exact
+from app.worker.rules import Bad, Event, valid_time, validate, validate_exact
 from app.worker.stage import prepared_line
 
 FIXTURES = Path("/work/shared/fixtures")
@@ -145,3 +147,26 @@ def test_a_prepared_line_quotes_any_source_file_name_as_orjson_does(source):
     line = prepared_line(ev, ev.shop_id, 0, source)
     assert orjson.loads(line)["source_file"] == source
     assert line == reference_line(ev, 0).replace(orjson.dumps(SOURCE), orjson.dumps(source))
+
+
+def reference_time(ts) -> bool:
+    """What `valid_time` means, without its caches."""
+    if type(ts) is not str or not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}", ts):
+        return False
+    try:
+        datetime.strptime(ts, "%Y-%m-%d %H:%M:%S.%f")
+    except ValueError:
+        return False
+    return ts >= "1000-01-01 00:00:00.000"
+
+
+def test_valid_time_caches_per_second_but_checks_every_character():
+    seconds = ["2026-05-01 10:00:00.", "2026-02-29 23:59:59.", "2024-02-29 23:59:59.", "1000-01-01 00:00:00.",
+               "0999-12-31 23:59:59.", "9999-12-31 23:59:59.", "2026-05-01 10:00:60.", "2026-05-01 24:00:00.",
+               "2026-13-01 00:00:00.", "2026-05-01T10:00:00.", "2026-05-0\u0661 10:00:00.", "２026-05-01 10:00:00."]
+    millis = ["000", "123", "999", "12", "1234", "12a", "1\u0663", "\u0661\u0662\u0663", "12\n", " 12", "-12", "+12",
+              "1.2", "", "0000"]
+    cases = [s + m for s in seconds for m in millis] + [None, 5, b"2026-05-01 10:00:00.000", "", "2026-05-01"]
+    for ts in cases + cases[::-1]:   # the second time round, from the cache, in the other order
+        assert valid_time(ts) == reference_time(ts), repr(ts)
+    assert sum(map(valid_time, cases)) == 4 * 3

@@ -83,7 +83,12 @@ SORTED = msgspec.json.Encoder(order="sorted").encode   # what orjson's OPT_SORT_
 DecodeError = msgspec.DecodeError
 
 
+_BLAKE2B_16 = hashlib.blake2b(digest_size=16).copy   # a copy of a fresh one costs less than a new one
+
+
 def digest_key(etype: int, payload: Struct, ts: str) -> bytes:
     """`app.events.event_key`'s digest, from the Struct (its fields print sorted, as OPT_SORT_KEYS
     prints the dict)."""
-    return hashlib.blake2b(SORTED([etype, payload, ts]), digest_size=16).digest()
+    h = _BLAKE2B_16()
+    h.update(SORTED([etype, payload, ts]))
+    return h.digest()

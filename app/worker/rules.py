@@ -12,6 +12,9 @@ import re
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from typing import Any, Optional
+
+import msgspec
 import orjson
 
 from ..config import Rules, Settings
@@ -63,24 +66,25 @@ PREPARED_EXTRA = 1024
 MAX_LINE_BYTES, MAX_JSON_DEPTH = Settings.max_line_bytes, Settings.max_json_depth
 
 
-class Event:
+class Event(msgspec.Struct, kw_only=True, gc=False, eq=False):
     """One valid event line, its fields checked and typed. On the fast path `payload_json` is
-    the payload's text, exactly as orjson prints the dict, and `payload` is parsed only if asked."""
+    the payload's text, exactly as orjson prints the dict, and `payload` is parsed only if asked.
+    A Struct, not a class with __slots__: made in one C call with all its fields (a line's
+    Event cost as much as decoding the line), compared and hashed by identity as before."""
 
-    __slots__ = ("etype", "_payload", "payload_json", "ts", "key", "dkey", "shop_id", "user_id", "order_id",
-                 "good_id", "qty", "amount", "active")
-
-    def __init__(self, etype: int, payload: dict | bytes, ts: str):
-        self.etype, self.ts = etype, ts
-        if type(payload) is bytes:
-            self._payload, self.payload_json = None, payload
-        else:
-            self._payload, self.payload_json = payload, None
-        self.key = ""       # the business key as the contract writes it (app.events.event_key)
-        self.dkey = None    # what dedup stores: the order id of a return, else (minute, 64-bit hash)
-        self.shop_id = self.user_id = self.order_id = self.good_id = self.qty = None
-        self.amount: Decimal | None = None
-        self.active: bool | None = None
+    etype: int
+    ts: str
+    payload_json: Optional[bytes] = None
+    _payload: Optional[dict] = None
+    key: str = ""                  # the business key as the contract writes it (app.events.event_key)
+    dkey: Any = None               # what dedup stores: the order id of a purchase or return, else (minute, 64-bit hash)
+    shop_id: Optional[int] = None
+    user_id: Optional[int] = None
+    order_id: Optional[int] = None
+    good_id: Optional[int] = None
+    qty: Optional[int] = None
+    amount: Optional[Decimal] = None
+    active: Optional[bool] = None
 
     @property
     def payload(self) -> dict:
@@ -154,13 +158,31 @@ def _money(payload: dict, name: str) -> Decimal:
 
 
 _hours: dict[str, bool] = {}
+_seconds: dict[str, bool] = {}
+_MILLIS = frozenset(f"{i:03d}" for i in range(1000))
 _TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:[0-5]\d:[0-5]\d\.\d{3}", re.ASCII).fullmatch
 
 
 def valid_time(ts) -> bool:
     """`YYYY-MM-DD HH:MM:SS.mmm` and a real instant; fixed width, so such strings sort as
-    times do. The calendar part is checked once per hour seen."""
-    if type(ts) is not str or _TIME(ts) is None or ts < TIME_MIN:
+    times do. Checked once per second seen (`_valid_time` of its first millisecond: whether
+    the rest of a line's text is a time does not depend on its milliseconds), then its three
+    ASCII digits of milliseconds looked up: events come many to a second."""
+    if type(ts) is not str or len(ts) != TIME_LEN:
+        return False
+    head = ts[:20]
+    ok = _seconds.get(head)
+    if ok is None:
+        ok = _valid_time(head + "000")
+        if len(_seconds) > 100_000:
+            _seconds.clear()
+        _seconds[head] = ok
+    return ok and ts[20:] in _MILLIS
+
+
+def _valid_time(ts: str) -> bool:
+    """valid_time without the cache: the pattern, then the calendar part once per hour seen."""
+    if _TIME(ts) is None or ts < TIME_MIN:
         return False
     head = ts[:13]
     ok = _hours.get(head)
@@ -226,11 +248,22 @@ def validate(raw: bytes, shard: int, shard_count: int, max_line_bytes: int = MAX
              max_depth: int = MAX_JSON_DEPTH) -> Event | Bad:
     """The event of a splitter line, or why it is not one: the fast path (`fast.py`) for an
     ordinary line, `validate_exact` for everything else; both give the same answer."""
-    if type(raw) is bytes and 92 not in raw and len(raw) * 8 + PREPARED_EXTRA <= max_line_bytes:
-        ev = validate_fast(raw, shard, shard_count)
-        if ev is not None:
-            return ev
-    return validate_exact(raw, shard, shard_count, max_line_bytes, max_depth)
+    return validator(shard, shard_count, max_line_bytes, max_depth)(raw)
+
+
+def validator(shard: int, shard_count: int, max_line_bytes: int = MAX_LINE_BYTES,
+              max_depth: int = MAX_JSON_DEPTH):
+    """`validate` for one shard and limits, as the worker calls it per line (a closure: a
+    partial with keywords builds a dict of them for every call)."""
+    fast_up_to = (max_line_bytes - PREPARED_EXTRA) // 8   # len(raw) * 8 + PREPARED_EXTRA <= max_line_bytes
+
+    def check(raw: bytes) -> Event | Bad:
+        if type(raw) is bytes and len(raw) <= fast_up_to and 92 not in raw:
+            ev = validate_fast(raw, shard, shard_count)
+            if ev is not None:
+                return ev
+        return validate_exact(raw, shard, shard_count, max_line_bytes, max_depth)
+    return check
 
 
 def validate_fast(raw: bytes, shard: int, shard_count: int) -> Event | None:
@@ -251,35 +284,37 @@ def validate_fast(raw: bytes, shard: int, shard_count: int) -> Event | None:
     ts = line.timestamp
     if not valid_time(ts) or fast.ENCODE(p) != body:
         return None
-    ev = Event(etype, body, ts)
     try:
         if etype == PURCHASE:
-            ev.order_id, ev.user_id, ev.shop_id, ev.good_id, ev.qty = p.order_id, p.user_id, p.shop_id, p.good_id, p.qty
-            ev.amount = money(p.price_at_order)
-        elif etype == RETURN:
-            shop = p.shop_id
-            ev.order_id, ev.user_id, ev.good_id, ev.qty = p.order_id, p.user_id, p.good_id, p.qty
-            ev.shop_id = None if shop is fast.UNSET else shop
-            ev.amount = money(p.refund_amount)
-        elif etype == RESTOCK:
-            ev.shop_id, ev.good_id, ev.qty = p.shop_id, p.good_id, p.delta_count
-        elif etype == PRICE_CHANGE:
-            ev.shop_id, ev.good_id = p.shop_id, p.good_id
-            ev.amount = money(p.new_price)
-        else:
-            ev.shop_id, ev.active = p.shop_id, p.active
+            order, shop = p.order_id, p.shop_id
+            if shop % shard_count != shard:
+                return None
+            return Event(etype=etype, ts=ts, payload_json=body, key=f"{etype}:{order}", dkey=order, shop_id=shop,
+                         user_id=p.user_id, order_id=order, good_id=p.good_id, qty=p.qty,
+                         amount=money(p.price_at_order))
+        if etype == RETURN:
+            order, shop = p.order_id, p.shop_id
+            if shop is fast.UNSET:
+                shop = None
+            elif shop % shard_count != shard:
+                return None
+            return Event(etype=etype, ts=ts, payload_json=body, key=f"{etype}:{order}", dkey=order, shop_id=shop,
+                         user_id=p.user_id, order_id=order, good_id=p.good_id, qty=p.qty,
+                         amount=money(p.refund_amount))
+        shop = p.shop_id
+        if shop % shard_count != shard:
+            return None
+        digest = fast.digest_key(etype, p, ts)
+        key, dkey = f"{etype}:h{digest.hex()}", (minute_of(ts), int.from_bytes(digest[:8], "big", signed=True))
+        if etype == RESTOCK:
+            return Event(etype=etype, ts=ts, payload_json=body, key=key, dkey=dkey, shop_id=shop, good_id=p.good_id,
+                         qty=p.delta_count)
+        if etype == PRICE_CHANGE:
+            return Event(etype=etype, ts=ts, payload_json=body, key=key, dkey=dkey, shop_id=shop, good_id=p.good_id,
+                         amount=money(p.new_price))
+        return Event(etype=etype, ts=ts, payload_json=body, key=key, dkey=dkey, shop_id=shop, active=p.active)
     except (TypeError, ValueError, ArithmeticError):
         return None
-    if ev.shop_id is not None and ev.shop_id % shard_count != shard:
-        return None
-    if etype == PURCHASE or etype == RETURN:
-        ev.key = f"{etype}:{ev.order_id}"
-        ev.dkey = ev.order_id
-    else:
-        digest = fast.digest_key(etype, p, ts)
-        ev.key = f"{etype}:h{digest.hex()}"
-        ev.dkey = (minute_of(ts), int.from_bytes(digest[:8], "big", signed=True))
-    return ev
 
 
 def validate_exact(raw: bytes, shard: int, shard_count: int, max_line_bytes: int = MAX_LINE_BYTES,
@@ -305,7 +340,7 @@ def validate_exact(raw: bytes, shard: int, shard_count: int, max_line_bytes: int
         return Bad(MALFORMED, f"unknown event_type {etype!r}")
     if not valid_time(ts):
         return Bad(MALFORMED, "timestamp must be 'YYYY-MM-DD HH:MM:SS.mmm'")
-    ev = Event(etype, payload, ts)
+    ev = Event(etype=etype, ts=ts, _payload=payload)
     get = payload.get
     try:
         if etype == PURCHASE:

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import sys
 import time
-from functools import partial
 
 import orjson
 import pymysql
@@ -32,7 +31,7 @@ from ..stages import Stage
 from .ledger import Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
                     TOO_LARGE, WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, minute_of, purchase,
-                    refund, stock_change, validate)
+                    refund, stock_change, validator)
 from .state import SCHEMA, BatchRecord, FileStart, Hold, Recent, SeenConflict, WorkerState
 
 log = logging.getLogger(Stage.WORKER)
@@ -142,15 +141,30 @@ class Plan:
     """What a batch will look up, worked out from its lines alone (in the read-ahead thread)."""
 
     def __init__(self, events: list, rules):
-        valid = [e for e in events if type(e) is Event]
-        self.returns = [e for e in valid if e.etype == RETURN]
-        self.purchases = {e.order_id for e in valid if e.etype == PURCHASE}
-        self.keys = {e.dkey for e in valid if e.etype != PURCHASE} if rules.dedup else set()
-        takes = rules.purchase_takes_stock
-        self.pairs = {(e.shop_id, e.good_id) for e in valid
-                      if e.etype == RESTOCK or (takes and e.etype == PURCHASE)}
-        self.shops = {e.shop_id for e in valid if e.etype == PURCHASE or e.etype == SHOP_STATUS}
-        self.users = {e.user_id for e in valid if e.etype == PURCHASE}
+        """One pass over the batch (six set comprehensions over it cost half again as much)."""
+        returns, purchases, keys, pairs, shops, users = [], set(), set(), set(), set(), set()
+        dedup, takes = rules.dedup, rules.purchase_takes_stock
+        for e in events:
+            if type(e) is not Event:
+                continue
+            etype = e.etype
+            if etype == PURCHASE:
+                purchases.add(e.order_id)
+                shops.add(e.shop_id)
+                users.add(e.user_id)
+                if takes:
+                    pairs.add((e.shop_id, e.good_id))
+                continue
+            if dedup:
+                keys.add(e.dkey)
+            if etype == RETURN:
+                returns.append(e)
+            elif etype == RESTOCK:
+                pairs.add((e.shop_id, e.good_id))
+            elif etype == SHOP_STATUS:
+                shops.add(e.shop_id)
+        self.returns, self.purchases, self.keys = returns, purchases, keys
+        self.pairs, self.shops, self.users = pairs, shops, users
 
 
 class FileRun:
@@ -169,9 +183,8 @@ class FileRun:
         self.prepare = PreparedLines(stage.shard, filename)
         self.seq = 0
         self.turns = Turns()
-        self.validate = partial(validate, shard=stage.shard, shard_count=stage.settings.shard_count,
-                                max_line_bytes=stage.settings.max_line_bytes,
-                                max_depth=stage.settings.max_json_depth)
+        self.validate = validator(stage.shard, stage.settings.shard_count, stage.settings.max_line_bytes,
+                                  stage.settings.max_json_depth)
 
     # -- the task ------------------------------------------------------------------------------
 
