@@ -219,27 +219,36 @@ class Daemon:
             with self._held_lock:
                 self.held.update({t.key: t for t in tasks})
                 self.leased_at.update({t.key: now for t in tasks})
-            for group in self.stage.group(tasks):
+            groups = self.stage.group(tasks)
+            for n, group in enumerate(groups):
                 if self.stop.is_set():
                     break
-                if self._work(group, ctx):
-                    backoff = 0.0
-                else:
+                outcomes = self._work(group, ctx)
+                if outcomes is None:
                     backoff = min(max(backoff * 2, 0.5), 30.0)
                     self.log.warning("backing off %.1fs before the next claim", backoff)
                     self._release_all("outside fault; backing off")
                     self.stop.wait(backoff)
                     break
+                backoff = 0.0
+                if Stage(self.stage.name).ordered and any(isinstance(o, Rewind) for o in outcomes):
+                    # The file went back upstream: the shard's later files, claimed with it, wait
+                    # for it (a later file decided first would see a return before its purchase).
+                    later = [t for g in groups[n + 1:] for t in g]
+                    if later:
+                        self._release(later, "an earlier file of the shard went back upstream")
+                    break
 
-    def _work(self, group: list[Task], ctx: Context) -> bool:
-        """Process one group and report each task; False when the stage asked to back off."""
+    def _work(self, group: list[Task], ctx: Context) -> list[Outcome] | None:
+        """Process one group and report each task: their outcomes, or None when the stage
+        asked to back off."""
         names = ", ".join(f"{t.filename}/{t.shard}" for t in group)
         started = time.monotonic()
         try:
             outcomes = self.stage.process(group, ctx)
         except StopRequested:
             self._release(group, "daemon stopping")
-            return True
+            return []
         except InputMissing as exc:
             outcomes = [Rewind(str(exc))] * len(group)
         except TaskFailed as exc:
@@ -247,7 +256,7 @@ class Daemon:
         except Retryable as exc:
             self.log.warning("%s: %s", names, exc)
             self._release(group, f"retryable: {exc}")
-            return False
+            return None
         except MigrationError:
             raise  # the code and its database disagree: stop (the tasks are handed back), fail no task
         except Exception as exc:
@@ -259,7 +268,7 @@ class Daemon:
         for task, outcome in zip(group, outcomes):
             if len(done) <= 1 or not isinstance(outcome, Done):
                 self._report(task, outcome, time.monotonic() - started)
-        return True
+        return outcomes
 
     def _report_done(self, done: list[tuple[Task, Done]], seconds: float) -> None:
         """Several tasks done at once (a file's shards): one request."""

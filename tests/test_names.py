@@ -54,7 +54,7 @@ def test_worker_names_the_shard_worker_only():
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
     assert found == []
     settings = [f.name for f in dataclasses.fields(Settings) if "worker" in f.name]
-    assert settings == ["worker_batch_lines"]  # the shard worker's own setting
+    assert settings == ["worker_batch_lines", "worker_claim_limit"]  # the shard worker's own settings
 
 
 def test_the_event_format_module_holds_only_what_others_use():

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pymysql
 
-from app import db
+from app import db, layout
 from app.worker.ledger import Ledger, LedgerConflict
 from app.worker.rules import CODE, REASONS, Order
 from app.worker.state import WorkerState
@@ -355,3 +355,48 @@ def test_the_worker_claims_several_files_of_its_shard_at_once_and_reports_each(p
     assert stage.claim_limit == 3 and claimed[0] == 3      # one claim for the three files
     assert prepared == [[700], [701], [702]]
     assert pipeline.balance(1) == Decimal("997.00")
+
+
+def test_files_claimed_after_one_sent_back_upstream_wait_for_it(pipeline):
+    """A worker holding several files of its shard whose first file's input is missing sends
+    that file back to the splitter and hands back the others unread: deciding a later file
+    first would take its return for one whose purchase never came (and hold it)."""
+    files = [f"2026030113000{i}" for i in range(3)]
+    pipeline.feed(files[0], {0: [purchase(0, 910, user=1, shop=2, price=10)]})
+    pipeline.feed(files[1], {0: [refund(1, 910, user=1, amount=10, shop=2)]})
+    pipeline.feed(files[2], {0: [purchase(2, 911, user=1, shop=2, price=1)]})
+    first_input = layout.splitter_output(pipeline.shared, files[0], 0)
+    kept = first_input.read_bytes()
+    first_input.unlink()
+    from app.daemon import Daemon
+    from app.worker.stage import WorkerStage
+    settings = pipeline.settings(WORKER_CLAIM_LIMIT=3, CLAIM_WAIT_SECONDS=0.2)
+    daemon = Daemon(WorkerStage(settings, 0), settings)
+    claims = []
+    claim = daemon.client.claim
+
+    def counting(*args, **kwargs):
+        tasks = claim(*args, **kwargs)
+        claims.append([t.filename for t in tasks])
+        return tasks
+    daemon.client.claim = counting
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        servers.wait_until(lambda: pipeline.task(files[0], 0)["shard_splitter_status"] == "new", 30, 0.02,
+                           "the first file sent back to the splitter")
+        assert claims[0] == files                          # the three came in one claim
+        seen = len(claims)
+        servers.wait_until(lambda: len(claims) > seen + 1, 30, 0.02, "the worker claiming again")
+        assert [pipeline.task(name, 0)["shard_worker_status"] for name in files[1:]] == ["new", "new"]
+        first_input.write_bytes(kept)                      # the splitter again
+        pipeline.client.start("shard-splitter", files[0], 0, "test-splitter")
+        pipeline.client.done("shard-splitter", files[0], 0, "test-splitter", events=1)
+        for name in files:
+            pipeline.wait_done(name)
+        assert pipeline.stats(files[1])["held"] == 0 and pipeline.stats(files[1])["accepted"] == 1
+        assert [x["source_file"] for x in pipeline.prepared(files[1])] == [files[1]]
+    finally:
+        daemon.stop.set()
+        thread.join(30)
+    assert pipeline.balance(1) == Decimal("999.00")
