@@ -35,10 +35,7 @@ def main() -> None:
         conn = servers.admin_connect(port=db.port)
 
         def statements() -> int:
-            with conn.cursor() as cur:
-                cur.execute("SHOW GLOBAL STATUS LIKE 'Com\\_%%'")
-                rows = cur.fetchall()
-            return sum(int(v) for k, v in rows if k != "Com_show_status")
+            return servers.server_statements(conn)
 
         work = Path(tempfile.mkdtemp(prefix="apistatements-"))
         env = servers.service_env(db.url("pipeline_db"), work, servers.free_port())

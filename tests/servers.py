@@ -80,6 +80,14 @@ def session_statements(conn) -> int:
         return int(cur.fetchone()[1])
 
 
+def server_statements(conn) -> int:
+    """Statements the whole server has run so far (its Com_* counters, SHOW STATUS not counted)."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW GLOBAL STATUS LIKE 'Com\\_%%'")
+        rows = cur.fetchall()
+    return sum(int(v) for k, v in rows if k != "Com_show_status")
+
+
 def unique_name(prefix: str) -> str:
     return f"t_{prefix}_{uuid.uuid4().hex[:10]}"
 
