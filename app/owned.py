@@ -58,14 +58,8 @@ def parse_ledger_name(name: str) -> tuple[str, str, int] | None:
     return host, space, int(pid)
 
 
-def record(folder: Folder, name: str, inode: int) -> None:
-    """Note that this process writes `name` (the file whose inode is `inode`) in `folder`."""
-    with folder.open_append(ledger_name()) as ledger:
-        ledger.write(f"{inode} {name}\n".encode())
-
-
 def record_many(folder: Folder, entries: list[tuple[str, int]]) -> None:
-    """`record` of several files (name, inode) in one write."""
+    """Note that this process writes these files (name, inode) in `folder`, in one write."""
     with folder.open_append(ledger_name()) as ledger:
         ledger.write(b"".join(f"{inode} {name}\n".encode() for name, inode in entries))
 
