@@ -403,6 +403,10 @@ class Reconnecting:
         self._used = time.monotonic()
         return conn
 
+    def check_next(self) -> None:
+        """Check the connection on the next `get`, however recently it was used."""
+        self._used = float("-inf")
+
     def discard(self) -> None:
         """Close and forget the connection (after an error): the next `get` opens a new one."""
         conn, self.conn = self.conn, None
@@ -415,24 +419,33 @@ class Reconnecting:
 
 class ThreadConnections:
     """One `Reconnecting` connection per thread (opened lazily, so after a fork), checked
-    before a reuse once idle `check_after` seconds."""
+    before a reuse once idle `check_after` seconds, and after any thread found the server
+    gone (`discard`): a server restarted within `check_after` would otherwise leave the other
+    threads' connections broken for one request each."""
 
     def __init__(self, url: MySQLURL, check_after: float = 1.0, **connect_options):
         self.url = url
         self.check_after = check_after
         self.connect_options = connect_options
         self._local = threading.local()
+        self._discards = 0   # bumped by any thread's discard; an int store, no lock needed
 
     def _mine(self) -> Reconnecting:
         mine = getattr(self._local, "conn", None)
         if mine is None:
             mine = self._local.conn = Reconnecting(self.url, check_after=self.check_after, **self.connect_options)
+            self._local.discards = self._discards
         return mine
 
     def get(self):
-        return self._mine().get()
+        mine = self._mine()
+        if self._local.discards != self._discards:
+            self._local.discards = self._discards
+            mine.check_next()
+        return mine.get()
 
     def discard(self) -> None:
+        self._discards += 1
         self._mine().discard()
 
 

@@ -89,6 +89,42 @@ def test_an_unchecked_connection_is_replaced_only_when_its_owner_says_so(table):
     assert connection.get() is not first
 
 
+def test_one_thread_finding_the_server_gone_has_every_thread_check_its_connection(table):
+    """The API's threads each keep a connection, checked when idle a second; after a restart
+    of the server within that second, a thread whose connection was not checked answered its
+    next request 503 (seen in the outage test on a loaded machine)."""
+    import threading
+    url, _ = table
+    conns = db.ThreadConnections(url, check_after=3600)
+    other = threading.Event()
+    done = threading.Event()
+    result = {}
+
+    def thread_b():
+        first = conns.get()
+        result["first"] = first
+        other.set()
+        done.wait(10)
+        again = conns.get()
+        with again.cursor() as cur:
+            cur.execute("SELECT 1")
+            result["answer"] = cur.fetchone()
+        result["again"] = again
+    b = threading.Thread(target=thread_b)
+    b.start()
+    assert other.wait(10)
+    _kill(url, result["first"])               # the server dropped B's connection
+    mine = conns.get()                        # this thread meets the error and says so
+    _kill(url, mine)
+    with pytest.raises(pymysql.err.OperationalError):
+        with mine.cursor() as cur:
+            cur.execute("SELECT 1")
+    conns.discard()
+    done.set()
+    b.join(10)
+    assert result["answer"] == (1,) and result["again"] is not result["first"]
+
+
 def test_a_new_connection_whose_preparation_fails_is_closed_and_not_kept(table):
     url, _ = table
     seen = []
