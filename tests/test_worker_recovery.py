@@ -15,8 +15,8 @@ from app.ingest.service import Ingest
 from app.sender.loader import check_line
 from app.splitter.stage import Splitter
 from tests import servers
-from tests.test_worker_support import (module_api, mixed, pipeline, purchase, refund, reset,  # noqa: F401
-                                       restock)
+from tests.test_worker_support import (SPLITTER, module_api, mixed, pipeline, purchase, refund,  # noqa: F401
+                                       reset, restock)
 
 F1, F2 = "20260301120000", "20260301120010"
 FIXTURE = Path("/work/shared/fixtures/original-generator")
@@ -124,7 +124,16 @@ def test_two_shard_workers_spending_one_balance_never_overspend(pipeline):
         except Exception:
             return False
     servers.wait_until(both_ready, 30, 0.05, "both workers started")
-    pipeline.feed(F1, {0: spend(0), 1: spend(1)})
+    # Both shards' files become ready in one transaction, so both workers wake at once (fed one
+    # after the other, the first worker could spend the whole balance before the second began).
+    pipeline.client.register(F1, [0, 1])
+    pipeline.client.ingest_done(F1)
+    for shard in (0, 1):
+        pipeline.write_split(F1, shard, spend(shard))
+        pipeline.client.start("shard-splitter", F1, shard, SPLITTER)
+    answers = pipeline.client.done_batch("shard-splitter", [{"filename": F1, "shard": s, "events": 1500}
+                                                            for s in (0, 1)], SPLITTER)
+    assert [a["status_code"] for a in answers] == [200, 200]
     pipeline.wait_done(F1, 0, timeout=120)
     pipeline.wait_done(F1, 1, timeout=120)
     accepted = [pipeline.stats(F1, s)["accepted"] for s in (0, 1)]
