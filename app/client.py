@@ -54,6 +54,12 @@ class Task:
         return self.filename, self.shard
 
 
+def _tasks(items: list[dict] | None) -> list[Task] | None:
+    if items is None:
+        return None
+    return [Task(i["filename"], i["shard"], i.get("attempts", 0), i.get("resumed", False)) for i in items]
+
+
 def split_urls(base_url: str) -> list[str]:
     """PIPELINE_URL's instances: one URL, or several comma-separated (app/config.py)."""
     urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()]
@@ -249,7 +255,7 @@ class PipelineClient:
                               timeout=self.timeout + wait)["items"]
         else:
             items = self.call("POST", f"/queues/{stage}/claim", body)["items"]
-        return [Task(i["filename"], i["shard"], i.get("attempts", 0), i.get("resumed", False)) for i in items]
+        return _tasks(items)
 
     def start(self, stage: str, filename: str, shard: int, worker: str | None = None) -> dict:
         return self._transition(stage, Action.START, filename, shard, worker=worker)
@@ -261,10 +267,29 @@ class PipelineClient:
     def done_batch(self, stage: str, items: list[dict], worker: str | None = None) -> list[dict]:
         """`done` of several tasks in one request (`items`: filename, shard, events?, stats?);
         each answer has `status_code` (200, or the 4xx its own `done` would have had)."""
+        return self.done_batch_and_claim(stage, items, worker)[0]
+
+    def done_batch_and_claim(self, stage: str, items: list[dict], worker: str | None = None,
+                             claim: dict | None = None) -> tuple[list[dict], list[Task] | None]:
+        """`done_batch`, and with `claim` ({"limit": n, "shard": s}) the worker's next claim in
+        the same request: (answers, the tasks claimed, or None when the API did not claim, as
+        one older than the `claim` field does not)."""
         body: dict[str, Any] = {"items": [{k: v for k, v in i.items() if v is not None} for i in items]}
         if worker is not None:
             body["worker"] = worker
-        return self.call("POST", f"/stages/{stage}/done-batch", body)["items"]
+        if claim is not None:
+            body["claim"] = claim
+        answer = self.call("POST", f"/stages/{stage}/done-batch", body)
+        return answer["items"], _tasks(answer.get("next"))
+
+    def done_and_claim(self, stage: str, filename: str, shard: int, worker: str, claim: dict,
+                       events: int | None = None, stats: dict | None = None) -> tuple[dict, list[Task] | None]:
+        """`done`, then the worker's next claim ({"limit": n, "shard": s}) in the same request
+        (and transaction): (the answer, the tasks claimed, or None when the API did not claim,
+        as one older than the `claim` field does not)."""
+        answer = self._transition(stage, Action.DONE, filename, shard, worker=worker, events=events, stats=stats,
+                                  claim=claim)
+        return answer, _tasks(answer.get("next"))
 
     def fail(self, stage: str, filename: str, shard: int, error: str, worker: str | None = None,
              stats: dict | None = None) -> dict:

@@ -37,13 +37,14 @@ def sql_ready(stage: Stage, sharded: bool, columns: str, tail: str, extra: str =
             f"ORDER BY id {tail}")
 
 
-def sql_held(stage: Stage, sharded: bool) -> str:
+def sql_held(stage: Stage, sharded: bool, lock: bool = True) -> str:
     """What a daemon holds, locked (args: owner, [shard,] limit). Owner is set only on started
     tasks, so ix_owner stays tiny and the lock touches only the daemon's own rows (a scan of
-    another index would lock, and wait on, rows other daemons are finishing)."""
-    return (f"SELECT id FROM pipeline_tracking FORCE INDEX (ix_owner) WHERE owner=%s"
-            f" AND {stage.status_column}={STARTED.sql}{' AND shard=%s' if sharded else ''}"
-            f" ORDER BY id LIMIT %s FOR UPDATE")
+    another index would lock, and wait on, rows other daemons are finishing). `lock` False:
+    whether it holds any (args: owner, [shard]), unlocked."""
+    where = (f"SELECT id FROM pipeline_tracking FORCE INDEX (ix_owner) WHERE owner=%s"
+             f" AND {stage.status_column}={STARTED.sql}{' AND shard=%s' if sharded else ''}")
+    return f"{where} ORDER BY id LIMIT %s FOR UPDATE" if lock else f"{where} LIMIT 1"
 
 
 def sql_shard_busy(stage: Stage) -> str:
@@ -107,7 +108,9 @@ def queue_queries(shard_count: int = 2) -> list[tuple[str, str, tuple]]:
                 (f"claim {stage}", sql_ready(stage, False, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"), (4,)),
                 (f"claim {stage} shard", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"), (1, 4)),
                 (f"held {stage}", sql_held(stage, False), ("host/daemon", 4)),
-                (f"held {stage} shard", sql_held(stage, True), ("host/daemon", 1, 4))]
+                (f"held {stage} shard", sql_held(stage, True), ("host/daemon", 1, 4)),
+                (f"may claim: held {stage} shard", sql_held(stage, True, lock=False), ("host/daemon", 1)),
+                (f"may claim: ready {stage} shard", sql_ready(stage, True, "1", "LIMIT 1"), (1,))]
     for stage in ORDERED:
         out += [(f"ordered busy {stage}", sql_shard_busy(stage), (1, "host/daemon")),
                 (f"ordered blocker {stage}", sql_shard_blocker(stage), (1,)),

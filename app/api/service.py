@@ -377,18 +377,43 @@ class Api:
             return 200, self.tracker.heartbeat(stage, filename, shard, owner)
         stats = _stats(data.get("stats"))
         events = data.get("events")
+        events = None if events is None else _int(events, "events", 0, 2**31 - 1)
         error = data.get("error")
         if error is not None and not isinstance(error, str):
             raise BadRequest("'error' must be a string", "error")
+        owner = _text(data.get("worker"), "worker", 128)
+        then = self._then_claim(stage, data, owner) if action == Action.DONE else None
+        if then is not None:
+            self._reap_now_and_then()
+            got = self.tracker.done_and_claim(stage, [(filename, shard, events, stats)], owner, *then)
+            if got is not None:
+                self._hint(stage, action, shard)
+                return 200, {**got[0][0].as_dict(), "next": got[1]}
         moved = self.tracker.transition(
-            stage, action, filename, shard,
-            owner=_text(data.get("worker"), "worker", 128),
-            error=None if error is None else error[:schema.ERROR_MAX],
-            events=None if events is None else _int(events, "events", 0, 2**31 - 1),
-            stats=stats)
+            stage, action, filename, shard, owner=owner,
+            error=None if error is None else error[:schema.ERROR_MAX], events=events, stats=stats)
         if moved.changed:
             self._hint(stage, action, shard)
+        if then is not None:
+            return 200, {**moved.as_dict(), "next": self.tracker.claim(stage, then[0], then[1], owner)}
         return 200, moved.as_dict()
+
+    def _then_claim(self, stage: Stage, data: dict, owner: str | None) -> tuple[int, int | None] | None:
+        """A `done`'s optional `claim` ({"limit": n, "shard": s}, the claim endpoint's fields):
+        the caller's next claim, made in the same request (and, when the `done` is a first one,
+        the same transaction); its tasks are answered as `next`."""
+        spec = data.get("claim")
+        if spec is None:
+            return None
+        if not isinstance(spec, dict):
+            raise BadRequest("'claim' must be an object such as {\"limit\": 1, \"shard\": 0}", "claim")
+        if owner is None:
+            raise BadRequest("'worker' is required with 'claim' (the tasks are claimed for it)", "worker")
+        limit = _int(spec.get("limit", 1), "claim.limit", 1, 1000)
+        shard = None if spec.get("shard") is None else self._shard(spec["shard"], "claim.shard")
+        if stage in ORDERED and shard is None:
+            raise BadRequest(f"{stage} takes each shard's files in order: 'claim.shard' is required", "claim.shard")
+        return limit, shard
 
     def _hint(self, stage: Stage, action: Action, shard: int | None) -> None:
         """Wake this process's waiters that the change may have given work: a `done` readies
@@ -405,7 +430,8 @@ class Api:
 
     def done_batch(self, stage: str):
         """`done` of several tasks in one request: each answered as its own `done` would be
-        (the moved task, or its refusal), in the order given."""
+        (the moved task, or its refusal), in the order given. When all are first `done`s of a
+        named worker they share one transaction (and the optional `claim`'s, see `_then_claim`)."""
         stage = self._stage(stage)
         data = _body()
         items = data.get("items")
@@ -419,6 +445,15 @@ class Api:
             events = item.get("events")
             tasks.append((_filename(_required(item, "filename")), self._shard(_required(item, "shard")),
                           None if events is None else _int(events, "events", 0, 2**31 - 1), _stats(item.get("stats"))))
+        then = self._then_claim(stage, data, owner)
+        if then is not None:
+            self._reap_now_and_then()
+        got = self.tracker.done_and_claim(stage, tasks, owner, *(then or (0, None))) if owner else None
+        if got is not None:
+            for moved in got[0]:
+                self._hint(stage, Action.DONE, moved.shard)
+            answer = {"stage": stage, "items": [{"status_code": 200, **m.as_dict()} for m in got[0]]}
+            return 200, {**answer, "next": got[1]} if then is not None else answer
         out = []
         for filename, shard, events, stats in tasks:
             try:
@@ -430,6 +465,8 @@ class Api:
             if moved.changed:
                 self._hint(stage, Action.DONE, shard)
             out.append({"status_code": 200, **moved.as_dict()})
+        if then is not None:
+            return 200, {"stage": stage, "items": out, "next": self.tracker.claim(stage, then[0], then[1], owner)}
         return 200, {"stage": stage, "items": out}
 
     def claim(self, stage: str):
@@ -442,13 +479,17 @@ class Api:
             raise BadRequest(f"{stage} takes each shard's files in order: 'shard' is required", "shard")
         wait = _query_seconds("wait", MAX_WAIT)
         deadline = time.monotonic() + wait
+        first = True
         while True:
             seen = self.watch.generation
             if wait > 0 and self.watch.idle(stage, shard):
                 items = []   # nothing ready, nothing started: no need to ask the database
+            elif wait > 0 and first and not self.tracker.may_claim(stage, shard, owner):
+                items = []   # one read said so (a daemon's long poll after a `done` that claimed nothing)
             else:
                 self._reap_now_and_then()
                 items = self.tracker.claim(stage, limit, shard, owner)
+            first = False
             if items or wait <= 0 or not self.watch.wait(stage, shard, seen, deadline) or _caller_gone():
                 return 200, {"stage": stage, "worker": owner, "items": items}
 

@@ -145,23 +145,9 @@ class Transitions:
         so nothing else is read. Only a refusal or a repeat then costs a read, to be explained."""
         if owner is None:
             return None  # the log names the owner: take the locked path, which reads it
-        status_col, att_col = stage.status_column, stage.attempts_column
 
         def tx(t: Transaction):
-            results = t.finish(
-                (f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
-                 f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
-                 f" AND (owner IS NULL OR owner=%s)", (filename, shard, owner)),
-                # LAST_INSERT_ID(), not the reply's insert id: the counting trigger's INSERT
-                # (migration 0004) leaves that at 0.
-                ("SELECT @pipeline_done := ROW_COUNT() AS done, LAST_INSERT_ID() AS attempts", None),
-                ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
-                 " action, actor, duration_ms, events, stats)"
-                 f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
-                 " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
-                 " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
-                 (stage, owner, events, stats_text, filename, shard)),
-                *([rejected_sql(stage, rejected, gate="@pipeline_done = 1")] if rejected else []))
+            results = t.finish(*self.done_sql(stage, filename, shard, owner, events, stats_text, rejected))
             return results[1].rows[0]["attempts"] if results[0].rowcount == 1 else False
         attempts = self.store.tx(tx)
         if attempts is not False:
@@ -170,6 +156,27 @@ class Transitions:
                                                                         (stage, filename, shard)), 1, None))
         moved, writes = self._done(stage, row, owner, None, events, stats_text)  # a repeat, or a 409
         return None if writes else moved  # None: it became done-able meanwhile; take the locked path
+
+    @staticmethod
+    def done_sql(stage: Stage, filename: str, shard: int, owner: str, events, stats_text, rejected=()) -> list:
+        """A named owner's `done` as statements that decide nothing in Python: the UPDATE (its
+        row count: 1 when it took effect), a SELECT of `done` and `attempts`, the log row and
+        the rejected-lines counters, both gated on the UPDATE having taken effect."""
+        status_col, att_col = stage.status_column, stage.attempts_column
+        return [
+            (f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
+             f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
+             f" AND (owner IS NULL OR owner=%s)", (filename, shard, owner)),
+            # LAST_INSERT_ID(), not the reply's insert id: the counting trigger's INSERT
+            # (migration 0004) leaves that at 0.
+            ("SELECT @pipeline_done := ROW_COUNT() AS done, LAST_INSERT_ID() AS attempts", None),
+            ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
+             " action, actor, duration_ms, events, stats)"
+             f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
+             " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
+             " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
+             (stage, owner, events, stats_text, filename, shard)),
+            *([rejected_sql(stage, rejected, gate="@pipeline_done = 1")] if rejected else [])]
 
     def _conflict(self, stage, row, why):
         return Conflict(why, filename=row["filename"], shard=row["shard"], stage=stage, status=row["status"],
