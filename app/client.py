@@ -234,11 +234,20 @@ class PipelineClient:
 
     # -- the API -----------------------------------------------------------------------------------
 
-    def register(self, filename: str, shards: list[int] | None = None) -> dict:
+    def register(self, filename: str, shards: list[int] | None = None, done: bool = False,
+                 events: int | None = None, worker: str | None = None) -> dict:
+        """`done`: the file is complete; event-ingest is marked done in the same request (an
+        API older than the `done` field gets the ordinary `ingest_done` after)."""
         body: dict[str, Any] = {"filename": filename}
         if shards is not None:
             body["shards"] = shards
-        return self.call("POST", "/files/register", body)
+        if not done:
+            return self.call("POST", "/files/register", body)
+        body.update({"done": True, **{k: v for k, v in (("events", events), ("worker", worker)) if v is not None}})
+        answer = self.call("POST", "/files/register", body)
+        if "updated_rows" not in answer:
+            answer["updated_rows"] = self.ingest_done(filename, events=events, worker=worker)["updated_rows"]
+        return answer
 
     def ingest_done(self, filename: str, events: int | None = None, worker: str | None = None) -> dict:
         body = {"filename": filename, "events": events, "worker": worker}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests import servers
-from tests.test_api_contract import STAGES, Http, module_api
+from tests.test_api_contract import STAGES, Http, module_api, new_name
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +185,55 @@ def test_the_daemon_reports_done_and_claims_the_next_task_in_one_request(live, t
     assert calls["claim"] == 1     # the three files after the first came with the dones
 
 
+def test_register_with_done_marks_ingest_done_in_the_same_request(http):
+    """The importer's one request: rows created `done` with both moves in the history (as two
+    calls would leave them), `events` once; a file that was registered before is finished by
+    the ordinary `done`; `done` false or absent answers exactly as before."""
+    name = new_name()
+    got = http.ok("POST", "/files/register", {"filename": name, "shards": [0, 1], "done": True, "events": 7,
+                                              "worker": "ingest"})
+    assert got == {"filename": name, "shards": [0, 1], "created": True, "updated_rows": 2}
+    shards = http.ok("GET", f"/files/{name}")["shards"]
+    assert [s["event_ingest_status"] for s in shards] == ["done", "done"]
+    for s in shards:
+        moves = [(h["action"], h["from"], h["to"], h["by"]) for h in s["history"]]
+        assert moves == [("register", None, "started", None), ("done", "started", "done", "ingest")]
+    assert [h.get("events") for s in shards for h in s["history"] if h["action"] == "done"] == [7, None]
+    queued = http.ok("GET", "/queues/shard-splitter", {"limit": 1000})["items"]
+    assert {(i["filename"], i["shard"]) for i in queued} >= {(name, 0), (name, 1)}
+    again = http.ok("POST", "/files/register", {"filename": name, "shards": [0, 1], "done": True})
+    assert again == {"filename": name, "shards": [0, 1], "created": False, "updated_rows": 0}
+    old = new_name()   # registered by the original generator, which then writes the file
+    assert http.ok("POST", "/files/register", {"filename": old, "shards": [0]}) == \
+        {"filename": old, "shards": [0], "created": True}
+    finished = http.ok("POST", "/files/register", {"filename": old, "shards": [0, 1], "done": True, "events": 3})
+    assert finished == {"filename": old, "shards": [0, 1], "created": True, "updated_rows": 2}
+    shards = http.ok("GET", f"/files/{old}")["shards"]
+    assert [s["event_ingest_status"] for s in shards] == ["done", "done"]
+    assert sum(h.get("events") or 0 for s in shards for h in s["history"]) == 3
+    code, body = http.post("/files/register", {"filename": new_name(), "done": "yes"})
+    assert code == 400 and body["field"] == "done"
+    drain(http, "shard-splitter", None)
+
+
+def test_the_client_registers_done_with_an_api_that_does_not_know_the_field(http, live):
+    """An API older than `done` registers and answers without `updated_rows`: the client then
+    marks ingest done itself, so no file stays `started`."""
+    from app.client import PipelineClient
+
+    class OldApi(PipelineClient):
+        def call(self, method, path, body=None, *args, **kwargs):
+            if path == "/files/register" and body:
+                body = {k: v for k, v in body.items() if k not in ("done", "events", "worker")}
+            return super().call(method, path, body, *args, **kwargs)
+
+    name = new_name()
+    answer = OldApi(live.base, max_wait=10).register(name, [0, 1], done=True, events=4, worker="ingest")
+    assert answer["updated_rows"] == 2
+    assert [s["event_ingest_status"] for s in http.ok("GET", f"/files/{name}")["shards"]] == ["done", "done"]
+    drain(http, "shard-splitter", None)
+
+
 def test_a_done_with_claim_is_one_transaction_and_an_empty_long_poll_none(tmp_path):
     """On a server of the test's own (its Com_* counters are the API's alone): a `done` that
     claims the next task commits once, where a `done` and a claim committed twice; a long-poll
@@ -202,15 +251,18 @@ def test_a_done_with_claim_is_one_transaction_and_an_empty_long_poll_none(tmp_pa
         conn = servers.admin_connect(port=db.port)
         client = PipelineClient(api.base, max_wait=10)
 
-        def counters() -> dict:
+        def counters(*names: str) -> dict:
+            names = names or ("Com_begin", "Com_commit", "Com_rollback")
             with conn.cursor() as cur:
-                cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('Com_begin', 'Com_commit', 'Com_rollback')")
+                cur.execute(f"SHOW GLOBAL STATUS WHERE Variable_name IN ({','.join(['%s'] * len(names))})", names)
                 return {k: int(v) for k, v in cur.fetchall()}
 
         names = [f"2026{n:010d}" for n in range(6)]
+        before = counters("Com_insert_select")
         for name in names:
-            client.register(name, [0])
-            client.ingest_done(name)
+            client.register(name, [0], done=True)
+        # the count triggers' short path (one INSERT ... VALUES), not their general INSERT ... SELECT
+        assert counters("Com_insert_select") == before
         for name in names:
             client.start("shard-splitter", name, 0, "s")
             client.done("shard-splitter", name, 0, "s")

@@ -344,7 +344,19 @@ class Api:
         if not isinstance(shards, list) or not shards:
             raise BadRequest("'shards' must be a non-empty list of shard numbers", "shards")
         shards = sorted({self._shard(s, "shards") for s in shards})
-        return 200, self.tracker.register(filename, shards)
+        done = data.get("done", False)
+        if not isinstance(done, bool):
+            raise BadRequest("'done' must be true or false", "done")
+        if not done:
+            return 200, self.tracker.register(filename, shards)
+        # `done`: the file is complete; mark event-ingest done too (one request and transaction
+        # where an importer made two), answered with `updated_rows` as that `done` would be.
+        events = data.get("events")
+        result = self.tracker.register(filename, shards, True, _text(data.get("worker"), "worker", 128),
+                                       None if events is None else _int(events, "events", 0, 2**31 - 1))
+        if result["updated_rows"]:
+            self.watch.hint(STAGES[1], None)
+        return 200, result
 
     def stage_action(self, stage: str, action: str):
         if stage == FIRST and action != Action.DONE:

@@ -64,20 +64,37 @@ class Transitions:
         self.lease_us = int(lease_seconds * 1_000_000)
         self.max_attempts = max_attempts
 
-    def register(self, filename: str, shards: list[int]) -> dict:
+    def register(self, filename: str, shards: list[int], done: bool = False, actor: str | None = None,
+                 events: int | None = None) -> dict:
+        """Register the file's tasks (ingest `started`); `done`: and mark ingest done, as a
+        following `ingest_done` would, in the same transaction: rows created now are inserted
+        `done` with both moves logged (register, then done); rows that existed take the
+        ordinary `ingest_done` after the commit (a repeat, or the original generator's file)."""
+        status = DONE if done else STARTED
+
         def tx(t: Transaction):
             # A unique key with an explicit no-op: concurrent registrations of one file cannot
             # both insert, and neither fails (affected rows: 1 inserted, 0 existed).
             inserted = t.run(*[(f"INSERT INTO pipeline_tracking (filename, shard, {FIRST.status_column}) "
-                                f"VALUES (%s,%s,{STARTED.sql}) ON DUPLICATE KEY UPDATE id=id", (filename, shard))
+                                f"VALUES (%s,%s,{status.sql}) ON DUPLICATE KEY UPDATE id=id", (filename, shard))
                                for shard in shards])
             created = [(r.lastrowid, shard) for r, shard in zip(inserted, shards) if r.rowcount == 1]
-            writes = [log_sql([(tid, filename, s, FIRST, None, STARTED, Action.REGISTER,
-                                None, None, None, None, None) for tid, s in created])] if created else []
-            existing = t.finish(*writes, ("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,)))
-            return {"filename": filename, "shards": sorted(set(shards) | {r["shard"] for r in existing[-1].rows}),
-                    "created": bool(created)}
-        return self.store.tx(tx)
+            log = [(tid, filename, s, FIRST, None, STARTED, Action.REGISTER, None, None, None, None, None)
+                   for tid, s in created]
+            if done:
+                log += [(tid, filename, s, FIRST, STARTED, DONE, Action.DONE, actor, None, None,
+                         events if n == 0 else None, None) for n, (tid, s) in enumerate(created)]
+            existing = t.finish(*([log_sql(log)] if log else []),
+                                ("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,)))
+            return created, sorted(set(shards) | {r["shard"] for r in existing[-1].rows})
+        created, all_shards = self.store.tx(tx)
+        answer = {"filename": filename, "shards": all_shards, "created": bool(created)}
+        if not done:
+            return answer
+        updated = len(created)
+        if len(created) < len(all_shards):
+            updated += self.ingest_done(filename, actor, None if created else events)["updated_rows"]
+        return {**answer, "updated_rows": updated}
 
     def ingest_done(self, filename: str, actor: str | None = None, events: int | None = None) -> dict:
         column = FIRST.status_column
