@@ -279,26 +279,34 @@ class PipelineClient:
         return self.done_batch_and_claim(stage, items, worker)[0]
 
     def done_batch_and_claim(self, stage: str, items: list[dict], worker: str | None = None,
-                             claim: dict | None = None) -> tuple[list[dict], list[Task] | None]:
+                             claim: dict | None = None, wait: float = 0.0) -> tuple[list[dict], list[Task] | None]:
         """`done_batch`, and with `claim` ({"limit": n, "shard": s}) the worker's next claim in
         the same request: (answers, the tasks claimed, or None when the API did not claim, as
-        one older than the `claim` field does not)."""
+        one older than the `claim` field does not). `wait`: as `claim`'s (a long poll)."""
         body: dict[str, Any] = {"items": [{k: v for k, v in i.items() if v is not None} for i in items]}
         if worker is not None:
             body["worker"] = worker
         if claim is not None:
             body["claim"] = claim
-        answer = self.call("POST", f"/stages/{stage}/done-batch", body)
+        answer = self.call("POST", f"/stages/{stage}/done-batch", body, **self._waiting(claim, wait))
         return answer["items"], _tasks(answer.get("next"))
 
     def done_and_claim(self, stage: str, filename: str, shard: int, worker: str, claim: dict,
-                       events: int | None = None, stats: dict | None = None) -> tuple[dict, list[Task] | None]:
+                       events: int | None = None, stats: dict | None = None,
+                       wait: float = 0.0) -> tuple[dict, list[Task] | None]:
         """`done`, then the worker's next claim ({"limit": n, "shard": s}) in the same request
         (and transaction): (the answer, the tasks claimed, or None when the API did not claim,
-        as one older than the `claim` field does not)."""
-        answer = self._transition(stage, Action.DONE, filename, shard, worker=worker, events=events, stats=stats,
-                                  claim=claim)
+        as one older than the `claim` field does not). `wait`: as `claim`'s (a long poll)."""
+        body = {"filename": filename, "shard": shard, "worker": worker, "claim": claim,
+                **{k: v for k, v in (("events", events), ("stats", stats)) if v is not None}}
+        answer = self.call("POST", f"/stages/{stage}/{Action.DONE}", body, **self._waiting(claim, wait))
         return answer, _tasks(answer.get("next"))
+
+    def _waiting(self, claim: dict | None, wait: float) -> dict:
+        """`call`'s arguments for a request whose claim may wait `wait` seconds."""
+        if claim is None or wait <= 0:
+            return {}
+        return {"params": {"wait": f"{wait:g}"}, "timeout": self.timeout + wait}
 
     def fail(self, stage: str, filename: str, shard: int, error: str, worker: str | None = None,
              stats: dict | None = None) -> dict:

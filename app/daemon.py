@@ -200,6 +200,8 @@ class Daemon:
         backoff = 0.0
         while not self.stop.is_set():
             tasks, self.handed = self.handed, None
+            if tasks == []:
+                self.stage.idle(ctx)   # the report's claim waited and found nothing
             if not tasks:
                 asked = time.monotonic()
                 try:
@@ -257,12 +259,12 @@ class Daemon:
         return claim
 
     def _handed(self, tasks: list[Task] | None) -> None:
-        """Tasks a report claimed: held at once (a stop hands them back), worked next. An
-        empty list leaves the next claim to the loop (a long poll); None (an API older than
-        the report's `claim` field) too."""
+        """Tasks a report claimed (a long poll of CLAIM_WAIT_SECONDS when none was ready):
+        held at once (a stop hands them back), worked next. None (an API older than the
+        report's `claim` field) or an empty list leave the next claim to the loop."""
         if tasks:
             self._hold(tasks)
-            self.handed = tasks
+        self.handed = tasks
 
     def _work(self, group: list[Task], ctx: Context, claim_next: bool = False) -> list[Outcome] | None:
         """Process one group and report each task: their outcomes, or None when the stage
@@ -303,7 +305,8 @@ class Daemon:
         items = [{"filename": t.filename, "shard": t.shard, "events": o.events, "stats": o.stats or None}
                  for t, o in done]
         try:
-            answers, handed = self.client.done_batch_and_claim(self.stage.name, items, self.owner, claim)
+            answers, handed = self.client.done_batch_and_claim(self.stage.name, items, self.owner, claim,
+                                                               self.settings.claim_wait)
             self._handed(handed)
         except ApiError as exc:   # the request as a whole was refused: report one by one
             self.log.warning("batch done refused (%s); reporting each task", exc)
@@ -332,7 +335,7 @@ class Daemon:
         try:
             if isinstance(outcome, Done) and claim is not None:
                 self._handed(c.done_and_claim(stage, task.filename, task.shard, self.owner, claim, outcome.events,
-                                              outcome.stats or None)[1])
+                                              outcome.stats or None, self.settings.claim_wait)[1])
                 self.log.info("done %s shard %s in %.3fs: %s", task.filename, task.shard, seconds,
                               outcome.stats or outcome.events)
             elif isinstance(outcome, Done):

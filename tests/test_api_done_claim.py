@@ -4,6 +4,7 @@ each; repeats, refusals and old callers behave as before."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,33 @@ def test_an_ordered_stage_hands_over_the_shards_next_file_in_order(http):
     assert got["next"] == [] and http.status(later, 1, stage) == "new"
     http.ok("POST", "/stages/shard-splitter/done", {"filename": blocked, "shard": 1, "worker": "w"})
     drain(http, stage, 1)
+
+
+def test_a_done_whose_claim_finds_nothing_waits_like_a_long_poll(http):
+    """`?wait=` on a `done` with `claim`: the done is committed at once and the claim waits for
+    the next task (on the API's waiting lane), as the daemon's long-poll claim did after it."""
+    from app.api.service import BASE, is_waiting
+
+    stage = "mysql-sender"
+    drain(http, stage, 0)
+    a = at(http, stage, "started")
+    later = at(http, "shard-worker", "started")
+    timer = threading.Timer(0.5, http.ok, ("POST", "/stages/shard-worker/done",
+                                           {"filename": later, "shard": 0, "worker": "w"}))
+    began = time.monotonic()
+    timer.start()
+    code, got = http.post(f"/stages/{stage}/done?wait=10", {"filename": a, "shard": 0, "worker": "w",
+                                                             "claim": {"shard": 0}})
+    took = time.monotonic() - began
+    assert code == 200 and got["changed"] and [i["filename"] for i in got["next"]] == [later]
+    assert 0.4 < took < 5, took
+    code, got = http.post(f"/stages/{stage}/done?wait=0.3", {"filename": later, "shard": 0, "worker": "w",
+                                                              "claim": {"shard": 0}})
+    assert code == 200 and got["next"] == [] and http.status(later, 0, stage) == "done"
+    assert is_waiting("POST", f"{BASE}/stages/{stage}/done", "wait=2")
+    assert is_waiting("POST", f"{BASE}/stages/{stage}/done-batch", "wait=2")
+    assert not is_waiting("POST", f"{BASE}/stages/{stage}/done", "wait=0")
+    assert not is_waiting("POST", f"{BASE}/stages/{stage}/fail", "wait=2")
 
 
 @pytest.mark.parametrize("claim, field", [

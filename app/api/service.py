@@ -397,18 +397,25 @@ class Api:
         then = self._then_claim(stage, data, owner) if action == Action.DONE else None
         if then is not None:
             self._reap_now_and_then()
+            seen = self.watch.generation
             got = self.tracker.done_and_claim(stage, [(filename, shard, events, stats)], owner, *then)
             if got is not None:
                 self._hint(stage, action, shard)
-                return 200, {**got[0][0].as_dict(), "next": got[1]}
+                return 200, {**got[0][0].as_dict(), "next": self._claim(stage, *then, owner, self._wait(),
+                                                                        (seen, got[1]))}
         moved = self.tracker.transition(
             stage, action, filename, shard, owner=owner,
             error=None if error is None else error[:schema.ERROR_MAX], events=events, stats=stats)
         if moved.changed:
             self._hint(stage, action, shard)
         if then is not None:
-            return 200, {**moved.as_dict(), "next": self.tracker.claim(stage, then[0], then[1], owner)}
+            return 200, {**moved.as_dict(), "next": self._claim(stage, *then, owner, self._wait())}
         return 200, moved.as_dict()
+
+    @staticmethod
+    def _wait() -> float:
+        """A `done`'s `?wait=`: its claim, finding nothing, waits as a long-poll claim would."""
+        return _query_seconds("wait", MAX_WAIT)
 
     def _then_claim(self, stage: Stage, data: dict, owner: str | None) -> tuple[int, int | None] | None:
         """A `done`'s optional `claim` ({"limit": n, "shard": s}, the claim endpoint's fields):
@@ -460,12 +467,15 @@ class Api:
         then = self._then_claim(stage, data, owner)
         if then is not None:
             self._reap_now_and_then()
+        seen = self.watch.generation
         got = self.tracker.done_and_claim(stage, tasks, owner, *(then or (0, None))) if owner else None
         if got is not None:
             for moved in got[0]:
                 self._hint(stage, Action.DONE, moved.shard)
             answer = {"stage": stage, "items": [{"status_code": 200, **m.as_dict()} for m in got[0]]}
-            return 200, {**answer, "next": got[1]} if then is not None else answer
+            if then is None:
+                return 200, answer
+            return 200, {**answer, "next": self._claim(stage, *then, owner, self._wait(), (seen, got[1]))}
         out = []
         for filename, shard, events, stats in tasks:
             try:
@@ -478,7 +488,7 @@ class Api:
                 self._hint(stage, Action.DONE, shard)
             out.append({"status_code": 200, **moved.as_dict()})
         if then is not None:
-            return 200, {"stage": stage, "items": out, "next": self.tracker.claim(stage, then[0], then[1], owner)}
+            return 200, {"stage": stage, "items": out, "next": self._claim(stage, *then, owner, self._wait())}
         return 200, {"stage": stage, "items": out}
 
     def claim(self, stage: str):
@@ -489,21 +499,30 @@ class Api:
         owner = _text(_required(data, "worker"), "worker", 128, required=True)
         if stage in ORDERED and shard is None:
             raise BadRequest(f"{stage} takes each shard's files in order: 'shard' is required", "shard")
-        wait = _query_seconds("wait", MAX_WAIT)
+        items = self._claim(stage, limit, shard, owner, _query_seconds("wait", MAX_WAIT))
+        return 200, {"stage": stage, "worker": owner, "items": items}
+
+    def _claim(self, stage: Stage, limit: int, shard: int | None, owner: str, wait: float,
+               found: tuple[int, list[dict]] | None = None) -> list[dict]:
+        """A claim, held up to `wait` seconds while it finds nothing (a long poll). `found`:
+        (the watch's generation before it, the items) of a claim already made (a `done`'s)."""
         deadline = time.monotonic() + wait
-        first = True
+        seen, items = found if found is not None else (0, None)
+        ask_first = True  # the first claim from here asks one read first (see Leases.may_claim)
         while True:
-            seen = self.watch.generation
-            if wait > 0 and self.watch.idle(stage, shard):
-                items = []   # nothing ready, nothing started: no need to ask the database
-            elif wait > 0 and first and not self.tracker.may_claim(stage, shard, owner):
-                items = []   # one read said so (a daemon's long poll after a `done` that claimed nothing)
-            else:
-                self._reap_now_and_then()
-                items = self.tracker.claim(stage, limit, shard, owner)
-            first = False
+            if items is None:
+                seen = self.watch.generation
+                if wait > 0 and self.watch.idle(stage, shard):
+                    items = []   # nothing ready, nothing started: no need to ask the database
+                elif wait > 0 and ask_first and not self.tracker.may_claim(stage, shard, owner):
+                    items = []   # one read said so (a long poll, mostly after a `done` that claimed nothing)
+                else:
+                    self._reap_now_and_then()
+                    items = self.tracker.claim(stage, limit, shard, owner)
+                ask_first = False
             if items or wait <= 0 or not self.watch.wait(stage, shard, seen, deadline) or _caller_gone():
-                return 200, {"stage": stage, "worker": owner, "items": items}
+                return items
+            items = None
 
     def queue(self, stage: str):
         stage = self._stage(stage)
@@ -607,9 +626,11 @@ WAIT_QUERY = re.compile(r"(^|&)wait=(?!0*(\.0*)?(&|$))")
 
 
 def is_waiting(method: str, path: str, query: str) -> bool:
-    """A long-poll claim (a `wait=` above 0): it may sleep, so on a lane of its own."""
-    return method == "POST" and path.startswith(f"{BASE}/queues/") and path.endswith("/claim") \
-        and WAIT_QUERY.search(query) is not None
+    """A long-poll claim (a `wait=` above 0), or a `done` whose claim may wait: it may sleep,
+    so on a lane of its own."""
+    return method == "POST" and WAIT_QUERY.search(query) is not None and (
+        (path.startswith(f"{BASE}/queues/") and path.endswith("/claim"))
+        or (path.startswith(f"{BASE}/stages/") and path.endswith(("/done", "/done-batch"))))
 
 
 def is_listing(method: str, path: str) -> bool:
