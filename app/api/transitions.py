@@ -8,6 +8,7 @@ short transaction that appends its row to `pipeline_transitions` in the same com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import orjson
 
@@ -56,6 +57,24 @@ def rejected_sql(stage: Stage, rejected: list[tuple[str, int]], gate: str = "TRU
     return (f"INSERT INTO pipeline_rejected_counts (stage, reason, n) SELECT st, why, cnt FROM ({rows}) r"
             f" WHERE {gate} ORDER BY why ON DUPLICATE KEY UPDATE n = n + VALUES(n)",
             [v for reason, n in rejected for v in (stage, reason, n)])
+
+
+@lru_cache(maxsize=8)
+def _done_texts(stage: Stage) -> tuple[str, str, str]:
+    """`Transitions.done_sql`'s statements for a stage, built once."""
+    status_col, att_col = stage.status_column, stage.attempts_column
+    return (
+        f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
+        f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
+        f" AND (owner IS NULL OR owner=%s)",
+        # LAST_INSERT_ID(), not the reply's insert id: the counting trigger's INSERT
+        # (migration 0004) leaves that at 0.
+        "SELECT @pipeline_done := ROW_COUNT() AS done, LAST_INSERT_ID() AS attempts",
+        "INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
+        " action, actor, duration_ms, events, stats)"
+        f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
+        " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
+        " WHERE filename=%s AND shard=%s AND @pipeline_done = 1")
 
 
 class Transitions:
@@ -179,21 +198,10 @@ class Transitions:
         """A named owner's `done` as statements that decide nothing in Python: the UPDATE (its
         row count: 1 when it took effect), a SELECT of `done` and `attempts`, the log row and
         the rejected-lines counters, both gated on the UPDATE having taken effect."""
-        status_col, att_col = stage.status_column, stage.attempts_column
-        return [
-            (f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
-             f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
-             f" AND (owner IS NULL OR owner=%s)", (filename, shard, owner)),
-            # LAST_INSERT_ID(), not the reply's insert id: the counting trigger's INSERT
-            # (migration 0004) leaves that at 0.
-            ("SELECT @pipeline_done := ROW_COUNT() AS done, LAST_INSERT_ID() AS attempts", None),
-            ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
-             " action, actor, duration_ms, events, stats)"
-             f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
-             " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
-             " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
-             (stage, owner, events, stats_text, filename, shard)),
-            *([rejected_sql(stage, rejected, gate="@pipeline_done = 1")] if rejected else [])]
+        update, select, log = _done_texts(stage)
+        return [(update, (filename, shard, owner)), (select, None),
+                (log, (stage, owner, events, stats_text, filename, shard)),
+                *([rejected_sql(stage, rejected, gate="@pipeline_done = 1")] if rejected else [])]
 
     def _conflict(self, stage, row, why):
         return Conflict(why, filename=row["filename"], shard=row["shard"], stage=stage, status=row["status"],
