@@ -54,6 +54,12 @@ class Task:
         return self.filename, self.shard
 
 
+def _tasks(items: list[dict] | None) -> list[Task] | None:
+    if items is None:
+        return None
+    return [Task(i["filename"], i["shard"], i.get("attempts", 0), i.get("resumed", False)) for i in items]
+
+
 def split_urls(base_url: str) -> list[str]:
     """PIPELINE_URL's instances: one URL, or several comma-separated (app/config.py)."""
     urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()]
@@ -228,11 +234,20 @@ class PipelineClient:
 
     # -- the API -----------------------------------------------------------------------------------
 
-    def register(self, filename: str, shards: list[int] | None = None) -> dict:
+    def register(self, filename: str, shards: list[int] | None = None, done: bool = False,
+                 events: int | None = None, worker: str | None = None) -> dict:
+        """`done`: the file is complete; event-ingest is marked done in the same request (an
+        API older than the `done` field gets the ordinary `ingest_done` after)."""
         body: dict[str, Any] = {"filename": filename}
         if shards is not None:
             body["shards"] = shards
-        return self.call("POST", "/files/register", body)
+        if not done:
+            return self.call("POST", "/files/register", body)
+        body.update({"done": True, **{k: v for k, v in (("events", events), ("worker", worker)) if v is not None}})
+        answer = self.call("POST", "/files/register", body)
+        if "updated_rows" not in answer:
+            answer["updated_rows"] = self.ingest_done(filename, events=events, worker=worker)["updated_rows"]
+        return answer
 
     def ingest_done(self, filename: str, events: int | None = None, worker: str | None = None) -> dict:
         body = {"filename": filename, "events": events, "worker": worker}
@@ -249,7 +264,7 @@ class PipelineClient:
                               timeout=self.timeout + wait)["items"]
         else:
             items = self.call("POST", f"/queues/{stage}/claim", body)["items"]
-        return [Task(i["filename"], i["shard"], i.get("attempts", 0), i.get("resumed", False)) for i in items]
+        return _tasks(items)
 
     def start(self, stage: str, filename: str, shard: int, worker: str | None = None) -> dict:
         return self._transition(stage, Action.START, filename, shard, worker=worker)
@@ -261,10 +276,37 @@ class PipelineClient:
     def done_batch(self, stage: str, items: list[dict], worker: str | None = None) -> list[dict]:
         """`done` of several tasks in one request (`items`: filename, shard, events?, stats?);
         each answer has `status_code` (200, or the 4xx its own `done` would have had)."""
+        return self.done_batch_and_claim(stage, items, worker)[0]
+
+    def done_batch_and_claim(self, stage: str, items: list[dict], worker: str | None = None,
+                             claim: dict | None = None, wait: float = 0.0) -> tuple[list[dict], list[Task] | None]:
+        """`done_batch`, and with `claim` ({"limit": n, "shard": s}) the worker's next claim in
+        the same request: (answers, the tasks claimed, or None when the API did not claim, as
+        one older than the `claim` field does not). `wait`: as `claim`'s (a long poll)."""
         body: dict[str, Any] = {"items": [{k: v for k, v in i.items() if v is not None} for i in items]}
         if worker is not None:
             body["worker"] = worker
-        return self.call("POST", f"/stages/{stage}/done-batch", body)["items"]
+        if claim is not None:
+            body["claim"] = claim
+        answer = self.call("POST", f"/stages/{stage}/done-batch", body, **self._waiting(claim, wait))
+        return answer["items"], _tasks(answer.get("next"))
+
+    def done_and_claim(self, stage: str, filename: str, shard: int, worker: str, claim: dict,
+                       events: int | None = None, stats: dict | None = None,
+                       wait: float = 0.0) -> tuple[dict, list[Task] | None]:
+        """`done`, then the worker's next claim ({"limit": n, "shard": s}) in the same request
+        (and transaction): (the answer, the tasks claimed, or None when the API did not claim,
+        as one older than the `claim` field does not). `wait`: as `claim`'s (a long poll)."""
+        body = {"filename": filename, "shard": shard, "worker": worker, "claim": claim,
+                **{k: v for k, v in (("events", events), ("stats", stats)) if v is not None}}
+        answer = self.call("POST", f"/stages/{stage}/{Action.DONE}", body, **self._waiting(claim, wait))
+        return answer, _tasks(answer.get("next"))
+
+    def _waiting(self, claim: dict | None, wait: float) -> dict:
+        """`call`'s arguments for a request whose claim may wait `wait` seconds."""
+        if claim is None or wait <= 0:
+            return {}
+        return {"params": {"wait": f"{wait:g}"}, "timeout": self.timeout + wait}
 
     def fail(self, stage: str, filename: str, shard: int, error: str, worker: str | None = None,
              stats: dict | None = None) -> dict:

@@ -161,6 +161,8 @@ class Daemon:
         self.client = client or PipelineClient(settings.pipeline_url, settings.api_token, stop=self.stop)
         self.log = logging.getLogger(stage.service)
         self.held: dict[tuple[str, int], Task] = {}
+        # Tasks the last report claimed (a `done` with `claim`): the loop works them next.
+        self.handed: list[Task] | None = None
         # When each held task's lease was last set (claim or heartbeat), monotonic.
         self.leased_at: dict[tuple[str, int], float] = {}
         self._held_lock = threading.Lock()
@@ -197,33 +199,34 @@ class Daemon:
         idle = s.poll_min
         backoff = 0.0
         while not self.stop.is_set():
-            asked = time.monotonic()
-            try:
-                tasks = self.client.claim(self.stage.name, self.owner, self.stage.claim_limit, self.stage.shard,
-                                          wait=s.claim_wait)
-            except ApiUnavailable:
-                continue
-            except ApiError as exc:
-                self.log.error("claim refused: %s", exc)
-                self.stop.wait(s.poll_max)
-                continue
+            tasks, self.handed = self.handed, None
+            if tasks == []:
+                self.stage.idle(ctx)   # the report's claim waited and found nothing
             if not tasks:
-                self.stage.idle(ctx)
-                if s.claim_wait <= 0 or time.monotonic() - asked < s.claim_wait / 2:
-                    # The API did not hold the claim (stopping, or one without long polls): poll.
-                    self.stop.wait(idle)
-                    idle = min(idle * 2, s.poll_max)
-                continue
+                asked = time.monotonic()
+                try:
+                    tasks = self.client.claim(self.stage.name, self.owner, self.stage.claim_limit, self.stage.shard,
+                                              wait=s.claim_wait)
+                except ApiUnavailable:
+                    continue
+                except ApiError as exc:
+                    self.log.error("claim refused: %s", exc)
+                    self.stop.wait(s.poll_max)
+                    continue
+                if not tasks:
+                    self.stage.idle(ctx)
+                    if s.claim_wait <= 0 or time.monotonic() - asked < s.claim_wait / 2:
+                        # The API did not hold the claim (stopping, or one without long polls): poll.
+                        self.stop.wait(idle)
+                        idle = min(idle * 2, s.poll_max)
+                    continue
+                self._hold(tasks)
             idle = s.poll_min
-            now = time.monotonic()
-            with self._held_lock:
-                self.held.update({t.key: t for t in tasks})
-                self.leased_at.update({t.key: now for t in tasks})
             groups = self.stage.group(tasks)
             for n, group in enumerate(groups):
                 if self.stop.is_set():
                     break
-                outcomes = self._work(group, ctx)
+                outcomes = self._work(group, ctx, claim_next=n == len(groups) - 1)
                 if outcomes is None:
                     backoff = min(max(backoff * 2, 0.5), 30.0)
                     self.log.warning("backing off %.1fs before the next claim", backoff)
@@ -239,9 +242,34 @@ class Daemon:
                         self._release(later, "an earlier file of the shard went back upstream")
                     break
 
-    def _work(self, group: list[Task], ctx: Context) -> list[Outcome] | None:
+    def _hold(self, tasks: list[Task]) -> None:
+        now = time.monotonic()
+        with self._held_lock:
+            self.held.update({t.key: t for t in tasks})
+            self.leased_at.update({t.key: now for t in tasks})
+
+    def _next_claim(self) -> dict | None:
+        """The claim a report of the last group carries (the API claims in the same request
+        and transaction): none while stopping."""
+        if self.stop.is_set():
+            return None
+        claim = {"limit": self.stage.claim_limit}
+        if self.stage.shard is not None:
+            claim["shard"] = self.stage.shard
+        return claim
+
+    def _handed(self, tasks: list[Task] | None) -> None:
+        """Tasks a report claimed (a long poll of CLAIM_WAIT_SECONDS when none was ready):
+        held at once (a stop hands them back), worked next. None (an API older than the
+        report's `claim` field) or an empty list leave the next claim to the loop."""
+        if tasks:
+            self._hold(tasks)
+        self.handed = tasks
+
+    def _work(self, group: list[Task], ctx: Context, claim_next: bool = False) -> list[Outcome] | None:
         """Process one group and report each task: their outcomes, or None when the stage
-        asked to back off."""
+        asked to back off. `claim_next`: the last group of what was claimed; when every task
+        of it is done, the report also claims the next tasks (`self.handed`)."""
         names = ", ".join(f"{t.filename}/{t.shard}" for t in group)
         started = time.monotonic()
         try:
@@ -263,19 +291,23 @@ class Daemon:
             self.log.error("%s failed unexpectedly:\n%s", names, traceback.format_exc())
             outcomes = [Failed(f"{type(exc).__name__}: {exc}")] * len(group)
         done = [(t, o) for t, o in zip(group, outcomes) if isinstance(o, Done)]
+        claim = self._next_claim() if claim_next and len(done) == len(group) else None
         if len(done) > 1:
-            self._report_done(done, time.monotonic() - started)
+            self._report_done(done, time.monotonic() - started, claim)
         for task, outcome in zip(group, outcomes):
             if len(done) <= 1 or not isinstance(outcome, Done):
-                self._report(task, outcome, time.monotonic() - started)
+                self._report(task, outcome, time.monotonic() - started, claim)
         return outcomes
 
-    def _report_done(self, done: list[tuple[Task, Done]], seconds: float) -> None:
-        """Several tasks done at once (a file's shards): one request."""
+    def _report_done(self, done: list[tuple[Task, Done]], seconds: float, claim: dict | None = None) -> None:
+        """Several tasks done at once (a file's shards): one request (with `claim`, the next
+        claim too)."""
         items = [{"filename": t.filename, "shard": t.shard, "events": o.events, "stats": o.stats or None}
                  for t, o in done]
         try:
-            answers = self.client.done_batch(self.stage.name, items, self.owner)
+            answers, handed = self.client.done_batch_and_claim(self.stage.name, items, self.owner, claim,
+                                                               self.settings.claim_wait)
+            self._handed(handed)
         except ApiError as exc:   # the request as a whole was refused: report one by one
             self.log.warning("batch done refused (%s); reporting each task", exc)
             for task, outcome in done:
@@ -298,10 +330,15 @@ class Daemon:
             self.held.pop(task.key, None)
             self.leased_at.pop(task.key, None)
 
-    def _report(self, task: Task, outcome: Outcome, seconds: float) -> None:
+    def _report(self, task: Task, outcome: Outcome, seconds: float, claim: dict | None = None) -> None:
         c, stage = self.client, self.stage.name
         try:
-            if isinstance(outcome, Done):
+            if isinstance(outcome, Done) and claim is not None:
+                self._handed(c.done_and_claim(stage, task.filename, task.shard, self.owner, claim, outcome.events,
+                                              outcome.stats or None, self.settings.claim_wait)[1])
+                self.log.info("done %s shard %s in %.3fs: %s", task.filename, task.shard, seconds,
+                              outcome.stats or outcome.events)
+            elif isinstance(outcome, Done):
                 c.done(stage, task.filename, task.shard, self.owner, outcome.events, outcome.stats or None)
                 self.log.info("done %s shard %s in %.3fs: %s", task.filename, task.shard, seconds,
                               outcome.stats or outcome.events)

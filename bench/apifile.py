@@ -2,11 +2,14 @@
 statements and requests, for the calls the daemons make for one file of two shards (prints
 figures; not a test).
 
-    .venv/bin/python bench/apifile.py [--files 300] [--rounds 2] [--profile out.txt] [--other DIR]
+    .venv/bin/python bench/apifile.py [--files 300] [--rounds 2] [--profile out.txt] [--other DIR] [--pipelined]
 
 `--other DIR`: a second API run from another checkout of the code (e.g. `git archive` of the
 base commit), on its own database of the same server; rounds alternate between the two, so
-other load on the machine hits both alike.
+other load on the machine hits both alike. `--pipelined`: the daemons in steady state with work
+waiting (`Pipelined`: every stage one file behind the one before), this checkout's API played
+with the daemons' current calls (register with done, a done that claims the next file) and
+--other's with the calls before them (register + ingest done, done + claim).
 
 A private mariadbd (tests/servers.py) serves only pipeline-apid (`python -m app.apid`, default
 settings). One client thread plays every daemon in turn, file after file, as bench/pipeline.py's
@@ -65,7 +68,60 @@ def one_file(client: PipelineClient, name: str, empty: bool) -> int:
     return requests
 
 
-def run_files(client: PipelineClient, clients: int, prefix: str, files: int, empty: bool) -> int:
+class Pipelined:
+    """The daemons in steady state with work waiting: each step registers a file and moves every
+    stage's daemon one file along (the splitter reports file i-1 and takes file i, each worker
+    i-2 and takes i-1, each sender i-3 and takes i-2). `combined`: the calls of the daemons since
+    the done that claims (register with done; a done that claims the next file); else the calls
+    before it (register, ingest done; a done, then a claim)."""
+
+    STAGES = (("shard-splitter", None), ("shard-worker", 0), ("shard-worker", 1), ("mysql-sender", 0),
+              ("mysql-sender", 1))
+
+    def __init__(self, client: PipelineClient, combined: bool):
+        self.client, self.combined = client, combined
+        self.held: dict[tuple[str, int | None], list] = {}
+
+    def step(self, name: str) -> int:
+        c, requests = self.client, 0
+        if self.combined and hasattr(c, "done_and_claim"):
+            c.register(name, list(SHARDS), done=True, events=500, worker="bench/ingest")
+            requests += 1
+        else:
+            c.register(name, list(SHARDS))
+            c.ingest_done(name, events=500, worker="bench/ingest")
+            requests += 2
+        for stage, shard in self.STAGES:
+            owner, limit = f"bench/{stage}-{shard}", 2 if shard is None else 1
+            spec = {"limit": limit, **({"shard": shard} if shard is not None else {})}
+            held = self.held.get((stage, shard)) or []
+            items = [{"filename": t.filename, "shard": t.shard, "events": 250,
+                      "stats": {"lines": 250, "rejected": {"bad_json": 1}} if shard is None else {"loaded": 250}}
+                     for t in held]
+            got = None
+            if held and self.combined:
+                if shard is None:
+                    got = c.done_batch_and_claim(stage, items, owner, spec)[1]
+                else:
+                    got = c.done_and_claim(stage, held[0].filename, shard, owner, spec, 250, items[0]["stats"])[1]
+                requests += 1
+            elif held:
+                if shard is None:
+                    c.done_batch(stage, items, owner)
+                else:
+                    c.done(stage, held[0].filename, shard, owner, 250, items[0]["stats"])
+                requests += 1
+            if got is None:
+                got = c.claim(stage, owner, limit, shard)
+                requests += 1
+            self.held[(stage, shard)] = got
+        return requests
+
+
+def run_files(client: PipelineClient, clients: int, prefix: str, files: int, empty: bool,
+              pipelined: Pipelined | None = None) -> int:
+    if pipelined is not None:
+        return sum(pipelined.step(f"{prefix}p{i:06d}") for i in range(files))
     """`files` files, by `clients` threads at once (each with its own HTTP session); requests made."""
     if clients <= 1:
         return sum(one_file(client, f"{prefix}f{i:06d}", empty) for i in range(files))
@@ -90,6 +146,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1, help="client threads, each its own files")
     parser.add_argument("--profile", type=Path, help="py-spy collapsed output of the API (round 1)")
     parser.add_argument("--other", type=Path, help="another checkout: its API alternates rounds with this one")
+    parser.add_argument("--pipelined", action="store_true",
+                        help="the daemons in steady state with work waiting (class Pipelined); this checkout's API "
+                             "gets the daemons' current calls, --other's the calls before the done that claims")
     args = parser.parse_args()
     db = servers.new_private_mariadb()
     api = other = None
@@ -119,9 +178,14 @@ def main() -> None:
                 for t in ("pipeline_task_counts_insert", "pipeline_task_counts_update",
                           "pipeline_transition_counts_insert"):
                     cur.execute(f"DROP TRIGGER pipeline_db.{t}")
-        for _, client, _ in apis:
+        players = {label: Pipelined(client, label == "this") if args.pipelined else None
+                   for label, client, _ in apis}
+        for label, client, _ in apis:
             for i in range(20):  # warm up: connections, code paths
-                one_file(client, f"warm{i:06d}", args.empty)
+                if args.pipelined:
+                    players[label].step(f"warm{i:06d}")
+                else:
+                    one_file(client, f"warm{i:06d}", args.empty)
         results: dict[str, list] = {}
         for r in range(args.rounds * len(apis)):
             label, client, api_pid = apis[r % len(apis)]
@@ -133,7 +197,7 @@ def main() -> None:
                                        stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             s0, a0, d0, w0 = statements(), cpu_seconds(api_pid), cpu_seconds(db_pid), time.monotonic()
-            reqs = run_files(client, args.clients, f"r{r}", args.files, args.empty)
+            reqs = run_files(client, args.clients, f"r{r}", args.files, args.empty, players[label])
             s1, a1, d1, w1 = statements(), cpu_seconds(api_pid), cpu_seconds(db_pid), time.monotonic()
             if spy is not None:
                 spy.send_signal(2)

@@ -74,6 +74,27 @@ def main() -> None:
                         measure(f"{stage} claim (nothing ready)", lambda: client.claim(stage, "bench/w", limit, shard))
                     except ApiError:
                         pass
+        if hasattr(client, "done_and_claim"):
+            for i in range(args.rounds):   # the daemons' calls since the done that claims
+                names = [f"2026{i:05d}{n:05d}" for n in range(2)]
+                for name in names:
+                    measure("register with done", lambda: client.register(name, [0, 1], done=True, events=100,
+                                                                          worker="bench"))
+                for stage in ("shard-splitter", "shard-worker", "mysql-sender"):
+                    for shard in ([None] if stage == "shard-splitter" else [0, 1]):
+                        limit = 2 if shard is None else 1
+                        spec = {"limit": limit, **({"shard": shard} if shard is not None else {})}
+                        got = client.claim(stage, "bench/n", limit, shard)
+                        for label in ("next ready", "nothing ready"):
+                            if shard is None:
+                                items = [{"filename": t.filename, "shard": t.shard, "events": 50} for t in got]
+                                got = measure(f"{stage} done-batch + claim ({label})", lambda: client.done_batch_and_claim(
+                                    stage, items, "bench/n", spec))[1]
+                            else:
+                                got = measure(f"{stage} done + claim ({label})", lambda: client.done_and_claim(
+                                    stage, got[0].filename, got[0].shard, "bench/n", spec, events=50))[1]
+                        measure(f"{stage} long-poll claim (nothing ready)",
+                                lambda: client.claim(stage, "bench/n", limit, shard, wait=0.05))
         print(f"statements per request, median of {args.rounds} (min-max), code at {ROOT}:")
         for kind, values in samples.items():
             print(f"  {kind:42s} {statistics.median(values):5.1f}  ({min(values)}-{max(values)})")

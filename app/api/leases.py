@@ -33,42 +33,64 @@ class Leases:
         resumes its own work), then ready ones, oldest first, each won by exactly one caller.
         Two round trips: lock what the owner holds and up to `limit` ready rows nobody else
         is locking; then write. Ready rows locked but not needed are freed by the commit."""
+        return self.store.tx(lambda t: self.claim_in(t, stage, limit, shard, owner))
+
+    def claim_in(self, t: Transaction, stage: str, limit: int, shard: int | None, owner: str,
+                 first: tuple = (), proceed=None) -> list[dict] | None:
+        """The claim inside the transaction `t`, which it commits. `first`: statements sent
+        ahead of the claim's reads in the same round trip (a `done` of the caller's previous
+        task, so the two cost one transaction); `proceed(results of first)` False rolls
+        everything back before anything is claimed, and the answer is None."""
         stage = Stage(stage)
         status_col, att = stage.status_column, stage.attempts_column
         cols = f"id, filename, shard, created_at, {att} AS attempts"
         ordered = stage in ORDERED and shard is not None
+        reads = [*first, (sql_held(stage, shard is not None), (owner, *([shard] if shard is not None else []), limit))]
+        if ordered:
+            reads += self._ordered_reads(stage, shard, owner)
+        else:
+            reads.append((sql_ready(stage, shard is not None, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"),
+                          (*([shard] if shard is not None else []), limit)))
+        results = t.run(*reads)
+        before, results = results[:len(first)], results[len(first):]
+        if proceed is not None and not proceed(before):
+            t.finish(commit=False)
+            return None
+        mine = results[0].rows
+        want = limit - len(mine)
+        if ordered:
+            fresh = self._ordered_fresh(t, stage, shard, results[1:], want, cols)
+        else:
+            fresh = results[1].rows[:want] if want > 0 else []
+        writes = []
+        if mine:
+            ids = [r["id"] for r in mine]
+            writes += [(f"UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
+                        f"WHERE id IN ({marks(ids)})", (self.lease_us, *ids)),
+                       (f"SELECT {cols} FROM pipeline_tracking WHERE id IN ({marks(ids)}) ORDER BY id", ids)]
+        if fresh:
+            writes += [(f"UPDATE pipeline_tracking SET {status_col}={STARTED.sql}, owner=%s, started_at=NOW(3),"
+                        f" lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1"
+                        f" WHERE id IN ({marks(fresh)})", (owner, self.lease_us, *[r["id"] for r in fresh])),
+                       log_sql([(r["id"], r["filename"], r["shard"], stage, NEW, STARTED, Action.CLAIM, owner,
+                                 None, None, None, None) for r in fresh])]
+        done = t.finish(*writes)
+        mine = done[1].rows if mine else []
+        return ([self._claimed(r, r["attempts"], True) for r in mine]
+                + [self._claimed(r, r["attempts"] + 1, False) for r in fresh])
 
-        def tx(t: Transaction):
-            reads = [(sql_held(stage, shard is not None), (owner, *([shard] if shard is not None else []), limit))]
-            if ordered:
-                reads += self._ordered_reads(stage, shard, owner)
-            else:
-                reads.append((sql_ready(stage, shard is not None, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"),
-                              (*([shard] if shard is not None else []), limit)))
-            results = t.run(*reads)
-            mine = results[0].rows
-            want = limit - len(mine)
-            if ordered:
-                fresh = self._ordered_fresh(t, stage, shard, results[1:], want, cols)
-            else:
-                fresh = results[1].rows[:want] if want > 0 else []
-            writes = []
-            if mine:
-                ids = [r["id"] for r in mine]
-                writes += [(f"UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
-                            f"WHERE id IN ({marks(ids)})", (self.lease_us, *ids)),
-                           (f"SELECT {cols} FROM pipeline_tracking WHERE id IN ({marks(ids)}) ORDER BY id", ids)]
-            if fresh:
-                writes += [(f"UPDATE pipeline_tracking SET {status_col}={STARTED.sql}, owner=%s, started_at=NOW(3),"
-                            f" lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1"
-                            f" WHERE id IN ({marks(fresh)})", (owner, self.lease_us, *[r["id"] for r in fresh])),
-                           log_sql([(r["id"], r["filename"], r["shard"], stage, NEW, STARTED, Action.CLAIM, owner,
-                                     None, None, None, None) for r in fresh])]
-            done = t.finish(*writes)
-            mine = done[1].rows if mine else []
-            return ([self._claimed(r, r["attempts"], True) for r in mine]
-                    + [self._claimed(r, r["attempts"] + 1, False) for r in fresh])
-        return self.store.tx(tx)
+    def may_claim(self, stage: str, shard: int | None, owner: str) -> bool:
+        """Whether a claim could find anything: `owner` holds a task of the stage (of `shard`)
+        or one is ready. One autocommitted read of two index probes, no lock, no transaction:
+        a long-poll claim asks first, so one that finds nothing costs this statement instead
+        of a claim's four to six. (Ready is not enough for an ordered stage, whose claim may
+        still find the shard's next file blocked upstream: then it claims and finds nothing.)"""
+        stage = Stage(stage)
+        sharded = shard is not None
+        args = (owner, *([shard] if sharded else []), *([shard] if sharded else []))
+        rows = self.store.read(f"SELECT EXISTS({sql_held(stage, sharded, lock=False)})"
+                               f" OR EXISTS({sql_ready(stage, sharded, '1', 'LIMIT 1')}) AS maybe", args)
+        return bool(rows[0]["maybe"])
 
     @staticmethod
     def _claimed(r: dict, attempts: int, resumed: bool) -> dict:

@@ -344,7 +344,19 @@ class Api:
         if not isinstance(shards, list) or not shards:
             raise BadRequest("'shards' must be a non-empty list of shard numbers", "shards")
         shards = sorted({self._shard(s, "shards") for s in shards})
-        return 200, self.tracker.register(filename, shards)
+        done = data.get("done", False)
+        if not isinstance(done, bool):
+            raise BadRequest("'done' must be true or false", "done")
+        if not done:
+            return 200, self.tracker.register(filename, shards)
+        # `done`: the file is complete; mark event-ingest done too (one request and transaction
+        # where an importer made two), answered with `updated_rows` as that `done` would be.
+        events = data.get("events")
+        result = self.tracker.register(filename, shards, True, _text(data.get("worker"), "worker", 128),
+                                       None if events is None else _int(events, "events", 0, 2**31 - 1))
+        if result["updated_rows"]:
+            self.watch.hint(STAGES[1], None)
+        return 200, result
 
     def stage_action(self, stage: str, action: str):
         if stage == FIRST and action != Action.DONE:
@@ -377,18 +389,50 @@ class Api:
             return 200, self.tracker.heartbeat(stage, filename, shard, owner)
         stats = _stats(data.get("stats"))
         events = data.get("events")
+        events = None if events is None else _int(events, "events", 0, 2**31 - 1)
         error = data.get("error")
         if error is not None and not isinstance(error, str):
             raise BadRequest("'error' must be a string", "error")
+        owner = _text(data.get("worker"), "worker", 128)
+        then = self._then_claim(stage, data, owner) if action == Action.DONE else None
+        if then is not None:
+            self._reap_now_and_then()
+            seen = self.watch.generation
+            got = self.tracker.done_and_claim(stage, [(filename, shard, events, stats)], owner, *then)
+            if got is not None:
+                self._hint(stage, action, shard)
+                return 200, {**got[0][0].as_dict(), "next": self._claim(stage, *then, owner, self._wait(),
+                                                                        (seen, got[1]))}
         moved = self.tracker.transition(
-            stage, action, filename, shard,
-            owner=_text(data.get("worker"), "worker", 128),
-            error=None if error is None else error[:schema.ERROR_MAX],
-            events=None if events is None else _int(events, "events", 0, 2**31 - 1),
-            stats=stats)
+            stage, action, filename, shard, owner=owner,
+            error=None if error is None else error[:schema.ERROR_MAX], events=events, stats=stats)
         if moved.changed:
             self._hint(stage, action, shard)
+        if then is not None:
+            return 200, {**moved.as_dict(), "next": self._claim(stage, *then, owner, self._wait())}
         return 200, moved.as_dict()
+
+    @staticmethod
+    def _wait() -> float:
+        """A `done`'s `?wait=`: its claim, finding nothing, waits as a long-poll claim would."""
+        return _query_seconds("wait", MAX_WAIT)
+
+    def _then_claim(self, stage: Stage, data: dict, owner: str | None) -> tuple[int, int | None] | None:
+        """A `done`'s optional `claim` ({"limit": n, "shard": s}, the claim endpoint's fields):
+        the caller's next claim, made in the same request (and, when the `done` is a first one,
+        the same transaction); its tasks are answered as `next`."""
+        spec = data.get("claim")
+        if spec is None:
+            return None
+        if not isinstance(spec, dict):
+            raise BadRequest("'claim' must be an object such as {\"limit\": 1, \"shard\": 0}", "claim")
+        if owner is None:
+            raise BadRequest("'worker' is required with 'claim' (the tasks are claimed for it)", "worker")
+        limit = _int(spec.get("limit", 1), "claim.limit", 1, 1000)
+        shard = None if spec.get("shard") is None else self._shard(spec["shard"], "claim.shard")
+        if stage in ORDERED and shard is None:
+            raise BadRequest(f"{stage} takes each shard's files in order: 'claim.shard' is required", "claim.shard")
+        return limit, shard
 
     def _hint(self, stage: Stage, action: Action, shard: int | None) -> None:
         """Wake this process's waiters that the change may have given work: a `done` readies
@@ -405,7 +449,8 @@ class Api:
 
     def done_batch(self, stage: str):
         """`done` of several tasks in one request: each answered as its own `done` would be
-        (the moved task, or its refusal), in the order given."""
+        (the moved task, or its refusal), in the order given. When all are first `done`s of a
+        named worker they share one transaction (and the optional `claim`'s, see `_then_claim`)."""
         stage = self._stage(stage)
         data = _body()
         items = data.get("items")
@@ -419,6 +464,18 @@ class Api:
             events = item.get("events")
             tasks.append((_filename(_required(item, "filename")), self._shard(_required(item, "shard")),
                           None if events is None else _int(events, "events", 0, 2**31 - 1), _stats(item.get("stats"))))
+        then = self._then_claim(stage, data, owner)
+        if then is not None:
+            self._reap_now_and_then()
+        seen = self.watch.generation
+        got = self.tracker.done_and_claim(stage, tasks, owner, *(then or (0, None))) if owner else None
+        if got is not None:
+            for moved in got[0]:
+                self._hint(stage, Action.DONE, moved.shard)
+            answer = {"stage": stage, "items": [{"status_code": 200, **m.as_dict()} for m in got[0]]}
+            if then is None:
+                return 200, answer
+            return 200, {**answer, "next": self._claim(stage, *then, owner, self._wait(), (seen, got[1]))}
         out = []
         for filename, shard, events, stats in tasks:
             try:
@@ -430,6 +487,8 @@ class Api:
             if moved.changed:
                 self._hint(stage, Action.DONE, shard)
             out.append({"status_code": 200, **moved.as_dict()})
+        if then is not None:
+            return 200, {"stage": stage, "items": out, "next": self._claim(stage, *then, owner, self._wait())}
         return 200, {"stage": stage, "items": out}
 
     def claim(self, stage: str):
@@ -440,17 +499,30 @@ class Api:
         owner = _text(_required(data, "worker"), "worker", 128, required=True)
         if stage in ORDERED and shard is None:
             raise BadRequest(f"{stage} takes each shard's files in order: 'shard' is required", "shard")
-        wait = _query_seconds("wait", MAX_WAIT)
+        items = self._claim(stage, limit, shard, owner, _query_seconds("wait", MAX_WAIT))
+        return 200, {"stage": stage, "worker": owner, "items": items}
+
+    def _claim(self, stage: Stage, limit: int, shard: int | None, owner: str, wait: float,
+               found: tuple[int, list[dict]] | None = None) -> list[dict]:
+        """A claim, held up to `wait` seconds while it finds nothing (a long poll). `found`:
+        (the watch's generation before it, the items) of a claim already made (a `done`'s)."""
         deadline = time.monotonic() + wait
+        seen, items = found if found is not None else (0, None)
+        ask_first = True  # the first claim from here asks one read first (see Leases.may_claim)
         while True:
-            seen = self.watch.generation
-            if wait > 0 and self.watch.idle(stage, shard):
-                items = []   # nothing ready, nothing started: no need to ask the database
-            else:
-                self._reap_now_and_then()
-                items = self.tracker.claim(stage, limit, shard, owner)
+            if items is None:
+                seen = self.watch.generation
+                if wait > 0 and self.watch.idle(stage, shard):
+                    items = []   # nothing ready, nothing started: no need to ask the database
+                elif wait > 0 and ask_first and not self.tracker.may_claim(stage, shard, owner):
+                    items = []   # one read said so (a long poll, mostly after a `done` that claimed nothing)
+                else:
+                    self._reap_now_and_then()
+                    items = self.tracker.claim(stage, limit, shard, owner)
+                ask_first = False
             if items or wait <= 0 or not self.watch.wait(stage, shard, seen, deadline) or _caller_gone():
-                return 200, {"stage": stage, "worker": owner, "items": items}
+                return items
+            items = None
 
     def queue(self, stage: str):
         stage = self._stage(stage)
@@ -554,9 +626,11 @@ WAIT_QUERY = re.compile(r"(^|&)wait=(?!0*(\.0*)?(&|$))")
 
 
 def is_waiting(method: str, path: str, query: str) -> bool:
-    """A long-poll claim (a `wait=` above 0): it may sleep, so on a lane of its own."""
-    return method == "POST" and path.startswith(f"{BASE}/queues/") and path.endswith("/claim") \
-        and WAIT_QUERY.search(query) is not None
+    """A long-poll claim (a `wait=` above 0), or a `done` whose claim may wait: it may sleep,
+    so on a lane of its own."""
+    return method == "POST" and WAIT_QUERY.search(query) is not None and (
+        (path.startswith(f"{BASE}/queues/") and path.endswith("/claim"))
+        or (path.startswith(f"{BASE}/stages/") and path.endswith(("/done", "/done-batch"))))
 
 
 def is_listing(method: str, path: str) -> bool:

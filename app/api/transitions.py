@@ -8,6 +8,7 @@ short transaction that appends its row to `pipeline_transitions` in the same com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import orjson
 
@@ -58,26 +59,61 @@ def rejected_sql(stage: Stage, rejected: list[tuple[str, int]], gate: str = "TRU
             [v for reason, n in rejected for v in (stage, reason, n)])
 
 
+@lru_cache(maxsize=8)
+def _done_texts(stage: Stage) -> tuple[str, str, str]:
+    """`Transitions.done_sql`'s statements for a stage, built once."""
+    status_col, att_col = stage.status_column, stage.attempts_column
+    return (
+        f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
+        f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
+        f" AND (owner IS NULL OR owner=%s)",
+        # LAST_INSERT_ID(), not the reply's insert id: the counting trigger's INSERT
+        # (migration 0004) leaves that at 0.
+        "SELECT @pipeline_done := ROW_COUNT() AS done, LAST_INSERT_ID() AS attempts",
+        "INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
+        " action, actor, duration_ms, events, stats)"
+        f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
+        " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
+        " WHERE filename=%s AND shard=%s AND @pipeline_done = 1")
+
+
 class Transitions:
     def __init__(self, store: Store, lease_seconds: float, max_attempts: int):
         self.store = store
         self.lease_us = int(lease_seconds * 1_000_000)
         self.max_attempts = max_attempts
 
-    def register(self, filename: str, shards: list[int]) -> dict:
+    def register(self, filename: str, shards: list[int], done: bool = False, actor: str | None = None,
+                 events: int | None = None) -> dict:
+        """Register the file's tasks (ingest `started`); `done`: and mark ingest done, as a
+        following `ingest_done` would, in the same transaction: rows created now are inserted
+        `done` with both moves logged (register, then done); rows that existed take the
+        ordinary `ingest_done` after the commit (a repeat, or the original generator's file)."""
+        status = DONE if done else STARTED
+
         def tx(t: Transaction):
             # A unique key with an explicit no-op: concurrent registrations of one file cannot
             # both insert, and neither fails (affected rows: 1 inserted, 0 existed).
             inserted = t.run(*[(f"INSERT INTO pipeline_tracking (filename, shard, {FIRST.status_column}) "
-                                f"VALUES (%s,%s,{STARTED.sql}) ON DUPLICATE KEY UPDATE id=id", (filename, shard))
+                                f"VALUES (%s,%s,{status.sql}) ON DUPLICATE KEY UPDATE id=id", (filename, shard))
                                for shard in shards])
             created = [(r.lastrowid, shard) for r, shard in zip(inserted, shards) if r.rowcount == 1]
-            writes = [log_sql([(tid, filename, s, FIRST, None, STARTED, Action.REGISTER,
-                                None, None, None, None, None) for tid, s in created])] if created else []
-            existing = t.finish(*writes, ("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,)))
-            return {"filename": filename, "shards": sorted(set(shards) | {r["shard"] for r in existing[-1].rows}),
-                    "created": bool(created)}
-        return self.store.tx(tx)
+            log = [(tid, filename, s, FIRST, None, STARTED, Action.REGISTER, None, None, None, None, None)
+                   for tid, s in created]
+            if done:
+                log += [(tid, filename, s, FIRST, STARTED, DONE, Action.DONE, actor, None, None,
+                         events if n == 0 else None, None) for n, (tid, s) in enumerate(created)]
+            existing = t.finish(*([log_sql(log)] if log else []),
+                                ("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,)))
+            return created, sorted(set(shards) | {r["shard"] for r in existing[-1].rows})
+        created, all_shards = self.store.tx(tx)
+        answer = {"filename": filename, "shards": all_shards, "created": bool(created)}
+        if not done:
+            return answer
+        updated = len(created)
+        if len(created) < len(all_shards):
+            updated += self.ingest_done(filename, actor, None if created else events)["updated_rows"]
+        return {**answer, "updated_rows": updated}
 
     def ingest_done(self, filename: str, actor: str | None = None, events: int | None = None) -> dict:
         column = FIRST.status_column
@@ -145,23 +181,9 @@ class Transitions:
         so nothing else is read. Only a refusal or a repeat then costs a read, to be explained."""
         if owner is None:
             return None  # the log names the owner: take the locked path, which reads it
-        status_col, att_col = stage.status_column, stage.attempts_column
 
         def tx(t: Transaction):
-            results = t.finish(
-                (f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL,"
-                 f" {att_col}=LAST_INSERT_ID({att_col}) WHERE filename=%s AND shard=%s AND {status_col}={STARTED.sql}"
-                 f" AND (owner IS NULL OR owner=%s)", (filename, shard, owner)),
-                # LAST_INSERT_ID(), not the reply's insert id: the counting trigger's INSERT
-                # (migration 0004) leaves that at 0.
-                ("SELECT @pipeline_done := ROW_COUNT() AS done, LAST_INSERT_ID() AS attempts", None),
-                ("INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
-                 " action, actor, duration_ms, events, stats)"
-                 f" SELECT id, filename, shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
-                 " TIMESTAMPDIFF(MICROSECOND, started_at, NOW(3)) DIV 1000, %s, %s FROM pipeline_tracking"
-                 " WHERE filename=%s AND shard=%s AND @pipeline_done = 1",
-                 (stage, owner, events, stats_text, filename, shard)),
-                *([rejected_sql(stage, rejected, gate="@pipeline_done = 1")] if rejected else []))
+            results = t.finish(*self.done_sql(stage, filename, shard, owner, events, stats_text, rejected))
             return results[1].rows[0]["attempts"] if results[0].rowcount == 1 else False
         attempts = self.store.tx(tx)
         if attempts is not False:
@@ -170,6 +192,16 @@ class Transitions:
                                                                         (stage, filename, shard)), 1, None))
         moved, writes = self._done(stage, row, owner, None, events, stats_text)  # a repeat, or a 409
         return None if writes else moved  # None: it became done-able meanwhile; take the locked path
+
+    @staticmethod
+    def done_sql(stage: Stage, filename: str, shard: int, owner: str, events, stats_text, rejected=()) -> list:
+        """A named owner's `done` as statements that decide nothing in Python: the UPDATE (its
+        row count: 1 when it took effect), a SELECT of `done` and `attempts`, the log row and
+        the rejected-lines counters, both gated on the UPDATE having taken effect."""
+        update, select, log = _done_texts(stage)
+        return [(update, (filename, shard, owner)), (select, None),
+                (log, (stage, owner, events, stats_text, filename, shard)),
+                *([rejected_sql(stage, rejected, gate="@pipeline_done = 1")] if rejected else [])]
 
     def _conflict(self, stage, row, why):
         return Conflict(why, filename=row["filename"], shard=row["shard"], stage=stage, status=row["status"],

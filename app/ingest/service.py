@@ -71,8 +71,7 @@ class Ingest:
         if not self.register:
             return True
         try:
-            self.client.register(filename)
-            self.client.ingest_done(filename, events=events, worker=owner_id(SERVICE))
+            self.client.register(filename, done=True, events=events, worker=owner_id(SERVICE))
         except ApiUnavailable as exc:
             log.warning("%s left unregistered for now (%s); registered at the next start", filename, exc)
             return False

@@ -1,0 +1,317 @@
+"""A `done` that also claims the caller's next tasks (`claim` in its body, `next` in its answer),
+and the daemon loop that uses it: one request and one transaction where a daemon made two of
+each; repeats, refusals and old callers behave as before."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import servers
+from tests.test_api_contract import STAGES, Http, module_api, new_name
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    with module_api(tmp_path_factory) as server:
+        yield server
+
+
+@pytest.fixture
+def http(live):
+    return Http(live)
+
+
+def at(http: Http, stage: str, status: str, shard: int = 0) -> str:
+    """`Http.at` for a file of this one shard: no other shard of it is left pending upstream,
+    where it would hold back an ordered stage's later files."""
+    name = http.registered(shards=(shard,))
+    for earlier in STAGES[:STAGES.index(stage)]:
+        http.finish(name, shard, earlier)
+    if status == "started":
+        http.ok("POST", f"/stages/{stage}/start", {"filename": name, "shard": shard, "worker": "w"})
+    return name
+
+
+def drain(http: Http, stage: str, shard: int | None) -> None:
+    """Finish whatever earlier tests left ready for `stage` (one module API for all)."""
+    while True:
+        body = {"worker": "drain", "limit": 100, **({"shard": shard} if shard is not None else {})}
+        items = http.ok("POST", f"/queues/{stage}/claim", body)["items"]
+        if not items:
+            return
+        for i in items:
+            http.ok("POST", f"/stages/{stage}/done", {"filename": i["filename"], "shard": i["shard"],
+                                                      "worker": "drain"})
+
+
+def test_done_with_claim_hands_over_the_next_task_in_the_same_request(http):
+    stage = "mysql-sender"
+    drain(http, stage, 0)
+    a, b = at(http, stage, "new"), at(http, stage, "new")
+    assert [i["filename"] for i in http.ok("POST", f"/queues/{stage}/claim", {"worker": "w", "shard": 0})["items"]] == [a]
+    got = http.ok("POST", f"/stages/{stage}/done", {"filename": a, "shard": 0, "worker": "w", "events": 3,
+                                                   "claim": {"limit": 1, "shard": 0}})
+    assert (got["status"], got["changed"], got["attempts"]) == ("done", True, 1)
+    assert [(i["filename"], i["shard"], i["attempts"], i["resumed"]) for i in got["next"]] == [(b, 0, 1, False)]
+    assert http.status(a, 0, stage) == "done" and http.status(b, 0, stage) == "started"
+    history = [(h["stage"], h["action"], h["by"]) for h in http.ok("GET", f"/files/{b}")["shards"][0]["history"]]
+    assert history[-1] == (stage, "claim", "w")
+    done_a = [h for h in http.ok("GET", f"/files/{a}")["shards"][0]["history"] if h["action"] == "done"
+              and h["stage"] == stage]
+    assert len(done_a) == 1 and done_a[0]["events"] == 3 and done_a[0]["by"] == "w"
+    # the last one: nothing left to hand over
+    last = http.ok("POST", f"/stages/{stage}/done", {"filename": b, "shard": 0, "worker": "w", "claim": {"shard": 0}})
+    assert last["changed"] and last["next"] == []
+    # a repeat (the answer was lost) is answered as before, and still claims
+    c = at(http, stage, "new")
+    again = http.ok("POST", f"/stages/{stage}/done", {"filename": b, "shard": 0, "worker": "w", "claim": {"shard": 0}})
+    assert (again["status"], again["changed"]) == ("done", False)
+    assert [i["filename"] for i in again["next"]] == [c]
+    # a refused done (the task is another daemon's) claims nothing
+    d = at(http, stage, "new")
+    code, body = http.post(f"/stages/{stage}/done", {"filename": c, "shard": 0, "worker": "thief",
+                                                     "claim": {"shard": 0}})
+    assert code == 409 and "next" not in body
+    assert http.status(c, 0, stage) == "started" and http.status(d, 0, stage) == "new"
+    # without `claim`, the answer is what it always was
+    plain = http.ok("POST", f"/stages/{stage}/done", {"filename": c, "shard": 0, "worker": "w"})
+    assert "next" not in plain
+    drain(http, stage, 0)
+
+
+def test_an_ordered_stage_hands_over_the_shards_next_file_in_order(http):
+    stage = "shard-worker"
+    drain(http, stage, 1)
+    first, second = at(http, stage, "new", shard=1), at(http, stage, "new", shard=1)
+    blocked = at(http, "shard-splitter", "started", shard=1)   # pending upstream: later files wait for it
+    later = at(http, stage, "new", shard=1)
+    assert [i["filename"] for i in http.ok("POST", f"/queues/{stage}/claim", {"worker": "w1", "shard": 1,
+                                                                              "limit": 1})["items"]] == [first]
+    got = http.ok("POST", f"/stages/{stage}/done", {"filename": first, "shard": 1, "worker": "w1",
+                                                   "claim": {"limit": 5, "shard": 1}})
+    assert [i["filename"] for i in got["next"]] == [second]
+    got = http.ok("POST", f"/stages/{stage}/done", {"filename": second, "shard": 1, "worker": "w1",
+                                                   "claim": {"limit": 5, "shard": 1}})
+    assert got["next"] == [] and http.status(later, 1, stage) == "new"
+    http.ok("POST", "/stages/shard-splitter/done", {"filename": blocked, "shard": 1, "worker": "w"})
+    drain(http, stage, 1)
+
+
+def test_a_done_whose_claim_finds_nothing_waits_like_a_long_poll(http):
+    """`?wait=` on a `done` with `claim`: the done is committed at once and the claim waits for
+    the next task (on the API's waiting lane), as the daemon's long-poll claim did after it."""
+    from app.api.service import BASE, is_waiting
+
+    stage = "mysql-sender"
+    drain(http, stage, 0)
+    a = at(http, stage, "started")
+    later = at(http, "shard-worker", "started")
+    timer = threading.Timer(0.5, http.ok, ("POST", "/stages/shard-worker/done",
+                                           {"filename": later, "shard": 0, "worker": "w"}))
+    began = time.monotonic()
+    timer.start()
+    code, got = http.post(f"/stages/{stage}/done?wait=10", {"filename": a, "shard": 0, "worker": "w",
+                                                             "claim": {"shard": 0}})
+    took = time.monotonic() - began
+    assert code == 200 and got["changed"] and [i["filename"] for i in got["next"]] == [later]
+    assert 0.4 < took < 5, took
+    code, got = http.post(f"/stages/{stage}/done?wait=0.3", {"filename": later, "shard": 0, "worker": "w",
+                                                              "claim": {"shard": 0}})
+    assert code == 200 and got["next"] == [] and http.status(later, 0, stage) == "done"
+    assert is_waiting("POST", f"{BASE}/stages/{stage}/done", "wait=2")
+    assert is_waiting("POST", f"{BASE}/stages/{stage}/done-batch", "wait=2")
+    assert not is_waiting("POST", f"{BASE}/stages/{stage}/done", "wait=0")
+    assert not is_waiting("POST", f"{BASE}/stages/{stage}/fail", "wait=2")
+
+
+@pytest.mark.parametrize("claim, field", [
+    ({}, "claim.shard"),                      # the ordered stage needs its shard
+    ("next", "claim"), ({"limit": 0, "shard": 0}, "claim.limit"), ({"shard": 9}, "claim.shard")])
+def test_a_bad_claim_in_a_done_is_refused_before_anything_moves(http, claim, field):
+    stage = "shard-worker"
+    name = at(http, stage, "started")
+    code, body = http.post(f"/stages/{stage}/done", {"filename": name, "shard": 0, "worker": "w", "claim": claim})
+    assert code == 400 and body["field"] == field
+    code, body = http.post(f"/stages/{stage}/done", {"filename": name, "shard": 0, "claim": {"shard": 0}})
+    assert code == 400 and body["field"] == "worker"
+    assert http.status(name, 0, stage) == "started"
+
+
+def test_done_batch_with_claim_reports_a_files_shards_and_takes_the_next_file(http):
+    stage = "shard-splitter"
+    drain(http, stage, None)
+    one, two = http.registered(), http.registered()
+    claimed = http.ok("POST", f"/queues/{stage}/claim", {"worker": "s", "limit": 2})["items"]
+    assert [(i["filename"], i["shard"]) for i in claimed] == [(one, 0), (one, 1)]
+    got = http.ok("POST", f"/stages/{stage}/done-batch", {
+        "worker": "s", "claim": {"limit": 2},
+        "items": [{"filename": one, "shard": s, "events": 2, "stats": {"rejected": {"bad_json": 1}}} for s in (0, 1)]})
+    assert [(a["status_code"], a["status"], a["changed"]) for a in got["items"]] == [(200, "done", True)] * 2
+    assert [(i["filename"], i["shard"]) for i in got["next"]] == [(two, 0), (two, 1)]
+    assert [http.status(one, s, "shard-worker") for s in (0, 1)] == ["new", "new"]
+    # a batch with a repeat in it: each answered as alone, the claim made after them
+    again = http.ok("POST", f"/stages/{stage}/done-batch", {
+        "worker": "s", "claim": {"limit": 2}, "items": [{"filename": two, "shard": 0}, {"filename": one, "shard": 1}]})
+    assert [(a["status_code"], a["changed"]) for a in again["items"]] == [(200, True), (200, False)]
+    assert [(i["filename"], i["shard"], i["resumed"]) for i in again["next"]] == [(two, 1, True)]
+    http.ok("POST", f"/stages/{stage}/done", {"filename": two, "shard": 1, "worker": "s"})
+    drain(http, stage, None)
+
+
+def test_the_daemon_reports_done_and_claims_the_next_task_in_one_request(live, tmp_path, monkeypatch):
+    """After its first claim, a daemon with work waiting makes one request per task."""
+    from app.config import Settings
+    from app.daemon import Daemon, Done, StageWork
+
+    http = Http(live)
+    stage_name = "mysql-sender"
+    drain(http, stage_name, 1)
+    files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
+
+    class Toy(StageWork):
+        name = stage_name
+        service = "toy-sender-1"
+        shard = 1
+        claim_limit = 1
+
+        def __init__(self, folder: Path):
+            self.folder = folder
+            self.seen: list[str] = []
+
+        def process(self, tasks, ctx):
+            self.seen += [t.filename for t in tasks]
+            return [Done(events=1) for _ in tasks]
+
+    env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
+    settings = Settings.from_env(env)
+    toy = Toy(tmp_path / "toy")
+    daemon = Daemon(toy, settings, owner="toy")
+    calls = {"claim": 0, "done_and_claim": 0, "done": 0}
+    for name in calls:
+        real = getattr(daemon.client, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            answer = _real(*args, **kwargs)
+            calls[_name] += _name != "claim" or bool(answer)
+            return answer
+        monkeypatch.setattr(daemon.client, name, counted)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        servers.wait_until(lambda: all(http.status(f, 1, stage_name) == "done" for f in files), 30, 0.05,
+                           "the toy daemon's four files")
+    finally:
+        daemon.stop.set()
+        thread.join(30)
+    assert toy.seen == files
+    assert calls["done_and_claim"] == 4 and calls["done"] == 0
+    assert calls["claim"] == 1     # the three files after the first came with the dones
+
+
+def test_register_with_done_marks_ingest_done_in_the_same_request(http):
+    """The importer's one request: rows created `done` with both moves in the history (as two
+    calls would leave them), `events` once; a file that was registered before is finished by
+    the ordinary `done`; `done` false or absent answers exactly as before."""
+    name = new_name()
+    got = http.ok("POST", "/files/register", {"filename": name, "shards": [0, 1], "done": True, "events": 7,
+                                              "worker": "ingest"})
+    assert got == {"filename": name, "shards": [0, 1], "created": True, "updated_rows": 2}
+    shards = http.ok("GET", f"/files/{name}")["shards"]
+    assert [s["event_ingest_status"] for s in shards] == ["done", "done"]
+    for s in shards:
+        moves = [(h["action"], h["from"], h["to"], h["by"]) for h in s["history"]]
+        assert moves == [("register", None, "started", None), ("done", "started", "done", "ingest")]
+    assert [h.get("events") for s in shards for h in s["history"] if h["action"] == "done"] == [7, None]
+    queued = http.ok("GET", "/queues/shard-splitter", {"limit": 1000})["items"]
+    assert {(i["filename"], i["shard"]) for i in queued} >= {(name, 0), (name, 1)}
+    again = http.ok("POST", "/files/register", {"filename": name, "shards": [0, 1], "done": True})
+    assert again == {"filename": name, "shards": [0, 1], "created": False, "updated_rows": 0}
+    old = new_name()   # registered by the original generator, which then writes the file
+    assert http.ok("POST", "/files/register", {"filename": old, "shards": [0]}) == \
+        {"filename": old, "shards": [0], "created": True}
+    finished = http.ok("POST", "/files/register", {"filename": old, "shards": [0, 1], "done": True, "events": 3})
+    assert finished == {"filename": old, "shards": [0, 1], "created": True, "updated_rows": 2}
+    shards = http.ok("GET", f"/files/{old}")["shards"]
+    assert [s["event_ingest_status"] for s in shards] == ["done", "done"]
+    assert sum(h.get("events") or 0 for s in shards for h in s["history"]) == 3
+    code, body = http.post("/files/register", {"filename": new_name(), "done": "yes"})
+    assert code == 400 and body["field"] == "done"
+    drain(http, "shard-splitter", None)
+
+
+def test_the_client_registers_done_with_an_api_that_does_not_know_the_field(http, live):
+    """An API older than `done` registers and answers without `updated_rows`: the client then
+    marks ingest done itself, so no file stays `started`."""
+    from app.client import PipelineClient
+
+    class OldApi(PipelineClient):
+        def call(self, method, path, body=None, *args, **kwargs):
+            if path == "/files/register" and body:
+                body = {k: v for k, v in body.items() if k not in ("done", "events", "worker")}
+            return super().call(method, path, body, *args, **kwargs)
+
+    name = new_name()
+    answer = OldApi(live.base, max_wait=10).register(name, [0, 1], done=True, events=4, worker="ingest")
+    assert answer["updated_rows"] == 2
+    assert [s["event_ingest_status"] for s in http.ok("GET", f"/files/{name}")["shards"]] == ["done", "done"]
+    drain(http, "shard-splitter", None)
+
+
+def test_a_done_with_claim_is_one_transaction_and_an_empty_long_poll_none(tmp_path):
+    """On a server of the test's own (its Com_* counters are the API's alone): a `done` that
+    claims the next task commits once, where a `done` and a claim committed twice; a long-poll
+    claim with nothing for it asks one autocommitted read (no transaction), though the stage
+    has a task started (by another daemon) so the counts alone cannot answer."""
+    import shutil
+
+    from app.client import PipelineClient
+
+    db = servers.new_private_mariadb()
+    api = None
+    try:
+        env = servers.service_env(db.url("pipeline_db"), tmp_path, servers.free_port(), REAP_INTERVAL="600")
+        api = servers.start_api(env, tmp_path / "logs")
+        conn = servers.admin_connect(port=db.port)
+        client = PipelineClient(api.base, max_wait=10)
+
+        def counters(*names: str) -> dict:
+            names = names or ("Com_begin", "Com_commit", "Com_rollback")
+            with conn.cursor() as cur:
+                cur.execute(f"SHOW GLOBAL STATUS WHERE Variable_name IN ({','.join(['%s'] * len(names))})", names)
+                return {k: int(v) for k, v in cur.fetchall()}
+
+        names = [f"2026{n:010d}" for n in range(6)]
+        before = counters("Com_insert_select")
+        for name in names:
+            client.register(name, [0], done=True)
+        # the count triggers' short path (one INSERT ... VALUES), not their general INSERT ... SELECT
+        assert counters("Com_insert_select") == before
+        for name in names:
+            client.start("shard-splitter", name, 0, "s")
+            client.done("shard-splitter", name, 0, "s")
+        tasks = client.claim("shard-worker", "w", 1, 0)
+        before = counters()
+        for _ in names:
+            answer, tasks = client.done_and_claim("shard-worker", tasks[0].filename, 0, "w", {"limit": 1, "shard": 0})
+            if not tasks:
+                break
+        after = counters()
+        assert tasks == []
+        # six dones and five claims: one commit per request (and at most one for a reaping claim)
+        assert after["Com_commit"] - before["Com_commit"] <= len(names) + 1, (before, after)
+        assert after["Com_rollback"] == before["Com_rollback"]
+        assert len(client.claim("mysql-sender", "other", 100, 0)) == len(names)   # all held by "other"
+        before = counters()
+        for _ in range(3):
+            assert client.claim("mysql-sender", "idle", 1, 0, wait=0.2) == []
+        after = counters()
+        assert after["Com_begin"] - before["Com_begin"] <= 1, (before, after)   # one reaping claim at most
+        conn.close()
+    finally:
+        if api is not None:
+            api.process.stop()
+        db.stop()
+        shutil.rmtree(db.datadir, ignore_errors=True)
