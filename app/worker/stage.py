@@ -19,7 +19,7 @@ import orjson
 import pymysql
 
 from .. import db, layout, rejected, safefiles
-from ..atomic import atomic_write
+from ..atomic import atomic_writes
 from ..config import Settings
 from ..daemon import Context, Done, Failed, InputMissing, Retryable, StageWork, TaskFailed, run_shard_stage
 from ..db import DEADLOCK_CODES, UNAVAILABLE
@@ -202,9 +202,11 @@ class FileRun:
         self.holds = start.holds
         self.newest = start.newest
         shared = self.settings.shared_dir
-        with atomic_write(layout.worker_output(shared, self.filename, self.shard), root=shared) as out, \
-                atomic_write(layout.worker_rejected(shared, self.filename, self.shard), root=shared,
-                             mode=REJECTED_MODE) as rej:
+        # Both outputs in one batch: one opening of the folder, one ledger write and one folder
+        # fsync per file instead of one each per output (each still appears whole or not at all).
+        outputs = [(layout.worker_output(shared, self.filename, self.shard), 0o644),
+                   (layout.worker_rejected(shared, self.filename, self.shard), REJECTED_MODE)]
+        with atomic_writes(outputs, root=shared) as (out, rej):
             self.out = out
             self.rej = rejected.writer(self.settings.pipeline_db).tee(rej.write, self.filename, Stage.WORKER,
                                                                        self.shard)
