@@ -53,19 +53,39 @@ _PREPARED = ('{"event_key":"%s","event_type":%d,"shop_id":%s,"user_id":%s,"times
              '"order_id":%s,"good_id":%s,"qty":%s,"amount":%s,"source_file":%s,"payload":%s}\n')
 
 
+# What each event type leaves null in its prepared line: `rules.validate` sets exactly the other
+# fields (tests/test_worker_fast.py renders every kind of line both ways).
+_NULLS = {PURCHASE: (), RETURN: (), RESTOCK: ("user_id", "order_id", "amount"),
+          PRICE_CHANGE: ("user_id", "order_id", "qty"), SHOP_STATUS: ("user_id", "order_id", "good_id", "qty", "amount")}
+
+
 class PreparedLines:
     """The sender's input lines of one (file, shard) (format fixed in the brief), as orjson
     prints the dict of those fields in that order: the key, the timestamp and the amount hold no
     character JSON escapes (the key is a type and a number or hex digits, the timestamp passed
     `valid_time`, the amount is a Decimal's digits), the payload is orjson's text (or its copy,
     `Event.payload_json`, UTF-8 as msgspec checked). The shard and the file's name are put in
-    the template once; one str format and one encode a line (a bytes format needs a call per
-    number: half again the cost)."""
+    the templates once.
+
+    `lines` renders many at a time, as the worker does: a template per event type with its
+    type and its null fields already in (no test per field), the templates of the lines joined
+    and formatted in one str operation and one encode (a bytes format needs a call per number:
+    half again the cost). `__call__` renders one line from the generic template."""
 
     def __init__(self, shard: int, source_file: str):
         source = orjson.dumps(source_file).decode().replace("%", "%%")
-        self.template = _PREPARED.replace('"shard":%d', '"shard":%d' % shard).replace('"source_file":%s',
-                                                                                      '"source_file":' + source)
+
+        def finish(template: str) -> str:
+            return template.replace('"shard":%d', '"shard":%d' % shard).replace('"source_file":%s',
+                                                                                 '"source_file":' + source)
+        self.template = finish(_PREPARED)
+        typed = {}
+        for etype, nulls in _NULLS.items():
+            t = _PREPARED.replace('"event_type":%d', '"event_type":%d' % etype)
+            for name in nulls:
+                t = t.replace(f'"{name}":%s', f'"{name}":null')
+            typed[etype] = finish(t.replace('"amount":%s', '"amount":"%s"'))
+        self.typed = (typed[PURCHASE], typed[RETURN], typed[RESTOCK], typed[PRICE_CHANGE], typed[SHOP_STATUS])
 
     def __call__(self, ev: Event, shop_id: int | None) -> bytes:
         payload, amount = ev.payload_json, ev.amount
@@ -75,6 +95,34 @@ class PreparedLines:
             "null" if order is None else order, "null" if good is None else good, "null" if qty is None else qty,
             "null" if amount is None else '"%s"' % amount,
             orjson.dumps(ev.payload).decode() if payload is None else payload.decode())).encode()
+
+    def lines(self, events: list[Event], shop_of: dict[int, int]) -> bytes:
+        """The prepared lines of `events`, in order; a return is output with its purchase's
+        shop, `shop_of[order_id]`."""
+        purchase_t, return_t, restock_t, price_t, status_t = self.typed
+        templates, values = [], []
+        template, add = templates.append, values.extend
+        for ev in events:
+            payload = ev.payload_json
+            payload = orjson.dumps(ev.payload).decode() if payload is None else payload.decode()
+            etype = ev.etype
+            if etype == PURCHASE:
+                template(purchase_t)
+                add((ev.key, ev.shop_id, ev.user_id, ev.ts, ev.order_id, ev.good_id, ev.qty, ev.amount, payload))
+            elif etype == RETURN:
+                order = ev.order_id
+                template(return_t)
+                add((ev.key, shop_of[order], ev.user_id, ev.ts, order, ev.good_id, ev.qty, ev.amount, payload))
+            elif etype == RESTOCK:
+                template(restock_t)
+                add((ev.key, ev.shop_id, ev.ts, ev.good_id, ev.qty, payload))
+            elif etype == PRICE_CHANGE:
+                template(price_t)
+                add((ev.key, ev.shop_id, ev.ts, ev.good_id, ev.amount, payload))
+            else:
+                template(status_t)
+                add((ev.key, ev.shop_id, ev.ts, payload))
+        return ("".join(templates) % tuple(values)).encode()
 
 
 def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) -> bytes:
@@ -217,7 +265,11 @@ class FileRun:
                 raise TaskFailed(f"{self.filename} shard {self.shard} has more lines than when it was decided")
             if self.pending:
                 left = [h for line in sorted(self.pending) for h in self.pending[line]]
-                self._emit_resolved(left, before=None, shop_of=self._return_shops([], b"", 0, left))
+                accepted: list = []
+                self._emit_resolved(left, accepted, before=None)
+                if accepted:
+                    out.write(self.prepare.lines(accepted, self._return_shops([], b"", 0, left)))
+                    self.counts.accepted += len(accepted)
             self.rej.flush()
         if f.bom:
             self.counts.bom_skipped = 1
@@ -542,22 +594,28 @@ class FileRun:
         return found
 
     def _emit(self, raws, first_line: int, codes: bytes, events, shop_of: dict[int, int], pause=None) -> None:
-        out, rej, counts, prepare = self.out, self.rej, self.counts, self.prepare
+        """Write a batch's outputs from its codes: prepared lines rendered PAUSE_LINES lines at a
+        time (`PreparedLines.lines`), rejected lines as they come."""
+        out, rej, counts, lines = self.out, self.rej, self.counts, self.prepare.lines
         filename = self.filename
         pending = self.pending
         counts.lines += len(raws)
+        accepted: list = []
+        keep = accepted.append
         for i, code in enumerate(codes):
-            if pause is not None and not i % PAUSE_LINES:
-                pause()
+            if not i % PAUSE_LINES:
+                if accepted:
+                    out.write(lines(accepted, shop_of))
+                    counts.accepted += len(accepted)
+                    accepted.clear()
+                if pause is not None:
+                    pause()
             line = first_line + i
             after = None
             if pending and line in pending:
-                after = self._emit_resolved(pending.pop(line), before=True, shop_of=shop_of)
+                after = self._emit_resolved(pending.pop(line), accepted, before=True)
             if code == ACCEPTED:
-                ev = events[i]
-                shop = shop_of[ev.order_id] if ev.etype == RETURN else ev.shop_id
-                out.write(prepare(ev, shop))
-                counts.accepted += 1
+                keep(events[i])
             elif code == HELD:
                 counts.held += 1
             else:
@@ -568,11 +626,15 @@ class FileRun:
                 rej.write(rejected_line(raws[i], code, detail, filename, line))
                 counts.reject(code)
             if after:
-                self._emit_resolved(after, before=False, shop_of=shop_of)
+                self._emit_resolved(after, accepted, before=False)
+        if accepted:
+            out.write(lines(accepted, shop_of))
+            counts.accepted += len(accepted)
 
-    def _emit_resolved(self, holds: list[Hold], before: bool | None, shop_of: dict[int, int]) -> list[Hold]:
-        """Write resolved holds: expired ones go before the line that resolved them, released
-        ones after it. Returns the ones left for after the line."""
+    def _emit_resolved(self, holds: list[Hold], accepted: list, before: bool | None) -> list[Hold]:
+        """Resolved holds: expired ones go before the line that resolved them, released ones
+        after it; the accepted ones join `accepted` (the prepared lines to write, in order), the
+        others are written to the rejected output. Returns the ones left for after the line."""
         later = []
         for h in holds:
             if before is True and h.state == "released":
@@ -583,9 +645,7 @@ class FileRun:
             else:
                 self.counts.released += 1
             if h.code == ACCEPTED:
-                ev = h.event or self.validate(h.raw)
-                self.out.write(self.prepare(ev, shop_of[h.order_id]))
-                self.counts.accepted += 1
+                accepted.append(h.event or self.validate(h.raw))
             else:
                 self.rej.write(rejected_line(h.raw, h.code, None, h.origin, h.line))
                 self.counts.reject(h.code)
