@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 
 from app import layout, safefiles
-from tests.test_worker_state import F1, F2, worker  # noqa: F401
+from tests.test_worker_state import F1, F2, MINUTE, sql, worker  # noqa: F401
 from tests.test_worker_support import purchase, refund, restock
 
 
@@ -25,3 +25,31 @@ def test_a_files_two_outputs_are_published_with_one_folder_fsync(worker, monkeyp
     # a file with nothing rejected still gets its (empty) rejected file, as before
     assert w.decide(F2, [refund(2, 100, user=1, amount=4, shop=2)]).events == 1
     assert w.outputs(F2)[1] == b"" and len(synced) == 2
+
+
+def test_after_a_file_the_worker_prunes_only_when_a_pass_may_find_something(worker, monkeypatch):
+    """A pass after the first file; none after files in the same minute of the shard clock
+    while the last pass removed nothing (each would be a round trip finding nothing); one when
+    the clock enters another minute, when PRUNE_FILE_EVERY went by, and after every file while
+    passes keep removing rows."""
+    from app.worker import stage as stage_module
+
+    w = worker(DEDUP_WINDOW="1m")
+    passes = []
+    real = w.stage.state.prune
+    monkeypatch.setattr(w.stage.state, "prune", lambda *a, **k: passes.append(a) or real(*a, **k))
+    for n in range(4):                                          # all in the clock's first minute
+        w.decide(f"2026030112000{n}", [restock(n * 1000, 2, 1, 1)])
+    assert len(passes) == 1
+    w.decide("20260301120010", [restock(MINUTE + 10, 2, 1, 1)])  # the next minute
+    assert len(passes) == 2
+    w.decide("20260301120011", [restock(2 * MINUTE + 10, 2, 1, 1)] + [restock(2 * MINUTE + 20 + n, 2, 1, 1)
+                                                                       for n in range(3)])
+    assert len(passes) == 3 and sql(w.url, "SELECT COUNT(*) FROM worker_seen") == [(5,)]   # minute 0 went
+    w.decide("20260301120012", [restock(2 * MINUTE + 30, 2, 1, 1)])   # the last pass removed rows
+    assert len(passes) == 4
+    w.decide("20260301120013", [restock(2 * MINUTE + 40, 2, 1, 1)])   # ... and that one nothing
+    assert len(passes) == 4
+    monkeypatch.setattr(stage_module, "PRUNE_FILE_EVERY", 0.0)
+    w.decide("20260301120014", [restock(2 * MINUTE + 50, 2, 1, 1)])
+    assert len(passes) == 5

@@ -37,7 +37,8 @@ from .state import SCHEMA, BatchRecord, FileStart, Hold, Recent, SeenConflict, W
 log = logging.getLogger(Stage.WORKER)
 BATCH_RETRIES = 8
 SHARD_LOCK_WAIT = 5.0
-PRUNE_EVERY = 60.0        # while idle; and after every file
+PRUNE_EVERY = 60.0        # while idle
+PRUNE_FILE_EVERY = 1.0    # after a file, at least this often (and whenever a pass may have more: `_prune_after`)
 PRUNE_ROWS = 20_000       # rows a pass deletes from a table at most
 SWITCH_INTERVAL = 0.0005
 # Rejected lines quote whatever input arrived and are not part of the contract: private.
@@ -670,6 +671,8 @@ class WorkerStage(StageWork):
         self.idle_since = time.monotonic()
         self.idle_done = False
         self.last_prune = 0.0
+        self.pruned_minute: int | None = None   # the shard clock's minute at the last pass after a file
+        self.prune_more = True                  # the last pass removed rows: the next may find more
 
     def setup(self, ctx: Context) -> None:
         # The deciding thread waits on the database hundreds of times per second; each time
@@ -728,7 +731,7 @@ class WorkerStage(StageWork):
             try:
                 run = FileRun(self, filename, ctx)
                 done = run.run(LineReader(f, self.settings.max_line_bytes), start)
-                self._prune(run.newest)
+                self._prune_after(run.newest)
                 return done
             finally:
                 if collecting:
@@ -760,12 +763,24 @@ class WorkerStage(StageWork):
             self.state.close()
             ctx.log.warning("idle work skipped, pipeline database unavailable: %s", exc)
 
+    def _prune_after(self, newest: str | None) -> None:
+        """After a file, a pass only when it may find something: the last pass removed rows
+        (each is bounded, so there may be more), the shard clock entered another minute (dedup
+        keys go by the minute), or PRUNE_FILE_EVERY seconds went by (the ledger follows the
+        files' clocks, replay records the wall clock). A pass is a round trip and six statements:
+        at 500-event files most of them found nothing."""
+        minute = minute_of(newest) if newest else None
+        if self.prune_more or minute != self.pruned_minute or time.monotonic() - self.last_prune >= PRUNE_FILE_EVERY:
+            self._prune(newest)
+            self.pruned_minute = minute
+
     def _prune(self, newest: str | None = None) -> None:
-        """Bounded work after each file (`newest`: the shard clock the file left), and now and
+        """Bounded work after files (`newest`: the shard clock the file left), and now and
         then while idle."""
         self.last_prune = time.monotonic()
         s = self.settings
         removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window, PRUNE_ROWS, newest=newest)
+        self.prune_more = bool(removed)
         if removed:
             log.info("shard %d: pruned %s (DEDUP_WINDOW, ORDER_WINDOW, REPLAY_WINDOW)", self.shard,
                      ", ".join(f"{n} from {table}" for table, n in sorted(removed.items())))
