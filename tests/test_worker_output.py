@@ -53,3 +53,23 @@ def test_after_a_file_the_worker_prunes_only_when_a_pass_may_find_something(work
     monkeypatch.setattr(stage_module, "PRUNE_FILE_EVERY", 0.0)
     w.decide("20260301120014", [restock(2 * MINUTE + 50, 2, 1, 1)])
     assert len(passes) == 5
+
+
+def test_a_file_of_one_batch_is_decided_without_the_reading_and_writing_threads(worker, monkeypatch):
+    from app.worker import stage as stage_module
+
+    started = []
+    for name in ("ReadAhead", "Behind"):
+        real = getattr(stage_module, name)
+        monkeypatch.setattr(stage_module, name, lambda *a, _real=real, _name=name, **k: started.append(_name)
+                            or _real(*a, **k))
+    w = worker(WORKER_BATCH_LINES="3")
+    small = [purchase(0, 100, user=1, shop=2, price=10), restock(1, 2, 1, 5), b"{", refund(3, 100, user=1, amount=4,
+                                                                                           shop=2)]
+    assert w.decide(F1, small[:3]).events == 2 and started == []
+    prepared, rejected = w.outputs(F1)
+    assert [orjson.loads(x)["event_type"] for x in prepared.splitlines()] == [1, 0]
+    assert orjson.loads(rejected)["line_no"] == 3
+    assert w.decide(F2, small[3:] + [restock(4 + n, 2, 1, 1) for n in range(5)]).events == 6   # two batches
+    assert started == ["ReadAhead", "Behind"]
+    assert [orjson.loads(x)["event_type"] for x in w.outputs(F2)[0].splitlines()] == [3, 0, 0, 0, 0, 0]

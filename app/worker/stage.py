@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import logging
 import sys
 import time
@@ -293,38 +294,56 @@ class FileRun:
 
     def _read(self, f: LineReader):
         """Batches of lines, validated (runs in the read-ahead thread)."""
-        size, check = self.settings.worker_batch_lines, self.validate
-        pause = self.turns.pause
         while True:
-            raws = f.take(size, BATCH_BYTES)
-            last = f.at_end()
-            events = []
-            for i in range(0, len(raws), PAUSE_LINES):
-                pause()
-                events.extend(map(check, raws[i:i + PAUSE_LINES]))
-            pause()
-            yield raws, events, Plan(events, self.rules), digest(raws), last
-            if last:
+            batch = self._read_batch(f, self.turns.pause)
+            yield batch
+            if batch[-1]:
                 return
+
+    def _read_batch(self, f: LineReader, pause=None):
+        """The next batch: its lines, their events, its Plan, its digest, whether it is the last.
+        `pause`: called every PAUSE_LINES lines (in a helper thread, to give the deciding loop
+        its turns)."""
+        size, check = self.settings.worker_batch_lines, self.validate
+        raws = f.take(size, BATCH_BYTES)
+        last = f.at_end()
+        events = []
+        for i in range(0, len(raws), PAUSE_LINES):
+            if pause is not None:
+                pause()
+            events.extend(map(check, raws[i:i + PAUSE_LINES]))
+        if pause is not None:
+            pause()
+        return raws, events, Plan(events, self.rules), digest(raws), last
 
     def _decide_rest(self, f, line_no: int) -> None:
         """Decide the undecided lines: reading and validating run one batch ahead and writing
-        the outputs one batch behind, in threads, while this one waits for the database."""
-        first = True
-        with ReadAhead(self._read(f), self.turns) as batches, Behind(self._emit_batch, self.turns) as emitter:
+        the outputs one batch behind, in threads, while this one waits for the database. The
+        first batch is read here: when it is the last (every small file) there is nothing to
+        overlap, and it is decided and written without starting the two threads."""
+        raws, events, plan, dig, last = first = self._read_batch(f)
+        if last:
+            codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=True)
+            self._emit_batch((raws, line_no, codes, events, shops, resolved), helper=False)
+            return
+        adopt = True
+        with ReadAhead(itertools.chain([first], self._read(f)), self.turns) as batches, \
+                Behind(self._emit_batch, self.turns) as emitter:
             for raws, events, plan, dig, last in batches:
-                codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=first)
+                codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=adopt)
                 emitter.put((raws, line_no, codes, events, shops, resolved))
-                first = False
+                adopt = False
                 line_no += len(raws)
                 if not last:
                     self.ctx.check()
 
-    def _emit_batch(self, item) -> None:
+    def _emit_batch(self, item, helper: bool = True) -> None:
+        """Write a decided batch's outputs (`helper`: in the write-behind thread, which pauses
+        for the deciding loop's turns)."""
         raws, first_line, codes, events, shops, resolved = item
         for h in resolved:
             self.pending.setdefault(h.resolved_line, []).append(h)
-        self._emit(raws, first_line, codes, events, shops, self.turns.pause)
+        self._emit(raws, first_line, codes, events, shops, self.turns.pause if helper else None)
 
     # -- deciding a batch ---------------------------------------------------------------------------
 
