@@ -73,3 +73,32 @@ def test_a_file_of_one_batch_is_decided_without_the_reading_and_writing_threads(
     assert w.decide(F2, small[3:] + [restock(4 + n, 2, 1, 1) for n in range(5)]).events == 6   # two batches
     assert started == ["ReadAhead", "Behind"]
     assert [orjson.loads(x)["event_type"] for x in w.outputs(F2)[0].splitlines()] == [3, 0, 0, 0, 0, 0]
+
+
+def test_the_next_file_reads_only_the_keys_of_the_holds_this_process_left(worker, monkeypatch):
+    from app.worker import state as state_module
+
+    w = worker(HOLD_SECONDS="1h")
+    w.decide(F1, [refund(0, 500 + n, user=1, amount=4, shop=2) for n in range(3)])   # three held
+    read = []
+    real = state_module._hold
+    monkeypatch.setattr(state_module, "_hold", lambda row: read.append(row[3]) or real(row))
+    # the next files start from the book the last one left: no held row read again
+    assert w.decide(F2, [purchase(1, 500, user=1, shop=2, price=10)]).stats["released"] == 1
+    assert w.decide("20260301120020", [restock(2, 2, 1, 1)]).events == 1
+    assert read == []
+    assert sorted(h.order_id for h in w.stage.known_holds.values()) == [501, 502]
+    # the idle expiry changes them: the next file reads them (none left) and reports the expiry
+    w.stage.state.expire_idle()
+    assert w.decide("20260301120030", [restock(3, 2, 1, 1)]).stats["expired"] == 2
+
+
+def test_holds_another_process_resolved_meanwhile_are_not_resolved_again(worker):
+    a, b = worker(HOLD_SECONDS="10s"), worker(HOLD_SECONDS="10s")
+    assert a.decide(F1, [refund(0, 500, user=1, amount=4, shop=2)]).stats["held"] == 1
+    released = b.decide(F2, [purchase(1, 500, user=1, shop=2, price=10)])      # b releases a's hold
+    assert released.stats["released"] == 1 and released.events == 2
+    # a's last book still has the hold; an event a minute on would expire it in a's book
+    later = a.decide("20260301120020", [restock(MINUTE, 2, 1, 1)])
+    assert later.stats["expired"] == 0 and later.events == 1 and a.outputs("20260301120020")[1] == b""
+    assert sql(a.url, "SELECT state FROM worker_holds") == [("released",)]
