@@ -4,6 +4,7 @@ real WorkerStage on the test server (tests/test_worker_state.py's `worker`)."""
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from app import layout, safefiles
 from tests.test_worker_state import F1, F2, MINUTE, sql, worker  # noqa: F401
@@ -102,3 +103,23 @@ def test_holds_another_process_resolved_meanwhile_are_not_resolved_again(worker)
     later = a.decide("20260301120020", [restock(MINUTE, 2, 1, 1)])
     assert later.stats["expired"] == 0 and later.events == 1 and a.outputs("20260301120020")[1] == b""
     assert sql(a.url, "SELECT state FROM worker_holds") == [("released",)]
+
+
+def test_files_in_a_row_do_not_ping_and_a_connection_lost_meanwhile_hands_the_file_back(worker, monkeypatch):
+    import pymysql
+
+    from app.daemon import Retryable
+
+    w = worker()
+    w.decide(F1, [restock(0, 2, 1, 1)])
+    pings = []
+    real = pymysql.connections.Connection.ping
+    monkeypatch.setattr(pymysql.connections.Connection, "ping", lambda self, *a, **k: pings.append(1) or
+                        real(self, *a, **k))
+    w.decide(F2, [restock(1, 2, 1, 1)])
+    assert pings == []
+    conn_id = w.stage.state.conn.thread_id()
+    sql(w.url, f"KILL CONNECTION {conn_id:d}")
+    with pytest.raises(Retryable):
+        w.decide("20260301120020", [restock(2, 2, 1, 1)])
+    assert w.again("20260301120020").events == 1                  # the next try opens a new connection

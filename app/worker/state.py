@@ -22,6 +22,10 @@ SCHEMA = "worker"
 TIME = TIME_FORMAT
 # What packed reads (`Ledger.lock_sql`) may return in one value: far above a batch's users.
 GROUP_CONCAT_MAX = 1 << 30
+# A connection idle this long is pinged before its next use; one used more recently is not (a
+# file's first statement finds a dead one, and the task is handed back and retried): a ping was
+# one of a 500-event file's eight round trips.
+PING_AFTER = 5.0
 
 
 def time_text(value: datetime | None) -> str | None:
@@ -154,7 +158,7 @@ class WorkerState:
         self.shard = shard
         self.conn = None  # the open connection, as `open` last returned it
         self.order_floor = 0  # files below this id have had their orders pruned
-        self._db = db.Reconnecting(url, check_after=0, on_open=self._prepare, create_database=True,
+        self._db = db.Reconnecting(url, check_after=PING_AFTER, on_open=self._prepare, create_database=True,
                                    multi_statements=True)
         # lock names are at most 64 characters: cut the database name, never the shard
         self.lock_name = f"event_pipeline.worker.{shard}.{url.database}"[:64]
