@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from app.ingest.generator import Generator
-from app.worker.rules import Bad, Event, valid_time, validate, validate_exact
-from app.worker.stage import prepared_line
+from app.worker.rules import RETURN, Bad, Event, valid_time, validate, validate_exact
+from app.worker.stage import PreparedLines, prepared_line
 
 FIXTURES = Path("/work/shared/fixtures")
 T = "2026-05-01 10:00:00.123"
@@ -147,6 +147,23 @@ def test_a_prepared_line_quotes_any_source_file_name_as_orjson_does(source):
     line = prepared_line(ev, ev.shop_id, 0, source)
     assert orjson.loads(line)["source_file"] == source
     assert line == reference_line(ev, 0).replace(orjson.dumps(SOURCE), orjson.dumps(source))
+
+
+@pytest.mark.parametrize("source", [SOURCE, "2026%d05%s", 'odd "name" \\ é'])
+def test_lines_rendered_a_batch_at_a_time_are_the_lines_rendered_one_by_one(source):
+    """`PreparedLines.lines` (a template per event type, one format for many lines) against the
+    generic one-line template, on every valid line of the tests above, from both paths, mixed."""
+    raws = (generator_lines(2000) + [x for p in sorted(FIXTURES.rglob("*.txt")) for x in p.read_bytes().splitlines()]
+            + list(itertools.chain.from_iterable(mutations(b) for b in BASES)))
+    for shard in (0, 1):
+        events = [ev for raw in raws for ev in (validate(raw, shard, 2), validate_exact(raw, shard, 2))
+                  if type(ev) is Event]
+        assert {ev.etype for ev in events} == {0, 1, 2, 3, 4} and any(ev.payload_json is None for ev in events)
+        shop_of = {ev.order_id: 1000 + i for i, ev in enumerate(events) if ev.etype == RETURN}
+        render = PreparedLines(shard, source)
+        one_by_one = [render(ev, shop_of[ev.order_id] if ev.etype == RETURN else ev.shop_id) for ev in events]
+        assert render.lines(events, shop_of) == b"".join(one_by_one)
+        assert render.lines(events[:1], shop_of) == one_by_one[0] and render.lines([], shop_of) == b""
 
 
 def reference_time(ts) -> bool:

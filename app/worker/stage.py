@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import logging
 import sys
 import time
@@ -19,7 +20,7 @@ import orjson
 import pymysql
 
 from .. import db, layout, rejected, safefiles
-from ..atomic import atomic_write
+from ..atomic import atomic_writes
 from ..config import Settings
 from ..daemon import Context, Done, Failed, InputMissing, Retryable, StageWork, TaskFailed, run_shard_stage
 from ..db import DEADLOCK_CODES, UNAVAILABLE
@@ -37,7 +38,8 @@ from .state import SCHEMA, BatchRecord, FileStart, Hold, Recent, SeenConflict, W
 log = logging.getLogger(Stage.WORKER)
 BATCH_RETRIES = 8
 SHARD_LOCK_WAIT = 5.0
-PRUNE_EVERY = 60.0        # while idle; and after every file
+PRUNE_EVERY = 60.0        # while idle
+PRUNE_FILE_EVERY = 1.0    # after a file, at least this often (and whenever a pass may have more: `_prune_after`)
 PRUNE_ROWS = 20_000       # rows a pass deletes from a table at most
 SWITCH_INTERVAL = 0.0005
 # Rejected lines quote whatever input arrived and are not part of the contract: private.
@@ -53,19 +55,39 @@ _PREPARED = ('{"event_key":"%s","event_type":%d,"shop_id":%s,"user_id":%s,"times
              '"order_id":%s,"good_id":%s,"qty":%s,"amount":%s,"source_file":%s,"payload":%s}\n')
 
 
+# What each event type leaves null in its prepared line: `rules.validate` sets exactly the other
+# fields (tests/test_worker_fast.py renders every kind of line both ways).
+_NULLS = {PURCHASE: (), RETURN: (), RESTOCK: ("user_id", "order_id", "amount"),
+          PRICE_CHANGE: ("user_id", "order_id", "qty"), SHOP_STATUS: ("user_id", "order_id", "good_id", "qty", "amount")}
+
+
 class PreparedLines:
     """The sender's input lines of one (file, shard) (format fixed in the brief), as orjson
     prints the dict of those fields in that order: the key, the timestamp and the amount hold no
     character JSON escapes (the key is a type and a number or hex digits, the timestamp passed
     `valid_time`, the amount is a Decimal's digits), the payload is orjson's text (or its copy,
     `Event.payload_json`, UTF-8 as msgspec checked). The shard and the file's name are put in
-    the template once; one str format and one encode a line (a bytes format needs a call per
-    number: half again the cost)."""
+    the templates once.
+
+    `lines` renders many at a time, as the worker does: a template per event type with its
+    type and its null fields already in (no test per field), the templates of the lines joined
+    and formatted in one str operation and one encode (a bytes format needs a call per number:
+    half again the cost). `__call__` renders one line from the generic template."""
 
     def __init__(self, shard: int, source_file: str):
         source = orjson.dumps(source_file).decode().replace("%", "%%")
-        self.template = _PREPARED.replace('"shard":%d', '"shard":%d' % shard).replace('"source_file":%s',
-                                                                                      '"source_file":' + source)
+
+        def finish(template: str) -> str:
+            return template.replace('"shard":%d', '"shard":%d' % shard).replace('"source_file":%s',
+                                                                                 '"source_file":' + source)
+        self.template = finish(_PREPARED)
+        typed = {}
+        for etype, nulls in _NULLS.items():
+            t = _PREPARED.replace('"event_type":%d', '"event_type":%d' % etype)
+            for name in nulls:
+                t = t.replace(f'"{name}":%s', f'"{name}":null')
+            typed[etype] = finish(t.replace('"amount":%s', '"amount":"%s"'))
+        self.typed = (typed[PURCHASE], typed[RETURN], typed[RESTOCK], typed[PRICE_CHANGE], typed[SHOP_STATUS])
 
     def __call__(self, ev: Event, shop_id: int | None) -> bytes:
         payload, amount = ev.payload_json, ev.amount
@@ -75,6 +97,34 @@ class PreparedLines:
             "null" if order is None else order, "null" if good is None else good, "null" if qty is None else qty,
             "null" if amount is None else '"%s"' % amount,
             orjson.dumps(ev.payload).decode() if payload is None else payload.decode())).encode()
+
+    def lines(self, events: list[Event], shop_of: dict[int, int]) -> bytes:
+        """The prepared lines of `events`, in order; a return is output with its purchase's
+        shop, `shop_of[order_id]`."""
+        purchase_t, return_t, restock_t, price_t, status_t = self.typed
+        templates, values = [], []
+        template, add = templates.append, values.extend
+        for ev in events:
+            payload = ev.payload_json
+            payload = orjson.dumps(ev.payload).decode() if payload is None else payload.decode()
+            etype = ev.etype
+            if etype == PURCHASE:
+                template(purchase_t)
+                add((ev.key, ev.shop_id, ev.user_id, ev.ts, ev.order_id, ev.good_id, ev.qty, ev.amount, payload))
+            elif etype == RETURN:
+                order = ev.order_id
+                template(return_t)
+                add((ev.key, shop_of[order], ev.user_id, ev.ts, order, ev.good_id, ev.qty, ev.amount, payload))
+            elif etype == RESTOCK:
+                template(restock_t)
+                add((ev.key, ev.shop_id, ev.ts, ev.good_id, ev.qty, payload))
+            elif etype == PRICE_CHANGE:
+                template(price_t)
+                add((ev.key, ev.shop_id, ev.ts, ev.good_id, ev.amount, payload))
+            else:
+                template(status_t)
+                add((ev.key, ev.shop_id, ev.ts, payload))
+        return ("".join(templates) % tuple(values)).encode()
 
 
 def prepared_line(ev: Event, shop_id: int | None, shard: int, source_file: str) -> bytes:
@@ -202,9 +252,11 @@ class FileRun:
         self.holds = start.holds
         self.newest = start.newest
         shared = self.settings.shared_dir
-        with atomic_write(layout.worker_output(shared, self.filename, self.shard), root=shared) as out, \
-                atomic_write(layout.worker_rejected(shared, self.filename, self.shard), root=shared,
-                             mode=REJECTED_MODE) as rej:
+        # Both outputs in one batch: one opening of the folder, one ledger write and one folder
+        # fsync per file instead of one each per output (each still appears whole or not at all).
+        outputs = [(layout.worker_output(shared, self.filename, self.shard), 0o644),
+                   (layout.worker_rejected(shared, self.filename, self.shard), REJECTED_MODE)]
+        with atomic_writes(outputs, root=shared) as (out, rej):
             self.out = out
             self.rej = rejected.writer(self.settings.pipeline_db).tee(rej.write, self.filename, Stage.WORKER,
                                                                        self.shard)
@@ -215,7 +267,11 @@ class FileRun:
                 raise TaskFailed(f"{self.filename} shard {self.shard} has more lines than when it was decided")
             if self.pending:
                 left = [h for line in sorted(self.pending) for h in self.pending[line]]
-                self._emit_resolved(left, before=None, shop_of=self._return_shops([], b"", 0, left))
+                accepted: list = []
+                self._emit_resolved(left, accepted, before=None)
+                if accepted:
+                    out.write(self.prepare.lines(accepted, self._return_shops([], b"", 0, left)))
+                    self.counts.accepted += len(accepted)
             self.rej.flush()
         if f.bom:
             self.counts.bom_skipped = 1
@@ -238,38 +294,56 @@ class FileRun:
 
     def _read(self, f: LineReader):
         """Batches of lines, validated (runs in the read-ahead thread)."""
-        size, check = self.settings.worker_batch_lines, self.validate
-        pause = self.turns.pause
         while True:
-            raws = f.take(size, BATCH_BYTES)
-            last = f.at_end()
-            events = []
-            for i in range(0, len(raws), PAUSE_LINES):
-                pause()
-                events.extend(map(check, raws[i:i + PAUSE_LINES]))
-            pause()
-            yield raws, events, Plan(events, self.rules), digest(raws), last
-            if last:
+            batch = self._read_batch(f, self.turns.pause)
+            yield batch
+            if batch[-1]:
                 return
+
+    def _read_batch(self, f: LineReader, pause=None):
+        """The next batch: its lines, their events, its Plan, its digest, whether it is the last.
+        `pause`: called every PAUSE_LINES lines (in a helper thread, to give the deciding loop
+        its turns)."""
+        size, check = self.settings.worker_batch_lines, self.validate
+        raws = f.take(size, BATCH_BYTES)
+        last = f.at_end()
+        events = []
+        for i in range(0, len(raws), PAUSE_LINES):
+            if pause is not None:
+                pause()
+            events.extend(map(check, raws[i:i + PAUSE_LINES]))
+        if pause is not None:
+            pause()
+        return raws, events, Plan(events, self.rules), digest(raws), last
 
     def _decide_rest(self, f, line_no: int) -> None:
         """Decide the undecided lines: reading and validating run one batch ahead and writing
-        the outputs one batch behind, in threads, while this one waits for the database."""
-        first = True
-        with ReadAhead(self._read(f), self.turns) as batches, Behind(self._emit_batch, self.turns) as emitter:
+        the outputs one batch behind, in threads, while this one waits for the database. The
+        first batch is read here: when it is the last (every small file) there is nothing to
+        overlap, and it is decided and written without starting the two threads."""
+        raws, events, plan, dig, last = first = self._read_batch(f)
+        if last:
+            codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=True)
+            self._emit_batch((raws, line_no, codes, events, shops, resolved), helper=False)
+            return
+        adopt = True
+        with ReadAhead(itertools.chain([first], self._read(f)), self.turns) as batches, \
+                Behind(self._emit_batch, self.turns) as emitter:
             for raws, events, plan, dig, last in batches:
-                codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=first)
+                codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=adopt)
                 emitter.put((raws, line_no, codes, events, shops, resolved))
-                first = False
+                adopt = False
                 line_no += len(raws)
                 if not last:
                     self.ctx.check()
 
-    def _emit_batch(self, item) -> None:
+    def _emit_batch(self, item, helper: bool = True) -> None:
+        """Write a decided batch's outputs (`helper`: in the write-behind thread, which pauses
+        for the deciding loop's turns)."""
         raws, first_line, codes, events, shops, resolved = item
         for h in resolved:
             self.pending.setdefault(h.resolved_line, []).append(h)
-        self._emit(raws, first_line, codes, events, shops, self.turns.pause)
+        self._emit(raws, first_line, codes, events, shops, self.turns.pause if helper else None)
 
     # -- deciding a batch ---------------------------------------------------------------------------
 
@@ -540,22 +614,28 @@ class FileRun:
         return found
 
     def _emit(self, raws, first_line: int, codes: bytes, events, shop_of: dict[int, int], pause=None) -> None:
-        out, rej, counts, prepare = self.out, self.rej, self.counts, self.prepare
+        """Write a batch's outputs from its codes: prepared lines rendered PAUSE_LINES lines at a
+        time (`PreparedLines.lines`), rejected lines as they come."""
+        out, rej, counts, lines = self.out, self.rej, self.counts, self.prepare.lines
         filename = self.filename
         pending = self.pending
         counts.lines += len(raws)
+        accepted: list = []
+        keep = accepted.append
         for i, code in enumerate(codes):
-            if pause is not None and not i % PAUSE_LINES:
-                pause()
+            if not i % PAUSE_LINES:
+                if accepted:
+                    out.write(lines(accepted, shop_of))
+                    counts.accepted += len(accepted)
+                    accepted.clear()
+                if pause is not None:
+                    pause()
             line = first_line + i
             after = None
             if pending and line in pending:
-                after = self._emit_resolved(pending.pop(line), before=True, shop_of=shop_of)
+                after = self._emit_resolved(pending.pop(line), accepted, before=True)
             if code == ACCEPTED:
-                ev = events[i]
-                shop = shop_of[ev.order_id] if ev.etype == RETURN else ev.shop_id
-                out.write(prepare(ev, shop))
-                counts.accepted += 1
+                keep(events[i])
             elif code == HELD:
                 counts.held += 1
             else:
@@ -566,11 +646,15 @@ class FileRun:
                 rej.write(rejected_line(raws[i], code, detail, filename, line))
                 counts.reject(code)
             if after:
-                self._emit_resolved(after, before=False, shop_of=shop_of)
+                self._emit_resolved(after, accepted, before=False)
+        if accepted:
+            out.write(lines(accepted, shop_of))
+            counts.accepted += len(accepted)
 
-    def _emit_resolved(self, holds: list[Hold], before: bool | None, shop_of: dict[int, int]) -> list[Hold]:
-        """Write resolved holds: expired ones go before the line that resolved them, released
-        ones after it. Returns the ones left for after the line."""
+    def _emit_resolved(self, holds: list[Hold], accepted: list, before: bool | None) -> list[Hold]:
+        """Resolved holds: expired ones go before the line that resolved them, released ones
+        after it; the accepted ones join `accepted` (the prepared lines to write, in order), the
+        others are written to the rejected output. Returns the ones left for after the line."""
         later = []
         for h in holds:
             if before is True and h.state == "released":
@@ -581,9 +665,7 @@ class FileRun:
             else:
                 self.counts.released += 1
             if h.code == ACCEPTED:
-                ev = h.event or self.validate(h.raw)
-                self.out.write(self.prepare(ev, shop_of[h.order_id]))
-                self.counts.accepted += 1
+                accepted.append(h.event or self.validate(h.raw))
             else:
                 self.rej.write(rejected_line(h.raw, h.code, None, h.origin, h.line))
                 self.counts.reject(h.code)
@@ -608,6 +690,12 @@ class WorkerStage(StageWork):
         self.idle_since = time.monotonic()
         self.idle_done = False
         self.last_prune = 0.0
+        # The shard's active holds as this process left them after its last file (`start_file`
+        # reads only their keys then): at 500-event files, reading every held row again was a
+        # third of the worker's CPU per file.
+        self.known_holds: dict | None = None
+        self.pruned_minute: int | None = None   # the shard clock's minute at the last pass after a file
+        self.prune_more = True                  # the last pass removed rows: the next may find more
 
     def setup(self, ctx: Context) -> None:
         # The deciding thread waits on the database hundreds of times per second; each time
@@ -655,7 +743,8 @@ class WorkerStage(StageWork):
             raise TaskFailed(f"shard file refused: {exc}") from None
         with f:
             self.state.open()
-            start = self.state.start_file(filename, SHARD_LOCK_WAIT)
+            known, self.known_holds = self.known_holds, None
+            start = self.state.start_file(filename, SHARD_LOCK_WAIT, known)
             if start is None:
                 raise Retryable(f"another worker process holds shard {self.shard}")
             # A file allocates millions of short-lived acyclic objects; the cyclic collector
@@ -666,7 +755,8 @@ class WorkerStage(StageWork):
             try:
                 run = FileRun(self, filename, ctx)
                 done = run.run(LineReader(f, self.settings.max_line_bytes), start)
-                self._prune(run.newest)
+                self.known_holds = {(h.file_id, h.line): h for held in run.holds.by_order.values() for h in held}
+                self._prune_after(run.newest)
                 return done
             finally:
                 if collecting:
@@ -686,6 +776,7 @@ class WorkerStage(StageWork):
                 return
             try:
                 if due:
+                    self.known_holds = None
                     n = self.state.expire_idle()
                     self.idle_done = True
                     if n:
@@ -698,12 +789,24 @@ class WorkerStage(StageWork):
             self.state.close()
             ctx.log.warning("idle work skipped, pipeline database unavailable: %s", exc)
 
+    def _prune_after(self, newest: str | None) -> None:
+        """After a file, a pass only when it may find something: the last pass removed rows
+        (each is bounded, so there may be more), the shard clock entered another minute (dedup
+        keys go by the minute), or PRUNE_FILE_EVERY seconds went by (the ledger follows the
+        files' clocks, replay records the wall clock). A pass is a round trip and six statements:
+        at 500-event files most of them found nothing."""
+        minute = minute_of(newest) if newest else None
+        if self.prune_more or minute != self.pruned_minute or time.monotonic() - self.last_prune >= PRUNE_FILE_EVERY:
+            self._prune(newest)
+            self.pruned_minute = minute
+
     def _prune(self, newest: str | None = None) -> None:
-        """Bounded work after each file (`newest`: the shard clock the file left), and now and
+        """Bounded work after files (`newest`: the shard clock the file left), and now and
         then while idle."""
         self.last_prune = time.monotonic()
         s = self.settings
         removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window, PRUNE_ROWS, newest=newest)
+        self.prune_more = bool(removed)
         if removed:
             log.info("shard %d: pruned %s (DEDUP_WINDOW, ORDER_WINDOW, REPLAY_WINDOW)", self.shard,
                      ", ".join(f"{n} from {table}" for table, n in sorted(removed.items())))

@@ -22,6 +22,10 @@ SCHEMA = "worker"
 TIME = TIME_FORMAT
 # What packed reads (`Ledger.lock_sql`) may return in one value: far above a batch's users.
 GROUP_CONCAT_MAX = 1 << 30
+# A connection idle this long is pinged before its next use; one used more recently is not (a
+# file's first statement finds a dead one, and the task is handed back and retried): a ping was
+# one of a 500-event file's eight round trips.
+PING_AFTER = 5.0
 
 
 def time_text(value: datetime | None) -> str | None:
@@ -154,7 +158,7 @@ class WorkerState:
         self.shard = shard
         self.conn = None  # the open connection, as `open` last returned it
         self.order_floor = 0  # files below this id have had their orders pruned
-        self._db = db.Reconnecting(url, check_after=0, on_open=self._prepare, create_database=True,
+        self._db = db.Reconnecting(url, check_after=PING_AFTER, on_open=self._prepare, create_database=True,
                                    multi_statements=True)
         # lock names are at most 64 characters: cut the database name, never the shard
         self.lock_name = f"event_pipeline.worker.{shard}.{url.database}"[:64]
@@ -201,10 +205,16 @@ class WorkerState:
             decided, complete, pruned = cur.fetchone()
         return FileInfo(file_id, decided, bool(complete), bool(pruned))
 
-    def start_file(self, filename: str, lock_timeout: float) -> FileStart | None:
+    def start_file(self, filename: str, lock_timeout: float, known: dict | None = None) -> FileStart | None:
         """Take the shard lock (`lock_shard`) and read what working `filename` starts from, in
         one round trip instead of seven; None if another process holds the shard (the file's
-        row may then be created already: an empty row, as the lock holder would make it)."""
+        row may then be created already: an empty row, as the lock holder would make it).
+
+        `known`: the active holds this process left after its last file, by (file_id, line).
+        Only the keys of the active holds are read then, and the book is made from `known` if
+        they are the same set (a held row never changes while it is held: only its resolution
+        takes it out of the set); otherwise (another process or the idle expiry changed them)
+        every active hold is read as without `known`."""
         shard = self.shard
         script = db.Script()
         script.add("lock", "SELECT GET_LOCK(%s, %s)", (self.lock_name, lock_timeout))
@@ -214,7 +224,11 @@ class WorkerState:
         script.add("batches", "SELECT first_line, line_count, digest, codes FROM worker_batches "
                               "WHERE file_id=LAST_INSERT_ID() ORDER BY first_line")
         script.add("resolved", self._resolved_in_sql("LAST_INSERT_ID()"))
-        script.add("holds", self._active_holds_sql())
+        if known is None:
+            script.add("holds", self._active_holds_sql())
+        else:
+            script.add("held", f"SELECT COUNT(*), GROUP_CONCAT(file_id, ':', line) FROM worker_holds "
+                               f"WHERE shard={shard:d} AND state='held'")
         script.add("newest", f"SELECT newest_event FROM worker_shards WHERE shard={shard:d}")
         try:
             with self.conn.cursor() as cur:
@@ -230,9 +244,16 @@ class WorkerState:
             return None
         file_id, decided, complete, pruned = got["info"].one()
         newest = got["newest"].one()
+        if known is None:
+            holds = HoldBook([_hold(r) for r in got["holds"].rows])
+        else:
+            count, keys = got["held"].one()
+            held = set((keys.decode() if type(keys) is bytes else keys).split(",")) if count else set()
+            same = len(held) == count == len(known) and held == {f"{f}:{n}" for f, n in known}
+            holds = HoldBook(list(known.values())) if same else self.active_holds()
         return FileStart(FileInfo(file_id, decided, bool(complete), bool(pruned)),
                          [BatchRecord(a, b, bytes(c), bytes(d)) for a, b, c, d in got["batches"].rows],
-                         [_hold(r) for r in got["resolved"].rows], HoldBook([_hold(r) for r in got["holds"].rows]),
+                         [_hold(r) for r in got["resolved"].rows], holds,
                          time_text(newest[0]) if newest else None)
 
     def batches(self, file_id: int) -> list[BatchRecord]:

@@ -1,0 +1,118 @@
+"""The shard worker's cost per small file (prints figures; not a test).
+
+    .venv/bin/python bench/worker_files.py [--lines 250] [--files 100] [--root DIR]
+
+A real WorkerStage, in this process, decides --files shard-0 files of --lines lines each (the
+project's generator lines, as bench/worker.py takes them), after 10 warm-up files, on a fresh
+database of the test server (127.0.0.1:3306), without the API. Prints the worker's CPU per
+(file, shard) (`time.process_time`), then, over as many further files, the round trips
+(commands sent), SQL statements (results read) and rows read per file, and the round trips by
+their first words. `--root DIR`: the app code of another checkout (e.g. a `git archive` of the
+base), to compare two versions back to back; run them alternated, the machine is shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lines", type=int, default=250)
+    ap.add_argument("--files", type=int, default=100)
+    ap.add_argument("--root", type=Path, default=ROOT)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from bench.worker import from_generator
+    sys.path.insert(0, str(args.root.resolve()))
+    for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
+        del sys.modules[name]     # bench.worker imported this checkout's app.layout
+    import pymysql.connections as pc
+
+    from app import layout
+    from app.client import Task
+    from app.config import Settings
+    from app.daemon import Context
+    from app.worker.stage import WorkerStage
+    from tests import servers
+
+    n, per = args.files, args.lines
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "lines.txt"
+        from_generator(source, (2 * n + 10) * per)
+        lines = source.read_bytes().splitlines(keepends=True)
+        name = servers.unique_name("worker_files")
+        admin = servers.admin_connect()
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{name}`")
+        try:
+            url = servers.server_url(name)
+            settings = Settings.from_env(dict(os.environ, MYSQL_PIPELINE_URL=servers.url_text(url),
+                                              SHARED_DIR=str(Path(tmp) / "shared")))
+            stage = WorkerStage(settings, 0)
+            ctx = Context(threading.Event(), logging.getLogger("bench"))
+            stage.setup(ctx)
+            names = []
+            for i in range(2 * n + 10):
+                filename = f"20260101{i // 3600:02d}{i // 60 % 60:02d}{i % 60:02d}"
+                path = layout.splitter_output(settings.shared_dir, filename, 0)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"".join(lines[i * per:(i + 1) * per]))
+                names.append(filename)
+            for filename in names[:10]:
+                stage.process([Task(filename, 0)], ctx)
+            cpu = time.process_time()
+            for filename in names[10:n + 10]:
+                stage.process([Task(filename, 0)], ctx)
+            cpu = time.process_time() - cpu
+
+            counts = {"round_trips": 0, "statements": 0, "rows": 0}
+            kinds: dict[str, int] = {}
+            execute, read, row = pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet
+
+            def counted_execute(self, command, sql):
+                counts["round_trips"] += 1
+                text = sql if isinstance(sql, str) else bytes(sql[:100]).decode("utf-8", "replace")
+                kind = " ".join(text.split()[:3])[:40] or "(ping)"
+                kinds[kind] = kinds.get(kind, 0) + 1
+                return execute(self, command, sql)
+
+            def counted_read(self):
+                counts["statements"] += 1
+                return read(self)
+
+            def counted_row(self, packet):
+                counts["rows"] += 1
+                return row(self, packet)
+
+            pc.Connection._execute_command, pc.MySQLResult.read = counted_execute, counted_read
+            pc.MySQLResult._read_row_from_packet = counted_row
+            try:
+                for filename in names[n + 10:]:
+                    stage.process([Task(filename, 0)], ctx)
+            finally:
+                pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet = \
+                    execute, read, row
+            stage.teardown()
+        finally:
+            with admin.cursor() as cur:
+                cur.execute(f"DROP DATABASE `{name}`")
+            admin.close()
+    print(json.dumps({"root": str(args.root), "lines_per_file": per, "files": n,
+                      "worker_cpu_ms_per_file": round(cpu / n * 1000, 2),
+                      **{k + "_per_file": round(v / n, 2) for k, v in counts.items()}}))
+    print("round trips per file by first words:",
+          ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+
+
+if __name__ == "__main__":
+    main()
