@@ -18,7 +18,7 @@ from app.client import Task
 from app.config import Settings
 from app.daemon import Context, TaskFailed
 from app.events import event_key
-from app.worker.rules import minute_of
+from app.worker.rules import buyer_of, minute_of
 from app.worker.stage import WorkerStage
 from tests import servers
 from tests.test_worker_support import purchase, refund, restock, shop_status, ts
@@ -105,8 +105,7 @@ def test_upgrade_from_0002_keeps_dedup_keys_orders_and_balances(make_database, s
             [(m.version,) for m in db.migrations("worker")]
         assert sql(url, "SELECT COUNT(*) FROM worker_seen") == [(4,)]   # 2 keys x 2 minutes
         assert sql(url, "SELECT shard, order_id FROM worker_return_keys") == [(0, 555)]
-        assert sql(url, "SELECT order_id, debited, credit FROM worker_orders ORDER BY order_id") == \
-            [(-901, 1, None), (900, 1, None)]
+        assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(-901, 1), (900, 1)]
         lines = [old_restock, old_status,                              # duplicates of F0's events
                  refund(3000, 555, user=9, amount=1, shop=2),          # duplicate of F0's rejected return
                  purchase(3100, 900, user=1, shop=2, price=10),        # duplicate order
@@ -118,8 +117,7 @@ def test_upgrade_from_0002_keeps_dedup_keys_orders_and_balances(make_database, s
         assert [(x["order_id"], x["shop_id"]) for x in map(orjson.loads, prepared.splitlines())] == \
             [(900, 2), (-901, 2)]
         assert sql(url, "SELECT balance FROM worker_balances WHERE user_id=1") == [(Decimal("1000.00"),)]
-        assert sql(url, "SELECT order_id, credit FROM worker_orders ORDER BY order_id") == \
-            [(-901, Decimal("5.00")), (900, Decimal("10.00"))]
+        assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(-901, 2), (900, 2)]
         assert not {"worker_seen_0002", "worker_orders_0002", "worker_seen_compact", "worker_orders_compact"} & \
             {r[0] for r in sql(url, "SELECT table_name FROM information_schema.tables WHERE table_schema=DATABASE()")}
     finally:
@@ -257,12 +255,17 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
             cur.execute("INSERT INTO worker_seen (shard, bucket, hash) VALUES (0, %s, %s)",
                         (minute_of(ts(0)), int.from_bytes(digest[:8], "big", signed=True)))
         cur.execute("INSERT INTO worker_balances (user_id, balance, updated_at) VALUES (1, 985.00, NOW(3))")
+        cur.execute("INSERT INTO worker_orders (shard, file_id, line, order_id, user_id, shop_id, good_id, qty, amount, "
+                    "debited, credit) VALUES (0, 7, 2, 900, 1, 2, 3, 2, 10.00, 1, NULL), "
+                    "(0, 7, 3, 901, 1, 2, 3, 2, 5.00, 1, 5.00), (0, 7, 4, 902, 1, 2, 3, 1, 4.00, 0, NULL), "
+                    "(0, 7, 5, 903, 12345678901234, 2, 98765432109876, 1, 9999999999999.99, 1, NULL), "
+                    "(0, 7, 6, 904, 1, 2, 3, 1, 1.00, 1, NULL)")
     conn.close()
     monkeypatch.setattr(db, "SQL_DIR", current_sql)
 
     conn = db.connect(url)
     try:
-        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0004_sealed_seen"]
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0004_lean_state"]
         shape = sql(url, "SELECT table_name, column_name, column_type FROM information_schema.columns "
                          "WHERE table_schema=DATABASE() AND table_name LIKE %s ORDER BY 1, 2", ("worker%",))
         with conn.cursor() as cur:   # the migration again, from its first statement: it changes nothing
@@ -276,6 +279,12 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
                     "AND table_name='worker_balances' ORDER BY ordinal_position") == [("user_id",), ("balance",)]
     assert sql(url, "SELECT shard, sealed_below FROM worker_shards") == [(0, -2**31)]
     assert sql(url, "SELECT user_id, balance FROM worker_balances") == [(1, Decimal("985.00"))]
+    assert sql(url, "SELECT order_id, shard, file_id, line, shop_id, buyer, qty, amount, state FROM worker_orders "
+                    "ORDER BY order_id") == [
+        (900, 0, 7, 2, 2, buyer_of(1, 3), 2, Decimal("10.00"), 1), (901, 0, 7, 3, 2, buyer_of(1, 3), 2, Decimal("5.00"), 2),
+        (902, 0, 7, 4, 2, buyer_of(1, 3), 1, Decimal("4.00"), 0),
+        (903, 0, 7, 5, 2, buyer_of(12345678901234, 98765432109876), 1, Decimal("9999999999999.99"), 1),
+        (904, 0, 7, 6, 2, buyer_of(1, 3), 1, Decimal("1.00"), 1)]
     w = worker_for(url, shared_dir)
     try:
         w.decide(F1, old + [restock(10 * MINUTE, 2, 1, 1)])
@@ -286,7 +295,15 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
         w.close()
     w = worker_for(url, shared_dir)
     try:
-        w.decide(F2, old[:2])
-        assert w.reasons(F2) == ["duplicate"] * 2
+        w.decide(F2, old[:2] + [refund(10 * MINUTE + 1, 900, user=1, good=3, qty=2, amount=10, shop=2),
+                                 refund(10 * MINUTE + 2, 901, user=1, good=3, amount=1, shop=2),
+                                 refund(10 * MINUTE + 3, 902, user=1, good=3, amount=1),
+                                 refund(10 * MINUTE + 4, 903, user=12345678901234, good=98765432109876, amount=1),
+                                 refund(10 * MINUTE + 5, 904, user=1, good=4, amount=1)])
+        assert w.reasons(F2) == ["duplicate"] * 3 + ["purchase_rejected", "return_mismatch"]
+        assert sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+            (1, Decimal("995.00")), (12345678901234, Decimal("1001.00"))]
+        assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(900, 2), (901, 2), (902, 0),
+                                                                                           (903, 2), (904, 1)]
     finally:
         w.close()
