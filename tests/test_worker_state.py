@@ -307,3 +307,29 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
                                                                                            (903, 2), (904, 1)]
     finally:
         w.close()
+
+
+def test_balances_of_0003_lose_the_bytes_of_updated_at(make_database, tmp_path, monkeypatch):
+    """0004 drops worker_balances.updated_at by copying the table: an instant DROP COLUMN left
+    its 7 bytes in every row (47 bytes a row instead of 40)."""
+    url = make_database("bal4")
+    current_sql, old_sql = db.SQL_DIR, tmp_path / "db"
+    shutil.copytree(db.SQL_DIR, old_sql)
+    for later in (old_sql / "migrations" / "worker").glob("000[4-9]_*.sql"):
+        later.unlink()
+    monkeypatch.setattr(db, "SQL_DIR", old_sql)
+    conn = db.connect(url)
+    try:
+        db.migrate(conn, "worker")
+        monkeypatch.setattr(db, "SQL_DIR", current_sql)
+        db.migrate(conn, "worker")
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO worker_balances (user_id, balance) SELECT seq, 1000 FROM seq_1_to_200000")
+            conn.commit()
+            cur.execute("ANALYZE TABLE worker_balances")
+            cur.fetchall()
+            cur.execute("SELECT data_length FROM information_schema.tables WHERE table_schema=DATABASE() "
+                        "AND table_name='worker_balances'")
+            assert cur.fetchone()[0] / 200_000 < 42
+    finally:
+        conn.close()

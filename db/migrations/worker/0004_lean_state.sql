@@ -6,7 +6,8 @@
 -- `sealed_below` (a minute) says which table holds a key: its minute below it, the sealed one;
 -- otherwise `worker_seen`. The INT minimum means nothing is sealed yet, which is what a
 -- database of 0003 holds, so no key moves here: the worker seals them bit by bit.
--- The balances lose `updated_at`, which nothing read (7 bytes of a 47-byte row).
+-- The balances lose `updated_at`, which nothing read (7 bytes of a 47-byte row): copying the
+-- table, since an instant DROP COLUMN (MariaDB) keeps the bytes in every row.
 -- The ledger keeps only what a later decision reads (app/worker/rules.py `refund`): a return
 -- checks its user and good for equality only, so one 8-byte digest of the two (`buyer`:
 -- app/worker/rules.py buyer_of, the same MD5 computed here); whether the order was rejected,
@@ -32,7 +33,7 @@ DEALLOCATE PREPARE step;
 
 SET @has_column = (SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE()
                      AND table_name = 'worker_balances' AND column_name = 'updated_at');
-SET @sql = IF(@has_column > 0, 'ALTER TABLE worker_balances DROP COLUMN updated_at', 'DO 0');
+SET @sql = IF(@has_column > 0, 'ALTER TABLE worker_balances DROP COLUMN updated_at, ALGORITHM=COPY', 'DO 0');
 PREPARE step FROM @sql;
 EXECUTE step;
 DEALLOCATE PREPARE step;
