@@ -19,6 +19,7 @@ from app.config import Settings
 from app.daemon import Context, TaskFailed
 from app.events import event_key
 from app.worker.rules import buyer_of, minute_of
+from app.worker import stage as stage_module
 from app.worker.stage import WorkerStage
 from tests import servers
 from tests.test_worker_support import purchase, refund, restock, shop_status, ts
@@ -333,3 +334,14 @@ def test_balances_of_0003_lose_the_bytes_of_updated_at(make_database, tmp_path, 
             assert cur.fetchone()[0] / 200_000 < 42
     finally:
         conn.close()
+
+
+def test_sealing_after_a_file_catches_up_in_passes(worker, monkeypatch):
+    """A file adds more keys than one sealing pass moves (PRUNE_ROWS): the passes go on until
+    every minute SEAL_MINUTES behind the clock is sealed (one pass left the rest in
+    worker_seen, and a stream of big files kept it growing)."""
+    monkeypatch.setattr(stage_module, "PRUNE_ROWS", 25)
+    w = worker()
+    w.decide(F1, [restock(m * MINUTE + i, 2, 1, 1) for m in range(6) for i in range(10)])
+    assert keys(w.url) == {"worker_seen": 30, "worker_seen_sealed": 30}
+    assert sql(w.url, "SELECT sealed_below FROM worker_shards") == [(minute_of(ts(3 * MINUTE)),)]

@@ -415,7 +415,9 @@ class WorkerState:
         the first whose newest event is inside ORDER_WINDOW (each a range at the start of the
         shard's part of its table), and the records of files
         decided more than REPLAY_WINDOW ago in wall time: their decisions and the holds they
-        resolved (such a file can no longer be re-run). Rows removed, by table.
+        resolved (such a file can no longer be re-run). Then `seal` moves the dedup keys of
+        minutes SEAL_MINUTES behind the clock, all of them, a transaction per `max_rows`. Rows
+        removed, by table.
 
         It runs after every file, so the first step of each part goes in one script (one round
         trip; most passes find nothing more to do); `newest` is the shard clock if the caller
@@ -469,7 +471,11 @@ class WorkerState:
                     self.conn.rollback()
                     raise
         if newest is not None and removed["worker_seen"] < max_rows:
-            self.seal(minute_of(newest) - SEAL_MINUTES, max_rows)
+            # in passes of max_rows keys, until caught up: a big file adds more keys than one pass
+            # moves, and every key is moved once whatever the passes
+            below = minute_of(newest) - SEAL_MINUTES
+            while self.sealed_below < below and self.seal(below, max_rows):
+                pass
         return {k: v for k, v in removed.items() if v}
 
     def seal(self, below: int, max_rows: int = 20_000) -> int:
