@@ -324,6 +324,32 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
             conn.close()
 
 
+def test_orders_written_meanwhile_never_change_and_never_balance_the_row_count(make_database):
+    """Two orders this worker took for new were written by another worker meanwhile: one this
+    worker would reject, one it would accept. Neither row changes (a rejection must not turn a
+    debited order into a rejected one), and the count stays short of the expected one, so the
+    batch is decided again (with the two collisions counting 2 and 0 the count balanced)."""
+    url = make_database("ledger2")
+    WorkerState(url, 0).open().close()
+    ledger = Ledger(Decimal("1000.00"))
+    conn = db.connect(url)
+    try:
+        def run(statements: dict) -> dict:
+            with conn.cursor() as cur:
+                return {tag: sum(cur.execute(sql) for sql in sqls) for tag, sqls in statements.items()}
+        run(ledger.write_sql(conn, 1, 2, [Order(80, 6, Decimal("3.00"), 3, 1, 1, True, line=4),
+                                          Order(81, 6, Decimal("3.00"), 3, 1, 1, True, line=5)], [], {}, set(), set()))
+        conn.commit()
+        late = [Order(80, 5, Decimal("10.00"), 2, 1, 1, False, line=2), Order(81, 5, Decimal("10.00"), 2, 1, 1, True,
+                                                                               line=3)]
+        done = run(ledger.write_sql(conn, 0, 1, late, [], {}, set(), set()))
+        assert done["orders"] < ledger.expected_orders(late, []) == 2
+        conn.commit()
+        assert servers.query(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(80, 1), (81, 1)]
+    finally:
+        conn.close()
+
+
 def test_the_worker_claims_several_files_of_its_shard_at_once_and_reports_each(pipeline):
     files = [f"2026030112000{i}" for i in range(3)]
     for i, name in enumerate(files):

@@ -18,6 +18,7 @@ from .rules import Order, buyer_of
 
 # worker_orders.state
 REJECTED, DEBITED, CREDITED = 0, 1, 2
+ORDER_INSERT = "INSERT INTO worker_orders (shard, file_id, line, order_id, shop_id, buyer, qty, amount, state) VALUES "
 
 
 
@@ -120,10 +121,14 @@ class Ledger:
         def balance_row(u: int) -> str:
             return "(%d,%s)" % (u, _number(balances[u]))
         return {
-            "orders": db.insert_statements(
-                conn, "INSERT INTO worker_orders (shard, file_id, line, order_id, shop_id, buyer, qty, amount, state)"
-                      " VALUES ", new + credited,
-                " ON DUPLICATE KEY UPDATE state=IF(state=%d, VALUES(state), state)" % DEBITED, render=order_row),
+            # A new order written meanwhile by another worker changes nothing here (0 rows, where
+            # its insert counts 1) and a credit changes only a debited order (2 rows), so the
+            # count is `expected_orders` only if every order went in and every credit happened.
+            "orders": db.insert_statements(conn, ORDER_INSERT, new, " ON DUPLICATE KEY UPDATE order_id=order_id",
+                                           render=order_row)
+            + db.insert_statements(conn, ORDER_INSERT, credited,
+                                   " ON DUPLICATE KEY UPDATE state=IF(state=%d, %d, state)" % (DEBITED, CREDITED),
+                                   render=order_row),
             "users": db.insert_statements(conn, "INSERT INTO worker_balances (user_id, balance) VALUES ",
                                           sorted(changed & new_users), render=balance_row),
             "balances": db.insert_statements(conn, "INSERT INTO worker_balances (user_id, balance) VALUES ",
