@@ -11,8 +11,8 @@ from decimal import Decimal
 import pymysql
 
 from app import db, layout
-from app.worker.ledger import Ledger, LedgerConflict
-from app.worker.rules import CODE, REASONS, Order
+from app.worker.ledger import CREDITED, Ledger, LedgerConflict
+from app.worker.rules import CODE, REASONS, Order, buyer_of
 from app.worker.state import WorkerState
 from tests import servers
 from tests.test_worker_support import (module_api, pipeline, price_change, purchase, reasons, refund,  # noqa: F401
@@ -92,8 +92,7 @@ def test_each_rule_and_reason(pipeline):
     assert pipeline.balance(2) is None                   # all its purchases rejected: still the opening balance
     assert pipeline.sql("SELECT count FROM worker_stock WHERE shop_id=2 AND good_id=1") == [(0,)]
     assert pipeline.sql("SELECT active FROM worker_shops ORDER BY shop_id") == [(0,), (1,)]
-    assert pipeline.sql("SELECT debited, credit FROM worker_orders WHERE order_id=%s", (BIG,)) == \
-        [(1, Decimal("100.00"))]
+    assert pipeline.sql("SELECT state FROM worker_orders WHERE order_id=%s", (BIG,)) == [(CREDITED,)]
     # Every reason but the one only reachable with RULE_DEDUP off is exercised above.
     assert set(stats["rejected"]) == set(REASONS) - {"already_refunded"}
 
@@ -318,11 +317,37 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
         with a.cursor() as cur:
             cur.execute("SELECT user_id, balance FROM worker_balances")
             assert cur.fetchall() == ((5, Decimal("990.00")),)
-            cur.execute("SELECT order_id, user_id, amount FROM worker_orders ORDER BY order_id")
-            assert cur.fetchall() == ((77, 5, Decimal("10.00")), (78, 6, Decimal("3.00")))
+            cur.execute("SELECT order_id, buyer, amount FROM worker_orders ORDER BY order_id")
+            assert cur.fetchall() == ((77, buyer_of(5, 1), Decimal("10.00")), (78, buyer_of(6, 1), Decimal("3.00")))
     finally:
         for conn in (a, b, watch):
             conn.close()
+
+
+def test_orders_written_meanwhile_never_change_and_never_balance_the_row_count(make_database):
+    """Two orders this worker took for new were written by another worker meanwhile: one this
+    worker would reject, one it would accept. Neither row changes (a rejection must not turn a
+    debited order into a rejected one), and the count stays short of the expected one, so the
+    batch is decided again (with the two collisions counting 2 and 0 the count balanced)."""
+    url = make_database("ledger2")
+    WorkerState(url, 0).open().close()
+    ledger = Ledger(Decimal("1000.00"))
+    conn = db.connect(url)
+    try:
+        def run(statements: dict) -> dict:
+            with conn.cursor() as cur:
+                return {tag: sum(cur.execute(sql) for sql in sqls) for tag, sqls in statements.items()}
+        run(ledger.write_sql(conn, 1, 2, [Order(80, 6, Decimal("3.00"), 3, 1, 1, True, line=4),
+                                          Order(81, 6, Decimal("3.00"), 3, 1, 1, True, line=5)], [], {}, set(), set()))
+        conn.commit()
+        late = [Order(80, 5, Decimal("10.00"), 2, 1, 1, False, line=2), Order(81, 5, Decimal("10.00"), 2, 1, 1, True,
+                                                                               line=3)]
+        done = run(ledger.write_sql(conn, 0, 1, late, [], {}, set(), set()))
+        assert done["orders"] < ledger.expected_orders(late, []) == 2
+        conn.commit()
+        assert servers.query(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(80, 1), (81, 1)]
+    finally:
+        conn.close()
 
 
 def test_the_worker_claims_several_files_of_its_shard_at_once_and_reports_each(pipeline):

@@ -142,7 +142,7 @@ def test_two_shard_workers_spending_one_balance_never_overspend(pipeline):
     assert sum(accepted) == 1000                         # 1000.00 / 1.00, not one more
     assert min(accepted) > 0, f"the two workers did not compete ({accepted})"
     assert pipeline.balance(7) == Decimal("0.00")
-    debited = pipeline.sql("SELECT SUM(amount), COUNT(*) FROM worker_orders WHERE debited=1")[0]
+    debited = pipeline.sql("SELECT SUM(amount), COUNT(*) FROM worker_orders WHERE state=1")[0]
     assert debited == (Decimal("1000.00"), 1000)
     assert [pipeline.stats(F1, s)["rejected"] for s in (0, 1)] == [{"insufficient_balance": 1500 - a}
                                                                    for a in accepted]

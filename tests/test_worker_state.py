@@ -18,6 +18,8 @@ from app.client import Task
 from app.config import Settings
 from app.daemon import Context, TaskFailed
 from app.events import event_key
+from app.worker.rules import buyer_of, minute_of
+from app.worker import stage as stage_module
 from app.worker.stage import WorkerStage
 from tests import servers
 from tests.test_worker_support import purchase, refund, restock, shop_status, ts
@@ -77,7 +79,8 @@ def test_upgrade_from_0002_keeps_dedup_keys_orders_and_balances(make_database, s
     url = make_database("upg")
     current_sql, old_sql = db.SQL_DIR, tmp_path / "db"
     shutil.copytree(db.SQL_DIR, old_sql)
-    (old_sql / "migrations" / "worker" / "0003_compact_state.sql").unlink()
+    for later in (old_sql / "migrations" / "worker").glob("000[3-9]_*.sql"):
+        later.unlink()
     monkeypatch.setattr(db, "SQL_DIR", old_sql)
     conn = db.connect(url)
     assert [m.version for m in db.migrate(conn, "worker")] == [1, 2]
@@ -100,11 +103,10 @@ def test_upgrade_from_0002_keeps_dedup_keys_orders_and_balances(make_database, s
     w = worker_for(url, shared_dir)
     try:
         assert sql(url, "SELECT version FROM schema_migrations WHERE component='worker' ORDER BY 1") == \
-            [(1,), (2,), (3,)]
+            [(m.version,) for m in db.migrations("worker")]
         assert sql(url, "SELECT COUNT(*) FROM worker_seen") == [(4,)]   # 2 keys x 2 minutes
         assert sql(url, "SELECT shard, order_id FROM worker_return_keys") == [(0, 555)]
-        assert sql(url, "SELECT order_id, debited, credit FROM worker_orders ORDER BY order_id") == \
-            [(-901, 1, None), (900, 1, None)]
+        assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(-901, 1), (900, 1)]
         lines = [old_restock, old_status,                              # duplicates of F0's events
                  refund(3000, 555, user=9, amount=1, shop=2),          # duplicate of F0's rejected return
                  purchase(3100, 900, user=1, shop=2, price=10),        # duplicate order
@@ -116,8 +118,7 @@ def test_upgrade_from_0002_keeps_dedup_keys_orders_and_balances(make_database, s
         assert [(x["order_id"], x["shop_id"]) for x in map(orjson.loads, prepared.splitlines())] == \
             [(900, 2), (-901, 2)]
         assert sql(url, "SELECT balance FROM worker_balances WHERE user_id=1") == [(Decimal("1000.00"),)]
-        assert sql(url, "SELECT order_id, credit FROM worker_orders ORDER BY order_id") == \
-            [(-901, Decimal("5.00")), (900, Decimal("10.00"))]
+        assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(-901, 2), (900, 2)]
         assert not {"worker_seen_0002", "worker_orders_0002", "worker_seen_compact", "worker_orders_compact"} & \
             {r[0] for r in sql(url, "SELECT table_name FROM information_schema.tables WHERE table_schema=DATABASE()")}
     finally:
@@ -193,7 +194,154 @@ def test_pruning_is_bounded_per_pass(worker):
     w = worker(DEDUP_WINDOW="1h")
     w.decide(F1, [restock(i, 2, 1, 1) for i in range(300)])
     w.decide(F2, [restock(3 * MINUTE, 2, 1, 1)])
-    assert sql(w.url, "SELECT COUNT(*) FROM worker_seen") == [(301,)]     # inside the hour
+    # inside the hour; minute 0 is sealed (SEAL_MINUTES before the clock), minute 3 is not
+    assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 300}
     passes = [w.stage.state.prune(60, 86400, 86400, max_rows=100, step=40) for _ in range(4)]
-    assert passes == [{"worker_seen": 120}, {"worker_seen": 120}, {"worker_seen": 60}, {}]
-    assert sql(w.url, "SELECT COUNT(*) FROM worker_seen") == [(1,)]
+    assert passes == [{"worker_seen_sealed": 120}, {"worker_seen_sealed": 120}, {"worker_seen_sealed": 60}, {}]
+    assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 0}
+
+
+def keys(url) -> dict[str, int]:
+    return {table: sql(url, f"SELECT COUNT(*) FROM {table}")[0][0] for table in ("worker_seen", "worker_seen_sealed")}
+
+
+def test_old_minutes_are_sealed_and_their_duplicates_and_late_keys_still_found(worker):
+    """Dedup keys SEAL_MINUTES behind the shard clock move to worker_seen_sealed (0004); a
+    duplicate of a moved key is still a duplicate for a worker that never saw it (a new
+    process: nothing recent, so it inserts without looking up), a late new key of a sealed
+    minute is accepted and recorded there, and sealing moves at most about max_rows keys a
+    pass, whole minutes."""
+    w = worker()
+    f1 = [restock(i * 100, 2, 1, 1) for i in range(50)] + [restock(MINUTE + i, 2, 1, 1) for i in range(30)]
+    w.decide(F1, f1)
+    w.decide(F2, [restock(4 * MINUTE, 2, 1, 1)])
+    assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 80}
+    assert sql(w.url, "SELECT sealed_below - MIN(bucket) FROM worker_shards, worker_seen_sealed") == [(2,)]
+    w.close()
+    fresh = worker()
+    late = restock(30 * 100 + 1, 2, 1, 1)
+    fresh.decide(F3, [f1[7], f1[60], late, restock(4 * MINUTE + 1, 2, 1, 1)])
+    assert fresh.reasons(F3) == ["duplicate", "duplicate"]
+    assert keys(w.url) == {"worker_seen": 2, "worker_seen_sealed": 81}
+    first = fresh.outputs(F3)
+    fresh.again(F3)
+    assert fresh.outputs(F3) == first
+    # bounded: 30 keys a pass moves minute 7 (20 keys) but not minute 8, then minute 8
+    fresh.decide(F4, [restock(7 * MINUTE + i, 2, 1, 1) for i in range(20)]
+                 + [restock(8 * MINUTE + i, 2, 1, 1) for i in range(20)])
+    assert keys(w.url) == {"worker_seen": 40, "worker_seen_sealed": 83}
+    state, nine = fresh.stage.state, minute_of(ts(9 * MINUTE))
+    assert [state.seal(nine, max_rows=30), state.seal(nine, max_rows=30), state.seal(nine, max_rows=30)] == [20, 20, 0]
+    assert keys(w.url) == {"worker_seen": 0, "worker_seen_sealed": 123}
+    assert sql(w.url, "SELECT sealed_below FROM worker_shards") == [(nine,)]
+
+
+def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(make_database, shared_dir, tmp_path,
+                                                                               monkeypatch):
+    url = make_database("upg4")
+    current_sql, old_sql = db.SQL_DIR, tmp_path / "db"
+    shutil.copytree(db.SQL_DIR, old_sql)
+    for later in (old_sql / "migrations" / "worker").glob("000[4-9]_*.sql"):
+        later.unlink()
+    monkeypatch.setattr(db, "SQL_DIR", old_sql)
+    conn = db.connect(url)
+    assert [m.version for m in db.migrate(conn, "worker")] == [1, 2, 3]
+    old = [restock(i, 2, 1, 1) for i in range(5)]
+    with conn.cursor() as cur:   # what the 0003 worker left after deciding F0
+        cur.execute("INSERT INTO worker_shards (shard, newest_event) VALUES (0, %s)", (ts(9 * MINUTE),))
+        cur.execute("INSERT INTO worker_files (id, shard, filename, lines_decided, complete, newest_event) "
+                    "VALUES (7, 0, %s, 5, 1, %s)", (F0, ts(9 * MINUTE)))
+        for raw in old:
+            digest = bytes.fromhex(event_key(orjson.loads(raw)).split(":h")[1])
+            cur.execute("INSERT INTO worker_seen (shard, bucket, hash) VALUES (0, %s, %s)",
+                        (minute_of(ts(0)), int.from_bytes(digest[:8], "big", signed=True)))
+        cur.execute("INSERT INTO worker_balances (user_id, balance, updated_at) VALUES (1, 985.00, NOW(3))")
+        cur.execute("INSERT INTO worker_orders (shard, file_id, line, order_id, user_id, shop_id, good_id, qty, amount, "
+                    "debited, credit) VALUES (0, 7, 2, 900, 1, 2, 3, 2, 10.00, 1, NULL), "
+                    "(0, 7, 3, 901, 1, 2, 3, 2, 5.00, 1, 5.00), (0, 7, 4, 902, 1, 2, 3, 1, 4.00, 0, NULL), "
+                    "(0, 7, 5, 903, 12345678901234, 2, 98765432109876, 1, 9999999999999.99, 1, NULL), "
+                    "(0, 7, 6, 904, 1, 2, 3, 1, 1.00, 1, NULL)")
+    conn.close()
+    monkeypatch.setattr(db, "SQL_DIR", current_sql)
+
+    conn = db.connect(url)
+    try:
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0004_lean_state"]
+        shape = sql(url, "SELECT table_name, column_name, column_type FROM information_schema.columns "
+                         "WHERE table_schema=DATABASE() AND table_name LIKE %s ORDER BY 1, 2", ("worker%",))
+        with conn.cursor() as cur:   # the migration again, from its first statement: it changes nothing
+            for statement in db.migrations("worker")[3].statements():
+                cur.execute(statement)
+    finally:
+        conn.close()
+    assert sql(url, "SELECT table_name, column_name, column_type FROM information_schema.columns "
+                    "WHERE table_schema=DATABASE() AND table_name LIKE %s ORDER BY 1, 2", ("worker%",)) == shape
+    assert sql(url, "SELECT column_name FROM information_schema.columns WHERE table_schema=DATABASE() "
+                    "AND table_name='worker_balances' ORDER BY ordinal_position") == [("user_id",), ("balance",)]
+    assert sql(url, "SELECT shard, sealed_below FROM worker_shards") == [(0, -2**31)]
+    assert sql(url, "SELECT user_id, balance FROM worker_balances") == [(1, Decimal("985.00"))]
+    assert sql(url, "SELECT order_id, shard, file_id, line, shop_id, buyer, qty, amount, state FROM worker_orders "
+                    "ORDER BY order_id") == [
+        (900, 0, 7, 2, 2, buyer_of(1, 3), 2, Decimal("10.00"), 1), (901, 0, 7, 3, 2, buyer_of(1, 3), 2, Decimal("5.00"), 2),
+        (902, 0, 7, 4, 2, buyer_of(1, 3), 1, Decimal("4.00"), 0),
+        (903, 0, 7, 5, 2, buyer_of(12345678901234, 98765432109876), 1, Decimal("9999999999999.99"), 1),
+        (904, 0, 7, 6, 2, buyer_of(1, 3), 1, Decimal("1.00"), 1)]
+    w = worker_for(url, shared_dir)
+    try:
+        w.decide(F1, old + [restock(10 * MINUTE, 2, 1, 1)])
+        assert w.reasons(F1) == ["duplicate"] * 5
+        # the clock moved on: the old keys are sealed, and still found by a worker that never saw them
+        assert keys(url) == {"worker_seen": 1, "worker_seen_sealed": 5}
+    finally:
+        w.close()
+    w = worker_for(url, shared_dir)
+    try:
+        w.decide(F2, old[:2] + [refund(10 * MINUTE + 1, 900, user=1, good=3, qty=2, amount=10, shop=2),
+                                 refund(10 * MINUTE + 2, 901, user=1, good=3, amount=1, shop=2),
+                                 refund(10 * MINUTE + 3, 902, user=1, good=3, amount=1),
+                                 refund(10 * MINUTE + 4, 903, user=12345678901234, good=98765432109876, amount=1),
+                                 refund(10 * MINUTE + 5, 904, user=1, good=4, amount=1)])
+        assert w.reasons(F2) == ["duplicate"] * 3 + ["purchase_rejected", "return_mismatch"]
+        assert sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+            (1, Decimal("995.00")), (12345678901234, Decimal("1001.00"))]
+        assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(900, 2), (901, 2), (902, 0),
+                                                                                           (903, 2), (904, 1)]
+    finally:
+        w.close()
+
+
+def test_balances_of_0003_lose_the_bytes_of_updated_at(make_database, tmp_path, monkeypatch):
+    """0004 drops worker_balances.updated_at by copying the table: an instant DROP COLUMN left
+    its 7 bytes in every row (47 bytes a row instead of 40)."""
+    url = make_database("bal4")
+    current_sql, old_sql = db.SQL_DIR, tmp_path / "db"
+    shutil.copytree(db.SQL_DIR, old_sql)
+    for later in (old_sql / "migrations" / "worker").glob("000[4-9]_*.sql"):
+        later.unlink()
+    monkeypatch.setattr(db, "SQL_DIR", old_sql)
+    conn = db.connect(url)
+    try:
+        db.migrate(conn, "worker")
+        monkeypatch.setattr(db, "SQL_DIR", current_sql)
+        db.migrate(conn, "worker")
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO worker_balances (user_id, balance) SELECT seq, 1000 FROM seq_1_to_200000")
+            conn.commit()
+            cur.execute("ANALYZE TABLE worker_balances")
+            cur.fetchall()
+            cur.execute("SELECT data_length FROM information_schema.tables WHERE table_schema=DATABASE() "
+                        "AND table_name='worker_balances'")
+            assert cur.fetchone()[0] / 200_000 < 42
+    finally:
+        conn.close()
+
+
+def test_sealing_after_a_file_catches_up_in_passes(worker, monkeypatch):
+    """A file adds more keys than one sealing pass moves (PRUNE_ROWS): the passes go on until
+    every minute SEAL_MINUTES behind the clock is sealed (one pass left the rest in
+    worker_seen, and a stream of big files kept it growing)."""
+    monkeypatch.setattr(stage_module, "PRUNE_ROWS", 25)
+    w = worker()
+    w.decide(F1, [restock(m * MINUTE + i, 2, 1, 1) for m in range(6) for i in range(10)])
+    assert keys(w.url) == {"worker_seen": 30, "worker_seen_sealed": 30}
+    assert sql(w.url, "SELECT sealed_below FROM worker_shards") == [(minute_of(ts(3 * MINUTE)),)]

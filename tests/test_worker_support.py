@@ -205,11 +205,12 @@ class Pipeline:
         """The worker's persistent state, without ids and clock columns."""
         return {
             "balances": self.sql("SELECT user_id, balance FROM worker_balances ORDER BY user_id"),
-            "orders": self.sql("SELECT order_id, shard, user_id, shop_id, good_id, qty, amount, debited, credit, "
-                               "line FROM worker_orders ORDER BY order_id"),
+            "orders": self.sql("SELECT order_id, shard, shop_id, buyer, qty, amount, state, line FROM worker_orders "
+                               "ORDER BY order_id"),
             "stock": self.sql("SELECT shop_id, good_id, count FROM worker_stock ORDER BY shop_id, good_id"),
             "shops": self.sql("SELECT shop_id, active FROM worker_shops ORDER BY shop_id"),
-            "seen": self.sql("SELECT shard, bucket, hash FROM worker_seen ORDER BY shard, bucket, hash"),
+            "seen": self.sql("SELECT shard, bucket, hash FROM worker_seen UNION ALL SELECT shard, bucket, hash "
+                             "FROM worker_seen_sealed ORDER BY shard, bucket, hash"),
             "return_keys": self.sql("SELECT shard, order_id, bucket FROM worker_return_keys ORDER BY shard, order_id"),
             "holds": self.sql("SELECT f.filename, h.line, h.order_id, h.state, h.code, r.filename, h.resolved_line, "
                               "h.resolved_seq FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "

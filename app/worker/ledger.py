@@ -14,7 +14,11 @@ from decimal import Decimal
 import pymysql
 
 from .. import db
-from .rules import Order
+from .rules import Order, buyer_of
+
+# worker_orders.state
+REJECTED, DEBITED, CREDITED = 0, 1, 2
+ORDER_INSERT = "INSERT INTO worker_orders (shard, file_id, line, order_id, shop_id, buyer, qty, amount, state) VALUES "
 
 
 
@@ -41,12 +45,15 @@ class Ledger:
 
     @staticmethod
     def orders_sql(conn, order_ids) -> str:
-        return ("SELECT order_id, user_id, shop_id, good_id, qty, amount, debited, credit, file_id, line "
+        return ("SELECT order_id, shop_id, buyer, qty, amount, state, file_id, line "
                 "FROM worker_orders WHERE order_id IN " + db.sql_list(conn, order_ids))
 
     @staticmethod
     def parse_orders(rows) -> dict[int, Order]:
-        return {r[0]: Order(r[0], r[1], r[5], r[2], r[3], r[4], bool(r[6]), r[7], stored_at=(r[8], r[9]))
+        """Orders as the ledger keeps them: no user or good (their digest, `buyer`), and only
+        whether a credit happened (`credit` True), not its amount."""
+        return {r[0]: Order(r[0], None, r[4], r[1], None, r[3], r[5] != REJECTED, True if r[5] == CREDITED else None,
+                            stored_at=(r[6], r[7]), buyer=r[2])
                 for r in rows}
 
     @classmethod
@@ -106,17 +113,22 @@ class Ledger:
         by this batch: plain inserts, a duplicate means a concurrent creator) and "balances"."""
         def order_row(o: Order) -> str:
             at_file, at_line = o.stored_at or (file_id, o.line)
-            return "(%d,%d,%d,%d,%d,%d,%d,%d,%s,%d,%s)" % (
-                shard, at_file, at_line, o.order_id, o.user_id, o.shop_id, o.good_id, o.qty, _number(o.amount),
-                o.debited, "NULL" if o.credit is None else _number(o.credit))
+            return "(%d,%d,%d,%d,%d,%d,%d,%s,%d)" % (
+                shard, at_file, at_line, o.order_id, o.shop_id, buyer_of(o.user_id, o.good_id) if o.buyer is None
+                else o.buyer, o.qty, _number(o.amount),
+                REJECTED if not o.debited else DEBITED if o.credit is None else CREDITED)
 
         def balance_row(u: int) -> str:
             return "(%d,%s)" % (u, _number(balances[u]))
         return {
-            "orders": db.insert_statements(
-                conn, "INSERT INTO worker_orders (shard, file_id, line, order_id, user_id, shop_id, good_id, qty,"
-                      " amount, debited, credit) VALUES ", new + credited,
-                " ON DUPLICATE KEY UPDATE credit=IF(credit IS NULL, VALUES(credit), credit)", render=order_row),
+            # A new order written meanwhile by another worker changes nothing here (0 rows, where
+            # its insert counts 1) and a credit changes only a debited order (2 rows), so the
+            # count is `expected_orders` only if every order went in and every credit happened.
+            "orders": db.insert_statements(conn, ORDER_INSERT, new, " ON DUPLICATE KEY UPDATE order_id=order_id",
+                                           render=order_row)
+            + db.insert_statements(conn, ORDER_INSERT, credited,
+                                   " ON DUPLICATE KEY UPDATE state=IF(state=%d, %d, state)" % (DEBITED, CREDITED),
+                                   render=order_row),
             "users": db.insert_statements(conn, "INSERT INTO worker_balances (user_id, balance) VALUES ",
                                           sorted(changed & new_users), render=balance_row),
             "balances": db.insert_statements(conn, "INSERT INTO worker_balances (user_id, balance) VALUES ",

@@ -464,19 +464,28 @@ def purchase(ev: Event, balance: Decimal, shop_active: bool, stock: int | None, 
     return ACCEPTED
 
 
+def buyer_of(user_id: int, good_id: int) -> int:
+    """What the ledger keeps of a purchase's user and good (worker_orders.buyer): a return only
+    checks both for equality, so one 8-byte digest does (the first 8 bytes of MD5 of "user good",
+    signed; db/migrations/worker/0004 computes the same in SQL)."""
+    return int.from_bytes(hashlib.md5(b"%d %d" % (user_id, good_id)).digest()[:8], "big", signed=True)
+
+
 class Order:
     """A decided purchase, as a return is checked against it: debited when it was accepted,
-    credited once its return was."""
+    credited once its return was (`credit` not None). One read from the ledger has no user
+    and good (None), only their digest `buyer`."""
 
     __slots__ = ("order_id", "user_id", "amount", "shop_id", "good_id", "qty", "debited", "credit", "line",
-                 "stored_at")
+                 "stored_at", "buyer")
 
     def __init__(self, order_id, user_id, amount, shop_id, good_id, qty, debited, credit=None, line=0,
-                 stored_at=None):
+                 stored_at=None, buyer=None):
         self.order_id, self.user_id, self.amount = order_id, user_id, amount
         self.shop_id, self.good_id, self.qty = shop_id, good_id, qty
         self.debited, self.credit, self.line = debited, credit, line   # line: decided by this batch, there
         self.stored_at = stored_at   # (file id, line) of its ledger row, for one read from the database
+        self.buyer = buyer
 
 
 def refund(ev: Event, order: Order, rules: Rules, shard: int, shard_count: int) -> int:
@@ -488,8 +497,11 @@ def refund(ev: Event, order: Order, rules: Rules, shard: int, shard_count: int) 
         return code
     if order.shop_id % shard_count != shard:
         return WRONG_SHARD
-    if ev.user_id != order.user_id or ev.good_id != order.good_id or (
-            ev.shop_id is not None and ev.shop_id != order.shop_id):
+    if order.user_id is None:
+        mismatch = buyer_of(ev.user_id, ev.good_id) != order.buyer
+    else:
+        mismatch = ev.user_id != order.user_id or ev.good_id != order.good_id
+    if mismatch or (ev.shop_id is not None and ev.shop_id != order.shop_id):
         return RETURN_MISMATCH
     if order.credit is not None:
         return ALREADY_REFUNDED

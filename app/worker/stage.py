@@ -424,8 +424,9 @@ class FileRun:
         balances, new_users = ledger.balances(got.get("balances", ((), 0))[0], plan.users)
         # returns of earlier purchases credit those purchases' users (a return whose user is not
         # its purchase's is a return_mismatch and moves nothing)
-        more = {o.user_id for o in (orders.get(e.order_id) for e in returns)
-                if o is not None and o.debited and o.credit is None} - balances.keys()
+        # (the ledger keeps a digest of the purchase's user: a return that matches it names the user)
+        more = {e.user_id for e in returns if (o := orders.get(e.order_id)) is not None and o.debited
+                and o.credit is None} - balances.keys()
         if more:
             with self.turns.waiting():
                 cur.execute(ledger.lock_sql(conn, more))
@@ -585,8 +586,8 @@ class FileRun:
         code = refund(ev, order, self.rules, self.shard, self.settings.shard_count)
         if code == ACCEPTED:
             b = self.b
-            self.balances[order.user_id] += ev.amount
-            b.changed_users.add(order.user_id)
+            self.balances[ev.user_id] += ev.amount   # the purchase's user: `refund` checked it
+            b.changed_users.add(ev.user_id)
             order.credit = ev.amount
             if not order.line:
                 b.credited[order.order_id] = order

@@ -26,6 +26,10 @@ GROUP_CONCAT_MAX = 1 << 30
 # file's first statement finds a dead one, and the task is handed back and retried): a ping was
 # one of a 500-event file's eight round trips.
 PING_AFTER = 5.0
+# Dedup keys whose minute is this many minutes before the shard clock move to worker_seen_sealed
+# (db/migrations/worker/0004): later keys of such a minute are rare (a late or duplicate event).
+SEAL_MINUTES = 2
+NOTHING_SEALED = -(1 << 31)
 
 
 def time_text(value: datetime | None) -> str | None:
@@ -158,6 +162,9 @@ class WorkerState:
         self.shard = shard
         self.conn = None  # the open connection, as `open` last returned it
         self.order_floor = 0  # files below this id have had their orders pruned
+        # dedup keys of minutes below this are in worker_seen_sealed, the others in worker_seen;
+        # read with the shard lock (`start_file`), changed only by its holder (`seal`)
+        self.sealed_below = NOTHING_SEALED
         self._db = db.Reconnecting(url, check_after=PING_AFTER, on_open=self._prepare, create_database=True,
                                    multi_statements=True)
         # lock names are at most 64 characters: cut the database name, never the shard
@@ -229,7 +236,7 @@ class WorkerState:
         else:
             script.add("held", f"SELECT COUNT(*), GROUP_CONCAT(file_id, ':', line) FROM worker_holds "
                                f"WHERE shard={shard:d} AND state='held'")
-        script.add("newest", f"SELECT newest_event FROM worker_shards WHERE shard={shard:d}")
+        script.add("newest", f"SELECT newest_event, sealed_below FROM worker_shards WHERE shard={shard:d}")
         try:
             with self.conn.cursor() as cur:
                 got = script.run(cur)
@@ -251,6 +258,8 @@ class WorkerState:
             held = set((keys.decode() if type(keys) is bytes else keys).split(",")) if count else set()
             same = len(held) == count == len(known) and held == {f"{f}:{n}" for f, n in known}
             holds = HoldBook(list(known.values())) if same else self.active_holds()
+        if newest:
+            self.sealed_below = newest[1]
         return FileStart(FileInfo(file_id, decided, bool(complete), bool(pruned)),
                          [BatchRecord(a, b, bytes(c), bytes(d)) for a, b, c, d in got["batches"].rows],
                          [_hold(r) for r in got["resolved"].rows], holds,
@@ -290,14 +299,18 @@ class WorkerState:
 
     def seen_sql(self, conn, keys) -> str:
         """Which of these dedup keys (`Event.dkey`: (minute, hash) or a return's order id) are
-        recorded: one statement, rows (minute, hash) or (NULL, order id)."""
+        recorded: one statement, rows (minute, hash) or (NULL, order id). A key is looked up
+        in the one table its minute says (`sealed_below`)."""
         shard = self.shard
         hashed = [k for k in keys if type(k) is tuple]
         returns = [k for k in keys if type(k) is not tuple]
         parts = []
-        if hashed:
-            pairs = ",".join("(%d,%d)" % k for k in hashed)
-            parts.append(f"SELECT bucket, hash FROM worker_seen WHERE shard={shard:d} AND (bucket, hash) IN ({pairs})")
+        floor = self.sealed_below
+        for table, group in (("worker_seen", [k for k in hashed if k[0] >= floor]),
+                             ("worker_seen_sealed", [k for k in hashed if k[0] < floor])):
+            if group:
+                pairs = ",".join("(%d,%d)" % k for k in group)
+                parts.append(f"SELECT bucket, hash FROM {table} WHERE shard={shard:d} AND (bucket, hash) IN ({pairs})")
         if returns:
             parts.append(f"SELECT NULL, order_id FROM worker_return_keys WHERE shard={shard:d} "
                          f"AND order_id IN ({','.join('%d' % k for k in returns)})")
@@ -311,13 +324,22 @@ class WorkerState:
         """Record new dedup keys; an existing one changes no row, so the affected-row count
         says whether every key was new. In arrival order, not sorted: a sorted batch landing
         among a minute's earlier keys trips InnoDB's sequential-insert page split and leaves
-        pages part empty (a third more space for 400k keys, bench-style batches)."""
+        pages part empty (a third more space for 400k keys, bench-style batches). A key of a
+        sealed minute (a late event) goes straight to worker_seen_sealed, where its duplicate
+        would be."""
         shard = self.shard
+        floor = self.sealed_below
         hashed = [k for k in keys if type(k) is tuple]
+        late = [k for k in hashed if k[0] < floor]
+        if late:
+            hashed = [k for k in hashed if k[0] >= floor]
         returns = [k for k in keys if type(k) is not tuple]
         return (db.insert_statements(conn, "INSERT INTO worker_seen (shard, bucket, hash) VALUES ", hashed,
                                      " ON DUPLICATE KEY UPDATE hash=hash",
                                      render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
+                + db.insert_statements(conn, "INSERT INTO worker_seen_sealed (shard, bucket, hash) VALUES ", late,
+                                       " ON DUPLICATE KEY UPDATE hash=hash",
+                                       render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
                 + db.insert_statements(conn, "INSERT INTO worker_return_keys (shard, order_id, bucket) VALUES ",
                                        returns, " ON DUPLICATE KEY UPDATE bucket=bucket",
                                        render=lambda k: "(%d,%d,%d)" % (shard, k, return_minutes[k])))
@@ -414,14 +436,16 @@ class WorkerState:
         the first whose newest event is inside ORDER_WINDOW (each a range at the start of the
         shard's part of its table), and the records of files
         decided more than REPLAY_WINDOW ago in wall time: their decisions and the holds they
-        resolved (such a file can no longer be re-run). Rows removed, by table.
+        resolved (such a file can no longer be re-run). Then `seal` moves the dedup keys of
+        minutes SEAL_MINUTES behind the clock, all of them, a transaction per `max_rows`. Rows
+        removed, by table.
 
         It runs after every file, so the first step of each part goes in one script (one round
         trip; most passes find nothing more to do); `newest` is the shard clock if the caller
         knows it."""
         shard = self.shard
-        removed = {"worker_seen": 0, "worker_return_keys": 0, "worker_orders": 0, "worker_batches": 0,
-                   "worker_holds": 0}
+        removed = {"worker_seen": 0, "worker_seen_sealed": 0, "worker_return_keys": 0, "worker_orders": 0,
+                   "worker_batches": 0, "worker_holds": 0}
         if newest is None:
             newest = self.newest()
         script = db.Script()
@@ -435,8 +459,8 @@ class WorkerState:
                                "(complete=0 OR newest_event >= %s))"
                        % (shard, self.order_floor, self.conn.escape(add_seconds(newest, -order_window))))
             script.add("kept", "SELECT @worker_kept")
-            parts = [("worker_seen", "bucket", str(dedup_cut)), ("worker_return_keys", "bucket", str(dedup_cut)),
-                     ("worker_orders", "file_id", "@worker_kept")]
+            parts = [("worker_seen", "bucket", str(dedup_cut)), ("worker_seen_sealed", "bucket", str(dedup_cut)),
+                     ("worker_return_keys", "bucket", str(dedup_cut)), ("worker_orders", "file_id", "@worker_kept")]
             for table, column, cut in parts:
                 script.add(table, f"DELETE FROM {table} WHERE shard={shard:d} AND {column} < {cut} LIMIT {step:d}")
         script.add("replay", "SELECT id FROM worker_files WHERE shard=%s AND pruned=0 AND complete=1 AND "
@@ -467,4 +491,47 @@ class WorkerState:
                 except BaseException:
                     self.conn.rollback()
                     raise
+        if newest is not None and removed["worker_seen"] < max_rows:
+            # in passes of max_rows keys, until caught up: a big file adds more keys than one pass
+            # moves, and every key is moved once whatever the passes
+            below = minute_of(newest) - SEAL_MINUTES
+            while self.sealed_below < below and self.seal(below, max_rows):
+                pass
         return {k: v for k, v in removed.items() if v}
+
+    def seal(self, below: int, max_rows: int = 20_000) -> int:
+        """Move the shard's dedup keys of minutes before `below` from worker_seen to
+        worker_seen_sealed, in key order, so they are appended there and its pages stay full
+        (db/migrations/worker/0004); keys moved. Whole minutes, about `max_rows` keys at most
+        (a minute with more moves whole), in one transaction with the shard's `sealed_below`,
+        so a key is always in the one table its minute says. Called by the shard lock holder,
+        after pruning (keys DEDUP_WINDOW drops are not moved first)."""
+        if below <= self.sealed_below:
+            return 0
+        shard = self.shard
+        with self.conn.cursor() as cur:
+            self.conn.begin()
+            try:
+                cur.execute("SELECT sealed_below FROM worker_shards WHERE shard=%s FOR UPDATE", (shard,))
+                floor = cur.fetchone()[0]
+                if below > floor:
+                    cur.execute("SELECT bucket FROM worker_seen WHERE shard=%s AND bucket < %s ORDER BY bucket, hash "
+                                "LIMIT 1 OFFSET %s", (shard, below, max_rows))
+                    over = cur.fetchone()
+                    if over is not None:
+                        cur.execute("SELECT MIN(bucket) FROM worker_seen WHERE shard=%s", (shard,))
+                        below = max(over[0], cur.fetchone()[0] + 1)
+                    moved = cur.execute(
+                        "INSERT INTO worker_seen_sealed (shard, bucket, hash) SELECT shard, bucket, hash FROM worker_seen "
+                        "WHERE shard=%s AND bucket < %s ORDER BY bucket, hash ON DUPLICATE KEY UPDATE "
+                        "hash=worker_seen_sealed.hash", (shard, below))
+                    cur.execute("DELETE FROM worker_seen WHERE shard=%s AND bucket < %s", (shard, below))
+                    cur.execute("UPDATE worker_shards SET sealed_below=%s WHERE shard=%s", (below, shard))
+                else:
+                    below, moved = floor, 0
+                self.conn.commit()
+            except BaseException:
+                self.conn.rollback()
+                raise
+        self.sealed_below = below
+        return moved
