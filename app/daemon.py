@@ -165,6 +165,9 @@ class Daemon:
         self.handed: list[Task] | None = None
         # When each held task's lease was last set (claim or heartbeat), monotonic.
         self.leased_at: dict[tuple[str, int], float] = {}
+        # Held tasks whose done is being reported: no heartbeat (the done may be committed while
+        # its request still waits for the next claim; a heartbeat then is refused, 409).
+        self.reporting: set[tuple[str, int]] = set()
         self._held_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -291,6 +294,8 @@ class Daemon:
             self.log.error("%s failed unexpectedly:\n%s", names, traceback.format_exc())
             outcomes = [Failed(f"{type(exc).__name__}: {exc}")] * len(group)
         done = [(t, o) for t, o in zip(group, outcomes) if isinstance(o, Done)]
+        with self._held_lock:
+            self.reporting.update(t.key for t, _ in done)
         claim = self._next_claim() if claim_next and len(done) == len(group) else None
         if len(done) > 1:
             self._report_done(done, time.monotonic() - started, claim)
@@ -329,6 +334,7 @@ class Daemon:
         with self._held_lock:
             self.held.pop(task.key, None)
             self.leased_at.pop(task.key, None)
+            self.reporting.discard(task.key)
 
     def _report(self, task: Task, outcome: Outcome, seconds: float, claim: dict | None = None) -> None:
         c, stage = self.client, self.stage.name
@@ -385,7 +391,8 @@ class Daemon:
         while not self.stop.wait(interval / 2):
             now = time.monotonic()
             with self._held_lock:
-                tasks = [t for k, t in self.held.items() if now - self.leased_at.get(k, 0.0) >= interval]
+                tasks = [t for k, t in self.held.items()
+                         if k not in self.reporting and now - self.leased_at.get(k, 0.0) >= interval]
             for task in tasks:
                 try:
                     client.heartbeat(self.stage.name, task.filename, task.shard, self.owner)
@@ -394,7 +401,7 @@ class Daemon:
                             self.leased_at[task.key] = now
                 except ApiError as exc:
                     with self._held_lock:
-                        still_held = task.key in self.held
+                        still_held = task.key in self.held and task.key not in self.reporting
                     if still_held:   # else it was reported done meanwhile: no lease to lose
                         self.log.warning("lease of %s shard %s lost: %s", task.filename, task.shard, exc)
                 except ApiUnavailable:

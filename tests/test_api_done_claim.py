@@ -315,3 +315,55 @@ def test_a_done_with_claim_is_one_transaction_and_an_empty_long_poll_none(tmp_pa
             api.process.stop()
         db.stop()
         shutil.rmtree(db.datadir, ignore_errors=True)
+
+
+def test_no_heartbeat_for_a_done_task_while_its_report_waits_for_the_next_claim(live, tmp_path, caplog):
+    """The done commits first and the same request then waits for the next task: a heartbeat of
+    the done task meanwhile is refused (409) and was logged as a lost lease (a clean `make run`
+    logged it at WARNING)."""
+    import logging
+
+    from app.config import Settings
+    from app.daemon import Daemon, Done, StageWork
+
+    http = Http(live)
+    stage_name = "mysql-sender"
+    drain(http, stage_name, 1)
+    name = at(http, stage_name, "new", shard=1)
+
+    class Toy(StageWork):
+        name = stage_name
+        service = "toy-sender-beat"
+        shard = 1
+        claim_limit = 1
+
+        def __init__(self, folder: Path):
+            self.folder = folder
+
+        def process(self, tasks, ctx):
+            return [Done(events=1) for _ in tasks]
+
+    env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="3",
+                              LEASE_SECONDS="1")
+    settings = Settings.from_env(env)
+    daemon = Daemon(Toy(tmp_path / "toy"), settings, owner="toy-beat")
+    beats: list[str] = []
+    real = daemon.client.done_and_claim
+
+    def done_and_claim(*args, **kwargs):
+        answer = real(*args, **kwargs)
+        beats.append("reported")
+        return answer
+    daemon.client.done_and_claim = done_and_claim
+    caplog.set_level(logging.WARNING, logger="toy-sender-beat")
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        servers.wait_until(lambda: http.status(name, 1, stage_name) == "done", 30, 0.05, "the toy's file")
+        time.sleep(2.0)   # inside the report's 3 s wait for a next task: heartbeats every 1/6 s
+    finally:
+        daemon.stop.set()
+        thread.join(30)
+    lost = [r.getMessage() for r in caplog.records if "lease of" in r.getMessage()]
+    assert lost == []
+    assert beats == ["reported"]
