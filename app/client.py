@@ -21,7 +21,7 @@ import requests
 from requests.utils import requote_uri
 
 from .shutdown import StopFlag
-from .stages import FIRST, Action
+from .stages import FIRST, Action, Status
 
 log = logging.getLogger("pipeline-client")
 
@@ -243,7 +243,7 @@ class PipelineClient:
             body["shards"] = shards
         if not done:
             return self.call("POST", "/files/register", body)
-        body.update({"done": True, **{k: v for k, v in (("events", events), ("worker", worker)) if v is not None}})
+        body.update({Status.DONE: True, **{k: v for k, v in (("events", events), ("worker", worker)) if v is not None}})
         answer = self.call("POST", "/files/register", body)
         if "updated_rows" not in answer:
             answer["updated_rows"] = self.ingest_done(filename, events=events, worker=worker)["updated_rows"]

@@ -344,9 +344,9 @@ class Api:
         if not isinstance(shards, list) or not shards:
             raise BadRequest("'shards' must be a non-empty list of shard numbers", "shards")
         shards = sorted({self._shard(s, "shards") for s in shards})
-        done = data.get("done", False)
+        done = data.get(Status.DONE, False)   # the file is complete: its ingest status is done
         if not isinstance(done, bool):
-            raise BadRequest("'done' must be true or false", "done")
+            raise BadRequest(f"'{Status.DONE}' must be true or false", Status.DONE)
         if not done:
             return 200, self.tracker.register(filename, shards)
         # `done`: the file is complete; mark event-ingest done too (one request and transaction
