@@ -161,33 +161,38 @@ def test_done_batch_with_claim_reports_a_files_shards_and_takes_the_next_file(ht
     drain(http, stage, None)
 
 
-def test_the_daemon_reports_done_and_claims_the_next_task_in_one_request(live, tmp_path, monkeypatch):
-    """After its first claim, a daemon with work waiting makes one request per task."""
-    from app.config import Settings
-    from app.daemon import Daemon, Done, StageWork
-
-    http = Http(live)
-    stage_name = "mysql-sender"
-    drain(http, stage_name, 1)
-    files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
+def toy_sender(service: str, folder: Path):
+    """A mysql-sender of shard 1 that finishes every task at once and remembers their names."""
+    from app.daemon import Done, StageWork
 
     class Toy(StageWork):
-        name = stage_name
-        service = "toy-sender-1"
+        name = "mysql-sender"
         shard = 1
         claim_limit = 1
 
-        def __init__(self, folder: Path):
+        def __init__(self):
+            self.service = service
             self.folder = folder
             self.seen: list[str] = []
 
         def process(self, tasks, ctx):
             self.seen += [t.filename for t in tasks]
             return [Done(events=1) for _ in tasks]
+    return Toy()
 
+
+def test_the_daemon_reports_done_and_claims_the_next_task_in_one_request(live, tmp_path, monkeypatch):
+    """After its first claim, a daemon with work waiting makes one request per task."""
+    from app.config import Settings
+    from app.daemon import Daemon
+
+    http = Http(live)
+    stage_name = "mysql-sender"
+    drain(http, stage_name, 1)
+    files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
     env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
     settings = Settings.from_env(env)
-    toy = Toy(tmp_path / "toy")
+    toy = toy_sender("toy-sender-1", tmp_path / "toy")
     daemon = Daemon(toy, settings, owner="toy")
     calls = {"claim": 0, "done_and_claim": 0, "done": 0}
     for name in calls:
@@ -324,29 +329,16 @@ def test_no_heartbeat_for_a_done_task_while_its_report_waits_for_the_next_claim(
     import logging
 
     from app.config import Settings
-    from app.daemon import Daemon, Done, StageWork
+    from app.daemon import Daemon
 
     http = Http(live)
     stage_name = "mysql-sender"
     drain(http, stage_name, 1)
     name = at(http, stage_name, "new", shard=1)
-
-    class Toy(StageWork):
-        name = stage_name
-        service = "toy-sender-beat"
-        shard = 1
-        claim_limit = 1
-
-        def __init__(self, folder: Path):
-            self.folder = folder
-
-        def process(self, tasks, ctx):
-            return [Done(events=1) for _ in tasks]
-
     env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="3",
                               LEASE_SECONDS="1")
     settings = Settings.from_env(env)
-    daemon = Daemon(Toy(tmp_path / "toy"), settings, owner="toy-beat")
+    daemon = Daemon(toy_sender("toy-sender-beat", tmp_path / "toy"), settings, owner="toy-beat")
     beats: list[str] = []
     real = daemon.client.done_and_claim
 
