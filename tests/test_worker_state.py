@@ -75,13 +75,21 @@ def sql(url, query, args=()):
     return servers.query(url, query, args)
 
 
-def test_upgrade_from_0002_keeps_dedup_keys_orders_and_balances(make_database, shared_dir, tmp_path, monkeypatch):
-    url = make_database("upg")
+def older_worker_schema(tmp_path, monkeypatch, last: int):
+    """Make db.migrate know the worker migrations only up to `last` (an upgrade test's starting
+    point); returns the real folder, to set back before migrating on."""
     current_sql, old_sql = db.SQL_DIR, tmp_path / "db"
     shutil.copytree(db.SQL_DIR, old_sql)
-    for later in (old_sql / "migrations" / "worker").glob("000[3-9]_*.sql"):
-        later.unlink()
+    for later in (old_sql / "migrations" / "worker").glob("*.sql"):
+        if int(later.name[:4]) > last:
+            later.unlink()
     monkeypatch.setattr(db, "SQL_DIR", old_sql)
+    return current_sql
+
+
+def test_upgrade_from_0002_keeps_dedup_keys_orders_and_balances(make_database, shared_dir, tmp_path, monkeypatch):
+    url = make_database("upg")
+    current_sql = older_worker_schema(tmp_path, monkeypatch, last=2)
     conn = db.connect(url)
     assert [m.version for m in db.migrate(conn, "worker")] == [1, 2]
     old_restock, old_status = restock(1000, 2, 1, 5), shop_status(1500, 4, True)
@@ -239,11 +247,7 @@ def test_old_minutes_are_sealed_and_their_duplicates_and_late_keys_still_found(w
 def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(make_database, shared_dir, tmp_path,
                                                                                monkeypatch):
     url = make_database("upg4")
-    current_sql, old_sql = db.SQL_DIR, tmp_path / "db"
-    shutil.copytree(db.SQL_DIR, old_sql)
-    for later in (old_sql / "migrations" / "worker").glob("000[4-9]_*.sql"):
-        later.unlink()
-    monkeypatch.setattr(db, "SQL_DIR", old_sql)
+    current_sql = older_worker_schema(tmp_path, monkeypatch, last=3)
     conn = db.connect(url)
     assert [m.version for m in db.migrate(conn, "worker")] == [1, 2, 3]
     old = [restock(i, 2, 1, 1) for i in range(5)]
@@ -314,11 +318,7 @@ def test_balances_of_0003_lose_the_bytes_of_updated_at(make_database, tmp_path, 
     """0004 drops worker_balances.updated_at by copying the table: an instant DROP COLUMN left
     its 7 bytes in every row (47 bytes a row instead of 40)."""
     url = make_database("bal4")
-    current_sql, old_sql = db.SQL_DIR, tmp_path / "db"
-    shutil.copytree(db.SQL_DIR, old_sql)
-    for later in (old_sql / "migrations" / "worker").glob("000[4-9]_*.sql"):
-        later.unlink()
-    monkeypatch.setattr(db, "SQL_DIR", old_sql)
+    current_sql = older_worker_schema(tmp_path, monkeypatch, last=3)
     conn = db.connect(url)
     try:
         db.migrate(conn, "worker")
