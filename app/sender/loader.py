@@ -241,17 +241,16 @@ class Prepared(msgspec.Struct, gc=False):
 assert set(EVENT_TYPES) == set(range(min(EVENT_TYPES), max(EVENT_TYPES) + 1)), "event types must be a range"
 
 
-@lru_cache(maxsize=16)
-def _decoder(shard: int, source_file: str) -> Callable[[bytes], list[Prepared]]:
-    """`Prepared` lines of one (shard, file): `shard` and `source_file` as literals, so the
-    decoder refuses another shard's or file's line in C and builds no string per line for the
-    file's name (a sender loads one file at a time; a few are kept)."""
-    fields = [(f.name, Literal[shard] if f.name == "shard" else Literal[source_file] if f.name == "source_file"
-               else f.type) for f in msgspec.structs.fields(Prepared)]
+@lru_cache(maxsize=8)
+def _decoder(shard: int) -> Callable[[bytes], list[Prepared]]:
+    """`Prepared` lines of one shard: `shard` as a literal, so the decoder refuses another
+    shard's line in C (building a decoder takes ~0.3 ms: one per shard, kept; one per file
+    would cost a small file more than it saves)."""
+    fields = [(f.name, Literal[shard] if f.name == "shard" else f.type) for f in msgspec.structs.fields(Prepared)]
     return msgspec.json.Decoder(msgspec.defstruct("Prepared", fields, gc=False)).decode_lines
 
 
-_shop_of = attrgetter("shop_id")
+_source_of, _shop_of = attrgetter("source_file"), attrgetter("shop_id")
 _key_of, _time_of, _amount_of, _payload_of = (attrgetter("event_key"), attrgetter("timestamp"),
                                               attrgetter("amount"), attrgetter("payload"))
 _day_of = itemgetter(slice(0, 10))
@@ -322,11 +321,12 @@ def _block_rows(block: bytes, lines: int, source_file: str, shard: int, shard_co
     if not block.startswith(_LINE_START) or block.count(_NEXT_LINE_START) != lines - 1:
         return None
     try:
-        rows = _decoder(shard, source_file)(block)
+        rows = _decoder(shard)(block)
     except (msgspec.MsgspecError, RecursionError):  # the decoder's recursion: nesting in the thousands
         return None
     n = len(rows)
-    if n != lines or any(shop % shard_count != shard for shop in set(map(_shop_of, rows))):
+    if (n != lines or set(map(_source_of, rows)) != {source_file}
+            or any(shop % shard_count != shard for shop in set(map(_shop_of, rows)))):
         return None
     keys = "".join(map(_key_of, rows))
     if not keys.isascii() or keys.encode().translate(None, _KEY_BYTES) or not _times_ok(list(map(_time_of, rows))):
