@@ -1,7 +1,7 @@
 """How fast and how cheaply mysql-sender loads prepared files, against the server's own floors.
 
     .venv/bin/python bench/load.py [--rows 1000000] [--small-files 200] [--history 2000000]
-                                   [--methods load_data,insert] [--repeat N] [--parts big,small,history]
+                                   [--methods load_data,insert] [--repeat N] [--parts big,small,history,convert]
                                    [--shared | --url mysql://root:@127.0.0.1:3306/x]
 
 By default on a private mariadbd with the machine server's InnoDB settings (128 MiB buffer pool,
@@ -25,6 +25,10 @@ ids, 500 shops and 100,000 users per shard, timestamps 3 ms apart), cached under
   history  200,000 rows by load_file on a fresh database, then --history rows (10,000-row files,
            untimed), then 200,000 more: rows/s and CPU per row after the history against fresh,
            beside the reference table's floor measured the same way.
+  convert  the sender's own per-row work on the file of `big` (--rows), without a server: read
+           and hash it in blocks, check every line and render the TSV, as `load_file` does;
+           CPU per row, best of 7 (other processes only slow a round down, so the best is
+           the figure to compare between two checkouts run one after the other).
   daemon   the --small-files files through a real `python -m app.sender --shard 0` and a real
            pipeline-apid (default settings), all queued before the sender starts: the sender
            process's CPU per file (its HTTP claims and reports, logging and the load) and the API's.
@@ -338,6 +342,24 @@ class Bench:
               f"{ref['after'][0] / out['after'][0]:.2f}", flush=True)
 
 
+def convert(rows: int, cache: Path, rounds: int = 7) -> None:
+    """The loader's read, hash, check and render of one big prepared file, no server (`convert`)."""
+    prepared = write_file(cache / f"{SOURCE}-{rows}.prepared.txt", rows, SOURCE, 0)
+    best = float("inf")
+    for _ in range(rounds):
+        cpu = time.process_time()
+        with open(prepared, "rb") as f:
+            reading = loader._Reading()
+            blocks = loader._blocks(f, reading.hasher, loader.FIRST_BATCH, FILE_ROWS, loader.CHUNK_BYTES,
+                                    loader.MAX_LINE_BYTES)
+            for _chunk in loader._converted(blocks, reading, loader.tsv, SOURCE, 0, 2, loader.MAX_JSON_DEPTH):
+                pass
+        best = min(best, time.process_time() - cpu)
+    assert reading.rows == rows
+    print(f"\n== convert: {rows:,} rows read, checked and rendered, no server: {1e6 * best / rows:.3f} µs/row "
+          f"(best of {rounds}; load average {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def process_cpu(pid: int) -> float:
     """CPU seconds of a process and its children still alive (gunicorn's workers)."""
     total = 0.0
@@ -424,6 +446,11 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if args.history % FILE_ROWS:
         parser.error(f"--history must be a multiple of {FILE_ROWS}")
+    if parts == {"convert"}:  # no server needed
+        cache = ROOT / "var" / "bench" / "load"
+        cache.mkdir(parents=True, exist_ok=True)
+        convert(args.rows, cache)
+        return
     bench = Bench(args)
     print(f"server: {'private mariadbd, 128 MiB buffer pool' if bench.private else bench.server.host}; "
           f"{os.cpu_count()} CPUs")
@@ -433,6 +460,8 @@ def main() -> None:
             bench.small(per_row)
         if "history" in parts:
             bench.history()
+        if "convert" in parts:
+            convert(args.rows, bench.cache)
         if "daemon" in parts:
             daemon(bench)
     finally:
