@@ -4,16 +4,22 @@ prepared line byte for byte as orjson prints the line's dict, on the fixtures, t
 lines with every injected case, and lines made to be unusual."""
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import re
 from datetime import datetime
 from pathlib import Path
 
+from decimal import Decimal
+
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.ingest.generator import Generator
+from app.worker import rules
 from app.worker.rules import RETURN, Bad, Event, valid_time, validate, validate_exact
 from app.worker.stage import PreparedLines, prepared_line
 
@@ -187,3 +193,64 @@ def test_valid_time_caches_per_second_but_checks_every_character():
     for ts in cases + cases[::-1]:   # the second time round, from the cache, in the other order
         assert valid_time(ts) == reference_time(ts), repr(ts)
     assert sum(map(valid_time, cases)) == 4 * 3
+
+
+def reference_money(value):
+    """What `rules.money` means, without its cache or its shortcut: the Decimal of the number's
+    shortest repr, at most 2 decimals and 13 integer digits, quantized to cents."""
+    if type(value) not in (int, float):
+        raise TypeError
+    amount = Decimal(value) if type(value) is int else Decimal(repr(value))
+    if not amount.is_finite() or abs(amount) >= Decimal("1e13") or amount.as_tuple().exponent < -2:
+        raise ValueError
+    return amount.quantize(Decimal("0.01"))
+
+
+def same_money(value) -> None:
+    rules._amounts.clear()
+    try:
+        want = reference_money(value)
+    except (TypeError, ValueError) as exc:
+        with pytest.raises(type(exc)):
+            rules.money(value)
+        return
+    got = rules.money(value)
+    assert got.as_tuple() == want.as_tuple() and str(got) == str(want), value
+    assert rules.money(value).as_tuple() == want.as_tuple(), value    # from the cache
+
+
+MONEY_EDGES = [0.0, -0.0, 0, -0, 0.01, -0.01, 0.005, 0.015, 0.1, 0.3, 1e-5, 5e-324, 0.29, 1.15, 2.675, 1.005,
+               9999999999999.99, -9999999999999.99, 9999999999999.995, 1e13, -1e13, 9999999999999.98,
+               99999999999999.9, 1e15, 1e16, 1e300, float("inf"), float("-inf"), float("nan"), 123456789012.345,
+               0.07, 10**13, 10**13 - 1, -(10**13) + 1, 2**53, 2**53 + 1, 1, -1, True, None, "1.00", Decimal("1")]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(st.integers(-10**15, 10**15).map(lambda c: c / 100), st.integers(-10**16, 10**16).map(lambda c: c / 1000),
+                 st.floats(allow_nan=True, allow_infinity=True), st.integers(-2 * 10**13, 2 * 10**13),
+                 st.sampled_from(MONEY_EDGES)))
+def test_money_is_the_decimal_of_the_numbers_repr_whatever_the_number(value):
+    same_money(value)
+
+
+def test_money_on_every_cent_near_the_edges_and_the_generators_prices():
+    for base in (0, 1, 100, 2**20, 10**12, 10**15 - 10**4):
+        for c in range(base - 300, base + 300):
+            same_money(c / 100)
+            same_money(-c / 100)
+            same_money(c / 1000)
+    for raw in generator_lines(2000):
+        try:
+            body = orjson.loads(raw)["payload"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue
+        for name in ("price_at_order", "refund_amount", "new_price"):
+            if type(body) is dict and name in body:
+                same_money(body[name])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1))
+def test_buyer_of_is_the_first_8_bytes_of_openssls_md5(user, good):
+    digest = hashlib.md5(b"%d %d" % (user, good)).digest()
+    assert rules.buyer_of(user, good) == int.from_bytes(digest[:8], "big", signed=True)
