@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import random
 import re
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +22,9 @@ from hypothesis import strategies as st
 from app.ingest.generator import Generator
 from app.worker import rules
 from app.worker.rules import RETURN, Bad, Event, valid_time, validate, validate_exact
-from app.worker.stage import PreparedLines, prepared_line
+from app.worker.rules import ACCEPTED, HELD
+from app.worker.stage import PAUSE_LINES, Counts, FileRun, PreparedLines, prepared_line, rejected_line
+from app.worker.state import Hold
 
 FIXTURES = Path("/work/shared/fixtures")
 T = "2026-05-01 10:00:00.123"
@@ -254,3 +257,73 @@ def test_money_on_every_cent_near_the_edges_and_the_generators_prices():
 def test_buyer_of_is_the_first_8_bytes_of_openssls_md5(user, good):
     digest = hashlib.md5(b"%d %d" % (user, good)).digest()
     assert rules.buyer_of(user, good) == int.from_bytes(digest[:8], "big", signed=True)
+
+
+def reference_emit(run, raws, first_line, codes, events, shop_of) -> None:
+    """`FileRun._emit` as it was, one Python step per line (without the pauses)."""
+    out, rej, counts, lines = run.out, run.rej, run.counts, run.prepare.lines
+    pending = run.pending
+    counts.lines += len(raws)
+    accepted: list = []
+    for i, code in enumerate(codes):
+        if not i % PAUSE_LINES and accepted:
+            out.write(lines(accepted, shop_of))
+            counts.accepted += len(accepted)
+            accepted.clear()
+        line = first_line + i
+        after = None
+        if pending and line in pending:
+            after = run._emit_resolved(pending.pop(line), accepted, before=True)
+        if code == ACCEPTED:
+            accepted.append(events[i])
+        elif code == HELD:
+            counts.held += 1
+        else:
+            detail = None
+            if code in (rules.MALFORMED, rules.WRONG_SHARD, rules.TOO_LARGE):
+                bad = events[i]
+                detail = bad.detail if type(bad) is Bad else None
+            rej.write(rejected_line(raws[i], code, detail, run.filename, line))
+            counts.reject(code)
+        if after:
+            run._emit_resolved(after, accepted, before=False)
+    if accepted:
+        out.write(lines(accepted, shop_of))
+        counts.accepted += len(accepted)
+
+
+def emit_run(seed: int, emit) -> tuple:
+    """A FileRun without a stage, its outputs in memory, writing one batch of the generator's
+    lines with codes and resolved holds drawn at random (`seed`) through `emit`."""
+    rng = random.Random(seed)
+    raws = EMIT_LINES[: rng.choice([1, 5, 255, 256, 257, 700, len(EMIT_LINES)])]
+    events = [validate(raw, 0, 2) for raw in raws]
+    weights = rng.choice([(1, 0, 0), (20, 1, 1), (1, 1, 1), (0, 1, 1)])
+    codes = bytes(rng.choices([ACCEPTED, HELD, rng.choice(range(2, 16))], weights)[0]
+                  if type(ev) is Event else ev.code for ev in events)
+    run = object.__new__(FileRun)
+    out, rej = io.BytesIO(), io.BytesIO()
+    run.out, run.rej, run.counts, run.filename = out, rej, Counts(), SOURCE
+    run.prepare, run.validate = PreparedLines(0, SOURCE), rules.validator(0, 2)
+    first_line = rng.choice([1, 1000])
+    run.pending = {}
+    returns = [raw for raw in EMIT_LINES if type(ev := validate(raw, 0, 2)) is Event and ev.etype == RETURN]
+    for k in range(rng.choice([0, 1, 3, 40])):
+        line = first_line + rng.randrange(-5, len(raws) + 5)
+        h = Hold(1, k + 1, "older", 0, rng.choice(returns), T, T)
+        h.resolve(rng.choice(["expired", "released"]), rng.choice([ACCEPTED, ACCEPTED, rules.ORPHAN_RETURN]), 2,
+                  line, k)
+        run.pending.setdefault(line, []).append(h)
+    shop_of = {validate(raw, 0, 2).order_id: 5 for raw in returns}
+    emit(run, raws, first_line, codes, events, shop_of)
+    c = run.counts
+    return (out.getvalue(), rej.getvalue(), c.stats(), c.lines, c.accepted, sorted(run.pending))
+
+
+EMIT_LINES = generator_lines(1000)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_emit_by_stretches_writes_what_the_line_by_line_loop_wrote(seed):
+    fast = emit_run(seed, lambda run, *args: FileRun._emit(run, *args))
+    assert fast == emit_run(seed, lambda run, *args: reference_emit(run, *args))
