@@ -498,21 +498,23 @@ def buyer_of(user_id: int, good_id: int) -> int:
     return int.from_bytes(_md5(b"%d %d" % (user_id, good_id)).digest()[:8], "big", signed=True)
 
 
-class Order:
+class Order(msgspec.Struct, gc=False, eq=False):
     """A decided purchase, as a return is checked against it: debited when it was accepted,
     credited once its return was (`credit` not None). One read from the ledger has no user
-    and good (None), only their digest `buyer`."""
+    and good (None), only their digest `buyer`. A Struct, as `Event` is: made in one C call
+    (a class with __slots__ and an __init__ cost 0.3 µs more per purchase decided)."""
 
-    __slots__ = ("order_id", "user_id", "amount", "shop_id", "good_id", "qty", "debited", "credit", "line",
-                 "stored_at", "buyer")
-
-    def __init__(self, order_id, user_id, amount, shop_id, good_id, qty, debited, credit=None, line=0,
-                 stored_at=None, buyer=None):
-        self.order_id, self.user_id, self.amount = order_id, user_id, amount
-        self.shop_id, self.good_id, self.qty = shop_id, good_id, qty
-        self.debited, self.credit, self.line = debited, credit, line   # line: decided by this batch, there
-        self.stored_at = stored_at   # (file id, line) of its ledger row, for one read from the database
-        self.buyer = buyer
+    order_id: int
+    user_id: Optional[int]
+    amount: Any
+    shop_id: int
+    good_id: Optional[int]
+    qty: int
+    debited: bool
+    credit: Any = None
+    line: int = 0               # decided by this batch, there
+    stored_at: Any = None       # (file id, line) of its ledger row, for one read from the database
+    buyer: Optional[int] = None
 
 
 def refund(ev: Event, order: Order, rules: Rules, shard: int, shard_count: int) -> int:
