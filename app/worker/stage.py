@@ -618,29 +618,39 @@ class FileRun:
 
     def _emit(self, raws, first_line: int, codes: bytes, events, shop_of: dict[int, int], pause=None) -> None:
         """Write a batch's outputs from its codes: prepared lines rendered PAUSE_LINES lines at a
-        time (`PreparedLines.lines`), rejected lines as they come. A stretch of lines where no
-        resolved hold is due takes its accepted events in one C pass (`compress` by the codes)
-        and looks only at the few other lines: a Python step per line was a third of the
+        time (`PreparedLines.lines`), rejected lines as they come. The lines between two where a
+        resolved hold is due take their accepted events in one C pass (`compress` by the codes)
+        and only the few others are looked at: a Python step per line was a third of the
         writing thread."""
         out, counts, lines = self.out, self.counts, self.prepare.lines
         pending = self.pending
         n = len(raws)
         counts.lines += n
-        due = sorted(k for k in pending if first_line <= k < first_line + n) if pending else ()
+        due = iter(sorted(k - first_line for k in pending if first_line <= k < first_line + n) if pending else ())
+        next_due = next(due, n)
         for start in range(0, n, PAUSE_LINES):
             if pause is not None:
                 pause()
             end = min(start + PAUSE_LINES, n)
-            chunk = codes[start:end]
-            if due and any(first_line + start <= k < first_line + end for k in due):
-                accepted = self._emit_lines(raws, first_line, codes, events, start, end)
-            else:
-                accepted = list(compress(events[start:end], chunk.translate(_ACCEPTED_ONLY)))
-                if len(accepted) < end - start:
-                    self._emit_others(raws, first_line, codes, events, compress(range(start, end), chunk))
+            accepted: list = []
+            i = start
+            while next_due < end:
+                self._emit_stretch(raws, first_line, codes, events, i, next_due, accepted)
+                self._emit_due(raws, first_line, codes, events, next_due, accepted)
+                i, next_due = next_due + 1, next(due, n)
+            self._emit_stretch(raws, first_line, codes, events, i, end, accepted)
             if accepted:
                 out.write(lines(accepted, shop_of))
                 counts.accepted += len(accepted)
+
+    def _emit_stretch(self, raws, first_line: int, codes: bytes, events, start: int, end: int, accepted: list) -> None:
+        """Lines start..end-1, none with a resolved hold due: the accepted events join
+        `accepted`, the others are counted or written."""
+        chunk = codes[start:end]
+        before = len(accepted)
+        accepted.extend(compress(events[start:end], chunk.translate(_ACCEPTED_ONLY)))
+        if len(accepted) - before < end - start:
+            self._emit_others(raws, first_line, codes, events, compress(range(start, end), chunk))
 
     def _emit_others(self, raws, first_line: int, codes: bytes, events, indexes) -> None:
         """The lines at `indexes` (none of them accepted, none with a resolved hold due): held
@@ -658,23 +668,16 @@ class FileRun:
             rej.write(rejected_line(raws[i], code, detail, filename, first_line + i))
             counts.reject(code)
 
-    def _emit_lines(self, raws, first_line: int, codes: bytes, events, start: int, end: int) -> list:
-        """Lines start..end-1 one by one, with the resolved holds due at them: the accepted
-        events in output order (the others written or counted)."""
-        pending = self.pending
-        accepted: list = []
-        for i in range(start, end):
-            line = first_line + i
-            after = None
-            if line in pending:
-                after = self._emit_resolved(pending.pop(line), accepted, before=True)
-            if codes[i] == ACCEPTED:
-                accepted.append(events[i])
-            else:
-                self._emit_others(raws, first_line, codes, events, (i,))
-            if after:
-                self._emit_resolved(after, accepted, before=False)
-        return accepted
+    def _emit_due(self, raws, first_line: int, codes: bytes, events, i: int, accepted: list) -> None:
+        """Line i and the resolved holds due at it: expired ones before it, released ones after."""
+        line = first_line + i
+        after = self._emit_resolved(self.pending.pop(line), accepted, before=True)
+        if codes[i] == ACCEPTED:
+            accepted.append(events[i])
+        else:
+            self._emit_others(raws, first_line, codes, events, (i,))
+        if after:
+            self._emit_resolved(after, accepted, before=False)
 
     def _emit_resolved(self, holds: list[Hold], accepted: list, before: bool | None) -> list[Hold]:
         """Resolved holds: expired ones go before the line that resolved them, released ones
