@@ -4,18 +4,27 @@ prepared line byte for byte as orjson prints the line's dict, on the fixtures, t
 lines with every injected case, and lines made to be unusual."""
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
+import random
 import re
 from datetime import datetime
 from pathlib import Path
 
+from decimal import Decimal
+
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.ingest.generator import Generator
+from app.worker import rules
 from app.worker.rules import RETURN, Bad, Event, valid_time, validate, validate_exact
-from app.worker.stage import PreparedLines, prepared_line
+from app.worker.rules import ACCEPTED, HELD
+from app.worker.stage import PAUSE_LINES, Counts, FileRun, PreparedLines, prepared_line, rejected_line
+from app.worker.state import Hold
 
 FIXTURES = Path("/work/shared/fixtures")
 T = "2026-05-01 10:00:00.123"
@@ -187,3 +196,222 @@ def test_valid_time_caches_per_second_but_checks_every_character():
     for ts in cases + cases[::-1]:   # the second time round, from the cache, in the other order
         assert valid_time(ts) == reference_time(ts), repr(ts)
     assert sum(map(valid_time, cases)) == 4 * 3
+
+
+def reference_money(value):
+    """What `rules.money` means, without its cache or its shortcut: the Decimal of the number's
+    shortest repr, at most 2 decimals and 13 integer digits, quantized to cents."""
+    if type(value) not in (int, float):
+        raise TypeError
+    amount = Decimal(value) if type(value) is int else Decimal(repr(value))
+    if not amount.is_finite() or abs(amount) >= Decimal("1e13") or amount.as_tuple().exponent < -2:
+        raise ValueError
+    return amount.quantize(Decimal("0.01"))
+
+
+def same_money(value) -> None:
+    rules._amounts.clear()
+    try:
+        want = reference_money(value)
+    except (TypeError, ValueError) as exc:
+        with pytest.raises(type(exc)):
+            rules.money(value)
+        return
+    got = rules.money(value)
+    assert got.as_tuple() == want.as_tuple() and str(got) == str(want), value
+    assert rules.money(value).as_tuple() == want.as_tuple(), value    # from the cache
+
+
+MONEY_EDGES = [0.0, -0.0, 0, -0, 0.01, -0.01, 0.005, 0.015, 0.1, 0.3, 1e-5, 5e-324, 0.29, 1.15, 2.675, 1.005,
+               9999999999999.99, -9999999999999.99, 9999999999999.995, 1e13, -1e13, 9999999999999.98,
+               99999999999999.9, 1e15, 1e16, 1e300, float("inf"), float("-inf"), float("nan"), 123456789012.345,
+               0.07, 10**13, 10**13 - 1, -(10**13) + 1, 2**53, 2**53 + 1, 1, -1, True, None, "1.00", Decimal("1")]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.integers(-10**15, 10**15).map(lambda c: c / 100), st.integers(-10**16, 10**16).map(lambda c: c / 1000),
+                 st.floats(allow_nan=True, allow_infinity=True), st.integers(-2 * 10**13, 2 * 10**13),
+                 st.sampled_from(MONEY_EDGES)))
+def test_money_is_the_decimal_of_the_numbers_repr_whatever_the_number(value):
+    same_money(value)
+
+
+def test_money_on_every_cent_near_the_edges_and_the_generators_prices():
+    for base in (0, 1, 100, 2**20, 10**12, 10**15 - 10**4):
+        for c in range(base - 300, base + 300):
+            same_money(c / 100)
+            same_money(-c / 100)
+            same_money(c / 1000)
+    for raw in generator_lines(2000):
+        try:
+            body = orjson.loads(raw)["payload"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue
+        for name in ("price_at_order", "refund_amount", "new_price"):
+            if type(body) is dict and name in body:
+                same_money(body[name])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1))
+def test_buyer_of_is_the_first_8_bytes_of_openssls_md5(user, good):
+    digest = hashlib.md5(b"%d %d" % (user, good)).digest()
+    assert rules.buyer_of(user, good) == int.from_bytes(digest[:8], "big", signed=True)
+
+
+def reference_emit(run, raws, first_line, codes, events, shop_of) -> None:
+    """`FileRun._emit` as it was, one Python step per line (without the pauses)."""
+    out, rej, counts, lines = run.out, run.rej, run.counts, run.prepare.lines
+    pending = run.pending
+    counts.lines += len(raws)
+    accepted: list = []
+    for i, code in enumerate(codes):
+        if not i % PAUSE_LINES and accepted:
+            out.write(lines(accepted, shop_of))
+            counts.accepted += len(accepted)
+            accepted.clear()
+        line = first_line + i
+        after = None
+        if pending and line in pending:
+            after = run._emit_resolved(pending.pop(line), accepted, before=True)
+        if code == ACCEPTED:
+            accepted.append(events[i])
+        elif code == HELD:
+            counts.held += 1
+        else:
+            detail = None
+            if code in (rules.MALFORMED, rules.WRONG_SHARD, rules.TOO_LARGE):
+                bad = events[i]
+                detail = bad.detail if type(bad) is Bad else None
+            rej.write(rejected_line(raws[i], code, detail, run.filename, line))
+            counts.reject(code)
+        if after:
+            run._emit_resolved(after, accepted, before=False)
+    if accepted:
+        out.write(lines(accepted, shop_of))
+        counts.accepted += len(accepted)
+
+
+def emit_run(seed: int, emit) -> tuple:
+    """A FileRun without a stage, its outputs in memory, writing one batch of the generator's
+    lines with codes and resolved holds drawn at random (`seed`) through `emit`."""
+    rng = random.Random(seed)
+    raws = EMIT_LINES[: rng.choice([1, 5, 255, 256, 257, 700, len(EMIT_LINES)])]
+    events = [validate(raw, 0, 2) for raw in raws]
+    weights = rng.choice([(1, 0, 0), (20, 1, 1), (1, 1, 1), (0, 1, 1)])
+    codes = bytes(rng.choices([ACCEPTED, HELD, rng.choice(range(2, 16))], weights)[0]
+                  if type(ev) is Event else ev.code for ev in events)
+    run = object.__new__(FileRun)
+    out, rej = io.BytesIO(), io.BytesIO()
+    run.out, run.rej, run.counts, run.filename = out, rej, Counts(), SOURCE
+    run.prepare, run.validate = PreparedLines(0, SOURCE), rules.validator(0, 2)
+    first_line = rng.choice([1, 1000])
+    run.pending = {}
+    returns = [raw for raw in EMIT_LINES if type(ev := validate(raw, 0, 2)) is Event and ev.etype == RETURN]
+    for k in range(rng.choice([0, 1, 3, 40])):
+        line = first_line + rng.randrange(-5, len(raws) + 5)
+        h = Hold(1, k + 1, "older", 0, rng.choice(returns), T, T)
+        h.resolve(rng.choice(["expired", "released"]), rng.choice([ACCEPTED, ACCEPTED, rules.ORPHAN_RETURN]), 2,
+                  line, k)
+        run.pending.setdefault(line, []).append(h)
+    shop_of = {validate(raw, 0, 2).order_id: 5 for raw in returns}
+    emit(run, raws, first_line, codes, events, shop_of)
+    c = run.counts
+    return (out.getvalue(), rej.getvalue(), c.stats(), c.lines, c.accepted, sorted(run.pending))
+
+
+EMIT_LINES = generator_lines(1000)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_emit_by_stretches_writes_what_the_line_by_line_loop_wrote(seed):
+    fast = emit_run(seed, lambda run, *args: FileRun._emit(run, *args))
+    assert fast == emit_run(seed, lambda run, *args: reference_emit(run, *args))
+
+
+# -- property tests: any line, both paths ------------------------------------------------------
+
+FIELD_NAMES = ["order_id", "user_id", "shop_id", "good_id", "qty", "price_at_order", "refund_amount", "delta_count",
+               "reason", "sub_event_type", "new_price", "active", "extra"]
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False),
+                    st.sampled_from([0.01, 199.99, 1e13, 12.345, -0.0, 2147483648]), st.text(max_size=8))
+JSON_VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                             st.dictionaries(st.sampled_from(FIELD_NAMES), inner,
+                                                                             max_size=3)), max_leaves=40)
+PAYLOADS = st.dictionaries(st.sampled_from(FIELD_NAMES), st.one_of(SCALARS, JSON_VALUES), max_size=8)
+NUMBERS = st.one_of(st.integers(-5, 2**63 + 5), st.integers(-2**63, 2**63 - 1), st.integers(1, 10**6).map(lambda c: c / 100),
+                    st.floats(-1e14, 1e14), st.sampled_from([0, -0.0, 1e13, 2147483647, 2147483648, 12.345]))
+KIND_VALUES = {"order": NUMBERS, "id": NUMBERS, "qty": NUMBERS, "money": NUMBERS, "bool": st.booleans()}
+
+
+@st.composite
+def typed_payloads(draw):
+    """A payload with the fields of an event type (`rules.FIELDS`), values mostly in range,
+    now and then a field dropped, added or moved: lines the fast path takes or nearly does."""
+    etype = draw(st.integers(0, 4))
+    fields = list(rules.FIELDS[etype])
+    if etype == rules.PURCHASE:
+        fields.insert(2, ("shop_id", "id"))
+    elif etype == rules.RETURN and draw(st.booleans()):
+        fields.insert(2, ("shop_id", "id"))
+    payload = {name: draw(KIND_VALUES[kind]) for name, kind in fields}
+    if etype == rules.RESTOCK and draw(st.booleans()):
+        payload.update(reason=draw(st.text(max_size=5)), sub_event_type=draw(st.sampled_from(["loss", "restock"])))
+    if draw(st.integers(0, 9)) == 0:
+        payload.pop(draw(st.sampled_from(sorted(payload))))
+    if draw(st.integers(0, 9)) == 0:
+        payload[draw(st.sampled_from(FIELD_NAMES))] = draw(SCALARS)
+    if draw(st.integers(0, 9)) == 0:
+        payload = dict(reversed(list(payload.items())))
+    return etype, payload
+TIMES = st.one_of(st.just(T), st.sampled_from(["2026-02-29 10:00:00.000", "2024-02-29 23:59:59.999", "2026-05-01"]),
+                  st.text(max_size=24))
+LINES = st.builds(lambda etype, payload, ts, saved: {"event_type": etype, "payload": payload, "timestamp": ts,
+                                                     **({"saved_at": saved} if saved is not None else {})},
+                  st.one_of(st.integers(-1, 5), st.sampled_from([1.0, True, "1", None])),
+                  st.one_of(PAYLOADS, JSON_VALUES), TIMES, st.one_of(st.none(), TIMES, SCALARS))
+
+
+@settings(max_examples=600, deadline=None)
+@given(LINES, st.sampled_from([0, 1]), st.booleans())
+def test_any_line_of_json_agrees_on_both_paths(obj, shard, small_limits):
+    raw = orjson.dumps(obj)
+    compare(raw, shard)
+    if small_limits:
+        compare(raw, shard, max_line_bytes=4096, max_depth=2)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(typed_payloads(), TIMES, st.sampled_from([0, 1]))
+def test_lines_shaped_like_events_agree_on_both_paths(typed, ts, shard):
+    etype, payload = typed
+    compare(orjson.dumps({"event_type": etype, "payload": payload, "saved_at": T, "timestamp": ts}), shard)
+
+
+def edit(raw: bytes, edits: list) -> bytes:
+    for pos, cut, insert in edits:
+        pos %= len(raw) + 1
+        raw = raw[:pos] + insert + raw[pos + cut:]
+    return raw
+
+
+EDIT_BYTES = st.one_of(st.binary(max_size=3), st.sampled_from([b'"', b"\\", b"{", b"}", b"[", b"]", b",", b":", b"0",
+                                                           b"-", b".", b"e", b" ", b"\n", b"\xff", b"\xc3\xa9", b"null"]))
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.integers(0, 10**6), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 3), EDIT_BYTES), max_size=4),
+       st.sampled_from([0, 1]))
+def test_the_generators_lines_with_any_bytes_changed_agree_on_both_paths(which, edits, shard):
+    raw = edit(EMIT_LINES[which % len(EMIT_LINES)], edits)
+    compare(raw, shard)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(1, 60), st.sampled_from([0, 1]))
+def test_any_bytes_and_any_depth_agree_on_both_paths(noise, depth, shard):
+    compare(noise, shard)
+    base = orjson.dumps(BASES[0])
+    nested = base.replace(b'"price_at_order":199.99', b'"price_at_order":' + b"[" * depth + b"1" + b"]" * depth, 1)
+    compare(nested, shard)
+    compare(nested, shard, max_depth=max(2, depth - 1))
