@@ -359,3 +359,117 @@ def test_no_heartbeat_for_a_done_task_while_its_report_waits_for_the_next_claim(
     lost = [r.getMessage() for r in caplog.records if "lease of" in r.getMessage()]
     assert lost == []
     assert beats == ["reported"]
+
+
+def toy_batch_sender(service: str, folder: Path, fail: str | None = None, stop_at: str | None = None,
+                     daemon_box: list | None = None):
+    """A mysql-sender of shard 1 claiming up to four tasks, each its own group: `fail` names a
+    file it fails; at `stop_at` it asks its daemon to stop (the file is handed back)."""
+    from app.daemon import Done, Failed, StageWork, StopRequested
+
+    class Toy(StageWork):
+        name = "mysql-sender"
+        shard = 1
+        claim_limit = 4
+
+        def __init__(self):
+            self.service = service
+            self.folder = folder
+            self.seen: list[str] = []
+
+        def process(self, tasks, ctx):
+            self.seen += [t.filename for t in tasks]
+            if stop_at in [t.filename for t in tasks]:
+                daemon_box[0].stop.set()
+                raise StopRequested()
+            return [Failed("toy refuses it") if t.filename == fail else Done(events=1) for t in tasks]
+    return Toy()
+
+
+def counted_calls(daemon, monkeypatch, names=("claim", "done_and_claim", "done", "done_batch_and_claim")) -> dict:
+    """Requests the daemon's client makes, by method (an empty claim not counted; a batch's
+    items listed)."""
+    calls: dict = {name: 0 for name in names}
+    calls["batch_items"] = []
+    for name in names:
+        real = getattr(daemon.client, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            answer = _real(*args, **kwargs)
+            calls[_name] += _name != "claim" or bool(answer)
+            if _name == "done_batch_and_claim":
+                calls["batch_items"].append([i["filename"] for i in args[1]])
+            return answer
+        monkeypatch.setattr(daemon.client, name, counted)
+    return calls
+
+
+def run_toy(daemon, until, what: str) -> None:
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        servers.wait_until(until, 30, 0.05, what)
+    finally:
+        daemon.stop.set()
+        thread.join(30)
+
+
+def test_the_dones_of_a_claim_of_several_files_go_in_one_request(live, tmp_path, monkeypatch):
+    """A claim of four files, worked one by one: the first three `done`s wait for the last and
+    the four go in one request and transaction, with the next claim (was one request each)."""
+    from app.config import Settings
+    from app.daemon import Daemon
+
+    http = Http(live)
+    stage_name = "mysql-sender"
+    drain(http, stage_name, 1)
+    files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
+    env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
+    toy = toy_batch_sender("toy-sender-batch", tmp_path / "toy")
+    daemon = Daemon(toy, Settings.from_env(env), owner="toy-batch")
+    calls = counted_calls(daemon, monkeypatch)
+    run_toy(daemon, lambda: all(http.status(f, 1, stage_name) == "done" for f in files), "the toy's four files")
+    assert toy.seen == files
+    assert calls["batch_items"] == [files]
+    assert calls["done"] == calls["done_and_claim"] == 0 and calls["claim"] == 1
+
+
+def test_a_failed_file_reports_the_dones_before_it_and_the_others_still_count(live, tmp_path, monkeypatch):
+    """A failure among a claim's files: the `done`s waiting before it are reported first (a
+    file's failure loses none of the others' work), then the failure, then the rest."""
+    from app.config import Settings
+    from app.daemon import Daemon
+
+    http = Http(live)
+    stage_name = "mysql-sender"
+    drain(http, stage_name, 1)
+    files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
+    env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
+    toy = toy_batch_sender("toy-sender-fail", tmp_path / "toy", fail=files[2])
+    daemon = Daemon(toy, Settings.from_env(env), owner="toy-fail")
+    calls = counted_calls(daemon, monkeypatch)
+    run_toy(daemon, lambda: [http.status(f, 1, stage_name) for f in files] == ["done", "done", "failed", "done"],
+            "two done, one failed, one done")
+    assert calls["batch_items"] == [files[:2]]
+    assert calls["done_and_claim"] == 1   # the last file's report takes the next claim
+
+
+def test_a_stop_between_files_reports_the_waiting_dones_before_handing_back(live, tmp_path, monkeypatch):
+    """Stopping in the third file of a claim: the two `done`s waiting are reported (not handed
+    back, which would make another daemon work them again); the third and fourth go back."""
+    from app.config import Settings
+    from app.daemon import Daemon
+
+    http = Http(live)
+    stage_name = "mysql-sender"
+    drain(http, stage_name, 1)
+    files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
+    env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
+    box: list = []
+    toy = toy_batch_sender("toy-sender-stop", tmp_path / "toy", stop_at=files[2], daemon_box=box)
+    daemon = Daemon(toy, Settings.from_env(env), owner="toy-stop")
+    box.append(daemon)
+    daemon.run()   # returns once stopped
+    assert toy.seen == files[:3]
+    assert [http.status(f, 1, stage_name) for f in files] == ["done", "done", "new", "new"]
+    drain(http, stage_name, 1)
