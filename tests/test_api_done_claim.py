@@ -473,3 +473,73 @@ def test_a_stop_between_files_reports_the_waiting_dones_before_handing_back(live
     assert toy.seen == files[:3]
     assert [http.status(f, 1, stage_name) for f in files] == ["done", "done", "new", "new"]
     drain(http, stage_name, 1)
+
+
+def test_a_batch_done_is_one_update_and_each_task_keeps_its_own_history(tmp_path):
+    """A `done-batch` of four first `done`s: one UPDATE for them all (was one each), and still
+    each task's attempts in its answer, its own log row (events, stats, duration), the
+    rejected-lines counters summed, the counts equal to a scan. On a server of the test's own
+    (its Com_* counters are the API's alone)."""
+    import shutil
+
+    import orjson
+
+    from app.client import PipelineClient
+    from tests.test_api_counts import kept_and_scanned
+
+    db = servers.new_private_mariadb()
+    api = None
+    try:
+        env = servers.service_env(db.url("pipeline_db"), tmp_path, servers.free_port(), REAP_INTERVAL="600")
+        api = servers.start_api(env, tmp_path / "logs")
+        conn = servers.admin_connect(port=db.port)
+        client = PipelineClient(api.base, max_wait=10)
+        names = [f"2027{n:010d}" for n in range(4)]
+        for name in names:
+            client.register(name, [0], done=True)
+            for stage in ("shard-splitter", "shard-worker"):
+                client.start(stage, name, 0, "up")
+                client.done(stage, name, 0, "up")
+        stage = "mysql-sender"
+        assert [t.filename for t in client.claim(stage, "w", 4, 0)] == names
+        with conn.cursor() as cur:   # one of them on its third attempt (status unchanged: counts too)
+            cur.execute("UPDATE pipeline_db.pipeline_tracking SET mysql_sender_attempts=3 WHERE filename=%s",
+                        (names[1],))
+        conn.commit()
+        stats = [{"loaded": 10}, {"loaded": 11, "rejected": {"bad_json": 1}}, {"loaded": 12},
+                 {"loaded": 13, "rejected": {"bad_json": 2, "too_long": 1}}]
+        items = [{"filename": n, "shard": 0, "events": 10 + i, "stats": s} for i, (n, s) in enumerate(zip(names, stats))]
+
+        def updates() -> int:
+            with conn.cursor() as cur:
+                cur.execute("SHOW GLOBAL STATUS LIKE 'Com_update'")
+                return int(cur.fetchone()[1])
+        before = updates()
+        answers, handed = client.done_batch_and_claim(stage, items, "w", {"limit": 1, "shard": 0})
+        assert updates() - before == 1   # nothing left to claim: the dones' one UPDATE
+        assert handed == []
+        assert [(a["filename"], a["status"], a["changed"], a["attempts"]) for a in answers] == [
+            (names[0], "done", True, 1), (names[1], "done", True, 3), (names[2], "done", True, 1),
+            (names[3], "done", True, 1)]
+        with conn.cursor() as cur:
+            cur.execute("SELECT filename, actor, events, stats, duration_ms IS NOT NULL FROM pipeline_db.pipeline_transitions"
+                        " WHERE stage=%s AND action='done' ORDER BY id", (stage,))
+            logged = cur.fetchall()
+            cur.execute("SELECT reason, n FROM pipeline_db.pipeline_rejected_counts WHERE stage=%s ORDER BY reason",
+                        (stage,))
+            rejected = cur.fetchall()
+            cur.execute("USE pipeline_db")
+        assert [(f, a, e, orjson.loads(s), d) for f, a, e, s, d in logged] == [
+            (n, "w", 10 + i, s, 1) for i, (n, s) in enumerate(zip(names, stats))]
+        assert rejected == (("bad_json", 3), ("too_long", 1))
+        kept, scanned = kept_and_scanned(conn)
+        assert kept == scanned
+        # the same batch again: each a repeat, answered as such (the one-by-one path)
+        again, _ = client.done_batch_and_claim(stage, items, "w")
+        assert [(a["status_code"], a["changed"]) for a in again] == [(200, False)] * 4
+        conn.close()
+    finally:
+        if api is not None:
+            api.process.stop()
+        db.stop()
+        shutil.rmtree(db.datadir, ignore_errors=True)
