@@ -29,11 +29,15 @@ from .safefiles import Folder, Refused, under
 from .shutdown import StopFlag, stop_on_signals
 from .stages import Action, Stage
 
-# A claim of several tasks (files queued up) is worked group by group; the `done`s of the groups
-# before the last wait for the last one's report and travel in its one request and transaction
-# (a `done-batch` with the next claim), as long as the first of them waits at most this long
-# and no more than REPORT_BATCH_MOST are waiting. At 500-event files a report was a request and
-# a transaction per file and stage; a bound keeps big files' results flowing downstream.
+# A claim of several tasks (files queued up) is worked group by group; in the stages named in
+# REPORT_DEFER_STAGES the `done`s of the groups before the last wait for the last one's report
+# and travel in its one request and transaction (a `done-batch` with the next claim), as long as
+# the first of them waits at most REPORT_DEFER_SECONDS and no more than REPORT_BATCH_MOST are
+# waiting. At 500-event files a report was a request and a transaction per file and stage. Not
+# the splitter: a done that waits holds the next stage's work back, and the splitter's next stage
+# is the workers, the pipeline's heaviest; a sender waits for a worker's files at little cost (and
+# then takes them together, so a worker's batch makes one of the sender's).
+REPORT_DEFER_STAGES = frozenset({Stage.WORKER, Stage.SENDER})
 REPORT_DEFER_SECONDS = 0.5
 REPORT_BATCH_MOST = 32
 
@@ -180,6 +184,7 @@ class Daemon:
         # when the first of them was done (monotonic). Still held: heartbeats go on for them.
         self.deferred: list[tuple[Task, Done]] = []
         self.deferred_since = 0.0
+        self.defer_for = REPORT_DEFER_SECONDS if stage.name in REPORT_DEFER_STAGES else 0.0
         self._held_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -287,7 +292,7 @@ class Daemon:
         """Process one group and report each task: their outcomes, or None when the stage
         asked to back off. `claim_next`: the last group of what was claimed; when every task
         of it is done, the report also claims the next tasks (`self.handed`). The `done`s of
-        a group before the last may wait and go with a later report (REPORT_DEFER_SECONDS);
+        a group before the last may wait and go with a later report (REPORT_DEFER_STAGES);
         any other outcome reports them first."""
         names = ", ".join(f"{t.filename}/{t.shard}" for t in group)
         started = time.monotonic()
@@ -334,7 +339,7 @@ class Daemon:
         REPORT_DEFER_SECONDS): not while stopping, not past the time or count bound."""
         if self.stop.is_set() or len(self.deferred) + more > REPORT_BATCH_MOST:
             return False
-        return not self.deferred or now - self.deferred_since < REPORT_DEFER_SECONDS
+        return now - (self.deferred_since if self.deferred else now) < self.defer_for
 
     def _report_deferred(self) -> None:
         """Report the `done`s still waiting (a stop, a back-off, a break between groups): one
