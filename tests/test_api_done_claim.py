@@ -543,3 +543,18 @@ def test_a_batch_done_is_one_update_and_each_task_keeps_its_own_history(tmp_path
             api.process.stop()
         db.stop()
         shutil.rmtree(db.datadir, ignore_errors=True)
+
+
+def test_only_the_workers_and_senders_hold_their_reports_back(tmp_path):
+    """A splitter's `done` that waited would hold back the workers (the heaviest stage), so
+    only the workers' and senders' reports of a claim's files wait for the last one."""
+    from app.config import Settings
+    from app.daemon import REPORT_DEFER_SECONDS, Daemon
+
+    settings = Settings.from_env(servers.service_env(servers.server_url("unused"), tmp_path, servers.free_port()))
+    held = {}
+    for stage in ("shard-splitter", "shard-worker", "mysql-sender"):
+        toy = toy_batch_sender(f"toy-{stage}", tmp_path / stage)
+        toy.name = stage
+        held[stage] = Daemon(toy, settings, owner="toy").defer_for
+    assert held == {"shard-splitter": 0.0, "shard-worker": REPORT_DEFER_SECONDS, "mysql-sender": REPORT_DEFER_SECONDS}
