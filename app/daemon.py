@@ -363,7 +363,8 @@ class Daemon:
         try:
             answers, handed = self.client.done_batch_and_claim(self.stage.name, items, self.owner, claim,
                                                                self.settings.claim_wait)
-            self._handed(handed)
+            if claim is not None:   # else the tasks a previous report claimed stay handed
+                self._handed(handed)
         except ApiError as exc:   # the request as a whole was refused: report one by one
             self.log.warning("batch done refused (%s); reporting each task", exc)
             for task, outcome in done:
