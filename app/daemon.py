@@ -29,6 +29,18 @@ from .safefiles import Folder, Refused, under
 from .shutdown import StopFlag, stop_on_signals
 from .stages import Action, Stage
 
+# A claim of several tasks (files queued up) is worked group by group; in the stages named in
+# REPORT_DEFER_STAGES the `done`s of the groups before the last wait for the last one's report
+# and travel in its one request and transaction (a `done-batch` with the next claim), as long as
+# the first of them waits at most REPORT_DEFER_SECONDS and no more than REPORT_BATCH_MOST are
+# waiting. At 500-event files a report was a request and a transaction per file and stage. Not
+# the splitter: a done that waits holds the next stage's work back, and the splitter's next stage
+# is the workers, the pipeline's heaviest; a sender waits for a worker's files at little cost (and
+# then takes them together, so a worker's batch makes one of the sender's).
+REPORT_DEFER_STAGES = frozenset({Stage.WORKER, Stage.SENDER})
+REPORT_DEFER_SECONDS = 0.5
+REPORT_BATCH_MOST = 32
+
 
 class StopRequested(Exception):
     """Raised inside `process` when the daemon is asked to stop: the task is handed back."""
@@ -168,6 +180,11 @@ class Daemon:
         # Held tasks whose done is being reported: no heartbeat (the done may be committed while
         # its request still waits for the next claim; a heartbeat then is refused, 409).
         self.reporting: set[tuple[str, int]] = set()
+        # Done tasks whose report waits for the claim's last group (REPORT_DEFER_SECONDS), and
+        # when the first of them was done (monotonic). Still held: heartbeats go on for them.
+        self.deferred: list[tuple[Task, Done]] = []
+        self.deferred_since = 0.0
+        self.defer_for = REPORT_DEFER_SECONDS if stage.name in REPORT_DEFER_STAGES else 0.0
         self._held_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -233,6 +250,7 @@ class Daemon:
                 if outcomes is None:
                     backoff = min(max(backoff * 2, 0.5), 30.0)
                     self.log.warning("backing off %.1fs before the next claim", backoff)
+                    self._report_deferred()
                     self._release_all("outside fault; backing off")
                     self.stop.wait(backoff)
                     break
@@ -244,6 +262,7 @@ class Daemon:
                     if later:
                         self._release(later, "an earlier file of the shard went back upstream")
                     break
+            self._report_deferred()  # a stop between groups: what is done is reported
 
     def _hold(self, tasks: list[Task]) -> None:
         now = time.monotonic()
@@ -272,7 +291,9 @@ class Daemon:
     def _work(self, group: list[Task], ctx: Context, claim_next: bool = False) -> list[Outcome] | None:
         """Process one group and report each task: their outcomes, or None when the stage
         asked to back off. `claim_next`: the last group of what was claimed; when every task
-        of it is done, the report also claims the next tasks (`self.handed`)."""
+        of it is done, the report also claims the next tasks (`self.handed`). The `done`s of
+        a group before the last may wait and go with a later report (REPORT_DEFER_STAGES);
+        any other outcome reports them first."""
         names = ", ".join(f"{t.filename}/{t.shard}" for t in group)
         started = time.monotonic()
         try:
@@ -294,15 +315,45 @@ class Daemon:
             self.log.error("%s failed unexpectedly:\n%s", names, traceback.format_exc())
             outcomes = [Failed(f"{type(exc).__name__}: {exc}")] * len(group)
         done = [(t, o) for t, o in zip(group, outcomes) if isinstance(o, Done)]
+        now = time.monotonic()
+        if not claim_next and len(done) == len(group) and self._may_defer(len(done), now):
+            if not self.deferred:
+                self.deferred_since = now
+            self.deferred += done
+            return outcomes
+        done, self.deferred = self.deferred + done, []
         with self._held_lock:
             self.reporting.update(t.key for t, _ in done)
-        claim = self._next_claim() if claim_next and len(done) == len(group) else None
+        claim = self._next_claim() if claim_next and all(isinstance(o, Done) for o in outcomes) else None
         if len(done) > 1:
-            self._report_done(done, time.monotonic() - started, claim)
+            self._report_done(done, now - started, claim)
+        elif done:
+            self._report(*done[0], now - started, claim)
         for task, outcome in zip(group, outcomes):
-            if len(done) <= 1 or not isinstance(outcome, Done):
-                self._report(task, outcome, time.monotonic() - started, claim)
+            if not isinstance(outcome, Done):
+                self._report(task, outcome, now - started)
         return outcomes
+
+    def _may_defer(self, more: int, now: float) -> bool:
+        """Whether a group's `done`s may wait for the next group's report (see
+        REPORT_DEFER_SECONDS): not while stopping, not past the time or count bound."""
+        if self.stop.is_set() or len(self.deferred) + more > REPORT_BATCH_MOST:
+            return False
+        return now - (self.deferred_since if self.deferred else now) < self.defer_for
+
+    def _report_deferred(self) -> None:
+        """Report the `done`s still waiting (a stop, a back-off, a break between groups): one
+        request, no claim."""
+        done, self.deferred = self.deferred, []
+        if not done:
+            return
+        with self._held_lock:
+            self.reporting.update(t.key for t, _ in done)
+        seconds = time.monotonic() - self.deferred_since
+        if len(done) > 1:
+            self._report_done(done, seconds)
+        else:
+            self._report(*done[0], seconds)
 
     def _report_done(self, done: list[tuple[Task, Done]], seconds: float, claim: dict | None = None) -> None:
         """Several tasks done at once (a file's shards): one request (with `claim`, the next
@@ -312,7 +363,8 @@ class Daemon:
         try:
             answers, handed = self.client.done_batch_and_claim(self.stage.name, items, self.owner, claim,
                                                                self.settings.claim_wait)
-            self._handed(handed)
+            if claim is not None:   # else the tasks a previous report claimed stay handed
+                self._handed(handed)
         except ApiError as exc:   # the request as a whole was refused: report one by one
             self.log.warning("batch done refused (%s); reporting each task", exc)
             for task, outcome in done:

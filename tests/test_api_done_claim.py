@@ -359,3 +359,202 @@ def test_no_heartbeat_for_a_done_task_while_its_report_waits_for_the_next_claim(
     lost = [r.getMessage() for r in caplog.records if "lease of" in r.getMessage()]
     assert lost == []
     assert beats == ["reported"]
+
+
+def toy_batch_sender(service: str, folder: Path, fail: str | None = None, stop_at: str | None = None,
+                     daemon_box: list | None = None):
+    """A mysql-sender of shard 1 claiming up to four tasks, each its own group: `fail` names a
+    file it fails; at `stop_at` it asks its daemon to stop (the file is handed back)."""
+    from app.daemon import Done, Failed, StageWork, StopRequested
+
+    class Toy(StageWork):
+        name = "mysql-sender"
+        shard = 1
+        claim_limit = 4
+
+        def __init__(self):
+            self.service = service
+            self.folder = folder
+            self.seen: list[str] = []
+
+        def process(self, tasks, ctx):
+            self.seen += [t.filename for t in tasks]
+            if stop_at in [t.filename for t in tasks]:
+                daemon_box[0].stop.set()
+                raise StopRequested()
+            return [Failed("toy refuses it") if t.filename == fail else Done(events=1) for t in tasks]
+    return Toy()
+
+
+def counted_calls(daemon, monkeypatch, names=("claim", "done_and_claim", "done", "done_batch_and_claim")) -> dict:
+    """Requests the daemon's client makes, by method (an empty claim not counted; a batch's
+    items listed)."""
+    calls: dict = {name: 0 for name in names}
+    calls["batch_items"] = []
+    for name in names:
+        real = getattr(daemon.client, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            answer = _real(*args, **kwargs)
+            calls[_name] += _name != "claim" or bool(answer)
+            if _name == "done_batch_and_claim":
+                calls["batch_items"].append([i["filename"] for i in args[1]])
+            return answer
+        monkeypatch.setattr(daemon.client, name, counted)
+    return calls
+
+
+def run_toy(daemon, until, what: str) -> None:
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        servers.wait_until(until, 30, 0.05, what)
+    finally:
+        daemon.stop.set()
+        thread.join(30)
+
+
+def test_the_dones_of_a_claim_of_several_files_go_in_one_request(live, tmp_path, monkeypatch):
+    """A claim of four files, worked one by one: the first three `done`s wait for the last and
+    the four go in one request and transaction, with the next claim (was one request each)."""
+    from app.config import Settings
+    from app.daemon import Daemon
+
+    http = Http(live)
+    stage_name = "mysql-sender"
+    drain(http, stage_name, 1)
+    files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
+    env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
+    toy = toy_batch_sender("toy-sender-batch", tmp_path / "toy")
+    daemon = Daemon(toy, Settings.from_env(env), owner="toy-batch")
+    calls = counted_calls(daemon, monkeypatch)
+    run_toy(daemon, lambda: all(http.status(f, 1, stage_name) == "done" for f in files), "the toy's four files")
+    assert toy.seen == files
+    assert calls["batch_items"] == [files]
+    assert calls["done"] == calls["done_and_claim"] == 0 and calls["claim"] == 1
+
+
+def test_a_failed_file_reports_the_dones_before_it_and_the_others_still_count(live, tmp_path, monkeypatch):
+    """A failure among a claim's files: the `done`s waiting before it are reported first (a
+    file's failure loses none of the others' work), then the failure, then the rest."""
+    from app.config import Settings
+    from app.daemon import Daemon
+
+    http = Http(live)
+    stage_name = "mysql-sender"
+    drain(http, stage_name, 1)
+    files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
+    env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
+    toy = toy_batch_sender("toy-sender-fail", tmp_path / "toy", fail=files[2])
+    daemon = Daemon(toy, Settings.from_env(env), owner="toy-fail")
+    calls = counted_calls(daemon, monkeypatch)
+    run_toy(daemon, lambda: [http.status(f, 1, stage_name) for f in files] == ["done", "done", "failed", "done"],
+            "two done, one failed, one done")
+    assert calls["batch_items"] == [files[:2]]
+    assert calls["done_and_claim"] == 1   # the last file's report takes the next claim
+
+
+def test_a_stop_between_files_reports_the_waiting_dones_before_handing_back(live, tmp_path, monkeypatch):
+    """Stopping in the third file of a claim: the two `done`s waiting are reported (not handed
+    back, which would make another daemon work them again); the third and fourth go back."""
+    from app.config import Settings
+    from app.daemon import Daemon
+
+    http = Http(live)
+    stage_name = "mysql-sender"
+    drain(http, stage_name, 1)
+    files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
+    env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
+    box: list = []
+    toy = toy_batch_sender("toy-sender-stop", tmp_path / "toy", stop_at=files[2], daemon_box=box)
+    daemon = Daemon(toy, Settings.from_env(env), owner="toy-stop")
+    box.append(daemon)
+    daemon.run()   # returns once stopped
+    assert toy.seen == files[:3]
+    assert [http.status(f, 1, stage_name) for f in files] == ["done", "done", "new", "new"]
+    drain(http, stage_name, 1)
+
+
+def test_a_batch_done_is_one_update_and_each_task_keeps_its_own_history(tmp_path):
+    """A `done-batch` of four first `done`s: one UPDATE for them all (was one each), and still
+    each task's attempts in its answer, its own log row (events, stats, duration), the
+    rejected-lines counters summed, the counts equal to a scan. On a server of the test's own
+    (its Com_* counters are the API's alone)."""
+    import shutil
+
+    import orjson
+
+    from app.client import PipelineClient
+    from tests.test_api_counts import kept_and_scanned
+
+    db = servers.new_private_mariadb()
+    api = None
+    try:
+        env = servers.service_env(db.url("pipeline_db"), tmp_path, servers.free_port(), REAP_INTERVAL="600")
+        api = servers.start_api(env, tmp_path / "logs")
+        conn = servers.admin_connect(port=db.port)
+        client = PipelineClient(api.base, max_wait=10)
+        names = [f"2027{n:010d}" for n in range(4)]
+        for name in names:
+            client.register(name, [0], done=True)
+            for stage in ("shard-splitter", "shard-worker"):
+                client.start(stage, name, 0, "up")
+                client.done(stage, name, 0, "up")
+        stage = "mysql-sender"
+        assert [t.filename for t in client.claim(stage, "w", 4, 0)] == names
+        with conn.cursor() as cur:   # one of them on its third attempt (status unchanged: counts too)
+            cur.execute("UPDATE pipeline_db.pipeline_tracking SET mysql_sender_attempts=3 WHERE filename=%s",
+                        (names[1],))
+        conn.commit()
+        stats = [{"loaded": 10}, {"loaded": 11, "rejected": {"bad_json": 1}}, {"loaded": 12},
+                 {"loaded": 13, "rejected": {"bad_json": 2, "too_long": 1}}]
+        items = [{"filename": n, "shard": 0, "events": 10 + i, "stats": s} for i, (n, s) in enumerate(zip(names, stats))]
+
+        def updates() -> int:
+            with conn.cursor() as cur:
+                cur.execute("SHOW GLOBAL STATUS LIKE 'Com_update'")
+                return int(cur.fetchone()[1])
+        before = updates()
+        answers, handed = client.done_batch_and_claim(stage, items, "w", {"limit": 1, "shard": 0})
+        assert updates() - before == 1   # nothing left to claim: the dones' one UPDATE
+        assert handed == []
+        assert [(a["filename"], a["status"], a["changed"], a["attempts"]) for a in answers] == [
+            (names[0], "done", True, 1), (names[1], "done", True, 3), (names[2], "done", True, 1),
+            (names[3], "done", True, 1)]
+        with conn.cursor() as cur:
+            cur.execute("SELECT filename, actor, events, stats, duration_ms IS NOT NULL FROM pipeline_db.pipeline_transitions"
+                        " WHERE stage=%s AND action='done' ORDER BY id", (stage,))
+            logged = cur.fetchall()
+            cur.execute("SELECT reason, n FROM pipeline_db.pipeline_rejected_counts WHERE stage=%s ORDER BY reason",
+                        (stage,))
+            rejected = cur.fetchall()
+            cur.execute("USE pipeline_db")
+        assert [(f, a, e, orjson.loads(s), d) for f, a, e, s, d in logged] == [
+            (n, "w", 10 + i, s, 1) for i, (n, s) in enumerate(zip(names, stats))]
+        assert rejected == (("bad_json", 3), ("too_long", 1))
+        kept, scanned = kept_and_scanned(conn)
+        assert kept == scanned
+        # the same batch again: each a repeat, answered as such (the one-by-one path)
+        again, _ = client.done_batch_and_claim(stage, items, "w")
+        assert [(a["status_code"], a["changed"]) for a in again] == [(200, False)] * 4
+        conn.close()
+    finally:
+        if api is not None:
+            api.process.stop()
+        db.stop()
+        shutil.rmtree(db.datadir, ignore_errors=True)
+
+
+def test_only_the_workers_and_senders_hold_their_reports_back(tmp_path):
+    """A splitter's `done` that waited would hold back the workers (the heaviest stage), so
+    only the workers' and senders' reports of a claim's files wait for the last one."""
+    from app.config import Settings
+    from app.daemon import REPORT_DEFER_SECONDS, Daemon
+
+    settings = Settings.from_env(servers.service_env(servers.server_url("unused"), tmp_path, servers.free_port()))
+    held = {}
+    for stage in ("shard-splitter", "shard-worker", "mysql-sender"):
+        toy = toy_batch_sender(f"toy-{stage}", tmp_path / stage)
+        toy.name = stage
+        held[stage] = Daemon(toy, settings, owner="toy").defer_for
+    assert held == {"shard-splitter": 0.0, "shard-worker": REPORT_DEFER_SECONDS, "mysql-sender": REPORT_DEFER_SECONDS}

@@ -45,28 +45,30 @@ class Tracker:
         """`done` of `items` (filename, shard, events, stats) by `owner`, then its claim of up
         to `limit` next tasks (of `shard`), in one transaction: the dones' statements travel
         with the claim's first reads, so a daemon's report and its next claim cost one commit
-        and two or three round trips instead of two transactions and three or four. Only when
+        and two or three round trips instead of two transactions and three or four; several
+        dones are one set of statements (`Transitions.done_many_sql`). Only when
         every `done` takes effect as a first `done`; otherwise nothing is written and the
         answer is None: the caller then reports each task the ordinary way (a repeat, a
         refusal to explain) and claims on its own. `limit` 0: the dones alone, one transaction."""
         stage = Stage(stage)
-        statements, parts = [], []
-        for filename, task_shard, events, stats in items:
-            stats_text = orjson.dumps(stats).decode() if stats else None
-            sql = self.transitions.done_sql(stage, filename, task_shard, owner, events, stats_text,
-                                            rejected_counts(stats))
-            parts.append((filename, task_shard, len(statements)))
-            statements += sql
+        texts = [(filename, task_shard, events, orjson.dumps(stats).decode() if stats else None,
+                  rejected_counts(stats)) for filename, task_shard, events, stats in items]
+        if len(texts) == 1:
+            filename, task_shard, events, stats_text, rejected = texts[0]
+            statements = self.transitions.done_sql(stage, filename, task_shard, owner, events, stats_text, rejected)
+
+            def attempts(results):
+                return [results[1].rows[0]["attempts"] or 0] if results[0].rowcount == 1 else None
+        else:
+            statements, attempts = self.transitions.done_many_sql(stage, texts, owner)
         moved: list[Moved] = []
 
         def proceed(results) -> bool:
-            moved.clear()
-            for filename, task_shard, at in parts:
-                if results[at].rowcount != 1:
-                    return False
-                moved.append(Moved(filename, task_shard, stage, Status.DONE, True,
-                                   results[at + 1].rows[0]["attempts"] or 0))
-            return True
+            got = attempts(results)
+            moved[:] = [] if got is None else [Moved(filename, task_shard, stage, Status.DONE, True, tries)
+                                               for (filename, task_shard, *_), tries in zip(items, got)]
+            return got is not None
+
         def only_done(t):
             if not proceed(t.run(*statements)):
                 t.finish(commit=False)

@@ -77,6 +77,31 @@ def _done_texts(stage: Stage) -> tuple[str, str, str]:
         " WHERE filename=%s AND shard=%s AND @pipeline_done = 1")
 
 
+def _tasks_where(n: int) -> str:
+    """`n` tasks by their unique key (args: filename, shard per task): one range read each."""
+    return "(" + " OR ".join(["(filename=%s AND shard=%s)"] * n) + ")"
+
+
+@lru_cache(maxsize=64)
+def _done_many_texts(stage: Stage, n: int) -> tuple[str, str, str]:
+    """`Transitions.done_many_sql`'s statements for `n` tasks of a stage, built once."""
+    status_col, att_col = stage.status_column, stage.attempts_column
+    where = _tasks_where(n)
+    values = " UNION ALL ".join(["SELECT %s k, %s f, %s s, %s e, %s st"] * n)
+    return (
+        f"UPDATE pipeline_tracking SET {status_col}={DONE.sql}, owner=NULL, lease_expires_at=NULL"
+        f" WHERE {status_col}={STARTED.sql} AND (owner IS NULL OR owner=%s) AND {where}",
+        # The row count of the UPDATE, and each task's attempts ("filename shard attempts", a
+        # filename holds neither space nor comma): both in one row.
+        f"SELECT @pipeline_done := ROW_COUNT() AS done, (SELECT GROUP_CONCAT(CONCAT_WS(' ', filename, shard,"
+        f" {att_col}) SEPARATOR ',') FROM pipeline_tracking WHERE {where}) AS attempts",
+        "INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status,"
+        " action, actor, duration_ms, events, stats)"
+        f" SELECT t.id, t.filename, t.shard, %s, {STARTED.sql}, {DONE.sql}, {Action.DONE.sql}, %s,"
+        f" TIMESTAMPDIFF(MICROSECOND, t.started_at, NOW(3)) DIV 1000, v.e, v.st FROM ({values}) v"
+        f" JOIN pipeline_tracking t ON t.filename = v.f AND t.shard = v.s WHERE @pipeline_done = {n} ORDER BY v.k")
+
+
 class Transitions:
     def __init__(self, store: Store, lease_seconds: float, max_attempts: int):
         self.store = store
@@ -202,6 +227,38 @@ class Transitions:
         return [(update, (filename, shard, owner)), (select, None),
                 (log, (stage, owner, events, stats_text, filename, shard)),
                 *([rejected_sql(stage, rejected, gate="@pipeline_done = 1")] if rejected else [])]
+
+    @staticmethod
+    def done_many_sql(stage: Stage, items: list[tuple[str, int, int | None, str | None, list]], owner: str):
+        """A named owner's `done` of several tasks (filename, shard, events, stats text,
+        rejected counts) as four statements whatever their number (one `done_sql` each was
+        five): one UPDATE of them all, its row count with every task's attempts, the log rows
+        and the rejected-lines counters, gated on the UPDATE having moved every task. Returns
+        the statements and a reader of their results: the attempts in the items' order, or
+        None when not every task moved (then the caller rolls back and takes the one-by-one
+        path, which explains the repeat or refusal)."""
+        n = len(items)
+        update, select, log = _done_many_texts(stage, n)
+        keys = [v for filename, shard, *_ in items for v in (filename, shard)]
+        rejected: dict[str, int] = {}
+        for *_, counts in items:
+            for reason, lines in counts:
+                rejected[reason] = rejected.get(reason, 0) + lines
+        statements = [(update, (owner, *keys)), (select, keys),
+                      (log, (stage, owner, *[v for k, (filename, shard, events, stats, _) in enumerate(items)
+                                             for v in (k, filename, shard, events, stats)])),
+                      *([rejected_sql(stage, sorted(rejected.items()), gate=f"@pipeline_done = {n}")]
+                        if rejected else [])]
+
+        def attempts(results: list[Result]) -> list[int] | None:
+            if results[0].rowcount != n:
+                return None
+            got = {}
+            for part in (results[1].rows[0]["attempts"] or "").split(","):
+                filename, shard, tries = part.split(" ")
+                got[(filename, int(shard))] = int(tries)
+            return [got.get((filename, shard), 0) for filename, shard, *_ in items]
+        return statements, attempts
 
     def _conflict(self, stage, row, why):
         return Conflict(why, filename=row["filename"], shard=row["shard"], stage=stage, status=row["status"],
