@@ -706,8 +706,9 @@ class WorkerStage(StageWork):
 
     def __init__(self, settings: Settings, shard: int):
         self.settings = settings
-        # Tasks are still worked and reported one at a time (`group`); a claim of several saves
-        # the claims in between while files queue up (their leases are heartbeated meanwhile).
+        # Tasks are worked one at a time (`group`), but the dones of a claim of several go in
+        # one request with the next claim (app/daemon.py): files that queue up cost a claim and
+        # a report between them, not one each (their leases are heartbeated meanwhile).
         self.claim_limit = settings.worker_claim_limit
         self.shard = shard
         self.service = Stage.WORKER.program(shard)
