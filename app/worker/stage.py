@@ -525,11 +525,10 @@ class FileRun:
                 b.changed_shops[ev.shop_id] = (ev.active, ts)
 
         writes = db.Script()
-        writes.add("seen", st.add_seen_sql(conn, b.new_keys, b.return_minutes))
+        st.add_seen(writes, "seen", b.new_keys, b.return_minutes)
         credited = list(b.credited.values())
-        for tag, statements in ledger.write_sql(conn, self.shard, self.file_id, b.new_orders, credited, balances,
-                                                b.changed_users, new_users).items():
-            writes.add(tag, statements)
+        ledger.add_writes(writes, conn, self.shard, self.file_id, b.new_orders, credited, balances, b.changed_users,
+                          new_users)
         writes.add("stock", st.stock_write_sql(conn, stock, b.changed_stock))
         writes.add("shops", st.shops_write_sql(conn, b.changed_shops))
         writes.add("holds", st.holds_write_sql(conn, list(b.holds.values())))
@@ -550,6 +549,10 @@ class FileRun:
         if expected and done["orders"][1] != expected:
             raise LedgerConflict(f"orders of this batch were written by another worker "
                                  f"({done['orders'][1]} rows changed, {expected} expected)")
+        expected = ledger.expected_users(b.changed_users, new_users)
+        if expected and done["users"][1] != expected:
+            raise LedgerConflict(f"{expected - done['users'][1]} new user(s) of this batch were created by another "
+                                 f"worker meanwhile")
         self.newest = newest or None
         return bytes(codes), {o: order.shop_id for o, order in orders.items()}, b.resolved
 

@@ -165,8 +165,9 @@ class WorkerState:
         # dedup keys of minutes below this are in worker_seen_sealed, the others in worker_seen;
         # read with the shard lock (`start_file`), changed only by its holder (`seal`)
         self.sealed_below = NOTHING_SEALED
+        # local_infile: a batch's state rows go in by LOAD DATA LOCAL (`db.Script.load`)
         self._db = db.Reconnecting(url, check_after=PING_AFTER, on_open=self._prepare, create_database=True,
-                                   multi_statements=True)
+                                   multi_statements=True, local_infile=True)
         # lock names are at most 64 characters: cut the database name, never the shard
         self.lock_name = f"event_pipeline.worker.{shard}.{url.database}"[:64]
 
@@ -320,13 +321,14 @@ class WorkerState:
     def parse_seen(rows) -> set:
         return {k if m is None else (m, k) for m, k in rows}
 
-    def add_seen_sql(self, conn, keys: list, return_minutes: dict[int, int]) -> list[str]:
-        """Record new dedup keys; an existing one changes no row, so the affected-row count
-        says whether every key was new. In arrival order, not sorted: a sorted batch landing
-        among a minute's earlier keys trips InnoDB's sequential-insert page split and leaves
-        pages part empty (a third more space for 400k keys, bench-style batches). A key of a
-        sealed minute (a late event) goes straight to worker_seen_sealed, where its duplicate
-        would be."""
+    def add_seen(self, script, tag: str, keys: list, return_minutes: dict[int, int]) -> None:
+        """Record new dedup keys, loaded (`db.Script.load`: the server parses a key's line for
+        less than its `(...)` in an INSERT). An existing key is skipped, so the tag's
+        affected-row count says whether every key was new. In arrival order, not sorted: a
+        sorted batch landing among a minute's earlier keys trips InnoDB's sequential-insert page
+        split and leaves pages part empty (a third more space for 400k keys, bench-style
+        batches). A key of a sealed minute (a late event) goes straight to worker_seen_sealed,
+        where its duplicate would be."""
         shard = self.shard
         floor = self.sealed_below
         hashed = [k for k in keys if type(k) is tuple]
@@ -334,15 +336,15 @@ class WorkerState:
         if late:
             hashed = [k for k in hashed if k[0] >= floor]
         returns = [k for k in keys if type(k) is not tuple]
-        return (db.insert_statements(conn, "INSERT INTO worker_seen (shard, bucket, hash) VALUES ", hashed,
-                                     " ON DUPLICATE KEY UPDATE hash=hash",
-                                     render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
-                + db.insert_statements(conn, "INSERT INTO worker_seen_sealed (shard, bucket, hash) VALUES ", late,
-                                       " ON DUPLICATE KEY UPDATE hash=hash",
-                                       render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
-                + db.insert_statements(conn, "INSERT INTO worker_return_keys (shard, order_id, bucket) VALUES ",
-                                       returns, " ON DUPLICATE KEY UPDATE bucket=bucket",
-                                       render=lambda k: "(%d,%d,%d)" % (shard, k, return_minutes[k])))
+        line = "%d\t%d\n".__mod__
+        for table, rows in (("worker_seen", hashed), ("worker_seen_sealed", late)):
+            if rows:
+                script.load(tag, f"LOAD DATA LOCAL INFILE '{table}' INTO TABLE {table} (bucket, hash) "
+                                 f"SET shard={shard:d}", table, "".join(map(line, rows)).encode())
+        if returns:
+            script.load(tag, f"LOAD DATA LOCAL INFILE 'worker_return_keys' INTO TABLE worker_return_keys "
+                             f"(order_id, bucket) SET shard={shard:d}", "worker_return_keys",
+                        "".join(["%d\t%d\n" % (k, return_minutes[k]) for k in returns]).encode())
 
     @staticmethod
     def stock_sql(conn, pairs) -> str:
