@@ -152,6 +152,41 @@ def state_bytes(stage) -> dict[str, int]:
         return {t: int(n) for t, n in cur.fetchall()}
 
 
+def by_statement(server_pid: int) -> dict:
+    """Send each statement of every `db.Script` alone and add up the server's CPU per kind
+    (first word and tag): where the server's time goes inside the worker's scripts. Costs a
+    round trip per statement more than the scripts do (that shows as their own cost)."""
+    import re
+    from app import db
+
+    run = db.Script.run
+    spent: dict = {}
+
+    def one_by_one(self, cur):
+        items, offered = self.items, getattr(self, "offered", {})
+        self.items, results = [], {}
+        if hasattr(self, "offered"):
+            self.offered = {}
+        for item in items:
+            tag, sql = item[0], item[1]
+            single = db.Script()
+            single.items = [item]
+            name = re.search(r"INFILE '([^']+)'", sql) if len(item) > 3 and item[3] else None
+            if name:
+                single.offered = {name[1].encode(): offered[name[1].encode()]}
+            t0 = server_cpu(server_pid)
+            got = run(single, cur)
+            key = f"{sql.split()[0]} {re.sub(r'[^a-z_]', '', sql.split(' INTO TABLE ')[-1].split()[0]) if name else tag}"
+            cpu, n = spent.get(key, (0.0, 0))
+            spent[key] = (cpu + server_cpu(server_pid) - t0, n + 1)
+            for t, r in got.items():
+                old = results.get(t)
+                results[t] = r if old is None else db.Result(old.rows + r.rows, old.rowcount + r.rowcount, r.lastrowid)
+        return results
+    db.Script.run = one_by_one
+    return spent
+
+
 def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> None:
     """Decide the history files (`filename` is a comma-separated list; all but the last are
     history), then the last file twice: fresh, then replayed with its output deleted."""
@@ -166,6 +201,7 @@ def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> 
     ctx = Context(threading.Event(), logging.getLogger("bench"))
     stage.setup(ctx)
     results = {"history": []}
+    spent = by_statement(server_pid) if os.environ.get("BENCH_BY_STATEMENT") and server_pid else None
     *history, filename = filename.split(",")
     for name in history:
         server0, cpu0, t0 = server_cpu(server_pid), time.process_time(), time.perf_counter()
@@ -173,11 +209,15 @@ def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> 
         results["history"].append({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
                                    "server_cpu": server_cpu(server_pid) - server0, "events": done.stats["in"]})
     for run in ("first", "replay"):
+        if spent is not None:
+            spent.clear()
         layout.worker_output(settings.shared_dir, filename, 0).unlink(missing_ok=True)
         server0, cpu0, t0 = server_cpu(server_pid), time.process_time(), time.perf_counter()
         [done] = stage.process([Task(filename, 0)], ctx)
         results[run] = {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
                         "server_cpu": server_cpu(server_pid) - server0, "events": done.events, "stats": done.stats}
+        if spent is not None:
+            results[run]["by_statement"] = dict(spent)
     results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["state_bytes"] = state_bytes(stage)
     stage.teardown()
@@ -196,6 +236,8 @@ def main() -> None:
                     help="the private mariadbd's innodb_buffer_pool_size (default: the test servers' 64M; "
                          "the machine's server has 128M)")
     ap.add_argument("--keep", action="store_true", help="keep the database and files")
+    ap.add_argument("--by-statement", action="store_true",
+                    help="with --private: the server's CPU per kind of statement, each statement sent alone")
     ap.add_argument("--child", nargs=5, metavar=("URL", "SHARED", "FILE", "BATCH", "PID"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -235,8 +277,9 @@ def run(args, private) -> None:
     db_name = f"bench_worker_{uuid.uuid4().hex[:8]}"
     load = os.getloadavg()
     pid = private.proc.pid if private else 0
+    env = dict(os.environ, BENCH_BY_STATEMENT="1" if args.by_statement else "")
     proc = subprocess.run([sys.executable, __file__, "--child", f"mysql://root:@127.0.0.1:{port}/{db_name}",
-                           str(shared), filename, str(args.batch), str(pid)], capture_output=True, text=True)
+                           str(shared), filename, str(args.batch), str(pid)], capture_output=True, text=True, env=env)
     if proc.returncode:
         print(proc.stdout, proc.stderr)
         raise SystemExit(proc.returncode)
@@ -254,6 +297,12 @@ def run(args, private) -> None:
               f"worker{server}; accepted {r['events']:,})")
         print(f"        CPU µs/event: {r['cpu'] / n * 1e6:.1f} in the worker"
               + (f", {r['server_cpu'] / n * 1e6:.1f} in mariadbd" if private else ""))
+    for which in ("first", "replay"):
+        spent = res[which].get("by_statement")
+        if spent:
+            print(f"{which}: mariadbd CPU µs per event, by statement (--by-statement: each sent alone):")
+            for key, (cpu, count) in sorted(spent.items(), key=lambda kv: -kv[1][0]):
+                print(f"    {key:<40} {cpu / n * 1e6:6.2f}  ({count} statements)")
     print(f"stats: {orjson.dumps(res['first']['stats']).decode()}")
     total = sum(res["state_bytes"].values())
     decided = n * (len(history) + 1)
