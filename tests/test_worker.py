@@ -378,6 +378,51 @@ def test_a_new_user_created_meanwhile_is_never_overwritten_and_never_balances_th
         conn.close()
 
 
+def test_two_shard_workers_create_new_users_without_waiting_for_each_other(make_database):
+    """Each shard worker locks the balances of its batch's users, most of them not in the table
+    yet. Neither lock keeps the other worker from creating its own new users (under REPEATABLE
+    READ both locked the gap above the highest user, and one waited for the other's commit);
+    a user both take for new is created once, and the second creator's short count is a
+    conflict."""
+    url = make_database("ledger4")
+    ledger = Ledger(Decimal("1000.00"))
+    a, b = WorkerState(url, 0), WorkerState(url, 1)
+    try:
+        ca, cb = a.open(), b.open()
+        with cb.cursor() as cur:
+            cur.execute("SET SESSION innodb_lock_wait_timeout = 2")
+        ca.begin()
+        cb.begin()
+        with ca.cursor() as cur:
+            cur.execute(ledger.lock_sql(ca, {5, 6}))
+            assert ledger.balances(cur.fetchall(), {5, 6})[1] == {5, 6}
+        with cb.cursor() as cur:
+            cur.execute(ledger.lock_sql(cb, {6, 9}))
+            assert ledger.balances(cur.fetchall(), {6, 9})[1] == {6, 9}
+
+        def create(conn, users: set) -> int:
+            script = db.Script()
+            ledger.add_writes(script, conn, 0, 1, [], [], {u: Decimal("990.00") for u in users}, users, users)
+            with conn.cursor() as cur:
+                return script.run(cur)["users"].rowcount
+        assert create(ca, {5}) == 1
+        assert create(cb, {9}) == 1                 # no wait for worker a's locks
+        assert create(ca, {6}) == 1
+        outcome = []
+        t = threading.Thread(target=lambda: outcome.append(create(cb, {6})))
+        t.start()
+        t.join(0.3)
+        assert outcome == []                        # waiting for worker a's row 6
+        ca.commit()
+        t.join(10)
+        assert outcome == [0] < [ledger.expected_users({6}, {6})]   # b waited for a's row: a conflict
+        cb.rollback()
+        assert servers.query(url, "SELECT user_id FROM worker_balances ORDER BY user_id") == [(5,), (6,)]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_the_worker_claims_several_files_of_its_shard_at_once_and_reports_each(pipeline):
     files = [f"2026030112000{i}" for i in range(3)]
     for i, name in enumerate(files):

@@ -180,9 +180,19 @@ class WorkerState:
 
     def _prepare(self, conn) -> None:
         """A new connection brings the schema up to date first (`db.migrate`: under a lock, and
-        a table dropped meanwhile comes back) and makes sure the shard has its row."""
+        a table dropped meanwhile comes back) and makes sure the shard has its row.
+
+        READ COMMITTED: under REPEATABLE READ, locking the balances of users not in the table
+        yet (`Ledger.lock_sql`) locks the gaps around them, new user ids are mostly the highest,
+        so the two shard workers' batches each locked the gap above the last user and waited
+        for each other to create any user. A user both take for new is still decided once:
+        each loads it, one waits for the other's row and finds it there, and the short count is
+        a `LedgerConflict` (the batch is decided again). Nothing else needs the snapshot: every
+        other table a batch reads is its shard's, written only by the shard lock's holder, and
+        the ledger's order ids are unique."""
         db.migrate(conn, SCHEMA)
         with conn.cursor() as cur:
+            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
             cur.execute("SET SESSION group_concat_max_len = %s", (GROUP_CONCAT_MAX,))
             cur.execute("INSERT INTO worker_shards (shard) VALUES (%s) ON DUPLICATE KEY UPDATE shard=shard",
                         (self.shard,))
