@@ -565,7 +565,8 @@ class Script:
     def run(self, cur) -> dict[str, Result]:
         conn = cur.connection
         if self.offered:
-            if not isinstance(conn, LocalDataConnection) or not conn.client_flag & pymysql.constants.CLIENT.MULTI_STATEMENTS:
+            multi = conn.client_flag & pymysql.constants.CLIENT.MULTI_STATEMENTS
+            if not isinstance(conn, LocalDataConnection) or not multi:
                 raise TypeError("a script with LOAD DATA LOCAL needs db.connect(..., local_infile=True, "
                                 "multi_statements=True)")
             conn.offered = self.offered

@@ -34,7 +34,7 @@ def cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def batch(rng, i, rows, users_seen):
+def batch(rng, i, rows):
     seen = [(1000 + i // 4, rng.getrandbits(64) - (1 << 63)) for _ in range(rows)]
     orders = [(i, n + 1, rng.getrandbits(63), rng.randint(1, 100), rng.getrandbits(64) - (1 << 63), rng.randint(1, 3),
                Decimal(rng.randint(100, 99999)) / 100, 1) for n in range(rows)]
@@ -122,7 +122,7 @@ def run(args, server) -> None:
     rng = random.Random(5)
     parts = {k: {"seen": 0.0, "orders": 0.0, "balances": 0.0} for k in fns}
     for i in range(args.rounds):
-        seen, orders, users = batch(rng, i, args.rows, None)
+        seen, orders, users = batch(rng, i, args.rows)
         order = ("values", "loads") if i % 2 else ("loads", "values")
         for name in order:
             conn = conns[name]
@@ -130,7 +130,8 @@ def run(args, server) -> None:
                 s0, c0 = cpu(pid), time.process_time()
                 conn.begin()
                 t = cpu(pid)
-                cur.execute("SELECT COUNT(*), GROUP_CONCAT(user_id, ' ', balance) FROM worker_balances WHERE user_id IN "
+                cur.execute("SELECT COUNT(*), GROUP_CONCAT(user_id, ' ', balance) FROM worker_balances "
+                            "WHERE user_id IN "
                             + db.sql_list(conn, users) + " FOR UPDATE")
                 cur.fetchall()
                 mark(name, "lock", t)

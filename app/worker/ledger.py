@@ -134,8 +134,8 @@ class Ledger:
                                   f"order_id, shop_id, buyer, qty, amount, state) SET shard={shard:d}",
                         "worker_orders", "".join(map(order_row, new)).encode())
         script.add("orders", db.insert_statements(
-            conn, ORDER_INSERT, credited, " ON DUPLICATE KEY UPDATE state=IF(state=%d, %d, state)" % (DEBITED, CREDITED),
-            render=credit_row))
+            conn, ORDER_INSERT, credited,
+            " ON DUPLICATE KEY UPDATE state=IF(state=%d, %d, state)" % (DEBITED, CREDITED), render=credit_row))
         created = sorted(changed & new_users)
         if created:   # a user another worker created meanwhile is skipped: `expected_users`
             script.load("users", "LOAD DATA LOCAL INFILE 'worker_users' INTO TABLE worker_balances (user_id, balance)",
@@ -143,7 +143,8 @@ class Ledger:
         updated = sorted(changed - new_users)
         if updated:   # rows this batch locked: REPLACE updates each in place (the key is the only index)
             script.load("balances", "LOAD DATA LOCAL INFILE 'worker_balances' REPLACE INTO TABLE worker_balances "
-                                    "(user_id, balance)", "worker_balances", "".join(map(balance_row, updated)).encode())
+                                    "(user_id, balance)", "worker_balances",
+                        "".join(map(balance_row, updated)).encode())
 
     @staticmethod
     def expected_users(changed: set[int], new_users: set[int]) -> int:
