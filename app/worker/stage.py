@@ -413,33 +413,33 @@ class FileRun:
             reads.add("stock", st.stock_sql(conn, plan.pairs))
         if plan.shops:
             reads.add("shops", st.shops_sql(conn, plan.shops))
-        if plan.users:
-            reads.add("balances", ledger.lock_sql(conn, plan.users))
+        # the users of purchases, and of returns (most credit an earlier purchase's user): one
+        # locking read in ascending user order, where locking the returns' users after the
+        # orders came back was a round trip more and let two shard workers lock out of order
+        users = plan.users | {e.user_id for e in returns}
+        if users:
+            reads.add("balances", ledger.lock_sql(conn, users))
         with self.turns.waiting():
             got = reads.run(cur)
         seen = st.parse_seen(got.get("seen", ((), 0))[0])
         orders = ledger.parse_orders(got.get("orders", ((), 0))[0])
         stock = {(s, g): c for s, g, c in got.get("stock", ((), 0))[0]}
         shops = {s: bool(a) for s, a in got.get("shops", ((), 0))[0]}
-        balances, new_users = ledger.balances(got.get("balances", ((), 0))[0], plan.users)
+        balances, new_users = ledger.balances(got.get("balances", ((), 0))[0], users)
         # returns of earlier purchases credit those purchases' users (a return whose user is not
         # its purchase's is a return_mismatch and moves nothing)
         # (the ledger keeps a digest of the purchase's user: a return that matches it names the user)
-        more = {e.user_id for e in returns if (o := orders.get(e.order_id)) is not None and o.debited
-                and o.credit is None} - balances.keys()
-        if more:
-            with self.turns.waiting():
-                cur.execute(ledger.lock_sql(conn, more))
-            more_balances, more_new = ledger.balances(cur.fetchall(), more)
-            balances.update(more_balances)
-            new_users |= more_new
+        # (every return's user was locked above)
+        credits = {e.user_id for e in returns if (o := orders.get(e.order_id)) is not None and o.debited
+                   and o.credit is None}
         if rules.purchase_takes_stock:
             extra = {(orders[e.order_id].shop_id, e.good_id) for e in returns if e.order_id in orders} - plan.pairs
             if extra:
                 cur.execute(st.stock_sql(conn, extra))
                 stock.update(((s, g), c) for s, g, c in cur.fetchall())
         if new_users and not optimistic:
-            ledger.create_users(cur, new_users)
+            # only users this batch may change: not the user of a return that credits nothing
+            ledger.create_users(cur, new_users & (plan.users | credits))
             new_users = set()
         for h in st.parse_holds(got.get("adopt", ((), 0))[0]):
             self._resolve(b, h, "expired", ORPHAN_RETURN, first_line)
