@@ -364,13 +364,18 @@ class FileRun:
                 self.stage.recent_keys.add_all(self.b.new_keys)
                 self.stage.recent_orders.add_all(o.order_id for o in self.b.new_orders)
                 return result
-            except (LedgerConflict, SeenConflict, pymysql.err.OperationalError) as exc:
+            except (LedgerConflict, SeenConflict, pymysql.err.OperationalError, pymysql.err.InternalError,
+                    pymysql.err.ProgrammingError) as exc:
                 conn.rollback()
-                retry = not isinstance(exc, pymysql.err.OperationalError) or (exc.args and
-                                                                              exc.args[0] in DEADLOCK_CODES)
+                refused = self.state.infile_refused(exc)   # LOAD DATA LOCAL refused: INSERTs from now on
+                retry = refused or not isinstance(exc, pymysql.err.MySQLError) or (exc.args and
+                                                                                  exc.args[0] in DEADLOCK_CODES)
                 if not retry or attempt == BATCH_RETRIES - 1:
                     raise
-                if optimistic and not isinstance(exc, pymysql.err.OperationalError):
+                if refused:
+                    log.warning("%s lines %d+: LOAD DATA LOCAL INFILE refused (%s); the worker's state goes in by "
+                                "INSERTs instead", self.filename, first_line, exc)
+                elif optimistic and not isinstance(exc, pymysql.err.MySQLError):
                     log.info("%s lines %d+: %s; deciding the batch again with every key looked up",
                              self.filename, first_line, exc)
                 else:
@@ -528,7 +533,7 @@ class FileRun:
         st.add_seen(writes, "seen", b.new_keys, b.return_minutes)
         credited = list(b.credited.values())
         ledger.add_writes(writes, conn, self.shard, self.file_id, b.new_orders, credited, balances, b.changed_users,
-                          new_users)
+                          new_users, infile=st.use_infile)
         writes.add("stock", st.stock_write_sql(conn, stock, b.changed_stock))
         writes.add("shops", st.shops_write_sql(conn, b.changed_shops))
         writes.add("holds", st.holds_write_sql(conn, list(b.holds.values())))

@@ -12,6 +12,8 @@ import heapq
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import pymysql
+
 from .. import db
 from ..config import MySQLURL
 from ..events import TIME_FORMAT
@@ -165,7 +167,9 @@ class WorkerState:
         # dedup keys of minutes below this are in worker_seen_sealed, the others in worker_seen;
         # read with the shard lock (`start_file`), changed only by its holder (`seal`)
         self.sealed_below = NOTHING_SEALED
-        # local_infile: a batch's state rows go in by LOAD DATA LOCAL (`db.Script.load`)
+        # local_infile: a batch's state rows go in by LOAD DATA LOCAL (`db.Script.load`), unless
+        # the server refuses it (local_infile off, MySQL 8.0's default): INSERTs then
+        self.use_infile = True
         self._db = db.Reconnecting(url, check_after=PING_AFTER, on_open=self._prepare, create_database=True,
                                    multi_statements=True, local_infile=True)
         # lock names are at most 64 characters: cut the database name, never the shard
@@ -196,6 +200,15 @@ class WorkerState:
             cur.execute("SET SESSION group_concat_max_len = %s", (GROUP_CONCAT_MAX,))
             cur.execute("INSERT INTO worker_shards (shard) VALUES (%s) ON DUPLICATE KEY UPDATE shard=shard",
                         (self.shard,))
+
+    def infile_refused(self, exc: BaseException) -> bool:
+        """Whether `exc` is the server refusing LOAD DATA LOCAL, the first time: from now on the
+        state rows go in by INSERTs (the caller decides the batch again)."""
+        if (self.use_infile and isinstance(exc, pymysql.err.MySQLError) and exc.args
+                and exc.args[0] in db.LOCAL_INFILE_REFUSED):
+            self.use_infile = False
+            return True
+        return False
 
     def close(self) -> None:
         self._db.discard()
@@ -346,6 +359,18 @@ class WorkerState:
         if late:
             hashed = [k for k in hashed if k[0] >= floor]
         returns = [k for k in keys if type(k) is not tuple]
+        if not self.use_infile:
+            conn = self.conn
+            script.add(tag, db.insert_statements(conn, "INSERT INTO worker_seen (shard, bucket, hash) VALUES ", hashed,
+                                                 " ON DUPLICATE KEY UPDATE hash=hash",
+                                                 render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
+                       + db.insert_statements(conn, "INSERT INTO worker_seen_sealed (shard, bucket, hash) VALUES ",
+                                              late, " ON DUPLICATE KEY UPDATE hash=hash",
+                                              render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
+                       + db.insert_statements(conn, "INSERT INTO worker_return_keys (shard, order_id, bucket) VALUES ",
+                                              returns, " ON DUPLICATE KEY UPDATE bucket=bucket",
+                                              render=lambda k: "(%d,%d,%d)" % (shard, k, return_minutes[k])))
+            return
         line = "%d\t%d\n".__mod__
         for table, rows in (("worker_seen", hashed), ("worker_seen_sealed", late)):
             if rows:
