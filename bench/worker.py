@@ -1,7 +1,8 @@
 """Shard-worker throughput: events per second deciding one shard file, and peak RSS.
 
     .venv/bin/python bench/worker.py [--events 200000] [--data generator|harsh] [--batch 8000]
-                                     [--private] [--keep] [--history 2000000]
+                                     [--private] [--keep] [--history 2000000] [--by-statement]
+                                     [--shards 2]
 
 Builds a shard-0 file of --events lines: `generator` (default) takes the shard-0 lines of the
 project's event generator (app/ingest/generator.py, its default world and fault rates: duplicates,
@@ -15,6 +16,10 @@ a mariadbd of the bench's own, so other programs' queries do not share it) the s
 Target: >= 50,000 events/s on 200,000 events. `--history N` first decides N events of history
 in files of --events (printing each file's rate and CPU per event: how the cost grows with the
 state), then measures the next file; the state's size per event decided is printed at the end.
+`--by-statement` (with --private) sends each statement of the worker's scripts alone and prints
+the server's CPU per kind (and for pruning and sealing as a whole). `--shards 2` runs a worker
+per shard at once on one database, as the pipeline does (their balances shared): wall time, each
+worker's CPU, the server's for both, and the batches decided again (deadlocks, conflicts).
 """
 from __future__ import annotations
 
@@ -152,6 +157,73 @@ def state_bytes(stage) -> dict[str, int]:
         return {t: int(n) for t, n in cur.fetchall()}
 
 
+def by_statement(server_pid: int) -> dict:
+    """Send each statement of every `db.Script` alone and add up the server's CPU per kind
+    (first word and tag): where the server's time goes inside the worker's scripts. Costs a
+    round trip per statement more than the scripts do (that shows as their own cost)."""
+    import re
+    from app import db
+
+    run = db.Script.run
+    spent: dict = {}
+
+    def one_by_one(self, cur):
+        items, offered = self.items, getattr(self, "offered", {})
+        self.items, results = [], {}
+        if hasattr(self, "offered"):
+            self.offered = {}
+        for item in items:
+            tag, sql = item[0], item[1]
+            single = db.Script()
+            single.items = [item]
+            name = re.search(r"INFILE '([^']+)'", sql) if len(item) > 3 and item[3] else None
+            if name:
+                single.offered = {name[1].encode(): offered[name[1].encode()]}
+            t0 = server_cpu(server_pid)
+            got = run(single, cur)
+            table = re.sub(r"[^a-z_]", "", sql.split(" INTO TABLE ")[-1].split()[0]) if name else tag
+            key = f"{sql.split()[0]} {table}"
+            cpu, n = spent.get(key, (0.0, 0))
+            spent[key] = (cpu + server_cpu(server_pid) - t0, n + 1)
+            for t, r in got.items():
+                old = results.get(t)
+                results[t] = r if old is None else db.Result(old.rows + r.rows, old.rowcount + r.rowcount, r.lastrowid)
+        return results
+    db.Script.run = one_by_one
+
+    from app.worker.state import WorkerState
+
+    def timed(cls, name):
+        """The server's CPU in a method of its own (outside the scripts, e.g. sealing)."""
+        method = getattr(cls, name)
+
+        def wrapper(*a, **k):
+            t0 = server_cpu(server_pid)
+            try:
+                return method(*a, **k)
+            finally:
+                cpu, n = spent.get(f"{cls.__name__}.{name} (all)", (0.0, 0))
+                spent[f"{cls.__name__}.{name} (all)"] = (cpu + server_cpu(server_pid) - t0, n + 1)
+        setattr(cls, name, wrapper)
+    for name in ("prune", "seal", "start_file"):
+        timed(WorkerState, name)
+    if os.environ.get("BENCH_SEAL_STATEMENTS"):
+        import pymysql.cursors
+        execute = pymysql.cursors.Cursor.execute
+
+        def each(self, query, args=None):
+            t0 = server_cpu(server_pid)
+            try:
+                return execute(self, query, args)
+            finally:
+                if "worker_seen" in query and not query.startswith(("LOAD", "SELECT bucket, hash")):
+                    key = "  " + query[:60]
+                    cpu, n = spent.get(key, (0.0, 0))
+                    spent[key] = (cpu + server_cpu(server_pid) - t0, n + 1)
+        pymysql.cursors.Cursor.execute = each
+    return spent
+
+
 def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> None:
     """Decide the history files (`filename` is a comma-separated list; all but the last are
     history), then the last file twice: fresh, then replayed with its output deleted."""
@@ -160,24 +232,32 @@ def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> 
     from app.daemon import Context
     from app.worker.stage import WorkerStage
 
+    if os.environ.get("BENCH_LOG"):
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     env = dict(os.environ, MYSQL_PIPELINE_URL=url, SHARED_DIR=shared, WORKER_BATCH_LINES=str(batch))
     settings = Settings.from_env(env)
-    stage = WorkerStage(settings, 0)
+    shard = int(os.environ.get("BENCH_SHARD") or 0)
+    stage = WorkerStage(settings, shard)
     ctx = Context(threading.Event(), logging.getLogger("bench"))
     stage.setup(ctx)
     results = {"history": []}
+    spent = by_statement(server_pid) if os.environ.get("BENCH_BY_STATEMENT") and server_pid else None
     *history, filename = filename.split(",")
     for name in history:
         server0, cpu0, t0 = server_cpu(server_pid), time.process_time(), time.perf_counter()
-        [done] = stage.process([Task(name, 0)], ctx)
+        [done] = stage.process([Task(name, shard)], ctx)
         results["history"].append({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
                                    "server_cpu": server_cpu(server_pid) - server0, "events": done.stats["in"]})
-    for run in ("first", "replay"):
-        layout.worker_output(settings.shared_dir, filename, 0).unlink(missing_ok=True)
+    for run in ("first", "replay")[:1 if os.environ.get("BENCH_NO_REPLAY") else 2]:
+        if spent is not None:
+            spent.clear()
+        layout.worker_output(settings.shared_dir, filename, shard).unlink(missing_ok=True)
         server0, cpu0, t0 = server_cpu(server_pid), time.process_time(), time.perf_counter()
-        [done] = stage.process([Task(filename, 0)], ctx)
+        [done] = stage.process([Task(filename, shard)], ctx)
         results[run] = {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
                         "server_cpu": server_cpu(server_pid) - server0, "events": done.events, "stats": done.stats}
+        if spent is not None:
+            results[run]["by_statement"] = dict(spent)
     results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["state_bytes"] = state_bytes(stage)
     stage.teardown()
@@ -196,6 +276,11 @@ def main() -> None:
                     help="the private mariadbd's innodb_buffer_pool_size (default: the test servers' 64M; "
                          "the machine's server has 128M)")
     ap.add_argument("--keep", action="store_true", help="keep the database and files")
+    ap.add_argument("--shards", type=int, choices=(1, 2), default=1,
+                    help="2: a worker per shard at once (each its shard's lines of the same generator run), "
+                         "sharing the balances as in the pipeline; the first run only, the server's CPU for both")
+    ap.add_argument("--by-statement", action="store_true",
+                    help="with --private: the server's CPU per kind of statement, each statement sent alone")
     ap.add_argument("--child", nargs=5, metavar=("URL", "SHARED", "FILE", "BATCH", "PID"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -214,6 +299,43 @@ def main() -> None:
             shutil.rmtree(private.datadir, ignore_errors=True)
 
 
+def both(args, port: int, shared: Path, filename: str, pid: int, db_name: str, load) -> None:
+    """A worker per shard at once on one database (the balances shared, as in the pipeline):
+    wall time, each worker's CPU, the server's CPU for both, batches decided again."""
+    import pymysql
+    server0, t0 = server_cpu(pid), time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", f"mysql://root:@127.0.0.1:{port}/{db_name}",
+                               str(shared), filename, str(args.batch), str(pid)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, BENCH_SHARD=str(shard), BENCH_NO_REPLAY="1", BENCH_LOG="1"))
+             for shard in range(args.shards)]
+    outs = [p.communicate() for p in procs]
+    wall, server = time.perf_counter() - t0, server_cpu(pid) - server0
+    events = 0
+    for shard, (p, (out, err)) in enumerate(zip(procs, outs)):
+        if p.returncode:
+            print(out, err)
+            raise SystemExit(p.returncode)
+        res = orjson.loads(out.strip().splitlines()[-1])
+        files = res["history"] + [res["first"]]
+        n = sum(r["events"] if "stats" not in r else r["stats"]["in"] for r in files)
+        cpu = sum(r["cpu"] for r in files)
+        events += n
+        again = err.count("deciding the batch again")
+        print(f"shard {shard}: {n:,} events, {n / res['first']['seconds']:,.0f} events/s on the last file; worker CPU "
+              f"{cpu / n * 1e6:.1f} µs/event; batches decided again: {again}; stats of the last file "
+              f"{orjson.dumps(res['first']['stats']).decode()}")
+        for line in [line for line in err.splitlines() if "deciding the batch again" in line][:3]:
+            print(f"    {line[:200]}")
+    print(f"both: {events:,} events in {wall:.2f}s wall = {events / wall:,.0f} events/s; mariadbd "
+          f"{server / events * 1e6:.1f} µs/event (both workers, setup included); load average before: {load[0]:.2f}")
+    if not args.keep:
+        conn = pymysql.connect(host="127.0.0.1", port=port, user="root", autocommit=True)
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS `{db_name}`")
+        conn.close()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def run(args, private) -> None:
     import pymysql
     port = private.port if private else 3306
@@ -221,22 +343,27 @@ def run(args, private) -> None:
     n_files = 1 + -(-args.history // args.events)
     names = [f"20260101{i // 60:04d}{i % 60:02d}" for i in range(n_files)]
     filename = ",".join(names)
-    whole = shared / "all.txt"
     t0 = time.perf_counter()
-    (from_generator if args.data == "generator" else harsh)(whole, args.events * n_files)
-    with open(whole, "rb") as f:
-        for name in names:
-            path = layout.splitter_output(shared, name, 0)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"".join(f.readline() for _ in range(args.events)))
-    print(f"{args.data}: {args.events * n_files:,} events in {n_files} file(s) ({whole.stat().st_size / 1e6:.1f} MB) "
-          f"in {time.perf_counter() - t0:.1f}s")
-    whole.unlink()
+    for shard in range(args.shards):
+        whole = shared / "all.txt"
+        (from_generator if args.data == "generator" else harsh)(whole, args.events * n_files, shard=shard)
+        with open(whole, "rb") as f:
+            for name in names:
+                path = layout.splitter_output(shared, name, shard)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"".join(f.readline() for _ in range(args.events)))
+        print(f"{args.data}: {args.events * n_files:,} events of shard {shard} in {n_files} file(s) "
+              f"({whole.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+        whole.unlink()
     db_name = f"bench_worker_{uuid.uuid4().hex[:8]}"
     load = os.getloadavg()
     pid = private.proc.pid if private else 0
+    if args.shards > 1:
+        both(args, port, shared, filename, pid, db_name, load)
+        return
+    env = dict(os.environ, BENCH_BY_STATEMENT="1" if args.by_statement else "")
     proc = subprocess.run([sys.executable, __file__, "--child", f"mysql://root:@127.0.0.1:{port}/{db_name}",
-                           str(shared), filename, str(args.batch), str(pid)], capture_output=True, text=True)
+                           str(shared), filename, str(args.batch), str(pid)], capture_output=True, text=True, env=env)
     if proc.returncode:
         print(proc.stdout, proc.stderr)
         raise SystemExit(proc.returncode)
@@ -254,6 +381,12 @@ def run(args, private) -> None:
               f"worker{server}; accepted {r['events']:,})")
         print(f"        CPU µs/event: {r['cpu'] / n * 1e6:.1f} in the worker"
               + (f", {r['server_cpu'] / n * 1e6:.1f} in mariadbd" if private else ""))
+    for which in ("first", "replay"):
+        spent = res[which].get("by_statement")
+        if spent:
+            print(f"{which}: mariadbd CPU µs per event, by statement (--by-statement: each sent alone):")
+            for key, (cpu, count) in sorted(spent.items(), key=lambda kv: -kv[1][0]):
+                print(f"    {key:<40} {cpu / n * 1e6:6.2f}  ({count} statements)")
     print(f"stats: {orjson.dumps(res['first']['stats']).decode()}")
     total = sum(res["state_bytes"].values())
     decided = n * (len(history) + 1)

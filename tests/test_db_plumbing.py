@@ -40,6 +40,56 @@ def test_a_script_answers_per_tag_across_round_trips(table):
     assert servers.query(url, "SELECT COUNT(*) FROM t") == [(8,)]
 
 
+def test_a_script_loads_rows_from_memory_among_its_statements_and_counts_what_went_in(table):
+    """Two LOAD DATA LOCAL files in one script, each answered with its own bytes; a duplicate
+    key is skipped (the count says so) and is no error."""
+    url, _ = table
+    conn = db.connect(url, local_infile=True, multi_statements=True)
+    try:
+        script = db.Script()
+        script.add("insert", "INSERT INTO t (id, v) VALUES (1, 'a')")
+        script.load("loaded", "LOAD DATA LOCAL INFILE 'one' INTO TABLE t (id, v)", "one", b"2\tb\n3\tc\n")
+        script.add("read", "SELECT COUNT(*) FROM t")
+        script.load("loaded", "LOAD DATA LOCAL INFILE 'two' INTO TABLE t (id, v)", "two", b"3\tdup\n4\td\n")
+        with conn.cursor() as cur:
+            got = script.run(cur)
+        assert got["loaded"].rowcount == 3 and got["read"].rows == [(3,)] and conn.offered is None
+        assert servers.query(url, "SELECT id, v FROM t ORDER BY id") == [(1, "a"), (2, "b"), (3, "c"), (4, "d")]
+        with pytest.raises(ValueError):
+            script.load("x", "LOAD DATA LOCAL INFILE 'one' INTO TABLE t (id, v)", "one", b"")
+            script.load("x", "LOAD DATA LOCAL INFILE 'one' INTO TABLE t (id, v)", "one", b"")
+    finally:
+        conn.close()
+
+
+def test_a_loaded_value_the_server_would_only_warn_about_fails_the_script(table):
+    """A LOCAL load stores a value out of range (or a line short of columns) with a warning
+    where an INSERT in strict mode fails: the script raises, after reading every result (the
+    connection stays usable), and the transaction can be rolled back."""
+    url, _ = table
+    conn = db.connect(url, local_infile=True, multi_statements=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE n (id INT PRIMARY KEY, amount DECIMAL(5,2) NOT NULL)")
+        for data in (b"1\t12345678.5\n", b"1\n", b"1\tx\n"):
+            conn.begin()
+            script = db.Script()
+            script.load("n", "LOAD DATA LOCAL INFILE 'n' INTO TABLE n (id, amount)", "n", data)
+            script.add("after", "SELECT 1")
+            with conn.cursor() as cur:
+                with pytest.raises(db.LoadWarnings):
+                    script.run(cur)
+            conn.rollback()
+            assert servers.query(url, "SELECT COUNT(*) FROM n") == [(0,)]
+        with pytest.raises(TypeError):   # a connection that cannot send local data
+            script = db.Script()
+            script.load("n", "LOAD DATA LOCAL INFILE 'n' INTO TABLE n (id, amount)", "n", b"1\t1\n")
+            with table[1].cursor() as cur:
+                script.run(cur)
+    finally:
+        conn.close()
+
+
 def test_a_transaction_answers_per_statement_and_commits_or_rolls_back_with_its_last_batch(table):
     url, conn = table
     with conn.cursor(pymysql.cursors.DictCursor) as cur:

@@ -262,11 +262,14 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
     url = make_database("ledger")
     WorkerState(url, 0).open().close()
     ledger = Ledger(Decimal("1000.00"))
-    a, b, watch = db.connect(url), db.connect(url), db.connect(url)
+    a, b = (db.connect(url, local_infile=True, multi_statements=True) for _ in range(2))
+    watch = db.connect(url)
 
-    def run(conn, statements: dict) -> dict:
+    def run(conn, *writes) -> dict:
+        script = db.Script()
+        ledger.add_writes(script, conn, *writes)
         with conn.cursor() as cur:
-            return {tag: sum(cur.execute(sql) for sql in sqls) for tag, sqls in statements.items()}
+            return {tag: r.rowcount for tag, r in script.run(cur).items()}
     try:
         a.begin()
         with a.cursor() as cur:
@@ -299,19 +302,18 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
                 return info.startswith("INSERT INTO worker_balances") or outcome
         servers.wait_until(other_waits, 10, 0.02, "the other worker waiting to create user 5")
         order = Order(77, 5, Decimal("10.00"), 2, 1, 1, True, line=1)
-        done = run(a, ledger.write_sql(a, 0, 1, [order], [], {5: Decimal("990.00")}, {5}, new_users))
+        done = run(a, 0, 1, [order], [], {5: Decimal("990.00")}, {5}, new_users)
         assert done["orders"] == ledger.expected_orders([order], []) == 1
         a.commit()
         t.join(10)
         assert outcome in (["conflict"], ["deadlock"])    # either way it decides its batch again
 
         b.begin()                                          # order 78 decided by the other worker
-        run(b, ledger.write_sql(b, 1, 2, [Order(78, 6, Decimal("3.00"), 3, 1, 1, True, line=4)], [], {}, set(),
-                                set()))
+        run(b, 1, 2, [Order(78, 6, Decimal("3.00"), 3, 1, 1, True, line=4)], [], {}, set(), set())
         b.commit()
         a.begin()
         late = Order(78, 5, Decimal("10.00"), 2, 1, 1, True, line=2)
-        done = run(a, ledger.write_sql(a, 0, 1, [late], [], {}, set(), set()))
+        done = run(a, 0, 1, [late], [], {}, set(), set())
         assert done["orders"] == 0 != ledger.expected_orders([late], [])
         a.rollback()
         with a.cursor() as cur:
@@ -332,22 +334,93 @@ def test_orders_written_meanwhile_never_change_and_never_balance_the_row_count(m
     url = make_database("ledger2")
     WorkerState(url, 0).open().close()
     ledger = Ledger(Decimal("1000.00"))
-    conn = db.connect(url)
+    conn = db.connect(url, local_infile=True, multi_statements=True)
     try:
-        def run(statements: dict) -> dict:
+        def run(*writes) -> dict:
+            script = db.Script()
+            ledger.add_writes(script, conn, *writes)
             with conn.cursor() as cur:
-                return {tag: sum(cur.execute(sql) for sql in sqls) for tag, sqls in statements.items()}
-        run(ledger.write_sql(conn, 1, 2, [Order(80, 6, Decimal("3.00"), 3, 1, 1, True, line=4),
-                                          Order(81, 6, Decimal("3.00"), 3, 1, 1, True, line=5)], [], {}, set(), set()))
+                return {tag: r.rowcount for tag, r in script.run(cur).items()}
+        run(1, 2, [Order(80, 6, Decimal("3.00"), 3, 1, 1, True, line=4),
+                   Order(81, 6, Decimal("3.00"), 3, 1, 1, True, line=5)], [], {}, set(), set())
         conn.commit()
         late = [Order(80, 5, Decimal("10.00"), 2, 1, 1, False, line=2), Order(81, 5, Decimal("10.00"), 2, 1, 1, True,
                                                                                line=3)]
-        done = run(ledger.write_sql(conn, 0, 1, late, [], {}, set(), set()))
+        done = run(0, 1, late, [], {}, set(), set())
         assert done["orders"] < ledger.expected_orders(late, []) == 2
         conn.commit()
         assert servers.query(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(80, 1), (81, 1)]
     finally:
         conn.close()
+
+
+def test_a_new_user_created_meanwhile_is_never_overwritten_and_never_balances_the_count(make_database):
+    """The users this batch took for new are loaded (a duplicate is skipped, not an error): one
+    created by another worker meanwhile keeps its balance, and the users count falls short of
+    `expected_users`, which the worker turns into a conflict. The balances of locked users
+    are replaced in place."""
+    url = make_database("ledger3")
+    WorkerState(url, 0).open().close()
+    ledger = Ledger(Decimal("1000.00"))
+    conn = db.connect(url, local_infile=True, multi_statements=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO worker_balances (user_id, balance) VALUES (5, 400.00), (6, 700.00)")
+        script = db.Script()
+        ledger.add_writes(script, conn, 0, 1, [], [], {5: Decimal("990.00"), 6: Decimal("650.25"),
+                                                        7: Decimal("980.00")}, {5, 6, 7}, {5, 7})
+        with conn.cursor() as cur:
+            done = script.run(cur)
+        assert done["users"].rowcount == 1 < ledger.expected_users({5, 6, 7}, {5, 7}) == 2
+        assert servers.query(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+            (5, Decimal("400.00")), (6, Decimal("650.25")), (7, Decimal("980.00"))]
+    finally:
+        conn.close()
+
+
+def test_two_shard_workers_create_new_users_without_waiting_for_each_other(make_database):
+    """Each shard worker locks the balances of its batch's users, most of them not in the table
+    yet. Neither lock keeps the other worker from creating its own new users (under REPEATABLE
+    READ both locked the gap above the highest user, and one waited for the other's commit);
+    a user both take for new is created once, and the second creator's short count is a
+    conflict."""
+    url = make_database("ledger4")
+    ledger = Ledger(Decimal("1000.00"))
+    a, b = WorkerState(url, 0), WorkerState(url, 1)
+    try:
+        ca, cb = a.open(), b.open()
+        with cb.cursor() as cur:
+            cur.execute("SET SESSION innodb_lock_wait_timeout = 2")
+        ca.begin()
+        cb.begin()
+        with ca.cursor() as cur:
+            cur.execute(ledger.lock_sql(ca, {5, 6}))
+            assert ledger.balances(cur.fetchall(), {5, 6})[1] == {5, 6}
+        with cb.cursor() as cur:
+            cur.execute(ledger.lock_sql(cb, {6, 9}))
+            assert ledger.balances(cur.fetchall(), {6, 9})[1] == {6, 9}
+
+        def create(conn, users: set) -> int:
+            script = db.Script()
+            ledger.add_writes(script, conn, 0, 1, [], [], {u: Decimal("990.00") for u in users}, users, users)
+            with conn.cursor() as cur:
+                return script.run(cur)["users"].rowcount
+        assert create(ca, {5}) == 1
+        assert create(cb, {9}) == 1                 # no wait for worker a's locks
+        assert create(ca, {6}) == 1
+        outcome = []
+        t = threading.Thread(target=lambda: outcome.append(create(cb, {6})))
+        t.start()
+        t.join(0.3)
+        assert outcome == []                        # waiting for worker a's row 6
+        ca.commit()
+        t.join(10)
+        assert outcome == [0] < [ledger.expected_users({6}, {6})]   # b waited for a's row: a conflict
+        cb.rollback()
+        assert servers.query(url, "SELECT user_id FROM worker_balances ORDER BY user_id") == [(5,), (6,)]
+    finally:
+        a.close()
+        b.close()
 
 
 def test_the_worker_claims_several_files_of_its_shard_at_once_and_reports_each(pipeline):

@@ -123,3 +123,26 @@ def test_files_in_a_row_do_not_ping_and_a_connection_lost_meanwhile_hands_the_fi
     with pytest.raises(Retryable):
         w.decide("20260301120020", [restock(2, 2, 1, 1)])
     assert w.again("20260301120020").events == 1                  # the next try opens a new connection
+
+
+def test_a_batch_locks_its_returns_users_with_its_purchases_users_in_one_read(worker, monkeypatch):
+    """The balances a batch may change are locked by one statement of its reads script,
+    ascending: the users of its purchases and of its returns (a return of an earlier file's
+    purchase credits that user). Locking the returns' users after the orders came back was a
+    round trip more per batch, and two shard workers each locking twice could lock out of order.
+    The user of a return that credits nothing (its purchase unknown) gets no balance row."""
+    from app.worker.ledger import Ledger
+
+    w = worker()
+    locked = []
+    real = Ledger.lock_sql
+    monkeypatch.setattr(Ledger, "lock_sql", staticmethod(lambda conn, users: locked.append(set(users))
+                                                         or real(conn, users)))
+    assert w.decide(F1, [purchase(0, 100, user=1, shop=2, price=10)]).events == 1
+    assert locked == [{1}]
+    lines = [purchase(1, 101, user=2, shop=2, price=5), refund(2, 100, user=1, amount=10, shop=2),
+             refund(3, 999, user=3, amount=1, shop=2)]
+    assert w.decide(F2, lines).events == 2   # the return of order 999 is held
+    assert locked == [{1}, {1, 2, 3}]
+    assert sql(w.url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+        (1, w.settings.opening_balance), (2, w.settings.opening_balance - 5)]

@@ -345,3 +345,29 @@ def test_sealing_after_a_file_catches_up_in_passes(worker, monkeypatch):
     w.decide(F1, [restock(m * MINUTE + i, 2, 1, 1) for m in range(6) for i in range(10)])
     assert keys(w.url) == {"worker_seen": 30, "worker_seen_sealed": 30}
     assert sql(w.url, "SELECT sealed_below FROM worker_shards") == [(minute_of(ts(3 * MINUTE)),)]
+
+
+def test_the_worker_writes_its_state_by_inserts_where_the_server_refuses_local_infile(shared_dir):
+    """A batch's state rows go in by LOAD DATA LOCAL; a server with local_infile off (MySQL
+    8.0's default) refuses it (MariaDB: 4166). The batch is decided again with INSERTs, and so
+    is every later one: same decisions, same rows."""
+    server = servers.new_private_mariadb(["--local-infile=0"])
+    try:
+        url = server.url("pipeline_db")
+        w = Worker(url, shared_dir)
+        opening = w.settings.opening_balance
+        first = w.decide(F1, [purchase(0, 100, user=1, shop=2, price=10), restock(1, 2, 1, 5), restock(1, 2, 1, 5),
+                              purchase(2, 101, user=2, shop=2, price=3)])
+        assert w.stage.state.use_infile is False
+        assert first.stats["accepted"] == 3 and first.stats["rejected"] == {"duplicate": 1}
+        second = w.decide(F2, [refund(MINUTE, 100, user=1, amount=4, shop=2), purchase(MINUTE + 1, 102, user=1, shop=2,
+                                                                                       price=1)])
+        assert second.stats["accepted"] == 2
+        assert sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+            (1, opening - 10 + 4 - 1), (2, opening - 3)]
+        assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(100, 2), (101, 1), (102, 1)]
+        assert sql(url, "SELECT COUNT(*) FROM worker_seen") == [(1,)]
+        w.close()
+    finally:
+        server.stop()
+        shutil.rmtree(server.datadir, ignore_errors=True)

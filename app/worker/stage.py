@@ -366,13 +366,18 @@ class FileRun:
                 self.stage.recent_keys.add_all(self.b.new_keys)
                 self.stage.recent_orders.add_all(o.order_id for o in self.b.new_orders)
                 return result
-            except (LedgerConflict, SeenConflict, pymysql.err.OperationalError) as exc:
+            except (LedgerConflict, SeenConflict, pymysql.err.OperationalError, pymysql.err.InternalError,
+                    pymysql.err.ProgrammingError) as exc:
                 conn.rollback()
-                retry = not isinstance(exc, pymysql.err.OperationalError) or (exc.args and
-                                                                              exc.args[0] in DEADLOCK_CODES)
+                refused = self.state.infile_refused(exc)   # LOAD DATA LOCAL refused: INSERTs from now on
+                retry = refused or not isinstance(exc, pymysql.err.MySQLError) or (exc.args and
+                                                                                  exc.args[0] in DEADLOCK_CODES)
                 if not retry or attempt == BATCH_RETRIES - 1:
                     raise
-                if optimistic and not isinstance(exc, pymysql.err.OperationalError):
+                if refused:
+                    log.warning("%s lines %d+: LOAD DATA LOCAL INFILE refused (%s); the worker's state goes in by "
+                                "INSERTs instead", self.filename, first_line, exc)
+                elif optimistic and not isinstance(exc, pymysql.err.MySQLError):
                     log.info("%s lines %d+: %s; deciding the batch again with every key looked up",
                              self.filename, first_line, exc)
                 else:
@@ -415,33 +420,33 @@ class FileRun:
             reads.add("stock", st.stock_sql(conn, plan.pairs))
         if plan.shops:
             reads.add("shops", st.shops_sql(conn, plan.shops))
-        if plan.users:
-            reads.add("balances", ledger.lock_sql(conn, plan.users))
+        # the users of purchases, and of returns (most credit an earlier purchase's user): one
+        # locking read in ascending user order, where locking the returns' users after the
+        # orders came back was a round trip more and let two shard workers lock out of order
+        users = plan.users | {e.user_id for e in returns}
+        if users:
+            reads.add("balances", ledger.lock_sql(conn, users))
         with self.turns.waiting():
             got = reads.run(cur)
         seen = st.parse_seen(got.get("seen", ((), 0))[0])
         orders = ledger.parse_orders(got.get("orders", ((), 0))[0])
         stock = {(s, g): c for s, g, c in got.get("stock", ((), 0))[0]}
         shops = {s: bool(a) for s, a in got.get("shops", ((), 0))[0]}
-        balances, new_users = ledger.balances(got.get("balances", ((), 0))[0], plan.users)
+        balances, new_users = ledger.balances(got.get("balances", ((), 0))[0], users)
         # returns of earlier purchases credit those purchases' users (a return whose user is not
         # its purchase's is a return_mismatch and moves nothing)
         # (the ledger keeps a digest of the purchase's user: a return that matches it names the user)
-        more = {e.user_id for e in returns if (o := orders.get(e.order_id)) is not None and o.debited
-                and o.credit is None} - balances.keys()
-        if more:
-            with self.turns.waiting():
-                cur.execute(ledger.lock_sql(conn, more))
-            more_balances, more_new = ledger.balances(cur.fetchall(), more)
-            balances.update(more_balances)
-            new_users |= more_new
+        # (every return's user was locked above)
+        credits = {e.user_id for e in returns if (o := orders.get(e.order_id)) is not None and o.debited
+                   and o.credit is None}
         if rules.purchase_takes_stock:
             extra = {(orders[e.order_id].shop_id, e.good_id) for e in returns if e.order_id in orders} - plan.pairs
             if extra:
                 cur.execute(st.stock_sql(conn, extra))
                 stock.update(((s, g), c) for s, g, c in cur.fetchall())
         if new_users and not optimistic:
-            ledger.create_users(cur, new_users)
+            # only users this batch may change: not the user of a return that credits nothing
+            ledger.create_users(cur, new_users & (plan.users | credits))
             new_users = set()
         for h in st.parse_holds(got.get("adopt", ((), 0))[0]):
             self._resolve(b, h, "expired", ORPHAN_RETURN, first_line)
@@ -527,11 +532,10 @@ class FileRun:
                 b.changed_shops[ev.shop_id] = (ev.active, ts)
 
         writes = db.Script()
-        writes.add("seen", st.add_seen_sql(conn, b.new_keys, b.return_minutes))
+        st.add_seen(writes, "seen", b.new_keys, b.return_minutes)
         credited = list(b.credited.values())
-        for tag, statements in ledger.write_sql(conn, self.shard, self.file_id, b.new_orders, credited, balances,
-                                                b.changed_users, new_users).items():
-            writes.add(tag, statements)
+        ledger.add_writes(writes, conn, self.shard, self.file_id, b.new_orders, credited, balances, b.changed_users,
+                          new_users, infile=st.use_infile)
         writes.add("stock", st.stock_write_sql(conn, stock, b.changed_stock))
         writes.add("shops", st.shops_write_sql(conn, b.changed_shops))
         writes.add("holds", st.holds_write_sql(conn, list(b.holds.values())))
@@ -552,6 +556,10 @@ class FileRun:
         if expected and done["orders"][1] != expected:
             raise LedgerConflict(f"orders of this batch were written by another worker "
                                  f"({done['orders'][1]} rows changed, {expected} expected)")
+        expected = ledger.expected_users(b.changed_users, new_users)
+        if expected and done["users"][1] != expected:
+            raise LedgerConflict(f"{expected - done['users'][1]} new user(s) of this batch were created by another "
+                                 f"worker meanwhile")
         self.newest = newest or None
         return bytes(codes), {o: order.shop_id for o, order in orders.items()}, b.resolved
 

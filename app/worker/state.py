@@ -12,6 +12,8 @@ import heapq
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import pymysql
+
 from .. import db
 from ..config import MySQLURL
 from ..events import TIME_FORMAT
@@ -165,8 +167,11 @@ class WorkerState:
         # dedup keys of minutes below this are in worker_seen_sealed, the others in worker_seen;
         # read with the shard lock (`start_file`), changed only by its holder (`seal`)
         self.sealed_below = NOTHING_SEALED
+        # local_infile: a batch's state rows go in by LOAD DATA LOCAL (`db.Script.load`), unless
+        # the server refuses it (local_infile off, MySQL 8.0's default): INSERTs then
+        self.use_infile = True
         self._db = db.Reconnecting(url, check_after=PING_AFTER, on_open=self._prepare, create_database=True,
-                                   multi_statements=True)
+                                   multi_statements=True, local_infile=True)
         # lock names are at most 64 characters: cut the database name, never the shard
         self.lock_name = f"event_pipeline.worker.{shard}.{url.database}"[:64]
 
@@ -179,12 +184,31 @@ class WorkerState:
 
     def _prepare(self, conn) -> None:
         """A new connection brings the schema up to date first (`db.migrate`: under a lock, and
-        a table dropped meanwhile comes back) and makes sure the shard has its row."""
+        a table dropped meanwhile comes back) and makes sure the shard has its row.
+
+        READ COMMITTED: under REPEATABLE READ, locking the balances of users not in the table
+        yet (`Ledger.lock_sql`) locks the gaps around them, new user ids are mostly the highest,
+        so the two shard workers' batches each locked the gap above the last user and waited
+        for each other to create any user. A user both take for new is still decided once:
+        each loads it, one waits for the other's row and finds it there, and the short count is
+        a `LedgerConflict` (the batch is decided again). Nothing else needs the snapshot: every
+        other table a batch reads is its shard's, written only by the shard lock's holder, and
+        the ledger's order ids are unique."""
         db.migrate(conn, SCHEMA)
         with conn.cursor() as cur:
+            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
             cur.execute("SET SESSION group_concat_max_len = %s", (GROUP_CONCAT_MAX,))
             cur.execute("INSERT INTO worker_shards (shard) VALUES (%s) ON DUPLICATE KEY UPDATE shard=shard",
                         (self.shard,))
+
+    def infile_refused(self, exc: BaseException) -> bool:
+        """Whether `exc` is the server refusing LOAD DATA LOCAL, the first time: from now on the
+        state rows go in by INSERTs (the caller decides the batch again)."""
+        if (self.use_infile and isinstance(exc, pymysql.err.MySQLError) and exc.args
+                and exc.args[0] in db.LOCAL_INFILE_REFUSED):
+            self.use_infile = False
+            return True
+        return False
 
     def close(self) -> None:
         self._db.discard()
@@ -320,13 +344,14 @@ class WorkerState:
     def parse_seen(rows) -> set:
         return {k if m is None else (m, k) for m, k in rows}
 
-    def add_seen_sql(self, conn, keys: list, return_minutes: dict[int, int]) -> list[str]:
-        """Record new dedup keys; an existing one changes no row, so the affected-row count
-        says whether every key was new. In arrival order, not sorted: a sorted batch landing
-        among a minute's earlier keys trips InnoDB's sequential-insert page split and leaves
-        pages part empty (a third more space for 400k keys, bench-style batches). A key of a
-        sealed minute (a late event) goes straight to worker_seen_sealed, where its duplicate
-        would be."""
+    def add_seen(self, script, tag: str, keys: list, return_minutes: dict[int, int]) -> None:
+        """Record new dedup keys, loaded (`db.Script.load`: the server parses a key's line for
+        less than its `(...)` in an INSERT). An existing key is skipped, so the tag's
+        affected-row count says whether every key was new. In arrival order, not sorted: a
+        sorted batch landing among a minute's earlier keys trips InnoDB's sequential-insert page
+        split and leaves pages part empty (a third more space for 400k keys, bench-style
+        batches). A key of a sealed minute (a late event) goes straight to worker_seen_sealed,
+        where its duplicate would be."""
         shard = self.shard
         floor = self.sealed_below
         hashed = [k for k in keys if type(k) is tuple]
@@ -334,15 +359,27 @@ class WorkerState:
         if late:
             hashed = [k for k in hashed if k[0] >= floor]
         returns = [k for k in keys if type(k) is not tuple]
-        return (db.insert_statements(conn, "INSERT INTO worker_seen (shard, bucket, hash) VALUES ", hashed,
-                                     " ON DUPLICATE KEY UPDATE hash=hash",
-                                     render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
-                + db.insert_statements(conn, "INSERT INTO worker_seen_sealed (shard, bucket, hash) VALUES ", late,
-                                       " ON DUPLICATE KEY UPDATE hash=hash",
-                                       render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
-                + db.insert_statements(conn, "INSERT INTO worker_return_keys (shard, order_id, bucket) VALUES ",
-                                       returns, " ON DUPLICATE KEY UPDATE bucket=bucket",
-                                       render=lambda k: "(%d,%d,%d)" % (shard, k, return_minutes[k])))
+        if not self.use_infile:
+            conn = self.conn
+            script.add(tag, db.insert_statements(conn, "INSERT INTO worker_seen (shard, bucket, hash) VALUES ", hashed,
+                                                 " ON DUPLICATE KEY UPDATE hash=hash",
+                                                 render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
+                       + db.insert_statements(conn, "INSERT INTO worker_seen_sealed (shard, bucket, hash) VALUES ",
+                                              late, " ON DUPLICATE KEY UPDATE hash=hash",
+                                              render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
+                       + db.insert_statements(conn, "INSERT INTO worker_return_keys (shard, order_id, bucket) VALUES ",
+                                              returns, " ON DUPLICATE KEY UPDATE bucket=bucket",
+                                              render=lambda k: "(%d,%d,%d)" % (shard, k, return_minutes[k])))
+            return
+        line = "%d\t%d\n".__mod__
+        for table, rows in (("worker_seen", hashed), ("worker_seen_sealed", late)):
+            if rows:
+                script.load(tag, f"LOAD DATA LOCAL INFILE '{table}' INTO TABLE {table} (bucket, hash) "
+                                 f"SET shard={shard:d}", table, "".join(map(line, rows)).encode())
+        if returns:
+            script.load(tag, f"LOAD DATA LOCAL INFILE 'worker_return_keys' INTO TABLE worker_return_keys "
+                             f"(order_id, bucket) SET shard={shard:d}", "worker_return_keys",
+                        "".join(["%d\t%d\n" % (k, return_minutes[k]) for k in returns]).encode())
 
     @staticmethod
     def stock_sql(conn, pairs) -> str:
