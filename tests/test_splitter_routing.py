@@ -178,3 +178,29 @@ def test_insert_fallback_gives_the_same_routing(shared_dir, pipeline_db):
         idx.close()
     assert result.routed_by_order == 20 and len(records) == 2
     assert result.per_shard == [10, 10]
+
+
+def test_last_segment_looks_up_on_the_splitting_thread(shared_dir, index, monkeypatch):
+    """A file's last segment (a small file's only one) looks up its returns without the lookup
+    thread: nothing is left to overlap, and the hand-over costs CPU per file. Earlier segments
+    still look up on the thread while the next one fills, and the routing is the same."""
+    from app.splitter import stage
+    ret = lambda order: ev(3, order_id=order, user_id=1, good_id=1, qty=1, refund_amount=1.0)  # noqa: E731
+    buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
+                                 price_at_order=1.0)
+    orders = [2**59 + i for i in range(300)]
+    write_source(shared_dir, "20260101000030", [buy(o, i) for i, o in enumerate(orders)])
+    write_source(shared_dir, "20260101000031", [ret(o) for o in orders])
+    split(shared_dir, index, "20260101000030")
+    threaded = []
+    real = OrderIndex.lookup_async
+    monkeypatch.setattr(OrderIndex, "lookup_async", lambda self, *a: threaded.append(1) or real(self, *a))
+
+    result, whole, _ = split(shared_dir, index, "20260101000031")
+    assert threaded == [] and result.routed_by_order == 300
+    assert whole == {0: b"".join(ret(o) for i, o in enumerate(orders) if i % 2 == 0),
+                     1: b"".join(ret(o) for i, o in enumerate(orders) if i % 2 == 1)}
+
+    monkeypatch.setattr(stage, "BUFFER_LINES", 100)  # segments of ~128 lines (checked every CHECKPOINT)
+    result, segmented, _ = split(shared_dir, index, "20260101000031")
+    assert len(threaded) >= 1 and result.routed_by_order == 300 and segmented == whole

@@ -202,14 +202,19 @@ def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[b
 
     in_flight = None   # (lists, rejects, waiting, lookup) of the segment whose lookup runs
 
-    def flush(lists: list[list[bytes]], rejects: list, waiting: list) -> None:
+    def flush(lists: list[list[bytes]], rejects: list, waiting: list, last: bool = False) -> None:
         """A segment is complete: the one before it is written (its lookup awaited); this one
-        too, unless it waits for a lookup of its own, which starts now."""
+        too, unless it waits for a lookup of its own, which starts now. The file's last
+        segment looks up here, on this thread: nothing is left to read while the database
+        answers, and a hand-over to the lookup thread and back costs CPU (a small file has
+        only this segment)."""
         nonlocal in_flight
         if in_flight is not None:
             segment, in_flight = in_flight, None
             write(*segment[:3], segment[3].result())
-        if waiting:
+        if waiting and last:
+            write(lists, rejects, waiting, routing.lookup([(w[2], w[0]) for w in waiting]))
+        elif waiting:
             in_flight = (lists, rejects, waiting, routing.lookup_async([(w[2], w[0]) for w in waiting]))
         else:
             write(lists, rejects, waiting, [])
@@ -294,10 +299,7 @@ def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[b
                 rejects.append((n, line, reasons.UNREGISTERED_SHARD))
         else:
             rejects.append((n, line, dest))
-    flush(lists, rejects, waiting)
-    if in_flight is not None:
-        segment, in_flight = in_flight, None
-        write(*segment[:3], segment[3].result())
+    flush(lists, rejects, waiting, last=True)
     result.lines_in = n
     result.purchases = routing.purchases
     result.bom_skipped = int(source.bom)
