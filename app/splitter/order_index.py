@@ -49,7 +49,8 @@ CHUNK = 4096          # purchases per TSV chunk handed to the loader
 MAX_INFLIGHT = 2      # chunks loaded concurrently with the split before it waits
 LOOKUP_BATCH = 1000   # order ids per lookup query (divided among the epochs looked in)
 INSERT_BATCH = 2000
-EPOCH_ROWS = 1 << 18  # purchases per epoch: a few MiB of the tree is where writes land
+EPOCH_ROWS = 1 << 17  # purchases per epoch: a few MiB of the tree is where writes land, and
+                      # what stays hot (not sealed) at most, with the ring's unsealed epochs
 PRUNE_EVERY = 60.0    # seconds between two looks for epochs to prune
 PRUNE_ROWS = 20_000   # rows per DELETE statement (each its own short transaction)
 PRUNE_STATEMENTS = 50  # DELETEs per prune call at most; the rest waits for the next
@@ -99,6 +100,30 @@ class EpochSealed(Retryable):
     longer than SEAL_GRACE, or resumed after a crash): split it again, in the current epoch."""
 
 
+def _entries_of(entries: bytes, wanted: list[int]):
+    """The entries of a bucket whose order_id is in `wanted` (sorted): a binary search of the
+    bucket's sorted fixed-size entries for each wanted order in its range, not a decode of all."""
+    size, unpack = ENTRY.size, ENTRY.unpack_from
+    count = len(entries) // size
+    if not count:
+        return
+    first, last = unpack(entries, 0)[0], unpack(entries, (count - 1) * size)[0]
+    for order in wanted[bisect_left(wanted, first):bisect_right(wanted, last)]:
+        low, high = 0, count
+        while low < high:
+            middle = (low + high) // 2
+            if unpack(entries, middle * size)[0] < order:
+                low = middle + 1
+            else:
+                high = middle
+        while low < count:
+            entry = unpack(entries, low * size)
+            if entry[0] != order:
+                break
+            yield entry
+            low += 1
+
+
 class SealedEpoch:
     """What a lookup needs of a sealed epoch besides its buckets, read once per process: the
     first order_id of each bucket, and each indexed file's sequence number."""
@@ -135,6 +160,7 @@ class OrderIndex:
         self._pruned_at: float | None = None
         self._prune_more = False         # the last pruning stopped at PRUNE_STATEMENTS
         self._seal_due = True            # sealing may have work: look on the next pass
+        self._held_open: int | None = None   # the epoch a file opened within seal_grace keeps open
         self._sealed: dict[int, SealedEpoch] = {}
         # Not checked before each use (a split uses them thousands of times): after an error
         # `reset` drops them and the next use reconnects.
@@ -243,15 +269,14 @@ class OrderIndex:
                     if not newly:
                         break
                     self._load_sealed(cur, newly)
-                wanted = set(part)
+                wanted = part     # sorted
                 for kind, epoch, order_id, fid, line, shop_id, seq, entries in rows:
                     if kind == 0:
                         candidate(order_id, fid, line, shop_id, seq)
                     elif kind == 1:
                         files = known[epoch].files
-                        for order_id, fid, line, shop_id in ENTRY.iter_unpack(entries):
-                            if order_id in wanted:
-                                candidate(order_id, fid, line, shop_id, files.get(fid))
+                        for order_id, fid, line, shop_id in _entries_of(entries, wanted):
+                            candidate(order_id, fid, line, shop_id, files.get(fid))
         result: list[int | None] = []
         for order_id, line in orders:
             earlier = [(ln, shop) for ln, shop in own.get(order_id, ()) if ln < line]
@@ -349,7 +374,7 @@ class OrderIndex:
         if not indexed:
             raise EpochSealed(f"order index epoch {epoch} was closed for sealing before this file's index completed "
                               f"(a split longer than {self.seal_grace:g} s, or resumed): split it again")
-        if closed < current or sealed < closed or truncated < sealed:
+        if (closed < current and closed != self._held_open) or sealed < closed or truncated < sealed:
             self._seal_due = True
 
     # -- pruning ------------------------------------------------------------------------------
@@ -359,16 +384,20 @@ class OrderIndex:
 
     def prune(self, now: float | None = None) -> int:
         """The pass the splitter runs between files and when idle (when `prune_due`): sealing
-        (one epoch a call at most), then the pruning of epochs no file can still see; the rows
+        (one epoch a call at most) when a file's completion found work for it or `prune_every`
+        passed, then, every `prune_every`, the pruning of epochs no file can still see; the rows
         it deleted. A sealing that fails other than by the database being unreachable is
         logged, not raised: the split it follows is done, and unsealed rows stay correct."""
+        now = time.monotonic() if now is None else now
+        due = self._pruned_at is None or now - self._pruned_at >= self.prune_every or self._prune_more
         try:
-            self.seal()
+            if due or self._seal_due:
+                self.seal()
         except db.UNAVAILABLE:
             raise
         except Exception:
             log.exception("order index: sealing failed; the hot rows stay (the epoch grows until it succeeds)")
-        return self._prune(time.monotonic() if now is None else now)
+        return self._prune(now) if due else 0
 
     # -- sealing ------------------------------------------------------------------------------
 
@@ -408,7 +437,8 @@ class OrderIndex:
             cur.execute("SELECT COUNT(*) FROM splitter_file WHERE indexed_seq IS NULL AND epoch = %s "
                         "AND opened_at >= NOW(3) - INTERVAL %s SECOND", (closed, self.seal_grace))
             if cur.fetchone()[0]:
-                return None     # a file may still be splitting into it: the periodic pass looks again
+                self._held_open = closed    # a file may still be splitting into it: the periodic pass looks again
+                return None
             # From now on a file of this epoch whose index is not complete is refused (finalize
             # reads closed_below under the same row lock), so its rows can change no more.
             cur.execute("UPDATE splitter_seq SET closed_below = %s WHERE id = 1 AND closed_below = %s",
@@ -447,11 +477,13 @@ class OrderIndex:
             if count:
                 first = len(directory)
                 script = db.Script()
+                # The variable read once through a derived table: read per row, the server
+                # would copy all of it for every bucket.
                 script.add("put", f"INSERT INTO splitter_sealed (epoch, bucket, entries) "
-                                  f"SELECT %s, %s + seq, SUBSTRING(@sealing, seq * {bucket_bytes:d} + 1, {bucket_bytes:d}) "
-                                  f"FROM seq_0_to_{count - 1:d}", (epoch, first))
-                script.add("dir", f"SELECT GROUP_CONCAT(SUBSTRING(@sealing, seq * {bucket_bytes:d} + 1, 8) ORDER BY seq "
-                                  f"SEPARATOR '') FROM seq_0_to_{count - 1:d}")
+                                  f"SELECT %s, %s + seq, SUBSTRING(v.b, seq * {bucket_bytes:d} + 1, {bucket_bytes:d}) "
+                                  f"FROM (SELECT @sealing AS b) v JOIN seq_0_to_{count - 1:d}", (epoch, first))
+                script.add("dir", f"SELECT GROUP_CONCAT(SUBSTRING(v.b, seq * {bucket_bytes:d} + 1, 8) ORDER BY seq "
+                                  f"SEPARATOR '') FROM (SELECT @sealing AS b) v JOIN seq_0_to_{count - 1:d}")
                 directory.append(script.run(cur)["dir"].one()[0])
                 directory[-1] = directory[-1] if len(directory[-1]) == 8 * count else b""
                 if not directory[-1]:
