@@ -7,7 +7,8 @@ another (e.g. main, unsealed), each on its own database of one private mariadbd,
 
 The purchases are what the splitter indexes: 36% of the generator's events are purchases
 (random 63-bit order ids), in files of `--file-events` events; every file also looks up 50
-orders (returns without shop_id: earlier orders and unknown ones), as the splitting loop does.
+orders mid-file (returns without shop_id: earlier orders and unknown ones), synchronously so
+their Python CPU is timed apart.
 Each file goes through the real path (`open_file`, `add_purchase`, `finish`), then the
 splitter's own pass between files (`prune_due` / `prune`: sealing and pruning), timed apart.
 Runs alternate (base, this tree, base, this tree...) with `--rounds`.
@@ -49,7 +50,7 @@ def child(root: str, url_text: str, server_pid: int, events: int, file_events: i
     files = max(1, events // file_events)
     recent: list[int] = []
     digest = hashlib.sha256()
-    pass_cpu = pass_server = 0.0
+    pass_cpu = pass_server = lookup_cpu = 0.0
     start_cpu, start_server, start_wall = _self_cpu(), cpu_seconds(server_pid), time.perf_counter()
     for n in range(files):
         routing = idx.open_file(f"2026{n:010d}")
@@ -61,7 +62,9 @@ def child(root: str, url_text: str, server_pid: int, events: int, file_events: i
             if line == per_file // 2:      # the file's returns of orders not in memory, mid-split
                 asked = [rng.choice(recent) for _ in range(40)] if recent else []
                 asked += [rng.getrandbits(63) for _ in range(50 - len(asked))]
-                digest.update(repr(routing.lookup_async([(o, line) for o in asked]).result()).encode())
+                t0 = time.thread_time()
+                digest.update(repr(routing.lookup([(o, line) for o in asked])).encode())
+                lookup_cpu += time.thread_time() - t0
         routing.finish()
         recent = (recent + orders[::97])[-20000:]
         if idx.prune_due(time.monotonic()):
@@ -86,7 +89,7 @@ def child(root: str, url_text: str, server_pid: int, events: int, file_events: i
         seq = [list(r) for r in cur.fetchall()]
     idx.close()
     print(json.dumps({"files": files, "purchases": files * per_file, "events": files * file_events, "cpu": cpu,
-                      "server": server, "wall": wall, "pass_cpu": pass_cpu, "pass_server": pass_server,
+                      "server": server, "wall": wall, "pass_cpu": pass_cpu, "pass_server": pass_server, "lookup_cpu": lookup_cpu,
                       "sizes": sizes, "seq": seq, "lookups": digest.hexdigest()[:16]}, default=str))
 
 
@@ -140,7 +143,8 @@ def main() -> None:
                       f"{r['wall']:.1f}s wall; lookups {r['lookups']}")
                 print(f"   CPU µs/event: splitter {r['cpu'] / ev * 1e6:.3f} + server {r['server'] / ev * 1e6:.3f} = "
                       f"{(r['cpu'] + r['server']) / ev * 1e6:.3f}; of which the pass between files (seal/prune): "
-                      f"splitter {r['pass_cpu'] / ev * 1e6:.3f} + server {r['pass_server'] / ev * 1e6:.3f}")
+                      f"splitter {r['pass_cpu'] / ev * 1e6:.3f} + server {r['pass_server'] / ev * 1e6:.3f}; "
+                      f"the lookups' Python {r['lookup_cpu'] / ev * 1e6:.3f}")
                 print(f"   state {total / ev:.1f} B/event (" + ", ".join(
                     f"{k} {v / ev:.1f}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])) + f"); seq {r['seq']}")
                 conn = servers.admin_connect(port=private.port)

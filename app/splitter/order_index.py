@@ -553,7 +553,7 @@ class OrderIndex:
                 below = pruned              # the last call stopped halfway: go on
             else:
                 return 0
-            for epoch in [e for e in self._sealed if e < below]:
+            for epoch in [e for e in list(self._sealed) if e < below]:   # list(): the lookup thread adds
                 self._sealed.pop(epoch, None)
             cur.execute("UPDATE splitter_epoch SET dir = NULL, files = NULL WHERE epoch < %s AND dir IS NOT NULL",
                         (below,))
