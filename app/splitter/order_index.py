@@ -61,6 +61,7 @@ BUCKET = 64           # entries per sealed bucket
 ENTRY = struct.Struct(">qIIq")   # order_id, file_id, line, shop_id: what the server packs
 FILE = struct.Struct(">Iq")      # file_id, indexed_seq: a sealed epoch's files
 _ORDER = struct.Struct(">q")     # an entry's first field
+_BUCKET_HEAD = struct.Struct(">IH")   # a bucket's epoch and length, before it in a lookup's answer
 SEAL_PIECE_BYTES = 8 << 20       # at most this much packed in one statement (max_allowed_packet caps it)
 SEAL_GRACE = 600.0    # seconds an unindexed file opened in a closed epoch holds its sealing back
 TRUNCATE_LOCK_WAIT = 10  # seconds a TRUNCATE PARTITION waits for running statements (then: later)
@@ -308,17 +309,35 @@ class OrderIndex:
                            f"AND o.order_id IN ({','.join(['%s'] * len(part))}) "
                            f"AND (o.file_id = %s OR f.indexed_seq BETWEEN %s AND %s)")
             args += [*hot, *part, file_id, floor_seq, horizon]
+        size = 0
         if buckets:
-            selects.append("SELECT 1, s.epoch, s.bucket, NULL, NULL, NULL, NULL, s.entries FROM splitter_sealed s WHERE "
-                           + " OR ".join(f"(s.epoch = %s AND s.bucket IN ({','.join(['%s'] * len(n))}))"
-                                         for _, n in buckets))
-            for e, numbers in buckets:
-                args += [e, *numbers]
+            # All the buckets in one value, each behind its epoch (4 bytes) and length (2): one
+            # row to parse, not one per bucket (rendered from integers only).
+            selects.append("SELECT 1, NULL, NULL, NULL, NULL, NULL, NULL, GROUP_CONCAT(UNHEX(LPAD(HEX(s.epoch), 8, '0')), "
+                           "UNHEX(LPAD(HEX(LENGTH(s.entries)), 4, '0')), s.entries SEPARATOR '') "
+                           "FROM splitter_sealed s WHERE "
+                           + " OR ".join(f"(s.epoch = {e:d} AND s.bucket IN ({','.join(str(int(b)) for b in n)}))"
+                                         for e, n in buckets))
+            size = sum(len(n) for _, n in buckets) * (BUCKET * ENTRY.size + 6) + 1024
         selects.append(f"SELECT 2, e.epoch, e.sealed, NULL, NULL, NULL, NULL, NULL FROM splitter_epoch e "
                        f"WHERE e.epoch IN ({','.join(['%s'] * len(epochs))})")
         args += epochs
-        cur.execute(" UNION ALL ".join(selects), args)
-        return list(cur.fetchall())
+        sql = " UNION ALL ".join(selects)
+        if size > 1024:
+            sql = f"SET STATEMENT group_concat_max_len = {size:d} FOR {sql}"
+        cur.execute(sql, args)
+        rows = []
+        for row in cur.fetchall():
+            if row[0] != 1:
+                rows.append(row)
+                continue
+            packed, at = row[7] or b"", 0
+            while at < len(packed):
+                epoch, length = _BUCKET_HEAD.unpack_from(packed, at)
+                at += _BUCKET_HEAD.size
+                rows.append((1, epoch, None, None, None, None, None, packed[at:at + length]))
+                at += length
+        return rows
 
     def _load_sealed(self, cur, epochs: list[int]) -> None:
         """Read the directories of sealed epochs (unchanged until pruned: kept for good)."""
