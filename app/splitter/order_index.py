@@ -49,7 +49,7 @@ CHUNK = 4096          # purchases per TSV chunk handed to the loader
 MAX_INFLIGHT = 2      # chunks loaded concurrently with the split before it waits
 LOOKUP_BATCH = 1000   # order ids per lookup query (divided among the epochs looked in)
 INSERT_BATCH = 2000
-EPOCH_ROWS = 1 << 17  # purchases per epoch: a few MiB of the tree is where writes land, and
+EPOCH_ROWS = 1 << 18  # purchases per epoch: a few MiB of the tree is where writes land, and
                       # what stays hot (not sealed) at most, with the ring's unsealed epochs
 PRUNE_EVERY = 60.0    # seconds between two looks for epochs to prune
 PRUNE_ROWS = 20_000   # rows per DELETE statement (each its own short transaction)
