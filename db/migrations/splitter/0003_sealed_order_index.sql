@@ -16,10 +16,34 @@ ALTER TABLE splitter_order PARTITION BY HASH (epoch) PARTITIONS 8;
 -- `sealed_below` they are sealed; below `truncated_below` their partition was emptied. An
 -- existing database starts from the epochs pruning already removed; its older epochs are
 -- sealed by the splitter in turn.
-ALTER TABLE splitter_seq
-  ADD COLUMN IF NOT EXISTS closed_below INT UNSIGNED NOT NULL DEFAULT 0,
-  ADD COLUMN IF NOT EXISTS sealed_below INT UNSIGNED NOT NULL DEFAULT 0,
-  ADD COLUMN IF NOT EXISTS truncated_below INT UNSIGNED NOT NULL DEFAULT 0;
+-- (Each column added only where it is missing, by a prepared statement: `ADD COLUMN IF NOT
+-- EXISTS` is MariaDB's only, and this must run on MySQL 8.0 too, db/README.md.)
+SET @splitter_0003 = IF(
+    (SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE()
+       AND table_name = 'splitter_seq' AND column_name = 'closed_below') = 0,
+    'ALTER TABLE splitter_seq ADD COLUMN closed_below INT UNSIGNED NOT NULL DEFAULT 0',
+    'DO 0');
+PREPARE splitter_0003 FROM @splitter_0003;
+EXECUTE splitter_0003;
+DEALLOCATE PREPARE splitter_0003;
+
+SET @splitter_0003 = IF(
+    (SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE()
+       AND table_name = 'splitter_seq' AND column_name = 'sealed_below') = 0,
+    'ALTER TABLE splitter_seq ADD COLUMN sealed_below INT UNSIGNED NOT NULL DEFAULT 0',
+    'DO 0');
+PREPARE splitter_0003 FROM @splitter_0003;
+EXECUTE splitter_0003;
+DEALLOCATE PREPARE splitter_0003;
+
+SET @splitter_0003 = IF(
+    (SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE()
+       AND table_name = 'splitter_seq' AND column_name = 'truncated_below') = 0,
+    'ALTER TABLE splitter_seq ADD COLUMN truncated_below INT UNSIGNED NOT NULL DEFAULT 0',
+    'DO 0');
+PREPARE splitter_0003 FROM @splitter_0003;
+EXECUTE splitter_0003;
+DEALLOCATE PREPARE splitter_0003;
 
 UPDATE splitter_seq SET closed_below = GREATEST(closed_below, pruned_epoch),
   sealed_below = GREATEST(sealed_below, pruned_epoch), truncated_below = GREATEST(truncated_below, pruned_epoch)
@@ -39,7 +63,29 @@ CREATE TABLE IF NOT EXISTS splitter_sealed (
 -- the hot rows or the buckets), `dir` (each bucket's first order_id, int64 big-endian: which
 -- bucket an order is in) and `files` (file_id uint32 + indexed_seq int64 of each file indexed
 -- in the epoch: the sequence a lookup compares with its window).
-ALTER TABLE splitter_epoch
-  ADD COLUMN IF NOT EXISTS sealed TINYINT NOT NULL DEFAULT 0,
-  ADD COLUMN IF NOT EXISTS dir MEDIUMBLOB NULL,
-  ADD COLUMN IF NOT EXISTS files MEDIUMBLOB NULL;
+SET @splitter_0003 = IF(
+    (SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE()
+       AND table_name = 'splitter_epoch' AND column_name = 'sealed') = 0,
+    'ALTER TABLE splitter_epoch ADD COLUMN sealed TINYINT NOT NULL DEFAULT 0',
+    'DO 0');
+PREPARE splitter_0003 FROM @splitter_0003;
+EXECUTE splitter_0003;
+DEALLOCATE PREPARE splitter_0003;
+
+SET @splitter_0003 = IF(
+    (SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE()
+       AND table_name = 'splitter_epoch' AND column_name = 'dir') = 0,
+    'ALTER TABLE splitter_epoch ADD COLUMN dir MEDIUMBLOB NULL',
+    'DO 0');
+PREPARE splitter_0003 FROM @splitter_0003;
+EXECUTE splitter_0003;
+DEALLOCATE PREPARE splitter_0003;
+
+SET @splitter_0003 = IF(
+    (SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE()
+       AND table_name = 'splitter_epoch' AND column_name = 'files') = 0,
+    'ALTER TABLE splitter_epoch ADD COLUMN files MEDIUMBLOB NULL',
+    'DO 0');
+PREPARE splitter_0003 FROM @splitter_0003;
+EXECUTE splitter_0003;
+DEALLOCATE PREPARE splitter_0003;
