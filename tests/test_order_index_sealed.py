@@ -5,8 +5,10 @@ closed under it is split again, and the upgrade of a populated 0002 database."""
 from __future__ import annotations
 
 import random
+import re
 import threading
 
+import pymysql
 import pytest
 
 from app import db, layout
@@ -324,5 +326,70 @@ def test_prune_goes_on_where_it_stopped(pipeline_db, monkeypatch):
         for _ in range(6):
             deleted += idx._prune(0.0)
         assert deleted == 7 and hot_rows(pipeline_db) == []
+    finally:
+        idx.close()
+
+
+def test_the_integers_sealing_slices_by_are_exactly_0_to_count_on_the_server(pipeline_db):
+    for count in (1, 2, 15, 16, 17, 255, 256, 257, 4095, 4096, 4097, 5463):
+        got = servers.query(pipeline_db, f"SELECT COUNT(*), COUNT(DISTINCT seq), MIN(seq), MAX(seq) "
+                                         f"FROM {order_index._integers(count)}")
+        assert got == [(count, count, 0, count - 1)], count
+
+
+def test_sealing_and_lookups_send_no_mariadb_only_sql(pipeline_db, monkeypatch):
+    """MySQL 8.0 runs the pipeline database too (db/README.md): no sequence-engine table
+    (`seq_0_to_N`), no `SET STATEMENT ... FOR`. An epoch of 300 buckets (three digits of the
+    integers it is sliced by) is sealed entry for entry and looked up as its hot rows were."""
+    sent: list[str] = []
+    original = pymysql.connections.Connection._execute_command
+
+    def recording(conn, command, sql):
+        sent.append(sql.decode(errors="replace") if isinstance(sql, bytes) else str(sql))
+        return original(conn, command, sql)
+    monkeypatch.setattr(pymysql.connections.Connection, "_execute_command", recording)
+    idx = make_index(pipeline_db, epoch_rows=BUCKET * 300)
+    try:
+        rng = random.Random(11)
+        purchases = [(rng.getrandbits(64) - 2**63, rng.randrange(1, 1000)) for _ in range(BUCKET * 300)]
+        index_file(idx, "20260101000001", purchases)
+        index_file(idx, "20260101000002", [(purchases[0][0], 5)])
+        before_rows = hot_rows(pipeline_db)
+        orders = [o for o, _ in purchases[::7]] + [12345]
+        before = lookups(idx, "20260102000000", orders)
+        assert seal_all(idx) == 1
+        assert servers.query(pipeline_db, "SELECT COUNT(*), MAX(bucket) FROM splitter_sealed") == [(300, 299)]
+        assert sealed_rows(pipeline_db) == [r for r in before_rows if r[0] == 0]
+        assert lookups(idx, "20260102000000", orders) == before
+        fresh = make_index(pipeline_db)
+        try:
+            assert lookups(fresh, "20260102000001", orders) == before
+        finally:
+            fresh.close()
+    finally:
+        idx.close()
+    assert any("INSERT INTO splitter_sealed" in s for s in sent)      # the statements were seen
+    assert any("group_concat_max_len" in s and "splitter_sealed" in s for s in sent)
+    assert [s for s in sent if re.search(r"\bseq_\d+_to_\d+", s) or re.search(r"\bSET\s+STATEMENT\b", s, re.I)] == []
+
+
+def test_sealing_and_pruning_write_no_on_disk_temporary_table(pipeline_db):
+    """A BLOB in a derived table is an on-disk temporary table on MariaDB (another mariadbd
+    cleaning the same tmpdir once deleted one mid-statement): sealing and pruning make none."""
+    idx = make_index(pipeline_db, epoch_rows=BUCKET * 3, window=3600.0)
+    try:
+        def disk_tables() -> int:
+            with idx.conn().cursor() as cur:
+                cur.execute("SHOW SESSION STATUS LIKE 'Created_tmp_disk_tables'")
+                return int(cur.fetchone()[1])
+        rng = random.Random(5)
+        index_file(idx, "20260101000001", [(rng.getrandbits(62), 1) for _ in range(BUCKET * 3 + 10)])
+        index_file(idx, "20260101000002", [(rng.getrandbits(62), 2) for _ in range(10)])
+        before = disk_tables()
+        assert seal_all(idx) == 1
+        servers.query(pipeline_db, "UPDATE splitter_file SET indexed_at = NOW(3) - INTERVAL 3 HOUR, "
+                                   "opened_at = NOW(3) - INTERVAL 3 HOUR WHERE filename = '20260101000001'")
+        assert idx.prune() == BUCKET * 3 + 10
+        assert disk_tables() == before
     finally:
         idx.close()

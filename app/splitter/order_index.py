@@ -73,6 +73,30 @@ _PACK_ROW = ("UNHEX(CONCAT(LPAD(HEX(order_id),16,'0'),LPAD(HEX(file_id),8,'0'),L
 
 log = logging.getLogger(Stage.SPLITTER)
 
+
+def _digits(top: int) -> str:
+    """The integers 0..top (at most 15) as a derived table of constants: `n`."""
+    return "(" + " UNION ALL ".join(f"SELECT {d:d} AS n" for d in range(top + 1)) + ")"
+
+
+def _integers(count: int) -> str:
+    """The integers 0..count-1 as a derived table `s` of one column, `seq`, that MariaDB and
+    MySQL 8.0 both run (MariaDB's seq_0_to_N tables are not in MySQL; a recursive CTE stops
+    at MySQL's cte_max_recursion_depth, 1000): hexadecimal digits cross-joined, the top one
+    only up to the top digit of count-1, so at most twice `count` rows are made and filtered.
+    Made in no particular order (a join's): a caller that needs them in order says ORDER BY
+    seq, which the LIMIT makes a sort of this small table of integers alone (materialized, not
+    merged into the caller's query), so every temporary table of it is an in-memory one."""
+    if count < 1:
+        raise ValueError(f"no integers below {count}")
+    places = max(1, ((count - 1).bit_length() + 3) // 4)
+    top = (count - 1) >> (4 * (places - 1))
+    tables = [f"{_digits(15)} d{place:d}" for place in range(places - 1)]
+    tables.append(f"{_digits(top)} d{places - 1:d}")
+    value = " + ".join(f"d{place:d}.n" if not place else f"{16 ** place:d} * d{place:d}.n" for place in range(places))
+    return (f"(SELECT {value} AS seq FROM {' CROSS JOIN '.join(tables)} WHERE {value} < {count:d} "
+            f"LIMIT {count:d}) s")
+
 # A file's row, made on its first split: the horizon (the index sequence now), the floor (the
 # sequence of the first file indexed within the window; past the horizon when there is none)
 # and the epoch its rows go to. Opened again before its index completed, it takes the current
@@ -324,8 +348,12 @@ class OrderIndex:
         args += epochs
         sql = " UNION ALL ".join(selects)
         if size > 1024:
-            sql = f"SET STATEMENT group_concat_max_len = {size:d} FOR {sql}"
-        cur.execute(sql, args)
+            # Room for this statement's buckets, set in the same round trip (`SET STATEMENT
+            # ... FOR` is MariaDB's only; the lookup connections run multi-statement scripts).
+            cur.execute(f"SET SESSION group_concat_max_len = {size:d};{sql}", args)
+            cur.nextset()
+        else:
+            cur.execute(sql, args)
         rows = []
         for row in cur.fetchall():
             if row[0] != 1:
@@ -493,12 +521,12 @@ class OrderIndex:
             # Sliced by the server, the packed bytes passed as a parameter of a prepared
             # statement: read from the variable itself, SUBSTRING would copy all of it for
             # every bucket, and a derived table holding it is an on-disk temporary table.
-            seq = f"seq_0_to_{count - 1:d}"
+            seq = _integers(count)
             script = db.Script()
             script.add("vars", "SET @sealing_epoch = %s, @sealing_first = %s", (epoch, len(directory)))
             script.add("prepare", "PREPARE splitter_seal_put FROM %s",
                        (f"INSERT INTO splitter_sealed (epoch, bucket, entries) SELECT ?, ? + seq, "
-                        f"SUBSTRING(?, seq * {bucket_bytes:d} + 1, {bucket_bytes:d}) FROM {seq}",))
+                        f"SUBSTRING(?, seq * {bucket_bytes:d} + 1, {bucket_bytes:d}) FROM {seq} ORDER BY seq",))
             script.add("put", "EXECUTE splitter_seal_put USING @sealing_epoch, @sealing_first, @sealing")
             script.add("prepare", "PREPARE splitter_seal_dir FROM %s",
                        (f"SELECT GROUP_CONCAT(SUBSTRING(?, seq * {bucket_bytes:d} + 1, 8) ORDER BY seq SEPARATOR '') "
@@ -585,7 +613,9 @@ class OrderIndex:
             for table in ("splitter_order", "splitter_sealed"):
                 while True:
                     if table == "splitter_sealed":     # counted in purchases, as the hot rows are
-                        cur.execute("SELECT COALESCE(SUM(LENGTH(entries)), 0) FROM (SELECT entries FROM splitter_sealed "
+                        # (Lengths in the derived table, not the BLOBs: a BLOB there makes
+                        # MariaDB write an on-disk temporary table.)
+                        cur.execute("SELECT COALESCE(SUM(n), 0) FROM (SELECT LENGTH(entries) AS n FROM splitter_sealed "
                                     "WHERE epoch < %s LIMIT %s) s", (below, PRUNE_ROWS))
                         deleted += int(cur.fetchone()[0]) // ENTRY.size
                     n = cur.execute(f"DELETE FROM {table} WHERE epoch < %s LIMIT %s", (below, PRUNE_ROWS))
