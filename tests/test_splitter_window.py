@@ -10,7 +10,7 @@ from app import db, layout
 from app.config import Settings
 from app.daemon import Context, Failed
 from app.shutdown import StopFlag
-from app.splitter.order_index import OrderIndex, WindowPruned
+from app.splitter.order_index import ENTRY, OrderIndex, WindowPruned
 from app.splitter.stage import Splitter
 from app.client import Task
 from tests import servers
@@ -42,8 +42,15 @@ def age(url, filename: str, seconds: float) -> None:
 
 
 def rows_by_file(url) -> dict[str, int]:
-    return dict(servers.query(url, "SELECT f.filename, COUNT(*) FROM splitter_order o JOIN splitter_file f "
-                                   "ON f.file_id = o.file_id GROUP BY f.filename"))
+    """The order index's purchases per file: hot rows of epochs not sealed, and sealed entries."""
+    names = dict(servers.query(url, "SELECT file_id, filename FROM splitter_file"))
+    found = dict(servers.query(url, "SELECT f.filename, COUNT(*) FROM splitter_order o JOIN splitter_file f "
+                                    "ON f.file_id = o.file_id LEFT JOIN splitter_epoch e ON e.epoch = o.epoch "
+                                    "WHERE COALESCE(e.sealed, 0) = 0 GROUP BY f.filename"))
+    for (entries,) in servers.query(url, "SELECT entries FROM splitter_sealed"):
+        for _, file_id, _, _ in ENTRY.iter_unpack(entries):
+            found[names[file_id]] = found.get(names[file_id], 0) + 1
+    return found
 
 
 def test_rows_past_two_windows_go_inside_stay_and_routing_inside_the_window_is_unchanged(
@@ -109,7 +116,7 @@ def test_the_upgrade_from_0001_keeps_every_row_and_the_routing_of_old_files(shar
         assert servers.query(url, "SELECT epoch, order_id, file_id, line, shop_id FROM splitter_order "
                                   "ORDER BY order_id") == [(0, 77, 1, 1, 3), (0, 78, 1, 2, 4)]
         assert servers.query(url, "SELECT version FROM schema_migrations WHERE component = 'splitter' "
-                                  "ORDER BY version") == [(1,), (2,)]
+                                  "ORDER BY version") == [(1,), (2,), (3,)]
         # A file first split before the upgrade keeps its horizon and sees the old rows (floor 0).
         write_source(shared_dir, "20250101000001", [ret(78), ret(77)])
         _, out, rec = split(shared_dir, idx, "20250101000001")

@@ -16,18 +16,30 @@ Rows are clustered by (epoch, order_id): an epoch holds about EPOCH_ROWS purchas
 land in one small, hot range of the tree, and pruning (`prune`, run by the splitter on its
 own) deletes whole epochs once every file in them was indexed more than two windows ago
 (ORDER_INDEX_WINDOW: what a return sees, plus as long again for re-splits to see the same).
+
+Sealing (`seal`, from the same pass): a closed epoch's rows are formatted by the server into
+fixed-size entries and cut into buckets of 64 (`splitter_sealed`, ~29 bytes a purchase instead
+of ~80), and its hot rows are dropped by truncating their partition (the hot table is a ring of
+RING partitions by epoch), so no row is deleted one by one. A lookup reads the hot rows, the
+buckets and each epoch's sealed flag in one statement: it sees every purchase once, whatever
+sealing does meanwhile.
 """
 from __future__ import annotations
 
 import logging
+import struct
+import sys
 import threading
 import time
+from array import array
+from bisect import bisect_left, bisect_right
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 import pymysql
 
 from .. import db
 from ..config import MySQLURL
+from ..daemon import Retryable
 from ..stages import Stage
 
 # The order index's migrations: db/migrations/splitter/ (applied by `db.migrate`).
@@ -37,13 +49,53 @@ CHUNK = 4096          # purchases per TSV chunk handed to the loader
 MAX_INFLIGHT = 2      # chunks loaded concurrently with the split before it waits
 LOOKUP_BATCH = 1000   # order ids per lookup query (divided among the epochs looked in)
 INSERT_BATCH = 2000
-EPOCH_ROWS = 1 << 18  # purchases per epoch: a few MiB of the tree is where writes land
+EPOCH_ROWS = 1 << 18  # purchases per epoch: a few MiB of the tree is where writes land, and
+                      # what stays hot (not sealed) at most, with the ring's unsealed epochs
 PRUNE_EVERY = 60.0    # seconds between two looks for epochs to prune
 PRUNE_ROWS = 20_000   # rows per DELETE statement (each its own short transaction)
 PRUNE_STATEMENTS = 50  # DELETEs per prune call at most; the rest waits for the next
 DEFAULT_WINDOW = 7 * 86400.0
+# Sealing (see the module's docstring and docs/splitter.md, "Sealing").
+RING = 8              # partitions of splitter_order (migration 0003: PARTITION BY HASH (epoch) PARTITIONS 8)
+BUCKET = 64           # entries per sealed bucket
+ENTRY = struct.Struct(">qIIq")   # order_id, file_id, line, shop_id: what the server packs
+FILE = struct.Struct(">Iq")      # file_id, indexed_seq: a sealed epoch's files
+_ORDER = struct.Struct(">q")     # an entry's first field
+_BUCKET_HEAD = struct.Struct(">IH")   # a bucket's epoch and length, before it in a lookup's answer
+SEAL_PIECE_BYTES = 8 << 20       # at most this much packed in one statement (max_allowed_packet caps it)
+SEAL_GRACE = 600.0    # seconds an unindexed file opened in a closed epoch holds its sealing back
+TRUNCATE_LOCK_WAIT = 10  # seconds a TRUNCATE PARTITION waits for running statements (then: later)
+SEALED_CACHE = 256    # sealed epochs whose directory a process keeps
+# The server packs each row of an epoch into its 24-byte entry (HEX of a negative BIGINT is its
+# two's complement, so every field has a fixed width).
+_PACK_ROW = ("UNHEX(CONCAT(LPAD(HEX(order_id),16,'0'),LPAD(HEX(file_id),8,'0'),LPAD(HEX(line),8,'0'),"
+             "LPAD(HEX(shop_id),16,'0')))")
 
 log = logging.getLogger(Stage.SPLITTER)
+
+
+def _digits(top: int) -> str:
+    """The integers 0..top (at most 15) as a derived table of constants: `n`."""
+    return "(" + " UNION ALL ".join(f"SELECT {d:d} AS n" for d in range(top + 1)) + ")"
+
+
+def _integers(count: int) -> str:
+    """The integers 0..count-1 as a derived table `s` of one column, `seq`, that MariaDB and
+    MySQL 8.0 both run (MariaDB's seq_0_to_N tables are not in MySQL; a recursive CTE stops
+    at MySQL's cte_max_recursion_depth, 1000): hexadecimal digits cross-joined, the top one
+    only up to the top digit of count-1, so at most twice `count` rows are made and filtered.
+    Made in no particular order (a join's): a caller that needs them in order says ORDER BY
+    seq, which the LIMIT makes a sort of this small table of integers alone (materialized, not
+    merged into the caller's query), so every temporary table of it is an in-memory one."""
+    if count < 1:
+        raise ValueError(f"no integers below {count}")
+    places = max(1, ((count - 1).bit_length() + 3) // 4)
+    top = (count - 1) >> (4 * (places - 1))
+    tables = [f"{_digits(15)} d{place:d}" for place in range(places - 1)]
+    tables.append(f"{_digits(top)} d{places - 1:d}")
+    value = " + ".join(f"d{place:d}.n" if not place else f"{16 ** place:d} * d{place:d}.n" for place in range(places))
+    return (f"(SELECT {value} AS seq FROM {' CROSS JOIN '.join(tables)} WHERE {value} < {count:d} "
+            f"LIMIT {count:d}) s")
 
 # A file's row, made on its first split: the horizon (the index sequence now), the floor (the
 # sequence of the first file indexed within the window; past the horizon when there is none)
@@ -69,19 +121,67 @@ class WindowPruned(Exception):
     """A re-split needs rows that pruning has deleted: it could not route as its first split did."""
 
 
+class EpochSealed(Retryable):
+    """The file's epoch was closed for sealing before its index completed (a split that ran
+    longer than SEAL_GRACE, or resumed after a crash): split it again, in the current epoch."""
+
+
+def _entries_of(entries: bytes, wanted: list[int]):
+    """The entries of a bucket whose order_id is in `wanted` (sorted): each wanted order within
+    the bucket's range found by a byte search of its 8-byte key at an entry's start (C speed;
+    a decode or a binary search in Python cost several times more per bucket)."""
+    size, unpack = ENTRY.size, ENTRY.unpack_from
+    count = len(entries) // size
+    if not count:
+        return
+    first, last = _ORDER.unpack_from(entries, 0)[0], _ORDER.unpack_from(entries, (count - 1) * size)[0]
+    for order in wanted[bisect_left(wanted, first):bisect_right(wanted, last)]:
+        key = _ORDER.pack(order)
+        at = entries.find(key)
+        while at >= 0:
+            if at % size == 0:
+                yield unpack(entries, at)
+            at = entries.find(key, at + 1)
+
+
+class SealedEpoch:
+    """What a lookup needs of a sealed epoch besides its buckets, read once per process: the
+    first order_id of each bucket, and each indexed file's sequence number."""
+
+    __slots__ = ("starts", "files")
+
+    def __init__(self, directory: bytes, files: bytes):
+        starts = array("q", directory or b"")
+        if sys.byteorder == "little":
+            starts.byteswap()
+        self.starts = starts
+        self.files = {fid: seq for fid, seq in FILE.iter_unpack(files or b"")}
+
+    def buckets(self, order_id: int) -> range:
+        """The buckets that may hold `order_id`: those whose range [first, next first] meets
+        it (an order's entries may straddle two buckets)."""
+        starts = self.starts
+        return range(max(bisect_left(starts, order_id) - 1, 0), bisect_right(starts, order_id))
+
+
 class OrderIndex:
     """Long-lived: owns the splitter's connections to the pipeline database (one for
     bookkeeping, one for the loader thread, one for lookups; never shared between threads).
-    `window`: ORDER_INDEX_WINDOW in seconds; `epoch_rows`, `prune_every`: for tests."""
+    `window`: ORDER_INDEX_WINDOW in seconds; `epoch_rows`, `prune_every`, `seal_grace`: for tests."""
 
     def __init__(self, url: MySQLURL, use_infile: bool = True, window: float = DEFAULT_WINDOW,
-                 epoch_rows: int = EPOCH_ROWS, prune_every: float = PRUNE_EVERY):
+                 epoch_rows: int = EPOCH_ROWS, prune_every: float = PRUNE_EVERY, seal_grace: float = SEAL_GRACE):
         self.url = url
         self.use_infile = use_infile
         self.window = float(window)
         self.epoch_rows = epoch_rows
         self.prune_every = prune_every
+        self.seal_grace = float(seal_grace)
         self._pruned_at: float | None = None
+        self._prune_more = False         # the last pruning stopped at PRUNE_STATEMENTS
+        self._seal_due = True            # sealing may have work: look on the next pass
+        self._held_open: int | None = None   # the epoch a file opened within seal_grace keeps open
+        self._sealed: dict[int, SealedEpoch] = {}
         # Not checked before each use (a split uses them thousands of times): after an error
         # `reset` drops them and the next use reconnects.
         self._main = db.Reconnecting(url, check_after=None, multi_statements=True)
@@ -153,7 +253,12 @@ class OrderIndex:
 
     def lookup(self, routing: "FileRouting", orders: list[tuple[int, int]], conn=None) -> list[int | None]:
         """Shop of each (order_id, line): the nearest earlier purchase of this file, else the
-        purchase of the earliest-indexed file of its window (indexed_seq in [floor, horizon])."""
+        purchase of the earliest-indexed file of its window (indexed_seq in [floor, horizon]).
+
+        Each batch is one statement: the hot rows of the epochs this process believes unsealed,
+        the buckets of those it knows sealed, and every epoch's sealed flag, all in one read
+        view (and under the metadata lock that holds a TRUNCATE PARTITION back). An epoch the
+        statement finds sealed meanwhile has its directory read and the batch runs again."""
         conn = conn or self.conn()
         file_id, floor_seq, horizon = routing.file_id, routing.floor_seq, routing.horizon
         if routing.epochs is None:
@@ -162,28 +267,36 @@ class OrderIndex:
         ids = sorted({o for o, _ in orders})
         own: dict[int, list[tuple[int, int]]] = {}
         other: dict[int, tuple[int, int, int, int]] = {}
+
+        def candidate(order_id: int, fid: int, line: int, shop_id: int, seq: int | None) -> None:
+            if fid == file_id:
+                own.setdefault(order_id, []).append((line, shop_id))
+            elif seq is not None and floor_seq <= seq <= horizon:
+                best = other.get(order_id)
+                if best is None or (seq, fid, line) < best[:3]:
+                    other[order_id] = (seq, fid, line, shop_id)
+
         # (epoch, order_id) pairs are ranges of the primary key; keep their number per query small.
         batch = max(1, LOOKUP_BATCH // len(epochs))
-        epoch_marks = ",".join(["%s"] * len(epochs))
         with conn.cursor() as cur:
             for start in range(0, len(ids), batch):
                 part = ids[start:start + batch]
-                marks = ",".join(["%s"] * len(part))
-                # Driven by the order index: left to itself the optimizer may start from the
-                # (tiny) file table and walk every row of each file.
-                cur.execute(f"SELECT o.order_id, o.file_id, o.line, o.shop_id, f.indexed_seq "
-                            f"FROM splitter_order o FORCE INDEX (PRIMARY) "
-                            f"STRAIGHT_JOIN splitter_file f ON f.file_id = o.file_id "
-                            f"WHERE o.epoch IN ({epoch_marks}) AND o.order_id IN ({marks}) "
-                            f"AND (o.file_id = %s OR f.indexed_seq BETWEEN %s AND %s)",
-                            (*epochs, *part, file_id, floor_seq, horizon))
-                for order_id, fid, line, shop_id, seq in cur.fetchall():
-                    if fid == file_id:
-                        own.setdefault(order_id, []).append((line, shop_id))
-                    else:
-                        best = other.get(order_id)
-                        if best is None or (seq, fid, line) < best[:3]:
-                            other[order_id] = (seq, fid, line, shop_id)
+                while True:
+                    known = {e: self._sealed.get(e) for e in epochs}
+                    rows = self._lookup_rows(cur, known, part, file_id, floor_seq, horizon)
+                    flags = {epoch: sealed for kind, epoch, sealed, *_ in rows if kind == 2}
+                    newly = [e for e in epochs if flags.get(e) and known[e] is None]
+                    if not newly:
+                        break
+                    self._load_sealed(cur, newly)
+                wanted = part     # sorted
+                for kind, epoch, order_id, fid, line, shop_id, seq, entries in rows:
+                    if kind == 0:
+                        candidate(order_id, fid, line, shop_id, seq)
+                    elif kind == 1:
+                        files = known[epoch].files
+                        for order_id, fid, line, shop_id in _entries_of(entries, wanted):
+                            candidate(order_id, fid, line, shop_id, files.get(fid))
         result: list[int | None] = []
         for order_id, line in orders:
             earlier = [(ln, shop) for ln, shop in own.get(order_id, ()) if ln < line]
@@ -195,47 +308,283 @@ class OrderIndex:
                 result.append(None)
         return result
 
+    @staticmethod
+    def _lookup_rows(cur, known: dict[int, SealedEpoch | None], part: list[int], file_id: int, floor_seq: int,
+                     horizon: int) -> list[tuple]:
+        """One statement, rows (kind, epoch, ...): 0, a hot row with its file's sequence (of the
+        epochs `known` as not sealed); 1, a sealed bucket (its entries); 2, an epoch's sealed flag."""
+        epochs = list(known)
+        hot = [e for e, sealed in known.items() if sealed is None]
+        buckets: list[tuple[int, list[int]]] = []
+        for e, sealed in known.items():
+            if sealed is not None:
+                numbers = sorted({b for o in part for b in sealed.buckets(o)})
+                if numbers:
+                    buckets.append((e, numbers))
+        selects: list[str] = []
+        args: list[int] = []
+        if hot:
+            # Driven by the order index: left to itself the optimizer may start from the
+            # (tiny) file table and walk every row of each file.
+            selects.append(f"SELECT 0, o.epoch, o.order_id, o.file_id, o.line, o.shop_id, f.indexed_seq, NULL "
+                           f"FROM splitter_order o FORCE INDEX (PRIMARY) "
+                           f"STRAIGHT_JOIN splitter_file f ON f.file_id = o.file_id "
+                           f"WHERE o.epoch IN ({','.join(['%s'] * len(hot))}) "
+                           f"AND o.order_id IN ({','.join(['%s'] * len(part))}) "
+                           f"AND (o.file_id = %s OR f.indexed_seq BETWEEN %s AND %s)")
+            args += [*hot, *part, file_id, floor_seq, horizon]
+        size = 0
+        if buckets:
+            # All the buckets in one value, each behind its epoch (4 bytes) and length (2): one
+            # row to parse, not one per bucket (rendered from integers only).
+            selects.append("SELECT 1, NULL, NULL, NULL, NULL, NULL, NULL, GROUP_CONCAT(UNHEX(LPAD(HEX(s.epoch), 8, '0')), "
+                           "UNHEX(LPAD(HEX(LENGTH(s.entries)), 4, '0')), s.entries SEPARATOR '') "
+                           "FROM splitter_sealed s WHERE "
+                           + " OR ".join(f"(s.epoch = {e:d} AND s.bucket IN ({','.join(str(int(b)) for b in n)}))"
+                                         for e, n in buckets))
+            size = sum(len(n) for _, n in buckets) * (BUCKET * ENTRY.size + 6) + 1024
+        selects.append(f"SELECT 2, e.epoch, e.sealed, NULL, NULL, NULL, NULL, NULL FROM splitter_epoch e "
+                       f"WHERE e.epoch IN ({','.join(['%s'] * len(epochs))})")
+        args += epochs
+        sql = " UNION ALL ".join(selects)
+        if size > 1024:
+            # Room for this statement's buckets, set in the same round trip (`SET STATEMENT
+            # ... FOR` is MariaDB's only; the lookup connections run multi-statement scripts).
+            cur.execute(f"SET SESSION group_concat_max_len = {size:d};{sql}", args)
+            cur.nextset()
+        else:
+            cur.execute(sql, args)
+        rows = []
+        for row in cur.fetchall():
+            if row[0] != 1:
+                rows.append(row)
+                continue
+            packed, at = row[7] or b"", 0
+            while at < len(packed):
+                epoch, length = _BUCKET_HEAD.unpack_from(packed, at)
+                at += _BUCKET_HEAD.size
+                rows.append((1, epoch, None, None, None, None, None, packed[at:at + length]))
+                at += length
+        return rows
+
+    def _load_sealed(self, cur, epochs: list[int]) -> None:
+        """Read the directories of sealed epochs (unchanged until pruned: kept for good)."""
+        cur.execute(f"SELECT epoch, dir, files FROM splitter_epoch WHERE sealed = 1 AND epoch IN "
+                    f"({','.join(['%s'] * len(epochs))})", epochs)
+        found = {epoch: SealedEpoch(directory, files) for epoch, directory, files in cur.fetchall()}
+        for epoch in epochs:    # one gone meanwhile was pruned: it holds nothing any more
+            while len(self._sealed) >= SEALED_CACHE:
+                self._sealed.pop(next(iter(self._sealed)), None)
+            self._sealed[epoch] = found.get(epoch) or SealedEpoch(b"", b"")
+
     def finalize(self, file_id: int, epoch: int, purchases: int, last_chunk: bytes = b"") -> None:
         """Write the last chunk of rows and mark the file's index complete with the next
         sequence number (once), in one transaction and one round trip; the purchases count
-        towards the current epoch, which moves on past `epoch_rows`."""
+        towards the current epoch, which moves on past `epoch_rows` (unless its partition of
+        the ring still holds an epoch not truncated yet: then it grows until sealing caught up).
+        EpochSealed when the file's epoch was closed for sealing first (nothing is marked)."""
         statements = []
         if last_chunk:
             statements.append((_insert_rows_sql(last_chunk, epoch), None))
+        advance = "@rows + %s >= %s AND @epoch + 1 < @trunc + %s"
         statements += [
-            ("SELECT value, epoch, epoch_rows INTO @seq, @epoch, @rows FROM splitter_seq WHERE id = 1 FOR UPDATE",
-             None),
+            ("SELECT value, epoch, epoch_rows, closed_below, truncated_below INTO @seq, @epoch, @rows, @closed, @trunc "
+             "FROM splitter_seq WHERE id = 1 FOR UPDATE", None),
             ("UPDATE splitter_file SET indexed_seq = @seq + 1, indexed_at = NOW(3), purchases = %s "
-             "WHERE file_id = %s AND indexed_seq IS NULL", (purchases, file_id)),
+             "WHERE file_id = %s AND indexed_seq IS NULL AND %s >= @closed", (purchases, file_id, epoch)),
             ("SET @done = ROW_COUNT()", None),
             ("INSERT INTO splitter_epoch (epoch, first_seq, last_seq) SELECT %s, @seq + 1, @seq + 1 FROM DUAL "
              "WHERE @done > 0 ON DUPLICATE KEY UPDATE first_seq = LEAST(first_seq, VALUES(first_seq)), "
              "last_seq = GREATEST(last_seq, VALUES(last_seq))", (epoch,)),
-            ("UPDATE splitter_seq SET value = @seq + 1, epoch = IF(@rows + %s >= %s, @epoch + 1, @epoch), "
-             "epoch_rows = IF(@rows + %s >= %s, 0, @rows + %s) WHERE id = 1 AND @done > 0",
-             (purchases, self.epoch_rows, purchases, self.epoch_rows, purchases)),
+            (f"UPDATE splitter_seq SET value = @seq + 1, epoch = IF({advance}, @epoch + 1, @epoch), "
+             f"epoch_rows = IF({advance}, 0, @rows + %s) WHERE id = 1 AND @done > 0",
+             (purchases, self.epoch_rows, RING, purchases, self.epoch_rows, RING, purchases)),
+            ("SELECT f.indexed_seq IS NOT NULL, s.epoch, s.closed_below, s.sealed_below, s.truncated_below "
+             "FROM splitter_seq s JOIN splitter_file f ON f.file_id = %s WHERE s.id = 1", (file_id,)),
         ]
         conn = self.conn()
         with conn.cursor() as cur:
             try:
-                db.Transaction(cur).finish(*statements)
+                state = db.Transaction(cur).finish(*statements)[-1].one()
             except BaseException:
                 try:
                     conn.rollback()
                 except Exception:
                     pass
                 raise
+        indexed, current, closed, sealed, truncated = state
+        if not indexed:
+            raise EpochSealed(f"order index epoch {epoch} was closed for sealing before this file's index completed "
+                              f"(a split longer than {self.seal_grace:g} s, or resumed): split it again")
+        if (closed < current and closed != self._held_open) or sealed < closed or truncated < sealed:
+            self._seal_due = True
 
     # -- pruning ------------------------------------------------------------------------------
 
     def prune_due(self, now: float) -> bool:
-        return self._pruned_at is None or now - self._pruned_at >= self.prune_every
+        return self._seal_due or self._pruned_at is None or now - self._pruned_at >= self.prune_every
 
     def prune(self, now: float | None = None) -> int:
-        """Delete the epochs no file can still see (rows deleted; at most PRUNE_STATEMENTS
-        DELETEs a call). Kept: every epoch of a file indexed within two windows, or opened
-        within two windows and not indexed yet, and the current epoch."""
-        self._pruned_at = time.monotonic() if now is None else now
+        """The pass the splitter runs between files and when idle (when `prune_due`): sealing
+        (one epoch a call at most) when a file's completion found work for it or `prune_every`
+        passed, then, every `prune_every`, the pruning of epochs no file can still see; the rows
+        it deleted. A sealing that fails other than by the database being unreachable is
+        logged, not raised: the split it follows is done, and unsealed rows stay correct."""
+        now = time.monotonic() if now is None else now
+        due = self._pruned_at is None or now - self._pruned_at >= self.prune_every or self._prune_more
+        try:
+            if due or self._seal_due:
+                self.seal()
+        except db.UNAVAILABLE:
+            raise
+        except Exception:
+            log.exception("order index: sealing failed; the hot rows stay (the epoch grows until it succeeds)")
+        return self._prune(now) if due else 0
+
+    # -- sealing ------------------------------------------------------------------------------
+
+    def seal(self) -> int | None:
+        """Seal the oldest closed epoch not sealed yet, closing it first when it may be (older
+        than the current epoch, and no file of it unindexed and opened within `seal_grace`),
+        then empty the partitions of sealed epochs (at most RING). The epoch sealed, if any.
+        One sealer at a time per database (a named lock); another busy: nothing to do here."""
+        self._seal_due = False
+        conn = self.conn()
+        with conn.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(CONCAT('splitter_seal.', DATABASE()), 0)")
+            if cur.fetchone()[0] != 1:
+                return None
+            try:
+                sealed = self._seal_locked(cur)
+                self._truncate_sealed(cur)
+                return sealed
+            finally:
+                cur.execute("DO RELEASE_LOCK(CONCAT('splitter_seal.', DATABASE()))")
+
+    def _state(self, cur) -> tuple[int, int, int, int, int]:
+        cur.execute("SELECT epoch, closed_below, sealed_below, truncated_below, pruned_epoch FROM splitter_seq WHERE id = 1")
+        return cur.fetchone()
+
+    def _seal_locked(self, cur) -> int | None:
+        current, closed, sealed, truncated, pruned = self._state(cur)
+        if min(closed, sealed, truncated) < pruned:
+            # Epochs pruning removed are neither sealed nor truncated: their rows were deleted.
+            cur.execute("UPDATE splitter_seq SET closed_below = GREATEST(closed_below, pruned_epoch), "
+                        "sealed_below = GREATEST(sealed_below, pruned_epoch), "
+                        "truncated_below = GREATEST(truncated_below, pruned_epoch) WHERE id = 1")
+            current, closed, sealed, truncated, pruned = self._state(cur)
+        if sealed == closed:
+            if closed >= current:
+                return None
+            cur.execute("SELECT COUNT(*) FROM splitter_file WHERE indexed_seq IS NULL AND epoch = %s "
+                        "AND opened_at >= NOW(3) - INTERVAL %s SECOND", (closed, self.seal_grace))
+            if cur.fetchone()[0]:
+                self._held_open = closed    # a file may still be splitting into it: the periodic pass looks again
+                return None
+            # From now on a file of this epoch whose index is not complete is refused (finalize
+            # reads closed_below under the same row lock), so its rows can change no more.
+            cur.execute("UPDATE splitter_seq SET closed_below = %s WHERE id = 1 AND closed_below = %s",
+                        (closed + 1, closed))
+            closed += 1
+        epoch = sealed
+        self._seal_epoch(cur, epoch)
+        self._seal_due = True   # the next pass looks for more
+        return epoch
+
+    def _seal_epoch(self, cur, epoch: int) -> None:
+        """Pack the epoch's rows into buckets (server-side, in pieces of at most
+        SEAL_PIECE_BYTES, by order_id range), then, in one transaction, its directory, its
+        files and its sealed flag. A sealing cut short starts the epoch again from nothing
+        (its buckets are invisible until the flag is set)."""
+        cur.execute("SELECT @@max_allowed_packet")
+        cap = min(SEAL_PIECE_BYTES, int(cur.fetchone()[0]) - 4096) // ENTRY.size * ENTRY.size
+        cur.execute("SET SESSION group_concat_max_len = %s", (cap + ENTRY.size,))
+        cur.execute("DELETE FROM splitter_sealed WHERE epoch = %s", (epoch,))
+        bucket_bytes = BUCKET * ENTRY.size
+        directory: list[bytes] = []
+        pieces = [(-2**63, 2**63 - 1)]
+        while pieces:
+            low, high = pieces.pop()
+            cur.execute(f"SELECT GROUP_CONCAT({_PACK_ROW} SEPARATOR '') INTO @sealing FROM splitter_order "
+                        f"FORCE INDEX (PRIMARY) WHERE epoch = %s AND order_id BETWEEN %s AND %s", (epoch, low, high))
+            cur.execute("SELECT COALESCE(LENGTH(@sealing), 0)")
+            size = cur.fetchone()[0]
+            if size > cap and low < high:
+                middle = (low + high) // 2      # too many for one statement: halves, lower first
+                pieces += [(middle + 1, high), (low, middle)]
+                continue
+            if size % ENTRY.size:
+                raise RuntimeError(f"sealing epoch {epoch}: packed {size} bytes, not whole entries")
+            count = -(-size // bucket_bytes)
+            if not count:
+                continue
+            # Sliced by the server, the packed bytes passed as a parameter of a prepared
+            # statement: read from the variable itself, SUBSTRING would copy all of it for
+            # every bucket, and a derived table holding it is an on-disk temporary table.
+            seq = _integers(count)
+            script = db.Script()
+            script.add("vars", "SET @sealing_epoch = %s, @sealing_first = %s", (epoch, len(directory)))
+            script.add("prepare", "PREPARE splitter_seal_put FROM %s",
+                       (f"INSERT INTO splitter_sealed (epoch, bucket, entries) SELECT ?, ? + seq, "
+                        f"SUBSTRING(?, seq * {bucket_bytes:d} + 1, {bucket_bytes:d}) FROM {seq} ORDER BY seq",))
+            script.add("put", "EXECUTE splitter_seal_put USING @sealing_epoch, @sealing_first, @sealing")
+            script.add("prepare", "PREPARE splitter_seal_dir FROM %s",
+                       (f"SELECT GROUP_CONCAT(SUBSTRING(?, seq * {bucket_bytes:d} + 1, 8) ORDER BY seq SEPARATOR '') "
+                        f"FROM {seq}",))
+            script.add("dir", "EXECUTE splitter_seal_dir USING @sealing")
+            script.add("free", "DEALLOCATE PREPARE splitter_seal_put")
+            script.add("free", "DEALLOCATE PREPARE splitter_seal_dir")
+            got = script.run(cur)
+            starts = got["dir"].one()[0] or b""
+            if len(starts) != 8 * count or got["put"].rowcount != count:
+                raise RuntimeError(f"sealing epoch {epoch}: {count} buckets, {got['put'].rowcount} written, "
+                                   f"{len(starts)} bytes of directory")
+            directory += [starts[at:at + 8] for at in range(0, len(starts), 8)]
+        cur.execute("SET @sealing = NULL")
+        starts = SealedEpoch(b"".join(directory), b"").starts
+        if any(a > b for a, b in zip(starts, starts[1:])):
+            raise RuntimeError(f"sealing epoch {epoch}: the server packed rows out of key order")
+        db.Transaction(cur).finish(
+            ("SELECT GROUP_CONCAT(UNHEX(CONCAT(LPAD(HEX(f.file_id),8,'0'),LPAD(HEX(f.indexed_seq),16,'0'))) SEPARATOR '') "
+             "INTO @sealing_files FROM splitter_epoch e JOIN splitter_file f "
+             "ON f.indexed_seq BETWEEN e.first_seq AND e.last_seq WHERE e.epoch = %s AND f.epoch = %s", (epoch, epoch)),
+            ("INSERT INTO splitter_epoch (epoch, first_seq, last_seq, sealed, dir, files) "
+             "VALUES (%s, 0, -1, 1, %s, COALESCE(@sealing_files, '')) "
+             "ON DUPLICATE KEY UPDATE sealed = 1, dir = VALUES(dir), files = VALUES(files)",
+             (epoch, b"".join(directory))),
+            ("UPDATE splitter_seq SET sealed_below = GREATEST(sealed_below, %s) WHERE id = 1", (epoch + 1,)),
+            ("SET @sealing_files = NULL", None))
+        log.info("order index: sealed epoch %d into %d buckets", epoch, len(starts))
+
+    def _truncate_sealed(self, cur) -> None:
+        """Empty the partition of each sealed epoch not truncated yet, in order. Safe when no
+        epoch not sealed yet shares the partition, which the ring guarantees (an epoch starts
+        only on a partition already truncated); epochs from before the ring (migration 0003)
+        may share one: their rows are deleted instead."""
+        for _ in range(RING):
+            current, closed, sealed, truncated, pruned = self._state(cur)
+            t = max(truncated, pruned)
+            if t >= sealed:
+                return
+            mate = t + (current - t) // RING * RING      # the last epoch <= current in t's partition
+            if mate < sealed:
+                cur.execute("SET SESSION lock_wait_timeout = %s", (TRUNCATE_LOCK_WAIT,))
+                try:
+                    cur.execute(f"ALTER TABLE splitter_order TRUNCATE PARTITION p{t % RING:d}")
+                finally:
+                    cur.execute("SET SESSION lock_wait_timeout = DEFAULT")
+            else:
+                while cur.execute("DELETE FROM splitter_order WHERE epoch = %s LIMIT %s", (t, PRUNE_ROWS)) >= PRUNE_ROWS:
+                    pass
+            cur.execute("UPDATE splitter_seq SET truncated_below = GREATEST(truncated_below, %s) WHERE id = 1", (t + 1,))
+
+    # -- pruning ------------------------------------------------------------------------------
+
+    def _prune(self, now: float) -> int:
+        """Delete the epochs no file can still see (hot rows and sealed buckets deleted; at
+        most PRUNE_STATEMENTS DELETEs a call). Kept: every epoch of a file indexed within two
+        windows, or opened within two windows and not indexed yet, and the current epoch."""
+        self._pruned_at = now
         keep = 2 * self.window
         script = db.Script()
         script.add("seq", "SELECT epoch, pruned_epoch FROM splitter_seq WHERE id = 1")
@@ -250,17 +599,36 @@ class OrderIndex:
             current, pruned = got["seq"].one()
             candidates = [current, *(r[0] for tag in ("indexed", "open") for r in got[tag].rows if r[0] is not None)]
             below = min(candidates)
-            if below <= pruned:
-                return 0
-            cur.execute("UPDATE splitter_seq SET pruned_epoch = GREATEST(pruned_epoch, %s) WHERE id = 1", (below,))
-            deleted = 0
-            for _ in range(PRUNE_STATEMENTS):
-                n = cur.execute("DELETE FROM splitter_order WHERE epoch < %s LIMIT %s", (below, PRUNE_ROWS))
-                deleted += n
-                if n < PRUNE_ROWS:
-                    break
+            if below > pruned:
+                cur.execute("UPDATE splitter_seq SET pruned_epoch = GREATEST(pruned_epoch, %s) WHERE id = 1", (below,))
+            elif self._prune_more:
+                below = pruned              # the last call stopped halfway: go on
             else:
-                self._pruned_at = None      # more to delete: the next call goes on
+                return 0
+            for epoch in [e for e in list(self._sealed) if e < below]:   # list(): the lookup thread adds
+                self._sealed.pop(epoch, None)
+            cur.execute("UPDATE splitter_epoch SET dir = NULL, files = NULL WHERE epoch < %s AND dir IS NOT NULL",
+                        (below,))
+            deleted, statements, self._prune_more = 0, 0, False
+            for table in ("splitter_order", "splitter_sealed"):
+                while True:
+                    if table == "splitter_sealed":     # counted in purchases, as the hot rows are
+                        # (Lengths in the derived table, not the BLOBs: a BLOB there makes
+                        # MariaDB write an on-disk temporary table.)
+                        cur.execute("SELECT COALESCE(SUM(n), 0) FROM (SELECT LENGTH(entries) AS n FROM splitter_sealed "
+                                    "WHERE epoch < %s LIMIT %s) s", (below, PRUNE_ROWS))
+                        deleted += int(cur.fetchone()[0]) // ENTRY.size
+                    n = cur.execute(f"DELETE FROM {table} WHERE epoch < %s LIMIT %s", (below, PRUNE_ROWS))
+                    deleted += n if table == "splitter_order" else 0
+                    statements += 1
+                    if n < PRUNE_ROWS:
+                        break
+                    if statements >= PRUNE_STATEMENTS:
+                        self._prune_more = True
+                        self._pruned_at = None      # more to delete: the next call goes on
+                        break
+                if self._prune_more:
+                    break
         if deleted:
             log.info("order index: pruned %d rows of epochs below %d", deleted, below)
         return deleted
