@@ -89,6 +89,8 @@ def state(url) -> list:
                      "FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
                      "LEFT JOIN worker_files r ON r.id=h.resolved_file_id ORDER BY f.filename, h.line"),
             sql(url, "SELECT COUNT(*) FROM worker_seen"),
+            sql(url, "SELECT filename, stage, shard, line_no, reason, detail, line FROM rejected_lines "
+                     "ORDER BY filename, line_no, reason"),
             sql(url, "SELECT newest_event FROM worker_shards")]
 
 

@@ -517,7 +517,7 @@ class FileRun:
                 order = orders.get(ev.order_id)
                 code = amounts_check(ev, rules)
                 if code:
-                    pass
+                    writer.write([row for run in runs for row in run.rej.rows])
                 elif order is None:
                     expires = add_seconds(ts, hold_seconds)
                     if hold_seconds <= 0 or expires < newest:
@@ -903,6 +903,12 @@ class WorkerStage(StageWork):
                         raws, events = item[0], item[1]
                         run.open_outputs(written[2 * n], written[2 * n + 1])
                         run._emit_batch((raws, 1, run.codes, events, run.shops, run.resolved), helper=False)
+                    # the rejected rows of the group in one INSERT (a round trip per file was
+                    # one of a small file's four); each file's are its own rows all the same
+                    writer = runs[0].rej.writer
+                    writer.write([row for run in runs for row in run.rej.rows])
+                    for run in runs:
+                        run.rej.rows, run.rej.size = [], 0
                         run.finish_outputs()
             except UNAVAILABLE + (OSError, StopRequested):
                 raise
