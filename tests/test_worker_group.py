@@ -43,7 +43,7 @@ def generated(seed: int = 1, files: int = len(NAMES), per: int = 30) -> list[lis
                                 price=rng.choice([5, 50, 400, 900]))
             elif roll < 0.45 and orders:
                 order, _ = rng.choice(orders)
-                line = refund(when, order, user=rng.randint(1, 6), amount=rng.choice([5, 50]), shop=rng.choice([2, 4, 2, 6, 3]))
+                line = refund(when, order, user=rng.randint(1, 6), amount=rng.choice([5, 50, 0]), shop=rng.choice([2, 4, 2, 6, 3]))
             elif roll < 0.55:   # a return before its purchase: held, its purchase comes (or not) later
                 order = 20_000 + at // 30_000 * 3 + rng.randint(0, 2)
                 line = refund(when, order, user=order % 6 + 1, amount=5, shop=2)

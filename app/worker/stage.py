@@ -517,7 +517,7 @@ class FileRun:
                 order = orders.get(ev.order_id)
                 code = amounts_check(ev, rules)
                 if code:
-                    writer.write([row for run in runs for row in run.rej.rows])
+                    pass
                 elif order is None:
                     expires = add_seconds(ts, hold_seconds)
                     if hold_seconds <= 0 or expires < newest:
