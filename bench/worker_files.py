@@ -10,7 +10,8 @@ database of the test server (127.0.0.1:3306), without the API. Prints the worker
 their first words. `--root DIR`: the app code of another checkout (e.g. a `git archive` of the
 base), to compare two versions back to back; run them alternated, the machine is shared.
 `--private`: a mariadbd of the bench's own (128 MiB pool), whose CPU per file is printed too
-(`server_cpu_ms_per_file`, from /proc). `--claim N`: the files come N at a time, as a claim of N hands them to the daemon loop
+(`server_cpu_ms_per_file`, from /proc). The wall time per file is printed too (a COMMIT's
+fsync is waited for, not CPU). `--claim N`: the files come N at a time, as a claim of N hands them to the daemon loop
 (`stage.group`, then `process` per group: a stage that decides a claim's files together does).
 """
 from __future__ import annotations
@@ -84,9 +85,9 @@ def main() -> None:
                         stage.process(group, ctx)
 
             work(names[:10])
-            cpu, server = time.process_time(), server_cpu(pid)
+            cpu, server, wall = time.process_time(), server_cpu(pid), time.perf_counter()
             work(names[10:n + 10])
-            cpu, server = time.process_time() - cpu, server_cpu(pid) - server
+            cpu, server, wall = time.process_time() - cpu, server_cpu(pid) - server, time.perf_counter() - wall
 
             counts = {"round_trips": 0, "statements": 0, "rows": 0}
             kinds: dict[str, int] = {}
@@ -125,6 +126,7 @@ def main() -> None:
     print(json.dumps({"root": str(args.root), "lines_per_file": per, "files": n, "claim": args.claim,
                       "worker_cpu_ms_per_file": round(cpu / n * 1000, 2),
                       **({"server_cpu_ms_per_file": round(server / n * 1000, 2)} if private else {}),
+                      "wall_ms_per_file": round(wall / n * 1000, 2),
                       **{k + "_per_file": round(v / n, 2) for k, v in counts.items()}}))
     print("round trips per file by first words:",
           ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
