@@ -738,9 +738,9 @@ class WorkerStage(StageWork):
 
     def __init__(self, settings: Settings, shard: int):
         self.settings = settings
-        # Tasks are worked one at a time (`group`), but the dones of a claim of several go in
-        # one request with the next claim (app/daemon.py): files that queue up cost a claim and
-        # a report between them, not one each (their leases are heartbeated meanwhile).
+        # A claim's small files are decided together (`group`), the others one at a time; the
+        # dones of a claim of several go in one request with the next claim (app/daemon.py):
+        # files that queue up cost a claim and a report between them, not one each.
         self.claim_limit = settings.worker_claim_limit
         self.shard = shard
         self.service = Stage.WORKER.program(shard)
@@ -798,7 +798,7 @@ class WorkerStage(StageWork):
             size = layout.splitter_output(self.settings.shared_dir, filename, self.shard).stat().st_size
         except OSError:
             return False
-        return size <= GROUP_FILE_BYTES
+        return 0 < GROUP_FILE_BYTES and size <= GROUP_FILE_BYTES
 
     def process(self, tasks, ctx: Context):
         outcomes = []
