@@ -1,6 +1,6 @@
 """The shard worker's cost per small file (prints figures; not a test).
 
-    .venv/bin/python bench/worker_files.py [--lines 250] [--files 100] [--root DIR]
+    .venv/bin/python bench/worker_files.py [--lines 250] [--files 100] [--claim 1] [--root DIR]
 
 A real WorkerStage, in this process, decides --files shard-0 files of --lines lines each (the
 project's generator lines, as bench/worker.py takes them), after 10 warm-up files, on a fresh
@@ -9,6 +9,10 @@ database of the test server (127.0.0.1:3306), without the API. Prints the worker
 (commands sent), SQL statements (results read) and rows read per file, and the round trips by
 their first words. `--root DIR`: the app code of another checkout (e.g. a `git archive` of the
 base), to compare two versions back to back; run them alternated, the machine is shared.
+`--private`: a mariadbd of the bench's own (128 MiB pool), whose CPU per file is printed too
+(`server_cpu_ms_per_file`, from /proc). The wall time per file is printed too (a COMMIT's
+fsync is waited for, not CPU). `--claim N`: the files come N at a time, as a claim of N hands them to the daemon loop
+(`stage.group`, then `process` per group: a stage that decides a claim's files together does).
 """
 from __future__ import annotations
 
@@ -29,10 +33,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lines", type=int, default=250)
     ap.add_argument("--files", type=int, default=100)
+    ap.add_argument("--claim", type=int, default=1)
+    ap.add_argument("--private", action="store_true")
     ap.add_argument("--root", type=Path, default=ROOT)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from bench.worker import from_generator
+    import shutil
+
+    from bench.worker import from_generator, server_cpu
     sys.path.insert(0, str(args.root.resolve()))
     for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
         del sys.modules[name]     # bench.worker imported this checkout's app.layout
@@ -51,11 +59,13 @@ def main() -> None:
         from_generator(source, (2 * n + 10) * per)
         lines = source.read_bytes().splitlines(keepends=True)
         name = servers.unique_name("worker_files")
-        admin = servers.admin_connect()
+        private = servers.new_private_mariadb(["--innodb-buffer-pool-size=128M"]) if args.private else None
+        pid = private.proc.pid if private else 0
+        admin = servers.admin_connect(port=private.port) if private else servers.admin_connect()
         with admin.cursor() as cur:
             cur.execute(f"CREATE DATABASE `{name}`")
         try:
-            url = servers.server_url(name)
+            url = private.url(name) if private else servers.server_url(name)
             settings = Settings.from_env(dict(os.environ, MYSQL_PIPELINE_URL=servers.url_text(url),
                                               SHARED_DIR=str(Path(tmp) / "shared")))
             stage = WorkerStage(settings, 0)
@@ -68,12 +78,16 @@ def main() -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(b"".join(lines[i * per:(i + 1) * per]))
                 names.append(filename)
-            for filename in names[:10]:
-                stage.process([Task(filename, 0)], ctx)
-            cpu = time.process_time()
-            for filename in names[10:n + 10]:
-                stage.process([Task(filename, 0)], ctx)
-            cpu = time.process_time() - cpu
+            def work(some):
+                """As the daemon loop: a claim of --claim files, worked group by group."""
+                for i in range(0, len(some), args.claim):
+                    for group in stage.group([Task(f, 0) for f in some[i:i + args.claim]]):
+                        stage.process(group, ctx)
+
+            work(names[:10])
+            cpu, server, wall = time.process_time(), server_cpu(pid), time.perf_counter()
+            work(names[10:n + 10])
+            cpu, server, wall = time.process_time() - cpu, server_cpu(pid) - server, time.perf_counter() - wall
 
             counts = {"round_trips": 0, "statements": 0, "rows": 0}
             kinds: dict[str, int] = {}
@@ -97,8 +111,7 @@ def main() -> None:
             pc.Connection._execute_command, pc.MySQLResult.read = counted_execute, counted_read
             pc.MySQLResult._read_row_from_packet = counted_row
             try:
-                for filename in names[n + 10:]:
-                    stage.process([Task(filename, 0)], ctx)
+                work(names[n + 10:])
             finally:
                 pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet = \
                     execute, read, row
@@ -107,8 +120,13 @@ def main() -> None:
             with admin.cursor() as cur:
                 cur.execute(f"DROP DATABASE `{name}`")
             admin.close()
-    print(json.dumps({"root": str(args.root), "lines_per_file": per, "files": n,
+            if private:
+                private.stop()
+                shutil.rmtree(private.datadir, ignore_errors=True)
+    print(json.dumps({"root": str(args.root), "lines_per_file": per, "files": n, "claim": args.claim,
                       "worker_cpu_ms_per_file": round(cpu / n * 1000, 2),
+                      **({"server_cpu_ms_per_file": round(server / n * 1000, 2)} if private else {}),
+                      "wall_ms_per_file": round(wall / n * 1000, 2),
                       **{k + "_per_file": round(v / n, 2) for k, v in counts.items()}}))
     print("round trips per file by first words:",
           ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))

@@ -23,7 +23,8 @@ import pymysql
 from .. import db, layout, rejected, safefiles
 from ..atomic import atomic_writes
 from ..config import Settings
-from ..daemon import Context, Done, Failed, InputMissing, Retryable, StageWork, TaskFailed, run_shard_stage
+from ..daemon import (Context, Done, Failed, InputMissing, Retryable, StageWork, StopRequested, TaskFailed,
+                      run_shard_stage)
 from ..db import DEADLOCK_CODES, UNAVAILABLE
 from ..db import DUP_ENTRY as DUPLICATE_KEY
 from ..events import PRICE_CHANGE, PURCHASE, RESTOCK, RETURN, SHOP_STATUS
@@ -45,6 +46,10 @@ PRUNE_ROWS = 20_000       # rows a pass deletes from a table at most
 SWITCH_INTERVAL = 0.0005
 # Rejected lines quote whatever input arrived and are not part of the contract: private.
 REJECTED_MODE = 0o600
+# Claimed files of the shard up to this size are decided together (`WorkerStage.group`): one
+# start script, one transaction, one commit, one folder fsync for all; each still gets its own
+# records, so a re-run of any one replays alone. 0: every file on its own.
+GROUP_FILE_BYTES = 1 << 20
 PAUSE_LINES = 256         # lines a helper thread handles between looks at whose turn it is
 # A batch also ends once its lines hold this many bytes, so a file of long lines is decided in
 # small batches: memory (a batch read ahead, one deciding, one being written) and the batch's
@@ -241,40 +246,57 @@ class FileRun:
     # -- the task ------------------------------------------------------------------------------
 
     def run(self, f: LineReader, start: FileStart) -> Done:
+        self.begin(start)
+        info = start.info
+        with atomic_writes(self.outputs(), root=self.settings.shared_dir) as (out, rej):
+            self.open_outputs(out, rej)
+            line_no = self._replay(f, start.records)
+            if not info.complete:
+                self._decide_rest(f, line_no)
+            elif not f.at_end():
+                raise TaskFailed(f"{self.filename} shard {self.shard} has more lines than when it was decided")
+            self.finish_outputs()
+        return self.done(f)
+
+    def begin(self, start: FileStart) -> None:
+        """Where the file starts from: its row, the holds it resolved (a re-run), the shard's
+        active holds and clock."""
         info = start.info
         if info.pruned:
             raise TaskFailed(f"the decisions of {self.filename} shard {self.shard} were pruned (it was decided "
                              f"longer than REPLAY_WINDOW ago): it cannot be replayed")
         self.file_id = info.id
-        records, resolved = start.records, start.resolved
+        resolved = start.resolved
         self.seq = max((h.resolved_seq for h in resolved), default=0)
         self.pending: dict[int, list[Hold]] = {}
         for h in resolved:
             self.pending.setdefault(h.resolved_line, []).append(h)
         self.holds = start.holds
         self.newest = start.newest
+
+    def outputs(self) -> list:
+        """Both outputs in one batch: one opening of the folder, one ledger write and one folder
+        fsync per file instead of one each per output (each still appears whole or not at all)."""
         shared = self.settings.shared_dir
-        # Both outputs in one batch: one opening of the folder, one ledger write and one folder
-        # fsync per file instead of one each per output (each still appears whole or not at all).
-        outputs = [(layout.worker_output(shared, self.filename, self.shard), 0o644),
-                   (layout.worker_rejected(shared, self.filename, self.shard), REJECTED_MODE)]
-        with atomic_writes(outputs, root=shared) as (out, rej):
-            self.out = out
-            self.rej = rejected.writer(self.settings.pipeline_db).tee(rej.write, self.filename, Stage.WORKER,
-                                                                       self.shard)
-            line_no = self._replay(f, records)
-            if not info.complete:
-                self._decide_rest(f, line_no)
-            elif not f.at_end():
-                raise TaskFailed(f"{self.filename} shard {self.shard} has more lines than when it was decided")
-            if self.pending:
-                left = [h for line in sorted(self.pending) for h in self.pending[line]]
-                accepted: list = []
-                self._emit_resolved(left, accepted, before=None)
-                if accepted:
-                    out.write(self.prepare.lines(accepted, self._return_shops([], b"", 0, left)))
-                    self.counts.accepted += len(accepted)
-            self.rej.flush()
+        return [(layout.worker_output(shared, self.filename, self.shard), 0o644),
+                (layout.worker_rejected(shared, self.filename, self.shard), REJECTED_MODE)]
+
+    def open_outputs(self, out, rej) -> None:
+        self.out = out
+        self.rej = rejected.writer(self.settings.pipeline_db).tee(rej.write, self.filename, Stage.WORKER, self.shard)
+
+    def finish_outputs(self) -> None:
+        """The resolved holds due after the file's last line (a re-run's), the rejected rows."""
+        if self.pending:
+            left = [h for line in sorted(self.pending) for h in self.pending[line]]
+            accepted: list = []
+            self._emit_resolved(left, accepted, before=None)
+            if accepted:
+                self.out.write(self.prepare.lines(accepted, self._return_shops([], b"", 0, left)))
+                self.counts.accepted += len(accepted)
+        self.rej.flush()
+
+    def done(self, f: LineReader) -> Done:
         if f.bom:
             self.counts.bom_skipped = 1
         return Done(events=self.counts.accepted, stats=self.counts.stats())
@@ -395,9 +417,10 @@ class FileRun:
                 raise
         raise AssertionError("unreachable")
 
-    def _decide_tx(self, cur, raws, events, plan, dig, first_line, last, adopt, optimistic):
+    def _decide_tx(self, cur, raws, events, plan, dig, first_line, last, adopt, optimistic, begin=True):
         """Three round trips: one script reads (and locks) what the batch needs, the lines are
-        decided in memory, one script writes everything; the caller commits."""
+        decided in memory, one script writes everything; the caller commits. `begin`: start the
+        transaction (not for the second and later files decided in one, `_decide_together`)."""
         rules, st, ledger, conn = self.rules, self.state, self.ledger, cur.connection
         b = Batch()
         returns = plan.returns
@@ -409,7 +432,8 @@ class FileRun:
             lookup = recent_keys.among(lookup)
         order_ids = order_ids | {e.order_id for e in returns}
         reads = db.Script()
-        reads.add("begin", "START TRANSACTION")
+        if begin:
+            reads.add("begin", "START TRANSACTION")
         if adopt:
             reads.add("adopt", st.idle_expired_sql())
         if lookup:
@@ -714,9 +738,9 @@ class WorkerStage(StageWork):
 
     def __init__(self, settings: Settings, shard: int):
         self.settings = settings
-        # Tasks are worked one at a time (`group`), but the dones of a claim of several go in
-        # one request with the next claim (app/daemon.py): files that queue up cost a claim and
-        # a report between them, not one each (their leases are heartbeated meanwhile).
+        # A claim's small files are decided together (`group`), the others one at a time; the
+        # dones of a claim of several go in one request with the next claim (app/daemon.py):
+        # files that queue up cost a claim and a report between them, not one each.
         self.claim_limit = settings.worker_claim_limit
         self.shard = shard
         self.service = Stage.WORKER.program(shard)
@@ -752,9 +776,35 @@ class WorkerStage(StageWork):
     def teardown(self) -> None:
         self.state.close()
 
+    def group(self, tasks) -> list:
+        """Consecutive claimed files of this shard small enough to be one batch go in one group
+        (`_process_several`); any other file alone, in the claim's order, so a missing input is
+        sent back upstream alone and the files after it wait for it (`Daemon`)."""
+        groups, run = [], []
+        for t in tasks:
+            if t.shard == self.shard and self._small(t.filename):
+                run.append(t)
+                continue
+            if run:
+                groups.append(run)
+                run = []
+            groups.append([t])
+        if run:
+            groups.append(run)
+        return groups
+
+    def _small(self, filename: str) -> bool:
+        try:
+            size = layout.splitter_output(self.settings.shared_dir, filename, self.shard).stat().st_size
+        except OSError:
+            return False
+        return 0 < GROUP_FILE_BYTES and size <= GROUP_FILE_BYTES
+
     def process(self, tasks, ctx: Context):
         outcomes = []
         try:
+            if len(tasks) > 1:
+                return self._process_several(tasks, ctx)
             for task in tasks:
                 if task.shard != self.shard:
                     outcomes.append(Failed(f"task of shard {task.shard} given to the worker of shard {self.shard}"))
@@ -770,6 +820,155 @@ class WorkerStage(StageWork):
             self.idle_since = time.monotonic()
             self.idle_done = False
 
+    # -- several small files of the shard together ---------------------------------------------------
+
+    def _process_several(self, tasks, ctx: Context) -> list:
+        """A group (`group`): every input opened first (one gone since the claim hands the
+        group back, nothing decided yet), the leading fresh one-batch files decided together
+        (`_process_group`), the rest, or all of them if that did not go through, one by one from
+        the same open files, each with its own outcome."""
+        files: list = []
+        try:
+            for task in tasks:
+                path = layout.splitter_output(self.settings.shared_dir, task.filename, self.shard)
+                try:
+                    files.append(safefiles.open_read(path, self.settings.shared_dir, READ_BUFFER))
+                except FileNotFoundError:
+                    raise Retryable(f"{path.name} is gone since the claim: the group is handed back") from None
+                except safefiles.Refused as exc:
+                    files.append(TaskFailed(f"shard file refused: {exc}"))
+            names = [t.filename for t in tasks]
+            lead = 0
+            while lead < len(files) and not isinstance(files[lead], TaskFailed):
+                lead += 1
+            outcomes = self._process_group(names[:lead], files[:lead], ctx) if lead > 1 else []
+            for name, f in zip(names[len(outcomes):], files[len(outcomes):]):
+                if isinstance(f, TaskFailed):
+                    outcomes.append(Failed(str(f)))
+                    continue
+                f.seek(0)
+                try:
+                    outcomes.append(self._decide_file(name, f, ctx))
+                except TaskFailed as exc:
+                    outcomes.append(Failed(str(exc)))
+            return outcomes
+        finally:
+            for f in files:
+                if not isinstance(f, TaskFailed):
+                    f.close()
+
+    def _process_group(self, names: list[str], files: list, ctx: Context) -> list:
+        """Decide the leading files of `names` that are fresh (nothing recorded) and one batch
+        each in one transaction: one start script, their batches one after another (each file
+        starts from the holds and clock the one before left, as one by one), one commit, their
+        outputs in one `atomic_writes`. Their Dones, or fewer (the rest go one by one): [] when
+        fewer than two qualify or when anything but the database being unavailable went wrong
+        (rolled back; one by one then gives each file its own outcome)."""
+        runs, readers, items = [], [], []
+        for name, f in zip(names, files):
+            reader = LineReader(f, self.settings.max_line_bytes)
+            run = FileRun(self, name, ctx)
+            try:
+                item = run._read_batch(reader)
+            except Exception:   # whatever it is, the file alone will say it
+                break
+            if not item[-1]:
+                break
+            runs.append(run)
+            readers.append(reader)
+            items.append(item)
+        if len(runs) < 2:
+            return []
+        self.state.open()
+        known, self.known_holds = self.known_holds, None
+        starts = self.state.start_files([r.filename for r in runs], SHARD_LOCK_WAIT, known)
+        if starts is None:
+            raise Retryable(f"another worker process holds shard {self.shard}")
+        collecting = gc.isenabled()
+        gc.disable()   # as `_process_one`
+        try:
+            fresh = 0
+            for st in starts:
+                if st.info.lines_decided or st.info.complete or st.info.pruned or st.records or st.resolved:
+                    break
+                fresh += 1
+            if fresh < 2:
+                return []
+            runs, readers, items, starts = runs[:fresh], readers[:fresh], items[:fresh], starts[:fresh]
+            try:
+                self._decide_together(runs, items, starts)
+                outputs = [o for run in runs for o in run.outputs()]
+                with atomic_writes(outputs, root=self.settings.shared_dir) as written:
+                    for n, (run, item) in enumerate(zip(runs, items)):
+                        raws, events = item[0], item[1]
+                        run.open_outputs(written[2 * n], written[2 * n + 1])
+                        run._emit_batch((raws, 1, run.codes, events, run.shops, run.resolved), helper=False)
+                    # the rejected rows of the group in one INSERT (a round trip per file was
+                    # one of a small file's four); each file's are its own rows all the same
+                    writer = runs[0].rej.writer
+                    writer.write([row for run in runs for row in run.rej.rows])
+                    for run in runs:
+                        run.rej.rows, run.rej.size = [], 0
+                        run.finish_outputs()
+            except UNAVAILABLE + (OSError, StopRequested):
+                raise
+            except Exception as exc:
+                log.warning("%s: deciding %d files of shard %d together failed (%s: %s); one by one instead",
+                            ", ".join(names), len(runs), self.shard, type(exc).__name__, exc)
+                return []
+            last = runs[-1]
+            self.known_holds = {(h.file_id, h.line): h for held in last.holds.by_order.values() for h in held}
+            self._prune_after(last.newest)
+            return [run.done(reader) for run, reader in zip(runs, readers)]
+        finally:
+            if collecting:
+                gc.enable()
+            self.state.unlock_shard()
+
+    def _decide_together(self, runs: list, items: list, starts: list) -> None:
+        """The files' batches in one transaction, one after another, committed once; all of
+        them decided again on a conflict or deadlock, as `FileRun._decide` does one batch (each
+        file's records are its own: a re-run of any one replays it alone)."""
+        conn = self.state.conn
+        holds, newest = starts[0].holds, starts[0].newest
+        optimistic = True
+        for attempt in range(BATCH_RETRIES):
+            try:
+                with conn.cursor() as cur:
+                    for n, (run, start, item) in enumerate(zip(runs, starts, items)):
+                        raws, events, plan, dig, last = item
+                        run.begin(start)
+                        run.holds, run.newest = holds, newest
+                        run.codes, run.shops, run.resolved = run._decide_tx(
+                            cur, raws, events, plan, dig, 1, last, True, optimistic, begin=n == 0)
+                        holds, newest = run.holds, run.newest
+                        # a hint of what to look up (the next file's duplicates of this one's
+                        # keys): a key here that a rollback undoes only costs a lookup
+                        self.recent_keys.add_all(run.b.new_keys)
+                        self.recent_orders.add_all(o.order_id for o in run.b.new_orders)
+                conn.commit()
+                return
+            except (LedgerConflict, SeenConflict, pymysql.err.OperationalError, pymysql.err.InternalError,
+                    pymysql.err.ProgrammingError) as exc:
+                conn.rollback()
+                refused = self.state.infile_refused(exc)
+                retry = refused or not isinstance(exc, pymysql.err.MySQLError) or (exc.args and
+                                                                                  exc.args[0] in DEADLOCK_CODES)
+                if not retry or attempt == BATCH_RETRIES - 1:
+                    raise
+                log.log(logging.INFO if attempt == 0 else logging.WARNING,
+                        "%d files of shard %d from %s: %s; deciding them again", len(runs), self.shard,
+                        runs[0].filename, exc)
+                if not refused and isinstance(exc, pymysql.err.MySQLError):
+                    time.sleep(0.05 * attempt)
+                optimistic = False
+                holds = self.state.active_holds()
+                newest = self.state.newest()
+            except BaseException:
+                conn.rollback()
+                raise
+        raise AssertionError("unreachable")
+
     def _process_one(self, filename: str, ctx: Context):
         path = layout.splitter_output(self.settings.shared_dir, filename, self.shard)
         try:
@@ -779,26 +978,30 @@ class WorkerStage(StageWork):
         except safefiles.Refused as exc:
             raise TaskFailed(f"shard file refused: {exc}") from None
         with f:
-            self.state.open()
-            known, self.known_holds = self.known_holds, None
-            start = self.state.start_file(filename, SHARD_LOCK_WAIT, known)
-            if start is None:
-                raise Retryable(f"another worker process holds shard {self.shard}")
-            # A file allocates millions of short-lived acyclic objects; the cyclic collector
-            # would walk them again and again for nothing (about a tenth of the CPU). Reference counting
-            # frees them; cycles wait until the file is done.
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
-                run = FileRun(self, filename, ctx)
-                done = run.run(LineReader(f, self.settings.max_line_bytes), start)
-                self.known_holds = {(h.file_id, h.line): h for held in run.holds.by_order.values() for h in held}
-                self._prune_after(run.newest)
-                return done
-            finally:
-                if collecting:
-                    gc.enable()
-                self.state.unlock_shard()
+            return self._decide_file(filename, f, ctx)
+
+    def _decide_file(self, filename: str, f, ctx: Context):
+        """One file on its own, from its open input."""
+        self.state.open()
+        known, self.known_holds = self.known_holds, None
+        start = self.state.start_file(filename, SHARD_LOCK_WAIT, known)
+        if start is None:
+            raise Retryable(f"another worker process holds shard {self.shard}")
+        # A file allocates millions of short-lived acyclic objects; the cyclic collector
+        # would walk them again and again for nothing (about a tenth of the CPU). Reference counting
+        # frees them; cycles wait until the file is done.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            run = FileRun(self, filename, ctx)
+            done = run.run(LineReader(f, self.settings.max_line_bytes), start)
+            self.known_holds = {(h.file_id, h.line): h for held in run.holds.by_order.values() for h in held}
+            self._prune_after(run.newest)
+            return done
+        finally:
+            if collecting:
+                gc.enable()
+            self.state.unlock_shard()
 
     def idle(self, ctx: Context) -> None:
         """Wall-clock cap: after HOLD_WALL_CAP_SECONDS with no file to work, the shard's held

@@ -246,15 +246,26 @@ class WorkerState:
         they are the same set (a held row never changes while it is held: only its resolution
         takes it out of the set); otherwise (another process or the idle expiry changed them)
         every active hold is read as without `known`."""
+        starts = self.start_files([filename], lock_timeout, known)
+        return None if starts is None else starts[0]
+
+    def start_files(self, filenames: list[str], lock_timeout: float,
+                    known: dict | None = None) -> list[FileStart] | None:
+        """`start_file` for several files of the shard in one script (decided together in one
+        transaction, `WorkerStage._process_group`): each file's row, progress, records and
+        resolved holds; the holds and the shard clock once. The starts share one HoldBook and
+        clock: those of the first file (the next files start from what the one before leaves)."""
         shard = self.shard
         script = db.Script()
         script.add("lock", "SELECT GET_LOCK(%s, %s)", (self.lock_name, lock_timeout))
-        script.add("file", "INSERT INTO worker_files (shard, filename) VALUES (%s,%s) "
-                           "ON DUPLICATE KEY UPDATE id=LAST_INSERT_ID(id)", (shard, filename))
-        script.add("info", "SELECT id, lines_decided, complete, pruned FROM worker_files WHERE id=LAST_INSERT_ID()")
-        script.add("batches", "SELECT first_line, line_count, digest, codes FROM worker_batches "
-                              "WHERE file_id=LAST_INSERT_ID() ORDER BY first_line")
-        script.add("resolved", self._resolved_in_sql("LAST_INSERT_ID()"))
+        for n, filename in enumerate(filenames):
+            script.add(f"file{n}", "INSERT INTO worker_files (shard, filename) VALUES (%s,%s) "
+                                   "ON DUPLICATE KEY UPDATE id=LAST_INSERT_ID(id)", (shard, filename))
+            script.add(f"info{n}", "SELECT id, lines_decided, complete, pruned FROM worker_files "
+                                   "WHERE id=LAST_INSERT_ID()")
+            script.add(f"batches{n}", "SELECT first_line, line_count, digest, codes FROM worker_batches "
+                                      "WHERE file_id=LAST_INSERT_ID() ORDER BY first_line")
+            script.add(f"resolved{n}", self._resolved_in_sql("LAST_INSERT_ID()"))
         if known is None:
             script.add("holds", self._active_holds_sql())
         else:
@@ -273,7 +284,6 @@ class WorkerState:
             raise
         if got["lock"].one()[0] != 1:
             return None
-        file_id, decided, complete, pruned = got["info"].one()
         newest = got["newest"].one()
         if known is None:
             holds = HoldBook([_hold(r) for r in got["holds"].rows])
@@ -284,10 +294,14 @@ class WorkerState:
             holds = HoldBook(list(known.values())) if same else self.active_holds()
         if newest:
             self.sealed_below = newest[1]
-        return FileStart(FileInfo(file_id, decided, bool(complete), bool(pruned)),
-                         [BatchRecord(a, b, bytes(c), bytes(d)) for a, b, c, d in got["batches"].rows],
-                         [_hold(r) for r in got["resolved"].rows], holds,
-                         time_text(newest[0]) if newest else None)
+        starts = []
+        for n in range(len(filenames)):
+            file_id, decided, complete, pruned = got[f"info{n}"].one()
+            starts.append(FileStart(FileInfo(file_id, decided, bool(complete), bool(pruned)),
+                                    [BatchRecord(a, b, bytes(c), bytes(d)) for a, b, c, d in got[f"batches{n}"].rows],
+                                    [_hold(r) for r in got[f"resolved{n}"].rows], holds,
+                                    time_text(newest[0]) if newest else None))
+        return starts
 
     def batches(self, file_id: int) -> list[BatchRecord]:
         with self.conn.cursor() as cur:
