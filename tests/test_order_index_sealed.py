@@ -396,10 +396,11 @@ def test_sealing_and_pruning_write_no_on_disk_temporary_table(pipeline_db):
 
 
 def test_opening_a_file_reads_the_directories_of_its_sealed_epochs(pipeline_db, monkeypatch):
-    """A process that does not hold a sealed epoch's directory yet gets it with the file's
-    opening (one round trip), so the first lookup is one statement; one that holds it is not
-    sent it again; and an epoch sealed after the file was opened is still found by its lookup
-    (the statement's sealed flag; the directory read, the statement run again)."""
+    """A process that does not hold a sealed epoch's directory yet reads it when it opens a
+    file that sees the epoch (the opening says which), so the first lookup is one statement;
+    then it opens a file in one round trip, and no directory is sent again; an epoch sealed
+    after the file was opened is still found by its lookup (the statement's sealed flag; the
+    directory read, the statement run again)."""
     from tests.test_splitter_routing import count_round_trips
     idx = make_index(pipeline_db, epoch_rows=1)
     try:
@@ -410,6 +411,10 @@ def test_opening_a_file_reads_the_directories_of_its_sealed_epochs(pipeline_db, 
         fresh = make_index(pipeline_db)
         try:
             trips = count_round_trips(monkeypatch)
+            routing = fresh.open_file("20260101000003")
+            assert fresh.lookup(routing, [(order, 1), (order + 1, 1)]) == [5, 6]
+            assert trips[0] == 3
+            trips[0] = 0
             routing = fresh.open_file("20260101000003")
             assert fresh.lookup(routing, [(order, 1), (order + 1, 1)]) == [5, 6]
             assert trips[0] == 2

@@ -214,30 +214,36 @@ class OrderIndex:
         """Fix the file's horizon and window floor on its first split and read them back (the
         same for every replica, every re-split), with what its first lookup needs: the epochs
         it sees (`visible_epochs`), the pruned mark, and the directories of those sealed that
-        this process does not hold yet; one round trip. A file whose index is not complete
-        writes into the current epoch. (Read now, after the file's row: every file whose
+        this process does not hold yet (those in a second round trip, once per sealed epoch
+        and process); one round trip. A file whose index is not complete writes into the
+        current epoch. (Read now, after the file's row: every file whose
         sequence number is within its horizon completed its index, and its epoch's range,
         before; files indexed later are past the horizon: the set is the one a later read
         would give, but for an epoch that holds nothing the file sees.)"""
         self.ensure_schema()
         cached = [int(e) for e in list(self._sealed)]   # list(): the lookup thread adds
         unknown = f"e.sealed = 1 AND e.epoch NOT IN ({','.join(str(e) for e in cached)})" if cached else "e.sealed = 1"
+        # Few columns: PyMySQL parses each column's descriptor for more CPU than splitting a
+        # short string costs. An epoch sealed that this process holds no directory of comes
+        # negative (-1 - epoch).
         script = db.Script()
         script.add("open", _OPEN_FILE, (filename, self.window))
-        script.add("file", "SELECT f.file_id, f.horizon, f.floor_seq, f.epoch, f.indexed_seq, s.pruned_epoch "
-                           "FROM splitter_file f JOIN splitter_seq s ON s.id = 1 WHERE f.filename = %s", (filename,))
-        script.add("epochs", f"SELECT e.epoch, {unknown}, IF({unknown}, e.dir, NULL), IF({unknown}, e.files, NULL) "
+        script.add("file", "SELECT CONCAT_WS(' ', f.file_id, f.horizon, f.floor_seq, f.epoch, f.indexed_seq IS NOT NULL, "
+                           "s.pruned_epoch) FROM splitter_file f JOIN splitter_seq s ON s.id = 1 WHERE f.filename = %s",
+                   (filename,))
+        script.add("epochs", f"SELECT CAST(IF({unknown}, -1 - CAST(e.epoch AS SIGNED), e.epoch) AS SIGNED) "
                              f"FROM splitter_file f JOIN splitter_epoch e ON (e.last_seq >= f.floor_seq "
                              f"AND e.first_seq <= f.horizon) OR e.epoch = f.epoch WHERE f.filename = %s", (filename,))
         with self.conn().cursor() as cur:
             got = script.run(cur)
-        file_id, horizon, floor_seq, epoch, indexed_seq, pruned = got["file"].one()
-        routing = FileRouting(self, filename, file_id, horizon, indexed_seq is not None, floor_seq, epoch)
-        routing.epochs = sorted({epoch, *(e for e, *_ in got["epochs"].rows)})
+            file_id, horizon, floor_seq, epoch, indexed, pruned = (int(v) for v in got["file"].one()[0].split())
+            seen = [int(e) for (e,) in got["epochs"].rows]
+            unknown_sealed = [-1 - e for e in seen if e < 0]
+            if unknown_sealed:      # once per sealed epoch and process
+                self._load_sealed(cur, unknown_sealed)
+        routing = FileRouting(self, filename, file_id, horizon, bool(indexed), floor_seq, epoch)
+        routing.epochs = sorted({epoch, *(e if e >= 0 else -1 - e for e in seen)})
         routing.pruned = pruned
-        for e, unknown_sealed, directory, files in got["epochs"].rows:
-            if unknown_sealed:      # one pruned meanwhile has no directory: it holds nothing
-                self._keep_sealed(e, SealedEpoch(directory or b"", files or b""))
         return routing
 
     def _window_pruned(self, epochs: list[int], pruned: int) -> None:
