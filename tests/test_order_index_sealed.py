@@ -393,3 +393,42 @@ def test_sealing_and_pruning_write_no_on_disk_temporary_table(pipeline_db):
         assert disk_tables() == before
     finally:
         idx.close()
+
+
+def test_opening_a_file_reads_the_directories_of_its_sealed_epochs(pipeline_db, monkeypatch):
+    """A process that does not hold a sealed epoch's directory yet reads it when it opens a
+    file that sees the epoch (the opening says which), so the first lookup is one statement;
+    then it opens a file in one round trip, and no directory is sent again; an epoch sealed
+    after the file was opened is still found by its lookup (the statement's sealed flag; the
+    directory read, the statement run again)."""
+    from tests.test_splitter_routing import count_round_trips
+    idx = make_index(pipeline_db, epoch_rows=1)
+    try:
+        order = 2**61 + 9
+        index_file(idx, "20260101000001", [(order, 5)])
+        index_file(idx, "20260101000002", [(order + 1, 6)])
+        assert seal_all(idx) == 2
+        fresh = make_index(pipeline_db)
+        try:
+            trips = count_round_trips(monkeypatch)
+            routing = fresh.open_file("20260101000003")
+            assert fresh.lookup(routing, [(order, 1), (order + 1, 1)]) == [5, 6]
+            assert trips[0] == 3
+            trips[0] = 0
+            routing = fresh.open_file("20260101000003")
+            assert fresh.lookup(routing, [(order, 1), (order + 1, 1)]) == [5, 6]
+            assert trips[0] == 2
+            sent = []
+            real = db.Script.add
+            monkeypatch.setattr(db.Script, "add", lambda self, tag, sql, *a: sent.append(sql) or real(self, tag, sql, *a))
+            fresh.open_file("20260101000004")
+            assert any("NOT IN (0,1)" in sql for sql in sent)
+            # Opened before its epochs are sealed, looked up after: the same answer.
+            index_file(idx, "20260101000005", [(order + 2, 7)])
+            routing = fresh.open_file("20260101000006")
+            assert seal_all(idx) >= 1
+            assert fresh.lookup(routing, [(order, 1), (order + 2, 1)]) == [5, 7]
+        finally:
+            fresh.close()
+    finally:
+        idx.close()

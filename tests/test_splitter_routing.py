@@ -204,3 +204,55 @@ def test_last_segment_looks_up_on_the_splitting_thread(shared_dir, index, monkey
     monkeypatch.setattr(stage, "BUFFER_LINES", 100)  # segments of ~128 lines (checked every CHECKPOINT)
     result, segmented, _ = split(shared_dir, index, "20260101000031")
     assert len(threaded) >= 1 and result.routed_by_order == 300 and segmented == whole
+
+
+def count_round_trips(monkeypatch) -> list[int]:
+    """Every command PyMySQL sends (a query, a multi-statement script, a ping) counted."""
+    import pymysql
+    trips = [0]
+    send = pymysql.connections.Connection._execute_command
+
+    def counted(self, *args, **kwargs):
+        trips[0] += 1
+        return send(self, *args, **kwargs)
+    monkeypatch.setattr(pymysql.connections.Connection, "_execute_command", counted)
+    return trips
+
+
+def test_a_small_file_with_returns_costs_three_round_trips(shared_dir, index, monkeypatch):
+    """A small file that indexes purchases and looks returns up: opening it reads what its
+    first lookup needs (the epochs it sees, the pruned mark), so it costs one round trip to
+    open, one to look up, one to complete its index: no round trip for the epochs."""
+    ret = lambda order: ev(3, order_id=order, user_id=1, good_id=1, qty=1, refund_amount=1.0)  # noqa: E731
+    buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
+                                 price_at_order=1.0)
+    orders = [2**58 + i for i in range(200)]
+    write_source(shared_dir, "20260101000040", [buy(o, i) for i, o in enumerate(orders)])
+    write_source(shared_dir, "20260101000041", [buy(2**57 + i, i) for i in range(300)] + [ret(o) for o in orders])
+    split(shared_dir, index, "20260101000040")
+    trips = count_round_trips(monkeypatch)
+    result, outputs, _ = split(shared_dir, index, "20260101000041")
+    assert result.routed_by_order == 200 and result.purchases == 300
+    assert trips[0] == 3
+    # A re-split routes the same, its index complete: one round trip to open, one to look up.
+    trips[0] = 0
+    assert split(shared_dir, index, "20260101000041")[1] == outputs
+    assert trips[0] == 2
+
+
+def test_pruning_after_a_file_was_opened_is_seen_by_its_lookups(shared_dir, index):
+    """The pruned mark read when the file is opened, and again by each lookup in its own
+    read view: a lookup after pruning passed the file's epochs raises WindowPruned (opening
+    does not: a file with no shop-less return routes without them)."""
+    from tests import servers
+    write_source(shared_dir, "20260101000050", [ev(1, order_id=5, user_id=1, shop_id=1, good_id=1, qty=1,
+                                                   price_at_order=1.0)])
+    split(shared_dir, index, "20260101000050")
+    routing = index.open_file("20260101000051")
+    assert index.lookup(routing, [(5, 1)]) == [1]
+    servers.query(index.url, "UPDATE splitter_seq SET pruned_epoch = 1000 WHERE id = 1")
+    with pytest.raises(order_index.WindowPruned):
+        index.lookup(routing, [(5, 1)])
+    routing = index.open_file("20260101000051")     # opened again: no error until a lookup
+    with pytest.raises(order_index.WindowPruned):
+        index.lookup(routing, [(5, 1)])

@@ -212,16 +212,45 @@ class OrderIndex:
 
     def open_file(self, filename: str) -> "FileRouting":
         """Fix the file's horizon and window floor on its first split and read them back (the
-        same for every replica, every re-split); one round trip. A file whose index is not
-        complete writes into the current epoch."""
+        same for every replica, every re-split), with what its first lookup needs: the epochs
+        it sees (`visible_epochs`), the pruned mark, and the directories of those sealed that
+        this process does not hold yet (those in a second round trip, once per sealed epoch
+        and process); one round trip. A file whose index is not complete writes into the
+        current epoch. (Read now, after the file's row: every file whose
+        sequence number is within its horizon completed its index, and its epoch's range,
+        before; files indexed later are past the horizon: the set is the one a later read
+        would give, but for an epoch that holds nothing the file sees.)"""
         self.ensure_schema()
+        cached = [int(e) for e in list(self._sealed)]   # list(): the lookup thread adds
+        unknown = f"e.sealed = 1 AND e.epoch NOT IN ({','.join(str(e) for e in cached)})" if cached else "e.sealed = 1"
+        # Few columns: PyMySQL parses each column's descriptor for more CPU than splitting a
+        # short string costs. An epoch sealed that this process holds no directory of comes
+        # negative (-1 - epoch).
         script = db.Script()
         script.add("open", _OPEN_FILE, (filename, self.window))
-        script.add("file", "SELECT file_id, horizon, floor_seq, epoch, indexed_seq FROM splitter_file "
-                           "WHERE filename = %s", (filename,))
+        script.add("file", "SELECT CONCAT_WS(' ', f.file_id, f.horizon, f.floor_seq, f.epoch, f.indexed_seq IS NOT NULL, "
+                           "s.pruned_epoch) FROM splitter_file f JOIN splitter_seq s ON s.id = 1 WHERE f.filename = %s",
+                   (filename,))
+        script.add("epochs", f"SELECT CAST(IF({unknown}, -1 - CAST(e.epoch AS SIGNED), e.epoch) AS SIGNED) "
+                             f"FROM splitter_file f JOIN splitter_epoch e ON (e.last_seq >= f.floor_seq "
+                             f"AND e.first_seq <= f.horizon) OR e.epoch = f.epoch WHERE f.filename = %s", (filename,))
         with self.conn().cursor() as cur:
-            file_id, horizon, floor_seq, epoch, indexed_seq = script.run(cur)["file"].one()
-        return FileRouting(self, filename, file_id, horizon, indexed_seq is not None, floor_seq, epoch)
+            got = script.run(cur)
+            file_id, horizon, floor_seq, epoch, indexed, pruned = (int(v) for v in got["file"].one()[0].split())
+            seen = [int(e) for (e,) in got["epochs"].rows]
+            unknown_sealed = [-1 - e for e in seen if e < 0]
+            if unknown_sealed:      # once per sealed epoch and process
+                self._load_sealed(cur, unknown_sealed)
+        routing = FileRouting(self, filename, file_id, horizon, bool(indexed), floor_seq, epoch)
+        routing.epochs = sorted({epoch, *(e if e >= 0 else -1 - e for e in seen)})
+        routing.pruned = pruned
+        return routing
+
+    def _window_pruned(self, epochs: list[int], pruned: int) -> None:
+        if epochs[0] < pruned:
+            raise WindowPruned(f"the order index rows this file saw when first split were pruned (epoch {epochs[0]} < "
+                               f"{pruned}; ORDER_INDEX_WINDOW {self.window:g} s): its returns without shop_id "
+                               f"cannot be routed as they were")
 
     def visible_epochs(self, floor_seq: int, horizon: int, own_epoch: int, conn=None) -> list[int]:
         """The epochs holding the rows a file sees: its own and those whose files' sequence
@@ -235,10 +264,7 @@ class OrderIndex:
             got = script.run(cur)
         epochs = sorted({own_epoch, *(e for (e,) in got["epochs"].rows)})
         (pruned,) = got["pruned"].one()
-        if epochs[0] < pruned:
-            raise WindowPruned(f"the order index rows this file saw when first split were pruned (epoch {epochs[0]} < "
-                               f"{pruned}; ORDER_INDEX_WINDOW {self.window:g} s): its returns without shop_id "
-                               f"cannot be routed as they were")
+        self._window_pruned(epochs, pruned)
         return epochs
 
     def lookup_async(self, routing: "FileRouting", orders: list[tuple[int, int]]) -> Future:
@@ -264,6 +290,8 @@ class OrderIndex:
         if routing.epochs is None:
             routing.epochs = self.visible_epochs(floor_seq, horizon, routing.epoch, conn)
         epochs = routing.epochs
+        if routing.pruned is not None:      # read by open_file: checked where it is used
+            self._window_pruned(epochs, routing.pruned)
         ids = sorted({o for o, _ in orders})
         own: dict[int, list[tuple[int, int]]] = {}
         other: dict[int, tuple[int, int, int, int]] = {}
@@ -285,6 +313,9 @@ class OrderIndex:
                     known = {e: self._sealed.get(e) for e in epochs}
                     rows = self._lookup_rows(cur, known, part, file_id, floor_seq, horizon)
                     flags = {epoch: sealed for kind, epoch, sealed, *_ in rows if kind == 2}
+                    # The pruned mark in the same read view: one raised before this read
+                    # began is seen, and rows it deletes after it began are still read.
+                    self._window_pruned(epochs, max([0, *(epoch for kind, epoch, *_ in rows if kind == 3)]))
                     newly = [e for e in epochs if flags.get(e) and known[e] is None]
                     if not newly:
                         break
@@ -312,7 +343,8 @@ class OrderIndex:
     def _lookup_rows(cur, known: dict[int, SealedEpoch | None], part: list[int], file_id: int, floor_seq: int,
                      horizon: int) -> list[tuple]:
         """One statement, rows (kind, epoch, ...): 0, a hot row with its file's sequence (of the
-        epochs `known` as not sealed); 1, a sealed bucket (its entries); 2, an epoch's sealed flag."""
+        epochs `known` as not sealed); 1, a sealed bucket (its entries); 2, an epoch's sealed
+        flag; 3, the pruned mark (in `epoch`)."""
         epochs = list(known)
         hot = [e for e, sealed in known.items() if sealed is None]
         buckets: list[tuple[int, list[int]]] = []
@@ -345,6 +377,7 @@ class OrderIndex:
             size = sum(len(n) for _, n in buckets) * (BUCKET * ENTRY.size + 6) + 1024
         selects.append(f"SELECT 2, e.epoch, e.sealed, NULL, NULL, NULL, NULL, NULL FROM splitter_epoch e "
                        f"WHERE e.epoch IN ({','.join(['%s'] * len(epochs))})")
+        selects.append("SELECT 3, pruned_epoch, NULL, NULL, NULL, NULL, NULL, NULL FROM splitter_seq WHERE id = 1")
         args += epochs
         sql = " UNION ALL ".join(selects)
         if size > 1024:
@@ -373,9 +406,12 @@ class OrderIndex:
                     f"({','.join(['%s'] * len(epochs))})", epochs)
         found = {epoch: SealedEpoch(directory, files) for epoch, directory, files in cur.fetchall()}
         for epoch in epochs:    # one gone meanwhile was pruned: it holds nothing any more
-            while len(self._sealed) >= SEALED_CACHE:
-                self._sealed.pop(next(iter(self._sealed)), None)
-            self._sealed[epoch] = found.get(epoch) or SealedEpoch(b"", b"")
+            self._keep_sealed(epoch, found.get(epoch) or SealedEpoch(b"", b""))
+
+    def _keep_sealed(self, epoch: int, sealed: SealedEpoch) -> None:
+        while len(self._sealed) >= SEALED_CACHE:
+            self._sealed.pop(next(iter(self._sealed)), None)
+        self._sealed[epoch] = sealed
 
     def finalize(self, file_id: int, epoch: int, purchases: int, last_chunk: bytes = b"") -> None:
         """Write the last chunk of rows and mark the file's index complete with the next
@@ -682,7 +718,8 @@ class FileRouting:
         self.horizon = horizon
         self.floor_seq = floor_seq
         self.epoch = epoch
-        self.epochs: list[int] | None = None   # the epochs its lookups read (on the first one)
+        self.epochs: list[int] | None = None   # the epochs its lookups read (open_file's, else on the first)
+        self.pruned: int | None = None         # the pruned mark open_file read with them
         self.indexed = indexed          # a previous split indexed it: nothing to write
         self.current: dict[int, int] = {}
         # The current chunk's purchases, flat: order_id, line, shop_id, order_id, ... (the
