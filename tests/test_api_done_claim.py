@@ -161,23 +161,29 @@ def test_done_batch_with_claim_reports_a_files_shards_and_takes_the_next_file(ht
     drain(http, stage, None)
 
 
-def toy_sender(service: str, folder: Path):
-    """A mysql-sender of shard 1 that finishes every task at once and remembers their names."""
-    from app.daemon import Done, StageWork
+def toy_sender(service: str, folder: Path, claim_limit: int = 1, fail: str | None = None,
+               stop_at: str | None = None, daemon_box: list | None = None):
+    """A mysql-sender of shard 1 that finishes every task at once and remembers their names,
+    claiming up to `claim_limit` tasks, each its own group: `fail` names a file it fails; at
+    `stop_at` it asks its daemon to stop (the file is handed back)."""
+    from app.daemon import Done, Failed, StageWork, StopRequested
 
     class Toy(StageWork):
         name = "mysql-sender"
         shard = 1
-        claim_limit = 1
 
         def __init__(self):
+            self.claim_limit = claim_limit
             self.service = service
             self.folder = folder
             self.seen: list[str] = []
 
         def process(self, tasks, ctx):
             self.seen += [t.filename for t in tasks]
-            return [Done(events=1) for _ in tasks]
+            if stop_at in [t.filename for t in tasks]:
+                daemon_box[0].stop.set()
+                raise StopRequested()
+            return [Failed("toy refuses it") if t.filename == fail else Done(events=1) for t in tasks]
     return Toy()
 
 
@@ -361,31 +367,6 @@ def test_no_heartbeat_for_a_done_task_while_its_report_waits_for_the_next_claim(
     assert beats == ["reported"]
 
 
-def toy_batch_sender(service: str, folder: Path, fail: str | None = None, stop_at: str | None = None,
-                     daemon_box: list | None = None):
-    """A mysql-sender of shard 1 claiming up to four tasks, each its own group: `fail` names a
-    file it fails; at `stop_at` it asks its daemon to stop (the file is handed back)."""
-    from app.daemon import Done, Failed, StageWork, StopRequested
-
-    class Toy(StageWork):
-        name = "mysql-sender"
-        shard = 1
-        claim_limit = 4
-
-        def __init__(self):
-            self.service = service
-            self.folder = folder
-            self.seen: list[str] = []
-
-        def process(self, tasks, ctx):
-            self.seen += [t.filename for t in tasks]
-            if stop_at in [t.filename for t in tasks]:
-                daemon_box[0].stop.set()
-                raise StopRequested()
-            return [Failed("toy refuses it") if t.filename == fail else Done(events=1) for t in tasks]
-    return Toy()
-
-
 def counted_calls(daemon, monkeypatch, names=("claim", "done_and_claim", "done", "done_batch_and_claim")) -> dict:
     """Requests the daemon's client makes, by method (an empty claim not counted; a batch's
     items listed)."""
@@ -425,7 +406,7 @@ def test_the_dones_of_a_claim_of_several_files_go_in_one_request(live, tmp_path,
     drain(http, stage_name, 1)
     files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
     env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
-    toy = toy_batch_sender("toy-sender-batch", tmp_path / "toy")
+    toy = toy_sender("toy-sender-batch", tmp_path / "toy", claim_limit=4)
     daemon = Daemon(toy, Settings.from_env(env), owner="toy-batch")
     calls = counted_calls(daemon, monkeypatch)
     run_toy(daemon, lambda: all(http.status(f, 1, stage_name) == "done" for f in files), "the toy's four files")
@@ -445,7 +426,7 @@ def test_a_failed_file_reports_the_dones_before_it_and_the_others_still_count(li
     drain(http, stage_name, 1)
     files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
     env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
-    toy = toy_batch_sender("toy-sender-fail", tmp_path / "toy", fail=files[2])
+    toy = toy_sender("toy-sender-fail", tmp_path / "toy", claim_limit=4, fail=files[2])
     daemon = Daemon(toy, Settings.from_env(env), owner="toy-fail")
     calls = counted_calls(daemon, monkeypatch)
     run_toy(daemon, lambda: [http.status(f, 1, stage_name) for f in files] == ["done", "done", "failed", "done"],
@@ -466,7 +447,7 @@ def test_a_stop_between_files_reports_the_waiting_dones_before_handing_back(live
     files = [at(http, stage_name, "new", shard=1) for _ in range(4)]
     env = servers.service_env(servers.server_url("unused"), tmp_path, live.port, CLAIM_WAIT_SECONDS="0.3")
     box: list = []
-    toy = toy_batch_sender("toy-sender-stop", tmp_path / "toy", stop_at=files[2], daemon_box=box)
+    toy = toy_sender("toy-sender-stop", tmp_path / "toy", claim_limit=4, stop_at=files[2], daemon_box=box)
     daemon = Daemon(toy, Settings.from_env(env), owner="toy-stop")
     box.append(daemon)
     daemon.run()   # returns once stopped
@@ -554,7 +535,7 @@ def test_only_the_workers_and_senders_hold_their_reports_back(tmp_path):
     settings = Settings.from_env(servers.service_env(servers.server_url("unused"), tmp_path, servers.free_port()))
     held = {}
     for stage in ("shard-splitter", "shard-worker", "mysql-sender"):
-        toy = toy_batch_sender(f"toy-{stage}", tmp_path / stage)
+        toy = toy_sender(f"toy-{stage}", tmp_path / stage, claim_limit=4)
         toy.name = stage
         held[stage] = Daemon(toy, settings, owner="toy").defer_for
     assert held == {"shard-splitter": 0.0, "shard-worker": REPORT_DEFER_SECONDS, "mysql-sender": REPORT_DEFER_SECONDS}
