@@ -6,6 +6,7 @@ any one file alone replays it byte for byte. The real WorkerStage on the test se
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 
 import pytest
@@ -225,3 +226,21 @@ def test_groups_leave_out_missing_large_and_other_shard_files_and_start_after_de
         w.stage.process([Task(NAMES[6], 0), Task(NAMES[7], 0)], w.ctx)
     assert sql(w.url, "SELECT COUNT(*) FROM worker_files WHERE filename=%s", (NAMES[6],)) == [(0,)]
     assert servers.query(w.url, "SELECT IS_USED_LOCK(%s)", (w.stage.state.lock_name,)) == [(None,)]
+
+
+def test_a_link_or_a_fifo_in_place_of_a_shard_file_is_never_grouped(two, tmp_path):
+    """Whether a file is small is read from the shared folder's own entry (lstat): a link is
+    not followed out of the folder, a FIFO (size 0) is not taken for a small file; each goes
+    alone, where the safe open refuses it."""
+    _, w = two()
+    files = generated(files=2)
+    write(w, NAMES[0], files[0])
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"\n".join(files[1]))
+    link = layout.splitter_output(w.shared, NAMES[1], 0)
+    link.symlink_to(outside)
+    fifo = layout.splitter_output(w.shared, NAMES[2], 0)
+    os.mkfifo(fifo)
+    write(w, NAMES[3], files[0])
+    tasks = [Task(n, 0) for n in NAMES[:4]]
+    assert w.stage.group(tasks) == [[tasks[0]], [tasks[1]], [tasks[2]], [tasks[3]]]

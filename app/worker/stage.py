@@ -14,6 +14,7 @@ import hashlib
 import itertools
 from itertools import compress
 import logging
+import stat
 import sys
 import time
 
@@ -794,11 +795,14 @@ class WorkerStage(StageWork):
         return groups
 
     def _small(self, filename: str) -> bool:
+        """From the folder's own entry (lstat): a link is not followed out of the shared folder,
+        and a FIFO or device is no small file; anything but a regular file goes alone, where
+        the safe open refuses it."""
         try:
-            size = layout.splitter_output(self.settings.shared_dir, filename, self.shard).stat().st_size
+            entry = layout.splitter_output(self.settings.shared_dir, filename, self.shard).lstat()
         except OSError:
             return False
-        return 0 < GROUP_FILE_BYTES and size <= GROUP_FILE_BYTES
+        return stat.S_ISREG(entry.st_mode) and 0 < GROUP_FILE_BYTES and entry.st_size <= GROUP_FILE_BYTES
 
     def process(self, tasks, ctx: Context):
         outcomes = []
