@@ -3,14 +3,38 @@ and the daemon loop that uses it: one request and one transaction where a daemon
 each; repeats, refusals and old callers behave as before."""
 from __future__ import annotations
 
+import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests import servers
 from tests.test_api_contract import STAGES, Http, module_api, new_name
+
+
+@contextmanager
+def private_api(tmp_path: Path):
+    """pipeline-apid over a mariadbd of the test's own (its Com_* counters are the API's alone):
+    an admin connection to that server and a client of the API."""
+    from app.client import PipelineClient
+
+    db = servers.new_private_mariadb()
+    api = conn = None
+    try:
+        env = servers.service_env(db.url("pipeline_db"), tmp_path, servers.free_port(), REAP_INTERVAL="600")
+        api = servers.start_api(env, tmp_path / "logs")
+        conn = servers.admin_connect(port=db.port)
+        yield conn, PipelineClient(api.base, max_wait=10)
+    finally:
+        if conn is not None:
+            conn.close()
+        if api is not None:
+            api.process.stop()
+        db.stop()
+        shutil.rmtree(db.datadir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -276,17 +300,7 @@ def test_a_done_with_claim_is_one_transaction_and_an_empty_long_poll_none(tmp_pa
     claims the next task commits once, where a `done` and a claim committed twice; a long-poll
     claim with nothing for it asks one autocommitted read (no transaction), though the stage
     has a task started (by another daemon) so the counts alone cannot answer."""
-    import shutil
-
-    from app.client import PipelineClient
-
-    db = servers.new_private_mariadb()
-    api = None
-    try:
-        env = servers.service_env(db.url("pipeline_db"), tmp_path, servers.free_port(), REAP_INTERVAL="600")
-        api = servers.start_api(env, tmp_path / "logs")
-        conn = servers.admin_connect(port=db.port)
-        client = PipelineClient(api.base, max_wait=10)
+    with private_api(tmp_path) as (conn, client):
 
         def counters(*names: str) -> dict:
             names = names or ("Com_begin", "Com_commit", "Com_rollback")
@@ -320,12 +334,6 @@ def test_a_done_with_claim_is_one_transaction_and_an_empty_long_poll_none(tmp_pa
             assert client.claim("mysql-sender", "idle", 1, 0, wait=0.2) == []
         after = counters()
         assert after["Com_begin"] - before["Com_begin"] <= 1, (before, after)   # one reaping claim at most
-        conn.close()
-    finally:
-        if api is not None:
-            api.process.stop()
-        db.stop()
-        shutil.rmtree(db.datadir, ignore_errors=True)
 
 
 def test_no_heartbeat_for_a_done_task_while_its_report_waits_for_the_next_claim(live, tmp_path, caplog):
@@ -461,20 +469,11 @@ def test_a_batch_done_is_one_update_and_each_task_keeps_its_own_history(tmp_path
     each task's attempts in its answer, its own log row (events, stats, duration), the
     rejected-lines counters summed, the counts equal to a scan. On a server of the test's own
     (its Com_* counters are the API's alone)."""
-    import shutil
-
     import orjson
 
-    from app.client import PipelineClient
     from tests.test_api_counts import kept_and_scanned
 
-    db = servers.new_private_mariadb()
-    api = None
-    try:
-        env = servers.service_env(db.url("pipeline_db"), tmp_path, servers.free_port(), REAP_INTERVAL="600")
-        api = servers.start_api(env, tmp_path / "logs")
-        conn = servers.admin_connect(port=db.port)
-        client = PipelineClient(api.base, max_wait=10)
+    with private_api(tmp_path) as (conn, client):
         names = [f"2027{n:010d}" for n in range(4)]
         for name in names:
             client.register(name, [0], done=True)
@@ -518,12 +517,6 @@ def test_a_batch_done_is_one_update_and_each_task_keeps_its_own_history(tmp_path
         # the same batch again: each a repeat, answered as such (the one-by-one path)
         again, _ = client.done_batch_and_claim(stage, items, "w")
         assert [(a["status_code"], a["changed"]) for a in again] == [(200, False)] * 4
-        conn.close()
-    finally:
-        if api is not None:
-            api.process.stop()
-        db.stop()
-        shutil.rmtree(db.datadir, ignore_errors=True)
 
 
 def test_only_the_workers_and_senders_hold_their_reports_back(tmp_path):
