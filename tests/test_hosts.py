@@ -7,7 +7,8 @@ instances (PIPELINE_URL lists both, in a different order per host):
 
 - host-a: pipeline-apid, a splitter, both workers, both senders (and the files' import);
 - host-b: a splitter, both workers, both senders; SIGKILLed whole (supervisord and every
-  process of its namespace) while files flow, and brought back later;
+  process of its namespace) at a moment it holds tasks, and brought back later: the tasks it
+  held are done by host-a once their leases run out;
 - host-c: the second pipeline-apid only; SIGKILLed whole for good, first, so host-b's daemons
   (which ask it first) fail over to host-a's.
 
@@ -65,6 +66,21 @@ def uts_of(pid: int) -> str | None:
         return None
 
 
+def where_things_stand(pipeline_db) -> str:
+    """What a failed run leaves to read: the tasks not yet loaded and the last moves (the
+    database is dropped with the test)."""
+    try:
+        open_tasks = servers.query(pipeline_db, "SELECT filename, shard, shard_splitter_status, shard_worker_status,"
+                                                " mysql_sender_status, owner, lease_expires_at, NOW(3) FROM"
+                                                " pipeline_tracking WHERE mysql_sender_status <> 'done'")
+        moves = servers.query(pipeline_db, "SELECT id, at, filename, shard, stage, action, from_status, to_status,"
+                                           " actor, LEFT(error, 300) FROM pipeline_transitions ORDER BY id DESC LIMIT 60")
+    except Exception as exc:  # the state is for reading; its absence must not hide the failure
+        return f"\n(state unreadable: {exc!r})"
+    return "\n".join(["", "tasks not loaded:", *map(repr, open_tasks), "last moves (newest first):",
+                       *map(repr, moves)])
+
+
 class Host:
     def __init__(self, name: str, root: Path, env: dict):
         self.name = name
@@ -118,6 +134,13 @@ class Host:
         self.proc.wait(10)
         return len(pids)
 
+    def signal_all(self, sig: int) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout: float = 120) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -138,6 +161,38 @@ def import_from(host: str, folder: Path, env: dict) -> subprocess.Popen:
     """event-ingest --import of a folder's files, run on `host` (its owner id names it)."""
     return subprocess.Popen(in_host(host, [sys.executable, "-m", "app.ingest", "--import", str(folder)]),
                             cwd=servers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def held_by(pipeline_db, host: str) -> list[tuple[str, int, str]]:
+    """The tasks `host`'s daemons hold: (filename, shard, stage) of each started one."""
+    rows = servers.query(pipeline_db, "SELECT filename, shard, shard_splitter_status, shard_worker_status,"
+                                      " mysql_sender_status FROM pipeline_tracking WHERE owner LIKE %s",
+                         (f"{host}/%",))
+    stages = ("shard_splitter", "shard_worker", "mysql_sender")
+    return [(f, s, stage) for f, s, *statuses in rows for stage, st in zip(stages, statuses) if st == "started"]
+
+
+def kill_while_holding(host: Host, pipeline_db, within: float = 60) -> list[tuple[str, int, str]]:
+    """SIGKILL the whole host at a moment its daemons hold tasks; those tasks.
+
+    Files must be flowing. The host is frozen (SIGSTOP) the moment it is seen holding work, and
+    its requests already in flight are given time to be answered: what it holds then is what it
+    holds at its death. If it finished everything meanwhile, it is let go on and tried again.
+    However fast the pipeline runs, the kill lands on work in progress (killing on a count read
+    a moment earlier found every file already loaded in some runs, and then nothing was left
+    for the others to take over)."""
+    deadline = time.monotonic() + within
+    while True:
+        if held_by(pipeline_db, host.name):
+            host.signal_all(signal.SIGSTOP)
+            time.sleep(0.3)
+            orphans = held_by(pipeline_db, host.name)
+            if orphans:
+                host.kill()
+                return orphans
+            host.signal_all(signal.SIGCONT)
+        assert time.monotonic() < deadline, f"{host.name} held no task while files flowed ({within}s)"
+        time.sleep(0.01)
 
 
 def last_done_by(info: dict, stage: str) -> str | None:
@@ -185,35 +240,44 @@ def test_three_hosts_one_killed_and_back_one_api_killed_for_good_lose_nothing(tm
                                  (f"{host}/%", since))
             return (rows[0][0] - since).total_seconds() if rows[0][0] else None
 
-        # The files arrive in two parts through host-a's event-ingest: 30 at once, the last 20
-        # once host-b is back (so it comes back to work).
-        first, rest = stage(source, tmp_path / "first", names[:30]), stage(source, tmp_path / "rest", names[30:])
-        importer = import_from("host-a", first, hosts["host-a"].env)
+        # The files arrive in four parts through host-a's event-ingest, each when a step needs
+        # work flowing (a step that waited on files already loaded would wait for ever): the
+        # last once host-b is back (so it comes back to work).
+        bounds = [0, 15, 25, 35, len(names)]
+        parts = [stage(source, tmp_path / f"part-{n}", names[a:b]) for n, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        importer = import_from("host-a", parts[0], hosts["host-a"].env)
+
+        def next_part(n: int) -> subprocess.Popen:
+            assert importer.wait(180) == 0, importer.stdout.read()
+            return import_from("host-a", parts[n], hosts["host-a"].env)
 
         # 1. The second API instance dies for good, with work flowing: host-b's daemons, which
         #    ask it first, carry on through host-a's.
         servers.wait_until(lambda: loaded() >= 6, 120, 0.2, what="files flowing")
         killed_c_at = db_now()
         figures["processes killed with host-c"] = hosts["host-c"].kill()
+        importer = next_part(1)
         figures["failover s"] = servers.wait_until(lambda: first_move_by("host-b", killed_c_at), 60, 0.1,
                                                    what="host-b working through the other API")
         # 2. host-b dies whole while it holds work, and comes back later.
-        servers.wait_until(lambda: loaded() >= 20, 180, 0.2, what="more files flowing")
-        def held_by_b() -> int:
-            return servers.query(pipeline_db, "SELECT COUNT(*) FROM pipeline_tracking WHERE owner LIKE %s",
-                                 ("host-b/%",))[0][0]
-        held = servers.wait_until(held_by_b, 60, 0.02, what="host-b holding a task")
-        killed_b_at, killed_b_mono = db_now(), time.monotonic()
-        figures["processes killed with host-b"] = hosts["host-b"].kill()
-        figures["tasks host-b held just before its kill"] = held
-        loaded_at_kill = loaded()
+        importer = next_part(2)
+        orphans = kill_while_holding(hosts["host-b"], pipeline_db)
+        killed_b_mono = time.monotonic()
+        figures["tasks host-b held when killed"] = len(orphans)
+
         # The others carry on without it: its tasks come back when their leases expire.
-        servers.wait_until(lambda: loaded() > loaded_at_kill, 120, 0.1, what="host-a loading without host-b")
-        figures["others loading again s (from host-b's kill)"] = round(time.monotonic() - killed_b_mono, 2)
+        def orphans_done() -> bool:
+            rows = {(f, s): st for f, s, *st in servers.query(
+                pipeline_db, "SELECT filename, shard, shard_splitter_status, shard_worker_status, mysql_sender_status"
+                             " FROM pipeline_tracking")}
+            order = ("shard_splitter", "shard_worker", "mysql_sender")
+            return all(rows[(f, s)][order.index(stage)] == "done" for f, s, stage in orphans)
+        servers.wait_until(orphans_done, 120, 0.1, what=f"host-b's tasks {orphans} done by host-a")
+        figures["host-b's tasks done by host-a s (from its kill)"] = round(time.monotonic() - killed_b_mono, 2)
+        restarted_b_at = db_now()
         hosts["host-b"].start().wait_running()
-        assert importer.wait(180) == 0, importer.stdout.read()
-        importer = import_from("host-a", rest, hosts["host-a"].env)
-        servers.wait_until(lambda: first_move_by("host-b", killed_b_at), 60, 0.1, what="host-b back at work")
+        importer = next_part(3)
+        servers.wait_until(lambda: first_move_by("host-b", restarted_b_at), 60, 0.1, what="host-b back at work")
         figures["host-b back at work s (from its kill)"] = round(time.monotonic() - killed_b_mono, 2)
         assert importer.wait(180) == 0, importer.stdout.read()
         pipe.wait_loaded(len(names), timeout=240)
@@ -254,6 +318,9 @@ def test_three_hosts_one_killed_and_back_one_api_killed_for_good_lose_nothing(tm
         figures["CPU s per host (its supervise tree; host-b since its restart)"] = {
             n: round(procstat.cpu_seconds(h.proc.pid), 1) for n, h in hosts.items() if h.proc.poll() is None}
         figures["wall s"] = round(time.monotonic() - began, 1)
+    except BaseException:
+        print(where_things_stand(pipeline_db))
+        raise
     finally:
         if importer and importer.poll() is None:
             importer.kill()
