@@ -30,7 +30,8 @@ GROUP_CONCAT_MAX = 1 << 30
 # one of a 500-event file's eight round trips.
 PING_AFTER = 5.0
 # Dedup keys whose minute is this many minutes before the shard clock move to worker_seen_sealed
-# (db/migrations/worker/0004): later keys of such a minute are rare (a late or duplicate event).
+# (db/migrations/worker/0004; packed since 0005): later keys of such a minute are rare (a late or
+# duplicate event).
 SEAL_MINUTES = 2
 NOTHING_SEALED = -(1 << 31)
 # A sealed minute's keys are packed by part (the hash's top byte): `hashes` holds each key's
@@ -177,7 +178,8 @@ class WorkerState:
         self.shard = shard
         self.conn = None  # the open connection, as `open` last returned it
         self.order_floor = 0  # files below this id have had their orders pruned
-        # dedup keys of minutes below this are in worker_seen_sealed, the others in worker_seen;
+        # dedup keys of minutes below this are packed in worker_seen_sealed (a late one in
+        # worker_seen until the next sealing pass), the others in worker_seen;
         # read with the shard lock (`start_file`), changed only by its holder (`seal`)
         self.sealed_below = NOTHING_SEALED
         # local_infile: a batch's state rows go in by LOAD DATA LOCAL (`db.Script.load`), unless
