@@ -11,6 +11,7 @@ import threading
 from decimal import Decimal
 
 import orjson
+import pymysql
 import pytest
 
 from app import db, layout
@@ -461,3 +462,24 @@ def test_upgrade_from_0004_packs_sealed_keys_and_runs_again_from_the_top_after_s
         assert w.reasons(F1) == ["duplicate"] * 3
     finally:
         w.close()
+
+
+def test_sealing_refuses_keys_cut_short_by_group_concat_max_len(worker):
+    """A part's packed hashes longer than the connection's group_concat_max_len would be cut with
+    a warning (a strict sql_mode makes it an error; without one only the worker's check stops
+    it): the sealing transaction fails and rolls back, and no key is lost."""
+    w = worker()
+    w.decide(F1, [restock(i, 2, 1, 1) for i in range(40)] + [restock(MINUTE, 2, 1, 1)])
+    state = w.stage.state
+    assert keys(w.url) == {"worker_seen": 41, "worker_seen_sealed": 0}
+    before = sql(w.url, "SELECT sealed_below FROM worker_shards")
+    with state.conn.cursor() as cur:
+        cur.execute("SET SESSION group_concat_max_len = 4, sql_mode = ''")
+    with pytest.raises(pymysql.err.MySQLError, match="1260|cut"):
+        state.seal(minute_of(ts(MINUTE)))
+    assert keys(w.url) == {"worker_seen": 41, "worker_seen_sealed": 0}
+    assert sql(w.url, "SELECT sealed_below FROM worker_shards") == before
+    with state.conn.cursor() as cur:
+        cur.execute("SET SESSION group_concat_max_len = 1048576")
+    assert state.seal(minute_of(ts(MINUTE))) == 40
+    assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 40}
