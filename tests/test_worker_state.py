@@ -11,6 +11,7 @@ import threading
 from decimal import Decimal
 
 import orjson
+import pymysql
 import pytest
 
 from app import db, layout
@@ -204,21 +205,27 @@ def test_pruning_is_bounded_per_pass(worker):
     w.decide(F2, [restock(3 * MINUTE, 2, 1, 1)])
     # inside the hour; minute 0 is sealed (SEAL_MINUTES before the clock), minute 3 is not
     assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 300}
-    passes = [w.stage.state.prune(60, 86400, 86400, max_rows=100, step=40) for _ in range(4)]
-    assert passes == [{"worker_seen_sealed": 120}, {"worker_seen_sealed": 120}, {"worker_seen_sealed": 60}, {}]
+    # sealed keys are packed (0005): pruning counts their rows, a row per part of the minute
+    [(rows,)] = sql(w.url, "SELECT COUNT(*) FROM worker_seen_sealed")
+    assert 120 < rows < 240
+    passes = [w.stage.state.prune(60, 86400, 86400, max_rows=100, step=40) for _ in range(3)]
+    assert passes == [{"worker_seen_sealed": 120}, {"worker_seen_sealed": rows - 120}, {}]
     assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 0}
 
 
 def keys(url) -> dict[str, int]:
-    return {table: sql(url, f"SELECT COUNT(*) FROM {table}")[0][0] for table in ("worker_seen", "worker_seen_sealed")}
+    """Dedup keys by table: worker_seen a row each, worker_seen_sealed packed 8 bytes each (0005)."""
+    return {"worker_seen": sql(url, "SELECT COUNT(*) FROM worker_seen")[0][0],
+            "worker_seen_sealed": int(sql(url, "SELECT COALESCE(SUM(LENGTH(hashes)), 0) FROM worker_seen_sealed")[0][0])
+            // 8}
 
 
 def test_old_minutes_are_sealed_and_their_duplicates_and_late_keys_still_found(worker):
     """Dedup keys SEAL_MINUTES behind the shard clock move to worker_seen_sealed (0004); a
     duplicate of a moved key is still a duplicate for a worker that never saw it (a new
     process: nothing recent, so it inserts without looking up), a late new key of a sealed
-    minute is accepted and recorded there, and sealing moves at most about max_rows keys a
-    pass, whole minutes."""
+    minute is accepted and recorded (in worker_seen until the next sealing pass packs it,
+    0005), and sealing moves at most about max_rows keys a pass, whole minutes."""
     w = worker()
     f1 = [restock(i * 100, 2, 1, 1) for i in range(50)] + [restock(MINUTE + i, 2, 1, 1) for i in range(30)]
     w.decide(F1, f1)
@@ -230,7 +237,7 @@ def test_old_minutes_are_sealed_and_their_duplicates_and_late_keys_still_found(w
     late = restock(30 * 100 + 1, 2, 1, 1)
     fresh.decide(F3, [f1[7], f1[60], late, restock(4 * MINUTE + 1, 2, 1, 1)])
     assert fresh.reasons(F3) == ["duplicate", "duplicate"]
-    assert keys(w.url) == {"worker_seen": 2, "worker_seen_sealed": 81}
+    assert keys(w.url) == {"worker_seen": 3, "worker_seen_sealed": 80}
     first = fresh.outputs(F3)
     fresh.again(F3)
     assert fresh.outputs(F3) == first
@@ -270,7 +277,8 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
 
     conn = db.connect(url)
     try:
-        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0004_lean_state"]
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0004_lean_state",
+                                                                 "worker 0005_packed_sealed_keys"]
         shape = sql(url, "SELECT table_name, column_name, column_type FROM information_schema.columns "
                          "WHERE table_schema=DATABASE() AND table_name LIKE %s ORDER BY 1, 2", ("worker%",))
         with conn.cursor() as cur:   # the migration again, from its first statement: it changes nothing
@@ -371,3 +379,107 @@ def test_the_worker_writes_its_state_by_inserts_where_the_server_refuses_local_i
     finally:
         server.stop()
         shutil.rmtree(server.datadir, ignore_errors=True)
+
+
+def part_of(raw: bytes) -> tuple[int, int]:
+    """A restock's dedup key as stored: (minute, hash), from its text key's digest."""
+    digest = bytes.fromhex(event_key(orjson.loads(raw)).split(":h")[1])
+    return minute_of(orjson.loads(raw)["timestamp"]), int.from_bytes(digest[:8], "big", signed=True)
+
+
+def test_sealed_keys_are_packed_by_part_and_a_late_key_joins_its_part(worker):
+    """0005: a sealed minute's keys take one row per part (the hash's top byte), hashes 8 bytes
+    each in key order, not a row a key; a late key of a sealed minute waits in worker_seen, is
+    found there and in the packed rows by a worker that never saw it, and the next sealing pass
+    appends it to its part's row."""
+    w = worker()
+    f1 = [restock(i * 10, 2, 1, 1) for i in range(200)]
+    w.decide(F1, f1)
+    w.decide(F2, [restock(3 * MINUTE, 2, 1, 1)])
+    rows = sql(w.url, "SELECT bucket, part, hashes FROM worker_seen_sealed ORDER BY bucket, part")
+    assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 200} and len(rows) < 200
+    stored = {(m, int.from_bytes(packed[i:i + 8], "big", signed=True)) for m, _, packed in rows
+              for i in range(0, len(packed), 8)}
+    assert stored == {part_of(x) for x in f1}
+    for m, part, packed in rows:
+        hashes = [int.from_bytes(packed[i:i + 8], "big", signed=True) for i in range(0, len(packed), 8)]
+        assert hashes == sorted(hashes) and {h >> 56 & 0xFF for h in hashes} == {part}
+    parts = {part for _, part, _ in rows}
+    late = next(x for x in (restock(i * 10 + 1, 2, 1, 1) for i in range(1000)) if part_of(x)[1] >> 56 & 0xFF in parts)
+    w.close()
+    fresh = worker()
+    fresh.decide(F3, [f1[5], late, restock(3 * MINUTE + 1, 2, 1, 1)])
+    assert fresh.reasons(F3) == ["duplicate"]
+    assert keys(w.url) == {"worker_seen": 3, "worker_seen_sealed": 200}
+    fresh.close()
+    again = worker()
+    again.decide(F4, [late, restock(6 * MINUTE, 2, 1, 1)])      # found unpacked; the clock seals minutes 0-3
+    assert again.reasons(F4) == ["duplicate"]
+    assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 203}
+    assert sql(w.url, "SELECT COUNT(*) FROM worker_seen_sealed WHERE bucket=%s", (minute_of(ts(0)),)) == [(len(rows),)]
+    again.close()
+    last = worker()
+    last.decide("20260301120040", [late, f1[6], restock(7, 2, 1, 1)])   # found packed
+    assert last.reasons("20260301120040") == ["duplicate", "duplicate"]
+
+
+def test_upgrade_from_0004_packs_sealed_keys_and_runs_again_from_the_top_after_stopping_halfway(
+        make_database, shared_dir, tmp_path, monkeypatch):
+    url = make_database("upg5")
+    current_sql = older_worker_schema(tmp_path, monkeypatch, last=4)
+    conn = db.connect(url)
+    assert [m.version for m in db.migrate(conn, "worker")] == [1, 2, 3, 4]
+    old = [restock(i * 7, 2, 1, 1) for i in range(300)] + [restock(MINUTE + i, 2, 1, 1) for i in range(40)]
+    with conn.cursor() as cur:   # what the 0004 worker left: minutes 0 and 1 sealed
+        cur.execute("INSERT INTO worker_shards (shard, newest_event, sealed_below) VALUES (0, %s, %s)",
+                    (ts(4 * MINUTE), minute_of(ts(2 * MINUTE))))
+        cur.executemany("INSERT INTO worker_seen_sealed (shard, bucket, hash) VALUES (0, %s, %s)",
+                        [part_of(x) for x in old])
+        cur.execute("INSERT INTO worker_seen_sealed (shard, bucket, hash) VALUES (1, 5, -1), (1, 5, 1)")
+    conn.close()
+    monkeypatch.setattr(db, "SQL_DIR", current_sql)
+    conn = db.connect(url)
+    try:
+        statements = db.migrations("worker")[4].statements()
+        stop = next(i for i, s in enumerate(statements) if s.startswith("SET @sql = IF(@old_sealed > 0, 'RENAME"))
+        with conn.cursor() as cur:   # stopped before the rename: the copy is there, the old table too
+            for statement in statements[:stop]:
+                cur.execute(statement)
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0005_packed_sealed_keys"]
+        with conn.cursor() as cur:   # and once more from its first statement: nothing changes
+            for statement in statements:
+                cur.execute(statement)
+    finally:
+        conn.close()
+    assert keys(url)["worker_seen_sealed"] == 342
+    assert sql(url, "SELECT table_name FROM information_schema.tables WHERE table_schema=DATABASE() "
+                    "AND table_name LIKE %s", ("worker_seen_%",)) == [("worker_seen_sealed",)]
+    assert sql(url, "SELECT bucket, part, HEX(hashes) FROM worker_seen_sealed WHERE shard=1 ORDER BY part") == [
+        (5, 0, "0000000000000001"), (5, 255, "FFFFFFFFFFFFFFFF")]
+    w = worker_for(url, shared_dir)
+    try:
+        w.decide(F1, [old[0], old[299], old[300], restock(4 * MINUTE + 1, 2, 1, 1)])
+        assert w.reasons(F1) == ["duplicate"] * 3
+    finally:
+        w.close()
+
+
+def test_sealing_refuses_keys_cut_short_by_group_concat_max_len(worker):
+    """A part's packed hashes longer than the connection's group_concat_max_len would be cut with
+    a warning (a strict sql_mode makes it an error; without one only the worker's check stops
+    it): the sealing transaction fails and rolls back, and no key is lost."""
+    w = worker()
+    w.decide(F1, [restock(i, 2, 1, 1) for i in range(40)] + [restock(MINUTE, 2, 1, 1)])
+    state = w.stage.state
+    assert keys(w.url) == {"worker_seen": 41, "worker_seen_sealed": 0}
+    before = sql(w.url, "SELECT sealed_below FROM worker_shards")
+    with state.conn.cursor() as cur:
+        cur.execute("SET SESSION group_concat_max_len = 4, sql_mode = ''")
+    with pytest.raises(pymysql.err.MySQLError, match="1260|cut"):
+        state.seal(minute_of(ts(MINUTE)))
+    assert keys(w.url) == {"worker_seen": 41, "worker_seen_sealed": 0}
+    assert sql(w.url, "SELECT sealed_below FROM worker_shards") == before
+    with state.conn.cursor() as cur:
+        cur.execute("SET SESSION group_concat_max_len = 1048576")
+    assert state.seal(minute_of(ts(MINUTE))) == 40
+    assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 40}

@@ -4,6 +4,7 @@ reading its outputs and its state. No tests here."""
 from __future__ import annotations
 
 import random
+import struct
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -209,8 +210,10 @@ class Pipeline:
                                "ORDER BY order_id"),
             "stock": self.sql("SELECT shop_id, good_id, count FROM worker_stock ORDER BY shop_id, good_id"),
             "shops": self.sql("SELECT shop_id, active FROM worker_shops ORDER BY shop_id"),
-            "seen": self.sql("SELECT shard, bucket, hash FROM worker_seen UNION ALL SELECT shard, bucket, hash "
-                             "FROM worker_seen_sealed ORDER BY shard, bucket, hash"),
+            "seen": sorted(self.sql("SELECT shard, bucket, hash FROM worker_seen")
+                           + [(shard, bucket, h) for shard, bucket, packed in
+                              self.sql("SELECT shard, bucket, hashes FROM worker_seen_sealed")
+                              for (h,) in struct.iter_unpack(">q", packed)]),
             "return_keys": self.sql("SELECT shard, order_id, bucket FROM worker_return_keys ORDER BY shard, order_id"),
             "holds": self.sql("SELECT f.filename, h.line, h.order_id, h.state, h.code, r.filename, h.resolved_line, "
                               "h.resolved_seq FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
@@ -220,7 +223,8 @@ class Pipeline:
         }
 
 
-WORKER_TABLES = ("worker_shards", "worker_files", "worker_batches", "worker_seen", "worker_balances",
+WORKER_TABLES = ("worker_shards", "worker_files", "worker_batches", "worker_seen", "worker_seen_sealed",
+                 "worker_balances",
                  "worker_orders", "worker_stock", "worker_shops", "worker_holds", "worker_return_keys")
 
 

@@ -430,7 +430,7 @@ class FileRun:
         if optimistic:
             recent_orders, recent_keys = self.stage.recent_orders, self.stage.recent_keys
             order_ids = recent_orders.among(order_ids)
-            lookup = recent_keys.among(lookup)
+            lookup = recent_keys.among(lookup) | st.sealed_keys(lookup)
         order_ids = order_ids | {e.order_id for e in returns}
         reads = db.Script()
         if begin:

@@ -9,6 +9,7 @@ idle and pruning have transactions of their own.
 from __future__ import annotations
 
 import heapq
+import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -29,9 +30,22 @@ GROUP_CONCAT_MAX = 1 << 30
 # one of a 500-event file's eight round trips.
 PING_AFTER = 5.0
 # Dedup keys whose minute is this many minutes before the shard clock move to worker_seen_sealed
-# (db/migrations/worker/0004): later keys of such a minute are rare (a late or duplicate event).
+# (db/migrations/worker/0004; packed since 0005): later keys of such a minute are rare (a late or
+# duplicate event).
 SEAL_MINUTES = 2
 NOTHING_SEALED = -(1 << 31)
+# A sealed minute's keys are packed by part (the hash's top byte): `hashes` holds each key's
+# hash as 8 bytes, big-endian (db/migrations/worker/0005).
+_HASHES = struct.Struct(">q")
+# The keys of worker_seen below a minute, packed into worker_seen_sealed (`seal`); a part already
+# there (late keys of a sealed minute) gets the new ones appended. The connection's
+# group_concat_max_len (GROUP_CONCAT_MAX) holds ~130M keys of a part; past it a value would be cut
+# with a warning, which `seal` refuses.
+SEAL_SQL = ("INSERT INTO worker_seen_sealed (shard, bucket, part, hashes) SELECT p.shard, p.bucket, p.part, p.packed "
+            "FROM (SELECT shard, bucket, hash >> 56 AS part, "
+            "GROUP_CONCAT(UNHEX(LPAD(HEX(hash), 16, '0')) ORDER BY hash SEPARATOR '') AS packed FROM worker_seen "
+            "WHERE shard=%s AND bucket < %s GROUP BY shard, bucket, hash >> 56) p ORDER BY p.bucket, p.part "
+            "ON DUPLICATE KEY UPDATE hashes=CONCAT(worker_seen_sealed.hashes, p.packed)")
 
 
 def time_text(value: datetime | None) -> str | None:
@@ -164,7 +178,8 @@ class WorkerState:
         self.shard = shard
         self.conn = None  # the open connection, as `open` last returned it
         self.order_floor = 0  # files below this id have had their orders pruned
-        # dedup keys of minutes below this are in worker_seen_sealed, the others in worker_seen;
+        # dedup keys of minutes below this are packed in worker_seen_sealed (a late one in
+        # worker_seen until the next sealing pass), the others in worker_seen;
         # read with the shard lock (`start_file`), changed only by its holder (`seal`)
         self.sealed_below = NOTHING_SEALED
         # local_infile: a batch's state rows go in by LOAD DATA LOCAL (`db.Script.load`), unless
@@ -337,26 +352,46 @@ class WorkerState:
 
     def seen_sql(self, conn, keys) -> str:
         """Which of these dedup keys (`Event.dkey`: (minute, hash) or a return's order id) are
-        recorded: one statement, rows (minute, hash) or (NULL, order id). A key is looked up
-        in the one table its minute says (`sealed_below`)."""
+        recorded: one statement, rows (minute, hash, NULL), (NULL, order id, NULL) or, for a
+        sealed minute, (minute, part, packed hashes) (`parse_seen` unpacks them). A key of a
+        minute not sealed (`sealed_below`) is looked up in worker_seen, one of a sealed minute
+        in both tables: it is packed in worker_seen_sealed, or, a late event's, in worker_seen
+        until the next sealing pass packs it."""
         shard = self.shard
         hashed = [k for k in keys if type(k) is tuple]
         returns = [k for k in keys if type(k) is not tuple]
         parts = []
+        if hashed:
+            pairs = ",".join("(%d,%d)" % k for k in hashed)
+            parts.append(f"SELECT bucket, hash, NULL FROM worker_seen WHERE shard={shard:d} AND (bucket, hash) IN ({pairs})")
         floor = self.sealed_below
-        for table, group in (("worker_seen", [k for k in hashed if k[0] >= floor]),
-                             ("worker_seen_sealed", [k for k in hashed if k[0] < floor])):
-            if group:
-                pairs = ",".join("(%d,%d)" % k for k in group)
-                parts.append(f"SELECT bucket, hash FROM {table} WHERE shard={shard:d} AND (bucket, hash) IN ({pairs})")
+        sealed = {(m, (h >> 56) & 0xFF) for m, h in hashed if m < floor}
+        if sealed:
+            pairs = ",".join("(%d,%d)" % k for k in sealed)
+            parts.append(f"SELECT bucket, part, hashes FROM worker_seen_sealed WHERE shard={shard:d} "
+                         f"AND (bucket, part) IN ({pairs})")
         if returns:
-            parts.append(f"SELECT NULL, order_id FROM worker_return_keys WHERE shard={shard:d} "
+            parts.append(f"SELECT NULL, order_id, NULL FROM worker_return_keys WHERE shard={shard:d} "
                          f"AND order_id IN ({','.join('%d' % k for k in returns)})")
         return " UNION ALL ".join(parts)
 
     @staticmethod
     def parse_seen(rows) -> set:
-        return {k if m is None else (m, k) for m, k in rows}
+        """The recorded keys `seen_sql`'s rows name: a packed row gives every key of its part
+        of the minute (more than were asked for, all of them recorded)."""
+        seen = set()
+        for m, k, packed in rows:
+            if packed is not None:
+                seen.update((m, h) for (h,) in _HASHES.iter_unpack(packed))
+            else:
+                seen.add(k if m is None else (m, k))
+        return seen
+
+    def sealed_keys(self, keys) -> set:
+        """The hashed keys of sealed minutes among `keys`: always looked up, since their insert
+        into worker_seen proves nothing about the packed keys of worker_seen_sealed."""
+        floor = self.sealed_below
+        return {k for k in keys if type(k) is tuple and k[0] < floor}
 
     def add_seen(self, script, tag: str, keys: list, return_minutes: dict[int, int]) -> None:
         """Record new dedup keys, loaded (`db.Script.load`: the server parses a key's line for
@@ -364,32 +399,23 @@ class WorkerState:
         affected-row count says whether every key was new. In arrival order, not sorted: a
         sorted batch landing among a minute's earlier keys trips InnoDB's sequential-insert page
         split and leaves pages part empty (a third more space for 400k keys, bench-style
-        batches). A key of a sealed minute (a late event) goes straight to worker_seen_sealed,
-        where its duplicate would be."""
+        batches). A key of a sealed minute (a late event) goes to worker_seen too (its lookup
+        proved it is not packed in worker_seen_sealed); the next sealing pass packs it."""
         shard = self.shard
-        floor = self.sealed_below
         hashed = [k for k in keys if type(k) is tuple]
-        late = [k for k in hashed if k[0] < floor]
-        if late:
-            hashed = [k for k in hashed if k[0] >= floor]
         returns = [k for k in keys if type(k) is not tuple]
         if not self.use_infile:
             conn = self.conn
             script.add(tag, db.insert_statements(conn, "INSERT INTO worker_seen (shard, bucket, hash) VALUES ", hashed,
                                                  " ON DUPLICATE KEY UPDATE hash=hash",
                                                  render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
-                       + db.insert_statements(conn, "INSERT INTO worker_seen_sealed (shard, bucket, hash) VALUES ",
-                                              late, " ON DUPLICATE KEY UPDATE hash=hash",
-                                              render=lambda k: "(%d,%d,%d)" % (shard, k[0], k[1]))
                        + db.insert_statements(conn, "INSERT INTO worker_return_keys (shard, order_id, bucket) VALUES ",
                                               returns, " ON DUPLICATE KEY UPDATE bucket=bucket",
                                               render=lambda k: "(%d,%d,%d)" % (shard, k, return_minutes[k])))
             return
-        line = "%d\t%d\n".__mod__
-        for table, rows in (("worker_seen", hashed), ("worker_seen_sealed", late)):
-            if rows:
-                script.load(tag, f"LOAD DATA LOCAL INFILE '{table}' INTO TABLE {table} (bucket, hash) "
-                                 f"SET shard={shard:d}", table, "".join(map(line, rows)).encode())
+        if hashed:
+            script.load(tag, f"LOAD DATA LOCAL INFILE 'worker_seen' INTO TABLE worker_seen (bucket, hash) "
+                             f"SET shard={shard:d}", "worker_seen", "".join(map("%d\t%d\n".__mod__, hashed)).encode())
         if returns:
             script.load(tag, f"LOAD DATA LOCAL INFILE 'worker_return_keys' INTO TABLE worker_return_keys "
                              f"(order_id, bucket) SET shard={shard:d}", "worker_return_keys",
@@ -552,10 +578,12 @@ class WorkerState:
 
     def seal(self, below: int, max_rows: int = 20_000) -> int:
         """Move the shard's dedup keys of minutes before `below` from worker_seen to
-        worker_seen_sealed, in key order, so they are appended there and its pages stay full
-        (db/migrations/worker/0004); keys moved. Whole minutes, about `max_rows` keys at most
-        (a minute with more moves whole), in one transaction with the shard's `sealed_below`,
-        so a key is always in the one table its minute says. Called by the shard lock holder,
+        worker_seen_sealed, packed: one row per minute and part (the hash's top byte), appended
+        in key order, so its pages stay full and a key costs its 8 bytes, not a row of its own
+        (db/migrations/worker/0005); a late key of a minute packed before is added to its part's
+        row; keys moved. Whole minutes, about `max_rows` keys at most
+        (a minute with more moves whole), in one transaction with the shard's `sealed_below`
+        (`seen_sql` looks a key of a minute below it up in both tables). Called by the shard lock holder,
         after pruning (keys DEDUP_WINDOW drops are not moved first)."""
         if below <= self.sealed_below:
             return 0
@@ -572,11 +600,11 @@ class WorkerState:
                     if over is not None:
                         cur.execute("SELECT MIN(bucket) FROM worker_seen WHERE shard=%s", (shard,))
                         below = max(over[0], cur.fetchone()[0] + 1)
-                    moved = cur.execute(
-                        "INSERT INTO worker_seen_sealed (shard, bucket, hash) SELECT shard, bucket, hash FROM worker_seen "
-                        "WHERE shard=%s AND bucket < %s ORDER BY bucket, hash ON DUPLICATE KEY UPDATE "
-                        "hash=worker_seen_sealed.hash", (shard, below))
-                    cur.execute("DELETE FROM worker_seen WHERE shard=%s AND bucket < %s", (shard, below))
+                    cur.execute(SEAL_SQL, (shard, below))
+                    if self.conn._result is not None and self.conn._result.warning_count:
+                        cur.execute("SHOW WARNINGS")
+                        raise pymysql.err.DataError(1260, f"sealing dedup keys: {cur.fetchall()}")
+                    moved = cur.execute("DELETE FROM worker_seen WHERE shard=%s AND bucket < %s", (shard, below))
                     cur.execute("UPDATE worker_shards SET sealed_below=%s WHERE shard=%s", (below, shard))
                 else:
                     below, moved = floor, 0
