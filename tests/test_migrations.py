@@ -201,6 +201,10 @@ def test_a_failing_statement_is_a_migration_error_naming_it_not_an_outage(make_d
     (lambda root: (root / "migrations" / "worker" / "0001_worker_state.sql").rename(
         root / "migrations" / "worker" / "0002_worker_state.sql"), "without gaps"),
     (lambda root: (root / "migrations" / "worker" / "2_more.sql").write_text("SELECT 1;\n"), "NNNN_name.sql"),
+    (lambda root: (root / "migrations" / "worker" / "0004_lean_state.sql").write_text(
+        "-- replaces: 61511e8c21c4\nSELECT 1;\n"), "replaces"),
+    (lambda root: (root / "migrations" / "worker" / "0004_lean_state.sql").write_text(
+        "-- replaces:\nSELECT 1;\n"), "replaces"),
 ])
 def test_missing_or_misnamed_files_are_refused_before_the_database_is_touched(sql_copy, damage, message):
     damage(sql_copy)
