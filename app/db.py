@@ -198,6 +198,8 @@ MIGRATIONS = "migrations"
 MIGRATION_LOCK_SECONDS = 300.0  # an upgrade of a big original table may take minutes
 _MIGRATION_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _CREATES = re.compile(r"^--\s*creates:(.*)$", re.M)
+_REPLACES = re.compile(r"^--\s*replaces:(.*)$", re.M)
+_CHECKSUM = re.compile(r"[0-9a-f]{64}")
 _LEDGER = """CREATE TABLE IF NOT EXISTS schema_migrations (
   component VARCHAR(32) NOT NULL,
   version INT NOT NULL,
@@ -248,6 +250,13 @@ class Migration:
         migration's work is there (see `_migrate_locked`)."""
         return tuple(word for line in _CREATES.findall(self.text) for word in line.split())
 
+    @property
+    def replaces(self) -> frozenset[str]:
+        """The checksums its `-- replaces:` lines name: earlier texts of this file (same version
+        and name) that a database may have recorded instead of this one, e.g. a released
+        migration rewritten to run on MySQL 8.0 too (db/README.md)."""
+        return frozenset(word for line in _REPLACES.findall(self.text) for word in line.split())
+
     def statements(self) -> list[str]:
         return split_sql(self.text)
 
@@ -263,7 +272,13 @@ def migrations(component: str) -> list[Migration]:
         if not m:
             raise MigrationError(f"db/{MIGRATIONS}/{component}/{filename}: a migration is named NNNN_name.sql "
                                  f"(four digits, lower-case letters, digits and _)")
-        found.append(Migration(component, int(m.group(1)), m.group(2), text))
+        migration = Migration(component, int(m.group(1)), m.group(2), text)
+        bad = sorted(c for c in migration.replaces if not _CHECKSUM.fullmatch(c) or c == migration.checksum)
+        if bad or (_REPLACES.search(text) and not migration.replaces):
+            raise MigrationError(f"db/{MIGRATIONS}/{component}/{filename}: a `-- replaces:` line names the SHA-256 "
+                                 f"checksums (64 lower-case hex digits) of earlier texts of the file, found "
+                                 f"{', '.join(bad) or 'none'}")
+        found.append(migration)
     if not found:
         raise MigrationError(f"no migrations for {component!r} in db/{MIGRATIONS}/{component}/")
     found.sort(key=lambda x: x.version)
@@ -303,7 +318,9 @@ def _migrate_locked(conn, cur, database: str, component: str, wanted: list[Migra
     """For each migration, in order: recorded and its `creates` present: nothing to do; recorded
     but something it creates is gone (a table dropped by hand): run it again; not recorded but
     everything it creates present (a database made before schema_migrations existed, by the DDL
-    files migration 0001 replaced): record it as adopted, without running it; else run it."""
+    files migration 0001 replaced): record it as adopted, without running it; else run it. A
+    recorded checksum must be the file's, or one its `-- replaces:` lines name (an earlier text
+    of the same version and name, whose work is there: nothing runs)."""
     cur.execute(_LEDGER)
     cur.execute("SELECT version, name, checksum FROM schema_migrations WHERE component=%s", (component,))
     applied = {version: (name, checksum) for version, name, checksum in cur.fetchall()}
@@ -313,7 +330,7 @@ def _migrate_locked(conn, cur, database: str, component: str, wanted: list[Migra
         if m is None:
             raise MigrationError(f"database {database!r} has {component} migration {version:04d}_{name}, which this "
                                  f"code does not know: newer code migrated it; run that version")
-        if (name, checksum) != (m.name, m.checksum):
+        if name != m.name or (checksum != m.checksum and checksum not in m.replaces):
             raise MigrationError(f"{m} is not the file that was applied to database {database!r} (recorded: "
                                  f"{version:04d}_{name}, checksum {checksum[:12]}): an applied migration is never "
                                  f"edited; add a new one")
@@ -356,7 +373,8 @@ def _present(cur) -> set[str]:
 
 def _record(conn, cur, m: Migration, adopted: bool) -> None:
     cur.execute("INSERT INTO schema_migrations (component, version, name, checksum, adopted) VALUES (%s,%s,%s,%s,%s)"
-                " ON DUPLICATE KEY UPDATE applied_at=CURRENT_TIMESTAMP(3), adopted=VALUES(adopted)",
+                " ON DUPLICATE KEY UPDATE checksum=VALUES(checksum), applied_at=CURRENT_TIMESTAMP(3),"
+                " adopted=VALUES(adopted)",
                 (m.component, m.version, m.name, m.checksum, int(adopted)))
     if not conn.get_autocommit():
         conn.commit()

@@ -4,6 +4,7 @@ made before the ledger adopted without re-running anything, a table dropped by h
 and every file problem a clear MigrationError, never mistaken for a database outage."""
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
@@ -201,6 +202,10 @@ def test_a_failing_statement_is_a_migration_error_naming_it_not_an_outage(make_d
     (lambda root: (root / "migrations" / "worker" / "0001_worker_state.sql").rename(
         root / "migrations" / "worker" / "0002_worker_state.sql"), "without gaps"),
     (lambda root: (root / "migrations" / "worker" / "2_more.sql").write_text("SELECT 1;\n"), "NNNN_name.sql"),
+    (lambda root: (root / "migrations" / "worker" / "0004_lean_state.sql").write_text(
+        "-- replaces: 61511e8c21c4\nSELECT 1;\n"), "replaces"),
+    (lambda root: (root / "migrations" / "worker" / "0004_lean_state.sql").write_text(
+        "-- replaces:\nSELECT 1;\n"), "replaces"),
 ])
 def test_missing_or_misnamed_files_are_refused_before_the_database_is_touched(sql_copy, damage, message):
     damage(sql_copy)
@@ -269,16 +274,162 @@ def test_each_component_owns_a_folder_of_migrations_and_nothing_else_lies_around
 # and MySQL 8.0); the condition goes through `SET @x = IF(...)` + PREPARE/EXECUTE instead.
 MARIADB_ONLY_DDL = re.compile(r"\b(ADD|DROP|MODIFY|CHANGE)\s+(COLUMN\s+|KEY\s+|INDEX\s+|UNIQUE\s+(KEY\s+|INDEX\s+)?)?"
                               r"IF\s+(NOT\s+)?EXISTS\b", re.I)
-# Released before the rule was checked (a released file is never edited): MariaDB only.
-RELEASED_MARIADB_ONLY = {("splitter", 2)}
+# The text of splitter 0002 as first released (MariaDB only), which databases may have recorded;
+# the file now holds its portable rewrite, which names this text's checksum (`-- replaces:`).
+RELEASED_SPLITTER_0002 = Path(__file__).parent / "migration_fixtures" / "splitter_0002_compact_order_index.released.sql"
+RELEASED_CHECKSUM = "61511e8c21c4ff2a530dacd0ca15d37f4d43b7c31dfc23e803b05ded54e21c1f"
+SPLITTER = db.migrations("splitter")   # the real files, read before any test swaps the folder
+SPLITTER_TABLES = ("splitter_epoch", "splitter_file", "splitter_order", "splitter_sealed", "splitter_seq")
 
 
-def test_no_migration_adds_a_column_with_if_not_exists_which_mysql_8_refuses():
+def test_no_migration_uses_ddl_that_mysql_8_refuses():
+    """Every file, its statements (what runs: comments may name the forms)."""
     found = [(m.component, m.version, match.group(0)) for c in ALL for m in db.migrations(c)
-             if (m.component, m.version) not in RELEASED_MARIADB_ONLY for match in MARIADB_ONLY_DDL.finditer(m.text)]
+             for match in MARIADB_ONLY_DDL.finditer("\n".join(m.statements()))]
     assert found == []
     assert MARIADB_ONLY_DDL.search("ALTER TABLE t\n  ADD COLUMN IF NOT EXISTS c INT")       # the lint can fail
-    assert MARIADB_ONLY_DDL.search(db.migrations("splitter")[1].text)
+    assert MARIADB_ONLY_DDL.search("\n".join(db.split_sql(RELEASED_SPLITTER_0002.read_text())))
+
+
+def splitter_files(root: Path, upto: int, released_0002: bool = False) -> None:
+    """The copy's splitter migrations: the real ones up to `upto`, 0002 as first released if asked."""
+    folder = root / "migrations" / "splitter"
+    shutil.rmtree(folder)
+    folder.mkdir()
+    for m in SPLITTER[:upto]:
+        text = RELEASED_SPLITTER_0002.read_text() if (m.version, released_0002) == (2, True) else m.text
+        (folder / f"{m.version:04d}_{m.name}.sql").write_text(text)
+
+
+def splitter_schema(url) -> dict[str, str]:
+    """SHOW CREATE TABLE of each splitter table there (its AUTO_INCREMENT counter left out)."""
+    return {t: re.sub(r" AUTO_INCREMENT=\d+", "", servers.query(url, f"SHOW CREATE TABLE {t}")[0][1])
+            for t in SPLITTER_TABLES if t in tables(url)}
+
+
+def old_order_index(url) -> None:
+    """Rows in the tables of splitter 0001: two files indexed, one not; purchases of each."""
+    for sql in ("INSERT INTO splitter_file (filename, horizon, indexed_seq, purchases, indexed_at) VALUES "
+                "('20260101000000', 0, 1, 2, NOW(3)), ('20260101000001', 1, 2, 1, NOW(3)), "
+                "('20260101000002', 2, NULL, NULL, NULL)",
+                "UPDATE splitter_seq SET value = 2 WHERE id = 1",
+                "INSERT INTO splitter_order (file_id, line, order_id, shop_id) VALUES "
+                "(1, 1, -9000000000000000000, 3), (1, 5, 8674665223082153551, 4), (2, 2, 42, 5), (3, 1, 7, 1)"):
+        servers.query(url, sql)
+
+
+def order_index_rows(url) -> dict[str, list]:
+    return {"file": servers.query(url, "SELECT file_id, filename, horizon, indexed_seq, purchases, epoch, floor_seq "
+                                       "FROM splitter_file ORDER BY file_id"),
+            "order": servers.query(url, "SELECT epoch, order_id, file_id, line, shop_id FROM splitter_order "
+                                        "ORDER BY epoch, order_id, file_id, line"),
+            "epoch": servers.query(url, "SELECT epoch, first_seq, last_seq FROM splitter_epoch ORDER BY epoch"),
+            "seq": servers.query(url, "SELECT id, value, epoch, epoch_rows, pruned_epoch FROM splitter_seq")}
+
+
+# What old_order_index's rows become: every purchase in epoch 0, whose files' sequences are 1..2.
+OLD_ROWS_MIGRATED = {
+    "order": [(0, -9000000000000000000, 1, 1, 3), (0, 7, 3, 1, 1), (0, 42, 2, 2, 5), (0, 8674665223082153551, 1, 5, 4)],
+    "epoch": [(0, 1, 2)]}
+
+
+def test_a_database_that_applied_the_released_splitter_0002_is_accepted_and_left_alone(make_database, sql_copy):
+    """The rewrite names the released text's checksum: a database that ran that text (on
+    MariaDB) starts with the new files, keeps its rows and its record of what ran, and gets
+    the schema a fresh database gets from the rewrite."""
+    assert hashlib.sha256(RELEASED_SPLITTER_0002.read_bytes()).hexdigest() == RELEASED_CHECKSUM
+    assert SPLITTER[1].replaces == {RELEASED_CHECKSUM}
+    fresh = make_database("fresh0002")
+    migrate(fresh, "splitter")
+    url = make_database("old0002")
+    splitter_files(sql_copy, 1)
+    migrate(url, "splitter")
+    old_order_index(url)
+    splitter_files(sql_copy, 2, released_0002=True)
+    assert [str(m) for m in migrate(url, "splitter")] == ["splitter 0002_compact_order_index"]
+    before = order_index_rows(url)
+    recorded = "SELECT checksum FROM schema_migrations WHERE component = 'splitter' AND version = 2"
+    assert servers.query(url, recorded) == [(RELEASED_CHECKSUM,)]
+
+    splitter_files(sql_copy, len(SPLITTER))       # the current files, the rewrite among them
+    assert [m.version for m in migrate(url, "splitter")] == list(range(3, len(SPLITTER) + 1))
+    assert migrate(url, "splitter") == []
+    assert order_index_rows(url) == before
+    assert {k: before[k] for k in OLD_ROWS_MIGRATED} == OLD_ROWS_MIGRATED
+    assert servers.query(url, recorded) == [(RELEASED_CHECKSUM,)]
+    assert ledger(url) == sorted(("splitter", m.version, m.name, 0) for m in SPLITTER)
+    assert (tables(url), splitter_schema(url)) == (tables(fresh), splitter_schema(fresh))
+    # Run again (a column it creates dropped by hand): the rewrite ran, and the record says so.
+    servers.query(url, "ALTER TABLE splitter_file DROP COLUMN opened_at")
+    assert [str(m) for m in migrate(url, "splitter")] == ["splitter 0002_compact_order_index"]
+    assert servers.query(url, recorded) == [(SPLITTER[1].checksum,)]
+    assert order_index_rows(url) == before and splitter_schema(url) == splitter_schema(fresh)
+
+
+def test_the_rewrite_of_splitter_0002_makes_what_the_released_text_made(make_database, sql_copy):
+    """On the same rows, the released text and its rewrite leave the same schema and rows."""
+    results = []
+    for released in (True, False):
+        url = make_database("same0002")
+        splitter_files(sql_copy, 1)
+        migrate(url, "splitter")
+        old_order_index(url)
+        splitter_files(sql_copy, 2, released_0002=released)
+        migrate(url, "splitter")
+        results.append((splitter_schema(url), order_index_rows(url)))
+    assert results[0] == results[1]
+    assert {k: results[1][1][k] for k in OLD_ROWS_MIGRATED} == OLD_ROWS_MIGRATED
+
+
+def _rewrite(root: Path, edit) -> None:
+    path = root / "migrations" / "splitter" / "0002_compact_order_index.sql"
+    path.write_text(edit(path.read_text()))
+
+
+def _without_replaces(root: Path) -> None:
+    _rewrite(root, lambda text: re.sub(r"(?m)^-- replaces:.*\n", "", text))
+
+
+def _another_checksum(root: Path) -> None:
+    _rewrite(root, lambda text: re.sub(r"(?m)^(-- replaces: )\w+", r"\g<1>" + "0" * 64, text))
+
+
+def _renamed(root: Path) -> None:
+    folder = root / "migrations" / "splitter"
+    (folder / "0002_compact_order_index.sql").rename(folder / "0002_compact_index.sql")
+
+
+def _named_by_another_version(root: Path) -> None:
+    _without_replaces(root)
+    path = root / "migrations" / "splitter" / "0003_sealed_order_index.sql"
+    path.write_text(f"-- replaces: {RELEASED_CHECKSUM}\n" + path.read_text())
+
+
+@pytest.mark.parametrize("change", [_without_replaces, _another_checksum, _renamed, _named_by_another_version])
+def test_a_changed_migration_without_its_old_checksum_in_a_replaces_line_is_still_refused(make_database, sql_copy,
+                                                                                          change):
+    url = make_database("refuse0002")
+    splitter_files(sql_copy, 2, released_0002=True)
+    migrate(url, "splitter")
+    splitter_files(sql_copy, len(SPLITTER))
+    change(sql_copy)
+    with pytest.raises(db.MigrationError, match="never edited"):
+        migrate(url, "splitter")
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda root: splitter_files(root, 2, released_0002=True), id="older-code"),
+    pytest.param(lambda root: _rewrite(root, lambda text: text + "-- a harmless-looking edit\n"), id="rewrite-edited"),
+])
+def test_a_database_the_rewrite_migrated_refuses_the_released_text_and_any_edit(make_database, sql_copy, change):
+    """Only the checksums of older texts are accepted in place of the file's own: code from
+    before the rewrite, or an edit of the rewrite (its `replaces` line kept), is refused."""
+    url = make_database("back0002")
+    splitter_files(sql_copy, 2)
+    migrate(url, "splitter")
+    change(sql_copy)
+    with pytest.raises(db.MigrationError, match="never edited"):
+        migrate(url, "splitter")
 
 
 def test_splitter_0003_runs_again_from_the_top_after_stopping_halfway(make_database):
@@ -307,3 +458,78 @@ def test_splitter_0003_runs_again_from_the_top_after_stopping_halfway(make_datab
     assert {("splitter_epoch", c) for c in ("sealed", "dir", "files")} <= names
     assert {("splitter_seq", c) for c in ("closed_below", "sealed_below", "truncated_below")} <= names
     assert servers.query(url, "SELECT closed_below FROM splitter_seq")[0][0] == 3
+
+
+def _run_statements(url, statements) -> None:
+    conn = db.connect(url)
+    try:
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+                if cur.description:
+                    cur.fetchall()
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_splitter_0002_runs_again_from_the_top_after_stopping_before_any_statement(make_database, sql_copy):
+    """Stopped before any statement that changes something (a SET or PREPARE dies with its
+    session), between the copy and the RENAME or after it included, then run by `migrate`
+    from the top: the schema and rows a run without a stop gives."""
+    rewrite = SPLITTER[1]
+    statements = rewrite.statements()
+    assert any("RENAME TABLE" in s for s in statements)
+    reference = make_database("ref0002")
+    splitter_files(sql_copy, 1)
+    migrate(reference, "splitter")
+    old_order_index(reference)
+    splitter_files(sql_copy, len(SPLITTER))
+    migrate(reference, "splitter")
+    stops = [k for k in range(1, len(statements)) if not statements[k - 1].startswith(("SET", "PREPARE", "DEALLOCATE"))]
+    assert len(stops) >= 12
+    for k in stops:
+        url = make_database("stop0002")
+        splitter_files(sql_copy, 1)
+        migrate(url, "splitter")
+        old_order_index(url)
+        _run_statements(url, statements[:k])
+        splitter_files(sql_copy, len(SPLITTER))
+        assert [m.version for m in migrate(url, "splitter")] == list(range(2, len(SPLITTER) + 1)), k
+        assert (tables(url), splitter_schema(url), order_index_rows(url)) == (
+            tables(reference), splitter_schema(reference), order_index_rows(reference)), statements[k - 1]
+        # Taken as done (not run again) only once its last column is there: only a DEALLOCATE was left.
+        adopted = [a for c, v, _, a in ledger(url) if (c, v) == ("splitter", 2)]
+        assert adopted == [int(k == len(statements) - 1)], statements[k - 1]
+
+
+def test_splitter_0002_run_again_on_a_later_index_changes_nothing(make_database):
+    """Run again once 0003 partitioned the index and the splitter wrote epochs and sealed one
+    (`migrate` does so if a column it creates was dropped by hand): no row moves to epoch 0,
+    the partitions stay, a sealed epoch keeps its buckets' directory. The released text, run
+    again, copied every row into epoch 0 of an unpartitioned table and reset each epoch row."""
+    url = make_database("again0002")
+    migrate(url, "splitter")
+    for sql in ("INSERT INTO splitter_file (filename, horizon, indexed_seq, purchases, indexed_at, epoch) VALUES "
+                "('20260101000000', 0, 1, 2, NOW(3), 0), ('20260101000001', 1, 2, 1, NOW(3), 1), "
+                "('20260101000002', 2, NULL, NULL, NULL, 2)",
+                "UPDATE splitter_seq SET value = 2 WHERE id = 1",
+                "INSERT INTO splitter_order (epoch, order_id, file_id, line, shop_id) VALUES (0, 8, 1, 1, 3), "
+                "(1, 42, 2, 2, 5), (2, 7, 3, 1, 1), (2, 9, 3, 2, 1)",
+                "INSERT INTO splitter_epoch (epoch, first_seq, last_seq, sealed, dir, files) VALUES "
+                "(0, 1, 1, 1, x'00', x'01'), (1, 2, 2, 0, NULL, NULL)",
+                "UPDATE splitter_seq SET epoch = 2, sealed_below = 1, closed_below = 1 WHERE id = 1"):
+        servers.query(url, sql)
+
+    def state():
+        return (splitter_schema(url), order_index_rows(url), servers.query(url, "SELECT * FROM splitter_epoch"),
+                servers.query(url, "SELECT * FROM splitter_seq"),
+                servers.query(url, "SELECT COUNT(*) FROM information_schema.partitions WHERE table_schema = DATABASE() "
+                                   "AND table_name = 'splitter_order' AND partition_name IS NOT NULL"))
+    before = state()
+    assert before[-1] == [(8,)]
+    _run_statements(url, SPLITTER[1].statements())
+    assert state() == before
+    servers.query(url, "ALTER TABLE splitter_file DROP COLUMN opened_at")
+    assert [str(m) for m in migrate(url, "splitter")] == ["splitter 0002_compact_order_index"]
+    assert state() == before
