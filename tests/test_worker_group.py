@@ -85,7 +85,8 @@ def records(url) -> list:
 def state(url) -> list:
     return [sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id"),
             sql(url, "SELECT shop_id, good_id, count FROM worker_stock ORDER BY 1, 2"),
-            sql(url, "SELECT order_id, state, amount, line FROM worker_orders ORDER BY order_id"),
+            sql(url, "SELECT o.order_id, o.state, o.amount, f.filename, o.line FROM worker_orders o "
+                     "JOIN worker_files f ON f.id=o.file_id ORDER BY o.order_id"),
             sql(url, "SELECT f.filename, h.line, h.state, h.code, r.filename, h.resolved_line, h.resolved_seq "
                      "FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
                      "LEFT JOIN worker_files r ON r.id=h.resolved_file_id ORDER BY f.filename, h.line"),
@@ -114,17 +115,21 @@ def two(make_database, tmp_path):
         w.close()
 
 
-@pytest.mark.parametrize("lookups,env,infile", [
-    ("recent", {}, True),
-    ("every batch guesses wrong", {}, True),
-    ("recent", {"PURCHASE_TAKES_STOCK": "1"}, True),          # a return's stock looked up apart
-    ("every batch guesses wrong", {"RULE_DEDUP": "0"}, True),  # a key may be recorded twice in a group
-    ("every batch guesses wrong", {}, False),                   # the state by INSERTs, not LOAD DATA
+@pytest.mark.parametrize("lookups,env,infile,batch", [
+    ("recent", {}, True, None),
+    ("every batch guesses wrong", {}, True, None),
+    ("recent", {"PURCHASE_TAKES_STOCK": "1"}, True, None),          # a return's stock looked up apart
+    ("every batch guesses wrong", {"RULE_DEDUP": "0"}, True, None),  # a key may be recorded twice in a group
+    ("every batch guesses wrong", {}, False, None),                   # the state by INSERTs, not LOAD DATA
+    ("recent", {}, True, 60),                 # a batch holds two files: a claim of four is two groups
 ])
 def test_files_decided_together_come_out_as_one_by_one_and_each_replays_alone(two, monkeypatch, lookups, env,
-                                                                              infile):
+                                                                              infile, batch):
     one, grouped = two(**env)
     one.stage.state.use_infile = grouped.stage.state.use_infile = infile
+    if batch:
+        for w in (one, grouped):
+            w.stage.settings = dataclasses.replace(w.settings, worker_batch_lines=batch)
     if lookups != "recent":
         # the optimistic first try never looks a key up: each duplicate of a key committed by an
         # earlier claim is a SeenConflict and the whole group is decided again with every key
@@ -151,9 +156,9 @@ def test_files_decided_together_come_out_as_one_by_one_and_each_replays_alone(tw
         for group in groups:
             for task, outcome in zip(group, grouped.stage.process(group, grouped.ctx)):
                 assert stats(outcome) == stats(first[task.filename]), task.filename
-    assert together == [4, 4, 3]
+    assert together == ([2, 2, 2, 2, 2] if batch else [4, 4, 3])
     if lookups == "recent":
-        assert tries == [4, 4, 3]
+        assert tries == together
     elif env.get("RULE_DEDUP") != "0":
         assert len(tries) > 3      # some group was decided again: the retry path is what is compared
     for name in NAMES:
@@ -252,7 +257,8 @@ def test_groups_leave_out_missing_large_and_other_shard_files_and_start_after_de
     # a file of more lines than one batch: decided alone after those before it went together
     monkeypatch.setattr(stage_module, "GROUP_FILE_BYTES", 1 << 20)
     write(w, NAMES[2], files[2])
-    w.stage.settings = dataclasses.replace(w.settings, worker_batch_lines=len(files[0]))
+    write(w, NAMES[4], files[4] * 5)
+    w.stage.settings = dataclasses.replace(w.settings, worker_batch_lines=4 * len(files[0]))
     together = []
     real = stage_module.WorkerStage._decide_together
     monkeypatch.setattr(stage_module.WorkerStage, "_decide_together",

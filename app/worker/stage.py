@@ -880,8 +880,9 @@ class WorkerStage(StageWork):
     def _process_several(self, tasks, ctx: Context) -> list:
         """A group (`group`): every input opened first (one gone since the claim hands the
         group back, nothing decided yet), the leading fresh one-batch files decided together
-        (`_process_group`), the rest, or all of them if that did not go through, one by one from
-        the same open files, each with its own outcome."""
+        (`_process_group`, as many times as the files fill one batch each), the rest, or all of
+        them if that did not go through, one by one from the same open files, each with its own
+        outcome."""
         files: list = []
         try:
             for task in tasks:
@@ -896,7 +897,12 @@ class WorkerStage(StageWork):
             lead = 0
             while lead < len(files) and not isinstance(files[lead], TaskFailed):
                 lead += 1
-            outcomes = self._process_group(names[:lead], files[:lead], ctx) if lead > 1 else []
+            outcomes: list = []
+            while lead - len(outcomes) > 1:
+                got = self._process_group(names[len(outcomes):lead], files[len(outcomes):lead], ctx)
+                if not got:
+                    break
+                outcomes += got
             for name, f in zip(names[len(outcomes):], files[len(outcomes):]):
                 if isinstance(f, TaskFailed):
                     outcomes.append(Failed(str(f)))
@@ -913,14 +919,17 @@ class WorkerStage(StageWork):
                     f.close()
 
     def _process_group(self, names: list[str], files: list, ctx: Context) -> list:
-        """Decide the leading files of `names` that are fresh (nothing recorded) and one batch
-        each in one transaction: one start script, their batches one after another (each file
-        starts from the holds and clock the one before left, as one by one), one commit, their
-        outputs in one `atomic_writes`. Their Dones, or fewer (the rest go one by one): [] when
+        """Decide the leading files of `names` that are fresh (nothing recorded), one batch each
+        and together within one batch's bounds (WORKER_BATCH_LINES, BATCH_BYTES) as one batch in
+        one transaction: one start script, one read and one write script (`_decide_group_tx`:
+        each file starts from the holds and clock the one before left, as one by one), one
+        commit, their outputs in one `atomic_writes`. Their Dones, or fewer (the rest go on): [] when
         fewer than two qualify or when anything but the database being unavailable went wrong
         (rolled back; one by one then gives each file its own outcome)."""
         runs, readers, items = [], [], []
+        lines = size = 0
         for name, f in zip(names, files):
+            f.seek(0)
             reader = LineReader(f, self.settings.max_line_bytes)
             run = FileRun(self, name, ctx)
             try:
@@ -928,6 +937,11 @@ class WorkerStage(StageWork):
             except Exception:   # whatever it is, the file alone will say it
                 break
             if not item[-1]:
+                break
+            # the group is one batch: within a batch's bounds (the files after it, another group)
+            lines += len(item[0])
+            size += sum(map(len, item[0]))
+            if runs and (lines > self.settings.worker_batch_lines or size > BATCH_BYTES):
                 break
             runs.append(run)
             readers.append(reader)
