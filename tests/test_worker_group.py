@@ -121,15 +121,14 @@ def two(make_database, tmp_path):
     ("recent", {"PURCHASE_TAKES_STOCK": "1"}, True, None),          # a return's stock looked up apart
     ("every batch guesses wrong", {"RULE_DEDUP": "0"}, True, None),  # a key may be recorded twice in a group
     ("every batch guesses wrong", {}, False, None),                   # the state by INSERTs, not LOAD DATA
-    ("recent", {}, True, 60),                 # a batch holds two files: a claim of four is two groups
+    ("recent", {}, True, 60),                 # a group holds two files: a claim of four is two groups
 ])
 def test_files_decided_together_come_out_as_one_by_one_and_each_replays_alone(two, monkeypatch, lookups, env,
                                                                               infile, batch):
     one, grouped = two(**env)
     one.stage.state.use_infile = grouped.stage.state.use_infile = infile
     if batch:
-        for w in (one, grouped):
-            w.stage.settings = dataclasses.replace(w.settings, worker_batch_lines=batch)
+        monkeypatch.setattr(stage_module, "GROUP_LINES", batch)
     if lookups != "recent":
         # the optimistic first try never looks a key up: each duplicate of a key committed by an
         # earlier claim is a SeenConflict and the whole group is decided again with every key

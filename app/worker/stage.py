@@ -51,6 +51,9 @@ REJECTED_MODE = 0o600
 # start script, one transaction, one commit, one folder fsync for all; each still gets its own
 # records, so a re-run of any one replays alone. 0: every file on its own.
 GROUP_FILE_BYTES = 1 << 20
+# A group is one batch (`WorkerStage._decide_group_tx`) of at most this many lines and BATCH_BYTES
+# bytes (its statements' size): four files of 1 MiB, or 64 of 500 lines.
+GROUP_LINES = 32_000
 PAUSE_LINES = 256         # lines a helper thread handles between looks at whose turn it is
 # A batch also ends once its lines hold this many bytes, so a file of long lines is decided in
 # small batches: memory (a batch read ahead, one deciding, one being written) and the batch's
@@ -347,9 +350,12 @@ class FileRun:
         """The next batch: its lines, their events, its Plan, its digest, whether it is the last.
         `pause`: called every PAUSE_LINES lines (in a helper thread, to give the deciding loop
         its turns)."""
-        size, check = self.settings.worker_batch_lines, self.validate
-        raws = f.take(size, BATCH_BYTES)
-        last = f.at_end()
+        raws = f.take(self.settings.worker_batch_lines, BATCH_BYTES)
+        return self._batch(raws, f.at_end(), pause)
+
+    def _batch(self, raws: list[bytes], last: bool, pause=None):
+        """`_read_batch` for lines taken already."""
+        check = self.validate
         events = []
         for i in range(0, len(raws), PAUSE_LINES):
             if pause is not None:
@@ -920,34 +926,43 @@ class WorkerStage(StageWork):
 
     def _process_group(self, names: list[str], files: list, ctx: Context) -> list:
         """Decide the leading files of `names` that are fresh (nothing recorded), one batch each
-        and together within one batch's bounds (WORKER_BATCH_LINES, BATCH_BYTES) as one batch in
+        and together within a group's bounds (GROUP_LINES, BATCH_BYTES), as one batch in
         one transaction: one start script, one read and one write script (`_decide_group_tx`:
         each file starts from the holds and clock the one before left, as one by one), one
         commit, their outputs in one `atomic_writes`. Their Dones, or fewer (the rest go on): [] when
         fewer than two qualify or when anything but the database being unavailable went wrong
         (rolled back; one by one then gives each file its own outcome)."""
-        runs, readers, items = [], [], []
+        runs, readers, taken = [], [], []
         lines = size = 0
         for name, f in zip(names, files):
+            # the group is one batch: the files that fit in a batch's bounds together (the rest
+            # make another group); taken first and validated once the group holds two or more
+            if runs and (lines >= GROUP_LINES or size >= BATCH_BYTES):
+                break
             f.seek(0)
             reader = LineReader(f, self.settings.max_line_bytes)
-            run = FileRun(self, name, ctx)
             try:
-                item = run._read_batch(reader)
+                raws = reader.take(min(self.settings.worker_batch_lines, GROUP_LINES - lines), BATCH_BYTES - size)
+                if not reader.at_end():
+                    break
             except Exception:   # whatever it is, the file alone will say it
                 break
-            if not item[-1]:
-                break
-            # the group is one batch: within a batch's bounds (the files after it, another group)
-            lines += len(item[0])
-            size += sum(map(len, item[0]))
-            if runs and (lines > self.settings.worker_batch_lines or size > BATCH_BYTES):
-                break
-            runs.append(run)
+            lines += len(raws)
+            size += sum(map(len, raws))
+            runs.append(FileRun(self, name, ctx))
             readers.append(reader)
-            items.append(item)
+            taken.append(raws)
         if len(runs) < 2:
             return []
+        items = []
+        for run, raws in zip(runs, taken):
+            try:
+                items.append(run._batch(raws, True))
+            except Exception:
+                break
+        if len(items) < 2:
+            return []
+        runs, readers = runs[:len(items)], readers[:len(items)]
         self.state.open()
         known, self.known_holds = self.known_holds, None
         starts = self.state.start_files([r.filename for r in runs], SHARD_LOCK_WAIT, known)
