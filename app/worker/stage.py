@@ -935,7 +935,7 @@ class WorkerStage(StageWork):
         runs, readers, taken = [], [], []
         lines = size = 0
         for name, f in zip(names, files):
-            # the group is one batch: the files that fit in a batch's bounds together (the rest
+            # the group is one batch: the files that fit in its bounds together (the rest
             # make another group); taken first and validated once the group holds two or more
             if runs and (lines >= GROUP_LINES or size >= BATCH_BYTES):
                 break
