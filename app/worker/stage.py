@@ -51,6 +51,9 @@ REJECTED_MODE = 0o600
 # start script, one transaction, one commit, one folder fsync for all; each still gets its own
 # records, so a re-run of any one replays alone. 0: every file on its own.
 GROUP_FILE_BYTES = 1 << 20
+# A group is one batch (`WorkerStage._decide_group_tx`) of at most this many lines and BATCH_BYTES
+# bytes (its statements' size): four files of 1 MiB, or 64 of 500 lines.
+GROUP_LINES = 32_000
 PAUSE_LINES = 256         # lines a helper thread handles between looks at whose turn it is
 # A batch also ends once its lines hold this many bytes, so a file of long lines is decided in
 # small batches: memory (a batch read ahead, one deciding, one being written) and the batch's
@@ -224,6 +227,24 @@ class Plan:
         self.returns, self.purchases, self.keys = returns, purchases, keys
         self.pairs, self.shops, self.users = pairs, shops, users
 
+    @classmethod
+    def joined(cls, plans: list["Plan"]) -> "Plan":
+        """What a group's files look up together (`WorkerStage._decide_group_tx`)."""
+        plan = cls.__new__(cls)
+        plan.returns = [e for p in plans for e in p.returns]
+        for name in ("purchases", "keys", "pairs", "shops", "users"):
+            setattr(plan, name, set().union(*(getattr(p, name) for p in plans)))
+        return plan
+
+
+class Found:
+    """What a batch's lookup answered besides the orders, balances and stock (`FileRun._look_up`)."""
+
+    __slots__ = ("seen", "shops", "new_users", "adopted")
+
+    def __init__(self, seen: set, shops: dict, new_users: set, adopted: list):
+        self.seen, self.shops, self.new_users, self.adopted = seen, shops, new_users, adopted
+
 
 class FileRun:
     """One (file, shard) task: replay what is recorded, decide the rest, write the outputs."""
@@ -329,9 +350,12 @@ class FileRun:
         """The next batch: its lines, their events, its Plan, its digest, whether it is the last.
         `pause`: called every PAUSE_LINES lines (in a helper thread, to give the deciding loop
         its turns)."""
-        size, check = self.settings.worker_batch_lines, self.validate
-        raws = f.take(size, BATCH_BYTES)
-        last = f.at_end()
+        raws = f.take(self.settings.worker_batch_lines, BATCH_BYTES)
+        return self._batch(raws, f.at_end(), pause)
+
+    def _batch(self, raws: list[bytes], last: bool, pause=None):
+        """`_read_batch` for lines taken already."""
+        check = self.validate
         events = []
         for i in range(0, len(raws), PAUSE_LINES):
             if pause is not None:
@@ -418,12 +442,27 @@ class FileRun:
                 raise
         raise AssertionError("unreachable")
 
-    def _decide_tx(self, cur, raws, events, plan, dig, first_line, last, adopt, optimistic, begin=True):
+    def _decide_tx(self, cur, raws, events, plan, dig, first_line, last, adopt, optimistic):
         """Three round trips: one script reads (and locks) what the batch needs, the lines are
-        decided in memory, one script writes everything; the caller commits. `begin`: start the
-        transaction (not for the second and later files decided in one, `_decide_together`)."""
+        decided in memory, one script writes everything; the caller commits. (A group of small
+        files is one such batch across its files: `WorkerStage._decide_group_tx`.)"""
+        found = self._look_up(cur, plan, adopt, optimistic)
+        b = self.b = Batch()
+        for h in found.adopted:
+            self._resolve(b, h, "expired", ORPHAN_RETURN, first_line)
+        was = self.newest
+        codes, batch_newest = self._decide_lines(raws, events, first_line, found.seen, set(), found.shops)
+        writes = db.Script()
+        writes.add("record", self.state.record_sql(cur.connection, self.file_id, first_line, len(raws), dig,
+                                                   bytes(codes), last, batch_newest))
+        self._write(cur, writes, [b], found.new_users, was)
+        return bytes(codes), {o: order.shop_id for o, order in self.orders.items()}, b.resolved
+
+    def _look_up(self, cur, plan, adopt, optimistic) -> "Found":
+        """Start the transaction and read (locking the balances) what `plan` needs, in one
+        script: the orders, balances and stock become this run's (`self.orders`, ...); the
+        seen keys, shops, users to create and idle-expired holds to adopt are answered."""
         rules, st, ledger, conn = self.rules, self.state, self.ledger, cur.connection
-        b = Batch()
         returns = plan.returns
         # purchases are deduplicated by worker_orders, everything else by worker_seen
         order_ids, lookup = plan.purchases, plan.keys
@@ -433,8 +472,7 @@ class FileRun:
             lookup = recent_keys.among(lookup) | st.sealed_keys(lookup)
         order_ids = order_ids | {e.order_id for e in returns}
         reads = db.Script()
-        if begin:
-            reads.add("begin", "START TRANSACTION")
+        reads.add("begin", "START TRANSACTION")
         if adopt:
             reads.add("adopt", st.idle_expired_sql())
         if lookup:
@@ -473,12 +511,16 @@ class FileRun:
             # only users this batch may change: not the user of a return that credits nothing
             ledger.create_users(cur, new_users & (plan.users | credits))
             new_users = set()
-        for h in st.parse_holds(got.get("adopt", ((), 0))[0]):
-            self._resolve(b, h, "expired", ORPHAN_RETURN, first_line)
-        self.b, self.orders, self.balances, self.stock = b, orders, balances, stock
+        self.orders, self.balances, self.stock = orders, balances, stock
+        return Found(seen, shops, new_users, st.parse_holds(got.get("adopt", ((), 0))[0]) if adopt else [])
 
+    def _decide_lines(self, raws, events, first_line: int, seen: set, batch_keys: set, shops: dict):
+        """Decide a batch's lines in memory (into `self.b`), from the state looked up and what
+        the lines before changed (`batch_keys`: keys recorded since the lookup, the files before
+        in a group's included). Their codes, and the batch's newest event time."""
+        rules, b = self.rules, self.b
+        orders, stock = self.orders, self.stock
         codes = bytearray(len(raws))
-        batch_keys: set = set()
         newest = self.newest or ""
         batch_newest = None
         hold_seconds = self.settings.hold_seconds
@@ -555,19 +597,36 @@ class FileRun:
             else:
                 shops[ev.shop_id] = ev.active
                 b.changed_shops[ev.shop_id] = (ev.active, ts)
+        self.newest = newest or None
+        return codes, batch_newest
 
-        writes = db.Script()
+    def _write(self, cur, writes, batches: list, new_users: set, was: str | None) -> None:
+        """Add the state `batches` changed (one batch's, or a group's files' in order) to
+        `writes` (which holds their records) and run it, checking that no other worker wrote
+        a key, order or user of them meanwhile. `was`: the shard clock before them."""
+        st, conn = self.state, cur.connection
+        if len(batches) == 1:
+            b = batches[0]
+        else:
+            b = Batch()
+            for one in batches:
+                b.new_keys += one.new_keys
+                b.return_minutes.update(one.return_minutes)
+                b.new_orders += one.new_orders
+                b.credited.update(one.credited)
+                b.changed_users |= one.changed_users
+                b.changed_stock |= one.changed_stock
+                b.changed_shops.update(one.changed_shops)
+                b.holds.update(one.holds)
         st.add_seen(writes, "seen", b.new_keys, b.return_minutes)
         credited = list(b.credited.values())
-        ledger.add_writes(writes, conn, self.shard, self.file_id, b.new_orders, credited, balances, b.changed_users,
-                          new_users, infile=st.use_infile)
-        writes.add("stock", st.stock_write_sql(conn, stock, b.changed_stock))
+        self.ledger.add_writes(writes, conn, self.shard, self.file_id, b.new_orders, credited, self.balances,
+                               b.changed_users, new_users, infile=st.use_infile)
+        writes.add("stock", st.stock_write_sql(conn, self.stock, b.changed_stock))
         writes.add("shops", st.shops_write_sql(conn, b.changed_shops))
         writes.add("holds", st.holds_write_sql(conn, list(b.holds.values())))
-        writes.add("record", st.record_sql(conn, self.file_id, first_line, len(raws), dig, bytes(codes), last,
-                                           batch_newest))
-        if newest and newest != (self.newest or ""):
-            writes.add("clock", st.newest_sql(conn, newest))
+        if self.newest and self.newest != (was or ""):
+            writes.add("clock", st.newest_sql(conn, self.newest))
         try:
             with self.turns.waiting():
                 done = writes.run(cur)
@@ -575,18 +634,16 @@ class FileRun:
             if exc.args and exc.args[0] == DUPLICATE_KEY:
                 raise LedgerConflict(f"a row of this batch was written by another worker meanwhile: {exc}") from exc
             raise
-        if dedup and b.new_keys and done["seen"][1] != len(b.new_keys):
+        if self.rules.dedup and b.new_keys and done["seen"][1] != len(b.new_keys):
             raise SeenConflict(f"{len(b.new_keys) - done['seen'][1]} key(s) of this batch were recorded already")
-        expected = ledger.expected_orders(b.new_orders, credited)
+        expected = self.ledger.expected_orders(b.new_orders, credited)
         if expected and done["orders"][1] != expected:
             raise LedgerConflict(f"orders of this batch were written by another worker "
                                  f"({done['orders'][1]} rows changed, {expected} expected)")
-        expected = ledger.expected_users(b.changed_users, new_users)
+        expected = self.ledger.expected_users(b.changed_users, new_users)
         if expected and done["users"][1] != expected:
             raise LedgerConflict(f"{expected - done['users'][1]} new user(s) of this batch were created by another "
                                  f"worker meanwhile")
-        self.newest = newest or None
-        return bytes(codes), {o: order.shop_id for o, order in orders.items()}, b.resolved
 
     def _resolve(self, b: Batch, h: Hold, state: str, code: int, line: int) -> None:
         self.seq += 1
@@ -829,8 +886,9 @@ class WorkerStage(StageWork):
     def _process_several(self, tasks, ctx: Context) -> list:
         """A group (`group`): every input opened first (one gone since the claim hands the
         group back, nothing decided yet), the leading fresh one-batch files decided together
-        (`_process_group`), the rest, or all of them if that did not go through, one by one from
-        the same open files, each with its own outcome."""
+        (`_process_group`, as many times as the files fill one batch each), the rest, or all of
+        them if that did not go through, one by one from the same open files, each with its own
+        outcome."""
         files: list = []
         try:
             for task in tasks:
@@ -845,7 +903,12 @@ class WorkerStage(StageWork):
             lead = 0
             while lead < len(files) and not isinstance(files[lead], TaskFailed):
                 lead += 1
-            outcomes = self._process_group(names[:lead], files[:lead], ctx) if lead > 1 else []
+            outcomes: list = []
+            while lead - len(outcomes) > 1:
+                got = self._process_group(names[len(outcomes):lead], files[len(outcomes):lead], ctx)
+                if not got:
+                    break
+                outcomes += got
             for name, f in zip(names[len(outcomes):], files[len(outcomes):]):
                 if isinstance(f, TaskFailed):
                     outcomes.append(Failed(str(f)))
@@ -862,27 +925,44 @@ class WorkerStage(StageWork):
                     f.close()
 
     def _process_group(self, names: list[str], files: list, ctx: Context) -> list:
-        """Decide the leading files of `names` that are fresh (nothing recorded) and one batch
-        each in one transaction: one start script, their batches one after another (each file
-        starts from the holds and clock the one before left, as one by one), one commit, their
-        outputs in one `atomic_writes`. Their Dones, or fewer (the rest go one by one): [] when
+        """Decide the leading files of `names` that are fresh (nothing recorded), one batch each
+        and together within a group's bounds (GROUP_LINES, BATCH_BYTES), as one batch in
+        one transaction: one start script, one read and one write script (`_decide_group_tx`:
+        each file starts from the holds and clock the one before left, as one by one), one
+        commit, their outputs in one `atomic_writes`. Their Dones, or fewer (the rest go on): [] when
         fewer than two qualify or when anything but the database being unavailable went wrong
         (rolled back; one by one then gives each file its own outcome)."""
-        runs, readers, items = [], [], []
+        runs, readers, taken = [], [], []
+        lines = size = 0
         for name, f in zip(names, files):
+            # the group is one batch: the files that fit in its bounds together (the rest
+            # make another group); taken first and validated once the group holds two or more
+            if runs and (lines >= GROUP_LINES or size >= BATCH_BYTES):
+                break
+            f.seek(0)
             reader = LineReader(f, self.settings.max_line_bytes)
-            run = FileRun(self, name, ctx)
             try:
-                item = run._read_batch(reader)
+                raws = reader.take(min(self.settings.worker_batch_lines, GROUP_LINES - lines), BATCH_BYTES - size)
+                if not reader.at_end():
+                    break
             except Exception:   # whatever it is, the file alone will say it
                 break
-            if not item[-1]:
-                break
-            runs.append(run)
+            lines += len(raws)
+            size += sum(map(len, raws))
+            runs.append(FileRun(self, name, ctx))
             readers.append(reader)
-            items.append(item)
+            taken.append(raws)
         if len(runs) < 2:
             return []
+        items = []
+        for run, raws in zip(runs, taken):
+            try:
+                items.append(run._batch(raws, True))
+            except Exception:
+                break
+        if len(items) < 2:
+            return []
+        runs, readers = runs[:len(items)], readers[:len(items)]
         self.state.open()
         known, self.known_holds = self.known_holds, None
         starts = self.state.start_files([r.filename for r in runs], SHARD_LOCK_WAIT, known)
@@ -930,27 +1010,20 @@ class WorkerStage(StageWork):
             self.state.unlock_shard()
 
     def _decide_together(self, runs: list, items: list, starts: list) -> None:
-        """The files' batches in one transaction, one after another, committed once; all of
-        them decided again on a conflict or deadlock, as `FileRun._decide` does one batch (each
-        file's records are its own: a re-run of any one replays it alone)."""
+        """The files' batches as one batch in one transaction (`_decide_group_tx`), committed
+        once; decided again on a conflict or deadlock, as `FileRun._decide` does one batch
+        (each file's records are its own: a re-run of any one replays it alone)."""
         conn = self.state.conn
         holds, newest = starts[0].holds, starts[0].newest
         optimistic = True
         for attempt in range(BATCH_RETRIES):
             try:
                 with conn.cursor() as cur:
-                    for n, (run, start, item) in enumerate(zip(runs, starts, items)):
-                        raws, events, plan, dig, last = item
-                        run.begin(start)
-                        run.holds, run.newest = holds, newest
-                        run.codes, run.shops, run.resolved = run._decide_tx(
-                            cur, raws, events, plan, dig, 1, last, True, optimistic, begin=n == 0)
-                        holds, newest = run.holds, run.newest
-                        # a hint of what to look up (the next file's duplicates of this one's
-                        # keys): a key here that a rollback undoes only costs a lookup
-                        self.recent_keys.add_all(run.b.new_keys)
-                        self.recent_orders.add_all(o.order_id for o in run.b.new_orders)
+                    self._decide_group_tx(cur, runs, items, starts, holds, newest, optimistic)
                 conn.commit()
+                for run in runs:
+                    self.recent_keys.add_all(run.b.new_keys)
+                    self.recent_orders.add_all(o.order_id for o in run.b.new_orders)
                 return
             except (LedgerConflict, SeenConflict, pymysql.err.OperationalError, pymysql.err.InternalError,
                     pymysql.err.ProgrammingError) as exc:
@@ -972,6 +1045,43 @@ class WorkerStage(StageWork):
                 conn.rollback()
                 raise
         raise AssertionError("unreachable")
+
+    def _decide_group_tx(self, cur, runs: list, items: list, starts: list, holds, newest, optimistic) -> None:
+        """One batch spanning the files (`FileRun._decide_tx` for many): one script reads what
+        all of them need, their lines are decided file after file (each from the holds, clock,
+        balances, stock, orders and keys the one before left, as one by one), one script writes
+        the state they changed and each file's own record. A file's holds, resolutions and
+        ledger rows name it and its lines (`Order.stored_at`), and its codes and outputs are
+        its own (`run.codes`, `run.shops`, `run.resolved`)."""
+        lead = runs[0]
+        lead.begin(starts[0])
+        lead.holds, lead.newest = holds, newest
+        was = newest
+        found = lead._look_up(cur, Plan.joined([item[2] for item in items]), True, optimistic)
+        writes = db.Script()
+        batch_keys: set = set()
+        for n, (run, start, item) in enumerate(zip(runs, starts, items)):
+            raws, events, _, dig, last = item
+            if n:
+                run.begin(start)
+                run.orders, run.balances, run.stock = lead.orders, lead.balances, lead.stock
+                run.holds, run.newest = holds, newest
+            b = run.b = Batch()
+            if not n:
+                for h in found.adopted:
+                    run._resolve(b, h, "expired", ORPHAN_RETURN, 1)
+            codes, batch_newest = run._decide_lines(raws, events, 1, found.seen, batch_keys, found.shops)
+            holds, newest = run.holds, run.newest
+            for o in b.new_orders:
+                o.stored_at = (run.file_id, o.line)
+            run.codes, run.resolved = bytes(codes), b.resolved
+            writes.add(f"record{n}", self.state.record_sql(cur.connection, run.file_id, 1, len(raws), dig,
+                                                           run.codes, last, batch_newest))
+        shop_of = {o: order.shop_id for o, order in lead.orders.items()}
+        for run in runs:
+            run.shops = shop_of
+        lead.newest = newest
+        lead._write(cur, writes, [run.b for run in runs], found.new_users, was)
 
     def _process_one(self, filename: str, ctx: Context):
         path = layout.splitter_output(self.settings.shared_dir, filename, self.shard)
