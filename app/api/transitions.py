@@ -18,6 +18,7 @@ from .queries import DONE, FAILED, NEW, STARTED, log_sql, marks, row_sql
 from .schema import ERROR_MAX, REASON_MAX
 from ..db import Result, Transaction
 from .store import Store
+from . import counts
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Transitions:
         status = DONE if done else STARTED
 
         def tx(t: Transaction):
+            t.counted = True   # the rows inserted are counted below, not by the trigger
             # A unique key with an explicit no-op: concurrent registrations of one file cannot
             # both insert, and neither fails (affected rows: 1 inserted, 0 existed).
             inserted = t.run(*[(f"INSERT INTO pipeline_tracking (filename, shard, {FIRST.status_column}) "
@@ -128,7 +130,8 @@ class Transitions:
             if done:
                 log += [(tid, filename, s, FIRST, STARTED, DONE, Action.DONE, actor, None, None,
                          events if n == 0 else None, None) for n, (tid, s) in enumerate(created)]
-            existing = t.finish(*([log_sql(log)] if log else []),
+            moved = counts.counts_sql(counts.registered([s for _, s in created], done))
+            existing = t.finish(*([log_sql(log)] if log else []), *([moved] if moved else []),
                                 ("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,)))
             return created, sorted(set(shards) | {r["shard"] for r in existing[-1].rows})
         created, all_shards = self.store.tx(tx)
@@ -227,6 +230,17 @@ class Transitions:
         return [(update, (filename, shard, owner)), (select, None),
                 (log, (stage, owner, events, stats_text, filename, shard)),
                 *([rejected_sql(stage, rejected, gate="@pipeline_done = 1")] if rejected else [])]
+
+    @staticmethod
+    def done_next_sql(stage: Stage, tasks: list[tuple[str, int]]) -> tuple[str, list] | None:
+        """After a `done` of `tasks`, each moved task's shard and the next stage's status (whether
+        the task became ready there): what a transaction that counts its own moves needs to
+        count the `done`'s (`counts.done`). None for the last stage."""
+        nxt = counts.following(stage)
+        if nxt is None:
+            return None
+        return (f"SELECT shard, {nxt.status_column} AS next FROM pipeline_tracking WHERE {_tasks_where(len(tasks))}",
+                [v for filename, shard in tasks for v in (filename, shard)])
 
     @staticmethod
     def done_many_sql(stage: Stage, items: list[tuple[str, int, int | None, str | None, list]], owner: str):
