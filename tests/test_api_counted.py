@@ -268,3 +268,37 @@ def test_no_path_leaves_the_count_gate_set_on_its_connection(make_database):
     scanned = dict(((s, h, st), n) for s, h, st, n in (tuple(r.values()) for r in store.read(SQL_COUNTS_SCANNED))
                    if n)
     assert kept == scanned
+
+
+def test_a_done_that_claims_retried_after_a_deadlock_counts_its_moves_once(make_database, monkeypatch):
+    """A deadlock at the commit of a `done` that claims rolls it back and runs it again: the
+    changes it counts are those of the run that commits, not both runs' (the server's deadlock
+    is injected at the commit of the first run; everything before it ran on the server)."""
+    url = make_database("retried")
+    conns = db.ThreadConnections(url, multi_statements=True)
+    tracker = tracking.Tracker(conns, 2, 60.0, 5)
+    tracker.schema.ensure()
+    for name in ("20250101000000", "20250101000001"):
+        tracker.register(name, [0, 1], True)
+    assert len(tracker.claim("shard-splitter", 2, None, "w")) == 2
+    real, calls = tracker.leases.claim_in, []
+
+    def deadlocked_once(t, *args, **kw):
+        if not calls:
+            finish = t.finish
+
+            def deadlock(*statements, commit=True):
+                if commit:
+                    raise pymysql.err.OperationalError(1213, "Deadlock found when trying to get lock (injected)")
+                return finish(*statements, commit=commit)
+            t.finish = deadlock
+        calls.append(1)
+        return real(t, *args, **kw)
+    monkeypatch.setattr(tracker.leases, "claim_in", deadlocked_once)
+    moved, claimed = tracker.done_and_claim("shard-splitter", [("20250101000000", 0, 5, None),
+                                                               ("20250101000000", 1, 5, None)], "w", 2, None)
+    assert len(calls) == 2 and len(moved) == 2 and [c["filename"] for c in claimed] == ["20250101000001"] * 2
+    kept = {(s, h, st): n for s, h, st, n in (tuple(r.values()) for r in tracker.store.read(SQL_TASK_COUNTS))}
+    scanned = {(s, h, st): n for s, h, st, n in (tuple(r.values()) for r in tracker.store.read(SQL_COUNTS_SCANNED))
+               if n}
+    assert kept == scanned
