@@ -103,6 +103,13 @@ def _done_many_texts(stage: Stage, n: int) -> tuple[str, str, str]:
         f" JOIN pipeline_tracking t ON t.filename = v.f AND t.shard = v.s WHERE @pipeline_done = {n} ORDER BY v.k")
 
 
+@lru_cache(maxsize=64)
+def _done_next_text(stage: Stage, n: int) -> str | None:
+    nxt = counts.following(stage)
+    return None if nxt is None else (f"SELECT shard, {nxt.status_column} AS next FROM pipeline_tracking"
+                                     f" WHERE {_tasks_where(n)}")
+
+
 class Transitions:
     def __init__(self, store: Store, lease_seconds: float, max_attempts: int):
         self.store = store
@@ -236,11 +243,8 @@ class Transitions:
         """After a `done` of `tasks`, each moved task's shard and the next stage's status (whether
         the task became ready there): what a transaction that counts its own moves needs to
         count the `done`'s (`counts.done`). None for the last stage."""
-        nxt = counts.following(stage)
-        if nxt is None:
-            return None
-        return (f"SELECT shard, {nxt.status_column} AS next FROM pipeline_tracking WHERE {_tasks_where(len(tasks))}",
-                [v for filename, shard in tasks for v in (filename, shard)])
+        text = _done_next_text(stage, len(tasks))
+        return None if text is None else (text, [v for filename, shard in tasks for v in (filename, shard)])
 
     @staticmethod
     def done_many_sql(stage: Stage, items: list[tuple[str, int, int | None, str | None, list]], owner: str):
