@@ -1,13 +1,14 @@
-"""The API's hot transactions count their own moves (migration 0007, app/api/counts.py): the
-count triggers skip a session with @pipeline_counted set, and the API writes the net changes
-itself. The counts stay exact through every path that moves a task, driven at once by two API
+"""The task counts (`pipeline_task_counts`, kept by the triggers of migrations 0004-0006) stay
+exact through every path that moves a task, driven at once by two API
 instances (two processes each) on one database: registration (alone, complete, again), ingest's
 done, claims, dones (alone, with a claim, in batches, with and without a claim, with a task that
 cannot be done in the batch, without a worker name), fail, retry (one, all), release, rewind,
 heartbeats, the reaper's returns of expired leases, the pruning of the history, an operator's
 hand-made UPDATEs, and API processes killed mid-request. Every few tenths of a second, and at the
 end, the counts are compared with a GROUP BY of the tracking table in one consistent snapshot:
-a path that forgot its changes, or counted them twice, shows as a difference."""
+a path that forgot its changes, or counted them twice, shows as a difference (a guard for any
+change to how the counts are kept, e.g. the API writing its own, which was built, measured and
+taken back: docs/performance.md, sixth round)."""
 from __future__ import annotations
 
 import os
@@ -20,7 +21,6 @@ import pymysql
 import requests
 
 from app import db
-from app.api import tracking
 from app.api.queries import SQL_COUNTS_SCANNED, SQL_TASK_COUNTS
 from app.stages import STAGES, WORK_STAGES
 from bench import procstat
@@ -159,8 +159,9 @@ def test_counts_stay_exact_through_every_path_at_once(make_database, tmp_path):
                 assert kept == scanned, {k: (kept.get(k), scanned.get(k)) for k in kept.keys() | scanned.keys()
                                          if kept.get(k) != scanned.get(k)}
                 checks += 1
-                if checks % 12 == 0 and killed < 2:   # mid-request: ten clients keep them busy
-                    os.kill(random.choice(procstat.children(apis[killed].process.proc.pid)), signal.SIGKILL)
+                workers = procstat.children(apis[killed % 2].process.proc.pid)
+                if checks % 12 == 0 and killed < 2 and workers:   # mid-request: ten clients keep them busy
+                    os.kill(random.choice(workers), signal.SIGKILL)
                     killed += 1
         finally:
             stop.set()
@@ -186,119 +187,13 @@ def test_counts_stay_exact_through_every_path_at_once(make_database, tmp_path):
             cur.execute("SELECT COUNT(*) FROM pipeline_transitions")
             history = cur.fetchone()[0]
         conn.commit()
-        assert {"done", "reap", "fail", "retry", "rewind", "release"} <= set(actions), actions
+        # (A release needs the churn to name the holder of a started task: sent, not always taken.)
+        assert {"done", "reap", "fail", "retry", "rewind"} <= set(actions), actions
         assert history < sum(actions.values()), "nothing was pruned"
         kept, scanned = snapshot(conn)
         conn.close()
-        assert kept == scanned and checks >= 20
+        assert kept == scanned and checks >= 20 and killed == 2
         assert sum(v for (s, _, st), v in scanned.items() if s == "event-ingest") >= len(set(names))
     finally:
         for api in apis:
             api.process.stop()
-
-
-def test_the_count_triggers_skip_a_session_that_counts_itself(make_database):
-    """Migration 0007: with @pipeline_counted set, an insert or a status change of
-    pipeline_tracking moves no counter; unset, the triggers count as before."""
-    url = make_database("gate")
-    conn = db.connect(url)
-    try:
-        db.migrate(conn, "tracking")
-        with conn.cursor() as cur:
-            cur.execute("SET @pipeline_counted = 1")
-            cur.execute("INSERT INTO pipeline_tracking (filename, shard) VALUES ('20250101000000', 0)")
-            cur.execute("UPDATE pipeline_tracking SET event_ingest_status='done'")
-            conn.commit()
-            cur.execute("SELECT COUNT(*) FROM pipeline_task_counts WHERE n <> 0")
-            assert cur.fetchone()[0] == 0
-            cur.execute("SET @pipeline_counted = NULL")
-            cur.execute("INSERT INTO pipeline_tracking (filename, shard) VALUES ('20250101000001', 1)")
-            cur.execute("UPDATE pipeline_tracking SET shard_splitter_status='started' WHERE shard=0")
-            conn.commit()
-            cur.execute("SELECT stage, shard, status, n FROM pipeline_task_counts WHERE n <> 0 ORDER BY 1, 2, 3")
-            # The gated rows were never counted: only what moved afterwards shows (-1 from 0).
-            assert cur.fetchall() == (("event-ingest", 1, "new", 1), ("mysql-sender", 1, "new", 1),
-                                      ("shard-splitter", 0, "new", -1), ("shard-splitter", 0, "ready", -1),
-                                      ("shard-splitter", 0, "started", 1), ("shard-splitter", 1, "new", 1),
-                                      ("shard-worker", 1, "new", 1))
-    finally:
-        conn.close()
-
-
-def test_no_path_leaves_the_count_gate_set_on_its_connection(make_database):
-    """A counted transaction that commits, rolls back, or fails mid-script on the server leaves
-    @pipeline_counted unset on its connection, so the next writer on it (the reaper, a retry) is
-    counted by the triggers."""
-    url = make_database("gateoff")
-    conns = db.ThreadConnections(url, multi_statements=True)
-    tracker = tracking.Tracker(conns, 2, 60.0, 5)
-    tracker.schema.ensure()
-    store = tracker.store
-
-    def gate() -> object:
-        return store.read("SELECT @pipeline_counted AS g")[0]["g"]
-
-    tracker.register("20250101000000", [0, 1], True)
-    assert gate() is None
-    assert [i["filename"] for i in tracker.claim("shard-splitter", 1, 0, "w")] == ["20250101000000"]
-    assert gate() is None
-    assert tracker.done_and_claim("shard-splitter", [("20250101000000", 1, None, None)], "w", 1, 1) is None  # not held
-    assert gate() is None
-
-    def broken(t):
-        t.counted = True
-        t.run(("UPDATE pipeline_tracking SET owner='x' WHERE shard=0", None))
-        t.finish(("INSERT INTO no_such_table VALUES (1)", None))
-    try:
-        store.tx(broken)
-    except Exception:
-        pass
-    assert gate() is None
-
-    def refused(t):
-        t.counted = True
-        t.run(("SELECT 1", None))
-        raise RuntimeError("refused in Python")
-    try:
-        store.tx(refused)
-    except RuntimeError:
-        pass
-    assert gate() is None
-    kept = dict(((s, h, st), n) for s, h, st, n in (tuple(r.values()) for r in store.read(SQL_TASK_COUNTS)))
-    scanned = dict(((s, h, st), n) for s, h, st, n in (tuple(r.values()) for r in store.read(SQL_COUNTS_SCANNED))
-                   if n)
-    assert kept == scanned
-
-
-def test_a_done_that_claims_retried_after_a_deadlock_counts_its_moves_once(make_database, monkeypatch):
-    """A deadlock at the commit of a `done` that claims rolls it back and runs it again: the
-    changes it counts are those of the run that commits, not both runs' (the server's deadlock
-    is injected at the commit of the first run; everything before it ran on the server)."""
-    url = make_database("retried")
-    conns = db.ThreadConnections(url, multi_statements=True)
-    tracker = tracking.Tracker(conns, 2, 60.0, 5)
-    tracker.schema.ensure()
-    for name in ("20250101000000", "20250101000001"):
-        tracker.register(name, [0, 1], True)
-    assert len(tracker.claim("shard-splitter", 2, None, "w")) == 2
-    real, calls = tracker.leases.claim_in, []
-
-    def deadlocked_once(t, *args, **kw):
-        if not calls:
-            finish = t.finish
-
-            def deadlock(*statements, commit=True):
-                if commit:
-                    raise pymysql.err.OperationalError(1213, "Deadlock found when trying to get lock (injected)")
-                return finish(*statements, commit=commit)
-            t.finish = deadlock
-        calls.append(1)
-        return real(t, *args, **kw)
-    monkeypatch.setattr(tracker.leases, "claim_in", deadlocked_once)
-    moved, claimed = tracker.done_and_claim("shard-splitter", [("20250101000000", 0, 5, None),
-                                                               ("20250101000000", 1, 5, None)], "w", 2, None)
-    assert len(calls) == 2 and len(moved) == 2 and [c["filename"] for c in claimed] == ["20250101000001"] * 2
-    kept = {(s, h, st): n for s, h, st, n in (tuple(r.values()) for r in tracker.store.read(SQL_TASK_COUNTS))}
-    scanned = {(s, h, st): n for s, h, st, n in (tuple(r.values()) for r in tracker.store.read(SQL_COUNTS_SCANNED))
-               if n}
-    assert kept == scanned

@@ -15,7 +15,6 @@ from .queries import (FAILED, NEW, SQL_EXPIRED, STARTED, iso, iso_s, log_sql, ma
                       sql_shard_gate)
 from ..db import Result, Transaction
 from .store import Store
-from . import counts
 
 
 class Leases:
@@ -37,15 +36,12 @@ class Leases:
         return self.store.tx(lambda t: self.claim_in(t, stage, limit, shard, owner))
 
     def claim_in(self, t: Transaction, stage: str, limit: int, shard: int | None, owner: str,
-                 first: tuple = (), proceed=None, counted: counts.Counter | None = None) -> list[dict] | None:
+                 first: tuple = (), proceed=None) -> list[dict] | None:
         """The claim inside the transaction `t`, which it commits. `first`: statements sent
         ahead of the claim's reads in the same round trip (a `done` of the caller's previous
         task, so the two cost one transaction); `proceed(results of first)` False rolls
-        everything back before anything is claimed, and the answer is None. The transaction
-        counts its own moves (`counts`): the claim's and `counted`, what `first` moved (filled
-        by `proceed`), in one statement with the COMMIT."""
+        everything back before anything is claimed, and the answer is None."""
         stage = Stage(stage)
-        t.counted = True
         status_col, att = stage.status_column, stage.attempts_column
         cols = f"id, filename, shard, created_at, {att} AS attempts"
         ordered = stage in ORDERED and shard is not None
@@ -78,11 +74,6 @@ class Leases:
                         f" WHERE id IN ({marks(fresh)})", (owner, self.lease_us, *[r["id"] for r in fresh])),
                        log_sql([(r["id"], r["filename"], r["shard"], stage, NEW, STARTED, Action.CLAIM, owner,
                                  None, None, None, None) for r in fresh])]
-        changes = counts.claimed(stage, [r["shard"] for r in fresh])
-        changes.update(counted or {})
-        moved = counts.counts_sql(changes)
-        if moved:
-            writes.append(moved)
         done = t.finish(*writes)
         mine = done[1].rows if mine else []
         return ([self._claimed(r, r["attempts"], True) for r in mine]

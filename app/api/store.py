@@ -16,39 +16,11 @@ from typing import Any, Callable
 import pymysql
 import pymysql.cursors
 
-from ..db import DEADLOCK, NO_SUCH_TABLE, Script, Transaction
+from ..db import DEADLOCK, NO_SUCH_TABLE, Transaction
 from .errors import SchemaMissing
 
 # A deadlock is retried at once; a lock wait timeout is not: it already took LOCK_WAIT_SECONDS.
 LOCK_WAIT_SECONDS = 5
-# While set, the count triggers skip this session's rows (migration 0007, app/api/counts.py).
-COUNTED_ON = "SET @pipeline_counted = 1"
-COUNTED_OFF = "SET @pipeline_counted = NULL"
-
-
-class CountedTransaction(Transaction):
-    """A transaction that may write its own task counts: `counted = True` before its first
-    `run` sets @pipeline_counted right after START TRANSACTION, and its end (COMMIT or
-    ROLLBACK) clears it in the same packet, so the variable never outlives the transaction
-    that set it (an error mid-script: `Store._rollback` clears it). Such a transaction must
-    send `counts.counts_sql` of every status it moves."""
-
-    counted = False
-
-    def _send(self, begin: bool, statements, end: str | None):
-        if not self.counted:
-            return super()._send(begin, statements, end)
-        script = Script()
-        if begin:
-            script.add("begin", "START TRANSACTION")
-            script.add("on", COUNTED_ON)
-        for n, (sql, args) in enumerate(statements):
-            script.add(str(n), sql, args)
-        if end:
-            script.add("off", COUNTED_OFF)
-            script.add("end", end)
-        got = script.run(self.cur)
-        return [got[str(n)] for n in range(len(statements))]
 
 
 class Store:
@@ -78,7 +50,7 @@ class Store:
             tx = None
             try:
                 with conn.cursor(pymysql.cursors.DictCursor) as cur:
-                    tx = CountedTransaction(cur)
+                    tx = Transaction(cur)
                     result = fn(tx)
                     if tx.open and not tx.closed:
                         tx.finish(commit=result is not False)
@@ -93,19 +65,16 @@ class Store:
                     raise SchemaMissing(str(exc)) from exc
                 raise
             except BaseException:
-                if tx is not None and (tx.open or tx.counted):
+                if tx is not None and tx.open:
                     self._rollback(conn)
                 raise
 
     @staticmethod
     def _rollback(conn) -> None:
-        """Roll back, and clear the count gate a script cut short by an error may have left set
-        (the next transaction on this connection, e.g. the reaper's, would count nothing)."""
-        for step in (conn.rollback, lambda: conn.query(COUNTED_OFF)):
-            try:
-                step()
-            except Exception:
-                pass
+        try:
+            conn.rollback()
+        except Exception:
+            pass
 
     def read(self, sql: str, args=()) -> list[dict]:
         conn = self.conn()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import orjson
 
-from . import counts
 from .hosts import Hosts
 from .leases import Leases
 from .reports import Reports
@@ -63,20 +62,11 @@ class Tracker:
         else:
             statements, attempts = self.transitions.done_many_sql(stage, texts, owner)
         moved: list[Moved] = []
-        # With a claim, the transaction counts its own moves (`counts`): the done's, read back
-        # with its statements (`done_next_sql`), and the claim's, in one statement.
-        nxt = self.transitions.done_next_sql(stage, [(filename, task_shard) for filename, task_shard, *_ in items])
-        first = (*statements, *([nxt] if nxt and limit else []))
-        counted = counts.Counter()
 
         def proceed(results) -> bool:
             got = attempts(results)
             moved[:] = [] if got is None else [Moved(filename, task_shard, stage, Status.DONE, True, tries)
                                                for (filename, task_shard, *_), tries in zip(items, got)]
-            counted.clear()   # a deadlock's retry runs this again
-            if got is not None and limit:
-                counted.update(counts.done(stage, [task_shard for _, task_shard, *_ in items],
-                                           [(r["shard"], r["next"]) for r in results[-1].rows] if nxt else []))
             return got is not None
 
         def only_done(t):
@@ -85,6 +75,6 @@ class Tracker:
                 return None
             t.finish()
             return []
-        claimed = self.store.tx(lambda t: self.leases.claim_in(t, stage, limit, shard, owner, first,
-                                                               proceed, counted) if limit else only_done(t))
+        claimed = self.store.tx(lambda t: self.leases.claim_in(t, stage, limit, shard, owner, tuple(statements),
+                                                               proceed) if limit else only_done(t))
         return None if claimed is None else (list(moved), claimed)

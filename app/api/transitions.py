@@ -18,7 +18,6 @@ from .queries import DONE, FAILED, NEW, STARTED, log_sql, marks, row_sql
 from .schema import ERROR_MAX, REASON_MAX
 from ..db import Result, Transaction
 from .store import Store
-from . import counts
 
 
 @dataclass
@@ -103,13 +102,6 @@ def _done_many_texts(stage: Stage, n: int) -> tuple[str, str, str]:
         f" JOIN pipeline_tracking t ON t.filename = v.f AND t.shard = v.s WHERE @pipeline_done = {n} ORDER BY v.k")
 
 
-@lru_cache(maxsize=64)
-def _done_next_text(stage: Stage, n: int) -> str | None:
-    nxt = counts.following(stage)
-    return None if nxt is None else (f"SELECT shard, {nxt.status_column} AS next FROM pipeline_tracking"
-                                     f" WHERE {_tasks_where(n)}")
-
-
 class Transitions:
     def __init__(self, store: Store, lease_seconds: float, max_attempts: int):
         self.store = store
@@ -125,7 +117,6 @@ class Transitions:
         status = DONE if done else STARTED
 
         def tx(t: Transaction):
-            t.counted = True   # the rows inserted are counted below, not by the trigger
             # A unique key with an explicit no-op: concurrent registrations of one file cannot
             # both insert, and neither fails (affected rows: 1 inserted, 0 existed).
             inserted = t.run(*[(f"INSERT INTO pipeline_tracking (filename, shard, {FIRST.status_column}) "
@@ -137,8 +128,7 @@ class Transitions:
             if done:
                 log += [(tid, filename, s, FIRST, STARTED, DONE, Action.DONE, actor, None, None,
                          events if n == 0 else None, None) for n, (tid, s) in enumerate(created)]
-            moved = counts.counts_sql(counts.registered([s for _, s in created], done))
-            existing = t.finish(*([log_sql(log)] if log else []), *([moved] if moved else []),
+            existing = t.finish(*([log_sql(log)] if log else []),
                                 ("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,)))
             return created, sorted(set(shards) | {r["shard"] for r in existing[-1].rows})
         created, all_shards = self.store.tx(tx)
@@ -237,14 +227,6 @@ class Transitions:
         return [(update, (filename, shard, owner)), (select, None),
                 (log, (stage, owner, events, stats_text, filename, shard)),
                 *([rejected_sql(stage, rejected, gate="@pipeline_done = 1")] if rejected else [])]
-
-    @staticmethod
-    def done_next_sql(stage: Stage, tasks: list[tuple[str, int]]) -> tuple[str, list] | None:
-        """After a `done` of `tasks`, each moved task's shard and the next stage's status (whether
-        the task became ready there): what a transaction that counts its own moves needs to
-        count the `done`'s (`counts.done`). None for the last stage."""
-        text = _done_next_text(stage, len(tasks))
-        return None if text is None else (text, [v for filename, shard in tasks for v in (filename, shard)])
 
     @staticmethod
     def done_many_sql(stage: Stage, items: list[tuple[str, int, int | None, str | None, list]], owner: str):
