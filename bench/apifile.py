@@ -3,13 +3,16 @@ statements and requests, for the calls the daemons make for one file of two shar
 figures; not a test).
 
     .venv/bin/python bench/apifile.py [--files 300] [--rounds 2] [--profile out.txt] [--other DIR] [--pipelined]
+                                      [--same] [--hold N]
 
 `--other DIR`: a second API run from another checkout of the code (e.g. `git archive` of the
 base commit), on its own database of the same server; rounds alternate between the two, so
 other load on the machine hits both alike. `--pipelined`: the daemons in steady state with work
 waiting (`Pipelined`: every stage one file behind the one before), this checkout's API played
 with the daemons' current calls (register with done, a done that claims the next file) and
---other's with the calls before them (register + ingest done, done + claim).
+--other's with the calls before them (register + ingest done, done + claim), or with `--same`
+the current calls too; `--hold N`: workers and senders claim N files and report them together
+(a `done-batch` that claims), as they do with small files.
 
 A private mariadbd (tests/servers.py) serves only pipeline-apid (`python -m app.apid`, default
 settings). One client thread plays every daemon in turn, file after file, as bench/pipeline.py's
@@ -78,12 +81,14 @@ class Pipelined:
     STAGES = (("shard-splitter", None), ("shard-worker", 0), ("shard-worker", 1), ("mysql-sender", 0),
               ("mysql-sender", 1))
 
-    def __init__(self, client: PipelineClient, combined: bool):
-        self.client, self.combined = client, combined
+    def __init__(self, client: PipelineClient, combined: bool, hold: int = 1):
+        self.client, self.combined, self.hold = client, combined, hold
         self.held: dict[tuple[str, int | None], list] = {}
+        self.steps = 0
 
     def step(self, name: str) -> int:
         c, requests = self.client, 0
+        self.steps += 1
         if self.combined and hasattr(c, "done_and_claim"):
             c.register(name, list(SHARDS), done=True, events=500, worker="bench/ingest")
             requests += 1
@@ -92,7 +97,9 @@ class Pipelined:
             c.ingest_done(name, events=500, worker="bench/ingest")
             requests += 2
         for stage, shard in self.STAGES:
-            owner, limit = f"bench/{stage}-{shard}", 2 if shard is None else 1
+            if shard is not None and self.steps % self.hold:
+                continue   # `hold`: workers and senders take a claim's files every hold-th step
+            owner, limit = f"bench/{stage}-{shard}", 2 if shard is None else self.hold
             spec = {"limit": limit, **({"shard": shard} if shard is not None else {})}
             held = self.held.get((stage, shard)) or []
             items = [{"filename": t.filename, "shard": t.shard, "events": 250,
@@ -100,13 +107,13 @@ class Pipelined:
                      for t in held]
             got = None
             if held and self.combined:
-                if shard is None:
+                if shard is None or len(held) > 1:
                     got = c.done_batch_and_claim(stage, items, owner, spec)[1]
                 else:
                     got = c.done_and_claim(stage, held[0].filename, shard, owner, spec, 250, items[0]["stats"])[1]
                 requests += 1
             elif held:
-                if shard is None:
+                if shard is None or len(held) > 1:
                     c.done_batch(stage, items, owner)
                 else:
                     c.done(stage, held[0].filename, shard, owner, 250, items[0]["stats"])
@@ -149,6 +156,11 @@ def main() -> None:
     parser.add_argument("--pipelined", action="store_true",
                         help="the daemons in steady state with work waiting (class Pipelined); this checkout's API "
                              "gets the daemons' current calls, --other's the calls before the done that claims")
+    parser.add_argument("--same", action="store_true",
+                        help="with --pipelined: --other's API gets the daemons' current calls too")
+    parser.add_argument("--hold", type=int, default=1,
+                        help="with --pipelined: workers and senders claim and report this many files at once "
+                             "(a done-batch that claims), as they do with small files")
     args = parser.parse_args()
     db = servers.new_private_mariadb()
     api = other = None
@@ -178,7 +190,7 @@ def main() -> None:
                 for t in ("pipeline_task_counts_insert", "pipeline_task_counts_update",
                           "pipeline_transition_counts_insert"):
                     cur.execute(f"DROP TRIGGER pipeline_db.{t}")
-        players = {label: Pipelined(client, label == "this") if args.pipelined else None
+        players = {label: Pipelined(client, label == "this" or args.same, args.hold) if args.pipelined else None
                    for label, client, _ in apis}
         for label, client, _ in apis:
             for i in range(20):  # warm up: connections, code paths
