@@ -240,6 +240,45 @@ def test_a_small_file_with_returns_costs_three_round_trips(shared_dir, index, mo
     assert trips[0] == 2
 
 
+def test_a_small_files_rejected_rows_ride_with_its_index_completion(shared_dir, index, monkeypatch):
+    """A small file's rejected rows go in the transaction that completes its index: one round
+    trip to open, one to look up, one to complete the index with the rows (no round trip of
+    their own); without a lookup, two. Every rejected line is in the table once, as the
+    rejected file says, also after a re-split (its index complete: the rows go alone)."""
+    from app import rejected
+    ret = lambda order: ev(3, order_id=order, user_id=1, good_id=1, qty=1, refund_amount=1.0)  # noqa: E731
+    buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
+                                 price_at_order=1.0)
+    bad = [b"{not json\n", ev(2, user_id=1), ev(9, shop_id=1)]
+    write_source(shared_dir, "20260101000060", [buy(2**56 + i, i) for i in range(50)] + bad + [ret(2**55)])
+    write_source(shared_dir, "20260101000061", bad + [buy(2**54 + i, i) for i in range(50)] + bad)
+    rows = rejected.RejectedWriter(index.url)
+
+    def split_counted(name: str) -> tuple[int, list[int]]:
+        trips = count_round_trips(monkeypatch)
+        split_file(layout.source_file(shared_dir, name), name, shared_dir, 2, [0, 1], [0, 1], index, True,
+                   rejected_rows=rows)
+        monkeypatch.undo()
+        records = [orjson.loads(x)["line_no"] for x in
+                   layout.splitter_rejected(shared_dir, name).read_bytes().splitlines()]
+        return trips[0], records
+
+    try:
+        index.ensure_schema()
+        rows.ensure_schema()
+        trips, records = split_counted("20260101000060")
+        assert trips == 3 and records == [51, 52, 53, 54]       # the return unroutable: a lookup
+        trips, records = split_counted("20260101000061")
+        assert trips == 2 and records == [1, 2, 3, 54, 55, 56]
+        trips, again = split_counted("20260101000061")
+        assert trips == 2 and again == records                 # opened; the rows alone
+        for name, lines in (("20260101000060", [51, 52, 53, 54]), ("20260101000061", records)):
+            assert [r[0] for r in servers.query(index.url, "SELECT line_no FROM rejected_lines WHERE filename = %s "
+                                                           "ORDER BY id", (name,))] == lines
+    finally:
+        rows.close()
+
+
 def test_pruning_after_a_file_was_opened_is_seen_by_its_lookups(shared_dir, index):
     """The pruned mark read when the file is opened, and again by each lookup in its own
     read view: a lookup after pruning passed the file's epochs raises WindowPruned (opening

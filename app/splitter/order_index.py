@@ -413,12 +413,16 @@ class OrderIndex:
             self._sealed.pop(next(iter(self._sealed)), None)
         self._sealed[epoch] = sealed
 
-    def finalize(self, file_id: int, epoch: int, purchases: int, last_chunk: bytes = b"") -> None:
+    def finalize(self, file_id: int, epoch: int, purchases: int, last_chunk: bytes = b"",
+                 also: list[str] = ()) -> None:
         """Write the last chunk of rows and mark the file's index complete with the next
         sequence number (once), in one transaction and one round trip; the purchases count
         towards the current epoch, which moves on past `epoch_rows` (unless its partition of
         the ring still holds an epoch not truncated yet: then it grows until sealing caught up).
-        EpochSealed when the file's epoch was closed for sealing first (nothing is marked)."""
+        `also`: statements of the caller's (rendered, no args) run in the same transaction, so
+        they cost no round trip of their own (the file's rejected rows).
+        EpochSealed when the file's epoch was closed for sealing first (nothing is marked;
+        `also` is committed all the same)."""
         statements = []
         if last_chunk:
             statements.append((_insert_rows_sql(last_chunk, epoch), None))
@@ -435,8 +439,11 @@ class OrderIndex:
             (f"UPDATE splitter_seq SET value = @seq + 1, epoch = IF({advance}, @epoch + 1, @epoch), "
              f"epoch_rows = IF({advance}, 0, @rows + %s) WHERE id = 1 AND @done > 0",
              (purchases, self.epoch_rows, RING, purchases, self.epoch_rows, RING, purchases)),
-            ("SELECT f.indexed_seq IS NOT NULL, s.epoch, s.closed_below, s.sealed_below, s.truncated_below "
-             "FROM splitter_seq s JOIN splitter_file f ON f.file_id = %s WHERE s.id = 1", (file_id,)),
+            *((sql, None) for sql in also),
+            # One column: PyMySQL parses each column's descriptor for more than splitting costs.
+            ("SELECT CONCAT_WS(' ', f.indexed_seq IS NOT NULL, s.epoch, s.closed_below, s.sealed_below, "
+             "s.truncated_below) FROM splitter_seq s JOIN splitter_file f ON f.file_id = %s WHERE s.id = 1",
+             (file_id,)),
         ]
         conn = self.conn()
         with conn.cursor() as cur:
@@ -448,7 +455,7 @@ class OrderIndex:
                 except Exception:
                     pass
                 raise
-        indexed, current, closed, sealed, truncated = state
+        indexed, current, closed, sealed, truncated = (int(v) for v in state[0].split())
         if not indexed:
             raise EpochSealed(f"order index epoch {epoch} was closed for sealing before this file's index completed "
                               f"(a split longer than {self.seal_grace:g} s, or resumed): split it again")
@@ -846,17 +853,27 @@ class FileRouting:
             self._thread.join()
             self._thread = None
 
-    def finish(self) -> None:
+    @property
+    def finalizes(self) -> bool:
+        """Whether `finish` will send a transaction (which can carry the caller's statements)."""
+        return not self.indexed and self.purchases > 0
+
+    def finish(self, also: list[str] = ()) -> None:
         """Write what is left and mark the file's index complete (a file without purchases
-        has nothing anyone could see: it costs no statement)."""
+        has nothing anyone could see: it costs no statement). `also`: see `finalize`; sent
+        only when `finalizes` said so."""
         if self.indexed:
+            if also:
+                raise ValueError("statements for a file whose index is complete: nothing is sent")
             return
         _, data = self._chunk()
         self._stop_loader()
         self._raise_loader_error()
         purchases = self.purchases
         if purchases:
-            self.index.finalize(self.file_id, self.epoch, purchases, data)
+            self.index.finalize(self.file_id, self.epoch, purchases, data, also)
+        elif also:
+            raise ValueError("statements for a file without purchases: nothing is sent")
         self.indexed = True
 
     def abort(self) -> None:

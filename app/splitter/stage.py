@@ -330,9 +330,15 @@ def split_file(source: Path, filename: str, shared: Path, shard_count: int, shar
                         rejected_out = rejected_rows.tee(rejected_out, filename, Stage.SPLITTER, None)
                 reg = [s in registered for s in range(shard_count)]
                 result = split_stream(src, shard_count, outputs, reg, file_routing, rejected_out, check)
-                file_routing.finish()
-                if rejected_rows is not None and rejected_out is not None:
-                    rejected_out.flush()
+                tee = rejected_out if rejected_rows is not None else None
+                also: list[str] = []
+                if tee is not None and tee.rows and file_routing.finalizes and rejected_rows.url == index.url:
+                    # The rejected rows ride in the index's completion: one round trip, not two.
+                    rejected_rows.ensure_schema()
+                    also = rejected.insert_sql(index.conn(), tee.take())
+                file_routing.finish(also)
+                if tee is not None:
+                    tee.flush()
         except BaseException:
             file_routing.abort()
             raise
