@@ -277,9 +277,14 @@ class OrderIndex:
     def _lookup_on_thread(self, routing: "FileRouting", orders: list[tuple[int, int]]) -> list[int | None]:
         return self.lookup(routing, orders, self._lookup.get())
 
-    def lookup(self, routing: "FileRouting", orders: list[tuple[int, int]], conn=None) -> list[int | None]:
+    def lookup(self, routing: "FileRouting", orders: list[tuple[int, int]], conn=None,
+               finish: tuple[int, bytes] | None = None) -> list[int | None]:
         """Shop of each (order_id, line): the nearest earlier purchase of this file, else the
         purchase of the earliest-indexed file of its window (indexed_seq in [floor, horizon]).
+        `finish`: (purchases, last chunk) of a file whose every line was read: its `finalize`
+        goes in the first statement's round trip, after the lookup (which it cannot change:
+        the file's own rows it writes are later than the lookup's read, and its own earlier
+        purchases were in memory), and EpochSealed is raised as `finalize` raises it.
 
         Each batch is one statement: the hot rows of the epochs this process believes unsealed,
         the buckets of those it knows sealed, and every epoch's sealed flag, all in one read
@@ -306,12 +311,25 @@ class OrderIndex:
 
         # (epoch, order_id) pairs are ranges of the primary key; keep their number per query small.
         batch = max(1, LOOKUP_BATCH // len(epochs))
+        state = then = None
         with conn.cursor() as cur:
+            if finish is not None:
+                statements = self._finalize_statements(file_id, routing.epoch, *finish)
+                then = ("START TRANSACTION;" + ";".join(sql if args is None else cur.mogrify(sql, args)
+                                                         for sql, args in statements) + ";COMMIT",
+                        len(statements) + 2)
             for start in range(0, len(ids), batch):
                 part = ids[start:start + batch]
                 while True:
                     known = {e: self._sealed.get(e) for e in epochs}
-                    rows = self._lookup_rows(cur, known, part, file_id, floor_seq, horizon)
+                    try:
+                        rows, answered = self._lookup_rows(cur, known, part, file_id, floor_seq, horizon, then)
+                    except BaseException:
+                        if then is not None:
+                            self._roll_back(conn)
+                        raise
+                    if then is not None:
+                        state, then = answered, None
                     flags = {epoch: sealed for kind, epoch, sealed, *_ in rows if kind == 2}
                     # The pruned mark in the same read view: one raised before this read
                     # began is seen, and rows it deletes after it began are still read.
@@ -328,6 +346,8 @@ class OrderIndex:
                         files = known[epoch].files
                         for order_id, fid, line, shop_id in _entries_of(entries, wanted):
                             candidate(order_id, fid, line, shop_id, files.get(fid))
+        if state is not None:
+            self._finalized(routing.epoch, state)
         result: list[int | None] = []
         for order_id, line in orders:
             earlier = [(ln, shop) for ln, shop in own.get(order_id, ()) if ln < line]
@@ -341,12 +361,14 @@ class OrderIndex:
 
     @staticmethod
     def _lookup_rows(cur, known: dict[int, SealedEpoch | None], part: list[int], file_id: int, floor_seq: int,
-                     horizon: int) -> list[tuple]:
+                     horizon: int, then: tuple[str, int] | None = None) -> tuple[list[tuple], object]:
         """One statement, rows (kind, epoch, ...): 0, a hot row with its file's sequence (of the
         epochs `known` as not sealed); 1, a sealed bucket (its entries); 2, an epoch's sealed
         flag; 3, the pruned mark (in `epoch`). The statement answers in two columns, the kind
         and one value (a row's integers in one string): PyMySQL parses each column's
-        descriptor for more CPU than splitting a few short strings costs."""
+        descriptor for more CPU than splitting a few short strings costs. `then`: a script
+        (and its number of statements) sent after it in the same round trip; the last value
+        it answered comes back with the rows (else None)."""
         epochs = list(known)
         hot = [e for e, sealed in known.items() if sealed is None]
         buckets: list[tuple[int, list[int]]] = []
@@ -383,6 +405,9 @@ class OrderIndex:
         selects.append("SELECT 3, pruned_epoch FROM splitter_seq WHERE id = 1")
         args += epochs
         sql = " UNION ALL ".join(selects)
+        if then is not None:
+            sql = cur.mogrify(sql, args) + ";" + then[0]
+            args = None
         if size > 1024:
             # Room for this statement's buckets, set in the same round trip (`SET STATEMENT
             # ... FOR` is MariaDB's only; the lookup connections run multi-statement scripts).
@@ -409,7 +434,13 @@ class OrderIndex:
                 at += _BUCKET_HEAD.size
                 rows.append((1, epoch, None, None, None, None, None, packed[at:at + length]))
                 at += length
-        return rows
+        answered = None
+        for _ in range(then[1] if then is not None else 0):
+            if not cur.nextset():
+                raise pymysql.err.InterfaceError("a statement of the script after the lookup gave no result")
+            if cur.description:
+                answered = cur.fetchone()[0]
+        return rows, answered
 
     def _load_sealed(self, cur, epochs: list[int]) -> None:
         """Read the directories of sealed epochs (unchanged until pruned: kept for good)."""
@@ -434,6 +465,27 @@ class OrderIndex:
         they cost no round trip of their own (the file's rejected rows).
         EpochSealed when the file's epoch was closed for sealing first (nothing is marked;
         `also` is committed all the same)."""
+        conn = self.conn()
+        with conn.cursor() as cur:
+            try:
+                state = db.Transaction(cur).finish(*self._finalize_statements(file_id, epoch, purchases, last_chunk,
+                                                                              also))[-1].one()[0]
+            except BaseException:
+                self._roll_back(conn)
+                raise
+        self._finalized(epoch, state)
+
+    @staticmethod
+    def _roll_back(conn) -> None:
+        try:
+            conn.rollback()
+        except Exception:
+            pass
+
+    def _finalize_statements(self, file_id: int, epoch: int, purchases: int, last_chunk: bytes,
+                             also: list[str] = ()) -> list[tuple[str, tuple | None]]:
+        """`finalize`'s transaction but its START and COMMIT; the last one answers one value,
+        for `_finalized`."""
         statements = []
         if last_chunk:
             statements.append((_insert_rows_sql(last_chunk, epoch), None))
@@ -456,17 +508,12 @@ class OrderIndex:
              "s.truncated_below) FROM splitter_seq s JOIN splitter_file f ON f.file_id = %s WHERE s.id = 1",
              (file_id,)),
         ]
-        conn = self.conn()
-        with conn.cursor() as cur:
-            try:
-                state = db.Transaction(cur).finish(*statements)[-1].one()
-            except BaseException:
-                try:
-                    conn.rollback()
-                except Exception:
-                    pass
-                raise
-        indexed, current, closed, sealed, truncated = (int(v) for v in state[0].split())
+        return statements
+
+    def _finalized(self, epoch: int, state) -> None:
+        """What the completion's last statement answered: EpochSealed if the file's index is
+        not complete; sealing due if an epoch waits for it."""
+        indexed, current, closed, sealed, truncated = (int(v) for v in state.split())
         if not indexed:
             raise EpochSealed(f"order index epoch {epoch} was closed for sealing before this file's index completed "
                               f"(a split longer than {self.seal_grace:g} s, or resumed): split it again")
@@ -783,9 +830,19 @@ class FileRouting:
                 return shop
         return None
 
-    def lookup(self, orders: list[tuple[int, int]]) -> list[int | None]:
+    def lookup(self, orders: list[tuple[int, int]], finish: bool = False) -> list[int | None]:
+        """`finish`: every line was read; when the index has a completion to send
+        (`finalizes`), it goes with the lookup, one round trip for both (`finish` then has
+        nothing left to do)."""
         self._raise_loader_error()
-        return self.index.lookup(self, orders)
+        if not (finish and self.finalizes):
+            return self.index.lookup(self, orders)
+        _, data = self._chunk()
+        self._stop_loader()
+        self._raise_loader_error()
+        result = self.index.lookup(self, orders, finish=(self.purchases, data))
+        self.indexed = True
+        return result
 
     def lookup_async(self, orders: list[tuple[int, int]]) -> Future:
         """Rows this lookup needs from this file are those of chunks already dropped from
