@@ -467,3 +467,23 @@ def test_a_files_last_lookup_carries_its_index_completion(pipeline_db):
         assert lookups(idx, "20260101000007", [2**49 + 5]) == [6]
     finally:
         idx.close()
+
+
+def test_a_completion_sent_with_a_lookup_that_pruning_failed_completes_nothing(pipeline_db):
+    """The lookup and the completion are one packet: when pruning passed the epochs the file
+    reads after it was opened, the lookup raises WindowPruned and the completion behind it
+    marks nothing (the file is not indexed, so no later file routes by its purchases), as when
+    the completion came after the lookup's error and was never sent."""
+    idx = make_index(pipeline_db, epoch_rows=1)
+    try:
+        index_file(idx, "20260101000001", [(2**48 + 1, 3)])                  # epoch 0 -> 1
+        routing = idx.open_file("20260101000002")
+        routing.add_purchase(2**48 + 2, 4, 1)
+        servers.query(pipeline_db, "UPDATE splitter_seq SET pruned_epoch = 1 WHERE id = 1")
+        with pytest.raises(order_index.WindowPruned):
+            routing.lookup([(2**48 + 1, 2)], finish=True)
+        assert servers.query(pipeline_db, "SELECT indexed_seq FROM splitter_file "
+                                          "WHERE filename = '20260101000002'") == [(None,)]
+        assert servers.query(pipeline_db, "SELECT value FROM splitter_seq") == [(1,)]
+    finally:
+        idx.close()

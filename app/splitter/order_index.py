@@ -314,7 +314,7 @@ class OrderIndex:
         state = then = None
         with conn.cursor() as cur:
             if finish is not None:
-                statements = self._finalize_statements(file_id, routing.epoch, *finish)
+                statements = self._finalize_statements(file_id, routing.epoch, *finish, seen_from=epochs[0])
                 then = ("START TRANSACTION;" + ";".join(sql if args is None else cur.mogrify(sql, args)
                                                          for sql, args in statements) + ";COMMIT",
                         len(statements) + 2)
@@ -483,18 +483,22 @@ class OrderIndex:
             pass
 
     def _finalize_statements(self, file_id: int, epoch: int, purchases: int, last_chunk: bytes,
-                             also: list[str] = ()) -> list[tuple[str, tuple | None]]:
+                             also: list[str] = (), seen_from: int | None = None) -> list[tuple[str, tuple | None]]:
         """`finalize`'s transaction but its START and COMMIT; the last one answers one value,
-        for `_finalized`."""
+        for `_finalized`. `seen_from`: the first epoch the file's lookups read; the index is
+        not completed (nothing marked, as for a sealed epoch) when pruning has passed it, so a
+        completion sent with a lookup that pruning failed completes nothing."""
         statements = []
         if last_chunk:
             statements.append((_insert_rows_sql(last_chunk, epoch), None))
         advance = "@rows + %s >= %s AND @epoch + 1 < @trunc + %s"
         statements += [
-            ("SELECT value, epoch, epoch_rows, closed_below, truncated_below INTO @seq, @epoch, @rows, @closed, @trunc "
-             "FROM splitter_seq WHERE id = 1 FOR UPDATE", None),
+            ("SELECT value, epoch, epoch_rows, closed_below, truncated_below, pruned_epoch "
+             "INTO @seq, @epoch, @rows, @closed, @trunc, @pruned FROM splitter_seq WHERE id = 1 FOR UPDATE", None),
             ("UPDATE splitter_file SET indexed_seq = @seq + 1, indexed_at = NOW(3), purchases = %s "
-             "WHERE file_id = %s AND indexed_seq IS NULL AND %s >= @closed", (purchases, file_id, epoch)),
+             "WHERE file_id = %s AND indexed_seq IS NULL AND %s >= @closed"
+             + ("" if seen_from is None else " AND %s >= @pruned"),
+             (purchases, file_id, epoch) + (() if seen_from is None else (seen_from,))),
             ("SET @done = ROW_COUNT()", None),
             ("INSERT INTO splitter_epoch (epoch, first_seq, last_seq) SELECT %s, @seq + 1, @seq + 1 FROM DUAL "
              "WHERE @done > 0 ON DUPLICATE KEY UPDATE first_seq = LEAST(first_seq, VALUES(first_seq)), "
