@@ -488,7 +488,8 @@ class OrderIndex:
         for `_finalized`. `seen_from`: the first epoch the file's lookups read; the index is
         not completed (nothing marked, as for a sealed epoch) when pruning has passed it, so a
         completion sent with a lookup that pruning failed completes nothing."""
-        statements = []
+        # The caller's statements first: the sequence's row lock is taken after them.
+        statements = [(sql, None) for sql in also]
         if last_chunk:
             statements.append((_insert_rows_sql(last_chunk, epoch), None))
         advance = "@rows + %s >= %s AND @epoch + 1 < @trunc + %s"
@@ -506,7 +507,6 @@ class OrderIndex:
             (f"UPDATE splitter_seq SET value = @seq + 1, epoch = IF({advance}, @epoch + 1, @epoch), "
              f"epoch_rows = IF({advance}, 0, @rows + %s) WHERE id = 1 AND @done > 0",
              (purchases, self.epoch_rows, RING, purchases, self.epoch_rows, RING, purchases)),
-            *((sql, None) for sql in also),
             # One column: PyMySQL parses each column's descriptor for more than splitting costs.
             ("SELECT CONCAT_WS(' ', f.indexed_seq IS NOT NULL, s.epoch, s.closed_below, s.sealed_below, "
              "s.truncated_below) FROM splitter_seq s JOIN splitter_file f ON f.file_id = %s WHERE s.id = 1",
