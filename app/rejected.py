@@ -83,6 +83,7 @@ class RejectedWriter:
         self._conn = db.Reconnecting(url, check_after=30.0, on_open=lambda conn: db.migrate(conn, SCHEMA))
         self._pruned_at: float | None = None
         self._lock = threading.Lock()
+        self._schema_ready = False
 
     def prune_due(self, now: float | None = None, every: float = PRUNE_EVERY) -> bool:
         now = time.monotonic() if now is None else now
@@ -111,6 +112,18 @@ class RejectedWriter:
                 self._conn.discard()
                 raise
         return deleted
+
+    def ensure_schema(self) -> None:
+        """The table brought up to date (by opening this writer's connection), for a caller
+        that writes rows on a connection of its own (`insert_sql`); once per writer."""
+        if not self._schema_ready:
+            with self._lock:
+                try:
+                    self._conn.get()
+                except BaseException:
+                    self._conn.discard()
+                    raise
+            self._schema_ready = True
 
     def write(self, rows: list[tuple]) -> int:
         """Insert the rows in bulk; rows already there are left as they are. A database error
@@ -160,6 +173,19 @@ class RejectedTee:
         rows, self.rows, self.size = self.rows, [], 0
         self.writer.write(rows)
         self.written += len(rows)
+
+    def take(self) -> list[tuple]:
+        """The buffered rows, for a caller that writes them itself (`insert_sql`) in a
+        transaction it sends anyway, instead of `flush`'s round trip."""
+        rows, self.rows, self.size = self.rows, [], 0
+        self.written += len(rows)
+        return rows
+
+
+def insert_sql(conn, rows: list[tuple]) -> list[str]:
+    """The statements that write `rows` as `RejectedWriter.write` does, rendered for `conn` (a
+    connection to the same database, its writer's `ensure_schema` called)."""
+    return db.insert_statements(conn, INSERT, rows, KEEP_FIRST, max_bytes=1 << 20)
 
 
 _writers: dict[MySQLURL, RejectedWriter] = {}

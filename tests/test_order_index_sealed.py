@@ -432,3 +432,58 @@ def test_opening_a_file_reads_the_directories_of_its_sealed_epochs(pipeline_db, 
             fresh.close()
     finally:
         idx.close()
+
+
+def test_a_files_last_lookup_carries_its_index_completion(pipeline_db):
+    """A file's last lookup sends its index's completion in the same round trip: the answer is
+    the lookup's (the file's own purchase later than a return does not route it), the file is
+    indexed (later files find its purchases), `finish` has nothing left to send. A file whose
+    epoch was closed for sealing meanwhile is refused as `finish` refuses it, and split again."""
+    idx = make_index(pipeline_db, epoch_rows=1)
+    try:
+        index_file(idx, "20260101000001", [(2**49 + 1, 3)])                  # epoch 0 -> 1
+        routing = idx.open_file("20260101000002")
+        routing.add_purchase(2**49 + 2, 4, 1)
+        routing.add_purchase(2**49 + 9, 7, 5)
+        assert routing.lookup([(2**49 + 1, 2), (2**49 + 9, 3)], finish=True) == [3, None]
+        assert routing.indexed
+        assert servers.query(pipeline_db, "SELECT epoch, indexed_seq, purchases FROM splitter_file "
+                                          "WHERE filename = '20260101000002'") == [(1, 2, 2)]
+        routing.finish()
+        assert lookups(idx, "20260101000003", [2**49 + 1, 2**49 + 2, 2**49 + 9]) == [3, 4, 7]
+
+        slow = idx.open_file("20260101000004")                                # opened in epoch 2
+        slow.add_purchase(2**49 + 5, 6, 1)
+        index_file(idx, "20260101000005", [(2**49 + 6, 1)])                  # epoch 2 -> 3
+        index_file(idx, "20260101000006", [(2**49 + 7, 1)])                  # epoch 3 -> 4
+        assert seal_all(idx) == 4 and state(pipeline_db)[1] == 4               # epochs 0-3 closed, sealed
+        with pytest.raises(EpochSealed, match="closed for sealing"):
+            slow.lookup([(2**49 + 1, 2)], finish=True)
+        assert servers.query(pipeline_db, "SELECT indexed_seq FROM splitter_file "
+                                          "WHERE filename = '20260101000004'") == [(None,)]
+        again = idx.open_file("20260101000004")                               # the current epoch
+        again.add_purchase(2**49 + 5, 6, 1)
+        assert again.lookup([(2**49 + 1, 2)], finish=True) == [3] and again.epoch == 4
+        assert lookups(idx, "20260101000007", [2**49 + 5]) == [6]
+    finally:
+        idx.close()
+
+
+def test_a_completion_sent_with_a_lookup_that_pruning_failed_completes_nothing(pipeline_db):
+    """The lookup and the completion are one packet: when pruning passed the epochs the file
+    reads after it was opened, the lookup raises WindowPruned and the completion behind it
+    marks nothing (the file is not indexed, so no later file routes by its purchases), as when
+    the completion came after the lookup's error and was never sent."""
+    idx = make_index(pipeline_db, epoch_rows=1)
+    try:
+        index_file(idx, "20260101000001", [(2**48 + 1, 3)])                  # epoch 0 -> 1
+        routing = idx.open_file("20260101000002")
+        routing.add_purchase(2**48 + 2, 4, 1)
+        servers.query(pipeline_db, "UPDATE splitter_seq SET pruned_epoch = 1 WHERE id = 1")
+        with pytest.raises(order_index.WindowPruned):
+            routing.lookup([(2**48 + 1, 2)], finish=True)
+        assert servers.query(pipeline_db, "SELECT indexed_seq FROM splitter_file "
+                                          "WHERE filename = '20260101000002'") == [(None,)]
+        assert servers.query(pipeline_db, "SELECT value FROM splitter_seq") == [(1,)]
+    finally:
+        idx.close()

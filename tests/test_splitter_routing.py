@@ -219,10 +219,11 @@ def count_round_trips(monkeypatch) -> list[int]:
     return trips
 
 
-def test_a_small_file_with_returns_costs_three_round_trips(shared_dir, index, monkeypatch):
+def test_a_small_file_with_returns_costs_two_round_trips(shared_dir, index, monkeypatch):
     """A small file that indexes purchases and looks returns up: opening it reads what its
-    first lookup needs (the epochs it sees, the pruned mark), so it costs one round trip to
-    open, one to look up, one to complete its index: no round trip for the epochs."""
+    first lookup needs (the epochs it sees, the pruned mark), and its index's completion goes
+    with its (last) lookup, so it costs one round trip to open and one to look up and
+    complete its index: no round trip for the epochs, none for the completion alone."""
     ret = lambda order: ev(3, order_id=order, user_id=1, good_id=1, qty=1, refund_amount=1.0)  # noqa: E731
     buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
                                  price_at_order=1.0)
@@ -233,11 +234,75 @@ def test_a_small_file_with_returns_costs_three_round_trips(shared_dir, index, mo
     trips = count_round_trips(monkeypatch)
     result, outputs, _ = split(shared_dir, index, "20260101000041")
     assert result.routed_by_order == 200 and result.purchases == 300
-    assert trips[0] == 3
+    assert trips[0] == 2
+    assert servers.query(index.url, "SELECT indexed_seq IS NOT NULL, purchases FROM splitter_file "
+                                    "WHERE filename = '20260101000041'") == [(1, 300)]
     # A re-split routes the same, its index complete: one round trip to open, one to look up.
     trips[0] = 0
     assert split(shared_dir, index, "20260101000041")[1] == outputs
     assert trips[0] == 2
+
+
+def test_a_small_files_answers_have_few_columns(shared_dir, index, monkeypatch):
+    """PyMySQL parses each result column's descriptor for about as much CPU as a round trip's
+    own: a small file's opening, lookup and completion answer in five columns in all (two,
+    two, one), not fifteen; the routing is the one of the earlier files' purchases."""
+    import pymysql
+    ret = lambda order: ev(3, order_id=order, user_id=1, good_id=1, qty=1, refund_amount=1.0)  # noqa: E731
+    buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
+                                 price_at_order=1.0)
+    write_source(shared_dir, "20260101000070", [buy(2**53 + i, i) for i in range(20)])
+    write_source(shared_dir, "20260101000071", [buy(2**52 + i, 1) for i in range(20)] + [ret(2**53 + i) for i in range(20)])
+    split(shared_dir, index, "20260101000070")
+    columns = [0]
+    parse = pymysql.protocol.FieldDescriptorPacket._parse_field_descriptor
+
+    def counted(self, *args):
+        columns[0] += 1
+        return parse(self, *args)
+    monkeypatch.setattr(pymysql.protocol.FieldDescriptorPacket, "_parse_field_descriptor", counted)
+    result, outputs, _ = split(shared_dir, index, "20260101000071")
+    assert result.routed_by_order == 20 and columns[0] == 5
+    assert outputs[0].count(b'"event_type":3') == 10 and outputs[1].count(b'"event_type":3') == 10
+
+
+def test_a_small_files_rejected_rows_ride_with_its_index_completion(shared_dir, index, monkeypatch):
+    """A small file's rejected rows go in the transaction that completes its index: one round
+    trip to open, one to look up, one to complete the index with the rows (no round trip of
+    their own); without a lookup, two. Every rejected line is in the table once, as the
+    rejected file says, also after a re-split (its index complete: the rows go alone)."""
+    from app import rejected
+    ret = lambda order: ev(3, order_id=order, user_id=1, good_id=1, qty=1, refund_amount=1.0)  # noqa: E731
+    buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
+                                 price_at_order=1.0)
+    bad = [b"{not json\n", ev(2, user_id=1), ev(9, shop_id=1)]
+    write_source(shared_dir, "20260101000060", [buy(2**56 + i, i) for i in range(50)] + bad + [ret(2**55)])
+    write_source(shared_dir, "20260101000061", bad + [buy(2**54 + i, i) for i in range(50)] + bad)
+    rows = rejected.RejectedWriter(index.url)
+
+    def split_counted(name: str) -> tuple[int, list[int]]:
+        trips = count_round_trips(monkeypatch)
+        split_file(layout.source_file(shared_dir, name), name, shared_dir, 2, [0, 1], [0, 1], index, True,
+                   rejected_rows=rows)
+        monkeypatch.undo()
+        records = [orjson.loads(x)["line_no"] for x in
+                   layout.splitter_rejected(shared_dir, name).read_bytes().splitlines()]
+        return trips[0], records
+
+    try:
+        index.ensure_schema()
+        rows.ensure_schema()
+        trips, records = split_counted("20260101000060")
+        assert trips == 3 and records == [51, 52, 53, 54]       # the return unroutable: a lookup
+        trips, records = split_counted("20260101000061")
+        assert trips == 2 and records == [1, 2, 3, 54, 55, 56]
+        trips, again = split_counted("20260101000061")
+        assert trips == 2 and again == records                 # opened; the rows alone
+        for name, lines in (("20260101000060", [51, 52, 53, 54]), ("20260101000061", records)):
+            assert [r[0] for r in servers.query(index.url, "SELECT line_no FROM rejected_lines WHERE filename = %s "
+                                                           "ORDER BY id", (name,))] == lines
+    finally:
+        rows.close()
 
 
 def test_pruning_after_a_file_was_opened_is_seen_by_its_lookups(shared_dir, index):

@@ -277,9 +277,14 @@ class OrderIndex:
     def _lookup_on_thread(self, routing: "FileRouting", orders: list[tuple[int, int]]) -> list[int | None]:
         return self.lookup(routing, orders, self._lookup.get())
 
-    def lookup(self, routing: "FileRouting", orders: list[tuple[int, int]], conn=None) -> list[int | None]:
+    def lookup(self, routing: "FileRouting", orders: list[tuple[int, int]], conn=None,
+               finish: tuple[int, bytes] | None = None) -> list[int | None]:
         """Shop of each (order_id, line): the nearest earlier purchase of this file, else the
         purchase of the earliest-indexed file of its window (indexed_seq in [floor, horizon]).
+        `finish`: (purchases, last chunk) of a file whose every line was read: its `finalize`
+        goes in the first statement's round trip, after the lookup (which it cannot change:
+        the file's own rows it writes are later than the lookup's read, and its own earlier
+        purchases were in memory), and EpochSealed is raised as `finalize` raises it.
 
         Each batch is one statement: the hot rows of the epochs this process believes unsealed,
         the buckets of those it knows sealed, and every epoch's sealed flag, all in one read
@@ -306,12 +311,25 @@ class OrderIndex:
 
         # (epoch, order_id) pairs are ranges of the primary key; keep their number per query small.
         batch = max(1, LOOKUP_BATCH // len(epochs))
+        state = then = None
         with conn.cursor() as cur:
+            if finish is not None:
+                statements = self._finalize_statements(file_id, routing.epoch, *finish, seen_from=epochs[0])
+                then = ("START TRANSACTION;" + ";".join(sql if args is None else cur.mogrify(sql, args)
+                                                         for sql, args in statements) + ";COMMIT",
+                        len(statements) + 2)
             for start in range(0, len(ids), batch):
                 part = ids[start:start + batch]
                 while True:
                     known = {e: self._sealed.get(e) for e in epochs}
-                    rows = self._lookup_rows(cur, known, part, file_id, floor_seq, horizon)
+                    try:
+                        rows, answered = self._lookup_rows(cur, known, part, file_id, floor_seq, horizon, then)
+                    except BaseException:
+                        if then is not None:
+                            self._roll_back(conn)
+                        raise
+                    if then is not None:
+                        state, then = answered, None
                     flags = {epoch: sealed for kind, epoch, sealed, *_ in rows if kind == 2}
                     # The pruned mark in the same read view: one raised before this read
                     # began is seen, and rows it deletes after it began are still read.
@@ -328,6 +346,8 @@ class OrderIndex:
                         files = known[epoch].files
                         for order_id, fid, line, shop_id in _entries_of(entries, wanted):
                             candidate(order_id, fid, line, shop_id, files.get(fid))
+        if state is not None:
+            self._finalized(routing.epoch, state)
         result: list[int | None] = []
         for order_id, line in orders:
             earlier = [(ln, shop) for ln, shop in own.get(order_id, ()) if ln < line]
@@ -341,10 +361,14 @@ class OrderIndex:
 
     @staticmethod
     def _lookup_rows(cur, known: dict[int, SealedEpoch | None], part: list[int], file_id: int, floor_seq: int,
-                     horizon: int) -> list[tuple]:
+                     horizon: int, then: tuple[str, int] | None = None) -> tuple[list[tuple], object]:
         """One statement, rows (kind, epoch, ...): 0, a hot row with its file's sequence (of the
         epochs `known` as not sealed); 1, a sealed bucket (its entries); 2, an epoch's sealed
-        flag; 3, the pruned mark (in `epoch`)."""
+        flag; 3, the pruned mark (in `epoch`). The statement answers in two columns, the kind
+        and one value (a row's integers in one string): PyMySQL parses each column's
+        descriptor for more CPU than splitting a few short strings costs. `then`: a script
+        (and its number of statements) sent after it in the same round trip; the last value
+        it answered comes back with the rows (else None)."""
         epochs = list(known)
         hot = [e for e, sealed in known.items() if sealed is None]
         buckets: list[tuple[int, list[int]]] = []
@@ -358,7 +382,8 @@ class OrderIndex:
         if hot:
             # Driven by the order index: left to itself the optimizer may start from the
             # (tiny) file table and walk every row of each file.
-            selects.append(f"SELECT 0, o.epoch, o.order_id, o.file_id, o.line, o.shop_id, f.indexed_seq, NULL "
+            # The file's sequence last: NULL (not indexed yet) is left out by CONCAT_WS.
+            selects.append(f"SELECT 0, CONCAT_WS(' ', o.epoch, o.order_id, o.file_id, o.line, o.shop_id, f.indexed_seq) "
                            f"FROM splitter_order o FORCE INDEX (PRIMARY) "
                            f"STRAIGHT_JOIN splitter_file f ON f.file_id = o.file_id "
                            f"WHERE o.epoch IN ({','.join(['%s'] * len(hot))}) "
@@ -369,17 +394,20 @@ class OrderIndex:
         if buckets:
             # All the buckets in one value, each behind its epoch (4 bytes) and length (2): one
             # row to parse, not one per bucket (rendered from integers only).
-            selects.append("SELECT 1, NULL, NULL, NULL, NULL, NULL, NULL, GROUP_CONCAT(UNHEX(LPAD(HEX(s.epoch), 8, '0')), "
+            selects.append("SELECT 1, GROUP_CONCAT(UNHEX(LPAD(HEX(s.epoch), 8, '0')), "
                            "UNHEX(LPAD(HEX(LENGTH(s.entries)), 4, '0')), s.entries SEPARATOR '') "
                            "FROM splitter_sealed s WHERE "
                            + " OR ".join(f"(s.epoch = {e:d} AND s.bucket IN ({','.join(str(int(b)) for b in n)}))"
                                          for e, n in buckets))
             size = sum(len(n) for _, n in buckets) * (BUCKET * ENTRY.size + 6) + 1024
-        selects.append(f"SELECT 2, e.epoch, e.sealed, NULL, NULL, NULL, NULL, NULL FROM splitter_epoch e "
+        selects.append(f"SELECT 2, CONCAT_WS(' ', e.epoch, e.sealed) FROM splitter_epoch e "
                        f"WHERE e.epoch IN ({','.join(['%s'] * len(epochs))})")
-        selects.append("SELECT 3, pruned_epoch, NULL, NULL, NULL, NULL, NULL, NULL FROM splitter_seq WHERE id = 1")
+        selects.append("SELECT 3, pruned_epoch FROM splitter_seq WHERE id = 1")
         args += epochs
         sql = " UNION ALL ".join(selects)
+        if then is not None:
+            sql = cur.mogrify(sql, args) + ";" + then[0]
+            args = None
         if size > 1024:
             # Room for this statement's buckets, set in the same round trip (`SET STATEMENT
             # ... FOR` is MariaDB's only; the lookup connections run multi-statement scripts).
@@ -388,17 +416,31 @@ class OrderIndex:
         else:
             cur.execute(sql, args)
         rows = []
-        for row in cur.fetchall():
-            if row[0] != 1:
-                rows.append(row)
+        for kind, value in cur.fetchall():
+            if kind == 0:
+                epoch, order_id, fid, line, shop_id, *seq = (int(v) for v in value.split())
+                rows.append((0, epoch, order_id, fid, line, shop_id, seq[0] if seq else None, None))
                 continue
-            packed, at = row[7] or b"", 0
+            if kind == 2:
+                epoch, sealed = (int(v) for v in value.split())
+                rows.append((2, epoch, sealed, None, None, None, None, None))
+                continue
+            if kind == 3:
+                rows.append((3, int(value), None, None, None, None, None, None))
+                continue
+            packed, at = value or b"", 0
             while at < len(packed):
                 epoch, length = _BUCKET_HEAD.unpack_from(packed, at)
                 at += _BUCKET_HEAD.size
                 rows.append((1, epoch, None, None, None, None, None, packed[at:at + length]))
                 at += length
-        return rows
+        answered = None
+        for _ in range(then[1] if then is not None else 0):
+            if not cur.nextset():
+                raise pymysql.err.InterfaceError("a statement of the script after the lookup gave no result")
+            if cur.description:
+                answered = cur.fetchone()[0]
+        return rows, answered
 
     def _load_sealed(self, cur, epochs: list[int]) -> None:
         """Read the directories of sealed epochs (unchanged until pruned: kept for good)."""
@@ -413,21 +455,51 @@ class OrderIndex:
             self._sealed.pop(next(iter(self._sealed)), None)
         self._sealed[epoch] = sealed
 
-    def finalize(self, file_id: int, epoch: int, purchases: int, last_chunk: bytes = b"") -> None:
+    def finalize(self, file_id: int, epoch: int, purchases: int, last_chunk: bytes = b"",
+                 also: list[str] = ()) -> None:
         """Write the last chunk of rows and mark the file's index complete with the next
         sequence number (once), in one transaction and one round trip; the purchases count
         towards the current epoch, which moves on past `epoch_rows` (unless its partition of
         the ring still holds an epoch not truncated yet: then it grows until sealing caught up).
-        EpochSealed when the file's epoch was closed for sealing first (nothing is marked)."""
-        statements = []
+        `also`: statements of the caller's (rendered, no args) run in the same transaction, so
+        they cost no round trip of their own (the file's rejected rows).
+        EpochSealed when the file's epoch was closed for sealing first (nothing is marked;
+        `also` is committed all the same)."""
+        conn = self.conn()
+        with conn.cursor() as cur:
+            try:
+                state = db.Transaction(cur).finish(*self._finalize_statements(file_id, epoch, purchases, last_chunk,
+                                                                              also))[-1].one()[0]
+            except BaseException:
+                self._roll_back(conn)
+                raise
+        self._finalized(epoch, state)
+
+    @staticmethod
+    def _roll_back(conn) -> None:
+        try:
+            conn.rollback()
+        except Exception:
+            pass
+
+    def _finalize_statements(self, file_id: int, epoch: int, purchases: int, last_chunk: bytes,
+                             also: list[str] = (), seen_from: int | None = None) -> list[tuple[str, tuple | None]]:
+        """`finalize`'s transaction but its START and COMMIT; the last one answers one value,
+        for `_finalized`. `seen_from`: the first epoch the file's lookups read; the index is
+        not completed (nothing marked, as for a sealed epoch) when pruning has passed it, so a
+        completion sent with a lookup that pruning failed completes nothing."""
+        # The caller's statements first: the sequence's row lock is taken after them.
+        statements = [(sql, None) for sql in also]
         if last_chunk:
             statements.append((_insert_rows_sql(last_chunk, epoch), None))
         advance = "@rows + %s >= %s AND @epoch + 1 < @trunc + %s"
         statements += [
-            ("SELECT value, epoch, epoch_rows, closed_below, truncated_below INTO @seq, @epoch, @rows, @closed, @trunc "
-             "FROM splitter_seq WHERE id = 1 FOR UPDATE", None),
+            ("SELECT value, epoch, epoch_rows, closed_below, truncated_below, pruned_epoch "
+             "INTO @seq, @epoch, @rows, @closed, @trunc, @pruned FROM splitter_seq WHERE id = 1 FOR UPDATE", None),
             ("UPDATE splitter_file SET indexed_seq = @seq + 1, indexed_at = NOW(3), purchases = %s "
-             "WHERE file_id = %s AND indexed_seq IS NULL AND %s >= @closed", (purchases, file_id, epoch)),
+             "WHERE file_id = %s AND indexed_seq IS NULL AND %s >= @closed"
+             + ("" if seen_from is None else " AND %s >= @pruned"),
+             (purchases, file_id, epoch) + (() if seen_from is None else (seen_from,))),
             ("SET @done = ROW_COUNT()", None),
             ("INSERT INTO splitter_epoch (epoch, first_seq, last_seq) SELECT %s, @seq + 1, @seq + 1 FROM DUAL "
              "WHERE @done > 0 ON DUPLICATE KEY UPDATE first_seq = LEAST(first_seq, VALUES(first_seq)), "
@@ -435,20 +507,17 @@ class OrderIndex:
             (f"UPDATE splitter_seq SET value = @seq + 1, epoch = IF({advance}, @epoch + 1, @epoch), "
              f"epoch_rows = IF({advance}, 0, @rows + %s) WHERE id = 1 AND @done > 0",
              (purchases, self.epoch_rows, RING, purchases, self.epoch_rows, RING, purchases)),
-            ("SELECT f.indexed_seq IS NOT NULL, s.epoch, s.closed_below, s.sealed_below, s.truncated_below "
-             "FROM splitter_seq s JOIN splitter_file f ON f.file_id = %s WHERE s.id = 1", (file_id,)),
+            # One column: PyMySQL parses each column's descriptor for more than splitting costs.
+            ("SELECT CONCAT_WS(' ', f.indexed_seq IS NOT NULL, s.epoch, s.closed_below, s.sealed_below, "
+             "s.truncated_below) FROM splitter_seq s JOIN splitter_file f ON f.file_id = %s WHERE s.id = 1",
+             (file_id,)),
         ]
-        conn = self.conn()
-        with conn.cursor() as cur:
-            try:
-                state = db.Transaction(cur).finish(*statements)[-1].one()
-            except BaseException:
-                try:
-                    conn.rollback()
-                except Exception:
-                    pass
-                raise
-        indexed, current, closed, sealed, truncated = state
+        return statements
+
+    def _finalized(self, epoch: int, state) -> None:
+        """What the completion's last statement answered: EpochSealed if the file's index is
+        not complete; sealing due if an epoch waits for it."""
+        indexed, current, closed, sealed, truncated = (int(v) for v in state.split())
         if not indexed:
             raise EpochSealed(f"order index epoch {epoch} was closed for sealing before this file's index completed "
                               f"(a split longer than {self.seal_grace:g} s, or resumed): split it again")
@@ -765,9 +834,19 @@ class FileRouting:
                 return shop
         return None
 
-    def lookup(self, orders: list[tuple[int, int]]) -> list[int | None]:
+    def lookup(self, orders: list[tuple[int, int]], finish: bool = False) -> list[int | None]:
+        """`finish`: every line was read; when the index has a completion to send
+        (`finalizes`), it goes with the lookup, one round trip for both (`finish` then has
+        nothing left to do)."""
         self._raise_loader_error()
-        return self.index.lookup(self, orders)
+        if not (finish and self.finalizes):
+            return self.index.lookup(self, orders)
+        _, data = self._chunk()
+        self._stop_loader()
+        self._raise_loader_error()
+        result = self.index.lookup(self, orders, finish=(self.purchases, data))
+        self.indexed = True
+        return result
 
     def lookup_async(self, orders: list[tuple[int, int]]) -> Future:
         """Rows this lookup needs from this file are those of chunks already dropped from
@@ -846,17 +925,27 @@ class FileRouting:
             self._thread.join()
             self._thread = None
 
-    def finish(self) -> None:
+    @property
+    def finalizes(self) -> bool:
+        """Whether `finish` will send a transaction (which can carry the caller's statements)."""
+        return not self.indexed and self.purchases > 0
+
+    def finish(self, also: list[str] = ()) -> None:
         """Write what is left and mark the file's index complete (a file without purchases
-        has nothing anyone could see: it costs no statement)."""
+        has nothing anyone could see: it costs no statement). `also`: see `finalize`; sent
+        only when `finalizes` said so."""
         if self.indexed:
+            if also:
+                raise ValueError("statements for a file whose index is complete: nothing is sent")
             return
         _, data = self._chunk()
         self._stop_loader()
         self._raise_loader_error()
         purchases = self.purchases
         if purchases:
-            self.index.finalize(self.file_id, self.epoch, purchases, data)
+            self.index.finalize(self.file_id, self.epoch, purchases, data, also)
+        elif also:
+            raise ValueError("statements for a file without purchases: nothing is sent")
         self.indexed = True
 
     def abort(self) -> None:

@@ -142,7 +142,7 @@ def _classify(line: bytes, shard_count: int) -> tuple[int | str, int | None, int
 def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[bytes], object] | None],
                  registered: list[bool], file_routing: FileRouting,
                  rejected_out: Callable[[bytes], object] | None = None,
-                 check: Callable[[], None] = lambda: None) -> SplitResult:
+                 check: Callable[[], None] = lambda: None, rows_of_rejected: bool = False) -> SplitResult:
     """Route every line of `source`; write those of the shards in `outputs` (None: count only)
     and, with `rejected_out`, one record per rejected line.
 
@@ -150,7 +150,11 @@ def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[b
     input and written one join per shard and segment. A return without shop_id whose
     purchase is not in memory holds its place in every shard's list of its segment; the
     segment's lookups run on a second thread while the next segment fills, so at most two
-    segments are held. Nothing a line holds raises out of here."""
+    segments are held. Nothing a line holds raises out of here.
+
+    The last segment's lookup carries the order index's completion (one round trip for both)
+    unless rejected lines were met and `rows_of_rejected` (they are written to the database
+    after the lookups, in the completion's transaction: that round trip is sent anyway)."""
     counts = [0] * shard_count
     rejected: dict[str, int] = {}
     result = SplitResult(per_shard=counts, rejected=rejected)
@@ -213,7 +217,8 @@ def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[b
             segment, in_flight = in_flight, None
             write(*segment[:3], segment[3].result())
         if waiting and last:
-            write(lists, rejects, waiting, routing.lookup([(w[2], w[0]) for w in waiting]))
+            finish = not (rows_of_rejected and (rejected or rejects))
+            write(lists, rejects, waiting, routing.lookup([(w[2], w[0]) for w in waiting], finish))
         elif waiting:
             in_flight = (lists, rejects, waiting, routing.lookup_async([(w[2], w[0]) for w in waiting]))
         else:
@@ -329,10 +334,18 @@ def split_file(source: Path, filename: str, shared: Path, shard_count: int, shar
                     if rejected_rows is not None:
                         rejected_out = rejected_rows.tee(rejected_out, filename, Stage.SPLITTER, None)
                 reg = [s in registered for s in range(shard_count)]
-                result = split_stream(src, shard_count, outputs, reg, file_routing, rejected_out, check)
-                file_routing.finish()
-                if rejected_rows is not None and rejected_out is not None:
-                    rejected_out.flush()
+                tee = rejected_out if rejected_rows is not None else None
+                together = tee is not None and rejected_rows.url == index.url
+                result = split_stream(src, shard_count, outputs, reg, file_routing, rejected_out, check,
+                                      rows_of_rejected=together)
+                also: list[str] = []
+                if together and tee.rows and file_routing.finalizes:
+                    # The rejected rows ride in the index's completion: one round trip, not two.
+                    rejected_rows.ensure_schema()
+                    also = rejected.insert_sql(index.conn(), tee.take())
+                file_routing.finish(also)
+                if tee is not None:
+                    tee.flush()
         except BaseException:
             file_routing.abort()
             raise

@@ -1,0 +1,126 @@
+"""The splitter's cost per small file (prints figures; not a test).
+
+    .venv/bin/python bench/split_files.py [--lines 500] [--files 200] [--private] [--root DIR]
+
+A real Splitter, in this process, splits --files source files of --lines lines (the project's
+generator, both shards claimed, the rejected file and its rows written, the pass between files
+run) after 10 warm-up files, on a fresh database, without the API (a claim of every shard of a
+file asks it nothing). Prints the splitter's CPU per file (`time.process_time`, its threads
+included), the wall time, then, over as many further files, the round trips (commands sent),
+SQL statements (results read) and rows read per file, and the round trips by their first words.
+`--private`: a mariadbd of the bench's own (128 MiB pool), whose CPU per file is printed too
+(`server_cpu_ms_per_file`, from /proc). `--root DIR`: the app code of another checkout (e.g. a
+`git archive` of the base), to compare two versions back to back, alternated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lines", type=int, default=500)
+    ap.add_argument("--files", type=int, default=200)
+    ap.add_argument("--private", action="store_true")
+    ap.add_argument("--root", type=Path, default=ROOT)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from bench.worker import server_cpu
+    sys.path.insert(0, str(args.root.resolve()))
+    for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
+        del sys.modules[name]
+    import pymysql.connections as pc
+
+    from app import layout
+    from app.client import Task
+    from app.config import Settings
+    from app.daemon import Context
+    from app.ingest.generator import generate_files
+    from app.splitter.stage import Splitter
+    from tests import servers
+
+    n = args.files
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = Path(tmp) / "shared"
+        names = generate_files(layout.events_dir(shared), 2 * n + 10, args.lines, seed=3, start="20260501000000")
+        name = servers.unique_name("split_files")
+        private = servers.new_private_mariadb(["--innodb-buffer-pool-size=128M"]) if args.private else None
+        pid = private.proc.pid if private else 0
+        admin = servers.admin_connect(port=private.port) if private else servers.admin_connect()
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{name}`")
+        try:
+            url = private.url(name) if private else servers.server_url(name)
+            settings = Settings.from_env(dict(os.environ, MYSQL_PIPELINE_URL=servers.url_text(url),
+                                              SHARED_DIR=str(shared), SHARD_COUNT="2"))
+            stage = Splitter(settings)
+            ctx = Context(threading.Event(), logging.getLogger("bench"))
+            stage.setup(ctx)
+
+            def work(some):
+                for f in some:
+                    outcomes = stage.process([Task(f, 0), Task(f, 1)], ctx)
+                    if type(outcomes[0]).__name__ != "Done":
+                        raise SystemExit(f"{f}: {outcomes}")
+
+            work(names[:10])
+            cpu, server, wall = time.process_time(), server_cpu(pid), time.perf_counter()
+            work(names[10:n + 10])
+            cpu, server, wall = time.process_time() - cpu, server_cpu(pid) - server, time.perf_counter() - wall
+
+            counts = {"round_trips": 0, "statements": 0, "rows": 0}
+            kinds: dict[str, int] = {}
+            execute, read, row = pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet
+
+            def counted_execute(self, command, sql):
+                counts["round_trips"] += 1
+                text = sql if isinstance(sql, str) else bytes(sql[:100]).decode("utf-8", "replace")
+                kind = " ".join(text.split()[:3])[:40] or "(ping)"
+                kinds[kind] = kinds.get(kind, 0) + 1
+                return execute(self, command, sql)
+
+            def counted_read(self):
+                counts["statements"] += 1
+                return read(self)
+
+            def counted_row(self, packet):
+                counts["rows"] += 1
+                return row(self, packet)
+
+            pc.Connection._execute_command, pc.MySQLResult.read = counted_execute, counted_read
+            pc.MySQLResult._read_row_from_packet = counted_row
+            try:
+                work(names[n + 10:])
+            finally:
+                pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet = \
+                    execute, read, row
+            stage.teardown()
+        finally:
+            with admin.cursor() as cur:
+                cur.execute(f"DROP DATABASE `{name}`")
+            admin.close()
+            if private:
+                private.stop()
+                shutil.rmtree(private.datadir, ignore_errors=True)
+    print(json.dumps({"root": str(args.root), "lines_per_file": args.lines, "files": n,
+                      "splitter_cpu_ms_per_file": round(cpu / n * 1000, 3),
+                      **({"server_cpu_ms_per_file": round(server / n * 1000, 3)} if private else {}),
+                      "wall_ms_per_file": round(wall / n * 1000, 2),
+                      **{k + "_per_file": round(v / n, 2) for k, v in counts.items()}}))
+    print("round trips per file by first words:",
+          ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+
+
+if __name__ == "__main__":
+    main()
