@@ -538,20 +538,27 @@ class Api:
             return items
         end = min(time.monotonic() + linger, deadline)
         held = {(r["filename"], r["shard"]) for r in items}
-        while len(items) < limit and time.monotonic() < end:
-            seen = self.watch.generation
-            ready, upstream = self.tracker.upstream(stage, shard)
-            if not ready and not upstream:
-                break
-            if not ready and not self.watch.wait(stage, shard, seen, end):
-                # No news here (another API process may have made it ready): one last look.
-                if not self.tracker.upstream(stage, shard)[0]:
+        try:
+            while len(items) < limit and time.monotonic() < end:
+                seen = self.watch.generation
+                ready, upstream = self.tracker.upstream(stage, shard)
+                if not ready and not upstream:
                     break
-            more = [r for r in self.tracker.claim(stage, limit, shard, owner) if (r["filename"], r["shard"]) not in held]
-            if not more:
-                break
-            items = items + more
-            held.update((r["filename"], r["shard"]) for r in more)
+                if not ready and not self.watch.wait(stage, shard, seen, end):
+                    # No news here (another API process may have made it ready): one last look.
+                    if not self.tracker.upstream(stage, shard)[0]:
+                        break
+                more = [r for r in self.tracker.claim(stage, limit, shard, owner)
+                        if (r["filename"], r["shard"]) not in held]
+                if not more:
+                    break
+                items = items + more
+                held.update((r["filename"], r["shard"]) for r in more)
+        except db.UNAVAILABLE as exc:
+            # What is claimed (and a done's commit) stands: hand it over rather than answer 503.
+            if (exc.args[0] if exc.args else None) not in db.DEADLOCK_CODES:
+                self.conns.discard()
+            log.warning("claim linger cut short: %s", exc)
         return items
 
     def queue(self, stage: str):
