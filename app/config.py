@@ -413,6 +413,9 @@ class Settings:
     api_wait_threads: int = 16
     api_wait_poll: float = 0.1
     claim_wait: float = 2.0
+    # A per-shard claim (shard-worker, mysql-sender) that finds fewer tasks than its limit while
+    # the previous stage still works on the shard's files waits up to this long for more (0: off).
+    claim_linger: float = 0.03
     # pipeline_transitions rows older than this are pruned by the API (one instance at a time).
     transitions_window: float = 7 * 86400.0
     # supervisord's XML-RPC unix socket, for the monitor's process panel (default: the one of
@@ -482,6 +485,7 @@ class Settings:
             api_wait_threads=_int(env, "API_WAIT_THREADS", 16, 1, 1024),
             api_wait_poll=min(max(_duration(env, "API_WAIT_POLL", 0.1), 0.01), 5.0),
             claim_wait=min(_duration(env, "CLAIM_WAIT_SECONDS", 2.0), 30.0),
+            claim_linger=min(_duration(env, "CLAIM_LINGER_SECONDS", 0.03), 1.0),
             transitions_window=_duration(env, "TRANSITIONS_WINDOW", 7 * 86400.0),
             api_processes=_int(env, "API_WORKERS", 2, 1, 64),
             api_threads=_int(env, "API_THREADS", 4, 1, 256),

@@ -92,6 +92,17 @@ class Leases:
                                f" OR EXISTS({sql_ready(stage, sharded, '1', 'LIMIT 1')}) AS maybe", args)
         return bool(rows[0]["maybe"])
 
+    def upstream(self, stage: str, shard: int) -> tuple[int, int]:
+        """(ready tasks of `stage` on `shard`, tasks the previous stage has started there), from
+        the counts the triggers keep: one primary-key read, no lock. What a claim that came up
+        short asks before it lingers for more (a lone file, nothing upstream, never waits)."""
+        stage = Stage(stage)
+        rows = self.store.read("SELECT stage, status, n FROM pipeline_task_counts WHERE (stage, shard, status)"
+                               " IN ((%s,%s,'ready'),(%s,%s,%s))",
+                               (stage, shard, stage.previous, shard, STARTED))
+        got = {(r["stage"], r["status"]): int(r["n"]) for r in rows}
+        return got.get((stage, "ready"), 0), got.get((stage.previous, STARTED), 0)
+
     @staticmethod
     def _claimed(r: dict, attempts: int, resumed: bool) -> dict:
         return {"filename": r["filename"], "shard": r["shard"], "created_at": iso_s(r["created_at"]),

@@ -23,7 +23,7 @@ import pymysql
 from .. import db
 from ..config import Settings, check_api_exposure, is_loopback
 from ..logs import setup_logging
-from ..stages import FIRST, ORDERED, STAGES, STATUSES, TRANSITIONS, WORK_STAGES, Action, Stage, Status
+from ..stages import FIRST, ORDERED, PER_SHARD, STAGES, STATUSES, TRANSITIONS, WORK_STAGES, Action, Stage, Status
 from . import errors, metrics, retention, schema, tracking, wakeup
 from .rejected import RejectedRoutes
 
@@ -520,9 +520,46 @@ class Api:
                     self._reap_now_and_then()
                     items = self.tracker.claim(stage, limit, shard, owner)
                 ask_first = False
-            if items or wait <= 0 or not self.watch.wait(stage, shard, seen, deadline) or _caller_gone():
+            if items:
+                return self._linger(stage, limit, shard, owner, items, deadline)
+            if wait <= 0 or not self.watch.wait(stage, shard, seen, deadline) or _caller_gone():
                 return items
             items = None
+
+    def _linger(self, stage: Stage, limit: int, shard: int | None, owner: str, items: list[dict],
+                deadline: float) -> list[dict]:
+        """A per-shard claim that got fewer tasks than its limit while the previous stage still
+        works on the shard's files tops itself up with those that become ready within
+        CLAIM_LINGER_SECONDS (never past the request's own wait): a daemon that keeps up would
+        otherwise take its files one or two at a time, a request and a transaction each. What it
+        holds is claimed already; a lone file (nothing started upstream) returns at once."""
+        linger = self.settings.claim_linger
+        if linger <= 0 or len(items) >= limit or shard is None or stage not in PER_SHARD:
+            return items
+        end = min(time.monotonic() + linger, deadline)
+        held = {(r["filename"], r["shard"]) for r in items}
+        try:
+            while len(items) < limit and time.monotonic() < end:
+                seen = self.watch.generation
+                ready, upstream = self.tracker.upstream(stage, shard)
+                if not ready and not upstream:
+                    break
+                if not ready and not self.watch.wait(stage, shard, seen, end):
+                    # No news here (another API process may have made it ready): one last look.
+                    if not self.tracker.upstream(stage, shard)[0]:
+                        break
+                more = [r for r in self.tracker.claim(stage, limit, shard, owner)
+                        if (r["filename"], r["shard"]) not in held]
+                if not more:
+                    break
+                items = items + more
+                held.update((r["filename"], r["shard"]) for r in more)
+        except db.UNAVAILABLE as exc:
+            # What is claimed (and a done's commit) stands: hand it over rather than answer 503.
+            if (exc.args[0] if exc.args else None) not in db.DEADLOCK_CODES:
+                self.conns.discard()
+            log.warning("claim linger cut short: %s", exc)
+        return items
 
     def queue(self, stage: str):
         stage = self._stage(stage)

@@ -37,6 +37,7 @@ class Tracker:
         self.register, self.ingest_done, self.transition, self.retry_all = (
             t.register, t.ingest_done, t.transition, t.retry_all)
         self.claim, self.may_claim, self.heartbeat, self.reap = le.claim, le.may_claim, le.heartbeat, le.reap
+        self.upstream = le.upstream
         self.queue, self.tasks, self.file, self.summary, self.throughput = (
             r.queue, r.tasks, r.file, r.summary, r.throughput)
 
