@@ -436,8 +436,17 @@ class Run:
                 "pipeline_tables": dict(sorted(pipeline.items(), key=lambda kv: -kv[1])),
                 "pipeline_bytes_per_event_by_table": {
                     t: round(b / max(1, self.registered), 1) for t, b in sorted(pipeline.items(), key=lambda kv: -kv[1])},
+                "pipeline_index_bytes_per_event": {
+                    f"{t}.{i}": round(b / max(1, self.registered), 2)
+                    for (t, i), b in self._index_bytes(self.pipe.pipeline_db.database).items()},
                 "shard_rows": rows, "shard_bytes": shard_total,
                 "shard_bytes_per_row": round(shard_total / max(1, rows), 1)}
+
+    def _index_bytes(self, database: str) -> dict[tuple[str, str], int]:
+        """Each index's pages (InnoDB's persistent statistics, after ANALYZE), largest first."""
+        return {(t, i): int(n) * 16384 for t, i, n in self.server.execute(
+            "SELECT table_name, index_name, stat_value FROM mysql.innodb_index_stats WHERE database_name = %s"
+            " AND stat_name = 'size' ORDER BY stat_value DESC", (database,))}
 
     def _table_bytes(self, database: str) -> dict[str, int]:
         tables = [t for (t,) in self.server.execute(
@@ -722,6 +731,8 @@ class Bench:
             f"shards {st['shard_bytes_per_row']} B/row")
         log("    state B/event by table: " + ", ".join(
             f"{t} {b}" for t, b in st.get("pipeline_bytes_per_event_by_table", {}).items() if b >= 0.05))
+        log("    state B/event by index: " + ", ".join(
+            f"{t} {b}" for t, b in st.get("pipeline_index_bytes_per_event", {}).items() if b >= 0.05))
         log(f"    SQL statements per file: {r['sql_per_file_total']} (" +
             ", ".join(f"{k} {v}" for k, v in list(r["sql_per_file"].items())[:8]) + ")")
         if "api_requests_per_file" in r:

@@ -229,7 +229,7 @@ def test_hold_expires_by_the_wall_clock_cap_when_the_stream_is_idle(pipeline):
     pipeline.wait_done(F1)
     started = time.monotonic()
     servers.wait_until(lambda: pipeline.sql("SELECT state, code, resolved_file_id FROM worker_holds") ==
-                       [("expired", CODE["orphan_return"], None)], 10, 0.1, "the idle worker expiring the hold")
+                       [("expired", CODE["orphan_return"], 0)], 10, 0.1, "the idle worker expiring the hold")
     assert time.monotonic() - started >= 0.5
     pipeline.feed(F2, {0: [purchase(1000, 900, user=1, shop=2, price=10)]})   # only 1 s of event time later
     pipeline.wait_done(F2)

@@ -19,7 +19,7 @@ from app.client import Task
 from app.config import Settings
 from app.daemon import Context, TaskFailed
 from app.events import event_key
-from app.worker.rules import buyer_of, minute_of
+from app.worker.rules import ORPHAN_RETURN, buyer_of, minute_of
 from app.worker import stage as stage_module
 from app.worker.stage import WorkerStage
 from tests import servers
@@ -278,7 +278,8 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
     conn = db.connect(url)
     try:
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0004_lean_state",
-                                                                 "worker 0005_packed_sealed_keys"]
+                                                                 "worker 0005_packed_sealed_keys",
+                                                                 "worker 0006_holds_in_place"]
         shape = sql(url, "SELECT table_name, column_name, column_type FROM information_schema.columns "
                          "WHERE table_schema=DATABASE() AND table_name LIKE %s ORDER BY 1, 2", ("worker%",))
         with conn.cursor() as cur:   # the migration again, from its first statement: it changes nothing
@@ -445,7 +446,8 @@ def test_upgrade_from_0004_packs_sealed_keys_and_runs_again_from_the_top_after_s
         with conn.cursor() as cur:   # stopped before the rename: the copy is there, the old table too
             for statement in statements[:stop]:
                 cur.execute(statement)
-        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0005_packed_sealed_keys"]
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0005_packed_sealed_keys",
+                                                                 "worker 0006_holds_in_place"]
         with conn.cursor() as cur:   # and once more from its first statement: nothing changes
             for statement in statements:
                 cur.execute(statement)
@@ -483,3 +485,81 @@ def test_sealing_refuses_keys_cut_short_by_group_concat_max_len(worker):
         cur.execute("SET SESSION group_concat_max_len = 1048576")
     assert state.seal(minute_of(ts(MINUTE))) == 40
     assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 40}
+
+
+def hold_pages(url) -> int:
+    """Pages of worker_holds' rows (InnoDB's statistics, after ANALYZE; each page counts while the
+    table holds fewer than 32)."""
+    sql(url, "ANALYZE TABLE worker_holds")
+    return int(sql(url, "SELECT stat_value FROM mysql.innodb_index_stats WHERE database_name=DATABASE() "
+                        "AND table_name='worker_holds' AND index_name='PRIMARY' AND stat_name='size'")[0][0])
+
+
+def test_resolving_holds_updates_their_rows_in_place_and_their_pages_stay_full(worker):
+    """A hold's row has its final size at insert (0006): releasing 1000 holds appended in key order
+    does not split their pages (a row growing by its resolution did, to about twice the pages)."""
+    w = worker(HOLD_SECONDS="1h")
+    n = 1000
+    w.decide(F1, [refund(i, 10_000 + i, user=1, amount=1, shop=2) for i in range(n)])
+    assert sql(w.url, "SELECT COUNT(*) FROM worker_holds WHERE state='held'") == [(n,)]
+    before = hold_pages(w.url)
+    assert before >= 10
+    assert w.decide(F2, [purchase(n + i, 10_000 + i, user=1, shop=2, price=1) for i in range(n)]).stats["released"] == n
+    assert sql(w.url, "SELECT COUNT(*) FROM worker_holds WHERE state='released'") == [(n,)]
+    assert hold_pages(w.url) <= before + 1
+
+
+def test_upgrade_from_0005_keeps_holds_as_they_were_and_runs_again_from_the_top_after_stopping_halfway(
+        make_database, shared_dir, tmp_path, monkeypatch):
+    """0006 writes the sentinels into the NULLs of existing holds (held, released, expired by the
+    idle worker and not yet reported) and makes the columns NOT NULL; the worker reads each hold
+    as before, and finds the unreported one."""
+    url = make_database("upg6")
+    current_sql = older_worker_schema(tmp_path, monkeypatch, last=5)
+    conn = db.connect(url)
+    assert [m.version for m in db.migrate(conn, "worker")] == [1, 2, 3, 4, 5]
+    with conn.cursor() as cur:   # what the 0005 worker left
+        cur.execute("INSERT INTO worker_files (id, shard, filename) VALUES (7, 0, %s), (8, 0, %s)", (F1, F2))
+        cur.execute("INSERT INTO worker_holds (file_id, line, shard, order_id, event_time, expires_at, raw, state, "
+                    "code, resolved_file_id, resolved_line, resolved_seq, resolved_at) VALUES "
+                    "(7, 1, 0, 100, '2026-03-01 12:00:00', '2026-03-01 12:10:00', 'a', 'held', NULL, NULL, NULL, NULL, NULL), "
+                    "(7, 2, 0, 200, '2026-03-01 12:00:01', '2026-03-01 12:10:01', 'b', 'released', 0, 8, 3, 1, NOW(3)), "
+                    "(7, 3, 0, 300, '2026-03-01 12:00:02', '2026-03-01 12:10:02', 'c', 'expired', %s, NULL, NULL, NULL, "
+                    "NOW(3))", (ORPHAN_RETURN,))
+    conn.close()
+    monkeypatch.setattr(db, "SQL_DIR", current_sql)
+    conn = db.connect(url)
+    try:
+        statements = db.migrations("worker")[5].statements()
+        stop = next(i for i, s in enumerate(statements) if s.startswith("SET @sql = IF(@nullable > 0, 'ALTER"))
+        with conn.cursor() as cur:   # stopped after the sentinels were written, before the columns changed
+            for statement in statements[:stop]:
+                cur.execute(statement)
+        conn.commit()
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0006_holds_in_place"]
+        with conn.cursor() as cur:   # and once more from its first statement: nothing changes
+            for statement in statements:
+                cur.execute(statement)
+    finally:
+        conn.close()
+    assert sql(url, "SELECT column_name, is_nullable FROM information_schema.columns WHERE table_schema=DATABASE() "
+                    "AND table_name='worker_holds' AND column_name IN ('code', 'resolved_file_id', 'resolved_line', "
+                    "'resolved_seq', 'resolved_at') ORDER BY 1") == [
+        ("code", "NO"), ("resolved_at", "NO"), ("resolved_file_id", "NO"), ("resolved_line", "NO"),
+        ("resolved_seq", "NO")]
+    w = worker_for(url, shared_dir)
+    try:
+        state = w.stage.state
+        held = [(h.order_id, h.state, h.code, h.resolved_file_id) for hs in state.active_holds().by_order.values()
+                for h in hs]
+        assert held == [(100, "held", None, None)]
+        assert [(h.order_id, h.code, h.resolved_file_id, h.resolved_line, h.resolved_seq)
+                for h in state.resolved_in(8)] == [(200, 0, 8, 3, 1)]
+        with state.conn.cursor() as cur:
+            cur.execute(state.idle_expired_sql())
+            expired = state.parse_holds(cur.fetchall())
+        state.conn.rollback()
+        assert [(h.order_id, h.state, h.code, h.resolved_file_id) for h in expired] == [
+            (300, "expired", ORPHAN_RETURN, None)]
+    finally:
+        w.close()

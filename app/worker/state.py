@@ -18,7 +18,7 @@ import pymysql
 from .. import db
 from ..config import MySQLURL
 from ..events import TIME_FORMAT
-from .rules import ORPHAN_RETURN, Event, add_seconds, minute_of
+from .rules import HELD, ORPHAN_RETURN, Event, add_seconds, minute_of
 
 # The worker's tables' migrations: db/migrations/worker/ (applied by `db.migrate`).
 SCHEMA = "worker"
@@ -166,8 +166,18 @@ _HOLD_COLS = ("h.file_id, h.line, f.filename, h.order_id, h.raw, h.event_time, h
               " h.code, h.resolved_file_id, h.resolved_line, h.resolved_seq")
 
 
+# A hold's row has its final size at insert, so its resolution updates it in place (migration
+# worker/0006): these stand for "not yet" in the table; a Hold has None.
+UNRESOLVED_FILE = 0
+UNRESOLVED_AT = "1970-01-01 00:00:00.000"
+
+
 def _hold(row) -> Hold:
     (file_id, line, origin, order_id, raw, event_time, expires, held_at, state, code, r_file, r_line, r_seq) = row
+    if state == "held":
+        code = None
+    if r_file == UNRESOLVED_FILE:
+        r_file = r_line = r_seq = None
     return Hold(file_id, line, origin, order_id, bytes(raw), time_text(event_time), time_text(expires), held_at,
                 state, code, r_file, r_line, r_seq)
 
@@ -467,7 +477,7 @@ class WorkerState:
     def idle_expired_sql(self) -> str:
         """Holds the idle worker expired (wall-clock cap) that no file has reported yet."""
         return (f"SELECT {_HOLD_COLS} FROM worker_holds h JOIN worker_files f ON f.id=h.file_id "
-                f"WHERE h.shard={self.shard:d} AND h.state='expired' AND h.resolved_file_id IS NULL "
+                f"WHERE h.shard={self.shard:d} AND h.state='expired' AND h.resolved_file_id={UNRESOLVED_FILE:d} "
                 f"ORDER BY h.file_id, h.line FOR UPDATE")
 
     @staticmethod
@@ -481,12 +491,16 @@ class WorkerState:
         return db.insert_statements(
             conn, "INSERT INTO worker_holds (file_id, line, shard, order_id, event_time, expires_at, raw, state,"
                   " code, resolved_file_id, resolved_line, resolved_seq, resolved_at) VALUES ",
-            [(h.file_id, h.line, shard, h.order_id, h.ts, h.expires, h.raw, h.state, h.code,
-              h.resolved_file_id, h.resolved_line, h.resolved_seq, None if h.state == "held" else now)
+            [(h.file_id, h.line, shard, h.order_id, h.ts, h.expires, h.raw, h.state,
+              HELD if h.code is None else h.code,
+              *((UNRESOLVED_FILE, 0, 0) if h.resolved_file_id is None else
+                (h.resolved_file_id, h.resolved_line, h.resolved_seq)),
+              UNRESOLVED_AT if h.state == "held" else now)
              for h in holds],
             " ON DUPLICATE KEY UPDATE state=VALUES(state), code=VALUES(code),"
             " resolved_file_id=VALUES(resolved_file_id), resolved_line=VALUES(resolved_line),"
-            " resolved_seq=VALUES(resolved_seq), resolved_at=COALESCE(resolved_at, VALUES(resolved_at))")
+            f" resolved_seq=VALUES(resolved_seq), resolved_at=IF(resolved_at='{UNRESOLVED_AT}', VALUES(resolved_at),"
+            " resolved_at)")
 
     def expire_idle(self) -> int:
         """Wall-clock cap: expire every hold of the shard as `orphan_return`. They stay
