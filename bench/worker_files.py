@@ -40,11 +40,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import shutil
 
+    from bench import wire
     from bench.worker import from_generator, server_cpu
     sys.path.insert(0, str(args.root.resolve()))
     for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
         del sys.modules[name]     # bench.worker imported this checkout's app.layout
-    import pymysql.connections as pc
 
     from app import layout
     from app.client import Task
@@ -89,32 +89,8 @@ def main() -> None:
             work(names[10:n + 10])
             cpu, server, wall = time.process_time() - cpu, server_cpu(pid) - server, time.perf_counter() - wall
 
-            counts = {"round_trips": 0, "statements": 0, "rows": 0}
-            kinds: dict[str, int] = {}
-            execute, read, row = pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet
-
-            def counted_execute(self, command, sql):
-                counts["round_trips"] += 1
-                text = sql if isinstance(sql, str) else bytes(sql[:100]).decode("utf-8", "replace")
-                kind = " ".join(text.split()[:3])[:40] or "(ping)"
-                kinds[kind] = kinds.get(kind, 0) + 1
-                return execute(self, command, sql)
-
-            def counted_read(self):
-                counts["statements"] += 1
-                return read(self)
-
-            def counted_row(self, packet):
-                counts["rows"] += 1
-                return row(self, packet)
-
-            pc.Connection._execute_command, pc.MySQLResult.read = counted_execute, counted_read
-            pc.MySQLResult._read_row_from_packet = counted_row
-            try:
+            with wire.counting() as (counts, kinds):
                 work(names[n + 10:])
-            finally:
-                pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet = \
-                    execute, read, row
             stage.teardown()
         finally:
             with admin.cursor() as cur:

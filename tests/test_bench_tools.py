@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import pymysql
 import pytest
 
-from bench import apicount, procstat, profiling
+from bench import apicount, procstat, profiling, wire
 from bench.pipeline import GROUPS, split_per_file
 
 
@@ -33,6 +34,33 @@ def test_cpu_seconds_counts_a_process_tree_children_included():
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_wire_counts_round_trips_statements_and_rows_and_puts_pymysql_back():
+    """Two statements in one packet are one round trip and two results; the rows are counted
+    as read; outside the block nothing is counted (PyMySQL is as it was)."""
+    import pymysql.connections as pc
+
+    from tests import servers
+    before = pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet
+    conn = pymysql.connect(host=servers.MYSQL_HOST, port=servers.MYSQL_PORT, user=servers.MYSQL_USER,
+                           password=servers.MYSQL_PASSWORD, ssl_disabled=True,
+                           client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS)
+    try:
+        with wire.counting() as (counts, kinds):
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 UNION ALL SELECT 2; SELECT 3")
+                cur.fetchall()
+                while cur.nextset():
+                    cur.fetchall()
+        assert counts == {"round_trips": 1, "statements": 2, "rows": 3}
+        assert kinds == {"SELECT 1 UNION": 1}
+        with conn.cursor() as cur:
+            cur.execute("SELECT 4")
+        assert counts["round_trips"] == 1
+    finally:
+        conn.close()
+    assert (pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet) == before
 
 
 def test_cpu_seconds_of_a_gone_process_is_zero():
