@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -13,6 +14,20 @@ import requests
 from tests.test_api_contract import BASE, Http, module_api, new_name
 
 THREADS = 32
+BUSY_RETRIES = 20
+
+
+def post(session: requests.Session, url: str, body: dict) -> requests.Response:
+    """A POST as the daemons' client sends it: a 503 that says `"retry": true` (lock contention
+    the API's own deadlock retries did not get past; nothing of the request was committed) is
+    sent again, a bounded number of times. Every other answer is the test's to judge: with 32
+    threads racing, a request now and then meets six deadlocks in a row (one CI run in ~10)."""
+    for _ in range(BUSY_RETRIES):
+        resp = session.post(url, json=body, timeout=60)
+        if resp.status_code != 503 or resp.json().get("retry") is not True:
+            return resp
+        time.sleep(random.uniform(0.005, 0.05))
+    return resp
 
 
 @pytest.fixture
@@ -69,7 +84,7 @@ def test_32_threads_racing_start_on_the_same_tasks_win_each_exactly_once(fresh):
         random.Random(i).shuffle(order)
         outcomes = []
         for name, shard in order:
-            resp = session.post(url, json={"filename": name, "shard": shard, "worker": f"t{i}"}, timeout=60)
+            resp = post(session, url, {"filename": name, "shard": shard, "worker": f"t{i}"})
             assert resp.status_code in (200, 409), resp.text
             if resp.status_code == 409:
                 assert resp.json()["status"] == "started"
@@ -94,15 +109,14 @@ def test_32_threads_racing_claims_take_every_task_exactly_once(fresh):
         rng = random.Random(i)
         got = []
         while True:
-            resp = session.post(url, json={"limit": rng.randint(1, 3), "worker": f"c{i}"}, timeout=60)
+            resp = post(session, url, {"limit": rng.randint(1, 3), "worker": f"c{i}"})
             assert resp.status_code == 200, resp.text
             items = resp.json()["items"]
             if not items:
                 return got
             assert not any(x["resumed"] for x in items)  # each is finished before the next claim
             for x in items:
-                done = session.post(done_url, json={"filename": x["filename"], "shard": x["shard"],
-                                                    "worker": f"c{i}"}, timeout=60)
+                done = post(session, done_url, {"filename": x["filename"], "shard": x["shard"], "worker": f"c{i}"})
                 assert done.status_code == 200 and done.json()["changed"], done.text
                 got.append((x["filename"], x["shard"]))
 
@@ -164,8 +178,7 @@ def test_racing_ordered_claims_never_overlap_or_reorder(fresh):
         done = 0
         idle = 0
         while idle < 40:
-            resp = session.post(f"{url}/queues/shard-worker/claim",
-                                json={"limit": 2, "shard": 0, "worker": f"o{i}"}, timeout=60)
+            resp = post(session, f"{url}/queues/shard-worker/claim", {"limit": 2, "shard": 0, "worker": f"o{i}"})
             assert resp.status_code == 200, resp.text
             items = resp.json()["items"]
             if not items:
@@ -173,8 +186,8 @@ def test_racing_ordered_claims_never_overlap_or_reorder(fresh):
                 continue
             idle = 0
             for item in items:
-                r = session.post(f"{url}/stages/shard-worker/done",
-                                 json={"filename": item["filename"], "shard": 0, "worker": f"o{i}"}, timeout=60)
+                r = post(session, f"{url}/stages/shard-worker/done",
+                         {"filename": item["filename"], "shard": 0, "worker": f"o{i}"})
                 assert r.status_code == 200, r.text
                 done += 1
         return done
@@ -204,7 +217,7 @@ def test_register_racing_itself_creates_once(fresh):
     url = f"http://127.0.0.1:{fresh.port}{BASE}/files/register"
 
     def register(i: int, session: requests.Session) -> bool:
-        resp = session.post(url, json={"filename": name, "shards": [0, 1]}, timeout=60)
+        resp = post(session, url, {"filename": name, "shards": [0, 1]})
         assert resp.status_code == 200, resp.text
         return resp.json()["created"]
 
