@@ -1,10 +1,12 @@
 """What PyMySQL sends and reads while a bench's window runs, in-process: round trips, statements
 (results read), rows, and round trips by their statement's first words. For the per-file benches
 (`split_files.py`, `worker_files.py`) that run a stage's code against another checkout, where
-the server's own counters would also count the bench's setup."""
+the server's own counters would also count the bench's setup; and their window (`window`)."""
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
+from typing import Callable
 
 
 @contextmanager
@@ -37,3 +39,21 @@ def counting():
         yield counts, kinds
     finally:
         pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet = execute, read, row
+
+
+def window(work: Callable[[list], None], names: list, n: int, server_cpu: Callable[[], float]):
+    """The per-file benches' window over `names` (2n + 10 files): 10 to warm up, n timed (this
+    process's CPU, the server's by `server_cpu()`, wall seconds), n counted on the wire (apart
+    from the timed ones: counting costs CPU). (cpu, server, wall, counts, kinds)."""
+    work(names[:10])
+    cpu, server, wall = time.process_time(), server_cpu(), time.perf_counter()
+    work(names[10:n + 10])
+    cpu, server, wall = time.process_time() - cpu, server_cpu() - server, time.perf_counter() - wall
+    with counting() as (counts, kinds):
+        work(names[n + 10:])
+    return cpu, server, wall, counts, kinds
+
+
+def by_first_words(kinds: dict[str, int], n: int) -> str:
+    return "round trips per file by first words: " + ", ".join(
+        f"{k} {v / n:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))

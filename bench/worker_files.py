@@ -23,7 +23,6 @@ import os
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,13 +83,7 @@ def main() -> None:
                     for group in stage.group([Task(f, 0) for f in some[i:i + args.claim]]):
                         stage.process(group, ctx)
 
-            work(names[:10])
-            cpu, server, wall = time.process_time(), server_cpu(pid), time.perf_counter()
-            work(names[10:n + 10])
-            cpu, server, wall = time.process_time() - cpu, server_cpu(pid) - server, time.perf_counter() - wall
-
-            with wire.counting() as (counts, kinds):
-                work(names[n + 10:])
+            cpu, server, wall, counts, kinds = wire.window(work, names, n, lambda: server_cpu(pid))
             stage.teardown()
         finally:
             with admin.cursor() as cur:
@@ -104,8 +97,7 @@ def main() -> None:
                       **({"server_cpu_ms_per_file": round(server / n * 1000, 2)} if private else {}),
                       "wall_ms_per_file": round(wall / n * 1000, 2),
                       **{k + "_per_file": round(v / n, 2) for k, v in counts.items()}}))
-    print("round trips per file by first words:",
-          ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    print(wire.by_first_words(kinds, n))
 
 
 if __name__ == "__main__":
