@@ -26,6 +26,7 @@ from app.stages import STAGES, WORK_STAGES
 from bench import procstat
 from tests import servers
 from tests.test_api_contract import BASE, new_name
+from tests.test_api_counts import wait_for_reaper
 
 ACTIONS = ("start", "done", "fail", "retry", "release", "rewind", "heartbeat")
 
@@ -173,13 +174,7 @@ def test_counts_stay_exact_through_every_path_at_once(make_database, tmp_path):
                 total[kind] = total.get(kind, 0) + n
         assert len(kinds) == 10 and min(total.values()) >= 5 and moves[0] >= 20, (total, moves)
 
-        def leases_left() -> int:
-            with conn.cursor() as cur:
-                cur.execute("SELECT COUNT(*) FROM pipeline_tracking WHERE lease_expires_at IS NOT NULL")
-                n = cur.fetchone()[0]
-            conn.commit()
-            return n
-        servers.wait_until(lambda: leases_left() == 0, timeout=30, what="the reaper to return every lease")
+        wait_for_reaper(conn)
         with conn.cursor() as cur:
             # The history is pruned as it goes (a window of 1 s); its outcome counts are not.
             cur.execute("SELECT action, SUM(n) FROM pipeline_transition_counts GROUP BY action")

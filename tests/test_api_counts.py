@@ -64,6 +64,18 @@ def churn(root: str, seed: int, names: list[str], stop: threading.Event, lock: t
     return answered
 
 
+def wait_for_reaper(conn, timeout: float = 30) -> None:
+    """Until no task holds a lease: the reaper has returned (or failed) every one a churn left
+    started (each read in a fresh snapshot)."""
+    def leases_left() -> int:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM pipeline_tracking WHERE lease_expires_at IS NOT NULL")
+            n = cur.fetchone()[0]
+        conn.commit()
+        return n
+    servers.wait_until(lambda: leases_left() == 0, timeout=timeout, what="the reaper to return every lease")
+
+
 def test_counts_equal_a_full_group_by_after_concurrent_transitions_kills_and_reaping(tmp_path_factory):
     with module_api(tmp_path_factory, LEASE_SECONDS="0.5", REAP_INTERVAL="0.2", MAX_ATTEMPTS="3") as server:
         root = f"http://127.0.0.1:{server.port}{BASE}"
@@ -92,13 +104,7 @@ def test_counts_equal_a_full_group_by_after_concurrent_transitions_kills_and_rea
         conn = server_db(server)
         try:
             # Leases of 0.5 s: the reaper returns (or fails) every task the churn left started.
-            def leases_left() -> int:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT COUNT(*) FROM pipeline_tracking WHERE lease_expires_at IS NOT NULL")
-                    n = cur.fetchone()[0]
-                conn.commit()
-                return n
-            servers.wait_until(lambda: leases_left() == 0, timeout=30, what="the reaper to return every lease")
+            wait_for_reaper(conn)
             with conn.cursor() as cur:
                 cur.execute("SELECT action, COUNT(*) FROM pipeline_transitions GROUP BY action")
                 actions = dict(cur.fetchall())
