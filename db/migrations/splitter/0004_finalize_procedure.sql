@@ -2,7 +2,8 @@
 -- the statements it ran one by one in the completion's transaction, the sequence's row locked
 -- first, now one CALL. The caller's transaction is the procedure's: it starts none and commits
 -- nothing. The answer (`p_state`: indexed 0/1, the current, closed, sealed and truncated epochs)
--- comes back through an OUT variable, so the CALL answers no result set of its own.
+-- comes back through an OUT variable, so the CALL answers no result set of its own. It runs
+-- with the caller's privileges (SQL SECURITY INVOKER): no account but the splitter's is involved.
 -- A file is marked indexed only if it is not yet, its epoch is not closed, and (`p_seen_from`
 -- not NULL) pruning has not passed the first epoch its lookups read; then its epoch's range
 -- takes the new sequence number and the sequence moves on, with the epoch when it is full
@@ -13,7 +14,7 @@
 DROP PROCEDURE IF EXISTS splitter_finalize;
 CREATE PROCEDURE splitter_finalize(IN p_file_id BIGINT, IN p_epoch BIGINT, IN p_purchases BIGINT,
     IN p_epoch_rows BIGINT, IN p_ring BIGINT, IN p_seen_from BIGINT, OUT p_state VARCHAR(200))
-  MODIFIES SQL DATA
+  MODIFIES SQL DATA SQL SECURITY INVOKER
 BEGIN
   DECLARE v_seq, v_epoch, v_rows, v_closed, v_trunc, v_pruned BIGINT
   ; SELECT value, epoch, epoch_rows, closed_below, truncated_below, pruned_epoch
