@@ -228,21 +228,24 @@ class OrderIndex:
         self.ensure_schema()
         cached = [int(e) for e in list(self._sealed)]   # list(): the lookup thread adds
         unknown = f"e.sealed = 1 AND e.epoch NOT IN ({','.join(str(e) for e in cached)})" if cached else "e.sealed = 1"
-        # Few columns: PyMySQL parses each column's descriptor for more CPU than splitting a
-        # short string costs. An epoch sealed that this process holds no directory of comes
-        # negative (-1 - epoch).
+        # One column, one result: PyMySQL parses each column's descriptor (and the server
+        # answers each statement) for more CPU than splitting a short string costs. The file's
+        # row is the one value with spaces (six integers); each other is an epoch it sees,
+        # negative (-1 - epoch) when sealed and this process holds no directory of it.
         script = db.Script()
         script.add("open", _OPEN_FILE, (filename, self.window))
         script.add("file", "SELECT CONCAT_WS(' ', f.file_id, f.horizon, f.floor_seq, f.epoch, f.indexed_seq IS NOT NULL, "
-                           "s.pruned_epoch) FROM splitter_file f JOIN splitter_seq s ON s.id = 1 WHERE f.filename = %s",
-                   (filename,))
-        script.add("epochs", f"SELECT CAST(IF({unknown}, -1 - CAST(e.epoch AS SIGNED), e.epoch) AS SIGNED) "
-                             f"FROM splitter_file f JOIN splitter_epoch e ON (e.last_seq >= f.floor_seq "
-                             f"AND e.first_seq <= f.horizon) OR e.epoch = f.epoch WHERE f.filename = %s", (filename,))
+                           "s.pruned_epoch) FROM splitter_file f JOIN splitter_seq s ON s.id = 1 WHERE f.filename = %s "
+                           f"UNION ALL SELECT CAST(IF({unknown}, -1 - CAST(e.epoch AS SIGNED), e.epoch) AS SIGNED) "
+                           f"FROM splitter_file f JOIN splitter_epoch e ON (e.last_seq >= f.floor_seq "
+                           f"AND e.first_seq <= f.horizon) OR e.epoch = f.epoch WHERE f.filename = %s",
+                   (filename, filename))
         with self.conn().cursor() as cur:
             got = script.run(cur)
-            file_id, horizon, floor_seq, epoch, indexed, pruned = (int(v) for v in got["file"].one()[0].split())
-            seen = [int(e) for (e,) in got["epochs"].rows]
+            values = [v for (v,) in got["file"].rows]
+            (row,) = [v for v in values if " " in v]
+            file_id, horizon, floor_seq, epoch, indexed, pruned = (int(v) for v in row.split())
+            seen = [int(v) for v in values if " " not in v]
             unknown_sealed = [-1 - e for e in seen if e < 0]
             if unknown_sealed:      # once per sealed epoch and process
                 self._load_sealed(cur, unknown_sealed)
