@@ -1,15 +1,16 @@
-"""The order index's completion alone: a small file's opening and completion, as one stored
-procedure (migration splitter/0004, this tree) and as the statements it replaced, alternated in
-one process on one private mariadbd (prints figures; not a test).
+"""The order index's per-file statements alone: a small file's opening and completion as this
+tree sends them (the opening's row and epochs in one statement, the completion one stored
+procedure, migration splitter/0004) and as main sent them before, alternated in one process on
+one private mariadbd (prints figures; not a test).
 
     .venv/bin/python bench/finalize.py [--files 1000] [--rounds 4] [--purchases 50]
 
 Each file is opened (`OrderIndex.open_file`), given `--purchases` purchases and finished
 (`FileRouting.finish`: the rows' INSERT and the completion in one transaction and round trip).
-The `statements` variant sends the completion as main sent it before the procedure (START,
-the locking SELECT, the file's UPDATE, SET, the epoch's INSERT, the sequence's UPDATE, the
-answer's SELECT, COMMIT), the `procedure` variant as this tree does (START, CALL, SELECT,
-COMMIT). Blocks of `--files` files alternate (ABBA...); per file: the server's CPU (from /proc),
+The `before` variant sends them as main (64fc690) did: the opening's INSERT and two
+SELECTs; the completion's START, locking SELECT, the file's UPDATE, SET, the epoch's INSERT, the
+sequence's UPDATE, the answer's SELECT, COMMIT. The `after` variant as this tree does: the
+opening's INSERT and one SELECT; START, CALL, SELECT, COMMIT. Blocks of `--files` files alternate (ABBA...); per file: the server's CPU (from /proc),
 this process's CPU and the wall time, in µs.
 """
 from __future__ import annotations
@@ -57,13 +58,40 @@ def statements_before(self, file_id: int, epoch: int, purchases: int, last_chunk
     ]
 
 
+def open_file_before(self, filename: str):
+    """The opening as main (64fc690) sent it: the file's row and its epochs in two SELECTs."""
+    from app import db
+    self.ensure_schema()
+    cached = [int(e) for e in list(self._sealed)]
+    unknown = f"e.sealed = 1 AND e.epoch NOT IN ({','.join(str(e) for e in cached)})" if cached else "e.sealed = 1"
+    script = db.Script()
+    script.add("open", oi._OPEN_FILE, (filename, self.window))
+    script.add("file", "SELECT CONCAT_WS(' ', f.file_id, f.horizon, f.floor_seq, f.epoch, f.indexed_seq IS NOT NULL, "
+                       "s.pruned_epoch) FROM splitter_file f JOIN splitter_seq s ON s.id = 1 WHERE f.filename = %s",
+               (filename,))
+    script.add("epochs", f"SELECT CAST(IF({unknown}, -1 - CAST(e.epoch AS SIGNED), e.epoch) AS SIGNED) "
+                         f"FROM splitter_file f JOIN splitter_epoch e ON (e.last_seq >= f.floor_seq "
+                         f"AND e.first_seq <= f.horizon) OR e.epoch = f.epoch WHERE f.filename = %s", (filename,))
+    with self.conn().cursor() as cur:
+        got = script.run(cur)
+        file_id, horizon, floor_seq, epoch, indexed, pruned = (int(v) for v in got["file"].one()[0].split())
+        seen = [int(e) for (e,) in got["epochs"].rows]
+        unknown_sealed = [-1 - e for e in seen if e < 0]
+        if unknown_sealed:
+            self._load_sealed(cur, unknown_sealed)
+    routing = oi.FileRouting(self, filename, file_id, horizon, bool(indexed), floor_seq, epoch)
+    routing.epochs = sorted({epoch, *(e if e >= 0 else -1 - e for e in seen)})
+    routing.pruned = pruned
+    return routing
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--purchases", type=int, default=50)
     args = ap.parse_args()
-    procedure = oi.OrderIndex._finalize_statements
+    procedure, opening = oi.OrderIndex._finalize_statements, oi.OrderIndex.open_file
     private = servers.new_private_mariadb(["--innodb-buffer-pool-size=128M"])
     admin = servers.admin_connect(port=private.port)
     with admin.cursor() as cur:
@@ -72,7 +100,9 @@ def main() -> None:
     made = [0]
 
     def block(variant: str, count: int) -> dict[str, float]:
-        oi.OrderIndex._finalize_statements = procedure if variant == "procedure" else statements_before
+        now = variant == "after"
+        oi.OrderIndex._finalize_statements = procedure if now else statements_before
+        oi.OrderIndex.open_file = opening if now else open_file_before
         server, cpu, wall = server_cpu(private.proc.pid), time.process_time(), time.perf_counter()
         for _ in range(count):
             made[0] += 1
@@ -85,15 +115,15 @@ def main() -> None:
                 "wall_us": (time.perf_counter() - wall) / count * 1e6}
 
     try:
-        block("statements", 200)
-        block("procedure", 200)
+        block("before", 200)
+        block("after", 200)
         for r in range(args.rounds):
-            for variant in (("statements", "procedure") if r % 2 == 0 else ("procedure", "statements")):
+            for variant in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 got = block(variant, args.files)
                 print(json.dumps({"variant": variant, **{k: round(v, 1) for k, v in got.items()},
                                   "load": os.getloadavg()[0]}), flush=True)
     finally:
-        oi.OrderIndex._finalize_statements = procedure
+        oi.OrderIndex._finalize_statements, oi.OrderIndex.open_file = procedure, opening
         index.close()
         admin.close()
         private.stop()
