@@ -533,3 +533,32 @@ def test_splitter_0002_run_again_on_a_later_index_changes_nothing(make_database)
     servers.query(url, "ALTER TABLE splitter_file DROP COLUMN opened_at")
     assert [str(m) for m in migrate(url, "splitter")] == ["splitter 0002_compact_order_index"]
     assert state() == before
+
+
+def test_splitter_0004_runs_again_and_its_procedure_commits_nothing_itself(make_database):
+    """The completion's procedure: its migration runs again from the top (the procedure there
+    or dropped), and a CALL is part of the caller's transaction: rolled back, it marked
+    nothing; committed, the file is indexed and the sequence moved on."""
+    url = make_database("mig0004")
+    migrate(url, "splitter")
+    migration = next(m for m in db.migrations("splitter") if m.version == 4)
+    _run_statements(url, migration.statements())
+    servers.query(url, "DROP PROCEDURE splitter_finalize")
+    _run_statements(url, migration.statements())
+    assert servers.query(url, "SELECT routine_name, routine_type FROM information_schema.routines "
+                              "WHERE routine_schema = DATABASE()") == [("splitter_finalize", "PROCEDURE")]
+    servers.query(url, "INSERT INTO splitter_file (filename, horizon, floor_seq, epoch) VALUES ('f', 0, 1, 0)")
+    conn = db.connect(url)
+    try:
+        with conn.cursor() as cur:
+            for end in ("ROLLBACK", "COMMIT"):
+                cur.execute("START TRANSACTION")
+                cur.execute("CALL splitter_finalize(1, 0, 5, 100, 8, NULL, @state)")
+                cur.execute("SELECT @state")
+                assert cur.fetchone()[0] == "1 0 0 0 0"
+                cur.execute(end)
+                expected = [(None, 0)] if end == "ROLLBACK" else [(1, 5)]
+                assert servers.query(url, "SELECT f.indexed_seq, s.epoch_rows FROM splitter_file f "
+                                          "JOIN splitter_seq s ON s.id = 1") == expected
+    finally:
+        conn.close()

@@ -116,7 +116,7 @@ def test_the_upgrade_from_0001_keeps_every_row_and_the_routing_of_old_files(shar
         assert servers.query(url, "SELECT epoch, order_id, file_id, line, shop_id FROM splitter_order "
                                   "ORDER BY order_id") == [(0, 77, 1, 1, 3), (0, 78, 1, 2, 4)]
         assert servers.query(url, "SELECT version FROM schema_migrations WHERE component = 'splitter' "
-                                  "ORDER BY version") == [(1,), (2,), (3,)]
+                                  "ORDER BY version") == [(1,), (2,), (3,), (4,)]
         # A file first split before the upgrade keeps its horizon and sees the old rows (floor 0).
         write_source(shared_dir, "20250101000001", [ret(78), ret(77)])
         _, out, rec = split(shared_dir, idx, "20250101000001")
