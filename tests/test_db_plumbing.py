@@ -215,3 +215,83 @@ def test_one_set_of_local_infile_refusals_for_every_loader(code):
     from app.splitter import order_index
     assert not hasattr(loader, "LOCAL_INFILE_REFUSED") and not hasattr(order_index, "INFILE_REFUSED")
     assert code in db.LOCAL_INFILE_REFUSED
+
+
+def _plain(url):
+    """PyMySQL's own connection, as db.connect opens one, to compare results with."""
+    return pymysql.connections.Connection(host=url.host, port=url.port, user=url.user, password=url.password,
+                                          database=url.database, charset="utf8mb4", ssl_disabled=True,
+                                          client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS,
+                                          init_command="SET time_zone = '+00:00'")
+
+
+_SHAPES = [
+    "SELECT id, v FROM t ORDER BY id",
+    "SELECT v AS id, id AS v FROM t ORDER BY id",          # the same names, other types
+    "SELECT id AS x, CAST(v AS BINARY) AS y, JSON_OBJECT('v', v) AS z, NULL AS n FROM t ORDER BY id",
+    "SELECT CAST(id AS DECIMAL(18,2)) AS x, CAST('2026-01-02 03:04:05.678' AS DATETIME(3)) AS y, "
+    "CAST(id AS CHAR) AS z, CAST(id AS DOUBLE) AS n FROM t ORDER BY id",
+    "SELECT COUNT(*), GROUP_CONCAT(v ORDER BY id SEPARATOR ' ') FROM t",
+    "SELECT id, v FROM t WHERE id < 0",
+]
+
+
+@pytest.mark.parametrize("local_infile", [False, True])
+def test_column_descriptions_are_parsed_once_per_shape_and_answer_as_pymysqls_own(table, monkeypatch, local_infile):
+    """A connection of db.connect parses a result shape's column descriptors once (PyMySQL
+    parses each column of every result in Python: a fifth of a small file's worker CPU); the
+    rows, types, descriptions and field names are what PyMySQL's own connection gives, for
+    shapes of the same width and names but other types, in one script and in separate
+    statements, with a dict cursor and an unbuffered one."""
+    url, conn = table
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO t (v) VALUES ('a'), ('1.5'), (NULL), ('é')")
+    parsed = []
+    real = pymysql.protocol.FieldDescriptorPacket.__init__
+    monkeypatch.setattr(pymysql.protocol.FieldDescriptorPacket, "__init__",
+                        lambda self, *a: parsed.append(1) or real(self, *a))
+    plain, ours = _plain(url), db.connect(url, multi_statements=True, local_infile=local_infile)
+
+    def answers(c, cursor=pymysql.cursors.Cursor):
+        got = []
+        with c.cursor(cursor) as cur:
+            for sql in _SHAPES:
+                cur.execute(sql)
+                got.append((cur.fetchall(), cur.description))
+            cur.execute(";".join(_SHAPES))
+            while True:
+                got.append((cur.fetchall(), cur.description))
+                if not cur.nextset():
+                    break
+        return got
+    try:
+        for cursor in (pymysql.cursors.Cursor, pymysql.cursors.DictCursor, pymysql.cursors.SSCursor):
+            want = answers(plain, cursor)
+            for _ in range(3):
+                assert answers(ours, cursor) == want
+        del parsed[:]
+        answers(plain)
+        columns = len(parsed)
+        del parsed[:]
+        for _ in range(5):
+            answers(ours)
+        assert columns > 20 and parsed == []
+        ours._descriptions.clear()
+        answers(ours)
+        assert 0 < len(parsed) < columns   # each shape once (the script repeats them)
+    finally:
+        plain.close()
+        ours.close()
+
+
+def test_an_error_after_a_remembered_shape_still_fails_its_statement(table):
+    url, conn = table
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, v FROM t")
+        cur.execute("SELECT id, v FROM t")
+        with pytest.raises(pymysql.err.OperationalError, match="nope"):
+            cur.execute("SELECT id, v FROM t; SELECT nope FROM t")
+            while cur.nextset():
+                pass
+        cur.execute("SELECT COUNT(*) FROM t")
+        assert cur.fetchall() == ((0,),)

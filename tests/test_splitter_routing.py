@@ -274,9 +274,10 @@ def test_a_small_files_index_completion_is_one_procedure_call(shared_dir, index,
 
 def test_a_small_files_answers_have_few_columns(shared_dir, index, monkeypatch):
     """PyMySQL parses each result column's descriptor for about as much CPU as a round trip's
-    own: a small file's opening, lookup and completion answer in four columns in all (one,
-    two, one), not fifteen; the routing is the one of the earlier files' purchases."""
-    import pymysql
+    own (db.connect's connections parse a shape once, but still read every column's packet):
+    a small file's opening, lookup and completion answer in four columns in all (one, two,
+    one), not fifteen; the routing is the one of the earlier files' purchases."""
+    from app import db
     ret = lambda order: ev(3, order_id=order, user_id=1, good_id=1, qty=1, refund_amount=1.0)  # noqa: E731
     buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
                                  price_at_order=1.0)
@@ -284,12 +285,12 @@ def test_a_small_files_answers_have_few_columns(shared_dir, index, monkeypatch):
     write_source(shared_dir, "20260101000071", [buy(2**52 + i, 1) for i in range(20)] + [ret(2**53 + i) for i in range(20)])
     split(shared_dir, index, "20260101000070")
     columns = [0]
-    parse = pymysql.protocol.FieldDescriptorPacket._parse_field_descriptor
+    describe = db._Result._get_descriptions
 
-    def counted(self, *args):
-        columns[0] += 1
-        return parse(self, *args)
-    monkeypatch.setattr(pymysql.protocol.FieldDescriptorPacket, "_parse_field_descriptor", counted)
+    def counted(self):
+        columns[0] += self.field_count
+        return describe(self)
+    monkeypatch.setattr(db._Result, "_get_descriptions", counted)
     result, outputs, _ = split(shared_dir, index, "20260101000071")
     assert result.routed_by_order == 20 and columns[0] == 4
     assert outputs[0].count(b'"event_type":3') == 10 and outputs[1].count(b'"event_type":3') == 10
