@@ -875,7 +875,8 @@ def load_batch(conn, files: list[tuple[Path, str]], shard: int, shard_count: int
     because one of its files was loaded before, or the server did not store every row exactly
     as sent: every file of it, then). Exactly once as `load_file`: nothing is sent before the
     claims, a claim found already there rolls the batch back, a cut anywhere leaves nothing.
-    Files are claimed in name order, so two loaders of overlapping batches wait, never deadlock.
+    Files are claimed in name order, so two loaders of overlapping batches wait on each other
+    (a deadlock the server reports anyway is a server fault: raised, nothing stored).
     `check` is called before each batch. Raises what `load_file` raises for a server fault."""
     results: list[LoadResult | None] = [None] * len(files)
     ready: list[tuple[int, _Ready]] = []
