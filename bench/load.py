@@ -1,7 +1,8 @@
 """How fast and how cheaply mysql-sender loads prepared files, against the server's own floors.
 
     .venv/bin/python bench/load.py [--rows 1000000] [--small-files 200] [--history 2000000]
-                                   [--methods load_data,insert] [--batch N] [--repeat N] [--parts big,small,history,convert]
+                                   [--methods load_data,insert] [--batch N] [--repeat N]
+                                   [--parts big,small,history,convert]
                                    [--shared | --url mysql://root:@127.0.0.1:3306/x]
 
 By default on a private mariadbd with the machine server's InnoDB settings (128 MiB buffer pool,

@@ -868,3 +868,20 @@ def test_a_batch_waits_for_another_loaders_claim(shard, tmp_path):
         else:
             assert [r.loaded for r in results["got"]] == [2, 3]
     assert counts(url) == (5, 3)
+
+
+def test_a_batch_works_on_a_connection_of_one_statement_a_round_trip(shard, tmp_path):
+    """Without multi_statements the claims go alone first, and the rows only when every file
+    was claimed."""
+    url, _ = shard
+    plain = db.connect(url, autocommit=False, local_infile=True)
+    try:
+        files = files_of(tmp_path, {NAMES[0]: 4, NAMES[1]: 5})
+        sent = servers.count_round_trips(plain)
+        assert [r.loaded for r in loader.load_batch(plain, files, 0, 2)] == [4, 5]
+        assert len(sent) == 3, sent  # claims, LOAD DATA, COMMIT
+        more = files_of(tmp_path, {NAMES[2]: 2}) + files[:1]
+        assert loader.load_batch(plain, more, 0, 2) == [None, None]
+    finally:
+        plain.close()
+    assert counts(url) == (9, 2)
