@@ -1,7 +1,8 @@
 """How fast and how cheaply mysql-sender loads prepared files, against the server's own floors.
 
     .venv/bin/python bench/load.py [--rows 1000000] [--small-files 200] [--history 2000000]
-                                   [--methods load_data,insert] [--repeat N] [--parts big,small,history,convert]
+                                   [--methods load_data,insert] [--batch N] [--repeat N]
+                                   [--parts big,small,history,convert]
                                    [--shared | --url mysql://root:@127.0.0.1:3306/x]
 
 By default on a private mariadbd with the machine server's InnoDB settings (128 MiB buffer pool,
@@ -21,7 +22,8 @@ ids, 500 shops and 100,000 users per shard, timestamps 3 ms apart), cached under
   small    --small-files files of --small-rows (500) rows loaded one after the other on one
            connection (as a sender does): CPU per file, and that minus its rows x the per-row CPU
            of `big` = the fixed cost of a file (--small-rows 1 measures it directly); SQL
-           statements and round trips per file.
+           statements and round trips per file. --batch N: N files at a time in one transaction
+           (loader.load_batch, as a sender loads a claim of N small files).
   history  200,000 rows by load_file on a fresh database, then --history rows (10,000-row files,
            untimed), then 200,000 more: rows/s and CPU per row after the history against fresh,
            beside the reference table's floor measured the same way.
@@ -260,7 +262,15 @@ class Bench:
                 conn = loader.connect(url)
                 trips = servers.count_round_trips(conn)
 
+                batch = self.args.batch if method == "load_data" else 1
+
                 def load_all():
+                    if batch > 1:  # a claim's files together, as a sender that claimed `batch` of them
+                        for first in range(0, n, batch):
+                            group = [(files[i], f"2098{i:010d}") for i in range(first, min(first + batch, n))]
+                            got = loader.load_batch(conn, group, 0, 2, root=self.work)
+                            assert all(r is not None and r.loaded == rows_each for r in got), got
+                        return
                     for i, path in enumerate(files):
                         result = loader.load_file(conn, path, f"2098{i:010d}", 0, 2, root=self.work, method=method)
                         assert result.loaded == rows_each and result.method == method, result
@@ -273,7 +283,8 @@ class Bench:
             finally:
                 self.drop(url)
             c_row, s_row = per_row.get(method, (float("nan"), float("nan")))
-            print(f"  {method:<10} {n * rows_each / wall:8,.0f} rows/s, {n / wall:6.1f} files/s; per file: "
+            label = f"{method} x{batch}" if batch > 1 else method
+            print(f"  {label:<10} {n * rows_each / wall:8,.0f} rows/s, {n / wall:6.1f} files/s; per file: "
                   f"sender {1e3 * cpu / n:5.2f} ms (fixed {1e3 * cpu / n - c_row * rows_each / 1e3:5.2f}), "
                   f"server {1e3 * server / n:5.2f} ms (fixed {1e3 * server / n - s_row * rows_each / 1e3:5.2f}); "
                   f"{statements / n:.1f} statements in {round_trips / n:.1f} round trips", flush=True)
@@ -435,6 +446,8 @@ def main() -> None:
     parser.add_argument("--small-files", type=int, default=200)
     parser.add_argument("--small-rows", type=int, default=SMALL_ROWS,
                         help="rows per file of `small` (1: what a file costs beyond its rows, directly)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="small: load_data loads this many files at a time in one transaction (load_batch)")
     parser.add_argument("--history", type=int, default=2_000_000)
     parser.add_argument("--methods", default="load_data,insert")
     parser.add_argument("--parts", default="big,small,history,daemon")

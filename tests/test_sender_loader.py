@@ -719,3 +719,169 @@ def test_check_line_is_the_loaders_judgement_of_one_line():
         loader.check_line(orjson.dumps(line("0:x", 5)), 7, SOURCE, 0, 2)
     with pytest.raises(loader.BadLine, match="prepared line 3: blank line"):
         loader.check_line(b"  \n", 3, SOURCE, 0, 2)
+
+
+# -- a claim's small files in one transaction (load_batch) ----------------------------------
+
+NAMES = ("20250102030401", "20250102030402", "20250102030403", "20250102030404", "20250102030405")
+
+
+def files_of(tmp_path, sizes: dict[str, int]) -> list:
+    out = []
+    for name, n in sizes.items():
+        path = tmp_path / f"{name}.txt"
+        if n >= 0:
+            write(path, many(n, prefix=f"{name}-", source=name))
+        out.append((path, name))
+    return out
+
+
+def test_a_claims_small_files_load_in_one_transaction(shard, tmp_path):
+    """Three files: one claim INSERT holding their three records, one LOAD DATA of their rows
+    (each row carrying its own file's name), one COMMIT; two round trips for all three, and the
+    same rows and records as three load_file calls would leave."""
+    url, conn = shard
+    files = files_of(tmp_path, {NAMES[2]: 7, NAMES[0]: 250, NAMES[1]: 1})
+    before = servers.session_statements(conn)
+    sent = servers.count_round_trips(conn)
+    results = loader.load_batch(conn, files, 0, 2)
+    assert len(sent) == 2, sent
+    assert servers.session_statements(conn) - before - 1 == 3
+    assert [(r.source_file, r.lines, r.loaded, r.duplicates, r.method) for r in results] == [
+        (NAMES[2], 7, 7, 0, "load_data"), (NAMES[0], 250, 250, 0, "load_data"), (NAMES[1], 1, 1, 0, "load_data")]
+    for (path, _), r in zip(files, results):
+        assert r.checksum == hashlib.sha1(path.read_bytes()).hexdigest()
+    assert query(url, "SELECT source_file, line_count, loaded_count, duplicate_count, checksum, method, shard, "
+                      "seconds IS NOT NULL FROM loaded_files ORDER BY source_file") == tuple(
+        (r.source_file, r.lines, r.lines, 0, r.checksum, "load_data", 0, 1)
+        for r in sorted(results, key=lambda r: r.source_file))
+    assert query(url, "SELECT source_file, COUNT(*), MIN(shard), MAX(shard) FROM events GROUP BY source_file "
+                      "ORDER BY source_file") == ((NAMES[0], 250, 0, 0), (NAMES[1], 1, 0, 0), (NAMES[2], 7, 0, 0))
+    # the rows are the ones load_file stores: the same file loaded alone into another database
+    assert query(url, "SELECT event_key, event_type, shop_id, payload FROM events WHERE source_file=%s "
+                      "ORDER BY id LIMIT 1", (NAMES[0],)) == ((f"0:{NAMES[0]}-0", 0, 0, '{"shop_id":0,"good_id":3}'),)
+    again = loader.load_batch(conn, files, 0, 2)  # every claim finds its row: rolled back, each alone
+    assert again == [None, None, None]
+    assert [loader.load_file(conn, p, n, 0, 2).already_loaded for p, n in files] == [True, True, True]
+    assert counts(url) == (258, 3)
+
+
+def test_a_batch_with_a_file_loaded_before_is_rolled_back_whole(shard, tmp_path):
+    """One file of the batch was loaded before (a report lost after its commit): the batch
+    stores nothing, and each file then goes through load_file, which finds that one loaded."""
+    url, conn = shard
+    files = files_of(tmp_path, {NAMES[0]: 5, NAMES[1]: 6, NAMES[2]: 7})
+    loader.load_file(conn, *files[1], 0, 2)
+    assert loader.load_batch(conn, files, 0, 2) == [None, None, None]
+    assert counts(url) == (6, 1)
+    alone = [loader.load_file(conn, p, n, 0, 2) for p, n in files]
+    assert [(r.already_loaded, r.loaded) for r in alone] == [(False, 5), (True, 6), (False, 7)]
+    assert counts(url) == (18, 3)
+
+
+def test_a_batch_leaves_to_load_file_what_it_must_judge(shard, tmp_path):
+    """Missing, bad, empty, too big for one chunk, a link: None for each (load_file then rewinds,
+    fails or loads it as on its own); the good files of the claim still load together."""
+    url, conn = shard
+    files = files_of(tmp_path, {NAMES[0]: 3, NAMES[1]: -1, NAMES[2]: 0, NAMES[3]: 6000, NAMES[4]: 4})
+    assert files[3][0].stat().st_size > loader.INLINE_BYTES
+    bad = tmp_path / "bad.txt"
+    write(bad, many(3, source="20250102030406") + [b"not json\n"])
+    link = tmp_path / "link.txt"
+    link.symlink_to(files[0][0])
+    files += [(bad, "20250102030406"), (link, "20250102030407")]
+    results = loader.load_batch(conn, files, 0, 2, root=tmp_path)
+    assert [r and (r.source_file, r.loaded) for r in results] == [
+        (NAMES[0], 3), None, None, None, (NAMES[4], 4), None, None]
+    assert counts(url) == (7, 2)
+    with pytest.raises(loader.PreparedMissing):
+        loader.load_file(conn, *files[1], 0, 2)
+    with pytest.raises(loader.BadLine, match="prepared line 4"):
+        loader.load_file(conn, *files[5], 0, 2)
+    assert loader.load_file(conn, *files[3], 0, 2).loaded == 6000
+    assert counts(url) == (6007, 3)
+
+
+def test_an_event_in_two_files_of_a_batch_is_stored_once(shard, tmp_path):
+    """The server skips a duplicate key in LOAD DATA with a warning: the batch is rolled back,
+    and loading each file alone stores the event once, the second file naming it a duplicate."""
+    url, conn = shard
+    files = files_of(tmp_path, {NAMES[0]: 4, NAMES[1]: 3})
+    shared = line("0:same", 2, etype=0, source=NAMES[1], amount=None)
+    write(files[1][0], many(3, prefix="b", source=NAMES[1]) + [shared])
+    write(files[0][0], many(4, prefix="a", source=NAMES[0]) + [dict(shared, source_file=NAMES[0])])
+    assert loader.load_batch(conn, files, 0, 2) == [None, None]
+    assert counts(url) == (0, 0)
+    alone = [loader.load_file(conn, p, n, 0, 2) for p, n in files]
+    assert [(r.loaded, r.duplicates, r.method) for r in alone] == [(5, 0, "load_data"), (3, 1, "load_data>insert")]
+    assert counts(url) == (8, 2)
+
+
+def test_batches_keep_to_the_chunk_size_and_stop_between_them(shard, tmp_path):
+    """Files beyond `chunk_rows` rows go into the next batch (its own transaction); a stop asked
+    between batches keeps the committed one and leaves nothing of the next."""
+    url, conn = shard
+    files = files_of(tmp_path, {NAMES[0]: 60, NAMES[1]: 30, NAMES[2]: 50})
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Stop()
+    with pytest.raises(Stop):
+        loader.load_batch(conn, files, 0, 2, chunk_rows=100, check=check)
+    assert query(url, "SELECT source_file FROM loaded_files ORDER BY source_file") == ((NAMES[0],), (NAMES[1],))
+    assert counts(url) == (90, 2)
+    results = loader.load_batch(conn, files, 0, 2, chunk_rows=100)
+    assert [r and r.loaded for r in results] == [None, None, 50]
+    assert counts(url) == (140, 3)
+
+
+def test_a_batch_waits_for_another_loaders_claim(shard, tmp_path):
+    """A replica holding one file's claim in an open transaction: the batch waits for its lock,
+    then rolls back if that load committed, or loads everything if it rolled back."""
+    url, conn = shard
+    files = files_of(tmp_path, {NAMES[0]: 5, NAMES[1]: 6})
+    for commit in (True, False):
+        name = NAMES[1] if commit else NAMES[3]
+        if not commit:
+            files = files_of(tmp_path, {NAMES[2]: 2, NAMES[3]: 3})
+        other = loader.connect(url)
+        try:
+            with other.cursor() as cur:
+                cur.execute(loader._CLAIM, (name, 0))
+            results: dict = {}
+            thread = threading.Thread(target=lambda: results.update(got=loader.load_batch(conn, files, 0, 2)))
+            thread.start()
+            time.sleep(0.5)
+            waiting = thread.is_alive()  # on the claim's lock
+            other.commit() if commit else other.rollback()
+        finally:
+            other.close()
+        thread.join(30)
+        assert waiting
+        if commit:
+            assert results["got"] == [None, None]
+        else:
+            assert [r.loaded for r in results["got"]] == [2, 3]
+    assert counts(url) == (5, 3)
+
+
+def test_a_batch_works_on_a_connection_of_one_statement_a_round_trip(shard, tmp_path):
+    """Without multi_statements the claims go alone first, and the rows only when every file
+    was claimed."""
+    url, _ = shard
+    plain = db.connect(url, autocommit=False, local_infile=True)
+    try:
+        files = files_of(tmp_path, {NAMES[0]: 4, NAMES[1]: 5})
+        sent = servers.count_round_trips(plain)
+        assert [r.loaded for r in loader.load_batch(plain, files, 0, 2)] == [4, 5]
+        assert len(sent) == 3, sent  # claims, LOAD DATA, COMMIT
+        more = files_of(tmp_path, {NAMES[2]: 2}) + files[:1]
+        assert loader.load_batch(plain, more, 0, 2) == [None, None]
+    finally:
+        plain.close()
+    assert counts(url) == (9, 2)

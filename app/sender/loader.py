@@ -99,6 +99,17 @@ _CLAIM_RECORDED = ("INSERT INTO loaded_files (source_file, shard, line_count, lo
                    "ON DUPLICATE KEY UPDATE source_file = source_file")
 _RECORD = ("UPDATE loaded_files SET line_count=%s, loaded_count=%s, duplicate_count=%s, checksum=%s, method=%s, "
            "seconds=%s, loaded_at=CURRENT_TIMESTAMP(3) WHERE source_file=%s")
+# Several small files of one claim in ONE transaction (`load_batch`): their claims, each holding
+# its whole record, in one INSERT, then all their rows in one LOAD DATA, `source_file` a column
+# of the rows (each file's rows carry their own name), then one COMMIT.
+_CLAIM_BATCH = ("INSERT INTO loaded_files (source_file, shard, line_count, loaded_count, duplicate_count, "
+                "checksum, method, seconds) VALUES {} ON DUPLICATE KEY UPDATE source_file = source_file")
+_CLAIM_BATCH_ROW = "(%s, %s, %s, %s, 0, %s, 'load_data', %s)"
+_LOAD_BATCH = ("LOAD DATA LOCAL INFILE %s INTO TABLE events CHARACTER SET utf8mb4 "
+               "FIELDS TERMINATED BY X'09' ESCAPED BY X'5C' LINES TERMINATED BY X'0A' "
+               "(event_key, event_type, shop_id, user_id, `timestamp`, order_id, good_id, qty, amount, payload, "
+               "source_file) SET shard = %s")
+BATCH_FILES = 64            # files at most in one batch transaction (a claim holds CLAIM_LIMIT, 4 by default)
 _RECORDED = ("SELECT line_count, loaded_count, duplicate_count, checksum, method FROM loaded_files "
              "WHERE source_file=%s FOR UPDATE")  # the latest committed row, not a snapshot
 
@@ -809,3 +820,130 @@ def _run(method: str, cur, chunks, claim: _Claim, source_file: str, shard: int, 
     if method == "load_data":
         return _by_load_data(cur, chunks, claim, source_file, shard, check)
     return _by_insert(cur, chunks, claim, source_file, check)
+
+
+# -- several small files in one transaction ----------------------------------------------------
+
+@dataclass
+class _Ready:
+    """A small file read, checked and rendered for a batch: its rows as TSV with its name as the
+    last column."""
+    source_file: str
+    data: bytes
+    rows: int
+    checksum: str
+    seconds: float
+
+
+def _ready(path: Path, source_file: str, shard: int, shard_count: int, chunk_rows: int, root: Path | None,
+           max_line: int, max_depth: int) -> _Ready | None:
+    """The file as one batch member, or None for any file `load_file` must take on its own
+    (missing, refused, over INLINE_BYTES or `chunk_rows`, empty, a bad line, a name that is not
+    a key's characters): that path then decides and reports it exactly as it always did."""
+    if not _KEY(source_file):  # it goes into the TSV as it is: no tab, newline or backslash
+        return None
+    started = time.monotonic()
+    try:
+        f = safefiles.open_read(path, safefiles.under(path, root))
+    except (OSError, safefiles.Refused):
+        return None
+    with f:
+        if os.fstat(f.fileno()).st_size > INLINE_BYTES:
+            return None
+        reading = _Reading()
+        try:
+            chunks = list(_converted(_blocks(f, reading.hasher, chunk_rows, chunk_rows, CHUNK_BYTES, max_line),
+                                     reading, tsv, source_file, shard, shard_count, max_depth))
+        except BadLine:
+            return None
+    if len(chunks) != 1:
+        return None
+    data, rows = chunks[0]
+    # No field holds a newline (see `tsv`): each one ends a row, which takes the file's name.
+    return _Ready(source_file, data.replace(b"\n", b"\t" + source_file.encode() + b"\n"), rows,
+                  reading.hasher.hexdigest(), time.monotonic() - started)
+
+
+def load_batch(conn, files: list[tuple[Path, str]], shard: int, shard_count: int, *, chunk_rows: int = 10_000,
+               root: Path | None = None, check: Callable[[], None] | None = None,
+               max_line_bytes: int = MAX_LINE_BYTES, max_json_depth: int = MAX_JSON_DEPTH) -> list[LoadResult | None]:
+    """Load several small prepared files `(path, source_file)` of one shard (a claim's) in ONE
+    transaction each batch: their claims with complete records in one INSERT and all their rows
+    in one LOAD DATA (one round trip), then one COMMIT, where one transaction a file cost two
+    round trips, three statements and a log flush each. A LoadResult per file loaded so; None
+    for a file to load with `load_file` (not a small valid file; or its batch was rolled back
+    because one of its files was loaded before, or the server did not store every row exactly
+    as sent: every file of it, then). Exactly once as `load_file`: nothing is sent before the
+    claims, a claim found already there rolls the batch back, a cut anywhere leaves nothing.
+    Files are claimed in name order, so two loaders of overlapping batches wait on each other
+    (a deadlock the server reports anyway is a server fault: raised, nothing stored).
+    `check` is called before each batch. Raises what `load_file` raises for a server fault."""
+    results: list[LoadResult | None] = [None] * len(files)
+    ready: list[tuple[int, _Ready]] = []
+    names: set[str] = set()
+    for index, (path, source_file) in enumerate(files):
+        if source_file in names:
+            continue
+        names.add(source_file)
+        got = _ready(path, source_file, shard, shard_count, chunk_rows, root, max_line_bytes, max_json_depth)
+        if got is not None:
+            ready.append((index, got))
+    ready.sort(key=lambda item: item[1].source_file)
+    batches: list[list[tuple[int, _Ready]]] = []
+    rows = size = 0
+    for item in ready:
+        r = item[1]
+        if (not batches or len(batches[-1]) >= BATCH_FILES or rows + r.rows > chunk_rows
+                or size + len(r.data) > CHUNK_BYTES):
+            batches.append([])
+            rows = size = 0
+        batches[-1].append(item)
+        rows, size = rows + r.rows, size + len(r.data)
+    for batch in batches:
+        if check:
+            check()
+        if _load_together(conn, [r for _, r in batch], shard):
+            for index, r in batch:
+                results[index] = LoadResult(r.source_file, r.rows, r.rows, 0, "load_data", r.seconds, r.checksum)
+    return results
+
+
+def _load_together(conn, ready: list[_Ready], shard: int) -> bool:
+    """The claims (whole records) and one LOAD DATA of `ready`, then COMMIT: True. False when
+    a claim found its file loaded before, the server refused LOAD DATA LOCAL, or it did not
+    store every row without a warning: rolled back, nothing stored."""
+    claim = _CLAIM_BATCH.format(", ".join([_CLAIM_BATCH_ROW] * len(ready)))
+    args = [v for r in ready for v in (r.source_file, shard, r.rows, r.rows, r.checksum, round(r.seconds, 3))]
+    rows = sum(r.rows for r in ready)
+    name = f"{ready[0].source_file}.batch-{len(ready):03d}.tsv"
+    data = b"".join(r.data for r in ready)
+    try:
+        with conn.cursor() as cur:
+            if conn.get_autocommit():
+                conn.begin()
+            try:
+                if _multi_statements(conn):
+                    claimed, stored = db.load_local_after(cur, claim, args, _LOAD_BATCH, (name, shard), name, data)
+                else:
+                    claimed = cur.execute(claim, args)
+                    stored = db.load_local(cur, _LOAD_BATCH, (name, shard), name, data) if claimed == len(ready) else 0
+            except pymysql.err.MySQLError as exc:
+                if exc.args and exc.args[0] in db.LOCAL_INFILE_REFUSED:
+                    conn.rollback()
+                    return False
+                raise
+            except AttributeError as exc:  # as in _by_load_data: PyMySQL on a socket the server closed
+                if cur.connection is not None and cur.connection.open:
+                    raise
+                raise pymysql.err.OperationalError(
+                    2013, f"connection lost during LOAD DATA LOCAL ({exc})") from None
+            if claimed != len(ready) or stored != rows or cur.warning_count:
+                log.info("%d files loaded one by one: %d of %d claimed, %d of %d rows stored, %d warnings",
+                         len(ready), claimed, len(ready), stored, rows, cur.warning_count)
+                conn.rollback()
+                return False
+            conn.commit()
+            return True
+    except BaseException:
+        _rollback(conn)
+        raise

@@ -18,8 +18,8 @@ from .. import db, layout, safefiles
 from ..client import Task
 from ..config import Settings
 from ..stages import Stage
-from ..daemon import (Context, Done, InputMissing, Outcome, Retryable, StageWork, StopRequested, TaskFailed,
-                      run_shard_stage)
+from ..daemon import (Context, Done, Failed, InputMissing, Outcome, Retryable, Rewind, StageWork, StopRequested,
+                      TaskFailed, run_shard_stage)
 from . import loader
 
 # Database errors that a retry cannot cure: the rows themselves were refused.
@@ -67,22 +67,70 @@ class Sender(StageWork):
 
     # -- one file -----------------------------------------------------------------------------------
 
+    def group(self, tasks: list[Task]) -> list[list[Task]]:
+        """A claim's tasks of this shard are one group, so its small files load in one
+        transaction (`process`); another shard's task goes alone (and fails)."""
+        own = [t for t in tasks if t.shard == self.shard]
+        return ([own] if own else []) + [[t] for t in tasks if t.shard != self.shard]
+
     def process(self, tasks: list[Task], ctx: Context) -> list[Outcome]:
-        return [self._send(task, ctx) for task in tasks]
+        """One file: `load_file`. Several: their small files together (`loader.load_batch`: one
+        transaction, three statements and one log flush for all), and each other file, or each
+        file of a batch that was rolled back, on its own as before, with its own outcome."""
+        if len(tasks) == 1 or self.method != "load_data":
+            return [self._send(task, ctx) for task in tasks]
+        started = time.monotonic()
+        files = [(layout.worker_output(self.settings.shared_dir, t.filename, self.shard), t.filename) for t in tasks]
+        names = ", ".join(t.filename for t in tasks)
+        try:
+            batched = self._guarded(names, ctx, lambda conn: loader.load_batch(
+                conn, files, self.shard, self.settings.shard_count, chunk_rows=self.settings.sender_chunk_rows,
+                root=self.settings.shared_dir, check=ctx.check, max_line_bytes=self.settings.max_line_bytes,
+                max_json_depth=self.settings.max_json_depth))
+        except TaskFailed as exc:  # refused rows are one file's: each on its own tells which
+            ctx.log.warning("%s: %s; loading each file on its own", names, exc)
+            batched = [None] * len(tasks)
+        outcomes: list[Outcome] = []
+        for task, result in zip(tasks, batched):
+            try:
+                outcomes.append(self._done(result) if result is not None else self._send(task, ctx))
+            except InputMissing as exc:
+                outcomes.append(Rewind(str(exc)))
+            except TaskFailed as exc:
+                outcomes.append(Failed(str(exc)))
+        fast = (time.monotonic() - started) / len(tasks) < FAST_LOAD_SECONDS
+        self.claim_limit = self.small_files_claim if fast else 1
+        return outcomes
 
     def _send(self, task: Task, ctx: Context) -> Outcome:
         if task.shard != self.shard:
             raise TaskFailed(f"wrong shard: task of shard {task.shard} claimed by the sender of shard {self.shard}")
         path = layout.worker_output(self.settings.shared_dir, task.filename, self.shard)
         started = time.monotonic()
+        result = self._guarded(task.filename, ctx, lambda conn: loader.load_file(
+            conn, path, task.filename, self.shard, self.settings.shard_count, method=self.method,
+            chunk_rows=self.settings.sender_chunk_rows, root=self.settings.shared_dir, check=ctx.check,
+            max_line_bytes=self.settings.max_line_bytes, max_json_depth=self.settings.max_json_depth))
+        if result.local_infile_refused and self.method == "load_data":
+            ctx.log.warning("shard %s server refuses LOAD DATA LOCAL INFILE: using multi-row INSERT from now on "
+                            "(enable local_infile on the server for the faster method)", self.shard)
+            self.method = "insert"
+        if result.already_loaded:
+            ctx.log.info("%s was already loaded (%s rows): nothing added", task.filename, result.loaded)
+        self.claim_limit = self.small_files_claim if time.monotonic() - started < FAST_LOAD_SECONDS else 1
+        return self._done(result)
+
+    @staticmethod
+    def _done(result: loader.LoadResult) -> Done:
+        return Done(events=result.loaded, stats=result.stats())
+
+    def _guarded(self, names: str, ctx: Context, load):
+        """`load(connection)`, its faults told apart: the file's (TaskFailed, InputMissing) from
+        the server's (Retryable: the connection is dropped and the tasks handed back)."""
         try:
-            conn = self.shard_db.get()
-            result = loader.load_file(
-                conn, path, task.filename, self.shard, self.settings.shard_count, method=self.method,
-                chunk_rows=self.settings.sender_chunk_rows, root=self.settings.shared_dir, check=ctx.check,
-                max_line_bytes=self.settings.max_line_bytes, max_json_depth=self.settings.max_json_depth)
+            return load(self.shard_db.get())
         except StopRequested:
-            ctx.log.info("%s: load rolled back; handing the task back", task.filename)
+            ctx.log.info("%s: load rolled back; handing the task back", names)
             raise
         except db.MigrationError:
             raise  # the schema files and the database disagree: not this file's fault (app/daemon.py)
@@ -94,7 +142,7 @@ class Sender(StageWork):
             raise TaskFailed(f"prepared file refused: {exc}") from None
         except DATA_REFUSED as exc:
             self.shard_db.discard()
-            raise TaskFailed(f"shard {self.shard} server refused the rows of {task.filename}: {exc}") from None
+            raise TaskFailed(f"shard {self.shard} server refused the rows of {names}: {exc}") from None
         except (pymysql.err.MySQLError, *db.UNAVAILABLE, OSError, loader.SchemaMismatch) as exc:
             # Server down, connection lost, deadlock, schema gone, a chunk not written: nothing was committed, or all
             # of it was and the load record says so next time. Hand back and retry later.
@@ -106,14 +154,6 @@ class Sender(StageWork):
             # whatever the driver raised, the connection is gone: an outside fault, not the file's
             self.shard_db.discard()
             raise Retryable(f"shard {self.shard} database {self.url}: connection lost ({exc!r})") from None
-        if result.local_infile_refused and self.method == "load_data":
-            ctx.log.warning("shard %s server refuses LOAD DATA LOCAL INFILE: using multi-row INSERT from now on "
-                            "(enable local_infile on the server for the faster method)", self.shard)
-            self.method = "insert"
-        if result.already_loaded:
-            ctx.log.info("%s was already loaded (%s rows): nothing added", task.filename, result.loaded)
-        self.claim_limit = self.small_files_claim if time.monotonic() - started < FAST_LOAD_SECONDS else 1
-        return Done(events=result.loaded, stats=result.stats())
 
 
 def main(argv: list[str] | None = None) -> None:
