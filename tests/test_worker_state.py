@@ -19,6 +19,7 @@ from app.client import Task
 from app.config import Settings
 from app.daemon import Context, TaskFailed
 from app.events import event_key
+from app.worker.ledger import ALL_BALANCES
 from app.worker.rules import ORPHAN_RETURN, buyer_of, minute_of
 from app.worker import stage as stage_module
 from app.worker.stage import WorkerStage
@@ -126,7 +127,7 @@ def test_upgrade_from_0002_keeps_dedup_keys_orders_and_balances(make_database, s
         assert w.reasons(F1) == ["duplicate"] * 4
         assert [(x["order_id"], x["shop_id"]) for x in map(orjson.loads, prepared.splitlines())] == \
             [(900, 2), (-901, 2)]
-        assert sql(url, "SELECT balance FROM worker_balances WHERE user_id=1") == [(Decimal("1000.00"),)]
+        assert sql(url, f"SELECT balance FROM ({ALL_BALANCES}) b WHERE user_id=1") == [(Decimal("1000.00"),)]
         assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(-901, 2), (900, 2)]
         assert not {"worker_seen_0002", "worker_orders_0002", "worker_seen_compact", "worker_orders_compact"} & \
             {r[0] for r in sql(url, "SELECT table_name FROM information_schema.tables WHERE table_schema=DATABASE()")}
@@ -315,7 +316,7 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
                                  refund(10 * MINUTE + 4, 903, user=12345678901234, good=98765432109876, amount=1),
                                  refund(10 * MINUTE + 5, 904, user=1, good=4, amount=1)])
         assert w.reasons(F2) == ["duplicate"] * 3 + ["purchase_rejected", "return_mismatch"]
-        assert sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+        assert sql(url, f"SELECT user_id, balance FROM ({ALL_BALANCES}) b ORDER BY user_id") == [
             (1, Decimal("995.00")), (12345678901234, Decimal("1001.00"))]
         assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(900, 2), (901, 2), (902, 0),
                                                                                            (903, 2), (904, 1)]
@@ -372,7 +373,7 @@ def test_the_worker_writes_its_state_by_inserts_where_the_server_refuses_local_i
         second = w.decide(F2, [refund(MINUTE, 100, user=1, amount=4, shop=2), purchase(MINUTE + 1, 102, user=1, shop=2,
                                                                                        price=1)])
         assert second.stats["accepted"] == 2
-        assert sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+        assert sql(url, f"SELECT user_id, balance FROM ({ALL_BALANCES}) b ORDER BY user_id") == [
             (1, opening - 10 + 4 - 1), (2, opening - 3)]
         assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(100, 2), (101, 1), (102, 1)]
         assert sql(url, "SELECT COUNT(*) FROM worker_seen") == [(1,)]
