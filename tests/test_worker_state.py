@@ -280,7 +280,8 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
     try:
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0004_lean_state",
                                                                  "worker 0005_packed_sealed_keys",
-                                                                 "worker 0006_holds_in_place"]
+                                                                 "worker 0006_holds_in_place",
+                                                                 "worker 0007_young_balances"]
         shape = sql(url, "SELECT table_name, column_name, column_type FROM information_schema.columns "
                          "WHERE table_schema=DATABASE() AND table_name LIKE %s ORDER BY 1, 2", ("worker%",))
         with conn.cursor() as cur:   # the migration again, from its first statement: it changes nothing
@@ -448,7 +449,8 @@ def test_upgrade_from_0004_packs_sealed_keys_and_runs_again_from_the_top_after_s
             for statement in statements[:stop]:
                 cur.execute(statement)
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0005_packed_sealed_keys",
-                                                                 "worker 0006_holds_in_place"]
+                                                                 "worker 0006_holds_in_place",
+                                                                 "worker 0007_young_balances"]
         with conn.cursor() as cur:   # and once more from its first statement: nothing changes
             for statement in statements:
                 cur.execute(statement)
@@ -537,7 +539,8 @@ def test_upgrade_from_0005_keeps_holds_as_they_were_and_runs_again_from_the_top_
             for statement in statements[:stop]:
                 cur.execute(statement)
         conn.commit()
-        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0006_holds_in_place"]
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0006_holds_in_place",
+                                                                 "worker 0007_young_balances"]
         with conn.cursor() as cur:   # and once more from its first statement: nothing changes
             for statement in statements:
                 cur.execute(statement)
@@ -562,5 +565,37 @@ def test_upgrade_from_0005_keeps_holds_as_they_were_and_runs_again_from_the_top_
         state.conn.rollback()
         assert [(h.order_id, h.state, h.code, h.resolved_file_id) for h in expired] == [
             (300, "expired", ORPHAN_RETURN, None)]
+    finally:
+        w.close()
+
+
+def test_upgrade_from_0006_keeps_balances_where_they_are_and_runs_again(make_database, shared_dir, tmp_path,
+                                                                         monkeypatch):
+    """0007 adds the young balances and worker_ledger's one row; the existing balances stay in
+    worker_balances (nothing young below the highest), the worker spends from them there, and a
+    new user goes young. Run again from its first statement, it changes nothing."""
+    url = make_database("upg7")
+    current_sql = older_worker_schema(tmp_path, monkeypatch, last=6)
+    conn = db.connect(url)
+    assert [m.version for m in db.migrate(conn, "worker")] == [1, 2, 3, 4, 5, 6]
+    with conn.cursor() as cur:   # what the 0006 worker left
+        cur.execute("INSERT INTO worker_balances (user_id, balance) VALUES (1, 985.00), (7, 5.00)")
+    conn.close()
+    monkeypatch.setattr(db, "SQL_DIR", current_sql)
+    conn = db.connect(url)
+    try:
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0007_young_balances"]
+        with conn.cursor() as cur:
+            for statement in db.migrations("worker")[6].statements():
+                cur.execute(statement)
+    finally:
+        conn.close()
+    assert sql(url, "SELECT id, sealed_below FROM worker_ledger") == [(1, 7)]
+    w = worker_for(url, shared_dir)
+    try:
+        w.decide(F1, [purchase(0, 100, user=1, shop=2, price=10), purchase(1, 101, user=9, shop=2, price=3)])
+        assert sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+            (1, Decimal("975.00")), (7, Decimal("5.00"))]
+        assert sql(url, "SELECT user_id, balance FROM worker_balances_young") == [(9, Decimal("997.00"))]
     finally:
         w.close()
