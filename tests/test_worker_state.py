@@ -20,7 +20,7 @@ from app.config import Settings
 from app.daemon import Context, TaskFailed
 from app.events import event_key
 from app.worker.ledger import ALL_BALANCES
-from app.worker.rules import ORPHAN_RETURN, buyer_of, minute_of
+from app.worker.rules import CODE, ORPHAN_RETURN, buyer_of, minute_of
 from app.worker import stage as stage_module
 from app.worker.stage import WorkerStage
 from tests import servers
@@ -599,3 +599,22 @@ def test_upgrade_from_0006_keeps_balances_where_they_are_and_runs_again(make_dat
         assert sql(url, "SELECT user_id, balance FROM worker_balances_young") == [(9, Decimal("997.00"))]
     finally:
         w.close()
+
+
+def test_a_records_codes_are_stored_packed_and_records_of_before_still_replay(worker):
+    """A batch's codes (one byte a line) are stored compressed: a 10,000-line batch's took a
+    16 KiB page of their own. A re-run replays them byte-identically, and so it does a record
+    the worker stored raw before (what a database of earlier versions holds)."""
+    w = worker()
+    lines = [restock(n // 4, 2, 1 + n % 50, 1) for n in range(2000)]
+    lines += [restock(0, 2, 1, 1)] * 500                                # 500 duplicates of the first line
+    first = w.decide(F1, lines)
+    assert first.stats["rejected"] == {"duplicate": 500}
+    out = w.outputs(F1)
+    [(stored,)] = sql(w.url, "SELECT codes FROM worker_batches")
+    assert stored[:1] == b"\xff" and len(stored) < 100
+    assert w.again(F1).events == 2000 and w.outputs(F1) == out
+    raw = bytes([0] * 2000 + [CODE["duplicate"]] * 500)
+    with db.connect(w.url).cursor() as cur:
+        cur.execute("UPDATE worker_batches SET codes=%s", (raw,))
+    assert w.again(F1).events == 2000 and w.outputs(F1) == out
