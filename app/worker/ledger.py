@@ -84,15 +84,16 @@ class Ledger:
         table's primary key: ascending user_id), after a shared lock on `worker_ledger`'s row
         (the sealing pass takes it exclusive: no user moves between the tables, or is sealed
         while this batch takes it for new), one statement. The balances come back packed in one
-        row a table,
-        (table, count, "user balance user balance ..."): thousands of rows decoded one by one
+        row a table, (table, count, "user balance user balance ..."): thousands of rows decoded one by one
         by PyMySQL cost the worker more than deciding them (`balances` checks the count, so a
         text cut short by group_concat_max_len, which `WorkerState` raises on its connection,
-        cannot go unnoticed)."""
+        cannot go unnoticed). The primary key is forced: a young table the optimizer takes for
+        small is otherwise scanned whole, and a locking scan waits for every row the other shard
+        worker has locked, matching or not (the two workers took turns)."""
         ids = db.sql_list(conn, sorted(users))
         return " UNION ALL ".join(["(SELECT -1, 0, NULL FROM worker_ledger WHERE id = 1 LOCK IN SHARE MODE)"] + [
             f"(SELECT {tag:d}, COUNT(*), GROUP_CONCAT(user_id, ' ', balance ORDER BY user_id SEPARATOR ' ') "
-            f"FROM {table} WHERE user_id IN {ids} FOR UPDATE)" for tag, table in TABLES.items()])
+            f"FROM {table} FORCE INDEX (PRIMARY) WHERE user_id IN {ids} FOR UPDATE)" for tag, table in TABLES.items()])
 
     def balances(self, rows, users) -> tuple[dict[int, Decimal], set[int]]:
         """The locked balances (the rows `lock_sql` answers), and the users not in either table
