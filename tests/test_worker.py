@@ -529,6 +529,7 @@ def test_sealing_new_users_waits_for_a_batch_reading_balances(make_database):
             cur.execute(ledger.lock_sql(ca, {1, 3}))
             balances, new = ledger.balances(cur.fetchall(), {1, 3})
         assert balances == {1: Decimal("10.00"), 3: Decimal("1000.00")} and new == {3} and ledger.young == {1}
+        assert sealer.due()                         # a process seals at its first pass after start
         moved = []
         t = threading.Thread(target=lambda: moved.append(sealer.seal(cb, keep=10)))
         t.start()
@@ -540,7 +541,7 @@ def test_sealing_new_users_waits_for_a_batch_reading_balances(make_database):
             assert script.run(cur)["users"].rowcount == 1
         ca.commit()
         t.join(10)
-        assert moved == [3]                         # 1, 2, 3 below 50 - 10
+        assert moved == [3] and not sealer.due()    # 1, 2, 3 below 50 - 10
         assert servers.query(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
             (1, Decimal("9.00")), (2, Decimal("20.00")), (3, Decimal("999.00"))]
         assert servers.query(url, "SELECT user_id FROM worker_balances_young") == [(50,)]

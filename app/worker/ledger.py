@@ -52,7 +52,9 @@ class Ledger:
     def __init__(self, opening_balance: Decimal):
         self.opening = opening_balance
         self.young: set[int] = set()    # users of the last `balances` in worker_balances_young
-        self.created = 0                 # users created since the last sealing pass
+        # users created since the last sealing pass; a process starts due, so a worker restarted
+        # more often than it creates SEAL_AFTER users still seals
+        self.created = SEAL_AFTER
 
     # -- orders ---------------------------------------------------------------------------------
 
