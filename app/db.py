@@ -546,6 +546,11 @@ class LoadWarnings(pymysql.err.DataError):
     skipped duplicate (a value out of range or cut short, a line without every column)."""
 
 
+class Call(str):
+    """The text of a `CALL` of a stored procedure that answers one result set: the server
+    then sends the CALL's own OK as one more result, which `Script` reads with it."""
+
+
 class Script:
     """The one multi-statement batch runner: statements sent together, one round trip per
     ~max_bytes instead of one per statement (the connection needs `multi_statements`). Each
@@ -559,7 +564,8 @@ class Script:
         self.offered: dict[bytes, bytes] = {}
 
     def add(self, tag: str, statements, args: tuple | list | None = None) -> None:
-        """One statement (with `args`, if any), or several without."""
+        """One statement (with `args`, if any), or several without. A `Call` answers its
+        result set, then its own OK, which is read here too."""
         if isinstance(statements, str):
             self.items.append((tag, statements, args, False))
         else:
@@ -597,15 +603,16 @@ class Script:
 
     def _run(self, cur, conn) -> dict[str, Result]:
         results: dict[str, Result] = {}
-        chunk: list[tuple[str, str, bool]] = []
+        chunk: list[tuple[str, str, bool, bool]] = []
         size = 0
         for tag, sql, args, load in self.items + [("", "", None, False)]:
+            call = isinstance(sql, Call)
             if args is not None:
                 sql = cur.mogrify(sql, args)
             if chunk and (not sql or size + len(sql) > self.max_bytes):
-                cur.execute(";".join(s for _, s, _ in chunk))
+                cur.execute(";".join(s for _, s, _, _ in chunk))
                 warned = []
-                for i, (t, _, loaded) in enumerate(chunk):
+                for i, (t, _, loaded, called) in enumerate(chunk):
                     if i and not cur.nextset():
                         raise pymysql.err.InterfaceError(f"no result for statement {i + 1} of {len(chunk)}")
                     rows, affected, _ = results.get(t, ([], 0, None))
@@ -613,6 +620,8 @@ class Script:
                         rows.extend(cur.fetchall())
                     else:
                         affected += max(cur.rowcount, 0)
+                    if called and not cur.nextset():
+                        raise pymysql.err.InterfaceError(f"no OK after the result of CALL {i + 1} of {len(chunk)}")
                     if loaded:
                         info = _LOADED.search(conn._result.message or b"") if conn._result else None
                         if info is None or int(info[4]) > int(info[3]):
@@ -623,7 +632,7 @@ class Script:
                     raise LoadWarnings(1265, "LOAD DATA stored rows with warnings: " + "; ".join(warned))
                 chunk, size = [], 0
             if sql:
-                chunk.append((tag, sql, load))
+                chunk.append((tag, sql, load, call))
                 size += len(sql) + 1
         return results
 

@@ -144,7 +144,8 @@ def test_an_original_tracking_table_is_migration_0001_and_is_upgraded_by_the_res
     conn.close()
     migrate(url, "tracking")
     assert [(c, v, a) for c, v, _, a in ledger(url)] == [("tracking", 1, 1), ("tracking", 2, 0), ("tracking", 3, 0),
-                                                            ("tracking", 4, 0), ("tracking", 5, 0), ("tracking", 6, 0)]
+                                                            ("tracking", 4, 0), ("tracking", 5, 0), ("tracking", 6, 0),
+                                                            ("tracking", 7, 0)]
     assert servers.query(url, "SELECT COUNT(*) FROM pipeline_tracking WHERE owner IS NULL") == [(len(ROWS),)]
 
 
