@@ -35,6 +35,7 @@ DEADLOCK = ER.LOCK_DEADLOCK
 LOCK_WAIT_TIMEOUT = ER.LOCK_WAIT_TIMEOUT
 DEADLOCK_CODES = frozenset({DEADLOCK, LOCK_WAIT_TIMEOUT})  # retry the transaction
 NO_SUCH_TABLE = ER.NO_SUCH_TABLE
+NO_SUCH_ROUTINE = ER.SP_DOES_NOT_EXIST
 DUP_ENTRY = ER.DUP_ENTRY
 # A CHECK constraint refused a row (MariaDB 4025, ER_CONSTRAINT_FAILED; MySQL 8.0 3819): e.g. a
 # JSON column's json_valid, which in MariaDB refuses documents nested deeper than 31 levels.
@@ -246,7 +247,7 @@ class Migration:
 
     @property
     def creates(self) -> tuple[str, ...]:
-        """The `table` and `table.column` names its `-- creates:` lines list: where all exist, the
+        """The `table`, `table.column` and `routine()` names its `-- creates:` lines list: where all exist, the
         migration's work is there (see `_migrate_locked`)."""
         return tuple(word for line in _CREATES.findall(self.text) for word in line.split())
 
@@ -363,11 +364,14 @@ def _migrate_locked(conn, cur, database: str, component: str, wanted: list[Migra
 
 
 def _present(cur) -> set[str]:
-    """`table` and `table.column` names of the connection's database, lower case."""
+    """`table`, `table.column` and `routine()` names of the connection's database, lower case (a
+    dump restored without its routines, `mysqldump` without `--routines`, loses the procedures)."""
     cur.execute("SELECT table_name, column_name FROM information_schema.columns WHERE table_schema=DATABASE()")
     present = set()
     for table, column in cur.fetchall():
         present.update((table.lower(), f"{table}.{column}".lower()))
+    cur.execute("SELECT routine_name FROM information_schema.routines WHERE routine_schema=DATABASE()")
+    present.update(f"{name.lower()}()" for name, in cur.fetchall())
     return present
 
 

@@ -317,6 +317,25 @@ def test_a_registration_is_one_round_trip_and_leaves_what_the_statements_left(ma
     assert kept == sorted(r for r in servers.query(url, SQL_COUNTS_SCANNED) if r[3])
 
 
+def test_a_registration_without_its_procedure_says_the_schema_is_missing_and_the_next_one_works(make_database):
+    """The procedure dropped under a running API (a dump restored without its routines): the
+    registration fails as a missing table does (SchemaMissing: 503 and `retry`), creating
+    nothing, and the schema installed again brings the procedure back."""
+    from app.api import tracking
+    from app.api.errors import SchemaMissing
+
+    url = make_database("noproc")
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3)
+    tracker.schema.ensure()
+    servers.query(url, "DROP PROCEDURE pipeline_register")
+    with pytest.raises(SchemaMissing):
+        tracker.register("2026c", [0, 1], True, "ingest", 3)
+    assert servers.query(url, "SELECT COUNT(*) FROM pipeline_tracking") == [(0,)]
+    tracker.schema.lost()
+    tracker.schema.ensure()
+    assert tracker.register("2026c", [0, 1], True, "ingest", 3)["updated_rows"] == 2
+
+
 def test_the_client_registers_done_with_an_api_that_does_not_know_the_field(http, live):
     """An API older than `done` registers and answers without `updated_rows`: the client then
     marks ingest done itself, so no file stays `started`."""

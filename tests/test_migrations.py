@@ -165,6 +165,19 @@ def test_a_table_dropped_by_hand_is_created_again_and_nothing_else_runs(make_dat
     assert servers.query(url, "SELECT COUNT(*) FROM pipeline_tracking") == [(1,)]
 
 
+def test_a_procedure_lost_by_a_dump_without_routines_is_created_again_and_nothing_else_runs(make_database):
+    """`mysqldump` leaves stored procedures out unless asked (`--routines`): a database restored
+    from such a dump has the ledger saying tracking 0007 ran, and no procedure. Its `creates`
+    names the procedure, so the next migration runs 0007 again, and only 0007."""
+    url = make_database("routine")
+    migrate(url, "tracking")
+    servers.query(url, "DROP PROCEDURE pipeline_register")
+    assert [str(m) for m in migrate(url, "tracking")] == ["tracking 0007_register_procedure"]
+    assert servers.query(url, "SELECT routine_name FROM information_schema.routines WHERE routine_schema = DATABASE()"
+                              " AND routine_type = 'PROCEDURE'") == [("pipeline_register",)]
+    assert migrate(url, "tracking") == []
+
+
 def test_an_edited_applied_migration_is_refused(make_database, sql_copy):
     url = make_database("edit")
     migrate(url, "worker")

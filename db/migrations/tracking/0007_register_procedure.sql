@@ -11,7 +11,9 @@
 -- SQL SECURITY INVOKER: it runs with the caller's rights, never its creator's. Body statements
 -- end with `;` at the start of the next line: a `;` at a line's end separates migration statements.
 -- No table of its own: an applied 0007 is not run again; running it again replaces the procedure
--- with itself.
+-- with itself. A database that lost the procedure (restored from a dump made without
+-- `--routines`) runs it again: the API's first call then answers 503 and the next one works.
+-- creates: pipeline_register()
 DROP PROCEDURE IF EXISTS pipeline_register;
 CREATE PROCEDURE pipeline_register(IN p_filename VARCHAR(255), IN p_shards VARCHAR(4000), IN p_done BOOLEAN,
                                    IN p_actor VARCHAR(128), IN p_events INT)
