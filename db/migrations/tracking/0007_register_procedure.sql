@@ -32,14 +32,17 @@ BEGIN
       VALUES (p_filename, v_shard, IF(p_done, 'done', 'started')) ON DUPLICATE KEY UPDATE id = id
     ; IF ROW_COUNT() = 1 THEN
       SET v_id = LAST_INSERT_ID()
-      ; INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status, action, actor,
-                                         error, duration_ms, events, stats)
-        VALUES (v_id, p_filename, v_shard, 'event-ingest', NULL, 'started', 'register', NULL, NULL, NULL, NULL, NULL)
+      -- One INSERT of the task's moves: register, and done when the file is complete.
       ; IF p_done THEN
         INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status, action, actor,
                                          error, duration_ms, events, stats)
-        VALUES (v_id, p_filename, v_shard, 'event-ingest', 'started', 'done', 'done', p_actor, NULL, NULL,
+        VALUES (v_id, p_filename, v_shard, 'event-ingest', NULL, 'started', 'register', NULL, NULL, NULL, NULL, NULL),
+               (v_id, p_filename, v_shard, 'event-ingest', 'started', 'done', 'done', p_actor, NULL, NULL,
                 IF(v_created = '', p_events, NULL), NULL)
+      ; ELSE
+        INSERT INTO pipeline_transitions (tracking_id, filename, shard, stage, from_status, to_status, action, actor,
+                                         error, duration_ms, events, stats)
+        VALUES (v_id, p_filename, v_shard, 'event-ingest', NULL, 'started', 'register', NULL, NULL, NULL, NULL, NULL)
       ; END IF
       ; SET v_created = CONCAT(v_created, ',', v_shard)
     ; END IF
