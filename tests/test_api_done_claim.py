@@ -317,58 +317,6 @@ def test_a_registration_is_one_round_trip_and_leaves_what_the_statements_left(ma
     assert kept == sorted(r for r in servers.query(url, SQL_COUNTS_SCANNED) if r[3])
 
 
-def test_a_splitter_or_sender_claim_is_one_round_trip_and_so_is_a_done_that_claims(make_database):
-    """The unordered stages' claim is migration 0007's `pipeline_claim`, sent with the dones
-    before it and the COMMIT in one packet: a claim, and a `done` (or a batch) that claims, are
-    one round trip each (they were two). What the claim hands over is as before: the tasks the
-    owner holds first (resumed, lease extended), then ready ones oldest first, attempts counted,
-    each move logged; a `done` that does not take effect (a repeat) rolls back and claims
-    nothing; the counts agree with a scan."""
-    from app.api import tracking
-    from app.api.queries import SQL_COUNTS_SCANNED, SQL_TASK_COUNTS
-    from bench.wire import counting
-
-    url = make_database("claimproc")
-    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3)
-    tracker.schema.ensure()
-    tracker.store.conn()
-    for n in range(5):
-        tracker.register(f"2026f{n}", [0, 1], True, "ingest", 10)
-    with counting() as (counts, kinds):
-        got = tracker.claim("shard-splitter", 2, None, "s")
-    assert counts["round_trips"] == 1, kinds
-    assert [(t["filename"], t["shard"], t["attempts"], t["resumed"]) for t in got] == [
-        ("2026f0", 0, 1, False), ("2026f0", 1, 1, False)]
-    again = tracker.claim("shard-splitter", 3, None, "s")   # a restarted daemon: its own first
-    assert [(t["filename"], t["shard"], t["resumed"]) for t in again] == [
-        ("2026f0", 0, True), ("2026f0", 1, True), ("2026f1", 0, False)]
-    items = [(t["filename"], t["shard"], 5, {"lines": 5}) for t in again]
-    with counting() as (counts, kinds):
-        moved, nxt = tracker.done_and_claim("shard-splitter", items, "s", 1, None)
-    assert counts["round_trips"] == 1, kinds
-    assert [(m.filename, m.shard, m.changed) for m in moved] == [("2026f0", 0, True), ("2026f0", 1, True),
-                                                                  ("2026f1", 0, True)]
-    assert [(t["filename"], t["shard"], t["resumed"]) for t in nxt] == [("2026f1", 1, False)]
-    assert tracker.done_and_claim("shard-splitter", items[:1], "s", 4, None) is None   # a repeat: nothing claimed
-    assert servers.query(url, "SELECT filename, shard FROM pipeline_tracking WHERE shard_splitter_status = 'started'"
-                              " ORDER BY id") == [("2026f1", 1)]
-    for n in range(2):
-        tracker.transition("shard-worker", "start", f"2026f{n}", 0, owner="w")
-        tracker.transition("shard-worker", "done", f"2026f{n}", 0, owner="w")
-    with counting() as (counts, kinds):
-        sent = tracker.claim("mysql-sender", 4, 0, "m")
-    assert counts["round_trips"] == 1, kinds
-    assert [(t["filename"], t["shard"]) for t in sent] == [("2026f0", 0), ("2026f1", 0)]
-    assert tracker.claim("mysql-sender", 4, 1, "m") == []
-    claims = servers.query(url, "SELECT filename, shard, stage, actor FROM pipeline_transitions WHERE action = 'claim'"
-                                " ORDER BY id")
-    assert claims == [("2026f0", 0, "shard-splitter", "s"), ("2026f0", 1, "shard-splitter", "s"),
-                      ("2026f1", 0, "shard-splitter", "s"), ("2026f1", 1, "shard-splitter", "s"),
-                      ("2026f0", 0, "mysql-sender", "m"), ("2026f1", 0, "mysql-sender", "m")]
-    kept = sorted(r for r in servers.query(url, SQL_TASK_COUNTS))
-    assert kept == sorted(r for r in servers.query(url, SQL_COUNTS_SCANNED) if r[3])
-
-
 def test_a_registration_without_its_procedure_says_the_schema_is_missing_and_the_next_one_works(make_database):
     """The procedure dropped under a running API (a dump restored without its routines): the
     registration fails as a missing table does (SchemaMissing: 503 and `retry`), creating

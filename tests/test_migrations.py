@@ -172,9 +172,9 @@ def test_a_procedure_lost_by_a_dump_without_routines_is_created_again_and_nothin
     url = make_database("routine")
     migrate(url, "tracking")
     servers.query(url, "DROP PROCEDURE pipeline_register")
-    assert [str(m) for m in migrate(url, "tracking")] == ["tracking 0007_register_and_claim_procedures"]
+    assert [str(m) for m in migrate(url, "tracking")] == ["tracking 0007_register_procedure"]
     assert servers.query(url, "SELECT routine_name FROM information_schema.routines WHERE routine_schema = DATABASE()"
-                              " AND routine_type = 'PROCEDURE' ORDER BY 1") == [("pipeline_claim",), ("pipeline_register",)]
+                              " AND routine_type = 'PROCEDURE'") == [("pipeline_register",)]
     assert migrate(url, "tracking") == []
 
 

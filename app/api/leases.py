@@ -13,14 +13,8 @@ from ..stages import ORDERED, WORK_STAGES, Action, Stage
 from .errors import Conflict, NotFound
 from .queries import (FAILED, NEW, SQL_EXPIRED, STARTED, iso, iso_s, log_sql, marks, sql_held, sql_ready,
                       sql_shard_gate)
-from ..db import Call, Result, Transaction
+from ..db import Result, Transaction
 from .store import Store
-
-
-# The stages whose claim is a stored procedure (migration tracking 0007): the unordered ones. Args:
-# stage, shard or NULL, owner, limit, lease in microseconds, dones expected before it or NULL.
-BY_PROCEDURE = frozenset({Stage.SPLITTER, Stage.SENDER})
-SQL_CLAIM = Call("CALL pipeline_claim(%s,%s,%s,%s,%s,%s)")
 
 
 class Leases:
@@ -42,16 +36,12 @@ class Leases:
         return self.store.tx(lambda t: self.claim_in(t, stage, limit, shard, owner))
 
     def claim_in(self, t: Transaction, stage: str, limit: int, shard: int | None, owner: str,
-                 first: tuple = (), proceed=None, expect: int | None = None) -> list[dict] | None:
+                 first: tuple = (), proceed=None) -> list[dict] | None:
         """The claim inside the transaction `t`, which it commits. `first`: statements sent
         ahead of the claim's reads in the same round trip (a `done` of the caller's previous
         task, so the two cost one transaction); `proceed(results of first)` False rolls
-        everything back before anything is claimed, and the answer is None. `expect`: how many
-        `done`s `first` moves when it takes effect (`@pipeline_done`), for the stages whose
-        claim is a stored procedure (`BY_PROCEDURE`), which checks it itself."""
+        everything back before anything is claimed, and the answer is None."""
         stage = Stage(stage)
-        if stage in BY_PROCEDURE:
-            return self._claim_by_procedure(t, stage, limit, shard, owner, first, proceed, expect)
         status_col, att = stage.status_column, stage.attempts_column
         cols = f"id, filename, shard, created_at, {att} AS attempts"
         ordered = stage in ORDERED and shard is not None
@@ -88,22 +78,6 @@ class Leases:
         mine = done[1].rows if mine else []
         return ([self._claimed(r, r["attempts"], True) for r in mine]
                 + [self._claimed(r, r["attempts"] + 1, False) for r in fresh])
-
-    def _claim_by_procedure(self, t: Transaction, stage: Stage, limit: int, shard: int | None, owner: str,
-                            first: tuple, proceed, expect: int | None) -> list[dict] | None:
-        """The splitter's and the sender's claim: migration tracking 0007's `pipeline_claim`,
-        sent with `first` and the COMMIT in one packet, so a claim is one round trip and a
-        `done` that claims too. When `first`'s dones did not all take effect, the procedure
-        has rolled everything back (the COMMIT then ends nothing) and answers a row of NULLs."""
-        results = t.finish(*first, (SQL_CLAIM, (stage, shard, owner, limit, self.lease_us,
-                                                expect if first else None)))
-        rows = results[-1].rows
-        refused = bool(rows) and rows[0]["id"] is None
-        if proceed is not None and (not proceed(results[:len(first)]) or refused):
-            if not refused:
-                raise RuntimeError(f"pipeline_claim claimed for {owner!r} although its dones did not all move")
-            return None
-        return [self._claimed(r, r["attempts"], bool(r["resumed"])) for r in rows]
 
     def may_claim(self, stage: str, shard: int | None, owner: str) -> bool:
         """Whether a claim could find anything: `owner` holds a task of the stage (of `shard`)

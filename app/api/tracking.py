@@ -77,5 +77,5 @@ class Tracker:
             t.finish()
             return []
         claimed = self.store.tx(lambda t: self.leases.claim_in(t, stage, limit, shard, owner, tuple(statements),
-                                                               proceed, len(items)) if limit else only_done(t))
+                                                               proceed) if limit else only_done(t))
         return None if claimed is None else (list(moved), claimed)
