@@ -35,6 +35,7 @@ DEADLOCK = ER.LOCK_DEADLOCK
 LOCK_WAIT_TIMEOUT = ER.LOCK_WAIT_TIMEOUT
 DEADLOCK_CODES = frozenset({DEADLOCK, LOCK_WAIT_TIMEOUT})  # retry the transaction
 NO_SUCH_TABLE = ER.NO_SUCH_TABLE
+NO_SUCH_ROUTINE = ER.SP_DOES_NOT_EXIST
 DUP_ENTRY = ER.DUP_ENTRY
 # A CHECK constraint refused a row (MariaDB 4025, ER_CONSTRAINT_FAILED; MySQL 8.0 3819): e.g. a
 # JSON column's json_valid, which in MariaDB refuses documents nested deeper than 31 levels.
@@ -305,7 +306,7 @@ class Migration:
 
     @property
     def creates(self) -> tuple[str, ...]:
-        """The `table` and `table.column` names its `-- creates:` lines list: where all exist, the
+        """The `table`, `table.column` and `routine()` names its `-- creates:` lines list: where all exist, the
         migration's work is there (see `_migrate_locked`)."""
         return tuple(word for line in _CREATES.findall(self.text) for word in line.split())
 
@@ -422,11 +423,14 @@ def _migrate_locked(conn, cur, database: str, component: str, wanted: list[Migra
 
 
 def _present(cur) -> set[str]:
-    """`table` and `table.column` names of the connection's database, lower case."""
+    """`table`, `table.column` and `routine()` names of the connection's database, lower case (a
+    dump restored without its routines, `mysqldump` without `--routines`, loses the procedures)."""
     cur.execute("SELECT table_name, column_name FROM information_schema.columns WHERE table_schema=DATABASE()")
     present = set()
     for table, column in cur.fetchall():
         present.update((table.lower(), f"{table}.{column}".lower()))
+    cur.execute("SELECT routine_name FROM information_schema.routines WHERE routine_schema=DATABASE()")
+    present.update(f"{name.lower()}()" for name, in cur.fetchall())
     return present
 
 
@@ -605,6 +609,11 @@ class LoadWarnings(pymysql.err.DataError):
     skipped duplicate (a value out of range or cut short, a line without every column)."""
 
 
+class Call(str):
+    """The text of a `CALL` of a stored procedure that answers one result set: the server
+    then sends the CALL's own OK as one more result, which `Script` reads with it."""
+
+
 class Script:
     """The one multi-statement batch runner: statements sent together, one round trip per
     ~max_bytes instead of one per statement (the connection needs `multi_statements`). Each
@@ -618,7 +627,8 @@ class Script:
         self.offered: dict[bytes, bytes] = {}
 
     def add(self, tag: str, statements, args: tuple | list | None = None) -> None:
-        """One statement (with `args`, if any), or several without."""
+        """One statement (with `args`, if any), or several without. A `Call` answers its
+        result set, then its own OK, which is read here too."""
         if isinstance(statements, str):
             self.items.append((tag, statements, args, False))
         else:
@@ -656,15 +666,16 @@ class Script:
 
     def _run(self, cur, conn) -> dict[str, Result]:
         results: dict[str, Result] = {}
-        chunk: list[tuple[str, str, bool]] = []
+        chunk: list[tuple[str, str, bool, bool]] = []
         size = 0
         for tag, sql, args, load in self.items + [("", "", None, False)]:
+            call = isinstance(sql, Call)
             if args is not None:
                 sql = cur.mogrify(sql, args)
             if chunk and (not sql or size + len(sql) > self.max_bytes):
-                cur.execute(";".join(s for _, s, _ in chunk))
+                cur.execute(";".join(s for _, s, _, _ in chunk))
                 warned = []
-                for i, (t, _, loaded) in enumerate(chunk):
+                for i, (t, _, loaded, called) in enumerate(chunk):
                     if i and not cur.nextset():
                         raise pymysql.err.InterfaceError(f"no result for statement {i + 1} of {len(chunk)}")
                     rows, affected, _ = results.get(t, ([], 0, None))
@@ -672,6 +683,8 @@ class Script:
                         rows.extend(cur.fetchall())
                     else:
                         affected += max(cur.rowcount, 0)
+                    if called and not cur.nextset():
+                        raise pymysql.err.InterfaceError(f"no OK after the result of CALL {i + 1} of {len(chunk)}")
                     if loaded:
                         info = _LOADED.search(conn._result.message or b"") if conn._result else None
                         if info is None or int(info[4]) > int(info[3]):
@@ -682,7 +695,7 @@ class Script:
                     raise LoadWarnings(1265, "LOAD DATA stored rows with warnings: " + "; ".join(warned))
                 chunk, size = [], 0
             if sql:
-                chunk.append((tag, sql, load))
+                chunk.append((tag, sql, load, call))
                 size += len(sql) + 1
         return results
 

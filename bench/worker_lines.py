@@ -25,6 +25,7 @@ import random
 import sys
 import tempfile
 import time
+from decimal import Decimal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +104,8 @@ def main() -> None:
         for i in range(0, len(orders), 8000 * len(orders) // len(raws)):
             chunk = orders[i:i + 8000 * len(orders) // len(raws)]
             users = {o.user_id for o in chunk}
-            Ledger.add_writes(db.Script(), None, 0, 1, chunk, [], balances, users, set(list(users)[::4]))
+            Ledger(Decimal("1000.00")).add_writes(db.Script(), None, 0, 1, chunk, [], balances, users,
+                                                  set(list(users)[::4]))
         keep("writes", time.process_time() - t)
     print(f"{args.root}: {len(raws):,} lines; µs per line, best of {args.reps}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))

@@ -20,6 +20,7 @@ from pathlib import Path
 import requests
 
 from app.config import MySQLURL
+from app.worker.ledger import ALL_BALANCES
 from tests import ground_truth, servers
 
 FAST = {
@@ -186,7 +187,7 @@ def check_against_truth(pipe: Pipeline, truth: ground_truth.Truth, filenames: li
     if check_rejected_files:
         _check_rejected_files(pipe, truth, filenames)
     # 4. No balance went negative, and each is what the accepted money movements make it.
-    balances = dict(servers.query(pipe.pipeline_db, "SELECT user_id, balance FROM worker_balances"))
+    balances = dict(servers.query(pipe.pipeline_db, ALL_BALANCES))
     assert balances and min(balances.values()) >= 0
     assert set(balances) <= set(truth.balances), "a balance for a user no event names"
     for user, want in truth.balances.items():

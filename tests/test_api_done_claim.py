@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from app import db
 from tests import servers
 from tests.test_api_contract import STAGES, Http, module_api, new_name
 
@@ -275,6 +276,64 @@ def test_register_with_done_marks_ingest_done_in_the_same_request(http):
     code, body = http.post("/files/register", {"filename": new_name(), "done": "yes"})
     assert code == 400 and body["field"] == "done"
     drain(http, "shard-splitter", None)
+
+
+def test_a_registration_is_one_round_trip_and_leaves_what_the_statements_left(make_database):
+    """The tracker registers a file with one CALL of migration 0007's procedure in one packet
+    (START TRANSACTION; CALL; COMMIT): one round trip where the INSERTs, then the log and a read,
+    took two. Rows, history and counts as before: a repeat creates and logs nothing, a new shard
+    of a known file is created (and its moves logged) alone, `events` goes on the first shard
+    created, and the counts agree with a scan of the table."""
+    from app.api import tracking
+    from app.api.queries import SQL_COUNTS_SCANNED, SQL_TASK_COUNTS
+    from bench.wire import counting
+
+    url = make_database("register")
+    conns = db.ThreadConnections(url, multi_statements=True)
+    tracker = tracking.Tracker(conns, 4, 60, 3)
+    tracker.schema.ensure()
+    tracker.store.conn()   # the session's settings: once per connection, not per request
+    with counting() as (counts, kinds):
+        got = tracker.register("2026a", [0, 1], True, "ingest", 9)
+    assert got == {"filename": "2026a", "shards": [0, 1], "created": True, "updated_rows": 2}
+    assert counts["round_trips"] == 1, kinds
+    assert tracker.register("2026a", [0, 1], True, "ingest", 9) == \
+        {"filename": "2026a", "shards": [0, 1], "created": False, "updated_rows": 0}
+    assert tracker.register("2026b", [2]) == {"filename": "2026b", "shards": [2], "created": True}
+    assert tracker.register("2026b", [1, 2, 3], True, "ingest", 5) == \
+        {"filename": "2026b", "shards": [1, 2, 3], "created": True, "updated_rows": 3}
+    history = servers.query(url, "SELECT filename, shard, action, from_status, to_status, actor, events"
+                                 " FROM pipeline_transitions ORDER BY filename, shard, id")
+    assert history == [
+        ("2026a", 0, "register", None, "started", None, None), ("2026a", 0, "done", "started", "done", "ingest", 9),
+        ("2026a", 1, "register", None, "started", None, None), ("2026a", 1, "done", "started", "done", "ingest", None),
+        ("2026b", 1, "register", None, "started", None, None), ("2026b", 1, "done", "started", "done", "ingest", 5),
+        ("2026b", 2, "register", None, "started", None, None), ("2026b", 2, "done", "started", "done", "ingest", None),
+        ("2026b", 3, "register", None, "started", None, None), ("2026b", 3, "done", "started", "done", "ingest", None)]
+    assert servers.query(url, "SELECT filename, shard, event_ingest_status FROM pipeline_tracking"
+                              " ORDER BY filename, shard") == [
+        ("2026a", 0, "done"), ("2026a", 1, "done"), ("2026b", 1, "done"), ("2026b", 2, "done"), ("2026b", 3, "done")]
+    kept = sorted(r for r in servers.query(url, SQL_TASK_COUNTS))
+    assert kept == sorted(r for r in servers.query(url, SQL_COUNTS_SCANNED) if r[3])
+
+
+def test_a_registration_without_its_procedure_says_the_schema_is_missing_and_the_next_one_works(make_database):
+    """The procedure dropped under a running API (a dump restored without its routines): the
+    registration fails as a missing table does (SchemaMissing: 503 and `retry`), creating
+    nothing, and the schema installed again brings the procedure back."""
+    from app.api import tracking
+    from app.api.errors import SchemaMissing
+
+    url = make_database("noproc")
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3)
+    tracker.schema.ensure()
+    servers.query(url, "DROP PROCEDURE pipeline_register")
+    with pytest.raises(SchemaMissing):
+        tracker.register("2026c", [0, 1], True, "ingest", 3)
+    assert servers.query(url, "SELECT COUNT(*) FROM pipeline_tracking") == [(0,)]
+    tracker.schema.lost()
+    tracker.schema.ensure()
+    assert tracker.register("2026c", [0, 1], True, "ingest", 3)["updated_rows"] == 2
 
 
 def test_the_client_registers_done_with_an_api_that_does_not_know_the_field(http, live):

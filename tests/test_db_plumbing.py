@@ -106,6 +106,25 @@ def test_a_transaction_answers_per_statement_and_commits_or_rolls_back_with_its_
     assert servers.query(url, "SELECT v FROM t") == [("b",)]
 
 
+def test_a_call_in_a_script_answers_its_result_set_and_the_statements_after_it_their_own(table):
+    """A stored procedure's CALL answers its result set and then an OK of its own: the script
+    reads both, so the statements after it (in the same packet) get their own results, and the
+    connection is left with nothing unread."""
+    url, conn = table
+    with conn.cursor() as cur:
+        cur.execute("CREATE PROCEDURE two_rows(IN p VARCHAR(32)) BEGIN INSERT INTO t (v) VALUES (p), (p);"
+                    " SELECT id, v FROM t WHERE v = p ORDER BY id; END")
+    with conn.cursor(pymysql.cursors.DictCursor) as cur:
+        tx = db.Transaction(cur)
+        got = tx.finish((db.Call("CALL two_rows(%s)"), ("x",)), ("SELECT COUNT(*) n FROM t", None),
+                        ("INSERT INTO t (v) VALUES (%s)", ("y",)))
+        assert got[0].rows == [{"id": 1, "v": "x"}, {"id": 2, "v": "x"}]
+        assert got[1].one() == {"n": 2}
+        assert got[2].rowcount == 1 and got[2].lastrowid == 3
+        assert not conn._result.has_next   # the COMMIT's OK was read: nothing pending
+    assert servers.query(url, "SELECT v FROM t ORDER BY id") == [("x",), ("x",), ("y",)]
+
+
 def _kill(url, conn) -> None:
     servers.query(url, f"KILL CONNECTION {conn.thread_id()}")
 

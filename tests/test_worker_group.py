@@ -15,6 +15,7 @@ from app import db, layout, safefiles
 from app.client import Task
 from app.daemon import Done, Failed, Retryable, TaskFailed
 from app.worker import stage as stage_module
+from app.worker.ledger import ALL_BALANCES
 from app.worker.state import Recent
 from tests import servers
 from tests.test_worker_state import Worker, sql
@@ -83,7 +84,7 @@ def records(url) -> list:
 
 
 def state(url) -> list:
-    return [sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id"),
+    return [sql(url, f"SELECT user_id, balance FROM ({ALL_BALANCES}) b ORDER BY user_id"),
             sql(url, "SELECT shop_id, good_id, count FROM worker_stock ORDER BY 1, 2"),
             sql(url, "SELECT o.order_id, o.state, o.amount, f.filename, o.line FROM worker_orders o "
                      "JOIN worker_files f ON f.id=o.file_id ORDER BY o.order_id"),

@@ -7,6 +7,7 @@ import orjson
 import pytest
 
 from app import layout, safefiles
+from app.worker.ledger import ALL_BALANCES
 from tests.test_worker_state import F1, F2, MINUTE, sql, worker  # noqa: F401
 from tests.test_worker_support import purchase, refund, restock
 
@@ -144,5 +145,5 @@ def test_a_batch_locks_its_returns_users_with_its_purchases_users_in_one_read(wo
              refund(3, 999, user=3, amount=1, shop=2)]
     assert w.decide(F2, lines).events == 2   # the return of order 999 is held
     assert locked == [{1}, {1, 2, 3}]
-    assert sql(w.url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+    assert sql(w.url, f"SELECT user_id, balance FROM ({ALL_BALANCES}) b ORDER BY user_id") == [
         (1, w.settings.opening_balance), (2, w.settings.opening_balance - 5)]

@@ -19,7 +19,8 @@ from app.client import Task
 from app.config import Settings
 from app.daemon import Context, TaskFailed
 from app.events import event_key
-from app.worker.rules import ORPHAN_RETURN, buyer_of, minute_of
+from app.worker.ledger import ALL_BALANCES
+from app.worker.rules import CODE, ORPHAN_RETURN, buyer_of, minute_of
 from app.worker import stage as stage_module
 from app.worker.stage import WorkerStage
 from tests import servers
@@ -126,7 +127,7 @@ def test_upgrade_from_0002_keeps_dedup_keys_orders_and_balances(make_database, s
         assert w.reasons(F1) == ["duplicate"] * 4
         assert [(x["order_id"], x["shop_id"]) for x in map(orjson.loads, prepared.splitlines())] == \
             [(900, 2), (-901, 2)]
-        assert sql(url, "SELECT balance FROM worker_balances WHERE user_id=1") == [(Decimal("1000.00"),)]
+        assert sql(url, f"SELECT balance FROM ({ALL_BALANCES}) b WHERE user_id=1") == [(Decimal("1000.00"),)]
         assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(-901, 2), (900, 2)]
         assert not {"worker_seen_0002", "worker_orders_0002", "worker_seen_compact", "worker_orders_compact"} & \
             {r[0] for r in sql(url, "SELECT table_name FROM information_schema.tables WHERE table_schema=DATABASE()")}
@@ -279,7 +280,8 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
     try:
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0004_lean_state",
                                                                  "worker 0005_packed_sealed_keys",
-                                                                 "worker 0006_holds_in_place"]
+                                                                 "worker 0006_holds_in_place",
+                                                                 "worker 0007_young_balances"]
         shape = sql(url, "SELECT table_name, column_name, column_type FROM information_schema.columns "
                          "WHERE table_schema=DATABASE() AND table_name LIKE %s ORDER BY 1, 2", ("worker%",))
         with conn.cursor() as cur:   # the migration again, from its first statement: it changes nothing
@@ -315,7 +317,7 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
                                  refund(10 * MINUTE + 4, 903, user=12345678901234, good=98765432109876, amount=1),
                                  refund(10 * MINUTE + 5, 904, user=1, good=4, amount=1)])
         assert w.reasons(F2) == ["duplicate"] * 3 + ["purchase_rejected", "return_mismatch"]
-        assert sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+        assert sql(url, f"SELECT user_id, balance FROM ({ALL_BALANCES}) b ORDER BY user_id") == [
             (1, Decimal("995.00")), (12345678901234, Decimal("1001.00"))]
         assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(900, 2), (901, 2), (902, 0),
                                                                                            (903, 2), (904, 1)]
@@ -372,7 +374,7 @@ def test_the_worker_writes_its_state_by_inserts_where_the_server_refuses_local_i
         second = w.decide(F2, [refund(MINUTE, 100, user=1, amount=4, shop=2), purchase(MINUTE + 1, 102, user=1, shop=2,
                                                                                        price=1)])
         assert second.stats["accepted"] == 2
-        assert sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+        assert sql(url, f"SELECT user_id, balance FROM ({ALL_BALANCES}) b ORDER BY user_id") == [
             (1, opening - 10 + 4 - 1), (2, opening - 3)]
         assert sql(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [(100, 2), (101, 1), (102, 1)]
         assert sql(url, "SELECT COUNT(*) FROM worker_seen") == [(1,)]
@@ -447,7 +449,8 @@ def test_upgrade_from_0004_packs_sealed_keys_and_runs_again_from_the_top_after_s
             for statement in statements[:stop]:
                 cur.execute(statement)
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0005_packed_sealed_keys",
-                                                                 "worker 0006_holds_in_place"]
+                                                                 "worker 0006_holds_in_place",
+                                                                 "worker 0007_young_balances"]
         with conn.cursor() as cur:   # and once more from its first statement: nothing changes
             for statement in statements:
                 cur.execute(statement)
@@ -536,7 +539,8 @@ def test_upgrade_from_0005_keeps_holds_as_they_were_and_runs_again_from_the_top_
             for statement in statements[:stop]:
                 cur.execute(statement)
         conn.commit()
-        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0006_holds_in_place"]
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0006_holds_in_place",
+                                                                 "worker 0007_young_balances"]
         with conn.cursor() as cur:   # and once more from its first statement: nothing changes
             for statement in statements:
                 cur.execute(statement)
@@ -563,3 +567,54 @@ def test_upgrade_from_0005_keeps_holds_as_they_were_and_runs_again_from_the_top_
             (300, "expired", ORPHAN_RETURN, None)]
     finally:
         w.close()
+
+
+def test_upgrade_from_0006_keeps_balances_where_they_are_and_runs_again(make_database, shared_dir, tmp_path,
+                                                                         monkeypatch):
+    """0007 adds the young balances and worker_ledger's one row; the existing balances stay in
+    worker_balances (nothing young below the highest), the worker spends from them there, and a
+    new user goes young. Run again from its first statement, it changes nothing."""
+    url = make_database("upg7")
+    current_sql = older_worker_schema(tmp_path, monkeypatch, last=6)
+    conn = db.connect(url)
+    assert [m.version for m in db.migrate(conn, "worker")] == [1, 2, 3, 4, 5, 6]
+    with conn.cursor() as cur:   # what the 0006 worker left
+        cur.execute("INSERT INTO worker_balances (user_id, balance) VALUES (1, 985.00), (7, 5.00)")
+    conn.close()
+    monkeypatch.setattr(db, "SQL_DIR", current_sql)
+    conn = db.connect(url)
+    try:
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0007_young_balances"]
+        with conn.cursor() as cur:
+            for statement in db.migrations("worker")[6].statements():
+                cur.execute(statement)
+    finally:
+        conn.close()
+    assert sql(url, "SELECT id, sealed_below FROM worker_ledger") == [(1, 7)]
+    w = worker_for(url, shared_dir)
+    try:
+        w.decide(F1, [purchase(0, 100, user=1, shop=2, price=10), purchase(1, 101, user=9, shop=2, price=3)])
+        assert sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
+            (1, Decimal("975.00")), (7, Decimal("5.00"))]
+        assert sql(url, "SELECT user_id, balance FROM worker_balances_young") == [(9, Decimal("997.00"))]
+    finally:
+        w.close()
+
+
+def test_a_records_codes_are_stored_packed_and_records_of_before_still_replay(worker):
+    """A batch's codes (one byte a line) are stored compressed: a 10,000-line batch's took a
+    16 KiB page of their own. A re-run replays them byte-identically, and so it does a record
+    the worker stored raw before (what a database of earlier versions holds)."""
+    w = worker()
+    lines = [restock(n // 4, 2, 1 + n % 50, 1) for n in range(2000)]
+    lines += [restock(0, 2, 1, 1)] * 500                                # 500 duplicates of the first line
+    first = w.decide(F1, lines)
+    assert first.stats["rejected"] == {"duplicate": 500}
+    out = w.outputs(F1)
+    [(stored,)] = sql(w.url, "SELECT codes FROM worker_batches")
+    assert stored[:1] == b"\xff" and len(stored) < 100
+    assert w.again(F1).events == 2000 and w.outputs(F1) == out
+    raw = bytes([0] * 2000 + [CODE["duplicate"]] * 500)
+    with db.connect(w.url).cursor() as cur:
+        cur.execute("UPDATE worker_batches SET codes=%s", (raw,))
+    assert w.again(F1).events == 2000 and w.outputs(F1) == out

@@ -15,6 +15,7 @@ import pytest
 from app import layout
 from app.config import Settings
 from app.daemon import Daemon
+from app.worker.ledger import ALL_BALANCES
 from app.worker.stage import WorkerStage
 from tests import servers
 
@@ -199,13 +200,13 @@ class Pipeline:
         return servers.query(self.db_url, query, args)
 
     def balance(self, user: int):
-        rows = self.sql("SELECT balance FROM worker_balances WHERE user_id=%s", (user,))
+        rows = self.sql(f"SELECT balance FROM ({ALL_BALANCES}) b WHERE user_id=%s", (user,))
         return rows[0][0] if rows else None
 
     def state(self) -> dict:
         """The worker's persistent state, without ids and clock columns."""
         return {
-            "balances": self.sql("SELECT user_id, balance FROM worker_balances ORDER BY user_id"),
+            "balances": self.sql(f"SELECT user_id, balance FROM ({ALL_BALANCES}) b ORDER BY user_id"),
             "orders": self.sql("SELECT order_id, shard, shop_id, buyer, qty, amount, state, line FROM worker_orders "
                                "ORDER BY order_id"),
             "stock": self.sql("SELECT shop_id, good_id, count FROM worker_stock ORDER BY shop_id, good_id"),
@@ -224,7 +225,7 @@ class Pipeline:
 
 
 WORKER_TABLES = ("worker_shards", "worker_files", "worker_batches", "worker_seen", "worker_seen_sealed",
-                 "worker_balances",
+                 "worker_balances", "worker_balances_young", "worker_ledger",
                  "worker_orders", "worker_stock", "worker_shops", "worker_holds", "worker_return_keys")
 
 

@@ -1,7 +1,7 @@
 """The one store every part of the tracker works through: this thread's connection (READ
 COMMITTED, short lock waits), transactions in as few round trips as their logic allows
-(`db.Transaction`), retried on deadlock, and reads. A table gone (dropped by hand) surfaces as
-SchemaMissing.
+(`db.Transaction`), retried on deadlock, and reads. A table or the registration's procedure gone
+(dropped by hand, a dump restored without its routines) surfaces as SchemaMissing.
 
 Sessions run at READ COMMITTED: every rule is checked either by a conditional UPDATE (the
 status it requires is in its WHERE; `rowcount` says whether it won) or under a row lock
@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pymysql
 import pymysql.cursors
 
-from ..db import DEADLOCK, NO_SUCH_TABLE, Transaction
+from ..db import DEADLOCK, NO_SUCH_ROUTINE, NO_SUCH_TABLE, Transaction
 from .errors import SchemaMissing
 
 # A deadlock is retried at once; a lock wait timeout is not: it already took LOCK_WAIT_SECONDS.
@@ -72,7 +72,7 @@ class Store:
                 if code == DEADLOCK and attempt < DEADLOCK_ATTEMPTS - 1:
                     time.sleep(deadlock_pause(attempt))
                     continue
-                if code == NO_SUCH_TABLE:
+                if code in (NO_SUCH_TABLE, NO_SUCH_ROUTINE):
                     raise SchemaMissing(str(exc)) from exc
                 raise
             except BaseException:

@@ -16,8 +16,12 @@ from ..stages import FIRST, Action, Stage, Status, sql_in
 from .errors import Conflict, NotFound
 from .queries import DONE, FAILED, NEW, STARTED, log_sql, marks, row_sql
 from .schema import ERROR_MAX, REASON_MAX
-from ..db import Result, Transaction
+from ..db import Call, Result, Transaction
 from .store import Store
+
+
+# Registration (migration tracking 0007): args filename, shards as "0,1", done, actor, events.
+SQL_REGISTER = Call("CALL pipeline_register(%s,%s,%s,%s,%s)")
 
 
 @dataclass
@@ -113,25 +117,13 @@ class Transitions:
         """Register the file's tasks (ingest `started`); `done`: and mark ingest done, as a
         following `ingest_done` would, in the same transaction: rows created now are inserted
         `done` with both moves logged (register, then done); rows that existed take the
-        ordinary `ingest_done` after the commit (a repeat, or the original generator's file)."""
-        status = DONE if done else STARTED
-
-        def tx(t: Transaction):
-            # A unique key with an explicit no-op: concurrent registrations of one file cannot
-            # both insert, and neither fails (affected rows: 1 inserted, 0 existed).
-            inserted = t.run(*[(f"INSERT INTO pipeline_tracking (filename, shard, {FIRST.status_column}) "
-                                f"VALUES (%s,%s,{status.sql}) ON DUPLICATE KEY UPDATE id=id", (filename, shard))
-                               for shard in shards])
-            created = [(r.lastrowid, shard) for r, shard in zip(inserted, shards) if r.rowcount == 1]
-            log = [(tid, filename, s, FIRST, None, STARTED, Action.REGISTER, None, None, None, None, None)
-                   for tid, s in created]
-            if done:
-                log += [(tid, filename, s, FIRST, STARTED, DONE, Action.DONE, actor, None, None,
-                         events if n == 0 else None, None) for n, (tid, s) in enumerate(created)]
-            existing = t.finish(*([log_sql(log)] if log else []),
-                                ("SELECT shard FROM pipeline_tracking WHERE filename=%s", (filename,)))
-            return created, sorted(set(shards) | {r["shard"] for r in existing[-1].rows})
-        created, all_shards = self.store.tx(tx)
+        ordinary `ingest_done` after the commit (a repeat, or the original generator's file).
+        One round trip: the stored procedure of migration tracking 0007 inserts, logs and
+        answers each of the file's tasks with whether this call created it."""
+        args = (filename, ",".join(str(s) for s in sorted(shards)), done, actor, events if done else None)
+        rows = self.store.tx(lambda t: t.finish((SQL_REGISTER, args))[0].rows)
+        created = [r["shard"] for r in rows if r["created"]]
+        all_shards = sorted(set(shards) | {r["shard"] for r in rows})
         answer = {"filename": filename, "shards": all_shards, "created": bool(created)}
         if not done:
             return answer

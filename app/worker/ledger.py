@@ -3,7 +3,9 @@ keyed by order (see docs/business-rules.md).
 
 A batch locks the balances it may touch (ascending user_id, so two shard workers wait for each
 other instead of both spending the same money), decides in memory, and writes the new balances
-with its orders in the same transaction. One `worker_orders` row per order makes every money
+with its orders in the same transaction. New users go to `worker_balances_young` and move to
+`worker_balances` in key order later (`seal`, db/migrations/worker/0007): the two workers'
+interleaved inserts of new users would split worker_balances' pages. One `worker_orders` row per order makes every money
 movement idempotent; a concurrent writer of the same order or user is detected and the batch is
 decided again. The statements are built here and sent in the batch's scripts (`db.Script`).
 """
@@ -19,6 +21,15 @@ from .rules import Order, buyer_of
 # worker_orders.state
 REJECTED, DEBITED, CREDITED = 0, 1, 2
 ORDER_INSERT = "INSERT INTO worker_orders (shard, file_id, line, order_id, shop_id, buyer, qty, amount, state) VALUES "
+# Every balance, wherever it is (tools and tests; the worker itself reads only its batch's users).
+ALL_BALANCES = "SELECT user_id, balance FROM worker_balances UNION ALL SELECT user_id, balance FROM worker_balances_young"
+# The newest users (by id) stay young: the range both workers may still be creating users in.
+YOUNG_KEEP = 10_000
+# A worker tries a sealing pass after creating this many users since its last one.
+SEAL_AFTER = 5_000
+# Where a batch's balances are: the tag `lock_sql` gives each table's row, and the table.
+MAIN, YOUNG = 0, 1
+TABLES = {MAIN: "worker_balances", YOUNG: "worker_balances_young"}
 
 
 
@@ -82,6 +93,10 @@ def balance_rows(users: list[int], balances: dict[int, Decimal]) -> bytes:
 class Ledger:
     def __init__(self, opening_balance: Decimal):
         self.opening = opening_balance
+        self.young: set[int] = set()    # users of the last `balances` in worker_balances_young
+        # users created since the last sealing pass; a process starts due, so a worker restarted
+        # more often than it creates SEAL_AFTER users still seals
+        self.created = SEAL_AFTER
 
     # -- orders ---------------------------------------------------------------------------------
 
@@ -109,37 +124,52 @@ class Ledger:
 
     @staticmethod
     def lock_sql(conn, users) -> str:
-        """Lock the users' balance rows until the transaction ends (a range scan of the primary
-        key: ascending user_id). The balances come back packed in one row, `count` and
-        "user balance user balance ...": thousands of rows decoded one by one by PyMySQL cost
-        the worker more than deciding them (`balances` checks the count, so a text cut short
-        by group_concat_max_len, which `WorkerState` raises on its connection, cannot go
-        unnoticed)."""
-        return ("SELECT COUNT(*), GROUP_CONCAT(user_id, ' ', balance ORDER BY user_id SEPARATOR ' ') "
-                "FROM worker_balances WHERE user_id IN " + db.sql_list(conn, sorted(users)) + " FOR UPDATE")
+        """Lock the users' balance rows until the transaction ends (a range scan of each
+        table's primary key: ascending user_id), after a shared lock on `worker_ledger`'s row
+        (the sealing pass takes it exclusive: no user moves between the tables, or is sealed
+        while this batch takes it for new), one statement. The balances come back packed in one
+        row a table, (table, count, "user balance user balance ..."): thousands of rows decoded one by one
+        by PyMySQL cost the worker more than deciding them (`balances` checks the count, so a
+        text cut short by group_concat_max_len, which `WorkerState` raises on its connection,
+        cannot go unnoticed). The primary key is forced: a young table the optimizer takes for
+        small is otherwise scanned whole, and a locking scan waits for every row the other shard
+        worker has locked, matching or not (the two workers took turns)."""
+        ids = db.sql_list(conn, sorted(users))
+        return " UNION ALL ".join(["(SELECT -1, 0, NULL FROM worker_ledger WHERE id = 1 LOCK IN SHARE MODE)"] + [
+            f"(SELECT {tag:d}, COUNT(*), GROUP_CONCAT(user_id, ' ', balance ORDER BY user_id SEPARATOR ' ') "
+            f"FROM {table} FORCE INDEX (PRIMARY) WHERE user_id IN {ids} FOR UPDATE)" for tag, table in TABLES.items()])
 
     def balances(self, rows, users) -> tuple[dict[int, Decimal], set[int]]:
-        """The locked balances (the one row `lock_sql` answers), and the users not in the table
-        yet (they start with OPENING_BALANCE; `write` inserts them, and a concurrent creator
-        makes that fail)."""
+        """The locked balances (the rows `lock_sql` answers), and the users not in either table
+        yet (they start with OPENING_BALANCE; `write` inserts them into the young table, and a
+        concurrent creator makes that fail). Which users are young is kept for `add_writes`."""
         balances: dict[int, Decimal] = {}
-        for count, packed in rows:
+        young: set[int] = set()
+        for tag, count, packed in rows:
             if not count:
                 continue
             parts = (packed.decode() if type(packed) is bytes else packed).split(" ")
             if len(parts) != 2 * count:
                 raise ValueError(f"balances of {count} users came back as {len(parts)} fields: "
                                  "is group_concat_max_len too small?")
-            balances.update(zip(map(int, parts[0::2]), map(Decimal, parts[1::2])))
+            found = dict(zip(map(int, parts[0::2]), map(Decimal, parts[1::2])))
+            if tag == YOUNG:
+                young.update(found)
+            if balances.keys() & found.keys():
+                raise ValueError(f"users in both balance tables: {sorted(balances.keys() & found.keys())[:5]}")
+            balances.update(found)
         new = {u for u in users if u not in balances}
         balances.update((u, self.opening) for u in new)
+        self.young = young
         return balances, new
 
     def create_users(self, cur, users) -> None:
         """Insert new users now, so they are locked too (a batch decided again after a conflict)."""
         try:
-            db.insert_rows(cur, "INSERT INTO worker_balances (user_id, balance) VALUES ",
+            db.insert_rows(cur, "INSERT INTO worker_balances_young (user_id, balance) VALUES ",
                            [(u, self.opening) for u in sorted(users)])
+            self.young |= set(users)
+            self.created += len(users)
         except pymysql.err.IntegrityError as exc:
             if exc.args and exc.args[0] == db.DUP_ENTRY:
                 raise LedgerConflict("a new user was created by another worker meanwhile") from exc
@@ -147,8 +177,7 @@ class Ledger:
 
     # -- the batch's writes --------------------------------------------------------------------------
 
-    @staticmethod
-    def add_writes(script, conn, shard: int, file_id: int, new: list[Order], credited: list[Order],
+    def add_writes(self, script, conn, shard: int, file_id: int, new: list[Order], credited: list[Order],
                    balances: dict[int, Decimal], changed: set[int], new_users: set[int], infile: bool = True) -> None:
         """The batch's writes, by tag: "orders" (this batch's orders and credits on earlier
         ones, whose affected-row count must be `expected_orders`), "users" (users created by
@@ -156,7 +185,8 @@ class Ledger:
         creator) and "balances" (users this batch locked). Rows go in by LOAD DATA LOCAL
         (`db.Script.load`): the server parses a row for less than its INSERT text (a ledger
         row 6.4 -> 5.1 µs of server CPU, bench/worker_state_sql.py); `infile` False (the server
-        refuses LOAD DATA LOCAL): by INSERTs, a new user's duplicate failing its statement."""
+        refuses LOAD DATA LOCAL): by INSERTs, a new user's duplicate failing its statement.
+        New users go to worker_balances_young, the others to the table `balances` found them in."""
         def order_row(o: Order) -> str:
             at_file, at_line = o.stored_at or (file_id, o.line)
             return "%d\t%d\t%d\t%d\t%d\t%d\t%s\t%d\n" % (
@@ -175,12 +205,13 @@ class Ledger:
         if not infile:
             script.add("orders", db.insert_statements(conn, ORDER_INSERT, new,
                                                       " ON DUPLICATE KEY UPDATE order_id=order_id", render=values_row))
-            script.add("users", db.insert_statements(conn, "INSERT INTO worker_balances (user_id, balance) VALUES ",
+            script.add("users", db.insert_statements(conn, "INSERT INTO worker_balances_young (user_id, balance) VALUES ",
                                                      sorted(changed & new_users), render=balance_values))
-            script.add("balances", db.insert_statements(conn, "INSERT INTO worker_balances (user_id, balance) VALUES ",
-                                                        sorted(changed - new_users),
-                                                        " ON DUPLICATE KEY UPDATE balance=VALUES(balance)",
-                                                        render=balance_values))
+            for table, users in ((TABLES[MAIN], sorted(changed - new_users - self.young)),
+                                 (TABLES[YOUNG], sorted((changed - new_users) & self.young))):
+                script.add("balances", db.insert_statements(conn, f"INSERT INTO {table} (user_id, balance) VALUES ",
+                                                            users, " ON DUPLICATE KEY UPDATE balance=VALUES(balance)",
+                                                            render=balance_values))
         elif new:
             script.load("orders", "LOAD DATA LOCAL INFILE 'worker_orders' INTO TABLE worker_orders (file_id, line, "
                                   f"order_id, shop_id, buyer, qty, amount, state) SET shard={shard:d}",
@@ -188,15 +219,16 @@ class Ledger:
         script.add("orders", db.insert_statements(
             conn, ORDER_INSERT, credited,
             " ON DUPLICATE KEY UPDATE state=IF(state=%d, %d, state)" % (DEBITED, CREDITED), render=values_row))
-        created = sorted(changed & new_users) if infile else None
-        if created:   # a user another worker created meanwhile is skipped: `expected_users`
-            script.load("users", "LOAD DATA LOCAL INFILE 'worker_users' INTO TABLE worker_balances (user_id, balance)",
-                        "worker_users", balance_rows(created, balances))
-        updated = sorted(changed - new_users) if infile else None
-        if updated:   # rows this batch locked: REPLACE updates each in place (the key is the only index)
-            script.load("balances", "LOAD DATA LOCAL INFILE 'worker_balances' REPLACE INTO TABLE worker_balances "
-                                    "(user_id, balance)", "worker_balances",
-                        balance_rows(updated, balances))
+        created = sorted(changed & new_users)
+        self.created += len(created)
+        if created and infile:   # a user another worker created meanwhile is skipped: `expected_users`
+            script.load("users", "LOAD DATA LOCAL INFILE 'worker_users' INTO TABLE worker_balances_young "
+                                 "(user_id, balance)", "worker_users", balance_rows(created, balances))
+        updated = changed - new_users if infile else set()
+        for table, users in ((TABLES[MAIN], sorted(updated - self.young)), (TABLES[YOUNG], sorted(updated & self.young))):
+            if users:   # rows this batch locked: REPLACE updates each in place (the key is the only index)
+                script.load("balances", f"LOAD DATA LOCAL INFILE '{table}' REPLACE INTO TABLE {table} "
+                                        "(user_id, balance)", table, balance_rows(users, balances))
 
     @staticmethod
     def expected_users(changed: set[int], new_users: set[int]) -> int:
@@ -208,3 +240,36 @@ class Ledger:
         """Rows the orders statements change when nobody else wrote them: 1 per inserted order,
         2 per credit recorded on an existing one."""
         return len(new) + 2 * len(credited)
+
+    # -- sealing ---------------------------------------------------------------------------------
+
+    def seal(self, conn, keep: int = YOUNG_KEEP) -> int:
+        """Move the young users below the newest `keep` ids to worker_balances, in key order (so
+        they are appended there and its pages stay full), in one transaction that holds
+        `worker_ledger`'s row exclusive: it waits for the batches reading balances to commit
+        and they wait for it. Users moved. Called after files, once this worker created
+        SEAL_AFTER users since its last pass (`due`)."""
+        self.created = 0
+        with conn.cursor() as cur:
+            conn.begin()
+            try:
+                cur.execute("SELECT sealed_below FROM worker_ledger WHERE id = 1 FOR UPDATE")
+                if cur.fetchone() is None:
+                    raise RuntimeError("worker_ledger has no row: run the worker migrations (0007)")
+                cur.execute("SELECT MAX(user_id) FROM worker_balances_young")
+                newest = cur.fetchone()[0]
+                moved = 0
+                if newest is not None and newest - keep > -(1 << 63):
+                    below = newest - keep
+                    cur.execute("INSERT INTO worker_balances (user_id, balance) SELECT user_id, balance "
+                                "FROM worker_balances_young WHERE user_id < %s ORDER BY user_id", (below,))
+                    moved = cur.execute("DELETE FROM worker_balances_young WHERE user_id < %s", (below,))
+                    cur.execute("UPDATE worker_ledger SET sealed_below = %s WHERE id = 1", (below,))
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+        return moved
+
+    def due(self) -> bool:
+        return self.created >= SEAL_AFTER

@@ -1160,6 +1160,8 @@ class WorkerStage(StageWork):
         self.last_prune = time.monotonic()
         s = self.settings
         removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window, PRUNE_ROWS, newest=newest)
+        if self.ledger.due():
+            log.info("shard %d: %d new users' balances sealed", self.shard, self.ledger.seal(self.state.conn))
         self.prune_more = bool(removed)
         if removed:
             log.info("shard %d: pruned %s (DEDUP_WINDOW, ORDER_WINDOW, REPLAY_WINDOW)", self.shard,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import struct
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -46,6 +47,32 @@ SEAL_SQL = ("INSERT INTO worker_seen_sealed (shard, bucket, part, hashes) SELECT
             "GROUP_CONCAT(UNHEX(LPAD(HEX(hash), 16, '0')) ORDER BY hash SEPARATOR '') AS packed FROM worker_seen "
             "WHERE shard=%s AND bucket < %s GROUP BY shard, bucket, hash >> 56) p ORDER BY p.bucket, p.part "
             "ON DUPLICATE KEY UPDATE hashes=CONCAT(worker_seen_sealed.hashes, p.packed)")
+
+
+# A record's codes (one byte a line, each below 255: app/worker/rules.py CODE) are stored
+# compressed when the batch is longer than this, behind a 255 byte that no raw code list starts
+# with: a 10,000-line batch's codes took a 16 KiB page of their own, ~1.5 KiB compressed.
+PACK_CODES_FROM = 64
+_PACKED_CODES = b"\xff"
+
+
+def pack_codes(codes: bytes) -> bytes:
+    return _PACKED_CODES + zlib.compress(codes, 1) if len(codes) >= PACK_CODES_FROM else codes
+
+
+def unpack_codes(stored: bytes, count: int) -> bytes:
+    """A record's codes as `pack_codes` stored them (raw, as before, or compressed), refused
+    unless there is one a line."""
+    if stored[:1] == _PACKED_CODES:
+        unpacker = zlib.decompressobj()
+        codes = unpacker.decompress(stored[1:], count + 1)
+        if not unpacker.eof:
+            raise ValueError(f"packed codes of a {count}-line record do not end where they should")
+    else:
+        codes = stored
+    if len(codes) != count:
+        raise ValueError(f"a {count}-line record has {len(codes)} codes")
+    return codes
 
 
 def time_text(value: datetime | None) -> str | None:
@@ -323,7 +350,8 @@ class WorkerState:
         for n in range(len(filenames)):
             file_id, decided, complete, pruned = got[f"info{n}"].one()
             starts.append(FileStart(FileInfo(file_id, decided, bool(complete), bool(pruned)),
-                                    [BatchRecord(a, b, bytes(c), bytes(d)) for a, b, c, d in got[f"batches{n}"].rows],
+                                    [BatchRecord(a, b, bytes(c), unpack_codes(bytes(d), b))
+                                     for a, b, c, d in got[f"batches{n}"].rows],
                                     [_hold(r) for r in got[f"resolved{n}"].rows], holds,
                                     time_text(newest[0]) if newest else None))
         return starts
@@ -332,17 +360,17 @@ class WorkerState:
         with self.conn.cursor() as cur:
             cur.execute("SELECT first_line, line_count, digest, codes FROM worker_batches WHERE file_id=%s "
                         "ORDER BY first_line", (file_id,))
-            return [BatchRecord(a, b, bytes(c), bytes(d)) for a, b, c, d in cur.fetchall()]
+            return [BatchRecord(a, b, bytes(c), unpack_codes(bytes(d), b)) for a, b, c, d in cur.fetchall()]
 
     @staticmethod
     def record_sql(conn, file_id: int, first_line: int, count: int, digest: bytes, codes: bytes,
                    complete: bool, newest_in_batch: str | None) -> list[str]:
-        """The batch's decisions and the file's progress."""
+        """The batch's decisions (`pack_codes`) and the file's progress."""
         lit = db.literal_renderer(conn)
         newest = lit(newest_in_batch)
         return [
             "INSERT INTO worker_batches (file_id, first_line, line_count, digest, codes) VALUES "
-            f"({file_id:d},{first_line:d},{count:d},{lit(digest)},{lit(codes)})",
+            f"({file_id:d},{first_line:d},{count:d},{lit(digest)},{lit(pack_codes(codes))})",
             f"UPDATE worker_files SET lines_decided={first_line + count - 1:d}, complete={int(complete):d}, "
             f"newest_event=GREATEST(COALESCE(newest_event, {newest}), COALESCE({newest}, newest_event)) "
             f"WHERE id={file_id:d}"]
