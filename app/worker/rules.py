@@ -346,8 +346,8 @@ def fast_validator(shard: int, shard_count: int):
                     return None
                 value = p.price_at_order
                 amount = amounts(value)
-                return make(PURCHASE, ts, body, None, f"{purchase_key}{order}", order, shop, p.user_id, order, p.good_id, p.qty,
-                            money(value) if amount is None else amount)
+                return make(PURCHASE, ts, body, None, f"{purchase_key}{order}", order, shop, p.user_id, order,
+                            p.good_id, p.qty, money(value) if amount is None else amount)
             if etype == RETURN:
                 order, shop = p.order_id, p.shop_id
                 if shop is unset:
@@ -356,8 +356,8 @@ def fast_validator(shard: int, shard_count: int):
                     return None
                 value = p.refund_amount
                 amount = amounts(value)
-                return make(RETURN, ts, body, None, f"{return_key}{order}", order, shop, p.user_id, order, p.good_id, p.qty,
-                            money(value) if amount is None else amount)
+                return make(RETURN, ts, body, None, f"{return_key}{order}", order, shop, p.user_id, order,
+                            p.good_id, p.qty, money(value) if amount is None else amount)
             shop = p.shop_id
             if shop % shard_count != shard:
                 return None
