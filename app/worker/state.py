@@ -123,6 +123,9 @@ class FileStart:
     resolved: list
     holds: "HoldBook"
     newest: str | None
+    # whether the idle expiry left holds for the file to adopt (`idle_expired_sql`): read under
+    # the shard lock, and only its holder expires holds, so it stays true until the lock goes
+    idle_expired: bool = True
 
 
 @dataclass
@@ -328,12 +331,13 @@ class WorkerState:
             script.add(f"info{n}", _FILE_INFO_SQL)
         if known is None:
             script.add("holds", self._active_holds_sql())
-            script.add("newest", f"SELECT newest_event, sealed_below, 0, NULL FROM worker_shards WHERE shard={shard:d}")
+            script.add("newest", f"SELECT newest_event, sealed_below, 0, NULL, {self._idle_expired_sql()} "
+                                 f"FROM worker_shards WHERE shard={shard:d}")
         else:
-            script.add("newest", f"SELECT MAX(s.newest_event), MAX(s.sealed_below), COUNT(h.line), "
-                                 f"GROUP_CONCAT(h.file_id, ':', h.line) FROM worker_shards s "
-                                 f"LEFT JOIN worker_holds h ON h.shard=s.shard AND h.state='held' "
-                                 f"WHERE s.shard={shard:d}")
+            held = f"FROM worker_holds WHERE shard={shard:d} AND state='held'"
+            script.add("newest", f"SELECT newest_event, sealed_below, (SELECT COUNT(*) {held}), "
+                                 f"(SELECT GROUP_CONCAT(file_id, ':', line) {held}), {self._idle_expired_sql()} "
+                                 f"FROM worker_shards WHERE shard={shard:d}")
         try:
             with self.conn.cursor() as cur:
                 got = script.run(cur)
@@ -349,17 +353,18 @@ class WorkerState:
                 pass
             raise
         newest = got["newest"].one()
-        clock, sealed, count, keys = newest if newest else (None, None, 0, None)
+        # no clock row (never so after `_prepare`): nothing known, every held row is read
+        clock, sealed, count, keys, expired = newest if newest else (None, None, -1, None, 1)
         if known is None:
             holds = HoldBook([_hold(r) for r in got["holds"].rows])
         else:
-            held = set((keys.decode() if type(keys) is bytes else keys).split(",")) if count else set()
+            held = set((keys.decode() if type(keys) is bytes else keys).split(",")) if count > 0 else set()
             same = len(held) == count == len(known) and held == {f"{f}:{n}" for f, n in known}
             holds = HoldBook(list(known.values())) if same else self.active_holds()
         if sealed is not None:
             self.sealed_below = sealed
         return [FileStart(FileInfo(file_id, decided, bool(complete), bool(pruned)), *past.get(file_id, ([], [])),
-                          holds, time_text(clock))
+                          holds, time_text(clock), expired is None or bool(expired))
                 for file_id, decided, complete, pruned, _, _ in infos]
 
     def _past(self, cur, infos: list) -> dict[int, tuple[list[BatchRecord], list[Hold]]]:
@@ -523,6 +528,11 @@ class WorkerState:
         with self.conn.cursor() as cur:
             cur.execute(self._resolved_in_sql(str(int(file_id))))
             return [_hold(r) for r in cur.fetchall()]
+
+    def _idle_expired_sql(self) -> str:
+        """Whether `idle_expired_sql` would find a hold (a column of the start's clock row)."""
+        return (f"EXISTS(SELECT 1 FROM worker_holds WHERE resolved_file_id={UNRESOLVED_FILE:d} "
+                f"AND shard={self.shard:d} AND state='expired')")
 
     def idle_expired_sql(self) -> str:
         """Holds the idle worker expired (wall-clock cap) that no file has reported yet."""
