@@ -10,7 +10,9 @@ worker's helper threads and its decision loop do per line that no SQL is part of
   `money`'s cache emptied first (a fifth of a day's prices are new to it);
 - `emit`: `FileRun._emit` of 8,000-line batches to a null writer, codes drawn as the generator's
   data has them (~96% accepted), a resolved hold due every ~70 lines;
-- `orders`: an `Order` and its `buyer_of` for each purchase (per line of the file).
+- `orders`: an `Order` and its `buyer_of` for each purchase (per line of the file);
+- `writes`: `Ledger.add_writes` of those orders and their users' balances, by 8,000-line batch,
+  into a script that is not run (the LOAD DATA rows rendered; per line of the file).
 
 `--root DIR`: the app code of another checkout (e.g. a `git archive` of the base), to compare two
 versions back to back; run them alternated, the machine is shared.
@@ -23,6 +25,7 @@ import random
 import sys
 import tempfile
 import time
+from decimal import Decimal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +52,8 @@ def main() -> None:
     for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
         del sys.modules[name]     # bench.worker imported this checkout's app.layout
     from app.worker import rules
+    from app import db
+    from app.worker.ledger import Ledger
     from app.worker.rules import Event, Order, buyer_of
     from app.worker.stage import Counts, FileRun, PreparedLines
     from app.worker.state import Hold
@@ -92,6 +97,16 @@ def main() -> None:
             o = Order(e.order_id, e.user_id, e.amount, e.shop_id, e.good_id, e.qty, True, line=5)
             buyer_of(o.user_id, o.good_id)
         keep("orders", time.process_time() - t)
+
+        orders = [Order(e.order_id, e.user_id, e.amount, e.shop_id, e.good_id, e.qty, True, line=5) for e in purchases]
+        balances = {e.user_id: e.amount * 3 for e in purchases}
+        t = time.process_time()
+        for i in range(0, len(orders), 8000 * len(orders) // len(raws)):
+            chunk = orders[i:i + 8000 * len(orders) // len(raws)]
+            users = {o.user_id for o in chunk}
+            Ledger(Decimal("1000.00")).add_writes(db.Script(), None, 0, 1, chunk, [], balances, users,
+                                                  set(list(users)[::4]))
+        keep("writes", time.process_time() - t)
     print(f"{args.root}: {len(raws):,} lines; µs per line, best of {args.reps}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))
 

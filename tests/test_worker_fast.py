@@ -415,3 +415,66 @@ def test_any_bytes_and_any_depth_agree_on_both_paths(noise, depth, shard):
     nested = base.replace(b'"price_at_order":199.99', b'"price_at_order":' + b"[" * depth + b"1" + b"]" * depth, 1)
     compare(nested, shard)
     compare(nested, shard, max_depth=max(2, depth - 1))
+
+
+def test_a_shards_fast_validator_gives_validate_fasts_event_for_every_line():
+    """`rules.fast_validator` (names bound once, positional fields, caches asked inline) gives
+    field for field the Event the exact path gives, on both shards, and None where it must."""
+    lines = generator_lines() + [x for p in sorted(FIXTURES.rglob("*.txt")) for x in p.read_bytes().splitlines()]
+    for shard in (0, 1):
+        take = rules.fast_validator(shard, 2)
+        taken = 0
+        for raw in lines:
+            if b"\\" in raw:
+                continue
+            ev, exact = take(raw), validate_exact(raw, shard, 2)
+            if ev is None:
+                continue
+            taken += 1
+            assert type(exact) is Event, raw
+            assert [getattr(ev, f) for f in FIELDS] == [getattr(exact, f) for f in FIELDS], raw
+            assert ev.payload == exact.payload and ev.payload_json is not None, raw
+        assert taken > len(lines) * 0.4
+
+
+def per_row_orders(orders, file_id: int) -> bytes:
+    """The `worker_orders` rows as `Ledger.add_writes` rendered them before, one format per row."""
+    from app.worker.ledger import DEBITED, CREDITED, REJECTED, _number
+    return "".join("%d\t%d\t%d\t%d\t%d\t%d\t%s\t%d\n" % (
+        *(o.stored_at or (file_id, o.line)), o.order_id, o.shop_id,
+        rules.buyer_of(o.user_id, o.good_id) if o.buyer is None else o.buyer, o.qty, _number(o.amount),
+        REJECTED if not o.debited else DEBITED if o.credit is None else CREDITED) for o in orders).encode()
+
+
+AMOUNTS = [Decimal("199.99"), Decimal("0.00"), Decimal("-0.00"), Decimal("1000"), Decimal("1E+3"),
+           Decimal("1.5E+2"), Decimal("-9999999999999999.99"), Decimal("12.5"), Decimal("3")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(-2**63, 2**63 - 1), st.sampled_from(AMOUNTS), st.sampled_from([0, 1, 2]),
+                          st.booleans(), st.integers(0, 2**63 - 1)), max_size=40))
+def test_ledger_rows_rendered_a_chunk_at_a_time_are_the_rows_rendered_one_by_one(rows):
+    """`ledger.order_rows` and `ledger.balance_rows` (one format per chunk) print exactly what a
+    format per row and `_number` printed, amounts in exponent form included."""
+    from app.worker.ledger import _number, balance_rows, order_rows
+    orders = []
+    for i, (order_id, amount, state, stored, user) in enumerate(rows):
+        o = rules.Order(order_id, user, amount, 4, 7, 2, state != 0, line=i + 1)
+        if state == 2:
+            o.credit = True
+        if stored:
+            o.stored_at, o.buyer, o.user_id, o.good_id = (3, i + 9), -user, None, None
+        orders.append(o)
+    assert order_rows(orders, 11) == per_row_orders(orders, 11)
+    balances = {user: amount for _, amount, _, _, user in rows}
+    users = sorted(balances)
+    assert balance_rows(users, balances) == "".join("%d\t%s\n" % (u, _number(balances[u])) for u in users).encode()
+
+
+@pytest.mark.parametrize("bad", [Decimal("NaN"), Decimal("Infinity"), Decimal("-Infinity"), Decimal("sNaN")])
+def test_a_ledger_row_with_an_amount_that_is_not_finite_is_refused(bad):
+    from app.worker.ledger import balance_rows, order_rows
+    with pytest.raises(ValueError, match="not a finite amount"):
+        order_rows([rules.Order(1, 2, bad, 4, 7, 2, True, line=1)], 1)
+    with pytest.raises(ValueError, match="not a finite amount"):
+        balance_rows([5], {5: bad})

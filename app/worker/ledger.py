@@ -48,6 +48,48 @@ def _number(amount: Decimal) -> str:
     return text
 
 
+_ORDER_ROW = "%d\t%d\t%d\t%d\t%d\t%d\t%s\t%d\n"
+_BALANCE_ROW = "%d\t%s\n"
+
+
+def _plain(text: str) -> bool:
+    """Whether `text` (rows of ints and `str` of Decimals) has no amount in exponent form
+    ("1E+3") and none infinite or NaN: then every `str` printed what `_number` prints."""
+    return "E" not in text and "I" not in text and "N" not in text
+
+
+def order_rows(orders: list[Order], file_id: int) -> bytes:
+    """The `worker_orders` LOAD DATA rows of `orders` (file_id, line, order_id, shop_id, buyer,
+    qty, amount, state), rendered in one format of the chunk's values as the prepared lines are
+    (a format per row cost 0.25 µs more per order); `_number`'s per-amount checks only when the
+    text shows an amount they would change."""
+    values: list = []
+    add = values.extend
+    for o in orders:
+        add(o.stored_at or (file_id, o.line))
+        add((o.order_id, o.shop_id, buyer_of(o.user_id, o.good_id) if o.buyer is None else o.buyer, o.qty, o.amount,
+             REJECTED if not o.debited else DEBITED if o.credit is None else CREDITED))
+    text = (_ORDER_ROW * len(orders)) % tuple(values)
+    if not _plain(text):
+        values[6::8] = map(_number, values[6::8])
+        text = (_ORDER_ROW * len(orders)) % tuple(values)
+    return text.encode()
+
+
+def balance_rows(users: list[int], balances: dict[int, Decimal]) -> bytes:
+    """The `worker_balances` LOAD DATA rows (user_id, balance) of `users`, as `order_rows`."""
+    values: list = []
+    add = values.append
+    for u in users:
+        add(u)
+        add(balances[u])
+    text = (_BALANCE_ROW * len(users)) % tuple(values)
+    if not _plain(text):
+        values[1::2] = map(_number, values[1::2])
+        text = (_BALANCE_ROW * len(users)) % tuple(values)
+    return text.encode()
+
+
 class Ledger:
     def __init__(self, opening_balance: Decimal):
         self.opening = opening_balance
@@ -155,9 +197,6 @@ class Ledger:
         def values_row(o: Order) -> str:   # the order as `ORDER_INSERT`'s (...)
             return "(%d,%s)" % (shard, order_row(o)[:-1].replace("\t", ","))
 
-        def balance_row(u: int) -> str:
-            return "%d\t%s\n" % (u, _number(balances[u]))
-
         def balance_values(u: int) -> str:
             return "(%d,%s)" % (u, _number(balances[u]))
         # A new order written meanwhile by another worker is skipped (0 rows, where its line
@@ -176,7 +215,7 @@ class Ledger:
         elif new:
             script.load("orders", "LOAD DATA LOCAL INFILE 'worker_orders' INTO TABLE worker_orders (file_id, line, "
                                   f"order_id, shop_id, buyer, qty, amount, state) SET shard={shard:d}",
-                        "worker_orders", "".join(map(order_row, new)).encode())
+                        "worker_orders", order_rows(new, file_id))
         script.add("orders", db.insert_statements(
             conn, ORDER_INSERT, credited,
             " ON DUPLICATE KEY UPDATE state=IF(state=%d, %d, state)" % (DEBITED, CREDITED), render=values_row))
@@ -184,12 +223,12 @@ class Ledger:
         self.created += len(created)
         if created and infile:   # a user another worker created meanwhile is skipped: `expected_users`
             script.load("users", "LOAD DATA LOCAL INFILE 'worker_users' INTO TABLE worker_balances_young "
-                                 "(user_id, balance)", "worker_users", "".join(map(balance_row, created)).encode())
+                                 "(user_id, balance)", "worker_users", balance_rows(created, balances))
         updated = changed - new_users if infile else set()
         for table, users in ((TABLES[MAIN], sorted(updated - self.young)), (TABLES[YOUNG], sorted(updated & self.young))):
             if users:   # rows this batch locked: REPLACE updates each in place (the key is the only index)
                 script.load("balances", f"LOAD DATA LOCAL INFILE '{table}' REPLACE INTO TABLE {table} "
-                                        "(user_id, balance)", table, "".join(map(balance_row, users)).encode())
+                                        "(user_id, balance)", table, balance_rows(users, balances))
 
     @staticmethod
     def expected_users(changed: set[int], new_users: set[int]) -> int:

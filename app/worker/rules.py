@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -71,7 +72,7 @@ PREPARED_EXTRA = 1024
 MAX_LINE_BYTES, MAX_JSON_DEPTH = Settings.max_line_bytes, Settings.max_json_depth
 
 
-class Event(msgspec.Struct, kw_only=True, gc=False, eq=False):
+class Event(msgspec.Struct, gc=False, eq=False):
     """One valid event line, its fields checked and typed. On the fast path `payload_json` is
     the payload's text, exactly as orjson prints the dict, and `payload` is parsed only if asked.
     A Struct, not a class with __slots__: made in one C call with all its fields (a line's
@@ -283,10 +284,11 @@ def validator(shard: int, shard_count: int, max_line_bytes: int = MAX_LINE_BYTES
     """`validate` for one shard and limits, as the worker calls it per line (a closure: a
     partial with keywords builds a dict of them for every call)."""
     fast_up_to = (max_line_bytes - PREPARED_EXTRA) // 8   # len(raw) * 8 + PREPARED_EXTRA <= max_line_bytes
+    take = fast_validator(shard, shard_count)
 
     def check(raw: bytes) -> Event | Bad:
         if type(raw) is bytes and len(raw) <= fast_up_to and 92 not in raw:
-            ev = validate_fast(raw, shard, shard_count)
+            ev = take(raw)
             if ev is not None:
                 return ev
         return validate_exact(raw, shard, shard_count, max_line_bytes, max_depth)
@@ -298,50 +300,78 @@ def validate_fast(raw: bytes, shard: int, shard_count: int) -> Event | None:
     prints back to its own bytes (then `Event.payload` is those bytes); None for any other
     line, whatever is wrong or unusual about it. The caller has checked that the line has no
     backslash and is far from MAX_LINE_BYTES."""
-    try:
-        line = fast.LINE.decode(raw)
-        etype = line.event_type
-        decoder = fast.PAYLOADS.get(etype)
-        if decoder is None:
+    return fast_validator(shard, shard_count)(raw)
+
+
+_HEAD64 = struct.Struct(">q").unpack_from   # int.from_bytes(digest[:8], "big", signed=True), for half its cost
+
+
+def fast_validator(shard: int, shard_count: int):
+    """`validate_fast` for one shard, as `validator` calls it per line: everything it uses is
+    bound in the closure (a global and an attribute looked up per name and line were a tenth
+    of it), the Event is made with positional fields (keywords cost 0.08 µs more), and
+    `valid_time`'s and `money`'s caches are asked inline, their functions called on a miss only."""
+    line_decode, payloads, decode_error, encode = fast.LINE.decode, fast.PAYLOADS.get, fast.DecodeError, fast.ENCODE
+    digest_key, unset, make, head64 = fast.digest_key, fast.UNSET, Event, _HEAD64
+    purchase_key, return_key = f"{PURCHASE}:", f"{RETURN}:"
+    seconds, millis, amounts = _seconds.get, _MILLIS, _amounts.get
+
+    def take(raw: bytes) -> Event | None:
+        try:
+            line = line_decode(raw)
+            etype = line.event_type
+            decoder = payloads(etype)
+            if decoder is None:
+                return None
+            body = bytes(line.payload)
+            p = decoder.decode(body)
+        except (decode_error, ValueError):   # msgspec raises UnicodeDecodeError for bytes that are not UTF-8
             return None
-        body = bytes(line.payload)
-        p = decoder.decode(body)
-    except (fast.DecodeError, ValueError):   # msgspec raises UnicodeDecodeError for bytes that are not UTF-8
-        return None
-    ts = line.timestamp
-    if not valid_time(ts) or fast.ENCODE(p) != body:
-        return None
-    try:
-        if etype == PURCHASE:
-            order, shop = p.order_id, p.shop_id
+        ts = line.timestamp
+        if len(ts) != TIME_LEN:
+            return None
+        ok = seconds(ts[:20])
+        if ok is None:
+            ok = valid_time(ts)
+        elif ok:
+            ok = ts[20:] in millis
+        if not ok or encode(p) != body:
+            return None
+        try:
+            # Event's fields in order: etype, ts, payload_json, _payload, key, dkey, shop_id, user_id,
+            # order_id, good_id, qty, amount, active
+            if etype == PURCHASE:
+                order, shop = p.order_id, p.shop_id
+                if shop % shard_count != shard:
+                    return None
+                value = p.price_at_order
+                amount = amounts(value)
+                return make(PURCHASE, ts, body, None, f"{purchase_key}{order}", order, shop, p.user_id, order,
+                            p.good_id, p.qty, money(value) if amount is None else amount)
+            if etype == RETURN:
+                order, shop = p.order_id, p.shop_id
+                if shop is unset:
+                    shop = None
+                elif shop % shard_count != shard:
+                    return None
+                value = p.refund_amount
+                amount = amounts(value)
+                return make(RETURN, ts, body, None, f"{return_key}{order}", order, shop, p.user_id, order,
+                            p.good_id, p.qty, money(value) if amount is None else amount)
+            shop = p.shop_id
             if shop % shard_count != shard:
                 return None
-            return Event(etype=etype, ts=ts, payload_json=body, key=f"{etype}:{order}", dkey=order, shop_id=shop,
-                         user_id=p.user_id, order_id=order, good_id=p.good_id, qty=p.qty,
-                         amount=money(p.price_at_order))
-        if etype == RETURN:
-            order, shop = p.order_id, p.shop_id
-            if shop is fast.UNSET:
-                shop = None
-            elif shop % shard_count != shard:
-                return None
-            return Event(etype=etype, ts=ts, payload_json=body, key=f"{etype}:{order}", dkey=order, shop_id=shop,
-                         user_id=p.user_id, order_id=order, good_id=p.good_id, qty=p.qty,
-                         amount=money(p.refund_amount))
-        shop = p.shop_id
-        if shop % shard_count != shard:
+            digest = digest_key(etype, p, ts)
+            key, dkey = f"{etype}:h{digest.hex()}", (minute_of(ts), head64(digest)[0])
+            if etype == RESTOCK:
+                return make(RESTOCK, ts, body, None, key, dkey, shop, None, None, p.good_id, p.delta_count)
+            if etype == PRICE_CHANGE:
+                return make(PRICE_CHANGE, ts, body, None, key, dkey, shop, None, None, p.good_id, None,
+                            money(p.new_price))
+            return make(SHOP_STATUS, ts, body, None, key, dkey, shop, None, None, None, None, None, p.active)
+        except (TypeError, ValueError, ArithmeticError):
             return None
-        digest = fast.digest_key(etype, p, ts)
-        key, dkey = f"{etype}:h{digest.hex()}", (minute_of(ts), int.from_bytes(digest[:8], "big", signed=True))
-        if etype == RESTOCK:
-            return Event(etype=etype, ts=ts, payload_json=body, key=key, dkey=dkey, shop_id=shop, good_id=p.good_id,
-                         qty=p.delta_count)
-        if etype == PRICE_CHANGE:
-            return Event(etype=etype, ts=ts, payload_json=body, key=key, dkey=dkey, shop_id=shop, good_id=p.good_id,
-                         amount=money(p.new_price))
-        return Event(etype=etype, ts=ts, payload_json=body, key=key, dkey=dkey, shop_id=shop, active=p.active)
-    except (TypeError, ValueError, ArithmeticError):
-        return None
+    return take
 
 
 def validate_exact(raw: bytes, shard: int, shard_count: int, max_line_bytes: int = MAX_LINE_BYTES,
