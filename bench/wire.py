@@ -4,6 +4,7 @@
 the server's own counters would also count the bench's setup; and their window (`window`)."""
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from typing import Callable
@@ -46,9 +47,10 @@ def window(work: Callable[[list], None], names: list, n: int, server_cpu: Callab
     process's CPU, the server's by `server_cpu()`, wall seconds), n counted on the wire (apart
     from the timed ones: counting costs CPU). (cpu, server, wall, counts, kinds)."""
     work(names[:10])
-    cpu, server, wall = time.process_time(), server_cpu(), time.perf_counter()
+    cpu, server, wall, kernel = time.process_time(), server_cpu(), time.perf_counter(), os.times().system
     work(names[10:n + 10])
     cpu, server, wall = time.process_time() - cpu, server_cpu() - server, time.perf_counter() - wall
+    window.system = os.times().system - kernel   # of `cpu`, the kernel's part (syscalls)
     with counting() as (counts, kinds):
         work(names[n + 10:])
     return cpu, server, wall, counts, kinds

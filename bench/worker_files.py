@@ -94,6 +94,7 @@ def main() -> None:
                 shutil.rmtree(private.datadir, ignore_errors=True)
     print(json.dumps({"root": str(args.root), "lines_per_file": per, "files": n, "claim": args.claim,
                       "worker_cpu_ms_per_file": round(cpu / n * 1000, 2),
+                      "worker_system_ms_per_file": round(wire.window.system / n * 1000, 2),
                       **({"server_cpu_ms_per_file": round(server / n * 1000, 2)} if private else {}),
                       "wall_ms_per_file": round(wall / n * 1000, 2),
                       **{k + "_per_file": round(v / n, 2) for k, v in counts.items()}}))

@@ -293,3 +293,51 @@ def test_a_link_or_a_fifo_in_place_of_a_shard_file_is_never_grouped(two, tmp_pat
     write(w, NAMES[3], files[0])
     tasks = [Task(n, 0) for n in NAMES[:4]]
     assert w.stage.group(tasks) == [[tasks[0]], [tasks[1]], [tasks[2]], [tasks[3]]]
+
+
+def test_a_fresh_files_start_reads_neither_records_nor_resolved_holds_and_a_rerun_still_does(two, monkeypatch):
+    """A fresh file's start script is the lock, its row (with whether it has records or
+    resolved holds) and the shard clock with the held keys and whether idle-expired holds wait:
+    four statements, where seven were sent before (two empty result sets a file and the clock
+    apart), and its read script looks for holds to adopt only when some wait. A re-run's
+    records and resolved holds are read all the same (a round trip more) and it replays byte
+    for byte; holds the idle expiry left are adopted by the next group's first file."""
+    _, w = two()
+    files = generated(files=8)
+    scripts, starts = [], []
+    real_run, real_starts = db.Script.run, w.stage.state.start_files
+    monkeypatch.setattr(db.Script, "run", lambda self, cur: scripts.append([t for t, *_ in self.items])
+                        or real_run(self, cur))
+    monkeypatch.setattr(w.stage.state, "start_files",
+                        lambda names, *a: starts.append(real_starts(names, *a)) or starts[-1])
+    outputs = {}
+    for name, lines in zip(NAMES[:6], files):
+        scripts.clear()
+        assert type(w.decide(name, lines)) is Done
+        outputs[name] = w.outputs(name)
+        first = scripts[0]
+        assert first[0] == "lock" and not any(t.startswith(("batches", "resolved", "adopt")) for s in scripts for t in s)
+        if name != NAMES[0]:    # the first file of a process reads every held row
+            assert first == ["lock", "file0", "info0", "newest"], first
+    again = [name for name in NAMES[:6]
+             if sql(w.url, "SELECT COUNT(*) FROM worker_holds h JOIN worker_files f ON f.id=h.resolved_file_id "
+                           f"WHERE f.filename='{name}'")[0][0]]
+    assert again, "the data has a file that resolved a hold"
+    for name in NAMES[:6]:
+        scripts.clear()
+        starts.clear()
+        assert type(w.again(name)) is Done
+        assert w.outputs(name) == outputs[name]
+        [start] = starts[0]
+        assert start.records and scripts[1] == [f"batches{start.info.id}", f"resolved{start.info.id}"], scripts
+        assert bool(start.resolved) == (name in again)
+    held = sql(w.url, "SELECT COUNT(*) FROM worker_holds WHERE state='held'")[0][0]
+    assert held and w.stage.state.expire_idle() == held
+    for name, lines in zip(NAMES[6:8], files[6:8]):
+        write(w, name, lines)
+    scripts.clear()
+    outcomes = w.stage.process([Task(n, 0) for n in NAMES[6:8]], w.ctx)
+    assert [type(o) for o in outcomes] == [Done] * 2
+    assert outcomes[0].stats["expired"] >= held
+    reads = [s for s in scripts if "begin" in s]
+    assert len(reads) == 1 and "adopt" in reads[0], scripts

@@ -295,6 +295,7 @@ class FileRun:
             self.pending.setdefault(h.resolved_line, []).append(h)
         self.holds = start.holds
         self.newest = start.newest
+        self.idle_expired = start.idle_expired
 
     def outputs(self) -> list:
         """Both outputs in one batch: one opening of the folder, one ledger write and one folder
@@ -372,10 +373,10 @@ class FileRun:
         overlap, and it is decided and written without starting the two threads."""
         raws, events, plan, dig, last = first = self._read_batch(f)
         if last:
-            codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=True)
+            codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=self.idle_expired)
             self._emit_batch((raws, line_no, codes, events, shops, resolved), helper=False)
             return
-        adopt = True
+        adopt = self.idle_expired
         with ReadAhead(itertools.chain([first], self._read(f)), self.turns) as batches, \
                 Behind(self._emit_batch, self.turns) as emitter:
             for raws, events, plan, dig, last in batches:
@@ -1057,7 +1058,7 @@ class WorkerStage(StageWork):
         lead.begin(starts[0])
         lead.holds, lead.newest = holds, newest
         was = newest
-        found = lead._look_up(cur, Plan.joined([item[2] for item in items]), True, optimistic)
+        found = lead._look_up(cur, Plan.joined([item[2] for item in items]), starts[0].idle_expired, optimistic)
         writes = db.Script()
         batch_keys: set = set()
         for n, (run, start, item) in enumerate(zip(runs, starts, items)):

@@ -123,6 +123,9 @@ class FileStart:
     resolved: list
     holds: "HoldBook"
     newest: str | None
+    # whether the idle expiry left holds for the file to adopt (`idle_expired_sql`): read under
+    # the shard lock, and only its holder expires holds, so it stays true until the lock goes
+    idle_expired: bool = True
 
 
 @dataclass
@@ -207,6 +210,13 @@ def _hold(row) -> Hold:
         r_file = r_line = r_seq = None
     return Hold(file_id, line, origin, order_id, bytes(raw), time_text(event_time), time_text(expires), held_at,
                 state, code, r_file, r_line, r_seq)
+
+
+# A file's row, and whether it has records or holds it resolved (`WorkerState.start_files`).
+_FILE_INFO_SQL = ("SELECT id, lines_decided, complete, pruned, "
+                  "EXISTS(SELECT 1 FROM worker_batches WHERE file_id=LAST_INSERT_ID()), "
+                  "EXISTS(SELECT 1 FROM worker_holds WHERE resolved_file_id=LAST_INSERT_ID()) "
+                  "FROM worker_files WHERE id=LAST_INSERT_ID()")
 
 
 class WorkerState:
@@ -304,29 +314,37 @@ class WorkerState:
     def start_files(self, filenames: list[str], lock_timeout: float,
                     known: dict | None = None) -> list[FileStart] | None:
         """`start_file` for several files of the shard in one script (decided together in one
-        transaction, `WorkerStage._process_group`): each file's row, progress, records and
-        resolved holds; the holds and the shard clock once. The starts share one HoldBook and
-        clock: those of the first file (the next files start from what the one before leaves)."""
+        transaction, `WorkerStage._process_group`): each file's row and progress; the holds and
+        the shard clock once. The starts share one HoldBook and clock: those of the first file
+        (the next files start from what the one before leaves).
+
+        A file's records and the holds it resolved are read only when its row says there are
+        some (a re-run: one more round trip); a fresh file, nearly every one, has neither, and
+        two empty result sets (17 columns described) a file were half the script's statements.
+        With `known`, the held keys ride in the shard clock's row: one statement for both."""
         shard = self.shard
         script = db.Script()
         script.add("lock", "SELECT GET_LOCK(%s, %s)", (self.lock_name, lock_timeout))
         for n, filename in enumerate(filenames):
             script.add(f"file{n}", "INSERT INTO worker_files (shard, filename) VALUES (%s,%s) "
                                    "ON DUPLICATE KEY UPDATE id=LAST_INSERT_ID(id)", (shard, filename))
-            script.add(f"info{n}", "SELECT id, lines_decided, complete, pruned FROM worker_files "
-                                   "WHERE id=LAST_INSERT_ID()")
-            script.add(f"batches{n}", "SELECT first_line, line_count, digest, codes FROM worker_batches "
-                                      "WHERE file_id=LAST_INSERT_ID() ORDER BY first_line")
-            script.add(f"resolved{n}", self._resolved_in_sql("LAST_INSERT_ID()"))
+            script.add(f"info{n}", _FILE_INFO_SQL)
         if known is None:
             script.add("holds", self._active_holds_sql())
+            script.add("newest", f"SELECT newest_event, sealed_below, 0, NULL, {self._idle_expired_sql()} "
+                                 f"FROM worker_shards WHERE shard={shard:d}")
         else:
-            script.add("held", f"SELECT COUNT(*), GROUP_CONCAT(file_id, ':', line) FROM worker_holds "
-                               f"WHERE shard={shard:d} AND state='held'")
-        script.add("newest", f"SELECT newest_event, sealed_below FROM worker_shards WHERE shard={shard:d}")
+            held = f"FROM worker_holds WHERE shard={shard:d} AND state='held'"
+            script.add("newest", f"SELECT newest_event, sealed_below, (SELECT COUNT(*) {held}), "
+                                 f"(SELECT GROUP_CONCAT(file_id, ':', line) {held}), {self._idle_expired_sql()} "
+                                 f"FROM worker_shards WHERE shard={shard:d}")
         try:
             with self.conn.cursor() as cur:
                 got = script.run(cur)
+                if got["lock"].one()[0] != 1:
+                    return None
+                infos = [got[f"info{n}"].one() for n in range(len(filenames))]
+                past = self._past(cur, infos)
         except BaseException:
             # a statement after GET_LOCK failed: the lock must not outlive the task
             try:
@@ -334,27 +352,36 @@ class WorkerState:
             except Exception:   # the connection is gone, and the lock with it
                 pass
             raise
-        if got["lock"].one()[0] != 1:
-            return None
         newest = got["newest"].one()
+        # no clock row (never so after `_prepare`): nothing known, every held row is read
+        clock, sealed, count, keys, expired = newest if newest else (None, None, -1, None, 1)
         if known is None:
             holds = HoldBook([_hold(r) for r in got["holds"].rows])
         else:
-            count, keys = got["held"].one()
-            held = set((keys.decode() if type(keys) is bytes else keys).split(",")) if count else set()
+            held = set((keys.decode() if type(keys) is bytes else keys).split(",")) if count > 0 else set()
             same = len(held) == count == len(known) and held == {f"{f}:{n}" for f, n in known}
             holds = HoldBook(list(known.values())) if same else self.active_holds()
-        if newest:
-            self.sealed_below = newest[1]
-        starts = []
-        for n in range(len(filenames)):
-            file_id, decided, complete, pruned = got[f"info{n}"].one()
-            starts.append(FileStart(FileInfo(file_id, decided, bool(complete), bool(pruned)),
-                                    [BatchRecord(a, b, bytes(c), unpack_codes(bytes(d), b))
-                                     for a, b, c, d in got[f"batches{n}"].rows],
-                                    [_hold(r) for r in got[f"resolved{n}"].rows], holds,
-                                    time_text(newest[0]) if newest else None))
-        return starts
+        if sealed is not None:
+            self.sealed_below = sealed
+        return [FileStart(FileInfo(file_id, decided, bool(complete), bool(pruned)), *past.get(file_id, ([], [])),
+                          holds, time_text(clock), expired is None or bool(expired))
+                for file_id, decided, complete, pruned, _, _ in infos]
+
+    def _past(self, cur, infos: list) -> dict[int, tuple[list[BatchRecord], list[Hold]]]:
+        """The records and resolved holds of the files whose row says they have some (file id:
+        (records, resolved)), in one script; {} when none has (no round trip)."""
+        script = db.Script()
+        ids = [row[0] for row in infos if row[4] or row[5]]
+        for file_id in ids:
+            script.add(f"batches{file_id}", "SELECT first_line, line_count, digest, codes FROM worker_batches "
+                                            f"WHERE file_id={file_id:d} ORDER BY first_line")
+            script.add(f"resolved{file_id}", self._resolved_in_sql(f"{file_id:d}"))
+        if not ids:
+            return {}
+        got = script.run(cur)
+        return {file_id: ([BatchRecord(a, b, bytes(c), unpack_codes(bytes(d), b))
+                           for a, b, c, d in got[f"batches{file_id}"].rows],
+                          [_hold(r) for r in got[f"resolved{file_id}"].rows]) for file_id in ids}
 
     def batches(self, file_id: int) -> list[BatchRecord]:
         with self.conn.cursor() as cur:
@@ -501,6 +528,11 @@ class WorkerState:
         with self.conn.cursor() as cur:
             cur.execute(self._resolved_in_sql(str(int(file_id))))
             return [_hold(r) for r in cur.fetchall()]
+
+    def _idle_expired_sql(self) -> str:
+        """Whether `idle_expired_sql` would find a hold (a column of the start's clock row)."""
+        return (f"EXISTS(SELECT 1 FROM worker_holds WHERE resolved_file_id={UNRESOLVED_FILE:d} "
+                f"AND shard={self.shard:d} AND state='expired')")
 
     def idle_expired_sql(self) -> str:
         """Holds the idle worker expired (wall-clock cap) that no file has reported yet."""
