@@ -17,7 +17,9 @@ Target: >= 50,000 events/s on 200,000 events. `--history N` first decides N even
 in files of --events (printing each file's rate and CPU per event: how the cost grows with the
 state), then measures the next file; the state's size per event decided is printed at the end.
 `--by-statement` (with --private) sends each statement of the worker's scripts alone and prints
-the server's CPU per kind (and for pruning and sealing as a whole). `--shards 2` runs a worker
+the server's CPU per kind (and for pruning, the dedup keys' sealing and the young balances'
+sealing, `Ledger.seal`, as a whole; with BENCH_SEAL_STATEMENTS=1 each of their statements
+too). `--shards 2` runs a worker
 per shard at once on one database, as the pipeline does (their balances shared): wall time, each
 worker's CPU, the server's for both, and the batches decided again (deadlocks, conflicts).
 """
@@ -207,6 +209,8 @@ def by_statement(server_pid: int) -> dict:
         setattr(cls, name, wrapper)
     for name in ("prune", "seal", "start_file"):
         timed(WorkerState, name)
+    from app.worker.ledger import Ledger
+    timed(Ledger, "seal")
     if os.environ.get("BENCH_SEAL_STATEMENTS"):
         import pymysql.cursors
         execute = pymysql.cursors.Cursor.execute
@@ -216,7 +220,9 @@ def by_statement(server_pid: int) -> dict:
             try:
                 return execute(self, query, args)
             finally:
-                if "worker_seen" in query and not query.startswith(("LOAD", "SELECT bucket, hash")):
+                if ("worker_seen" in query and not query.startswith(("LOAD", "SELECT bucket, hash"))
+                        or "worker_ledger" in query and not query.startswith("(")
+                        or "worker_balances_young WHERE" in query):
                     key = "  " + query[:60]
                     cpu, n = spent.get(key, (0.0, 0))
                     spent[key] = (cpu + server_cpu(server_pid) - t0, n + 1)
