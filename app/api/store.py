@@ -54,8 +54,9 @@ class Store:
         return conn
 
     def tx(self, fn: Callable[[Transaction], Any]):
-        """Run fn(Transaction), again after a deadlock (up to five times, `deadlock_pause` apart). If fn did not `finish`, its
-        transaction is committed, or rolled back when fn returned exactly False."""
+        """Run fn(Transaction), again after a deadlock (up to five times, `deadlock_pause` apart).
+        If fn did not `finish`, its transaction is committed, or rolled back when fn returned
+        exactly False."""
         conn = self.conn()
         for attempt in range(DEADLOCK_ATTEMPTS):
             tx = None

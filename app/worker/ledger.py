@@ -22,7 +22,10 @@ from .rules import Order, buyer_of
 REJECTED, DEBITED, CREDITED = 0, 1, 2
 ORDER_INSERT = "INSERT INTO worker_orders (shard, file_id, line, order_id, shop_id, buyer, qty, amount, state) VALUES "
 # Every balance, wherever it is (tools and tests; the worker itself reads only its batch's users).
-ALL_BALANCES = "SELECT user_id, balance FROM worker_balances UNION ALL SELECT user_id, balance FROM worker_balances_young"
+ALL_BALANCES = ("SELECT user_id, balance FROM worker_balances "
+                "UNION ALL SELECT user_id, balance FROM worker_balances_young")
+# New users' balances start young (see `seal`).
+SQL_NEW_BALANCES = "INSERT INTO worker_balances_young (user_id, balance) VALUES "
 # The newest users (by id) stay young: the range both workers may still be creating users in.
 YOUNG_KEEP = 10_000
 # A worker tries a sealing pass after creating this many users since its last one.
@@ -166,8 +169,7 @@ class Ledger:
     def create_users(self, cur, users) -> None:
         """Insert new users now, so they are locked too (a batch decided again after a conflict)."""
         try:
-            db.insert_rows(cur, "INSERT INTO worker_balances_young (user_id, balance) VALUES ",
-                           [(u, self.opening) for u in sorted(users)])
+            db.insert_rows(cur, SQL_NEW_BALANCES, [(u, self.opening) for u in sorted(users)])
             self.young |= set(users)
             self.created += len(users)
         except pymysql.err.IntegrityError as exc:
@@ -205,8 +207,8 @@ class Ledger:
         if not infile:
             script.add("orders", db.insert_statements(conn, ORDER_INSERT, new,
                                                       " ON DUPLICATE KEY UPDATE order_id=order_id", render=values_row))
-            script.add("users", db.insert_statements(conn, "INSERT INTO worker_balances_young (user_id, balance) VALUES ",
-                                                     sorted(changed & new_users), render=balance_values))
+            script.add("users", db.insert_statements(conn, SQL_NEW_BALANCES, sorted(changed & new_users),
+                                                     render=balance_values))
             for table, users in ((TABLES[MAIN], sorted(changed - new_users - self.young)),
                                  (TABLES[YOUNG], sorted((changed - new_users) & self.young))):
                 script.add("balances", db.insert_statements(conn, f"INSERT INTO {table} (user_id, balance) VALUES ",
@@ -225,7 +227,8 @@ class Ledger:
             script.load("users", "LOAD DATA LOCAL INFILE 'worker_users' INTO TABLE worker_balances_young "
                                  "(user_id, balance)", "worker_users", balance_rows(created, balances))
         updated = changed - new_users if infile else set()
-        for table, users in ((TABLES[MAIN], sorted(updated - self.young)), (TABLES[YOUNG], sorted(updated & self.young))):
+        for table, users in ((TABLES[MAIN], sorted(updated - self.young)),
+                             (TABLES[YOUNG], sorted(updated & self.young))):
             if users:   # rows this batch locked: REPLACE updates each in place (the key is the only index)
                 script.load("balances", f"LOAD DATA LOCAL INFILE '{table}' REPLACE INTO TABLE {table} "
                                         "(user_id, balance)", table, balance_rows(users, balances))
