@@ -231,7 +231,8 @@ class MariaDB:
                 raise RuntimeError("mariadb-install-db not found: apt-get install mariadb-server")
             self.tmpdir.mkdir(exist_ok=True)
             subprocess.run([installer, "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                            "--auth-root-authentication-method=normal", "--skip-test-db", f"--tmpdir={self.tmpdir}", "--ignore-db-dirs=.tmp"],
+                            "--auth-root-authentication-method=normal", "--skip-test-db",
+                            f"--tmpdir={self.tmpdir}", "--ignore-db-dirs=.tmp"],
                            check=True, capture_output=True)
         return self
 
