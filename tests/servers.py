@@ -214,26 +214,39 @@ class MariaDB:
     def socket(self) -> Path:
         return self.datadir / "mysqld.sock"
 
+    @property
+    def tmpdir(self) -> Path:
+        """Its own temporary folder, never the machine's: a mariadbd starting deletes every `#sql*`
+        file in its tmpdir, and with the default (/tmp, the test server's too) that included the
+        on-disk temporary tables of statements running on the test server at that moment (an
+        information_schema query's: `Error on delete of '/tmp/#sql-temptable-...MAI'`, errno 6, a
+        pymysql InternalError in whatever test was running beside it). Kept out of the databases."""
+        return self.datadir / ".tmp"
+
     def install(self) -> "MariaDB":
         self.datadir.mkdir(parents=True, exist_ok=True)
         if not (self.datadir / "mysql").exists():
             installer = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
             if not installer:
                 raise RuntimeError("mariadb-install-db not found: apt-get install mariadb-server")
+            self.tmpdir.mkdir(exist_ok=True)
             subprocess.run([installer, "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                            "--auth-root-authentication-method=normal", "--skip-test-db"],
+                            "--auth-root-authentication-method=normal", "--skip-test-db",
+                            f"--tmpdir={self.tmpdir}", "--ignore-db-dirs=.tmp"],
                            check=True, capture_output=True)
         return self
 
     def start(self, timeout: float = 60.0) -> "MariaDB":
         binary = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
         log = open(self.datadir / "server.log", "ab")
         self.proc = subprocess.Popen(
             [binary, "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
              "--bind-address=127.0.0.1", f"--socket={self.socket}", "--user=root",
              f"--pid-file={self.datadir / 'mysqld.pid'}", "--skip-grant-tables=0",
              "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=48M", "--max-connections=300",
-             "--local-infile=1", "--skip-name-resolve", "--log-error=" + str(self.datadir / "error.log"), *self.options],
+             "--local-infile=1", "--skip-name-resolve", "--log-error=" + str(self.datadir / "error.log"),
+             f"--tmpdir={self.tmpdir}", "--ignore-db-dirs=.tmp", *self.options],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         # Over the unix socket: a server started with --require-secure-transport refuses
