@@ -37,9 +37,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from bench import wire
     from bench.worker import server_cpu
-    sys.path.insert(0, str(args.root.resolve()))
-    for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
-        del sys.modules[name]
+    wire.use_app_of(args.root)
 
     from app import layout
     from app.client import Task

@@ -1,13 +1,23 @@
 """What PyMySQL sends and reads while a bench's window runs, in-process: round trips, statements
 (results read), rows, and round trips by their statement's first words. For the per-file benches
 (`split_files.py`, `worker_files.py`) that run a stage's code against another checkout, where
-the server's own counters would also count the bench's setup; and their window (`window`)."""
+the server's own counters would also count the bench's setup; their window (`window`); and
+`use_app_of`, which points them (and `worker_lines.py`) at that checkout."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 from typing import Callable
+
+
+def use_app_of(root) -> None:
+    """Import `app` from the checkout at `root` (e.g. a `git archive` of the base) from here on:
+    this checkout's `app` modules a bench module imported already are forgotten."""
+    sys.path.insert(0, str(root.resolve()))
+    for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
+        del sys.modules[name]
 
 
 @contextmanager

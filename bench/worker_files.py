@@ -41,9 +41,7 @@ def main() -> None:
 
     from bench import wire
     from bench.worker import from_generator, server_cpu
-    sys.path.insert(0, str(args.root.resolve()))
-    for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
-        del sys.modules[name]     # bench.worker imported this checkout's app.layout
+    wire.use_app_of(args.root)   # bench.worker imported this checkout's app.layout
 
     from app import layout
     from app.client import Task

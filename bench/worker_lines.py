@@ -43,14 +43,13 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=ROOT)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
+    from bench import wire
     from bench.worker import from_generator
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lines.txt"
         from_generator(path, args.events)
         raws = path.read_bytes().splitlines(keepends=True)
-    sys.path.insert(0, str(args.root.resolve()))
-    for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
-        del sys.modules[name]     # bench.worker imported this checkout's app.layout
+    wire.use_app_of(args.root)   # bench.worker imported this checkout's app.layout
     from app.worker import rules
     from app import db
     from app.worker.ledger import Ledger
