@@ -7,7 +7,9 @@
 The real processes (tests/pipeline_harness.Pipeline: API under gunicorn, splitter, a worker and a
 sender per shard, 2 shards, default settings) on fresh databases, fed by the real importer
 (`python -m app.ingest --import`) with generated files holding every injected case (RATES below),
-cached under var/bench/. Each workload gets its own fresh databases and processes:
+cached under var/bench/. Each workload gets its own fresh databases and processes, and its own
+folder in a block group nobody deleted from lately (bench/fsgroup.py: on ext4 without a journal a
+file created among freshly deleted inodes costs up to ~0.8 ms of kernel CPU):
 
   big        1,000,000 events in files of 10,000. Wall time from the first registration to the
              last mysql-sender done (the tracking table's created_at / updated_at). The floor:
