@@ -191,8 +191,7 @@ def test_a_group_shares_one_start_one_commit_and_one_folder_fsync(two, monkeypat
     monkeypatch.setattr(w.stage, "_prune_after", lambda newest: None)
     outcomes = w.stage.process([Task(n, 0) for n in NAMES[:4]], w.ctx)
     assert [type(o) for o in outcomes] == [Done] * 4
-    # the COMMIT is the write script's last statement (`FileRun._checked_commit`): no COMMIT of its own
-    assert locks == [NAMES[:4]] and commits == [] and len(synced) == 1
+    assert locks == [NAMES[:4]] and len(commits) == 1 and len(synced) == 1
     assert [r[0] for r in records(w.url)] == NAMES[:4]        # a record per file all the same
 
 
@@ -217,44 +216,9 @@ def test_a_group_is_one_batch_one_read_script_and_one_write_script(two, monkeypa
     writes = [s for s in scripts if any(t.startswith("record") for t in s)]
     assert len(starts) == 1 and len(reads) == 1 and len(writes) == 1 and len(scripts) == 3, scripts
     assert sorted({t for t in writes[0] if t.startswith("record")}) == [f"record{n}" for n in range(4)]
-    assert writes[0][-1] == "commit" and writes[0].count("commit") == 1 and "expect" in writes[0]
-    # the three and the unlock (the COMMIT ends the write script, the rejected rows' INSERT
+    # the three and the unlock (COMMIT is a command of its own, the rejected rows' INSERT
     # goes by their writer's connection)
     assert len(sent) == 4 and sent[-1].startswith("SELECT RELEASE_LOCK"), [q[:60] for q in sent]
-
-
-@pytest.mark.parametrize("infile", [True, False])
-def test_a_wrong_guess_the_server_finds_stops_the_write_script_before_its_commit(two, monkeypatch, infile):
-    """The write script ends with the COMMIT, so the batch's checks (every key, order and user
-    it took for new went in) are made by the server before it (`worker_expect`): a key another
-    file recorded, guessed new, SIGNALs, nothing of the batch is committed, and the batch is
-    decided again with every key looked up: the same outputs and state as a worker that looked."""
-    one, w = two()
-    one.stage.state.use_infile = w.stage.state.use_infile = infile
-    files = generated(files=3)
-    files[2] = files[2] + files[0][:10]          # keys of the first file again: duplicates
-    for side in (one, w):
-        monkeypatch.setattr(side.stage, "_prune_after", lambda newest: None)
-    expected = [one.decide(name, lines) for name, lines in zip(NAMES, files)]
-    monkeypatch.setattr(Recent, "among", lambda self, items: set())    # no key looked up on a first try
-    conn = w.stage.state.open()
-    commits, signals = [], []
-    real_commit, real_run = type(conn).commit, db.Script.run
-
-    def run(self, cur):
-        try:
-            return real_run(self, cur)
-        except Exception as exc:
-            signals.append(exc.args[:2])
-            raise
-    monkeypatch.setattr(type(conn), "commit", lambda self: commits.append(1) or real_commit(self))
-    monkeypatch.setattr(db.Script, "run", run)
-    for name, lines, outcome in zip(NAMES, files, expected):
-        assert stats(w.decide(name, lines)) == stats(outcome)
-        assert w.outputs(name) == one.outputs(name)
-    assert records(w.url) == records(one.url) and state(w.url) == state(one.url)
-    assert ("seen" in {s[1] for s in signals if s[0] == stage_module.EXPECT_SIGNAL}), signals
-    assert commits == []
 
 
 def test_one_bad_file_of_a_group_fails_alone_and_the_others_are_decided_one_by_one(two, monkeypatch):

@@ -59,7 +59,6 @@ PAUSE_LINES = 256         # lines a helper thread handles between looks at whose
 # small batches: memory (a batch read ahead, one deciding, one being written) and the batch's
 # statements (a held return's line is stored) stay bounded whatever the lines' size.
 BATCH_BYTES = 4 << 20
-EXPECT_SIGNAL = 1644      # `worker_expect` (db/migrations/worker/0008): a batch's check failed on the server
 
 
 _ACCEPTED_ONLY = bytes(int(c == ACCEPTED) for c in range(256))   # codes.translate(): 1 where accepted, else 0
@@ -262,7 +261,6 @@ class FileRun:
         self.counts = Counts()
         self.prepare = PreparedLines(stage.shard, filename)
         self.seq = 0
-        self.committed = False   # the last write script ended with the COMMIT (`_checked_commit`)
         self.turns = Turns()
         self.validate = validator(stage.shard, stage.settings.shard_count, stage.settings.max_line_bytes,
                                   stage.settings.max_json_depth)
@@ -411,9 +409,8 @@ class FileRun:
             try:
                 with conn.cursor() as cur:
                     result = self._decide_tx(cur, raws, events, plan, dig, first_line, last, adopt, optimistic)
-                if not self.committed:
-                    with self.turns.waiting():
-                        conn.commit()
+                with self.turns.waiting():
+                    conn.commit()
                 self.stage.recent_keys.add_all(self.b.new_keys)
                 self.stage.recent_orders.add_all(o.order_id for o in self.b.new_orders)
                 return result
@@ -631,7 +628,6 @@ class FileRun:
         writes.add("holds", st.holds_write_sql(conn, list(b.holds.values())))
         if self.newest and self.newest != (was or ""):
             writes.add("clock", st.newest_sql(conn, self.newest))
-        self.committed = self._checked_commit(writes, b, credited, new_users)
         try:
             with self.turns.waiting():
                 done = writes.run(cur)
@@ -639,19 +635,6 @@ class FileRun:
             if exc.args and exc.args[0] == DUPLICATE_KEY:
                 raise LedgerConflict(f"a row of this batch was written by another worker meanwhile: {exc}") from exc
             raise
-        except pymysql.err.OperationalError as exc:
-            if exc.args and exc.args[0] == EXPECT_SIGNAL:
-                what = exc.args[1] if len(exc.args) > 1 else ""
-                if what == "seen":
-                    raise SeenConflict("key(s) of this batch were recorded already (the server's check)") from exc
-                if what in ("orders", "users"):
-                    raise LedgerConflict(f"{what} of this batch were written by another worker meanwhile "
-                                         f"(the server's check)") from exc
-                raise db.LoadWarnings(1265, f"LOAD DATA stored rows with warnings (the server's check): "
-                                            f"{what}") from exc
-            raise
-        if self.committed:   # the server made the checks below, before the COMMIT
-            return
         if self.rules.dedup and b.new_keys and done["seen"][1] != len(b.new_keys):
             raise SeenConflict(f"{len(b.new_keys) - done['seen'][1]} key(s) of this batch were recorded already")
         expected = self.ledger.expected_orders(b.new_orders, credited)
@@ -662,46 +645,6 @@ class FileRun:
         if expected and done["users"][1] != expected:
             raise LedgerConflict(f"{expected - done['users'][1]} new user(s) of this batch were created by another "
                                  f"worker meanwhile")
-
-    def _checked_commit(self, writes, b: Batch, credited: list, new_users: set) -> bool:
-        """Put the batch's COMMIT at the end of `writes`, with the checks `_write` makes on its
-        answers made by the server first (`worker_expect` after each checked statement, which
-        SIGNALs on a mismatch so the script stops before the COMMIT): every new key, order and
-        user went in, no load stored a row with a warning. One round trip less a batch. False
-        (nothing changed, the caller commits) when a checked tag's statements are not one per
-        expected count (INSERTs split by size), or keys are recorded without deduplication (a
-        key loaded twice is a skipped duplicate's warning there, which the server cannot tell
-        from another warning)."""
-        if b.new_keys and not self.rules.dedup:
-            return False
-        keys = b.new_keys
-        hashed = sum(1 for k in keys if type(k) is tuple)
-        want = {"seen": [n for n in (hashed, len(keys) - hashed) if n] if keys else None,
-                "orders": [n for n in (len(b.new_orders), 2 * len(credited)) if n],
-                "users": [n for n in (len(b.changed_users & new_users),) if n]}
-        counts: dict[str, int] = {}
-        for tag, _, _, _ in writes.items:
-            counts[tag] = counts.get(tag, 0) + 1
-        for tag, expected in want.items():
-            if expected is not None and counts.get(tag, 0) != len(expected):
-                return False
-        items, seen = [], {tag: 0 for tag in want}
-        for item in writes.items:
-            items.append(item)
-            tag, _, _, load = item
-            expected = want.get(tag)
-            if expected is not None:
-                rows = expected[seen[tag]]
-                seen[tag] += 1
-            elif load:
-                rows = -1
-            else:
-                continue
-            items.append(("expect", "CALL worker_expect(ROW_COUNT(),%d,%s,'%s')"
-                          % (rows, "@@warning_count" if load else "0", tag), None, False))
-        items.append(("commit", "COMMIT", None, False))
-        writes.items = items
-        return True
 
     def _resolve(self, b: Batch, h: Hold, state: str, code: int, line: int) -> None:
         self.seq += 1
@@ -1078,8 +1021,7 @@ class WorkerStage(StageWork):
             try:
                 with conn.cursor() as cur:
                     self._decide_group_tx(cur, runs, items, starts, holds, newest, optimistic)
-                if not runs[0].committed:
-                    conn.commit()
+                conn.commit()
                 for run in runs:
                     self.recent_keys.add_all(run.b.new_keys)
                     self.recent_orders.add_all(o.order_id for o in run.b.new_orders)
