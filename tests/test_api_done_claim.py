@@ -621,3 +621,34 @@ def test_an_ordered_claim_reads_its_gate_and_its_files_in_one_round_trip(make_da
     assert [m.filename for m in moved] == ["2026a"]
     assert [r["filename"] for r in got] == ["2026b"]   # not 2026d: 2026c is still pending upstream
     assert counts["round_trips"] == 2, kinds
+
+
+def test_an_ordered_claims_gate_locks_no_file_still_pending_upstream(make_database):
+    """The gate of a worker's claim (another daemon busy on the shard, the oldest file pending
+    upstream) is a plain read: while the claim's transaction is open, a splitter's claim (which
+    skips locked rows) still gets every shard of a file the gate read, not half of it."""
+    import pymysql
+
+    from app.api import tracking
+    from app.api.queries import sql_ready, sql_shard_gate
+    from app.stages import Stage
+
+    url = make_database("gate_locks")
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3)
+    tracker.schema.ensure()
+    tracker.register("2026a", [0, 1], True, "ingest")
+    worker, splitter = db.connect(url), db.connect(url)
+    try:
+        for conn in (worker, splitter):
+            with conn.cursor() as cur:
+                cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        with worker.cursor() as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute(sql_shard_gate(Stage.WORKER), (0, "w", 0))
+        with splitter.cursor(pymysql.cursors.DictCursor) as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute(sql_ready(Stage.SPLITTER, False, "filename, shard", "LIMIT %s FOR UPDATE SKIP LOCKED"), (4,))
+            assert [(r["filename"], r["shard"]) for r in cur.fetchall()] == [("2026a", 0), ("2026a", 1)]
+    finally:
+        worker.close()
+        splitter.close()

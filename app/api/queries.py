@@ -71,8 +71,12 @@ def sql_shard_blocker(stage: Stage) -> str:
 def sql_shard_gate(stage: Stage) -> str:
     """Both reads above in one statement (args: shard, owner, shard), kept in session variables
     for `SQL_BEFORE_GATE` in the same packet: `@pipeline_busy` 1 or 0, `@pipeline_blocker` the id
-    or NULL. Each part is the index read the EXPLAIN test checks on its own."""
-    return f"SET @pipeline_busy = EXISTS({sql_shard_busy(stage)}), @pipeline_blocker = ({sql_shard_blocker(stage)})"
+    or NULL. Each part is the index read the EXPLAIN test checks on its own. A SELECT, not a
+    `SET @v = (subquery)`: MariaDB's SET locks the rows its subquery reads (the shard's files
+    still pending at the splitter, until the claim commits), and a splitter's claim, skipping
+    locked rows, then took half a file."""
+    return (f"SELECT @pipeline_busy := EXISTS({sql_shard_busy(stage)}) AS busy,"
+            f" @pipeline_blocker := ({sql_shard_blocker(stage)}) AS blocker")
 
 
 # An ordered claim's ready read, after `sql_shard_gate` (a range on id, so one index read): below
