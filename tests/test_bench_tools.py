@@ -131,6 +131,14 @@ def test_worker_bench_by_statement_counts_rows_and_pages_per_kind():
     assert "Handler_read_key" in out
 
 
+def test_credits_bench_credits_every_drawn_order_once_in_each_shape():
+    """bench/worker_credits.py: each statement shape counts its rows as the worker expects and
+    ends with the same orders credited."""
+    from bench import worker_credits
+    figures = worker_credits.main(["--rows", "600", "--credits", "50", "--rounds", "4"])
+    assert {shape: credited for shape, (credited, _) in figures.items()} == {"odku": 200, "order_id": 200, "key": 200}
+
+
 def test_young_seal_bench_moves_every_row_in_each_mode():
     """bench/young_seal.py: each way of emptying the young table (DELETE, TRUNCATE TABLE,
     TRUNCATE PARTITION of the epoch ring) ends with every row in the main table once."""
