@@ -159,15 +159,45 @@ def state_bytes(stage) -> dict[str, int]:
         return {t: int(n) for t, n in cur.fetchall()}
 
 
-def by_statement(server_pid: int) -> dict:
+# The server's counters `--by-statement` adds up per kind of statement with BENCH_COUNTERS=1:
+# rows and index reads (handler calls), and page accesses (buffer pool requests).
+COUNTERS = ("Handler_read_key", "Handler_read_next", "Handler_write", "Handler_update", "Handler_delete",
+            "Innodb_buffer_pool_read_requests", "Innodb_buffer_pool_write_requests")
+COUNTER_NAMES = ("key", "next", "write", "update", "delete", "pages", "pagew")
+
+
+def counters_reader(url: str):
+    """A function reading COUNTERS of the whole (private) server, on a connection of its own,
+    or None without BENCH_COUNTERS."""
+    if not os.environ.get("BENCH_COUNTERS"):
+        return None
+    import pymysql
+    from app.config import MySQLURL
+    parsed = MySQLURL.parse("BENCH", url)
+    conn = pymysql.connect(host=parsed.host, port=parsed.port, user=parsed.user, password=parsed.password or "",
+                           autocommit=True)
+    wanted = ", ".join(f"'{c}'" for c in COUNTERS)
+
+    def read() -> dict[str, int]:
+        with conn.cursor() as cur:
+            cur.execute(f"SHOW GLOBAL STATUS WHERE Variable_name IN ({wanted})")
+            return {k: int(v) for k, v in cur.fetchall()}
+    return read
+
+
+def by_statement(server_pid: int, counters=None) -> dict:
     """Send each statement of every `db.Script` alone and add up the server's CPU per kind
     (first word and tag): where the server's time goes inside the worker's scripts. Costs a
-    round trip per statement more than the scripts do (that shows as their own cost)."""
+    round trip per statement more than the scripts do (that shows as their own cost).
+    `counters` (`counters_reader`): also the server's counters per kind, read outside the
+    CPU's window."""
     import re
     from app import db
 
     run = db.Script.run
     spent: dict = {}
+    counted: dict = {}
+    spent["counters"] = counted
 
     def one_by_one(self, cur):
         items, offered = self.items, getattr(self, "offered", {})
@@ -181,12 +211,18 @@ def by_statement(server_pid: int) -> dict:
             name = re.search(r"INFILE '([^']+)'", sql) if len(item) > 3 and item[3] else None
             if name:
                 single.offered = {name[1].encode(): offered[name[1].encode()]}
+            c0 = counters() if counters else None
             t0 = server_cpu(server_pid)
             got = run(single, cur)
+            t1 = server_cpu(server_pid)
             table = re.sub(r"[^a-z_]", "", sql.split(" INTO TABLE ")[-1].split()[0]) if name else tag
             key = f"{sql.split()[0]} {table}"
             cpu, n = spent.get(key, (0.0, 0))
-            spent[key] = (cpu + server_cpu(server_pid) - t0, n + 1)
+            spent[key] = (cpu + t1 - t0, n + 1)
+            if counters:
+                c1, mine = counters(), counted.setdefault(key, {})
+                for c in COUNTERS:
+                    mine[c] = mine.get(c, 0) + c1[c] - c0[c]
             for t, r in got.items():
                 old = results.get(t)
                 results[t] = r if old is None else db.Result(old.rows + r.rows, old.rowcount + r.rowcount, r.lastrowid)
@@ -247,7 +283,8 @@ def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> 
     ctx = Context(threading.Event(), logging.getLogger("bench"))
     stage.setup(ctx)
     results = {"history": []}
-    spent = by_statement(server_pid) if os.environ.get("BENCH_BY_STATEMENT") and server_pid else None
+    spent = (by_statement(server_pid, counters_reader(url)) if os.environ.get("BENCH_BY_STATEMENT") and server_pid
+             else None)
     *history, filename = filename.split(",")
     for name in history:
         server0, cpu0, t0 = server_cpu(server_pid), time.process_time(), time.perf_counter()
@@ -256,14 +293,17 @@ def child(url: str, shared: str, filename: str, batch: int, server_pid: int) -> 
                                    "server_cpu": server_cpu(server_pid) - server0, "events": done.stats["in"]})
     for run in ("first", "replay")[:1 if os.environ.get("BENCH_NO_REPLAY") else 2]:
         if spent is not None:
+            counted = spent["counters"]
+            counted.clear()
             spent.clear()
+            spent["counters"] = counted
         layout.worker_output(settings.shared_dir, filename, shard).unlink(missing_ok=True)
         server0, cpu0, t0 = server_cpu(server_pid), time.process_time(), time.perf_counter()
         [done] = stage.process([Task(filename, shard)], ctx)
         results[run] = {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
                         "server_cpu": server_cpu(server_pid) - server0, "events": done.events, "stats": done.stats}
         if spent is not None:
-            results[run]["by_statement"] = dict(spent)
+            results[run]["by_statement"] = dict(spent, counters=dict(spent["counters"]))
     results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["state_bytes"] = state_bytes(stage)
     stage.teardown()
@@ -391,8 +431,15 @@ def run(args, private) -> None:
         spent = res[which].get("by_statement")
         if spent:
             print(f"{which}: mariadbd CPU µs per event, by statement (--by-statement: each sent alone):")
+            counted = spent.pop("counters", {})
             for key, (cpu, count) in sorted(spent.items(), key=lambda kv: -kv[1][0]):
-                print(f"    {key:<40} {cpu / n * 1e6:6.2f}  ({count} statements)")
+                per = counted.get(key)
+                extra = ("  " + " ".join(f"{short}={per[c] / n:.2f}" for c, short in zip(COUNTERS, COUNTER_NAMES))
+                         if per else "")
+                print(f"    {key:<40} {cpu / n * 1e6:6.2f}  ({count} statements){extra}")
+            if counted:
+                print("    (BENCH_COUNTERS: per event, " + ", ".join(f"{short} = {c}" for c, short in
+                                                                   zip(COUNTERS, COUNTER_NAMES)) + ")")
     print(f"stats: {orjson.dumps(res['first']['stats']).decode()}")
     total = sum(res["state_bytes"].values())
     decided = n * (len(history) + 1)

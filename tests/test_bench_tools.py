@@ -118,6 +118,27 @@ def test_worker_bench_by_statement_times_the_ledgers_sealing_pass():
     assert "DELETE FROM worker_balances_young" in out and "INSERT INTO worker_balances (user_id, balance) SELECT" in out
 
 
+def test_worker_bench_by_statement_counts_rows_and_pages_per_kind():
+    """With BENCH_COUNTERS, --by-statement also adds up the server's handler calls and page
+    accesses per kind of statement: the ledger's load writes a row per purchase and reads pages
+    for each (where its CPU goes, not only how much)."""
+    out = subprocess.run([sys.executable, "bench/worker.py", "--private", "--by-statement", "--events", "3000"],
+                         env={**__import__("os").environ, "BENCH_COUNTERS": "1"},
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    [orders] = [line for line in out.splitlines() if line.strip().startswith("LOAD worker_orders")][:1]
+    fields = dict(f.split("=") for f in orders.split(")")[-1].split())
+    assert float(fields["write"]) > 0.2 and float(fields["pages"]) > float(fields["write"])
+    assert "Handler_read_key" in out
+
+
+def test_credits_bench_credits_every_drawn_order_once_in_each_shape():
+    """bench/worker_credits.py: each statement shape counts its rows as the worker expects and
+    ends with the same orders credited."""
+    from bench import worker_credits
+    figures = worker_credits.main(["--rows", "600", "--credits", "50", "--rounds", "4"])
+    assert {shape: credited for shape, (credited, _) in figures.items()} == {"odku": 200, "order_id": 200, "key": 200}
+
+
 def test_young_seal_bench_moves_every_row_in_each_mode():
     """bench/young_seal.py: each way of emptying the young table (DELETE, TRUNCATE TABLE,
     TRUNCATE PARTITION of the epoch ring) ends with every row in the main table once."""

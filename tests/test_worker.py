@@ -354,6 +354,47 @@ def test_orders_written_meanwhile_never_change_and_never_balance_the_row_count(m
         conn.close()
 
 
+def test_a_credit_updates_its_order_in_place_and_counts_one_row(make_database):
+    """A return's credit on an earlier order is an update of that row through its order id: one
+    row changed (`expected_orders` counts 1), nothing inserted or tried (the INSERT ... ON
+    DUPLICATE KEY UPDATE of before tried to insert the whole row first: a write attempt and 2
+    rows); a credit on an order already credited changes nothing and falls short of the count."""
+    url = make_database("ledger_credit")
+    WorkerState(url, 0).open().close()
+    ledger = Ledger(Decimal("1000.00"))
+    conn = db.connect(url, local_infile=True, multi_statements=True)
+    try:
+        def run(*writes) -> dict:
+            script = db.Script()
+            ledger.add_writes(script, conn, *writes)
+            with conn.cursor() as cur:
+                return {tag: r.rowcount for tag, r in script.run(cur).items()}
+
+        def writes_tried() -> int:
+            with conn.cursor() as cur:
+                cur.execute("SHOW SESSION STATUS LIKE 'Handler_write'")
+                return int(cur.fetchone()[1])
+        run(0, 1, [Order(90, 6, Decimal("3.00"), 2, 1, 1, True, line=4),
+                   Order(91, 6, Decimal("3.00"), 2, 1, 1, True, line=5)], [], {}, set(), set())
+        conn.commit()
+        with conn.cursor() as cur:
+            credited = list(Ledger.orders(cur, [90, 91]).values())
+        for o in credited:
+            o.credit = Decimal("3.00")
+        before = writes_tried()
+        done = run(0, 2, [], credited, {}, set(), set())
+        assert writes_tried() == before
+        assert done["orders"] == ledger.expected_orders([], credited) == 2
+        conn.commit()
+        assert servers.query(url, "SELECT order_id, state FROM worker_orders ORDER BY order_id") == [
+            (90, CREDITED), (91, CREDITED)]
+        done = run(0, 3, [], credited[:1], {}, set(), set())
+        assert done["orders"] == 0 < ledger.expected_orders([], credited[:1])
+        conn.rollback()
+    finally:
+        conn.close()
+
+
 def test_a_new_user_created_meanwhile_is_never_overwritten_and_never_balances_the_count(make_database):
     """The users this batch took for new are loaded (a duplicate is skipped, not an error): one
     created by another worker meanwhile keeps its balance, and the users count falls short of

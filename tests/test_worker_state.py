@@ -252,6 +252,27 @@ def test_old_minutes_are_sealed_and_their_duplicates_and_late_keys_still_found(w
     assert sql(w.url, "SELECT sealed_below FROM worker_shards") == [(nine,)]
 
 
+def test_sealing_a_few_keys_reads_them_for_the_pack_and_the_delete_only(worker):
+    """A sealing pass bounded by max_rows found where the bound falls by counting the keys below
+    its minute, one by one (`LIMIT 1 OFFSET max_rows`): a third of its reads when the keys are
+    far fewer. The optimizer's estimate now says so first; the keys are read twice (packed,
+    deleted), and a pass over more than the bound still stops at whole minutes (above)."""
+    w = worker()
+    w.decide(F1, [restock(m * MINUTE + i, 2, 1, 1) for m in range(2) for i in range(200)]
+             + [restock(2 * MINUTE, 2, 1, 1)])
+    state = w.stage.state
+    assert keys(w.url)["worker_seen"] == 401
+
+    def reads() -> int:
+        with state.conn.cursor() as cur:
+            cur.execute("SHOW SESSION STATUS LIKE 'Handler_read_next'")
+            return int(cur.fetchone()[1])
+    before = reads()
+    assert state.seal(minute_of(ts(2 * MINUTE))) == 400
+    assert reads() - before < 2.5 * 400
+    assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 400}
+
+
 def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(make_database, shared_dir, tmp_path,
                                                                                monkeypatch):
     url = make_database("upg4")

@@ -650,13 +650,23 @@ class WorkerState:
                 pass
         return {k: v for k, v in removed.items() if v}
 
+    def _keys_below(self, cur, below: int) -> int:
+        """The optimizer's estimate of the shard's keys in worker_seen below minute `below` (two
+        dives into the index, InnoDB's records_in_range), where counting them to find where
+        `max_rows` ends reads every one (a third of sealing's reads when they are few)."""
+        cur.execute("EXPLAIN SELECT 1 FROM worker_seen FORCE INDEX (PRIMARY) WHERE shard=%s AND bucket < %s",
+                    (self.shard, below))
+        column = [d[0].lower() for d in cur.description].index("rows")
+        return sum(int(row[column] or 0) for row in cur.fetchall())
+
     def seal(self, below: int, max_rows: int = 20_000) -> int:
         """Move the shard's dedup keys of minutes before `below` from worker_seen to
         worker_seen_sealed, packed: one row per minute and part (the hash's top byte), appended
         in key order, so its pages stay full and a key costs its 8 bytes, not a row of its own
         (db/migrations/worker/0005); a late key of a minute packed before is added to its part's
         row; keys moved. Whole minutes, about `max_rows` keys at most
-        (a minute with more moves whole), in one transaction with the shard's `sealed_below`
+        (a minute with more moves whole; counted only where the optimizer's estimate is over
+        half of it), in one transaction with the shard's `sealed_below`
         (`seen_sql` looks a key of a minute below it up in both tables). Called by the shard lock holder,
         after pruning (keys DEDUP_WINDOW drops are not moved first)."""
         if below <= self.sealed_below:
@@ -668,9 +678,11 @@ class WorkerState:
                 cur.execute("SELECT sealed_below FROM worker_shards WHERE shard=%s FOR UPDATE", (shard,))
                 floor = cur.fetchone()[0]
                 if below > floor:
-                    cur.execute("SELECT bucket FROM worker_seen WHERE shard=%s AND bucket < %s ORDER BY bucket, hash "
-                                "LIMIT 1 OFFSET %s", (shard, below, max_rows))
-                    over = cur.fetchone()
+                    over = None
+                    if self._keys_below(cur, below) > max_rows // 2:
+                        cur.execute("SELECT bucket FROM worker_seen WHERE shard=%s AND bucket < %s "
+                                    "ORDER BY bucket, hash LIMIT 1 OFFSET %s", (shard, below, max_rows))
+                        over = cur.fetchone()
                     if over is not None:
                         cur.execute("SELECT MIN(bucket) FROM worker_seen WHERE shard=%s", (shard,))
                         below = max(over[0], cur.fetchone()[0] + 1)
