@@ -12,6 +12,10 @@ SELECTs; the completion's START, locking SELECT, the file's UPDATE, SET, the epo
 sequence's UPDATE, the answer's SELECT, COMMIT. The `after` variant as this tree does: the
 opening's INSERT and one SELECT; START, CALL, SELECT, COMMIT. Blocks of `--files` files alternate (ABBA...); per file: the server's CPU (from /proc),
 this process's CPU and the wall time, in µs.
+
+`--commits`: compare instead this tree's opening in autocommit (`before`: two commits a file)
+with the opening left open for the completion to commit (`after`: `open_file(defer=True)`, as
+the splitter opens files; one commit a file).
 """
 from __future__ import annotations
 
@@ -90,6 +94,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--purchases", type=int, default=50)
+    ap.add_argument("--commits", action="store_true")
     args = ap.parse_args()
     procedure, opening = oi.OrderIndex._finalize_statements, oi.OrderIndex.open_file
     private = servers.new_private_mariadb(["--innodb-buffer-pool-size=128M"])
@@ -101,12 +106,13 @@ def main() -> None:
 
     def block(variant: str, count: int) -> dict[str, float]:
         now = variant == "after"
-        oi.OrderIndex._finalize_statements = procedure if now else statements_before
-        oi.OrderIndex.open_file = opening if now else open_file_before
+        oi.OrderIndex._finalize_statements = procedure if now or args.commits else statements_before
+        oi.OrderIndex.open_file = opening if now or args.commits else open_file_before
         server, cpu, wall = server_cpu(private.proc.pid), time.process_time(), time.perf_counter()
         for _ in range(count):
             made[0] += 1
-            routing = index.open_file(f"f{made[0]:09d}")
+            name = f"f{made[0]:09d}"
+            routing = index.open_file(name, defer=True) if now and args.commits else index.open_file(name)
             for line in range(args.purchases):
                 routing.add_purchase(made[0] * 10_000 + line, 7, line + 1)
             routing.finish()

@@ -247,9 +247,10 @@ def test_a_small_files_index_completion_is_one_procedure_call(shared_dir, index,
     """The completion's transaction runs the sequence's lock, the file's mark, its epoch's
     range and the sequence's move as one stored procedure (migration splitter/0004), and the
     opening reads the file's row and its epochs in one statement: a small file without returns
-    costs 7 statements, not 12 (opening 2: the row's INSERT, its SELECT; START, its rows, the
-    CALL, its answer, COMMIT), and completes its index as before: its sequence number, its
-    epoch's range, the sequence moved on by its purchases."""
+    costs 8 statements, not 12 (opening 4: the transaction's isolation, its START, the row's
+    INSERT, its SELECT; its rows, the CALL, its answer, COMMIT: the opening's transaction is
+    the completion's), and completes its index as before: its sequence number, its epoch's
+    range, the sequence moved on by its purchases."""
     import pymysql
     buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
                                  price_at_order=1.0)
@@ -265,7 +266,7 @@ def test_a_small_files_index_completion_is_one_procedure_call(shared_dir, index,
     monkeypatch.setattr(pymysql.connections.MySQLResult, "read", counted)
     trips = count_round_trips(monkeypatch)
     result, _, _ = split(shared_dir, index, "20260101000091", rejected=False)
-    assert result.purchases == 20 and trips[0] == 2 and results[0] == 7
+    assert result.purchases == 20 and trips[0] == 2 and results[0] == 8
     assert servers.query(index.url, "SELECT filename, indexed_seq, purchases, epoch FROM splitter_file "
                                     "ORDER BY file_id") == [("20260101000090", 1, 30, 0), ("20260101000091", 2, 20, 0)]
     assert servers.query(index.url, "SELECT epoch, first_seq, last_seq FROM splitter_epoch") == [(0, 1, 2)]
@@ -351,3 +352,69 @@ def test_pruning_after_a_file_was_opened_is_seen_by_its_lookups(shared_dir, inde
     routing = index.open_file("20260101000051")     # opened again: no error until a lookup
     with pytest.raises(order_index.WindowPruned):
         index.lookup(routing, [(5, 1)])
+
+
+def test_a_small_files_row_is_committed_with_its_index_completion(shared_dir, index, monkeypatch):
+    """A split opens its file's row in a transaction that its index's completion commits (one
+    commit a small file, not two): while the file splits, another connection does not see the
+    row; after, the row is there, indexed, and the sequence's row is not locked meanwhile (a
+    second index completes another file while the first file splits). A file without
+    purchases and a re-split commit the opening too: nothing is left open."""
+    from app.splitter import stage
+    buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
+                                 price_at_order=1.0)
+    write_source(shared_dir, "20260101000070", [buy(2**45 + i, i) for i in range(10)] + [b"{bad\n"])
+    write_source(shared_dir, "20260101000071", [buy(2**44 + i, i) for i in range(10)])
+    write_source(shared_dir, "20260101000072", [b"{bad\n", ev(2, user_id=1, shop_id=3, good_id=1, qty=1)])
+    other = OrderIndex(index.url)
+    seen = []
+    real = stage.split_stream
+
+    def watched(*args, **kwargs):
+        if seen:        # the other index's split
+            return real(*args, **kwargs)
+        seen.append(servers.query(index.url, "SELECT COUNT(*) FROM splitter_file WHERE filename = '20260101000070'"))
+        split_file(layout.source_file(shared_dir, "20260101000071"), "20260101000071", shared_dir, 2, [0, 1],
+                   [0, 1], other, False)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(stage, "split_stream", watched)
+    try:
+        result, _, records = split(shared_dir, index, "20260101000070")
+    finally:
+        other.close()
+    monkeypatch.setattr(stage, "split_stream", real)
+    assert seen == [[(0,)]] and result.purchases == 10 and len(records) == 1
+    assert servers.query(index.url, "SELECT filename, indexed_seq FROM splitter_file ORDER BY indexed_seq") == [
+        ("20260101000071", 1), ("20260101000070", 2)]
+    for name in ("20260101000072", "20260101000070"):      # no purchases; a re-split
+        split(shared_dir, index, name)
+        assert servers.query(index.url, "SELECT COUNT(*) FROM splitter_file WHERE filename = %s", (name,)) == [(1,)]
+        with index.conn().cursor() as cur:
+            cur.execute("SELECT @@in_transaction")
+            assert cur.fetchone() == (0,)
+
+
+def test_an_abandoned_split_leaves_no_file_row(shared_dir, index, monkeypatch):
+    """A split that fails before its end rolls its opening back (nothing was published: a
+    later split opens the file afresh), and leaves nothing open on the index's connection:
+    the next file's split commits as usual."""
+    from app.splitter import stage
+    buy = lambda order, shop: ev(1, order_id=order, user_id=1, shop_id=shop, good_id=1, qty=1,  # noqa: E731
+                                 price_at_order=1.0)
+    write_source(shared_dir, "20260101000080", [buy(2**43 + i, i) for i in range(10)])
+    write_source(shared_dir, "20260101000081", [buy(2**42 + i, i) for i in range(10)])
+    real = stage.split_stream
+
+    def failing(*args, **kwargs):
+        real(*args, **kwargs)
+        raise OSError("disk gone")
+    monkeypatch.setattr(stage, "split_stream", failing)
+    with pytest.raises(OSError):
+        split(shared_dir, index, "20260101000080")
+    monkeypatch.setattr(stage, "split_stream", real)
+    assert servers.query(index.url, "SELECT COUNT(*) FROM splitter_file") == [(0,)]
+    split(shared_dir, index, "20260101000081")
+    assert servers.query(index.url, "SELECT filename, indexed_seq FROM splitter_file") == [("20260101000081", 1)]
+    split(shared_dir, index, "20260101000080")
+    assert servers.query(index.url, "SELECT filename, indexed_seq FROM splitter_file ORDER BY file_id") == [
+        ("20260101000081", 1), ("20260101000080", 2)]

@@ -215,7 +215,7 @@ class OrderIndex:
 
     # -- per file ---------------------------------------------------------------------------
 
-    def open_file(self, filename: str) -> "FileRouting":
+    def open_file(self, filename: str, defer: bool = False) -> "FileRouting":
         """Fix the file's horizon and window floor on its first split and read them back (the
         same for every replica, every re-split), with what its first lookup needs: the epochs
         it sees (`visible_epochs`), the pruned mark, and the directories of those sealed that
@@ -224,7 +224,15 @@ class OrderIndex:
         current epoch. (Read now, after the file's row: every file whose
         sequence number is within its horizon completed its index, and its epoch's range,
         before; files indexed later are past the horizon: the set is the one a later read
-        would give, but for an epoch that holds nothing the file sees.)"""
+        would give, but for an epoch that holds nothing the file sees.)
+
+        `defer`: the file's row is written in a READ COMMITTED transaction left open on this
+        connection (`FileRouting.pending`) and committed with the index's completion, so a
+        small file costs one commit (one redo-log flush), not two. Nothing the split publishes
+        depends on the row before that commit; the routing commits it first when another
+        connection is to read it (the loader, the lookup thread), and rolls it back on abort.
+        READ COMMITTED: the row's INSERT ... SELECT reads the sequence without locking it, and
+        each statement of the transaction reads in a view of its own, as in autocommit."""
         self.ensure_schema()
         cached = [int(e) for e in list(self._sealed)]   # list(): the lookup thread adds
         unknown = f"e.sealed = 1 AND e.epoch NOT IN ({','.join(str(e) for e in cached)})" if cached else "e.sealed = 1"
@@ -233,6 +241,8 @@ class OrderIndex:
         # row is the one value with spaces (six integers); each other is an epoch it sees,
         # negative (-1 - epoch) when sealed and this process holds no directory of it.
         script = db.Script()
+        if defer:
+            script.add("begin", ["SET TRANSACTION ISOLATION LEVEL READ COMMITTED", "START TRANSACTION"])
         script.add("open", _OPEN_FILE, (filename, self.window))
         script.add("file", "SELECT CONCAT_WS(' ', f.file_id, f.horizon, f.floor_seq, f.epoch, f.indexed_seq IS NOT NULL, "
                            "s.pruned_epoch) FROM splitter_file f JOIN splitter_seq s ON s.id = 1 WHERE f.filename = %s "
@@ -240,16 +250,23 @@ class OrderIndex:
                            f"FROM splitter_file f JOIN splitter_epoch e ON (e.last_seq >= f.floor_seq "
                            f"AND e.first_seq <= f.horizon) OR e.epoch = f.epoch WHERE f.filename = %s",
                    (filename, filename))
-        with self.conn().cursor() as cur:
-            got = script.run(cur)
-            values = [v for (v,) in got["file"].rows]
-            (row,) = [v for v in values if " " in v]
-            file_id, horizon, floor_seq, epoch, indexed, pruned = (int(v) for v in row.split())
-            seen = [int(v) for v in values if " " not in v]
-            unknown_sealed = [-1 - e for e in seen if e < 0]
-            if unknown_sealed:      # once per sealed epoch and process
-                self._load_sealed(cur, unknown_sealed)
+        conn = self.conn()
+        with conn.cursor() as cur:
+            try:
+                got = script.run(cur)
+                values = [v for (v,) in got["file"].rows]
+                (row,) = [v for v in values if " " in v]
+                file_id, horizon, floor_seq, epoch, indexed, pruned = (int(v) for v in row.split())
+                seen = [int(v) for v in values if " " not in v]
+                unknown_sealed = [-1 - e for e in seen if e < 0]
+                if unknown_sealed:      # once per sealed epoch and process
+                    self._load_sealed(cur, unknown_sealed)
+            except BaseException:
+                if defer:
+                    self._roll_back(conn)
+                raise
         routing = FileRouting(self, filename, file_id, horizon, bool(indexed), floor_seq, epoch)
+        routing.pending = defer
         routing.epochs = sorted({epoch, *(e if e >= 0 else -1 - e for e in seen)})
         routing.pruned = pruned
         return routing
@@ -286,7 +303,7 @@ class OrderIndex:
         return self.lookup(routing, orders, self._lookup.get())
 
     def lookup(self, routing: "FileRouting", orders: list[tuple[int, int]], conn=None,
-               finish: tuple[int, bytes] | None = None) -> list[int | None]:
+               finish: tuple[int, bytes] | None = None, commit: bool = False) -> list[int | None]:
         """Shop of each (order_id, line): the nearest earlier purchase of this file, else the
         purchase of the earliest-indexed file of its window (indexed_seq in [floor, horizon]).
         `finish`: (purchases, last chunk) of a file whose every line was read: its `finalize`
@@ -297,7 +314,10 @@ class OrderIndex:
         Each batch is one statement: the hot rows of the epochs this process believes unsealed,
         the buckets of those it knows sealed, and every epoch's sealed flag, all in one read
         view (and under the metadata lock that holds a TRUNCATE PARTITION back). An epoch the
-        statement finds sealed meanwhile has its directory read and the batch runs again."""
+        statement finds sealed meanwhile has its directory read and the batch runs again.
+        `commit`: the pending opening (`open_file(defer=True)`) of a file whose index has
+        nothing to complete is committed in the same round trip (with `finish`, the
+        completion's transaction is the opening's)."""
         conn = conn or self.conn()
         file_id, floor_seq, horizon = routing.file_id, routing.floor_seq, routing.horizon
         if routing.epochs is None:
@@ -323,9 +343,12 @@ class OrderIndex:
         with conn.cursor() as cur:
             if finish is not None:
                 statements = self._finalize_statements(file_id, routing.epoch, *finish, seen_from=epochs[0])
-                then = ("START TRANSACTION;" + ";".join(sql if args is None else cur.mogrify(sql, args)
-                                                         for sql, args in statements) + ";COMMIT",
-                        len(statements) + 2)
+                begin = not routing.pending
+                then = (("START TRANSACTION;" if begin else "")
+                        + ";".join(sql if args is None else cur.mogrify(sql, args) for sql, args in statements)
+                        + ";COMMIT", len(statements) + 1 + begin)
+            elif commit and routing.pending:
+                then = ("COMMIT", 1)
             for start in range(0, len(ids), batch):
                 part = ids[start:start + batch]
                 while True:
@@ -338,6 +361,7 @@ class OrderIndex:
                         raise
                     if then is not None:
                         state, then = answered, None
+                        routing.pending = False
                     flags = {epoch: sealed for kind, epoch, sealed, *_ in rows if kind == 2}
                     # The pruned mark in the same read view: one raised before this read
                     # began is seen, and rows it deletes after it began are still read.
@@ -464,7 +488,7 @@ class OrderIndex:
         self._sealed[epoch] = sealed
 
     def finalize(self, file_id: int, epoch: int, purchases: int, last_chunk: bytes = b"",
-                 also: list[str] = ()) -> None:
+                 also: list[str] = (), begun: bool = False) -> None:
         """Write the last chunk of rows and mark the file's index complete with the next
         sequence number (once), in one transaction and one round trip; the purchases count
         towards the current epoch, which moves on past `epoch_rows` (unless its partition of
@@ -472,16 +496,42 @@ class OrderIndex:
         `also`: statements of the caller's (rendered, no args) run in the same transaction, so
         they cost no round trip of their own (the file's rejected rows).
         EpochSealed when the file's epoch was closed for sealing first (nothing is marked;
-        `also` is committed all the same)."""
+        `also` is committed all the same). `begun`: the transaction is open already (a deferred
+        opening's)."""
         conn = self.conn()
         with conn.cursor() as cur:
+            transaction = db.Transaction(cur)
+            transaction.open = begun
             try:
-                state = db.Transaction(cur).finish(*self._finalize_statements(file_id, epoch, purchases, last_chunk,
-                                                                              also))[-1].one()[0]
+                state = transaction.finish(*self._finalize_statements(file_id, epoch, purchases, last_chunk,
+                                                                      also))[-1].one()[0]
             except BaseException:
                 self._roll_back(conn)
                 raise
         self._finalized(epoch, state)
+
+    def commit_main(self, also: list[str] = ()) -> None:
+        """Commit the bookkeeping connection's open transaction, `also` (rendered) run in it first."""
+        conn = self.conn()
+        with conn.cursor() as cur:
+            transaction = db.Transaction(cur)
+            transaction.open = True
+            try:
+                transaction.finish(*((sql, None) for sql in also))
+            except BaseException:
+                self._roll_back(conn)
+                raise
+
+    def roll_back_main(self) -> None:
+        """Roll back what the bookkeeping connection holds open, without connecting anew; a
+        connection that cannot is dropped (the next use reconnects, nothing left open)."""
+        conn = self._main.conn
+        if conn is None:
+            return
+        try:
+            conn.rollback()
+        except Exception:
+            self._main.discard()
 
     @staticmethod
     def _roll_back(conn) -> None:
@@ -784,6 +834,7 @@ class FileRouting:
         self.epochs: list[int] | None = None   # the epochs its lookups read (open_file's, else on the first)
         self.pruned: int | None = None         # the pruned mark open_file read with them
         self.indexed = indexed          # a previous split indexed it: nothing to write
+        self.pending = False            # its row is in a transaction still open (open_file's `defer`)
         self.current: dict[int, int] = {}
         # The current chunk's purchases, flat: order_id, line, shop_id, order_id, ... (the
         # splitting loop extends it; formatted once per chunk, not once per row).
@@ -834,7 +885,7 @@ class FileRouting:
         nothing left to do)."""
         self._raise_loader_error()
         if not (finish and self.finalizes):
-            return self.index.lookup(self, orders)
+            return self.index.lookup(self, orders, commit=finish and not self.finalizes)
         _, data = self._chunk()
         self._stop_loader()
         self._raise_loader_error()
@@ -846,7 +897,17 @@ class FileRouting:
         """Rows this lookup needs from this file are those of chunks already dropped from
         memory, which were loaded before they were dropped: no need to wait for the loader."""
         self._raise_loader_error()
+        self.settle()
         return self.index.lookup_async(self, orders)
+
+    def settle(self, also: list[str] = ()) -> None:
+        """Commit a deferred opening (another connection is about to read the file's row, or
+        the split is done), with `also` (see `finalize`) in its transaction."""
+        if self.pending:
+            self.pending = False
+            self.index.commit_main(also)
+        elif also:
+            raise ValueError("statements for a file whose index is complete or has no purchases: nothing is sent")
 
     # -- chunks and the loader --------------------------------------------------------------
 
@@ -863,6 +924,7 @@ class FileRouting:
 
     def rotate(self) -> None:
         """The current chunk goes to the loader (the caller takes `current` and `rows` anew)."""
+        self.settle()
         self.inflight.append(self.current)
         self.current = {}
         if self.indexed:
@@ -921,30 +983,40 @@ class FileRouting:
 
     @property
     def finalizes(self) -> bool:
-        """Whether `finish` will send a transaction (which can carry the caller's statements)."""
+        """Whether the index has a completion to send."""
         return not self.indexed and self.purchases > 0
+
+    @property
+    def carries(self) -> bool:
+        """Whether `finish` will send a transaction (which can carry the caller's statements):
+        the completion's, or a deferred opening's commit."""
+        return self.finalizes or self.pending
 
     def finish(self, also: list[str] = ()) -> None:
         """Write what is left and mark the file's index complete (a file without purchases
         has nothing anyone could see: it costs no statement). `also`: see `finalize`; sent
-        only when `finalizes` said so."""
+        only when `carries` said so. A deferred opening is committed here if nothing did yet."""
         if self.indexed:
-            if also:
-                raise ValueError("statements for a file whose index is complete: nothing is sent")
+            self.settle(also)
             return
         _, data = self._chunk()
         self._stop_loader()
         self._raise_loader_error()
         purchases = self.purchases
         if purchases:
-            self.index.finalize(self.file_id, self.epoch, purchases, data, also)
-        elif also:
-            raise ValueError("statements for a file without purchases: nothing is sent")
+            begun, self.pending = self.pending, False
+            self.index.finalize(self.file_id, self.epoch, purchases, data, also, begun)
+        else:
+            self.settle(also)
         self.indexed = True
 
     def abort(self) -> None:
-        """Stop loading and drop the chunks (the split was abandoned)."""
+        """Stop loading and drop the chunks (the split was abandoned); a deferred opening is
+        rolled back (nothing was published: a later split opens the file afresh)."""
         with self._cond:
             self._queue.clear()
         self._stop_loader()
         self.rows = []
+        if self.pending:
+            self.pending = False
+            self.index.roll_back_main()

@@ -319,7 +319,7 @@ def split_file(source: Path, filename: str, shared: Path, shard_count: int, shar
     asked, teed into `rejected_rows`); nothing is published unless the whole file went through."""
     with safefiles.open_read(source, safefiles.under(source, shared), READ_BUFFER) as f:
         src = LineReader(f, max_line_bytes)
-        file_routing = index.open_file(filename)
+        file_routing = index.open_file(filename, defer=True)
         try:
             paths = [(layout.splitter_output(shared, filename, s), 0o644) for s in shards]
             if write_rejected:
@@ -339,8 +339,9 @@ def split_file(source: Path, filename: str, shared: Path, shard_count: int, shar
                 result = split_stream(src, shard_count, outputs, reg, file_routing, rejected_out, check,
                                       rows_of_rejected=together)
                 also: list[str] = []
-                if together and tee.rows and file_routing.finalizes:
-                    # The rejected rows ride in the index's completion: one round trip, not two.
+                if together and tee.rows and file_routing.carries:
+                    # The rejected rows ride in the index's transaction (its completion, or its
+                    # opening's commit): one round trip, not two.
                     rejected_rows.ensure_schema()
                     also = rejected.insert_sql(index.conn(), tee.take())
                 file_routing.finish(also)
