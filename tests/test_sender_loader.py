@@ -293,6 +293,26 @@ def test_a_small_file_costs_three_statements_in_two_round_trips(shard, tmp_path)
     assert counts(url) == (503, 2)
 
 
+def test_a_big_runs_shard_file_is_one_load_data_in_two_round_trips(shard, tmp_path):
+    """A shard's part of a 10,000-event source file (~5,000 rows, ~1.7 MB, over the 1 MiB the
+    loading thread used to take alone) is read and checked by the loading thread and sent as
+    ONE LOAD DATA with its claim, then COMMIT: no read-ahead thread, no chunks of 1,000 and
+    2,000 rows, no record UPDATE."""
+    url, conn = shard
+    rows = [line(f"1:{i}", 2 * (i % 500), order_id=i, payload={"order_id": i, "note": "x" * 200})
+            for i in range(5000)]
+    data = write(tmp_path / "p.txt", rows)
+    assert len(data) > 1 << 20
+    before = servers.session_statements(conn)
+    sent = servers.count_round_trips(conn)
+    result = loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2)
+    assert (result.lines, result.loaded, result.method, len(sent)) == (5000, 5000, "load_data", 2)
+    assert servers.session_statements(conn) - before - 1 == 3
+    assert query(url, "SELECT line_count, loaded_count, checksum FROM loaded_files") == (
+        (5000, 5000, hashlib.sha1(data).hexdigest()),)
+    assert counts(url) == (5000, 1)
+
+
 def test_a_load_after_a_claim_sends_only_its_chunk_and_only_if_claimed(shard, tmp_path):
     """db.load_local_after: the server gets the offered bytes for the named chunk, nothing for
     another name (a file of this machine), and an empty file when the first statement (the
@@ -783,7 +803,7 @@ def test_a_batch_leaves_to_load_file_what_it_must_judge(shard, tmp_path):
     """Missing, bad, empty, too big for one chunk, a link: None for each (load_file then rewinds,
     fails or loads it as on its own); the good files of the claim still load together."""
     url, conn = shard
-    files = files_of(tmp_path, {NAMES[0]: 3, NAMES[1]: -1, NAMES[2]: 0, NAMES[3]: 6000, NAMES[4]: 4})
+    files = files_of(tmp_path, {NAMES[0]: 3, NAMES[1]: -1, NAMES[2]: 0, NAMES[3]: 22_000, NAMES[4]: 4})
     assert files[3][0].stat().st_size > loader.INLINE_BYTES
     bad = tmp_path / "bad.txt"
     write(bad, many(3, source="20250102030406") + [b"not json\n"])
@@ -798,8 +818,8 @@ def test_a_batch_leaves_to_load_file_what_it_must_judge(shard, tmp_path):
         loader.load_file(conn, *files[1], 0, 2)
     with pytest.raises(loader.BadLine, match="prepared line 4"):
         loader.load_file(conn, *files[5], 0, 2)
-    assert loader.load_file(conn, *files[3], 0, 2).loaded == 6000
-    assert counts(url) == (6007, 3)
+    assert loader.load_file(conn, *files[3], 0, 2).loaded == 22_000
+    assert counts(url) == (22_007, 3)
 
 
 def test_an_event_in_two_files_of_a_batch_is_stored_once(shard, tmp_path):
