@@ -311,6 +311,10 @@ def test_a_big_runs_shard_file_is_one_load_data_in_two_round_trips(shard, tmp_pa
     assert query(url, "SELECT line_count, loaded_count, checksum FROM loaded_files") == (
         (5000, 5000, hashlib.sha1(data).hexdigest()),)
     assert counts(url) == (5000, 1)
+    # two such files of a claim each load alone (one LOAD DATA of both costs more than two)
+    write(tmp_path / "q.txt", [dict(r, source_file=OTHER, event_key=f"9{r['event_key']}") for r in rows])
+    assert loader.load_batch(conn, [(tmp_path / "q.txt", OTHER)], 0, 2) == [None]
+    assert counts(url) == (5000, 1)
 
 
 def test_a_load_after_a_claim_sends_only_its_chunk_and_only_if_claimed(shard, tmp_path):
