@@ -7,7 +7,9 @@
 The real processes (tests/pipeline_harness.Pipeline: API under gunicorn, splitter, a worker and a
 sender per shard, 2 shards, default settings) on fresh databases, fed by the real importer
 (`python -m app.ingest --import`) with generated files holding every injected case (RATES below),
-cached under var/bench/. Each workload gets its own fresh databases and processes:
+cached under var/bench/. Each workload gets its own fresh databases and processes, and its own
+folder in a block group nobody deleted from lately (bench/fsgroup.py: on ext4 without a journal a
+file created among freshly deleted inodes costs up to ~0.8 ms of kernel CPU):
 
   big        1,000,000 events in files of 10,000. Wall time from the first registration to the
              last mysql-sender done (the tracking table's created_at / updated_at). The floor:
@@ -66,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 # The only imports of the project itself: the generator and the test harness.
 from app.ingest.generator import Rates, generate_files  # noqa: E402
-from bench import procstat  # noqa: E402
+from bench import fsgroup, procstat  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.pipeline_harness import Pipeline  # noqa: E402
 
@@ -468,16 +470,19 @@ def apicount_read(folder: Path | None) -> Counter:
 
 @contextmanager
 def running(server: Server, work: Path, name: str, count_requests: bool = False):
-    """Fresh databases and a started pipeline for one workload; everything dropped after."""
+    """Fresh databases and a started pipeline for one workload; everything dropped after. Its
+    folder gets a random name below `work` (flagged by bench/fsgroup.py), so the file system puts
+    it in a block group of its own, away from the inodes the previous workload just deleted."""
+    root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
     pipeline_db = server.fresh(f"bench_{name}")
     shard_dbs = [server.fresh(f"bench_{name}_s{n}") for n in range(SHARDS)]
     env = dict(DEFAULTS)
     counts_dir = None
     if count_requests:
-        counts_dir = work / name / "api-counts"
+        counts_dir = root / "api-counts"
         counts_dir.mkdir(parents=True)
         env["BENCH_API_COUNTS"] = str(counts_dir)
-    pipe = Pipeline(work / name, pipeline_db, shard_dbs, extra_env=env,
+    pipe = Pipeline(root, pipeline_db, shard_dbs, extra_env=env,
                     api_module="bench.apicount" if count_requests else "app.apid")
     run = Run(server, pipe, counts_dir)
     try:
@@ -956,8 +961,10 @@ def main() -> None:
     server = Server(mode, performance_schema=bool(args.profile))
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     work.chmod(0o777)   # the shared server writes its exports here
+    spread = fsgroup.spread_subfolders(work)
     load_start = os.getloadavg()[0]
-    log(f"server: {server.describe()}; load average {load_start:.1f}")
+    log(f"server: {server.describe()}; load average {load_start:.1f}; workload folders "
+        f"{'spread over block groups' if spread else 'not spread (no FS_TOPDIR_FL here)'}")
     log(f"sizes: {asdict(sizes)}")
     bench = Bench(server, sizes, work, args.profile, args.count or bool(args.profile))
     results: dict = {}

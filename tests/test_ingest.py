@@ -224,6 +224,24 @@ def test_import_copies_and_registers(api, tmp_path, shared_dir):
     assert out.returncode == 2 and "must be named" in out.stdout
 
 
+def test_import_logs_one_line_per_file(api, tmp_path, shared_dir):
+    """A file imported and registered is one line of the log (the copy and the registration),
+    not two: the importer's per-file cost counts its log records."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("20250102000000", "20250102000001"):
+        (src / f"{name}.event-ingest.txt").write_bytes(FIXTURE.read_bytes())
+    out = subprocess.run([sys.executable, "-m", "app.ingest", "--import", str(src)], cwd=servers.ROOT,
+                         env={**api.process.env}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = FIXTURE.read_bytes().count(b"\n")
+    per_file = [line for line in out.stdout.splitlines() if "20250102" in line]
+    assert [line.split(": ", 1)[1] for line in per_file] == [
+        f"imported {src / name}.event-ingest.txt, registered {name} ({lines} events)"
+        for name in ("20250102000000", "20250102000001")], out.stdout
+    activity = (shared_dir / "event-ingest" / "activity.log").read_text()
+    assert sum("20250102000000" in line for line in activity.splitlines()) == 1
+
 @pytest.mark.parametrize("variable,value", [("INGEST_RATE_NOPE", "0.1"), ("INGEST_RATE_DUPLICATE", "2")])
 def test_bad_rate_settings_are_named(tmp_path, variable, value):
     env = {**os.environ, "SHARED_DIR": str(tmp_path), variable: value}

@@ -65,9 +65,10 @@ class Ingest:
 
     # -- the API ----------------------------------------------------------------------------
 
-    def announce(self, filename: str, events: int | None) -> bool:
+    def announce(self, filename: str, events: int | None, imported: Path | None = None) -> bool:
         """Register the file and mark event-ingest done, retrying while the API is down.
-        False only when asked to stop first (the next start registers it)."""
+        False only when asked to stop first (the next start registers it). `imported`: the file
+        it was copied from, named in the same log line."""
         if not self.register:
             return True
         try:
@@ -78,7 +79,10 @@ class Ingest:
         except ApiError as exc:
             log.error("pipeline-apid refused %s: %s", filename, exc)
             return False
-        log.info("registered %s (%s events)", filename, events)
+        if imported is not None:
+            log.info("imported %s, registered %s (%s events)", imported, filename, events)
+        else:
+            log.info("registered %s (%s events)", filename, events)
         return True
 
     def recover(self) -> int:
@@ -231,24 +235,25 @@ class Ingest:
                 raise ImportProblem(f"{src}: an event file must be named <filename>{layout.SOURCE_SUFFIX} "
                                     f"with <filename> of letters, digits, _ or - (a UTC tick YYYYMMDDHHMMSS)")
         names = []
-        for src, folder in sorted(sources, key=lambda item: item[0].name):
-            if self.stop.is_set():
-                break
-            try:
-                lines = self._import_one(src, folder)
-            except safefiles.Refused as exc:
-                raise ImportProblem(str(exc)) from None
-            log.info("imported %s", src)
-            filename = src.name[: -len(layout.SOURCE_SUFFIX)]
-            self.announce(filename, lines)
-            names.append(filename)
+        with self._events_folder() as events:   # opened once for the whole import
+            for src, folder in sorted(sources, key=lambda item: item[0].name):
+                if self.stop.is_set():
+                    break
+                try:
+                    lines = self._import_one(src, folder, events)
+                except safefiles.Refused as exc:
+                    raise ImportProblem(str(exc)) from None
+                filename = src.name[: -len(layout.SOURCE_SUFFIX)]
+                if not self.announce(filename, lines, imported=src) or not self.register:
+                    log.info("imported %s", src)   # else the registration's line names it
+                names.append(filename)
         return names
 
-    def _import_one(self, src: Path, folder: Path | None) -> int:
+    def _import_one(self, src: Path, folder: Path | None, events: safefiles.Folder) -> int:
         """Copy `src` to events/ unless the same content is there; its line count."""
         final = src.name
         opened = safefiles.open_read(src, folder) if folder is not None else safefiles.open_named(src)
-        with opened as fin, self._events_folder() as events:
+        with opened as fin:
             try:
                 existing = events.open_read(final)
             except FileNotFoundError:
@@ -271,12 +276,15 @@ class Ingest:
                         count += chunk.count(b"\n")
                         last = chunk[-1:]
                     fout.flush()
-                    os.fsync(fout.fileno())
+                    _datasync(fout.fileno())   # data and size; publish syncs the folder for the name
                 publish(events, tmp, final)
             except BaseException:
                 events.unlink(tmp)
                 raise
             return count + (last != b"\n")
+
+
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 class ImportProblem(Exception):
