@@ -591,3 +591,64 @@ def test_only_the_workers_and_senders_hold_their_reports_back(tmp_path):
         toy.name = stage
         held[stage] = Daemon(toy, settings, owner="toy").defer_for
     assert held == {"shard-splitter": 0.0, "shard-worker": REPORT_DEFER_SECONDS, "mysql-sender": REPORT_DEFER_SECONDS}
+
+
+def test_an_ordered_claim_reads_its_gate_and_its_files_in_one_round_trip(make_database):
+    """A worker's claim (an ordered stage) locks the shard's claim row, reads its gate (another
+    daemon busy on the shard, the oldest file pending upstream) and the files below that gate in
+    one round trip, then writes and commits in a second: a claim and a `done` + claim cost two
+    round trips, where the ready read after the gate took a third. The gate still holds: never
+    past a file pending upstream, nothing while another daemon holds one of the shard's files."""
+    from app.api import tracking
+    from bench.wire import counting
+
+    url = make_database("ordered_claim")
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3)
+    tracker.schema.ensure()
+    tracker.store.conn()
+    for name in ("2026a", "2026b", "2026c", "2026d"):
+        tracker.register(name, [0], True, "ingest")
+    for name in ("2026a", "2026b", "2026d"):   # 2026c still pending at the splitter
+        tracker.transition("shard-splitter", "start", name, 0, owner="s")
+        tracker.transition("shard-splitter", "done", name, 0, owner="s")
+    with counting() as (counts, kinds):
+        got = tracker.claim("shard-worker", 1, 0, "w")
+    assert [r["filename"] for r in got] == ["2026a"]
+    assert counts["round_trips"] == 2, kinds
+    assert tracker.claim("shard-worker", 4, 0, "other") == []   # "w" holds one of the shard's files
+    with counting() as (counts, kinds):
+        moved, got = tracker.done_and_claim("shard-worker", [("2026a", 0, 1, None)], "w", 4, 0)
+    assert [m.filename for m in moved] == ["2026a"]
+    assert [r["filename"] for r in got] == ["2026b"]   # not 2026d: 2026c is still pending upstream
+    assert counts["round_trips"] == 2, kinds
+
+
+def test_an_ordered_claims_gate_locks_no_file_still_pending_upstream(make_database):
+    """The gate of a worker's claim (another daemon busy on the shard, the oldest file pending
+    upstream) is a plain read: while the claim's transaction is open, a splitter's claim (which
+    skips locked rows) still gets every shard of a file the gate read, not half of it."""
+    import pymysql
+
+    from app.api import tracking
+    from app.api.queries import sql_ready, sql_shard_gate
+    from app.stages import Stage
+
+    url = make_database("gate_locks")
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3)
+    tracker.schema.ensure()
+    tracker.register("2026a", [0, 1], True, "ingest")
+    worker, splitter = db.connect(url), db.connect(url)
+    try:
+        for conn in (worker, splitter):
+            with conn.cursor() as cur:
+                cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        with worker.cursor() as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute(sql_shard_gate(Stage.WORKER), (0, "w", 0))
+        with splitter.cursor(pymysql.cursors.DictCursor) as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute(sql_ready(Stage.SPLITTER, False, "filename, shard", "LIMIT %s FOR UPDATE SKIP LOCKED"), (4,))
+            assert [(r["filename"], r["shard"]) for r in cur.fetchall()] == [("2026a", 0), ("2026a", 1)]
+    finally:
+        worker.close()
+        splitter.close()

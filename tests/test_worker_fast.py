@@ -437,6 +437,47 @@ def test_a_shards_fast_validator_gives_validate_fasts_event_for_every_line():
         assert taken > len(lines) * 0.4
 
 
+def test_a_fast_validator_hands_every_line_it_does_not_take_to_its_fallback():
+    """`rules.fast_validator` with a fallback (`rules.validator`'s one closure a line): a line
+    with a backslash, one longer than its bound, one that is not bytes (TooLarge) and any the
+    fast path refuses go to the fallback as they are; the others it answers itself, as
+    `validate_fast` does."""
+    from app.lines import TooLarge
+    lines = generator_lines(2000) + [x for p in sorted(FIXTURES.rglob("*.txt")) for x in p.read_bytes().splitlines()]
+    ordinary = lines[0]
+    lines += [ordinary.replace(b'"payload"', b'"pay\\u006coad"'), TooLarge(b"{}", 10**6, 1000),
+              ordinary.rstrip() + b" " * 200]
+    handed: list = []
+
+    def fallback(raw):
+        handed.append(raw)
+        return "fallback"
+    bound = len(ordinary) + 50
+    for shard in (0, 1):
+        take = rules.fast_validator(shard, 2, bound, fallback)
+        handed.clear()
+        for raw in lines:
+            got, alone = take(raw), rules.validate_fast(raw, shard, 2)
+            if type(raw) is not bytes or b"\\" in raw or len(raw) > bound or alone is None:
+                assert got == "fallback" and handed[-1] is raw, raw
+            else:
+                assert [getattr(got, f) for f in FIELDS] == [getattr(alone, f) for f in FIELDS], raw
+        assert lines[-1] in handed and lines[-2] in handed and lines[-3] in handed
+        assert 0 < len(handed) < len(lines)
+
+
+def test_buyer_of_and_the_dedup_keys_head_are_the_digests_first_8_bytes_signed():
+    """`buyer_of` and the fast path's dedup key take a digest's first 8 bytes as a signed
+    big-endian integer (`_HEAD64`), as int.from_bytes did."""
+    for digest in (bytes(16), b"\xff" * 16, b"\x80" + bytes(15), b"\x7f" + b"\xff" * 15, hashlib.md5(b"x").digest()):
+        assert rules._HEAD64(digest)[0] == int.from_bytes(digest[:8], "big", signed=True)
+    ev = next(e for e in map(lambda raw: rules.validate_fast(raw, 0, 1), generator_lines(500))
+              if e is not None and e.etype not in (rules.PURCHASE, rules.RETURN))
+    digest = hashlib.blake2b(orjson.dumps([ev.etype, ev.payload, ev.ts], option=orjson.OPT_SORT_KEYS),
+                             digest_size=16).digest()
+    assert ev.key == f"{ev.etype}:h{digest.hex()}" and ev.dkey == (rules.minute_of(ev.ts), rules._HEAD64(digest)[0])
+
+
 def per_row_orders(orders, file_id: int) -> bytes:
     """The `worker_orders` rows as `Ledger.add_writes` rendered them before, one format per row."""
     from app.worker.ledger import DEBITED, CREDITED, REJECTED, _number

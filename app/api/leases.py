@@ -11,9 +11,9 @@ from datetime import datetime, timedelta, timezone
 
 from ..stages import ORDERED, WORK_STAGES, Action, Stage
 from .errors import Conflict, NotFound
-from .queries import (FAILED, NEW, SQL_EXPIRED, STARTED, iso, iso_s, log_sql, marks, sql_held, sql_ready,
-                      sql_shard_gate)
-from ..db import Result, Transaction
+from .queries import (FAILED, NEW, SQL_BEFORE_GATE, SQL_EXPIRED, STARTED, iso, iso_s, log_sql, marks, sql_held,
+                      sql_ready, sql_shard_gate)
+from ..db import Transaction
 from .store import Store
 
 
@@ -47,7 +47,7 @@ class Leases:
         ordered = stage in ORDERED and shard is not None
         reads = [*first, (sql_held(stage, shard is not None), (owner, *([shard] if shard is not None else []), limit))]
         if ordered:
-            reads += self._ordered_reads(stage, shard, owner)
+            reads += self._ordered_reads(stage, shard, owner, limit, cols)
         else:
             reads.append((sql_ready(stage, shard is not None, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"),
                           (*([shard] if shard is not None else []), limit)))
@@ -58,10 +58,7 @@ class Leases:
             return None
         mine = results[0].rows
         want = limit - len(mine)
-        if ordered:
-            fresh = self._ordered_fresh(t, stage, shard, results[1:], want, cols)
-        else:
-            fresh = results[1].rows[:want] if want > 0 else []
+        fresh = results[-1].rows[:want] if want > 0 else []
         writes = []
         if mine:
             ids = [r["id"] for r in mine]
@@ -109,32 +106,19 @@ class Leases:
                 "attempts": attempts, "resumed": resumed}
 
     @staticmethod
-    def _ordered_reads(stage: str, shard: int, owner: str) -> list:
-        """An ordered claim first takes the shard's claim lock (the upsert locks its row, so two
-        replicas cannot take consecutive files at once) and reads, in one statement, whether
-        another daemon holds one of the shard's files and which is the oldest file still waiting
-        upstream."""
+    def _ordered_reads(stage: Stage, shard: int, owner: str, limit: int, cols: str) -> list:
+        """An ordered claim takes the shard's claim lock (the upsert locks its row, so two
+        replicas cannot take consecutive files at once), reads in one statement whether another
+        daemon holds one of the shard's files and which is the oldest file still waiting upstream,
+        and then, in the same round trip, the shard's oldest ready tasks below that file (none
+        while another daemon holds one). Pending = the previous stage has not finished yet
+        (new/started) although ingest is done; files still being written (ingest not done) and
+        files the previous stage failed are not in the shard's stream and block nothing. Rows
+        locked beyond what the owner still wants are freed by the commit."""
         return [("INSERT INTO pipeline_claim_lock (stage, shard) VALUES (%s,%s) ON DUPLICATE KEY UPDATE shard=shard",
                  (stage, shard)),
-                (sql_shard_gate(stage), (shard, owner, shard))]
-
-    @staticmethod
-    def _ordered_fresh(t: Transaction, stage: Stage, shard: int, results: list[Result], want: int,
-                       cols: str) -> list[dict]:
-        """Oldest ready tasks of one shard, never past an earlier task that is still pending.
-
-        Pending = the previous stage has not finished yet (new/started) although ingest is done;
-        files still being written (ingest not done) and files the previous stage failed are not
-        in the shard's stream and block nothing. While another daemon holds one of the shard's
-        files, nobody else gets any.
-        """
-        _lock, gate = results
-        gate = gate.one()
-        if want <= 0 or gate["busy"]:
-            return []
-        first_pending = gate["blocker"]
-        before, args = (" AND id < %s", (first_pending,)) if first_pending is not None else ("", ())
-        return t.run((sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", before), (shard, *args, want)))[0].rows
+                (sql_shard_gate(stage), (shard, owner, shard)),
+                (sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", SQL_BEFORE_GATE), (shard, limit))]
 
     def reap(self, limit: int = 500) -> list[dict]:
         """Return tasks whose lease expired to `new` (attempt counted) or, after `max_attempts`,

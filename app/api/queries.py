@@ -69,9 +69,19 @@ def sql_shard_blocker(stage: Stage) -> str:
 
 @lru_cache(maxsize=256)
 def sql_shard_gate(stage: Stage) -> str:
-    """Both reads above in one statement (args: shard, owner, shard): `busy` 1 or 0, `blocker`
-    the id or NULL. Each part is the index read the EXPLAIN test checks on its own."""
-    return f"SELECT EXISTS({sql_shard_busy(stage)}) AS busy, ({sql_shard_blocker(stage)}) AS blocker"
+    """Both reads above in one statement (args: shard, owner, shard), kept in session variables
+    for `SQL_BEFORE_GATE` in the same packet: `@pipeline_busy` 1 or 0, `@pipeline_blocker` the id
+    or NULL. Each part is the index read the EXPLAIN test checks on its own. A SELECT, not a
+    `SET @v = (subquery)`: MariaDB's SET locks the rows its subquery reads (the shard's files
+    still pending at the splitter, until the claim commits), and a splitter's claim, skipping
+    locked rows, then took half a file."""
+    return (f"SELECT @pipeline_busy := EXISTS({sql_shard_busy(stage)}) AS busy,"
+            f" @pipeline_blocker := ({sql_shard_blocker(stage)}) AS blocker")
+
+
+# An ordered claim's ready read, after `sql_shard_gate` (a range on id, so one index read): below
+# the blocker, nothing while the shard is busy. Unset variables (NULL) leave the range open.
+SQL_BEFORE_GATE = " AND id < IF(@pipeline_busy, 0, COALESCE(@pipeline_blocker, 9223372036854775807))"
 
 
 # Started tasks whose lease ran out, for the reaper (args: limit).
@@ -122,8 +132,8 @@ def queue_queries(shard_count: int = 2) -> list[tuple[str, str, tuple]]:
     for stage in ORDERED:
         out += [(f"ordered busy {stage}", sql_shard_busy(stage), (1, "host/daemon")),
                 (f"ordered blocker {stage}", sql_shard_blocker(stage), (1,)),
-                (f"ordered claim {stage}", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", " AND id < %s"),
-                 (1, 10**9, 4))]
+                (f"ordered claim {stage}", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", SQL_BEFORE_GATE),
+                 (1, 4))]
     out.append(("reap", SQL_EXPIRED, (500,)))
     return out
 

@@ -83,12 +83,7 @@ SORTED = msgspec.json.Encoder(order="sorted").encode   # what orjson's OPT_SORT_
 DecodeError = msgspec.DecodeError
 
 
-_BLAKE2B_16 = hashlib.blake2b(digest_size=16).copy   # a copy of a fresh one costs less than a new one
-
-
-def digest_key(etype: int, payload: Struct, ts: str) -> bytes:
-    """`app.events.event_key`'s digest, from the Struct (its fields print sorted, as OPT_SORT_KEYS
-    prints the dict)."""
-    h = _BLAKE2B_16()
-    h.update(SORTED([etype, payload, ts]))
-    return h.digest()
+# The dedup key's digest (`app.events.event_key`'s) is blake2b of SORTED([etype, payload Struct,
+# timestamp]): the Struct's fields print sorted, as OPT_SORT_KEYS prints the dict. A copy of a
+# fresh blake2b costs less than a new one.
+BLAKE2B_16 = hashlib.blake2b(digest_size=16).copy

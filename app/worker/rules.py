@@ -281,69 +281,73 @@ def validate(raw: bytes, shard: int, shard_count: int, max_line_bytes: int = MAX
 
 def validator(shard: int, shard_count: int, max_line_bytes: int = MAX_LINE_BYTES,
               max_depth: int = MAX_JSON_DEPTH):
-    """`validate` for one shard and limits, as the worker calls it per line (a closure: a
-    partial with keywords builds a dict of them for every call)."""
-    fast_up_to = (max_line_bytes - PREPARED_EXTRA) // 8   # len(raw) * 8 + PREPARED_EXTRA <= max_line_bytes
-    take = fast_validator(shard, shard_count)
-
-    def check(raw: bytes) -> Event | Bad:
-        if type(raw) is bytes and len(raw) <= fast_up_to and 92 not in raw:
-            ev = take(raw)
-            if ev is not None:
-                return ev
+    """`validate` for one shard and limits, as the worker calls it per line: the fast path
+    with `validate_exact` as its fallback, one closure (a partial with keywords built a dict
+    of them for every call, and a check calling the fast path was a Python call more a line)."""
+    def exact(raw: bytes) -> Event | Bad:
         return validate_exact(raw, shard, shard_count, max_line_bytes, max_depth)
-    return check
+    return fast_validator(shard, shard_count, (max_line_bytes - PREPARED_EXTRA) // 8, exact)
 
 
 def validate_fast(raw: bytes, shard: int, shard_count: int) -> Event | None:
     """The Event of a line msgspec decodes into the Structs of `fast.py` and whose payload
     prints back to its own bytes (then `Event.payload` is those bytes); None for any other
-    line, whatever is wrong or unusual about it. The caller has checked that the line has no
-    backslash and is far from MAX_LINE_BYTES."""
+    line, whatever is wrong or unusual about it (a backslash in it, or a line far from
+    MAX_LINE_BYTES, included)."""
     return fast_validator(shard, shard_count)(raw)
+
+
+def _none(raw: bytes) -> None:
+    return None
 
 
 _HEAD64 = struct.Struct(">q").unpack_from   # int.from_bytes(digest[:8], "big", signed=True), for half its cost
 
 
-def fast_validator(shard: int, shard_count: int):
+def fast_validator(shard: int, shard_count: int, fast_up_to: int = 0, other=_none):
     """`validate_fast` for one shard, as `validator` calls it per line: everything it uses is
     bound in the closure (a global and an attribute looked up per name and line were a tenth
     of it), the Event is made with positional fields (keywords cost 0.08 µs more), and
-    `valid_time`'s and `money`'s caches are asked inline, their functions called on a miss only."""
+    `valid_time`'s, `minute_of`'s and `money`'s caches are asked inline, their functions called
+    on a miss only; the dedup key's digest made inline (`fast.BLAKE2B_16`). A line it does not take,
+    and one with a backslash or longer than `fast_up_to` bytes (when given), goes to `other`
+    (by default: None)."""
     line_decode, payloads, decode_error, encode = fast.LINE.decode, fast.PAYLOADS.get, fast.DecodeError, fast.ENCODE
-    digest_key, unset, make, head64 = fast.digest_key, fast.UNSET, Event, _HEAD64
+    blake2b, key_text, unset, make, head64 = fast.BLAKE2B_16, fast.SORTED, fast.UNSET, Event, _HEAD64
     purchase_key, return_key = f"{PURCHASE}:", f"{RETURN}:"
-    seconds, millis, amounts = _seconds.get, _MILLIS, _amounts.get
+    seconds, millis, amounts, minutes = _seconds.get, _MILLIS, _amounts.get, _minutes.get
+    up_to = fast_up_to or float("inf")
 
-    def take(raw: bytes) -> Event | None:
+    def take(raw: bytes) -> Event | Bad | None:
+        if type(raw) is not bytes or len(raw) > up_to or 92 in raw:
+            return other(raw)
         try:
             line = line_decode(raw)
             etype = line.event_type
             decoder = payloads(etype)
             if decoder is None:
-                return None
+                return other(raw)
             body = bytes(line.payload)
             p = decoder.decode(body)
         except (decode_error, ValueError):   # msgspec raises UnicodeDecodeError for bytes that are not UTF-8
-            return None
+            return other(raw)
         ts = line.timestamp
         if len(ts) != TIME_LEN:
-            return None
+            return other(raw)
         ok = seconds(ts[:20])
         if ok is None:
             ok = valid_time(ts)
         elif ok:
             ok = ts[20:] in millis
         if not ok or encode(p) != body:
-            return None
+            return other(raw)
         try:
             # Event's fields in order: etype, ts, payload_json, _payload, key, dkey, shop_id, user_id,
             # order_id, good_id, qty, amount, active
             if etype == PURCHASE:
                 order, shop = p.order_id, p.shop_id
                 if shop % shard_count != shard:
-                    return None
+                    return other(raw)
                 value = p.price_at_order
                 amount = amounts(value)
                 return make(PURCHASE, ts, body, None, f"{purchase_key}{order}", order, shop, p.user_id, order,
@@ -353,16 +357,19 @@ def fast_validator(shard: int, shard_count: int):
                 if shop is unset:
                     shop = None
                 elif shop % shard_count != shard:
-                    return None
+                    return other(raw)
                 value = p.refund_amount
                 amount = amounts(value)
                 return make(RETURN, ts, body, None, f"{return_key}{order}", order, shop, p.user_id, order,
                             p.good_id, p.qty, money(value) if amount is None else amount)
             shop = p.shop_id
             if shop % shard_count != shard:
-                return None
-            digest = digest_key(etype, p, ts)
-            key, dkey = f"{etype}:h{digest.hex()}", (minute_of(ts), head64(digest)[0])
+                return other(raw)
+            h = blake2b()
+            h.update(key_text([etype, p, ts]))
+            digest = h.digest()
+            minute = minutes(ts[:16])
+            key, dkey = f"{etype}:h{digest.hex()}", (minute_of(ts) if minute is None else minute, head64(digest)[0])
             if etype == RESTOCK:
                 return make(RESTOCK, ts, body, None, key, dkey, shop, None, None, p.good_id, p.delta_count)
             if etype == PRICE_CHANGE:
@@ -370,7 +377,7 @@ def fast_validator(shard: int, shard_count: int):
                             money(p.new_price))
             return make(SHOP_STATUS, ts, body, None, key, dkey, shop, None, None, None, None, None, p.active)
         except (TypeError, ValueError, ArithmeticError):
-            return None
+            return other(raw)
     return take
 
 
@@ -525,7 +532,7 @@ def buyer_of(user_id: int, good_id: int) -> int:
     """What the ledger keeps of a purchase's user and good (worker_orders.buyer): a return only
     checks both for equality, so one 8-byte digest does (the first 8 bytes of MD5 of "user good",
     signed; db/migrations/worker/0004 computes the same in SQL)."""
-    return int.from_bytes(_md5(b"%d %d" % (user_id, good_id)).digest()[:8], "big", signed=True)
+    return _HEAD64(_md5(b"%d %d" % (user_id, good_id)).digest())[0]
 
 
 class Order(msgspec.Struct, gc=False, eq=False):

@@ -237,6 +237,19 @@ class Plan:
         return plan
 
 
+class ShopOf:
+    """`order id -> shop` of a decided batch's orders, asked only for the returns it outputs
+    (a dict of every order of the batch, made per batch, cost more than the returns' lookups)."""
+
+    __slots__ = ("orders",)
+
+    def __init__(self, orders: dict[int, Order]):
+        self.orders = orders
+
+    def __getitem__(self, order_id: int) -> int:
+        return self.orders[order_id].shop_id
+
+
 class Found:
     """What a batch's lookup answered besides the orders, balances and stock (`FileRun._look_up`)."""
 
@@ -457,7 +470,7 @@ class FileRun:
         writes.add("record", self.state.record_sql(cur.connection, self.file_id, first_line, len(raws), dig,
                                                    bytes(codes), last, batch_newest))
         self._write(cur, writes, [b], found.new_users, was)
-        return bytes(codes), {o: order.shop_id for o, order in self.orders.items()}, b.resolved
+        return bytes(codes), ShopOf(self.orders), b.resolved
 
     def _look_up(self, cur, plan, adopt, optimistic) -> "Found":
         """Start the transaction and read (locking the balances) what `plan` needs, in one
@@ -1078,7 +1091,7 @@ class WorkerStage(StageWork):
             run.codes, run.resolved = bytes(codes), b.resolved
             writes.add(f"record{n}", self.state.record_sql(cur.connection, run.file_id, 1, len(raws), dig,
                                                            run.codes, last, batch_newest))
-        shop_of = {o: order.shop_id for o, order in lead.orders.items()}
+        shop_of = ShopOf(lead.orders)
         for run in runs:
             run.shops = shop_of
         lead.newest = newest

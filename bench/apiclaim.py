@@ -1,0 +1,98 @@
+"""A worker's `done` + claim (an ordered stage), alone: the API's CPU (in-process tracker, no
+HTTP) and the database server's per `done` of a file and claim of the shard's next one, this
+checkout's code and another's (`--other`, e.g. a `git archive` of the base) in rounds
+alternated on one private server (prints figures; not a test).
+
+    .venv/bin/python bench/apiclaim.py [--files 400] [--rounds 4] [--other DIR]
+
+Each round runs in a child process of its checkout: it registers `--files` files of shard 0,
+moves them through the splitter (not timed), then times the worker taking them one by one, each
+`done` claiming the next (`Tracker.done_and_claim`, limit 1), as a worker with one file a claim
+does; round trips are counted on the wire in a last, untimed cycle.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child(url: str, root: str, files: int, server_pid: int, tag: str) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from bench.wire import use_app_of
+    use_app_of(Path(root))
+    from app import db
+    from app.api import tracking
+    from app.config import MySQLURL
+    from bench.procstat import cpu_seconds
+    from bench.wire import counting
+
+    url = MySQLURL.parse("bench", url)
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 1, 600, 3)
+    tracker.schema.ensure()
+    names = [f"{tag}-{i:06d}" for i in range(files + 2)]
+    for name in names:
+        tracker.register(name, [0], True, "bench/ingest", 500)
+        tracker.transition("shard-splitter", "start", name, 0, owner="bench/splitter")
+        tracker.transition("shard-splitter", "done", name, 0, owner="bench/splitter")
+    owner = "bench/worker-0"
+    held = tracker.claim("shard-worker", 1, 0, owner)
+    c0, s0 = time.process_time(), cpu_seconds(server_pid)
+    for _ in range(files):
+        held = tracker.done_and_claim("shard-worker", [(held[0]["filename"], 0, 250, None)], owner, 1, 0)[1]
+    c1, s1 = time.process_time(), cpu_seconds(server_pid)
+    with counting() as (counts, _):
+        tracker.done_and_claim("shard-worker", [(held[0]["filename"], 0, 250, None)], owner, 1, 0)
+    return {"api_us": (c1 - c0) * 1e6 / files, "server_us": (s1 - s0) * 1e6 / files,
+            "round_trips": counts["round_trips"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--other", help="another checkout, alternated with this one")
+    parser.add_argument("--child", nargs=4, metavar=("URL", "ROOT", "SERVER_PID", "TAG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        url, root, pid, tag = args.child
+        print(json.dumps(child(url, root, args.files, int(pid), tag)))
+        return
+    sys.path.insert(0, str(ROOT))
+    from app import db
+    from tests import servers
+
+    roots = {"this": ROOT, **({"other": Path(args.other).resolve()} if args.other else {})}
+    server = servers.new_private_mariadb()
+    try:
+        results: dict[str, list[dict]] = {label: [] for label in roots}
+        for r in range(args.rounds):
+            for label, root in (roots.items() if r % 2 == 0 else reversed(roots.items())):
+                url = server.url(f"claim_{label}_{r}")
+                db.ensure_database(url)
+                out = subprocess.run([sys.executable, __file__, "--files", str(args.files), "--child", str(url),
+                                      str(root), str(server.proc.pid), f"r{r}"],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(out.stderr)
+                out = out.stdout
+                got = json.loads(out.strip().splitlines()[-1])
+                results[label].append(got)
+                print(f"round {r + 1} ({label}): API {got['api_us']:.0f} us, server {got['server_us']:.0f} us"
+                      f" per done + claim, {got['round_trips']} round trips", flush=True)
+        for label, rows in results.items():
+            print(f"{label}: median of {len(rows)} rounds: API {statistics.median(x['api_us'] for x in rows):.0f} us,"
+                  f" server {statistics.median(x['server_us'] for x in rows):.0f} us per done + claim,"
+                  f" {rows[-1]['round_trips']} round trips")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
