@@ -55,7 +55,13 @@ SCHEMA = "shard"
 METHODS = ("load_data", "insert")
 INSERT_ROWS = 2000          # rows per INSERT statement (~0.7 MB, far below max_allowed_packet)
 FIRST_BATCH = 1000          # rows in a big file's first chunk; each next one doubles up to the chunk size
-INLINE_BYTES = 1 << 20      # a file up to this size is read and checked by the loading thread itself
+# A file up to this size is read and checked by the loading thread itself, and sent as one chunk when it has
+# at most `chunk_rows` lines: a big run's shard file (~5,000 rows, ~1.7 MB) costs the sender ~13% less CPU so
+# than through the read-ahead thread in chunks of 1,000 and 2,000 rows (docs/performance.md).
+INLINE_BYTES = 4 << 20
+# A claim's file up to this size joins a batch (`load_batch`); a bigger one loads alone: two big run's files in
+# one LOAD DATA cost the server and the sender more than one each (the file's name then a column of every row).
+BATCH_BYTES = 1 << 20
 # A chunk also ends once its lines hold this many bytes, so long lines make small chunks: an
 # INSERT (at most twice its lines once escaped) stays far below max_allowed_packet, and a TSV
 # chunk is a few MB of memory at most.
@@ -82,7 +88,8 @@ OPTIONAL_INDEXES = {
 }
 _N = "\\N"                   # NULL in LOAD DATA's default format
 
-_LOAD_DATA = ("LOAD DATA LOCAL INFILE %s INTO TABLE events CHARACTER SET utf8mb4 "
+# The TSV's character set: `{charset}`, `file_charset` of the connection.
+_LOAD_DATA = ("LOAD DATA LOCAL INFILE %s INTO TABLE events CHARACTER SET {charset} "
               # The default format (tab-separated, backslash escapes, \N for NULL), spelled out in hex:
               # under sql_mode NO_BACKSLASH_ESCAPES the default escape character is none at all.
               "FIELDS TERMINATED BY X'09' ESCAPED BY X'5C' LINES TERMINATED BY X'0A' "
@@ -105,7 +112,7 @@ _RECORD = ("UPDATE loaded_files SET line_count=%s, loaded_count=%s, duplicate_co
 _CLAIM_BATCH = ("INSERT INTO loaded_files (source_file, shard, line_count, loaded_count, duplicate_count, "
                 "checksum, method, seconds) VALUES {} ON DUPLICATE KEY UPDATE source_file = source_file")
 _CLAIM_BATCH_ROW = "(%s, %s, %s, %s, 0, %s, 'load_data', %s)"
-_LOAD_BATCH = ("LOAD DATA LOCAL INFILE %s INTO TABLE events CHARACTER SET utf8mb4 "
+_LOAD_BATCH = ("LOAD DATA LOCAL INFILE %s INTO TABLE events CHARACTER SET {charset} "
                "FIELDS TERMINATED BY X'09' ESCAPED BY X'5C' LINES TERMINATED BY X'0A' "
                "(event_key, event_type, shop_id, user_id, `timestamp`, order_id, good_id, qty, amount, payload, "
                "source_file) SET shard = %s")
@@ -633,6 +640,15 @@ def _multi_statements(conn) -> bool:
     return bool(conn.client_flag & CLIENT.MULTI_STATEMENTS)
 
 
+def file_charset(conn) -> str:
+    """The character set LOAD DATA reads the sender's TSV in. On MariaDB `binary`: every byte
+    goes to its column as it is, without the server decoding and re-checking UTF-8 (~0.4 µs of
+    server CPU a row, 6%: docs/performance.md); the sender has checked that keys and names are
+    ASCII and payloads valid UTF-8, so the stored text is the same. MySQL refuses a binary
+    string for a JSON column (error 3144), so elsewhere the TSV is read as `utf8mb4`."""
+    return "binary" if "mariadb" in conn.get_server_info().lower() else "utf8mb4"
+
+
 def connect(url: MySQLURL, **options):
     """A connection as the sender loads with: autocommit off, LOAD DATA LOCAL from memory
     only, and several statements per round trip (the claim with the first chunk, the record
@@ -647,12 +663,13 @@ def _warnings(cur) -> str:
 
 def _by_load_data(cur, chunks, claim: _Claim, source_file: str, shard: int, check) -> int:
     loaded = 0
+    sql = _LOAD_DATA.format(charset=file_charset(cur.connection))
     for index, (data, count) in enumerate(chunks):
         if check:
             check()
         name = chunk_name(source_file, index)
         try:
-            stored = claim.load_with(_LOAD_DATA, (name, shard, source_file), name, data)
+            stored = claim.load_with(sql, (name, shard, source_file), name, data)
         except pymysql.err.MySQLError as exc:
             if exc.args and exc.args[0] in db.LOCAL_INFILE_REFUSED:
                 raise _FallBack(f"LOAD DATA LOCAL INFILE refused: {exc.args[-1]}", refused=True) from None
@@ -838,7 +855,7 @@ class _Ready:
 def _ready(path: Path, source_file: str, shard: int, shard_count: int, chunk_rows: int, root: Path | None,
            max_line: int, max_depth: int) -> _Ready | None:
     """The file as one batch member, or None for any file `load_file` must take on its own
-    (missing, refused, over INLINE_BYTES or `chunk_rows`, empty, a bad line, a name that is not
+    (missing, refused, over BATCH_BYTES or `chunk_rows`, empty, a bad line, a name that is not
     a key's characters): that path then decides and reports it exactly as it always did."""
     if not _KEY(source_file):  # it goes into the TSV as it is: no tab, newline or backslash
         return None
@@ -848,7 +865,7 @@ def _ready(path: Path, source_file: str, shard: int, shard_count: int, chunk_row
     except (OSError, safefiles.Refused):
         return None
     with f:
-        if os.fstat(f.fileno()).st_size > INLINE_BYTES:
+        if os.fstat(f.fileno()).st_size > BATCH_BYTES:
             return None
         reading = _Reading()
         try:
@@ -916,6 +933,7 @@ def _load_together(conn, ready: list[_Ready], shard: int) -> bool:
     args = [v for r in ready for v in (r.source_file, shard, r.rows, r.rows, r.checksum, round(r.seconds, 3))]
     rows = sum(r.rows for r in ready)
     name = f"{ready[0].source_file}.batch-{len(ready):03d}.tsv"
+    load = _LOAD_BATCH.format(charset=file_charset(conn))
     data = b"".join(r.data for r in ready)
     try:
         with conn.cursor() as cur:
@@ -923,10 +941,10 @@ def _load_together(conn, ready: list[_Ready], shard: int) -> bool:
                 conn.begin()
             try:
                 if _multi_statements(conn):
-                    claimed, stored = db.load_local_after(cur, claim, args, _LOAD_BATCH, (name, shard), name, data)
+                    claimed, stored = db.load_local_after(cur, claim, args, load, (name, shard), name, data)
                 else:
                     claimed = cur.execute(claim, args)
-                    stored = db.load_local(cur, _LOAD_BATCH, (name, shard), name, data) if claimed == len(ready) else 0
+                    stored = db.load_local(cur, load, (name, shard), name, data) if claimed == len(ready) else 0
             except pymysql.err.MySQLError as exc:
                 if exc.args and exc.args[0] in db.LOCAL_INFILE_REFUSED:
                     conn.rollback()
