@@ -362,7 +362,8 @@ def test_a_small_files_commit_carries_its_rejected_rows_and_the_shard_locks_rele
     real_run, real_query, real_write = db.Script.run, type(conn).query, rejected.RejectedWriter.write
     monkeypatch.setattr(db.Script, "run", lambda self, cur: scripts.append([t for t, *_ in self.items])
                         or real_run(self, cur))
-    monkeypatch.setattr(type(conn), "query", lambda self, sql, *a, **k: sent.append(sql) or real_query(self, sql, *a, **k))
+    monkeypatch.setattr(type(conn), "query",
+                        lambda self, sql, *a, **k: sent.append(sql) or real_query(self, sql, *a, **k))
     monkeypatch.setattr(rejected.RejectedWriter, "write", lambda self, rows: written.append(len(rows))
                         or real_write(self, rows))
     monkeypatch.setattr(rejected, "FLUSH_ROWS", 2)
@@ -404,8 +405,8 @@ def test_a_failing_statement_before_the_commit_stops_the_script_nothing_committe
     expected = {name: stats(one.decide(name, lines)) for name, lines in zip(NAMES[:3], files)}
     outputs = {name: one.outputs(name) for name in NAMES[:3]}
     real_insert = rejected.insert_sql
-    broken = lambda conn, rows: real_insert(conn, rows)[:-1] + ["INSERT INTO rejected_lines (no_such_column) VALUES (1)"]
-    monkeypatch.setattr(rejected, "insert_sql", broken)
+    monkeypatch.setattr(rejected, "insert_sql", lambda conn, rows: real_insert(conn, rows)[:-1]
+                        + ["INSERT INTO rejected_lines (no_such_column) VALUES (1)"])
     monkeypatch.setattr(w.stage, "_prune_due", lambda newest: False)
     unlocks = []
     real_unlock = type(w.stage.state).unlock_shard
@@ -420,7 +421,7 @@ def test_a_failing_statement_before_the_commit_stops_the_script_nothing_committe
     assert unlocks and not any(unlocks), "the script released nothing: the worker's own RELEASE_LOCK did"
     for table in ("worker_batches", "worker_orders", "worker_seen", "rejected_lines", "worker_holds"):
         assert sql(w.url, f"SELECT COUNT(*) FROM {table}") == [(0,)], table
-    assert sql(w.url, "SELECT lines_decided FROM worker_files") == [(0,)] * len(sql(w.url, "SELECT id FROM worker_files"))
+    assert {d for (d,) in sql(w.url, "SELECT lines_decided FROM worker_files")} == {0}
     assert sql(w.url, "SELECT GET_LOCK(%s, 0), RELEASE_LOCK(%s)", (w.stage.state.lock_name,) * 2) == [(1, 1)]
     monkeypatch.setattr(rejected, "insert_sql", real_insert)
     assert stats(w.again(NAMES[0])) == expected[NAMES[0]]
