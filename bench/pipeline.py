@@ -160,7 +160,7 @@ class Server:
         options = [f"--{OPTION_NAMES.get(k, k).replace('_', '-')}={v}" for k, v in wanted.items()]
         if performance_schema:
             from bench import profiling
-            options += profiling.SERVER_OPTIONS[1:]
+            options += profiling.HISTORY_OPTIONS
         self.private = servers.MariaDB(Path(tempfile.mkdtemp(prefix="bench-pipeline-db-")), options=options)
         self.private.install().start()
         self.host, self.port, self.pid = "127.0.0.1", self.private.port, self.private.proc.pid
@@ -1014,8 +1014,9 @@ def print_profile(name: str, big: dict) -> None:
     for st in p["digests"][:12]:
         sender = max(st["stages"], key=st["stages"].get) if st["stages"] else "-"
         text = " ".join((st["sample"] or st["statement"]).split())
-        log(f"    {st['us'] / files:7.0f} us {st['count'] / files:5.2f}x {st['examined'] / max(1, st['count']):7.1f} rows"
-            f" {sender:>8} {st['schema'] or '-'}: {text[:100]}")
+        rows = st["examined"] / max(1, st["count"])
+        log(f"    {st['us'] / files:7.0f} us {st['count'] / files:5.2f}x {rows:7.1f} rows {sender:>8}"
+            f" {st['schema'] or '-'}: {text[:100]}")
     log("  server, tables by I/O wait: " + "; ".join(
         f"{t['schema']}.{t['table']} {t['seconds']:.1f}s ({t['insert']:,} ins, {t['fetch']:,} fetch)"
         for t in p["tables"][:8]))

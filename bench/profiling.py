@@ -93,11 +93,11 @@ def summarise(raw: Path, top: int = 8) -> dict:
 
 # -- performance_schema ------------------------------------------------------------------------
 
-# The private server's options for --profile: digests and texts long enough for the worker's
-# scripts, a history long enough to name each digest's sender and statement.
-SERVER_OPTIONS = ["--performance-schema=ON", "--performance-schema-max-digest-length=8192", "--max-digest-length=8192",
-                  "--performance-schema-max-sql-text-length=8192",
-                  "--performance-schema-events-statements-history-long-size=50000"]
+# A private server's options for --profile beside performance_schema=ON: digests and texts long
+# enough for the worker's scripts, a history long enough to name each digest's sender and text.
+HISTORY_OPTIONS = ["--performance-schema-max-digest-length=8192", "--max-digest-length=8192",
+                   "--performance-schema-max-sql-text-length=8192",
+                   "--performance-schema-events-statements-history-long-size=50000"]
 
 RESET = [
     "TRUNCATE TABLE performance_schema.events_statements_summary_by_digest",

@@ -154,7 +154,7 @@ def test_profile_digests_name_each_statement_of_a_script_and_its_sender():
     text from the statement history, and the client pids that sent it."""
     import os
     from tests import servers
-    server = servers.new_private_mariadb(profiling.SERVER_OPTIONS)
+    server = servers.new_private_mariadb(["--performance-schema=ON", *profiling.HISTORY_OPTIONS])
     try:
         admin = servers.admin_connect(port=server.port)
         client = pymysql.connect(host="127.0.0.1", port=server.port, user=servers.MYSQL_USER,
