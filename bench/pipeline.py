@@ -158,6 +158,9 @@ class Server:
         if performance_schema:
             wanted["performance_schema"] = "ON"
         options = [f"--{OPTION_NAMES.get(k, k).replace('_', '-')}={v}" for k, v in wanted.items()]
+        if performance_schema:
+            from bench import profiling
+            options += profiling.HISTORY_OPTIONS
         self.private = servers.MariaDB(Path(tempfile.mkdtemp(prefix="bench-pipeline-db-")), options=options)
         self.private.install().start()
         self.host, self.port, self.pid = "127.0.0.1", self.private.port, self.private.proc.pid
@@ -769,6 +772,7 @@ class Bench:
         with conn.cursor() as cur:
             out["statements"] = profiling.top_statements(cur)
             out["tables"] = profiling.table_io(cur)
+            out["digests"] = profiling.digests(cur)
             for row in (*out["statements"], *out["tables"]):
                 row["schema"] = roles.get(row["schema"], row["schema"])
             by_pid = profiling.statements_by_pid(cur)
@@ -779,6 +783,12 @@ class Bench:
             for p in procstat.tree(pid):
                 owner[p] = group_of(name)
         owner[os.getpid()] = "bench"
+        for row in out["digests"]:
+            row["schema"] = roles.get(row["schema"], row["schema"])
+            stages: Counter = Counter()
+            for pid, n in row.pop("pids").items():
+                stages[owner.get(pid, "other")] += n
+            row["stages"] = dict(stages)
         per_group: dict[str, Counter] = {}
         for pid, kinds in by_pid.items():
             per_group.setdefault(owner.get(pid, "other (importer, closed connections)"), Counter()).update(kinds)
@@ -999,9 +1009,14 @@ def print_profile(name: str, big: dict) -> None:
         log("    self:      " + "; ".join(f"{f} {pct}%" for f, pct in s["self"][:6]))
         log("    inclusive: " + "; ".join(f"{f} {pct}%" for f, pct in s["inclusive"][:6]))
         log("    modules:   " + "; ".join(f"{f} {pct}%" for f, pct in s["modules"][:8]))
-    log("  server, statements by total time (performance_schema):")
-    for st in p["statements"][:8]:
-        log(f"    {st['share']}% {st['count']:>7,}x {st['schema'] or '-'}: {st['statement'][:110]}")
+    files = big["files"]
+    log("  server, statements by total time (performance_schema digests; time includes waits), per file:")
+    for st in p["digests"][:12]:
+        sender = max(st["stages"], key=st["stages"].get) if st["stages"] else "-"
+        text = " ".join((st["sample"] or st["statement"]).split())
+        rows = st["examined"] / max(1, st["count"])
+        log(f"    {st['us'] / files:7.0f} us {st['count'] / files:5.2f}x {rows:7.1f} rows {sender:>8}"
+            f" {st['schema'] or '-'}: {text[:100]}")
     log("  server, tables by I/O wait: " + "; ".join(
         f"{t['schema']}.{t['table']} {t['seconds']:.1f}s ({t['insert']:,} ins, {t['fetch']:,} fetch)"
         for t in p["tables"][:8]))

@@ -93,11 +93,20 @@ def summarise(raw: Path, top: int = 8) -> dict:
 
 # -- performance_schema ------------------------------------------------------------------------
 
+# A private server's options for --profile beside performance_schema=ON: digests and texts long
+# enough for the worker's scripts, a history long enough to name each digest's sender and text.
+HISTORY_OPTIONS = ["--performance-schema-max-digest-length=8192", "--max-digest-length=8192",
+                   "--performance-schema-max-sql-text-length=8192",
+                   "--performance-schema-events-statements-history-long-size=50000"]
+
 RESET = [
     "TRUNCATE TABLE performance_schema.events_statements_summary_by_digest",
     "TRUNCATE TABLE performance_schema.events_statements_summary_by_thread_by_event_name",
     "TRUNCATE TABLE performance_schema.events_statements_summary_global_by_event_name",
     "TRUNCATE TABLE performance_schema.table_io_waits_summary_by_table",
+    "TRUNCATE TABLE performance_schema.events_statements_history_long",
+    "UPDATE performance_schema.setup_consumers SET ENABLED = 'YES'"
+    " WHERE NAME IN ('events_statements_current', 'events_statements_history_long')",
 ]
 
 
@@ -124,6 +133,34 @@ def top_statements(cur, top: int = 12) -> list[dict]:
     return [{"schema": schema, "statement": text, "count": n, "seconds": round(sec, 3),
              "share": round(100 * sec / total, 1), "rows_affected": aff, "rows_examined": ex}
             for (schema, text), (n, sec, aff, ex) in ranked]
+
+
+def digests(cur) -> list[dict]:
+    """Every statement digest with its server time, lock time and rows, the client pids that sent
+    it and a sample of its text, from the recent statements' history (a sample, enough to name
+    them). MariaDB gives every statement of a multi-statement packet after the first the first
+    one's DIGEST_TEXT (its own digest, though) and the rest of the packet as SQL_TEXT: the sample
+    is that text, the statement first."""
+    cur.execute("SELECT h.DIGEST, a.ATTR_VALUE, COUNT(*), MIN(h.EVENT_NAME), MIN(LEFT(h.SQL_TEXT, 400))"
+                " FROM performance_schema.events_statements_history_long h"
+                " JOIN performance_schema.threads t ON t.THREAD_ID = h.THREAD_ID"
+                " JOIN performance_schema.session_connect_attrs a ON a.PROCESSLIST_ID = t.PROCESSLIST_ID"
+                "  AND a.ATTR_NAME = '_pid' WHERE h.DIGEST IS NOT NULL GROUP BY h.DIGEST, a.ATTR_VALUE")
+    senders: dict[str, Counter] = {}
+    samples: dict[str, tuple] = {}
+    for digest, pid, n, event, text in cur.fetchall():
+        senders.setdefault(digest, Counter())[int(pid)] += int(n)
+        samples.setdefault(digest, (event, text))
+    cur.execute("SELECT DIGEST, SCHEMA_NAME, DIGEST_TEXT, COUNT_STAR, SUM_TIMER_WAIT / 1e6, SUM_LOCK_TIME / 1e6,"
+                " SUM_ROWS_EXAMINED, SUM_ROWS_SENT, SUM_ROWS_AFFECTED, SUM_NO_INDEX_USED, SUM_SORT_ROWS,"
+                " SUM_CREATED_TMP_TABLES FROM performance_schema.events_statements_summary_by_digest"
+                " ORDER BY SUM_TIMER_WAIT DESC")
+    return [{"digest": d, "schema": schema, "statement": text or "", "count": int(n), "us": float(us),
+             "lock_us": float(lock), "examined": int(ex), "sent": int(sent), "affected": int(aff),
+             "no_index": int(noidx), "sort_rows": int(sort), "tmp_tables": int(tmp),
+             "event": samples.get(d, ("", ""))[0], "sample": samples.get(d, ("", ""))[1] or "",
+             "pids": dict(senders.get(d, Counter()))}
+            for d, schema, text, n, us, lock, ex, sent, aff, noidx, sort, tmp in cur.fetchall()]
 
 
 def table_io(cur, top: int = 12) -> list[dict]:

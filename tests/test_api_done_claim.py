@@ -644,7 +644,7 @@ def test_an_ordered_claims_gate_locks_no_file_still_pending_upstream(make_databa
                 cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
         with worker.cursor() as cur:
             cur.execute("START TRANSACTION")
-            cur.execute(sql_shard_gate(Stage.WORKER), (0, "w", 0))
+            cur.execute(sql_shard_gate(Stage.WORKER), (0, "w", 0, 0))
         with splitter.cursor(pymysql.cursors.DictCursor) as cur:
             cur.execute("START TRANSACTION")
             cur.execute(sql_ready(Stage.SPLITTER, False, "filename, shard", "LIMIT %s FOR UPDATE SKIP LOCKED"), (4,))
@@ -652,3 +652,43 @@ def test_an_ordered_claims_gate_locks_no_file_still_pending_upstream(make_databa
     finally:
         worker.close()
         splitter.close()
+
+
+def test_an_ordered_claims_gate_reads_a_few_rows_whatever_the_backlog_upstream(make_database):
+    """The gate's oldest file pending upstream was one MIN(id) over the shard's files the splitter
+    has new or started; ingest's status is not in the index, so it read every such file: each
+    worker claim read the shard's whole backlog at the splitter (150 rows a claim in the small
+    bench). One ORDER BY id LIMIT 1 per status stops at the first: a few rows, the same answer."""
+    from app.api import tracking
+    from app.api.queries import sql_shard_gate
+    from app.stages import Stage
+
+    url = make_database("gate_backlog")
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3)
+    tracker.schema.ensure()
+    names = [f"2026{n:03d}" for n in range(80)]
+    for name in names:
+        tracker.register(name, [0], True, "ingest")
+    tracker.register("2026zzz", [0], False, "ingest")          # still being written: blocks nothing
+    for name in names[:3]:
+        tracker.transition("shard-splitter", "start", name, 0, owner="s")
+        tracker.transition("shard-splitter", "done", name, 0, owner="s")
+    tracker.transition("shard-splitter", "start", names[5], 0, owner="s")   # started, later than names[3]
+    conn = db.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT filename, id FROM pipeline_tracking")
+            ids = dict(cur.fetchall())
+            for expected, finished in ((names[3], names[3:5]), (names[5], [])):
+                cur.execute("FLUSH STATUS")
+                cur.execute(sql_shard_gate(Stage.WORKER), (0, "w", 0, 0))
+                assert cur.fetchall() == ((0, ids[expected]),)
+                cur.execute("SHOW SESSION STATUS LIKE 'Handler_read_next'")
+                assert int(cur.fetchone()[1]) <= 4
+                for name in finished:           # the new files before names[5] split: the started one blocks
+                    tracker.transition("shard-splitter", "start", name, 0, owner="s")
+                    tracker.transition("shard-splitter", "done", name, 0, owner="s")
+            cur.execute(sql_shard_gate(Stage.WORKER), (0, "w", 1, 1))
+            assert cur.fetchall() == ((0, None),)
+    finally:
+        conn.close()

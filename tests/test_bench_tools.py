@@ -145,3 +145,39 @@ def test_young_seal_bench_moves_every_row_in_each_mode():
     from bench import young_seal
     figures = young_seal.main(["--rows", "300", "--rounds", "4", "--settle", "0", "--pairs", "1"])
     assert set(figures) == {"delete", "truncate", "partition"} and all(len(v) == 1 for v in figures.values())
+
+
+def test_profile_digests_name_each_statement_of_a_script_and_its_sender():
+    """MariaDB gives every statement of a multi-statement packet after the first the first one's
+    DIGEST_TEXT ("START TRANSACTION ;" for most of the worker's and the API's scripts): the
+    profile's ranking named the wrong statements. Each digest now carries a sample of its own
+    text from the statement history, and the client pids that sent it."""
+    import os
+    from tests import servers
+    server = servers.new_private_mariadb(["--performance-schema=ON", *profiling.HISTORY_OPTIONS])
+    try:
+        admin = servers.admin_connect(port=server.port)
+        client = pymysql.connect(host="127.0.0.1", port=server.port, user=servers.MYSQL_USER,
+                                 password=servers.MYSQL_PASSWORD, autocommit=True,
+                                 client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS)
+        with admin.cursor() as cur:
+            cur.execute("CREATE DATABASE d")
+            cur.execute("CREATE TABLE d.t (a INT PRIMARY KEY)")
+            cur.execute("INSERT INTO d.t SELECT seq FROM d.seq_1_to_50")
+            profiling.reset(cur)
+        with client.cursor() as cur:
+            for _ in range(3):
+                cur.execute("START TRANSACTION; SELECT COUNT(*) FROM d.t WHERE a > 10; COMMIT")
+                while cur.nextset():
+                    pass
+        with admin.cursor() as cur:
+            rows = profiling.digests(cur)
+        [counted] = [r for r in rows if r["sample"].startswith("SELECT COUNT(*) FROM d.t")]
+        assert counted["count"] == 3 and counted["examined"] >= 3 * 40
+        assert counted["event"] == "statement/sql/select"
+        assert counted["pids"] == {os.getpid(): 3}
+        assert any(r["sample"].startswith("COMMIT") and r["count"] == 3 for r in rows)
+        client.close()
+        admin.close()
+    finally:
+        server.stop()

@@ -117,7 +117,7 @@ class Leases:
         locked beyond what the owner still wants are freed by the commit."""
         return [("INSERT INTO pipeline_claim_lock (stage, shard) VALUES (%s,%s) ON DUPLICATE KEY UPDATE shard=shard",
                  (stage, shard)),
-                (sql_shard_gate(stage), (shard, owner, shard)),
+                (sql_shard_gate(stage), (shard, owner, shard, shard)),
                 (sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", SQL_BEFORE_GATE), (shard, limit))]
 
     def reap(self, limit: int = 500) -> list[dict]:

@@ -60,28 +60,35 @@ def sql_shard_busy(stage: Stage) -> str:
             f"AND {stage.status_column}={STARTED.sql} AND shard=%s AND NOT (owner <=> %s) LIMIT 1")
 
 
-def sql_shard_blocker(stage: Stage) -> str:
-    """The shard's oldest file still waiting for the previous stage (args: shard)."""
-    return (f"SELECT MIN(id) AS id FROM pipeline_tracking FORCE INDEX ({ready_index(stage, True)}) "
-            f"WHERE {stage.previous.status_column} IN {sql_in(NEW, STARTED)} AND {stage.status_column}={NEW.sql} "
-            f"AND shard=%s AND {FIRST.status_column}={DONE.sql}")
+def sql_shard_blocker(stage: Stage, pending: Status) -> str:
+    """The shard's oldest file the previous stage has `pending` (new or started) although ingest
+    is done (args: shard). One per status, ORDER BY id LIMIT 1, not one MIN(id) over both: the
+    ingest condition is not in the index, so MIN read every row of the range (each worker claim
+    read the shard's whole backlog at the splitter); this stops at the first file that qualifies."""
+    return (f"SELECT id FROM pipeline_tracking FORCE INDEX ({ready_index(stage, True)}) "
+            f"WHERE {stage.previous.status_column}={pending.sql} AND {stage.status_column}={NEW.sql} "
+            f"AND shard=%s AND {FIRST.status_column}={DONE.sql} ORDER BY id LIMIT 1")
+
+
+NO_ID = 9223372036854775807   # above every id: "no bound"
 
 
 @lru_cache(maxsize=256)
 def sql_shard_gate(stage: Stage) -> str:
-    """Both reads above in one statement (args: shard, owner, shard), kept in session variables
-    for `SQL_BEFORE_GATE` in the same packet: `@pipeline_busy` 1 or 0, `@pipeline_blocker` the id
-    or NULL. Each part is the index read the EXPLAIN test checks on its own. A SELECT, not a
-    `SET @v = (subquery)`: MariaDB's SET locks the rows its subquery reads (the shard's files
-    still pending at the splitter, until the claim commits), and a splitter's claim, skipping
-    locked rows, then took half a file."""
+    """Both reads above in one statement (args: shard, owner, shard, shard), kept in session
+    variables for `SQL_BEFORE_GATE` in the same packet: `@pipeline_busy` 1 or 0,
+    `@pipeline_blocker` the id or NULL. Each part is the index read the EXPLAIN test checks on
+    its own. A SELECT, not a `SET @v = (subquery)`: MariaDB's SET locks the rows its subquery
+    reads (the shard's files still pending at the splitter, until the claim commits), and a
+    splitter's claim, skipping locked rows, then took half a file."""
+    oldest = ", ".join(f"COALESCE(({sql_shard_blocker(stage, pending)}), {NO_ID})" for pending in (NEW, STARTED))
     return (f"SELECT @pipeline_busy := EXISTS({sql_shard_busy(stage)}) AS busy,"
-            f" @pipeline_blocker := ({sql_shard_blocker(stage)}) AS blocker")
+            f" @pipeline_blocker := NULLIF(LEAST({oldest}), {NO_ID}) AS blocker")
 
 
 # An ordered claim's ready read, after `sql_shard_gate` (a range on id, so one index read): below
 # the blocker, nothing while the shard is busy. Unset variables (NULL) leave the range open.
-SQL_BEFORE_GATE = " AND id < IF(@pipeline_busy, 0, COALESCE(@pipeline_blocker, 9223372036854775807))"
+SQL_BEFORE_GATE = f" AND id < IF(@pipeline_busy, 0, COALESCE(@pipeline_blocker, {NO_ID}))"
 
 
 # Started tasks whose lease ran out, for the reaper (args: limit).
@@ -131,7 +138,8 @@ def queue_queries(shard_count: int = 2) -> list[tuple[str, str, tuple]]:
                 (f"may claim: ready {stage} shard", sql_ready(stage, True, "1", "LIMIT 1"), (1,))]
     for stage in ORDERED:
         out += [(f"ordered busy {stage}", sql_shard_busy(stage), (1, "host/daemon")),
-                (f"ordered blocker {stage}", sql_shard_blocker(stage), (1,)),
+                (f"ordered blocker {stage} new", sql_shard_blocker(stage, NEW), (1,)),
+                (f"ordered blocker {stage} started", sql_shard_blocker(stage, STARTED), (1,)),
                 (f"ordered claim {stage}", sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", SQL_BEFORE_GATE),
                  (1, 4))]
     out.append(("reap", SQL_EXPIRED, (500,)))

@@ -36,12 +36,14 @@ from typing import Callable
 
 from gunicorn import http
 from gunicorn.http import wsgi
+from gunicorn.http.parser import RequestParser
 from gunicorn.workers import base
 
 
 SWITCH_INTERVAL = 0.0005
 LISTING_REST = 2.0      # a listing thread rests this many times as long as the listing took
 LISTING_REST_MAX = 2.0
+TRUSTED_PEERS = 4096    # peer addresses whose FORWARDED_ALLOW_IPS answer a process keeps
 NOTIFY_EVERY = 1.0      # seconds between the loop's "alive" signs to the arbiter (its timeout: 30 s)
 
 
@@ -151,6 +153,48 @@ def request_line(buf: bytearray) -> tuple[str, str, str]:
     return line[0].decode("latin-1"), path.decode("latin-1"), query.decode("latin-1")
 
 
+class SettledConfig:
+    """gunicorn's settings read once, for the per-request code (parser, WSGI environ, response,
+    hooks). `Config.__getattr__` looks a setting up by name and calls its `get()` on every read,
+    about 25 reads a request; a process's settings never change after it started (a reload
+    replaces the process), so they are plain attributes here. Anything else is the real
+    config's (its computed properties, such as `env` and `sendfile`, are read through to it)."""
+
+    def __init__(self, cfg):
+        self.__dict__.update({name: setting.get() for name, setting in cfg.settings.items()})
+        self.is_ssl = cfg.is_ssl
+        self.forwarded_allow_networks = cfg.forwarded_allow_networks
+        self.proxy_allow_networks = cfg.proxy_allow_networks
+        self.trusted_peers: dict[str, bool] = {}
+        self._cfg = cfg
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_cfg"], name)
+
+
+class SettledRequest(http.Request):
+    """gunicorn's HTTP/1 request, deciding once per peer address whether it may set forwarding
+    and scheme headers (FORWARDED_ALLOW_IPS): gunicorn parses the address with `ipaddress` and
+    tries every allowed network on each request. Same answers, kept in the process's
+    `SettledConfig.trusted_peers` (at most TRUSTED_PEERS addresses)."""
+
+    def _peer_is_trusted_proxy(self):
+        peer = self.peer_addr
+        if not isinstance(peer, tuple):
+            return super()._peer_is_trusted_proxy()
+        known = self.cfg.trusted_peers
+        trusted = known.get(peer[0])
+        if trusted is None:
+            if len(known) >= TRUSTED_PEERS:
+                known.clear()
+            trusted = known[peer[0]] = super()._peer_is_trusted_proxy()
+        return trusted
+
+
+class SettledParser(RequestParser):
+    mesg_class = SettledRequest
+
+
 class Conn:
     """A client connection as the event loop sees it."""
 
@@ -212,6 +256,7 @@ class BufferingProcess(base.Worker):
         os.set_blocking(self.wake_write, False)
         self.conns: dict[int, Conn] = {}
         self.accepting = False
+        self.settled = SettledConfig(self.cfg)
         super().init_process()
 
     def handle_exit(self, sig, frame):
@@ -242,7 +287,7 @@ class BufferingProcess(base.Worker):
                 self.notify()
                 if not self.is_parent_alive():
                     break
-            self._accept(len(self.conns) < self.cfg.worker_connections)
+            self._accept(len(self.conns) < self.settled.worker_connections)
             self._poll(max(0.0, min(self.next_expiry, self.next_notify) - now))
             if time.monotonic() >= self.next_expiry:
                 self._expire()
@@ -367,7 +412,7 @@ class BufferingProcess(base.Worker):
             except OSError:
                 self._close(conn)
                 continue
-            self._deadline(conn, self.REQUEST_TIMEOUT if conn.buf else self.cfg.keepalive)
+            self._deadline(conn, self.REQUEST_TIMEOUT if conn.buf else self.settled.keepalive)
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
             if conn.buf:
                 self._dispatch(conn)   # the client sent its next request already
@@ -437,7 +482,7 @@ class BufferingProcess(base.Worker):
             return False
         try:
             conn.sock.setblocking(False)
-            self._deadline(conn, self.cfg.keepalive)
+            self._deadline(conn, self.settled.keepalive)
             conn.busy = False
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
             return True
@@ -449,7 +494,7 @@ class BufferingProcess(base.Worker):
         """One request, read from memory; whether the connection may serve another."""
         req = None
         try:
-            req = next(http.get_parser(self.cfg, [request], conn.client))
+            req = next(SettledParser(self.settled, [request], conn.client))
             return self._respond(conn, req)
         except http.errors.NoMoreData:
             return False
@@ -467,15 +512,15 @@ class BufferingProcess(base.Worker):
         environ, resp = {}, None
         started = datetime.now()
         try:
-            self.cfg.pre_request(self, req)
-            resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
+            self.settled.pre_request(self, req)
+            resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.settled)
             environ["wsgi.multithread"] = True
             self.nr += 1
             if self.nr >= self.max_requests and self.alive:
                 self.log.info("Restarting this process after the current request (max_requests).")
                 self.alive = False
                 self._wake()
-            if not self.alive or not self.cfg.keepalive:
+            if not self.alive or not self.settled.keepalive:
                 resp.force_close()
             respiter = self.wsgi(environ, resp.start_response)
             try:
@@ -494,7 +539,7 @@ class BufferingProcess(base.Worker):
             raise
         finally:
             try:
-                self.cfg.post_request(self, req, environ, resp)
+                self.settled.post_request(self, req, environ, resp)
             except Exception:
                 self.log.exception("Exception in post_request hook")
 

@@ -61,7 +61,7 @@ FIRST_BATCH = 1000          # rows in a big file's first chunk; each next one do
 INLINE_BYTES = 4 << 20
 # A claim's file up to this size joins a batch (`load_batch`); a bigger one loads alone: two big run's files in
 # one LOAD DATA cost the server and the sender more than one each (the file's name then a column of every row).
-BATCH_BYTES = 1 << 20
+BATCH_FILE_BYTES = 1 << 20
 # A chunk also ends once its lines hold this many bytes, so long lines make small chunks: an
 # INSERT (at most twice its lines once escaped) stays far below max_allowed_packet, and a TSV
 # chunk is a few MB of memory at most.
@@ -855,7 +855,7 @@ class _Ready:
 def _ready(path: Path, source_file: str, shard: int, shard_count: int, chunk_rows: int, root: Path | None,
            max_line: int, max_depth: int) -> _Ready | None:
     """The file as one batch member, or None for any file `load_file` must take on its own
-    (missing, refused, over BATCH_BYTES or `chunk_rows`, empty, a bad line, a name that is not
+    (missing, refused, over BATCH_FILE_BYTES or `chunk_rows`, empty, a bad line, a name that is not
     a key's characters): that path then decides and reports it exactly as it always did."""
     if not _KEY(source_file):  # it goes into the TSV as it is: no tab, newline or backslash
         return None
@@ -865,7 +865,7 @@ def _ready(path: Path, source_file: str, shard: int, shard_count: int, chunk_row
     except (OSError, safefiles.Refused):
         return None
     with f:
-        if os.fstat(f.fileno()).st_size > BATCH_BYTES:
+        if os.fstat(f.fileno()).st_size > BATCH_FILE_BYTES:
             return None
         reading = _Reading()
         try:
