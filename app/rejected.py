@@ -158,13 +158,16 @@ class RejectedTee:
         self.rows: list[tuple] = []
         self.size = 0
         self.written = 0
+        # rows kept for `take` whatever their number: their caller writes them in a transaction
+        # still open, and none may be in the table before it commits
+        self.deferred = False
 
     def write(self, record: bytes) -> None:
         self.file_write(record)
         row = _row_of(record, self.filename, self.stage, self.shard)
         self.rows.append(row)
         self.size += len(row[-1])
-        if len(self.rows) >= FLUSH_ROWS or self.size >= FLUSH_BYTES:
+        if not self.deferred and (len(self.rows) >= FLUSH_ROWS or self.size >= FLUSH_BYTES):
             self.flush()
 
     __call__ = write

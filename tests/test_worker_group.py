@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from app import db, layout, safefiles
+from app import db, layout, rejected, safefiles
 from app.client import Task
 from app.daemon import Done, Failed, Retryable, TaskFailed
 from app.worker import stage as stage_module
@@ -185,7 +185,10 @@ def test_a_group_shares_one_start_one_commit_and_one_folder_fsync(two, monkeypat
     conn_class = type(w.stage.state.open())
     commits, synced, locks = [], [], []
     real_commit, real_fsync, real_starts = conn_class.commit, safefiles.Folder.fsync, w.stage.state.start_files
+    real_run = db.Script.run
     monkeypatch.setattr(conn_class, "commit", lambda self: commits.append(1) or real_commit(self))
+    monkeypatch.setattr(db.Script, "run", lambda self, cur: commits.extend(1 for t, *_ in self.items if t == "commit")
+                        or real_run(self, cur))
     monkeypatch.setattr(safefiles.Folder, "fsync", lambda self: synced.append(1) or real_fsync(self))
     monkeypatch.setattr(w.stage.state, "start_files", lambda names, *a: locks.append(names) or real_starts(names, *a))
     monkeypatch.setattr(w.stage, "_prune_after", lambda newest: None)
@@ -208,17 +211,20 @@ def test_a_group_is_one_batch_one_read_script_and_one_write_script(two, monkeypa
     monkeypatch.setattr(db.Script, "run", lambda self, cur: scripts.append([t for t, *_ in self.items])
                         or real_run(self, cur))
     monkeypatch.setattr(type(conn), "query", lambda self, sql, *a, **k: sent.append(sql) or real_query(self, sql, *a, **k))
-    monkeypatch.setattr(w.stage, "_prune_after", lambda newest: None)
+    monkeypatch.setattr(w.stage, "_prune_due", lambda newest: False)
     outcomes = w.stage.process([Task(n, 0) for n in NAMES[:4]], w.ctx)
     assert [type(o) for o in outcomes] == [Done] * 4
     starts = [s for s in scripts if "lock" in s]
     reads = [s for s in scripts if "begin" in s]
     writes = [s for s in scripts if any(t.startswith("record") for t in s)]
-    assert len(starts) == 1 and len(reads) == 1 and len(writes) == 1 and len(scripts) == 3, scripts
+    assert len(starts) == 1 and len(reads) == 1 and len(writes) == 1 and len(scripts) == 4, scripts
     assert sorted({t for t in writes[0] if t.startswith("record")}) == [f"record{n}" for n in range(4)]
-    # the three and the unlock (COMMIT is a command of its own, the rejected rows' INSERT
-    # goes by their writer's connection)
-    assert len(sent) == 4 and sent[-1].startswith("SELECT RELEASE_LOCK"), [q[:60] for q in sent]
+    # the three and the commit's: the rejected rows, the COMMIT and the unlock in one
+    assert scripts[-1] == ["rejected", "commit", "unlock"], scripts
+    assert len(sent) == 4 and sent[-1].startswith("INSERT INTO rejected_lines"), [q[:60] for q in sent]
+    assert sent[-1].endswith(f"COMMIT;DO RELEASE_LOCK('{w.stage.state.lock_name}')"), sent[-1][-80:]
+    assert len(sql(w.url, "SELECT id FROM rejected_lines")) == sum(
+        sum(o.stats["rejected"].values()) for o in outcomes)
 
 
 def test_one_bad_file_of_a_group_fails_alone_and_the_others_are_decided_one_by_one(two, monkeypatch):
@@ -341,3 +347,86 @@ def test_a_fresh_files_start_reads_neither_records_nor_resolved_holds_and_a_reru
     assert outcomes[0].stats["expired"] >= held
     reads = [s for s in scripts if "begin" in s]
     assert len(reads) == 1 and "adopt" in reads[0], scripts
+
+
+def test_a_small_files_commit_carries_its_rejected_rows_and_the_shard_locks_release(two, monkeypatch):
+    """A fresh one-batch file (alone, or a group) commits in one round trip with its rejected
+    rows and, when no prune pass follows, the shard lock's release: four round trips, where the
+    COMMIT, the rows' INSERT on their writer's connection and RELEASE_LOCK were three of six.
+    The rows are held back however many (none in the table before the commit); a re-run writes
+    them again through the writer and the table keeps each once."""
+    one, w = two()
+    files = generated(files=4)
+    conn = w.stage.state.open()
+    scripts, sent, written = [], [], []
+    real_run, real_query, real_write = db.Script.run, type(conn).query, rejected.RejectedWriter.write
+    monkeypatch.setattr(db.Script, "run", lambda self, cur: scripts.append([t for t, *_ in self.items])
+                        or real_run(self, cur))
+    monkeypatch.setattr(type(conn), "query",
+                        lambda self, sql, *a, **k: sent.append(sql) or real_query(self, sql, *a, **k))
+    monkeypatch.setattr(rejected.RejectedWriter, "write", lambda self, rows: written.append(len(rows))
+                        or real_write(self, rows))
+    monkeypatch.setattr(rejected, "FLUSH_ROWS", 2)
+    monkeypatch.setattr(w.stage, "_prune_due", lambda newest: False)
+    expected = {name: stats(one.decide(name, lines)) for name, lines in zip(NAMES[:4], files)}
+    outputs = {name: one.outputs(name) for name in NAMES[:4]}
+    scripts.clear()
+    sent.clear()
+    written.clear()
+    assert stats(w.decide(NAMES[0], files[0])) == expected[NAMES[0]]
+    assert w.outputs(NAMES[0]) == outputs[NAMES[0]]
+    assert len(scripts) == 4 and scripts[-1] == ["rejected", "commit", "unlock"], scripts
+    assert len(sent) == 4 and sent[-1].endswith(f"COMMIT;DO RELEASE_LOCK('{w.stage.state.lock_name}')"), sent
+    assert written == [], "the rows went with the commit, not by the writer"
+    for name, lines in zip(NAMES[1:4], files[1:4]):
+        write(w, name, lines)
+    sent.clear()
+    outcomes = w.stage.process([Task(n, 0) for n in NAMES[1:4]], w.ctx)
+    assert [stats(o) for o in outcomes] == [expected[n] for n in NAMES[1:4]]
+    assert [w.outputs(n) for n in NAMES[1:4]] == [outputs[n] for n in NAMES[1:4]]
+    assert len(sent) == 4 and written == [], [q[:60] for q in sent]
+    table = "SELECT filename, line_no, reason, detail, line FROM rejected_lines ORDER BY filename, line_no"
+    rows = sql(w.url, table)
+    assert rows == sql(one.url, table) and len(rows) > 2 * 4
+    # the lock is free: another connection takes it at once
+    assert sql(w.url, "SELECT GET_LOCK(%s, 0), RELEASE_LOCK(%s)", (w.stage.state.lock_name,) * 2) == [(1, 1)]
+    for name in NAMES[:4]:
+        assert stats(w.again(name)) == expected[name] and w.outputs(name) == outputs[name]
+    assert written and sql(w.url, table) == rows
+
+
+def test_a_failing_statement_before_the_commit_stops_the_script_nothing_committed_lock_released(two, monkeypatch):
+    """The server stops a script at its first failing statement: a rejected row the server
+    refuses leaves neither the batch nor the rows committed nor the lock released by the
+    script (the worker rolls back and releases it); decided again, the files come out as
+    they would have."""
+    one, w = two()
+    files = generated(files=3)
+    expected = {name: stats(one.decide(name, lines)) for name, lines in zip(NAMES[:3], files)}
+    outputs = {name: one.outputs(name) for name in NAMES[:3]}
+    real_insert = rejected.insert_sql
+    monkeypatch.setattr(rejected, "insert_sql", lambda conn, rows: real_insert(conn, rows)[:-1]
+                        + ["INSERT INTO rejected_lines (no_such_column) VALUES (1)"])
+    monkeypatch.setattr(w.stage, "_prune_due", lambda newest: False)
+    unlocks = []
+    real_unlock = type(w.stage.state).unlock_shard
+    monkeypatch.setattr(type(w.stage.state), "unlock_shard",
+                        lambda self: unlocks.append(self.released) or real_unlock(self))
+    with pytest.raises(Retryable):   # an unknown column: the server's OperationalError
+        w.decide(NAMES[0], files[0])
+    for name, lines in zip(NAMES[1:3], files[1:3]):
+        write(w, name, lines)
+    with pytest.raises(Retryable):
+        w.stage.process([Task(n, 0) for n in NAMES[1:3]], w.ctx)
+    assert unlocks and not any(unlocks), "the script released nothing: the worker's own RELEASE_LOCK did"
+    for table in ("worker_batches", "worker_orders", "worker_seen", "rejected_lines", "worker_holds"):
+        assert sql(w.url, f"SELECT COUNT(*) FROM {table}") == [(0,)], table
+    assert {d for (d,) in sql(w.url, "SELECT lines_decided FROM worker_files")} == {0}
+    assert sql(w.url, "SELECT GET_LOCK(%s, 0), RELEASE_LOCK(%s)", (w.stage.state.lock_name,) * 2) == [(1, 1)]
+    monkeypatch.setattr(rejected, "insert_sql", real_insert)
+    assert stats(w.again(NAMES[0])) == expected[NAMES[0]]
+    outcomes = w.stage.process([Task(n, 0) for n in NAMES[1:3]], w.ctx)
+    assert [stats(o) for o in outcomes] == [expected[n] for n in NAMES[1:3]]
+    assert [w.outputs(n) for n in NAMES[:3]] == [outputs[n] for n in NAMES[:3]]
+    mine, theirs = state(w.url), state(one.url)
+    assert mine[:4] + mine[5:] == theirs[:4] + theirs[5:]   # keys sealed by `one`'s prune passes, not by w's

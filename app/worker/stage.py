@@ -283,14 +283,24 @@ class FileRun:
     def run(self, f: LineReader, start: FileStart) -> Done:
         self.begin(start)
         info = start.info
-        with atomic_writes(self.outputs(), root=self.settings.shared_dir) as (out, rej):
-            self.open_outputs(out, rej)
-            line_no = self._replay(f, start.records)
-            if not info.complete:
-                self._decide_rest(f, line_no)
-            elif not f.at_end():
-                raise TaskFailed(f"{self.filename} shard {self.shard} has more lines than when it was decided")
-            self.finish_outputs()
+        self.uncommitted = False   # the file's one batch decided and written, its transaction open
+        try:
+            with atomic_writes(self.outputs(), root=self.settings.shared_dir) as (out, rej):
+                self.open_outputs(out, rej)
+                line_no = self._replay(f, start.records)
+                if not info.complete:
+                    self._decide_rest(f, line_no)
+                elif not f.at_end():
+                    raise TaskFailed(f"{self.filename} shard {self.shard} has more lines than when it was decided")
+                self.finish_outputs()
+                if self.uncommitted:
+                    self.stage.commit(self.rej.take(), self.newest)
+                    self.uncommitted = False
+                    self.stage.remember([self.b])
+        except BaseException:
+            if self.uncommitted:
+                self.stage.roll_back()
+            raise
         return self.done(f)
 
     def begin(self, start: FileStart) -> None:
@@ -330,7 +340,8 @@ class FileRun:
             if accepted:
                 self.out.write(self.prepare.lines(accepted, self._return_shops([], b"", 0, left)))
                 self.counts.accepted += len(accepted)
-        self.rej.flush()
+        if not self.rej.deferred:   # else they go with the commit (`WorkerStage.commit`)
+            self.rej.flush()
 
     def done(self, f: LineReader) -> Done:
         if f.bom:
@@ -386,7 +397,11 @@ class FileRun:
         overlap, and it is decided and written without starting the two threads."""
         raws, events, plan, dig, last = first = self._read_batch(f)
         if last:
-            codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=self.idle_expired)
+            # its transaction stays open while the outputs are written: the commit takes the
+            # rejected rows along (`run`, `WorkerStage.commit`)
+            codes, shops, resolved = self._decide(raws, events, plan, dig, line_no, last, adopt=self.idle_expired,
+                                                  commit=False)
+            self.rej.deferred = True
             self._emit_batch((raws, line_no, codes, events, shops, resolved), helper=False)
             return
         adopt = self.idle_expired
@@ -410,11 +425,11 @@ class FileRun:
 
     # -- deciding a batch ---------------------------------------------------------------------------
 
-    def _decide(self, raws, events, plan, dig, first_line, last, adopt):
+    def _decide(self, raws, events, plan, dig, first_line, last, adopt, commit: bool = True):
         """Decide a batch in one transaction, retried on conflicts. The first attempt looks up
         only keys and orders this process saw lately (`Recent`) and takes the others for new;
         the inserts' affected-row counts catch a wrong guess, and the batch is decided again
-        with everything looked up."""
+        with everything looked up. Without `commit` the transaction is left open (`self.uncommitted`)."""
         conn = self.state.conn
         seq = self.seq
         optimistic = True
@@ -422,10 +437,12 @@ class FileRun:
             try:
                 with conn.cursor() as cur:
                     result = self._decide_tx(cur, raws, events, plan, dig, first_line, last, adopt, optimistic)
+                if not commit:
+                    self.uncommitted = True
+                    return result
                 with self.turns.waiting():
                     conn.commit()
-                self.stage.recent_keys.add_all(self.b.new_keys)
-                self.stage.recent_orders.add_all(o.order_id for o in self.b.new_orders)
+                self.stage.remember([self.b])
                 return result
             except (LedgerConflict, SeenConflict, pymysql.err.OperationalError, pymysql.err.InternalError,
                     pymysql.err.ProgrammingError) as exc:
@@ -993,28 +1010,35 @@ class WorkerStage(StageWork):
             if fresh < 2:
                 return []
             runs, readers, items, starts = runs[:fresh], readers[:fresh], items[:fresh], starts[:fresh]
+            last = runs[-1]
+            open_tx = False
             try:
                 self._decide_together(runs, items, starts)
+                open_tx = True
                 outputs = [o for run in runs for o in run.outputs()]
                 with atomic_writes(outputs, root=self.settings.shared_dir) as written:
                     for n, (run, item) in enumerate(zip(runs, items)):
                         raws, events = item[0], item[1]
                         run.open_outputs(written[2 * n], written[2 * n + 1])
+                        run.rej.deferred = True
                         run._emit_batch((raws, 1, run.codes, events, run.shops, run.resolved), helper=False)
-                    # the rejected rows of the group in one INSERT (a round trip per file was
-                    # one of a small file's four); each file's are its own rows all the same
-                    writer = runs[0].rej.writer
-                    writer.write([row for run in runs for row in run.rej.rows])
                     for run in runs:
-                        run.rej.rows, run.rej.size = [], 0
                         run.finish_outputs()
+                    # the group's rejected rows in its commit's round trip (each file's are its
+                    # own rows all the same), before its outputs appear
+                    self.commit([row for run in runs for row in run.rej.take()], last.newest)
+                    open_tx = False
+                self.remember([run.b for run in runs])
             except UNAVAILABLE + (OSError, StopRequested):
+                if open_tx:
+                    self.roll_back()
                 raise
             except Exception as exc:
+                if open_tx:
+                    self.roll_back()
                 log.warning("%s: deciding %d files of shard %d together failed (%s: %s); one by one instead",
                             ", ".join(names), len(runs), self.shard, type(exc).__name__, exc)
                 return []
-            last = runs[-1]
             self.known_holds = {(h.file_id, h.line): h for held in last.holds.by_order.values() for h in held}
             self._prune_after(last.newest)
             return [run.done(reader) for run, reader in zip(runs, readers)]
@@ -1024,9 +1048,9 @@ class WorkerStage(StageWork):
             self.state.unlock_shard()
 
     def _decide_together(self, runs: list, items: list, starts: list) -> None:
-        """The files' batches as one batch in one transaction (`_decide_group_tx`), committed
-        once; decided again on a conflict or deadlock, as `FileRun._decide` does one batch
-        (each file's records are its own: a re-run of any one replays it alone)."""
+        """The files' batches as one batch in one transaction (`_decide_group_tx`), left open
+        for the caller's `commit`; decided again on a conflict or deadlock, as `FileRun._decide`
+        does one batch (each file's records are its own: a re-run of any one replays it alone)."""
         conn = self.state.conn
         holds, newest = starts[0].holds, starts[0].newest
         optimistic = True
@@ -1034,10 +1058,6 @@ class WorkerStage(StageWork):
             try:
                 with conn.cursor() as cur:
                     self._decide_group_tx(cur, runs, items, starts, holds, newest, optimistic)
-                conn.commit()
-                for run in runs:
-                    self.recent_keys.add_all(run.b.new_keys)
-                    self.recent_orders.add_all(o.order_id for o in run.b.new_orders)
                 return
             except (LedgerConflict, SeenConflict, pymysql.err.OperationalError, pymysql.err.InternalError,
                     pymysql.err.ProgrammingError) as exc:
@@ -1096,6 +1116,36 @@ class WorkerStage(StageWork):
             run.shops = shop_of
         lead.newest = newest
         lead._write(cur, writes, [run.b for run in runs], found.new_users, was)
+
+    def commit(self, rows: list[tuple], newest: str | None) -> None:
+        """Commit the open batch of a small file (or group) with its rejected rows, and release
+        the shard lock when no pass is due after it (`_prune_due`: a pass needs the lock), in
+        one round trip: the COMMIT, the rows' INSERT on their writer's connection and the
+        RELEASE_LOCK were three. The rows commit with the decisions that rejected them; a re-run
+        writes them again through the writer, where the unique key keeps the first."""
+        conn = self.state.conn
+        script = db.Script()
+        if rows:
+            rejected.writer(self.settings.pipeline_db).ensure_schema()
+            script.add("rejected", rejected.insert_sql(conn, rows))
+        release = not self._prune_due(newest)
+        self.state.commit_sql(script, release)
+        with conn.cursor() as cur:
+            script.run(cur)
+        self.state.released = release
+
+    def roll_back(self) -> None:
+        """Roll back a batch left open for `commit` (nothing to do if the connection is gone)."""
+        try:
+            self.state.conn.rollback()
+        except Exception:   # the connection is gone, and the transaction with it
+            pass
+
+    def remember(self, batches: list) -> None:
+        """The keys and orders committed batches recorded, for the next batches' guesses (`Recent`)."""
+        for b in batches:
+            self.recent_keys.add_all(b.new_keys)
+            self.recent_orders.add_all(o.order_id for o in b.new_orders)
 
     def _process_one(self, filename: str, ctx: Context):
         path = layout.splitter_output(self.settings.shared_dir, filename, self.shard)
@@ -1157,16 +1207,21 @@ class WorkerStage(StageWork):
             self.state.close()
             ctx.log.warning("idle work skipped, pipeline database unavailable: %s", exc)
 
-    def _prune_after(self, newest: str | None) -> None:
+    def _prune_due(self, newest: str | None) -> bool:
         """After a file, a pass only when it may find something: the last pass removed rows
         (each is bounded, so there may be more), the shard clock entered another minute (dedup
         keys go by the minute), or PRUNE_FILE_EVERY seconds went by (the ledger follows the
         files' clocks, replay records the wall clock). A pass is a round trip and six statements:
         at 500-event files most of them found nothing."""
         minute = minute_of(newest) if newest else None
-        if self.prune_more or minute != self.pruned_minute or time.monotonic() - self.last_prune >= PRUNE_FILE_EVERY:
+        return self.prune_more or minute != self.pruned_minute or time.monotonic() - self.last_prune >= PRUNE_FILE_EVERY
+
+    def _prune_after(self, newest: str | None) -> None:
+        """A pass after a file if one is due (`_prune_due`), under the shard lock; none when
+        the file's commit released the lock (it found none due then)."""
+        if not self.state.released and self._prune_due(newest):
             self._prune(newest)
-            self.pruned_minute = minute
+            self.pruned_minute = minute_of(newest) if newest else None
 
     def _prune(self, newest: str | None = None) -> None:
         """Bounded work after files (`newest`: the shard clock the file left), and now and

@@ -236,6 +236,8 @@ class WorkerState:
                                    multi_statements=True, local_infile=True)
         # lock names are at most 64 characters: cut the database name, never the shard
         self.lock_name = f"event_pipeline.worker.{shard}.{url.database}"[:64]
+        # the lock went with the last commit's script (`commit_sql`): `unlock_shard` sends nothing
+        self.released = False
 
     # -- connection, schema, the shard lock --------------------------------------------------
 
@@ -281,11 +283,25 @@ class WorkerState:
         connection ends, so a killed worker never keeps it)."""
         with self.conn.cursor() as cur:
             cur.execute("SELECT GET_LOCK(%s, %s)", (self.lock_name, timeout))
+            self.released = False
             return cur.fetchone()[0] == 1
 
     def unlock_shard(self) -> None:
+        """Release the shard lock, unless a script released it already (`commit_sql`)."""
+        if self.released:
+            self.released = False
+            return
         with self.conn.cursor() as cur:
             cur.execute("SELECT RELEASE_LOCK(%s)", (self.lock_name,))
+
+    def commit_sql(self, script, release: bool) -> None:
+        """Add the open transaction's COMMIT to `script` and, with `release`, the shard lock's
+        release after it; the caller sets `released` once the script ran. The server runs a
+        script's statements in order and stops at the first that fails: a statement before the
+        COMMIT failing leaves nothing committed and the lock held."""
+        script.add("commit", "COMMIT")
+        if release:
+            script.add("unlock", "DO RELEASE_LOCK(%s)", (self.lock_name,))
 
     # -- files and their decisions ---------------------------------------------------------------
 
@@ -340,6 +356,7 @@ class WorkerState:
                                  f"FROM worker_shards WHERE shard={shard:d}")
         try:
             with self.conn.cursor() as cur:
+                self.released = False
                 got = script.run(cur)
                 if got["lock"].one()[0] != 1:
                     return None
