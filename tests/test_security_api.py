@@ -4,6 +4,7 @@ empty token is a config error; /ready and error texts name no database user, hos
 a caller without the token; the daemons and the dashboard send the token."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,9 @@ from tests import servers
 
 BASE = "/api/v1/pipeline"
 TOKEN = "a-long-random-token-for-tests-0123456789"
+# How a refused call reads in a daemon's log (app/client.ApiError, the API's 401 answer); a bare
+# "401" is no sign: a log line's milliseconds, a count or a pid can read so.
+REFUSAL = re.compile(r"HTTP 401|Authorization: Bearer")
 
 
 def run(module: str, env: dict, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -99,7 +103,7 @@ def test_daemons_and_dashboard_send_the_token(api_factory, pipeline_db, shard_db
     assert requests.post(f"{server.base}/files/register", json={"filename": "20990101000001"}, timeout=10
                          ).status_code == 401
     made = run("app.ingest", env, "--files", "1", "--events", "20", "--start", "20990101000002", timeout=60)
-    assert made.returncode == 0 and "401" not in made.stdout, made.stdout[-2000:]
+    assert made.returncode == 0 and not refused(made.stdout), made.stdout[-2000:]
     name = made.stdout.split()[-1]
     splitter = servers.Process("app.splitter", [], env, tmp_path / "splitter.log").start()
     worker = servers.Process("app.worker", ["--shard", "0"], env, tmp_path / "worker.log").start()
@@ -114,7 +118,18 @@ def test_daemons_and_dashboard_send_the_token(api_factory, pipeline_db, shard_db
         dashboard = ApiSource(server.base, TOKEN)
         assert dashboard.retry("mysql-sender", name, 0)["status"] == "new"
         for proc in (splitter, worker):
-            assert "401" not in proc.output(), proc.output()[-2000:]
+            assert not refused(proc.output()), proc.output()[-2000:]
     finally:
         for proc in (splitter, worker):
             assert proc.stop() == 0, proc.output()[-2000:]
+
+
+def refused(output: str) -> bool:
+    """Whether a daemon's output tells of a call refused for its token."""
+    return REFUSAL.search(output) is not None
+
+
+def test_a_refusal_is_told_from_a_log_lines_milliseconds():
+    assert not refused("2026-11-29 19:29:25,401 INFO shard-splitter: shard-splitter starting\n")
+    assert refused("2026-11-29 19:29:25,402 WARNING shard-splitter: claim refused: HTTP 401: missing or wrong "
+                   "'Authorization: Bearer <token>'\n")
