@@ -254,6 +254,15 @@ def test_held_returns_survive_a_restart(pipeline):
     assert pipeline.balance(1) == Decimal("1000.00")
 
 
+def write_counts(ledger: Ledger, conn, *writes) -> dict:
+    """The ledger's writes for a batch (`Ledger.add_writes`' arguments) run as one script: rows
+    changed by each tagged statement."""
+    script = db.Script()
+    ledger.add_writes(script, conn, *writes)
+    with conn.cursor() as cur:
+        return {tag: r.rowcount for tag, r in script.run(cur).items()}
+
+
 def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(make_database):
     """The optimistic first attempt of a batch takes unknown users and orders for new. Another
     shard's worker creating the same user waits for this transaction and then fails (the worker
@@ -266,10 +275,7 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
     watch = db.connect(url)
 
     def run(conn, *writes) -> dict:
-        script = db.Script()
-        ledger.add_writes(script, conn, *writes)
-        with conn.cursor() as cur:
-            return {tag: r.rowcount for tag, r in script.run(cur).items()}
+        return write_counts(ledger, conn, *writes)
     try:
         a.begin()
         with a.cursor() as cur:
@@ -337,10 +343,7 @@ def test_orders_written_meanwhile_never_change_and_never_balance_the_row_count(m
     conn = db.connect(url, local_infile=True, multi_statements=True)
     try:
         def run(*writes) -> dict:
-            script = db.Script()
-            ledger.add_writes(script, conn, *writes)
-            with conn.cursor() as cur:
-                return {tag: r.rowcount for tag, r in script.run(cur).items()}
+            return write_counts(ledger, conn, *writes)
         run(1, 2, [Order(80, 6, Decimal("3.00"), 3, 1, 1, True, line=4),
                    Order(81, 6, Decimal("3.00"), 3, 1, 1, True, line=5)], [], {}, set(), set())
         conn.commit()
@@ -365,10 +368,7 @@ def test_a_credit_updates_its_order_in_place_and_counts_one_row(make_database):
     conn = db.connect(url, local_infile=True, multi_statements=True)
     try:
         def run(*writes) -> dict:
-            script = db.Script()
-            ledger.add_writes(script, conn, *writes)
-            with conn.cursor() as cur:
-                return {tag: r.rowcount for tag, r in script.run(cur).items()}
+            return write_counts(ledger, conn, *writes)
 
         def writes_tried() -> int:
             with conn.cursor() as cur:
