@@ -10,7 +10,7 @@ import time
 import pymysql
 import pytest
 
-from bench import apicount, procstat, profiling, wire
+from bench import apicount, pairs, procstat, profiling, wire
 from bench.pipeline import GROUPS, split_per_file
 
 
@@ -181,3 +181,23 @@ def test_profile_digests_name_each_statement_of_a_script_and_its_sender():
         admin.close()
     finally:
         server.stop()
+
+
+def test_pairs_run_abba_so_neither_side_always_goes_first():
+    assert pairs.order(3) == [(1, "this"), (1, "other"), (2, "other"), (2, "this"), (3, "this"), (3, "other")]
+
+
+def test_pairs_summary_medians_each_side_and_counts_where_this_tree_was_lower():
+    def doc(events_per_s, us, workers, file_ms):
+        return {"workloads": {"small": {"events_per_s": events_per_s, "us_per_event_total": us,
+                                        "us_per_event": {"workers": workers, "server": 10.0},
+                                        "split": {"total": {"us_per_event": 1.0, "ms_per_file": file_ms}}}}}
+    this = [doc(30_000, 56.0, 13.0, 17.0), doc(31_000, 58.0, 14.0, 18.0), doc(29_000, 60.0, 12.0, 21.0)]
+    other = [doc(28_000, 57.0, 13.5, 16.0), doc(32_000, 55.0, 13.0, 19.0), doc(30_000, 61.0, 12.5, 20.0)]
+    rows = {name: rest for name, *rest in pairs.summary(this, other)}
+    # lower events/s is worse: the count says where this tree was lower, not which is better
+    assert rows["small events/s"] == [30_000, 30_000, 2, 3]
+    assert rows["small CPU us/event"] == [58.0, 57.0, 2, 3]
+    assert rows["small workers us/event"] == [13.0, 13.0, 2, 3]
+    assert rows["small server us/event"] == [10.0, 10.0, 0, 3]
+    assert rows["small total ms/file beyond the per-event cost"] == [18.0, 19.0, 1, 3]
