@@ -254,6 +254,13 @@ def test_held_returns_survive_a_restart(pipeline):
     assert pipeline.balance(1) == Decimal("1000.00")
 
 
+def ledger_database(make_database, name: str):
+    """A fresh worker database with its schema: (url, a ledger, a connection as the worker writes with)."""
+    url = make_database(name)
+    WorkerState(url, 0).open().close()
+    return url, Ledger(Decimal("1000.00")), db.connect(url, local_infile=True, multi_statements=True)
+
+
 def write_counts(ledger: Ledger, conn, *writes) -> dict:
     """The ledger's writes for a batch (`Ledger.add_writes`' arguments) run as one script: rows
     changed by each tagged statement."""
@@ -337,10 +344,7 @@ def test_orders_written_meanwhile_never_change_and_never_balance_the_row_count(m
     worker would reject, one it would accept. Neither row changes (a rejection must not turn a
     debited order into a rejected one), and the count stays short of the expected one, so the
     batch is decided again (with the two collisions counting 2 and 0 the count balanced)."""
-    url = make_database("ledger2")
-    WorkerState(url, 0).open().close()
-    ledger = Ledger(Decimal("1000.00"))
-    conn = db.connect(url, local_infile=True, multi_statements=True)
+    url, ledger, conn = ledger_database(make_database, "ledger2")
     try:
         def run(*writes) -> dict:
             return write_counts(ledger, conn, *writes)
@@ -362,10 +366,7 @@ def test_a_credit_updates_its_order_in_place_and_counts_one_row(make_database):
     row changed (`expected_orders` counts 1), nothing inserted or tried (the INSERT ... ON
     DUPLICATE KEY UPDATE of before tried to insert the whole row first: a write attempt and 2
     rows); a credit on an order already credited changes nothing and falls short of the count."""
-    url = make_database("ledger_credit")
-    WorkerState(url, 0).open().close()
-    ledger = Ledger(Decimal("1000.00"))
-    conn = db.connect(url, local_infile=True, multi_statements=True)
+    url, ledger, conn = ledger_database(make_database, "ledger_credit")
     try:
         def run(*writes) -> dict:
             return write_counts(ledger, conn, *writes)
@@ -400,10 +401,7 @@ def test_a_new_user_created_meanwhile_is_never_overwritten_and_never_balances_th
     created by another worker meanwhile keeps its balance, and the users count falls short of
     `expected_users`, which the worker turns into a conflict. The balances of locked users
     are replaced in place, in the table they were found in."""
-    url = make_database("ledger3")
-    WorkerState(url, 0).open().close()
-    ledger = Ledger(Decimal("1000.00"))
-    conn = db.connect(url, local_infile=True, multi_statements=True)
+    url, ledger, conn = ledger_database(make_database, "ledger3")
     try:
         with conn.cursor() as cur:
             cur.execute("INSERT INTO worker_balances (user_id, balance) VALUES (6, 700.00)")
