@@ -165,6 +165,10 @@ class MonitorApp(App):
             self.post_message(ProcessesPolled(None, str(exc) or type(exc).__name__))
 
     def on_api_polled(self, message: ApiPolled) -> None:
+        """A fetch thread answers whenever its request ends, even once the app has begun to shut
+        down and prune its panels: such a late answer has nothing left to draw on."""
+        if not self.is_running:
+            return
         self.api_since = None
         self.polls += 1
         self.api_error = message.error
@@ -176,6 +180,8 @@ class MonitorApp(App):
         self.render_status()
 
     def on_processes_polled(self, message: ProcessesPolled) -> None:
+        if not self.is_running:
+            return
         self.supervisor_since = None
         self.supervisor_polls += 1
         self.supervisor_error = message.error

@@ -8,11 +8,13 @@ polling path is what tests/test_monitor_live.py covers.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 from monitor.api import Snapshot
 from textual.widgets import Footer
 
-from monitor.app import MonitorApp
+from monitor.app import ApiPolled, MonitorApp, ProcessesPolled
 from monitor.supervisor import ProcessInfo
 
 NOW = 1_800_000_000
@@ -202,3 +204,28 @@ def test_a_late_timer_tick_after_the_widgets_are_gone_draws_nothing():
             await app.query_one("#status").remove()
             app.render_status()
     asyncio.run(scenario())
+
+
+def test_polls_that_land_while_the_app_winds_down_draw_nothing():
+    """A poll's answer arrives from its thread whenever the fetch ends. One that lands after the
+    app began to shut down found its panels gone and raised NoMatches (failed CI once, in
+    test_layout_follows_the_terminal_size): answers queued as the app exits must do nothing."""
+    def keep_answering(app, stop):
+        while not stop.is_set():
+            app.post_message(ApiPolled(snapshot_data(), None))
+            app.post_message(ProcessesPolled(list(PROCESSES), None))
+            time.sleep(0.0005)
+
+    async def scenario():
+        app, stop = fixed_app(), threading.Event()
+        answers = threading.Thread(target=keep_answering, args=(app, stop), daemon=True)
+        try:
+            async with app.run_test(size=(80, 24)) as pilot:
+                await first_data(pilot)
+                answers.start()
+                await pilot.pause(0.1)
+        finally:
+            stop.set()
+            answers.join()
+        return app.polls
+    assert asyncio.run(scenario()) > 2
