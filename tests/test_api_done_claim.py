@@ -732,3 +732,29 @@ def test_a_batch_dones_log_rows_are_read_from_the_tasks_without_a_temporary_tabl
             assert cur.fetchall() == tuple((f, s, e, st, "s") for f, s, e, st, _ in items)
     finally:
         conn.close()
+
+
+def test_a_dones_rejected_lines_are_counted_without_a_temporary_table_and_only_when_it_took_effect(make_database):
+    """The rejected-lines counters of a `done` (one statement, gated on the done's UPDATE having
+    moved its tasks) were a derived table of the reasons: two temporary tables a statement. One
+    INSERT ... VALUES now: no temporary table; a false gate still adds nothing."""
+    from app.api import tracking
+    from app.api.transitions import rejected_sql
+    from app.stages import Stage
+
+    url = make_database("rejected_counts")
+    tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3).schema.ensure()
+    conn = db.connect(url)
+    try:
+        with conn.cursor() as cur:
+            for took in (0, 1, 1):
+                cur.execute("SET @pipeline_done = %s", (took,))
+                cur.execute("SHOW SESSION STATUS LIKE 'Created_tmp_tables'")
+                before = int(cur.fetchone()[1])
+                cur.execute(*rejected_sql(Stage.WORKER, [("bad_json", 2), ("duplicate", 5)], "@pipeline_done = 1"))
+                cur.execute("SHOW SESSION STATUS LIKE 'Created_tmp_tables'")
+                assert int(cur.fetchone()[1]) - before == 0
+            cur.execute("SELECT stage, reason, n FROM pipeline_rejected_counts ORDER BY reason")
+            assert cur.fetchall() == (("shard-worker", "bad_json", 4), ("shard-worker", "duplicate", 10))
+    finally:
+        conn.close()

@@ -56,10 +56,15 @@ def rejected_counts(stats: dict | None) -> list[tuple[str, int]]:
 
 
 def rejected_sql(stage: Stage, rejected: list[tuple[str, int]], gate: str = "TRUE") -> tuple[str, list]:
-    """Add to pipeline_rejected_counts, only when `gate` holds (the done took effect)."""
-    rows = " UNION ALL ".join(["SELECT %s st, %s why, %s cnt"] * len(rejected))
-    return (f"INSERT INTO pipeline_rejected_counts (stage, reason, n) SELECT st, why, cnt FROM ({rows}) r"
-            f" WHERE {gate} ORDER BY why ON DUPLICATE KEY UPDATE n = n + VALUES(n)",
+    """Add to pipeline_rejected_counts, only when `gate` holds (the done took effect): each
+    reason's lines, or 0 when it does not. One INSERT ... VALUES in key order (`rejected` is
+    sorted by reason): a derived table of the reasons, gated by a WHERE, cost two temporary
+    tables and ~70-100 us more of the server a statement. A done refused after all (the gate
+    false) adds nothing; it may leave a reason's row at 0 where there was none (a batch's
+    refusal rolls back; a single done's commits, a counter of 0 lines is what it says)."""
+    rows = ",".join([f"(%s,%s,IF({gate}, %s, 0))"] * len(rejected))
+    return (f"INSERT INTO pipeline_rejected_counts (stage, reason, n) VALUES {rows}"
+            f" ON DUPLICATE KEY UPDATE n = n + VALUES(n)",
             [v for reason, n in rejected for v in (stage, reason, n)])
 
 
