@@ -124,15 +124,20 @@ class PreparedLines:
 
     def lines(self, events: list[Event], shop_of: dict[int, int]) -> bytes:
         """The prepared lines of `events`, in order; a return is output with its purchase's
-        shop, `shop_of[order_id]`."""
+        shop, `shop_of[order_id]` (a decided batch's `ShopOf`: its orders asked here, without
+        a Python call of its `__getitem__` per return)."""
         shard, source, make, raw = self.shard, self.source, _Prepared, msgspec.Raw
+        orders = shop_of.orders if type(shop_of) is ShopOf else None
         items = []
         add = items.append
         for ev in events:
             payload = ev.payload_json
             etype = ev.etype
-            add(make(ev.key, etype, shop_of[ev.order_id] if etype == RETURN else ev.shop_id, ev.user_id, ev.ts, shard,
-                     ev.order_id, ev.good_id, ev.qty, ev.amount, source,
+            if etype == RETURN:
+                shop = shop_of[ev.order_id] if orders is None else orders[ev.order_id].shop_id
+            else:
+                shop = ev.shop_id
+            add(make(ev.key, etype, shop, ev.user_id, ev.ts, shard, ev.order_id, ev.good_id, ev.qty, ev.amount, source,
                      raw(orjson.dumps(ev.payload) if payload is None else payload)))
         return _PRINT_LINES(items)
 
@@ -380,12 +385,13 @@ class FileRun:
     def _batch(self, raws: list[bytes], last: bool, pause=None):
         """`_read_batch` for lines taken already."""
         check = self.validate
-        events = []
-        for i in range(0, len(raws), PAUSE_LINES):
-            if pause is not None:
+        if pause is None:   # no turns to give (a group's files, a file's first batch): one map, no slices
+            events = list(map(check, raws))
+        else:
+            events = []
+            for i in range(0, len(raws), PAUSE_LINES):
                 pause()
-            events.extend(map(check, raws[i:i + PAUSE_LINES]))
-        if pause is not None:
+                events.extend(map(check, raws[i:i + PAUSE_LINES]))
             pause()
         return raws, events, Plan(events, self.rules), digest(raws), last
 
