@@ -645,7 +645,8 @@ def test_a_sealing_pass_moves_users_without_deleting_a_row(make_database):
     want: dict = {}
     try:
         for n in range(5):
-            _create_and_spend(ledger, conn, range(1000 * n + 1, 1000 * n + 301), set(list(want)[::7]), want)
+            # ids 20,000 apart: more than the id bound of before (YOUNG_KEEP) kept young
+            _create_and_spend(ledger, conn, range(20_000 * n + 1, 20_000 * n + 301), set(list(want)[::7]), want)
             deletes = _handler_deletes(conn)
             assert ledger.seal(conn) is not None
             assert _handler_deletes(conn) == deletes            # no row deleted
