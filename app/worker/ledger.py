@@ -20,7 +20,6 @@ import pymysql
 from .. import db
 from .rules import Order, buyer_of
 
-LOCK_WAIT_TIMEOUT = 1205     # ER_LOCK_WAIT_TIMEOUT: also a metadata lock's wait (lock_wait_timeout)
 
 # worker_orders.state
 REJECTED, DEBITED, CREDITED = 0, 1, 2
@@ -321,10 +320,10 @@ class Ledger:
     @staticmethod
     def pass_lock(conn) -> str:
         """The named lock serializing the two workers' passes: the database's own (named locks
-        are the server's)."""
+        are the server's; at most 64 characters on MySQL 8.0, as the shard locks')."""
         with conn.cursor() as cur:
             cur.execute("SELECT DATABASE()")
-            return f"{cur.fetchone()[0]}.worker_ledger"
+            return f"event_pipeline.worker.ledger.{cur.fetchone()[0]}"[:64]
 
     def seal(self, conn) -> int | None:
         """A pass of the ring: under the named lock `pass_lock` (the other worker's pass waits,
@@ -361,12 +360,14 @@ class Ledger:
     def truncate_dead(cur, epoch: int) -> bool:
         """Empty the partition epoch + 1 will use (epoch - 2's: copied by the pass before, dead),
         waiting at most TRUNCATE_LOCK_WAIT for the transactions using the young table (the
-        other worker's open batch): False when that wait ran out."""
+        other worker's open batch): False when that wait ran out, or the server chose the
+        TRUNCATE as a deadlock's victim (a transaction of the other worker asking for the table
+        again behind it)."""
         cur.execute("SET SESSION lock_wait_timeout = %s", (TRUNCATE_LOCK_WAIT,))
         try:
             cur.execute(f"ALTER TABLE worker_balances_young TRUNCATE PARTITION p{(epoch + 1) % RING:d}")
         except pymysql.err.OperationalError as exc:
-            if exc.args and exc.args[0] == LOCK_WAIT_TIMEOUT:
+            if exc.args and exc.args[0] in db.DEADLOCK_CODES:   # a metadata lock's wait too
                 return False
             raise
         finally:
