@@ -258,7 +258,7 @@ def by_statement(server_pid: int, counters=None) -> dict:
             finally:
                 if ("worker_seen" in query and not query.startswith(("LOAD", "SELECT bucket, hash"))
                         or "worker_ledger" in query and not query.startswith("(")
-                        or "worker_balances_young WHERE" in query or "TRUNCATE PARTITION" in query):
+                        or "worker_balances_young WHERE" in query):
                     key = "  " + query[:60]
                     cpu, n = spent.get(key, (0.0, 0))
                     spent[key] = (cpu + server_cpu(server_pid) - t0, n + 1)

@@ -504,10 +504,9 @@ def test_new_users_of_two_workers_interleaved_leave_the_balances_pages_full(make
                 conn.commit()
                 want.update(balances)
             if ledgers[start // 1000 % 2].created >= 4000:
-                assert ledgers[start // 1000 % 2].seal(conns[start // 1000 % 2]) is not None
+                ledgers[start // 1000 % 2].seal(conns[start // 1000 % 2], keep=2000)
         assert dict(servers.query(url, ALL_BALANCES)) == want
-        young = servers.query(url, f"SELECT COUNT(*) FROM ({ALL_BALANCES}) b")[0][0] - servers.query(
-            url, "SELECT COUNT(*) FROM worker_balances")[0][0]
+        young = servers.query(url, "SELECT COUNT(*) FROM worker_balances_young")[0][0]
         assert 2000 <= young < 12_000
         # ~37 bytes a row: ~440 rows a full leaf page; interleaved inserts left ~130 (main: 290 pages)
         assert _pages(url, "worker_balances") * 16384 / (users - young) < 45
@@ -553,31 +552,25 @@ def test_a_batch_locks_balances_by_key_in_both_tables_however_small(make_databas
 
 
 def test_sealing_new_users_waits_for_a_batch_reading_balances(make_database):
-    """A batch holds worker_ledger's row shared from its locking read to its commit (and the
-    young table's metadata lock), and the sealing pass's TRUNCATE PARTITION and its copy wait
-    for it: a user a batch counted new (or young) never moves under it (a user created meanwhile
-    by the other worker stays where the batch's insert meets it). The pass copies the previous
-    epoch; the copied rows, dead until their partition is emptied, are no balances any more:
-    a user is found in worker_balances and written there."""
+    """A batch holds worker_ledger's row shared from its locking read to its commit, and the
+    sealing pass takes it exclusive: a user a batch counted new (or young) never moves under it
+    (a user created meanwhile by the other worker stays where the batch's insert meets it)."""
     url = make_database("ledger6")
     ledger, sealer = Ledger(Decimal("1000.00")), Ledger(Decimal("1000.00"))
     a, b = WorkerState(url, 0), WorkerState(url, 1)
     try:
         ca, cb = a.open(), b.open()
         with ca.cursor() as cur:
-            cur.execute("UPDATE worker_ledger SET epoch = 2")
-            cur.execute("INSERT INTO worker_balances_young (user_id, epoch, balance) VALUES (1, 1, 10.00), "
-                        "(2, 1, 20.00), (50, 2, 30.00)")
-        ca.commit()
+            cur.execute("INSERT INTO worker_balances_young (user_id, balance) VALUES (1, 10.00), (2, 20.00), "
+                        "(50, 30.00)")
         ca.begin()
         with ca.cursor() as cur:
             cur.execute(ledger.lock_sql(ca, {1, 3}))
             balances, new = ledger.balances(cur.fetchall(), {1, 3})
-        assert balances == {1: Decimal("10.00"), 3: Decimal("1000.00")} and new == {3} and ledger.young == {1: 1}
-        assert ledger.epoch == 2
+        assert balances == {1: Decimal("10.00"), 3: Decimal("1000.00")} and new == {3} and ledger.young == {1}
         assert sealer.due()                         # a process seals at its first pass after start
         moved = []
-        t = threading.Thread(target=lambda: moved.append(sealer.seal(cb)))
+        t = threading.Thread(target=lambda: moved.append(sealer.seal(cb, keep=10)))
         t.start()
         t.join(0.5)
         assert moved == []                          # waiting for the batch
@@ -587,171 +580,26 @@ def test_sealing_new_users_waits_for_a_batch_reading_balances(make_database):
             assert script.run(cur)["users"].rowcount == 1
         ca.commit()
         t.join(10)
-        assert moved == [2] and not sealer.due()    # epoch 1: users 1 and 2; 3 (epoch 2) stays young
+        assert moved == [3] and not sealer.due()    # 1, 2, 3 below 50 - 10
         assert servers.query(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
-            (1, Decimal("9.00")), (2, Decimal("20.00"))]
-        assert servers.query(url, "SELECT user_id, epoch FROM worker_balances_young ORDER BY user_id") == [
-            (1, 1), (2, 1), (3, 2), (50, 2)]        # 1 and 2 dead, their partition emptied by the next pass
-        assert servers.query(url, "SELECT epoch FROM worker_ledger") == [(3,)]
+            (1, Decimal("9.00")), (2, Decimal("20.00")), (3, Decimal("999.00"))]
+        assert servers.query(url, "SELECT user_id FROM worker_balances_young") == [(50,)]
+        assert servers.query(url, "SELECT sealed_below FROM worker_ledger") == [(40,)]
         ca.begin()                                  # found in worker_balances now, written there
         with ca.cursor() as cur:
-            cur.execute(ledger.lock_sql(ca, {1, 3, 50, 60}))
-            balances, new = ledger.balances(cur.fetchall(), {1, 3, 50, 60})
-            assert new == {60} and ledger.young == {3: 2, 50: 2} and ledger.epoch == 3
+            cur.execute(ledger.lock_sql(ca, {1, 50}))
+            balances, new = ledger.balances(cur.fetchall(), {1, 50})
+            assert not new and ledger.young == {50}
             script = db.Script()
-            ledger.add_writes(script, ca, 0, 1, [], [], {1: Decimal("8.00"), 3: Decimal("998.00"),
-                                                         50: Decimal("29.00"), 60: Decimal("990.00")},
-                              {1, 3, 50, 60}, {60})
+            ledger.add_writes(script, ca, 0, 1, [], [], {1: Decimal("8.00"), 50: Decimal("29.00")}, {1, 50}, set())
             script.run(cur)
         ca.commit()
         assert servers.query(url, f"SELECT user_id, balance FROM ({ALL_BALANCES}) b ORDER BY user_id") == [
-            (1, Decimal("8.00")), (2, Decimal("20.00")), (3, Decimal("998.00")), (50, Decimal("29.00")),
-            (60, Decimal("990.00"))]
-        assert servers.query(url, "SELECT user_id, epoch FROM worker_balances_young WHERE epoch = 3") == [(60, 3)]
+            (1, Decimal("8.00")), (2, Decimal("20.00")), (3, Decimal("999.00")), (50, Decimal("29.00"))]
     finally:
         a.close()
         b.close()
 
-
-def _create_and_spend(ledger: Ledger, conn, new_users: range, known: set, want: dict) -> None:
-    """A batch through the ledger's own statements: `new_users` created, `known` spending 1."""
-    users = set(new_users) | known
-    conn.begin()
-    with conn.cursor() as cur:
-        cur.execute(ledger.lock_sql(conn, users))
-        balances, new = ledger.balances(cur.fetchall(), users)
-        assert new == set(new_users) and all(balances[u] == want[u] for u in known)
-        balances = {u: v - 1 for u, v in balances.items()}
-        script = db.Script()
-        ledger.add_writes(script, conn, 0, 1, [], [], balances, users, new)
-        assert script.run(cur)["users"].rowcount == len(new)
-    conn.commit()
-    want.update(balances)
-
-
-def _handler_deletes(conn) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SHOW SESSION STATUS LIKE 'Handler_delete'")
-        return int(cur.fetchone()[1])
-
-
-def test_a_sealing_pass_moves_users_without_deleting_a_row(make_database):
-    """The young table is a ring of partitions by epoch: a pass empties the partition of the
-    epoch the pass before copied by TRUNCATE PARTITION, not by a DELETE (a DELETE and its purge
-    were half the pass's server CPU). No row is deleted by a pass; the copied users are in
-    worker_balances once, their dead young rows gone by the next pass but one, every balance
-    found again."""
-    url, ledger, conn = ledger_database(make_database, "ledger8")
-    want: dict = {}
-    try:
-        for n in range(5):
-            # ids 20,000 apart: more than the id bound of before (YOUNG_KEEP) kept young
-            _create_and_spend(ledger, conn, range(20_000 * n + 1, 20_000 * n + 301), set(list(want)[::7]), want)
-            deletes = _handler_deletes(conn)
-            assert ledger.seal(conn) is not None
-            assert _handler_deletes(conn) == deletes            # no row deleted
-        assert dict(servers.query(url, ALL_BALANCES)) == want
-        assert sorted(u for u, _ in servers.query(url, ALL_BALANCES)) == sorted(want)   # each user once
-        epoch = servers.query(url, "SELECT epoch FROM worker_ledger")[0][0]
-        assert epoch == 6                                       # five passes from the first epoch
-        # epochs 4 (copied by the last pass: dead) and 5 (live) are there; 3 was emptied
-        assert servers.query(url, "SELECT epoch, COUNT(*) FROM worker_balances_young GROUP BY epoch") == [
-            (4, 300), (5, 300)]
-        assert servers.query(url, "SELECT COUNT(*) FROM worker_balances")[0][0] == 1200
-    finally:
-        conn.close()
-
-
-def test_a_pass_while_the_other_workers_pass_runs_is_skipped_and_passes_alternate_safely(make_database):
-    """The two workers' passes are serialized by a named lock, taken before the epoch is read: a
-    pass that finds it taken does nothing (so a late TRUNCATE never empties a partition the other
-    worker's pass already gave to a new epoch) and stays due. Passes of the two workers in turn,
-    new users created by both between them, keep every balance."""
-    url = make_database("ledger9")
-    a, b = WorkerState(url, 0), WorkerState(url, 1)
-    ledgers = [Ledger(Decimal("1000.00")), Ledger(Decimal("1000.00"))]
-    want: dict = {}
-    try:
-        conns = [a.open(), b.open()]
-        holder = db.connect(url)
-        with holder.cursor() as cur:
-            cur.execute("SELECT GET_LOCK(%s, 0)", (Ledger.pass_lock(holder),))
-            assert cur.fetchone()[0] == 1
-        _create_and_spend(ledgers[1], conns[1], range(1, 101), set(), want)
-        assert ledgers[1].seal(conns[1]) is None and ledgers[1].due()
-        assert servers.query(url, "SELECT epoch FROM worker_ledger") == [(1,)]
-        holder.close()                                  # the other pass ends (or its worker dies)
-        for n in range(1, 8):
-            _create_and_spend(ledgers[n % 2], conns[n % 2], range(100 * n + 1, 100 * n + 51), set(list(want)[::5]), want)
-            _create_and_spend(ledgers[1 - n % 2], conns[1 - n % 2], range(100 * n + 51, 100 * n + 101), set(), want)
-            assert ledgers[n % 2].seal(conns[n % 2]) is not None
-            assert dict(servers.query(url, ALL_BALANCES)) == want
-        assert servers.query(url, "SELECT epoch FROM worker_ledger") == [(8,)]
-    finally:
-        a.close()
-        b.close()
-
-
-def test_a_worker_killed_between_the_truncation_and_the_copy_loses_nothing(make_database):
-    """A pass empties the dead partition first, then copies and moves the epoch on in one
-    transaction: a worker killed between the two (its named lock released with its connection)
-    leaves only an emptied dead partition, and the next pass, by either worker, does it all."""
-    url, ledger, conn = ledger_database(make_database, "ledger10")
-    want: dict = {}
-    try:
-        for n in range(3):
-            _create_and_spend(ledger, conn, range(100 * n + 1, 100 * n + 101), set(), want)
-            assert ledger.seal(conn) is not None
-        _create_and_spend(ledger, conn, range(301, 401), set(list(want)[::3]), want)
-        dying = db.connect(url)
-        with dying.cursor() as cur:
-            cur.execute("SELECT GET_LOCK(%s, 0)", (Ledger.pass_lock(dying),))
-            cur.execute("SELECT epoch FROM worker_ledger")
-            epoch = cur.fetchone()[0]
-            assert Ledger.truncate_dead(cur, epoch)
-        dying.close()                                   # killed before the copy
-        assert dict(servers.query(url, ALL_BALANCES)) == want
-        assert servers.query(url, "SELECT epoch FROM worker_ledger") == [(epoch,)]
-        assert Ledger(Decimal("1000.00")).seal(conn) == 100
-        assert dict(servers.query(url, ALL_BALANCES)) == want
-        assert servers.query(url, "SELECT COUNT(*) FROM worker_balances")[0][0] == 300
-    finally:
-        conn.close()
-
-
-def test_a_pass_gives_up_when_the_other_workers_batch_holds_the_young_table(make_database, monkeypatch):
-    """TRUNCATE PARTITION needs the young table's metadata lock: it waits for the other worker's
-    open batch (and that worker's next statements on the table wait behind it). The wait is
-    bounded (TRUNCATE_LOCK_WAIT): the pass is skipped, stays due, and the batch commits as if
-    nothing happened; the next pass runs."""
-    from app.worker import ledger as ledger_module
-    monkeypatch.setattr(ledger_module, "TRUNCATE_LOCK_WAIT", 1)
-    url = make_database("ledger11")
-    ledger, sealer = Ledger(Decimal("1000.00")), Ledger(Decimal("1000.00"))
-    a, b = WorkerState(url, 0), WorkerState(url, 1)
-    want: dict = {}
-    try:
-        ca, cb = a.open(), b.open()
-        _create_and_spend(ledger, ca, range(1, 11), set(), want)
-        ca.begin()
-        with ca.cursor() as cur:
-            cur.execute(ledger.lock_sql(ca, {1, 2}))
-            balances, new = ledger.balances(cur.fetchall(), {1, 2})
-        started = time.monotonic()
-        assert sealer.seal(cb) is None and sealer.due()
-        assert 0.9 < time.monotonic() - started < 5
-        script = db.Script()
-        ledger.add_writes(script, ca, 0, 1, [], [], {1: Decimal("5.00"), 2: Decimal("6.00")}, {1, 2}, set())
-        with ca.cursor() as cur:
-            script.run(cur)
-        ca.commit()
-        want.update({1: Decimal("5.00"), 2: Decimal("6.00")})
-        assert sealer.seal(cb) == 0 and not sealer.due()      # epoch 0: nobody
-        assert sealer.seal(cb) == 10                         # epoch 1
-        assert dict(servers.query(url, ALL_BALANCES)) == want
-    finally:
-        a.close()
-        b.close()
 
 def test_the_worker_claims_several_files_of_its_shard_at_once_and_reports_each(pipeline):
     files = [f"2026030112000{i}" for i in range(3)]

@@ -302,8 +302,7 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0004_lean_state",
                                                                  "worker 0005_packed_sealed_keys",
                                                                  "worker 0006_holds_in_place",
-                                                                 "worker 0007_young_balances",
-                                                                 "worker 0008_young_balances_ring"]
+                                                                 "worker 0007_young_balances"]
         shape = sql(url, "SELECT table_name, column_name, column_type FROM information_schema.columns "
                          "WHERE table_schema=DATABASE() AND table_name LIKE %s ORDER BY 1, 2", ("worker%",))
         with conn.cursor() as cur:   # the migration again, from its first statement: it changes nothing
@@ -472,8 +471,7 @@ def test_upgrade_from_0004_packs_sealed_keys_and_runs_again_from_the_top_after_s
                 cur.execute(statement)
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0005_packed_sealed_keys",
                                                                  "worker 0006_holds_in_place",
-                                                                 "worker 0007_young_balances",
-                                                                 "worker 0008_young_balances_ring"]
+                                                                 "worker 0007_young_balances"]
         with conn.cursor() as cur:   # and once more from its first statement: nothing changes
             for statement in statements:
                 cur.execute(statement)
@@ -563,8 +561,7 @@ def test_upgrade_from_0005_keeps_holds_as_they_were_and_runs_again_from_the_top_
                 cur.execute(statement)
         conn.commit()
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0006_holds_in_place",
-                                                                 "worker 0007_young_balances",
-                                                                 "worker 0008_young_balances_ring"]
+                                                                 "worker 0007_young_balances"]
         with conn.cursor() as cur:   # and once more from its first statement: nothing changes
             for statement in statements:
                 cur.execute(statement)
@@ -608,8 +605,7 @@ def test_upgrade_from_0006_keeps_balances_where_they_are_and_runs_again(make_dat
     monkeypatch.setattr(db, "SQL_DIR", current_sql)
     conn = db.connect(url)
     try:
-        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0007_young_balances",
-                                                                 "worker 0008_young_balances_ring"]
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0007_young_balances"]
         with conn.cursor() as cur:
             for statement in db.migrations("worker")[6].statements():
                 cur.execute(statement)
@@ -625,52 +621,6 @@ def test_upgrade_from_0006_keeps_balances_where_they_are_and_runs_again(make_dat
     finally:
         w.close()
 
-
-def test_upgrade_from_0007_keeps_young_balances_live_and_runs_again(make_database, shared_dir, tmp_path,
-                                                                    monkeypatch):
-    """0008 makes the young balances a ring of partitions by epoch: the young users of 0007 get
-    the first epoch, live, and are spent where they are; the second pass copies them to
-    worker_balances (the first copies the epoch before, empty). Run again from its first
-    statement, it changes nothing."""
-    from app.worker.ledger import ALL_BALANCES, Ledger
-    url = make_database("upg8")
-    current_sql = older_worker_schema(tmp_path, monkeypatch, last=7)
-    conn = db.connect(url)
-    assert [m.version for m in db.migrate(conn, "worker")] == [1, 2, 3, 4, 5, 6, 7]
-    with conn.cursor() as cur:   # what the 0007 worker left
-        cur.execute("INSERT INTO worker_balances (user_id, balance) VALUES (1, 985.00)")
-        cur.execute("INSERT INTO worker_balances_young (user_id, balance) VALUES (7, 5.00), (9, 997.00)")
-    conn.close()
-    monkeypatch.setattr(db, "SQL_DIR", current_sql)
-    conn = db.connect(url)
-    try:
-        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0008_young_balances_ring"]
-        with conn.cursor() as cur:
-            for statement in db.migrations("worker")[7].statements():
-                cur.execute(statement)
-    finally:
-        conn.close()
-    assert sql(url, "SELECT id, epoch FROM worker_ledger") == [(1, 1)]
-    assert sql(url, "SELECT user_id, epoch, balance FROM worker_balances_young ORDER BY user_id") == [
-        (7, 1, Decimal("5.00")), (9, 1, Decimal("997.00"))]
-    assert sql(url, "SELECT COUNT(*) FROM information_schema.partitions WHERE table_schema = DATABASE() "
-                    "AND table_name = 'worker_balances_young' AND partition_name IS NOT NULL") == [(3,)]
-    w = worker_for(url, shared_dir)
-    try:
-        w.decide(F1, [purchase(0, 100, user=1, shop=2, price=10), purchase(1, 101, user=9, shop=2, price=3)])
-        assert sql(url, "SELECT user_id, epoch, balance FROM worker_balances_young ORDER BY user_id") == [
-            (7, 1, Decimal("5.00")), (9, 1, Decimal("994.00"))]
-        ledger, conn = Ledger(Decimal("1000.00")), db.connect(url)
-        epoch = sql(url, "SELECT epoch FROM worker_ledger")[0][0]    # the worker's own first pass: 2
-        try:
-            assert [ledger.seal(conn) for _ in range(epoch, 3)] == [0] * (2 - epoch) + [2]
-        finally:
-            conn.close()
-        assert sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id") == [
-            (1, Decimal("975.00")), (7, Decimal("5.00")), (9, Decimal("994.00"))]
-        assert sorted(sql(url, ALL_BALANCES)) == sql(url, "SELECT user_id, balance FROM worker_balances ORDER BY user_id")
-    finally:
-        w.close()
 
 def test_a_records_codes_are_stored_packed_and_records_of_before_still_replay(worker):
     """A batch's codes (one byte a line) are stored compressed: a 10,000-line batch's took a

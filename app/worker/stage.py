@@ -1230,9 +1230,7 @@ class WorkerStage(StageWork):
         s = self.settings
         removed = self.state.prune(s.dedup_window, s.order_window, s.replay_window, PRUNE_ROWS, newest=newest)
         if self.ledger.due():
-            moved = self.ledger.seal(self.state.conn)
-            if moved is not None:     # None: the other worker's pass or open batch; tried after a later file
-                log.info("shard %d: %d new users' balances sealed", self.shard, moved)
+            log.info("shard %d: %d new users' balances sealed", self.shard, self.ledger.seal(self.state.conn))
         self.prune_more = bool(removed)
         if removed:
             log.info("shard %d: pruned %s (DEDUP_WINDOW, ORDER_WINDOW, REPLAY_WINDOW)", self.shard,
