@@ -758,14 +758,44 @@ class Bench:
         pids = run.processes()
         targets = {"splitter": (pids["shard-splitter-r1"], False), "worker-0": (pids["shard-worker-0-r1"], False),
                    "sender-0": (pids["mysql-sender-0-r1"], False), "api": (pids["api"], True)}
-        return {name: profiling.Spy(name, pid, self.profile_dir / f"{label}-{name}.txt", sub)
-                for name, (pid, sub) in targets.items()}
+        spies = {name: profiling.Spy(name, pid, self.profile_dir / f"{label}-{name}.txt", sub)
+                 for name, (pid, sub) in targets.items()}
+        if self.server.pid:
+            spies["server threads"] = self._thread_sampler(run).start()
+        return spies
+
+    def _thread_sampler(self, run: Run):
+        """The server's CPU by thread: connections by the stage that opened them, InnoDB's own
+        threads by name (bench/server_threads.py)."""
+        from bench import server_threads
+        owners: dict[int, str] = {}
+
+        def owner_of(pid: int) -> str:
+            if pid not in owners:
+                for name, root in run.processes().items():
+                    for p in procstat.tree(root):
+                        owners[p] = group_of(name)
+                owners.setdefault(os.getpid(), "bench")
+            return owners.get(pid, "other")
+
+        roles = {run.pipe.pipeline_db.database: "pipeline",
+                 **{url.database: f"shard{n}" for n, url in enumerate(run.pipe.shard_dbs)}}
+
+        def counted(n: int) -> None:     # its statements are the bench's, left out of Com_*
+            run.bench_statements += n
+
+        return server_threads.ThreadSampler(self.server.pid, self.server.connect, owner_of, roles, counted=counted)
 
     def _stop_profile(self, run: Run, spies, result: dict) -> dict:
-        from bench import profiling
+        from bench import profiling, server_threads
+        sampler = spies.pop("server threads", None)
+        threads = sampler.stop() if sampler else {}
         for spy in spies.values():
             spy.stop()
         out = {"py_spy": {name: profiling.summarise(spy.out) for name, spy in spies.items()}}
+        if sampler:
+            out["server_threads_s"] = threads
+            out["server_threads_us_per_event"] = server_threads.summary(threads, result["events"])
         roles = {run.pipe.pipeline_db.database: "pipeline",
                  **{url.database: f"shard{n}" for n, url in enumerate(run.pipe.shard_dbs)}}
         conn = self.server.connect()
@@ -1010,6 +1040,12 @@ def print_profile(name: str, big: dict) -> None:
         log("    inclusive: " + "; ".join(f"{f} {pct}%" for f, pct in s["inclusive"][:6]))
         log("    modules:   " + "; ".join(f"{f} {pct}%" for f, pct in s["modules"][:8]))
     files = big["files"]
+    if "server_threads_s" in p:
+        events = big["events"]
+        log("  server CPU by thread, us/event (bench/server_threads.py): " + "; ".join(
+            f"{k} {v}" for k, v in p["server_threads_us_per_event"].items()))
+        log("    by connection and database: " + "; ".join(
+            f"{k} {round(1e6 * v / events, 2)}" for k, v in p["server_threads_s"].items()))
     log("  server, statements by total time (performance_schema digests; time includes waits), per file:")
     for st in p["digests"][:12]:
         sender = max(st["stages"], key=st["stages"].get) if st["stages"] else "-"
