@@ -541,12 +541,21 @@ class Bench:
     work: Path
     profile_dir: Path | None = None
     count: bool = False          # API requests per file (the counting wrapper around the API)
+    server_threads: bool = False  # the server's CPU by thread in each window (--profile does)
     results: dict = field(default_factory=dict)
 
     def measured(self, run: Run, files: list[Path], label: str) -> dict:
         """A window, profiled with --profile (big and small files only)."""
         spies = self._start_profile(run, label) if self.profile_dir else None
+        sampler = None
+        if (self.server_threads or self.profile_dir) and self.server.pid:
+            sampler = self._thread_sampler(run).start()
         result = run.window(files)
+        if sampler is not None:
+            from bench import server_threads
+            result["server_threads_s"] = sampler.stop()
+            result["server_threads_us_per_event"] = server_threads.summary(result["server_threads_s"],
+                                                                           result["events"])
         if spies is not None:
             result["profile"] = self._stop_profile(run, spies, result)
         return result
@@ -743,6 +752,11 @@ class Bench:
             f"{t} {b}" for t, b in st.get("pipeline_index_bytes_per_event", {}).items() if b >= 0.05))
         log(f"    SQL statements per file: {r['sql_per_file_total']} (" +
             ", ".join(f"{k} {v}" for k, v in list(r["sql_per_file"].items())[:8]) + ")")
+        if "server_threads_s" in r:
+            log("    server CPU by thread, us/event (bench/server_threads.py): " + "; ".join(
+                f"{k} {v}" for k, v in r["server_threads_us_per_event"].items()))
+            log("      by connection and database: " + "; ".join(
+                f"{k} {round(1e6 * v / r['events'], 2)}" for k, v in r["server_threads_s"].items()))
         if "api_requests_per_file" in r:
             log(f"    API requests per file: {r['api_requests_per_file_total']} (" +
                 ", ".join(f"{k} {v}" for k, v in r["api_requests_per_file"].items()) + ")")
@@ -758,11 +772,8 @@ class Bench:
         pids = run.processes()
         targets = {"splitter": (pids["shard-splitter-r1"], False), "worker-0": (pids["shard-worker-0-r1"], False),
                    "sender-0": (pids["mysql-sender-0-r1"], False), "api": (pids["api"], True)}
-        spies = {name: profiling.Spy(name, pid, self.profile_dir / f"{label}-{name}.txt", sub)
-                 for name, (pid, sub) in targets.items()}
-        if self.server.pid:
-            spies["server threads"] = self._thread_sampler(run).start()
-        return spies
+        return {name: profiling.Spy(name, pid, self.profile_dir / f"{label}-{name}.txt", sub)
+                for name, (pid, sub) in targets.items()}
 
     def _thread_sampler(self, run: Run):
         """The server's CPU by thread: connections by the stage that opened them, InnoDB's own
@@ -787,15 +798,10 @@ class Bench:
         return server_threads.ThreadSampler(self.server.pid, self.server.connect, owner_of, roles, counted=counted)
 
     def _stop_profile(self, run: Run, spies, result: dict) -> dict:
-        from bench import profiling, server_threads
-        sampler = spies.pop("server threads", None)
-        threads = sampler.stop() if sampler else {}
+        from bench import profiling
         for spy in spies.values():
             spy.stop()
         out = {"py_spy": {name: profiling.summarise(spy.out) for name, spy in spies.items()}}
-        if sampler:
-            out["server_threads_s"] = threads
-            out["server_threads_us_per_event"] = server_threads.summary(threads, result["events"])
         roles = {run.pipe.pipeline_db.database: "pipeline",
                  **{url.database: f"shard{n}" for n, url in enumerate(run.pipe.shard_dbs)}}
         conn = self.server.connect()
@@ -975,6 +981,9 @@ def main() -> None:
                              "into DIR")
     parser.add_argument("--count", action="store_true",
                         help="count the API's requests per file (a counter wrapped around the API; --profile does)")
+    parser.add_argument("--server-threads", action="store_true",
+                        help="the server's CPU by thread in each window: connections by the stage that opened them "
+                             "and their database, InnoDB's own threads (bench/server_threads.py; --profile does)")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
                         help="print the key figures of earlier --json files side by side, run nothing")
     sizes = Sizes()
@@ -1006,7 +1015,8 @@ def main() -> None:
     log(f"server: {server.describe()}; load average {load_start:.1f}; workload folders "
         f"{'spread over block groups' if spread else 'not spread (no FS_TOPDIR_FL here)'}")
     log(f"sizes: {asdict(sizes)}")
-    bench = Bench(server, sizes, work, args.profile, args.count or bool(args.profile))
+    bench = Bench(server, sizes, work, args.profile, args.count or bool(args.profile),
+                  server_threads=args.server_threads)
     results: dict = {}
     started = time.monotonic()
     try:
@@ -1040,12 +1050,6 @@ def print_profile(name: str, big: dict) -> None:
         log("    inclusive: " + "; ".join(f"{f} {pct}%" for f, pct in s["inclusive"][:6]))
         log("    modules:   " + "; ".join(f"{f} {pct}%" for f, pct in s["modules"][:8]))
     files = big["files"]
-    if "server_threads_s" in p:
-        events = big["events"]
-        log("  server CPU by thread, us/event (bench/server_threads.py): " + "; ".join(
-            f"{k} {v}" for k, v in p["server_threads_us_per_event"].items()))
-        log("    by connection and database: " + "; ".join(
-            f"{k} {round(1e6 * v / events, 2)}" for k, v in p["server_threads_s"].items()))
     log("  server, statements by total time (performance_schema digests; time includes waits), per file:")
     for st in p["digests"][:12]:
         sender = max(st["stages"], key=st["stages"].get) if st["stages"] else "-"

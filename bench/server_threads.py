@@ -54,6 +54,7 @@ class ThreadSampler:
         self.pid, self.connect, self.interval = server_pid, connect, interval
         self.counted = counted or (lambda n: None)   # told how many statements each sample ran
         self.performance_schema = False
+        self.error: str | None = None
         self.owner_of_pid = owner_of_pid or (lambda pid: "other")
         self.roles = roles or {}
         self.ticks: Counter = Counter()
@@ -90,7 +91,11 @@ class ThreadSampler:
     def _run(self) -> None:
         last = task_ticks(self.pid)
         while not self._stop.wait(self.interval):
-            self._sample(last)
+            try:
+                self._sample(last)
+            except Exception as exc:     # the server went away: keep what was booked
+                self.error = repr(exc)
+                return
 
     def _sample(self, last: dict[int, int]) -> None:
         labels = self._labels()
@@ -154,10 +159,14 @@ def main() -> None:
             pid = int(Path(cur.fetchone()[0]).read_text().split()[0])
         conn.close()
     sampler = ThreadSampler(pid, connect).start()
+    deadline = time.monotonic() + args.seconds
     try:
-        time.sleep(args.seconds)
+        while time.monotonic() < deadline and sampler.error is None:
+            time.sleep(0.5)
     except KeyboardInterrupt:        # the split so far
         pass
+    if sampler.error:
+        print(f"sampling stopped: {sampler.error}")
     for label, s in sampler.stop().items():
         print(f"{s:8.2f} s  {label}")
 
