@@ -9,8 +9,9 @@ connection, set up by the variant's statements. The rows (bench/load.py's realis
 sender's TSV) go in by the server's own `LOAD DATA INFILE ... CHARACTER SET binary` in
 10,000-row transactions, as a big run's shard files do; the variants take turns chunk by
 chunk, so every variant sees the same buffer pool, history and machine load. Printed: the
-server's CPU per row of each variant (from /proc/<pid>/stat around each chunk), the median of
-its chunks and the sum, and where each chunk's variant was the lowest of its turn.
+server's CPU per row of each variant (schedstat of every server thread around each chunk) and
+its loading connection's thread's alone: the median and mean of its chunks, and in how many
+turns the variant was the lowest.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def server_cpu(pid: int) -> float:
     return total / 1e9
 
 
+def thread_cpu(pid: int, tid: int) -> float:
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+
+
 SESSIONS = {
     "rr": [],                                                          # as the sender's session is
     "rc": ["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"],
@@ -64,7 +69,7 @@ def main() -> None:
     db.install().start()
     print(f"private mariadbd, pool {args.pool}; {args.rows:,} rows per variant in {CHUNK:,}-row chunks; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    conns = {}
+    conns, tids = {}, {}
     try:
         for name in names:
             conn = servers.admin_connect("127.0.0.1", db.port)
@@ -76,27 +81,36 @@ def main() -> None:
                 cur.execute(ddl)
                 for sql in SESSIONS[name]:
                     cur.execute(sql)
+                cur.execute("SELECT TID FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()")
+                tids[name] = int(cur.fetchone()[0])
             conns[name] = conn
         per_chunk: dict[str, list[float]] = {n: [] for n in names}
+        own: dict[str, list[float]] = {n: [] for n in names}     # the loading connection's thread alone
         for piece in range(args.rows // CHUNK):
             order = names if piece % 2 == 0 else names[::-1]
             for name in order:
                 conn = conns[name]
                 path = str(folder / f"{kind}-{piece:05d}.tsv")
-                before = server_cpu(db.proc.pid)
+                before, mine = server_cpu(db.proc.pid), thread_cpu(db.proc.pid, tids[name])
                 with conn.cursor() as cur:
                     cur.execute(f"LOAD DATA INFILE %s INTO TABLE events CHARACTER SET binary ({COLUMNS[kind]})",
                                 (path,))
                 conn.commit()
                 per_chunk[name].append(1e6 * (server_cpu(db.proc.pid) - before) / CHUNK)
-        lowest = {n: 0 for n in names}
-        for i in range(args.skip, args.rows // CHUNK):
-            lowest[min(names, key=lambda n: per_chunk[n][i])] += 1
-        print(f"{'variant':<10} {'median us/row':>13} {'mean us/row':>11} {'lowest in':>9}")
+                own[name].append(1e6 * (thread_cpu(db.proc.pid, tids[name]) - mine) / CHUNK)
+        print(f"{'variant':<10} {'server: median us/row':>21} {'mean':>6} {'lowest in':>9}   "
+              f"{'its connection: median':>22} {'mean':>6} {'lowest in':>9}")
+        rows = {}
+        for figures in (per_chunk, own):
+            lowest = {n: 0 for n in names}
+            for i in range(args.skip, args.rows // CHUNK):
+                lowest[min(names, key=lambda n: figures[n][i])] += 1
+            for name in names:
+                kept = figures[name][args.skip:]
+                rows.setdefault(name, []).append(f"{statistics.median(kept):21.2f} {statistics.fmean(kept):6.2f} "
+                                                 f"{lowest[name]:>5}/{len(kept)}")
         for name in names:
-            kept = per_chunk[name][args.skip:]
-            print(f"{name:<10} {statistics.median(kept):13.2f} {statistics.fmean(kept):11.2f} "
-                  f"{lowest[name]:>5}/{len(kept)}", flush=True)
+            print(f"{name:<10} " + "   ".join(rows[name]), flush=True)
     finally:
         for conn in conns.values():
             conn.close()
