@@ -65,6 +65,23 @@ def summary(this: list[dict], other: list[dict]) -> list[tuple[str, float, float
     return rows
 
 
+def run_pairs(roots: dict[str, Path], out: Path, pairs: int, workloads: str) -> tuple[Path, dict[str, list[dict]]]:
+    """Each side's `pipeline.py --json` documents, runs in ABBA order. Every run goes to `out`
+    made absolute: each tree's bench runs in its own folder, so a relative path would put the
+    other tree's output in that tree and the read-back would miss it."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    docs: dict[str, list[dict]] = {"this": [], "other": []}
+    for n, side in order(pairs):
+        name = out / f"{side}-{n}"
+        with open(f"{name}.txt", "w") as log:
+            subprocess.run([sys.executable, "bench/pipeline.py", "--workloads", workloads, "--json",
+                            f"{name}.json"], cwd=roots[side], stdout=log, stderr=subprocess.STDOUT, check=True)
+        docs[side].append(json.loads(Path(f"{name}.json").read_text()))
+        print(f"pair {n}: {side} done", flush=True)
+    return out, docs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("other", type=Path, help="the other checkout (its own bench/pipeline.py runs there)")
@@ -73,16 +90,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="keep every run's output and --json here")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-pairs-"))
-    out.mkdir(parents=True, exist_ok=True)
     roots = {"this": ROOT, "other": args.other.resolve()}
-    docs: dict[str, list[dict]] = {"this": [], "other": []}
-    for n, side in order(args.pairs):
-        name = out / f"{side}-{n}"
-        with open(f"{name}.txt", "w") as log:
-            subprocess.run([sys.executable, "bench/pipeline.py", "--workloads", args.workloads, "--json",
-                            f"{name}.json"], cwd=roots[side], stdout=log, stderr=subprocess.STDOUT, check=True)
-        docs[side].append(json.loads(Path(f"{name}.json").read_text()))
-        print(f"pair {n}: {side} done", flush=True)
+    out, docs = run_pairs(roots, out, args.pairs, args.workloads)
     print(f"\nmedians of {args.pairs} pairs (ABBA), this tree {ROOT} against {roots['other']}; runs in {out}")
     rows = summary(docs["this"], docs["other"])
     if not rows:   # latency and idle have none of the compared figures: read the runs' outputs

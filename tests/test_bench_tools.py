@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pymysql
 import pytest
@@ -213,6 +214,24 @@ def test_pairs_summary_medians_each_side_and_counts_where_this_tree_was_lower():
     assert rows["small workers us/event"] == [13.0, 13.0, 2, 3]
     assert rows["small server us/event"] == [10.0, 10.0, 0, 3]
     assert rows["small total ms/file beyond the per-event cost"] == [18.0, 19.0, 1, 3]
+
+
+def test_pairs_keeps_a_relative_out_folder_for_both_trees(tmp_path, monkeypatch):
+    """`--out runs` (relative) used to send the other tree's --json into that tree, where the
+    read-back missed it and the run crashed after its first bench: every run lands in one folder."""
+    roots = {}
+    for side in ("this", "other"):
+        tree = tmp_path / side
+        (tree / "bench").mkdir(parents=True)
+        (tree / "bench" / "pipeline.py").write_text(
+            "import json, sys\n"
+            f"json.dump({{'side': {side!r}}}, open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n")
+        roots[side] = tree
+    monkeypatch.chdir(tmp_path)
+    out, docs = pairs.run_pairs(roots, Path("runs"), 2, "small")
+    assert out == tmp_path / "runs"
+    assert docs == {"this": [{"side": "this"}] * 2, "other": [{"side": "other"}] * 2}
+    assert sorted(p.name for p in out.glob("*.json")) == ["other-1.json", "other-2.json", "this-1.json", "this-2.json"]
 
 
 def test_server_threads_books_a_connections_cpu_to_its_sender_and_database():
