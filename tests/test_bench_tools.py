@@ -139,6 +139,18 @@ def test_credits_bench_credits_every_drawn_order_once_in_each_shape():
     assert {shape: credited for shape, (credited, _) in figures.items()} == {"odku": 200, "order_id": 200, "key": 200}
 
 
+def test_ledger_load_bench_ends_with_the_same_ledger_in_every_form():
+    """bench/ledger_load.py: each candidate form of `worker_orders` loads every row, reads the
+    stored ids, credits each drawn order once and prunes the same files: the same rows and
+    credits at the end, whatever the keys (the figures compare equal work)."""
+    from bench import ledger_load
+    figures = ledger_load.main(["--prefill", "9000", "--rows", "300", "--rounds", "4", "--prune-files", "1",
+                                "--settle", "0", "--variants", ",".join(ledger_load.VARIANTS)])
+    assert set(figures) == set(ledger_load.VARIANTS)
+    [(rows, credited)] = {(f["rows"], f["credited"]) for f in figures.values()}
+    assert rows == 2 * 4300 + 4 * 300 - 4300 and 0 < credited <= 4 * 30   # the pruned file's credits gone
+
+
 def test_young_seal_bench_moves_every_row_in_each_mode():
     """bench/young_seal.py: each way of emptying the young table (DELETE, TRUNCATE TABLE,
     TRUNCATE PARTITION of the epoch ring) ends with every row in the main table once."""
@@ -201,3 +213,42 @@ def test_pairs_summary_medians_each_side_and_counts_where_this_tree_was_lower():
     assert rows["small workers us/event"] == [13.0, 13.0, 2, 3]
     assert rows["small server us/event"] == [10.0, 10.0, 0, 3]
     assert rows["small total ms/file beyond the per-event cost"] == [18.0, 19.0, 1, 3]
+
+
+def test_server_threads_books_a_connections_cpu_to_its_sender_and_database():
+    """The server's CPU split by thread (bench/server_threads.py, new): a connection that burns
+    CPU on the server is booked to the process that opened it (its `_pid` attribute) and to its
+    database's role, InnoDB's own threads by their performance_schema names, the sampler's own
+    connection apart, and its statements reported to the bench (left out of Com_*)."""
+    import os
+    from bench import server_threads
+    from tests import servers
+    server = servers.new_private_mariadb(["--performance-schema=ON"])
+    try:
+        admin = servers.admin_connect(port=server.port)
+        with admin.cursor() as cur:
+            cur.execute("CREATE DATABASE burn")
+        client = pymysql.connect(host="127.0.0.1", port=server.port, user=servers.MYSQL_USER,
+                                 password=servers.MYSQL_PASSWORD, database="burn", autocommit=True)
+        counted = []
+        sampler = server_threads.ThreadSampler(
+            server.proc.pid, lambda: servers.admin_connect(port=server.port),
+            owner_of_pid=lambda pid: "me" if pid == os.getpid() else "other", roles={"burn": "burner"},
+            interval=0.1, counted=counted.append).start()
+        with client.cursor() as cur:
+            cur.execute("SELECT BENCHMARK(3000000, MD5('x'))")
+        time.sleep(0.3)
+        seconds = sampler.stop()
+        burned = seconds.get("conn me @burner", 0)
+        assert burned >= 0.2, seconds
+        assert burned > 0.8 * sum(s for label, s in seconds.items() if label != "conn me @burner")
+        assert counted and all(n in (1, 2) for n in counted)
+        with admin.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM performance_schema.threads WHERE NAME LIKE 'thread/innodb/%%'")
+            assert cur.fetchone()[0] > 0        # InnoDB's threads have names to book them by
+        summary = server_threads.summary(seconds, events=1_000_000)
+        assert summary["connections: me"] >= 0.2
+        client.close()
+        admin.close()
+    finally:
+        server.stop()
