@@ -218,7 +218,10 @@ def test_a_group_is_one_batch_one_read_script_and_one_write_script(two, monkeypa
     reads = [s for s in scripts if "begin" in s]
     writes = [s for s in scripts if any(t.startswith("record") for t in s)]
     assert len(starts) == 1 and len(reads) == 1 and len(writes) == 1 and len(scripts) == 4, scripts
-    assert sorted({t for t in writes[0] if t.startswith("record")}) == [f"record{n}" for n in range(4)]
+    # the four files' records: one INSERT of their batch rows, one UPDATE of their progress
+    assert [t for t in writes[0] if t.startswith("record")] == ["records", "records"], writes[0]
+    # and their rows made and read in two statements in all (were two a file)
+    assert [t for t in starts[0] if t.startswith(("file", "info"))] == ["files", "infos"], starts[0]
     # the three and the commit's: the rejected rows, the COMMIT and the unlock in one
     assert scripts[-1] == ["rejected", "commit", "unlock"], scripts
     assert len(sent) == 4 and sent[-1].startswith("INSERT INTO rejected_lines"), [q[:60] for q in sent]

@@ -639,3 +639,32 @@ def test_a_records_codes_are_stored_packed_and_records_of_before_still_replay(wo
     with db.connect(w.url).cursor() as cur:
         cur.execute("UPDATE worker_batches SET codes=%s", (raw,))
     assert w.again(F1).events == 2000 and w.outputs(F1) == out
+
+
+def test_a_groups_file_rows_are_made_and_read_in_two_statements_as_one_by_one(worker):
+    """A group's start makes and reads its files' rows in one INSERT and one SELECT (two
+    statements a file before): each file gets the row file after file would give it, in the
+    claim's order (new rows' ids ascending), a decided file its progress and its records, and a
+    name the column's collation makes one row with another (`A.txt`, `a.txt`) that same row."""
+    w = worker()
+    done = w.decide(F1, [restock(n, 2, 1, 1) for n in range(3)])
+    assert done.events == 3
+    state = w.stage.state
+    state.open()
+    names = ["g-new-1.txt", F1, "g-new-2.txt", "G-NEW-1.TXT"]
+    script_tags = []
+    real_run = db.Script.run
+    try:
+        db.Script.run = lambda self, cur: script_tags.append([t for t, *_ in self.items]) or real_run(self, cur)
+        starts = state.start_files(names, 5, None)
+    finally:
+        db.Script.run = real_run
+        state.unlock_shard()
+    assert [t for t in script_tags[0] if t.startswith(("file", "info"))] == ["files", "infos"]
+    ids = {name: i for i, name in sql(w.url, "SELECT id, filename FROM worker_files")}
+    first, decided, second, twin = starts
+    assert decided.info.id == ids[F1] and decided.info.lines_decided == 3
+    assert decided.info.complete and [r.line_count for r in decided.records] == [3]
+    assert first.info.id == twin.info.id == ids["g-new-1.txt"] < second.info.id == ids["g-new-2.txt"]
+    assert "G-NEW-1.TXT" not in ids
+    assert (first.info.lines_decided, first.info.complete, first.records) == (0, False, [])

@@ -1098,6 +1098,7 @@ class WorkerStage(StageWork):
         was = newest
         found = lead._look_up(cur, Plan.joined([item[2] for item in items]), starts[0].idle_expired, optimistic)
         writes = db.Script()
+        records: list[tuple] = []
         batch_keys: set = set()
         for n, (run, start, item) in enumerate(zip(runs, starts, items)):
             raws, events, _, dig, last = item
@@ -1114,8 +1115,8 @@ class WorkerStage(StageWork):
             for o in b.new_orders:
                 o.stored_at = (run.file_id, o.line)
             run.codes, run.resolved = bytes(codes), b.resolved
-            writes.add(f"record{n}", self.state.record_sql(cur.connection, run.file_id, 1, len(raws), dig,
-                                                           run.codes, last, batch_newest))
+            records.append((run.file_id, 1, len(raws), dig, run.codes, last, batch_newest))
+        writes.add("records", self.state.records_sql(cur.connection, records))
         shop_of = ShopOf(lead.orders)
         for run in runs:
             run.shops = shop_of

@@ -217,6 +217,11 @@ _FILE_INFO_SQL = ("SELECT id, lines_decided, complete, pruned, "
                   "EXISTS(SELECT 1 FROM worker_batches WHERE file_id=LAST_INSERT_ID()), "
                   "EXISTS(SELECT 1 FROM worker_holds WHERE resolved_file_id=LAST_INSERT_ID()) "
                   "FROM worker_files WHERE id=LAST_INSERT_ID()")
+# The same for a group's files, by name (`uq_shard_file`); the name last, to match a row to its file.
+_FILES_INFO_SQL = ("SELECT f.id, f.lines_decided, f.complete, f.pruned, "
+                   "EXISTS(SELECT 1 FROM worker_batches WHERE file_id=f.id), "
+                   "EXISTS(SELECT 1 FROM worker_holds WHERE resolved_file_id=f.id), f.filename "
+                   "FROM worker_files f WHERE f.shard=%%s AND f.filename IN (%s)")
 
 
 class WorkerState:
@@ -341,10 +346,18 @@ class WorkerState:
         shard = self.shard
         script = db.Script()
         script.add("lock", "SELECT GET_LOCK(%s, %s)", (self.lock_name, lock_timeout))
-        for n, filename in enumerate(filenames):
-            script.add(f"file{n}", "INSERT INTO worker_files (shard, filename) VALUES (%s,%s) "
-                                   "ON DUPLICATE KEY UPDATE id=LAST_INSERT_ID(id)", (shard, filename))
-            script.add(f"info{n}", _FILE_INFO_SQL)
+        if len(filenames) == 1:
+            script.add("file0", "INSERT INTO worker_files (shard, filename) VALUES (%s,%s) "
+                                "ON DUPLICATE KEY UPDATE id=LAST_INSERT_ID(id)", (shard, filenames[0]))
+            script.add("info0", _FILE_INFO_SQL)
+        else:
+            # a group's rows in one INSERT and one read (two statements a group, not two a file);
+            # the rows are made in the claim's order, as file after file would make them
+            script.add("files", "INSERT INTO worker_files (shard, filename) VALUES "
+                                + ",".join(["(%s,%s)"] * len(filenames)) + " ON DUPLICATE KEY UPDATE id=id",
+                       [v for filename in filenames for v in (shard, filename)])
+            script.add("infos", _FILES_INFO_SQL % ",".join(["%s"] * len(filenames)),
+                       [shard, *filenames])
         if known is None:
             script.add("holds", self._active_holds_sql())
             script.add("newest", f"SELECT newest_event, sealed_below, 0, NULL, {self._idle_expired_sql()} "
@@ -360,7 +373,11 @@ class WorkerState:
                 got = script.run(cur)
                 if got["lock"].one()[0] != 1:
                     return None
-                infos = [got[f"info{n}"].one() for n in range(len(filenames))]
+                if len(filenames) == 1:
+                    infos = [got["info0"].one()]
+                else:
+                    by_name = {row[6]: row[:6] for row in got["infos"].rows}
+                    infos = [by_name.get(filename) or self._file_info_row(cur, filename) for filename in filenames]
                 past = self._past(cur, infos)
         except BaseException:
             # a statement after GET_LOCK failed: the lock must not outlive the task
@@ -383,6 +400,15 @@ class WorkerState:
         return [FileStart(FileInfo(file_id, decided, bool(complete), bool(pruned)), *past.get(file_id, ([], [])),
                           holds, time_text(clock), expired is None or bool(expired))
                 for file_id, decided, complete, pruned, _, _ in infos]
+
+    def _file_info_row(self, cur, filename: str) -> tuple:
+        """A file's `_FILE_INFO_SQL` row on its own: a group's file whose row came back under
+        another spelling (the column's collation makes `a.txt` and `A.txt` one row), as
+        file after file would have found it."""
+        cur.execute("INSERT INTO worker_files (shard, filename) VALUES (%s,%s) "
+                    "ON DUPLICATE KEY UPDATE id=LAST_INSERT_ID(id)", (self.shard, filename))
+        cur.execute(_FILE_INFO_SQL)
+        return cur.fetchone()
 
     def _past(self, cur, infos: list) -> dict[int, tuple[list[BatchRecord], list[Hold]]]:
         """The records and resolved holds of the files whose row says they have some (file id:
@@ -418,6 +444,27 @@ class WorkerState:
             f"UPDATE worker_files SET lines_decided={first_line + count - 1:d}, complete={int(complete):d}, "
             f"newest_event=GREATEST(COALESCE(newest_event, {newest}), COALESCE({newest}, newest_event)) "
             f"WHERE id={file_id:d}"]
+
+    @staticmethod
+    def records_sql(conn, records: list[tuple]) -> list[str]:
+        """`record_sql` for a group's files, each (file_id, first_line, count, digest, codes,
+        complete, newest_in_batch): one INSERT of every file's batch row and one UPDATE of
+        every file's progress, two statements a group instead of two a file. The same rows
+        and values as `record_sql` file after file (the files are distinct rows)."""
+        if len(records) == 1:
+            return WorkerState.record_sql(conn, *records[0])
+        lit = db.literal_renderer(conn)
+        batches = ",".join(f"({file_id:d},{first:d},{count:d},{lit(digest)},{lit(pack_codes(codes))})"
+                           for file_id, first, count, digest, codes, _, _ in records)
+        decided = " ".join(f"WHEN {r[0]:d} THEN {r[1] + r[2] - 1:d}" for r in records)
+        complete = " ".join(f"WHEN {r[0]:d} THEN {int(r[5]):d}" for r in records)
+        newest = " ".join(f"WHEN {r[0]:d} THEN GREATEST(COALESCE(newest_event, {n}), COALESCE({n}, newest_event))"
+                          for r in records for n in (lit(r[6]),))
+        ids = ",".join(f"{r[0]:d}" for r in records)
+        return [
+            "INSERT INTO worker_batches (file_id, first_line, line_count, digest, codes) VALUES " + batches,
+            f"UPDATE worker_files SET lines_decided=CASE id {decided} END, complete=CASE id {complete} END, "
+            f"newest_event=CASE id {newest} END WHERE id IN ({ids})"]
 
     # -- the shard clock ---------------------------------------------------------------------------
 
