@@ -85,6 +85,9 @@ def main() -> None:
         print(f"pair {n}: {side} done", flush=True)
     print(f"\nmedians of {args.pairs} pairs (ABBA), this tree {ROOT} against {roots['other']}; runs in {out}")
     rows = summary(docs["this"], docs["other"])
+    if not rows:   # latency and idle have none of the compared figures: read the runs' outputs
+        print("  none of the compared figures (events/s, CPU per event and per file) in these workloads")
+        return
     width = max(len(r[0]) for r in rows)
     for name, here, there, lower, pairs in rows:
         print(f"  {name:<{width}}  {here:>10,.2f}  {there:>10,.2f}  this lower in {lower} of {pairs}")

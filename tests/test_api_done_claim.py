@@ -692,3 +692,69 @@ def test_an_ordered_claims_gate_reads_a_few_rows_whatever_the_backlog_upstream(m
             assert cur.fetchall() == ((0, None),)
     finally:
         conn.close()
+
+
+def test_a_batch_dones_log_rows_are_read_from_the_tasks_without_a_temporary_table(make_database):
+    """A `done-batch`'s log INSERT read its items from a derived table of constants joined to
+    the tasks: two temporary tables and a sort a statement, on every report of a small file.
+    It reads the tasks' rows alone now, each item's events and stats picked by its position:
+    no temporary table, and the same rows (each task its own events and stats, logged in the
+    items' order, whatever the tasks' ids)."""
+    import orjson
+
+    from app.api import tracking
+    from app.stages import Stage
+
+    url = make_database("batch_log")
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 4, 60, 3)
+    tracker.schema.ensure()
+    for name in ("2028a", "2028b"):
+        tracker.register(name, [0, 1], True, "ingest")
+    held = tracker.claim("shard-splitter", 4, None, "s")
+    items = [(r["filename"], r["shard"], 100 + k, orjson.dumps({"k": k}).decode(), [])
+             for k, r in enumerate(reversed(held))]
+    statements, _ = tracker.transitions.done_many_sql(Stage.SPLITTER, items, "s")
+    conn = db.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("START TRANSACTION")
+            for sql, args in statements[:2]:
+                cur.execute(sql, args)
+            assert cur.fetchall()[0][0] == 4
+            cur.execute("SHOW SESSION STATUS LIKE 'Created_tmp_tables'")
+            before = int(cur.fetchone()[1])
+            assert cur.execute(*statements[2]) == 4
+            cur.execute("SHOW SESSION STATUS LIKE 'Created_tmp_tables'")
+            assert int(cur.fetchone()[1]) - before == 0
+            conn.commit()
+            cur.execute("SELECT filename, shard, events, stats, actor FROM pipeline_transitions"
+                        " WHERE stage='shard-splitter' AND action='done' ORDER BY id")
+            assert cur.fetchall() == tuple((f, s, e, st, "s") for f, s, e, st, _ in items)
+    finally:
+        conn.close()
+
+
+def test_a_dones_rejected_lines_are_counted_without_a_temporary_table_and_only_when_it_took_effect(make_database):
+    """The rejected-lines counters of a `done` (one statement, gated on the done's UPDATE having
+    moved its tasks) were a derived table of the reasons: two temporary tables a statement. One
+    INSERT ... VALUES now: no temporary table; a false gate still adds nothing."""
+    from app.api import tracking
+    from app.api.transitions import rejected_sql
+    from app.stages import Stage
+
+    url = make_database("rejected_counts")
+    tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3).schema.ensure()
+    conn = db.connect(url)
+    try:
+        with conn.cursor() as cur:
+            for took in (0, 1, 1):
+                cur.execute("SET @pipeline_done = %s", (took,))
+                cur.execute("SHOW SESSION STATUS LIKE 'Created_tmp_tables'")
+                before = int(cur.fetchone()[1])
+                cur.execute(*rejected_sql(Stage.WORKER, [("bad_json", 2), ("duplicate", 5)], "@pipeline_done = 1"))
+                cur.execute("SHOW SESSION STATUS LIKE 'Created_tmp_tables'")
+                assert int(cur.fetchone()[1]) - before == 0
+            cur.execute("SELECT stage, reason, n FROM pipeline_rejected_counts ORDER BY reason")
+            assert cur.fetchall() == (("shard-worker", "bad_json", 4), ("shard-worker", "duplicate", 10))
+    finally:
+        conn.close()

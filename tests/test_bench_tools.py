@@ -139,6 +139,18 @@ def test_credits_bench_credits_every_drawn_order_once_in_each_shape():
     assert {shape: credited for shape, (credited, _) in figures.items()} == {"odku": 200, "order_id": 200, "key": 200}
 
 
+def test_ledger_load_bench_ends_with_the_same_ledger_in_every_form():
+    """bench/ledger_load.py: each candidate form of `worker_orders` loads every row, reads the
+    stored ids, credits each drawn order once and prunes the same files: the same rows and
+    credits at the end, whatever the keys (the figures compare equal work)."""
+    from bench import ledger_load
+    figures = ledger_load.main(["--prefill", "9000", "--rows", "300", "--rounds", "4", "--prune-files", "1",
+                                "--settle", "0", "--variants", ",".join(ledger_load.VARIANTS)])
+    assert set(figures) == set(ledger_load.VARIANTS)
+    [(rows, credited)] = {(f["rows"], f["credited"]) for f in figures.values()}
+    assert rows == 2 * 4300 + 4 * 300 - 4300 and 0 < credited <= 4 * 30   # the pruned file's credits gone
+
+
 def test_young_seal_bench_moves_every_row_in_each_mode():
     """bench/young_seal.py: each way of emptying the young table (DELETE, TRUNCATE TABLE,
     TRUNCATE PARTITION of the epoch ring) ends with every row in the main table once."""

@@ -175,6 +175,32 @@ def test_lines_rendered_a_batch_at_a_time_are_the_lines_rendered_one_by_one(sour
         assert render.lines(events[:1], shop_of) == one_by_one[0] and render.lines([], shop_of) == b""
 
 
+_MAYBE_ID = st.one_of(st.none(), st.integers(-2**63, 2**63 - 1))
+_AMOUNTS = st.one_of(st.none(), st.decimals(allow_nan=True, allow_infinity=True), st.integers(-10**15, 10**15).map(
+    lambda c: Decimal(c).scaleb(-2)))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), _MAYBE_ID, _MAYBE_ID, _MAYBE_ID, _MAYBE_ID, _MAYBE_ID, _AMOUNTS,
+                          st.booleans(), st.integers(0, 2**63 - 1)), max_size=12),
+       st.sampled_from([0, 1]), st.sampled_from([SOURCE, "2026%d05%s", 'odd "name" \\ é']))
+def test_lines_render_every_field_an_event_holds_as_one_by_one(fields, shard, source):
+    """`PreparedLines.lines` prints each field the Event holds, whatever its type, as the
+    one-line template does: it takes no type's null fields on trust (a restock with a user, a
+    purchase without a qty, an amount in any Decimal's form); payloads as copied text or parsed."""
+    events, shop_of = [], {}
+    for etype, shop, user, order, good, qty, amount, copied, key in fields:
+        payload = {"n": key, "s": "é\"\\"}
+        ev = Event(etype, T, orjson.dumps(payload) if copied else None, None if copied else payload,
+                   f"{etype}:h{key:x}", None, shop, user, order, good, qty, amount)
+        if etype == RETURN:
+            shop_of[order] = shop if shop is not None else key
+        events.append(ev)
+    render = PreparedLines(shard, source)
+    one_by_one = [render(ev, shop_of[ev.order_id] if ev.etype == RETURN else ev.shop_id) for ev in events]
+    assert render.lines(events, shop_of) == b"".join(one_by_one)
+
+
 def reference_time(ts) -> bool:
     """What `valid_time` means, without its caches."""
     if type(ts) is not str or not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}", ts):

@@ -200,7 +200,7 @@ class Api:
         self.tracker = tracking.Tracker(self.conns, settings.shard_count, settings.lease_seconds,
                                         settings.max_attempts)
         self.metrics = metrics.Metrics(self.tracker.store)
-        self.watch = wakeup.ReadyWatch(lambda: self.tracker.store.read(metrics.SCRAPE_SQL[0]),
+        self.watch = wakeup.ReadyWatch(lambda: self.tracker.store.read(wakeup.SQL_WATCH),
                                        settings.api_wait_poll, on_error=self.conns.discard)
         self._last_reap = 0.0
         self.app = bottle.Bottle()
