@@ -786,7 +786,8 @@ class WorkerState:
     def _truncate(self, cur, partitions: list[str], below: int) -> None:
         """Empty ring partitions whose keys the committed pass packed. TRUNCATE PARTITION waits
         for every open transaction on worker_seen (the other shards' batches) at most
-        TRUNCATE_LOCK_WAIT; then the keys are deleted, as before 0008."""
+        TRUNCATE_LOCK_WAIT (or is a metadata deadlock's victim); then the keys are deleted, as
+        before 0008."""
         names = ",".join(partitions)
         try:
             cur.execute("SET SESSION lock_wait_timeout = %s", (TRUNCATE_LOCK_WAIT,))
@@ -796,6 +797,7 @@ class WorkerState:
             finally:
                 cur.execute("SET SESSION lock_wait_timeout = DEFAULT")
         except pymysql.err.MySQLError as exc:
-            if not exc.args or exc.args[0] != db.LOCK_WAIT_TIMEOUT:
+            # the wait ran out, or the server chose this DDL as a metadata deadlock's victim
+            if not exc.args or exc.args[0] not in db.DEADLOCK_CODES:
                 raise
         cur.execute(f"DELETE FROM worker_seen PARTITION ({names}) WHERE shard={self.shard:d} AND bucket < {below:d}")
