@@ -541,12 +541,21 @@ class Bench:
     work: Path
     profile_dir: Path | None = None
     count: bool = False          # API requests per file (the counting wrapper around the API)
+    server_threads: bool = False  # the server's CPU by thread in each window (--profile does)
     results: dict = field(default_factory=dict)
 
     def measured(self, run: Run, files: list[Path], label: str) -> dict:
         """A window, profiled with --profile (big and small files only)."""
         spies = self._start_profile(run, label) if self.profile_dir else None
+        sampler = None
+        if (self.server_threads or self.profile_dir) and self.server.pid:
+            sampler = self._thread_sampler(run).start()
         result = run.window(files)
+        if sampler is not None:
+            from bench import server_threads
+            result["server_threads_s"] = sampler.stop()
+            result["server_threads_us_per_event"] = server_threads.summary(result["server_threads_s"],
+                                                                           result["events"])
         if spies is not None:
             result["profile"] = self._stop_profile(run, spies, result)
         return result
@@ -743,6 +752,11 @@ class Bench:
             f"{t} {b}" for t, b in st.get("pipeline_index_bytes_per_event", {}).items() if b >= 0.05))
         log(f"    SQL statements per file: {r['sql_per_file_total']} (" +
             ", ".join(f"{k} {v}" for k, v in list(r["sql_per_file"].items())[:8]) + ")")
+        if "server_threads_s" in r:
+            log("    server CPU by thread, us/event (bench/server_threads.py): " + "; ".join(
+                f"{k} {v}" for k, v in r["server_threads_us_per_event"].items()))
+            log("      by connection and database: " + "; ".join(
+                f"{k} {round(1e6 * v / r['events'], 2)}" for k, v in r["server_threads_s"].items()))
         if "api_requests_per_file" in r:
             log(f"    API requests per file: {r['api_requests_per_file_total']} (" +
                 ", ".join(f"{k} {v}" for k, v in r["api_requests_per_file"].items()) + ")")
@@ -760,6 +774,28 @@ class Bench:
                    "sender-0": (pids["mysql-sender-0-r1"], False), "api": (pids["api"], True)}
         return {name: profiling.Spy(name, pid, self.profile_dir / f"{label}-{name}.txt", sub)
                 for name, (pid, sub) in targets.items()}
+
+    def _thread_sampler(self, run: Run):
+        """The server's CPU by thread: connections by the stage that opened them, InnoDB's own
+        threads by name (bench/server_threads.py)."""
+        from bench import server_threads
+        owners: dict[int, str] = {}
+
+        def owner_of(pid: int) -> str:
+            if pid not in owners:
+                for name, root in run.processes().items():
+                    for p in procstat.tree(root):
+                        owners[p] = group_of(name)
+                owners.setdefault(os.getpid(), "bench")
+            return owners.get(pid, "other")
+
+        roles = {run.pipe.pipeline_db.database: "pipeline",
+                 **{url.database: f"shard{n}" for n, url in enumerate(run.pipe.shard_dbs)}}
+
+        def counted(n: int) -> None:     # its statements are the bench's, left out of Com_*
+            run.bench_statements += n
+
+        return server_threads.ThreadSampler(self.server.pid, self.server.connect, owner_of, roles, counted=counted)
 
     def _stop_profile(self, run: Run, spies, result: dict) -> dict:
         from bench import profiling
@@ -945,6 +981,9 @@ def main() -> None:
                              "into DIR")
     parser.add_argument("--count", action="store_true",
                         help="count the API's requests per file (a counter wrapped around the API; --profile does)")
+    parser.add_argument("--server-threads", action="store_true",
+                        help="the server's CPU by thread in each window: connections by the stage that opened them "
+                             "and their database, InnoDB's own threads (bench/server_threads.py; --profile does)")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
                         help="print the key figures of earlier --json files side by side, run nothing")
     sizes = Sizes()
@@ -976,7 +1015,8 @@ def main() -> None:
     log(f"server: {server.describe()}; load average {load_start:.1f}; workload folders "
         f"{'spread over block groups' if spread else 'not spread (no FS_TOPDIR_FL here)'}")
     log(f"sizes: {asdict(sizes)}")
-    bench = Bench(server, sizes, work, args.profile, args.count or bool(args.profile))
+    bench = Bench(server, sizes, work, args.profile, args.count or bool(args.profile),
+                  server_threads=args.server_threads)
     results: dict = {}
     started = time.monotonic()
     try:

@@ -222,3 +222,42 @@ def test_pairs_summary_medians_each_side_and_counts_where_this_tree_was_lower():
     assert rows["small workers us/event"] == [13.0, 13.0, 2, 3]
     assert rows["small server us/event"] == [10.0, 10.0, 0, 3]
     assert rows["small total ms/file beyond the per-event cost"] == [18.0, 19.0, 1, 3]
+
+
+def test_server_threads_books_a_connections_cpu_to_its_sender_and_database():
+    """The server's CPU split by thread (bench/server_threads.py, new): a connection that burns
+    CPU on the server is booked to the process that opened it (its `_pid` attribute) and to its
+    database's role, InnoDB's own threads by their performance_schema names, the sampler's own
+    connection apart, and its statements reported to the bench (left out of Com_*)."""
+    import os
+    from bench import server_threads
+    from tests import servers
+    server = servers.new_private_mariadb(["--performance-schema=ON"])
+    try:
+        admin = servers.admin_connect(port=server.port)
+        with admin.cursor() as cur:
+            cur.execute("CREATE DATABASE burn")
+        client = pymysql.connect(host="127.0.0.1", port=server.port, user=servers.MYSQL_USER,
+                                 password=servers.MYSQL_PASSWORD, database="burn", autocommit=True)
+        counted = []
+        sampler = server_threads.ThreadSampler(
+            server.proc.pid, lambda: servers.admin_connect(port=server.port),
+            owner_of_pid=lambda pid: "me" if pid == os.getpid() else "other", roles={"burn": "burner"},
+            interval=0.1, counted=counted.append).start()
+        with client.cursor() as cur:
+            cur.execute("SELECT BENCHMARK(3000000, MD5('x'))")
+        time.sleep(0.3)
+        seconds = sampler.stop()
+        burned = seconds.get("conn me @burner", 0)
+        assert burned >= 0.2, seconds
+        assert burned > 0.8 * sum(s for label, s in seconds.items() if label != "conn me @burner")
+        assert counted and all(n in (1, 2) for n in counted)
+        with admin.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM performance_schema.threads WHERE NAME LIKE 'thread/innodb/%%'")
+            assert cur.fetchone()[0] > 0        # InnoDB's threads have names to book them by
+        summary = server_threads.summary(seconds, events=1_000_000)
+        assert summary["connections: me"] >= 0.2
+        client.close()
+        admin.close()
+    finally:
+        server.stop()

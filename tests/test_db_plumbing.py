@@ -314,3 +314,37 @@ def test_an_error_after_a_remembered_shape_still_fails_its_statement(table):
                 pass
         cur.execute("SELECT COUNT(*) FROM t")
         assert cur.fetchall() == ((0,),)
+
+
+def test_a_refused_completion_load_splits_again_with_inserts(tmp_path):
+    """A file's completion loads its last chunk with LOAD DATA LOCAL on the bookkeeping
+    connection: refused there (local_infile off), nothing of the file is written, the split is
+    to run again (InfileRefused, retryable) and runs with INSERTs, the index complete."""
+    from app.daemon import Retryable
+    from app.splitter.order_index import InfileRefused
+    server = servers.new_private_mariadb(["--local-infile=0"])
+    try:
+        url = server.url("pipeline_db")
+        db.ensure_database(url)
+        index = OrderIndex(url)
+        index.ensure_schema()
+        routing = index.open_file("20260101000001", defer=True)
+        for line in range(1, 4):
+            routing.add_purchase(1000 + line, 7, line)
+        with pytest.raises(InfileRefused) as refused:
+            routing.finish()
+        routing.abort()
+        assert isinstance(refused.value, Retryable) and index.use_infile is False
+        assert servers.query(url, "SELECT COUNT(*) FROM splitter_file") == [(0,)]
+        routing = index.open_file("20260101000001", defer=True)
+        for line in range(1, 4):
+            routing.add_purchase(1000 + line, 7, line)
+        routing.finish()
+        assert servers.query(url, "SELECT filename, indexed_seq, purchases FROM splitter_file") == \
+            [("20260101000001", 1, 3)]
+        assert servers.query(url, "SELECT order_id, line, shop_id FROM splitter_order ORDER BY line") == \
+            [(1001, 1, 7), (1002, 2, 7), (1003, 3, 7)]
+        index.close()
+    finally:
+        server.stop()
+        shutil.rmtree(server.datadir, ignore_errors=True)

@@ -8,6 +8,7 @@ import time
 from decimal import Decimal
 
 import orjson
+import pymysql
 import pytest
 
 from app import db
@@ -947,3 +948,41 @@ def test_mariadb_reads_the_tsv_as_bytes_other_servers_as_utf8mb4(shard, tmp_path
     loads = [s for s in map(_text, sent) if "LOAD DATA" in s]
     assert len(loads) == 1 and " CHARACTER SET utf8mb4 " in loads[0], loads
     assert counts(url) == (8, 4)
+
+
+
+def test_mariadb_does_not_parse_each_payload_again_for_the_json_columns_check(shard, tmp_path):
+    """MariaDB's JSON column is LONGTEXT with CHECK (json_valid(payload)): the server parsed
+    again every payload the sender had parsed (~0.5 us of server CPU a row, 6% of the load:
+    docs/performance.md). On MariaDB the LOAD DATA of a file and of a batch now runs without
+    CHECK constraints (`SET STATEMENT check_constraint_checks = 0 FOR`): a probe constraint that
+    every row breaks does not stop it (it did: the LOAD skipped the rows with a warning, and the
+    INSERT it fell back to failed). What is stored is still valid JSON, the sender's bytes: a
+    payload json_valid would refuse is refused by the sender's own parse, nothing stored, and
+    so is a stricter one (`1.`, which json_valid takes). Another server gets the statement as
+    before, checks and all."""
+    url, conn = shard
+    query(url, "ALTER TABLE events ADD CONSTRAINT probe CHECK (qty IS NULL OR qty < 0)")
+    write(tmp_path / "p.txt", many(40))
+    assert loader.load_file(conn, tmp_path / "p.txt", SOURCE, 0, 2).loaded == 40
+    files = files_of(tmp_path, {NAMES[0]: 3, NAMES[1]: 2})
+    assert [r.loaded for r in loader.load_batch(conn, files, 0, 2)] == [3, 2]
+    assert query(url, "SELECT COUNT(*), SUM(JSON_VALID(payload)), SUM(qty = 2) FROM events") == ((45, 45, 45),)
+    stored = dict(query(url, "SELECT event_key, payload FROM events"))
+    assert stored["0:k7"] == orjson.dumps(many(40)[7]["payload"]).decode()
+    for bad in (b'{"shop_id":2,"good_id":3,"x":tru}', b'{"shop_id":2,"good_id":3,"x":"\\ud800"}',
+                b'{"shop_id":2,"good_id":3,"x":"a\x01b"}', b'{"shop_id":2,"good_id":3,"x":1.}'):
+        text = orjson.dumps(line("0:bad", 2, etype=0, source=OTHER, amount=None, payload={})).replace(
+            b'"payload":{}', b'"payload":' + bad) + b"\n"
+        write(tmp_path / "bad.txt", [text])
+        with pytest.raises(loader.BadLine):
+            loader.load_file(conn, tmp_path / "bad.txt", OTHER, 0, 2)
+    assert counts(url) == (45, 3)
+    conn.get_server_info = lambda: "8.0.36"
+    sent = servers.count_round_trips(conn)
+    write(tmp_path / "q.txt", many(2, prefix="m", source=OTHER))
+    with pytest.raises(pymysql.MySQLError):      # the probe holds: checked, refused
+        loader.load_file(conn, tmp_path / "q.txt", OTHER, 0, 2)
+    loads = [s for s in map(_text, sent) if "LOAD DATA" in s]
+    assert loads and not any("SET STATEMENT" in s for s in loads), loads
+    assert counts(url) == (45, 3)
