@@ -672,6 +672,7 @@ def test_a_groups_file_rows_are_made_and_read_in_two_statements_as_one_by_one(wo
     assert "G-NEW-1.TXT" not in ids
     assert (first.info.lines_decided, first.info.complete, first.records) == (0, False, [])
 
+
 def session_deletes(state) -> int:
     """Rows the state's connection deleted (Handler_delete: MariaDB counts a row of a partitioned
     table twice, its partition's and the table's handler; `DELETES_A_ROW` of these a row)."""
