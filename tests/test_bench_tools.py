@@ -160,6 +160,15 @@ def test_young_seal_bench_moves_every_row_in_each_mode():
     assert set(figures) == {"delete", "truncate", "partition"} and all(len(v) == 1 for v in figures.values())
 
 
+def test_seen_ring_bench_keeps_every_key_in_each_mode():
+    """bench/seen_ring.py: the worker's sealing pass on worker_seen as a ring (TRUNCATE
+    PARTITION) and as one table (DELETE) ends with every key loaded packed or still in
+    worker_seen, once (the bench checks it), in both modes."""
+    from bench import seen_ring
+    figures = seen_ring.main(["--keys", "200", "--rounds", "5", "--settle", "0", "--pairs", "1"])
+    assert set(figures) == {"delete", "ring"} and all(len(v) == 1 for v in figures.values())
+
+
 def test_profile_digests_name_each_statement_of_a_script_and_its_sender():
     """MariaDB gives every statement of a multi-statement packet after the first the first one's
     DIGEST_TEXT ("START TRANSACTION ;" for most of the worker's and the API's scripts): the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import struct
 import threading
 from decimal import Decimal
 
@@ -22,7 +23,9 @@ from app.events import event_key
 from app.worker.ledger import ALL_BALANCES
 from app.worker.rules import CODE, ORPHAN_RETURN, buyer_of, minute_of
 from app.worker import stage as stage_module
+from app.worker import state as state_module
 from app.worker.stage import WorkerStage
+from app.worker.state import WorkerState
 from tests import servers
 from tests.test_worker_support import purchase, refund, restock, shop_status, ts
 
@@ -302,7 +305,7 @@ def test_upgrade_from_0003_keeps_keys_and_balances_and_runs_again_from_the_top(m
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0004_lean_state",
                                                                  "worker 0005_packed_sealed_keys",
                                                                  "worker 0006_holds_in_place",
-                                                                 "worker 0007_young_balances"]
+                                                                 "worker 0007_young_balances", "worker 0008_seen_ring"]
         shape = sql(url, "SELECT table_name, column_name, column_type FROM information_schema.columns "
                          "WHERE table_schema=DATABASE() AND table_name LIKE %s ORDER BY 1, 2", ("worker%",))
         with conn.cursor() as cur:   # the migration again, from its first statement: it changes nothing
@@ -471,7 +474,7 @@ def test_upgrade_from_0004_packs_sealed_keys_and_runs_again_from_the_top_after_s
                 cur.execute(statement)
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0005_packed_sealed_keys",
                                                                  "worker 0006_holds_in_place",
-                                                                 "worker 0007_young_balances"]
+                                                                 "worker 0007_young_balances", "worker 0008_seen_ring"]
         with conn.cursor() as cur:   # and once more from its first statement: nothing changes
             for statement in statements:
                 cur.execute(statement)
@@ -561,7 +564,7 @@ def test_upgrade_from_0005_keeps_holds_as_they_were_and_runs_again_from_the_top_
                 cur.execute(statement)
         conn.commit()
         assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0006_holds_in_place",
-                                                                 "worker 0007_young_balances"]
+                                                                 "worker 0007_young_balances", "worker 0008_seen_ring"]
         with conn.cursor() as cur:   # and once more from its first statement: nothing changes
             for statement in statements:
                 cur.execute(statement)
@@ -605,7 +608,7 @@ def test_upgrade_from_0006_keeps_balances_where_they_are_and_runs_again(make_dat
     monkeypatch.setattr(db, "SQL_DIR", current_sql)
     conn = db.connect(url)
     try:
-        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0007_young_balances"]
+        assert [str(m) for m in db.migrate(conn, "worker")] == ["worker 0007_young_balances", "worker 0008_seen_ring"]
         with conn.cursor() as cur:
             for statement in db.migrations("worker")[6].statements():
                 cur.execute(statement)
@@ -668,3 +671,109 @@ def test_a_groups_file_rows_are_made_and_read_in_two_statements_as_one_by_one(wo
     assert first.info.id == twin.info.id == ids["g-new-1.txt"] < second.info.id == ids["g-new-2.txt"]
     assert "G-NEW-1.TXT" not in ids
     assert (first.info.lines_decided, first.info.complete, first.records) == (0, False, [])
+
+
+def session_deletes(state) -> int:
+    """Rows the state's connection deleted (Handler_delete: MariaDB counts a row of a partitioned
+    table twice, its partition's and the table's handler; `DELETES_A_ROW` of these a row)."""
+    with state.conn.cursor() as cur:
+        cur.execute("SHOW SESSION STATUS LIKE 'Handler_delete'")
+        return int(cur.fetchone()[1])
+
+
+DELETES_A_ROW = (1, 2)
+
+
+def test_a_sealing_pass_truncates_the_ring_partitions_of_sealed_minutes_and_deletes_no_key(worker):
+    """0008: worker_seen is a ring of partitions by minute (8 a shard); a pass that packed every
+    key of a partition's minutes empties it by TRUNCATE PARTITION, where it deleted the keys one
+    by one (400 row deletes, then InnoDB's purge). The keys stay found, by a worker that never
+    saw them, and a re-run is identical."""
+    w = worker()
+    f1 = [restock(m * MINUTE + i, 2, 1, 1) for m in range(2) for i in range(200)]
+    w.decide(F1, f1)
+    assert keys(w.url) == {"worker_seen": 400, "worker_seen_sealed": 0}
+    state = w.stage.state
+    before = session_deletes(state)
+    w.decide(F2, [restock(4 * MINUTE, 2, 1, 1)])   # the clock at minute 4: minutes 0 and 1 sealed
+    assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 400}
+    assert session_deletes(state) - before == 0
+    w.close()
+    fresh = worker()
+    fresh.decide(F3, [f1[3], f1[250], restock(4 * MINUTE, 2, 1, 1), restock(4 * MINUTE + 1, 2, 1, 1)])
+    assert fresh.reasons(F3) == ["duplicate", "duplicate", "duplicate"]
+    first = fresh.outputs(F3)
+    fresh.again(F3)
+    assert fresh.outputs(F3) == first
+
+
+def test_a_ring_partition_that_also_holds_unsealed_minutes_keeps_them_and_loses_its_sealed_keys(worker):
+    """A file spanning more minutes than the ring has partitions: the sealed minutes that share a
+    partition with minutes still unsealed are deleted from it (those minutes stay, and stay
+    found), the other partitions are truncated; every key is either packed or in worker_seen."""
+    w = worker()
+    f1 = [restock(m * MINUTE + i, 2, 1, 1) for m in range(11) for i in range(10)]
+    state = w.stage.state
+    w.decide(F1, f1[:1])
+    before = session_deletes(state)
+    w.decide(F2, f1)    # clock at minute 10: minutes 0-7 sealed, 8-10 not (their slots hold 0-2 too)
+    assert keys(w.url) == {"worker_seen": 30, "worker_seen_sealed": 80}
+    # minutes 0, 1, 2 (in the partitions of 8, 9, 10) deleted, the other five truncated
+    assert session_deletes(state) - before in [30 * n for n in DELETES_A_ROW]
+    assert sorted(sql(w.url, "SELECT bucket - %s, COUNT(*) FROM worker_seen GROUP BY bucket",
+                      (minute_of(ts(0)),))) == [(8, 10), (9, 10), (10, 10)]
+    w.close()
+    fresh = worker()
+    fresh.decide(F3, [f1[5], f1[75], f1[85], f1[105], restock(10 * MINUTE + 11, 2, 1, 1)])
+    assert fresh.reasons(F3) == ["duplicate"] * 4
+
+
+def test_a_worker_killed_between_the_pack_and_the_truncation_loses_no_key(worker, monkeypatch):
+    """The pass commits its pack and `sealed_below`, then truncates: killed in between, the
+    packed keys stay in worker_seen too. They are found (a sealed minute is looked up in both
+    tables), nothing is decided twice, and the next pass packs them again and empties them."""
+    w = worker()
+    f1 = [restock(m * MINUTE + i, 2, 1, 1) for m in range(2) for i in range(100)]
+    w.decide(F1, f1)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed between the pack and the truncation")
+    monkeypatch.setattr(WorkerState, "_truncate", killed)
+    with pytest.raises((KeyboardInterrupt, TaskFailed)):
+        w.decide(F2, [restock(4 * MINUTE, 2, 1, 1)])
+    w.stage.state.close()
+    monkeypatch.undo()
+    assert keys(w.url) == {"worker_seen": 201, "worker_seen_sealed": 200}
+    fresh = worker()
+    fresh.decide(F2, [restock(4 * MINUTE, 2, 1, 1)])
+    fresh.decide(F3, [f1[3], f1[150], restock(4 * MINUTE + 1, 2, 1, 1), restock(5 * MINUTE, 2, 1, 1)])
+    assert fresh.reasons(F3) == ["duplicate", "duplicate"]
+    # the next pass (the clock at minute 5 now) packed the leftovers again (their hashes twice in
+    # their parts' rows) and emptied them; minutes 4 and 5 are not sealed
+    assert keys(w.url) == {"worker_seen": 3, "worker_seen_sealed": 400}
+    packed = set()
+    for (raw,) in sql(w.url, "SELECT hashes FROM worker_seen_sealed"):
+        packed.update(h for (h,) in struct.iter_unpack(">q", raw))
+    assert len(packed) == 200
+
+
+def test_a_truncation_waits_for_the_other_shards_transaction_then_deletes_instead(worker, monkeypatch):
+    """TRUNCATE PARTITION needs worker_seen's metadata lock: an open transaction of another
+    shard's worker on the table holds it back at most TRUNCATE_LOCK_WAIT; then the pass deletes
+    the partition's keys (packed and committed already), as before the ring."""
+    monkeypatch.setattr(state_module, "TRUNCATE_LOCK_WAIT", 1)
+    w = worker()
+    w.decide(F1, [restock(m * MINUTE + i, 2, 1, 1) for m in range(2) for i in range(50)])
+    other = db.connect(w.url)
+    try:
+        other.begin()
+        with other.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM worker_seen WHERE shard=1")
+        state = w.stage.state
+        before = session_deletes(state)
+        w.decide(F2, [restock(4 * MINUTE, 2, 1, 1)])
+        assert session_deletes(state) - before in [100 * n for n in DELETES_A_ROW]
+    finally:
+        other.rollback()
+        other.close()
+    assert keys(w.url) == {"worker_seen": 1, "worker_seen_sealed": 100}

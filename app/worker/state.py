@@ -47,6 +47,30 @@ SEAL_SQL = ("INSERT INTO worker_seen_sealed (shard, bucket, part, hashes) SELECT
             "GROUP_CONCAT(UNHEX(LPAD(HEX(hash), 16, '0')) ORDER BY hash SEPARATOR '') AS packed FROM worker_seen "
             "WHERE shard=%s AND bucket < %s GROUP BY shard, bucket, hash >> 56) p ORDER BY p.bucket, p.part "
             "ON DUPLICATE KEY UPDATE hashes=CONCAT(worker_seen_sealed.hashes, p.packed)")
+# worker_seen is a ring (db/migrations/worker/0008): shards 0 to SEEN_RING_SHARDS-1 have
+# SEEN_RING partitions each, a minute's keys in `s<shard>m<abs(minute) % SEEN_RING>`, so a sealing
+# pass empties a partition that holds no minute still unsealed by TRUNCATE PARTITION (no row
+# deleted, nothing for InnoDB's purge) and deletes only the sealed keys of partitions that also
+# hold unsealed minutes. Other shards' keys are deleted, as before 0008.
+SEEN_RING = 8
+SEEN_RING_SHARDS = 4
+# seconds a TRUNCATE PARTITION waits for the other workers' open transactions on worker_seen
+# (its metadata lock); then the partitions' keys are deleted instead
+TRUNCATE_LOCK_WAIT = 10
+_SEEN_RING_SQL = ("SELECT COUNT(*) FROM information_schema.partitions WHERE table_schema=DATABASE() "
+                  "AND table_name='worker_seen' AND partition_name LIKE 's%m%'")
+
+
+def seen_partition(shard: int, slot: int) -> str:
+    return f"s{shard:d}m{slot:d}"
+
+
+def ring_slots(first: int, last: int) -> set[int]:
+    """The ring's slots (partitions of a shard) of the minutes first..last (none if last < first),
+    as the partitioning expression places them: MOD(ABS(bucket), SEEN_RING)."""
+    if last - first + 1 >= SEEN_RING:
+        return set(range(SEEN_RING))
+    return {abs(m) % SEEN_RING for m in range(first, last + 1)}
 
 
 # A record's codes (one byte a line, each below 255: app/worker/rules.py CODE) are stored
@@ -234,6 +258,9 @@ class WorkerState:
         # worker_seen until the next sealing pass), the others in worker_seen;
         # read with the shard lock (`start_file`), changed only by its holder (`seal`)
         self.sealed_below = NOTHING_SEALED
+        # worker_seen is partitioned as a ring for this shard (0008; `_prepare` looks): the
+        # sealing pass truncates partitions; otherwise it deletes keys
+        self.seen_ring = False
         # local_infile: a batch's state rows go in by LOAD DATA LOCAL (`db.Script.load`), unless
         # the server refuses it (local_infile off, MySQL 8.0's default): INSERTs then
         self.use_infile = True
@@ -269,6 +296,9 @@ class WorkerState:
             cur.execute("SET SESSION group_concat_max_len = %s", (GROUP_CONCAT_MAX,))
             cur.execute("INSERT INTO worker_shards (shard) VALUES (%s) ON DUPLICATE KEY UPDATE shard=shard",
                         (self.shard,))
+            # a worker_seen dropped by hand comes back from 0001 and 0003, not partitioned
+            cur.execute(_SEEN_RING_SQL)
+            self.seen_ring = 0 <= self.shard < SEEN_RING_SHARDS and cur.fetchone()[0] == SEEN_RING * SEEN_RING_SHARDS
 
     def infile_refused(self, exc: BaseException) -> bool:
         """Whether `exc` is the server refusing LOAD DATA LOCAL, the first time: from now on the
@@ -754,13 +784,67 @@ class WorkerState:
                     if self.conn._result is not None and self.conn._result.warning_count:
                         cur.execute("SHOW WARNINGS")
                         raise pymysql.err.DataError(1260, f"sealing dedup keys: {cur.fetchall()}")
-                    moved = cur.execute("DELETE FROM worker_seen WHERE shard=%s AND bucket < %s", (shard, below))
+                    if self.seen_ring:
+                        moved, empty = self._empty_sealed(cur, below)
+                    else:
+                        moved, empty = cur.execute("DELETE FROM worker_seen WHERE shard=%s AND bucket < %s",
+                                                   (shard, below)), []
                     cur.execute("UPDATE worker_shards SET sealed_below=%s WHERE shard=%s", (below, shard))
                 else:
-                    below, moved = floor, 0
+                    below, moved, empty = floor, 0, []
                 self.conn.commit()
             except BaseException:
                 self.conn.rollback()
                 raise
-        self.sealed_below = below
+            self.sealed_below = below
+            if empty:
+                self._truncate(cur, empty, below)
         return moved
+
+    def _empty_sealed(self, cur, below: int) -> tuple[int, list[str]]:
+        """In the sealing pass's transaction, after its pack: delete the packed keys (minutes
+        before `below`) of the ring's partitions that also hold minutes not sealed (`below` up to
+        the newest key's minute), and count those of the partitions that hold none, to be
+        truncated once the pass committed (`_truncate`): (keys moved, those partitions). Only the
+        shard lock's holder writes the shard's keys, so nothing lands in them meanwhile; a
+        worker killed before the truncation leaves packed keys there, which the next pass packs
+        again (a part's row then holds those hashes twice: the lookups read a set) and empties."""
+        shard = self.shard
+        cur.execute("SELECT MIN(bucket), MAX(bucket) FROM worker_seen WHERE shard=%s", (shard,))
+        low, high = cur.fetchone()
+        if low is None or low >= below:
+            return 0, []
+        live = ring_slots(below, high)
+        sealed = ring_slots(low, below - 1)
+        moved = 0
+        if sealed & live:
+            moved = cur.execute(f"DELETE FROM worker_seen PARTITION "
+                                f"({','.join(seen_partition(shard, j) for j in sorted(sealed & live))}) "
+                                f"WHERE shard={shard:d} AND bucket < {below:d}")
+        empty = [seen_partition(shard, j) for j in sorted(sealed - live)]
+        if empty:
+            cur.execute(f"SELECT COUNT(*) FROM worker_seen PARTITION ({','.join(empty)})")
+            count = cur.fetchone()[0]
+            moved += count
+            if not count:
+                empty = []
+        return moved, empty
+
+    def _truncate(self, cur, partitions: list[str], below: int) -> None:
+        """Empty ring partitions whose keys the committed pass packed. TRUNCATE PARTITION waits
+        for every open transaction on worker_seen (the other shards' batches) at most
+        TRUNCATE_LOCK_WAIT (or is a metadata deadlock's victim); then the keys are deleted, as
+        before 0008."""
+        names = ",".join(partitions)
+        try:
+            cur.execute("SET SESSION lock_wait_timeout = %s", (TRUNCATE_LOCK_WAIT,))
+            try:
+                cur.execute(f"ALTER TABLE worker_seen TRUNCATE PARTITION {names}")
+                return
+            finally:
+                cur.execute("SET SESSION lock_wait_timeout = DEFAULT")
+        except pymysql.err.MySQLError as exc:
+            # the wait ran out, or the server chose this DDL as a metadata deadlock's victim
+            if not exc.args or exc.args[0] not in db.DEADLOCK_CODES:
+                raise
+        cur.execute(f"DELETE FROM worker_seen PARTITION ({names}) WHERE shard={self.shard:d} AND bucket < {below:d}")
