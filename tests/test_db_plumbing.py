@@ -348,3 +348,82 @@ def test_a_refused_completion_load_splits_again_with_inserts(tmp_path):
     finally:
         server.stop()
         shutil.rmtree(server.datadir, ignore_errors=True)
+
+
+def test_a_scripts_ok_packets_are_read_without_a_result_object_each(table, monkeypatch):
+    """A script's INSERT, UPDATE, DELETE, DO, START and COMMIT answer OK packets, which are read
+    without PyMySQL's result object each (its construction and the cursor's bookkeeping cost
+    ~3 µs a statement): of ten statements sent together only the first (read by `execute`)
+    and the SELECT's result set make one. The counts,
+    insert ids, rows (a DictCursor's dicts too) and the connection's state are as before."""
+    url, conn = table
+    made = [0]
+    init = pymysql.connections.MySQLResult.__init__
+
+    def counted(self, connection):
+        made[0] += 1
+        init(self, connection)
+    monkeypatch.setattr(pymysql.connections.MySQLResult, "__init__", counted)
+    for cursor_class in (pymysql.cursors.Cursor, pymysql.cursors.DictCursor):
+        made[0] = 0
+        script = db.Script()
+        script.add("begin", "START TRANSACTION")
+        script.add("put", "INSERT INTO t (v) VALUES (%s), (%s)", ("a", "b"))
+        script.add("bump", "UPDATE t SET v = CONCAT(v, '!') WHERE v IN ('a', 'b')")
+        script.add("none", "UPDATE t SET v = 'x' WHERE id < 0")
+        script.add("do", "DO 1")
+        script.add("read", "SELECT COUNT(*) AS n FROM t")
+        script.add("one", "INSERT INTO t (v) VALUES (%s)", ("c",))
+        script.add("drop", "DELETE FROM t WHERE v = %s", ("c",))
+        script.add("do", "DO 2")
+        script.add("end", "COMMIT")
+        with conn.cursor(cursor_class) as cur:
+            got = script.run(cur)
+            assert made[0] == 2
+            first = 1 if cursor_class is pymysql.cursors.Cursor else 4
+            assert got["put"].rowcount == 2 and got["put"].lastrowid == first
+            assert got["bump"].rowcount == 2 and got["none"].rowcount == 0
+            assert got["one"].rowcount == 1 and got["one"].lastrowid == first + 2 and got["drop"].rowcount == 1
+            assert got["read"].rows == ([(2,)] if first == 1 else [{"n": 4}])
+            assert got["do"] == db.Result([], 0, 0)
+            assert not conn._result.has_next and cur.nextset() is None   # nothing left unread
+            assert not conn.server_status & pymysql.constants.SERVER_STATUS.SERVER_STATUS_IN_TRANS
+            cur.execute("SELECT COUNT(*) FROM t")
+            assert len(cur.fetchall()) == 1
+    assert servers.query(url, "SELECT COUNT(*) FROM t") == [(4,)]
+
+
+def test_a_failing_statement_of_a_script_is_named_and_nothing_is_left_unread(table):
+    """The server runs nothing after a script's failing statement: its error is PyMySQL's own
+    (class, code, message), with a note naming the statement; the connection is usable at
+    once. Counts beyond one byte in an OK packet (affected rows, insert ids) are exact, and a
+    CALL's result sets beyond the ones the script expects are read, not left pending."""
+    url, conn = table
+    with conn.cursor() as cur:
+        cur.execute("CREATE PROCEDURE sets() BEGIN SELECT 1; SELECT 2; END")
+        script = db.Script()
+        script.add("begin", "START TRANSACTION")
+        script.add("many", "INSERT INTO t (v) SELECT seq FROM seq_1_to_300")
+        script.add("jump", "INSERT INTO t (id, v) VALUES (70000, 'far')")
+        script.add("all", "UPDATE t SET v = CONCAT(v, '.')")
+        script.add("dup", "INSERT INTO t (id, v) VALUES (%s, %s)", (1, "again"))
+        script.add("never", "INSERT INTO t (v) VALUES ('never')")
+        with pytest.raises(pymysql.err.IntegrityError) as caught:
+            script.run(cur)
+        assert caught.value.args[0] == db.DUP_ENTRY and "Duplicate entry" in caught.value.args[1]
+        assert caught.value.__notes__ == ["in statement 5 of 6 sent together (tag 'dup'): "
+                                          "INSERT INTO t (id, v) VALUES (1, 'again')"]
+        cur.execute("SELECT COUNT(*), MAX(id) FROM t")   # in sync: the next statement's own answer
+        assert cur.fetchall() == ((301, 70000),)
+        conn.rollback()
+        script = db.Script()
+        script.add("many", "INSERT INTO t (v) SELECT seq FROM seq_1_to_300")
+        script.add("jump", "INSERT INTO t (id, v) VALUES (70000, 'far')")
+        script.add("all", "UPDATE t SET v = CONCAT(v, '.')")
+        script.add("sets", db.Call("CALL sets()"))
+        got = script.run(cur)
+        assert got["many"].rowcount == 300 and got["jump"].lastrowid == 70000 and got["all"].rowcount == 301
+        assert got["sets"].rows == [(1,)]
+        assert conn._result is not None and not conn._result.has_next
+        cur.execute("SELECT 3")
+        assert cur.fetchall() == ((3,),)
