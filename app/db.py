@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ from importlib import resources
 
 import pymysql
 import pymysql.cursors
-from pymysql.constants import COMMAND, CR, ER, SERVER_STATUS
-from pymysql.protocol import LoadLocalPacketWrapper, MysqlPacket, OKPacketWrapper
+from pymysql.constants import CR, ER
+from pymysql.protocol import LoadLocalPacketWrapper, MysqlPacket
 
 from .config import MySQLURL
 
@@ -615,61 +614,6 @@ class Call(str):
     then sends the CALL's own OK as one more result, which `Script` reads with it."""
 
 
-class _Ok:
-    """The last OK packet a `Script` read, as its connection's (and cursor's) current result:
-    what PyMySQL's `_execute_command`, `insert_id` and a cursor's `nextset` look at (nothing
-    more to read, no rows)."""
-
-    __slots__ = ("affected_rows", "insert_id", "server_status", "warning_count", "message")
-    has_next = unbuffered_active = False
-    description = rows = None
-    field_count = 0
-
-    def __init__(self, affected_rows, insert_id, server_status, warning_count, message):
-        self.affected_rows, self.insert_id, self.server_status = affected_rows, insert_id, server_status
-        self.warning_count, self.message = warning_count, message
-
-
-_STATUS_WARNINGS = struct.Struct("<HH")
-_MORE_RESULTS = SERVER_STATUS.SERVER_MORE_RESULTS_EXISTS
-
-
-def _read_result(cur, conn):
-    """The next result of the statements `Script` sent: (rows or None, affected rows, insert id,
-    whether more results follow, warning count, message). An OK packet (an INSERT's, UPDATE's,
-    DO's, COMMIT's: most of a script's) is read here, without PyMySQL's result object and the
-    cursor's bookkeeping around it (~3 µs of client CPU a statement); a result set or
-    a LOAD DATA LOCAL request is read by the connection's result class, as `nextset` reads it,
-    and the cursor's rows come as its class makes them (dicts for a DictCursor). The packet is
-    read by PyMySQL's `_read_packet`: sequence numbers, time-outs, a lost connection and an
-    error packet (raised) are its own."""
-    conn._result = None
-    packet = conn._read_packet()
-    data = packet._data
-    if data[0] == 0 and len(data) >= 7:     # OK (PyMySQL's `is_ok_packet`)
-        if data[1] < 251 and data[2] < 251:   # one-byte counts: all but big ones
-            conn.server_status, warnings = _STATUS_WARNINGS.unpack_from(data, 3)
-            return None, data[1], data[2], conn.server_status & _MORE_RESULTS, warnings, data[7:]
-        ok = OKPacketWrapper(packet)
-        conn.server_status = ok.server_status
-        return None, ok.affected_rows, ok.insert_id, ok.has_next, ok.warning_count, ok.message
-    result = getattr(conn, "_result_class", pymysql.connections.MySQLResult)(conn)
-    try:
-        if data[0] == 0xFB:                 # LOAD DATA LOCAL: the server asks for the file
-            result._read_load_local_packet(packet)
-        else:
-            result._read_result_packet(packet)
-    finally:
-        result.connection = None
-    conn._result = result
-    if result.server_status is not None:
-        conn.server_status = result.server_status
-    cur._do_get_result()
-    if result.description:
-        return cur._rows, 0, None, result.has_next, result.warning_count, None
-    return None, result.affected_rows, result.insert_id, result.has_next, result.warning_count, result.message
-
-
 class Script:
     """The one multi-statement batch runner: statements sent together, one round trip per
     ~max_bytes instead of one per statement (the connection needs `multi_statements`). Each
@@ -729,66 +673,31 @@ class Script:
             if args is not None:
                 sql = cur.mogrify(sql, args)
             if chunk and (not sql or size + len(sql) > self.max_bytes):
-                self._send(cur, conn, chunk, results)
+                cur.execute(";".join(s for _, s, _, _ in chunk))
+                warned = []
+                for i, (t, _, loaded, called) in enumerate(chunk):
+                    if i and not cur.nextset():
+                        raise pymysql.err.InterfaceError(f"no result for statement {i + 1} of {len(chunk)}")
+                    rows, affected, _ = results.get(t, ([], 0, None))
+                    if cur.description:
+                        rows.extend(cur.fetchall())
+                    else:
+                        affected += max(cur.rowcount, 0)
+                    if called and not cur.nextset():
+                        raise pymysql.err.InterfaceError(f"no OK after the result of CALL {i + 1} of {len(chunk)}")
+                    if loaded:
+                        info = _LOADED.search(conn._result.message or b"") if conn._result else None
+                        if info is None or int(info[4]) > int(info[3]):
+                            warned.append(f"{t}: {(conn._result.message or b'').decode(errors='replace')}"
+                                          if conn._result else t)
+                    results[t] = Result(rows, affected, cur.lastrowid)
+                if warned:   # every result is read: the connection stays usable (for the rollback)
+                    raise LoadWarnings(1265, "LOAD DATA stored rows with warnings: " + "; ".join(warned))
                 chunk, size = [], 0
             if sql:
                 chunk.append((tag, sql, load, call))
                 size += len(sql) + 1
         return results
-
-    @staticmethod
-    def _send(cur, conn, chunk, results: dict[str, Result]) -> None:
-        """One round trip: the chunk's statements sent as one text, every result read before
-        this returns (also after an error: the server runs nothing after a failing statement,
-        and answers no more), the failing statement named (a note on PyMySQL's own error, whose
-        class and code stay as the server's)."""
-        read = _read_result
-        warned = []
-        i = 0
-        try:
-            # The first answer is read by PyMySQL's `execute` as any statement's (what hooks its
-            # `query` sees is the chunk's text); the others by `_read_result`.
-            cur.execute(";".join(s for _, s, _, _ in chunk))
-            first = conn._result
-            more = first.has_next
-            for i, (t, _, loaded, called) in enumerate(chunk):
-                if not i:
-                    rows = cur.fetchall() if cur.description else None
-                    affected, insert_id, message = max(cur.rowcount, 0), cur.lastrowid, first.message
-                    warnings = first.warning_count
-                elif more:
-                    rows, affected, insert_id, more, warnings, message = read(cur, conn)
-                else:
-                    raise pymysql.err.InterfaceError(2014, f"no result for statement {i + 1} of {len(chunk)}")
-                before_rows, before, _ = results.get(t, ([], 0, None))
-                if rows is not None:
-                    before_rows.extend(rows)
-                else:
-                    before += affected
-                if called:
-                    if not more:
-                        raise pymysql.err.InterfaceError(2014, f"no OK after the result of CALL {i + 1} "
-                                                               f"of {len(chunk)}")
-                    _, affected, insert_id, more, warnings, message = read(cur, conn)
-                if loaded:
-                    info = _LOADED.search(message or b"")
-                    if info is None or int(info[4]) > int(info[3]):
-                        warned.append(f"{t}: {(message or b'').decode(errors='replace')}")
-                results[t] = Result(before_rows, before, insert_id)
-            i += 1
-            while more:   # more results than statements (a CALL's unannounced sets): none left unread
-                _, affected, insert_id, more, warnings, message = read(cur, conn)
-        except pymysql.err.MySQLError as exc:
-            if i < len(chunk):
-                exc.add_note(f"in statement {i + 1} of {len(chunk)} sent together (tag {chunk[i][0]!r}): "
-                             f"{chunk[i][1][:300]}")
-            raise
-        if conn._result is None:   # the last result was an OK: the connection's and cursor's current one
-            conn._result = _Ok(affected, insert_id, conn.server_status, warnings, message)
-            cur._do_get_result()
-        conn._affected_rows = conn._result.affected_rows
-        if warned:   # every result is read: the connection stays usable (for the rollback)
-            raise LoadWarnings(1265, "LOAD DATA stored rows with warnings: " + "; ".join(warned))
 
 
 class Transaction:

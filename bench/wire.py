@@ -44,25 +44,12 @@ def counting():
         counts["rows"] += 1
         return row(self, packet)
 
-    # A `db.Script` reads its results by `db._read_result` (an OK packet without a result object):
-    # counted there, in the checkout `use_app_of` chose, when it has one.
-    db = sys.modules.get("app.db")
-    script_read = getattr(db, "_read_result", None)
-
-    def counted_script_read(cur, conn):
-        counts["statements"] += 1
-        return script_read(cur, conn)
-
     pc.Connection._execute_command, pc.MySQLResult.read = counted_execute, counted_read
     pc.MySQLResult._read_row_from_packet = counted_row
-    if script_read is not None:
-        db._read_result = counted_script_read
     try:
         yield counts, kinds
     finally:
         pc.Connection._execute_command, pc.MySQLResult.read, pc.MySQLResult._read_row_from_packet = execute, read, row
-        if script_read is not None:
-            db._read_result = script_read
 
 
 def window(work: Callable[[list], None], names: list, n: int, server_cpu: Callable[[], float]):

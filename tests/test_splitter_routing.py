@@ -257,19 +257,13 @@ def test_a_small_files_index_completion_is_one_procedure_call(shared_dir, index,
     write_source(shared_dir, "20260101000090", [buy(2**51 + i, i) for i in range(30)])
     write_source(shared_dir, "20260101000091", [buy(2**50 + i, i) for i in range(20)])
     split(shared_dir, index, "20260101000090")
-    from app import db
     results = [0]
-    read, script_read = pymysql.connections.MySQLResult.read, db._read_result
+    read = pymysql.connections.MySQLResult.read
 
     def counted(self):
         results[0] += 1
         return read(self)
-
-    def counted_script(cur, conn):   # a db.Script's results (an OK without a result object)
-        results[0] += 1
-        return script_read(cur, conn)
     monkeypatch.setattr(pymysql.connections.MySQLResult, "read", counted)
-    monkeypatch.setattr(db, "_read_result", counted_script)
     trips = count_round_trips(monkeypatch)
     result, _, _ = split(shared_dir, index, "20260101000091", rejected=False)
     assert result.purchases == 20 and trips[0] == 2 and results[0] == 8
