@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -52,14 +51,7 @@ def main() -> None:
     from app import db
     from tests import servers
 
-    name = servers.unique_name("t_script_read")
-    private = servers.new_private_mariadb(["--innodb-buffer-pool-size=128M"]) if args.private else None
-    pid = private.proc.pid if private else 0
-    admin = servers.admin_connect(port=private.port) if private else servers.admin_connect()
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}`")
-    try:
-        url = private.url(name) if private else servers.server_url(name)
+    with servers.bench_database("t_script_read", args.private) as (url, pid):
         conn = db.connect(url, multi_statements=True)
         with conn.cursor() as cur:
             cur.execute("CREATE TABLE script_rows (id INT PRIMARY KEY, n INT NOT NULL)")
@@ -85,13 +77,6 @@ def main() -> None:
         with wire.counting() as (counts, _):
             run(100)
         conn.close()
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE `{name}`")
-        admin.close()
-        if private:
-            private.stop()
-            shutil.rmtree(private.datadir, ignore_errors=True)
     per = lambda seconds: round(seconds / args.runs * 1e6, 1)  # noqa: E731  µs per script
     cpu = [per(f[0]) for f in figures]
     print(json.dumps({
@@ -100,7 +85,7 @@ def main() -> None:
         "client_cpu_us_per_script_each": cpu,
         "client_user_us_median": statistics.median(per(f[1]) for f in figures),
         "client_system_us_median": statistics.median(per(f[2]) for f in figures),
-        **({"server_cpu_us_per_script_median": statistics.median(per(f[3]) for f in figures)} if private else {}),
+        **({"server_cpu_us_per_script_median": statistics.median(per(f[3]) for f in figures)} if args.private else {}),
         "round_trips_per_script": counts["round_trips"] / 100, "statements_per_script": counts["statements"] / 100,
     }))
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -51,14 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shared = Path(tmp) / "shared"
         names = generate_files(layout.events_dir(shared), 2 * n + 10, args.lines, seed=3, start="20260501000000")
-        name = servers.unique_name("split_files")
-        private = servers.new_private_mariadb(["--innodb-buffer-pool-size=128M"]) if args.private else None
-        pid = private.proc.pid if private else 0
-        admin = servers.admin_connect(port=private.port) if private else servers.admin_connect()
-        with admin.cursor() as cur:
-            cur.execute(f"CREATE DATABASE `{name}`")
-        try:
-            url = private.url(name) if private else servers.server_url(name)
+        with servers.bench_database("split_files", args.private) as (url, pid):
             settings = Settings.from_env(dict(os.environ, MYSQL_PIPELINE_URL=servers.url_text(url),
                                               SHARED_DIR=str(shared), SHARD_COUNT="2"))
             stage = Splitter(settings)
@@ -73,16 +65,9 @@ def main() -> None:
 
             cpu, server, wall, counts, kinds = wire.window(work, names, n, lambda: server_cpu(pid))
             stage.teardown()
-        finally:
-            with admin.cursor() as cur:
-                cur.execute(f"DROP DATABASE `{name}`")
-            admin.close()
-            if private:
-                private.stop()
-                shutil.rmtree(private.datadir, ignore_errors=True)
     print(json.dumps({"root": str(args.root), "lines_per_file": args.lines, "files": n,
                       "splitter_cpu_ms_per_file": round(cpu / n * 1000, 3),
-                      **({"server_cpu_ms_per_file": round(server / n * 1000, 3)} if private else {}),
+                      **({"server_cpu_ms_per_file": round(server / n * 1000, 3)} if args.private else {}),
                       "wall_ms_per_file": round(wall / n * 1000, 2),
                       **{k + "_per_file": round(v / n, 2) for k, v in counts.items()}}))
     print(wire.by_first_words(kinds, n))

@@ -37,7 +37,6 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=ROOT)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    import shutil
 
     from bench import wire
     from bench.worker import from_generator, server_cpu
@@ -55,14 +54,7 @@ def main() -> None:
         source = Path(tmp) / "lines.txt"
         from_generator(source, (2 * n + 10) * per)
         lines = source.read_bytes().splitlines(keepends=True)
-        name = servers.unique_name("worker_files")
-        private = servers.new_private_mariadb(["--innodb-buffer-pool-size=128M"]) if args.private else None
-        pid = private.proc.pid if private else 0
-        admin = servers.admin_connect(port=private.port) if private else servers.admin_connect()
-        with admin.cursor() as cur:
-            cur.execute(f"CREATE DATABASE `{name}`")
-        try:
-            url = private.url(name) if private else servers.server_url(name)
+        with servers.bench_database("worker_files", args.private) as (url, pid):
             settings = Settings.from_env(dict(os.environ, MYSQL_PIPELINE_URL=servers.url_text(url),
                                               SHARED_DIR=str(Path(tmp) / "shared")))
             stage = WorkerStage(settings, 0)
@@ -83,17 +75,10 @@ def main() -> None:
 
             cpu, server, wall, counts, kinds = wire.window(work, names, n, lambda: server_cpu(pid))
             stage.teardown()
-        finally:
-            with admin.cursor() as cur:
-                cur.execute(f"DROP DATABASE `{name}`")
-            admin.close()
-            if private:
-                private.stop()
-                shutil.rmtree(private.datadir, ignore_errors=True)
     print(json.dumps({"root": str(args.root), "lines_per_file": per, "files": n, "claim": args.claim,
                       "worker_cpu_ms_per_file": round(cpu / n * 1000, 2),
                       "worker_system_ms_per_file": round(wire.window.system / n * 1000, 2),
-                      **({"server_cpu_ms_per_file": round(server / n * 1000, 2)} if private else {}),
+                      **({"server_cpu_ms_per_file": round(server / n * 1000, 2)} if args.private else {}),
                       "wall_ms_per_file": round(wall / n * 1000, 2),
                       **{k + "_per_file": round(v / n, 2) for k, v in counts.items()}}))
     print(wire.by_first_words(kinds, n))

@@ -4,6 +4,7 @@ Nothing here is a fake: each helper starts the same program production runs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal as signals
@@ -275,3 +276,28 @@ class MariaDB:
 
 def new_private_mariadb(options: list[str] | None = None) -> MariaDB:
     return MariaDB(Path(tempfile.mkdtemp(prefix="pipeline-mariadb-")), options=options or []).install().start()
+
+
+@contextlib.contextmanager
+def bench_database(prefix: str, private: bool, pool: str = "128M"):
+    """(url, server pid) of a fresh database for a bench: on a mariadbd of its own (`private`,
+    whose pid lets the bench read the server's CPU) or on the test server (pid 0). Dropped, and
+    the private server stopped and its folder removed, on the way out, whatever happened."""
+    name = unique_name(prefix)
+    server = new_private_mariadb([f"--innodb-buffer-pool-size={pool}"]) if private else None
+    try:
+        admin = admin_connect(port=server.port) if server else admin_connect()
+        try:
+            with admin.cursor() as cur:
+                cur.execute(f"CREATE DATABASE `{name}`")
+            try:
+                yield (server.url(name) if server else server_url(name)), (server.proc.pid if server else 0)
+            finally:
+                with admin.cursor() as cur:
+                    cur.execute(f"DROP DATABASE `{name}`")
+        finally:
+            admin.close()
+    finally:
+        if server:
+            server.stop()
+            shutil.rmtree(server.datadir, ignore_errors=True)

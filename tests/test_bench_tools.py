@@ -280,3 +280,20 @@ def test_server_threads_books_a_connections_cpu_to_its_sender_and_database():
         admin.close()
     finally:
         server.stop()
+
+
+def test_a_benchs_database_is_dropped_even_when_the_bench_fails():
+    """`servers.bench_database`, the benches' one way to a scratch database (three benches had
+    their own copy of it): usable inside, gone after, also when the bench raises."""
+    from tests import servers
+    with pytest.raises(RuntimeError, match="bench failed"):
+        with servers.bench_database("t_bench_db", private=False) as (url, pid):
+            name = url.database
+            assert pid == 0 and servers.query(url, "SELECT DATABASE()") == [(name,)]
+            raise RuntimeError("bench failed")
+    admin = servers.admin_connect()
+    try:
+        with admin.cursor() as cur:
+            assert not cur.execute("SHOW DATABASES LIKE %s", (name,))
+    finally:
+        admin.close()
