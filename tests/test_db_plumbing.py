@@ -207,25 +207,33 @@ def test_a_new_connection_whose_preparation_fails_is_closed_and_not_kept(table):
     assert connection.conn is None and not seen[0].open
 
 
-def test_the_order_index_falls_back_to_inserts_where_the_server_refuses_local_infile(tmp_path):
-    """MariaDB started with local_infile off answers LOAD DATA LOCAL with error 4166, which the
-    order index did not know (its own set said 1148, 3948, 2068): it failed the split instead of
-    indexing with INSERTs as the sender's loader, knowing 4166, did."""
+@pytest.fixture
+def refusing_index():
+    """(url, order index) on a private MariaDB started with local_infile off, which answers
+    LOAD DATA LOCAL with error 4166; the server stopped and removed after the test."""
     server = servers.new_private_mariadb(["--local-infile=0"])
     try:
         url = server.url("pipeline_db")
         db.ensure_database(url)
         index = OrderIndex(url)
         index.ensure_schema()
-        chunk = b"".join(b"%d\t1\t%d\t%d\n" % (order, line, order % 7) for line, order in enumerate(range(100, 130), 1))
-        index.load("orders.tsv", chunk)
-        assert index.use_infile is False
-        assert servers.query(url, "SELECT COUNT(*), SUM(shop_id) FROM splitter_order") == \
-            [(30, sum(o % 7 for o in range(100, 130)))]
+        yield url, index
         index.close()
     finally:
         server.stop()
         shutil.rmtree(server.datadir, ignore_errors=True)
+
+
+def test_the_order_index_falls_back_to_inserts_where_the_server_refuses_local_infile(refusing_index):
+    """MariaDB started with local_infile off answers LOAD DATA LOCAL with error 4166, which the
+    order index did not know (its own set said 1148, 3948, 2068): it failed the split instead of
+    indexing with INSERTs as the sender's loader, knowing 4166, did."""
+    url, index = refusing_index
+    chunk = b"".join(b"%d\t1\t%d\t%d\n" % (order, line, order % 7) for line, order in enumerate(range(100, 130), 1))
+    index.load("orders.tsv", chunk)
+    assert index.use_infile is False
+    assert servers.query(url, "SELECT COUNT(*), SUM(shop_id) FROM splitter_order") == \
+        [(30, sum(o % 7 for o in range(100, 130)))]
 
 
 @pytest.mark.parametrize("code", sorted(db.LOCAL_INFILE_REFUSED))
@@ -316,35 +324,26 @@ def test_an_error_after_a_remembered_shape_still_fails_its_statement(table):
         assert cur.fetchall() == ((0,),)
 
 
-def test_a_refused_completion_load_splits_again_with_inserts(tmp_path):
+def test_a_refused_completion_load_splits_again_with_inserts(refusing_index):
     """A file's completion loads its last chunk with LOAD DATA LOCAL on the bookkeeping
     connection: refused there (local_infile off), nothing of the file is written, the split is
     to run again (InfileRefused, retryable) and runs with INSERTs, the index complete."""
     from app.daemon import Retryable
     from app.splitter.order_index import InfileRefused
-    server = servers.new_private_mariadb(["--local-infile=0"])
-    try:
-        url = server.url("pipeline_db")
-        db.ensure_database(url)
-        index = OrderIndex(url)
-        index.ensure_schema()
-        routing = index.open_file("20260101000001", defer=True)
-        for line in range(1, 4):
-            routing.add_purchase(1000 + line, 7, line)
-        with pytest.raises(InfileRefused) as refused:
-            routing.finish()
-        routing.abort()
-        assert isinstance(refused.value, Retryable) and index.use_infile is False
-        assert servers.query(url, "SELECT COUNT(*) FROM splitter_file") == [(0,)]
-        routing = index.open_file("20260101000001", defer=True)
-        for line in range(1, 4):
-            routing.add_purchase(1000 + line, 7, line)
+    url, index = refusing_index
+    routing = index.open_file("20260101000001", defer=True)
+    for line in range(1, 4):
+        routing.add_purchase(1000 + line, 7, line)
+    with pytest.raises(InfileRefused) as refused:
         routing.finish()
-        assert servers.query(url, "SELECT filename, indexed_seq, purchases FROM splitter_file") == \
-            [("20260101000001", 1, 3)]
-        assert servers.query(url, "SELECT order_id, line, shop_id FROM splitter_order ORDER BY line") == \
-            [(1001, 1, 7), (1002, 2, 7), (1003, 3, 7)]
-        index.close()
-    finally:
-        server.stop()
-        shutil.rmtree(server.datadir, ignore_errors=True)
+    routing.abort()
+    assert isinstance(refused.value, Retryable) and index.use_infile is False
+    assert servers.query(url, "SELECT COUNT(*) FROM splitter_file") == [(0,)]
+    routing = index.open_file("20260101000001", defer=True)
+    for line in range(1, 4):
+        routing.add_purchase(1000 + line, 7, line)
+    routing.finish()
+    assert servers.query(url, "SELECT filename, indexed_seq, purchases FROM splitter_file") == \
+        [("20260101000001", 1, 3)]
+    assert servers.query(url, "SELECT order_id, line, shop_id FROM splitter_order ORDER BY line") == \
+        [(1001, 1, 7), (1002, 2, 7), (1003, 3, 7)]
