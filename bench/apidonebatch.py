@@ -26,16 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def child(url: str, root: str, files: int, hold: int, server_pid: int, tag: str) -> dict:
     sys.path.insert(0, str(ROOT))
-    from bench.wire import use_app_of
-    use_app_of(Path(root))
-    from app import db
-    from app.api import tracking
-    from app.config import MySQLURL
     from bench.procstat import cpu_seconds
+    from bench.wire import tracker_of
 
-    url = MySQLURL.parse("bench", url)
-    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 1, 600, 3)
-    tracker.schema.ensure()
+    tracker = tracker_of(Path(root), url)
     names = [f"{tag}-{i:06d}" for i in range(files + 1)]
     for name in names:
         tracker.register(name, [0, 1], True, "bench/ingest", 500)

@@ -20,6 +20,18 @@ def use_app_of(root) -> None:
         del sys.modules[name]
 
 
+def tracker_of(root, url: str):
+    """The API's `Tracker` from the checkout at `root` (`use_app_of`) on database `url`, its
+    schema made: how the API benches drive the tracking table without HTTP in between."""
+    use_app_of(root)
+    from app import db
+    from app.api import tracking
+    from app.config import MySQLURL
+    tracker = tracking.Tracker(db.ThreadConnections(MySQLURL.parse("bench", url), multi_statements=True), 1, 600, 3)
+    tracker.schema.ensure()
+    return tracker
+
+
 @contextmanager
 def counting():
     """(counts, kinds) filled while the block runs; PyMySQL is put back as it was after."""
