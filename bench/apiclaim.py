@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,34 +58,16 @@ def main() -> None:
         print(json.dumps(child(url, root, args.files, int(pid), tag)))
         return
     sys.path.insert(0, str(ROOT))
-    from app import db
-    from tests import servers
-
-    roots = {"this": ROOT, **({"other": Path(args.other).resolve()} if args.other else {})}
-    server = servers.new_private_mariadb()
-    try:
-        results: dict[str, list[dict]] = {label: [] for label in roots}
-        for r in range(args.rounds):
-            for label, root in (roots.items() if r % 2 == 0 else reversed(roots.items())):
-                url = server.url(f"claim_{label}_{r}")
-                db.ensure_database(url)
-                out = subprocess.run([sys.executable, __file__, "--files", str(args.files), "--child", str(url),
-                                      str(root), str(server.proc.pid), f"r{r}"],
-                                     capture_output=True, text=True)
-                if out.returncode:
-                    raise SystemExit(out.stderr)
-                out = out.stdout
-                got = json.loads(out.strip().splitlines()[-1])
-                results[label].append(got)
-                print(f"round {r + 1} ({label}): API {got['api_us']:.0f} us, server {got['server_us']:.0f} us"
-                      f" per done + claim, {got['round_trips']} round trips", flush=True)
-        for label, rows in results.items():
-            print(f"{label}: median of {len(rows)} rounds: API {statistics.median(x['api_us'] for x in rows):.0f} us,"
-                  f" server {statistics.median(x['server_us'] for x in rows):.0f} us per done + claim,"
-                  f" {rows[-1]['round_trips']} round trips")
-    finally:
-        server.stop()
-
+    from bench.wire import child_rounds
+    results: dict[str, list[dict]] = {}
+    for r, label, got in child_rounds(__file__, args.other, args.rounds, "claim", ["--files", str(args.files)]):
+        results.setdefault(label, []).append(got)
+        print(f"round {r + 1} ({label}): API {got['api_us']:.0f} us, server {got['server_us']:.0f} us"
+              f" per done + claim, {got['round_trips']} round trips", flush=True)
+    for label, rows in results.items():
+        print(f"{label}: median of {len(rows)} rounds: API {statistics.median(x['api_us'] for x in rows):.0f} us,"
+              f" server {statistics.median(x['server_us'] for x in rows):.0f} us per done + claim,"
+              f" {rows[-1]['round_trips']} round trips")
 
 if __name__ == "__main__":
     main()

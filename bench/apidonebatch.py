@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,36 +79,20 @@ def main() -> None:
         print(json.dumps(child(url, root, args.files, args.hold, int(pid), tag)))
         return
     sys.path.insert(0, str(ROOT))
-    from app import db
-    from tests import servers
-
-    roots = {"this": ROOT, **({"other": Path(args.other).resolve()} if args.other else {})}
-    server = servers.new_private_mariadb()
-    try:
-        results: dict[str, list[dict]] = {label: [] for label in roots}
-        for r in range(args.rounds):
-            for label, root in (roots.items() if r % 2 == 0 else reversed(roots.items())):
-                url = server.url(f"donebatch_{label}_{r}")
-                db.ensure_database(url)
-                out = subprocess.run([sys.executable, __file__, "--files", str(args.files), "--hold", str(args.hold),
-                                      "--child", str(url), str(root), str(server.proc.pid), f"r{r}"],
-                                     capture_output=True, text=True)
-                if out.returncode:
-                    raise SystemExit(out.stderr)
-                got = json.loads(out.stdout.strip().splitlines()[-1])
-                results[label].append(got)
-                print(f"round {r + 1} ({label}): " + "; ".join(
-                    f"{who}: API {g['api_us']:.0f} us, server {g['server_us']:.0f} us, {g['Questions']:.1f} questions,"
-                    f" {g['Created_tmp_tables']:.1f} tmp tables, {g['Sort_rows']:.1f} sorted rows a batch"
-                    for who, g in got.items()), flush=True)
-        for label, rows in results.items():
-            for who in rows[0]:
-                print(f"{label} {who}: median of {len(rows)} rounds: API"
-                      f" {statistics.median(x[who]['api_us'] for x in rows):.0f} us, server"
-                      f" {statistics.median(x[who]['server_us'] for x in rows):.0f} us a batch")
-    finally:
-        server.stop()
-
+    from bench.wire import child_rounds
+    results: dict[str, list[dict]] = {}
+    for r, label, got in child_rounds(__file__, args.other, args.rounds, "donebatch",
+                                      ["--files", str(args.files), "--hold", str(args.hold)]):
+        results.setdefault(label, []).append(got)
+        print(f"round {r + 1} ({label}): " + "; ".join(
+            f"{who}: API {g['api_us']:.0f} us, server {g['server_us']:.0f} us, {g['Questions']:.1f} questions,"
+            f" {g['Created_tmp_tables']:.1f} tmp tables, {g['Sort_rows']:.1f} sorted rows a batch"
+            for who, g in got.items()), flush=True)
+    for label, rows in results.items():
+        for who in rows[0]:
+            print(f"{label} {who}: median of {len(rows)} rounds: API"
+                  f" {statistics.median(x[who]['api_us'] for x in rows):.0f} us, server"
+                  f" {statistics.median(x[who]['server_us'] for x in rows):.0f} us a batch")
 
 if __name__ == "__main__":
     main()

@@ -5,10 +5,13 @@ the server's own counters would also count the bench's setup; their window (`win
 `use_app_of`, which points them (and `worker_lines.py`) at that checkout."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 
@@ -30,6 +33,30 @@ def tracker_of(root, url: str):
     tracker = tracking.Tracker(db.ThreadConnections(MySQLURL.parse("bench", url), multi_statements=True), 1, 600, 3)
     tracker.schema.ensure()
     return tracker
+
+
+def child_rounds(script: str, other: str | None, rounds: int, prefix: str, args: list[str]):
+    """(round, label, figures) of `script --child URL ROOT SERVER_PID TAG` run for this
+    checkout ("this") and `other`, alternated (the order flips each round), each child on a fresh
+    database of one private mariadb; figures are the child's last stdout line, as JSON."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from app import db
+    from tests import servers
+    roots = {"this": root, **({"other": Path(other).resolve()} if other else {})}
+    server = servers.new_private_mariadb()
+    try:
+        for r in range(rounds):
+            for label, tree in (roots.items() if r % 2 == 0 else reversed(roots.items())):
+                url = server.url(f"{prefix}_{label}_{r}")
+                db.ensure_database(url)
+                out = subprocess.run([sys.executable, script, *args, "--child", str(url), str(tree),
+                                      str(server.proc.pid), f"r{r}"], capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(out.stderr)
+                yield r, label, json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        server.stop()
 
 
 @contextmanager
