@@ -76,29 +76,6 @@ class LineReader:
             size += len(more)
         return TooLarge(piece[:PREFIX_BYTES], size, self.limit)
 
-    def blocks(self, size: int) -> Iterator[bytes]:
-        """The same lines as `pieces` and `finish` give, a block of whole lines at a time: about
-        `size` bytes (at most the limit), each line `\\n`-terminated and at most `limit` bytes
-        before it, so one read and one split stand for a readline per line. A line over the
-        limit comes alone, as its TooLarge; the file's last line gets a `\\n` if it had none."""
-        read, readline, limit = self.f.read, self.f.readline, self.limit
-        size = max(1, min(size, limit))
-        while data := read(size):
-            if data[-1] == 10:
-                yield data
-                continue
-            start = data.rfind(b"\n") + 1
-            # The line begun in `data`, read on as `pieces` would read it: limit + 1 bytes at most.
-            rest = readline(limit + 1 - (len(data) - start))
-            if rest[-1:] == b"\n":
-                yield data + rest
-            elif len(data) - start + len(rest) <= limit:     # the file's last line
-                yield data + rest + b"\n"
-            else:
-                if start:
-                    yield data[:start]
-                yield self.finish(data[start:] + rest)
-
     def __iter__(self) -> Iterator[bytes]:
         finish = self.finish
         for piece in self.pieces:

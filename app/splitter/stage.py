@@ -12,8 +12,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from itertools import chain, compress, islice, repeat
-from operator import add, attrgetter, eq, is_not, mod
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
@@ -33,10 +31,10 @@ from . import reasons
 from .order_index import SCHEMA, FileRouting, OrderIndex, WindowPruned
 
 SOURCE_MISSING = "source missing"
-CHECK_SHIFT = 15          # a stop check every 2**CHECK_SHIFT lines (between blocks)
+CHECK_EVERY = 1 << 15     # lines between stop checks (a power of 2)
 BUFFER_LINES = 8192       # lines gathered before they are written (or looked up, then written)
 BUFFER_BYTES = 1 << 20    # ... and at most about this many bytes of input
-BLOCK_BYTES = 1 << 16     # input read, split and decoded at a time (whole lines; at most MAX_LINE_BYTES)
+CHECKPOINT = 8            # lines between two looks at the segment's size (a power of 2)
 # Rejected lines are any bytes that were in a source file, not part of the contract: private.
 REJECTED_MODE = 0o600
 
@@ -69,10 +67,6 @@ class _FastEvent(msgspec.Struct, gc=False):
 
 _FAST_DECODER = msgspec.json.Decoder(_FastEvent)
 _DECODER = msgspec.json.Decoder(_Event)
-# A block's stand-in for a line the strict decoder refused (or not UTF-8): no shop_id, so it
-# goes through the line-by-line path, which decodes it again and finds its reason.
-_REFUSED = _FastEvent(event_type=0, payload=_FastPayload())
-_SHOP_OF, _TYPE_OF, _ORDER_OF = attrgetter("payload.shop_id"), attrgetter("event_type"), attrgetter("payload.order_id")
 MAX_LINE_BYTES = Settings.max_line_bytes
 
 
@@ -143,29 +137,6 @@ def _classify(line: bytes, shard_count: int) -> tuple[int | str, int | None, int
     if shop is None:
         return reasons.MISSING_SHOP_ID, None, None
     return reasons.NON_INTEGER_SHOP_ID, None, None
-
-
-def _crlf_lines(block: bytes) -> list[bytes]:
-    """A block's lines, each with its `\\n`, when a CR is in it (`splitlines` would cut there too)."""
-    lines = block.split(b"\n")
-    lines.pop()
-    return [line + b"\n" for line in lines]
-
-
-def _refuse_bad_utf8(block: bytes, lines: list[bytes], events: list) -> None:
-    """A block that is not ASCII: its lines that are not UTF-8 become _REFUSED (rejected as
-    `malformed_json` on the line-by-line path); one decode of the block when all are."""
-    try:
-        block.decode("utf-8")
-        return
-    except UnicodeDecodeError:
-        pass
-    for i, line in enumerate(lines):
-        if not line.isascii():
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                events[i] = _REFUSED
 
 
 def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[bytes], object] | None],
@@ -253,58 +224,78 @@ def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[b
         else:
             write(lists, rejects, waiting, [])
 
-    decode, fast_error, sc = _FAST_DECODER.decode, Exception, shard_count
+    decode, fast_error, finish = _FAST_DECODER.decode, Exception, source.finish
     current, purchase_rows = routing.current, routing.rows
-    rotate_at, max_bytes, every_registered = routing.rotate_rows, BUFFER_BYTES, all(registered)
-    unregistered = [not r for r in registered]
-    n = first = size = checked = 0
+    mark, stop_mark, rotate_at, max_bytes = CHECKPOINT - 1, CHECK_EVERY - 1, routing.rotate_rows, BUFFER_BYTES
+    n = first = size = 0
     lists: list[list[bytes]] = [[] for _ in range(shard_count)]
     append = [lst.append if registered[s] else None for s, lst in enumerate(lists)]
-    extend = [lst.extend if registered[s] else None for s, lst in enumerate(lists)]
     rejects: list[tuple[int, bytes, str]] = []
     waiting: list[tuple[int, bytes, int, tuple[int, ...]]] = []
-
-    def one(n: int, line: bytes, event: Any) -> None:
-        """A line the block's pass leaves to this one: refused by the strict decoder (or not
-        UTF-8: `_REFUSED`, decoded again here), or without shop_id (a return to route by its
-        order, or rejected)."""
-        if event is _REFUSED:
-            try:
-                event = decode(line)
-            except fast_error:
-                event = None
-            else:
-                if not line.isascii():
-                    try:
-                        line.decode("utf-8")
-                    except UnicodeDecodeError:
-                        rejects.append((n, line, reasons.MALFORMED_JSON))
-                        return
-        if event is None:
-            dest, order, shop = _classify(line, sc)
+    for line in source.pieces:
+        n += 1
+        if not n & mark:
+            if len(purchase_rows) >= rotate_at:
+                routing.rotate()
+                current, purchase_rows = routing.current, routing.rows
+            if not n & stop_mark:
+                check()
+            if n - first > BUFFER_LINES or size >= max_bytes:
+                flush(lists, rejects, waiting)     # this line starts the next segment
+                lists = [[] for _ in range(shard_count)]
+                append = [lst.append if registered[s] else None for s, lst in enumerate(lists)]
+                rejects, waiting = [], []
+                first, size = n - 1, 0
+        size += len(line)
+        if line[-1] != 10:
+            line = finish(line)
+            if type(line) is TooLarge:
+                rejects.append((n, line, reasons.TOO_LARGE))
+                continue
+            line += b"\n"
+        try:
+            event = decode(line)
+        except fast_error:
+            dest, order, shop = _classify(line, shard_count)
         else:
+            if not line.isascii():
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    rejects.append((n, line, reasons.MALFORMED_JSON))
+                    continue
             payload = event.payload
-            shop, order = payload.shop_id, payload.order_id
+            shop = payload.shop_id
             if shop is not None:
-                dest = shop % sc
-                if event.event_type != 1:
-                    order = None
-            elif event.event_type != 3:
+                if event.event_type == 1:
+                    order = payload.order_id
+                    if order is not None:
+                        current[order] = shop
+                        purchase_rows += (order, n, shop)
+                add = append[shop % shard_count]
+                if add is not None:
+                    add(line)
+                else:
+                    rejects.append((n, line, reasons.UNREGISTERED_SHARD))
+                continue
+            order = payload.order_id
+            if event.event_type != 3:
                 dest = reasons.MISSING_SHOP_ID
             elif order is None:
                 dest = reasons.UNROUTABLE
             else:
                 dest = _RETURN
+        # the rare path: a line the strict decoder refused, or a return without shop_id
         if dest is _RETURN:
             shop = local(order)
             if shop is None:
                 waiting.append((n, line, order, tuple(map(len, lists))))
-                return
-            dest = shop % sc
+                continue
+            dest = shop % shard_count
             result.routed_by_order += 1
         elif type(dest) is int and order is not None:
             current[order] = shop
-            purchase_rows.extend((order, n, shop))
+            purchase_rows += (order, n, shop)
         if type(dest) is int:
             add = append[dest]
             if add is not None:
@@ -313,72 +304,6 @@ def split_stream(source: LineReader, shard_count: int, outputs: list[Callable[[b
                 rejects.append((n, line, reasons.UNREGISTERED_SHARD))
         else:
             rejects.append((n, line, dest))
-
-    for block in source.blocks(BLOCK_BYTES):
-        # Between blocks: the index's chunk, the stop check, the segment's end.
-        if len(purchase_rows) >= rotate_at:
-            routing.rotate()
-            current, purchase_rows = routing.current, routing.rows
-        if n >> CHECK_SHIFT != checked:
-            checked = n >> CHECK_SHIFT
-            check()
-        if n - first >= BUFFER_LINES or size >= max_bytes:
-            flush(lists, rejects, waiting)     # this block starts the next segment
-            lists = [[] for _ in range(shard_count)]
-            append = [lst.append if registered[s] else None for s, lst in enumerate(lists)]
-            extend = [lst.extend if registered[s] else None for s, lst in enumerate(lists)]
-            rejects, waiting = [], []
-            first, size = n, 0
-        size += len(block)
-        if type(block) is TooLarge:
-            n += 1
-            rejects.append((n, block, reasons.TOO_LARGE))
-            continue
-        lines = block.splitlines(True) if 13 not in block else _crlf_lines(block)
-        # Every line decoded by the strict decoder in one C loop; a line it refuses stands as
-        # _REFUSED (list += keeps what the map gave before the exception) and the map goes on.
-        events: list = []
-        while True:
-            try:
-                events += map(decode, islice(lines, len(events), None))
-                break
-            except fast_error:
-                events.append(_REFUSED)
-        if not block.isascii():
-            _refuse_bad_utf8(block, lines, events)
-        shops = list(map(_SHOP_OF, events))
-        count, lo = len(lines), 0
-        while lo < count:
-            # Lines lo..hi-1 are ordinary (decoded, a shop_id): routed together; line hi goes
-            # through `one`, in its place.
-            try:
-                hi = shops.index(None, lo)
-            except ValueError:
-                hi = count
-            if hi > lo:
-                part = lines[lo:hi] if hi - lo < count else lines
-                dests = list(map(mod, shops[lo:hi], repeat(sc)))
-                for s in range(sc):
-                    add_all = extend[s]
-                    if add_all is not None:
-                        add_all(compress(part, map(eq, dests, repeat(s))))
-                if not every_registered:
-                    rejects += [(n + i + 1, lines[i], reasons.UNREGISTERED_SHARD)
-                                for i in compress(range(lo, hi), map(unregistered.__getitem__, dests))]
-                types = list(map(_TYPE_OF, events[lo:hi]))
-                if 1 in types:
-                    at = list(compress(range(lo, hi), map(eq, types, repeat(1))))
-                    orders = list(map(_ORDER_OF, map(events.__getitem__, at)))
-                    bought = list(map(shops.__getitem__, at))
-                    if None in orders:     # a purchase without order_id: routed, not indexed
-                        keep = list(map(is_not, orders, repeat(None)))
-                        at, orders, bought = (list(compress(x, keep)) for x in (at, orders, bought))
-                    current.update(zip(orders, bought))
-                    purchase_rows += chain.from_iterable(zip(orders, map(add, at, repeat(n + 1)), bought))
-            if hi < count:
-                one(n + hi + 1, lines[hi], events[hi])
-            lo = hi + 1
-        n += count
     flush(lists, rejects, waiting, last=True)
     result.lines_in = n
     result.purchases = routing.purchases
