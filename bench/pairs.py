@@ -45,6 +45,9 @@ def figures(doc: dict) -> dict[str, float]:
         for group in GROUPS:
             if group in w.get("us_per_event", {}):
                 out[f"{workload} {group} us/event"] = w["us_per_event"][group]
+        if "machine" in w:      # the machine beside the run (bench/machine.py): alike on both sides, or no result
+            out[f"{workload} machine probe ms/piece"] = w["machine"]["probe_ms"]
+            out[f"{workload} other processes, cores"] = w["machine"]["others_cores"]
         for group, part in w.get("split", {}).items():
             out[f"{workload} {group} ms/file beyond the per-event cost"] = part["ms_per_file"]
     return out
@@ -65,7 +68,8 @@ def summary(this: list[dict], other: list[dict]) -> list[tuple[str, float, float
     return rows
 
 
-def run_pairs(roots: dict[str, Path], out: Path, pairs: int, workloads: str) -> tuple[Path, dict[str, list[dict]]]:
+def run_pairs(roots: dict[str, Path], out: Path, pairs: int, workloads: str,
+              extra: list[str] = ()) -> tuple[Path, dict[str, list[dict]]]:
     """Each side's `pipeline.py --json` documents, runs in ABBA order. Every run goes to `out`
     made absolute: each tree's bench runs in its own folder, so a relative path would put the
     other tree's output in that tree and the read-back would miss it."""
@@ -75,7 +79,7 @@ def run_pairs(roots: dict[str, Path], out: Path, pairs: int, workloads: str) -> 
     for n, side in order(pairs):
         name = out / f"{side}-{n}"
         with open(f"{name}.txt", "w") as log:
-            subprocess.run([sys.executable, "bench/pipeline.py", "--workloads", workloads, "--json",
+            subprocess.run([sys.executable, "bench/pipeline.py", "--workloads", workloads, *extra, "--json",
                             f"{name}.json"], cwd=roots[side], stdout=log, stderr=subprocess.STDOUT, check=True)
         docs[side].append(json.loads(Path(f"{name}.json").read_text()))
         print(f"pair {n}: {side} done", flush=True)
@@ -88,10 +92,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--workloads", default="small")
     parser.add_argument("--out", type=Path, help="keep every run's output and --json here")
+    parser.add_argument("--bench-args", default="", help="more options for both sides' bench/pipeline.py, "
+                                                         "e.g. '--small-events 50000'")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-pairs-"))
     roots = {"this": ROOT, "other": args.other.resolve()}
-    out, docs = run_pairs(roots, out, args.pairs, args.workloads)
+    out, docs = run_pairs(roots, out, args.pairs, args.workloads, args.bench_args.split())
     print(f"\nmedians of {args.pairs} pairs (ABBA), this tree {ROOT} against {roots['other']}; runs in {out}")
     rows = summary(docs["this"], docs["other"])
     if not rows:   # latency and idle have none of the compared figures: read the runs' outputs

@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 # The only imports of the project itself: the generator and the test harness.
 from app.ingest.generator import Rates, generate_files  # noqa: E402
-from bench import fsgroup, procstat  # noqa: E402
+from bench import fsgroup, machine, procstat  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.pipeline_harness import Pipeline  # noqa: E402
 
@@ -394,6 +394,7 @@ class Run:
         if settle:
             self.server.settle(settle)
         api_before = apicount_read(self.counts_dir)
+        meter = machine.Window().start()
         com_before, cpu_before, own_before = self.com(), self.cpu(), self.bench_statements
         started = time.monotonic()
         self.pipe.import_files(files, timeout=3600)
@@ -411,6 +412,7 @@ class Run:
         for name, value in by_process.items():
             cpu[group_of(name)] += value
         total = sum(cpu.values())
+        beside = meter.stop(total)
         result = {
             "events": events, "files": len(files), "wall_s": round(wall, 3), "window_s": round(seconds, 3),
             "events_per_s": round(events / wall), "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
@@ -421,6 +423,7 @@ class Run:
             "overlap": round(total / seconds, 2),
             "sql_per_file": {k.removeprefix("Com_"): round(v / len(files), 1) for k, v in com.most_common() if v > 0},
             "sql_per_file_total": round(sum(v for v in com.values() if v > 0) / len(files), 1),
+            "machine": beside,
         }
         if self.counts_dir:
             api = apicount_read(self.counts_dir)
@@ -462,6 +465,14 @@ class Run:
         return {t: int(n) for t, n in self.server.execute(
             "SELECT TABLE_NAME, DATA_LENGTH + INDEX_LENGTH FROM information_schema.TABLES "
             "WHERE TABLE_SCHEMA = %s AND TABLE_TYPE = 'BASE TABLE'", (database,))}
+
+
+def machine_line(m: dict) -> str:
+    """The machine beside the window (bench/machine.py): a run is comparable with another only if
+    these are alike."""
+    return (f"machine: probe {m['probe_ms']} ms/piece (min {m['probe_min_ms']}, {m['probe_n']} pieces), other "
+            f"processes {m['others_s']}s CPU = {m['others_cores']} cores, interrupts {m['irq_s']}s, steal "
+            f"{m['steal_s']}s, load average {m['load_average']}")
 
 
 def apicount_read(folder: Path | None) -> Counter:
@@ -646,9 +657,9 @@ class Bench:
         with running(self.server, self.work, "small_ref", self.count) as run:
             ref = run.window(ref_files)
         log(f"  the same in {ref['files']} files of {s.big_file:,}: {ref['events_per_s']:,} events/s, "
-            f"{ref['us_per_event_total']} us/event")
+            f"{ref['us_per_event_total']} us/event; {machine_line(ref['machine'])}")
         result["big_files_run"] = {k: ref[k] for k in ("events", "files", "events_per_s", "cpu_s", "us_per_event",
-                                                       "us_per_event_total", "wall_s")}
+                                                       "us_per_event_total", "wall_s", "machine")}
         result["split"] = split_per_file(ref, result)
         sp = result["split"]
         log("  split, per group (cpu = events x e + files x f, from the two runs): " +
@@ -741,6 +752,7 @@ class Bench:
             f"last load = {r['events_per_s']:,} events/s; CPU {r['cpu_s_total']:.1f}s = {r['us_per_event_total']} "
             f"us/event, {r['ms_per_file_total']} ms/file; overlap {r['overlap']} cores")
         log("    us/event by group: " + ", ".join(f"{g} {r['us_per_event'][g]}" for g in GROUPS))
+        log("    " + machine_line(r["machine"]))
         log("    peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mib"].items()))
         st = r["state"]
         log(f"    state: pipeline db {st['pipeline_bytes'] / 2**20:.1f} MiB = {st['pipeline_bytes_per_event']} B/event "
