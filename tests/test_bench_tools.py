@@ -324,3 +324,17 @@ def test_pairs_compare_the_machine_beside_each_run():
     doc = {"workloads": {"small": {"us_per_event_total": 80.0, "machine": {"probe_ms": 5.1, "others_cores": 0.2}}}}
     assert pairs.figures(doc) == {"small CPU us/event": 80.0, "small machine probe ms/piece": 5.1,
                                   "small other processes, cores": 0.2}
+
+
+def test_pairs_flag_a_pair_whose_machines_differ():
+    """Two copies of one commit came out 4.5-8% apart with the same copy lower in every pair: the
+    machine beside the runs differed, not the code. A pair whose probes differ by more than the
+    tolerance, or a run beside other processes, is named; alike quiet runs are not."""
+    def doc(probe, others):
+        return {"workloads": {"small": {"us_per_event_total": 80.0,
+                                        "machine": {"probe_ms": probe, "others_cores": others}}}}
+    quiet = {"this": [doc(5.00, 0.01), doc(5.05, 0.02)], "other": [doc(5.02, 0.0), doc(5.00, 0.03)]}
+    assert pairs.unequal_machines(quiet) == []
+    busy = {"this": [doc(5.00, 0.01), doc(5.40, 0.02)], "other": [doc(5.02, 0.0), doc(5.00, 0.6)]}
+    assert pairs.unequal_machines(busy) == ["pair 2 small: probe 5.4 ms here against 5.0 there (+8.0%)",
+                                            "pair 2 other small: other processes used 0.6 cores"]
