@@ -109,3 +109,21 @@ class Window:
         result["bench_s"] = round(own, 2)
         result["load_average"] = round(os.getloadavg()[0], 2)
         return result
+
+
+_windows = 0
+
+
+def barrier(folder: Path, parties: int, timeout: float = 900.0) -> bool:
+    """Wait until `parties` processes reached their window of the same number (a file each in
+    `folder`); whether all did within `timeout` (a side that died must not hang the other)."""
+    global _windows
+    _windows += 1
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{_windows}.{os.getpid()}").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob(f"{_windows}.*"))) < parties:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

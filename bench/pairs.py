@@ -106,20 +106,45 @@ def machine_rows(docs: dict[str, list[dict]]) -> list[tuple[int, str, str, dict]
     return rows
 
 
-def unequal_machines(docs: dict[str, list[dict]]) -> list[str]:
+def unequal_machines(docs: dict[str, list[dict]], together: bool = False) -> list[str]:
     """Why this comparison is not one: each pair whose probes differ by more than PROBE_TOLERANCE,
     each run beside more than QUIET_CORES of other processes."""
     why = []
     rows = machine_rows(docs)
     probes = {(n, side, w): m["probe_ms"] for n, side, w, m in rows}
     for n, side, workload, m in rows:
-        if m["others_cores"] > QUIET_CORES:
+        if m["others_cores"] > QUIET_CORES and not together:   # together, the other side is one
             why.append(f"pair {n} {side} {workload}: other processes used {m['others_cores']} cores")
         there = probes.get((n, "other", workload))
         if side == "this" and there and m["probe_ms"] and abs(m["probe_ms"] / there - 1) > PROBE_TOLERANCE:
             why.append(f"pair {n} {workload}: probe {m['probe_ms']} ms here against {there} there "
                        f"({100 * (m['probe_ms'] / there - 1):+.1f}%)")
     return why
+
+
+def run_together(roots: dict[str, Path], out: Path, pairs: int, workloads: str,
+                 extra: list[str] = ()) -> tuple[Path, dict[str, list[dict]]]:
+    """Both sides at once, each window of one started with the same window of the other
+    (`pipeline.py --barrier`): both meet the same neighbours, at the price of sharing the two
+    cores with each other, the same for both."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    docs: dict[str, list[dict]] = {"this": [], "other": []}
+    for n in range(1, pairs + 1):
+        procs = {}
+        for side in ("this", "other") if n % 2 else ("other", "this"):
+            name = out / f"{side}-{n}"
+            procs[side] = subprocess.Popen(
+                [sys.executable, "bench/pipeline.py", "--workloads", workloads, *extra, "--json", f"{name}.json",
+                 "--barrier", str(out / f"barrier-{n}"), "--barrier-parties", "2"],
+                cwd=roots[side], stdout=open(f"{name}.txt", "w"), stderr=subprocess.STDOUT)
+        for side, proc in procs.items():
+            if proc.wait():
+                raise RuntimeError(f"pair {n} {side} failed: see {out / f'{side}-{n}.txt'}")
+        for side in ("this", "other"):
+            docs[side].append(json.loads((out / f"{side}-{n}.json").read_text()))
+        print(f"pair {n}: both done", flush=True)
+    return out, docs
 
 
 def run_pairs(roots: dict[str, Path], out: Path, pairs: int, workloads: str,
@@ -147,7 +172,7 @@ def report(out: Path) -> None:
             for side in ("this", "other")}
     for name, here, there, lower, pairs in summary(docs["this"], docs["other"]):
         print(f"  {name:<48}  {here:>10,.2f}  {there:>10,.2f}  this lower in {lower} of {pairs}")
-    print_machines(docs)
+    print_machines(docs, together=any(out.glob("barrier-*")))
 
 
 def main() -> None:
@@ -158,6 +183,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="keep every run's output and --json here")
     parser.add_argument("--bench-args", default="", help="more options for both sides' bench/pipeline.py, "
                                                          "e.g. '--small-events 50000'")
+    parser.add_argument("--together", action="store_true",
+                        help="run both sides at once, their windows started together: both see the same machine")
     parser.add_argument("--report", action="store_true", help="run nothing: summarise the runs already in --out")
     args = parser.parse_args()
     if args.report or args.other is None:
@@ -166,7 +193,8 @@ def main() -> None:
         return report(args.out)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-pairs-"))
     roots = {"this": ROOT, "other": args.other.resolve()}
-    out, docs = run_pairs(roots, out, args.pairs, args.workloads, args.bench_args.split())
+    runner = run_together if args.together else run_pairs
+    out, docs = runner(roots, out, args.pairs, args.workloads, args.bench_args.split())
     print(f"\nmedians of {args.pairs} pairs (ABBA), this tree {ROOT} against {roots['other']}; runs in {out}")
     rows = summary(docs["this"], docs["other"])
     if not rows:   # latency and idle have none of the compared figures: read the runs' outputs
@@ -175,16 +203,16 @@ def main() -> None:
     width = max(len(r[0]) for r in rows)
     for name, here, there, lower, pairs in rows:
         print(f"  {name:<{width}}  {here:>10,.2f}  {there:>10,.2f}  this lower in {lower} of {pairs}")
-    print_machines(docs)
+    print_machines(docs, args.together)
 
 
-def print_machines(docs: dict[str, list[dict]]) -> None:
+def print_machines(docs: dict[str, list[dict]], together: bool = False) -> None:
     print("\nthe machine beside each run (bench/machine.py):")
     for n, side, workload, m in machine_rows(docs):
         print(f"  pair {n} {side:<5} {workload:<6} {m['us_per_event']:>8.2f} us/event  probe {m['probe_ms']:>6.3f} ms  "
               f"others {m['others_cores']:>5.2f} cores  irq {m['irq_s']:>5.2f}s  steal {m['steal_s']:>5.2f}s  "
               f"load {m['load_average']}")
-    why = unequal_machines(docs)
+    why = unequal_machines(docs, together)
     if why:
         print("NOT COMPARABLE, the two sides did not run on the same machine:\n  " + "\n  ".join(why))
 

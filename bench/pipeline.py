@@ -81,6 +81,8 @@ RATES = Rates(duplicate=0.01, later_duplicate=0.005, return_first=0.01, return_f
 DEFAULTS = {"POLL_MIN_SECONDS": "", "POLL_MAX_SECONDS": "", "LEASE_SECONDS": "", "REAP_INTERVAL": "",
             "HOLD_SECONDS": "", "HOLD_WALL_CAP_SECONDS": "", "MAX_ATTEMPTS": ""}
 SHARDS = 2
+# (folder, parties) from --barrier: each window starts when every party's bench reached it.
+BARRIER: tuple[Path, int] | None = None
 
 # The fixed floor table of issue 12: the contract's columns, an auto-increment key, a unique
 # 32-character event key and indexes on shop_id and timestamp, nothing else.
@@ -394,6 +396,8 @@ class Run:
         if settle:
             self.server.settle(settle)
         api_before = apicount_read(self.counts_dir)
+        if BARRIER:
+            machine.barrier(*BARRIER)
         meter = machine.Window().start()
         com_before, cpu_before, own_before = self.com(), self.cpu(), self.bench_statements
         started = time.monotonic()
@@ -996,6 +1000,10 @@ def main() -> None:
     parser.add_argument("--server-threads", action="store_true",
                         help="the server's CPU by thread in each window: connections by the stage that opened them "
                              "and their database, InnoDB's own threads (bench/server_threads.py; --profile does)")
+    parser.add_argument("--barrier", type=Path, metavar="DIR",
+                        help="start each window together with the other benches given this folder "
+                             "(bench/pairs.py --together), so both see the same machine")
+    parser.add_argument("--barrier-parties", type=int, default=2)
     parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
                         help="print the key figures of earlier --json files side by side, run nothing")
     sizes = Sizes()
@@ -1005,6 +1013,9 @@ def main() -> None:
     if args.compare:
         return compare(args.compare)
     sizes = Sizes(**{k: getattr(args, k) for k in asdict(sizes)})
+    if args.barrier:
+        global BARRIER
+        BARRIER = (args.barrier, args.barrier_parties)
     if args.quick:
         sizes = sizes.quick()
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]

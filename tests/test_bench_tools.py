@@ -338,3 +338,20 @@ def test_pairs_flag_a_pair_whose_machines_differ():
     busy = {"this": [doc(5.00, 0.01), doc(5.40, 0.02)], "other": [doc(5.02, 0.0), doc(5.00, 0.6)]}
     assert pairs.unequal_machines(busy) == ["pair 2 small: probe 5.4 ms here against 5.0 there (+8.0%)",
                                             "pair 2 other small: other processes used 0.6 cores"]
+
+
+def test_machine_barrier_starts_two_benches_windows_together(tmp_path):
+    """`pairs.py --together`: each window of one bench waits for the same window of the other,
+    so both sides meet the same neighbours; a side left alone gives up instead of hanging."""
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import sys; from pathlib import Path; from bench import machine\n"
+                              "sys.exit(0 if machine.barrier(Path(sys.argv[1]), 2, 120) else 1)",
+                              str(tmp_path / "pair")], cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert machine.barrier(tmp_path / "pair", 2, 120)
+        assert child.wait(120) == 0
+    finally:
+        child.kill()
+        child.wait()
+    assert len(list((tmp_path / "pair").iterdir())) == 2
+    assert not machine.barrier(tmp_path / "alone", 2, timeout=0.2)
