@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pairs.py OTHER [--pairs 4] [--workloads small] [--out DIR]
                                           [--bench-args '--small-events 50000']
+    .venv/bin/python bench/pairs.py OTHER --together ...    # both sides at once, windows started together
     .venv/bin/python bench/pairs.py --report --out DIR     # the summary of runs already made
 
 On this 2-core machine the same code moves ±15% between runs of the small workload and ±2 us/event
@@ -15,12 +16,15 @@ How to compare two trees honestly. Two `git archive` copies of one commit are th
 nothing of a window depends on the copy (inputs byte-identical, no bytecode written, nothing
 written inside the copy, one interpreter), and their 4.5-8% differences, the same copy "lower in
 every pair", come from the machine: the CPU a process is charged for its work depends on what
-else runs (shared caches, interrupts charged to whoever runs). docs/performance.md, "Two copies
+else runs beside it from moment to moment (caches, memory bandwidth). docs/performance.md, "Two copies
 of one commit". So:
 - read the machine beside each run, printed at the end (bench/machine.py: a fixed probe's CPU per
   piece, other processes' cores, interrupts, steal). A pair whose probes differ by more than
   PROBE_TOLERANCE, or a run beside more than QUIET_CORES of other processes, is flagged NOT
   COMPARABLE: its difference is the machine's, not the code's; run again when the machine is quiet;
+- on a machine others use, `--together` runs both sides at once, each window started with the
+  other's: both meet the same neighbours (A/A pairs 0.3-5.7% apart at load 17-21, against 2-21%
+  one after the other), at the price of both sharing the two cores;
 - a difference counts only if it is larger than an A/A of the same tree under the same conditions
   (`pairs.py .` on this very folder: no copy at all) and comes out in every pair;
 - below ~5% end to end, measure the changed part with a focused bench that alternates both
