@@ -23,8 +23,8 @@ of one commit". So:
   PROBE_TOLERANCE, or a run beside more than QUIET_CORES of other processes, is flagged NOT
   COMPARABLE: its difference is the machine's, not the code's; run again when the machine is quiet;
 - on a machine others use, `--together` runs both sides at once, each window started with the
-  other's: both meet the same neighbours (A/A pairs 0.3-5.7% apart, median 2.3%, at load 13-21, against 1-21%
-  one after the other), at the price of both sharing the two cores;
+  other's: both meet the same neighbours (A/A pairs 0.3-5.7% apart, median 2.3%, at load 13-21,
+  against 1-21% one after the other), at the price of both sharing the two cores;
 - a difference counts only if it is larger than an A/A of the same tree under the same conditions
   (`pairs.py .` on this very folder: no copy at all) and comes out in every pair;
 - below ~5% end to end, measure the changed part with a focused bench that alternates both
