@@ -3,8 +3,10 @@ routes the API counter keys on, and the profile summary. The bench itself prints
 is run by hand; these are the parts whose mistakes would silently skew every figure."""
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,26 +17,47 @@ from bench import apicount, machine, pairs, procstat, profiling, wire
 from bench.pipeline import GROUPS, split_per_file
 
 
+def _lines_of(proc: subprocess.Popen) -> queue.Queue:
+    """The lines `proc` writes on its stdout, as they come (a reader thread)."""
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line.decode().strip())
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
 def test_cpu_seconds_counts_a_process_tree_children_included():
     """A parent that starts a child burning CPU: the tree's CPU holds the child's while it
-    runs and keeps it once the child has been waited for."""
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    runs and keeps it once the child has been waited for. Each step waits for the processes to
+    say where they are (the child: burnt, then it waits on stdin; the parent: child reaped), not
+    for a time: on a loaded machine a child may need far longer than its CPU to exit."""
+    burn = ("import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+            "print('burnt', flush=True)\nsys.stdin.read()\n")
     parent = subprocess.Popen([sys.executable, "-c",
                                f"import subprocess, sys, time\n"
-                               f"subprocess.run([sys.executable, '-c', {burn!r}])\n"
-                               f"time.sleep(30)\n"])
+                               f"child = subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+                               f"print(child.pid, flush=True)\n"
+                               f"child.wait()\n"
+                               f"print('reaped', flush=True)\n"
+                               f"time.sleep(60)\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and procstat.cpu_seconds(parent.pid) < 0.6:
-            time.sleep(0.05)
-        # The child has exited and been reaped by now (or is about to be): its time stays counted.
-        time.sleep(0.5)
+        lines = _lines_of(parent)
+        said = {lines.get(timeout=120), lines.get(timeout=120)}   # the child's pid and 'burnt', either first
+        assert "burnt" in said
+        child = int((said - {"burnt"}).pop())
+        assert procstat.children(parent.pid) == [child]
+        assert procstat.cpu_seconds(parent.pid) >= 0.6        # the running child's, read from its stat
+        parent.stdin.close()                                  # the child's stdin too: it exits
+        assert lines.get(timeout=120) == "reaped"
         assert procstat.children(parent.pid) == []
-        assert procstat.cpu_seconds(parent.pid) >= 0.6
+        assert procstat.cpu_seconds(parent.pid) >= 0.6        # folded into the parent's cutime
         assert parent.pid in procstat.peak_rss_mib(parent.pid)
     finally:
         parent.kill()
         parent.wait()
+        parent.stdout.close()
 
 
 def test_wire_counts_round_trips_statements_and_rows_and_puts_pymysql_back():
