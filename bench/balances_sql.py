@@ -23,7 +23,8 @@ The balance writes of users the batch read (after the locking read, outside the 
 - `young_json` / `main_json`: one `UPDATE` joined to the values as `JSON_TABLE` (one descent a
   user).
 
-Prints the server's CPU per user of the batch (reads) or per user written, from /proc.
+Prints the server's CPU per user of the batch (reads) or per user written, from /proc; each
+round checks that both reads found the same balances and that each write stored them.
 """
 from __future__ import annotations
 
@@ -49,16 +50,12 @@ WRITES = ("replace", "odku", "json")
 
 
 def read_sql(conn, shape: str, users: list[int], bound: int) -> str:
-    if shape == "read_both":
-        return L.Ledger.lock_sql(conn, users)
-    below = [u for u in users if u < bound]
-    parts = ["(SELECT -1, 0, NULL FROM worker_ledger WHERE id = 1 LOCK IN SHARE MODE)"]
-    for tag, table, ids in ((L.MAIN, "worker_balances", below), (L.YOUNG, "worker_balances_young", users)):
-        if ids:
-            parts.append(f"(SELECT {tag:d}, COUNT(*), GROUP_CONCAT(user_id, ' ', balance ORDER BY user_id SEPARATOR ' ') "
-                         f"FROM {table} FORCE INDEX (PRIMARY) WHERE user_id IN {db.sql_list(conn, sorted(ids))} "
-                         "FOR UPDATE)")
-    return " UNION ALL ".join(parts)
+    """The worker's locking read: before the ledger's bound is known (both tables for every
+    user), or after (`worker_balances` only for users at or below it)."""
+    ledger = L.Ledger(Decimal(0))
+    if shape == "read_bound":
+        ledger.bound = bound
+    return ledger.lock_sql(conn, users)
 
 
 def packed(rows) -> dict[int, str]:
@@ -84,7 +81,7 @@ def write(cur, shape: str, table: str, users: list[int], balances: dict[int, Dec
                        f"STRAIGHT_JOIN {table} t ON t.user_id = v.u SET t.balance = v.b", (doc,))
 
 
-def main(argv=None) -> dict[str, float]:
+def main(argv=None) -> dict[str, tuple[int, float]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old", type=int, default=300_000)
     ap.add_argument("--young", type=int, default=20_000)
@@ -100,7 +97,7 @@ def main(argv=None) -> dict[str, float]:
         shutil.rmtree(server.datadir, ignore_errors=True)
 
 
-def run(args, server) -> dict[str, float]:
+def run(args, server) -> dict[str, tuple[int, float]]:
     pid = server.proc.pid
     rng = random.Random(5)
     url = MySQLURL.parse("BENCH", f"mysql://root:@127.0.0.1:{server.port}/bench_balances")
@@ -139,7 +136,7 @@ def run(args, server) -> dict[str, float]:
                     counted[shape] += len(users)
                 conn.rollback()
             answers[shape] = packed(got[1:])
-        if answers["read_both"] != answers["read_bound"]:
+        if answers["read_both"] != answers["read_bound"] or len(answers["read_both"]) != n_old + n_young:
             raise AssertionError("the two reads found different balances")
         found = answers["read_both"]
         for table, lo, hi in (("young", old + 1, top), ("main", 1, old)):
@@ -149,7 +146,7 @@ def run(args, server) -> dict[str, float]:
             for shape in order:
                 with conn.cursor() as cur:
                     conn.begin()
-                    cur.execute(L.Ledger.lock_sql(conn, users))
+                    cur.execute(read_sql(conn, "read_both", users, bound))
                     cur.fetchall()
                     t0 = cpu(pid)
                     write(cur, shape, f"worker_balances{'_young' if table == 'young' else ''}", known, balances)
@@ -163,9 +160,9 @@ def run(args, server) -> dict[str, float]:
                 if total != sum(balances.values()):
                     raise AssertionError(f"{table}_{shape}: balances written {total}, {sum(balances.values())} expected")
     conn.close()
-    figures = {k: spent[k] / max(1, counted[k]) * 1e6 for k in spent}
-    for k, us in figures.items():
-        print(f"{k:>14}: {us:.3f} µs of server CPU per user ({counted[k]:,} users)")
+    figures = {k: (counted[k], spent[k] / max(1, counted[k]) * 1e6) for k in spent}
+    for k, (n, us) in figures.items():
+        print(f"{k:>14}: {us:.3f} µs of server CPU per user ({n:,} users)")
     print(f"{old:,} sealed users, {young:,} young, {args.users:,} users a batch, {args.rounds} rounds (the first not "
           f"counted); load {os.getloadavg()[0]:.2f}")
     return figures
