@@ -163,6 +163,17 @@ def test_credits_bench_credits_every_drawn_order_once_in_each_shape():
     assert {shape: credited for shape, (credited, _) in figures.items()} == {"odku": 200, "order_id": 200, "key": 200}
 
 
+def test_balances_bench_reads_and_writes_the_same_users_in_every_shape():
+    """bench/balances_sql.py: the locking read with and without the ledger's bound finds the
+    same balances (the bench checks each round), and every write shape stores them for the same
+    users (the figures compare equal work)."""
+    from bench import balances_sql
+    figures = balances_sql.main(["--old", "2000", "--young", "500", "--users", "200", "--rounds", "3"])
+    assert {k: n for k, (n, _) in figures.items()} == {
+        "read_both": 400, "read_bound": 400, **{f"young_{s}": 80 for s in balances_sql.WRITES},
+        **{f"main_{s}": 100 for s in balances_sql.WRITES}}
+
+
 def test_ledger_load_bench_ends_with_the_same_ledger_in_every_form():
     """bench/ledger_load.py: each candidate form of `worker_orders` loads every row, reads the
     stored ids, credits each drawn order once and prunes the same files: the same rows and
