@@ -46,7 +46,9 @@ class Leases:
         results = t.finish(*first, (sql_claim(gate), (stage, shard, owner, limit, self.lease_us)))
         if proceed is not None and not proceed(results[:len(first)]):
             return None
-        return [self._claimed(r, r["attempts"], bool(r["resumed"])) for r in results[-1].rows]
+        # In the lists' order (`n`): held first, then new, each by id (no ORDER BY: a sort a claim).
+        return [self._claimed(r, r["attempts"], bool(r["resumed"])) for r in sorted(results[-1].rows,
+                                                                                   key=lambda r: r["n"])]
 
     def may_claim(self, stage: str, shard: int | None, owner: str) -> bool:
         """Whether a claim could find anything: `owner` holds a task of the stage (of `shard`)
