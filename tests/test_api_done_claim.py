@@ -595,10 +595,11 @@ def test_only_the_workers_and_senders_hold_their_reports_back(tmp_path):
 
 def test_an_ordered_claim_reads_its_gate_and_its_files_in_one_round_trip(make_database):
     """A worker's claim (an ordered stage) locks the shard's claim row, reads its gate (another
-    daemon busy on the shard, the oldest file pending upstream) and the files below that gate in
-    one round trip, then writes and commits in a second: a claim and a `done` + claim cost two
-    round trips, where the ready read after the gate took a third. The gate still holds: never
-    past a file pending upstream, nothing while another daemon holds one of the shard's files."""
+    daemon busy on the shard, the oldest file pending upstream), the files below that gate, and
+    writes and commits, in one round trip (the procedure of tracking 0008): a claim and a `done` +
+    claim cost one round trip each, where the writes took a second and, before that, the ready
+    read after the gate a third. The gate still holds: never past a file pending upstream,
+    nothing while another daemon holds one of the shard's files."""
     from app.api import tracking
     from bench.wire import counting
 
@@ -614,13 +615,13 @@ def test_an_ordered_claim_reads_its_gate_and_its_files_in_one_round_trip(make_da
     with counting() as (counts, kinds):
         got = tracker.claim("shard-worker", 1, 0, "w")
     assert [r["filename"] for r in got] == ["2026a"]
-    assert counts["round_trips"] == 2, kinds
+    assert counts["round_trips"] == 1, kinds
     assert tracker.claim("shard-worker", 4, 0, "other") == []   # "w" holds one of the shard's files
     with counting() as (counts, kinds):
         moved, got = tracker.done_and_claim("shard-worker", [("2026a", 0, 1, None)], "w", 4, 0)
     assert [m.filename for m in moved] == ["2026a"]
     assert [r["filename"] for r in got] == ["2026b"]   # not 2026d: 2026c is still pending upstream
-    assert counts["round_trips"] == 2, kinds
+    assert counts["round_trips"] == 1, kinds
 
 
 def test_an_ordered_claims_gate_locks_no_file_still_pending_upstream(make_database):
@@ -630,7 +631,7 @@ def test_an_ordered_claims_gate_locks_no_file_still_pending_upstream(make_databa
     import pymysql
 
     from app.api import tracking
-    from app.api.queries import sql_ready, sql_shard_gate
+    from app.api.queries import sql_claim, sql_ready, sql_shard_gate
     from app.stages import Stage
 
     url = make_database("gate_locks")
@@ -645,6 +646,17 @@ def test_an_ordered_claims_gate_locks_no_file_still_pending_upstream(make_databa
         with worker.cursor() as cur:
             cur.execute("START TRANSACTION")
             cur.execute(sql_shard_gate(Stage.WORKER), (0, "w", 0, 0))
+        with splitter.cursor(pymysql.cursors.DictCursor) as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute(sql_ready(Stage.SPLITTER, False, "filename, shard", "LIMIT %s FOR UPDATE SKIP LOCKED"), (4,))
+            assert [(r["filename"], r["shard"]) for r in cur.fetchall()] == [("2026a", 0), ("2026a", 1)]
+            cur.execute("ROLLBACK")
+        worker.rollback()
+        # The same with the claim procedure's gate (tracking 0008), its transaction left open.
+        with worker.cursor() as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute(sql_claim("TRUE"), (Stage.WORKER, 0, "w", 1, 60_000_000))
+            assert cur.fetchall() == ()
         with splitter.cursor(pymysql.cursors.DictCursor) as cur:
             cur.execute("START TRANSACTION")
             cur.execute(sql_ready(Stage.SPLITTER, False, "filename, shard", "LIMIT %s FOR UPDATE SKIP LOCKED"), (4,))
@@ -758,3 +770,78 @@ def test_a_dones_rejected_lines_are_counted_without_a_temporary_table_and_only_w
             assert cur.fetchall() == (("shard-worker", "bad_json", 4), ("shard-worker", "duplicate", 10))
     finally:
         conn.close()
+
+
+def test_a_claim_passes_tasks_another_claim_is_locking_and_locks_only_what_it_takes(make_database):
+    """The claim procedure's locking reads (tracking 0008: a derived table's LIMIT ... FOR
+    UPDATE SKIP LOCKED into a list, then the writes over the list) lock exactly the rows they
+    claim: while another replica's claim holds the oldest ready tasks, a claim takes the next
+    ones at once instead of waiting on them or taking them twice, and a task neither took stays
+    free to lock before it commits."""
+    import pymysql
+
+    from app.api import tracking
+    from app.api.queries import sql_claim, sql_ready
+    from app.stages import Stage
+
+    url = make_database("claim_locks")
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3)
+    tracker.schema.ensure()
+    for name in ("2026a", "2026b", "2026c", "2026d", "2026e"):
+        tracker.register(name, [0], True, "ingest")
+    other, claim, third = db.connect(url), db.connect(url), db.connect(url)
+    try:
+        for conn in (other, claim, third):
+            with conn.cursor() as cur:
+                cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                cur.execute("SET SESSION innodb_lock_wait_timeout = 1")
+        with other.cursor(pymysql.cursors.DictCursor) as cur:   # another replica's claim, mid-flight
+            cur.execute("START TRANSACTION")
+            cur.execute(sql_ready(Stage.SPLITTER, False, "filename", "LIMIT %s FOR UPDATE SKIP LOCKED"), (2,))
+            assert [r["filename"] for r in cur.fetchall()] == ["2026a", "2026b"]
+        with claim.cursor(pymysql.cursors.DictCursor) as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute(sql_claim("TRUE"), (Stage.SPLITTER, None, "s2", 2, 60_000_000))
+            assert [(r["filename"], r["attempts"], r["resumed"]) for r in cur.fetchall()] == [
+                ("2026c", 1, 0), ("2026d", 1, 0)]
+            cur.nextset()
+        with third.cursor() as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute("SELECT filename FROM pipeline_tracking WHERE filename = '2026e' FOR UPDATE")
+            assert cur.fetchall() == (("2026e",),)
+        third.rollback()
+        claim.commit()
+        other.rollback()
+    finally:
+        for conn in (other, claim, third):
+            conn.close()
+    assert [r["filename"] for r in tracker.claim("shard-splitter", 4, None, "s1")] == ["2026a", "2026b", "2026e"]
+    assert [(r["filename"], r["resumed"]) for r in tracker.claim("shard-splitter", 3, None, "s2")] == [
+        ("2026c", True), ("2026d", True)]
+    assert servers.query(url, "SELECT filename, action, actor FROM pipeline_transitions WHERE stage = 'shard-splitter'"
+                              " ORDER BY id") == [
+        ("2026c", "claim", "s2"), ("2026d", "claim", "s2"), ("2026a", "claim", "s1"), ("2026b", "claim", "s1"),
+        ("2026e", "claim", "s1")]
+
+
+def test_a_claim_of_many_tasks_with_long_ids_gets_every_one(make_database):
+    """The claim procedure carries the ids it locked as a GROUP_CONCAT list, which the server
+    cuts at `group_concat_max_len` (1,024 bytes by default): a cut list would name other rows
+    or none. 60 tasks of 19-digit ids (1,200 bytes) are all claimed, logged and answered."""
+    from app.api import tracking
+
+    url = make_database("claim_long")
+    servers.query(url, "SELECT 1")
+    tracker = tracking.Tracker(db.ThreadConnections(url, multi_statements=True), 2, 60, 3)
+    tracker.schema.ensure()
+    servers.query(url, "ALTER TABLE pipeline_tracking AUTO_INCREMENT = 1000000000000000000")
+    names = [f"2026{i:04d}" for i in range(60)]
+    for name in names:
+        tracker.register(name, [1], True, "ingest")
+    got = tracker.claim("shard-splitter", 100, 1, "s")
+    assert [r["filename"] for r in got] == names
+    assert {r["attempts"] for r in got} == {1} and not any(r["resumed"] for r in got)
+    assert servers.query(url, "SELECT COUNT(*) FROM pipeline_transitions WHERE action = 'claim'") == [(60,)]
+    assert [r["filename"] for r in tracker.claim("shard-splitter", 100, 1, "s")] == names   # resumed
+    assert servers.query(url, "SELECT COUNT(*) FROM pipeline_tracking WHERE shard_splitter_status = 'started'"
+                              " AND owner = 's'") == [(60,)]

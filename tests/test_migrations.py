@@ -145,7 +145,7 @@ def test_an_original_tracking_table_is_migration_0001_and_is_upgraded_by_the_res
     migrate(url, "tracking")
     assert [(c, v, a) for c, v, _, a in ledger(url)] == [("tracking", 1, 1), ("tracking", 2, 0), ("tracking", 3, 0),
                                                             ("tracking", 4, 0), ("tracking", 5, 0), ("tracking", 6, 0),
-                                                            ("tracking", 7, 0)]
+                                                            ("tracking", 7, 0), ("tracking", 8, 0)]
     assert servers.query(url, "SELECT COUNT(*) FROM pipeline_tracking WHERE owner IS NULL") == [(len(ROWS),)]
 
 
@@ -167,14 +167,17 @@ def test_a_table_dropped_by_hand_is_created_again_and_nothing_else_runs(make_dat
 
 def test_a_procedure_lost_by_a_dump_without_routines_is_created_again_and_nothing_else_runs(make_database):
     """`mysqldump` leaves stored procedures out unless asked (`--routines`): a database restored
-    from such a dump has the ledger saying tracking 0007 ran, and no procedure. Its `creates`
-    names the procedure, so the next migration runs 0007 again, and only 0007."""
+    from such a dump has the ledger saying tracking 0007 and 0008 ran, and no procedure. Their
+    `creates` name the procedures, so the next migration runs each again, and nothing else."""
     url = make_database("routine")
     migrate(url, "tracking")
     servers.query(url, "DROP PROCEDURE pipeline_register")
     assert [str(m) for m in migrate(url, "tracking")] == ["tracking 0007_register_procedure"]
+    servers.query(url, "DROP PROCEDURE pipeline_claim")
+    assert [str(m) for m in migrate(url, "tracking")] == ["tracking 0008_claim_procedure"]
     assert servers.query(url, "SELECT routine_name FROM information_schema.routines WHERE routine_schema = DATABASE()"
-                              " AND routine_type = 'PROCEDURE'") == [("pipeline_register",)]
+                              " AND routine_type = 'PROCEDURE' ORDER BY routine_name") == [("pipeline_claim",),
+                                                                                         ("pipeline_register",)]
     assert migrate(url, "tracking") == []
 
 

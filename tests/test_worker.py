@@ -287,7 +287,7 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
         a.begin()
         with a.cursor() as cur:
             cur.execute(ledger.lock_sql(a, {5}))
-            balances, new_users = ledger.balances(cur.fetchall(), {5})
+            balances, new_users = ledger.balances(cur.fetchall(), {5}, cur)
         assert balances == {5: Decimal("1000.00")} and new_users == {5}
         outcome = []
 
@@ -296,7 +296,7 @@ def test_ledger_detects_a_user_or_an_order_written_by_another_worker_meanwhile(m
             try:
                 with b.cursor() as cur:
                     cur.execute(ledger.lock_sql(b, {5}))
-                    ledger.create_users(cur, ledger.balances(cur.fetchall(), {5})[1])
+                    ledger.create_users(cur, ledger.balances(cur.fetchall(), {5}, cur)[1])
                 b.commit()
                 outcome.append("committed")
             except LedgerConflict:
@@ -436,10 +436,10 @@ def test_two_shard_workers_create_new_users_without_waiting_for_each_other(make_
         cb.begin()
         with ca.cursor() as cur:
             cur.execute(ledger.lock_sql(ca, {5, 6}))
-            assert ledger.balances(cur.fetchall(), {5, 6})[1] == {5, 6}
+            assert ledger.balances(cur.fetchall(), {5, 6}, cur)[1] == {5, 6}
         with cb.cursor() as cur:
             cur.execute(ledger.lock_sql(cb, {6, 9}))
-            assert ledger.balances(cur.fetchall(), {6, 9})[1] == {6, 9}
+            assert ledger.balances(cur.fetchall(), {6, 9}, cur)[1] == {6, 9}
 
         def create(conn, users: set) -> int:
             script = db.Script()
@@ -493,7 +493,7 @@ def test_new_users_of_two_workers_interleaved_leave_the_balances_pages_full(make
                 conn.begin()
                 with conn.cursor() as cur:
                     cur.execute(ledger.lock_sql(conn, parts[n] | known))
-                    balances, new = ledger.balances(cur.fetchall(), parts[n] | known)
+                    balances, new = ledger.balances(cur.fetchall(), parts[n] | known, cur)
                     assert new == parts[n]
                     for u in known:
                         assert balances[u] == want[u]
@@ -543,7 +543,7 @@ def test_a_batch_locks_balances_by_key_in_both_tables_however_small(make_databas
         cb.begin()
         with cb.cursor() as cur:                    # no wait for worker a's users 1 and 100
             cur.execute(ledger.lock_sql(cb, users))
-            assert ledger.balances(cur.fetchall(), users)[1] == users
+            assert ledger.balances(cur.fetchall(), users, cur)[1] == users
         cb.rollback()
         ca.rollback()
     finally:
@@ -566,7 +566,7 @@ def test_sealing_new_users_waits_for_a_batch_reading_balances(make_database):
         ca.begin()
         with ca.cursor() as cur:
             cur.execute(ledger.lock_sql(ca, {1, 3}))
-            balances, new = ledger.balances(cur.fetchall(), {1, 3})
+            balances, new = ledger.balances(cur.fetchall(), {1, 3}, cur)
         assert balances == {1: Decimal("10.00"), 3: Decimal("1000.00")} and new == {3} and ledger.young == {1}
         assert sealer.due()                         # a process seals at its first pass after start
         moved = []
@@ -588,7 +588,7 @@ def test_sealing_new_users_waits_for_a_batch_reading_balances(make_database):
         ca.begin()                                  # found in worker_balances now, written there
         with ca.cursor() as cur:
             cur.execute(ledger.lock_sql(ca, {1, 50}))
-            balances, new = ledger.balances(cur.fetchall(), {1, 50})
+            balances, new = ledger.balances(cur.fetchall(), {1, 50}, cur)
             assert not new and ledger.young == {50}
             script = db.Script()
             ledger.add_writes(script, ca, 0, 1, [], [], {1: Decimal("8.00"), 50: Decimal("29.00")}, {1, 50}, set())
@@ -599,6 +599,81 @@ def test_sealing_new_users_waits_for_a_batch_reading_balances(make_database):
     finally:
         a.close()
         b.close()
+
+
+def _keys_read(conn, sql: str) -> tuple[int, list]:
+    """The index lookups (`Handler_read_key`) a statement makes on the session, and its rows."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW SESSION STATUS LIKE 'Handler_read_key'")
+        before = int(cur.fetchone()[1])
+        cur.execute(sql)
+        rows = cur.fetchall()
+        cur.execute("SHOW SESSION STATUS LIKE 'Handler_read_key'")
+        return int(cur.fetchone()[1]) - before, rows
+
+
+def test_a_batch_looks_for_users_above_the_ledgers_bound_in_the_young_table_only(make_database):
+    """No user above `worker_ledger.sealed_below` is in worker_balances (a pass moves only users
+    below its bound there, and new users go young), and most of a fresh file's users are new:
+    once a worker has read the bound, its locking read looks for them in the young table alone,
+    one index lookup a user where there were two."""
+    url, ledger, conn = ledger_database(make_database, "ledger8")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO worker_balances (user_id, balance) VALUES (1, 1.00), (2, 2.00), (5, 5.00)")
+            cur.execute("INSERT INTO worker_balances_young (user_id, balance) VALUES (3, 3.00), (50, 50.00)")
+            cur.execute("UPDATE worker_ledger SET sealed_below = 5 WHERE id = 1")
+        users = {2, 3, 5, 50, 60, 70}
+        conn.begin()
+        fresh, rows = _keys_read(conn, ledger.lock_sql(conn, users))   # the bound not read yet: both tables
+        with conn.cursor() as cur:
+            assert ledger.balances(rows, users, cur) == (
+                {2: Decimal("2.00"), 3: Decimal("3.00"), 5: Decimal("5.00"), 50: Decimal("50.00"),
+                 60: Decimal("1000.00"), 70: Decimal("1000.00")}, {60, 70})
+        conn.rollback()
+        assert ledger.bound == 5
+        conn.begin()
+        bounded, again = _keys_read(conn, ledger.lock_sql(conn, users))
+        conn.rollback()
+        assert again == rows
+        assert fresh - bounded == len({50, 60, 70})   # not looked for in worker_balances
+    finally:
+        conn.close()
+
+
+def test_a_batch_finds_users_another_workers_pass_sealed_since_it_read_the_bound(make_database):
+    """A worker's bound is the one its last batch read: the other worker's pass may have moved
+    users above it into worker_balances since. The ledger's row answers the bound under its
+    shared lock in the same statement, and the users between the two found in neither table are
+    read in worker_balances then: never taken for new (created twice, money twice). The bound
+    is never lowered, whatever a pass keeps young."""
+    url, ledger, conn = ledger_database(make_database, "ledger9")
+    sealer = Ledger(Decimal("1000.00"))
+    other = db.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO worker_balances_young (user_id, balance) VALUES (3, 3.00), (4, 4.00), "
+                        "(40, 40.00)")
+        conn.begin()
+        with conn.cursor() as cur:
+            cur.execute(ledger.lock_sql(conn, {3}))
+            ledger.balances(cur.fetchall(), {3}, cur)
+        conn.commit()
+        was = ledger.bound
+        assert sealer.seal(other, keep=30) == 2                     # 3 and 4 move: below 40 - 30
+        assert servers.query(url, "SELECT sealed_below FROM worker_ledger") == [(10,)] and was < 3
+        conn.begin()
+        with conn.cursor() as cur:
+            cur.execute(ledger.lock_sql(conn, {3, 4, 40, 41}))
+            balances, new = ledger.balances(cur.fetchall(), {3, 4, 40, 41}, cur)
+        conn.rollback()
+        assert new == {41} and ledger.young == {40} and ledger.bound == 10
+        assert balances == {3: Decimal("3.00"), 4: Decimal("4.00"), 40: Decimal("40.00"), 41: Decimal("1000.00")}
+        assert sealer.seal(other, keep=35) == 0                     # below 5: nothing to move
+        assert servers.query(url, "SELECT sealed_below FROM worker_ledger") == [(10,)]
+    finally:
+        conn.close()
+        other.close()
 
 
 def test_the_worker_claims_several_files_of_its_shard_at_once_and_reports_each(pipeline):

@@ -137,8 +137,8 @@ def test_a_batch_locks_its_returns_users_with_its_purchases_users_in_one_read(wo
     w = worker()
     locked = []
     real = Ledger.lock_sql
-    monkeypatch.setattr(Ledger, "lock_sql", staticmethod(lambda conn, users: locked.append(set(users))
-                                                         or real(conn, users)))
+    monkeypatch.setattr(Ledger, "lock_sql", lambda self, conn, users: locked.append(set(users))
+                        or real(self, conn, users))
     assert w.decide(F1, [purchase(0, 100, user=1, shop=2, price=10)]).events == 1
     assert locked == [{1}]
     lines = [purchase(1, 101, user=2, shop=2, price=5), refund(2, 100, user=1, amount=10, shop=2),

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from ..stages import ORDERED, WORK_STAGES, Action, Stage
+from ..stages import WORK_STAGES, Action, Stage
 from .errors import Conflict, NotFound
-from .queries import (FAILED, NEW, SQL_BEFORE_GATE, SQL_EXPIRED, STARTED, iso, iso_s, log_sql, marks, sql_held,
-                      sql_ready, sql_shard_gate)
+from .queries import FAILED, NEW, SQL_EXPIRED, STARTED, iso, iso_s, log_sql, sql_claim, sql_held, sql_ready
 from ..db import Transaction
 from .store import Store
 
@@ -31,50 +30,25 @@ class Leases:
     def claim(self, stage: str, limit: int, shard: int | None, owner: str) -> list[dict]:
         """Up to `limit` tasks for `owner`: first those it already holds (a restarted daemon
         resumes its own work), then ready ones, oldest first, each won by exactly one caller.
-        Two round trips: lock what the owner holds and up to `limit` ready rows nobody else
-        is locking; then write. Ready rows locked but not needed are freed by the commit."""
+        One round trip: the stored procedure of migration tracking 0008 locks what the owner
+        holds and the ready rows nobody else is locking, writes, and answers the tasks."""
         return self.store.tx(lambda t: self.claim_in(t, stage, limit, shard, owner))
 
     def claim_in(self, t: Transaction, stage: str, limit: int, shard: int | None, owner: str,
-                 first: tuple = (), proceed=None) -> list[dict] | None:
-        """The claim inside the transaction `t`, which it commits. `first`: statements sent
-        ahead of the claim's reads in the same round trip (a `done` of the caller's previous
-        task, so the two cost one transaction); `proceed(results of first)` False rolls
-        everything back before anything is claimed, and the answer is None."""
+                 first: tuple = (), proceed=None, gate: str = "TRUE") -> list[dict] | None:
+        """The claim inside the transaction `t`, which it commits, in one round trip. `first`:
+        statements sent ahead of the claim in the same packet (a `done` of the caller's
+        previous task, so the two cost one transaction); `gate`: the SQL condition, true when
+        they took effect (`@pipeline_done = n`), false making the procedure roll everything
+        back and claim nothing; `proceed(results of first)` says the same in Python (False:
+        the answer is None)."""
         stage = Stage(stage)
-        status_col, att = stage.status_column, stage.attempts_column
-        cols = f"id, filename, shard, created_at, {att} AS attempts"
-        ordered = stage in ORDERED and shard is not None
-        reads = [*first, (sql_held(stage, shard is not None), (owner, *([shard] if shard is not None else []), limit))]
-        if ordered:
-            reads += self._ordered_reads(stage, shard, owner, limit, cols)
-        else:
-            reads.append((sql_ready(stage, shard is not None, cols, "LIMIT %s FOR UPDATE SKIP LOCKED"),
-                          (*([shard] if shard is not None else []), limit)))
-        results = t.run(*reads)
-        before, results = results[:len(first)], results[len(first):]
-        if proceed is not None and not proceed(before):
-            t.finish(commit=False)
+        results = t.finish(*first, (sql_claim(gate), (stage, shard, owner, limit, self.lease_us)))
+        if proceed is not None and not proceed(results[:len(first)]):
             return None
-        mine = results[0].rows
-        want = limit - len(mine)
-        fresh = results[-1].rows[:want] if want > 0 else []
-        writes = []
-        if mine:
-            ids = [r["id"] for r in mine]
-            writes += [(f"UPDATE pipeline_tracking SET lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND "
-                        f"WHERE id IN ({marks(ids)})", (self.lease_us, *ids)),
-                       (f"SELECT {cols} FROM pipeline_tracking WHERE id IN ({marks(ids)}) ORDER BY id", ids)]
-        if fresh:
-            writes += [(f"UPDATE pipeline_tracking SET {status_col}={STARTED.sql}, owner=%s, started_at=NOW(3),"
-                        f" lease_expires_at=NOW(3) + INTERVAL %s MICROSECOND, {att}={att}+1"
-                        f" WHERE id IN ({marks(fresh)})", (owner, self.lease_us, *[r["id"] for r in fresh])),
-                       log_sql([(r["id"], r["filename"], r["shard"], stage, NEW, STARTED, Action.CLAIM, owner,
-                                 None, None, None, None) for r in fresh])]
-        done = t.finish(*writes)
-        mine = done[1].rows if mine else []
-        return ([self._claimed(r, r["attempts"], True) for r in mine]
-                + [self._claimed(r, r["attempts"] + 1, False) for r in fresh])
+        # In the lists' order (`n`): held first, then new, each by id (no ORDER BY: a sort a claim).
+        return [self._claimed(r, r["attempts"], bool(r["resumed"])) for r in sorted(results[-1].rows,
+                                                                                   key=lambda r: r["n"])]
 
     def may_claim(self, stage: str, shard: int | None, owner: str) -> bool:
         """Whether a claim could find anything: `owner` holds a task of the stage (of `shard`)
@@ -104,21 +78,6 @@ class Leases:
     def _claimed(r: dict, attempts: int, resumed: bool) -> dict:
         return {"filename": r["filename"], "shard": r["shard"], "created_at": iso_s(r["created_at"]),
                 "attempts": attempts, "resumed": resumed}
-
-    @staticmethod
-    def _ordered_reads(stage: Stage, shard: int, owner: str, limit: int, cols: str) -> list:
-        """An ordered claim takes the shard's claim lock (the upsert locks its row, so two
-        replicas cannot take consecutive files at once), reads in one statement whether another
-        daemon holds one of the shard's files and which is the oldest file still waiting upstream,
-        and then, in the same round trip, the shard's oldest ready tasks below that file (none
-        while another daemon holds one). Pending = the previous stage has not finished yet
-        (new/started) although ingest is done; files still being written (ingest not done) and
-        files the previous stage failed are not in the shard's stream and block nothing. Rows
-        locked beyond what the owner still wants are freed by the commit."""
-        return [("INSERT INTO pipeline_claim_lock (stage, shard) VALUES (%s,%s) ON DUPLICATE KEY UPDATE shard=shard",
-                 (stage, shard)),
-                (sql_shard_gate(stage), (shard, owner, shard, shard)),
-                (sql_ready(stage, True, cols, "LIMIT %s FOR UPDATE", SQL_BEFORE_GATE), (shard, limit))]
 
     def reap(self, limit: int = 500) -> list[dict]:
         """Return tasks whose lease expired to `new` (attempt counted) or, after `max_attempts`,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from ..db import Call
 from ..stages import FIRST, ORDERED, STAGES, STATUSES, WORK_STAGES, Stage, Status, sql_in
 
 NEW, STARTED, DONE, FAILED = Status.NEW, Status.STARTED, Status.DONE, Status.FAILED
@@ -89,6 +90,13 @@ def sql_shard_gate(stage: Stage) -> str:
 # An ordered claim's ready read, after `sql_shard_gate` (a range on id, so one index read): below
 # the blocker, nothing while the shard is busy. Unset variables (NULL) leave the range open.
 SQL_BEFORE_GATE = f" AND id < IF(@pipeline_busy, 0, COALESCE(@pipeline_blocker, {NO_ID}))"
+
+
+@lru_cache(maxsize=64)
+def sql_claim(gate: str) -> Call:
+    """A claim (migration tracking 0008; args: stage, shard or None, owner, limit, lease in us),
+    which claims only when `gate`, an SQL condition, holds (else rolls the transaction back)."""
+    return Call(f"CALL pipeline_claim(%s,%s,%s,%s,%s,{gate})")
 
 
 # Started tasks whose lease ran out, for the reaper (args: limit).

@@ -46,7 +46,7 @@ class Tracker:
         """`done` of `items` (filename, shard, events, stats) by `owner`, then its claim of up
         to `limit` next tasks (of `shard`), in one transaction: the dones' statements travel
         with the claim's first reads, so a daemon's report and its next claim cost one commit
-        and two or three round trips instead of two transactions and three or four; several
+        and one round trip instead of two transactions and three or four; several
         dones are one set of statements (`Transitions.done_many_sql`). Only when
         every `done` takes effect as a first `done`; otherwise nothing is written and the
         answer is None: the caller then reports each task the ordinary way (a repeat, a
@@ -76,6 +76,7 @@ class Tracker:
                 return None
             t.finish()
             return []
+        gate = f"@pipeline_done = {len(texts)}"   # what `attempts` checks, as the server sees it
         claimed = self.store.tx(lambda t: self.leases.claim_in(t, stage, limit, shard, owner, tuple(statements),
-                                                               proceed) if limit else only_done(t))
+                                                               proceed, gate) if limit else only_done(t))
         return None if claimed is None else (list(moved), claimed)

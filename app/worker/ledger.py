@@ -11,6 +11,7 @@ decided again. The statements are built here and sent in the batch's scripts (`d
 """
 from __future__ import annotations
 
+import bisect
 from decimal import Decimal
 
 import pymysql
@@ -101,9 +102,18 @@ def balance_rows(users: list[int], balances: dict[int, Decimal]) -> bytes:
     return text.encode()
 
 
+def _locking_read(conn, tag: int, ids: list[int]) -> str:
+    """One balance table's part of `Ledger.lock_sql`: `ids` (ascending) locked and packed."""
+    return (f"(SELECT {tag:d}, COUNT(*), GROUP_CONCAT(user_id, ' ', balance ORDER BY user_id SEPARATOR ' ') "
+            f"FROM {TABLES[tag]} FORCE INDEX (PRIMARY) WHERE user_id IN {db.sql_list(conn, ids)} FOR UPDATE)")
+
+
 class Ledger:
     def __init__(self, opening_balance: Decimal):
         self.opening = opening_balance
+        # `worker_ledger.sealed_below` as the last locking read answered it: no user above it is
+        # in worker_balances (None: not read yet, every user looked up there too)
+        self.bound: int | None = None
         self.young: set[int] = set()    # users of the last `balances` in worker_balances_young
         # users created since the last sealing pass; a process starts due, so a worker restarted
         # more often than it creates SEAL_AFTER users still seals
@@ -133,8 +143,7 @@ class Ledger:
 
     # -- balances -------------------------------------------------------------------------------
 
-    @staticmethod
-    def lock_sql(conn, users) -> str:
+    def lock_sql(self, conn, users) -> str:
         """Lock the users' balance rows until the transaction ends (a range scan of each
         table's primary key: ascending user_id), after a shared lock on `worker_ledger`'s row
         (the sealing pass takes it exclusive: no user moves between the tables, or is sealed
@@ -144,35 +153,68 @@ class Ledger:
         text cut short by group_concat_max_len, which `WorkerState` raises on its connection,
         cannot go unnoticed). The primary key is forced: a young table the optimizer takes for
         small is otherwise scanned whole, and a locking scan waits for every row the other shard
-        worker has locked, matching or not (the two workers took turns)."""
-        ids = db.sql_list(conn, sorted(users))
-        return " UNION ALL ".join(["(SELECT -1, 0, NULL FROM worker_ledger WHERE id = 1 LOCK IN SHARE MODE)"] + [
-            f"(SELECT {tag:d}, COUNT(*), GROUP_CONCAT(user_id, ' ', balance ORDER BY user_id SEPARATOR ' ') "
-            f"FROM {table} FORCE INDEX (PRIMARY) WHERE user_id IN {ids} FOR UPDATE)" for tag, table in TABLES.items()])
+        worker has locked, matching or not (the two workers took turns).
+        `worker_balances` is read only for users at or below the ledger's bound as this worker
+        last read it (`self.bound`: no user above the bound is there, and most of a fresh
+        file's users are new, above it); the ledger's row answers the bound under its lock, and
+        `balances` reads again the users a pass sealed since (`recheck_sql`)."""
+        ordered = sorted(users)
+        bound = self.bound
+        sealed = ordered if bound is None else ordered[:bisect.bisect_right(ordered, bound)]
+        parts = ["(SELECT -1, sealed_below, NULL FROM worker_ledger WHERE id = 1 LOCK IN SHARE MODE)"]
+        for tag, ids in ((MAIN, sealed), (YOUNG, ordered)):
+            if ids:
+                parts.append(_locking_read(conn, tag, ids))
+        return " UNION ALL ".join(parts)
 
-    def balances(self, rows, users) -> tuple[dict[int, Decimal], set[int]]:
+    def balances(self, rows, users, cur) -> tuple[dict[int, Decimal], set[int]]:
         """The locked balances (the rows `lock_sql` answers), and the users not in either table
         yet (they start with OPENING_BALANCE; `write` inserts them into the young table, and a
-        concurrent creator makes that fail). Which users are young is kept for `add_writes`."""
+        concurrent creator makes that fail). Which users are young is kept for `add_writes`.
+        Users `lock_sql` did not look for in `worker_balances` whom a pass may have moved there
+        since this worker last read the bound (between the bound it used and the one the
+        ledger's row answered now, found in neither table) are read there with `cur`, in the
+        same transaction and under the same shared lock."""
         balances: dict[int, Decimal] = {}
         young: set[int] = set()
-        for tag, count, packed in rows:
-            if not count:
-                continue
-            parts = (packed.decode() if type(packed) is bytes else packed).split(" ")
-            if len(parts) != 2 * count:
-                raise ValueError(f"balances of {count} users came back as {len(parts)} fields: "
-                                 "is group_concat_max_len too small?")
-            found = dict(zip(map(int, parts[0::2]), map(Decimal, parts[1::2])))
-            if tag == YOUNG:
-                young.update(found)
-            if balances.keys() & found.keys():
-                raise ValueError(f"users in both balance tables: {sorted(balances.keys() & found.keys())[:5]}")
-            balances.update(found)
+        used, answered = self.bound, None
+        rows = list(rows)
+        for n in (0, 1):
+            for tag, count, packed in rows:
+                if tag == -1:
+                    answered = count
+                    continue
+                if not count:
+                    continue
+                parts = (packed.decode() if type(packed) is bytes else packed).split(" ")
+                if len(parts) != 2 * count:
+                    raise ValueError(f"balances of {count} users came back as {len(parts)} fields: "
+                                     "is group_concat_max_len too small?")
+                found = dict(zip(map(int, parts[0::2]), map(Decimal, parts[1::2])))
+                if tag == YOUNG:
+                    young.update(found)
+                if balances.keys() & found.keys():
+                    raise ValueError(f"users in both balance tables: {sorted(balances.keys() & found.keys())[:5]}")
+                balances.update(found)
+            if n or answered is None:
+                break
+            self.bound = answered
+            if used is None or answered <= used:
+                break
+            missed = [u for u in users if used < u <= answered and u not in balances]
+            if not missed:
+                break
+            cur.execute(self.recheck_sql(cur.connection, missed))
+            rows = cur.fetchall()
         new = {u for u in users if u not in balances}
         balances.update((u, self.opening) for u in new)
         self.young = young
         return balances, new
+
+    @staticmethod
+    def recheck_sql(conn, users) -> str:
+        """`worker_balances`' locking read of `users` alone (`balances`)."""
+        return _locking_read(conn, MAIN, sorted(users))
 
     def create_users(self, cur, users) -> None:
         """Insert new users now, so they are locked too (a batch decided again after a conflict)."""
@@ -273,11 +315,15 @@ class Ledger:
                     cur.execute("INSERT INTO worker_balances (user_id, balance) SELECT user_id, balance "
                                 "FROM worker_balances_young WHERE user_id < %s ORDER BY user_id", (below,))
                     moved = cur.execute("DELETE FROM worker_balances_young WHERE user_id < %s", (below,))
-                    cur.execute("UPDATE worker_ledger SET sealed_below = %s WHERE id = 1", (below,))
+                    # never lowered: `lock_sql` takes every user above it for not in worker_balances
+                    cur.execute("UPDATE worker_ledger SET sealed_below = GREATEST(sealed_below, %s) WHERE id = 1",
+                                (below,))
                 conn.commit()
             except BaseException:
                 conn.rollback()
                 raise
+        if moved:
+            self.bound = below   # the ledger's is at least this now (`balances` reads any higher one)
         return moved
 
     def due(self) -> bool:

@@ -531,7 +531,7 @@ class FileRun:
         orders = ledger.parse_orders(got.get("orders", ((), 0))[0])
         stock = {(s, g): c for s, g, c in got.get("stock", ((), 0))[0]}
         shops = {s: bool(a) for s, a in got.get("shops", ((), 0))[0]}
-        balances, new_users = ledger.balances(got.get("balances", ((), 0))[0], users)
+        balances, new_users = ledger.balances(got.get("balances", ((), 0))[0], users, cur)
         # returns of earlier purchases credit those purchases' users (a return whose user is not
         # its purchase's is a return_mismatch and moves nothing)
         # (the ledger keeps a digest of the purchase's user: a return that matches it names the user)
