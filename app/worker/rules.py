@@ -74,13 +74,14 @@ MAX_LINE_BYTES, MAX_JSON_DEPTH = Settings.max_line_bytes, Settings.max_json_dept
 
 class Event(msgspec.Struct, gc=False, eq=False):
     """One valid event line, its fields checked and typed. On the fast path `payload_json` is
-    the payload's text, exactly as orjson prints the dict, and `payload` is parsed only if asked.
+    the payload's text, exactly as orjson prints the dict (a `msgspec.Raw` of the line: not
+    copied, and printed into the prepared line as it is), and `payload` is parsed only if asked.
     A Struct, not a class with __slots__: made in one C call with all its fields (a line's
     Event cost as much as decoding the line), compared and hashed by identity as before."""
 
     etype: int
     ts: str
-    payload_json: Optional[bytes] = None
+    payload_json: Optional[msgspec.Raw] = None
     _payload: Optional[dict] = None
     key: str = ""                  # the business key as the contract writes it (app.events.event_key)
     dkey: Any = None               # what dedup stores: the order id of a purchase or return, else (minute, 64-bit hash)
@@ -95,7 +96,7 @@ class Event(msgspec.Struct, gc=False, eq=False):
     @property
     def payload(self) -> dict:
         if self._payload is None:
-            self._payload = orjson.loads(self.payload_json)
+            self._payload = orjson.loads(memoryview(self.payload_json))
         return self._payload
 
 
@@ -313,7 +314,7 @@ def fast_validator(shard: int, shard_count: int, fast_up_to: int = 0, other=_non
     and one with a backslash or longer than `fast_up_to` bytes (when given), goes to `other`
     (by default: None)."""
     line_decode, payloads, decode_error, encode = fast.LINE.decode, fast.PAYLOADS.get, fast.DecodeError, fast.ENCODE
-    blake2b, key_text, unset, make, head64 = fast.BLAKE2B_16, fast.SORTED, fast.UNSET, Event, _HEAD64
+    blake2b, key_text, unset, make, head64, raw_of = fast.BLAKE2B_16, fast.SORTED, fast.UNSET, Event, _HEAD64, msgspec.Raw
     purchase_key, return_key = f"{PURCHASE}:", f"{RETURN}:"
     seconds, millis, amounts, minutes = _seconds.get, _MILLIS, _amounts.get, _minutes.get
     up_to = fast_up_to or float("inf")
@@ -327,7 +328,7 @@ def fast_validator(shard: int, shard_count: int, fast_up_to: int = 0, other=_non
             decoder = payloads(etype)
             if decoder is None:
                 return other(raw)
-            body = bytes(line.payload)
+            body = line.payload
             p = decoder.decode(body)
         except (decode_error, ValueError):   # msgspec raises UnicodeDecodeError for bytes that are not UTF-8
             return other(raw)
@@ -339,7 +340,7 @@ def fast_validator(shard: int, shard_count: int, fast_up_to: int = 0, other=_non
             ok = valid_time(ts)
         elif ok:
             ok = ts[20:] in millis
-        if not ok or encode(p) != body:
+        if not ok or raw_of(encode(p)) != body:   # (Raw compares with a Raw only)
             return other(raw)
         try:
             # Event's fields in order: etype, ts, payload_json, _payload, key, dkey, shop_id, user_id,

@@ -94,8 +94,8 @@ class PreparedLines:
     """The sender's input lines of one (file, shard) (format fixed in the brief), as orjson
     prints the dict of those fields in that order: the key, the timestamp and the amount hold no
     character JSON escapes (the key is a type and a number or hex digits, the timestamp passed
-    `valid_time`, the amount is a Decimal's digits), the payload is orjson's text (or its copy,
-    `Event.payload_json`, UTF-8 as msgspec checked). The shard and the file's name are put in
+    `valid_time`, the amount is a Decimal's digits), the payload is orjson's text (or the line's
+    own, `Event.payload_json`, a `msgspec.Raw` printed as it is, UTF-8 as msgspec checked). The shard and the file's name are put in
     the templates once.
 
     `lines` renders many at a time, as the worker does: a `_Prepared` Struct per event (one C
@@ -121,7 +121,7 @@ class PreparedLines:
             ev.key, ev.etype, "null" if shop_id is None else shop_id, "null" if user is None else user, ev.ts,
             "null" if order is None else order, "null" if good is None else good, "null" if qty is None else qty,
             "null" if amount is None else '"%s"' % amount,
-            orjson.dumps(ev.payload).decode() if payload is None else payload.decode())).encode()
+            orjson.dumps(ev.payload).decode() if payload is None else bytes(payload).decode())).encode()
 
     def lines(self, events: list[Event], shop_of: dict[int, int]) -> bytes:
         """The prepared lines of `events`, in order; a return is output with its purchase's
@@ -139,7 +139,7 @@ class PreparedLines:
             else:
                 shop = ev.shop_id
             add(make(ev.key, etype, shop, ev.user_id, ev.ts, shard, ev.order_id, ev.good_id, ev.qty, ev.amount, source,
-                     raw(orjson.dumps(ev.payload) if payload is None else payload)))
+                     raw(orjson.dumps(ev.payload)) if payload is None else payload))
         return _PRINT_LINES(items)
 
 
