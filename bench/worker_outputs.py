@@ -95,6 +95,9 @@ def main() -> None:
                     run.stage, run.settings, run.rules, run.shard = stage, settings, settings.rules, shard
                     run.filename, run.file_id, run.seq = f"2026010{shard}{k:06d}", k + 1, seq
                     run.validate = m["rules"].validator(shard, 2, settings.max_line_bytes, settings.max_json_depth)
+                    if hasattr(m["rules"], "lines_validator"):
+                        run.validate_lines = m["rules"].lines_validator(shard, 2, settings.max_line_bytes,
+                                                                        settings.max_json_depth)
                     run.prepare = m["stage"].PreparedLines(shard, run.filename)
                     lines = raws[k:k + args.file_lines]
                     lines, events, plan, digest, _ = run._batch(lines, True)

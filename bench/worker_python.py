@@ -79,6 +79,9 @@ class Tree:
             run.stage, run.settings, run.rules, run.shard = stage, self.settings, self.settings.rules, 0
             run.filename, run.file_id, run.seq = f"20260101{k:06d}", k + 1, 0
             run.validate = m["rules"].validator(0, 2, self.settings.max_line_bytes, self.settings.max_json_depth)
+            if hasattr(m["rules"], "lines_validator"):   # a checkout's validation of a list at a time
+                run.validate_lines = m["rules"].lines_validator(0, 2, self.settings.max_line_bytes,
+                                                                self.settings.max_json_depth)
             run.prepare = m["stage"].PreparedLines(0, run.filename)
             run.item = run._batch(raws, True)
             self.runs[k] = run

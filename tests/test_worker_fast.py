@@ -475,6 +475,28 @@ def test_a_fast_paths_payload_is_the_lines_own_text_not_a_copy():
     assert PreparedLines(0, SOURCE).lines([ev], {}) == reference_line(ev, 0)
 
 
+def test_a_list_of_lines_is_validated_in_one_call_as_line_by_line():
+    """`rules.lines_validator` (the worker's: one Python loop over a batch, not a closure called
+    per line from `map`) answers for each line what `validate` answers for it alone, lines the
+    fast path takes and lines it hands to the exact path mixed, on both shards."""
+    lines = generator_lines(2000) + [x for p in sorted(FIXTURES.rglob("*.txt")) for x in p.read_bytes().splitlines()]
+    lines += [b'{"event_type":1,"payload":{"order_id":1,"user_id":1,"shop_id":2,"good_id":1,"qty":1,'
+              b'"price_at_order":1.5e1}}', b"\xff", b"[]", b'{"a":"\\u00e9"}']
+    random.Random(4).shuffle(lines)
+    for shard in (0, 1):
+        many = rules.lines_validator(shard, 2)
+        got = many(lines) + many(lines[:1]) + many([])
+        assert len(got) == len(lines) + 1
+        for raw, ev in zip(lines + lines[:1], got):
+            one = validate(raw, shard, 2)
+            assert type(ev) is type(one), raw
+            if type(one) is Bad:
+                assert (ev.code, ev.detail) == (one.code, one.detail), raw
+            else:
+                assert [getattr(ev, f) for f in FIELDS] == [getattr(one, f) for f in FIELDS], raw
+                assert ev.payload == one.payload, raw
+
+
 def test_a_fast_validator_hands_every_line_it_does_not_take_to_its_fallback():
     """`rules.fast_validator` with a fallback (`rules.validator`'s one closure a line): a line
     with a backslash, one longer than its bound, one that is not bytes (TooLarge) and any the

@@ -37,8 +37,8 @@ from ..overlap import Behind, ReadAhead, Turns
 from ..stages import Stage
 from .ledger import Ledger, LedgerConflict
 from .rules import (ACCEPTED, DUPLICATE, HELD, MALFORMED, ORPHAN_RETURN, PURCHASE_REJECTED, REASON,
-                    TOO_LARGE, WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, minute_of, purchase,
-                    refund, stock_change, validator)
+                    TOO_LARGE, WRONG_SHARD, Bad, Event, Order, add_seconds, amounts_check, lines_validator, minute_of,
+                    purchase, refund, stock_change, validator)
 from .state import SCHEMA, BatchRecord, FileStart, Hold, Recent, SeenConflict, WorkerState
 
 log = logging.getLogger(Stage.WORKER)
@@ -280,8 +280,8 @@ class FileRun:
         self.prepare = PreparedLines(stage.shard, filename)
         self.seq = 0
         self.turns = Turns()
-        self.validate = validator(stage.shard, stage.settings.shard_count, stage.settings.max_line_bytes,
-                                  stage.settings.max_json_depth)
+        limits = (stage.shard, stage.settings.shard_count, stage.settings.max_line_bytes, stage.settings.max_json_depth)
+        self.validate, self.validate_lines = validator(*limits), lines_validator(*limits)
 
     # -- the task ------------------------------------------------------------------------------
 
@@ -362,7 +362,7 @@ class FileRun:
             if len(raws) != rec.line_count or digest(raws) != rec.digest:
                 raise TaskFailed(f"{self.filename} shard {self.shard} lines {line_no}-{line_no + rec.line_count - 1}"
                                  f" differ from those first decided: the splitter output changed")
-            events = list(map(self.validate, raws))
+            events = self.validate_lines(raws)
             self._emit(raws, rec.first_line, rec.codes, events, self._return_shops(events, rec.codes, rec.first_line))
             line_no += rec.line_count
             self.ctx.check()
@@ -385,14 +385,14 @@ class FileRun:
 
     def _batch(self, raws: list[bytes], last: bool, pause=None):
         """`_read_batch` for lines taken already."""
-        check = self.validate
-        if pause is None:   # no turns to give (a group's files, a file's first batch): one map, no slices
-            events = list(map(check, raws))
+        check = self.validate_lines
+        if pause is None:   # no turns to give (a group's files, a file's first batch): one call, no slices
+            events = check(raws)
         else:
             events = []
             for i in range(0, len(raws), PAUSE_LINES):
                 pause()
-                events.extend(map(check, raws[i:i + PAUSE_LINES]))
+                events.extend(check(raws[i:i + PAUSE_LINES]))
             pause()
         return raws, events, Plan(events, self.rules), digest(raws), last
 
