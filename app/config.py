@@ -428,6 +428,9 @@ class Settings:
     # server refuses LOCAL; insert: multi-row INSERT) and rows per LOAD DATA chunk (docs/sender.md).
     sender_method: str = "load_data"
     sender_chunk_rows: int = 10_000
+    # Freed memory (MiB) mysql-sender keeps in its heap for the next file instead of handing it
+    # back to the system and faulting it in again (app/heap.py; 0: the C library's default).
+    sender_heap_keep_mb: int = 64
     # Every stage's limits on one input line (app/lines.py): a longer line is rejected as
     # too_large, read past in bounded memory; a deeper one as malformed. At most 4 MiB: a line
     # must fit, escaped, in one statement under MariaDB's default max_allowed_packet (16 MiB).
@@ -516,6 +519,7 @@ class Settings:
             worker_claim_limit=_int(env, "WORKER_CLAIM_LIMIT", 4, 1, 100),
             sender_method=_choice(env, "SENDER_METHOD", "load_data", ("load_data", "insert")),
             sender_chunk_rows=_int(env, "SENDER_CHUNK_ROWS", 10_000, 100, 1_000_000),
+            sender_heap_keep_mb=_int(env, "SENDER_HEAP_KEEP_MB", 64, 0, 1024),
             max_line_bytes=_int(env, "MAX_LINE_BYTES", 1 << 20, 4096, 4 << 20),
             max_json_depth=_int(env, "MAX_JSON_DEPTH", 32, 2, 32),
             order_index_window=max(_duration(env, "ORDER_INDEX_WINDOW", 7 * 86400.0), 1.0),

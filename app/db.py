@@ -673,10 +673,19 @@ class Script:
             if args is not None:
                 sql = cur.mogrify(sql, args)
             if chunk and (not sql or size + len(sql) > self.max_bytes):
-                cur.execute(";".join(s for _, s, _, _ in chunk))
+                at = 0
+                try:
+                    cur.execute(";".join(s for _, s, _, _ in chunk))
+                except pymysql.err.MySQLError as exc:
+                    raise _named(exc, chunk, at)
                 warned = []
                 for i, (t, _, loaded, called) in enumerate(chunk):
-                    if i and not cur.nextset():
+                    at = i
+                    try:
+                        more = not i or cur.nextset()
+                    except pymysql.err.MySQLError as exc:
+                        raise _named(exc, chunk, at)
+                    if not more:
                         raise pymysql.err.InterfaceError(f"no result for statement {i + 1} of {len(chunk)}")
                     rows, affected, _ = results.get(t, ([], 0, None))
                     if cur.description:
@@ -698,6 +707,24 @@ class Script:
                 chunk.append((tag, sql, load, call))
                 size += len(sql) + 1
         return results
+
+
+def _named(exc: pymysql.err.MySQLError, chunk: list, at: int) -> pymysql.err.MySQLError:
+    """The server's error for a script's statement, its message naming which one (its tag,
+    its place in the round trip, its first words): a script of forty statements that fails
+    with only "Duplicate entry" leaves an operator guessing. Class and error code stay, so
+    callers that act on the code (deadlocks, a refused LOCAL load) are unchanged."""
+    if len(exc.args) == 2 and isinstance(exc.args[0], int):
+        tag, sql = chunk[at][0], chunk[at][1]
+        words = []
+        for word in sql.split()[:4]:
+            if any(c in word for c in "'\"(`%"):
+                break   # a value or a column list from here: the statement's kind is enough
+            words.append(word)
+        head = " ".join(words)[:60]
+        exc.args = (exc.args[0], f"{exc.args[1]} (script statement {at + 1} of {len(chunk)}, "
+                                 f"{tag!r}: {head} ...)")
+    return exc
 
 
 class Transaction:

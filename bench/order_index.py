@@ -42,7 +42,8 @@ def child(root: str, url_text: str, server_pid: int, events: int, file_events: i
 
     url = MySQLURL.parse("BENCH_URL", url_text)
     rng = random.Random(1)
-    idx = OrderIndex(url)
+    epoch_rows = os.environ.get("BENCH_EPOCH_ROWS")
+    idx = OrderIndex(url, **({"epoch_rows": int(epoch_rows)} if epoch_rows else {}))
     if os.environ.get("BENCH_NO_SEAL"):
         idx.seal = lambda: None  # this tree's layout and lookups, nothing ever sealed
     idx.ensure_schema()
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-seal-too", action="store_true", help="also this tree with sealing held off")
     ap.add_argument("--pool", default="128M", help="the private mariadbd's innodb_buffer_pool_size")
+    ap.add_argument("--epoch-rows-too", type=int, help="also this tree with epochs of this many purchases")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -119,6 +121,9 @@ def main() -> None:
         trees = ([("base", args.base, {})] if args.base else []) + [("this", str(ROOT), {})]
         if args.no_seal_too:
             trees.append(("this, no sealing", str(ROOT), {"BENCH_NO_SEAL": "1"}))
+        if args.epoch_rows_too:
+            trees.append((f"this, epochs of {args.epoch_rows_too:,}", str(ROOT),
+                          {"BENCH_EPOCH_ROWS": str(args.epoch_rows_too)}))
         print(f"{args.events:,} events in files of {args.file_events:,} ({PURCHASE_SHARE:.0%} purchases); "
               f"private mariadbd, buffer pool {args.pool}; load average {os.getloadavg()[0]:.1f}")
         for round_ in range(args.rounds):

@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 # The only imports of the project itself: the generator and the test harness.
 from app.ingest.generator import Rates, generate_files  # noqa: E402
-from bench import fsgroup, procstat  # noqa: E402
+from bench import fsgroup, machine, procstat  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.pipeline_harness import Pipeline  # noqa: E402
 
@@ -81,6 +81,8 @@ RATES = Rates(duplicate=0.01, later_duplicate=0.005, return_first=0.01, return_f
 DEFAULTS = {"POLL_MIN_SECONDS": "", "POLL_MAX_SECONDS": "", "LEASE_SECONDS": "", "REAP_INTERVAL": "",
             "HOLD_SECONDS": "", "HOLD_WALL_CAP_SECONDS": "", "MAX_ATTEMPTS": ""}
 SHARDS = 2
+# (folder, parties) from --barrier: each window starts when every party's bench reached it.
+BARRIER: tuple[Path, int] | None = None
 
 # The fixed floor table of issue 12: the contract's columns, an auto-increment key, a unique
 # 32-character event key and indexes on shop_id and timestamp, nothing else.
@@ -394,6 +396,9 @@ class Run:
         if settle:
             self.server.settle(settle)
         api_before = apicount_read(self.counts_dir)
+        if BARRIER:
+            machine.barrier(*BARRIER)
+        meter = machine.Window().start()
         com_before, cpu_before, own_before = self.com(), self.cpu(), self.bench_statements
         started = time.monotonic()
         self.pipe.import_files(files, timeout=3600)
@@ -411,6 +416,7 @@ class Run:
         for name, value in by_process.items():
             cpu[group_of(name)] += value
         total = sum(cpu.values())
+        beside = meter.stop(total)
         result = {
             "events": events, "files": len(files), "wall_s": round(wall, 3), "window_s": round(seconds, 3),
             "events_per_s": round(events / wall), "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
@@ -421,6 +427,7 @@ class Run:
             "overlap": round(total / seconds, 2),
             "sql_per_file": {k.removeprefix("Com_"): round(v / len(files), 1) for k, v in com.most_common() if v > 0},
             "sql_per_file_total": round(sum(v for v in com.values() if v > 0) / len(files), 1),
+            "machine": beside,
         }
         if self.counts_dir:
             api = apicount_read(self.counts_dir)
@@ -462,6 +469,14 @@ class Run:
         return {t: int(n) for t, n in self.server.execute(
             "SELECT TABLE_NAME, DATA_LENGTH + INDEX_LENGTH FROM information_schema.TABLES "
             "WHERE TABLE_SCHEMA = %s AND TABLE_TYPE = 'BASE TABLE'", (database,))}
+
+
+def machine_line(m: dict) -> str:
+    """The machine beside the window (bench/machine.py): a run is comparable with another only if
+    these are alike."""
+    return (f"machine: probe {m['probe_ms']} ms/piece (min {m['probe_min_ms']}, {m['probe_n']} pieces), other "
+            f"processes {m['others_s']}s CPU = {m['others_cores']} cores, interrupts {m['irq_s']}s, steal "
+            f"{m['steal_s']}s, load average {m['load_average']}")
 
 
 def apicount_read(folder: Path | None) -> Counter:
@@ -646,9 +661,9 @@ class Bench:
         with running(self.server, self.work, "small_ref", self.count) as run:
             ref = run.window(ref_files)
         log(f"  the same in {ref['files']} files of {s.big_file:,}: {ref['events_per_s']:,} events/s, "
-            f"{ref['us_per_event_total']} us/event")
+            f"{ref['us_per_event_total']} us/event; {machine_line(ref['machine'])}")
         result["big_files_run"] = {k: ref[k] for k in ("events", "files", "events_per_s", "cpu_s", "us_per_event",
-                                                       "us_per_event_total", "wall_s")}
+                                                       "us_per_event_total", "wall_s", "machine")}
         result["split"] = split_per_file(ref, result)
         sp = result["split"]
         log("  split, per group (cpu = events x e + files x f, from the two runs): " +
@@ -741,6 +756,7 @@ class Bench:
             f"last load = {r['events_per_s']:,} events/s; CPU {r['cpu_s_total']:.1f}s = {r['us_per_event_total']} "
             f"us/event, {r['ms_per_file_total']} ms/file; overlap {r['overlap']} cores")
         log("    us/event by group: " + ", ".join(f"{g} {r['us_per_event'][g]}" for g in GROUPS))
+        log("    " + machine_line(r["machine"]))
         log("    peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mib"].items()))
         st = r["state"]
         log(f"    state: pipeline db {st['pipeline_bytes'] / 2**20:.1f} MiB = {st['pipeline_bytes_per_event']} B/event "
@@ -984,6 +1000,10 @@ def main() -> None:
     parser.add_argument("--server-threads", action="store_true",
                         help="the server's CPU by thread in each window: connections by the stage that opened them "
                              "and their database, InnoDB's own threads (bench/server_threads.py; --profile does)")
+    parser.add_argument("--barrier", type=Path, metavar="DIR",
+                        help="start each window together with the other benches given this folder "
+                             "(bench/pairs.py --together), so both see the same machine")
+    parser.add_argument("--barrier-parties", type=int, default=2)
     parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
                         help="print the key figures of earlier --json files side by side, run nothing")
     sizes = Sizes()
@@ -993,6 +1013,9 @@ def main() -> None:
     if args.compare:
         return compare(args.compare)
     sizes = Sizes(**{k: getattr(args, k) for k in asdict(sizes)})
+    if args.barrier:
+        global BARRIER
+        BARRIER = (args.barrier, args.barrier_parties)
     if args.quick:
         sizes = sizes.quick()
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]

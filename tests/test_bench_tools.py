@@ -3,38 +3,61 @@ routes the API counter keys on, and the profile summary. The bench itself prints
 is run by hand; these are the parts whose mistakes would silently skew every figure."""
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pymysql
 import pytest
 
-from bench import apicount, pairs, procstat, profiling, wire
+from bench import apicount, machine, pairs, procstat, profiling, wire
 from bench.pipeline import GROUPS, split_per_file
+
+
+def _lines_of(proc: subprocess.Popen) -> queue.Queue:
+    """The lines `proc` writes on its stdout, as they come (a reader thread)."""
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line.decode().strip())
+    threading.Thread(target=read, daemon=True).start()
+    return lines
 
 
 def test_cpu_seconds_counts_a_process_tree_children_included():
     """A parent that starts a child burning CPU: the tree's CPU holds the child's while it
-    runs and keeps it once the child has been waited for."""
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    runs and keeps it once the child has been waited for. Each step waits for the processes to
+    say where they are (the child: burnt, then it waits on stdin; the parent: child reaped), not
+    for a time: on a loaded machine a child may need far longer than its CPU to exit."""
+    burn = ("import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+            "print('burnt', flush=True)\nsys.stdin.read()\n")
     parent = subprocess.Popen([sys.executable, "-c",
                                f"import subprocess, sys, time\n"
-                               f"subprocess.run([sys.executable, '-c', {burn!r}])\n"
-                               f"time.sleep(30)\n"])
+                               f"child = subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+                               f"print(child.pid, flush=True)\n"
+                               f"child.wait()\n"
+                               f"print('reaped', flush=True)\n"
+                               f"time.sleep(60)\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and procstat.cpu_seconds(parent.pid) < 0.6:
-            time.sleep(0.05)
-        # The child has exited and been reaped by now (or is about to be): its time stays counted.
-        time.sleep(0.5)
+        lines = _lines_of(parent)
+        said = {lines.get(timeout=120), lines.get(timeout=120)}   # the child's pid and 'burnt', either first
+        assert "burnt" in said
+        child = int((said - {"burnt"}).pop())
+        assert procstat.children(parent.pid) == [child]
+        assert procstat.cpu_seconds(parent.pid) >= 0.6        # the running child's, read from its stat
+        parent.stdin.close()                                  # the child's stdin too: it exits
+        assert lines.get(timeout=120) == "reaped"
         assert procstat.children(parent.pid) == []
-        assert procstat.cpu_seconds(parent.pid) >= 0.6
+        assert procstat.cpu_seconds(parent.pid) >= 0.6        # folded into the parent's cutime
         assert parent.pid in procstat.peak_rss_mib(parent.pid)
     finally:
         parent.kill()
         parent.wait()
+        parent.stdout.close()
 
 
 def test_wire_counts_round_trips_statements_and_rows_and_puts_pymysql_back():
@@ -297,3 +320,61 @@ def test_a_benchs_database_is_dropped_even_when_the_bench_fails():
             assert not cur.execute("SHOW DATABASES LIKE %s", (name,))
     finally:
         admin.close()
+
+
+def test_machine_window_books_a_strangers_cpu_as_other_processes():
+    """A process the window does not measure burns 0.5 s of CPU: the window counts it among the
+    other processes (with everything else the machine ran), never as ours, and the probe timed
+    at least one piece. The figure pairs.py needs to tell two runs' machines apart."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+    meter = machine.Window(period=0.05).start()
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    beside = meter.stop(ours_s=0.0)
+    assert beside["probe_n"] >= 1 and beside["probe_ms"] > 0
+    assert beside["others_s"] >= 0.45
+    assert beside["busy_s"] >= beside["others_s"] + beside["bench_s"] - 0.02
+
+
+def test_machine_reads_proc_stat_in_seconds_and_subtracts_ours():
+    hz = machine.USER_HZ
+    before = machine.system_cpu(f"cpu  {10 * hz} 0 {5 * hz} 100 0 0 0 0 0 0\ncpu0 1 2 3\n")
+    after = machine.system_cpu(f"cpu  {13 * hz} 0 {6 * hz} 200 {hz} {hz // 2} {hz // 2} {hz} 0 0\n")
+    assert machine.others(before, after, ours_s=2.5) == {"busy_s": 5.0, "others_s": 2.5, "steal_s": 1.0,
+                                                        "irq_s": 1.0, "iowait_s": 1.0}
+
+
+def test_pairs_compare_the_machine_beside_each_run():
+    doc = {"workloads": {"small": {"us_per_event_total": 80.0, "machine": {"probe_ms": 5.1, "others_cores": 0.2}}}}
+    assert pairs.figures(doc) == {"small CPU us/event": 80.0, "small machine probe ms/piece": 5.1,
+                                  "small other processes, cores": 0.2}
+
+
+def test_pairs_flag_a_pair_whose_machines_differ():
+    """Two copies of one commit came out 4.5-8% apart with the same copy lower in every pair: the
+    machine beside the runs differed, not the code. A pair whose probes differ by more than the
+    tolerance, or a run beside other processes, is named; alike quiet runs are not."""
+    def doc(probe, others):
+        return {"workloads": {"small": {"us_per_event_total": 80.0,
+                                        "machine": {"probe_ms": probe, "others_cores": others}}}}
+    quiet = {"this": [doc(5.00, 0.01), doc(5.05, 0.02)], "other": [doc(5.02, 0.0), doc(5.00, 0.03)]}
+    assert pairs.unequal_machines(quiet) == []
+    busy = {"this": [doc(5.00, 0.01), doc(5.40, 0.02)], "other": [doc(5.02, 0.0), doc(5.00, 0.6)]}
+    assert pairs.unequal_machines(busy) == ["pair 2 small: probe 5.4 ms here against 5.0 there (+8.0%)",
+                                            "pair 2 other small: other processes used 0.6 cores"]
+
+
+def test_machine_barrier_starts_two_benches_windows_together(tmp_path):
+    """`pairs.py --together`: each window of one bench waits for the same window of the other,
+    so both sides meet the same neighbours; a side left alone gives up instead of hanging."""
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import sys; from pathlib import Path; from bench import machine\n"
+                              "sys.exit(0 if machine.barrier(Path(sys.argv[1]), 2, 120) else 1)",
+                              str(tmp_path / "pair")], cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert machine.barrier(tmp_path / "pair", 2, 120)
+        assert child.wait(120) == 0
+    finally:
+        child.kill()
+        child.wait()
+    assert len(list((tmp_path / "pair").iterdir())) == 2
+    assert not machine.barrier(tmp_path / "alone", 2, timeout=0.2)

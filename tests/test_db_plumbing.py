@@ -40,6 +40,36 @@ def test_a_script_answers_per_tag_across_round_trips(table):
     assert servers.query(url, "SELECT COUNT(*) FROM t") == [(8,)]
 
 
+def test_a_scripts_failing_statement_is_named_in_its_error_with_the_servers_code(table):
+    """The server stops a script at its first failing statement; the error says which one (its
+    tag, its place, its kind) and keeps the server's class and code, whether it fails in the
+    first statement of a round trip or a later one. The connection stays usable."""
+    url, conn = table
+    servers.query(url, "INSERT INTO t (id, v) VALUES (5, 'five')")
+    script = db.Script()
+    script.add("first", "INSERT INTO t (v) VALUES ('a')")
+    script.add("clash", "INSERT INTO t (id, v) VALUES (%s, %s)", (5, "secret value"))
+    script.add("never", "INSERT INTO t (v) VALUES ('c')")
+    with conn.cursor() as cur, pytest.raises(pymysql.err.IntegrityError) as raised:
+        script.run(cur)
+    code, message = raised.value.args
+    assert code == 1062 and "Duplicate entry" in message
+    assert "script statement 2 of 3, 'clash': INSERT INTO t ..." in message
+    assert "secret value" not in message    # the statement's kind, never its values
+    conn.rollback()
+
+    script.add("missing", "SELECT v FROM no_such_table")
+    script.add("after", "SELECT 1")
+    with conn.cursor() as cur, pytest.raises(pymysql.err.ProgrammingError) as raised:
+        script.run(cur)
+    assert raised.value.args[0] == 1146
+    assert "script statement 1 of 2, 'missing': SELECT v FROM no_such_table ..." in raised.value.args[1]
+    conn.rollback()
+    with conn.cursor() as cur:   # usable; the statement before the failing one ran (autocommit)
+        cur.execute("SELECT v FROM t ORDER BY id")
+        assert cur.fetchall() == (("five",), ("a",))
+
+
 def test_a_script_loads_rows_from_memory_among_its_statements_and_counts_what_went_in(table):
     """Two LOAD DATA LOCAL files in one script, each answered with its own bytes; a duplicate
     key is skipped (the count says so) and is no error."""

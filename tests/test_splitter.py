@@ -24,8 +24,10 @@ ALL_CASES = Rates(duplicate=0.03, later_duplicate=0.03, return_first=0.03, retur
 
 @pytest.fixture
 def pipeline(api_factory, pipeline_db, shared_dir, shard_dbs):
+    """No test here waits for a lease to run out; a 30 s lease keeps a splitter starved of CPU
+    on a loaded machine (its heartbeats late) from losing its task to the reaper mid-file."""
     env = servers.service_env(pipeline_db, shared_dir, servers.free_port(), shard_dbs,
-                              LEASE_SECONDS="2", REAP_INTERVAL="0.2", POLL_MAX_SECONDS="0.1")
+                              LEASE_SECONDS="30", REAP_INTERVAL="0.2", POLL_MAX_SECONDS="0.1")
     return api_factory(env)
 
 

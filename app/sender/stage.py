@@ -14,7 +14,7 @@ from functools import partial
 
 import pymysql
 
-from .. import db, layout, safefiles
+from .. import db, heap, layout, safefiles
 from ..client import Task
 from ..config import Settings
 from ..stages import Stage
@@ -31,6 +31,13 @@ PING_AFTER = 5.0
 # tasks (one request instead of one per file, where the claim cost more than the load); after a
 # slower file, one at a time again, so other replicas of the shard can take the next files.
 FAST_LOAD_SECONDS = 1.0
+
+
+def tune_process(settings: Settings) -> bool:
+    """What the sender process sets for itself at start: a file's buffers (megabytes of lines,
+    rows and TSV) stay in the heap for the next file instead of being unmapped and faulted in
+    again (`heap.keep_freed`: a fifth of the sender's CPU on big files was the kernel's)."""
+    return heap.keep_freed(settings.sender_heap_keep_mb << 20)
 
 
 class Sender(StageWork):
@@ -55,6 +62,9 @@ class Sender(StageWork):
     # -- the shard connection -------------------------------------------------------------------
 
     def setup(self, ctx: Context) -> None:
+        if tune_process(self.settings):
+            ctx.log.info("keeping up to %d MiB of freed memory for the next file (SENDER_HEAP_KEEP_MB)",
+                         self.settings.sender_heap_keep_mb)
         try:
             self.shard_db.get()
             ctx.log.info("shard %s database %s ready (method %s)", self.shard, self.url, self.method)
