@@ -14,6 +14,7 @@ from pathlib import Path
 
 from decimal import Decimal
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -191,7 +192,7 @@ def test_lines_render_every_field_an_event_holds_as_one_by_one(fields, shard, so
     events, shop_of = [], {}
     for etype, shop, user, order, good, qty, amount, copied, key in fields:
         payload = {"n": key, "s": "é\"\\"}
-        ev = Event(etype, T, orjson.dumps(payload) if copied else None, None if copied else payload,
+        ev = Event(etype, T, msgspec.Raw(orjson.dumps(payload)) if copied else None, None if copied else payload,
                    f"{etype}:h{key:x}", None, shop, user, order, good, qty, amount)
         if etype == RETURN:
             shop_of[order] = shop if shop is not None else key
@@ -461,6 +462,39 @@ def test_a_shards_fast_validator_gives_validate_fasts_event_for_every_line():
             assert [getattr(ev, f) for f in FIELDS] == [getattr(exact, f) for f in FIELDS], raw
             assert ev.payload == exact.payload and ev.payload_json is not None, raw
         assert taken > len(lines) * 0.4
+
+
+def test_a_fast_paths_payload_is_the_lines_own_text_not_a_copy():
+    """The fast path keeps the payload as the `msgspec.Raw` the line's decode gave (its text in
+    the line, not copied), which `PreparedLines.lines` prints as it is: a `bytes` copy per line
+    and a `Raw` made of it per prepared line were two allocations a line for the same bytes."""
+    raw = orjson.dumps(BASES[0])
+    ev = rules.validator(4 % 2, 2)(raw)
+    assert type(ev) is Event and type(ev.payload_json) is msgspec.Raw
+    assert bytes(ev.payload_json) == orjson.dumps(BASES[0]["payload"]) and ev.payload == BASES[0]["payload"]
+    assert PreparedLines(0, SOURCE).lines([ev], {}) == reference_line(ev, 0)
+
+
+def test_a_list_of_lines_is_validated_in_one_call_as_line_by_line():
+    """`rules.lines_validator` (the worker's: one Python loop over a batch, not a closure called
+    per line from `map`) answers for each line what `validate` answers for it alone, lines the
+    fast path takes and lines it hands to the exact path mixed, on both shards."""
+    lines = generator_lines(2000) + [x for p in sorted(FIXTURES.rglob("*.txt")) for x in p.read_bytes().splitlines()]
+    lines += [b'{"event_type":1,"payload":{"order_id":1,"user_id":1,"shop_id":2,"good_id":1,"qty":1,'
+              b'"price_at_order":1.5e1}}', b"\xff", b"[]", b'{"a":"\\u00e9"}']
+    random.Random(4).shuffle(lines)
+    for shard in (0, 1):
+        many = rules.lines_validator(shard, 2)
+        got = many(lines) + many(lines[:1]) + many([])
+        assert len(got) == len(lines) + 1
+        for raw, ev in zip(lines + lines[:1], got):
+            one = validate(raw, shard, 2)
+            assert type(ev) is type(one), raw
+            if type(one) is Bad:
+                assert (ev.code, ev.detail) == (one.code, one.detail), raw
+            else:
+                assert [getattr(ev, f) for f in FIELDS] == [getattr(one, f) for f in FIELDS], raw
+                assert ev.payload == one.payload, raw
 
 
 def test_a_fast_validator_hands_every_line_it_does_not_take_to_its_fallback():

@@ -6,8 +6,10 @@ any one file alone replays it byte for byte. The real WorkerStage on the test se
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import random
+import weakref
 
 import pytest
 
@@ -433,3 +435,35 @@ def test_a_failing_statement_before_the_commit_stops_the_script_nothing_committe
     assert [w.outputs(n) for n in NAMES[:3]] == [outputs[n] for n in NAMES[:3]]
     mine, theirs = state(w.url), state(one.url)
     assert mine[:4] + mine[5:] == theirs[:4] + theirs[5:]   # keys sealed by `one`'s prune passes, not by w's
+
+
+def test_the_collector_never_walks_a_file_or_group_still_being_decided(two, monkeypatch):
+    """The cyclic collector is off from a file's or group's first line read to its outputs
+    written, and back on only once their objects are freed: every collection starts with no
+    `FileRun` alive (turned back on inside, the first allocation after a group walked its
+    lines, events and orders, still alive; with validation outside the pause, every 700th)."""
+    _, w = two()
+    for name, lines in zip(NAMES[:5], generated(files=5)):
+        write(w, name, lines)
+    alive = weakref.WeakSet()
+    real_init = stage_module.FileRun.__init__
+    monkeypatch.setattr(stage_module.FileRun, "__init__", lambda self, *a: alive.add(self) or real_init(self, *a))
+    collections, walked = [], []
+
+    def watch(phase, info):
+        if phase == "start":
+            collections.append(1)
+            if len(alive):
+                walked.append(len(alive))
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)        # any allocation with the collector on starts a collection
+    gc.callbacks.append(watch)
+    try:
+        outcomes = w.stage.process([Task(n, 0) for n in NAMES[:4]], w.ctx)    # a group
+        outcomes += w.stage.process([Task(NAMES[4], 0)], w.ctx)               # a file alone
+    finally:
+        gc.callbacks.remove(watch)
+        gc.set_threshold(*threshold)
+    assert [type(o) for o in outcomes] == [Done] * 5
+    assert collections and not walked, walked
+    assert not alive

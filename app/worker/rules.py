@@ -74,13 +74,14 @@ MAX_LINE_BYTES, MAX_JSON_DEPTH = Settings.max_line_bytes, Settings.max_json_dept
 
 class Event(msgspec.Struct, gc=False, eq=False):
     """One valid event line, its fields checked and typed. On the fast path `payload_json` is
-    the payload's text, exactly as orjson prints the dict, and `payload` is parsed only if asked.
+    the payload's text, exactly as orjson prints the dict (a `msgspec.Raw` of the line: not
+    copied, and printed into the prepared line as it is), and `payload` is parsed only if asked.
     A Struct, not a class with __slots__: made in one C call with all its fields (a line's
     Event cost as much as decoding the line), compared and hashed by identity as before."""
 
     etype: int
     ts: str
-    payload_json: Optional[bytes] = None
+    payload_json: Optional[msgspec.Raw] = None
     _payload: Optional[dict] = None
     key: str = ""                  # the business key as the contract writes it (app.events.event_key)
     dkey: Any = None               # what dedup stores: the order id of a purchase or return, else (minute, 64-bit hash)
@@ -95,7 +96,7 @@ class Event(msgspec.Struct, gc=False, eq=False):
     @property
     def payload(self) -> dict:
         if self._payload is None:
-            self._payload = orjson.loads(self.payload_json)
+            self._payload = orjson.loads(memoryview(self.payload_json))
         return self._payload
 
 
@@ -281,12 +282,21 @@ def validate(raw: bytes, shard: int, shard_count: int, max_line_bytes: int = MAX
 
 def validator(shard: int, shard_count: int, max_line_bytes: int = MAX_LINE_BYTES,
               max_depth: int = MAX_JSON_DEPTH):
-    """`validate` for one shard and limits, as the worker calls it per line: the fast path
-    with `validate_exact` as its fallback, one closure (a partial with keywords built a dict
-    of them for every call, and a check calling the fast path was a Python call more a line)."""
+    """`validate` for one shard and limits, a line at a time (`lines_validator`'s answer for
+    a list of one: a held return's line, looked at again)."""
+    many = lines_validator(shard, shard_count, max_line_bytes, max_depth)
+    return lambda raw: many((raw,))[0]
+
+
+def lines_validator(shard: int, shard_count: int, max_line_bytes: int = MAX_LINE_BYTES,
+                    max_depth: int = MAX_JSON_DEPTH):
+    """`validate` of each of a list of lines, for one shard and limits, as the worker calls it
+    per batch: the fast path with `validate_exact` as its fallback (a partial with keywords
+    built a dict of them for every call, and a check calling the fast path was a Python call
+    more a line)."""
     def exact(raw: bytes) -> Event | Bad:
         return validate_exact(raw, shard, shard_count, max_line_bytes, max_depth)
-    return fast_validator(shard, shard_count, (max_line_bytes - PREPARED_EXTRA) // 8, exact)
+    return fast_lines_validator(shard, shard_count, (max_line_bytes - PREPARED_EXTRA) // 8, exact)
 
 
 def validate_fast(raw: bytes, shard: int, shard_count: int) -> Event | None:
@@ -305,79 +315,102 @@ _HEAD64 = struct.Struct(">q").unpack_from   # int.from_bytes(digest[:8], "big", 
 
 
 def fast_validator(shard: int, shard_count: int, fast_up_to: int = 0, other=_none):
-    """`validate_fast` for one shard, as `validator` calls it per line: everything it uses is
-    bound in the closure (a global and an attribute looked up per name and line were a tenth
-    of it), the Event is made with positional fields (keywords cost 0.08 µs more), and
-    `valid_time`'s, `minute_of`'s and `money`'s caches are asked inline, their functions called
-    on a miss only; the dedup key's digest made inline (`fast.BLAKE2B_16`). A line it does not take,
-    and one with a backslash or longer than `fast_up_to` bytes (when given), goes to `other`
-    (by default: None)."""
+    """`validate_fast` for one shard, a line at a time: `fast_lines_validator`'s answer for a
+    list of one."""
+    many = fast_lines_validator(shard, shard_count, fast_up_to, other)
+    return lambda raw: many((raw,))[0]
+
+
+def fast_lines_validator(shard: int, shard_count: int, fast_up_to: int = 0, other=_none):
+    """`validate_fast` of each of a list of lines, for one shard: one Python loop over the
+    lines (a closure called per line from `map` was a call from C into Python each), everything
+    it uses bound in the closure (a global and an attribute looked up per name and line were a
+    tenth of it), the Event made with positional fields (keywords cost 0.08 µs more), and
+    `valid_time`'s, `minute_of`'s and `money`'s caches asked inline, their functions called on a
+    miss only; the dedup key's digest made inline (`fast.BLAKE2B_16`). A line it does not take,
+    and one with a backslash or longer than `fast_up_to` bytes (when given), is answered by
+    `other` (by default: None)."""
     line_decode, payloads, decode_error, encode = fast.LINE.decode, fast.PAYLOADS.get, fast.DecodeError, fast.ENCODE
-    blake2b, key_text, unset, make, head64 = fast.BLAKE2B_16, fast.SORTED, fast.UNSET, Event, _HEAD64
+    blake2b, key_text, unset, make, head64, raw_of = fast.BLAKE2B_16, fast.SORTED, fast.UNSET, Event, _HEAD64, msgspec.Raw
     purchase_key, return_key = f"{PURCHASE}:", f"{RETURN}:"
     seconds, millis, amounts, minutes = _seconds.get, _MILLIS, _amounts.get, _minutes.get
     up_to = fast_up_to or float("inf")
 
-    def take(raw: bytes) -> Event | Bad | None:
-        if type(raw) is not bytes or len(raw) > up_to or 92 in raw:
-            return other(raw)
-        try:
-            line = line_decode(raw)
-            etype = line.event_type
-            decoder = payloads(etype)
-            if decoder is None:
-                return other(raw)
-            body = bytes(line.payload)
-            p = decoder.decode(body)
-        except (decode_error, ValueError):   # msgspec raises UnicodeDecodeError for bytes that are not UTF-8
-            return other(raw)
-        ts = line.timestamp
-        if len(ts) != TIME_LEN:
-            return other(raw)
-        ok = seconds(ts[:20])
-        if ok is None:
-            ok = valid_time(ts)
-        elif ok:
-            ok = ts[20:] in millis
-        if not ok or encode(p) != body:
-            return other(raw)
-        try:
-            # Event's fields in order: etype, ts, payload_json, _payload, key, dkey, shop_id, user_id,
-            # order_id, good_id, qty, amount, active
-            if etype == PURCHASE:
-                order, shop = p.order_id, p.shop_id
+    def take(raws) -> list:
+        out: list = []
+        add = out.append
+        for raw in raws:
+            if type(raw) is not bytes or len(raw) > up_to or 92 in raw:
+                add(other(raw))
+                continue
+            try:
+                line = line_decode(raw)
+                etype = line.event_type
+                decoder = payloads(etype)
+                if decoder is None:
+                    add(other(raw))
+                    continue
+                body = line.payload
+                p = decoder.decode(body)
+            except (decode_error, ValueError):   # msgspec raises UnicodeDecodeError for bytes that are not UTF-8
+                add(other(raw))
+                continue
+            ts = line.timestamp
+            if len(ts) != TIME_LEN:
+                add(other(raw))
+                continue
+            ok = seconds(ts[:20])
+            if ok is None:
+                ok = valid_time(ts)
+            elif ok:
+                ok = ts[20:] in millis
+            if not ok or raw_of(encode(p)) != body:   # (Raw compares with a Raw only)
+                add(other(raw))
+                continue
+            try:
+                # Event's fields in order: etype, ts, payload_json, _payload, key, dkey, shop_id, user_id,
+                # order_id, good_id, qty, amount, active
+                if etype == PURCHASE:
+                    order, shop = p.order_id, p.shop_id
+                    if shop % shard_count != shard:
+                        add(other(raw))
+                        continue
+                    value = p.price_at_order
+                    amount = amounts(value)
+                    add(make(PURCHASE, ts, body, None, f"{purchase_key}{order}", order, shop, p.user_id, order,
+                             p.good_id, p.qty, money(value) if amount is None else amount))
+                    continue
+                if etype == RETURN:
+                    order, shop = p.order_id, p.shop_id
+                    if shop is unset:
+                        shop = None
+                    elif shop % shard_count != shard:
+                        add(other(raw))
+                        continue
+                    value = p.refund_amount
+                    amount = amounts(value)
+                    add(make(RETURN, ts, body, None, f"{return_key}{order}", order, shop, p.user_id, order,
+                             p.good_id, p.qty, money(value) if amount is None else amount))
+                    continue
+                shop = p.shop_id
                 if shop % shard_count != shard:
-                    return other(raw)
-                value = p.price_at_order
-                amount = amounts(value)
-                return make(PURCHASE, ts, body, None, f"{purchase_key}{order}", order, shop, p.user_id, order,
-                            p.good_id, p.qty, money(value) if amount is None else amount)
-            if etype == RETURN:
-                order, shop = p.order_id, p.shop_id
-                if shop is unset:
-                    shop = None
-                elif shop % shard_count != shard:
-                    return other(raw)
-                value = p.refund_amount
-                amount = amounts(value)
-                return make(RETURN, ts, body, None, f"{return_key}{order}", order, shop, p.user_id, order,
-                            p.good_id, p.qty, money(value) if amount is None else amount)
-            shop = p.shop_id
-            if shop % shard_count != shard:
-                return other(raw)
-            h = blake2b()
-            h.update(key_text([etype, p, ts]))
-            digest = h.digest()
-            minute = minutes(ts[:16])
-            key, dkey = f"{etype}:h{digest.hex()}", (minute_of(ts) if minute is None else minute, head64(digest)[0])
-            if etype == RESTOCK:
-                return make(RESTOCK, ts, body, None, key, dkey, shop, None, None, p.good_id, p.delta_count)
-            if etype == PRICE_CHANGE:
-                return make(PRICE_CHANGE, ts, body, None, key, dkey, shop, None, None, p.good_id, None,
-                            money(p.new_price))
-            return make(SHOP_STATUS, ts, body, None, key, dkey, shop, None, None, None, None, None, p.active)
-        except (TypeError, ValueError, ArithmeticError):
-            return other(raw)
+                    add(other(raw))
+                    continue
+                h = blake2b()
+                h.update(key_text([etype, p, ts]))
+                digest = h.digest()
+                minute = minutes(ts[:16])
+                key, dkey = f"{etype}:h{digest.hex()}", (minute_of(ts) if minute is None else minute, head64(digest)[0])
+                if etype == RESTOCK:
+                    add(make(RESTOCK, ts, body, None, key, dkey, shop, None, None, p.good_id, p.delta_count))
+                elif etype == PRICE_CHANGE:
+                    add(make(PRICE_CHANGE, ts, body, None, key, dkey, shop, None, None, p.good_id, None,
+                             money(p.new_price)))
+                else:
+                    add(make(SHOP_STATUS, ts, body, None, key, dkey, shop, None, None, None, None, None, p.active))
+            except (TypeError, ValueError, ArithmeticError):
+                add(other(raw))
+        return out
     return take
 
 
