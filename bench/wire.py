@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -97,9 +98,11 @@ def window(work: Callable[[list], None], names: list, n: int, server_cpu: Callab
     from the timed ones: counting costs CPU). (cpu, server, wall, counts, kinds)."""
     work(names[:10])
     cpu, server, wall, kernel = time.process_time(), server_cpu(), time.perf_counter(), os.times().system
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     work(names[10:n + 10])
     cpu, server, wall = time.process_time() - cpu, server_cpu() - server, time.perf_counter() - wall
-    window.system = os.times().system - kernel   # of `cpu`, the kernel's part (syscalls)
+    window.system = os.times().system - kernel   # of `cpu`, the kernel's part (syscalls, page faults)
+    window.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults   # minor page faults
     with counting() as (counts, kinds):
         work(names[n + 10:])
     return cpu, server, wall, counts, kinds

@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--claim", type=int, default=1)
     ap.add_argument("--private", action="store_true")
     ap.add_argument("--root", type=Path, default=ROOT)
+    ap.add_argument("--keep", type=int, default=0,
+                    help="MiB of freed memory kept in the heap (app/heap.keep_freed) before setup: "
+                         "what the process's settings do where the checkout has them")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
 
@@ -59,6 +62,9 @@ def main() -> None:
                                               SHARED_DIR=str(Path(tmp) / "shared")))
             stage = WorkerStage(settings, 0)
             ctx = Context(threading.Event(), logging.getLogger("bench"))
+            if args.keep:
+                from app import heap
+                heap.keep_freed(args.keep << 20)
             stage.setup(ctx)
             names = []
             for i in range(2 * n + 10):
@@ -78,6 +84,7 @@ def main() -> None:
     print(json.dumps({"root": str(args.root), "lines_per_file": per, "files": n, "claim": args.claim,
                       "worker_cpu_ms_per_file": round(cpu / n * 1000, 2),
                       "worker_system_ms_per_file": round(wire.window.system / n * 1000, 2),
+                      "minor_faults_per_file": round(wire.window.faults / n, 1),
                       **({"server_cpu_ms_per_file": round(server / n * 1000, 2)} if args.private else {}),
                       "wall_ms_per_file": round(wall / n * 1000, 2),
                       **{k + "_per_file": round(v / n, 2) for k, v in counts.items()}}))
