@@ -23,5 +23,6 @@ stop:
 status:
 	@VENV=$(VENV) bin/pipeline status || [ $$? -eq 3 ]
 
+# PYTEST_ARGS: more options for pytest (CI passes --durations to name the slowest tests).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
