@@ -271,6 +271,10 @@ _LEDGER = """CREATE TABLE IF NOT EXISTS schema_migrations (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"""
 
 
+# A ledger row's checksum while its migration runs (no file's SHA-256 is empty).
+STARTED = ""
+
+
 class MigrationError(Exception):
     """The schema files are missing or malformed, or disagree with what the database records:
     an operator must fix it. Deliberately not a database error, so no caller mistakes it for
@@ -380,10 +384,15 @@ def _migrate_locked(conn, cur, database: str, component: str, wanted: list[Migra
     everything it creates present (a database made before schema_migrations existed, by the DDL
     files migration 0001 replaced): record it as adopted, without running it; else run it. A
     recorded checksum must be the file's, or one its `-- replaces:` lines name (an earlier text
-    of the same version and name, whose work is there: nothing runs)."""
+    of the same version and name, whose work is there: nothing runs). A migration is recorded
+    as started (`STARTED`, an empty checksum) before its first statement: one whose process
+    died half-way runs again from its start, and is never taken for a pre-ledger database's and
+    adopted with its later statements (a seed row, a copy of rows) never run."""
     cur.execute(_LEDGER)
     cur.execute("SELECT version, name, checksum FROM schema_migrations WHERE component=%s", (component,))
-    applied = {version: (name, checksum) for version, name, checksum in cur.fetchall()}
+    rows = cur.fetchall()
+    started = {version for version, _, checksum in rows if checksum == STARTED}
+    applied = {version: (name, checksum) for version, name, checksum in rows if checksum != STARTED}
     by_version = {m.version: m for m in wanted}
     for version, (name, checksum) in sorted(applied.items()):
         m = by_version.get(version)
@@ -401,10 +410,11 @@ def _migrate_locked(conn, cur, database: str, component: str, wanted: list[Migra
         there = bool(creates) and all(name in present for name in creates)
         if m.version in applied and (there or not creates):
             continue
-        if m.version not in applied and there:
+        if m.version not in applied and there and m.version not in started:
             _record(conn, cur, m, adopted=True)
             done.append(m)
             continue
+        _record(conn, cur, m, adopted=False, checksum=STARTED)
         for n, statement in enumerate(m.statements(), 1):
             try:
                 cur.execute(statement)
@@ -434,11 +444,11 @@ def _present(cur) -> set[str]:
     return present
 
 
-def _record(conn, cur, m: Migration, adopted: bool) -> None:
+def _record(conn, cur, m: Migration, adopted: bool, checksum: str | None = None) -> None:
     cur.execute("INSERT INTO schema_migrations (component, version, name, checksum, adopted) VALUES (%s,%s,%s,%s,%s)"
                 " ON DUPLICATE KEY UPDATE checksum=VALUES(checksum), applied_at=CURRENT_TIMESTAMP(3),"
                 " adopted=VALUES(adopted)",
-                (m.component, m.version, m.name, m.checksum, int(adopted)))
+                (m.component, m.version, m.name, m.checksum if checksum is None else checksum, int(adopted)))
     if not conn.get_autocommit():
         conn.commit()
 
